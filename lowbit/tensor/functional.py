@@ -1,0 +1,361 @@
+"""The primitive API: ``quantize(tensor, scheme, ...) -> QuantState`` and ``dequantize(state)``.
+
+Schemes register by name in :data:`SCHEMES`; each one quantizes the grouped 2-D view from
+:mod:`lowbit.tensor.granularity` with the numeric rules of :mod:`lowbit.formats`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lowbit._registry import Registry
+from lowbit.formats import affine, fp8
+from lowbit.tensor.granularity import Layout, from_view, pad_groups, resolve_layout, to_view, unpad_groups
+from lowbit.tensor.packing import pack_bits, packed_nbytes, unpack_bits
+from lowbit.tensor.state import QuantState
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A registered quantization scheme: ``kind`` selects the numeric family in ``formats/``."""
+
+    name: str
+    kind: str  # affine | codebook | fp8 | gguf
+    bits: int
+    symmetric: bool = True
+    description: str = ""
+
+
+SCHEMES: Registry[Scheme] = Registry("scheme")
+
+
+def _add(scheme: Scheme, aliases=()) -> None:
+    SCHEMES.add(scheme.name, scheme, aliases=aliases)
+
+
+for _b in (8, 4, 3, 2):
+    _add(Scheme(f"int{_b}", "affine", _b, True, f"{_b}-bit symmetric absmax integers"),
+         aliases=(f"int{_b}_sym",) + ((f"int{_b}_linear",) if _b in (8, 4) else ()))
+    _add(Scheme(f"int{_b}_asym", "affine", _b, False, f"{_b}-bit asymmetric integers with a zero point"))
+_add(Scheme("nf4", "codebook", 4, description="4-bit NormalFloat (bitsandbytes)"))
+_add(Scheme("fp4", "codebook", 4, description="4-bit float e2m1 (bitsandbytes FP4)"), aliases=("fp4_e2m1",))
+_add(Scheme("nf8", "codebook", 8, description="8-bit NormalFloat"))
+_add(Scheme("dynamic8", "codebook", 8, description="bitsandbytes 8-bit dynamic map (quantize_blockwise)"))
+_add(Scheme("fp8_e4m3", "fp8", 8, description="float8 e4m3fn with per-block scales"), aliases=("fp8", "fp8_e4m3fn"))
+_add(Scheme("fp8_e5m2", "fp8", 8, description="float8 e5m2 with per-block scales"))
+for _q, _bits in (("q4_0", 4), ("q4_1", 4), ("q5_0", 5), ("q5_1", 5), ("q8_0", 8)):
+    _add(Scheme(_q, "gguf", _bits, _q.endswith("_0"), f"llama.cpp {_q.upper()} blocks of 32"))
+
+
+def schemes() -> list:
+    """Names of the registered schemes (aliases included)."""
+    return SCHEMES.names()
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "64"
+
+
+_DEFAULT_BLOCK = _Default()
+GGUF_BLOCK = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_input(tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"quantize expects a floating tensor (float32, float16, bfloat16 or float64), got {tensor.dtype}"
+        )
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        n_nan = int(torch.isnan(tensor).sum())
+        n_inf = int(torch.isinf(tensor).sum())
+        raise ValueError(f"cannot quantize a tensor with non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def _codebook(name: str) -> torch.Tensor:
+    from lowbit.formats import codebook
+
+    return codebook.dynamic_map() if name == "dynamic8" else codebook.get_code(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+
+
+def quantize_tensor(
+    tensor: torch.Tensor,
+    scheme: str = "nf4",
+    block_size=_DEFAULT_BLOCK,
+    *,
+    group_size: Optional[int] = None,
+    axis: Optional[int] = None,
+    double_quant: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
+    double_quant_block_size: int = 256,
+) -> QuantState:
+    """Quantize ``tensor`` with ``scheme`` at the requested granularity.
+
+    Granularity: ``group_size=g`` groups of ``g`` along the last dim (``-1``: one per row);
+    ``axis=a`` one scale per index along ``a``; ``block_size=None`` one scale for the tensor;
+    otherwise blocks of ``block_size`` over the flattened tensor (default 64, as bitsandbytes).
+    Ragged last groups are handled. ``double_quant=True`` quantizes the fp32 scales once more
+    (bitsandbytes ``compress_statistics``: 8-bit dynamic map, blocks of 256, mean offset).
+
+    Example::
+
+        >>> s = quantize_tensor(torch.randn(128, 576), "int4_asym", group_size=128)
+        >>> dequantize(s).shape
+        torch.Size([128, 576])
+    """
+    _check_input(tensor)
+    sch = SCHEMES.get(scheme)
+    shape = tuple(tensor.shape)
+    explicit_block = block_size is not _DEFAULT_BLOCK
+    if not explicit_block:
+        block_size = 64
+    if sch.kind == "gguf":
+        if (explicit_block and block_size not in (None, GGUF_BLOCK)) or group_size not in (None, GGUF_BLOCK) or axis is not None:
+            raise ValueError(f"scheme {sch.name!r} has fixed blocks of {GGUF_BLOCK} along the last dimension; "
+                             "do not pass another block_size, group_size or axis")
+        if double_quant:
+            raise ValueError(f"double_quant does not apply to GGUF scheme {sch.name!r} (its scales are fp16 in-block)")
+        return _quantize_gguf(tensor, sch)
+    layout = resolve_layout(shape, block_size, group_size, axis)
+    if scale_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"scale_dtype={scale_dtype}: must be torch.float32, float16 or bfloat16")
+    if double_quant and scale_dtype != torch.float32:
+        raise ValueError("double_quant=True quantizes fp32 scales; it cannot be combined with scale_dtype != float32")
+    if not isinstance(double_quant_block_size, int) or double_quant_block_size <= 0:
+        raise ValueError(f"double_quant_block_size={double_quant_block_size!r}: must be a positive integer")
+    quant = {"affine": _quantize_affine, "codebook": _quantize_codebook, "fp8": _quantize_fp8}[sch.kind]
+    state = quant(tensor, sch, layout, scale_dtype)
+    if double_quant and state.scales is not None and state.scales.numel():
+        state = _double_quantize(state, double_quant_block_size)
+    return state
+
+
+def _new_state(sch: Scheme, tensor: torch.Tensor, layout: Layout, data, scales=None, zeros=None, code=None, bits=None):
+    r, g_count = layout.n_groups(tuple(tensor.shape))
+    if scales is not None and layout.kind != "group":
+        scales = scales.reshape(-1)
+        if zeros is not None:
+            zeros = zeros.reshape(-1)
+    return QuantState(
+        scheme=sch.name, bits=bits or sch.bits, shape=tuple(tensor.shape), dtype=tensor.dtype,
+        layout=layout.kind, block_size=layout.block_size, axis=layout.axis,
+        data=data, scales=scales, zeros=zeros, code=code,
+    )
+
+
+def _quantize_affine(tensor, sch: Scheme, layout: Layout, scale_dtype) -> QuantState:
+    v = to_view(tensor.float(), layout)
+    r, k, g = layout.view_shape(tuple(tensor.shape))
+    if v.numel() == 0:
+        return _new_state(sch, tensor, layout, torch.empty(0, dtype=torch.uint8, device=tensor.device),
+                          scales=torch.empty(0, dtype=scale_dtype, device=tensor.device))
+    vg = pad_groups(v, g)
+    scale, zero = affine.affine_qparams(vg.amin(-1), vg.amax(-1), sch.bits, sch.symmetric)
+    scale = scale.to(scale_dtype)  # quantize against the scale that will be stored
+    z = zero.to(vg.device) if sch.symmetric else zero.unsqueeze(-1)
+    codes = affine.quantize_affine(vg, scale.float().unsqueeze(-1), z, sch.bits)
+    data = pack_bits(unpad_groups(codes, k), sch.bits)
+    return _new_state(sch, tensor, layout, data, scales=scale, zeros=None if sch.symmetric else zero)
+
+
+def _quantize_codebook(tensor, sch: Scheme, layout: Layout, scale_dtype) -> QuantState:
+    from lowbit.formats import codebook
+
+    code = _codebook(sch.name).to(tensor.device)
+    r, k, g = layout.view_shape(tuple(tensor.shape))
+    if tensor.numel() == 0:
+        return _new_state(sch, tensor, layout, torch.empty(0, dtype=torch.uint8, device=tensor.device),
+                          scales=torch.empty(0, dtype=scale_dtype, device=tensor.device), code=code)
+    quant = codebook.quantize_blockwise_lut if sch.name == "dynamic8" else codebook.quantize_blockwise
+    if layout.kind == "block":
+        # bitsandbytes' own blocking: flat tensor, ragged tail block (bit-identical path)
+        codes, absmax = quant(tensor.reshape(-1), code, g)
+    else:
+        v = to_view(tensor.float(), layout)
+        pad = (-k) % g
+        if pad:
+            v = torch.cat([v, v.new_zeros(r, pad)], dim=1)
+        codes, absmax = quant(v.reshape(-1), code, g)
+        codes = codes.reshape(r, -1)[:, :k]
+        absmax = absmax.reshape(r, -1)
+    if scale_dtype != torch.float32:
+        absmax = absmax.to(scale_dtype)
+    return _new_state(sch, tensor, layout, pack_bits(codes.reshape(-1), sch.bits), scales=absmax, code=code)
+
+
+def _quantize_fp8(tensor, sch: Scheme, layout: Layout, scale_dtype) -> QuantState:
+    dt = fp8.FP8_DTYPES[sch.name]
+    v = to_view(tensor.float(), layout)
+    r, k, g = layout.view_shape(tuple(tensor.shape))
+    if v.numel() == 0:
+        return _new_state(sch, tensor, layout, torch.empty(0, dtype=dt, device=tensor.device),
+                          scales=torch.empty(0, dtype=scale_dtype, device=tensor.device))
+    vg = pad_groups(v, g)
+    scale = fp8.fp8_scale(vg.abs().amax(-1), dt).to(scale_dtype)
+    data = fp8.quantize_fp8(vg, scale.float().unsqueeze(-1), dt)
+    return _new_state(sch, tensor, layout, unpad_groups(data, k).reshape(-1), scales=scale)
+
+
+def _gguf_view(shape):
+    k = shape[-1] if len(shape) else 1
+    r = math.prod(shape) // k if k else 0
+    return r, k
+
+
+def _quantize_gguf(tensor, sch: Scheme) -> QuantState:
+    from lowbit.formats import gguf
+
+    shape = tuple(tensor.shape)
+    r, k = _gguf_view(shape)
+    layout = Layout("gguf", GGUF_BLOCK)
+    kp = k + (-k) % GGUF_BLOCK
+    if tensor.numel() == 0:
+        raw = torch.empty(r, kp // GGUF_BLOCK * gguf.GGUF_TYPES[sch.name].type_size, dtype=torch.uint8)
+    else:
+        v = tensor.float().reshape(r, k)
+        if kp != k:
+            v = torch.cat([v, v.new_zeros(r, kp - k)], dim=1)
+        raw = gguf.quantize_rows(v, sch.name)
+    return QuantState(scheme=sch.name, bits=sch.bits, shape=shape, dtype=tensor.dtype, layout="gguf",
+                      block_size=GGUF_BLOCK, data=raw)
+
+
+def _double_quantize(state: QuantState, blocksize: int) -> QuantState:
+    from lowbit.formats import codebook
+
+    flat = state.scales.reshape(-1).float()
+    q, absmax2, offset = codebook.double_quantize(flat, blocksize=blocksize)
+    nested = QuantState(
+        scheme="dynamic8", bits=8, shape=tuple(state.scales.shape), dtype=torch.float32, layout="block",
+        block_size=blocksize, data=q, scales=absmax2, code=codebook.dynamic_map().to(q.device),
+    )
+    state.scales = None
+    state.nested = nested
+    state.offset = float(offset)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantize
+
+
+def _scales(state: QuantState) -> torch.Tensor:
+    if state.nested is not None:
+        from lowbit.formats import codebook
+
+        n = state.nested
+        flat = codebook.double_dequantize(n.data, n.scales, torch.tensor(state.offset, dtype=torch.float32),
+                                          blocksize=n.block_size)
+        return flat.reshape(n.shape)
+    return state.scales
+
+
+def codes(state: QuantState) -> torch.Tensor:
+    """Unpacked codes ``[R, K]`` in the grouped-view order (uint8); GGUF states return raw blocks."""
+    if state.layout == "gguf":
+        return state.data
+    r, k, _ = state.layout_obj.view_shape(tuple(state.shape))
+    if state.scheme.startswith("fp8"):
+        return state.data.reshape(r, k)
+    return unpack_bits(state.data, state.bits, r * k).reshape(r, k)
+
+
+def dequantize(state: QuantState) -> torch.Tensor:
+    """The float tensor a QuantState stands for, in its original shape and dtype."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"dequantize expects a QuantState, got {type(state).__name__}")
+    shape = tuple(state.shape)
+    if state.numel == 0:
+        return torch.empty(shape, dtype=state.dtype, device=state.device)
+    sch = SCHEMES.get(state.scheme)
+    if sch.kind == "gguf":
+        from lowbit.formats import gguf
+
+        r, k = _gguf_view(shape)
+        return gguf.dequantize_rows(state.data, sch.name)[:, :k].reshape(shape).to(state.dtype)
+    layout = state.layout_obj
+    r, k, g = layout.view_shape(shape)
+    scales = _scales(state).float().reshape(r, -1, 1)
+    if sch.kind == "fp8":
+        vals = state.data.reshape(r, k).float()
+        out = unpad_groups(pad_groups(vals, g) * scales, k)
+    else:
+        q = codes(state)
+        if sch.kind == "codebook":
+            vals = state.code.float()[q.long()]
+            out = unpad_groups(pad_groups(vals, g) * scales, k)
+        else:
+            if state.zeros is not None:
+                zero = state.zeros.reshape(r, -1, 1).float()
+            else:
+                zero = torch.tensor(float(affine.implicit_zero(state.bits)), device=q.device)
+            out = unpad_groups((pad_groups(q, g).float() - zero) * scales, k)
+    return from_view(out, shape, layout).to(state.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# constructors and size checks used by algorithms and io
+
+
+def affine_state(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], bits: int,
+                 group_size: int, dtype: torch.dtype = torch.float32, symmetric: Optional[bool] = None) -> QuantState:
+    """Build a group-layout QuantState from codes ``[out, in]``, scales/zeros ``[out, n_groups]``.
+
+    Used by the PTQ algorithms, whose codes follow ``w = (q - z) * s``. ``zeros=None`` means
+    symmetric (implicit zero ``2**(bits-1)``). ``group_size=-1`` means one group per row.
+    """
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
+    out_f, in_f = codes.shape
+    if group_size == -1:
+        group_size = in_f
+    n_groups = math.ceil(in_f / group_size)
+    if scales.shape != (out_f, n_groups):
+        raise ValueError(f"scales shape {tuple(scales.shape)}: expected {(out_f, n_groups)} for group_size={group_size}")
+    if zeros is not None and zeros.shape != (out_f, n_groups):
+        raise ValueError(f"zeros shape {tuple(zeros.shape)}: expected {(out_f, n_groups)}")
+    sym = zeros is None if symmetric is None else symmetric
+    if sym and zeros is not None:
+        raise ValueError("symmetric=True but zeros were given")
+    name = f"int{bits}" if sym else f"int{bits}_asym"
+    return QuantState(
+        scheme=name, bits=bits, shape=(out_f, in_f), dtype=dtype, layout="group", block_size=group_size,
+        data=pack_bits(codes.reshape(-1), bits), scales=scales,
+        zeros=None if zeros is None else zeros.to(torch.uint8),
+    )
+
+
+def expected_data_numel(state: QuantState) -> Optional[int]:
+    if state.scheme not in SCHEMES:
+        return None
+    sch = SCHEMES.get(state.scheme)
+    if sch.kind == "gguf":
+        from lowbit.formats import gguf
+
+        r, k = _gguf_view(tuple(state.shape))
+        return r * math.ceil(k / GGUF_BLOCK) * gguf.GGUF_TYPES[sch.name].type_size
+    if sch.kind == "fp8":
+        return state.numel
+    return packed_nbytes(state.numel, state.bits)
+
+
+def expected_scales_numel(state: QuantState) -> Optional[int]:
+    if state.layout == "gguf" or state.numel == 0:
+        return None
+    r, g = state.layout_obj.n_groups(tuple(state.shape))
+    return r * g
