@@ -1,0 +1,132 @@
+"""Fake quantization with straight-through estimators (Bengio et al. 2013; Jacob et al. 2018, QAT).
+
+``ste(x, q)`` returns exactly ``q`` in the forward pass and passes the gradient to ``x``
+unchanged: ``(x - x.detach())`` is exactly zero for finite ``x``, so adding it to ``q`` keeps the
+values bit-identical to the frozen (packed) path, which is what makes outputs identical before
+and after ``freeze``. No custom autograd.Function is needed, so ``torch.compile`` traces it.
+
+Activation quantization is symmetric: ``x_q = clamp(round(x / s), -qmax, qmax) * s`` for qint8
+(``qmax = 127``) and ``clamp(x / s, -448, 448)`` cast to float8 e4m3fn for qfloat8. The scale is
+static (one per tensor, from calibration) or dynamic (one per token, computed at run time).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from lowbit.config import QType
+from lowbit.tensor.functional import dequantize, quantize_tensor
+from lowbit.tensor.state import QuantState
+
+
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator: the value of ``q``, the gradient of the identity w.r.t. ``x``.
+
+    Example::
+
+        >>> x = torch.tensor([0.4, 1.6], requires_grad=True)
+        >>> y = ste(x, torch.round(x.detach()))
+        >>> y.sum().backward(); y.tolist(), x.grad.tolist()
+        ([0.0, 2.0], [1.0, 1.0])
+    """
+    if not x.requires_grad:
+        return q
+    return (x - x.detach()) + q.detach()
+
+
+def quantize_activation(x: torch.Tensor, qtype: QType, scale: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize ``x`` symmetrically with ``scale`` (broadcast against ``x``); same dtype as ``x``."""
+    xf = x.float()
+    s = scale.float()
+    if qtype.fp8_dtype is not None:
+        m = qtype.qmax
+        y = torch.clamp(xf / s, -m, m).to(qtype.fp8_dtype).float() * s
+    else:
+        m = qtype.qmax
+        y = torch.clamp(torch.round(xf / s), -m, m) * s
+    return y.to(x.dtype)
+
+
+def dynamic_scale(x: torch.Tensor, qtype: QType, dim: int = -1) -> torch.Tensor:
+    """Per-token scale ``absmax / qmax`` reduced over ``dim`` (keepdim); an all-zero token gets 1."""
+    amax = x.detach().abs().amax(dim=dim, keepdim=True).float()
+    s = amax / qtype.qmax
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, qtype: Optional[QType], scale: Optional[torch.Tensor] = None, *, dynamic: bool = False,
+    dim: int = -1,
+) -> torch.Tensor:
+    """Fake-quantize an activation with an STE; identity when ``qtype`` is None or no scale is known.
+
+    ``dynamic=True``: per-token scales over ``dim``; otherwise the static ``scale`` (a value of 0
+    means "not calibrated yet" and leaves ``x`` untouched).
+    """
+    if qtype is None:
+        return x
+    if dynamic:
+        s = dynamic_scale(x, qtype, dim)
+    else:
+        if scale is None:
+            return x
+        s = scale
+    q = quantize_activation(x.detach(), qtype, s)
+    if not dynamic and scale is not None:
+        # uncalibrated static scale (0): pass through; torch.where keeps this traceable
+        q = torch.where(scale > 0, q, x.detach())
+    return ste(x, q)
+
+
+def fake_quantize_weight(w: torch.Tensor, scheme: str, **kwargs) -> torch.Tensor:
+    """``dequantize(quantize(w))`` with an STE: bit-identical to the frozen weight, gradient to ``w``."""
+    state = quantize_tensor(w.detach(), scheme, **kwargs)
+    return ste(w, dequantize(state))
+
+
+def quant_kwargs_for(weights: Union[str, QType], shape, group_size: Optional[int] = None) -> dict:
+    """Tensor-level arguments (scheme and granularity) for quantizing a ``[out, in]`` weight.
+
+    * ``qint8`` -> ``int8`` symmetric, one scale per output channel;
+    * ``qfloat8`` -> ``fp8_e4m3`` per output channel;
+    * ``qint4`` / ``qint2`` -> ``int4_asym`` / ``int2_asym`` groups along the input dimension:
+      ``group_size`` if given, else 128 reduced by 32 until it divides the input features
+      (optimum-quanto's rule), else one group per output channel;
+    * any lowbit scheme name (``"nf4"``, ``"int3_asym"``, ``"q4_0"`` ...) -> that scheme with
+      ``group_size`` (default 64; GGUF schemes use their own blocks of 32).
+
+    Example::
+
+        >>> quant_kwargs_for("qint4", (64, 576))
+        {'scheme': 'int4_asym', 'group_size': 96}
+    """
+    from lowbit.config import QTYPES
+    from lowbit.tensor.functional import SCHEMES
+
+    name = weights.name if isinstance(weights, QType) else str(weights)
+    in_features = shape[-1]
+    if name.lower() in QTYPES:
+        qt = QTYPES[name.lower()]
+        if qt.fp8_dtype is not None or qt.bits == 8:
+            if group_size is not None:
+                return {"scheme": qt.scheme, "group_size": group_size}
+            return {"scheme": qt.scheme, "axis": 0}
+        scheme = f"int{qt.bits}_asym"
+        if group_size is None:
+            g = 128
+            while g >= 32 and in_features % g:
+                g -= 32
+            if g < 32:
+                return {"scheme": scheme, "axis": 0}
+            group_size = g
+        return {"scheme": scheme, "group_size": group_size}
+    sch = SCHEMES.get(name)  # raises listing the known schemes
+    if sch.kind == "gguf":
+        return {"scheme": sch.name}
+    return {"scheme": sch.name, "group_size": group_size or 64}
+
+
+def state_matches(state: QuantState, shape) -> bool:
+    """True when ``state`` stands for a tensor of ``shape``."""
+    return tuple(state.shape) == tuple(shape)
