@@ -17,6 +17,7 @@ _LAZY = {
     "SCHEMES": "lowbit.tensor.functional",
     "schemes": "lowbit.tensor.functional",
 }
+_SUBMODULES = {"metrics": "lowbit.eval.metrics"}
 
 __all__ = sorted(["quantize", *_LAZY])
 
@@ -43,6 +44,10 @@ def quantize(obj, *args, **kwargs):
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        value = importlib.import_module(_SUBMODULES[name])
+        globals()[name] = value
+        return value
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
@@ -52,4 +57,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
