@@ -85,11 +85,13 @@ def fake_quantize_weight(w: torch.Tensor, scheme: str, **kwargs) -> torch.Tensor
     return ste(w, dequantize(state))
 
 
-def quant_kwargs_for(weights: Union[str, QType], shape, group_size: Optional[int] = None) -> dict:
+def quant_kwargs_for(weights: Union[str, QType], shape, group_size: Optional[int] = None,
+                     per_channel: bool = True) -> dict:
     """Tensor-level arguments (scheme and granularity) for quantizing a ``[out, in]`` weight.
 
-    * ``qint8`` -> ``int8`` symmetric, one scale per output channel;
-    * ``qfloat8`` -> ``fp8_e4m3`` per output channel;
+    * ``qint8`` -> ``int8`` symmetric, one scale per output channel (``per_channel=False``: one
+      scale for the whole tensor);
+    * ``qfloat8`` -> ``fp8_e4m3`` per output channel (or per tensor);
     * ``qint4`` / ``qint2`` -> ``int4_asym`` / ``int2_asym`` groups along the input dimension:
       ``group_size`` if given, else 128 reduced by 32 until it divides the input features
       (optimum-quanto's rule), else one group per output channel;
@@ -111,6 +113,8 @@ def quant_kwargs_for(weights: Union[str, QType], shape, group_size: Optional[int
         if qt.fp8_dtype is not None or qt.bits == 8:
             if group_size is not None:
                 return {"scheme": qt.scheme, "group_size": group_size}
+            if not per_channel:
+                return {"scheme": qt.scheme, "block_size": None}
             return {"scheme": qt.scheme, "axis": 0}
         scheme = f"int{qt.bits}_asym"
         if group_size is None:

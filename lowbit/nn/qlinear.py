@@ -77,11 +77,13 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  weights: Union[str, QType, None] = "qint8", activations: Union[str, QType, None] = None,
-                 group_size: Optional[int] = None, act_dynamic: bool = False) -> None:
+                 group_size: Optional[int] = None, act_dynamic: bool = False, per_channel: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weights = _weights_label(weights)
         self.group_size = group_size
-        self._wkw = quant_kwargs_for(self.weights, (out_features, in_features), group_size) if self.weights else None
+        self.per_channel = bool(per_channel)
+        self._wkw = (quant_kwargs_for(self.weights, (out_features, in_features), group_size, self.per_channel)
+                     if self.weights else None)
         self._init_activations(activations, act_dynamic, device)
 
     # -- construction -----------------------------------------------------------------------------
@@ -123,7 +125,7 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
     def quant_config(self) -> Dict[str, Any]:
         """The constructor arguments that rebuild this module (JSON-able; see ``quantization_map``)."""
         return {"weights": self.weights, "activations": self.activations, "group_size": self.group_size,
-                "act_dynamic": self.act_dynamic}
+                "act_dynamic": self.act_dynamic, "per_channel": self.per_channel}
 
     # -- quantization -----------------------------------------------------------------------------
     def quantized_param_names(self):
@@ -162,14 +164,16 @@ class QConv2d(QModuleMixin, _ActivationQuantMixin, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  weights: Union[str, QType, None] = "qint8", activations: Union[str, QType, None] = None,
-                 group_size: Optional[int] = None, act_dynamic: bool = False) -> None:
+                 group_size: Optional[int] = None, act_dynamic: bool = False, per_channel: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
                          groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
         self.weights = _weights_label(weights)
         self.group_size = group_size
         k = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
         self._wshape2d = (out_channels, k)
-        self._wkw = quant_kwargs_for(self.weights, self._wshape2d, group_size) if self.weights else None
+        self.per_channel = bool(per_channel)
+        self._wkw = (quant_kwargs_for(self.weights, self._wshape2d, group_size, self.per_channel)
+                     if self.weights else None)
         self._init_activations(activations, act_dynamic, device)
 
     @classmethod
@@ -188,7 +192,7 @@ class QConv2d(QModuleMixin, _ActivationQuantMixin, nn.Conv2d):
 
     def quant_config(self) -> Dict[str, Any]:
         return {"weights": self.weights, "activations": self.activations, "group_size": self.group_size,
-                "act_dynamic": self.act_dynamic}
+                "act_dynamic": self.act_dynamic, "per_channel": self.per_channel}
 
     def quantized_param_names(self):
         return ("weight",) if self.weights else ()
