@@ -16,6 +16,21 @@ _LAZY = {
     "dequantize": "lowbit.tensor.functional",
     "SCHEMES": "lowbit.tensor.functional",
     "schemes": "lowbit.tensor.functional",
+    # model API, modules, qtypes (issue 3)
+    "Calibration": "lowbit.model.calibration",
+    "freeze": "lowbit.model.api",
+    "quantization_map": "lowbit.model.api",
+    "requantize": "lowbit.model.api",
+    "METHODS": "lowbit.model.methods",
+    "register_method": "lowbit.model.methods",
+    "list_methods": "lowbit.model.methods",
+    "QType": "lowbit.config",
+    "qint2": "lowbit.config",
+    "qint4": "lowbit.config",
+    "qint8": "lowbit.config",
+    "qfloat8": "lowbit.config",
+    "qfloat8_e4m3fn": "lowbit.config",
+    "qfloat8_e5m2": "lowbit.config",
 }
 _SUBMODULES = {"metrics": "lowbit.eval.metrics"}
 
