@@ -160,13 +160,13 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     """bitsandbytes' 8-bit dynamic quantization map (``create_dynamic_map``), float32 [256], sorted.
 
     With the defaults: 127 negative values, 0.0 at index 127, 127 positive values and 1.0 at index
-    255; ``code[0] = -0.99296875``. This is the code of ``bitsandbytes.functional.quantize_blockwise``
+    255; ``code[0] = -0.99296875`` (float32: -0.9929687380...). This is the code of ``bitsandbytes.functional.quantize_blockwise``
     and of the nested absmax in double quantization.
 
     Example::
 
-        >>> c = dynamic_map(); (float(c[0]), float(c[127]), float(c[255]))
-        (-0.99296875, 0.0, 1.0)
+        >>> c = dynamic_map(); (round(float(c[0]), 8), float(c[127]), float(c[255]))
+        (-0.99296874, 0.0, 1.0)
     """
     if total_bits < 2 or total_bits > 8 or max_exponent_bits >= total_bits:
         raise ValueError(
