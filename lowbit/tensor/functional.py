@@ -195,7 +195,11 @@ def _quantize_codebook(tensor, sch: Scheme, layout: Layout, scale_dtype) -> Quan
         absmax = absmax.reshape(r, -1)
     if scale_dtype != torch.float32:
         absmax = absmax.to(scale_dtype)
-    return _new_state(sch, tensor, layout, pack_bits(codes.reshape(-1), sch.bits), scales=absmax, code=code)
+    if sch.bits == 4:  # an odd count ends in the code of 0.0, as bitsandbytes pads it
+        data = codebook.pack_4bit(codes.reshape(-1), code)
+    else:
+        data = pack_bits(codes.reshape(-1), sch.bits)
+    return _new_state(sch, tensor, layout, data, scales=absmax, code=code)
 
 
 def _quantize_fp8(tensor, sch: Scheme, layout: Layout, scale_dtype) -> QuantState:
