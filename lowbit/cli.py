@@ -1,0 +1,449 @@
+"""The ``lowbit`` command line: argument parsing only; every subcommand calls the public API.
+
+Subcommands: quantize, eval, compare, plan, inspect, export, convert, bench. Exit codes: 0 ok,
+2 bad input (one-line reason on stderr), 3 a quality gate (--max-ppl-increase / --max-kld) failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE = 0, 2, 3
+
+# CLI method names -> (dispatcher method, how bits/group map onto its config)
+WEIGHT_ONLY_PTQ = ("rtn", "awq", "gptq", "hqq")
+CALIBRATED = ("awq", "gptq")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _log(args, msg: str) -> None:
+    if not getattr(args, "quiet", False) and not getattr(args, "json", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers (thin wrappers over the API)
+
+
+def _load(spec: str, args=None, dtype=None):
+    import torch
+
+    from lowbit.model.loading import load_model
+
+    path = Path(spec)
+    if path.is_dir() and _is_native(path):
+        from lowbit.io.native import load
+
+        model = load(path)
+        tok = _tokenizer_for(path)
+        return model, tok
+    return load_model(spec, dtype=dtype or torch.float32, device="cpu")
+
+
+def _is_native(path: Path) -> bool:
+    from lowbit.io import native
+
+    return native.is_checkpoint(path)
+
+
+def _tokenizer_for(path: Path):
+    from lowbit._deps import require
+
+    transformers = require("transformers", "tokenizers for evaluation")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _eval_text(args) -> Any:
+    return args.dataset if getattr(args, "dataset", None) else "default"
+
+
+def _ppl(model, tok, args) -> float:
+    from lowbit.eval.perplexity import perplexity
+
+    res = perplexity(model, tok, text=_eval_text(args), seq_len=args.seq_len, max_windows=args.max_windows,
+                     progress=not (args.quiet or args.json))
+    return float(res.ppl)
+
+
+def _method_call(method: str, args) -> Dict[str, Any]:
+    """Dispatcher name and keyword config for a CLI method."""
+    m = method.lower()
+    bits = getattr(args, "bits", 4)
+    gs = getattr(args, "group_size", 128)
+    if m in ("fp32", "float", "none"):
+        return {"method": None}
+    if m in ("fp16", "bf16"):
+        return {"method": m}
+    if m in ("nf4", "fp4", "bnb-nf4", "bnb-fp4"):
+        return {"method": "bnb-" + m.replace("bnb-", ""), "block_size": getattr(args, "block_size", None) or 64,
+                "double_quant": getattr(args, "double_quant", False)}
+    if m in ("int8", "int4", "int2", "fp8"):
+        qt = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "fp8": "qfloat8"}[m]
+        cfg = {"method": "quanto", "weights": qt}
+        if m in ("int4", "int2"):
+            cfg["group_size"] = gs if gs and gs > 0 else None
+        return cfg
+    if m in WEIGHT_ONLY_PTQ:
+        cfg = {"method": m, "bits": bits, "group_size": gs, "sym": not getattr(args, "asym", False)}
+        return cfg
+    return {"method": m}
+
+
+def _apply_method(model, tok, method: str, args):
+    """Quantize ``model`` in place with the CLI method; returns (model, seconds)."""
+    import lowbit
+    from lowbit.model.api import freeze
+
+    call = _method_call(method, args)
+    name = call.pop("method")
+    t0 = time.perf_counter()
+    if name is None:
+        return model, 0.0
+    from lowbit.model.methods import METHODS
+
+    if name not in METHODS:
+        raise CLIError(f"unknown method {method!r}; available: fp32, {', '.join(sorted(set(METHODS.names())))}")
+    if name in CALIBRATED:
+        from lowbit.data.calibration import get_calibration_data
+
+        call["calib_dataset"] = get_calibration_data(tok, args.calib_dataset or "default",
+                                                     n_samples=args.n_samples, seq_len=args.calib_seq_len,
+                                                     seed=args.seed)
+    if name in WEIGHT_ONLY_PTQ:
+        call["progress"] = not (args.quiet or args.json)
+    model = lowbit.quantize(model, method=name, **call)
+    freeze(model)
+    return model, time.perf_counter() - t0
+
+
+def _size_report(model) -> Dict[str, float]:
+    from lowbit.eval.size import bits_per_weight, model_size_bytes
+
+    return {"size_mb": model_size_bytes(model) / 2 ** 20, "bits_per_weight": bits_per_weight(model)}
+
+
+def _emit(args, payload: Dict[str, Any], text: Optional[str] = None) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+    elif text is not None:
+        print(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_quantize(args) -> int:
+    from lowbit.model.plan import measure_peak_rss, plan
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    known = ("native", "gguf", "compressed-tensors", "gptq")
+    bad = [f for f in formats if f not in known]
+    if bad:
+        raise CLIError(f"unknown format {bad[0]!r}; expected one of {', '.join(known)} (comma-separated)")
+    out = Path(args.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lowbit_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"output directory {str(out)!r} is not writable: {e.strerror or e}") from None
+    _method_call(args.method, args)  # validates early
+    model, tok = _load(args.model, args)
+    prediction = plan(model, args.method, bits=args.bits, group_size=args.group_size,
+                      n_samples=args.n_samples, seq_len=args.calib_seq_len)
+    need_gate = args.max_ppl_increase is not None or args.max_kld is not None
+    ref_ppl = None
+    ref_model = None
+    if need_gate:
+        ref_ppl = _ppl(model, tok, args)
+        if args.max_kld is not None:
+            import copy
+
+            ref_model = copy.deepcopy(model)
+    _log(args, f"quantizing {args.model} with {args.method} ...")
+    model, seconds = _apply_method(model, tok, args.method, args)
+    meta: Dict[str, Any] = {"model": args.model, "method": args.method, "bits": args.bits,
+                            "group_size": args.group_size, "sym": not args.asym, "quantize_seconds": seconds,
+                            **_size_report(model), "predicted": prediction,
+                            "measured": {"peak_rss_mb": measure_peak_rss() / 2 ** 20, "seconds": seconds}}
+    gate_failed = []
+    if need_gate:
+        q_ppl = _ppl(model, tok, args)
+        meta.update({"ppl_float": ref_ppl, "ppl": q_ppl, "ppl_increase": q_ppl - ref_ppl})
+        if args.max_ppl_increase is not None and q_ppl - ref_ppl > args.max_ppl_increase:
+            gate_failed.append(f"perplexity increase {q_ppl - ref_ppl:.3f} > {args.max_ppl_increase}")
+        if args.max_kld is not None:
+            from lowbit.eval.divergence import kl_divergence
+
+            kl = kl_divergence(ref_model, model, tokenizer=tok, text=_eval_text(args), seq_len=args.seq_len,
+                               max_windows=args.max_windows)
+            meta.update({"kld_mean": kl["kld_mean"], "kld_p99": kl["kld_p99"], "top1_agreement": kl["top1_agreement"]})
+            if kl["kld_mean"] > args.max_kld:
+                gate_failed.append(f"mean KL divergence {kl['kld_mean']:.4f} > {args.max_kld}")
+    meta["quality_gate"] = "failed: " + "; ".join(gate_failed) if gate_failed else ("passed" if need_gate else "not run")
+    written = _write_formats(model, tok, out, formats, args)
+    meta["formats"] = written
+    from lowbit.eval.size import dir_size_bytes
+
+    meta["output_size_mb"] = dir_size_bytes(out) / 2 ** 20
+    tmp = out / "lowbit_run.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, out / "lowbit_run.json")
+    lines = [f"wrote {', '.join(written)} to {out}",
+             f"  quantize time   {seconds:8.1f} s   (predicted {prediction['seconds']:.1f} s)",
+             f"  peak CPU RSS    {meta['measured']['peak_rss_mb']:8.0f} MB  (predicted {prediction['peak_ram_mb']:.0f} MB)",
+             f"  output size     {meta['output_size_mb']:8.1f} MB  (predicted {prediction['output_mb']:.1f} MB)",
+             f"  bits per weight {meta['bits_per_weight']:8.3f}"]
+    if need_gate:
+        lines.append(f"  perplexity      {meta['ppl']:8.3f}  (float {ref_ppl:.3f}); quality gate {meta['quality_gate']}")
+    _emit(args, meta, "\n".join(lines))
+    if gate_failed:
+        print(f"lowbit: quality gate failed: {'; '.join(gate_failed)}", file=sys.stderr)
+        return EXIT_GATE
+    return EXIT_OK
+
+
+def _write_formats(model, tok, out: Path, formats: List[str], args) -> List[str]:
+    written = []
+    for fmt in formats:
+        if fmt == "native":
+            from lowbit.io.native import save
+
+            save(model, out)
+        elif fmt == "gguf":
+            from lowbit.io.gguf import export_gguf
+
+            export_gguf(model, out / "model.gguf", gguf_type=args.gguf_type, tokenizer=tok)
+        elif fmt == "compressed-tensors":
+            from lowbit.io.compressed_tensors import export_compressed_tensors
+
+            export_compressed_tensors(model, out / "compressed-tensors")
+        elif fmt == "gptq":
+            from lowbit.io.gptq import export_gptq
+
+            export_gptq(model, out / "gptq")
+        written.append(fmt)
+    if tok is not None and "native" in formats:
+        tok.save_pretrained(str(out))
+    return written
+
+
+def cmd_eval(args) -> int:
+    model, tok = _load(args.model, args)
+    res: Dict[str, Any] = {"model": args.model}
+    if args.metric in ("ppl", "all"):
+        res["ppl"] = _ppl(model, tok, args)
+    if args.metric in ("kld", "all") and args.reference:
+        from lowbit.eval.divergence import kl_divergence
+
+        ref, _ = _load(args.reference, args)
+        res.update(kl_divergence(ref, model, tokenizer=tok, text=_eval_text(args), seq_len=args.seq_len,
+                                 max_windows=args.max_windows))
+    elif args.metric == "kld":
+        raise CLIError("--metric kld needs --reference MODEL (the float model to compare against)")
+    if args.metric in ("latency", "all"):
+        from lowbit.eval.latency import measure_latency
+
+        res.update(measure_latency(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                                   gen_len=args.gen_len))
+    res.update(_size_report(model))
+    text = "\n".join(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in res.items())
+    _emit(args, res, text)
+    return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    from lowbit.eval.report import compare_methods
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        _method_call(m, args)
+    rows, md = compare_methods(args, methods, load=lambda: _load(args.model, args), apply=_apply_method,
+                               ppl=_ppl, size=_size_report, log=lambda s: _log(args, s))
+    _emit(args, {"rows": rows}, md)
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    from lowbit.model.plan import plan_from_config
+
+    p = plan_from_config(args.model, args.method, bits=args.bits, group_size=args.group_size,
+                         n_samples=args.n_samples, seq_len=args.calib_seq_len)
+    text = "\n".join(f"{k:>20}: {v:.1f}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in p.items())
+    _emit(args, p, text)
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from lowbit.io.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(args.path, reference=args.reference, plot=args.plot)
+    _emit(args, info, info.pop("_text", json.dumps(info, indent=2, default=str)))
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    model, tok = _load(args.input, args)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    written = _write_formats(model, tok, out, [f.strip() for f in args.format.split(",")], args)
+    _emit(args, {"formats": written, "output": str(out)}, f"wrote {', '.join(written)} to {out}")
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from lowbit.io.convert import convert_to_gguf
+
+    if args.format != "gguf":
+        raise CLIError(f"convert supports --format gguf only (got {args.format!r})")
+    out = Path(args.output) if args.output else Path(args.input) / "model.gguf"
+    report = convert_to_gguf(args.input, out)
+    _emit(args, report if isinstance(report, dict) else {"output": str(out)}, f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    import runpy
+
+    root = Path(__file__).resolve().parent.parent / "bench"
+    script = root / f"{args.which}.py"
+    if not script.exists():
+        raise CLIError(f"benchmark {args.which!r} not found (expected {script}); run from a source checkout")
+    sys.argv = [str(script)] + args.rest
+    runpy.run_path(str(script), run_name="__main__")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+
+
+def _eval_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None,
+                   help="evaluation text: 'default' (built-in corpus), a .txt/.jsonl path, or an HF dataset name")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=48)
+
+
+def _quant_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="-1 = per output channel")
+    p.add_argument("--asym", action="store_true", help="asymmetric (zero point) grid for rtn/awq/gptq/hqq")
+    p.add_argument("--double-quant", action="store_true", help="double-quantize nf4/fp4 scales")
+    p.add_argument("--calib-dataset", default=None, help="calibration text (default: the built-in corpus)")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize, evaluate, compare and export models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quantize", help="quantize a model and write it")
+    p.add_argument("--model", default="default", help="'default', a local HF dir, a .gguf file or a hub id")
+    p.add_argument("--method", default="gptq", help="rtn|awq|gptq|hqq|nf4|fp4|int8|int4|fp8|fp16|bf16|<registered>")
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", default="native", help="native,gguf,compressed-tensors,gptq (comma-separated)")
+    p.add_argument("--gguf-type", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+    p.add_argument("--max-ppl-increase", type=float, default=None, help="quality gate on perplexity")
+    p.add_argument("--max-kld", type=float, default=None, help="quality gate on mean KL divergence")
+    _quant_opts(p)
+    _eval_opts(p)
+    _common(p)
+    p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity / KL divergence / latency of a model")
+    p.add_argument("--model", default="default")
+    p.add_argument("--metric", default="ppl", choices=["ppl", "kld", "latency", "all"])
+    p.add_argument("--reference", default=None, help="float model for --metric kld")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=32)
+    _eval_opts(p)
+    _common(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("compare", help="one table: perplexity, delta, size, bits/weight, time per method")
+    p.add_argument("--model", default="default")
+    p.add_argument("--methods", default="fp32,rtn,awq,gptq,hqq,nf4")
+    p.add_argument("--output-dir", default=None, help="where compare.md and compare.png go (default: cwd)")
+    _quant_opts(p)
+    _eval_opts(p)
+    _common(p)
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("plan", help="predict memory, disk, output size and time before quantizing")
+    p.add_argument("--model", default="default")
+    p.add_argument("--method", default="gptq")
+    _quant_opts(p)
+    _common(p)
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("inspect", help="what a checkpoint holds; with --reference, its per-layer error")
+    p.add_argument("path")
+    p.add_argument("--reference", default=None, help="the float model, for the per-layer error report")
+    p.add_argument("--plot", default=None, help="write the per-layer error plot (PNG) here")
+    _common(p)
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("export", help="re-export a lowbit checkpoint to other formats")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", required=True, help="gguf,compressed-tensors,gptq")
+    p.add_argument("--gguf-type", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+    _common(p)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("convert", help="lossless conversion of GPTQ/AWQ/compressed-tensors checkpoints to GGUF")
+    p.add_argument("--input", required=True)
+    p.add_argument("--format", default="gguf")
+    p.add_argument("--output", default=None)
+    _common(p)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("bench", help="run a benchmark script from bench/ (schemes, ptq, model_api, ...)")
+    p.add_argument("which", nargs="?", default="schemes")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench, quiet=False, json=False)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if (args.quiet or args.json) else logging.INFO,
+                        format="%(message)s")
+    try:
+        return args.fn(args)
+    except CLIError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, ImportError, ValueError, RuntimeError, TypeError, KeyError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"lowbit: error: {msg}", file=sys.stderr)
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Comparison tables and plots: ``lowbit compare`` and the benchmark scripts share these.
+
+``compare_methods`` quantizes a fresh copy of the model with each method and measures perplexity,
+the difference to the float model, size, bits per weight and time to quantize; it writes a
+Markdown table and a PNG bar plot.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec). Missing values print as an em dash."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "---|" * len(columns)
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("—" if v is None else (format(v, fmt) if fmt else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+COMPARE_COLUMNS = (
+    ("method", "method", ""), ("ppl", "perplexity", ".3f"), ("delta", "Δ vs float", "+.3f"),
+    ("size_mb", "size (MB)", ".1f"), ("bits_per_weight", "bits/weight", ".3f"),
+    ("seconds", "time to quantize (s)", ".1f"),
+)
+
+
+def plot_compare(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Perplexity and size per method as a PNG; False when matplotlib is missing."""
+    from lowbit._deps import available
+
+    if not available("matplotlib"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.bar(names, [r["ppl"] for r in rows], color="tab:blue")
+    a1.set_ylabel("perplexity (lower is better)")
+    a2.bar(names, [r["size_mb"] for r in rows], color="tab:orange")
+    a2.set_ylabel("size (MB)")
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callable, ppl: Callable,
+                    size: Callable, log: Callable[[str], None] = lambda s: None) -> Tuple[List[Dict[str, Any]], str]:
+    """Run every method on a fresh model; returns the rows and the Markdown text (also written to disk)."""
+    rows: List[Dict[str, Any]] = []
+    float_ppl = None
+    for m in ["fp32"] + [m for m in methods if m not in ("fp32", "float")]:
+        model, tok = load()
+        log(f"[{m}] quantizing ...")
+        t0 = time.perf_counter()
+        model, seconds = apply(model, tok, m, args)
+        seconds = seconds if m != "fp32" else 0.0
+        log(f"[{m}] evaluating perplexity ...")
+        p = ppl(model, tok, args)
+        if m == "fp32":
+            float_ppl = p
+        row = {"method": m, "ppl": p, "delta": p - float_ppl if float_ppl is not None else None,
+               "seconds": seconds, **size(model)}
+        rows.append(row)
+        log(f"[{m}] ppl {p:.3f}, {row['size_mb']:.1f} MB, {time.perf_counter() - t0:.0f} s")
+        del model
+        gc.collect()
+    title = (f"{args.model}: {args.bits}-bit, group {args.group_size}, perplexity on "
+             f"{args.dataset or 'the built-in corpus'} ({args.max_windows} x {args.seq_len} tokens)")
+    md = f"# lowbit compare\n\n{title}\n\n" + markdown_table(rows, COMPARE_COLUMNS) + "\n"
+    out = Path(args.output_dir) if args.output_dir else Path.cwd()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(md)
+    plot_compare(rows, out / "compare.png", title)
+    return rows, md
