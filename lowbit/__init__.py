@@ -31,6 +31,8 @@ _LAZY = {
     "qfloat8": "lowbit.config",
     "qfloat8_e4m3fn": "lowbit.config",
     "qfloat8_e5m2": "lowbit.config",
+    # transformers integration (issue 7): importing it registers quant_method="lowbit"
+    "LowbitConfig": "lowbit.integrations.transformers",
 }
 _SUBMODULES = {"metrics": "lowbit.eval.metrics"}
 
