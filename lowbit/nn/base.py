@@ -20,8 +20,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from lowbit.nn.functional import ste
-from lowbit.tensor.functional import dequantize
+from lowbit.nn.functional import dequantize_state, ste
 from lowbit.tensor.state import QuantState
 
 
@@ -96,9 +95,9 @@ class QModuleMixin:
         """The weight used in forward: dequantized state if frozen, else fake-quantized (STE)."""
         state = self._qstates.get(name)
         if state is not None:
-            return self._state_to_param(name, dequantize(state))
+            return self._state_to_param(name, dequantize_state(state))
         w = self._parameters[name]
-        q = self._state_to_param(name, dequantize(self.quantize_param(name, w.detach())))
+        q = self._state_to_param(name, dequantize_state(self.quantize_param(name, w.detach())))
         return ste(w, q)
 
     def freeze(self) -> None:
@@ -129,7 +128,7 @@ class QModuleMixin:
         except AttributeError:
             states = self.__dict__.get("_lowbit_qstates")
             if states and name in states:
-                return self._state_to_param(name, dequantize(states[name]))
+                return self._state_to_param(name, dequantize_state(states[name]))
             raise
 
     # -- nn.Module hooks -------------------------------------------------------------------------

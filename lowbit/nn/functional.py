@@ -11,6 +11,7 @@ static (one per tensor, from calibration) or dynamic (one per token, computed at
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -18,6 +19,22 @@ import torch
 from lowbit.config import QType
 from lowbit.tensor.functional import dequantize, quantize_tensor
 from lowbit.tensor.state import QuantState
+
+
+def dequantize_state(state: QuantState) -> torch.Tensor:
+    """``lowbit.dequantize(state)``, resolving double-quantized scales with the state's own stored code.
+
+    Bit-identical to :func:`lowbit.dequantize`; it exists so that ``torch.compile`` traces the
+    forward of a double-quantized module without rebuilding the 8-bit dynamic map in the graph.
+    """
+    n = state.nested
+    if n is not None and n.code is not None and n.layout == "block":
+        from lowbit.formats.codebook import dequantize_blockwise
+
+        base = dequantize_blockwise(n.data, n.scales, n.code, n.block_size, torch.float32)
+        scales = base + torch.tensor(state.offset, dtype=torch.float32, device=base.device)
+        state = dataclasses.replace(state, scales=scales.reshape(n.shape), nested=None, offset=None)
+    return dequantize(state)
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
