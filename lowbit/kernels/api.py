@@ -1,0 +1,461 @@
+"""The functions modules call: quantize / dequantize / 4-bit, int8 and fp8 linear, with kernel selection.
+
+Each function takes a canonical :class:`~lowbit.tensor.state.QuantState` (or plain tensors), picks a
+backend with :mod:`lowbit.kernels.select` and runs it. Fast layouts are *derived* from the canonical
+state on first use (:func:`prepare_4bit`, :func:`prepare_int8`, :func:`prepare_fp8`), cached on the
+state object and invalidated when ``state.data`` is replaced or modified in place; they dequantize to
+exactly what :func:`lowbit.dequantize` gives. Call the ``prepare_*`` function once before capturing a
+CUDA graph (preparation allocates and may synchronise).
+
+Eagerly the launchers are called directly (a thin Python path); under ``torch.compile`` the same
+work goes through the ``torch.ops.lowbit`` custom ops of :mod:`lowbit.kernels.ops`.
+
+Example::
+
+    >>> import torch, lowbit
+    >>> from lowbit import kernels
+    >>> s = kernels.quantize(torch.randn(128, 256), "nf4", 64)
+    >>> kernels.linear_4bit(torch.randn(3, 256), s).shape
+    torch.Size([3, 128])
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import reference, select
+from lowbit.tensor.state import QuantState
+
+_FLOAT_OUT = (torch.float16, torch.bfloat16, torch.float32)
+_CODEBOOK4 = ("nf4", "fp4")
+_AFFINE = {"int4": (4, True), "int4_asym": (4, False), "int8": (8, True), "int8_asym": (8, False)}
+_CACHE_ATTR = "_lowbit_kernel_cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _flat_group(state: QuantState) -> Optional[int]:
+    """The block length when the state's groups tile the flattened tensor (else None)."""
+    if state.layout == "block" and state.block_size is not None:
+        return state.block_size
+    if state.layout == "group" and state.block_size and state.shape and state.shape[-1] % state.block_size == 0:
+        return state.block_size
+    return None
+
+
+def _decoded_scales(state: QuantState) -> torch.Tensor:
+    """float32 scales (double quantization decoded exactly as the reference does)."""
+    if state.nested is not None:
+        from lowbit.formats import codebook
+
+        n = state.nested
+        return codebook.double_dequantize(n.data, n.scales, torch.tensor(state.offset, dtype=torch.float32),
+                                          blocksize=n.block_size).reshape(-1)
+    return state.scales.reshape(-1).float()
+
+
+def _cached(state: QuantState, key: str):
+    cache = state.__dict__.get(_CACHE_ATTR)
+    if not cache:
+        return None
+    entry = cache.get(key)
+    if entry is None:
+        return None
+    ptr, version, value = entry
+    if ptr != state.data.data_ptr() or version != state.data._version:
+        return None
+    return value
+
+
+def _store(state: QuantState, key: str, value):
+    cache = state.__dict__.setdefault(_CACHE_ATTR, {})
+    cache[key] = (state.data.data_ptr(), state.data._version, value)
+    return value
+
+
+@lru_cache(maxsize=None)
+def _sorted_mids(name: str, device: str) -> Tuple[torch.Tensor, int, bool, int]:
+    """float32 midpoints of the sorted code, the sorted->index permutation packed in nibbles,
+    whether it is not the identity, and the padding code of an odd count (the code of 0.0)."""
+    from lowbit.formats import codebook
+
+    code = codebook.get_code(name)
+    order = torch.argsort(code, stable=True)
+    s = code[order]
+    mids = (s[:-1] + s[1:]) / 2
+    packed = sum(int(o) << (4 * i) for i, o in enumerate(order.tolist()))
+    if packed >= 1 << 63:
+        packed -= 1 << 64
+    permute = not torch.equal(order, torch.arange(code.numel()))
+    return mids.to(device), packed, permute, codebook.zero_code(code)
+
+
+@lru_cache(maxsize=None)
+def _dynamic_tables(device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    from lowbit.formats import codebook
+
+    code = codebook.dynamic_map()
+    return code.to(device), codebook.lut_table(code).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantize
+
+
+def _triton_dequant_ok(state: QuantState, out_dtype: torch.dtype) -> bool:
+    G = _flat_group(state)
+    if G is None or not _is_pow2(G) or not 16 <= G <= 4096 or out_dtype not in _FLOAT_OUT:
+        return False
+    if state.scheme in _CODEBOOK4 or state.scheme in ("nf8", "dynamic8"):
+        ok = state.code is not None
+    else:
+        ok = state.scheme in _AFFINE
+    if state.nested is not None:
+        ok = ok and state.nested.scheme == "dynamic8" and state.nested.layout == "block"
+    return ok and state.data.is_cuda
+
+
+def dequantize(state: QuantState, out_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """The tensor ``state`` stands for, in ``out_dtype`` (default: the state's dtype).
+
+    Values are the reference float32 products rounded once to ``out_dtype``; the Triton kernel covers
+    NF4/FP4/NF8/dynamic8 and int4/int8 (sym and asym) blockwise or group states whose groups tile the
+    rows, with or without double quantization, and everything else falls back to the reference.
+
+    Example::
+
+        >>> s = quantize(torch.randn(64, 64), "int4", 64)
+        >>> dequantize(s, torch.float16).shape
+        torch.Size([64, 64])
+    """
+    if not isinstance(state, QuantState):
+        raise TypeError(f"dequantize expects a QuantState, got {type(state).__name__}")
+    out_dtype = out_dtype or state.dtype
+    which = select.resolve("dequantize", state.device, backend)
+    if which != "triton" or state.numel == 0 or not _triton_dequant_ok(state, out_dtype):
+        return reference.dequantize(state, out_dtype)
+    from lowbit.kernels.triton import blockwise as bw
+
+    G = _flat_group(state)
+    dev = str(state.device)
+    if state.scheme in _AFFINE:
+        bits, sym = _AFFINE[state.scheme]
+        kind, zero, code = (bw.SYM if sym else bw.ASYM), (1 << (bits - 1) if sym else 0), None
+    else:
+        bits, kind, zero, code = state.bits, bw.CODEBOOK, 0, state.code.float().to(state.device)
+    nested = None
+    scales = None
+    if state.nested is not None:
+        dyn, _ = _dynamic_tables(dev)
+        nb = state.nested
+        off_t = torch.tensor([state.offset], dtype=torch.float32, device=state.device)
+        nested = (nb.data, nb.scales.float(), dyn, off_t, nb.block_size)
+    else:
+        scales = state.scales.reshape(-1).float()
+    zeros = state.zeros.reshape(-1) if state.zeros is not None else None
+    flat = bw.dequantize(state.data, scales, zeros, code, state.numel, G, bits, kind, zero, out_dtype, nested)
+    return flat.reshape(state.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+
+
+def _triton_quant_ok(x: torch.Tensor, scheme: str, block_size, double_quant: bool) -> bool:
+    return (
+        x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.numel() > 0
+        and isinstance(block_size, int) and _is_pow2(block_size) and 16 <= block_size <= 4096
+        and (scheme in _CODEBOOK4 or scheme in _AFFINE)
+    )
+
+
+def quantize(x: torch.Tensor, scheme: str = "nf4", block_size: int = 64, *, double_quant: bool = False,
+             backend: Optional[str] = None) -> QuantState:
+    """Blockwise quantization (bitsandbytes flat blocks), identical codes to ``lowbit.quantize``.
+
+    Triton covers ``nf4``, ``fp4``, ``int4``, ``int4_asym``, ``int8``, ``int8_asym`` with power-of-two
+    blocks of 16..4096 and double quantization (8-bit dynamic map, blocks of 256, mean offset).
+    The double-quantization offset is the float64 mean of the absmax rounded to float32.
+
+    Example::
+
+        >>> s = quantize(torch.randn(1000), "fp4", 64, double_quant=True)
+        >>> s.nested.scheme
+        'dynamic8'
+    """
+    from lowbit.tensor.functional import SCHEMES
+
+    name = SCHEMES.get(scheme).name
+    which = select.resolve("quantize", x.device, backend)
+    if which != "triton" or not _triton_quant_ok(x, name, block_size, double_quant):
+        return reference.quantize(x, name, block_size, double_quant)
+    from lowbit.kernels.triton import blockwise as bw
+
+    dev = str(x.device)
+    xc = x.contiguous()
+    if name in _AFFINE:
+        bits, sym = _AFFINE[name]
+        qmax = (1 << (bits - 1)) - 1
+        q, s, z = bw.quantize(xc, block_size, bits, bw.SYM if sym else bw.ASYM, qmax=qmax,
+                              zero=(1 << (bits - 1)) if sym else 0, levels=(1 << bits) - 1)
+        code = None
+    else:
+        mids, order, permute, pad = _sorted_mids(name, dev)
+        q, s, z = bw.quantize(xc, block_size, 4, bw.CODEBOOK, mids=mids, order=order, permute=permute, pad=pad)
+        from lowbit.formats import codebook
+
+        bits, code = 4, codebook.get_code(name).to(x.device)
+    if not bool(torch.isfinite(s).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"cannot quantize a tensor with non-finite values ({bad} NaN/Inf)")
+    state = QuantState(scheme=name, bits=bits, shape=tuple(x.shape), dtype=x.dtype, layout="block",
+                       block_size=block_size, data=q, scales=s, zeros=z, code=code)
+    if double_quant:
+        dyn, lut = _dynamic_tables(dev)
+        off_t = s.mean(dtype=torch.float64).to(torch.float32).reshape(1)
+        qa, a2 = bw.quantize_lut(s, off_t, lut, 256)
+        state.nested = QuantState(scheme="dynamic8", bits=8, shape=tuple(s.shape), dtype=torch.float32,
+                                  layout="block", block_size=256, data=qa, scales=a2, code=dyn.clone())
+        state.scales = None
+        state.offset = float(off_t.item())
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit linear
+
+
+@dataclasses.dataclass
+class Prepared4bit:
+    """Derived layout of a 4-bit ``[N, K]`` weight for the fused kernels (no copy of the codes).
+
+    ``qweight [N, K/2]`` uint8 (a view of ``state.data``), ``scales``/``zeros`` float32 ``[N, K/G]``,
+    ``values`` float32 ``[16]`` (value of each code before zero and scale), ``pairs`` int64 ``[256]``
+    (the two float32 values of a byte's nibbles, high nibble in the low word).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    values: torch.Tensor
+    pairs: torch.Tensor
+    n: int
+    k: int
+    group: int
+    fmt: str  # "codebook" or "int4": key of the tuned config table
+    configs: dict
+    zeros_u8: Optional[torch.Tensor] = None
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight from the derived layout (plain torch): equals ``lowbit.dequantize``."""
+        return reference.gemm_4bit(torch.eye(self.k, dtype=torch.float32, device=self.qweight.device),
+                                   self.qweight, self.scales, self.zeros, self.values, None, self.group).T.to(dtype)
+
+
+def _values_4bit(state: QuantState) -> torch.Tensor:
+    if state.scheme in _CODEBOOK4:
+        return state.code.float().cpu()
+    if state.scheme == "int4":
+        return torch.arange(16, dtype=torch.float32) - 8
+    return torch.arange(16, dtype=torch.float32)
+
+
+def _pairs(values: torch.Tensor) -> torch.Tensor:
+    bits = values.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256)
+    return bits[b >> 4] | (bits[b & 15] << 32)
+
+
+def prepare_4bit(state: QuantState) -> Optional[Prepared4bit]:
+    """The fused-kernel layout of a 2-D 4-bit state, or None when the fused path does not apply.
+
+    Applies to ``nf4``/``fp4``/``int4``/``int4_asym`` states of shape ``[N, K]`` whose scale groups
+    tile the rows (``K % G == 0``; blockwise or group layout, with or without double quantization).
+    """
+    got = _cached(state, "4bit")
+    if got is not None:
+        return got
+    G = _flat_group(state)
+    if (len(state.shape) != 2 or G is None or G % 2 or state.shape[1] % G
+            or not (state.scheme in _CODEBOOK4 or state.scheme in ("int4", "int4_asym"))):
+        return None
+    from lowbit.kernels.triton_configs import configs_4bit
+
+    N, K = state.shape
+    dev = state.device
+    values = _values_4bit(state)
+    zeros = state.zeros.reshape(N, K // G).float() if state.zeros is not None else None
+    fmt = "codebook" if state.scheme in _CODEBOOK4 else "int4"
+    p = Prepared4bit(
+        qweight=state.data.view(N, K // 2), scales=_decoded_scales(state).to(dev).reshape(N, K // G).contiguous(),
+        zeros=zeros, values=values.to(dev), pairs=_pairs(values).to(dev), n=N, k=K, group=G, fmt=fmt,
+        configs=configs_4bit(fmt, G),
+        zeros_u8=state.zeros.reshape(-1) if state.zeros is not None else None,
+    )
+    return _store(state, "4bit", p)
+
+
+def linear_4bit(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """``x @ dequantize(state).T + bias`` with a fused 4-bit kernel where it applies.
+
+    ``x [..., K]`` fp16/bf16 on CUDA runs the Triton GEMV (M <= 4), the fused dequant-GEMM (M <= 128)
+    or dequantize + ``F.linear`` (larger M, or as tuned); otherwise the reference.
+
+    Example::
+
+        >>> s = quantize(torch.randn(32, 128), "int4", 64)
+        >>> linear_4bit(torch.randn(2, 128), s).shape
+        torch.Size([2, 32])
+    """
+    p = prepare_4bit(state)
+    if p is None or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) \
+            or select.resolve("gemm_4bit", x.device, backend) != "triton":
+        return reference.linear_4bit(x, state, bias)
+    if torch.compiler.is_compiling():
+        y = torch.ops.lowbit.gemm_4bit(x.reshape(-1, p.k), p.qweight, p.scales, p.zeros, p.values, bias, p.group)
+        return y.reshape(*x.shape[:-1], p.n)
+    return _gemm_4bit_triton(x, p, bias)
+
+
+def _gemm_4bit_triton(x: torch.Tensor, p: Prepared4bit, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    from lowbit.kernels.triton import gemm_4bit as gk
+
+    x2 = x.reshape(-1, p.k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    cfg = p.configs.get(gk.m_bucket(x2.shape[0]))
+    if cfg is None or cfg[0] == "dequant":
+        w = _dequant_prepared(p, x.dtype)
+        y = F.linear(x2, w, bias)
+    else:
+        y = gk.launch(x2, p.qweight, p.scales, p.zeros, p.pairs, bias, p.n, p.k, p.group, cfg)
+    return y.reshape(*x.shape[:-1], p.n)
+
+
+def _dequant_prepared(p: Prepared4bit, dtype: torch.dtype) -> torch.Tensor:
+    from lowbit.kernels.triton import blockwise as bw
+
+    if p.zeros is None:
+        flat = bw.dequantize(p.qweight, p.scales, None, p.values, p.n * p.k, p.group, 4, bw.CODEBOOK, 0, dtype)
+    else:
+        flat = bw.dequantize(p.qweight, p.scales, p.zeros_u8, None, p.n * p.k, p.group, 4,
+                             bw.ASYM, 0, dtype)
+    return flat.view(p.n, p.k)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 / fp8 linear with dynamic per-token activations
+
+
+def prepare_int8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(w int8 [N, K], scale float32 [N])`` from a symmetric int8 per-output-channel state.
+
+    lowbit's symmetric codes are ``q + 128`` (implicit zero 128), so the int8 weight is ``code - 128``.
+    """
+    got = _cached(state, "int8")
+    if got is not None:
+        return got
+    if state.scheme != "int8" or state.layout != "channel" or state.axis != 0 or len(state.shape) != 2:
+        raise ValueError(
+            f"int8 linear needs a symmetric int8 per-channel (axis=0) 2-D state, got scheme={state.scheme!r} "
+            f"layout={state.layout!r} axis={state.axis} shape={state.shape}"
+        )
+    N, K = state.shape
+    w = (state.data.view(N, K).to(torch.int16) - 128).to(torch.int8)
+    return _store(state, "int8", (w, _decoded_scales(state).to(state.device).contiguous()))
+
+
+def prepare_fp8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(w float8_e4m3fn [N, K], scale float32 [N])`` from an fp8_e4m3 per-output-channel state."""
+    got = _cached(state, "fp8")
+    if got is not None:
+        return got
+    if state.scheme != "fp8_e4m3" or state.layout != "channel" or state.axis != 0 or len(state.shape) != 2:
+        raise ValueError(
+            f"fp8 linear needs an fp8_e4m3 per-channel (axis=0) 2-D state, got scheme={state.scheme!r} "
+            f"layout={state.layout!r} axis={state.axis} shape={state.shape}"
+        )
+    N, K = state.shape
+    return _store(state, "fp8", (state.data.view(N, K), _decoded_scales(state).to(state.device).contiguous()))
+
+
+def _weights(state_or_pair, prepare):
+    if isinstance(state_or_pair, QuantState):
+        return prepare(state_or_pair)
+    w, s = state_or_pair
+    return w, s
+
+
+def int8_linear_dynamic(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """W8A8: per-token dynamic int8 activations x int8 per-channel weights, rescale fused.
+
+    ``weight`` is an int8 per-channel QuantState or a prepared ``(w int8 [N, K], scale [N])`` pair.
+    Numerics: :func:`lowbit.kernels.reference.int8_linear_dynamic`.
+
+    Example::
+
+        >>> st = lowbit.quantize(torch.randn(64, 128), "int8", axis=0)
+        >>> int8_linear_dynamic(torch.randn(4, 128), st).shape
+        torch.Size([4, 64])
+    """
+    w, s = _weights(weight, prepare_int8)
+    which = select.resolve("int8_linear", x.device, backend)
+    M = x.numel() // x.shape[-1]
+    if which == "native" and M <= 16:
+        which = "triton" if select.available("triton", x.device) else "reference"  # _int_mm needs M > 16
+    if which == "reference" or not x.is_cuda:
+        return reference.int8_linear_dynamic(x, w, s, bias)
+    if torch.compiler.is_compiling():
+        return torch.ops.lowbit.int8_linear_dynamic(x, w, s, bias)
+    if which == "native":
+        from lowbit.kernels import native
+
+        return native.int8_linear_dynamic(x, w, s, bias)
+    return _scaled_linear_triton(x, w, s, bias, fp8=False)
+
+
+def fp8_linear_dynamic(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None,
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """fp8 e4m3 row-wise: per-token dynamic fp8 activations x fp8 per-channel weights.
+
+    ``native`` (default on CUDA) is ``torch._scaled_mm`` with row-wise scales and fast accumulation
+    (bf16 output only); ``triton`` is lowbit's fp8 GEMM with the scales in its epilogue.
+    """
+    w, s = _weights(weight, prepare_fp8)
+    which = select.resolve("fp8_linear", x.device, backend)
+    if which == "native" and x.dtype != torch.bfloat16:
+        which = "triton" if select.available("triton", x.device) else "reference"
+    if which == "reference" or not x.is_cuda:
+        return reference.fp8_linear_dynamic(x, w, s, bias)
+    if torch.compiler.is_compiling():
+        return torch.ops.lowbit.fp8_linear_dynamic(x, w, s, bias)
+    if which == "native":
+        from lowbit.kernels import native
+
+        return native.fp8_linear_dynamic(x, w, s, bias)
+    return _scaled_linear_triton(x, w, s, bias, fp8=True)
+
+
+def _scaled_linear_triton(x, w, s, bias, fp8: bool):
+    from lowbit.kernels.triton import scaled_gemm as sg
+    from lowbit.kernels.triton_configs import config_scaled
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    q, sx = sg.quantize_rows(x2, fp8)
+    y = sg.scaled_gemm(q, w, sx, s, bias, x.dtype, config_scaled("fp8" if fp8 else "int8", x2.shape[0]))
+    return y.reshape(*x.shape[:-1], w.shape[0])
+

@@ -1,0 +1,235 @@
+"""Triton blockwise quantize / dequantize for 4- and 8-bit codes (bitsandbytes-style flat blocks).
+
+Reference numerics: :mod:`lowbit.formats.codebook` (NF4/FP4: bitsandbytes default-backend nearest-code
+rule, ``dynamic8`` double quantization: bitsandbytes' native 65,536-entry lookup-table rule) and
+:mod:`lowbit.formats.affine` (``int4``/``int8`` symmetric absmax, ``*_asym`` with a zero point).
+
+Shapes and dtypes
+    input ``x``: any shape, fp16/bf16/fp32, flattened row-major; ``n`` elements in ``nblocks =
+    ceil(n / G)`` blocks of ``G`` (a power of two, 16..4096), the last one possibly ragged.
+    codes: uint8, 4-bit packed two per byte with the first element in the high nibble (``n`` odd: the
+    last low nibble is 0, as :func:`lowbit.tensor.packing.pack_bits` pads), or one byte per element.
+    scales: fp32 ``[nblocks]`` (codebook: the block absmax); zeros: uint8 ``[nblocks]`` (asym only).
+
+Every division that the reference does in IEEE float32 is ``div_rn`` here (Triton's ``/`` is an
+approximate division), rounding is half-to-even (``rint``) and the kernels are compiled without
+floating-point contraction, so codes are bit-identical to the CPU path and dequantized values are
+the same float32 products rounded once to the output dtype.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# kinds of code (constexpr KIND)
+CODEBOOK, SYM, ASYM = 0, 1, 2
+
+
+@triton.jit
+def _rint(x):
+    # round half to even for |x| < 2**22 (float32 magic number; the kernels disable fp contraction)
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _dequant_kernel(
+    q_ptr, s_ptr, z_ptr, code_ptr, qa_ptr, a2_ptr, dyn_ptr, off_ptr, out_ptr,
+    n, nblocks,
+    G: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr,
+    NESTED: tl.constexpr, NB2: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < nblocks
+    if NESTED:
+        # scale = dynamic_map[qabsmax] * absmax2[block // 256] + offset, two float32 roundings
+        qa = tl.load(qa_ptr + rows, mask=rmask, other=0).to(tl.int32)
+        a2 = tl.load(a2_ptr + rows // NB2, mask=rmask, other=0.0)
+        s = tl.load(dyn_ptr + qa) * a2 + tl.load(off_ptr)
+    else:
+        s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
+    if KIND == ASYM:
+        zf = tl.load(z_ptr + rows, mask=rmask, other=0).to(tl.float32)
+    else:
+        zf = tl.full([ROWS], ZERO, tl.float32)
+    if BITS == 4:
+        j = tl.arange(0, G // 2)
+        e0 = rows[:, None] * G + 2 * j[None, :]
+        b = tl.load(q_ptr + e0 // 2, mask=e0 < n, other=0).to(tl.int32)
+        hi = b >> 4
+        lo = b & 15
+        if KIND == CODEBOOK:
+            vh = tl.load(code_ptr + hi)
+            vl = tl.load(code_ptr + lo)
+        else:
+            vh = hi.to(tl.float32) - zf[:, None]
+            vl = lo.to(tl.float32) - zf[:, None]
+        vh = vh * s[:, None]
+        vl = vl * s[:, None]
+        v = tl.reshape(tl.join(vh, vl), (ROWS, G))
+    else:
+        e = rows[:, None] * G + tl.arange(0, G)[None, :]
+        c = tl.load(q_ptr + e, mask=e < n, other=0).to(tl.int32)
+        if KIND == CODEBOOK:
+            v = tl.load(code_ptr + c)
+        else:
+            v = c.to(tl.float32) - zf[:, None]
+        v = v * s[:, None]
+    e = rows[:, None] * G + tl.arange(0, G)[None, :]
+    tl.store(out_ptr + e, v.to(out_ptr.dtype.element_ty), mask=e < n)
+
+
+@triton.jit
+def _codebook_index(scaled, mids_ptr, order, NCODE: tl.constexpr, PERMUTE: tl.constexpr):
+    # bucketize(right=False) against the sorted midpoints = number of midpoints strictly below
+    idx = tl.zeros(scaled.shape, tl.int32)
+    for i in tl.static_range(NCODE - 1):
+        idx += (scaled > tl.load(mids_ptr + i)).to(tl.int32)
+    if PERMUTE:
+        # sorted position -> code index, a 16-entry permutation packed in nibbles of an int64
+        idx = ((order >> (4 * idx).to(tl.int64)) & 15).to(tl.int32)
+    return idx
+
+
+@triton.jit
+def _quant_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, mids_ptr,
+    n, nblocks, order,
+    G: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
+    NCODE: tl.constexpr, PERMUTE: tl.constexpr, PAD: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr, LEVELS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < nblocks
+    e = rows[:, None] * G + tl.arange(0, G)[None, :]
+    emask = e < n
+    x = tl.load(x_ptr + e, mask=emask, other=0.0).to(tl.float32)
+    if KIND == CODEBOOK:
+        absmax = tl.max(tl.abs(x), axis=1)
+        am = tl.maximum(absmax, tl.full([ROWS], 1e-38, tl.float32))
+        # full blocks: x * (1 / absmax); the ragged last block: x / absmax (bitsandbytes default backend)
+        tail = (rows == nblocks - 1) & (n - rows * G < G)
+        inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), am)
+        scaled = tl.where(tail[:, None], tl.math.div_rn(x, am[:, None]), x * inv[:, None])
+        scaled = tl.where((absmax > 0)[:, None], scaled, 0.0)
+        scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+        q = _codebook_index(scaled, mids_ptr, order, NCODE, PERMUTE)
+        tl.store(s_ptr + rows, tl.where(tail, am, absmax), mask=rmask)
+    elif KIND == SYM:
+        absmax = tl.max(tl.abs(x), axis=1)
+        scale = tl.math.div_rn(absmax, tl.full([ROWS], QMAX, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        r = _rint(tl.math.div_rn(x, scale[:, None])) + ZERO
+        q = tl.minimum(tl.maximum(r, 0.0), LEVELS).to(tl.int32)
+        tl.store(s_ptr + rows, scale, mask=rmask)
+    else:
+        # masked lanes are 0, and the range is extended to include 0 anyway
+        lo = tl.minimum(tl.min(x, axis=1), 0.0)
+        hi = tl.maximum(tl.max(x, axis=1), 0.0)
+        scale = tl.math.div_rn(hi - lo, tl.full([ROWS], LEVELS, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        zero = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-lo, scale)), 0.0), LEVELS)
+        r = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
+        q = tl.minimum(tl.maximum(r, 0.0), LEVELS).to(tl.int32)
+        tl.store(s_ptr + rows, scale, mask=rmask)
+        tl.store(z_ptr + rows, zero.to(tl.uint8), mask=rmask)
+    q = tl.where(emask, q, PAD)  # the padding nibble of an odd count (bitsandbytes: the code of 0.0)
+    if BITS == 4:
+        qe, qo = tl.split(tl.reshape(q, (ROWS, G // 2, 2)))
+        j = tl.arange(0, G // 2)
+        b0 = rows[:, None] * (G // 2) + j[None, :]
+        tl.store(q_ptr + b0, ((qe << 4) | qo).to(tl.uint8), mask=2 * b0 < n)
+    else:
+        tl.store(q_ptr + e, q.to(tl.uint8), mask=emask)
+
+
+@triton.jit
+def _quant_lut_kernel(
+    x_ptr, off_ptr, lut_ptr, q_ptr, s_ptr, n, nblocks, G: tl.constexpr, ROWS: tl.constexpr,
+):
+    # bitsandbytes' native CPU 8-bit rule on (x - offset): index = trunc(((s + 1) / 2) * 65535 + 0.5)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < nblocks
+    e = rows[:, None] * G + tl.arange(0, G)[None, :]
+    emask = e < n
+    x = tl.load(x_ptr + e, mask=emask, other=0.0) - tl.load(off_ptr)
+    x = tl.where(emask, x, 0.0)
+    absmax = tl.max(tl.abs(x), axis=1)
+    safe = tl.where(absmax > 0, absmax, 1.0)
+    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), safe)
+    s = tl.where((absmax > 0)[:, None], x * inv[:, None], 0.0)
+    t = (tl.minimum(tl.maximum(s, -1.0), 1.0) + 1.0) * 0.5
+    idx = (t * 65535.0 + 0.5).to(tl.int32)
+    idx = tl.minimum(tl.maximum(idx, 0), 65535)
+    q = tl.load(lut_ptr + idx)
+    q = tl.where((absmax > 0)[:, None], q, 0)
+    tl.store(q_ptr + e, q.to(tl.uint8), mask=emask)
+    tl.store(s_ptr + rows, absmax, mask=rmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (tensors already on one CUDA device; validation happens in lowbit.kernels.api)
+
+import torch  # noqa: E402
+
+# elements handled by one program and warps per program; bench/gpu.py sweeps these on the H100
+DEQUANT_CONFIG = {"elems": 4096, "num_warps": 4}
+QUANT_CONFIG = {"elems": 2048, "num_warps": 4}
+
+
+def _rows(G: int, elems: int) -> int:
+    return max(1, elems // G)
+
+
+def dequantize(data, scales, zeros, code, n, G, bits, kind, zero, out_dtype, nested=None, config=None):
+    """Flat dequantization ``[n]`` in ``out_dtype``; ``nested = (qabsmax, absmax2, dyn_code, offset_t, nb2)``."""
+    cfg = config or DEQUANT_CONFIG
+    out = torch.empty(n, dtype=out_dtype, device=data.device)
+    nblocks = -(-n // G)
+    rows = _rows(G, cfg["elems"])
+    dummy = data
+    if nested is not None:
+        qa, a2, dyn, off_t, nb2 = nested
+    else:
+        qa = a2 = dyn = off_t = dummy
+        nb2 = 1
+    _dequant_kernel[(triton.cdiv(nblocks, rows),)](
+        data, scales if scales is not None else dummy, zeros if zeros is not None else dummy,
+        code if code is not None else dummy, qa, a2, dyn, off_t, out, n, nblocks,
+        G=G, BITS=bits, ROWS=rows, KIND=kind, ZERO=zero, NESTED=nested is not None, NB2=nb2,
+        num_warps=cfg["num_warps"], enable_fp_fusion=False,
+    )
+    return out
+
+
+def quantize(x, G, bits, kind, mids=None, order=0, permute=False, pad=0, qmax=0, zero=0, levels=0, config=None):
+    """Flat quantization of ``x`` -> ``(packed codes uint8, scales fp32 [nblocks], zeros uint8 or None)``."""
+    cfg = config or QUANT_CONFIG
+    flat = x.reshape(-1)
+    n = flat.numel()
+    nblocks = -(-n // G)
+    q = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=x.device)
+    s = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    z = torch.empty(nblocks, dtype=torch.uint8, device=x.device) if kind == ASYM else None
+    rows = _rows(G, cfg["elems"])
+    _quant_kernel[(triton.cdiv(nblocks, rows),)](
+        flat, q, s, z if z is not None else s, mids if mids is not None else s, n, nblocks, order,
+        G=G, BITS=bits, ROWS=rows, KIND=kind, NCODE=0 if mids is None else mids.numel() + 1,
+        PERMUTE=permute, PAD=pad, QMAX=float(qmax), ZERO=float(zero), LEVELS=float(levels),
+        num_warps=cfg["num_warps"], enable_fp_fusion=False,
+    )
+    return q, s, z
+
+
+def quantize_lut(x, offset_t, lut, G):
+    """bitsandbytes-native 8-bit quantization of ``x - offset`` (fp32, flat) -> ``(codes, absmax)``."""
+    n = x.numel()
+    nblocks = -(-n // G)
+    q = torch.empty(n, dtype=torch.uint8, device=x.device)
+    s = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    rows = _rows(G, 2048)
+    _quant_lut_kernel[(triton.cdiv(nblocks, rows),)](
+        x, offset_t, lut, q, s, n, nblocks, G=G, ROWS=rows, num_warps=4, enable_fp_fusion=False,
+    )
+    return q, s

@@ -1,0 +1,41 @@
+"""Launch configurations of the Triton kernels, keyed by format and M bucket (importable without Triton).
+
+The defaults were chosen by reasoning about bytes in flight per SM; ``bench/gpu.py --tune`` sweeps
+alternatives on the GPU and writes the winners to ``TUNED`` below (H100 SXM, Triton 3.6).
+A 4-bit config is ``(kernel, BN, BK, split_k, num_warps, num_stages)`` with kernel ``gemv`` (CUDA-core,
+M <= 4), ``gemm`` (tensor cores) or ``dequant`` (dequantize + ``F.linear``).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+DEFAULT_4BIT: Dict[int, tuple] = {
+    1: ("gemv", 32, 256, 4, 4, 1),
+    2: ("gemv", 32, 256, 4, 4, 1),
+    4: ("gemv", 32, 256, 4, 4, 1),
+    16: ("gemm", 64, 128, 4, 4, 3),
+    32: ("gemm", 64, 128, 4, 4, 3),
+    64: ("gemm", 64, 128, 2, 4, 3),
+    128: ("gemm", 128, 128, 1, 8, 3),
+    0: ("dequant",),
+}
+# (BM, BN, BK, GROUP_M, num_warps, num_stages) per kind; small M uses smaller tiles
+DEFAULT_SCALED: Dict[str, tuple] = {"int8": (128, 256, 128, 8, 8, 3), "fp8": (128, 256, 128, 8, 8, 3)}
+DEFAULT_SCALED_SMALL: Dict[str, tuple] = {"int8": (16, 64, 256, 8, 4, 4), "fp8": (16, 64, 256, 8, 4, 4)}
+
+# written by bench/gpu.py --tune (fmt, group) -> {M bucket: config}; "int8"/"fp8" -> config
+TUNED: Dict[object, object] = {}
+
+
+def configs_4bit(fmt: str, group: int) -> Dict[int, tuple]:
+    """Config per M bucket for a 4-bit format (``codebook`` or ``int4``) and scale group length."""
+    out = dict(DEFAULT_4BIT)
+    out.update(TUNED.get((fmt, group), {}))
+    return out
+
+
+def config_scaled(kind: str, M: int) -> Tuple[int, ...]:
+    """GEMM tile config for the int8 / fp8 scaled GEMM at ``M`` rows."""
+    if M <= 64:
+        return TUNED.get((kind, "small"), DEFAULT_SCALED_SMALL[kind])
+    return TUNED.get((kind, "large"), DEFAULT_SCALED[kind])
