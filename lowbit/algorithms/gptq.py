@@ -1,0 +1,283 @@
+"""GPTQ: accurate post-training quantization from second-order information.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (ICLR 2023), following the structure of the reference ``gptq.py``
+(IST-DASLab): the columns of ``W [out, in]`` are quantized one at a time; the error of each is
+spread over the columns not yet quantized through the upper Cholesky factor of ``H^{-1}``, with
+``H = X^T X / n`` the Hessian of the layer's output error on calibration inputs ``X``.
+
+* ``percdamp``: dampening ``lambda = percdamp * mean(diag(H))`` added to the diagonal; raised
+  (x10, with a warning) when the Cholesky factorisation fails.
+* ``blocksize``: lazy batch updates, the rest of the matrix is updated once per block of columns.
+* ``act_order`` (``desc_act``): columns in order of decreasing ``diag(H)``. Groups stay the
+  contiguous column ranges of the original order (so the result is a plain group-wise state);
+  ``static_groups=True`` fits every group's grid up front from the original weights, otherwise a
+  group's grid is fitted when the sweep first reaches one of its columns, from the weights as the
+  sweep has updated them.
+* ``group_objective``: what a group's grid (scale, zero) minimises when it is fitted:
+  ``"minmax"`` (no search), ``"mse"`` (plain squared weight error), ``"hessian"`` (the error left
+  after the columns still to come have compensated it: ``e S e^T`` with
+  ``S = [(H_rest^{-1})_{GG}]^{-1}``, the Schur complement, read off the Cholesky factor), or
+  ``"sweep"`` (the exact GPTQ loss of the group: every candidate grid runs the group's column sweep
+  and each row keeps the best; needs contiguous groups, i.e. no ``act_order``).
+* ``refit_scales``: after the sweep, the scales are re-solved by least squares with the codes and
+  zero points fixed, minimising ``tr((W - W_hat) (H + lambda I) (W - W_hat)^T)`` (kept per row
+  only where it lowers that error).
+
+The grid is pluggable (:mod:`lowbit.algorithms.grid`): anything with ``candidates``, ``fit``,
+``quantize_column`` and ``dequantize`` works.
+
+Example::
+
+    >>> X = torch.randn(2048, 256) @ torch.randn(256, 256)   # correlated inputs
+    >>> H = X.T @ X / X.shape[0]
+    >>> res = gptq_quantize(torch.randn(64, 256), H, bits=4, group_size=64, sym=False)
+    >>> res.state.shape, res.codes.dtype
+    ((64, 256), torch.uint8)
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lowbit.algorithms.grid import AffineGrid, group_bounds, to_state
+
+GROUP_OBJECTIVES = ("minmax", "mse", "hessian", "sweep")
+
+
+@dataclass
+class GPTQResult:
+    """Output of :func:`gptq_quantize`: codes ``[out, in]`` (original column order), per-group
+    ``scales``/``zeros`` ``[out, n_groups]``, the summed GPTQ loss and the dampening used."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    loss: float
+    damp: float
+    bits: int
+    group_size: int
+    sym: bool
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def state(self):
+        return to_state(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.sym, self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        from lowbit.algorithms.grid import dequantize_groups
+
+        return dequantize_groups(self.codes, self.scales, self.zeros, self.group_size)
+
+
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6):
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^{-1}`` (``H^{-1} = U^T U``) and ``lambda``.
+
+    The dampening starts at ``percdamp * mean(diag(H))`` and grows x10 (with a warning) until the
+    factorisation succeeds.
+    """
+    if percdamp < 0:
+        raise ValueError(f"percdamp={percdamp!r}: must be >= 0")
+    mean_diag = torch.diag(H).mean().item()
+    damp = percdamp * mean_diag
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        new = max(damp * 10.0, 1e-6 * max(mean_diag, 1e-12), 1e-8)
+        warnings.warn(f"GPTQ: Cholesky of the damped Hessian failed with dampening {damp:.3g}; "
+                      f"retrying with {new:.3g}", RuntimeWarning, stacklevel=3)
+        damp = new
+    raise RuntimeError(f"GPTQ: the Hessian is not positive definite even with dampening {damp:.3g}")
+
+
+def _schur_objective(U: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
+    """``[(H_rest^{-1})_{PP}]^{-1}`` for the sweep positions ``pos`` once ``start`` columns are done."""
+    A = U[start:int(pos.max()) + 1][:, pos]
+    C = A.t() @ A
+    C = C + 1e-8 * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0:
+        return torch.diag(1.0 / C.diagonal().clamp_min(1e-12))
+    return torch.cholesky_inverse(L)
+
+
+def _sweep_select(grid, Wg: torch.Tensor, Ug: torch.Tensor):
+    """Exact GPTQ loss of the contiguous group ``Wg [R, g]`` for every candidate grid; best per row."""
+    cs, cz = grid.candidates(Wg)  # [C, R]
+    if cs.shape[0] == 1:
+        return cs[0], cz[0]
+    Wc = Wg.unsqueeze(0).repeat(cs.shape[0], 1, 1)
+    loss = torch.zeros_like(cs)
+    g = Wg.shape[1]
+    for j in range(g):
+        w = Wc[:, :, j]
+        q = grid.quantize_column(w, cs, cz)
+        err = (w - (q - cz) * cs) / Ug[j, j]
+        loss += err.square()
+        if j + 1 < g:
+            Wc[:, :, j + 1:] -= err.unsqueeze(-1) * Ug[j, j + 1:]
+    idx = loss.argmin(0, keepdim=True)
+    return cs.gather(0, idx)[0], cz.gather(0, idx)[0]
+
+
+def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Least-squares scales for fixed codes and zeros: ``min_s tr(E H E^T)``, ``E = W - s * (q - z)``.
+
+    Solved per row (a ``G x G`` system, ``G`` groups); rows where it does not lower the error, or
+    gives a non-positive scale, keep their scales.
+    """
+    R, K = W.shape
+    bounds = group_bounds(K, group_size)
+    G = len(bounds)
+    gidx = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=W.device) for i, (a, b) in enumerate(bounds)])
+    c = codes.float() - zeros[:, gidx]
+    T = torch.stack([c[:, a:b] @ H[a:b, :] for a, b in bounds], dim=1)  # [R, G, K]
+    M = torch.zeros(R, G, G, dtype=W.dtype, device=W.device)
+    M.index_add_(2, gidx, T * c.unsqueeze(1))  # M[r, h, g] = sum_{j in g} T[r, h, j] c[r, j]
+    rhs = torch.zeros(R, G, dtype=W.dtype, device=W.device).index_add_(1, gidx, c * (W @ H))
+    M = M + 1e-9 * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(
+        G, dtype=W.dtype, device=W.device)
+    new, info = torch.linalg.solve_ex(M, rhs.unsqueeze(-1))
+    new = new.squeeze(-1)
+
+    def row_loss(s):
+        E = W - c * s[:, gidx]
+        return ((E @ H) * E).sum(-1)
+
+    ok = (info == 0) & torch.isfinite(new).all(-1) & (new > 0).all(-1)
+    new = torch.where(ok.unsqueeze(-1), new, scales)
+    better = row_loss(new) < row_loss(scales)
+    return torch.where(better.unsqueeze(-1), new, scales)
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, *,
+                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, static_groups: bool = False,
+                  group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
+                  n_grid: int = 20, max_shrink: float = 0.5) -> GPTQResult:
+    """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.
+
+    See the module docstring for the options. Returns a :class:`GPTQResult` (``.state`` is the
+    group-layout QuantState, ``.dequantize()`` the float weight).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    R, K = weight.shape
+    if tuple(H.shape) != (K, K):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(K, K)} for a weight with {K} input columns")
+    if group_objective not in GROUP_OBJECTIVES:
+        raise ValueError(f"group_objective={group_objective!r}: expected one of {GROUP_OBJECTIVES}")
+    if not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize={blocksize!r}: must be a positive integer")
+    g = K if group_size in (-1, None) else group_size
+    bounds = group_bounds(K, g)
+    if grid is None:
+        grid = AffineGrid(bits=bits, sym=sym, search="minmax" if group_objective == "minmax" else "mse",
+                          n_grid=n_grid, max_shrink=max_shrink, refine=0)
+    dev = weight.device
+    W = weight.detach().float().clone()
+    H = H.detach().float().clone().to(dev)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    W_orig = W.clone()
+
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(K, device=dev)
+    invperm = torch.argsort(perm)
+    W = W[:, perm]
+    Hp = H[perm][:, perm]
+    U, damp = damped_inverse_cholesky(Hp, percdamp)
+
+    G = len(bounds)
+    scales = torch.zeros(R, G, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(R, G, dtype=torch.float32, device=dev)
+    fitted = [False] * G
+    gidx_orig = torch.cat([torch.full((b - a,), i, dtype=torch.long) for i, (a, b) in enumerate(bounds)])
+    gidx = gidx_orig.to(dev)[perm].tolist()  # group of each sweep position
+    group_pos = [invperm[a:b] for a, b in bounds]  # sweep positions of each group
+    contiguous = not act_order
+    objective = group_objective
+    if objective == "sweep" and (not contiguous or g > blocksize and g != K):
+        objective = "hessian"
+    if objective == "sweep" and g == K:
+        objective = "hessian"
+    if contiguous and g < K:
+        blocksize = max(g, (blocksize // g) * g)  # blocks made of whole groups
+
+    if static_groups:
+        Hd = H + damp * torch.eye(K, dtype=H.dtype, device=dev)
+        for gi, (a, b) in enumerate(bounds):
+            S = None if objective == "mse" else Hd[a:b, a:b]
+            scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], S)
+            fitted[gi] = True
+
+    Q = torch.zeros(R, K, dtype=torch.float32, device=dev)  # codes, sweep order
+    total_loss = torch.zeros((), dtype=torch.float64, device=dev)
+
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(count):
+            gi = gidx[i1 + i]
+            if not fitted[gi]:
+                pos = group_pos[gi]
+                # current values of the group's columns (lazy updates of later blocks applied here)
+                cur = torch.empty(R, pos.numel(), dtype=W.dtype, device=dev)
+                inside = (pos >= i1) & (pos < i2)
+                if bool(inside.any()):
+                    cur[:, inside] = W1[:, pos[inside] - i1]
+                if bool((~inside).any()):
+                    later = pos[~inside]
+                    cur[:, ~inside] = W[:, later] - Err1[:, :i] @ U[i1:i1 + i][:, later]
+                if objective == "sweep":
+                    p0 = int(pos.min())
+                    s, z = _sweep_select(grid, cur, U[p0:p0 + pos.numel(), p0:p0 + pos.numel()])
+                elif objective == "hessian":
+                    s, z = grid.fit(cur, _schur_objective(U, pos, i1 + i))
+                else:
+                    s, z = grid.fit(cur, None)
+                scales[:, gi], zeros[:, gi] = s, z
+                fitted[gi] = True
+            w = W1[:, i]
+            d = U1[i, i]
+            q = grid.quantize_column(w, scales[:, gi], zeros[:, gi])
+            Q[:, i1 + i] = q
+            err = (w - (q - zeros[:, gi]) * scales[:, gi]) / d
+            total_loss += err.double().square().sum()
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        if i2 < K:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    codes = Q[:, invperm]
+    if refit:
+        Hd = H + damp * torch.eye(K, dtype=H.dtype, device=dev)
+        scales = refit_scales(W_orig, Hd, codes, scales, zeros, g)
+    return GPTQResult(codes=codes.to(torch.uint8), scales=scales, zeros=zeros, loss=float(total_loss) / 2,
+                      damp=damp, bits=grid.bits, group_size=g, sym=grid.sym, dtype=weight.dtype)
+
+
+def layer_output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((W - W_hat) H (W - W_hat)^T)``: the mean squared output error of the layer on the
+    inputs that gave ``H = X^T X / n`` (summed over outputs)."""
+    E = (weight.float() - w_hat.float())
+    return float(((E @ H.float()) * E).sum())
+
+
+__all__ = ["gptq_quantize", "GPTQResult", "refit_scales", "damped_inverse_cholesky", "layer_output_error",
+           "GROUP_OBJECTIVES"]

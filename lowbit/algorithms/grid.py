@@ -1,0 +1,215 @@
+"""Quantization grids for the PTQ algorithms: how a group of weights gets its scale and zero point.
+
+A *grid* maps a group of ``g`` consecutive input columns of each output row to the affine levels
+``w = (q - z) * s`` (:mod:`lowbit.formats.affine`). The algorithms (RTN, GPTQ, AWQ, HQQ) only ask
+a grid two things: ``fit`` the per-row parameters of one group, and ``quantize`` values against
+them. This is what makes GPTQ's quantizer pluggable (an affine int grid here; a GGUF Q4_0 grid
+plugs in the same way).
+
+Fitting is either plain min/max (``search="minmax"``) or a search over shrink factors of the
+min/max range that minimises a quadratic error, the "MSE grid" of GPTQ's reference code
+(Frantar et al., 2022, ``quant.py``: ``mse=True``) generalised to a weighted objective::
+
+    loss_r(p) = e_r S e_r^T,   e_r = w_r - deq(quant(w_r; p * min, p * max))
+
+with ``S`` the identity (plain MSE), a diagonal of per-column importances, or a full ``g x g``
+matrix such as a block of the Hessian ``X^T X`` (the layer-output error of that group, used by
+AWQ's clip search) or the Schur complement that GPTQ uses (the error left after the columns still
+to come have compensated it). A least-squares refinement of the scale with the codes fixed then
+polishes the winner.
+
+Example::
+
+    >>> w = torch.randn(64, 256)
+    >>> grid = AffineGrid(bits=4, sym=False, search="mse")
+    >>> scale, zero = grid.fit(w[:, :128])
+    >>> q = grid.quantize(w[:, :128], scale, zero)       # uint8 codes
+    >>> w_hat = grid.dequantize(q, scale, zero)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from lowbit.formats import affine
+
+SEARCHES = ("minmax", "mse")
+
+
+def group_bounds(in_features: int, group_size: int) -> list:
+    """``[(start, stop), ...]`` of the column groups, the last one possibly ragged.
+
+    >>> group_bounds(576, 128)[-1]
+    (512, 576)
+    """
+    g = in_features if group_size in (-1, None) else group_size
+    if not isinstance(g, int) or g <= 0:
+        raise ValueError(f"group_size={group_size!r}: must be a positive integer or -1")
+    return [(a, min(a + g, in_features)) for a in range(0, in_features, g)]
+
+
+def check_bits(bits: int) -> None:
+    if bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise ValueError(f"bits={bits!r}: expected an integer between 2 and 8 (2, 3, 4 and 8 are the usual ones)")
+
+
+def quadratic_loss(err: torch.Tensor, S: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row losses ``e_r S e_r^T`` for ``err [..., R, g]``; ``S`` None (identity), ``[g]`` or ``[g, g]``."""
+    if S is None:
+        return err.square().sum(-1)
+    if S.dim() == 1:
+        return (err.square() * S).sum(-1)
+    return ((err @ S) * err).sum(-1)
+
+
+@dataclass
+class AffineGrid:
+    """Integer affine grid of ``bits`` levels per group, symmetric (implicit zero) or asymmetric.
+
+    ``search``: ``"minmax"`` (the range of the group) or ``"mse"`` (shrink-factor search with the
+    weighted objective given to :meth:`fit`); ``n_grid`` candidates between 1 and ``1 - max_shrink``;
+    ``refine`` least-squares scale updates with the codes fixed.
+    """
+
+    bits: int = 4
+    sym: bool = True
+    search: str = "mse"
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    refine: int = 1
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.search not in SEARCHES:
+            raise ValueError(f"search={self.search!r}: expected one of {SEARCHES}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"max_shrink={self.max_shrink!r}: expected a value in [0, 1)")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    # -- the levels ------------------------------------------------------------------------------
+    def params_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)`` as float tensors of the shape of ``xmin`` (zero is integer-valued)."""
+        scale, zero = affine.affine_qparams(xmin, xmax, self.bits, self.sym)
+        zero = zero.to(torch.float32)
+        if zero.dim() == 0:
+            zero = zero.to(scale.device).expand_as(scale)
+        return scale, zero.to(scale.device)
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes (float, integer-valued) of ``w [..., R, n]`` for per-row ``scale``/``zero`` ``[..., R]``."""
+        return torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, self.maxq)
+
+    def quantize_column(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes of one column ``w [..., R]`` (GPTQ's inner loop); parameters of the same shape."""
+        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+
+    @staticmethod
+    def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """``(q - z) * s`` with per-row ``scale``/``zero`` ``[..., R]``."""
+        return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+
+    def fake_quant(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(w, scale, zero), scale, zero)
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def shrink_factors(self) -> list:
+        """The range shrink factors tried by the search (1.0 = plain min/max)."""
+        if self.search == "minmax":
+            return [1.0]
+        return [1.0 - self.max_shrink * i / self.n_grid for i in range(self.n_grid + 1)]
+
+    def candidates(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Candidate ``(scales, zeros)`` ``[C, ...]`` for the groups ``w [..., g]`` (one per shrink factor)."""
+        w = w.float()
+        xmin, xmax = w.amin(-1), w.amax(-1)
+        ps = torch.tensor(self.shrink_factors(), dtype=torch.float32, device=w.device)
+        ps = ps.reshape(-1, *([1] * xmin.dim()))
+        return self.params_from_range(xmin * ps, xmax * ps)
+
+    def fit(self, w: torch.Tensor, S: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``(scale, zero)`` ``[R]`` for the group ``w [R, g]`` minimising ``e S e^T``.
+
+        ``S`` is None (plain squared error), per-column weights ``[g]`` or a ``[g, g]`` matrix.
+        """
+        w = w.float()
+        cs, cz = self.candidates(w)
+        if cs.shape[0] == 1:
+            return cs[0], cz[0]
+        losses = quadratic_loss(w - self.fake_quant(w, cs, cz), S)  # [C, R]
+        best, idx = losses.min(0)
+        scale = cs.gather(0, idx.unsqueeze(0))[0]
+        zero = cz.gather(0, idx.unsqueeze(0))[0]
+        for _ in range(self.refine):
+            scale, zero, best = self._refine_scale(w, scale, zero, best, S)
+        return scale, zero
+
+    def _refine_scale(self, w, scale, zero, best, S):
+        """One least-squares update of the scale with the codes and zero fixed; kept where it helps."""
+        q = self.quantize(w, scale, zero)
+        c = q - zero.unsqueeze(-1)  # centred codes: w_hat = s * c
+        if S is None:
+            num, den = (c * w).sum(-1), c.square().sum(-1)
+        elif S.dim() == 1:
+            num, den = (c * w * S).sum(-1), (c.square() * S).sum(-1)
+        else:
+            cS = c @ S
+            num, den = (cS * w).sum(-1), (cS * c).sum(-1)
+        s_new = torch.where(den > 0, num / den.clamp_min(1e-30), scale)
+        s_new = torch.where(s_new > 0, s_new, scale)
+        loss = quadratic_loss(w - self.fake_quant(w, s_new, zero), S)
+        better = loss < best
+        return torch.where(better, s_new, scale), zero, torch.where(better, loss, best)
+
+
+def make_grid(bits: int = 4, sym: bool = True, search: str = "mse", **kw) -> AffineGrid:
+    """The default affine grid for the PTQ algorithms (see :class:`AffineGrid`)."""
+    return AffineGrid(bits=bits, sym=sym, search=search, **kw)
+
+
+def quantize_groups(w: torch.Tensor, grid: AffineGrid, group_size: int,
+                    S_blocks: Optional[list] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit and quantize every group of ``w [R, K]`` independently (round to nearest on the grid).
+
+    ``S_blocks``: optional per-group objective matrices (``[g]`` or ``[g, g]`` each).
+    Returns ``(codes uint8 [R, K], scales fp32 [R, G], zeros fp32 [R, G])``.
+    """
+    w = w.float()
+    R, K = w.shape
+    bounds = group_bounds(K, group_size)
+    codes = torch.empty(R, K, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(R, len(bounds), dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    for gi, (a, b) in enumerate(bounds):
+        S = None if S_blocks is None else S_blocks[gi]
+        s, z = grid.fit(w[:, a:b], S)
+        codes[:, a:b] = grid.quantize(w[:, a:b], s, z).to(torch.uint8)
+        scales[:, gi], zeros[:, gi] = s, z
+    return codes, scales, zeros
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups` (float32 ``[R, K]``)."""
+    R, K = codes.shape
+    g = K if group_size in (-1, None) else group_size
+    idx = torch.arange(K, device=codes.device) // g
+    return (codes.float() - zeros[:, idx]) * scales[:, idx]
+
+
+def to_state(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+             sym: bool, dtype: torch.dtype = torch.float32):
+    """Wrap grid output as a group-layout :class:`~lowbit.tensor.state.QuantState`."""
+    from lowbit.tensor.functional import affine_state
+
+    g = codes.shape[1] if group_size in (-1, None) else group_size
+    z = None if sym else zeros.round().clamp(0, 255).to(torch.uint8)
+    return affine_state(codes.to(torch.uint8), scales.float().contiguous(), z, bits, g, dtype=dtype, symmetric=sym)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / (in_features if group_size in (-1, None) else group_size))

@@ -1,0 +1,82 @@
+"""Calibration statistics kept as sums over samples, so that shards can be all-reduced.
+
+GPTQ needs the Hessian of the layer-wise squared error, ``H = 2 X^T X / n`` (Frantar et al., 2022);
+AWQ needs the mean absolute activation per input channel (Lin et al., 2023). Both are kept here as
+plain sums plus a token count: adding the sums of several processes (``torch.distributed.all_reduce``)
+gives exactly the statistics of the union of their samples, without changing the algorithms.
+
+Example::
+
+    >>> st = InputStats(576)
+    >>> st.add(torch.randn(4, 512, 576))
+    >>> st.hessian().shape, st.count
+    (torch.Size([576, 576]), 2048)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class InputStats:
+    """Sums over the inputs ``x [..., in]`` of one linear layer: ``X^T X``, ``sum |x|`` and the count."""
+
+    def __init__(self, in_features: int, *, hessian: bool = True, absmean: bool = True,
+                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> None:
+        self.in_features = in_features
+        self.xtx = torch.zeros(in_features, in_features, device=device, dtype=dtype) if hessian else None
+        self.abs_sum = torch.zeros(in_features, device=device, dtype=dtype) if absmean else None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs ``[..., in_features]``."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
+        x = x.reshape(-1, self.in_features)
+        dtype = self.xtx.dtype if self.xtx is not None else self.abs_sum.dtype
+        if self.xtx is not None and self.xtx.device != x.device:
+            self.to(x.device)
+        x = x.to(dtype)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+        if self.abs_sum is not None:
+            self.abs_sum += x.abs().sum(0)
+        self.count += x.shape[0]
+
+    def to(self, device) -> "InputStats":
+        if self.xtx is not None:
+            self.xtx = self.xtx.to(device)
+        if self.abs_sum is not None:
+            self.abs_sum = self.abs_sum.to(device)
+        return self
+
+    def hessian(self) -> torch.Tensor:
+        """``X^T X / n`` (GPTQ's ``H`` up to the factor 2, which cancels in every use)."""
+        if self.xtx is None:
+            raise ValueError("these statistics were collected without the Hessian (hessian=False)")
+        if self.count == 0:
+            raise ValueError("no calibration inputs reached this layer (count=0)")
+        return self.xtx / self.count
+
+    def act_absmean(self) -> torch.Tensor:
+        """Mean absolute activation per input channel (AWQ's ``s_x``)."""
+        if self.abs_sum is None:
+            raise ValueError("these statistics were collected without absolute means (absmean=False)")
+        if self.count == 0:
+            raise ValueError("no calibration inputs reached this layer (count=0)")
+        return self.abs_sum / self.count
+
+    def all_reduce(self, group=None) -> "InputStats":
+        """Sum the statistics over a ``torch.distributed`` process group (no-op when not initialised)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        for t in (self.xtx, self.abs_sum):
+            if t is not None:
+                dist.all_reduce(t, group=group)
+        n = torch.tensor([float(self.count)], device=(self.xtx if self.xtx is not None else self.abs_sum).device)
+        dist.all_reduce(n, group=group)
+        self.count = int(n.item())
+        return self
