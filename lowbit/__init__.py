@@ -33,6 +33,9 @@ _LAZY = {
     "qfloat8_e5m2": "lowbit.config",
     # transformers integration (issue 7): importing it registers quant_method="lowbit"
     "LowbitConfig": "lowbit.integrations.transformers",
+    # native checkpoints (issue 6)
+    "save": "lowbit.io.native",
+    "load": "lowbit.io.native",
 }
 _SUBMODULES = {"metrics": "lowbit.eval.metrics"}
 
