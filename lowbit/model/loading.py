@@ -173,7 +173,7 @@ def tiny_tokenizer():
     byte_map = _bytes_to_unicode()
     vocab = {byte_map[b]: b for b in range(256)}
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = tokenizers.decoders.ByteLevel()
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 30)
     return fast
