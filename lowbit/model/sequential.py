@@ -1,0 +1,578 @@
+"""Model-level weight-only PTQ (RTN, AWQ, GPTQ, HQQ) on a memory-bounded, block-by-block pipeline.
+
+Calibrated methods (GPTQ, AWQ) run the decoder one block at a time, as in GPTQ's reference
+``llama.py`` sequential loop:
+
+1. the inputs of block 0 are captured by a hook that stops the forward (``_StopForward``);
+2. the block runs over all calibration chunks **once**. Every chunk runs in its own thread; a
+   pre-hook on each selected linear adds the chunk's input to the layer's statistics (sums:
+   ``X^T X``, ``sum |x|``, token count; :class:`lowbit.algorithms.stats.InputStats`) and waits
+   until every chunk has reached that layer. The layer (or the group of layers that share its
+   input: q/k/v, gate/up) is then quantized, and all chunks go on through the *quantized* layer.
+   This is true-sequential quantization (o_proj sees the outputs of the quantized q/k/v, down_proj
+   those of the quantized gate/up) at the cost of a single pass over the block, and the block's
+   outputs, computed through the quantized layers, are the next block's inputs;
+3. only the block being worked on (and the calibration activations) needs to sit on ``device``;
+   the other blocks stay where they are (e.g. on the CPU).
+
+Models without a list of decoder blocks are handled the same way with the whole model as one
+block (whole-model statistics). Data-free methods (RTN, HQQ) quantize layer by layer directly.
+
+AWQ's input scales are folded into the preceding RMSNorm/LayerNorm (q/k/v, gate/up) or the
+preceding linear's rows (o_proj from v_proj when the shapes agree, down_proj from up_proj);
+layers with no such predecessor get the clipping search only.
+
+Example::
+
+    >>> model = quantize_model_ptq(model, method="gptq", bits=4, group_size=128, sym=False,
+    ...                            calib_dataset="valid.txt", tokenizer=tok, n_samples=128, seq_len=512)
+    >>> model.ptq_summary["bits_per_weight"]                                  # doctest: +SKIP
+    4.25
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.algorithms.awq import awq_search
+from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.hqq import hqq_quantize
+from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.algorithms.stats import InputStats
+
+logger = logging.getLogger(__name__)
+
+PTQ_METHODS = ("rtn", "awq", "gptq", "hqq")
+CALIBRATED = ("awq", "gptq")
+
+_GPTQ_KEYS = ("percdamp", "blocksize", "act_order", "static_groups", "group_objective", "refit", "n_grid",
+              "max_shrink")
+_AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid")
+_HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init")
+_RTN_KEYS = ("search", "n_grid", "max_shrink", "refine")
+METHOD_OPTIONS = {"gptq": _GPTQ_KEYS, "awq": _AWQ_KEYS, "hqq": _HQQ_KEYS, "rtn": _RTN_KEYS}
+
+# (preceding module, layers reading its output) inside a Llama/Mistral/Qwen-style decoder block
+_FOLDS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook on block 0 to end the model's forward early."""
+
+
+# ---------------------------------------------------------------------------------------------
+# selection, installation, structure
+
+
+def _selected(name: str, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> bool:
+    def match(p: str) -> bool:
+        return fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") or name == p
+
+    if include is not None and not any(match(p) for p in include):
+        return False
+    if exclude and any(match(p) for p in exclude):
+        return False
+    return True
+
+
+def _select_linears(model: nn.Module, include, exclude) -> Dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and _selected(n, include, exclude)}
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _install(module_parent: nn.Module, name: str, linear: nn.Linear, state) -> nn.Module:
+    """Replace ``module_parent.<name>`` by a weight-only ``QLinear`` holding ``state``.
+
+    Falls back to writing the dequantized weight into the ``nn.Linear`` (fake quantization) when
+    the quantized module class is unavailable.
+    """
+    from lowbit.tensor.functional import dequantize
+
+    try:
+        from lowbit.nn import QLinear
+    except ImportError:  # pragma: no cover - module glue not present
+        QLinear = None
+    if QLinear is not None and hasattr(QLinear, "from_quant_state"):
+        new = QLinear.from_quant_state(linear, state)
+    else:  # pragma: no cover
+        with torch.no_grad():
+            linear.weight.copy_(dequantize(state).to(linear.weight.dtype))
+        new = linear
+    _set_submodule(module_parent, name, new)
+    return new
+
+
+def find_blocks(model: nn.Module) -> Tuple[Optional[str], Optional[nn.ModuleList]]:
+    """The decoder block list: the ``nn.ModuleList`` holding the most parameters whose blocks
+    contain linear layers (``model.layers`` in Llama-style models). ``(None, None)`` if none."""
+    best, best_name, best_n = None, None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if not all(any(isinstance(m, nn.Linear) for m in blk.modules()) for blk in mod):
+                continue
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_n:
+                best, best_name, best_n = mod, name, n
+    return best_name, best
+
+
+@dataclass
+class _Stage:
+    """Linears quantized together because they read the same input (q/k/v; gate/up)."""
+
+    names: List[str]
+    fold: Optional[str] = None  # module whose output these layers read, for AWQ scale folding
+    stats: Optional[InputStats] = None
+    done: bool = False
+    states: Dict[str, Any] = field(default_factory=dict)
+    input_scales: Optional[torch.Tensor] = None
+
+
+def _block_stages(block: nn.Module, selected: Dict[str, nn.Linear], prefix: str) -> List[_Stage]:
+    """Group the block's selected linears into stages (shared inputs) with their fold targets."""
+    local = {n[len(prefix):]: n for n in selected if n.startswith(prefix)}
+    mods = dict(block.named_modules())
+    stages, used = [], set()
+    for prev, consumers in _FOLDS:
+        present = [c for c in consumers if c in local]
+        if not present or any(c in used for c in present):
+            continue
+        fold = prev if prev in mods and _foldable(mods[prev], [mods[c] for c in consumers if c in mods]) else None
+        if fold is not None and any(c not in mods for c in consumers):
+            fold = None
+        stages.append(_Stage([local[c] for c in present], fold=None if fold is None else prefix + fold))
+        used.update(present)
+    for short, full in local.items():
+        if short not in used:
+            stages.append(_Stage([full]))
+    return stages
+
+
+def _foldable(prev: nn.Module, consumers: List[nn.Module]) -> bool:
+    if not consumers or not all(isinstance(c, nn.Linear) for c in consumers):
+        return False
+    k = consumers[0].in_features
+    if any(c.in_features != k for c in consumers):
+        return False
+    if isinstance(prev, nn.Linear):
+        return prev.out_features == k
+    w = getattr(prev, "weight", None)
+    # norms with a plain multiplicative weight (RMSNorm/LayerNorm); Gemma-style (1 + w) norms are not
+    if w is None or w.dim() != 1 or w.numel() != k or "gemma" in type(prev).__name__.lower():
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# the staged, one-pass runner
+
+
+class _Staged:
+    """Runs ``fn(chunk)`` for every chunk in its own thread; the pre-hooks of the stages' linears
+    gather statistics and quantize a stage once every live chunk waits on it (see module doc)."""
+
+    def __init__(self, stages: List[_Stage], modules: Dict[str, nn.Linear], quantize_stage: Callable[[_Stage], None],
+                 need_hessian: bool, need_absmean: bool, on_stage_done: Optional[Callable[[_Stage], None]] = None):
+        self.stages = stages
+        self.modules = modules
+        self.quantize_stage = quantize_stage
+        self.need_hessian, self.need_absmean = need_hessian, need_absmean
+        self.on_stage_done = on_stage_done
+        self.cond = threading.Condition()
+        self.live = 0
+        self.waiting: Dict[int, int] = {}
+        self.n_waiting = 0
+        self.error: Optional[BaseException] = None
+        self.stage_of: Dict[str, int] = {n: i for i, st in enumerate(stages) for n in st.names}
+
+    def _hook(self, name: str):
+        idx = self.stage_of[name]
+        stage = self.stages[idx]
+
+        def pre_hook(module, args, kwargs):
+            if stage.done:
+                return None
+            x = args[0] if args else kwargs["input"]
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            xtx = x2.t() @ x2 if self.need_hessian else None
+            asum = x2.abs().sum(0) if self.need_absmean else None
+            with self.cond:
+                if stage.done:
+                    return None
+                if self.error is not None:
+                    raise RuntimeError("calibration aborted") from self.error
+                if stage.stats is None:
+                    stage.stats = InputStats(x.shape[-1], hessian=self.need_hessian, absmean=self.need_absmean,
+                                             device=x.device)
+                if xtx is not None:
+                    stage.stats.xtx += xtx
+                if asum is not None:
+                    stage.stats.abs_sum += asum
+                stage.stats.count += x2.shape[0]
+                self.waiting[idx] = self.waiting.get(idx, 0) + 1
+                self.n_waiting += 1
+                self._release_locked()
+                while not stage.done and self.error is None:
+                    self.cond.wait()
+                if self.error is not None:
+                    raise RuntimeError("calibration aborted") from self.error
+            return None
+
+        return pre_hook
+
+    def _release_locked(self) -> None:
+        # every live chunk is blocked: quantize the earliest stage someone waits on
+        while self.n_waiting and self.n_waiting == self.live and self.error is None:
+            idx = min(self.waiting)
+            stage = self.stages[idx]
+            try:
+                self.quantize_stage(stage)
+            except BaseException as e:  # propagate to every worker, re-raised in run()
+                self.error = e
+                self.cond.notify_all()
+                return
+            stage.done = True
+            stage.stats = None
+            self.n_waiting -= self.waiting.pop(idx)
+            if self.on_stage_done is not None:
+                self.on_stage_done(stage)
+            self.cond.notify_all()
+
+    def run(self, fn: Callable[[Any], Any], chunks: List[Any]) -> List[Any]:
+        handles = [self.modules[n].register_forward_pre_hook(self._hook(n), with_kwargs=True) for n in self.stage_of]
+        outs: List[Any] = [None] * len(chunks)
+        self.live = len(chunks)
+
+        def worker(i: int) -> None:
+            try:
+                with torch.no_grad():
+                    outs[i] = fn(chunks[i])
+            except BaseException as e:
+                with self.cond:
+                    if self.error is None:
+                        self.error = e
+                    self.cond.notify_all()
+            finally:
+                with self.cond:
+                    self.live -= 1
+                    self._release_locked()
+
+        try:
+            threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(chunks))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for h in handles:
+                h.remove()
+        if self.error is not None:
+            raise self.error
+        # stages never reached by any chunk (conditional layers): quantize them without data
+        return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# methods applied to one stage
+
+
+def _split_options(method: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    allowed = METHOD_OPTIONS[method]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(f"method {method!r} does not accept option(s) {', '.join(map(repr, bad))}; "
+                         f"accepted: {', '.join(allowed)}")
+    return dict(options)
+
+
+def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
+    H = stage.stats.hessian()
+    ws = [modules[n].weight.detach() for n in stage.names]
+    rows = [w.shape[0] for w in ws]
+    res = gptq_quantize(torch.cat(ws, 0), H, bits, group_size, sym, **opts)  # same H: stacked rows
+    start = 0
+    for n, r, w in zip(stage.names, rows, ws):
+        sl = slice(start, start + r)
+        start += r
+        sub = type(res)(codes=res.codes[sl], scales=res.scales[sl], zeros=res.zeros[sl], loss=0.0, damp=res.damp,
+                        bits=res.bits, group_size=res.group_size, sym=res.sym, dtype=w.dtype)
+        stage.states[n] = sub.state
+        with torch.no_grad():
+            modules[n].weight.copy_(sub.dequantize().to(w.dtype))
+
+
+def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
+    H = stage.stats.hessian()
+    mean = stage.stats.act_absmean()
+    ws = [modules[n].weight.detach() for n in stage.names]
+    res = awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None, **opts)
+    stage.input_scales = res.input_scales if stage.fold is not None else None
+    for n, st, w_eff in zip(stage.names, res.states, res.effective_weights):
+        stage.states[n] = st
+        with torch.no_grad():  # mathematically the folded pair: (x / s) @ Q(W s)^T
+            modules[n].weight.copy_(w_eff.to(modules[n].weight.dtype))
+
+
+def _fold_awq(root: nn.Module, stage: _Stage, installed: Dict[str, nn.Module]) -> None:
+    """Divide the preceding op's output by ``s`` (norm weight, or a linear's rows / its state)."""
+    s = stage.input_scales
+    if s is None:
+        return
+    prev_name = stage.fold
+    prev = installed.get(prev_name) or root.get_submodule(prev_name)
+    with torch.no_grad():
+        state = getattr(prev, "_lowbit_ptq_state", None)
+        if state is not None:  # an already quantized linear: scale its per-row scales
+            state.scales.div_(s.to(state.scales.device).unsqueeze(1))
+            if hasattr(prev, "set_quant_state"):
+                prev.set_quant_state("weight", state)
+        else:
+            prev.weight.div_(s.to(prev.weight.device).view(-1, *([1] * (prev.weight.dim() - 1))))
+        bias = getattr(prev, "bias", None)
+        if bias is not None:
+            bias.div_(s.to(bias.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def _calibration_tokens(model, calib_dataset, tokenizer, n_samples, seq_len, seed) -> torch.Tensor:
+    if isinstance(calib_dataset, torch.Tensor):
+        ids = calib_dataset
+        if ids.dim() == 1:
+            n = ids.numel() // seq_len
+            ids = ids[: n * seq_len].reshape(n, seq_len)
+        return ids[:n_samples].long()
+    from lowbit.data.calibration import get_calibration_data
+
+    return get_calibration_data(tokenizer, calib_dataset, n_samples=n_samples, seq_len=seq_len, seed=seed)
+
+
+def _peak_memory(device: torch.device) -> Tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+
+
+def _progress(iterable=None, total=None, desc="", enabled=True, leave=True):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=leave, dynamic_ncols=True)
+
+
+def _capture_block0(model: nn.Module, block0: nn.Module, ids: torch.Tensor, batch_size: int,
+                    device: torch.device) -> List[Tuple[tuple, dict]]:
+    captured: List[Tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    h = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], batch_size):
+                try:
+                    model(input_ids=ids[i:i + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        h.remove()
+    if not captured:
+        raise RuntimeError("the calibration forward never reached the first decoder block")
+    return captured
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, group_size: int = 128, sym: bool = True,
+                       include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = ("lm_head",),
+                       calib_dataset: Any = None, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
+                       device: Any = None, progress: bool = True, tokenizer: Any = None, batch_size: int = 8,
+                       **method_options: Any) -> nn.Module:
+    """Weight-only PTQ of every selected ``nn.Linear`` of ``model`` (in place); returns ``model``.
+
+    ``method``: ``"rtn"``, ``"hqq"`` (data-free) or ``"gptq"``, ``"awq"`` (calibrated on
+    ``calib_dataset``: a token tensor ``[n, seq_len]``, or anything
+    :func:`lowbit.data.calibration.get_calibration_data` accepts, tokenized with ``tokenizer``).
+    ``include``/``exclude``: fnmatch patterns on module names (a bare name also matches as a
+    suffix, so ``"lm_head"`` excludes ``model.lm_head``). ``method_options`` go to the algorithm
+    (e.g. ``percdamp``, ``act_order``, ``group_objective`` for GPTQ; ``n_grid``, ``clip`` for AWQ).
+
+    The summary (time, bits per weight, sizes, peak memory) is logged and stored as
+    ``model.ptq_summary``.
+    """
+    method = method.lower()
+    if method not in PTQ_METHODS:
+        raise ValueError(f"method={method!r}: expected one of {PTQ_METHODS}")
+    if bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise ValueError(f"bits={bits!r}: expected 2, 3, 4 or 8 (any integer 2..8 works)")
+    if not (group_size == -1 or (isinstance(group_size, int) and group_size > 0)):
+        raise ValueError(f"group_size={group_size!r}: must be a positive integer or -1")
+    opts = _split_options(method, method_options)
+    t0 = time.perf_counter()
+    param = next(model.parameters())
+    home = param.device
+    device = torch.device(device) if device is not None else home
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    selected = _select_linears(model, include, exclude)
+    if not selected:
+        raise ValueError(f"no nn.Linear selected (include={include!r}, exclude={exclude!r})")
+    states: Dict[str, Any] = {}
+    extra: Dict[str, Any] = {}
+
+    if method in ("rtn", "hqq"):
+        for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
+            lin = selected[name]
+            w = lin.weight.detach().to(device)
+            if method == "rtn":
+                st = rtn_quantize(w, bits, group_size, sym, **opts)
+            else:
+                st = hqq_quantize(w, bits, group_size, sym, **opts)
+            states[name] = st.to(lin.weight.device)
+            _install(model, name, lin, states[name])
+    else:
+        ids = _calibration_tokens(model, calib_dataset, tokenizer, n_samples, seq_len, seed)
+        extra["calib_tokens"] = int(ids.numel())
+        _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, batch_size,
+                        progress, states, extra)
+
+    elapsed = time.perf_counter() - t0
+    q_bytes = sum(st.nbytes for st in states.values())
+    q_numel = sum(st.numel for st in states.values())
+    quantized = set(states)
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if n.rsplit(".", 1)[0] not in quantized)
+    peak, kind = _peak_memory(device)
+    summary = {
+        "method": method, "bits": bits, "group_size": group_size, "sym": sym, "time_s": elapsed,
+        "n_layers": len(states), "bits_per_weight": 8.0 * q_bytes / max(q_numel, 1),
+        "quantized_bytes": q_bytes, "model_bytes": q_bytes + other, "peak_memory_bytes": peak,
+        "peak_memory_kind": kind, **extra,
+    }
+    model.ptq_summary = summary
+    logger.info("lowbit %s: %d layers in %.1f s, %.3f bits/weight, model %.1f MB, peak memory %.1f MB (%s)",
+                method, len(states), elapsed, summary["bits_per_weight"], summary["model_bytes"] / 2**20,
+                peak / 2**20, kind)
+    return model
+
+
+def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, batch_size, progress,
+                    states, extra) -> None:
+    blocks_name, blocks = find_blocks(model)
+    quantize_fn = {"gptq": _gptq_stage, "awq": _awq_stage}[method]
+    need_h, need_abs = True, method == "awq"
+
+    if blocks is None:  # whole-model statistics: the model is one block
+        logger.info("no decoder block list found: quantizing with whole-model statistics")
+        stages = [_Stage([n]) for n in selected]
+        chunks = [ids[i:i + batch_size].to(device) for i in range(0, ids.shape[0], batch_size)]
+        model.to(device)
+        _run_stages(model, stages, selected, lambda x: model(x), chunks, quantize_fn, bits, group_size, sym, opts,
+                    need_h, need_abs, states, progress, "model")
+        model.to(home)
+        return
+
+    # everything but the blocks on the device for the capture
+    _to_device_except(model, blocks, device)
+    captured = _capture_block0(model, blocks[0], ids, batch_size, device)
+    extra["calib_activation_bytes"] = sum(a[0].numel() * a[0].element_size() for a, _ in captured)
+    inside = set()
+    bar = _progress(total=len(blocks), desc=f"{method} blocks", enabled=progress)
+    for bi, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{bi}." if blocks_name else f"{bi}."
+        block_home = next(block.parameters()).device
+        block.to(device)
+        sel = {n: m for n, m in selected.items() if n.startswith(prefix)}
+        inside.update(sel)
+        stages = _block_stages(block, sel, prefix)
+
+        def run_block(item, block=block):
+            args, kwargs = item
+            return _first_tensor(block(*args, **kwargs))
+
+        outs = _run_stages(model, stages, sel, run_block, captured, quantize_fn, bits, group_size, sym, opts,
+                           need_h, need_abs, states, progress, f"block {bi}")
+        captured = [((o,) + tuple(a[1:]), kw) for o, (a, kw) in zip(outs, captured)]
+        block.to(block_home)
+        bar.update(1)
+    bar.close()
+    rest = {n: m for n, m in selected.items() if n not in inside}
+    if rest:  # selected linears outside the blocks (e.g. lm_head when included): whole-model pass
+        stages = [_Stage([n]) for n in rest]
+        chunks = [ids[i:i + batch_size].to(device) for i in range(0, ids.shape[0], batch_size)]
+        _run_stages(model, stages, rest, lambda x: model(input_ids=x, use_cache=False), chunks, quantize_fn, bits,
+                    group_size, sym, opts, need_h, need_abs, states, progress, "outside blocks")
+    _to_device_except(model, blocks, home)
+
+
+def _to_device_except(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer outside ``blocks`` to ``device``."""
+    inside = set()
+    for b in blocks:
+        inside.update(id(t) for t in b.parameters())
+        inside.update(id(t) for t in b.buffers())
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None and id(p) not in inside and p.device != device:
+                p.data = p.data.to(device)  # same Parameter object: tied weights stay tied
+        for key, b in list(mod._buffers.items()):
+            if b is not None and id(b) not in inside and b.device != device:
+                mod._buffers[key] = b.to(device)
+
+
+def _run_stages(model, stages, modules, fn, chunks, quantize_fn, bits, group_size, sym, opts, need_h, need_abs,
+                states, progress, desc) -> List[Any]:
+    bar = _progress(total=sum(len(s.names) for s in stages), desc=f"  {desc} layers", enabled=progress, leave=False)
+
+    def q(stage: _Stage) -> None:
+        quantize_fn(stage, modules, bits, group_size, sym, opts)
+
+    def done(stage: _Stage) -> None:
+        bar.update(len(stage.names))
+
+    runner = _Staged(stages, modules, q, need_h, need_abs, on_stage_done=done)
+    outs = runner.run(fn, chunks)
+    for stage in stages:  # layers no chunk reached: quantize without data (RTN)
+        if not stage.done:
+            for n in stage.names:
+                stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym)
+            stage.done = True
+            bar.update(len(stage.names))
+    bar.close()
+    installed: Dict[str, nn.Module] = {}
+    for stage in stages:
+        for n in stage.names:
+            lin = modules[n]
+            st = stage.states[n].to(lin.weight.device)
+            new = _install(model, n, lin, st)
+            new._lowbit_ptq_state = st
+            installed[n] = new
+            states[n] = st
+    for stage in stages:
+        if stage.input_scales is not None:
+            _fold_awq(model, stage, installed)
+    return outs
