@@ -318,13 +318,19 @@ def linear_4bit(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor]
         >>> linear_4bit(torch.randn(2, 128), s).shape
         torch.Size([2, 32])
     """
+    if torch.compiler.is_compiling():
+        # traced: use the layout prepared eagerly (call prepare_4bit before compiling) through the op
+        cache = state.__dict__.get(_CACHE_ATTR) or {}
+        entry = cache.get("4bit")
+        if entry is None:
+            return reference.linear_4bit(x, state, bias)
+        p = entry[2]
+        y = torch.ops.lowbit.gemm_4bit(x.reshape(-1, p.k), p.qweight, p.scales, p.zeros, p.values, bias, p.group)
+        return y.reshape(*x.shape[:-1], p.n)
     p = prepare_4bit(state)
     if p is None or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) \
             or select.resolve("gemm_4bit", x.device, backend) != "triton":
         return reference.linear_4bit(x, state, bias)
-    if torch.compiler.is_compiling():
-        y = torch.ops.lowbit.gemm_4bit(x.reshape(-1, p.k), p.qweight, p.scales, p.zeros, p.values, bias, p.group)
-        return y.reshape(*x.shape[:-1], p.n)
     return _gemm_4bit_triton(x, p, bias)
 
 

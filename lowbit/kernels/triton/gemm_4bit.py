@@ -49,7 +49,7 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, lut_ptr, offs_n, nmask, k0, K,
     return ve * s, vo * s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "k_split"])
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, k_split,
@@ -79,7 +79,7 @@ def _gemv_kernel(
     tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "k_split"])
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, k_split,

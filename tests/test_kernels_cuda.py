@@ -1,0 +1,181 @@
+"""GPU kernels against the CPU reference (run on the H100; skipped without CUDA).
+
+Quantization: bit-identical codes, scales and zero points to the CPU path. Dequantization: equal to
+the CPU float32 result rounded once to the output dtype. Matmuls: close to float64 math on the same
+quantized operands, in eager mode, under CUDA graphs and under torch.compile.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit import kernels
+from lowbit.kernels import reference, select
+
+pytestmark = pytest.mark.cuda
+triton = pytest.importorskip("triton")
+
+SCHEMES = ["nf4", "fp4", "int4", "int4_asym", "int8", "int8_asym"]
+
+
+def _x(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.rand(shape, generator=g).add(0.1)
+    x.view(-1)[70:200] = 0  # an all-zero block
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("shape,block", [((4096, 1100), 64), ((37, 63), 64), ((1001,), 128), ((3, 2048), 4096),
+                                         ((5, 77), 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantize_bit_identical_and_dequantize(scheme, shape, block, dtype):
+    x = _x(shape, dtype, seed=hash((scheme, shape, block)) % 1000)
+    ref = lowbit.quantize(x, scheme, block)
+    got = kernels.quantize(x.cuda(), scheme, block, backend="triton")
+    assert torch.equal(got.data.cpu(), ref.data)
+    assert torch.equal(got.scales.cpu(), ref.scales)
+    if ref.zeros is not None:
+        assert torch.equal(got.zeros.cpu(), ref.zeros)
+    for out in (torch.float16, torch.bfloat16, torch.float32):
+        d = kernels.dequantize(got, out, backend="triton")
+        assert d.dtype == out and d.shape == x.shape
+        assert torch.equal(d.cpu(), reference.dequantize(ref, out))
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "fp4"])
+@pytest.mark.parametrize("n", [4096 * 1100, 64 * 999 + 17])
+def test_double_quant_matches_cpu(scheme, n):
+    x = _x((n,), torch.bfloat16, seed=n % 97)
+    ref = lowbit.quantize(x, scheme, 64, double_quant=True)
+    got = kernels.quantize(x.cuda(), scheme, 64, double_quant=True, backend="triton")
+    assert torch.equal(got.data.cpu(), ref.data)
+    # the offset is the mean of the absmax: float64-accumulated here, float32 on the CPU
+    assert abs(got.offset - ref.offset) <= 2 * abs(ref.offset) * 2.0 ** -24
+    from lowbit.formats import codebook
+
+    qa, a2 = codebook.quantize_blockwise_lut(lowbit.quantize(x, scheme, 64).scales - got.offset,
+                                             codebook.dynamic_map(), 256)
+    assert torch.equal(got.nested.data.cpu(), qa) and torch.equal(got.nested.scales.cpu(), a2)
+    for out in (torch.bfloat16, torch.float32):
+        d = kernels.dequantize(got, out, backend="triton")
+        assert torch.equal(d.cpu(), reference.dequantize(got.cpu(), out))
+    # states from the CPU path dequantize identically on the GPU
+    d = kernels.dequantize(ref.cuda(), torch.float16, backend="triton")
+    assert torch.equal(d.cpu(), reference.dequantize(ref, torch.float16))
+
+
+def test_quantize_rejects_non_finite():
+    x = torch.randn(1000, device="cuda")
+    x[17] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        kernels.quantize(x, "nf4", 64, backend="triton")
+
+
+FORMATS = [("nf4", dict(block_size=64)), ("fp4", dict(block_size=64, double_quant=True)),
+           ("int4", dict(group_size=128)), ("int4_asym", dict(group_size=128))]
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("scheme,kw", FORMATS)
+@pytest.mark.parametrize("M", [1, 3, 16, 33, 128, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_4bit_all_paths(scheme, kw, M, dtype):
+    if dtype == torch.float16 and scheme != "nf4":
+        pytest.skip("fp16 activations are covered with NF4")
+    N, K = 384, 1024
+    w = torch.randn(N, K, device="cuda")
+    st = lowbit.quantize(w, scheme, **kw)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    b = torch.randn(N, device="cuda", dtype=dtype)
+    wd = lowbit.dequantize(st).to(dtype)  # the weight the reference multiplies by
+    want = F.linear(x.double(), wd.double(), b.double())
+    got = kernels.linear_4bit(x, st, b)
+    assert got.dtype == dtype and got.shape == (M, N)
+    assert _rel(got, want) < 4e-3
+    # every kernel config kind on this M
+    from lowbit.kernels.triton import gemm_4bit as gk
+
+    p = kernels.prepare_4bit(st)
+    kinds = [("gemm", 64, 128, 1, 4, 3), ("gemm", 32, 256, 4, 4, 2)]
+    if M <= 4:
+        kinds += [("gemv", 32, 256, 1, 4, 1), ("gemv", 64, 512, 8, 8, 1)]
+    for cfg in kinds:
+        y = gk.launch(x, p.qweight, p.scales, p.zeros, p.pairs, b, N, K, p.group, cfg)
+        assert _rel(y, want) < 4e-3, cfg
+
+
+def test_linear_4bit_cuda_graph_and_compile():
+    N, K = 512, 1024
+    st = lowbit.quantize(torch.randn(N, K, device="cuda"), "nf4", 64, double_quant=True)
+    kernels.prepare_4bit(st)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    eager = kernels.linear_4bit(x, st)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kernels.linear_4bit(x, st)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = kernels.linear_4bit(x, st)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.testing.assert_close(out, kernels.linear_4bit(x, st))
+    assert not torch.equal(out, eager)
+    f = torch.compile(lambda t: kernels.linear_4bit(t, st), fullgraph=True)
+    torch.testing.assert_close(f(x), kernels.linear_4bit(x, st), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_activation_quant_matches_reference(fp8, dtype):
+    from lowbit.kernels.triton import scaled_gemm as sg
+
+    x = _x((67, 4096 + 24), dtype, seed=3) * 10
+    q, s = sg.quantize_rows(x.cuda(), fp8)
+    qr, sr = reference.quantize_rows(x, fp8)
+    assert torch.equal(s.cpu(), sr)
+    assert torch.equal(q.cpu().view(torch.uint8), qr.view(torch.uint8))
+
+
+@pytest.mark.parametrize("M", [1, 16, 17, 300])
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_int8_and_fp8_linear(M, backend):
+    N, K = 512, 1024
+    w = torch.randn(N, K, device="cuda")
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    st8 = lowbit.quantize(w, "int8", axis=0)
+    want = reference.int8_linear_dynamic(x.cpu(), *[t.cpu() for t in kernels.prepare_int8(st8)], b.cpu())
+    got = kernels.int8_linear_dynamic(x, st8, b, backend=backend)
+    assert _rel(got.cpu(), want) < 4e-3
+    stf = lowbit.quantize(w, "fp8_e4m3", axis=0)
+    want = reference.fp8_linear_dynamic(x.cpu(), *[t.cpu() for t in kernels.prepare_fp8(stf)], b.cpu())
+    got = kernels.fp8_linear_dynamic(x, stf, b, backend=backend)
+    assert _rel(got.cpu(), want) < 4e-3
+
+
+def test_int8_linear_cuda_graph():
+    st = lowbit.quantize(torch.randn(256, 512, device="cuda"), "int8", axis=0)
+    w = kernels.prepare_int8(st)
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    kernels.int8_linear_dynamic(x, w)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = kernels.int8_linear_dynamic(x, w)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.testing.assert_close(out, kernels.int8_linear_dynamic(x, w))
+
+
+def test_select_falls_back_to_reference_when_asked():
+    st = lowbit.quantize(torch.randn(64, 128, device="cuda"), "nf4", 64)
+    x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
+    with select.use("reference"):
+        a = kernels.linear_4bit(x, st)
+    b = kernels.linear_4bit(x, st)
+    assert _rel(a, b) < 4e-3
