@@ -213,7 +213,8 @@ def _roundf(v: torch.Tensor) -> torch.Tensor:
     # C roundf (half away from zero), written exactly as gguf-py's np_roundf
     a = v.abs()
     fl = torch.floor(a)
-    return torch.sign(v) * (fl + torch.floor(2 * (a - fl)))
+    a.sub_(fl)  # the exact fractional part
+    return fl.add_((a >= 0.5).to(fl.dtype)).copysign_(v)
 
 
 def encode_values(
@@ -236,13 +237,13 @@ def encode_values(
     x = x.float()
     inv = inv.float()
     if t.bits == 8:
-        return (_roundf(x * inv).clamp(-128, 127) + 128).to(torch.uint8)
+        return _roundf(x * inv).clamp_(-128, 127).add_(128).to(torch.uint8)
     if t.asymmetric:
-        v = (x - base.float()) * inv + 0.5
+        v = (x - base.float()).mul_(inv).add_(0.5)
     else:
-        v = x * inv + (t.zero + 0.5)
+        v = (x * inv).add_(t.zero + 0.5)
     # trunc == the C (int8_t)/(uint8_t) cast; the argument is >= 0 up to fp32 rounding
-    return torch.trunc(v).clamp(0, t.qmax).to(torch.uint8)
+    return v.trunc_().clamp_(0, t.qmax).to(torch.uint8)
 
 
 def nearest_codes(

@@ -1,0 +1,633 @@
+"""GGUF export and import for Llama-architecture models (llama.cpp's file format).
+
+References:
+    * ggml-org/llama.cpp ``convert_hf_to_gguf.py`` / ``conversion/llama.py`` (metadata keys, tensor
+      names, the Q/K row permutation, which tensors stay F32) and ``src/llama-quant.cpp``
+      (``llama-quantize`` keeps the output projection above the file's type: Q6_K, or Q8_0 when a row
+      is not a multiple of 256); ``gguf-py`` (``GGUFWriter``, ``GGUFReader``, ``gguf.quants``).
+    * ``shared/docs/formats-bnb-gguf.md`` Part B1/B4/B5.
+
+What :func:`export_gguf` writes, mirroring ``convert_hf_to_gguf.py`` followed by ``llama-quantize``:
+
+* ``general.*`` and ``llama.*`` hyperparameters, ``general.file_type`` and ``quantization_version``;
+* the tokenizer (``tokenizer.ggml.*``) built from a Hugging Face tokenizer (BPE vocabularies as
+  ``"gpt2"``: tokens, token types, merges, special ids), or copied verbatim from another GGUF file;
+* tensors under llama.cpp's names; ``attn_q``/``attn_k`` rows permuted from Hugging Face's
+  rotate-half layout to llama.cpp's interleaved RoPE layout *before* quantization (rows are whole
+  blocks, so the permutation commutes with block quantization); norms and every 1-D tensor in F32;
+  2-D weights in the requested type, falling back to F16 when the row length is not a multiple of 32;
+  ``output.weight`` (or ``token_embd.weight`` when embeddings are tied, since it is then the output
+  projection) in Q8_0 for the 4/5-bit types (``output_type``).
+* Already quantized weights (``quant_states``: GPTQ/AWQ codes on the exact GGUF grid, lowbit
+  ``QuantState`` objects of a GGUF scheme, or entries from :func:`load_gguf_quant_states`) are written
+  block for block, without any float round trip.
+
+The file is written to a temporary file in the destination directory and renamed into place, so an
+interrupted export never leaves a partial ``.gguf`` under the final name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+
+from lowbit._deps import require
+from lowbit.formats import gguf as fmt
+
+__all__ = [
+    "export_gguf",
+    "gguf_tensor_plan",
+    "dequantized_state_dict",
+    "tokenizer_metadata",
+    "load_gguf_quant_states",
+    "GGUFTensor",
+    "to_quant_state",
+    "permute_qk_rows",
+    "unpermute_qk_rows",
+    "FLOAT_TYPES",
+]
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+_GGML_FLOAT_ID = {"F32": 0, "F16": 1, "BF16": 30}
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Hugging Face name (per layer) -> llama.cpp name
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate_proj.bias": "ffn_gate.bias",
+    "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.bias": "ffn_down.bias",
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp tensor name of a Hugging Face Llama parameter name.
+
+    Example:
+        >>> gguf_name("model.layers.3.self_attn.q_proj.weight")
+        'blk.3.attn_q.weight'
+    """
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    m = _LAYER_RE.match(hf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    raise ValueError(f"parameter {hf_name!r} has no llama.cpp tensor name (expected a LlamaForCausalLM parameter)")
+
+
+def hf_name(gguf_tensor_name: str) -> str:
+    """Inverse of :func:`gguf_name`.
+
+    Example:
+        >>> hf_name("blk.0.ffn_down.weight")
+        'model.layers.0.mlp.down_proj.weight'
+    """
+    for k, v in _GLOBAL_NAMES.items():
+        if v == gguf_tensor_name:
+            return k
+    m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_tensor_name)
+    if m:
+        for k, v in _LAYER_NAMES.items():
+            if v == m.group(2):
+                return f"model.layers.{m.group(1)}.{k}"
+    raise ValueError(f"GGUF tensor {gguf_tensor_name!r} has no Hugging Face Llama name")
+
+
+# ---------------------------------------------------------------------------------------------
+# Q/K permutation (rows only; each row is a whole input vector, so whole blocks move)
+
+
+def permute_qk_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Hugging Face rotate-half row order -> llama.cpp interleaved order (``LlamaModel.permute``).
+
+    Within each head of size hd, HF row ``j*hd/2 + i`` becomes row ``2*i + j``. Works on any tensor
+    whose first dimension is the output dimension (weights, biases, codes, per-block scales, raw bytes).
+
+    Example:
+        >>> permute_qk_rows(torch.arange(8), 1).tolist()
+        [0, 4, 1, 5, 2, 6, 3, 7]
+    """
+    rows = t.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")
+    return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def unpermute_qk_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of :func:`permute_qk_rows` (what transformers' GGUF loader applies).
+
+    Example:
+        >>> unpermute_qk_rows(permute_qk_rows(torch.arange(8), 2), 2).tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    rows = t.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")
+    return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def _qk_heads(hf: str, config) -> Optional[int]:
+    if hf.endswith("self_attn.q_proj.weight") or hf.endswith("self_attn.q_proj.bias"):
+        return config.num_attention_heads
+    if hf.endswith("self_attn.k_proj.weight") or hf.endswith("self_attn.k_proj.bias"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# per-tensor plan
+
+
+def _norm_type(t: str) -> str:
+    up = str(t).upper()
+    if up in FLOAT_TYPES:
+        return up
+    return fmt.gguf_type(up).name
+
+
+def _tied(model) -> bool:
+    cfg = model.config
+    if "lm_head.weight" not in dict(model.named_parameters(remove_duplicate=False)):
+        return True
+    tied = getattr(cfg, "tie_word_embeddings", None)
+    if tied is None and hasattr(cfg, "get_text_config"):
+        tied = getattr(cfg.get_text_config(), "tie_word_embeddings", False)
+    if tied:
+        return True
+    return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def gguf_tensor_plan(
+    model,
+    gguf_type: str = "Q4_0",
+    output_type: Optional[str] = "auto",
+    quant_states: Optional[Mapping[str, Any]] = None,
+) -> dict[str, tuple[str, str]]:
+    """``{hf_name: (gguf_name, type)}`` for every tensor :func:`export_gguf` writes, in file order.
+
+    Types: ``"F32"`` for norms and 1-D tensors; ``output_type`` for ``output.weight`` (or the tied
+    ``token_embd.weight``) where ``"auto"`` means Q8_0 when ``gguf_type`` is a 4/5-bit type and
+    ``gguf_type`` otherwise (``None``: always ``gguf_type``); the quantized type of an entry of
+    ``quant_states``; ``gguf_type`` for other 2-D weights, or F16 when their row length is not a
+    multiple of 32.
+
+    Example:
+        >>> plan = gguf_tensor_plan(model, "Q4_0")       # doctest: +SKIP
+        >>> plan["model.layers.0.self_attn.q_proj.weight"]  # doctest: +SKIP
+        ('blk.0.attn_q.weight', 'Q4_0')
+    """
+    gguf_type = _norm_type(gguf_type)
+    if output_type == "auto":
+        low = gguf_type not in FLOAT_TYPES and fmt.gguf_type(gguf_type).bits < 8
+        output_type = "Q8_0" if low else gguf_type
+    output_type = gguf_type if output_type is None else _norm_type(output_type)
+    quant_states = quant_states or {}
+    tied = _tied(model)
+    params = dict(model.state_dict())
+    unknown = [k for k in quant_states if k not in params]
+    if unknown:
+        raise ValueError(f"quant_states names {unknown[:5]} are not parameters of the model")
+    plan: dict[str, tuple[str, str]] = {}
+    for name, t in params.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and tied:
+            continue
+        g = gguf_name(name)
+        if name in quant_states:
+            typ = _state_type(quant_states[name])
+        elif t.dim() <= 1 or g.endswith("_norm.weight"):
+            typ = "F32"
+        elif g == "output.weight" or (g == "token_embd.weight" and tied):
+            typ = output_type
+        else:
+            typ = gguf_type
+        if typ not in FLOAT_TYPES and t.shape[-1] % fmt.GGUF_BLOCK:
+            if name in quant_states:
+                raise ValueError(f"{name}: row length {t.shape[-1]} is not a multiple of 32, so its "
+                                 f"quantized state cannot be written as {typ}")
+            logger.warning("%s: row length %d is not a multiple of 32; writing F16 instead of %s",
+                           name, t.shape[-1], typ)
+            typ = "F16"
+        plan[name] = (g, typ)
+    order = {"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
+    return dict(sorted(plan.items(), key=lambda kv: order.get(kv[1][0], 1)))  # stable within blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# already quantized inputs
+
+
+def _state_type(state: Any) -> str:
+    if isinstance(state, GGUFTensor):
+        return _norm_type(state.qtype)
+    if isinstance(state, Mapping):
+        if "qtype" not in state:
+            raise ValueError("a quant_states dict entry needs 'qtype' (e.g. 'Q4_0') besides 'codes', 'd', 'm'")
+        return _norm_type(state["qtype"])
+    scheme = getattr(state, "scheme", None)
+    if scheme is not None and getattr(state, "layout", None) == "gguf":
+        return fmt.gguf_type(scheme).name
+    raise TypeError(f"unsupported quant_states entry {type(state).__name__}: expected a dict with "
+                    f"'qtype', 'codes', 'd' (and 'm'), a lowbit QuantState of a GGUF scheme, or a GGUFTensor")
+
+
+def _state_raw(state: Any, shape: tuple, name: str) -> tuple[str, torch.Tensor]:
+    """(type, raw block bytes [out, nbytes]) in Hugging Face row order."""
+    typ = _state_type(state)
+    if typ in FLOAT_TYPES:
+        raise ValueError(f"{name}: quant_states entries must be quantized (got {typ})")
+    t = fmt.gguf_type(typ)
+    rows, k = shape[0], int(np.prod(shape[1:]))
+    if isinstance(state, GGUFTensor):
+        raw = state.data
+    elif isinstance(state, Mapping):
+        codes = state["codes"].reshape(rows, k)
+        raw = fmt.pack_blocks(codes.to(torch.uint8), state["d"].reshape(rows, -1),
+                              None if state.get("m") is None else state["m"].reshape(rows, -1), t)
+    else:
+        if tuple(state.shape) != tuple(shape):
+            raise ValueError(f"{name}: QuantState shape {tuple(state.shape)} does not match the parameter {shape}")
+        raw = state.data
+    raw = raw.reshape(rows, -1).to(torch.uint8)
+    if raw.shape[1] != k // fmt.GGUF_BLOCK * t.type_size:
+        raise ValueError(f"{name}: {raw.shape[1]} bytes per row, expected {k // fmt.GGUF_BLOCK * t.type_size} "
+                         f"for {t.name} rows of {k}")
+    return typ, raw.cpu()
+
+
+def _encode(name: str, w: torch.Tensor, typ: str, config, quant_states) -> np.ndarray:
+    """The array written for one tensor: float values, or raw uint8 blocks [out, nbytes]."""
+    heads = _qk_heads(name, config)
+    if name in quant_states:
+        _, raw = _state_raw(quant_states[name], tuple(w.shape), name)
+        if heads:
+            raw = permute_qk_rows(raw, heads)
+        return raw.numpy()
+    w = w.detach().to("cpu", torch.float32)
+    if heads:
+        w = permute_qk_rows(w, heads)
+    if typ == "F32":
+        return w.numpy()
+    if typ == "F16":
+        return w.numpy().astype(np.float16)
+    if typ == "BF16":
+        gguf = require("gguf", "BF16 export")
+        return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.BF16)
+    return fmt.quantize_rows(w.reshape(w.shape[0], -1), typ).numpy()
+
+
+def _decode(arr: np.ndarray, typ: str, shape: tuple) -> torch.Tensor:
+    if typ in ("F32", "F16"):
+        return torch.from_numpy(np.ascontiguousarray(arr)).float().reshape(shape)
+    if typ == "BF16":
+        return torch.from_numpy(arr.copy()).view(torch.int16).view(torch.bfloat16).float().reshape(shape)
+    return fmt.dequantize_rows(torch.from_numpy(np.ascontiguousarray(arr)), typ).reshape(shape)
+
+
+def dequantized_state_dict(
+    model,
+    gguf_type: str = "Q4_0",
+    output_type: Optional[str] = "auto",
+    quant_states: Optional[Mapping[str, Any]] = None,
+) -> dict[str, torch.Tensor]:
+    """fp32 weights (Hugging Face names and row order) that a GGUF written by :func:`export_gguf` holds.
+
+    Load it into a copy of the model to get lowbit's fake-quantized model, which must give the same
+    logits as the exported file loaded by transformers or llama.cpp. Tied ``lm_head`` follows
+    ``embed_tokens``.
+
+    Example:
+        >>> sd = dequantized_state_dict(model, "Q4_0")   # doctest: +SKIP
+        >>> model.load_state_dict(sd, strict=False)      # doctest: +SKIP
+    """
+    quant_states = quant_states or {}
+    params = model.state_dict()
+    out = {}
+    for name, (_, typ) in gguf_tensor_plan(model, gguf_type, output_type, quant_states).items():
+        w = params[name]
+        arr = _encode(name, w, typ, model.config, quant_states)
+        v = _decode(arr, typ, tuple(w.shape))
+        heads = _qk_heads(name, model.config)
+        out[name] = unpermute_qk_rows(v, heads) if heads else v
+    if "lm_head.weight" in params and "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata
+
+
+def _rope_theta(cfg) -> float:
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    theta = rp.get("rope_theta") if isinstance(rp, Mapping) else None
+    if theta is None:
+        theta = getattr(cfg, "rope_theta", 10000.0)
+    return float(theta)
+
+
+def _rope_scaling(cfg) -> Optional[Mapping]:
+    rs = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    if not rs:
+        return None
+    typ = rs.get("rope_type", rs.get("type", "default"))
+    return None if typ == "default" else rs
+
+
+def _add_model_metadata(w, cfg, gguf_type: str, name: Optional[str]) -> None:
+    arch = "llama"
+    n_head = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    w.add_name(name or getattr(cfg, "_name_or_path", "") or "lowbit-export")
+    w.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
+    w.add_uint32(f"{arch}.context_length", cfg.max_position_embeddings)
+    w.add_uint32(f"{arch}.embedding_length", cfg.hidden_size)
+    w.add_uint32(f"{arch}.block_count", cfg.num_hidden_layers)
+    w.add_uint32(f"{arch}.feed_forward_length", cfg.intermediate_size)
+    w.add_uint32(f"{arch}.attention.head_count", n_head)
+    w.add_uint32(f"{arch}.attention.head_count_kv", getattr(cfg, "num_key_value_heads", None) or n_head)
+    w.add_float32(f"{arch}.rope.freq_base", _rope_theta(cfg))
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(cfg.rms_norm_eps))
+    w.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    if head_dim != cfg.hidden_size // n_head:
+        w.add_uint32(f"{arch}.attention.key_length", head_dim)
+        w.add_uint32(f"{arch}.attention.value_length", head_dim)
+    rs = _rope_scaling(cfg)
+    if rs is not None:
+        typ = rs.get("rope_type", rs.get("type"))
+        if typ != "linear":
+            raise NotImplementedError(f"rope_type={typ!r}: only 'default' and 'linear' RoPE are exported to GGUF")
+        w.add_string(f"{arch}.rope.scaling.type", "linear")
+        w.add_float32(f"{arch}.rope.scaling.factor", float(rs["factor"]))
+    w.add_uint32("general.file_type", _FILE_TYPE[gguf_type])
+    w.add_uint32("general.quantization_version", 2)
+
+
+def tokenizer_metadata(tokenizer, vocab_size: Optional[int] = None, pre: Optional[str] = None) -> dict[str, Any]:
+    """``tokenizer.ggml.*`` keys for a Hugging Face fast BPE tokenizer (llama.cpp's ``"gpt2"`` model).
+
+    Tokens by id (padded with ``[PAD{i}]`` UNUSED tokens up to ``vocab_size``), token types (special
+    added tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL), merges as ``"a b"``,
+    special token ids, ``add_bos_token``/``add_eos_token`` (observed by encoding a probe string) and the
+    chat template. ``pre`` is llama.cpp's pre-tokenizer id (``tokenizer.ggml.pre``, e.g. ``"smollm"``);
+    llama.cpp falls back to ``"default"`` when it is absent.
+
+    Returns ``{key: (value, GGUFValueType, sub_type)}``.
+
+    Example:
+        >>> meta = tokenizer_metadata(tok, pre="smollm")   # doctest: +SKIP
+        >>> meta["tokenizer.ggml.model"][0]                 # doctest: +SKIP
+        'gpt2'
+    """
+    gguf = require("gguf", "GGUF tokenizer metadata")
+    VT = gguf.GGUFValueType
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"{type(tokenizer).__name__}: a fast (tokenizers-backed) tokenizer is required")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise NotImplementedError(f"tokenizer model {model.get('type')!r}: only BPE (llama.cpp 'gpt2') "
+                                  "tokenizers are exported; pass tokenizer='file.gguf' to copy one")
+    vocab = tokenizer.get_vocab()
+    n = max(vocab_size or 0, max(vocab.values()) + 1)
+    tokens: list[Optional[str]] = [None] * n
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    types = []
+    for i in range(n):
+        if tokens[i] is None:
+            tokens[i] = f"[PAD{i}]"
+            types.append(_TOKEN_UNUSED)
+        elif i in added:
+            types.append(_TOKEN_CONTROL if added[i].special else _TOKEN_USER)
+        else:
+            types.append(_TOKEN_NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": ("gpt2", VT.STRING, None),
+    }
+    if pre:
+        meta["tokenizer.ggml.pre"] = (pre, VT.STRING, None)
+    meta["tokenizer.ggml.tokens"] = (tokens, VT.ARRAY, VT.STRING)
+    meta["tokenizer.ggml.token_type"] = (types, VT.ARRAY, VT.INT32)
+    meta["tokenizer.ggml.merges"] = (merges, VT.ARRAY, VT.STRING)
+    for attr, key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("unk_token_id", "unknown"),
+                      ("pad_token_id", "padding")):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            meta[f"tokenizer.ggml.{key}_token_id"] = (int(v), VT.UINT32, None)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    meta["tokenizer.ggml.add_bos_token"] = (bool(probe and bos is not None and probe[0] == bos), VT.BOOL, None)
+    meta["tokenizer.ggml.add_eos_token"] = (bool(probe and eos is not None and probe[-1] == eos), VT.BOOL, None)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        meta["tokenizer.chat_template"] = (template, VT.STRING, None)
+    return meta
+
+
+def _gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    gguf = require("gguf", "copying GGUF tokenizer metadata")
+    VT = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == VT.ARRAY else None
+        meta[key] = (field.contents(), vtype, sub)
+    if "tokenizer.ggml.model" not in meta:
+        raise ValueError(f"{path}: has no tokenizer.ggml.* metadata to copy")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def export_gguf(
+    model,
+    path: Union[str, os.PathLike],
+    gguf_type: str = "Q4_0",
+    tokenizer=None,
+    quant_states: Optional[Mapping[str, Any]] = None,
+    *,
+    output_type: Optional[str] = "auto",
+    tokenizer_pre: Optional[str] = None,
+    name: Optional[str] = None,
+) -> Path:
+    """Write a llama.cpp-loadable GGUF file for a transformers ``LlamaForCausalLM``.
+
+    Args:
+        model: a Llama-architecture causal LM with float weights (``config.model_type`` "llama",
+            "mistral" without sliding window, or SmolLM/TinyLlama-style checkpoints).
+        path: destination ``.gguf`` file (written atomically).
+        gguf_type: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "F32" or "BF16".
+        tokenizer: a Hugging Face fast BPE tokenizer, the path of a GGUF file whose ``tokenizer.*``
+            keys are copied verbatim, or None (no tokenizer keys: llama.cpp then cannot run the file).
+        quant_states: optional ``{hf_weight_name: state}`` of already quantized weights, written block
+            for block in Hugging Face row order (q/k rows are permuted here): a dict
+            ``{"qtype", "codes" uint8 [out, in], "d" fp16 [out, in//32], "m" (Q4_1/Q5_1)}`` with the
+            unsigned codes of :mod:`lowbit.formats.gguf`, a lowbit ``QuantState`` of a GGUF scheme, or a
+            :class:`GGUFTensor` from :func:`load_gguf_quant_states`.
+        output_type: type of ``output.weight`` / tied ``token_embd.weight`` (see :func:`gguf_tensor_plan`).
+        tokenizer_pre: ``tokenizer.ggml.pre`` for an HF tokenizer (e.g. "smollm", "llama-bpe").
+        name: ``general.name`` (default: the config's ``_name_or_path``).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> export_gguf(model, "smollm2-q4_0.gguf", "Q4_0", tokenizer=tok, tokenizer_pre="smollm")  # doctest: +SKIP
+    """
+    gguf = require("gguf", "GGUF export")
+    cfg = model.config
+    mt = getattr(cfg, "model_type", "llama")
+    if mt not in ("llama", "mistral"):
+        raise NotImplementedError(f"model_type={mt!r}: GGUF export supports Llama-architecture models")
+    gguf_type = _norm_type(gguf_type)
+    quant_states = dict(quant_states or {})
+    plan = gguf_tensor_plan(model, gguf_type, output_type, quant_states)
+    params = model.state_dict()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, "llama")
+        _add_model_metadata(w, cfg, gguf_type, name)
+        if tokenizer is not None:
+            if isinstance(tokenizer, (str, os.PathLike)):
+                meta = _gguf_file_tokenizer_metadata(tokenizer)
+            else:
+                meta = tokenizer_metadata(tokenizer, cfg.vocab_size, tokenizer_pre)
+            for key, (val, vtype, sub) in meta.items():
+                w.add_key_value(key, val, vtype, sub)
+        for hf, (g, typ) in plan.items():
+            arr = _encode(hf, params[hf], typ, cfg, quant_states)
+            raw_dtype = None
+            if typ == "BF16":
+                raw_dtype = gguf.GGMLQuantizationType.BF16
+            elif typ not in FLOAT_TYPES:
+                raw_dtype = gguf.GGMLQuantizationType[typ]
+            w.add_tensor(g, arr, raw_dtype=raw_dtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+
+
+class GGUFTensor(NamedTuple):
+    """One tensor of a GGUF file in Hugging Face row order.
+
+    ``qtype`` is the ggml type name ("Q4_0", "Q8_0", "F32", "Q6_K", ...); ``data`` holds raw block
+    bytes ``uint8 [rows, nbytes]`` for block types and the values (of ``shape``) for F32/F16/BF16;
+    ``shape`` is the element shape in PyTorch order.
+    """
+
+    qtype: str
+    data: torch.Tensor
+    shape: tuple
+
+
+def load_gguf_quant_states(path: Union[str, os.PathLike]) -> dict[str, GGUFTensor]:
+    """Read a Llama GGUF file's tensors without converting them to float.
+
+    Returns ``{hf_name: GGUFTensor(qtype, data, shape)}``; q/k rows (raw blocks, or values) are put back
+    in Hugging Face order. Tied files (no ``output.weight``) have no ``lm_head.weight`` entry.
+    :func:`to_quant_state` turns a Q4_0..Q8_0 entry into a lowbit ``QuantState``, and an entry can be
+    passed back to :func:`export_gguf` through ``quant_states`` to rewrite the same blocks.
+
+    Example:
+        >>> states = load_gguf_quant_states("model.gguf")                       # doctest: +SKIP
+        >>> states["model.layers.0.mlp.up_proj.weight"].qtype                   # doctest: +SKIP
+        'Q4_1'
+    """
+    gguf = require("gguf", "GGUF import")
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    n_head = field("llama.attention.head_count")
+    n_kv = field("llama.attention.head_count_kv") or n_head
+    out: dict[str, GGUFTensor] = {}
+    for t in reader.tensors:
+        hf = hf_name(t.name)
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        qt = gguf.GGMLQuantizationType(int(t.tensor_type))
+        arr = np.array(t.data)  # copy out of the memory map
+        if qt.name in ("F32", "F16"):
+            data = torch.from_numpy(arr).reshape(shape)
+        elif qt.name == "BF16":
+            data = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).reshape(shape)
+        else:
+            data = torch.from_numpy(arr.reshape(shape[0], -1))
+        heads = None
+        if t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias"):
+            heads = n_head
+        elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
+            heads = n_kv
+        if heads:
+            data = unpermute_qk_rows(data, int(heads))
+        out[hf] = GGUFTensor(qt.name, data, shape)
+    return out
+
+
+def to_quant_state(entry: GGUFTensor, dtype: torch.dtype = torch.float32):
+    """A lowbit ``QuantState`` (layout "gguf", scheme "q4_0" ... "q8_0") holding the entry's blocks as is.
+
+    Example:
+        >>> st = to_quant_state(load_gguf_quant_states("m.gguf")["model.layers.0.mlp.up_proj.weight"])  # doctest: +SKIP
+        >>> lowbit.dequantize(st).shape                                                                # doctest: +SKIP
+        torch.Size([1536, 576])
+    """
+    from lowbit.tensor.state import QuantState
+
+    t = fmt.gguf_type(entry.qtype)  # raises for F32/K-quants, naming the type
+    return QuantState(scheme=t.name.lower(), bits=t.bits, shape=tuple(entry.shape), dtype=dtype, layout="gguf",
+                      block_size=fmt.GGUF_BLOCK, data=entry.data.reshape(entry.shape[0], -1).contiguous())
