@@ -477,12 +477,21 @@ def section_decode(peers, quick, layers=32):
 # tuning
 
 
-GEMV_CANDIDATES = [(bn, bk, warps) for bn in (16, 32, 64) for bk in (256, 512) for warps in (4,)] + [(32, 512, 8), (64, 512, 8)]
-GEMM_CANDIDATES = [(64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3), (32, 256, 4, 3), (64, 128, 4, 4),
-                   (128, 256, 8, 3)]
-GEMM_SMALL_M = [(64, 128, 4, 3), (32, 256, 4, 3)]
+# (kernel, BN, K per iteration, split_k, warps, stages) per M bucket (split_k filled in below)
+TUNE_4BIT = {
+    1: [("gemv", bn, ks, w, 1) for bn in (16, 32, 64, 128) for ks in (256, 512) for w in (4,)]
+       + [("gemv", 64, 512, 8, 1), ("gemv", 128, 512, 8, 1)],
+    4: [("gemv", bn, ks, 4, 1) for bn in (16, 32, 64) for ks in (256, 512)]
+       + [("gemm", 64, 128, 4, 3), ("gemm", 128, 128, 4, 3)],
+    16: [("gemm", 64, 128, 4, 3), ("gemm", 128, 128, 4, 3), ("gemm", 64, 256, 4, 3), ("gemm", 128, 256, 8, 3),
+         ("gemm", 32, 256, 4, 3), ("gemm", 64, 128, 4, 4)],
+    64: [("gemm", 64, 128, 4, 3), ("gemm", 128, 128, 8, 3), ("gemm", 128, 256, 8, 3), ("gemm", 64, 256, 4, 3)],
+    128: [("gemm", 128, 128, 8, 3), ("gemm", 128, 256, 8, 3), ("gemm", 64, 128, 4, 3)],
+}
+SPLITS = {1: (1, 2, 4), 4: (1, 2, 4), 16: (1, 2, 4), 64: (1, 2), 128: (1, 2)}
 SCALED_CANDIDATES = [(128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
-                     (128, 128, 128, 8, 4, 4), (128, 256, 64, 8, 8, 4), (128, 128, 256, 8, 8, 3)]
+                     (128, 256, 128, 8, 8, 3, "tma"), (128, 256, 128, 8, 8, 4, "tma"), (256, 128, 128, 8, 8, 3, "tma"),
+                     (128, 128, 128, 8, 4, 4, "tma"), (128, 256, 64, 8, 8, 5, "tma")]
 
 
 def tune(quick):
@@ -500,12 +509,9 @@ def tune(quick):
             preps.append((N, K, ps))
         best_for = {}
         for bucket in (1, 4, 16, 64, 128):
-            cands = []
-            if bucket <= 4:
-                cands = [("gemv", bn, bk, sk, w, 1) for bn, bk, w in GEMV_CANDIDATES for sk in (1, 2, 4, 8)]
-            cands += [("gemm", bn, bk, sk, w, st) for bn, bk, w, st in (GEMM_SMALL_M if bucket <= 4 else GEMM_CANDIDATES)
-                      for sk in (1, 2, 4)]
-            cands.append(("dequant",))
+            cands = [(k, bn, ks, sk, w, st) for k, bn, ks, w, st in TUNE_4BIT[bucket] for sk in SPLITS[bucket]]
+            if bucket >= 64:
+                cands.append(("dequant",))
             score = {}
             for cfg in cands:
                 tot = 0.0
@@ -515,8 +521,8 @@ def tune(quick):
                         if cfg[0] == "dequant":
                             calls = [lambda p=p: F.linear(x, kernels.api._dequant_prepared(p, torch.bfloat16)) for p in ps]
                         else:
-                            calls = [lambda p=p: gk.launch(x, p.qweight, p.scales, p.zeros, p.pairs, None, N, K, G, cfg)
-                                     for p in ps]
+                            calls = [lambda p=p: gk.launch(x, p.qweight, p.scales, p.zeros, p.values, None, N, K, G,
+                                                           p.kind, cfg, p.launch_cache) for p in ps]
                         tot += time_calls(calls, graph=True, reps=20, rounds=3)
                 except Exception as e:  # noqa: BLE001
                     log.append(f"{fmt} M={bucket} {cfg}: {e!r}"[:200])

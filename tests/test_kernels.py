@@ -64,11 +64,7 @@ def test_prepared_4bit_layout_dequantizes_identically(scheme, kw):
     p = kernels.prepare_4bit(st)
     assert p is not None
     assert torch.equal(p.dequantize(torch.float32), lowbit.dequantize(st))
-    # the pair table holds both nibbles' values, high nibble in the low word
-    b = torch.arange(256)
-    lo = (p.pairs & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
-    hi = (p.pairs >> 32).to(torch.int32).view(torch.float32)
-    assert torch.equal(lo, p.values[b >> 4]) and torch.equal(hi, p.values[b & 15])
+    assert p.kind == {"nf4": 0, "fp4": 0, "int4": 1, "int4_asym": 2}[scheme]
     assert kernels.prepare_4bit(st) is p  # cached
     st.data = st.data.clone()
     assert kernels.prepare_4bit(st) is not p  # invalidated when the codes change
@@ -91,7 +87,7 @@ def test_linear_4bit_reference(scheme, kw):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     # the custom op on the derived layout computes the same
     p = kernels.prepare_4bit(st)
-    y = torch.ops.lowbit.gemm_4bit(x.reshape(-1, 256), p.qweight, p.scales, p.zeros, p.values, b, p.group)
+    y = torch.ops.lowbit.gemm_4bit(x.reshape(-1, 256), p.qweight, p.scales, p.zeros, p.values, b, p.group, p.kind)
     torch.testing.assert_close(y.reshape(2, 3, 48), got)
 
 
@@ -138,7 +134,7 @@ def test_custom_ops_opcheck():
     st = lowbit.quantize(_w(), "int4_asym", group_size=128)
     p = kernels.prepare_4bit(st)
     x = torch.randn(3, 256)
-    torch.library.opcheck(torch.ops.lowbit.gemm_4bit, (x, p.qweight, p.scales, p.zeros, p.values, None, 128))
+    torch.library.opcheck(torch.ops.lowbit.gemm_4bit, (x, p.qweight, p.scales, p.zeros, p.values, None, 128, p.kind))
     sn = lowbit.quantize(_w(), "nf4", 64)
     args = (sn.data, sn.scales, None, sn.code, sn.numel, 64, 4, 0, torch.float16)
     torch.library.opcheck(torch.ops.lowbit.dequantize_blockwise, args)

@@ -104,8 +104,9 @@ def test_linear_4bit_all_paths(scheme, kw, M, dtype):
     if M <= 4:
         kinds += [("gemv", 32, 256, 1, 4, 1), ("gemv", 64, 512, 8, 8, 1)]
     for cfg in kinds:
-        y = gk.launch(x, p.qweight, p.scales, p.zeros, p.pairs, b, N, K, p.group, cfg)
-        assert _rel(y, want) < 4e-3, cfg
+        for cache in (None, p.launch_cache, p.launch_cache):  # Triton's launch, then the cached fast path
+            y = gk.launch(x, p.qweight, p.scales, p.zeros, p.values, b, N, K, p.group, p.kind, cfg, cache)
+            assert _rel(y, want) < 4e-3, cfg
 
 
 def test_linear_4bit_cuda_graph_and_compile():

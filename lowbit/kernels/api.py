@@ -240,21 +240,21 @@ class Prepared4bit:
     """Derived layout of a 4-bit ``[N, K]`` weight for the fused kernels (no copy of the codes).
 
     ``qweight [N, K/2]`` uint8 (a view of ``state.data``), ``scales``/``zeros`` float32 ``[N, K/G]``,
-    ``values`` float32 ``[16]`` (value of each code before zero and scale), ``pairs`` int64 ``[256]``
-    (the two float32 values of a byte's nibbles, high nibble in the low word).
+    ``values`` float32 ``[16]`` (value of each code before zero and scale), ``kind`` 0 codebook,
+    1 symmetric int4, 2 asymmetric int4.
     """
 
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: Optional[torch.Tensor]
     values: torch.Tensor
-    pairs: torch.Tensor
+    kind: int
     n: int
     k: int
     group: int
-    fmt: str  # "codebook" or "int4": key of the tuned config table
     configs: dict
     zeros_u8: Optional[torch.Tensor] = None
+    launch_cache: dict = dataclasses.field(default_factory=dict)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight from the derived layout (plain torch): equals ``lowbit.dequantize``."""
@@ -262,18 +262,25 @@ class Prepared4bit:
                                    self.qweight, self.scales, self.zeros, self.values, None, self.group).T.to(dtype)
 
 
-def _values_4bit(state: QuantState) -> torch.Tensor:
-    if state.scheme in _CODEBOOK4:
-        return state.code.float().cpu()
-    if state.scheme == "int4":
+def _values_4bit(scheme: str, code: Optional[torch.Tensor]) -> torch.Tensor:
+    if scheme in _CODEBOOK4:
+        return code.float().cpu()
+    if scheme == "int4":
         return torch.arange(16, dtype=torch.float32) - 8
     return torch.arange(16, dtype=torch.float32)
 
 
-def _pairs(values: torch.Tensor) -> torch.Tensor:
-    bits = values.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    b = torch.arange(256)
-    return bits[b >> 4] | (bits[b & 15] << 32)
+_KIND4 = {"nf4": 0, "fp4": 0, "int4": 1, "int4_asym": 2}
+
+
+def make_prepared_4bit(qweight, scales, zeros, values, kind: int, group: int) -> Prepared4bit:
+    """A :class:`Prepared4bit` from its tensors (used by the custom op under ``torch.compile``)."""
+    from lowbit.kernels.triton_configs import configs_4bit
+
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    return Prepared4bit(qweight, scales, zeros, values, kind, N, K, group,
+                        configs_4bit("codebook" if kind == 0 else "int4", group),
+                        zeros.to(torch.uint8).reshape(-1) if zeros is not None else None)
 
 
 def prepare_4bit(state: QuantState) -> Optional[Prepared4bit]:
@@ -289,19 +296,12 @@ def prepare_4bit(state: QuantState) -> Optional[Prepared4bit]:
     if (len(state.shape) != 2 or G is None or G % 2 or state.shape[1] % G
             or not (state.scheme in _CODEBOOK4 or state.scheme in ("int4", "int4_asym"))):
         return None
-    from lowbit.kernels.triton_configs import configs_4bit
-
     N, K = state.shape
     dev = state.device
-    values = _values_4bit(state)
+    values = _values_4bit(state.scheme, state.code).to(dev)
     zeros = state.zeros.reshape(N, K // G).float() if state.zeros is not None else None
-    fmt = "codebook" if state.scheme in _CODEBOOK4 else "int4"
-    p = Prepared4bit(
-        qweight=state.data.view(N, K // 2), scales=_decoded_scales(state).to(dev).reshape(N, K // G).contiguous(),
-        zeros=zeros, values=values.to(dev), pairs=_pairs(values).to(dev), n=N, k=K, group=G, fmt=fmt,
-        configs=configs_4bit(fmt, G),
-        zeros_u8=state.zeros.reshape(-1) if state.zeros is not None else None,
-    )
+    scales = _decoded_scales(state).to(dev).reshape(N, K // G).contiguous()
+    p = make_prepared_4bit(state.data.view(N, K // 2), scales, zeros, values, _KIND4[state.scheme], G)
     return _store(state, "4bit", p)
 
 
@@ -325,7 +325,8 @@ def linear_4bit(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor]
         if entry is None:
             return reference.linear_4bit(x, state, bias)
         p = entry[2]
-        y = torch.ops.lowbit.gemm_4bit(x.reshape(-1, p.k), p.qweight, p.scales, p.zeros, p.values, bias, p.group)
+        y = torch.ops.lowbit.gemm_4bit(x.reshape(-1, p.k), p.qweight, p.scales, p.zeros, p.values, bias, p.group,
+                                       p.kind)
         return y.reshape(*x.shape[:-1], p.n)
     p = prepare_4bit(state)
     if p is None or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) \
@@ -345,7 +346,8 @@ def _gemm_4bit_triton(x: torch.Tensor, p: Prepared4bit, bias: Optional[torch.Ten
         w = _dequant_prepared(p, x.dtype)
         y = F.linear(x2, w, bias)
     else:
-        y = gk.launch(x2, p.qweight, p.scales, p.zeros, p.pairs, bias, p.n, p.k, p.group, cfg)
+        y = gk.launch(x2, p.qweight, p.scales, p.zeros, p.values, bias, p.n, p.k, p.group, p.kind, cfg,
+                      p.launch_cache)
     return y.reshape(*x.shape[:-1], p.n)
 
 

@@ -12,7 +12,7 @@ Ops (all functional, no mutation):
   (``(q - 2**(b-1)) * s``), 2 asymmetric int (``(q - z) * s``); scales float32 ``[nblocks]``.
 * ``lowbit::quantize_blockwise(x, scheme, blocksize) -> (codes, scales, zeros)`` (``zeros`` is
   empty for symmetric and codebook schemes).
-* ``lowbit::gemm_4bit(x, qweight, scales, zeros?, values, bias?, group)`` = ``x @ dequant(W).T + b``.
+* ``lowbit::gemm_4bit(x, qweight, scales, zeros?, values, bias?, group, kind)`` = ``x @ dequant(W).T + b``.
 * ``lowbit::int8_linear_dynamic(x, w, w_scale, bias?)`` and ``lowbit::fp8_linear_dynamic(...)``.
 """
 from __future__ import annotations
@@ -84,24 +84,27 @@ def _(x, scheme, blocksize):
             x.new_empty((nz,), dtype=torch.uint8))
 
 
+_PREPARED: dict = {}
+
+
 @torch.library.custom_op("lowbit::gemm_4bit", mutates_args=())
 def gemm_4bit(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], values: Tensor,
-              bias: Optional[Tensor], group: int) -> Tensor:
+              bias: Optional[Tensor], group: int, kind: int) -> Tensor:
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and select.resolve("gemm_4bit", x.device) == "triton":
         from lowbit.kernels import api
-        from lowbit.kernels.triton_configs import configs_4bit
 
-        N, K = qweight.shape[0], qweight.shape[1] * 2
-        fmt = "int4" if zeros is not None or bool(values[0] == -8) else "codebook"
-        p = api.Prepared4bit(qweight, scales, zeros, values, api._pairs(values.cpu()).to(x.device), N, K, group,
-                             fmt, configs_4bit(fmt, group),
-                             zeros.to(torch.uint8).reshape(-1) if zeros is not None else None)
+        key = (qweight.data_ptr(), scales.data_ptr(), tuple(qweight.shape), group, kind)
+        p = _PREPARED.get(key)
+        if p is None:
+            if len(_PREPARED) > 4096:
+                _PREPARED.clear()
+            p = _PREPARED[key] = api.make_prepared_4bit(qweight, scales, zeros, values, kind, group)
         return api._gemm_4bit_triton(x, p, bias)
     return reference.gemm_4bit(x, qweight, scales, zeros, values, bias, group)
 
 
 @gemm_4bit.register_fake
-def _(x, qweight, scales, zeros, values, bias, group):
+def _(x, qweight, scales, zeros, values, bias, group, kind):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 

@@ -23,6 +23,9 @@ import triton.language as tl
 
 # kinds of code (constexpr KIND)
 CODEBOOK, SYM, ASYM = 0, 1, 2
+_CODEBOOK = tl.constexpr(CODEBOOK)
+_ASYM = tl.constexpr(ASYM)
+_SYM = tl.constexpr(SYM)
 
 
 @triton.jit
@@ -48,7 +51,7 @@ def _dequant_kernel(
         s = tl.load(dyn_ptr + qa) * a2 + tl.load(off_ptr)
     else:
         s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
-    if KIND == ASYM:
+    if KIND == _ASYM:
         zf = tl.load(z_ptr + rows, mask=rmask, other=0).to(tl.float32)
     else:
         zf = tl.full([ROWS], ZERO, tl.float32)
@@ -58,7 +61,7 @@ def _dequant_kernel(
         b = tl.load(q_ptr + e0 // 2, mask=e0 < n, other=0).to(tl.int32)
         hi = b >> 4
         lo = b & 15
-        if KIND == CODEBOOK:
+        if KIND == _CODEBOOK:
             vh = tl.load(code_ptr + hi)
             vl = tl.load(code_ptr + lo)
         else:
@@ -70,7 +73,7 @@ def _dequant_kernel(
     else:
         e = rows[:, None] * G + tl.arange(0, G)[None, :]
         c = tl.load(q_ptr + e, mask=e < n, other=0).to(tl.int32)
-        if KIND == CODEBOOK:
+        if KIND == _CODEBOOK:
             v = tl.load(code_ptr + c)
         else:
             v = c.to(tl.float32) - zf[:, None]
@@ -104,7 +107,7 @@ def _quant_kernel(
     e = rows[:, None] * G + tl.arange(0, G)[None, :]
     emask = e < n
     x = tl.load(x_ptr + e, mask=emask, other=0.0).to(tl.float32)
-    if KIND == CODEBOOK:
+    if KIND == _CODEBOOK:
         absmax = tl.max(tl.abs(x), axis=1)
         am = tl.maximum(absmax, tl.full([ROWS], 1e-38, tl.float32))
         # full blocks: x * (1 / absmax); the ragged last block: x / absmax (bitsandbytes default backend)
@@ -115,7 +118,7 @@ def _quant_kernel(
         scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
         q = _codebook_index(scaled, mids_ptr, order, NCODE, PERMUTE)
         tl.store(s_ptr + rows, tl.where(tail, am, absmax), mask=rmask)
-    elif KIND == SYM:
+    elif KIND == _SYM:
         absmax = tl.max(tl.abs(x), axis=1)
         scale = tl.math.div_rn(absmax, tl.full([ROWS], QMAX, tl.float32))
         scale = tl.where(scale > 0, scale, 1.0)

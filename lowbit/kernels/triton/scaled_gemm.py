@@ -100,7 +100,41 @@ def _scaled_gemm_kernel(
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-# (BM, BN, BK, GROUP_M, warps, stages); bench/gpu.py --tune measures alternatives
+@triton.jit
+def _scaled_gemm_tma_kernel(
+    a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
+    HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # the same GEMM with tiles fetched by the Hopper bulk tensor copy engine (host-built descriptors)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+    acc = tl.zeros((BM, BN), tl.int32 if IS_INT else tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        a = a_desc.load([off_m, k * BK])
+        b = b_desc.load([off_n, k * BK])
+        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n = off_n + tl.arange(0, BN)
+    sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
+    sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# (BM, BN, BK, GROUP_M, warps, stages[, "tma"]); bench/gpu.py --tune measures alternatives
 DEFAULT_CONFIG = {"int8": (128, 256, 128, 8, 8, 3), "fp8": (128, 256, 128, 8, 8, 3)}
 
 
@@ -109,10 +143,21 @@ def scaled_gemm(a, b, sa, sb, bias, out_dtype, config=None):
     M, K = a.shape
     N = b.shape[0]
     is_int = a.dtype == torch.int8
-    BM, BN, BK, GM, warps, stages = config or DEFAULT_CONFIG["int8" if is_int else "fp8"]
+    config = config or DEFAULT_CONFIG["int8" if is_int else "fp8"]
+    BM, BN, BK, GM, warps, stages = config[:6]
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _scaled_gemm_kernel[grid](a, b, sa, sb, bias if bias is not None else sa, c, M, N, K,
-                              HAS_BIAS=bias is not None, IS_INT=is_int, EVEN_K=K % BK == 0, BM=BM, BN=BN, BK=BK, GROUP_M=GM,
-                              num_warps=warps, num_stages=stages)
+    bias_arg = bias if bias is not None else sa
+    if len(config) > 6 and config[6] == "tma" and K % 16 == 0:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
+        b_desc = TensorDescriptor.from_tensor(b, [BN, BK])
+        _scaled_gemm_tma_kernel[grid](a_desc, b_desc, sa, sb, bias_arg, c, M, N, K, HAS_BIAS=bias is not None,
+                                      IS_INT=is_int, BM=BM, BN=BN, BK=BK, GROUP_M=GM, num_warps=warps,
+                                      num_stages=stages)
+        return c
+    _scaled_gemm_kernel[grid](a, b, sa, sb, bias_arg, c, M, N, K,
+                              HAS_BIAS=bias is not None, IS_INT=is_int, EVEN_K=K % BK == 0, BM=BM, BN=BN, BK=BK,
+                              GROUP_M=GM, num_warps=warps, num_stages=stages)
     return c
