@@ -293,6 +293,10 @@ def hf_config_dict(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
         return None
     d = cfg.to_dict()
     d.pop("quantization_config", None)
+    if d.get("dtype", d.get("torch_dtype")) is None:
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        if floats:
+            set_config_dtype(d, max(set(floats), key=floats.count))
     if getattr(cfg, "architectures", None) in (None, []):
         d["architectures"] = [type(model).__name__]
     return d
@@ -300,6 +304,12 @@ def hf_config_dict(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
 
 def torch_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def set_config_dtype(cfg: Dict[str, Any], dtype: torch.dtype) -> None:
+    """Record the checkpoint's float dtype (``dtype`` for transformers >= 5, ``torch_dtype`` before)."""
+    cfg["dtype"] = torch_dtype_name(dtype)
+    cfg["torch_dtype"] = torch_dtype_name(dtype)
 
 
 def empty_hf_model(config: Mapping[str, Any], dtype: Optional[torch.dtype] = None) -> torch.nn.Module:

@@ -1,0 +1,305 @@
+"""The integer weight every checkpoint format agrees on, and the int32 bit packing they share.
+
+GPTQ, AWQ, compressed-tensors and lowbit all store a Linear weight ``W [out, in]`` as unsigned
+codes ``q`` with per-group scales ``s`` and zero points ``z``:
+
+    W[o, i] = (q[o, i] - z[o, g(i)]) * s[o, g(i)]
+
+with ``g(i) = i // group_size`` or, for GPTQ act-order checkpoints, ``g(i) = g_idx[i]``.
+:class:`AffineWeight` holds exactly that (codes, scales in their stored dtype, zero points,
+``g_idx``); every importer produces one and every exporter consumes one, so the formats differ
+only in how they pack it (``shared/docs/formats-checkpoints.md``).
+
+:func:`pack_int32` / :func:`unpack_int32` implement the dense little-endian bit stream used by
+both GPTQ (``qweight``/``qzeros``, packed along ``in`` / ``out``) and compressed-tensors
+(``weight_packed``/``weight_zero_point``): value ``k`` of each run of 32 occupies bits
+``k*b .. k*b+b-1`` of the run's ``b`` int32 words, the first value in the least significant bits
+(for b = 2, 4, 8 this is "``32/b`` values per word, lowest index lowest"; for b = 3, GPTQ's 3-word
+layout).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from lowbit.formats import affine
+from lowbit.tensor.functional import SCHEMES, _scales, affine_state, codes as state_codes
+from lowbit.tensor.state import QuantState
+
+
+class UnsupportedWeight(ValueError):
+    """A weight that a format cannot represent (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# int32 bit streams
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> int32 with the same bits."""
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def pack_int32(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit values of a 2-D tensor along ``dim`` into int32 words (LSB first).
+
+    Lines are padded with zeros to a multiple of 32 values; the result has
+    ``ceil(n * bits / 32)`` words along ``dim``.
+
+    Example::
+
+        >>> pack_int32(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), 4)
+        tensor([[-2023406815]], dtype=torch.int32)        # 0x87654321
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits}: must be between 1 and 8")
+    if values.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(values.shape)}")
+    v = values.to(torch.int64)
+    if bool((v < 0).any()) or bool((v >= (1 << bits)).any()):
+        raise ValueError(f"values must be in 0..{(1 << bits) - 1} to pack {bits}-bit codes")
+    if dim in (0, -2):
+        v = v.t()
+    lines, n = v.shape
+    n32 = -(-n // 32) * 32
+    if n32 != n:
+        v = torch.nn.functional.pad(v, (0, n32 - n))
+    v = v.reshape(lines, n32 // 32, 32)
+    out = torch.zeros(lines, n32 // 32, bits, dtype=torch.int64, device=v.device)
+    start = torch.arange(32, device=v.device) * bits
+    word, off = start // 32, start % 32
+    out.scatter_add_(2, word.expand(lines, n32 // 32, 32), (v << off) & 0xFFFFFFFF)
+    spill = off + bits > 32
+    if bool(spill.any()):
+        idx = (word[spill] + 1).expand(lines, n32 // 32, int(spill.sum()))
+        out.scatter_add_(2, idx, v[..., spill] >> (32 - off[spill]))
+    out = out.reshape(lines, -1)[:, : math.ceil(n * bits / 32)]
+    out = _to_int32(out)
+    return out.t().contiguous() if dim in (0, -2) else out.contiguous()
+
+
+def unpack_int32(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: ``n`` values per line along ``dim`` as uint8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits}: must be between 1 and 8")
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise ValueError(f"expected a 2-D int32 tensor, got {words.dtype} {tuple(words.shape)}")
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    if dim in (0, -2):
+        w = w.t()
+    lines, nw = w.shape
+    need = math.ceil(n * bits / 32)
+    if nw != need:
+        raise ValueError(f"{nw} int32 words per line, expected {need} for {n} values of {bits} bits")
+    n32 = -(-n // 32) * 32
+    total = n32 // 32 * bits
+    if total != nw:
+        w = torch.nn.functional.pad(w, (0, total - nw))
+    w = w.reshape(lines, n32 // 32, bits)
+    start = torch.arange(32, device=w.device) * bits
+    word, off = start // 32, start % 32
+    lo = w[..., word] >> off
+    spill = off + bits > 32
+    nxt = torch.zeros_like(lo)
+    if bool(spill.any()):
+        nxt[..., spill] = w[..., word[spill] + 1] << (32 - off[spill])
+    vals = ((lo | nxt) & ((1 << bits) - 1)).reshape(lines, n32)[:, :n].to(torch.uint8)
+    return vals.t().contiguous() if dim in (0, -2) else vals
+
+
+# ---------------------------------------------------------------------------------------------
+# the common integer weight
+
+
+@dataclass
+class AffineWeight:
+    """``W = (codes - zeros[:, g]) * scales[:, g]`` for a ``[out, in]`` weight.
+
+    Attributes:
+        codes: uint8 ``[out, in]``, unsigned ``0 .. 2**bits - 1``.
+        scales: ``[out, G]`` in the dtype they are stored in (fp16 for GPTQ/AWQ).
+        zeros: uint8 ``[out, G]``, or None for the implicit symmetric zero ``2**(bits-1)``.
+        bits: code width (2..8).
+        group_size: columns per group (``in`` for one group per row); groups are consecutive
+            unless ``g_idx`` says otherwise.
+        g_idx: optional int64 ``[in]`` group of every input column (GPTQ act-order).
+        dtype: dtype of the original float weight.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    bits: int
+    group_size: int
+    g_idx: Optional[torch.Tensor] = None
+    dtype: torch.dtype = torch.float32
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.codes.dim() != 2:
+            raise ValueError(f"codes must be 2-D [out, in], got {tuple(self.codes.shape)}")
+        out_f, in_f = self.codes.shape
+        if self.group_size in (-1, None):
+            self.group_size = in_f
+        G = self.n_groups
+        if self.g_idx is not None:
+            if tuple(self.g_idx.shape) != (in_f,):
+                raise ValueError(f"g_idx has shape {tuple(self.g_idx.shape)}, expected ({in_f},)")
+            G = self.scales.shape[1]
+            if in_f and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G):
+                raise ValueError(f"g_idx values must lie in 0..{G - 1} (one per row of scales), got "
+                                 f"{int(self.g_idx.min())}..{int(self.g_idx.max())}")
+        if tuple(self.scales.shape) != (out_f, G):
+            raise ValueError(f"scales have shape {tuple(self.scales.shape)}, expected {(out_f, G)}")
+        if self.zeros is not None and tuple(self.zeros.shape) != (out_f, G):
+            raise ValueError(f"zeros have shape {tuple(self.zeros.shape)}, expected {(out_f, G)}")
+
+    # -- shape -----------------------------------------------------------------------------------
+    @property
+    def shape(self):
+        return tuple(self.codes.shape)
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.codes.shape[1] / self.group_size) if self.codes.shape[1] else 0
+
+    @property
+    def symmetric(self) -> bool:
+        """True when every zero point is the implicit ``2**(bits-1)``."""
+        return self.zeros is None or bool((self.zeros.to(torch.int32) == affine.implicit_zero(self.bits)).all())
+
+    def group_index(self) -> torch.Tensor:
+        """int64 ``[in]``: the group of every input column."""
+        if self.g_idx is not None:
+            return self.g_idx.to(torch.int64)
+        return torch.arange(self.codes.shape[1], device=self.codes.device) // self.group_size
+
+    def has_trivial_g_idx(self) -> bool:
+        if self.g_idx is None:
+            return True
+        return bool(torch.equal(self.g_idx.to(torch.int64).cpu(),
+                                torch.arange(self.codes.shape[1]) // self.group_size))
+
+    def zeros_or_implicit(self) -> torch.Tensor:
+        """uint8 ``[out, G]`` zero points (the implicit symmetric one filled in)."""
+        if self.zeros is not None:
+            return self.zeros
+        return torch.full(tuple(self.scales.shape), affine.implicit_zero(self.bits), dtype=torch.uint8,
+                          device=self.codes.device)
+
+    # -- values ----------------------------------------------------------------------------------
+    def column_params(self):
+        """``(scales fp32 [out, in], zeros fp32 [out, in])`` of every weight."""
+        gi = self.group_index()
+        return self.scales.float()[:, gi], self.zeros_or_implicit().float()[:, gi]
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 ``(q - z) * s``: the same operations, hence the same bits, as :func:`lowbit.dequantize`."""
+        s, z = self.column_params()
+        return (self.codes.float() - z) * s
+
+    def to_state(self) -> QuantState:
+        """An exactly equivalent group-layout QuantState (scales kept in their dtype).
+
+        Act-order (``g_idx`` not ``i // group_size``) is re-grouped into the coarsest consecutive
+        groups on which ``g_idx`` is constant -- exact, but down to one column per group for a
+        random column order (then every weight carries its own scale).
+        """
+        codes, scales, zeros, g = self.codes, self.scales, self.zeros, self.group_size
+        if not self.has_trivial_g_idx():
+            gi = self.g_idx.to(torch.int64).cpu()
+            change = torch.nonzero(gi[1:] != gi[:-1]).flatten() + 1
+            g = codes.shape[1]
+            for c in change.tolist():
+                g = math.gcd(g, c)
+            starts = torch.arange(0, codes.shape[1], g)
+            sel = gi[starts].to(scales.device)
+            scales = scales[:, sel].contiguous()
+            zeros = None if zeros is None else zeros[:, sel].contiguous()
+        if zeros is not None and bool((zeros.to(torch.int32) == affine.implicit_zero(self.bits)).all()):
+            zeros = None
+        st = affine_state(codes.to(torch.uint8), scales, zeros, self.bits, g, dtype=self.dtype)
+        return st
+
+    @classmethod
+    def from_state(cls, state: QuantState) -> "AffineWeight":
+        """The integer weight of an affine ``int2..int8`` (sym or asym) QuantState of a 2-D weight.
+
+        Supported layouts: ``group``, ``channel`` (axis 0), ``tensor``, and ``block`` when the block
+        size divides the row length. Raises :class:`UnsupportedWeight` otherwise.
+        """
+        if not isinstance(state, QuantState):
+            raise TypeError(f"expected a QuantState, got {type(state).__name__}")
+        if state.scheme not in SCHEMES or SCHEMES.get(state.scheme).kind != "affine":
+            raise UnsupportedWeight(f"scheme {state.scheme!r} is not an integer affine scheme (int2..int8, "
+                                    "symmetric or asymmetric)")
+        if len(state.shape) != 2:
+            raise UnsupportedWeight(f"QuantState of shape {tuple(state.shape)}: only 2-D [out, in] weights")
+        out_f, in_f = state.shape
+        scales = _scales(state)
+        zeros = state.zeros
+        if state.layout == "group":
+            g = state.block_size
+            codes = state_codes(state)
+        elif state.layout == "channel":
+            if state.axis != 0:
+                raise UnsupportedWeight(f"per-channel layout along axis {state.axis}: only axis 0 (output channels)")
+            g = in_f
+            codes = state_codes(state)
+        elif state.layout == "tensor":
+            g = in_f
+            codes = state_codes(state).reshape(out_f, in_f)
+            scales = scales.reshape(1, 1).expand(out_f, 1)
+            zeros = None if zeros is None else zeros.reshape(1, 1).expand(out_f, 1)
+        elif state.layout == "block":
+            g = state.block_size
+            if in_f % g:
+                raise UnsupportedWeight(f"flat blocks of {g} do not align with rows of {in_f}; "
+                                        "quantize with group_size= instead")
+            codes = state_codes(state).reshape(out_f, in_f)
+        else:
+            raise UnsupportedWeight(f"layout {state.layout!r} is not an integer group layout")
+        G = math.ceil(in_f / g) if in_f else 0
+        scales = scales.reshape(out_f, G).contiguous()
+        if zeros is not None:
+            zeros = zeros.reshape(out_f, G).to(torch.uint8).contiguous()
+        return cls(codes=codes.reshape(out_f, in_f), scales=scales, zeros=zeros, bits=state.bits, group_size=g,
+                   dtype=state.dtype)
+
+
+def exact_cast(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when ``t`` converts to ``dtype`` and back without changing a single value."""
+    c = t.to(dtype)
+    return bool(torch.equal(c.to(t.dtype), t)) and bool(torch.isfinite(c).all() or not torch.isfinite(t).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# model traversal shared by the exporters
+
+
+def quantized_linears(model: torch.nn.Module):
+    """``{name: (module, state)}`` for every frozen lowbit module holding a 2-D ``weight`` QuantState."""
+    from lowbit.nn import QModuleMixin
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QModuleMixin):
+            st = m.quant_states().get("weight")
+            if st is not None:
+                out[name] = (m, st)
+    return out
+
+
+def plain_tensors(model: torch.nn.Module, skip_modules) -> dict:
+    """``state_dict`` entries of ``model`` outside the modules in ``skip_modules`` (their own prefix)."""
+    skip = sorted(skip_modules, key=len, reverse=True)
+    out = {}
+    for k, v in model.state_dict().items():
+        if any(k.startswith(s + ".") for s in skip if s):
+            continue
+        out[k] = v
+    return out
