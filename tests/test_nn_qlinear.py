@@ -193,3 +193,45 @@ def test_compile_inductor_matches_eager():
         torch._dynamo.reset()
         out = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_cuda_qlinear_freeze_move_and_compile(weights):
+    lin = _lin()
+    x = torch.randn(5, 96)
+    q_cpu = QLinear.from_module(_lin(), weights=weights)
+    q_cpu.freeze()
+    q = QLinear.from_module(lin.cuda(), weights=weights, activations="qint8", act_dynamic=True)
+    xc = x.cuda()
+    y0 = q(xc)
+    q.freeze()
+    assert q.qstate.device.type == "cuda"
+    assert torch.equal(q(xc), y0)
+    # quantizing on the GPU packs the same codes as on the CPU
+    assert torch.equal(q.qstate.data.cpu(), q_cpu.qstate.data)
+    q.cpu()
+    assert q.qstate.device.type == "cpu"
+    q.cuda()
+    wq = QLinear.from_module(_lin().cuda(), weights=weights)
+    wq.freeze()
+    with torch.no_grad():
+        eager = wq(xc)
+        torch._dynamo.reset()
+        out = torch.compile(wq, fullgraph=True)(xc)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_qconv2d_static_activations():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1).cuda()
+    q = QConv2d.from_module(conv, weights="qint8", activations="qint8")
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    with lowbit.Calibration():
+        q(x)
+    assert q.input_scale.device.type == "cuda" and q.input_scale > 0
+    y = q(x)
+    q.freeze()
+    assert torch.equal(q(x), y)
+    assert (y - conv(x)).abs().max() < 0.05

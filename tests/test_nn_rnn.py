@@ -100,3 +100,19 @@ def test_rejects_unsupported():
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 1, 4), [3])
     with pytest.raises(TypeError, match="PackedSequence"):
         q(packed)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cuda_dynamic_rnn_matches_cpu(kind):
+    torch.manual_seed(0)
+    rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(12, 32, num_layers=2, batch_first=True, bidirectional=True)
+    cls = DynamicQuantLSTM if kind == "lstm" else DynamicQuantGRU
+    q = cls.from_module(rnn)
+    q.freeze()
+    x = torch.randn(4, 10, 12)
+    y_cpu, _ = q(x)
+    q.cuda()
+    assert all(s.device.type == "cuda" for s in q.qstate.values())
+    y, _ = q(x.cuda())
+    torch.testing.assert_close(y.cpu(), y_cpu, rtol=1e-3, atol=1e-3)

@@ -207,6 +207,9 @@ def requantize(model: nn.Module, state_dict: Dict[str, torch.Tensor], quantizati
     if device is not None:
         state_dict = {k: v.to(device) for k, v in state_dict.items()}
     result = model.load_state_dict(state_dict, strict=strict, assign=True)
+    if callable(getattr(model, "tie_weights", None)):
+        # transformers models: assign=True replaced the embedding, re-point tied heads at it
+        model.tie_weights()
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         shown = ", ".join(leftover[:5]) + (" ..." if len(leftover) > 5 else "")
