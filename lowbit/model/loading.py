@@ -304,15 +304,28 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return bool(ok)
 
 
+def _cached_snapshot(repo_id: str) -> Optional[Path]:
+    """Folder of ``repo_id``'s cached snapshot (holding config.json) in the HF cache, if any.
+
+    Looked up without any network call (``from_pretrained(..., local_files_only=True)`` still
+    sends HEAD requests with retries for adapter files in some transformers versions).
+    """
+    hub = require("huggingface_hub", "finding cached Hub models")
+    try:
+        found = hub.try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def _load_hub(repo_id: str, dtype: torch.dtype):
     tf = require("transformers", f"loading {repo_id!r} from the Hugging Face Hub")
     kw = _dtype_kwargs(dtype)
-    try:  # a cached copy works offline
-        model = tf.AutoModelForCausalLM.from_pretrained(repo_id, local_files_only=True, **kw)
-        tokenizer = tf.AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
+    snapshot = _cached_snapshot(repo_id)
+    if snapshot is not None:  # a cached copy works offline
+        model = tf.AutoModelForCausalLM.from_pretrained(str(snapshot), **kw)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(snapshot))
         return model, tokenizer
-    except (OSError, ValueError):
-        pass
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
         raise ModelLoadError(
             f"model {repo_id!r} is not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
