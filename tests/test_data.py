@@ -123,8 +123,8 @@ def test_hf_dataset_failure_is_one_clear_error(monkeypatch):
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.setattr(calib, "available", lambda name: True)
-    with pytest.raises(RuntimeError, match=r"could not load the Hugging Face dataset 'wikitext:wikitext-2-raw-v1'.*"
-                                           r"Couldn't reach"):
+    with pytest.raises(RuntimeError, match=r"could not load the Hugging Face dataset "
+                                           r"'wikitext:wikitext-2-raw-v1'.*Couldn't reach"):
         load_text("wikitext:wikitext-2-raw-v1")
 
 

@@ -31,7 +31,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Sequence, Union
 
 import torch
 
@@ -64,7 +64,8 @@ def _read_jsonl(path: Path) -> str:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); expected one object per line") from None
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); "
+                                     f"expected one object per line") from None
     for i, row in enumerate(rows, 1):
         if isinstance(row, str):
             texts.append(row)
@@ -89,14 +90,14 @@ def _load_hf_text(spec: str) -> str:
     split = split or "train"
     if not available("datasets"):
         raise RuntimeError(
-            f"{spec!r} is neither 'default' nor an existing file, so it was taken for a Hugging Face dataset name, "
+            f"{spec!r} is neither 'default' nor an existing file, so it was taken for a Hugging Face dataset "
+            f"name, "
             f"which needs the 'datasets' package (pip install datasets) and network access; "
             f"otherwise pass a local .txt/.jsonl file or 'default'"
         )
-    if os.environ.get("HF_DATASETS_OFFLINE", "") in ("1", "true") or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true"):
-        offline_note = " (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)"
-    else:
-        offline_note = ""
+    offline = any(os.environ.get(k, "").lower() in ("1", "true")
+                  for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    offline_note = " (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)" if offline else ""
     import datasets  # noqa: PLC0415  (optional dependency, checked above)
 
     try:
@@ -138,13 +139,14 @@ def load_text(source: TextSource = None, *, split: str = "test") -> str:
                 return _read_jsonl(path)
             return path.read_text(encoding="utf-8")
         if path.is_dir():
-            raise IsADirectoryError(f"text source {str(source)!r} is a folder; expected a .txt or .jsonl file")
+            raise IsADirectoryError(f"text source {str(source)!r} is a folder; "
+                                    f"expected a .txt or .jsonl file")
         if isinstance(source, os.PathLike) or not _is_hf_name(str(source)):
             raise FileNotFoundError(f"text file {str(source)!r} does not exist")
         return _load_hf_text(str(source))
     raise TypeError(
-        f"text source of type {type(source).__name__}: expected None, 'default', a file path, a list of strings "
-        f"or a Hugging Face dataset name"
+        f"text source of type {type(source).__name__}: expected None, 'default', a file path, "
+        f"a list of strings or a Hugging Face dataset name"
     )
 
 

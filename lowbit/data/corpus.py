@@ -72,7 +72,8 @@ def _distribution() -> importlib.metadata.Distribution:
 def _play_files() -> List[Tuple[str, Path]]:
     """``[(relative path, absolute path)]`` of the play files, sorted by relative path."""
     dist = _distribution()
-    rels = sorted(str(f) for f in (dist.files or []) if str(f).startswith(_PLAYS_PREFIX) and str(f).endswith(".md"))
+    rels = sorted(str(f) for f in (dist.files or [])
+                  if str(f).startswith(_PLAYS_PREFIX) and str(f).endswith(".md"))
     if not rels:
         raise CorpusNotInstalledError(
             f"the installed {DIST_NAME} {dist.version} lists no files under {_PLAYS_PREFIX!r}; "

@@ -73,8 +73,8 @@ def kl_divergence(
 
     Example::
 
-        >>> d = kl_divergence(float_model, q_model, tok, "wikitext-2/test.txt", max_windows=48)  # doctest: +SKIP
-        >>> d["kld_mean"], d["kld_p99"], d["top1_agreement"]                                       # doctest: +SKIP
+        >>> d = kl_divergence(float_model, q_model, tok, "test.txt", max_windows=48)  # doctest: +SKIP
+        >>> d["kld_mean"], d["kld_p99"], d["top1_agreement"]                            # doctest: +SKIP
     """
     ids = resolve_input_ids(tokenizer, text, input_ids)
     windows = iter_windows(ids.numel(), seq_len, stride, max_windows)

@@ -76,7 +76,8 @@ def resolve_input_ids(
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1:
-            raise ValueError(f"input_ids of shape {tuple(ids.shape)}: expected one 1-D token stream (or [1, n])")
+            raise ValueError(f"input_ids of shape {tuple(ids.shape)}: "
+                             f"expected one 1-D token stream (or [1, n])")
         return ids.long().cpu()
     return encode_text(tokenizer, load_text(text, split="test"))
 
@@ -176,8 +177,10 @@ def perplexity(
 
     Example::
 
-        >>> r = perplexity(model, tok, "../shared/data/wikitext-2/test.txt", seq_len=512, max_windows=48)  # doctest: +SKIP
-        >>> round(r.ppl, 2)                                                                               # doctest: +SKIP
+        >>> test_txt = "../shared/data/wikitext-2/test.txt"
+        >>> r = perplexity(model, tok, test_txt, seq_len=512, max_windows=48)  # doctest: +SKIP
+        >>> r.n_windows, r.n_tokens                                             # doctest: +SKIP
+        (48, 24528)
     """
     ids = resolve_input_ids(tokenizer, text, input_ids)
     windows = iter_windows(ids.numel(), seq_len, stride, max_windows)

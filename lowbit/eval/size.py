@@ -1,8 +1,9 @@
 """Model size in memory and on disk, and bits per weight.
 
 * :func:`model_size_bytes`: parameters + buffers at their true storage size (packed ``uint8``
-  codes count one byte each), each tensor counted once (tied embeddings, shared buffers), plus the tensors of QuantStates held outside parameters and buffers (lowbit's
-  frozen modules keep them in ``.qstate`` / ``.quant_states()``).
+  codes count one byte each), each tensor counted once (tied embeddings, shared buffers), plus
+  the tensors of QuantStates held outside parameters and buffers (lowbit's frozen modules keep
+  them in ``.qstate`` / ``.quant_states()``).
 * :func:`bits_per_weight`: ``8 * bytes / weights`` over the quantized linear weights, scales,
   zero points and nested scale states included (``QuantState.nbytes``; shared codebooks are not
   counted, as in bitsandbytes). A model without quantized modules reports the float width of its
@@ -143,7 +144,8 @@ def bits_per_weight(model: nn.Module, include_unquantized: bool = False) -> floa
 def size_report(model: nn.Module) -> Dict[str, float]:
     """``{"size_bytes", "bits_per_weight", "n_quantized"}`` in one call."""
     n_q = sum(1 for _ in quant_states(model))
-    return {"size_bytes": model_size_bytes(model), "bits_per_weight": bits_per_weight(model), "n_quantized": n_q}
+    return {"size_bytes": model_size_bytes(model), "bits_per_weight": bits_per_weight(model),
+            "n_quantized": n_q}
 
 
 def dir_size_bytes(path: Union[str, os.PathLike]) -> int:

@@ -84,7 +84,8 @@ def default_model_path() -> Tuple[Path, str]:
     ggufs = sorted(str(f) for f in (dist.files or []) if str(f).endswith(".gguf"))
     if not ggufs:
         raise FileNotFoundError(
-            f"{DEFAULT_MODEL_DIST} {dist.version} lists no .gguf file; reinstall it with: {DEFAULT_MODEL_INSTALL}"
+            f"{DEFAULT_MODEL_DIST} {dist.version} lists no .gguf file; "
+            f"reinstall it with: {DEFAULT_MODEL_INSTALL}"
         )
     path = Path(dist.locate_file(ggufs[0]))
     if not path.is_file():
@@ -145,7 +146,7 @@ def tiny_llama(
 
 def _bytes_to_unicode() -> Dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -193,7 +194,7 @@ def _env_flag(name: str) -> bool:
 
 
 def cache_dir() -> Path:
-    """Root of lowbit's cache: ``$LOWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit``."""
+    """lowbit's cache root: ``$LOWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit``."""
     if os.environ.get("LOWBIT_CACHE_DIR"):
         return Path(os.environ["LOWBIT_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -201,7 +202,8 @@ def cache_dir() -> Path:
 
 
 def _finish(model: nn.Module, dtype: torch.dtype, device: Union[str, torch.device]) -> nn.Module:
-    model = model.to(dtype=dtype) if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()) else model
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype=dtype)
     return model.to(device).eval()
 
 
@@ -219,7 +221,8 @@ def _convert_gguf(directory: Path, filename: str, progress: bool = True):
     tf = require("transformers", "loading GGUF files")
     require("gguf", "loading GGUF files")
     logger.info("converting %s to a float model (this takes a minute or two)", directory / filename)
-    src = tf.AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=filename, **_dtype_kwargs(torch.float32))
+    src = tf.AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=filename,
+                                                  **_dtype_kwargs(torch.float32))
     cfg = copy.deepcopy(src.config)
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
@@ -239,8 +242,8 @@ def _convert_gguf(directory: Path, filename: str, progress: bool = True):
     return plain.eval(), tokenizer
 
 
-def load_gguf(path: Union[str, Path], dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
-              *, cache: Optional[bool] = None):
+def load_gguf(path: Union[str, Path], dtype: torch.dtype = torch.float32,
+              device: Union[str, torch.device] = "cpu", *, cache: Optional[bool] = None):
     """``(model, tokenizer)`` from a GGUF file, as a plain float model (cached, see the module doc)."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -328,13 +331,13 @@ def _load_hub(repo_id: str, dtype: torch.dtype):
         return model, tokenizer
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
         raise ModelLoadError(
-            f"model {repo_id!r} is not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
-            f"use a local folder, a .gguf file or 'default'"
+            f"model {repo_id!r} is not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+            f"is set; use a local folder, a .gguf file or 'default'"
         )
     if not hub_reachable():
         raise ModelLoadError(
-            f"model {repo_id!r} is not a local path and the Hugging Face Hub cannot be reached (no network?); "
-            f"use a local folder, a .gguf file or 'default'"
+            f"model {repo_id!r} is not a local path and the Hugging Face Hub cannot be reached "
+            f"(no network?); use a local folder, a .gguf file or 'default'"
         )
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(repo_id, **kw)
@@ -384,8 +387,8 @@ def load_model(
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return load_gguf(path, dtype, device, cache=cache)
-        raise ModelLoadError(f"model {str(spec)!r} is a file but not a .gguf; expected a .gguf file, a folder "
-                             f"with config.json, a Hub id or 'default'")
+        raise ModelLoadError(f"model {str(spec)!r} is a file but not a .gguf; expected a .gguf file, "
+                             f"a folder with config.json, a Hub id or 'default'")
     if path.is_dir():
         if (path / "config.json").is_file():
             tf = require("transformers", "loading Hugging Face models")
