@@ -98,6 +98,11 @@ def _method_call(method: str, args) -> Dict[str, Any]:
     if m in WEIGHT_ONLY_PTQ:
         cfg = {"method": m, "bits": bits, "group_size": gs, "sym": not getattr(args, "asym", False)}
         return cfg
+    from lowbit.model.methods import METHODS
+
+    if m not in METHODS:
+        names = sorted({"fp32", "int8", "int4", "int2", "fp8", *METHODS.names()})
+        raise CLIError(f"unknown method {method!r}; available: {', '.join(names)}")
     return {"method": m}
 
 
@@ -111,10 +116,6 @@ def _apply_method(model, tok, method: str, args):
     t0 = time.perf_counter()
     if name is None:
         return model, 0.0
-    from lowbit.model.methods import METHODS
-
-    if name not in METHODS:
-        raise CLIError(f"unknown method {method!r}; available: fp32, {', '.join(sorted(set(METHODS.names())))}")
     if name in CALIBRATED:
         from lowbit.data.calibration import get_calibration_data
 
@@ -430,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet or args.json:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 (ours and transformers' bars)
     logging.basicConfig(level=logging.WARNING if (args.quiet or args.json) else logging.INFO,
                         format="%(message)s")
     try:
