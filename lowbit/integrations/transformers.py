@@ -13,12 +13,13 @@ config and the quantizer in ``transformers.quantizers.auto`` so that::
 
 How loading works:
 
-* **data-free methods** (``nf4``, ``fp4``, ``int4``, ``int8``, ``fp8``, ``rtn``): before the weights
-  are read, every selected ``nn.Linear`` of the meta-device model is replaced by a lowbit module
+* **data-free formats** (``nf4``, ``fp4``, ``int4``, ``int8``, ``fp8``): before the weights are
+  read, every selected ``nn.Linear`` of the meta-device model is replaced by a lowbit module
   (``Linear4bit`` for nf4/fp4, ``QLinear`` otherwise); each weight is quantized the moment it is
   materialised (one float weight alive at a time), so the float model never exists in memory.
-* **other data-free dispatcher methods** (``hqq``, or any method registered with
-  :func:`lowbit.model.methods.register_method` that needs no data): each float weight, once
+  The codes are exactly ``lowbit.quantize(weight, scheme, ...)``'s.
+* **data-free algorithms of the dispatcher** (``rtn``, ``hqq``, or any other method registered
+  with :func:`lowbit.model.methods.register_method` that needs no data): each float weight, once
   materialised, is handed to ``lowbit.quantize(<that one Linear>, method=...)`` and the layer is
   swapped for the result, again one weight at a time.
 * **calibrated methods** (``gptq``, ``awq``): the float model is loaded, then quantized once by
@@ -36,6 +37,7 @@ A fresh process must import this module (or touch ``lowbit.LowbitConfig``) befor
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -64,11 +66,11 @@ QUANT_METHOD = "lowbit"
 CONFIG_VERSION = 1
 
 #: data-free methods with a fixed module mapping (quantized weight by weight while loading)
-MAPPED_METHODS = ("nf4", "fp4", "int4", "int8", "fp8", "rtn")
+MAPPED_METHODS = ("nf4", "fp4", "int4", "int8", "fp8")
 #: methods that need calibration data: run on the loaded model by the lowbit dispatcher
 CALIBRATED_METHODS = ("gptq", "awq")
 #: data-free algorithms run per weight through the lowbit dispatcher
-DISPATCHED_METHODS = ("hqq",)
+DISPATCHED_METHODS = ("rtn", "hqq")
 KNOWN_METHODS = MAPPED_METHODS + DISPATCHED_METHODS + CALIBRATED_METHODS
 _PTQ_METHODS = ("rtn", "hqq", "gptq", "awq")
 _FIXED_BITS = {"nf4": 4, "fp4": 4, "int4": 4, "int8": 8, "fp8": 8}
@@ -82,15 +84,23 @@ SERIALIZED_WEIGHT_NAMES = [f"weight.{p}" for p in _QSTATE_PARTS] + [f"weight.nes
 # configuration
 
 
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class LowbitConfig(QuantizationConfigMixin):
     """Quantization config for ``from_pretrained(..., quantization_config=LowbitConfig(...))``.
 
     Args:
         method: ``nf4`` | ``fp4`` (bitsandbytes-style 4-bit codebooks over flat blocks),
-            ``int4`` | ``int8`` | ``rtn`` (round-to-nearest integers, ``rtn`` with any ``bits``),
-            ``fp8`` (float8 e4m3 with per-channel or per-group scales), ``hqq`` (half-quadratic,
-            data-free), ``gptq`` | ``awq`` (calibrated, run after loading); or any method name
-            registered in the lowbit dispatcher.
+            ``int4`` | ``int8`` (plain round-to-nearest integer codes), ``fp8`` (float8 e4m3 with
+            per-channel or per-group scales), ``rtn`` | ``hqq`` (lowbit's data-free PTQ
+            algorithms, any ``bits``), ``gptq`` | ``awq`` (calibrated, run after loading); or any
+            method name registered in the lowbit dispatcher.
         bits: code width (fixed 4 for nf4/fp4/int4, 8 for int8/fp8; 2, 3, 4 or 8 otherwise;
             default 4).
         group_size: weights per scale along the input dimension (nf4/fp4: the block size,
@@ -102,10 +112,11 @@ class LowbitConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names or patterns kept in float (transformers' matching
             rules: prefix at a module boundary, regex, or suffix). Default: the output
             embedding (``lm_head``) and tied weights, as transformers picks them.
-        calib_dataset, n_samples, seq_len: calibration data for gptq/awq (see
+        calib_dataset, n_samples, seq_len, tokenizer: calibration data for gptq/awq (see
             ``lowbit.quantize(model, method="gptq", ...)``); a path or dataset name is saved in
-            the config, other objects (token tensors, lists of strings) are not.
-        method_kwargs: extra keyword options passed to the lowbit method as they are.
+            the config, other objects (token tensors, lists of strings, the tokenizer) are not.
+        method_kwargs: extra keyword options passed to the lowbit method as they are (only the
+            JSON-able ones are saved).
         quantization_map: filled in after quantization (module -> lowbit class and options);
             what a saved directory is rebuilt from. Not set by users.
 
@@ -120,7 +131,7 @@ class LowbitConfig(QuantizationConfigMixin):
                  sym: bool = True, double_quant: bool = False,
                  compute_dtype: Union[str, torch.dtype, None] = None,
                  modules_to_not_convert: Optional[Sequence[str]] = None, calib_dataset: Any = None,
-                 n_samples: Optional[int] = None, seq_len: Optional[int] = None,
+                 n_samples: Optional[int] = None, seq_len: Optional[int] = None, tokenizer: Any = None,
                  method_kwargs: Optional[Dict[str, Any]] = None,
                  quantization_map: Optional[Dict[str, Dict[str, Any]]] = None, **kwargs: Any) -> None:
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -132,7 +143,7 @@ class LowbitConfig(QuantizationConfigMixin):
         if kwargs:
             raise ValueError(f"LowbitConfig does not accept {', '.join(map(repr, sorted(kwargs)))}; accepted keys: "
                              "method, bits, group_size, sym, double_quant, compute_dtype, modules_to_not_convert, "
-                             "calib_dataset, n_samples, seq_len, method_kwargs, quantization_map")
+                             "calib_dataset, n_samples, seq_len, tokenizer, method_kwargs, quantization_map")
         self.quant_method = QUANT_METHOD
         self.version = CONFIG_VERSION
         self.method = method.lower() if isinstance(method, str) else method
@@ -145,6 +156,7 @@ class LowbitConfig(QuantizationConfigMixin):
         self.calib_dataset = calib_dataset
         self.n_samples = n_samples
         self.seq_len = seq_len
+        self.tokenizer = tokenizer
         self.method_kwargs = dict(method_kwargs or {})
         self.quantization_map = quantization_map
         self.post_init()
@@ -225,9 +237,11 @@ class LowbitConfig(QuantizationConfigMixin):
         if self.method in _PTQ_METHODS:
             opts.update(bits=self.bits, group_size=self.group_size, sym=self.sym)
         if self.method in CALIBRATED_METHODS:
-            for key in ("calib_dataset", "n_samples", "seq_len"):
+            for key in ("calib_dataset", "n_samples", "seq_len", "tokenizer"):
                 if getattr(self, key) is not None:
                     opts[key] = getattr(self, key)
+        elif self.method in _PTQ_METHODS:
+            opts["progress"] = False  # one call per weight: no progress bar each time
         opts.update(self.method_kwargs)
         return opts
 
@@ -246,7 +260,7 @@ class LowbitConfig(QuantizationConfigMixin):
             "modules_to_not_convert": self.modules_to_not_convert,
             "n_samples": self.n_samples,
             "seq_len": self.seq_len,
-            "method_kwargs": copy.deepcopy(self.method_kwargs),
+            "method_kwargs": {k: copy.deepcopy(v) for k, v in self.method_kwargs.items() if _jsonable(v)},
             "quantization_map": copy.deepcopy(self.quantization_map),
         }
         if isinstance(self.calib_dataset, str):
@@ -411,6 +425,13 @@ class LowbitHfQuantizer(HfQuantizer):
                            if n and isinstance(m, nn.Linear) and not should_convert_module(n, self.modules_to_not_convert)]
                 quantize_model(model, method=cfg.method, exclude=exclude, **cfg.dispatcher_options())
             cfg.quantization_map = quantization_map(model)
+        else:
+            # transformers reverses the load-time conversions when saving; ours has no reverse (the
+            # state dict already holds the serialized names), so it must not be replayed
+            convs = getattr(model, "_weight_conversions", None)
+            if convs:
+                model._weight_conversions = [c for c in convs if not any(
+                    isinstance(op, LowbitDeserialize) for op in getattr(c, "operations", ()))]
         return model
 
     def is_serializable(self) -> bool:
