@@ -29,7 +29,8 @@ Activations: static (calibrated ``input_scale``) int8/fp8 map to the ``tensor`` 
 ones to ``token``. Note that compressed-tensors' own dynamic int8 fake quantization uses
 ``absmax / 127.5`` and the range ``[-128, 127]`` where lowbit (like vLLM's int8 kernels) uses
 ``absmax / 127`` and ``[-127, 127]``: a W8A8-dynamic export computed by transformers' CPU path can
-differ slightly from lowbit; weights and static activations match exactly.
+differ slightly from lowbit; weights and static activations match exactly (static int8 as long as no
+input saturates: compressed-tensors clamps to ``[-128, 127]``, lowbit to ``[-127, 127]``).
 """
 from __future__ import annotations
 
@@ -124,15 +125,15 @@ def module_scheme(module: nn.Module, state) -> Tuple[Dict[str, Any], Dict[str, t
         if not w.has_trivial_g_idx():
             raise UnsupportedWeight("act-order g_idx: compressed-tensors' decompression ignores weight_g_idx")
         G = w.n_groups
-        if G == 1 and state.layout == "tensor":
+        if state.layout == "tensor":
             strategy, gsize = "tensor", None
+        elif state.layout in ("group", "block") and in_f % w.group_size == 0:
+            strategy, gsize = "group", w.group_size
         elif G == 1:
             strategy, gsize = "channel", None
         else:
-            if in_f % w.group_size:
-                raise UnsupportedWeight(f"group_size {w.group_size} does not divide in_features {in_f}; "
-                                        "compressed-tensors requires dividing groups")
-            strategy, gsize = "group", w.group_size
+            raise UnsupportedWeight(f"group_size {w.group_size} does not divide in_features {in_f}; "
+                                    "compressed-tensors requires dividing groups")
         sym = state.zeros is None
         offset = 1 << (w.bits - 1)
         scale = w.scales if strategy != "tensor" else w.scales[:1, :1].reshape(1)
