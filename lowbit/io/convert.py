@@ -145,6 +145,11 @@ def _solve_1(t: fmt.GGUFType, s, z, q):
     shift = torch.zeros_like(z)
     flip = torch.zeros_like(ok)
     m = torch.zeros_like(s)
+    # llama.cpp's own form first: q' = q, m = -z * s
+    mv = -z.to(s.dtype) * s
+    take = (qhi <= Qm) & (qlo >= 0) & (mv.to(torch.float16).float() == mv)
+    ok |= take
+    m = torch.where(take, mv, m)
     span = 2 * Qm
     for delta in sorted(range(-span, span + 1), key=lambda v: (abs(v), v)):
         mv = delta * s  # exact in fp32: |delta| < 2**6, s an fp16 number
