@@ -44,8 +44,9 @@ def test_find_blocks_and_stages():
     names = [[n.split(".")[-1] for n in st.names] for st in stages]
     assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
     folds = [st.fold.split(".", 3)[-1] if st.fold else None for st in stages]
-    # GQA: v_proj has fewer outputs than o_proj has inputs, so o_proj's scale cannot fold
-    assert folds == ["input_layernorm", None, "post_attention_layernorm", "mlp.up_proj"]
+    # GQA: v_proj has fewer outputs than o_proj has inputs: o_proj.s scales are tied per v_proj row
+    assert folds == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"]
+    assert stages[1].tie is not None and stages[1].tie.tolist()[:3] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "awq"])

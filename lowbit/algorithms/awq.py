@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -48,6 +48,7 @@ class AWQResult:
     losses: List[float] = field(default_factory=list)
     loss: float = 0.0
     effective_weights: list = field(default_factory=list)
+    tied_scales: Optional[torch.Tensor] = None
 
 
 def _output_error(E: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -57,12 +58,14 @@ def _output_error(E: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: torch.Tensor, bits: int = 4,
                group_size: int = 128, sym: bool = True, *, n_grid: int = 20, duo_scaling: bool = False,
                clip: bool = True, max_shrink: float = 0.5, clip_grid: int = 20,
-               scale_search: bool = True) -> AWQResult:
+               scale_search: bool = True, tie: Optional[torch.Tensor] = None) -> AWQResult:
     """Search the per-input-channel scale shared by ``weights`` (``[out_i, in]`` each, one input).
 
     ``H = X^T X / n`` and ``act_absmean = mean |x|`` are statistics of the shared input.
     ``scale_search=False`` keeps ``s = 1`` (clip search only, for layers whose input cannot be
-    rescaled upstream).
+    rescaled upstream). ``tie [in]`` (long): input channels that must share a scale, e.g. the
+    channels of o_proj fed by one v_proj row repeated over the query heads of a GQA group; the
+    result then also carries ``tied_scales`` (one per tie index) to fold into that row.
     """
     if not weights:
         raise ValueError("awq_search needs at least one weight")
@@ -76,6 +79,12 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
     Ws = [w.detach().float() for w in weights]
     H = H.float().to(dev)
     x_mean = act_absmean.float().to(dev).clamp_min(1e-8)
+    if tie is not None:
+        tie = tie.to(dev).long()
+        n_small = int(tie.max()) + 1
+        small = torch.zeros(n_small, device=dev).index_add_(0, tie, x_mean)
+        small = small / torch.zeros(n_small, device=dev).index_add_(0, tie, torch.ones_like(x_mean))
+        x_mean = small[tie]
     g = K if group_size in (-1, None) else group_size
     rtn = AffineGrid(bits=bits, sym=sym, search="minmax")
 
@@ -90,6 +99,9 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
     if duo_scaling:
         w_cat = torch.cat(Ws, 0)
         w_mean = _weight_group_mean(w_cat, g).clamp_min(1e-8)
+        if tie is not None:
+            wm = torch.zeros(n_small, device=dev).index_add_(0, tie, w_mean)
+            w_mean = (wm / torch.zeros(n_small, device=dev).index_add_(0, tie, torch.ones_like(w_mean)))[tie]
     ones = torch.ones(K, device=dev)
     losses = [scaled_loss(ones)]
     best_alpha, best_s, best_loss = 0.0, ones, losses[0]
@@ -119,8 +131,11 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
         total += _output_error(w - w_hat, H).double()
         states.append(to_state(c, sc, z, bits, g, sym, dtype=weights[0].dtype))
         eff.append(w_hat)
+    tied = None
+    if tie is not None:
+        tied = torch.ones(n_small, device=dev).index_copy_(0, tie, s)
     return AWQResult(input_scales=s, states=states, alpha=best_alpha, losses=losses, loss=float(total),
-                     effective_weights=eff)
+                     effective_weights=eff, tied_scales=tied)
 
 
 def _weight_group_mean(w: torch.Tensor, g: int) -> torch.Tensor:

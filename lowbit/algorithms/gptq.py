@@ -160,7 +160,7 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, *,
-                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, static_groups: bool = False,
+                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
                   n_grid: int = 20, max_shrink: float = 0.5) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.

@@ -132,27 +132,33 @@ class AffineGrid:
         ps = ps.reshape(-1, *([1] * xmin.dim()))
         return self.params_from_range(xmin * ps, xmax * ps)
 
-    def fit(self, w: torch.Tensor, S: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def fit(self, w: torch.Tensor, S: Optional[torch.Tensor] = None,
+            mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-row ``(scale, zero)`` ``[R]`` for the group ``w [R, g]`` minimising ``e S e^T``.
 
         ``S`` is None (plain squared error), per-column weights ``[g]`` or a ``[g, g]`` matrix.
+        ``w`` may carry more leading dims (``[R, G, g]``: all groups at once); ``mask`` (broadcast
+        against ``w``) zeroes padded elements out of the objective.
         """
         w = w.float()
         cs, cz = self.candidates(w)
         if cs.shape[0] == 1:
             return cs[0], cz[0]
-        losses = quadratic_loss(w - self.fake_quant(w, cs, cz), S)  # [C, R]
+        err = w - self.fake_quant(w, cs, cz)
+        losses = quadratic_loss(err if mask is None else err * mask, S)  # [C, R]
         best, idx = losses.min(0)
         scale = cs.gather(0, idx.unsqueeze(0))[0]
         zero = cz.gather(0, idx.unsqueeze(0))[0]
         for _ in range(self.refine):
-            scale, zero, best = self._refine_scale(w, scale, zero, best, S)
+            scale, zero, best = self._refine_scale(w, scale, zero, best, S, mask)
         return scale, zero
 
-    def _refine_scale(self, w, scale, zero, best, S):
+    def _refine_scale(self, w, scale, zero, best, S, mask=None):
         """One least-squares update of the scale with the codes and zero fixed; kept where it helps."""
         q = self.quantize(w, scale, zero)
         c = q - zero.unsqueeze(-1)  # centred codes: w_hat = s * c
+        if mask is not None:
+            c, w = c * mask, w * mask
         if S is None:
             num, den = (c * w).sum(-1), c.square().sum(-1)
         elif S.dim() == 1:
@@ -162,7 +168,8 @@ class AffineGrid:
             num, den = (cS * w).sum(-1), (cS * c).sum(-1)
         s_new = torch.where(den > 0, num / den.clamp_min(1e-30), scale)
         s_new = torch.where(s_new > 0, s_new, scale)
-        loss = quadratic_loss(w - self.fake_quant(w, s_new, zero), S)
+        err = w - self.fake_quant(w, s_new, zero)
+        loss = quadratic_loss(err if mask is None else err * mask, S)
         better = loss < best
         return torch.where(better, s_new, scale), zero, torch.where(better, loss, best)
 
@@ -176,18 +183,31 @@ def quantize_groups(w: torch.Tensor, grid: AffineGrid, group_size: int,
                     S_blocks: Optional[list] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit and quantize every group of ``w [R, K]`` independently (round to nearest on the grid).
 
-    ``S_blocks``: optional per-group objective matrices (``[g]`` or ``[g, g]`` each).
+    ``S_blocks``: optional per-group objective matrices (``[g]`` or ``[g, g]`` each); without them
+    all groups are fitted at once on the padded ``[R, G, g]`` view (the ragged tail is padded with
+    the row's last value and masked out of the search).
     Returns ``(codes uint8 [R, K], scales fp32 [R, G], zeros fp32 [R, G])``.
     """
     w = w.float()
     R, K = w.shape
     bounds = group_bounds(K, group_size)
+    if S_blocks is None:
+        g = bounds[0][1] - bounds[0][0]
+        pad = len(bounds) * g - K
+        wp = torch.cat([w, w[:, -1:].expand(R, pad)], 1) if pad else w
+        wg = wp.reshape(R, len(bounds), g)
+        mask = None
+        if pad:
+            mask = torch.ones(len(bounds), g, device=w.device)
+            mask[-1, g - pad:] = 0
+        scales, zeros = grid.fit(wg, None, mask)
+        codes = grid.quantize(wg, scales, zeros).reshape(R, -1)[:, :K].to(torch.uint8)
+        return codes, scales, zeros
     codes = torch.empty(R, K, dtype=torch.uint8, device=w.device)
     scales = torch.empty(R, len(bounds), dtype=torch.float32, device=w.device)
     zeros = torch.empty_like(scales)
     for gi, (a, b) in enumerate(bounds):
-        S = None if S_blocks is None else S_blocks[gi]
-        s, z = grid.fit(w[:, a:b], S)
+        s, z = grid.fit(w[:, a:b], S_blocks[gi])
         codes[:, a:b] = grid.quantize(w[:, a:b], s, z).to(torch.uint8)
         scales[:, gi], zeros[:, gi] = s, z
     return codes, scales, zeros

@@ -10,7 +10,8 @@ variable ``W_e`` (the outliers the grid is allowed to miss):
 
     W_e  <- shrink_p(W - W_r, beta)                       (generalised soft-thresholding)
     z    <- mean(Q - (W - W_e) / s)                        (zero point, as in HQQ)
-    s    <- least squares of (W - W_e) on (Q - z)          (scale; ``optimize_scale=True``)
+    s    <- least squares of (W - W_e) on (Q - z)          (scale; ``optimize_scale=True``, off by default:
+                                                           it measured worse on SmolLM2)
     beta <- kappa * beta
 
 Each group keeps the iterate with the lowest ``l_p`` error. lowbit stores integer zero points
@@ -105,7 +106,7 @@ def hqq_optimize(w: torch.Tensor, mask: torch.Tensor, grid: AffineGrid, *, lp_no
 
 def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 64, sym: bool = False, *,
                  lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01, iters: int = 20,
-                 optimize_scale: bool = True, init: str = "minmax"):
+                 optimize_scale: bool = False, init: str = "minmax"):
     """HQQ quantization of ``weight [out, in]`` -> group-layout ``QuantState`` (no data needed).
 
     ``init``: ``"minmax"`` (as HQQ) or ``"mse"`` (start from the shrink-factor search).

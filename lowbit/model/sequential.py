@@ -142,9 +142,11 @@ class _Stage:
     names: List[str]
     fold: Optional[str] = None  # module whose output these layers read, for AWQ scale folding
     stats: Optional[InputStats] = None
+    partials: Dict[int, tuple] = field(default_factory=dict)
     done: bool = False
     states: Dict[str, Any] = field(default_factory=dict)
     input_scales: Optional[torch.Tensor] = None
+    tie: Optional[torch.Tensor] = None  # GQA: o_proj input channel -> v_proj output row
 
 
 def _block_stages(block: nn.Module, selected: Dict[str, nn.Linear], prefix: str) -> List[_Stage]:
@@ -159,12 +161,28 @@ def _block_stages(block: nn.Module, selected: Dict[str, nn.Linear], prefix: str)
         fold = prev if prev in mods and _foldable(mods[prev], [mods[c] for c in consumers if c in mods]) else None
         if fold is not None and any(c not in mods for c in consumers):
             fold = None
-        stages.append(_Stage([local[c] for c in present], fold=None if fold is None else prefix + fold))
+        tie = None
+        if fold is None and prev.endswith("v_proj") and prev in mods and consumers[0] in mods:
+            tie = _gqa_tie(mods.get(prev.rsplit(".", 1)[0]), mods[prev], mods[consumers[0]])
+            fold = prev if tie is not None else None
+        stages.append(_Stage([local[c] for c in present], fold=None if fold is None else prefix + fold, tie=tie))
         used.update(present)
     for short, full in local.items():
         if short not in used:
             stages.append(_Stage([full]))
     return stages
+
+
+def _gqa_tie(attn: Optional[nn.Module], v: nn.Module, o: nn.Module) -> Optional[torch.Tensor]:
+    """For grouped-query attention, the v_proj row feeding each o_proj input channel (else None)."""
+    hd = getattr(attn, "head_dim", None)
+    groups = getattr(attn, "num_key_value_groups", None)
+    if not (isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and isinstance(hd, int) and isinstance(groups, int)):
+        return None
+    if v.out_features * groups != o.in_features or v.out_features % hd:
+        return None
+    j = torch.arange(o.in_features)
+    return (j // hd) // groups * hd + j % hd
 
 
 def _foldable(prev: nn.Module, consumers: List[nn.Module]) -> bool:
@@ -203,6 +221,22 @@ class _Staged:
         self.n_waiting = 0
         self.error: Optional[BaseException] = None
         self.stage_of: Dict[str, int] = {n: i for i, st in enumerate(stages) for n in st.names}
+        self.local = threading.local()
+
+    def _reduce(self, stage: _Stage) -> None:
+        """Sum the per-chunk statistics in chunk order into ``stage.stats``."""
+        stats = None
+        for chunk in sorted(stage.partials):
+            xtx, asum, count, k, dev = stage.partials[chunk]
+            if stats is None:
+                stats = InputStats(k, hessian=self.need_hessian, absmean=self.need_absmean, device=dev)
+            if xtx is not None:
+                stats.xtx += xtx
+            if asum is not None:
+                stats.abs_sum += asum
+            stats.count += count
+        stage.stats = stats
+        stage.partials = {}
 
     def _hook(self, name: str):
         idx = self.stage_of[name]
@@ -220,14 +254,13 @@ class _Staged:
                     return None
                 if self.error is not None:
                     raise RuntimeError("calibration aborted") from self.error
-                if stage.stats is None:
-                    stage.stats = InputStats(x.shape[-1], hessian=self.need_hessian, absmean=self.need_absmean,
-                                             device=x.device)
-                if xtx is not None:
-                    stage.stats.xtx += xtx
-                if asum is not None:
-                    stage.stats.abs_sum += asum
-                stage.stats.count += x2.shape[0]
+                # per-chunk partial sums, added in chunk order at quantization time: deterministic
+                chunk = getattr(self.local, "chunk", 0)
+                prev = stage.partials.get(chunk)
+                if prev is not None:
+                    xtx = None if xtx is None else xtx + prev[0]
+                    asum = None if asum is None else asum + prev[1]
+                stage.partials[chunk] = (xtx, asum, x2.shape[0] + (prev[2] if prev else 0), x.shape[-1], x.device)
                 self.waiting[idx] = self.waiting.get(idx, 0) + 1
                 self.n_waiting += 1
                 self._release_locked()
@@ -245,6 +278,7 @@ class _Staged:
             idx = min(self.waiting)
             stage = self.stages[idx]
             try:
+                self._reduce(stage)
                 self.quantize_stage(stage)
             except BaseException as e:  # propagate to every worker, re-raised in run()
                 self.error = e
@@ -263,6 +297,7 @@ class _Staged:
         self.live = len(chunks)
 
         def worker(i: int) -> None:
+            self.local.chunk = i
             try:
                 with torch.no_grad():
                     outs[i] = fn(chunks[i])
@@ -324,8 +359,11 @@ def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, s
     H = stage.stats.hessian()
     mean = stage.stats.act_absmean()
     ws = [modules[n].weight.detach() for n in stage.names]
-    res = awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None, **opts)
-    stage.input_scales = res.input_scales if stage.fold is not None else None
+    res = awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None, tie=stage.tie, **opts)
+    if stage.fold is None:
+        stage.input_scales = None
+    else:
+        stage.input_scales = res.tied_scales if stage.tie is not None else res.input_scales
     for n, st, w_eff in zip(stage.names, res.states, res.effective_weights):
         stage.states[n] = st
         with torch.no_grad():  # mathematically the folded pair: (x / s) @ Q(W s)^T
