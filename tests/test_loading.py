@@ -67,6 +67,10 @@ def test_load_local_folder_round_trip(tmp_path):
     assert not m2.training
     m3, _ = load_model(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m3.parameters())
+    weights_only = tmp_path / "weights_only"
+    m.save_pretrained(weights_only)
+    m4, tok4 = load_model(weights_only)
+    assert tok4 is None and m4.config.vocab_size == 256
 
 
 def test_bad_specs(tmp_path):

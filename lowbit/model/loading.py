@@ -370,7 +370,8 @@ def load_model(
 
     ``spec``: ``"default"``, a ``.gguf`` file, a local HF folder, or a Hub id (see the module doc).
     ``cache`` (GGUF only): reuse / store the converted float model under :func:`cache_dir`
-    (default: on unless ``LOWBIT_NO_CACHE=1``).
+    (default: on unless ``LOWBIT_NO_CACHE=1``). The tokenizer is ``None`` (with a warning) when a
+    local folder holds weights but no tokenizer files.
 
     Errors: :class:`FileNotFoundError` for a missing path or package (naming the install command),
     :class:`ModelLoadError` (a ``RuntimeError``) for an unreachable Hub or a failed conversion.
@@ -393,7 +394,11 @@ def load_model(
         if (path / "config.json").is_file():
             tf = require("transformers", "loading Hugging Face models")
             model = tf.AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kwargs(dtype))
-            tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
+            try:
+                tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
+            except (OSError, ValueError) as e:  # a weights-only folder: the model is still usable
+                logger.warning("no tokenizer in %s (%s); returning tokenizer=None", path, str(e).splitlines()[0])
+                tokenizer = None
             return _finish(model, dtype, device), tokenizer
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
