@@ -107,6 +107,35 @@ def test_gradient_checkpointing_gives_the_same_gradients(float_dir):
     assert any(g.abs().sum() > 0 for n, g in plain.items() if "lora_A" in n)
 
 
+def test_recompute_base_keeps_no_float_weight_for_backward():
+    """Autograd must not hold the dequantized weights until the backward pass (the point of QLoRA)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])
+    lowbit.quantize(mlp, method="bnb-nf4", exclude=[])
+    pm = get_peft_model(mlp, LoraConfig(r=4, target_modules=["0", "1", "2", "3"], init_lora_weights=False))
+    x = torch.randn(8, 256, requires_grad=True)
+
+    def run(recompute: bool):
+        lbp.LowbitLoraLinear.recompute_base = recompute
+        saved = []
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                y = pm(x)
+        finally:
+            lbp.LowbitLoraLinear.recompute_base = True
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in pm.parameters() if p.requires_grad] + [x.grad.clone()]
+        pm.zero_grad()
+        x.grad = None
+        return y.detach(), grads, sum(saved)
+
+    y1, g1, n1 = run(True)
+    y0, g0, n0 = run(False)
+    assert torch.equal(y1, y0)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g1, g0))
+    assert n0 >= 4 * 256 * 256 > 8 * n1  # without recompute: the four float weights; with it: inputs only
+
+
 def test_merge_float_equals_adapter_outputs(float_dir):
     model = _load(float_dir, method="nf4")
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))

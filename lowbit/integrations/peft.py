@@ -33,6 +33,7 @@ import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from lowbit._deps import require
@@ -109,7 +110,16 @@ class LowbitLoraLinear(_lora_layer.Linear):
 
     Forward, dropout, scaling, DoRA and mixed-adapter batches are peft's (``base(x) + B(A(x)) * s``);
     merging dequantizes the base, adds the delta and re-quantizes with the base's own scheme.
+
+    ``recompute_base`` (default True): when gradients flow through the layer, the base layer runs
+    under non-reentrant activation checkpointing, so autograd keeps the layer's input instead of
+    its dequantized float weight (which ``F.linear`` would save to compute the input gradient) and
+    dequantizes again in the backward pass. Without it every adapted layer's float weight stays
+    alive until the backward pass and QLoRA saves no memory during training over LoRA on the
+    float model. Outputs and gradients are identical either way.
     """
+
+    recompute_base: bool = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, **kwargs: Any) -> None:
@@ -124,6 +134,22 @@ class LowbitLoraLinear(_lora_layer.Linear):
     def weight(self) -> torch.Tensor:
         """The dequantized base weight (read by code that inspects ``layer.weight``)."""
         return self.get_base_layer().weight
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not (self.recompute_base and torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        plain = type(base).forward.__get__(base)
+
+        def checkpointed(*a: Any, **k: Any) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(plain, *a, use_reentrant=False, **k)
+
+        # peft's forward calls ``self.base_layer(x)``: route that one call through the checkpoint
+        base.forward = checkpointed
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            del base.forward
 
     def _merged_weight(self, adapter_names: List[str], sign: float = 1.0) -> torch.Tensor:
         base = self.get_base_layer()
