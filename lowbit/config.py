@@ -94,6 +94,18 @@ def get_qtype(value: Union[str, QType, None]) -> Optional[QType]:
     raise TypeError(f"qtype must be a QType, a string or None, got {type(value).__name__}")
 
 
+def _weights_type(value: Union[str, QType, None]) -> Union[QType, str, None]:
+    """Weights may be a qtype or, for weight-only use, any lowbit tensor scheme name (``"nf4"``, ``"int3_asym"``)."""
+    if isinstance(value, str) and value.lower() not in QTYPES and value.lower() not in ("none", ""):
+        from lowbit.tensor.functional import SCHEMES
+
+        if value in SCHEMES:
+            return SCHEMES.get(value).name
+        raise ValueError(f"unknown weights type {value!r}; expected one of {', '.join(QTYPES)} or a lowbit scheme "
+                         f"({', '.join(SCHEMES.names())})")
+    return get_qtype(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # method configurations
 
@@ -206,7 +218,8 @@ class _Filtered(MethodConfig):
 class QuantoConfig(_Filtered):
     """optimum-quanto workflow: swap Linear/Conv2d for QLinear/QConv2d (fake-quantized until freeze).
 
-    ``weights``: qint2 | qint4 | qint8 | qfloat8 (or None); ``activations``: qint8 | qfloat8 | None
+    ``weights``: qint2 | qint4 | qint8 | qfloat8, a lowbit scheme name for weight-only use
+    (``"nf4"``, ``"int3_asym"`` ...) or None; ``activations``: qint8 | qfloat8 | None
     (static scales recorded by ``Calibration``, or ``act_dynamic=True`` for per-token dynamic
     scales); ``group_size``: for qint2/qint4 weights (default: 128, reduced by 32 until it divides
     the input features, else per output channel).
@@ -220,7 +233,7 @@ class QuantoConfig(_Filtered):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        w = get_qtype(self.weights)
+        w = _weights_type(self.weights)
         a = get_qtype(self.activations)
         if a is not None and a.name not in ACTIVATION_QTYPES:
             raise ValueError(f"activations={a.name!r}: expected one of {', '.join(ACTIVATION_QTYPES)} or None")

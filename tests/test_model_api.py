@@ -109,7 +109,7 @@ def test_include_exclude_and_default_lm_head():
 
 
 def test_quantize_arguments_validated():
-    with pytest.raises(ValueError, match="unknown qtype"):
+    with pytest.raises(ValueError, match="unknown weights type"):
         lowbit.quantize(nn.Linear(4, 4), weights="qint3")
     with pytest.raises(ValueError, match="activations"):
         lowbit.quantize(nn.Sequential(nn.Linear(4, 4)), activations="qint4")
