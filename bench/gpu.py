@@ -477,16 +477,14 @@ def section_decode(peers, quick, layers=32):
 # tuning
 
 
-# (kernel, BN, K per iteration, split_k, warps, stages) per M bucket (split_k filled in below)
+# (kernel, BN, K per iteration, warps, stages) per M bucket; split_k from SPLITS; the current
+# configuration of each bucket is always a candidate too
 TUNE_4BIT = {
-    1: [("gemv", bn, ks, w, 1) for bn in (16, 32, 64, 128) for ks in (256, 512) for w in (4,)]
-       + [("gemv", 64, 512, 8, 1), ("gemv", 128, 512, 8, 1)],
-    4: [("gemv", bn, ks, 4, 1) for bn in (16, 32, 64) for ks in (256, 512)]
-       + [("gemm", 64, 128, 4, 3), ("gemm", 128, 128, 4, 3)],
-    16: [("gemm", 64, 128, 4, 3), ("gemm", 128, 128, 4, 3), ("gemm", 64, 256, 4, 3), ("gemm", 128, 256, 8, 3),
-         ("gemm", 32, 256, 4, 3), ("gemm", 64, 128, 4, 4)],
-    64: [("gemm", 64, 128, 4, 3), ("gemm", 128, 128, 8, 3), ("gemm", 128, 256, 8, 3), ("gemm", 64, 256, 4, 3)],
-    128: [("gemm", 128, 128, 8, 3), ("gemm", 128, 256, 8, 3), ("gemm", 64, 128, 4, 3)],
+    1: [("gemv3", bn, ks, 4, 1) for bn in (32, 64, 128) for ks in (256, 512)],
+    4: [("gemv3", 32, 256, 4, 1), ("gemv3", 64, 256, 4, 1), ("gemm3", 64, 128, 4, 3), ("gemm3", 128, 128, 4, 3)],
+    16: [("gemm3", 64, 128, 4, 3), ("gemm3", 128, 128, 4, 3), ("gemm3", 64, 256, 4, 3), ("gemm3", 128, 256, 8, 3)],
+    64: [("gemm3", 64, 128, 4, 3), ("gemm3", 128, 128, 8, 3), ("gemm3", 128, 256, 8, 3)],
+    128: [("gemm3", 128, 128, 8, 3), ("gemm3", 128, 256, 8, 3)],
 }
 SPLITS = {1: (1, 2, 4), 4: (1, 2, 4), 16: (1, 2, 4), 64: (1, 2), 128: (1, 2)}
 SCALED_CANDIDATES = [(128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
@@ -494,12 +492,12 @@ SCALED_CANDIDATES = [(128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 1
                      (128, 128, 128, 8, 4, 4, "tma"), (128, 256, 64, 8, 8, 5, "tma")]
 
 
-def tune(quick):
+def tune(quick, full=False):
     from lowbit.kernels.triton import gemm_4bit as gk
 
     tuned = {}
     log = []
-    shapes = [(8192, 8192), (28672, 8192)]
+    shapes = [(8192, 8192), (28672, 8192)] if full else [(8192, 8192)]
     for fmt, scheme, kw, G in [("codebook", "nf4", dict(block_size=64), 64), ("int4", "int4_asym", dict(group_size=128), 128)]:
         preps = []
         for N, K in shapes:
@@ -510,8 +508,10 @@ def tune(quick):
         best_for = {}
         for bucket in (1, 4, 16, 64, 128):
             cands = [(k, bn, ks, sk, w, st) for k, bn, ks, w, st in TUNE_4BIT[bucket] for sk in SPLITS[bucket]]
+            cands.append(triton_configs.configs_4bit(fmt, G)[bucket])
             if bucket >= 64:
                 cands.append(("dequant",))
+            cands = list(dict.fromkeys(cands))
             score = {}
             for cfg in cands:
                 tot = 0.0
@@ -535,11 +535,17 @@ def tune(quick):
             best_for[bucket] = best
         table = {1: best_for[1], 2: best_for[4], 4: best_for[4], 16: best_for[16], 32: best_for[64],
                  64: best_for[64], 128: best_for[128]}
+        if table[32][0].startswith("gemv"):
+            table[32] = best_for[64]
         # M=2/4 reuse the M=4 winner; BM follows M inside the launcher
         tuned[(fmt, G)] = table
         triton_configs.TUNED[(fmt, G)] = table
         del preps
         torch.cuda.empty_cache()
+    tuned.update({k: v for k, v in triton_configs.TUNED.items() if k not in tuned})
+    RESULTS["tuning_log"] = log
+    if not full:
+        return tuned
     from lowbit.kernels.triton import scaled_gemm as sg
 
     M, K, N = 4096, 8192, 8192
@@ -733,14 +739,23 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sections", default="anchors,blockwise,gemm,w8a8,decode")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--full-tune", action="store_true", help="also the int8/fp8 GEMM and blockwise configs, 2 shapes")
+    ap.add_argument("--merge", default=None, help="a previous gpu.json whose sections not run now are kept")
+    ap.add_argument("--Ms", default=None, help="comma-separated M values of the 4-bit GEMM section")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA GPU")
     peers = load_peers()
+    if args.merge and os.path.exists(args.merge):
+        with open(args.merge) as f:
+            old = json.load(f)
+        RESULTS["sections"].update(old.get("sections", {}))
+        note(f"sections {sorted(old.get('sections', {}))} first measured in an earlier run of this script "
+             "(same GPU kind); the ones re-run below replace them")
     t0 = time.time()
     if args.tune:
         try:
-            tuned = tune(args.quick)
+            tuned = tune(args.quick, args.full_tune)
             with open(os.path.join(args.out, "tuned.py"), "w") as f:
                 f.write("TUNED = " + repr(tuned) + "\n")
         except Exception:  # noqa: BLE001
@@ -748,6 +763,8 @@ def main():
         print(f"tuning took {time.time() - t0:.0f}s", flush=True)
     secs = args.sections.split(",")
     Ms = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] if not args.quick else [1, 16, 64, 256]
+    if args.Ms:
+        Ms = [int(m) for m in args.Ms.split(",")]
     jobs = [("anchors", section_anchors, ()), ("blockwise", section_blockwise, (peers, args.quick)),
             ("gemm", section_gemm, (peers, args.quick, Ms, [(8192, 8192), (28672, 8192)])),
             ("w8a8", section_w8a8, (peers, args.quick)), ("decode", section_decode, (peers, args.quick, args.layers))]

@@ -26,9 +26,8 @@ def _x(shape, dtype, seed):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("shape,block", [((4096, 1100), 64), ((37, 63), 64), ((1001,), 128), ((3, 2048), 4096),
-                                         ((5, 77), 16)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,block", [((4096, 1100), 64), ((37, 63), 64), ((3, 2048), 4096), ((5, 77), 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantize_bit_identical_and_dequantize(scheme, shape, block, dtype):
     x = _x(shape, dtype, seed=hash((scheme, shape, block)) % 1000)
     ref = lowbit.quantize(x, scheme, block)
@@ -81,7 +80,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("scheme,kw", FORMATS)
-@pytest.mark.parametrize("M", [1, 3, 16, 33, 128, 300])
+@pytest.mark.parametrize("M", [1, 3, 16, 33, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_4bit_all_paths(scheme, kw, M, dtype):
     if dtype == torch.float16 and scheme != "nf4":
@@ -100,9 +99,9 @@ def test_linear_4bit_all_paths(scheme, kw, M, dtype):
     from lowbit.kernels.triton import gemm_4bit as gk
 
     p = kernels.prepare_4bit(st)
-    kinds = [("gemm", 64, 128, 1, 4, 3), ("gemm", 32, 256, 4, 4, 2)]
+    kinds = [("gemm", 64, 128, 1, 4, 3), ("gemm3", 32, 256, 4, 4, 2)]
     if M <= 4:
-        kinds += [("gemv", 32, 256, 1, 4, 1), ("gemv", 64, 512, 8, 8, 1)]
+        kinds += [("gemv", 32, 256, 1, 4, 1), ("gemv3", 64, 512, 4, 4, 1)]
     for cfg in kinds:
         for cache in (None, p.launch_cache, p.launch_cache):  # Triton's launch, then the cached fast path
             y = gk.launch(x, p.qweight, p.scales, p.zeros, p.values, b, N, K, p.group, p.kind, cfg, cache)

@@ -156,10 +156,13 @@ def dequantize(state: QuantState, out_dtype: Optional[torch.dtype] = None, backe
     nested = None
     scales = None
     if state.nested is not None:
-        dyn, _ = _dynamic_tables(dev)
-        nb = state.nested
-        off_t = torch.tensor([state.offset], dtype=torch.float32, device=state.device)
-        nested = (nb.data, nb.scales.float(), dyn, off_t, nb.block_size)
+        # device copies made once per state (no host-to-device copy per call: graph-capturable)
+        nested = _cached(state, "nested")
+        if nested is None:
+            dyn, _ = _dynamic_tables(dev)
+            nb = state.nested
+            off_t = torch.tensor([state.offset], dtype=torch.float32).to(state.device)
+            nested = _store(state, "nested", (nb.data, nb.scales.float(), dyn, off_t, nb.block_size))
     else:
         scales = state.scales.reshape(-1).float()
     zeros = state.zeros.reshape(-1) if state.zeros is not None else None

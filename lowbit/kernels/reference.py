@@ -57,8 +57,9 @@ def quantize_rows(x2: torch.Tensor, fp8: bool) -> Tuple[torch.Tensor, torch.Tens
     xf = x2.float()
     qmax = FP8_QMAX if fp8 else INT8_QMAX
     amax = xf.abs().amax(dim=-1).clamp(min=AMAX_EPS)
-    inv = qmax / amax
-    sx = amax / qmax
+    q_t = torch.full_like(amax, qmax)
+    inv = torch.div(q_t, amax)  # IEEE division (``qmax / tensor`` is a reciprocal times qmax in torch)
+    sx = torch.div(amax, q_t)
     v = xf * inv[:, None]
     if fp8:
         q = v.clamp(-qmax, qmax).to(torch.float8_e4m3fn)

@@ -95,55 +95,69 @@ def _codebook_index(scaled, mids_ptr, order, NCODE: tl.constexpr, PERMUTE: tl.co
 
 
 @triton.jit
+def _affine_codes(x, scale, zero, LEVELS: tl.constexpr):
+    r = _rint(tl.math.div_rn(x, scale[:, None])) + zero
+    return tl.minimum(tl.maximum(r, 0.0), LEVELS).to(tl.int32)
+
+
+@triton.jit
 def _quant_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, mids_ptr,
     n, nblocks, order,
     G: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
     NCODE: tl.constexpr, PERMUTE: tl.constexpr, PAD: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr, LEVELS: tl.constexpr,
 ):
+    # each block is read as its even and odd elements (two strided loads over the same sectors), so
+    # the two nibbles of a byte come out in separate registers without a shuffle
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < nblocks
-    e = rows[:, None] * G + tl.arange(0, G)[None, :]
-    emask = e < n
-    x = tl.load(x_ptr + e, mask=emask, other=0.0).to(tl.float32)
+    j = tl.arange(0, G // 2)
+    e0 = rows[:, None] * G + 2 * j[None, :]
+    m0 = e0 < n
+    m1 = e0 + 1 < n
+    xe = tl.load(x_ptr + e0, mask=m0, other=0.0).to(tl.float32)
+    xo = tl.load(x_ptr + e0 + 1, mask=m1, other=0.0).to(tl.float32)
+    nan = tl.maximum(tl.max((xe != xe).to(tl.int32), axis=1), tl.max((xo != xo).to(tl.int32), axis=1)) > 0
     if KIND == _CODEBOOK:
-        absmax = tl.max(tl.abs(x), axis=1)
+        absmax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
         am = tl.maximum(absmax, tl.full([ROWS], 1e-38, tl.float32))
         # full blocks: x * (1 / absmax); the ragged last block: x / absmax (bitsandbytes default backend)
         tail = (rows == nblocks - 1) & (n - rows * G < G)
         inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), am)
-        scaled = tl.where(tail[:, None], tl.math.div_rn(x, am[:, None]), x * inv[:, None])
-        scaled = tl.where((absmax > 0)[:, None], scaled, 0.0)
-        scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
-        q = _codebook_index(scaled, mids_ptr, order, NCODE, PERMUTE)
-        tl.store(s_ptr + rows, tl.where(tail, am, absmax), mask=rmask)
+        se = tl.where(tail[:, None], tl.math.div_rn(xe, am[:, None]), xe * inv[:, None])
+        so = tl.where(tail[:, None], tl.math.div_rn(xo, am[:, None]), xo * inv[:, None])
+        se = tl.minimum(tl.maximum(tl.where((absmax > 0)[:, None], se, 0.0), -1.0), 1.0)
+        so = tl.minimum(tl.maximum(tl.where((absmax > 0)[:, None], so, 0.0), -1.0), 1.0)
+        qe = _codebook_index(se, mids_ptr, order, NCODE, PERMUTE)
+        qo = _codebook_index(so, mids_ptr, order, NCODE, PERMUTE)
+        sc = tl.where(tail, am, absmax)
+        tl.store(s_ptr + rows, tl.where(nan, float("nan"), sc), mask=rmask)
     elif KIND == _SYM:
-        absmax = tl.max(tl.abs(x), axis=1)
+        absmax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
         scale = tl.math.div_rn(absmax, tl.full([ROWS], QMAX, tl.float32))
         scale = tl.where(scale > 0, scale, 1.0)
-        r = _rint(tl.math.div_rn(x, scale[:, None])) + ZERO
-        q = tl.minimum(tl.maximum(r, 0.0), LEVELS).to(tl.int32)
-        tl.store(s_ptr + rows, scale, mask=rmask)
+        qe = _affine_codes(xe, scale, ZERO, LEVELS)
+        qo = _affine_codes(xo, scale, ZERO, LEVELS)
+        tl.store(s_ptr + rows, tl.where(nan, float("nan"), scale), mask=rmask)
     else:
         # masked lanes are 0, and the range is extended to include 0 anyway
-        lo = tl.minimum(tl.min(x, axis=1), 0.0)
-        hi = tl.maximum(tl.max(x, axis=1), 0.0)
+        lo = tl.minimum(tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1)), 0.0)
+        hi = tl.maximum(tl.maximum(tl.max(xe, axis=1), tl.max(xo, axis=1)), 0.0)
         scale = tl.math.div_rn(hi - lo, tl.full([ROWS], LEVELS, tl.float32))
         scale = tl.where(scale > 0, scale, 1.0)
         zero = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-lo, scale)), 0.0), LEVELS)
-        r = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
-        q = tl.minimum(tl.maximum(r, 0.0), LEVELS).to(tl.int32)
-        tl.store(s_ptr + rows, scale, mask=rmask)
+        qe = _affine_codes(xe, scale, zero[:, None], LEVELS)
+        qo = _affine_codes(xo, scale, zero[:, None], LEVELS)
+        tl.store(s_ptr + rows, tl.where(nan, float("nan"), scale), mask=rmask)
         tl.store(z_ptr + rows, zero.to(tl.uint8), mask=rmask)
-    q = tl.where(emask, q, PAD)  # the padding nibble of an odd count (bitsandbytes: the code of 0.0)
+    qe = tl.where(m0, qe, PAD)
+    qo = tl.where(m1, qo, PAD)  # the padding nibble of an odd count (bitsandbytes: the code of 0.0)
     if BITS == 4:
-        qe, qo = tl.split(tl.reshape(q, (ROWS, G // 2, 2)))
-        j = tl.arange(0, G // 2)
-        b0 = rows[:, None] * (G // 2) + j[None, :]
-        tl.store(q_ptr + b0, ((qe << 4) | qo).to(tl.uint8), mask=2 * b0 < n)
+        tl.store(q_ptr + rows[:, None] * (G // 2) + j[None, :], ((qe << 4) | qo).to(tl.uint8), mask=m0)
     else:
-        tl.store(q_ptr + e, q.to(tl.uint8), mask=emask)
+        tl.store(q_ptr + e0, qe.to(tl.uint8), mask=m0)
+        tl.store(q_ptr + e0 + 1, qo.to(tl.uint8), mask=m1)
 
 
 @triton.jit
@@ -177,7 +191,7 @@ def _quant_lut_kernel(
 import torch  # noqa: E402
 
 # elements handled by one program and warps per program; bench/gpu.py sweeps these on the H100
-DEQUANT_CONFIG = {"elems": 4096, "num_warps": 4}
+DEQUANT_CONFIG = {"elems": 2048, "num_warps": 4}
 QUANT_CONFIG = {"elems": 2048, "num_warps": 4}
 
 
