@@ -594,6 +594,34 @@ def tune(quick, full=False):
     return tuned
 
 
+def section_compare(peers, quick):
+    """Kernel variants at fixed configs, 8192 x 8192 (graph timings, µs): a short check of a change."""
+    from lowbit.kernels.triton import gemm_4bit as gk
+
+    out = {}
+    N = K = 8192
+    for scheme, kw, G in [("nf4", dict(block_size=64), 64), ("int4_asym", dict(group_size=128), 128)]:
+        W = torch.randn(N, K, device=DEV, dtype=torch.bfloat16)
+        ps = [kernels.prepare_4bit(lowbit.quantize(W, scheme, **kw)) for _ in range(_copies(N * K // 2))]
+        base = {}
+        for M, cfgs in [(1, [("gemv", 64, 256, 4, 4, 1), ("gemv3", 64, 256, 1, 4, 1), ("gemv3", 64, 256, 4, 4, 1),
+                             ("gemv3", 128, 512, 2, 4, 1), ("gemv3", 32, 512, 4, 4, 1)]),
+                        (16, [("gemm", 64, 128, 4, 4, 3), ("gemm3", 64, 128, 4, 4, 3), ("gemm3", 128, 128, 2, 4, 3),
+                              ("gemm3", 64, 256, 1, 4, 3)])]:
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            base[M] = time_calls([lambda W=W: F.linear(x, W)], graph=True, reps=20, rounds=3)
+            for cfg in cfgs:
+                try:
+                    t = time_calls([lambda p=p: gk.launch(x, p.qweight, p.scales, p.zeros, p.values, None, N, K, G,
+                                                          p.kind, cfg, p.launch_cache) for p in ps], graph=True, rounds=3)
+                    out[f"{scheme} M={M} {cfg}"] = f"{t * 1e6:.1f} us = {base[M] / t:.2f}x F.linear"
+                except Exception as e:  # noqa: BLE001
+                    out[f"{scheme} M={M} {cfg}"] = repr(e)[:200]
+                print(f"{scheme} M={M} {cfg}: {out[f'{scheme} M={M} {cfg}']}", flush=True)
+        del ps, W
+    RESULTS["sections"]["compare"] = out
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 
@@ -676,6 +704,9 @@ def write_report(out):
                      f"{'—' if v.get('tok_s_eager') is None else format(v['tok_s_eager'], '.1f')} | "
                      f"{'—' if not base or v.get('tok_s_graph') is None else format(v['tok_s_graph'] / base, '.2f') + '×'} |")
         L.append("")
+    if S.get("compare"):
+        L += ["## Kernel variants at fixed configs, 8192 × 8192, CUDA graph", ""] + \
+             [f"- `{k}`: {v}" for k, v in S["compare"].items()] + [""]
     if RESULTS.get("tuning_log"):
         L += ["## Tuning log (lowbit configs chosen in this run)", ""] + [f"- `{t}`" for t in RESULTS["tuning_log"]] + [""]
     if RESULTS.get("graph_failures"):
@@ -767,7 +798,8 @@ def main():
         Ms = [int(m) for m in args.Ms.split(",")]
     jobs = [("anchors", section_anchors, ()), ("blockwise", section_blockwise, (peers, args.quick)),
             ("gemm", section_gemm, (peers, args.quick, Ms, [(8192, 8192), (28672, 8192)])),
-            ("w8a8", section_w8a8, (peers, args.quick)), ("decode", section_decode, (peers, args.quick, args.layers))]
+            ("w8a8", section_w8a8, (peers, args.quick)), ("decode", section_decode, (peers, args.quick, args.layers)),
+            ("compare", section_compare, (peers, args.quick))]
     for name, fn, fargs in jobs:
         if name not in secs:
             continue
