@@ -83,7 +83,16 @@ def test_state_dict_roundtrip_and_dtype_moves():
     assert m(x.half()).dtype == torch.float16
 
 
-def test_gradients_reach_input_and_lora_adapter():
+@pytest.fixture
+def one_thread():
+    # tiny matmuls: one thread avoids oversubscription on a shared 2-core CI box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_gradients_reach_input_and_lora_adapter(one_thread):
     torch.manual_seed(0)
     base = Linear4bit.from_module(nn.Linear(32, 32), quant_type="nf4").quantize_weight()
     assert not any(p.requires_grad for n, p in base.named_parameters() if n != "bias")
