@@ -162,7 +162,7 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, *,
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
-                  n_grid: int = 20, max_shrink: float = 0.5) -> GPTQResult:
+                  n_grid: Optional[int] = None, max_shrink: Optional[float] = None) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.
 
     See the module docstring for the options. Returns a :class:`GPTQResult` (``.state`` is the
@@ -179,6 +179,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         raise ValueError(f"blocksize={blocksize!r}: must be a positive integer")
     g = K if group_size in (-1, None) else group_size
     bounds = group_bounds(K, g)
+    # grid search range: at 3 bits and below a wider, finer range measured better on SmolLM2
+    # (int3 g128 asym ppl 36.2 -> 35.0); at 4 bits 20 steps down to 0.5 x the range
+    if n_grid is None:
+        n_grid = 40 if bits <= 3 else 20
+    if max_shrink is None:
+        max_shrink = 0.7 if bits <= 3 else 0.5
     if grid is None:
         grid = AffineGrid(bits=bits, sym=sym, search="minmax" if group_objective == "minmax" else "mse",
                           n_grid=n_grid, max_shrink=max_shrink, refine=0)

@@ -56,7 +56,7 @@ CALIBRATED = ("awq", "gptq")
 
 _GPTQ_KEYS = ("percdamp", "blocksize", "act_order", "static_groups", "group_objective", "refit", "n_grid",
               "max_shrink")
-_AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid")
+_AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie")
 _HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init")
 _RTN_KEYS = ("search", "n_grid", "max_shrink", "refine")
 METHOD_OPTIONS = {"gptq": _GPTQ_KEYS, "awq": _AWQ_KEYS, "hqq": _HQQ_KEYS, "rtn": _RTN_KEYS}
@@ -356,6 +356,9 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
 
 
 def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
+    opts = dict(opts)
+    if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
+        stage.fold, stage.tie = None, None
     H = stage.stats.hessian()
     mean = stage.stats.act_absmean()
     ws = [modules[n].weight.detach() for n in stage.names]
