@@ -407,8 +407,9 @@ def device_name(device) -> str:
 
 
 def save(results, args):
+    results = merge(results, [])  # rows in the order of the row lists
     with open(os.path.join(args.out, "ptq.json"), "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
+        json.dump(results, f, indent=1)
     write_report(results, args.out)
 
 
