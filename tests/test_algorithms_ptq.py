@@ -217,3 +217,17 @@ def test_grid_errors():
         gptq_quantize(torch.randn(4, 8), torch.eye(7))
     codes, s, z = quantize_groups(torch.zeros(3, 10), AffineGrid(4, False), 4)
     assert bool((dequantize_groups(codes, s, z, 4) == 0).all())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gptq_on_exact_gguf_grid(qtype):
+    X = _correlated_inputs(1024, 128)
+    H = X.T @ X / X.shape[0]
+    w = _weight(16, 128)
+    res = gptq_quantize(w, H, gguf_type=qtype)
+    st = res.state
+    assert st.layout == "gguf" and st.scheme == qtype.lower()
+    # the raw blocks dequantize (llama.cpp rule, fp16 d/m) to exactly what GPTQ optimised
+    torch.testing.assert_close(lowbit.dequantize(st), res.dequantize(), rtol=0, atol=1e-6)
+    ref = lowbit.dequantize(lowbit.quantize(w, qtype.lower()))  # llama.cpp's own quantizer
+    assert layer_output_error(w, lowbit.dequantize(st), H) < 0.8 * layer_output_error(w, ref, H)

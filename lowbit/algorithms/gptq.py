@@ -20,6 +20,9 @@ spread over the columns not yet quantized through the upper Cholesky factor of `
   ``S = [(H_rest^{-1})_{GG}]^{-1}``, the Schur complement, read off the Cholesky factor), or
   ``"sweep"`` (the exact GPTQ loss of the group: every candidate grid runs the group's column sweep
   and each row keeps the best; needs contiguous groups, i.e. no ``act_order``).
+* ``gguf_type`` (``"Q4_0"``, ``"Q4_1"``, ``"Q5_0"``, ``"Q5_1"``, ``"Q8_0"``): GPTQ on the exact
+  llama.cpp block grid (blocks of 32, fp16 ``d``/``m``); ``.state`` is then a ``layout="gguf"``
+  QuantState of raw blocks, ready for a GGUF file.
 * ``refit_scales``: after the sweep, the scales are re-solved by least squares with the codes and
   zero points fixed, minimising ``tr((W - W_hat) (H + lambda I) (W - W_hat)^T)`` (kept per row
   only where it lowers that error).
@@ -62,9 +65,13 @@ class GPTQResult:
     group_size: int
     sym: bool
     dtype: torch.dtype = torch.float32
+    grid: Optional[object] = None
 
     @property
     def state(self):
+        """Group-layout QuantState (``layout="gguf"`` raw blocks when GPTQ ran on a GGUF grid)."""
+        if self.grid is not None and hasattr(self.grid, "gguf_state"):
+            return self.grid.gguf_state(self.codes, self.scales, self.zeros, self.dtype)
         return to_state(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.sym, self.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -162,7 +169,8 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, *,
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
-                  n_grid: Optional[int] = None, max_shrink: Optional[float] = None) -> GPTQResult:
+                  n_grid: Optional[int] = None, max_shrink: Optional[float] = None,
+                  gguf_type: Optional[str] = None) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.
 
     See the module docstring for the options. Returns a :class:`GPTQResult` (``.state`` is the
@@ -177,6 +185,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         raise ValueError(f"group_objective={group_objective!r}: expected one of {GROUP_OBJECTIVES}")
     if not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize={blocksize!r}: must be a positive integer")
+    if gguf_type is not None:  # error-compensated GGUF: the exact llama.cpp block grid, blocks of 32
+        from lowbit.algorithms.grid import GGUFGrid
+
+        grid = GGUFGrid(qtype=gguf_type, search="minmax" if group_objective == "minmax" else "mse", refine=0,
+                        n_grid=n_grid or 20, max_shrink=0.5 if max_shrink is None else max_shrink)
+        group_size, bits, sym = 32, grid.bits, grid.sym
     g = K if group_size in (-1, None) else group_size
     bounds = group_bounds(K, g)
     # grid search range: at 3 bits and below a wider, finer range measured better on SmolLM2
@@ -275,7 +289,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         Hd = H + damp * torch.eye(K, dtype=H.dtype, device=dev)
         scales = refit_scales(W_orig, Hd, codes, scales, zeros, g)
     return GPTQResult(codes=codes.to(torch.uint8), scales=scales, zeros=zeros, loss=float(total_loss) / 2,
-                      damp=damp, bits=grid.bits, group_size=g, sym=grid.sym, dtype=weight.dtype)
+                      damp=damp, bits=grid.bits, group_size=g, sym=grid.sym, dtype=weight.dtype,
+                      grid=grid if gguf_type is not None else None)
 
 
 def layer_output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:

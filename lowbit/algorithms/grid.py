@@ -233,3 +233,66 @@ def to_state(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
 
 def n_groups(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / (in_features if group_size in (-1, None) else group_size))
+
+
+@dataclass
+class GGUFGrid(AffineGrid):
+    """llama.cpp block grids (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; blocks of 32) for error-compensated GGUF.
+
+    The candidate parameters follow llama.cpp's reference rule (:func:`lowbit.formats.gguf.block_params`)
+    applied to the shrunk range, with ``d`` (and ``m``) rounded to fp16 as stored, so that the codes
+    GPTQ picks dequantize exactly as the GGUF file will. In the ``(q - z) * s`` convention ``s = d``
+    and ``z = 2**(b-1)`` (``_0`` types, Q8_0: 128) or ``z = -m / d`` (``_1`` types, fractional).
+    """
+
+    qtype: str = "q4_0"
+
+    def __post_init__(self) -> None:
+        from lowbit.formats.gguf import gguf_type
+
+        t = gguf_type(self.qtype)
+        self.qtype = t.name.lower()
+        self.bits = t.bits
+        self.sym = not t.asymmetric
+        super().__post_init__()
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def params_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        xmin, xmax = xmin.float(), xmax.float()
+        if not self.sym:  # q * d + m
+            d = ((xmax - xmin) / self.maxq).half().float()
+            m = xmin.half().float()
+            scale = torch.where(d != 0, d, torch.ones_like(d))
+            zero = torch.where(d != 0, -m / scale, torch.zeros_like(m))
+            return scale, zero
+        if self.bits == 8:
+            d = (torch.maximum(xmin.abs(), xmax.abs()) / 127.0).half().float()
+            zero = torch.full_like(d, 128.0)
+        else:
+            signed_max = torch.where(xmin.abs() > xmax.abs(), xmin, xmax)
+            d = (signed_max / -float(1 << (self.bits - 1))).half().float()
+            zero = torch.full_like(d, float(1 << (self.bits - 1)))
+        return torch.where(d != 0, d, torch.ones_like(d)), zero
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)), 0, self.maxq)
+
+    def quantize_column(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(w / scale + zero), 0, self.maxq)
+
+    def gguf_state(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32):
+        """A ``layout="gguf"`` QuantState holding the raw llama.cpp blocks (``in`` a multiple of 32)."""
+        from lowbit.formats.gguf import pack_blocks
+        from lowbit.tensor.state import QuantState
+
+        R, K = codes.shape
+        if K % 32:
+            raise ValueError(f"GGUF blocks need in_features divisible by 32, got {K}")
+        d = scales.half()
+        m = None if self.sym else (-zeros * scales).half()
+        raw = pack_blocks(codes.to(torch.uint8), d, m, self.qtype)
+        return QuantState(scheme=self.qtype, bits=self.bits, shape=(R, K), dtype=dtype, layout="gguf",
+                          block_size=32, data=raw)

@@ -55,7 +55,7 @@ PTQ_METHODS = ("rtn", "awq", "gptq", "hqq")
 CALIBRATED = ("awq", "gptq")
 
 _GPTQ_KEYS = ("percdamp", "blocksize", "act_order", "static_groups", "group_objective", "refit", "n_grid",
-              "max_shrink")
+              "max_shrink", "gguf_type")
 _AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie")
 _HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init")
 _RTN_KEYS = ("search", "n_grid", "max_shrink", "refine")
@@ -349,7 +349,7 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
         sl = slice(start, start + r)
         start += r
         sub = type(res)(codes=res.codes[sl], scales=res.scales[sl], zeros=res.zeros[sl], loss=0.0, damp=res.damp,
-                        bits=res.bits, group_size=res.group_size, sym=res.sym, dtype=w.dtype)
+                        bits=res.bits, group_size=res.group_size, sym=res.sym, dtype=w.dtype, grid=res.grid)
         stage.states[n] = sub.state
         with torch.no_grad():
             modules[n].weight.copy_(sub.dequantize().to(w.dtype))
