@@ -252,6 +252,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        # per-column scale/zero of this block, gathered once (refreshed when a group is fitted)
+        cols = torch.as_tensor(gidx[i1:i2], device=dev)
+        S1, Z1 = scales[:, cols], zeros[:, cols]
+        Ut = U1.t().contiguous()  # Ut[:, i] = U1[i, :] as a contiguous column
         for i in range(count):
             gi = gidx[i1 + i]
             if not fitted[gi]:
@@ -273,14 +277,16 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                     s, z = grid.fit(cur, None)
                 scales[:, gi], zeros[:, gi] = s, z
                 fitted[gi] = True
+                S1, Z1 = scales[:, cols], zeros[:, cols]
             w = W1[:, i]
-            d = U1[i, i]
-            q = grid.quantize_column(w, scales[:, gi], zeros[:, gi])
+            sc, zc = S1[:, i], Z1[:, i]
+            q = grid.quantize_column(w, sc, zc)
             Q[:, i1 + i] = q
-            err = (w - (q - zeros[:, gi]) * scales[:, gi]) / d
-            total_loss += err.double().square().sum()
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            err = (w - (q - zc) * sc) / U1[i, i]
+            if i + 1 < count:  # rank-1 update of the rest of the block
+                W1[:, i + 1:].addr_(err, Ut[i + 1:, i], alpha=-1.0)
             Err1[:, i] = err
+        total_loss += Err1.double().square().sum()
         if i2 < K:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
