@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--methods", default="fp32,rtn,awq,gptq,hqq,nf4")
     p.add_argument("--output-dir", default=None, help="where compare.md and compare.png go (default: cwd)")
+    p.add_argument("--save", default=None, help="save the best quantized model (lowest perplexity) here, native format")
     _quant_opts(p)
     _eval_opts(p)
     _common(p)

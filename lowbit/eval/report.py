@@ -78,11 +78,24 @@ def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callabl
                "seconds": seconds, **size(model)}
         rows.append(row)
         log(f"[{m}] ppl {p:.3f}, {row['size_mb']:.1f} MB, {time.perf_counter() - t0:.0f} s")
+        save_dir = getattr(args, "save", None)
+        quantized = [r for r in rows if r["method"] not in ("fp32", "fp16", "bf16")]
+        if save_dir and m not in ("fp32", "fp16", "bf16") and min(quantized, key=lambda r: r["ppl"]) is row:
+            from lowbit.io.native import save
+
+            save(model, save_dir)  # atomic: replaces the previous best only once complete
+            if tok is not None:
+                tok.save_pretrained(str(save_dir))
+            log(f"[{m}] best so far: saved to {save_dir}")
         del model
         gc.collect()
     title = (f"{args.model}: {args.bits}-bit, group {args.group_size}, perplexity on "
              f"{args.dataset or 'the built-in corpus'} ({args.max_windows} x {args.seq_len} tokens)")
     md = f"# lowbit compare\n\n{title}\n\n" + markdown_table(rows, COMPARE_COLUMNS) + "\n"
+    if getattr(args, "save", None):
+        best = min((r for r in rows if r["method"] not in ("fp32", "fp16", "bf16")), key=lambda r: r["ppl"], default=None)
+        if best is not None:
+            md += f"\nBest quantized model ({best['method']}) saved to `{args.save}` (lowbit native format).\n"
     out = Path(args.output_dir) if args.output_dir else Path.cwd()
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(md)
