@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# xdist runs one worker per core: one intra-op thread each avoids oversubscribing the CPU
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
