@@ -412,7 +412,7 @@ class LowbitHfQuantizer(HfQuantizer):
         new = holder.layer
         if new is linear or not isinstance(new, QModuleMixin):
             raise RuntimeError(f"lowbit method {self.quantization_config.method!r} did not quantize {name!r}")
-        for _, m in [("", new)] + list(new.named_modules()):
+        for m in new.modules():
             if isinstance(m, QModuleMixin) and not m.frozen:
                 m.freeze()
         model.set_submodule(name, new)
