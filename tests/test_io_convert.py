@@ -247,3 +247,29 @@ def test_export_all_formats_agree(tmp_path):
         e = states[f"{name}.weight"]
         got = gguf.quants.dequantize(e.data.numpy().astype(np.uint8), gguf.GGMLQuantizationType[e.qtype])
         assert torch.equal(_bits(torch.from_numpy(got.copy())), _bits(w.dequantize())), name
+
+
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_smollm2_gptq_to_gguf_lossless(tmp_path):
+    """SmolLM2-135M, int4 g64 RTN with fp16 scales -> GPTQ checkpoint -> GGUF: all 210 weights Q4_0 and
+    verified bit for bit; transformers' GGUF loader gives the GPTQ model's logits exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.model.loading import load_model
+
+    model, tok = load_model("default", dtype=torch.float32)
+    for name, mod in list(model.named_modules()):
+        for cn, c in list(mod.named_children()):
+            if type(c) is nn.Linear and cn != "lm_head":
+                st = lowbit.quantize(c.weight.detach(), "int4", group_size=64, scale_dtype=torch.float16)
+                setattr(mod, cn, QLinear.from_quant_state(c, st))
+    gptq.export_gptq(model, tmp_path / "g", tokenizer=tok)
+    rep = convert.convert_to_gguf(tmp_path / "g", tmp_path / "s.gguf", tokenizer_pre="smollm")
+    assert rep["type_counts"] == {"Q4_0": 210} and rep["verified"] == 210 and rep["float_type"] == "F16"
+    ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building.",
+              return_tensors="pt").input_ids
+    ref = gptq.load_gptq(tmp_path / "g", dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="s.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ref(ids).logits)

@@ -289,9 +289,10 @@ def _dense_tensors(model: nn.Module, skip: List[str], dense: Dict[str, Any], dty
         sd[f"{name}.weight"] = m.weight.detach()
         if getattr(m, "bias", None) is not None:
             sd[f"{name}.bias"] = m.bias.detach()
+    sd, aliases = dedupe_tensors(sd)  # tied weights are written once (before a cast copies them apart)
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    return dedupe_tensors(sd)
+    return sd, aliases
 
 
 def _write_hf_dir(directory: Path, tensors: Dict[str, torch.Tensor], config: Dict[str, Any],
