@@ -9,14 +9,16 @@ weights still held: fake quantization) and after ``freeze`` (packed).
 
 Run from the repository root (CPU, a few minutes per configuration on 2 cores)::
 
-    nice python bench/model_api.py [--windows 48] [--only fp32,nf4]
+    nice python bench/model_api.py [--windows 48] [--only fp32,nf4] [--batch-size 4] [--resume]
 
-Writes ``bench/results/model_api.md`` and ``bench/results/model_api.png``.
+Writes ``bench/results/model_api.md`` (rewritten after every configuration), ``model_api.json``
+(the raw rows; ``--resume`` skips configurations already there) and ``model_api.png``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import platform
 import sys
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=48)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward (same windows and tokens; float rounding only)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of model_api.json, run the others")
     ap.add_argument("--out", default=str(RESULTS / "model_api.md"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -95,8 +99,15 @@ def main(argv=None) -> int:
     base.eval()
     float_bytes = model_size_bytes(base)
     text = DATA / "test.txt"
+    out = Path(args.out)
+    raw = out.with_suffix(".json")
     rows = []
+    if args.resume and raw.is_file():
+        rows = [r for r in json.loads(raw.read_text()) if r["name"] in names and r["windows"] == args.windows]
+    done = {r["name"] for r in rows}
     for name in names:
+        if name in done:
+            continue
         t0 = time.time()
         model = copy.deepcopy(base)
         model, mid_bytes, note = apply(name, model, tok)
@@ -104,17 +115,21 @@ def main(argv=None) -> int:
         after = model_size_bytes(model)
         t1 = time.time()
         with torch.no_grad():
-            r = perplexity(model, tok, text=str(text), seq_len=args.seq_len, max_windows=args.windows, progress=False)
+            r = perplexity(model, tok, text=str(text), seq_len=args.seq_len, max_windows=args.windows,
+                           batch_size=args.batch_size, progress=False)
         t2 = time.time()
         rows.append(dict(name=name, before=float_bytes, mid=mid_bytes, after=after, ppl=r.ppl, nll=r.nll,
                          tokens=r.n_tokens, windows=r.n_windows, t_quant=t1 - t0, t_eval=t2 - t1, note=note))
         print(f"{name:34s} size {after / 2**20:7.1f} MiB  ppl {r.ppl:8.3f}  ({t2 - t0:.0f}s)", flush=True)
         del model
-    write(rows, args, Path(args.out))
+        rows.sort(key=lambda r: CONFIGS.index(r["name"]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(rows, indent=1))
+        write(rows, args, out, partial=len(rows) < len(names))
     return 0
 
 
-def write(rows, args, out: Path) -> None:
+def write(rows, args, out: Path, partial: bool = False) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     ref = next((r for r in rows if r["name"] == "fp32"), rows[0])
     mib = 2 ** 20
@@ -128,6 +143,10 @@ def write(rows, args, out: Path) -> None:
         "(`lowbit.eval.size.model_size_bytes`); the tied embedding / lm_head (28.3M parameters) stays in the "
         "model's float dtype (lm_head is excluded by default, as in optimum-quanto).",
         "",
+    ]
+    if partial:
+        lines += ["**Partial: the run is still going; rows are added as configurations finish.**", ""]
+    lines += [
         "| configuration | float model (MiB) | after quantize (MiB) | after freeze (MiB) | freeze saves | perplexity | "
         "Δ ppl vs fp32 | quantize+freeze (s) | eval (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -147,12 +166,23 @@ def write(rows, args, out: Path) -> None:
         "",
         "- *after quantize* is the fake-quantization (QAT) phase: float weights are still held, so memory only "
         "drops at `freeze`. `bnb-nf4` packs immediately, so its 'after quantize' column is the float model.",
-        "- bf16 halves every tensor including the embedding; the weight-only rows keep the embedding in fp32, "
-        "which is why int8 weights are larger than bf16 here.",
-        "- Static per-tensor int8 activations (one calibrated scale per layer input) lose the most: LLM "
-        "activations have outlier channels (the known motivation for LLM.int8() and SmoothQuant); per-token "
-        "dynamic scales (the `int8-dynamic` recipe) keep most of the quality.",
-        "- Eval time is dominated by dequantizing weights in every forward (reference path, no fused CPU kernel).",
+        "- Weight-only rows keep the tied embedding / lm_head in fp32 (~108 MiB), which bounds their size "
+        "from below; bf16 halves every tensor including it.",
+    ]
+    by = {r["name"]: r for r in rows}
+    st, dy = by.get("int8 weights + int8 activations"), by.get("int8 weights + int8 dynamic activations")
+    if st and dy:
+        lines.append(
+            f"- int8 activations: static per-tensor scales (one calibrated scale per layer input) give "
+            f"Δ ppl {st['ppl'] - ref['ppl']:+.2f}, dynamic per-token scales {dy['ppl'] - ref['ppl']:+.2f}. LLM "
+            "activations have outlier channels (the motivation for LLM.int8() and SmoothQuant), which one "
+            "static scale per tensor cannot accommodate."
+        )
+    lines += [
+        "- Times are wall-clock seconds on a shared 2-core machine under heavy load from other jobs: compare them "
+        "only within one run.",
+        "- Quantized rows dequantize their weights in every forward (reference path, no fused CPU kernel), which "
+        "adds to their eval time.",
     ]
     out.write_text("\n".join(lines) + "\n")
     try:
