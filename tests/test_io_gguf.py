@@ -352,7 +352,8 @@ def test_smollm2_q8_0_export_reloads(tmp_path):
     cfg.quantization_config = None
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     # the shipped file (llama-quantize output: Q4_1 blocks, Q8_0 embedding) read by lowbit's importer
-    states = io.load_gguf_quant_states(src)
+    shipped = gguf.GGUFReader(str(src))
+    states = io.load_gguf_quant_states(shipped)
     assert {v.qtype for v in states.values()} == {"Q4_1", "Q8_0", "F32"}
     sd = {k: v.data.float() if v.qtype == "F32" else lowbit.dequantize(io.to_quant_state(v)) for k, v in states.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -360,7 +361,7 @@ def test_smollm2_q8_0_export_reloads(tmp_path):
     model.tie_weights()
     out = io.export_gguf(model, tmp_path / "smol-q8_0.gguf", "Q8_0", tokenizer=tok, tokenizer_pre="smollm")
     # the tokenizer keys built from the HF tokenizer equal those llama.cpp's converter wrote
-    ours, shipped = gguf.GGUFReader(str(out)), gguf.GGUFReader(str(src))
+    ours = gguf.GGUFReader(str(out))
     for key in ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
@@ -371,7 +372,15 @@ def test_smollm2_q8_0_export_reloads(tmp_path):
                 "llama.attention.layer_norm_rms_epsilon", "llama.vocab_size", "llama.rope.dimension_count"]:
         assert _field(ours, key) == _field(shipped, key), key
     assert sorted(t.name for t in ours.tensors) == sorted(t.name for t in shipped.tensors)
+    shipped_data = {t.name: (t.tensor_type.name, np.asarray(t.data)) for t in shipped.tensors}
     del ours, shipped
+    # re-exporting llama.cpp's own Q4_1 file (Q8_0 embedding) from its dequantized weights reproduces
+    # every block byte for byte: the reference rule is idempotent on its own grid, and lowbit follows it
+    again = io.export_gguf(model, tmp_path / "smol-q4_1.gguf", "Q4_1")
+    for t in gguf.GGUFReader(str(again)).tensors:
+        typ, data = shipped_data[t.name]
+        assert t.tensor_type.name == typ and np.array_equal(np.asarray(t.data), data), t.name
+    again.unlink()
     reloaded = _load_hf(out)
     ref = _fake_quant(model, io.dequantized_state_dict(model, "Q8_0"))
     ids = tok("The tower is 324 metres tall, about the same height as", return_tensors="pt").input_ids

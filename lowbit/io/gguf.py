@@ -589,12 +589,12 @@ class GGUFTensor(NamedTuple):
     shape: tuple
 
 
-def load_gguf_quant_states(path: Union[str, os.PathLike]) -> dict[str, GGUFTensor]:
+def load_gguf_quant_states(path: Union[str, os.PathLike, Any]) -> dict[str, GGUFTensor]:
     """Read a Llama GGUF file's tensors without converting them to float.
 
-    Returns ``{hf_name: GGUFTensor(qtype, data, shape)}``; q/k rows (raw blocks, or values) are put back
-    in Hugging Face order. Tied files (no ``output.weight``) have no ``lm_head.weight`` entry.
-    :func:`to_quant_state` turns a Q4_0..Q8_0 entry into a lowbit ``QuantState``, and an entry can be
+    ``path`` may also be an open ``gguf.GGUFReader``. Returns ``{hf_name: GGUFTensor(qtype, data, shape)}``;
+    q/k rows (raw blocks, or values) are put back in Hugging Face order. Tied files (no
+    ``output.weight``) have no ``lm_head.weight`` entry. :func:`to_quant_state` turns a Q4_0..Q8_0 entry into a lowbit ``QuantState``, and an entry can be
     passed back to :func:`export_gguf` through ``quant_states`` to rewrite the same blocks.
 
     Example:
@@ -603,7 +603,7 @@ def load_gguf_quant_states(path: Union[str, os.PathLike]) -> dict[str, GGUFTenso
         'Q4_1'
     """
     gguf = require("gguf", "GGUF import")
-    reader = gguf.GGUFReader(str(path))
+    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(str(path))
 
     def field(key):
         f = reader.fields.get(key)
