@@ -487,7 +487,7 @@ def write_report(results, out_dir):
         L.append("")
     tm = results.get("timing")
     if tm:
-        L += ["## Time to quantize (128 x 512 calibration tokens)", "",
+        L += [f"## Time to quantize ({tm['calib_tokens']} calibration tokens, CPU)", "",
               f"Machine: {tm['device']}, {tm['threads']} torch threads, shared with other jobs (times are noisy; "
               f"the 1-minute load average is given per row). Floor = two forward passes of the "
               f"{tm['calib_tokens']} calibration tokens through the decoder blocks (batches of 8): "
