@@ -1,4 +1,5 @@
 """QLoRA through peft on lowbit's quantized linears, and merging adapters back (float or re-quantized)."""
+
 from __future__ import annotations
 
 import copy
@@ -32,11 +33,15 @@ def float_dir(tmp_path_factory):
 
 
 def _load(float_dir, **cfg):
-    return transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=lowbit.LowbitConfig(**cfg))
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=lowbit.LowbitConfig(**cfg)
+    )
 
 
 def _states(model):
-    return {n: m.qstate for n, m in model.named_modules() if isinstance(m, QModuleMixin) and m.qstate is not None}
+    return {
+        n: m.qstate for n, m in model.named_modules() if isinstance(m, QModuleMixin) and m.qstate is not None
+    }
 
 
 def _train(model, steps: int = 8, lr: float = 2e-2, seed: int = 0):
@@ -72,8 +77,11 @@ def test_get_peft_model_wraps_quantized_linears(float_dir):
     assert torch.equal(w.weight, dequantize(w.base_layer.qstate))
 
 
-@pytest.mark.parametrize("cfg", [dict(method="nf4", double_quant=True), dict(method="int4", group_size=32, sym=False)],
-                         ids=["nf4-dq", "int4-g32"])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(method="nf4", double_quant=True), dict(method="int4", group_size=32, sym=False)],
+    ids=["nf4-dq", "int4-g32"],
+)
 def test_qlora_training_lowers_loss_and_keeps_base_frozen(cfg, float_dir):
     model = _load(float_dir, **cfg)
     frozen = {n: copy.deepcopy(s) for n, s in _states(model).items()}
@@ -119,7 +127,9 @@ def test_recompute_base_keeps_no_float_weight_for_backward():
         lbp.LowbitLoraLinear.recompute_base = recompute
         saved = []
         try:
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel()) or t, lambda t: t
+            ):
                 y = pm(x)
         finally:
             lbp.LowbitLoraLinear.recompute_base = True
@@ -144,10 +154,14 @@ def test_merge_float_equals_adapter_outputs(float_dir):
     with torch.no_grad():
         ref = pm(x).logits
     lora = {n: m for n, m in pm.named_modules() if isinstance(m, lbp.LowbitLoraLinear)}
-    expected_w = {n: (dequantize(m.base_layer.qstate) + m.get_delta_weight("default")).detach() for n, m in lora.items()}
+    expected_w = {
+        n: (dequantize(m.base_layer.qstate) + m.get_delta_weight("default")).detach() for n, m in lora.items()
+    }
     merged = lbp.merge_lora(pm, requantize=False)
     assert isinstance(merged, transformers.LlamaForCausalLM)
-    assert not any(isinstance(m, (QModuleMixin, peft.tuners.tuners_utils.BaseTunerLayer)) for m in merged.modules())
+    assert not any(
+        isinstance(m, (QModuleMixin, peft.tuners.tuners_utils.BaseTunerLayer)) for m in merged.modules()
+    )
     for n, w in expected_w.items():
         lin = merged.get_submodule(n.replace("base_model.model.", "", 1))
         assert type(lin) is nn.Linear and torch.allclose(lin.weight, w, atol=1e-6)
@@ -165,16 +179,27 @@ def test_merge_requantize_uses_the_base_scheme_and_saves(float_dir, tmp_path):
     x = _ids(2, 16, seed=3)
     with torch.no_grad():
         ref = pm(x).logits
-    lora = {n.replace("base_model.model.", "", 1): m for n, m in pm.named_modules() if isinstance(m, lbp.LowbitLoraLinear)}
-    merged_w = {n: (dequantize(m.base_layer.qstate) + m.get_delta_weight("default")).detach() for n, m in lora.items()}
-    untouched = {n: copy.deepcopy(m.qstate) for n, m in pm.named_modules()
-                 if isinstance(m, QModuleMixin) and ("v_proj" in n or "gate_proj" in n)}
+    lora = {
+        n.replace("base_model.model.", "", 1): m
+        for n, m in pm.named_modules()
+        if isinstance(m, lbp.LowbitLoraLinear)
+    }
+    merged_w = {
+        n: (dequantize(m.base_layer.qstate) + m.get_delta_weight("default")).detach() for n, m in lora.items()
+    }
+    untouched = {
+        n: copy.deepcopy(m.qstate)
+        for n, m in pm.named_modules()
+        if isinstance(m, QModuleMixin) and ("v_proj" in n or "gate_proj" in n)
+    }
     merged = lbp.merge_lora(pm, requantize=True)
     for n, w in merged_w.items():
         q = merged.get_submodule(n)
         assert type(q) is QLinear
         expected = quantize_tensor(w, "int4_asym", group_size=32)
-        assert all(torch.equal(a, b) for a, b in zip(q.qstate.state_dict().values(), expected.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(q.qstate.state_dict().values(), expected.state_dict().values())
+        )
     assert len(untouched) == 4
     for n, st in untouched.items():
         q = merged.get_submodule(n.replace("base_model.model.", "", 1))
@@ -230,11 +255,20 @@ def test_custom_module_mapping_api_and_plain_torch_model():
         assert torch.allclose(merged(x), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(scheme="nf4", block_size=64), dict(scheme="nf4", block_size=64, double_quant=True),
-                                dict(scheme="int4_asym", group_size=32), dict(scheme="int3", group_size=-1),
-                                dict(scheme="int8", axis=0), dict(scheme="fp8_e4m3", block_size=None),
-                                dict(scheme="int4", group_size=64, scale_dtype=torch.float16), dict(scheme="q4_0")],
-                         ids=lambda kw: "-".join(str(v) for v in kw.values()))
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(scheme="nf4", block_size=64),
+        dict(scheme="nf4", block_size=64, double_quant=True),
+        dict(scheme="int4_asym", group_size=32),
+        dict(scheme="int3", group_size=-1),
+        dict(scheme="int8", axis=0),
+        dict(scheme="fp8_e4m3", block_size=None),
+        dict(scheme="int4", group_size=64, scale_dtype=torch.float16),
+        dict(scheme="q4_0"),
+    ],
+    ids=lambda kw: "-".join(str(v) for v in kw.values()),
+)
 def test_requantize_like_reproduces_the_granularity(kw):
     w0, w1 = torch.randn(48, 96, generator=torch.Generator().manual_seed(1)), torch.randn(48, 96)
     state = quantize_tensor(w0, **kw)
@@ -273,12 +307,14 @@ def test_smollm2_qlora_loss_falls():
         pytest.skip(str(e))
     lowbit.quantize(model, method="bnb-nf4")
     assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 30 * 7
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    pm = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
     assert sum(isinstance(m, lbp.LowbitLoraLinear) for m in pm.modules()) == 60
     text = open(_wikitext("valid.txt"), encoding="utf-8").read()[:4000]
     ids = tok(text, return_tensors="pt").input_ids[0]
     seq, n_chunks = 32, 2
-    chunks = [ids[i * seq:(i + 1) * seq].unsqueeze(0) for i in range(n_chunks)]
+    chunks = [ids[i * seq : (i + 1) * seq].unsqueeze(0) for i in range(n_chunks)]
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
     pm.train()
     losses = []

@@ -4,6 +4,7 @@ Quantize-while-loading must give exactly the QuantStates that ``lowbit.quantize`
 float checkpoint's weights, the model must compute ``F.linear`` on those dequantized weights, and
 ``save_pretrained`` -> ``from_pretrained`` must reload the same tensors and logits bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -64,26 +64,44 @@ def _states_equal(a, b) -> bool:
 
 
 def test_config_validation_and_json_roundtrip():
-    cfg = lowbit.LowbitConfig(method="int4", group_size=32, sym=False, modules_to_not_convert=["lm_head", "mlp"])
+    cfg = lowbit.LowbitConfig(
+        method="int4", group_size=32, sym=False, modules_to_not_convert=["lm_head", "mlp"]
+    )
     d = cfg.to_dict()
     assert d["quant_method"] == "lowbit" and d["bits"] == 4 and d["group_size"] == 32
     again = lbt.LowbitConfig.from_dict(json.loads(json.dumps(d)))
     assert again.to_dict() == d
     assert transformers.quantizers.auto.AutoQuantizationConfig.from_dict(d).to_dict() == d
     assert lowbit.LowbitConfig is lbt.LowbitConfig
-    assert lowbit.LowbitConfig(method="nf4").group_size == 64 and lowbit.LowbitConfig(method="gptq").group_size == 128
+    assert (
+        lowbit.LowbitConfig(method="nf4").group_size == 64
+        and lowbit.LowbitConfig(method="gptq").group_size == 128
+    )
     assert lowbit.LowbitConfig(method="int8").group_size == -1
-    bad = [dict(method="nf5"), dict(method="nf4", bits=8), dict(method="rtn", bits=5), dict(method="int4", double_quant=True),
-           dict(method="nf4", sym=False), dict(method="int4", group_size=0), dict(method="nf4", colour="red"),
-           dict(method="int4", compute_dtype="bfloat16"), dict(method="gptq", n_samples=0)]
+    bad = [
+        dict(method="nf5"),
+        dict(method="nf4", bits=8),
+        dict(method="rtn", bits=5),
+        dict(method="int4", double_quant=True),
+        dict(method="nf4", sym=False),
+        dict(method="int4", group_size=0),
+        dict(method="nf4", colour="red"),
+        dict(method="int4", compute_dtype="bfloat16"),
+        dict(method="gptq", n_samples=0),
+    ]
     for kw in bad:
         with pytest.raises((ValueError, TypeError)):
             lowbit.LowbitConfig(**kw)
     with pytest.raises(ValueError, match="newer"):
         lbt.LowbitConfig.from_dict({**d, "version": 99})
     # a calibration tensor is a runtime input, a path is configuration
-    assert "calib_dataset" not in lowbit.LowbitConfig(method="gptq", calib_dataset=torch.zeros(2, 8)).to_dict()
-    assert lowbit.LowbitConfig(method="gptq", calib_dataset="valid.txt").to_dict()["calib_dataset"] == "valid.txt"
+    assert (
+        "calib_dataset" not in lowbit.LowbitConfig(method="gptq", calib_dataset=torch.zeros(2, 8)).to_dict()
+    )
+    assert (
+        lowbit.LowbitConfig(method="gptq", calib_dataset="valid.txt").to_dict()["calib_dataset"]
+        == "valid.txt"
+    )
 
 
 def test_registered_in_transformers():
@@ -115,7 +133,10 @@ def test_load_quantizes_like_lowbit_quantize(case, float_dir, float_sd):
         x = _ids()
         assert torch.equal(model(x).logits, ref_model(x).logits)
     qc = model.config.quantization_config
-    assert set(qc.quantization_map) == set(qmods) and qc.quantization_map[next(iter(qmods))]["class"] == expected_cls.__name__
+    assert (
+        set(qc.quantization_map) == set(qmods)
+        and qc.quantization_map[next(iter(qmods))]["class"] == expected_cls.__name__
+    )
 
 
 @pytest.mark.parametrize("case", ["nf4", "fp4-dq", "int4-asym-g64", "fp8"])
@@ -124,7 +145,9 @@ def test_save_pretrained_reload_bit_exact(case, float_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=lowbit.LowbitConfig(**cfg_kw))
     model.save_pretrained(tmp_path)
     conf = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert conf["quant_method"] == "lowbit" and conf["method"] == cfg_kw["method"] and conf["quantization_map"]
+    assert (
+        conf["quant_method"] == "lowbit" and conf["method"] == cfg_kw["method"] and conf["quantization_map"]
+    )
     saved = safetensors_torch.load_file(str(tmp_path / "model.safetensors"))
     assert "model.layers.0.self_attn.q_proj.weight.data" in saved
     assert "model.layers.0.self_attn.q_proj.weight" not in saved  # no float copy of a quantized weight
@@ -155,10 +178,13 @@ def test_save_pretrained_reload_bit_exact(case, float_dir, tmp_path):
 
 
 def test_bfloat16_load_keeps_fp32_scales_and_reloads(float_dir, float_sd, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16,
-                                                 quantization_config=lowbit.LowbitConfig(method="nf4"))
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir, dtype=torch.bfloat16, quantization_config=lowbit.LowbitConfig(method="nf4")
+    )
     m = model.model.layers[1].mlp.down_proj
-    ref = quantize_tensor(float_sd["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16), "nf4", block_size=64)
+    ref = quantize_tensor(
+        float_sd["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16), "nf4", block_size=64
+    )
     assert _states_equal(m.qstate, ref) and m.qstate.scales.dtype == torch.float32
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -170,13 +196,24 @@ def test_bfloat16_load_keeps_fp32_scales_and_reloads(float_dir, float_sd, tmp_pa
 
 
 def test_modules_to_not_convert_patterns(float_dir):
-    cfg = lowbit.LowbitConfig(method="int8", modules_to_not_convert=["lm_head", "down_proj", "model.layers.1.self_attn"])
+    cfg = lowbit.LowbitConfig(
+        method="int8", modules_to_not_convert=["lm_head", "down_proj", "model.layers.1.self_attn"]
+    )
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg)
     names = set(_quantized_linears(model))
-    assert names == {f"model.layers.{i}.{blk}.{p}" for i in (0, 1) for blk, p in
-                     [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-                      ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj")]
-                     if not (i == 1 and blk == "self_attn")}
+    assert names == {
+        f"model.layers.{i}.{blk}.{p}"
+        for i in (0, 1)
+        for blk, p in [
+            ("self_attn", "q_proj"),
+            ("self_attn", "k_proj"),
+            ("self_attn", "v_proj"),
+            ("self_attn", "o_proj"),
+            ("mlp", "gate_proj"),
+            ("mlp", "up_proj"),
+        ]
+        if not (i == 1 and blk == "self_attn")
+    }
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
 
 
@@ -191,8 +228,9 @@ def test_dispatcher_method_quantizes_weight_by_weight(float_dir, float_sd, tmp_p
         for name, child in list(model.named_children()):
             if isinstance(child, nn.Linear):
                 seen.append(tuple(child.weight.shape))
-                st = quantize_tensor(child.weight.detach(), f"int{bits}" if sym else f"int{bits}_asym",
-                                     group_size=group_size)
+                st = quantize_tensor(
+                    child.weight.detach(), f"int{bits}" if sym else f"int{bits}_asym", group_size=group_size
+                )
                 setattr(model, name, QLinear.from_quant_state(child, st))
         return model
 
@@ -202,7 +240,9 @@ def test_dispatcher_method_quantizes_weight_by_weight(float_dir, float_sd, tmp_p
         assert len(seen) == 2 * len(LINEARS)  # one call per weight, each on a lone Linear
         qmods = _quantized_linears(model)
         for name, m in qmods.items():
-            assert _states_equal(m.qstate, quantize_tensor(float_sd[name + ".weight"], "int4_asym", group_size=32))
+            assert _states_equal(
+                m.qstate, quantize_tensor(float_sd[name + ".weight"], "int4_asym", group_size=32)
+            )
         model.save_pretrained(tmp_path)
         again = AutoModelForCausalLM.from_pretrained(tmp_path)
         x = _ids()
@@ -228,7 +268,9 @@ def test_ptq_methods_match_the_dispatcher_and_reload(method, float_dir, tmp_path
     calib = _ids(32, seed=1).repeat(2, 1)
     if method in ("gptq", "awq"):
         kw["calib_dataset"] = calib
-    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=lowbit.LowbitConfig(method=method, **kw))
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=lowbit.LowbitConfig(method=method, **kw)
+    )
     qmods = _quantized_linears(model)
     assert len(qmods) == 2 * len(LINEARS) and type(model.lm_head) is nn.Linear
 
@@ -250,7 +292,9 @@ def test_ptq_methods_match_the_dispatcher_and_reload(method, float_dir, tmp_path
 
 
 def test_reload_without_quantization_map_is_an_error(float_dir, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=lowbit.LowbitConfig(method="int8"))
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=lowbit.LowbitConfig(method="int8")
+    )
     model.save_pretrained(tmp_path)
     conf = json.loads((tmp_path / "config.json").read_text())
     conf["quantization_config"]["quantization_map"] = None
@@ -260,7 +304,9 @@ def test_reload_without_quantization_map_is_an_error(float_dir, tmp_path):
 
 
 def test_dequantize_gives_float_model(float_dir):
-    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=lowbit.LowbitConfig(method="int8"))
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=lowbit.LowbitConfig(method="int8")
+    )
     x = _ids()
     with torch.no_grad():
         ref = model(x).logits
@@ -292,12 +338,15 @@ def _smollm2_plain_dir(tmp_path: Path) -> Path:
 def _smollm2_roundtrip(tmp_path: Path, device: str) -> None:
     src = _smollm2_plain_dir(tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=lowbit.LowbitConfig(method="nf4"),
-                                                 device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=lowbit.LowbitConfig(method="nf4"), device_map=device
+    )
     qmods = _quantized_linears(model)
     assert len(qmods) == 30 * 7 and all(type(m) is Linear4bit for m in qmods.values())
     assert all(m.qstate.device.type == device for m in qmods.values())
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight  # tied, float
+    assert (
+        type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    )  # tied, float
     ids = tok("The capital of France is", return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
@@ -321,16 +370,19 @@ def test_smollm2_nf4_load_generate_save_reload(tmp_path):
 
 @pytest.mark.cuda
 def test_tiny_cuda_roundtrip(float_dir, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=lowbit.LowbitConfig(method="nf4"),
-                                                 device_map="cuda")
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=lowbit.LowbitConfig(method="nf4"), device_map="cuda"
+    )
     assert all(m.qstate.device.type == "cuda" for m in _quantized_linears(model).values())
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cuda")
     x = _ids().cuda()
     with torch.no_grad():
         assert torch.equal(model(x).logits, again(x).logits)
-    assert torch.equal(model.generate(x[:1], max_new_tokens=4, do_sample=False),
-                       again.generate(x[:1], max_new_tokens=4, do_sample=False))
+    assert torch.equal(
+        model.generate(x[:1], max_new_tokens=4, do_sample=False),
+        again.generate(x[:1], max_new_tokens=4, do_sample=False),
+    )
 
 
 @pytest.mark.cuda
