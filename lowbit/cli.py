@@ -34,19 +34,38 @@ def _log(args, msg: str) -> None:
 # shared helpers (thin wrappers over the API)
 
 
+def _device(args) -> str:
+    """The ``--device`` option: ``cpu``, ``cuda``/``cuda:N``, or ``auto`` (CUDA when available)."""
+    import torch
+
+    dev = getattr(args, "device", None) or "cpu"
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(dev)
+    except RuntimeError as e:
+        raise CLIError(f"--device {dev!r}: {e}") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {dev!r}: CUDA is not available on this machine (use --device cpu)")
+    if d.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {dev!r}: expected cpu, cuda, cuda:N or auto")
+    return dev
+
+
 def _load(spec: str, args=None, dtype=None):
     import torch
 
     from lowbit.model.loading import load_model
 
+    device = _device(args) if args is not None else "cpu"
     path = Path(spec)
     if path.is_dir() and _is_native(path):
         from lowbit.io.native import load
 
-        model = load(path)
+        model = load(path).to(device)
         tok = _tokenizer_for(path)
         return model, tok
-    return load_model(spec, dtype=dtype or torch.float32, device="cpu")
+    return load_model(spec, dtype=dtype or torch.float32, device=device)
 
 
 def _is_native(path: Path) -> bool:
@@ -124,6 +143,7 @@ def _apply_method(model, tok, method: str, args):
                                                      seed=args.seed)
     if name in WEIGHT_ONLY_PTQ:
         call["progress"] = not (args.quiet or args.json)
+        call["device"] = _device(args)
     model = lowbit.quantize(model, method=name, **call)
     freeze(model)
     return model, time.perf_counter() - t0
@@ -339,6 +359,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--dataset", default=None,
                    help="evaluation text: 'default' (built-in corpus), a .txt/.jsonl path, or an HF dataset name")
     p.add_argument("--seq-len", type=int, default=512)

@@ -170,7 +170,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
                   n_grid: Optional[int] = None, max_shrink: Optional[float] = None,
-                  gguf_type: Optional[str] = None) -> GPTQResult:
+                  gguf_type: Optional[str] = None, two_sided: int = 0) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.
 
     See the module docstring for the options. Returns a :class:`GPTQResult` (``.state`` is the
@@ -201,7 +201,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         max_shrink = 0.7 if bits <= 3 else 0.5
     if grid is None:
         grid = AffineGrid(bits=bits, sym=sym, search="minmax" if group_objective == "minmax" else "mse",
-                          n_grid=n_grid, max_shrink=max_shrink, refine=0)
+                          n_grid=n_grid, max_shrink=max_shrink, refine=0, two_sided=two_sided)
     dev = weight.device
     W = weight.detach().float().clone()
     H = H.detach().float().clone().to(dev)

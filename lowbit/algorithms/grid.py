@@ -71,7 +71,9 @@ class AffineGrid:
 
     ``search``: ``"minmax"`` (the range of the group) or ``"mse"`` (shrink-factor search with the
     weighted objective given to :meth:`fit`); ``n_grid`` candidates between 1 and ``1 - max_shrink``;
-    ``refine`` least-squares scale updates with the codes fixed.
+    ``refine`` least-squares scale updates with the codes fixed. ``two_sided`` (asymmetric grids
+    only): after the common shrink, that many coordinate passes shrinking the minimum and the
+    maximum independently (each pass keeps the current range as a candidate, so it never loses).
     """
 
     bits: int = 4
@@ -80,6 +82,7 @@ class AffineGrid:
     n_grid: int = 20
     max_shrink: float = 0.5
     refine: int = 1
+    two_sided: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -144,14 +147,34 @@ class AffineGrid:
         cs, cz = self.candidates(w)
         if cs.shape[0] == 1:
             return cs[0], cz[0]
-        err = w - self.fake_quant(w, cs, cz)
-        losses = quadratic_loss(err if mask is None else err * mask, S)  # [C, R]
-        best, idx = losses.min(0)
+        xmin, xmax = w.amin(-1), w.amax(-1)
+        ps = torch.tensor(self.shrink_factors(), dtype=torch.float32, device=w.device)
+        ps = ps.reshape(-1, *([1] * xmin.dim()))
+        best, idx = self._losses(w, cs, cz, S, mask).min(0)
+        p = ps.expand(-1, *xmin.shape).gather(0, idx.unsqueeze(0))[0]
+        lo, hi = xmin * p, xmax * p
         scale = cs.gather(0, idx.unsqueeze(0))[0]
         zero = cz.gather(0, idx.unsqueeze(0))[0]
+        if self.two_sided and not self.sym:
+            for _ in range(self.two_sided):
+                for side in (0, 1):
+                    cand_lo = torch.cat([lo.unsqueeze(0), xmin * ps]) if side == 0 else lo.unsqueeze(0).expand(
+                        ps.shape[0] + 1, *lo.shape)
+                    cand_hi = torch.cat([hi.unsqueeze(0), xmax * ps]) if side == 1 else hi.unsqueeze(0).expand(
+                        ps.shape[0] + 1, *hi.shape)
+                    cs2, cz2 = self.params_from_range(cand_lo, cand_hi)
+                    best, idx = self._losses(w, cs2, cz2, S, mask).min(0)  # index 0 = current: never worse
+                    lo = cand_lo.gather(0, idx.unsqueeze(0))[0]
+                    hi = cand_hi.gather(0, idx.unsqueeze(0))[0]
+                    scale = cs2.gather(0, idx.unsqueeze(0))[0]
+                    zero = cz2.gather(0, idx.unsqueeze(0))[0]
         for _ in range(self.refine):
             scale, zero, best = self._refine_scale(w, scale, zero, best, S, mask)
         return scale, zero
+
+    def _losses(self, w, cs, cz, S, mask) -> torch.Tensor:
+        err = w - self.fake_quant(w, cs, cz)
+        return quadratic_loss(err if mask is None else err * mask, S)  # [C, R...]
 
     def _refine_scale(self, w, scale, zero, best, S, mask=None):
         """One least-squares update of the scale with the codes and zero fixed; kept where it helps."""

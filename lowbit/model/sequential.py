@@ -55,8 +55,8 @@ PTQ_METHODS = ("rtn", "awq", "gptq", "hqq")
 CALIBRATED = ("awq", "gptq")
 
 _GPTQ_KEYS = ("percdamp", "blocksize", "act_order", "static_groups", "group_objective", "refit", "n_grid",
-              "max_shrink", "gguf_type")
-_AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie")
+              "max_shrink", "gguf_type", "two_sided")
+_AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie", "two_sided", "joint", "refine")
 _HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init")
 _RTN_KEYS = ("search", "n_grid", "max_shrink", "refine")
 METHOD_OPTIONS = {"gptq": _GPTQ_KEYS, "awq": _AWQ_KEYS, "hqq": _HQQ_KEYS, "rtn": _RTN_KEYS}
