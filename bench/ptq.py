@@ -105,6 +105,11 @@ STUDY_ROWS = [
     ("AWQ g128 asym: no clip search", "awq", dict(G128A, clip=False)),
     ("AWQ g128 asym: duo scaling", "awq", dict(G128A, duo_scaling=True)),
     ("AWQ g128 asym: o_proj scales tied per v_proj row (GQA)", "awq", dict(G128A, gqa_tie=True)),
+    ("AWQ g128 asym: one-sided clip (common shrink of min and max only)", "awq", dict(G128A, two_sided=0)),
+    ("AWQ g128 asym: two coordinate passes of the two-sided clip", "awq", dict(G128A, two_sided=2)),
+    ("AWQ g128 asym: joint alpha + clip search", "awq", dict(G128A, joint=True)),
+    ("AWQ g128 asym: + least-squares scale refit", "awq", dict(G128A, refine=1)),
+    ("g128 asym: default + two-sided grid search", "gptq", dict(G128A, two_sided=1)),
     ("RTN g128 asym + MSE grid (no data)", "rtn", dict(G128A, search="mse")),
     ("HQQ g64 asym: + scale update", "hqq", dict(bits=4, group_size=64, sym=False, optimize_scale=True)),
     ("HQQ g64 asym: init from MSE grid", "hqq", dict(bits=4, group_size=64, sym=False, init="mse")),
@@ -407,7 +412,9 @@ def device_name(device) -> str:
 
 
 def save(results, args):
-    results = merge(results, [])  # rows in the order of the row lists
+    # rows in the order of the row lists; on a copy, so that the caller's section dicts (which
+    # run_rows keeps filling) stay the ones inside ``results``
+    results = merge(copy.deepcopy(results), [])
     with open(os.path.join(args.out, "ptq.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_report(results, args.out)

@@ -144,9 +144,40 @@ def _apply_method(model, tok, method: str, args):
     if name in WEIGHT_ONLY_PTQ:
         call["progress"] = not (args.quiet or args.json)
         call["device"] = _device(args)
+        gguf_type = _gguf_target(args)
+        if gguf_type is not None and name in GGUF_GRID_METHODS:
+            # error-compensated GGUF: the method optimises for the exact llama.cpp block grid
+            call["gguf_type"] = gguf_type
+            _log(args, f"{name}: optimising for the GGUF {gguf_type} block grid (blocks of 32)")
     model = lowbit.quantize(model, method=name, **call)
     freeze(model)
     return model, time.perf_counter() - t0
+
+
+GGUF_GRID_METHODS = ("rtn", "gptq", "awq")
+_GGUF_INT_EXACT = ("Q4_0", "Q8_0")  # block types with an exact integer (GPTQ / compressed-tensors) form
+
+
+def _formats(args) -> List[str]:
+    return [f.strip() for f in (getattr(args, "format", None) or "").split(",") if f.strip()]
+
+
+def _gguf_target(args) -> Optional[str]:
+    """The GGUF block type the quantizer must target (``--format`` includes gguf), else None.
+
+    With gguf and an integer format (compressed-tensors, gptq) in one run, the weights must be
+    exact in both: only Q4_0 / Q8_0 blocks (symmetric groups of 32, fp16 scales) are.
+    """
+    formats = _formats(args)
+    if "gguf" not in formats:
+        return None
+    t = args.gguf_type.upper()
+    others = [f for f in formats if f in ("compressed-tensors", "gptq")]
+    if others and t not in _GGUF_INT_EXACT and args.method.lower() in GGUF_GRID_METHODS:
+        raise CLIError(f"--format {','.join(formats)} with --gguf-type {t}: {t} blocks have no exact "
+                       f"{'/'.join(others)} form (fractional zero point or 5-bit codes); use --gguf-type "
+                       f"Q4_0 or Q8_0 to write them from the same weights, or write {t} in a separate run")
+    return t
 
 
 def _size_report(model) -> Dict[str, float]:
@@ -183,6 +214,7 @@ def cmd_quantize(args) -> int:
     except OSError as e:
         raise CLIError(f"output directory {str(out)!r} is not writable: {e.strerror or e}") from None
     _method_call(args.method, args)  # validates early
+    _gguf_target(args)
     model, tok = _load(args.model, args)
     prediction = plan(model, args.method, bits=args.bits, group_size=args.group_size,
                       n_samples=args.n_samples, seq_len=args.calib_seq_len)
@@ -218,6 +250,9 @@ def cmd_quantize(args) -> int:
     meta["quality_gate"] = "failed: " + "; ".join(gate_failed) if gate_failed else ("passed" if need_gate else "not run")
     written = _write_formats(model, tok, out, formats, args)
     meta["formats"] = written
+    if "gguf" in written:
+        meta["gguf_type"] = args.gguf_type
+        meta["gguf_weights"] = getattr(args, "_gguf_treatment", "requantized from float")
     from lowbit.eval.size import dir_size_bytes
 
     meta["output_size_mb"] = dir_size_bytes(out) / 2 ** 20
@@ -239,6 +274,25 @@ def cmd_quantize(args) -> int:
 
 
 def _write_formats(model, tok, out: Path, formats: List[str], args) -> List[str]:
+    from lowbit.io._affine import quantized_linears
+
+    if quantized_linears(model):  # a quantized model: every format from the same QuantStates
+        from lowbit.io.multi import export_all
+
+        if "native" in formats:
+            from lowbit.io.native import save
+
+            save(model, out)
+            if tok is not None:
+                tok.save_pretrained(str(out))
+        rest = [f for f in formats if f != "native"]
+        if rest:
+            report = export_all(model, out, rest, tokenizer=tok, gguf_type="auto", gguf_fallback="requantize",
+                                gguf_requantize_type=args.gguf_type, unsupported="error")
+            if "gguf" in report:
+                _log(args, f"gguf: {report['gguf']['summary']} (how each quantized weight was written)")
+                args._gguf_treatment = report["gguf"]["summary"]
+        return list(formats)
     written = []
     for fmt in formats:
         if fmt == "native":

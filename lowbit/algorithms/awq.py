@@ -60,7 +60,7 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
                group_size: int = 128, sym: bool = True, *, n_grid: int = 20, duo_scaling: bool = False,
                clip: bool = True, max_shrink: float = 0.5, clip_grid: int = 20,
                scale_search: bool = True, tie: Optional[torch.Tensor] = None, two_sided: int = 1,
-               joint: bool = False, refine: int = 0) -> AWQResult:
+               joint: bool = False, refine: int = 0, gguf_type: Optional[str] = None) -> AWQResult:
     """Search the per-input-channel scale shared by ``weights`` (``[out_i, in]`` each, one input).
 
     ``H = X^T X / n`` and ``act_absmean = mean |x|`` are statistics of the shared input.
@@ -71,6 +71,9 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
     ``two_sided``: coordinate passes of the clip search that shrink the minimum and the maximum of
     an asymmetric group independently (see :class:`~lowbit.algorithms.grid.AffineGrid`); the
     default 1 measured SmolLM2 int4 g128 asym 30.07 -> 29.42 (``bench/results/ptq.md``).
+    ``gguf_type`` (``"Q4_0"`` ... ``"Q8_0"``): search on llama.cpp's exact block grid (blocks of
+    32, fp16 ``d``/``m``); the states are then raw GGUF blocks (``bits``/``group_size``/``sym`` are
+    the format's).
     ``joint``: score every ``alpha`` with the clip search applied (slower, the exact joint optimum
     over the grid) instead of with plain min/max rounding.
     """
@@ -93,10 +96,20 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
         small = small / torch.zeros(n_small, device=dev).index_add_(0, tie, torch.ones_like(x_mean))
         x_mean = small[tie]
     g = K if group_size in (-1, None) else group_size
-    rtn = AffineGrid(bits=bits, sym=sym, search="minmax")
-    clip_grid_obj = AffineGrid(bits=bits, sym=sym, search="mse" if clip else "minmax", n_grid=clip_grid,
-                               max_shrink=max_shrink, refine=refine if clip else 0,
-                               two_sided=two_sided if clip else 0)
+    if gguf_type is not None:  # the exact llama.cpp block grid
+        from lowbit.algorithms.grid import GGUFGrid
+
+        if K % 32:
+            raise ValueError(f"GGUF {gguf_type} blocks need in_features divisible by 32, got {K}")
+        rtn = GGUFGrid(qtype=gguf_type, search="minmax", refine=0)
+        clip_grid_obj = GGUFGrid(qtype=gguf_type, search="mse" if clip else "minmax", n_grid=clip_grid,
+                                 max_shrink=max_shrink, refine=0, two_sided=two_sided if clip else 0)
+        g, bits, sym = 32, rtn.bits, rtn.sym
+    else:
+        rtn = AffineGrid(bits=bits, sym=sym, search="minmax")
+        clip_grid_obj = AffineGrid(bits=bits, sym=sym, search="mse" if clip else "minmax", n_grid=clip_grid,
+                                   max_shrink=max_shrink, refine=refine if clip else 0,
+                                   two_sided=two_sided if clip else 0)
     bounds = group_bounds(K, g)
 
     def fitted(s: torch.Tensor, grid_obj: AffineGrid):
@@ -138,7 +151,10 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
 
     # clip search on W diag(s) with the chosen scales
     total, out = fitted(s, clip_grid_obj)
-    states = [to_state(c, sc, z, bits, g, sym, dtype=weights[0].dtype) for c, sc, z, _ in out]
+    if gguf_type is not None:
+        states = [clip_grid_obj.gguf_state(c, sc, z, dtype=weights[0].dtype) for c, sc, z, _ in out]
+    else:
+        states = [to_state(c, sc, z, bits, g, sym, dtype=weights[0].dtype) for c, sc, z, _ in out]
     eff = [w_hat for _, _, _, w_hat in out]
     tied = None
     if tie is not None:

@@ -90,7 +90,8 @@ def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callabl
         del model
         gc.collect()
     title = (f"{args.model}: {args.bits}-bit, group {args.group_size}, perplexity on "
-             f"{args.dataset or 'the built-in corpus'} ({args.max_windows} x {args.seq_len} tokens)")
+             f"{args.dataset or 'the built-in corpus'} ({args.max_windows} x {args.seq_len} tokens)"
+             + (f", on {args.device}" if getattr(args, "device", "cpu") not in (None, "cpu") else ""))
     md = f"# lowbit compare\n\n{title}\n\n" + markdown_table(rows, COMPARE_COLUMNS) + "\n"
     if getattr(args, "save", None):
         best = min((r for r in rows if r["method"] not in ("fp32", "fp16", "bf16")), key=lambda r: r["ppl"], default=None)

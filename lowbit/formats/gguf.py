@@ -421,6 +421,29 @@ def unpack_blocks(raw: torch.Tensor, qtype: Union[str, GGUFType]):
 # row-level entry points (used by lowbit.tensor.functional for the q4_0 .. q8_0 schemes)
 
 
+def scale_rows(raw: torch.Tensor, qtype: Union[str, GGUFType], factor: torch.Tensor) -> torch.Tensor:
+    """Raw blocks of the rows ``W / factor[:, None]``: every block's ``d`` (and ``m``) divided by its row's factor.
+
+    The codes are kept; ``d``/``m`` are re-rounded to fp16 as stored (so the result is what a file
+    holds, not exactly ``W / factor``). Used to fold AWQ's input scales into an upstream GGUF linear.
+
+    Example:
+        >>> raw = quantize_rows(torch.randn(2, 32), "q4_0")
+        >>> torch.equal(scale_rows(raw, "q4_0", torch.ones(2)), raw)
+        True
+    """
+    t = gguf_type(qtype)
+    codes, d, m = unpack_blocks(raw, t)
+    f = factor.to(device=raw.device, dtype=torch.float32).reshape(-1, 1)
+    if f.shape[0] != codes.shape[0]:
+        raise ValueError(f"factor has {f.shape[0]} entries, the blocks have {codes.shape[0]} rows")
+    if not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
+        raise ValueError("factor must be finite and positive")
+    d = (d.float() / f).half()
+    m = None if m is None else (m.float() / f).half()
+    return pack_blocks(codes, d, m, t)
+
+
 def quantize_rows(x: torch.Tensor, qtype: str) -> torch.Tensor:
     """Quantize ``[R, K]`` rows to raw GGUF block bytes, identical to ``gguf.quants.quantize``.
 

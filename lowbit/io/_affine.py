@@ -230,10 +230,14 @@ class AffineWeight:
         """The integer weight of an affine ``int2..int8`` (sym or asym) QuantState of a 2-D weight.
 
         Supported layouts: ``group``, ``channel`` (axis 0), ``tensor``, and ``block`` when the block
-        size divides the row length. Raises :class:`UnsupportedWeight` otherwise.
+        size divides the row length; GGUF ``q4_0``/``q8_0`` blocks (symmetric groups of 32 with fp16
+        scales and the implicit zero 8 / 128: exactly an int4/int8 group-32 weight). Raises
+        :class:`UnsupportedWeight` otherwise.
         """
         if not isinstance(state, QuantState):
             raise TypeError(f"expected a QuantState, got {type(state).__name__}")
+        if state.layout == "gguf":
+            return cls._from_gguf(state)
         if state.scheme not in SCHEMES or SCHEMES.get(state.scheme).kind != "affine":
             raise UnsupportedWeight(f"scheme {state.scheme!r} is not an integer affine scheme (int2..int8, "
                                     "symmetric or asymmetric)")
@@ -269,6 +273,22 @@ class AffineWeight:
             zeros = zeros.reshape(out_f, G).to(torch.uint8).contiguous()
         return cls(codes=codes.reshape(out_f, in_f), scales=scales, zeros=zeros, bits=state.bits, group_size=g,
                    dtype=state.dtype)
+
+
+def _from_gguf_state(cls, state: QuantState) -> "AffineWeight":
+    from lowbit.formats.gguf import unpack_blocks
+
+    if state.scheme not in ("q4_0", "q8_0"):
+        why = ("its offset m gives a fractional zero point -m/d, which integer zero points cannot hold"
+               if state.scheme in ("q4_1", "q5_1") else "5-bit codes have no integer checkpoint layout here")
+        raise UnsupportedWeight(f"GGUF {state.scheme.upper()} blocks have no exact integer affine form: {why} "
+                                "(Q4_0 and Q8_0 have one)")
+    codes, d, _ = unpack_blocks(state.data, state.scheme)
+    return cls(codes=codes.contiguous(), scales=d.contiguous(), zeros=None, bits=state.bits, group_size=32,
+               dtype=state.dtype)
+
+
+AffineWeight._from_gguf = classmethod(_from_gguf_state)
 
 
 def exact_cast(t: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -56,9 +56,10 @@ CALIBRATED = ("awq", "gptq")
 
 _GPTQ_KEYS = ("percdamp", "blocksize", "act_order", "static_groups", "group_objective", "refit", "n_grid",
               "max_shrink", "gguf_type", "two_sided")
-_AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie", "two_sided", "joint", "refine")
+_AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie", "two_sided", "joint", "refine",
+             "gguf_type")
 _HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init")
-_RTN_KEYS = ("search", "n_grid", "max_shrink", "refine")
+_RTN_KEYS = ("search", "n_grid", "max_shrink", "refine", "gguf_type")
 METHOD_OPTIONS = {"gptq": _GPTQ_KEYS, "awq": _AWQ_KEYS, "hqq": _HQQ_KEYS, "rtn": _RTN_KEYS}
 
 # (preceding module, layers reading its output) inside a Llama/Mistral/Qwen-style decoder block
@@ -382,7 +383,13 @@ def _fold_awq(root: nn.Module, stage: _Stage, installed: Dict[str, nn.Module]) -
     prev = installed.get(prev_name) or root.get_submodule(prev_name)
     with torch.no_grad():
         state = getattr(prev, "_lowbit_ptq_state", None)
-        if state is not None:  # an already quantized linear: scale its per-row scales
+        if state is not None and state.layout == "gguf":  # raw llama.cpp blocks: divide d (and m) per row
+            from lowbit.formats.gguf import scale_rows
+
+            state.data.copy_(scale_rows(state.data, state.scheme, s.to(state.data.device)))
+            if hasattr(prev, "set_quant_state"):
+                prev.set_quant_state("weight", state)
+        elif state is not None:  # an already quantized linear: scale its per-row scales
             state.scales.div_(s.to(state.scales.device).unsqueeze(1))
             if hasattr(prev, "set_quant_state"):
                 prev.set_quant_state("weight", state)
@@ -600,7 +607,8 @@ def _run_stages(model, stages, modules, fn, chunks, quantize_fn, bits, group_siz
     for stage in stages:  # layers no chunk reached: quantize without data (RTN)
         if not stage.done:
             for n in stage.names:
-                stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym)
+                stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym,
+                                               gguf_type=opts.get("gguf_type"))
             stage.done = True
             bar.update(len(stage.names))
     bar.close()
