@@ -61,6 +61,21 @@ def load_transformers_gguf(path: Path, device: str):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).to(device).eval()
 
 
+def evaluate_file(path: Path, reference, ids, win, src_logits, device: str):
+    """Load ``path`` with transformers' GGUF loader: (reload s, perplexity, max|dlogit| vs ``reference``,
+    max|dlogit| vs the source)."""
+    t0 = time.time()
+    loaded = load_transformers_gguf(path, device)
+    reload_s = time.time() - t0
+    r = perplexity(loaded, input_ids=ids, seq_len=SEQ_LEN, max_windows=ids.numel() // SEQ_LEN, device=device,
+                   progress=False)
+    with torch.no_grad():
+        got = loaded(win.to(device)).logits
+        diff = (got - reference.to(device)(win.to(device)).logits).abs().max().item()
+        dsrc = (got.cpu() - src_logits).abs().max().item()
+    return reload_s, r.ppl, diff, dsrc
+
+
 def fake_quant_model(model, qtype: str, device: str):
     """lowbit's fake-quantized model for ``qtype`` and the relative weight error ``sum||dq - w||^2 / sum||w||^2``."""
     from transformers import AutoModelForCausalLM
@@ -132,20 +147,12 @@ def main() -> None:
                                **kwargs)
         export_s = time.time() - t0
         size = path.stat().st_size
-        t0 = time.time()
-        loaded = load_transformers_gguf(path, args.device)
-        reload_s = time.time() - t0
-        r = perplexity(loaded, input_ids=ids, seq_len=SEQ_LEN, max_windows=args.windows, device=args.device,
-                       progress=False)
         ref, rel_mse = fake_quant_model(model, qtype, args.device)
-        with torch.no_grad():
-            got = loaded(win.to(args.device)).logits
-            diff = (got - ref(win.to(args.device)).logits).abs().max().item()
-            dsrc = (got.cpu() - src_logits).abs().max().item()
-        del loaded, ref
+        reload_s, ppl, diff, dsrc = evaluate_file(path, ref, ids, win, src_logits, args.device)
+        del ref
         path.unlink()
-        rows.append((qtype, size, size * 8 / npar, export_s, r.ppl, diff, reload_s, rel_mse, dsrc))
-        print(f"{qtype}: {size / 2**20:.1f} MiB, ppl {r.ppl:.4f}, max|dlogit| {diff:.2e}, rel mse {rel_mse:.2e}, "
+        rows.append((qtype, size, size * 8 / npar, export_s, ppl, diff, reload_s, rel_mse, dsrc))
+        print(f"{qtype}: {size / 2**20:.1f} MiB, ppl {ppl:.4f}, max|dlogit| {diff:.2e}, rel mse {rel_mse:.2e}, "
               f"export {export_s:.1f}s", flush=True)
 
     comp = [t.strip().upper() for t in args.compensated.split(",") if t.strip()]
@@ -169,28 +176,19 @@ def main() -> None:
                 export_s = time.time() - t0
                 path = Path(rep["gguf"]["path"])
                 size = path.stat().st_size
-                t0 = time.time()
-                loaded = load_transformers_gguf(path, args.device)
-                reload_s = time.time() - t0
-                r = perplexity(loaded, input_ids=ids, seq_len=SEQ_LEN, max_windows=args.windows, device=args.device,
-                               progress=False)
+                reload_s, ppl, diff, dsrc = evaluate_file(path, qm, ids, win, src_logits, args.device)
                 num = den = 0.0
                 for name, (mod, st) in quantized_linears(qm).items():
                     w0 = model.get_submodule(name).weight.detach().double()
-                    num += float((lowbit_dequant(st).double() - w0).pow(2).sum())
+                    num += float((lowbit_dequant(st).double().cpu() - w0).pow(2).sum())
                     den += float(w0.pow(2).sum())
-                with torch.no_grad():
-                    qm.to(args.device)
-                    got = loaded(win.to(args.device)).logits
-                    diff = (got - qm(win.to(args.device)).logits).abs().max().item()
-                    dsrc = (got.cpu() - src_logits).abs().max().item()
-                del loaded, qm
+                del qm
                 label = f"{qtype} {method.upper()} (error-compensated on the block grid; {rep['gguf']['summary']})"
                 # AWQ moves its input scales into the norms / upstream rows: its linears' weights are not
                 # comparable with the source's one by one
                 rel = None if method == "awq" else num / den
-                rows.append((label, size, size * 8 / npar, export_s, r.ppl, diff, reload_s, rel, dsrc))
-                print(f"{label}: {size / 2**20:.1f} MiB, ppl {r.ppl:.4f}, max|dlogit| {diff:.2e}", flush=True)
+                rows.append((label, size, size * 8 / npar, export_s, ppl, diff, reload_s, rel, dsrc))
+                print(f"{label}: {size / 2**20:.1f} MiB, ppl {ppl:.4f}, max|dlogit| {diff:.2e}", flush=True)
                 path.unlink()
 
     out = Path(args.results)
