@@ -127,7 +127,7 @@ def module_scheme(module: nn.Module, state) -> Tuple[Dict[str, Any], Dict[str, t
         G = w.n_groups
         if state.layout == "tensor":
             strategy, gsize = "tensor", None
-        elif state.layout in ("group", "block") and in_f % w.group_size == 0:
+        elif state.layout in ("group", "block", "gguf") and in_f % w.group_size == 0:
             strategy, gsize = "group", w.group_size
         elif G == 1:
             strategy, gsize = "channel", None

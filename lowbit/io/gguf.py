@@ -444,7 +444,8 @@ def tokenizer_metadata(tokenizer, vocab_size: Optional[int] = None, pre: Optiona
         meta["tokenizer.ggml.pre"] = (pre, VT.STRING, None)
     meta["tokenizer.ggml.tokens"] = (tokens, VT.ARRAY, VT.STRING)
     meta["tokenizer.ggml.token_type"] = (types, VT.ARRAY, VT.INT32)
-    meta["tokenizer.ggml.merges"] = (merges, VT.ARRAY, VT.STRING)
+    if merges:  # gguf-py cannot write an empty array (a byte-level vocabulary without merges)
+        meta["tokenizer.ggml.merges"] = (merges, VT.ARRAY, VT.STRING)
     for attr, key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("unk_token_id", "unknown"),
                       ("pad_token_id", "padding")):
         v = getattr(tokenizer, attr, None)

@@ -47,7 +47,7 @@ from lowbit.algorithms.awq import awq_search
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
-from lowbit.algorithms.stats import InputStats
+from lowbit.algorithms.stats import InputStats, gram
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class _Staged:
                 return None
             x = args[0] if args else kwargs["input"]
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            xtx = x2.t() @ x2 if self.need_hessian else None
+            xtx = gram(x2) if self.need_hessian else None
             asum = x2.abs().sum(0) if self.need_absmean else None
             with self.cond:
                 if stage.done:
@@ -489,6 +489,12 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     selected = _select_linears(model, include, exclude)
     if not selected:
         raise ValueError(f"no nn.Linear selected (include={include!r}, exclude={exclude!r})")
+    if opts.get("gguf_type") is not None:
+        bad = [n for n, lin in selected.items() if lin.in_features % 32]
+        if bad:
+            raise ValueError(f"gguf_type={opts['gguf_type']!r}: GGUF blocks hold 32 input columns, but "
+                             f"{bad[0]!r} has in_features={selected[bad[0]].in_features} (and {len(bad) - 1} more); "
+                             f"exclude such layers (exclude=[...]) or use a group-wise method without gguf_type")
     states: Dict[str, Any] = {}
     extra: Dict[str, Any] = {}
 
