@@ -52,13 +52,19 @@ def _device(args) -> str:
     return dev
 
 
-def _load(spec: str, args=None, dtype=None):
+def _load(spec: str, args=None, dtype=None, gguf_types=None):
+    """``(model, tokenizer)``; a ``.gguf`` file with ``gguf_types`` keeps those tensors as the file's
+    blocks in lowbit modules (no float round trip), see :func:`lowbit.io.gguf.load_gguf_model`."""
     import torch
 
     from lowbit.model.loading import load_model
 
     device = _device(args) if args is not None else "cpu"
     path = Path(spec)
+    if gguf_types and path.is_file() and path.suffix.lower() == ".gguf":
+        from lowbit.io.gguf import load_gguf_model
+
+        return load_gguf_model(path, types=gguf_types, dtype=dtype or torch.float32, device=device)
     if path.is_dir() and _is_native(path):
         from lowbit.io.native import load
 
@@ -135,6 +141,15 @@ def _apply_method(model, tok, method: str, args):
     t0 = time.perf_counter()
     if name is None:
         return model, 0.0
+    kept = getattr(model, "_lowbit_gguf_kept", None)
+    if kept:
+        from torch import nn
+
+        _log(args, f"{len(kept)} weights kept as the GGUF file's own blocks (no float round trip)")
+        if name == "rtn" and not any(type(m) is nn.Linear for n, m in model.named_modules()
+                                     if not n.endswith("lm_head")):
+            freeze(model)
+            return model, time.perf_counter() - t0
     if name in CALIBRATED:
         from lowbit.data.calibration import get_calibration_data
 
@@ -214,8 +229,10 @@ def cmd_quantize(args) -> int:
     except OSError as e:
         raise CLIError(f"output directory {str(out)!r} is not writable: {e.strerror or e}") from None
     _method_call(args.method, args)  # validates early
-    _gguf_target(args)
-    model, tok = _load(args.model, args)
+    target = _gguf_target(args)
+    # RTN onto the GGUF type a .gguf input already holds: keep those blocks as they are
+    keep = (target,) if target in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") and args.method.lower() == "rtn" else None
+    model, tok = _load(args.model, args, gguf_types=keep)
     prediction = plan(model, args.method, bits=args.bits, group_size=args.group_size,
                       n_samples=args.n_samples, seq_len=args.calib_seq_len)
     need_gate = args.max_ppl_increase is not None or args.max_kld is not None
@@ -318,7 +335,10 @@ def _write_formats(model, tok, out: Path, formats: List[str], args) -> List[str]
 
 
 def cmd_eval(args) -> int:
-    model, tok = _load(args.model, args)
+    from lowbit.io.gguf import BLOCK_IMPORT_TYPES
+
+    # a .gguf file is evaluated on its own blocks (Q4_0..Q8_0 held by lowbit modules, not dequantized copies)
+    model, tok = _load(args.model, args, gguf_types=BLOCK_IMPORT_TYPES)
     res: Dict[str, Any] = {"model": args.model}
     if args.metric in ("ppl", "all"):
         res["ppl"] = _ppl(model, tok, args)

@@ -388,3 +388,41 @@ def test_smollm2_q8_0_export_reloads(tmp_path):
         a, b, c = reloaded(ids).logits, ref(ids).logits, model(ids).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
     assert (a - c).abs().max() < 1.0 and a[0, -1].argmax() == c[0, -1].argmax()
+
+
+def test_load_gguf_model_keeps_the_file_blocks(tmp_path, tok, monkeypatch):
+    """Import without a float round trip: the Linear layers hold the file's own blocks, the model computes
+    what the float conversion computes, and `lowbit quantize --method rtn` onto the file's own type writes
+    the very same blocks back."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("LOWBIT_NO_CACHE", "1")
+    model = tiny_llama(len(tok), intermediate=96)
+    p1 = io.export_gguf(model, tmp_path / "a.gguf", "Q4_1", tokenizer=tok)
+    states = io.load_gguf_quant_states(p1)
+    m, _ = io.load_gguf_model(p1)
+    assert len(m._lowbit_gguf_kept) == 14
+    for key in m._lowbit_gguf_kept:
+        st = m.get_submodule(key.removesuffix(".weight")).qstate
+        assert st.layout == "gguf" and torch.equal(st.data, states[key].data), key
+    from lowbit.model.loading import load_gguf
+
+    ref, _ = load_gguf(p1, cache=False)
+    ids = torch.randint(0, len(tok), (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, ref(ids).logits)
+    with pytest.raises(ValueError, match="only Q4_0"):
+        io.load_gguf_model(p1, types=("Q6_K",))
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", LOWBIT_NO_CACHE="1")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "lowbit", "quantize", "--model", str(p1), "--method", "rtn",
+                        "--format", "gguf", "--gguf-type", "Q4_1", "--output", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "14 weights kept as the GGUF file's own blocks" in p.stderr
+    again = io.load_gguf_quant_states(out / "model.gguf")
+    for key in m._lowbit_gguf_kept:
+        assert again[key].qtype == "Q4_1" and torch.equal(again[key].data, states[key].data), key

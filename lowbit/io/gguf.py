@@ -648,3 +648,50 @@ def to_quant_state(entry: GGUFTensor, dtype: torch.dtype = torch.float32):
     t = fmt.gguf_type(entry.qtype)  # raises for F32/K-quants, naming the type
     return QuantState(scheme=t.name.lower(), bits=t.bits, shape=tuple(entry.shape), dtype=dtype, layout="gguf",
                       block_size=fmt.GGUF_BLOCK, data=entry.data.reshape(entry.shape[0], -1).contiguous())
+
+
+BLOCK_IMPORT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def load_gguf_model(path: Union[str, os.PathLike], types=BLOCK_IMPORT_TYPES, dtype: torch.dtype = torch.float32,
+                    device: Union[str, torch.device] = "cpu"):
+    """A Llama GGUF file as ``(model, tokenizer)`` whose Linear layers hold the file's own blocks.
+
+    Every ``nn.Linear`` whose GGUF tensor is of one of ``types`` becomes a weight-only lowbit
+    ``QLinear`` holding exactly those blocks (a ``layout="gguf"`` QuantState: no float round trip,
+    so exporting the model again writes the same bytes); the other tensors (norms, embeddings,
+    K-quant or float weights) come from the float conversion of :func:`lowbit.model.loading.load_gguf`.
+    The model's ``_lowbit_gguf_kept`` lists the weights kept as blocks.
+
+    Example:
+        >>> model, tok = load_gguf_model("SmolLM2-135M-Instruct.Q4_1.gguf")     # doctest: +SKIP
+        >>> model.model.layers[0].mlp.up_proj.qstate.scheme                        # doctest: +SKIP
+        'q4_1'
+    """
+    from torch import nn
+
+    from lowbit.model.loading import load_gguf
+    from lowbit.nn import QLinear
+
+    wanted = {str(t).upper() for t in types}
+    bad = wanted - set(BLOCK_IMPORT_TYPES)
+    if bad:
+        raise ValueError(f"types {sorted(bad)}: only {', '.join(BLOCK_IMPORT_TYPES)} blocks load as lowbit states")
+    model, tok = load_gguf(path, dtype=dtype, device="cpu")
+    entries = load_gguf_quant_states(path)
+    kept = []
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear:
+            continue
+        e = entries.get(f"{name}.weight")
+        if e is None or e.qtype not in wanted:
+            continue
+        if tuple(e.shape) != tuple(mod.weight.shape):
+            raise ValueError(f"{path}: {name}.weight has shape {tuple(e.shape)} in the file but "
+                             f"{tuple(mod.weight.shape)} in the model")
+        q = QLinear.from_quant_state(mod, to_quant_state(e, dtype=dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+        kept.append(f"{name}.weight")
+    model._lowbit_gguf_kept = kept
+    return model.to(device).eval(), tok
