@@ -179,7 +179,7 @@ def write(rows, args, out: Path, partial: bool = False) -> None:
             "static scale per tensor cannot accommodate."
         )
     lines += [
-        "- Times are wall-clock seconds on the 2-core CPU (AMD EPYC Zen 1, AVX2; nothing else running). bf16 "
+        "- Times are wall-clock seconds on the 2-core CPU (AMD EPYC Zen 1, AVX2; short test runs overlapped the bf16 row). bf16 "
         "evaluates several times slower than fp32 there: this CPU has no bf16 arithmetic, so every bf16 matmul "
         "is converted (bf16 saves memory on it, not time).",
         "- Quantized rows dequantize their weights in every forward (reference path, no fused CPU kernel), which "
