@@ -182,6 +182,10 @@ def write(rows, args, out: Path, partial: bool = False) -> None:
         "- Times are wall-clock seconds on the 2-core CPU (AMD EPYC Zen 1, AVX2; short test runs overlapped the bf16 row). bf16 "
         "evaluates several times slower than fp32 there: this CPU has no bf16 arithmetic, so every bf16 matmul "
         "is converted (bf16 saves memory on it, not time).",
+        "- Static int8 activations (one per-tensor scale per layer input, fixed at calibration) lose most on "
+        "this LLM: a few input channels carry outliers far above the rest, so one scale leaves the other "
+        "channels a handful of levels (the LLM.int8() observation); per-token dynamic scales keep it within "
+        "one point, the remedies for static deployment are `Linear8bitLt`'s outlier decomposition (in lowbit) or SmoothQuant-style scaling (not in lowbit yet).",
         "- Quantized rows dequantize their weights in every forward (reference path, no fused CPU kernel), which "
         "adds to their eval time.",
     ]
