@@ -111,15 +111,15 @@ class LowbitLoraLinear(_lora_layer.Linear):
     Forward, dropout, scaling, DoRA and mixed-adapter batches are peft's (``base(x) + B(A(x)) * s``);
     merging dequantizes the base, adds the delta and re-quantizes with the base's own scheme.
 
-    ``recompute_base`` (default True): when gradients flow through the layer, the base layer runs
-    under non-reentrant activation checkpointing, so autograd keeps the layer's input instead of
-    its dequantized float weight (which ``F.linear`` would save to compute the input gradient) and
-    dequantizes again in the backward pass. Without it every adapted layer's float weight stays
-    alive until the backward pass and QLoRA saves no memory during training over LoRA on the
-    float model. Outputs and gradients are identical either way.
+    The lowbit base layers keep no dequantized float weight for the backward pass themselves
+    (:func:`lowbit.nn.functional.frozen_linear` re-dequantizes it for the input gradient), which is
+    what makes QLoRA cheaper than LoRA on the float model. ``recompute_base`` (default False)
+    additionally runs the base layer under non-reentrant activation checkpointing (a base module
+    that does not manage its weight that way then still keeps nothing); outputs and gradients are
+    identical either way.
     """
 
-    recompute_base: bool = True
+    recompute_base: bool = False
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, **kwargs: Any) -> None:

@@ -151,3 +151,47 @@ def quant_kwargs_for(weights: Union[str, QType], shape, group_size: Optional[int
 def state_matches(state: QuantState, shape) -> bool:
     """True when ``state`` stands for a tensor of ``shape``."""
     return tuple(state.shape) == tuple(shape)
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """``F.linear(x, weight_fn(), bias)`` that keeps no float weight for backward.
+
+    The weight is frozen (a packed QuantState): the input gradient ``grad @ W`` re-dequantizes it in
+    backward instead of saving the float copy, as bitsandbytes' 4-bit matmul does. Without this, autograd
+    holds one dequantized float weight per layer until backward, and a QLoRA step on a quantized base
+    needs as much memory as on the float model.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight_fn):
+        with torch.no_grad():
+            w = weight_fn()
+        ctx.weight_fn = weight_fn
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            with torch.no_grad():
+                w = ctx.weight_fn()
+            grad_x = grad_out @ w.to(grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_b, None
+
+
+def frozen_linear(x: torch.Tensor, bias: Optional[torch.Tensor], weight_fn) -> torch.Tensor:
+    """``F.linear`` with a frozen weight produced by ``weight_fn()`` (see :class:`_FrozenWeightLinear`).
+
+    Under ``no_grad`` or when nothing upstream needs a gradient it is a plain ``F.linear``.
+
+    >>> x = torch.randn(3, 4, requires_grad=True); w = torch.randn(5, 4)
+    >>> y = frozen_linear(x, None, lambda: w); y.sum().backward()
+    >>> torch.allclose(x.grad, w.sum(0).expand(3, 4))
+    True
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _FrozenWeightLinear.apply(x, bias, weight_fn)
+    return torch.nn.functional.linear(x, weight_fn(), bias)

@@ -18,6 +18,7 @@ from torch import nn
 
 from lowbit.config import parse_dtype
 from lowbit.nn.base import QModuleMixin
+from lowbit.nn.functional import frozen_linear
 from lowbit.tensor.functional import quantize_tensor
 from lowbit.tensor.state import QuantState
 
@@ -82,15 +83,18 @@ class Linear4bit(QModuleMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         cd = self.compute_dtype or inp_dtype
-        w = self.qweight()
-        if w.dtype != cd:
-            w = w.to(cd)
+
+        def weight():
+            w = self.qweight()
+            return w if w.dtype == cd else w.to(cd)
+
         b = self.bias
         if b is not None and b.dtype != cd:
             b = b.to(cd)
         if x.dtype != cd:
             x = x.to(cd)
-        out = F.linear(x, w, b)
+        # the weight is frozen: backward re-dequantizes it rather than keeping a float copy (QLoRA memory)
+        out = frozen_linear(x, b, weight)
         return out if out.dtype == inp_dtype else out.to(inp_dtype)
 
     def extra_repr(self) -> str:

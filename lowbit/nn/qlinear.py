@@ -20,7 +20,7 @@ from torch import nn
 
 from lowbit.config import ACTIVATION_QTYPES, QType, get_qtype
 from lowbit.nn.base import QModuleMixin
-from lowbit.nn.functional import fake_quantize_activation, quant_kwargs_for
+from lowbit.nn.functional import fake_quantize_activation, frozen_linear, quant_kwargs_for
 from lowbit.tensor.functional import quantize_tensor
 from lowbit.tensor.state import QuantState
 
@@ -136,12 +136,18 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
-        w = self.qweight() if self.weights else self.weight
         b = self.bias
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
+        if self.weights and self.frozen:  # packed weight: backward re-dequantizes it (no float copy kept)
+            def weight():
+                w = self.qweight()
+                return w if w.dtype == x.dtype else w.to(x.dtype)
+
+            return frozen_linear(x, b, weight)
+        w = self.qweight() if self.weights else self.weight
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
         return F.linear(x, w, b)
 
     def extra_repr(self) -> str:
