@@ -218,7 +218,7 @@ def write_report(rows: list, args, out: Path) -> None:
         "- Read the RSS columns with care: the float variants memory-map the safetensors file, so their "
         "513 MB of weights are file-backed pages that become resident only as training touches them (RSS after "
         "load = the imports alone), while the quantized variants hold their packed weights plus the work "
-        "buffers of quantizing in anonymous memory. In this measure QLoRA NF4 peaks at about 0.7x the full "
+        "buffers of quantizing in anonymous memory. In this measure QLoRA NF4 peaks at 0.6-0.7x the full (across repeated runs) "
         "fine-tune but above LoRA on the float base; the difference of peak and post-load RSS (the training "
         "phase's own growth) is about the same for QLoRA and LoRA. On a GPU, where both would hold their "
         "weights in device memory, the comparison is the weights' 165 MB vs 513 MB; that run was not made "
