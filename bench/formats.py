@@ -41,6 +41,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import n_params  # noqa: E402
+
 import lowbit  # noqa: E402
 from lowbit.io import compressed_tensors as ctio  # noqa: E402
 from lowbit.io import gptq, native  # noqa: E402
@@ -57,15 +59,6 @@ def dir_bytes(p: Path) -> int:
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.name.startswith("tokenizer")
                and f.name not in ("vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja"))
-
-
-def n_params(model) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def quantize(model, scheme: str, group: int):

@@ -34,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import n_params  # noqa: E402
+
 from lowbit.eval.perplexity import perplexity  # noqa: E402
 from lowbit.io import gguf as gio  # noqa: E402
 from lowbit.model.loading import default_model_path, load_model  # noqa: E402
@@ -44,15 +46,6 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "bench" / "results"
 TYPES = ["F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
 SEQ_LEN = 512
-
-
-def n_params(model) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def load_transformers_gguf(path: Path, device: str):

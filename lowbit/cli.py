@@ -229,9 +229,11 @@ def cmd_quantize(args) -> int:
     except OSError as e:
         raise CLIError(f"output directory {str(out)!r} is not writable: {e.strerror or e}") from None
     _method_call(args.method, args)  # validates early
+    from lowbit.io.gguf import BLOCK_IMPORT_TYPES
+
     target = _gguf_target(args)
     # RTN onto the GGUF type a .gguf input already holds: keep those blocks as they are
-    keep = (target,) if target in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") and args.method.lower() == "rtn" else None
+    keep = (target,) if target in BLOCK_IMPORT_TYPES and args.method.lower() == "rtn" else None
     model, tok = _load(args.model, args, gguf_types=keep)
     prediction = plan(model, args.method, bits=args.bits, group_size=args.group_size,
                       n_samples=args.n_samples, seq_len=args.calib_seq_len)

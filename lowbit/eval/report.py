@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> str:
@@ -59,6 +59,14 @@ def plot_compare(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") ->
     return True
 
 
+FLOAT_METHODS = ("fp32", "fp16", "bf16")  # compare rows that are not quantized models
+
+
+def _best_quantized(rows: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The quantized row with the lowest perplexity (None when there is none)."""
+    return min((r for r in rows if r["method"] not in FLOAT_METHODS), key=lambda r: r["ppl"], default=None)
+
+
 def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callable, ppl: Callable,
                     size: Callable, log: Callable[[str], None] = lambda s: None) -> Tuple[List[Dict[str, Any]], str]:
     """Run every method on a fresh model; returns the rows and the Markdown text (also written to disk)."""
@@ -79,8 +87,7 @@ def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callabl
         rows.append(row)
         log(f"[{m}] ppl {p:.3f}, {row['size_mb']:.1f} MB, {time.perf_counter() - t0:.0f} s")
         save_dir = getattr(args, "save", None)
-        quantized = [r for r in rows if r["method"] not in ("fp32", "fp16", "bf16")]
-        if save_dir and m not in ("fp32", "fp16", "bf16") and min(quantized, key=lambda r: r["ppl"]) is row:
+        if save_dir and m not in FLOAT_METHODS and _best_quantized(rows) is row:
             from lowbit.io.native import save
 
             save(model, save_dir)  # atomic: replaces the previous best only once complete
@@ -94,7 +101,7 @@ def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callabl
              + (f", on {args.device}" if getattr(args, "device", "cpu") not in (None, "cpu") else ""))
     md = f"# lowbit compare\n\n{title}\n\n" + markdown_table(rows, COMPARE_COLUMNS) + "\n"
     if getattr(args, "save", None):
-        best = min((r for r in rows if r["method"] not in ("fp32", "fp16", "bf16")), key=lambda r: r["ppl"], default=None)
+        best = _best_quantized(rows)
         if best is not None:
             md += f"\nBest quantized model ({best['method']}) saved to `{args.save}` (lowbit native format).\n"
     out = Path(args.output_dir) if args.output_dir else Path.cwd()

@@ -274,21 +274,19 @@ class AffineWeight:
         return cls(codes=codes.reshape(out_f, in_f), scales=scales, zeros=zeros, bits=state.bits, group_size=g,
                    dtype=state.dtype)
 
+    @classmethod
+    def _from_gguf(cls, state: QuantState) -> "AffineWeight":
+        """Q4_0 / Q8_0 blocks as an int4 / int8 group-32 weight (fp16 scales, implicit zero)."""
+        from lowbit.formats.gguf import unpack_blocks
 
-def _from_gguf_state(cls, state: QuantState) -> "AffineWeight":
-    from lowbit.formats.gguf import unpack_blocks
-
-    if state.scheme not in ("q4_0", "q8_0"):
-        why = ("its offset m gives a fractional zero point -m/d, which integer zero points cannot hold"
-               if state.scheme in ("q4_1", "q5_1") else "5-bit codes have no integer checkpoint layout here")
-        raise UnsupportedWeight(f"GGUF {state.scheme.upper()} blocks have no exact integer affine form: {why} "
-                                "(Q4_0 and Q8_0 have one)")
-    codes, d, _ = unpack_blocks(state.data, state.scheme)
-    return cls(codes=codes.contiguous(), scales=d.contiguous(), zeros=None, bits=state.bits, group_size=32,
-               dtype=state.dtype)
-
-
-AffineWeight._from_gguf = classmethod(_from_gguf_state)
+        if state.scheme not in ("q4_0", "q8_0"):
+            why = ("its offset m gives a fractional zero point -m/d, which integer zero points cannot hold"
+                   if state.scheme in ("q4_1", "q5_1") else "5-bit codes have no integer checkpoint layout here")
+            raise UnsupportedWeight(f"GGUF {state.scheme.upper()} blocks have no exact integer affine form: {why} "
+                                    "(Q4_0 and Q8_0 have one)")
+        codes, d, _ = unpack_blocks(state.data, state.scheme)
+        return cls(codes=codes.contiguous(), scales=d.contiguous(), zeros=None, bits=state.bits, group_size=32,
+                   dtype=state.dtype)
 
 
 def exact_cast(t: torch.Tensor, dtype: torch.dtype) -> bool:

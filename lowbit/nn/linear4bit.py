@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import parse_dtype
