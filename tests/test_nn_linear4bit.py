@@ -33,17 +33,29 @@ def test_forward_is_linear_on_dequantized_weight(quant_type, double_quant):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_matches_bitsandbytes_linear4bit(quant_type, double_quant):
     bnb = pytest.importorskip("bitsandbytes")
-    lin = _lin()
-    ref = bnb.nn.Linear4bit(96, 40, quant_type=quant_type, compress_statistics=double_quant,
+    # in_features a multiple of the block (64): bitsandbytes 0.50.2's AVX-512 CPU dequantize mis-assigns
+    # block scales when a 64-block straddles two rows of a weight whose row length is not a multiple of
+    # 64 (measured: in_features=96 gives errors up to 2.0 on N(0,1) weights, 100 and 128 do not), so its
+    # output is only a reference where rows hold whole blocks. Ragged rows are covered by the byte-identity
+    # tests of the primitive (test_formats_codebook.py).
+    lin = _lin(in_f=128)
+    ref = bnb.nn.Linear4bit(128, 40, quant_type=quant_type, compress_statistics=double_quant,
                             compute_dtype=torch.float32)
     ref.load_state_dict(lin.state_dict())
     ref = ref.to("cpu")  # bitsandbytes quantizes on the device move
     m = Linear4bit.from_module(lin, quant_type=quant_type, double_quant=double_quant,
                                compute_dtype=torch.float32).quantize_weight()
     assert torch.equal(m.qstate.data.reshape(-1), ref.weight.data.reshape(-1))
-    x = torch.randn(4, 96)
+    w_bnb = bnb.functional.dequantize_4bit(ref.weight.data, ref.weight.quant_state)
+    assert torch.equal(dequantize(m.qstate), w_bnb)
+    x = torch.randn(4, 128)
     with torch.no_grad():
-        assert torch.equal(m(x), ref(x))
+        y, y_ref = m(x), ref(x)
+    # bitsandbytes picks its fused CPU forward by processor; some kernels round activations to bfloat16.
+    # Bound: two bf16 roundings per product (relative 2**-8 each) plus fp32 accumulation over K terms.
+    bound = (2 * 2**-8 + 128 * 2**-24) * (x.abs() @ w_bnb.abs().T) * 1.01 + 1e-6
+    assert ((y - y_ref).abs() <= bound).all()
+    assert torch.equal(y, F.linear(x, w_bnb, lin.bias))
 
 
 def test_double_quant_reaches_documented_bits():
