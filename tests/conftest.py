@@ -9,13 +9,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="also run tests marked `long` (fuzzing at full size, kill loops); CI runs the rest")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (runs on the GPU machine)")
+    run_long = config.getoption("--long") or os.environ.get("LOWBIT_LONG_TESTS") == "1"
+    skip_long = pytest.mark.skip(reason="long test: run with --long (or LOWBIT_LONG_TESTS=1)")
+    skip_cuda = pytest.mark.skip(reason="needs CUDA (runs on the GPU machine)")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "long" in item.keywords and not run_long:
+            item.add_marker(skip_long)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
 
 
 @pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
