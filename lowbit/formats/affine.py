@@ -44,6 +44,9 @@ def affine_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric:
     hi = torch.clamp(xmax, min=0.0)
     levels = (1 << bits) - 1
     scale = (hi - lo) / levels
+    wide = torch.isinf(scale)
+    if bool(wide.any()):  # max - min beyond float32 (|x| near 3.4e38): the scale itself still fits
+        scale = torch.where(wide, ((hi.double() - lo.double()) / levels).float(), scale)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.clamp(torch.round(-lo / scale), 0, levels).to(torch.uint8)
     return scale, zero

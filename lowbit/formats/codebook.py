@@ -368,7 +368,12 @@ def quantize_blockwise_lut(x: torch.Tensor, code: torch.Tensor, blocksize: int) 
     blocks = padded.view(nblocks, blocksize)
     absmax = blocks.abs().amax(dim=-1)  # zero padding cannot change a max of |x|
     inv = 1.0 / absmax  # float32; inf for an all-zero block (handled below)
-    q = table[_lut_index(blocks * inv.view(-1, 1)).clamp_(0, _LUT_SIZE - 1)]
+    scaled = blocks * inv.view(-1, 1)
+    sub = torch.isinf(inv) & (absmax > 0)
+    if bool(sub.any()):  # subnormal absmax: 1/absmax overflows float32, divide instead (bnb's kernel yields garbage)
+        scaled = torch.where(sub.view(-1, 1), blocks / torch.where(sub, absmax, torch.ones_like(absmax)).view(-1, 1),
+                             scaled)
+    q = table[_lut_index(scaled).clamp_(0, _LUT_SIZE - 1)]
     q = torch.where((absmax == 0).view(-1, 1), torch.zeros_like(q), q)
     return q.reshape(-1)[:n].contiguous(), absmax
 
@@ -396,6 +401,8 @@ def double_quantize(
     """
     am = absmax.reshape(-1).float()
     offset = am.mean()
+    if not bool(torch.isfinite(offset)):  # the float32 sum overflows for absmax near 3.4e38
+        offset = am.double().mean().float()
     q, absmax2 = quantize_blockwise_lut(am - offset, _dynamic(True, 7, 8).to(am.device), blocksize)
     return q, absmax2, offset
 

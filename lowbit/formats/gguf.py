@@ -206,7 +206,32 @@ def block_params(x: torch.Tensor, qtype: Union[str, GGUFType]) -> BlockParams:
         d = _fp32_div(signed_max, -float(1 << (t.bits - 1)))
         base = None
     inv = torch.where(d == 0, torch.zeros_like(d), torch.reciprocal(d))
-    return BlockParams(d.half(), None if base is None else base.half(), inv, base)
+    d16 = d.half()
+    m16 = None if base is None else base.half()
+    _check_fp16_params(xb, d16, m16, t)
+    return BlockParams(d16, m16, inv, base)
+
+
+def _check_fp16_params(xb: torch.Tensor, d16: torch.Tensor, m16: Optional[torch.Tensor], t: GGUFType) -> None:
+    """A clear error when a block's fp16 ``d`` (or ``m``) overflows: the format cannot hold the block."""
+    bad = torch.isinf(d16)
+    if m16 is not None:
+        bad = bad | torch.isinf(m16)
+    if not bool(bad.any()):
+        return
+    row, blk = (int(i) for i in torch.nonzero(bad)[0])
+    amax = float(xb[row, blk].abs().max())
+    if t.asymmetric:
+        limit = f"|x| <= 65,504 and max - min <= {65504 * t.qmax:,} per block (fp16 d and m)"
+    elif t.bits == 8:
+        limit = f"|x| <= {65504 * 127:,} (fp16 d = max|x| / 127)"
+    else:
+        limit = f"|x| <= {65504 << (t.bits - 1):,} (fp16 d = max|x| / {1 << (t.bits - 1)})"
+    raise ValueError(
+        f"{t.name} cannot represent this tensor: {int(bad.sum())} block(s) overflow the format's float16 block "
+        f"scale, the first at row {row}, block {blk} (columns {blk * GGUF_BLOCK}..{blk * GGUF_BLOCK + GGUF_BLOCK - 1}, "
+        f"max |x| = {amax:.6g}); {t.name} needs {limit}. Scale the tensor down or keep it as F16/F32"
+    )
 
 
 def _roundf(v: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from lowbit.tensor.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.tensor.state import QuantState
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,35 @@ def _check_input(tensor: torch.Tensor) -> None:
         n_nan = int(torch.isnan(tensor).sum())
         n_inf = int(torch.isinf(tensor).sum())
         raise ValueError(f"cannot quantize a tensor with non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    if tensor.dtype == torch.float64 and tensor.numel():
+        amax = float(tensor.abs().max())
+        if amax > _F32_MAX:
+            n_big = int((tensor.abs() > _F32_MAX).sum())
+            raise ValueError(
+                f"cannot quantize a float64 tensor with values beyond the float32 range ({n_big} of "
+                f"{tensor.numel()} values, max |x| = {amax:.4g} > {_F32_MAX:.4g}): lowbit quantizes in float32"
+            )
+
+
+def _store_scales(scale: torch.Tensor, scale_dtype: torch.dtype, what: str = "scale") -> torch.Tensor:
+    """``scale`` (fp32, >= 0) cast to ``scale_dtype``; a clear error when a scale overflows or a nonzero one flushes to 0."""
+    if scale_dtype == torch.float32:
+        return scale
+    stored = scale.to(scale_dtype)
+    over = torch.isinf(stored)
+    under = (stored == 0) & (scale != 0)
+    if bool(over.any()) or bool(under.any()):
+        fi = torch.finfo(scale_dtype)
+        parts = []
+        if bool(over.any()):
+            parts.append(f"{int(over.sum())} block {what}(s) up to {float(scale[over].max()):.4g} exceed its largest "
+                         f"value {fi.max:.4g}")
+        if bool(under.any()):
+            parts.append(f"{int(under.sum())} nonzero block {what}(s) down to {float(scale[under].min()):.4g} round to "
+                         f"0 in it (its smallest normal value is {fi.tiny:.4g})")
+        raise ValueError(f"scale_dtype={scale_dtype} cannot hold this tensor's scales: {'; '.join(parts)}. "
+                         "Use scale_dtype=torch.float32 (or rescale the tensor)")
+    return stored
 
 
 def _codebook(name: str) -> torch.Tensor:
@@ -166,7 +196,7 @@ def _quantize_affine(tensor, sch: Scheme, layout: Layout, scale_dtype) -> QuantS
                           scales=torch.empty(0, dtype=scale_dtype, device=tensor.device))
     vg = pad_groups(v, g)
     scale, zero = affine.affine_qparams(vg.amin(-1), vg.amax(-1), sch.bits, sch.symmetric)
-    scale = scale.to(scale_dtype)  # quantize against the scale that will be stored
+    scale = _store_scales(scale, scale_dtype)  # quantize against the scale that will be stored
     z = zero.to(vg.device) if sch.symmetric else zero.unsqueeze(-1)
     codes = affine.quantize_affine(vg, scale.float().unsqueeze(-1), z, sch.bits)
     data = pack_bits(unpad_groups(codes, k), sch.bits)
@@ -193,8 +223,7 @@ def _quantize_codebook(tensor, sch: Scheme, layout: Layout, scale_dtype) -> Quan
         codes, absmax = quant(v.reshape(-1), code, g)
         codes = codes.reshape(r, -1)[:, :k]
         absmax = absmax.reshape(r, -1)
-    if scale_dtype != torch.float32:
-        absmax = absmax.to(scale_dtype)
+    absmax = _store_scales(absmax, scale_dtype, "absmax")
     if sch.bits == 4:  # an odd count ends in the code of 0.0, as bitsandbytes pads it
         data = codebook.pack_4bit(codes.reshape(-1), code)
     else:
@@ -210,7 +239,7 @@ def _quantize_fp8(tensor, sch: Scheme, layout: Layout, scale_dtype) -> QuantStat
         return _new_state(sch, tensor, layout, torch.empty(0, dtype=dt, device=tensor.device),
                           scales=torch.empty(0, dtype=scale_dtype, device=tensor.device))
     vg = pad_groups(v, g)
-    scale = fp8.fp8_scale(vg.abs().amax(-1), dt).to(scale_dtype)
+    scale = _store_scales(fp8.fp8_scale(vg.abs().amax(-1), dt), scale_dtype)
     data = fp8.quantize_fp8(vg, scale.float().unsqueeze(-1), dt)
     return _new_state(sch, tensor, layout, unpad_groups(data, k).reshape(-1), scales=scale)
 
@@ -265,7 +294,8 @@ def _scales(state: QuantState) -> torch.Tensor:
         n = state.nested
         flat = codebook.double_dequantize(n.data, n.scales, torch.tensor(state.offset, dtype=torch.float32),
                                           blocksize=n.block_size)
-        return flat.reshape(n.shape)
+        # first-level scales are >= 0: a nested reconstruction error must not flip signs or overflow
+        return flat.clamp(0, _F32_MAX).reshape(n.shape)
     return state.scales
 
 
@@ -291,7 +321,7 @@ def dequantize(state: QuantState) -> torch.Tensor:
         from lowbit.formats import gguf
 
         r, k = _gguf_view(shape)
-        return gguf.dequantize_rows(state.data, sch.name)[:, :k].reshape(shape).to(state.dtype)
+        return _saturate(gguf.dequantize_rows(state.data, sch.name)[:, :k], state.dtype).reshape(shape)
     layout = state.layout_obj
     r, k, g = layout.view_shape(shape)
     scales = _scales(state).float().reshape(r, -1, 1)
@@ -309,7 +339,14 @@ def dequantize(state: QuantState) -> torch.Tensor:
             else:
                 zero = torch.tensor(float(affine.implicit_zero(state.bits)), device=q.device)
             out = unpad_groups((pad_groups(q, g).float() - zero) * scales, k)
-    return from_view(out, shape, layout).to(state.dtype)
+    return from_view(_saturate(out, state.dtype), shape, layout)
+
+
+def _saturate(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast fp32 values to ``dtype``, clamped to its finite range (a grid point may lie just beyond the
+    largest value of the input's dtype; float32 arithmetic may overflow by an ulp near 3.4e38)."""
+    fmax = float(torch.finfo(dtype).max) if dtype in (torch.float16, torch.bfloat16) else _F32_MAX
+    return out.clamp(-fmax, fmax).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------

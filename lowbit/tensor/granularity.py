@@ -62,7 +62,9 @@ def resolve_layout(shape: Tuple[int, ...], block_size, group_size, axis) -> Layo
             raise ValueError(f"group_size={group_size!r}: must be a positive integer or -1")
         return Layout("group", block_size=group_size)
     if axis is not None:
-        if not isinstance(axis, int) or not -len(shape) <= axis < max(len(shape), 1):
+        if not len(shape):
+            raise ValueError(f"axis={axis!r}: a 0-d tensor has no axis; use block_size=None (one scale per tensor)")
+        if not isinstance(axis, int) or isinstance(axis, bool) or not -len(shape) <= axis < len(shape):
             raise ValueError(f"axis={axis!r}: out of range for a tensor of {len(shape)} dims")
         return Layout("channel", axis=axis % max(len(shape), 1))
     if block_size is None:
