@@ -119,6 +119,7 @@ def quantize_model(model: nn.Module, weights: Any = _UNSET, activations: Any = _
     """
     from lowbit.model.methods import run_method
 
+    _check_model(model)
     _ensure_builtin_methods()
     for key, value in (("weights", weights), ("activations", activations), ("include", include),
                        ("exclude", exclude)):
@@ -127,6 +128,24 @@ def quantize_model(model: nn.Module, weights: Any = _UNSET, activations: Any = _
     if method is None:
         method = "quanto"
     return run_method(model, method, config=config, **kwargs)
+
+
+def _check_model(model: nn.Module) -> None:
+    """Clear errors for models no method can quantize: not a module, no parameters, weights on the meta device."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lowbit.quantize(model, ...) expects a torch.nn.Module (or a tensor with a scheme), "
+                        f"got {type(model).__name__}")
+    params = list(model.named_parameters())
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameters: there is nothing to quantize")
+    meta = [n for n, p in params if p.is_meta]
+    if meta:
+        shown = ", ".join(repr(n) for n in meta[:3]) + (" ..." if len(meta) > 3 else "")
+        raise ValueError(
+            f"cannot quantize {type(model).__name__}: {len(meta)} of its {len(params)} parameters are on the meta "
+            f"device ({shown}) and hold no values. Load the weights first; to rebuild an already quantized "
+            "checkpoint into an empty model use lowbit.requantize(model, state_dict, quantization_map) or lowbit.load"
+        )
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -206,7 +225,17 @@ def requantize(model: nn.Module, state_dict: Dict[str, torch.Tensor], quantizati
         model = root_replacement
     if device is not None:
         state_dict = {k: v.to(device) for k, v in state_dict.items()}
-    result = model.load_state_dict(state_dict, strict=strict, assign=True)
+    try:
+        result = model.load_state_dict(state_dict, strict=strict, assign=True)
+    except RuntimeError as e:
+        mismatch = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("size mismatch")]
+        if not mismatch:
+            raise
+        raise ValueError(
+            f"requantize: the checkpoint does not fit this {type(model).__name__} ({len(mismatch)} tensors of other "
+            f"shapes; it was made for a model of other dimensions): " + "; ".join(mismatch[:4])
+            + (" ..." if len(mismatch) > 4 else "")
+        ) from None
     if callable(getattr(model, "tie_weights", None)):
         # transformers models: assign=True replaced the embedding, re-point tied heads at it
         model.tie_weights()

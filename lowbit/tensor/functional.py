@@ -74,6 +74,9 @@ GGUF_BLOCK = 32
 def _check_input(tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_meta:
+        raise ValueError(f"cannot quantize a tensor on the meta device (shape {tuple(tensor.shape)}): it holds no "
+                         "values; materialise it first (e.g. load the weights)")
     if tensor.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"quantize expects a floating tensor (float32, float16, bfloat16 or float64), got {tensor.dtype}"
@@ -313,6 +316,7 @@ def dequantize(state: QuantState) -> torch.Tensor:
     """The float tensor a QuantState stands for, in its original shape and dtype."""
     if not isinstance(state, QuantState):
         raise TypeError(f"dequantize expects a QuantState, got {type(state).__name__}")
+    state.validate()
     shape = tuple(state.shape)
     if state.numel == 0:
         return torch.empty(shape, dtype=state.dtype, device=state.device)

@@ -162,9 +162,65 @@ class QuantState:
         return state
 
     def validate(self) -> None:
-        """Check that the tensors agree with the declared shape/layout; raise ValueError naming the field."""
-        from lowbit.tensor.functional import expected_data_numel, expected_scales_numel
+        """Check that the fields agree with each other and with the declared shape/layout (no pass over the
+        values); raise ValueError naming the field. :func:`lowbit.dequantize` calls it on every state."""
+        from lowbit.tensor.functional import SCHEMES, expected_data_numel, expected_scales_numel
+        from lowbit.tensor.granularity import LAYOUTS
 
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"invalid QuantState(scheme={self.scheme!r}, shape={tuple(self.shape)}): {msg}")
+
+        if self.scheme not in SCHEMES:
+            raise bad(f"unknown scheme; registered: {', '.join(SCHEMES.names())}")
+        sch = SCHEMES.get(self.scheme)
+        if not isinstance(self.shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in self.shape):
+            raise bad("shape must be a tuple of non-negative integers")
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise bad(f"dtype {self.dtype} is not a float dtype (float32, float16, bfloat16, float64)")
+        if self.bits != sch.bits:
+            raise bad(f"bits={self.bits}, but scheme {sch.name!r} has {sch.bits}")
+        if self.layout not in LAYOUTS:
+            raise bad(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
+        if (self.layout == "gguf") != (sch.kind == "gguf"):
+            raise bad(f"layout {self.layout!r} does not fit a {sch.kind} scheme")
+        if self.layout in ("block", "group", "gguf") and (
+                not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0):
+            raise bad(f"block_size={self.block_size!r}: layout {self.layout!r} needs a positive integer")
+        if self.layout == "channel" and (not isinstance(self.axis, int) or not 0 <= self.axis < max(len(self.shape), 1)
+                                         or not self.shape):
+            raise bad(f"axis={self.axis!r} is not an axis of the shape")
+        if not isinstance(self.data, torch.Tensor):
+            raise bad(f"data must be a tensor, got {type(self.data).__name__}")
+        want_dt = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(sch.name, torch.uint8)
+        if self.data.dtype != want_dt:
+            raise bad(f"data has dtype {self.data.dtype}, expected {want_dt}")
+        for f in ("scales", "zeros", "code"):
+            t = getattr(self, f)
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise bad(f"{f} must be a tensor or None, got {type(t).__name__}")
+        if self.scales is not None and not self.scales.is_floating_point():
+            raise bad(f"scales have dtype {self.scales.dtype}, expected a float dtype")
+        if self.numel and sch.kind != "gguf":
+            if self.scales is None and self.nested is None:
+                raise bad("scales are missing (neither scales nor a nested double-quant state)")
+            if self.scales is not None and self.nested is not None:
+                raise bad("both scales and a nested state are set")
+            if self.nested is not None:
+                if not isinstance(self.nested, QuantState):
+                    raise bad(f"nested must be a QuantState, got {type(self.nested).__name__}")
+                if not isinstance(self.offset, (int, float)) or not math.isfinite(self.offset):
+                    raise bad(f"offset={self.offset!r}: a double-quantized state needs a finite float offset")
+                self.nested.validate()
+            if sch.kind == "affine" and not sch.symmetric and self.zeros is None:
+                raise bad("an asymmetric state needs its zero points (zeros is missing)")
+            if sch.kind == "codebook":
+                if self.code is None:
+                    raise bad("a codebook state needs its code table (code is missing)")
+                if self.code.dim() != 1 or self.code.numel() != 1 << sch.bits or not self.code.is_floating_point():
+                    raise bad(f"code must be a 1-D float table of {1 << sch.bits} values, got "
+                              f"{self.code.dtype} {tuple(self.code.shape)}")
+        if self.layout == "gguf" and self.data.dim() != 2:
+            raise bad(f"GGUF data must be 2-D [rows, bytes], got shape {tuple(self.data.shape)}")
         want = expected_data_numel(self)
         if want is not None and self.data.numel() != want:
             raise ValueError(
@@ -175,6 +231,10 @@ class QuantState:
         if want is not None and have != want:
             raise ValueError(
                 f"QuantState({self.scheme}, shape={self.shape}): scales have {have} elements, expected {want}"
+            )
+        if want is not None and self.zeros is not None and self.zeros.numel() != want:
+            raise ValueError(
+                f"QuantState({self.scheme}, shape={self.shape}): zeros have {self.zeros.numel()} elements, expected {want}"
             )
 
     def __repr__(self) -> str:
