@@ -100,6 +100,27 @@ def test_pack_4bit_layout():
 # 4-bit: quantize_4bit / dequantize_4bit
 
 
+def _bnb_dequantize_4bit(F, packed, st, blocksize: int) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit, from the kernel that is defined the same on every processor.
+
+    For blocksize >= 2048 bnb's native CPU kernel is inaccurate with AVX-512 code (bnb's own comment in
+    ``backends/cpu/ops.py``); bnb falls back to its pure-PyTorch kernel only when torch reports AVX512, so
+    which kernel runs depends on the CPU and on ATEN_CPU_CAPABILITY (with ``avx2`` forced on an AVX-512
+    machine the inaccurate kernel runs). There, compare with that pure-PyTorch kernel (the one bnb itself
+    uses on AVX-512), fed with the absmax bnb's dequantize_4bit reconstructs."""
+    if blocksize < 2048:
+        return F.dequantize_4bit(packed, st)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = st.absmax
+    if st.nested:
+        absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    code = _get_4bit_code(st.quant_type, packed.device)
+    return _dequantize_4bit_compute(packed.reshape(-1).view(torch.uint8), absmax.float(), code, blocksize,
+                                    st.shape, st.dtype)
+
+
 def _check_4bit(F, x: torch.Tensor, quant_type: str, blocksize: int, compress: bool) -> None:
     code = cb.get_code(quant_type)
     packed_ref, st = F.quantize_4bit(x, blocksize=blocksize, compress_statistics=compress, quant_type=quant_type)
@@ -119,7 +140,7 @@ def _check_4bit(F, x: torch.Tensor, quant_type: str, blocksize: int, compress: b
         assert torch.equal(absmax, st.absmax)
         used = absmax
     out = cb.dequantize_blockwise(codes, used, code, blocksize, x.dtype).reshape(x.shape)
-    ref = F.dequantize_4bit(packed_ref, st)
+    ref = _bnb_dequantize_4bit(F, packed_ref, st, blocksize)
     assert ref.dtype == out.dtype == x.dtype
     # bnb's native CPU kernel returns [1, n] for a 1-D shape; compare the values
     assert torch.equal(out.reshape(-1), ref.reshape(-1))
