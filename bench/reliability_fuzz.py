@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 BEGIN, END = "<!-- fuzz:begin -->", "<!-- fuzz:end -->"
 
 
-def run(n: int, schemes) -> dict:
+def run(n: int, schemes, json_path: Path | None = None) -> dict:
     import torch
 
     import fuzz_tensors as F
@@ -58,7 +58,9 @@ def run(n: int, schemes) -> dict:
                                "errors": dict(s.errors), "examples": s.examples, "roundtrips": s.roundtrips,
                                "max_seconds": s.max_seconds, "seconds": time.time() - t1}
         print(f"{sch}: {dict(s.classes)} {dict(s.causes)} ({time.time() - t1:.0f} s)", flush=True)
-    out["seconds"] = time.time() - t0
+        out["seconds"] = time.time() - t0
+        if json_path is not None:  # after every scheme, so that a long run can be split or interrupted
+            json_path.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -89,7 +91,8 @@ def report(after: dict, before: dict | None) -> str:
              "lowbit's own code for an input that deserves one; *defect*: anything else.")
     L.append("")
     L.append(f"Machine: {_cpu()}, torch {after['torch']}, Python {after['python']}; "
-             f"{after['seconds']:.0f} s single-threaded on a box shared with other jobs.")
+             f"{after['seconds']:.0f} s of single-threaded runs (wall time, summed over the runs the schemes were "
+             "split into) on a 2-core box shared with other jobs.")
     L.append("")
     head = "| scheme | inputs | clean | clear error | defects (after) |" + (" defects (before) |" if before else "")
     L += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -169,6 +172,8 @@ def main() -> None:
     ap.add_argument("--before", type=Path, default=None, help="JSON of a run against the old code")
     ap.add_argument("--md", type=Path, default=ROOT / "bench/results/reliability.md")
     ap.add_argument("--no-report", action="store_true", help="only write the JSON")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None,
+                    help="JSONs of runs over other schemes (split runs) to merge into the report")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from --json (and --before)")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -177,9 +182,16 @@ def main() -> None:
     else:
         import fuzz_tensors as F
 
-        after = run(a.n, a.schemes.split(",") if a.schemes else F.SCHEMES)
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(after, indent=1))
+        after = run(a.n, a.schemes.split(",") if a.schemes else F.SCHEMES, a.json)
+    if a.merge:
+        for extra in a.merge:
+            part = json.loads(extra.read_text())
+            after["schemes"].update(part["schemes"])
+            after["seconds"] = after.get("seconds", 0) + part.get("seconds", 0)
+        import fuzz_tensors as F
+
+        after["schemes"] = {k: after["schemes"][k] for k in F.SCHEMES if k in after["schemes"]}
     if not a.no_report:
         before = json.loads(a.before.read_text()) if a.before else None
         write_report(a.md, report(after, before))
