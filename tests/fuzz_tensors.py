@@ -311,8 +311,8 @@ def element_bound(x: torch.Tensor, case: Case) -> torch.Tensor:
     hi = _seg(x32, gid, ng, "amax", -math.inf)
 
     def scale_err(s):
-        if dq:
-            return _dq_error(s, dqbs)
+        if dq:  # all-zero groups are exact whatever their scale and take part in double quant with 0
+            return _dq_error(torch.where(A > 0, s, torch.zeros_like(s)), dqbs)
         return (eps_sd + 2.0 ** -24) * s + sub_sd / 2
 
     if sch in GGUF:
@@ -508,10 +508,13 @@ class Summary:
     max_seconds: float = 0.0
 
 
-def fuzz_scheme(scheme: str, n: int, start: int = 0, check_roundtrip: bool = True) -> Summary:
+def fuzz_scheme(scheme: str, n: int, start: int = 0, check_roundtrip: bool = True, only=None) -> Summary:
+    """Run seeds ``start .. start+n-1`` of ``scheme`` (``only``: a predicate on Case to run a subset of them)."""
     s = Summary(scheme)
     for i in range(start, start + n):
         case = gen_case(scheme, i)
+        if only is not None and not only(case):
+            continue
         o = run_case(case, check_roundtrip)
         s.n += 1
         s.classes[o.cls] += 1

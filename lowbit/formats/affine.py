@@ -26,6 +26,15 @@ def implicit_zero(bits: int) -> int:
     return 1 << (bits - 1)
 
 
+def _placeholder(scale: torch.Tensor, nonzero: torch.Tensor) -> torch.Tensor:
+    """Scale 1 for an all-zero block; the smallest float32 subnormal for a nonzero block whose scale underflows
+    (|x| < ~1e-43: the codes still resolve it, where a scale of 1 would flush it and pollute double quant)."""
+    if bool((scale > 0).all()):
+        return scale
+    tiny = torch.full_like(scale, 2.0 ** -149)
+    return torch.where(scale > 0, scale, torch.where(nonzero, tiny, torch.ones_like(scale)))
+
+
 def affine_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool):
     """Scale and zero point for the range [xmin, xmax] (elementwise over groups).
 
@@ -37,8 +46,7 @@ def affine_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric:
     xmax = xmax.float()
     if symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
-        scale = absmax / qmax_symmetric(bits)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _placeholder(absmax / qmax_symmetric(bits), absmax > 0)
         return scale, torch.tensor(implicit_zero(bits), dtype=torch.int32)
     lo = torch.clamp(xmin, max=0.0)
     hi = torch.clamp(xmax, min=0.0)
@@ -47,7 +55,7 @@ def affine_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric:
     wide = torch.isinf(scale)
     if bool(wide.any()):  # max - min beyond float32 (|x| near 3.4e38): the scale itself still fits
         scale = torch.where(wide, ((hi.double() - lo.double()) / levels).float(), scale)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _placeholder(scale, hi > lo)
     zero = torch.clamp(torch.round(-lo / scale), 0, levels).to(torch.uint8)
     return scale, zero
 

@@ -16,8 +16,12 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def fp8_scale(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    s = absmax.float() / fp8_max(dtype)
-    return torch.where(s > 0, s, torch.ones_like(s))
+    absmax = absmax.float()
+    s = absmax / fp8_max(dtype)
+    if bool((s > 0).all()):
+        return s
+    # 1 for an all-zero block; the smallest float32 subnormal where a nonzero block's scale underflows
+    return torch.where(s > 0, s, torch.where(absmax > 0, torch.full_like(s, 2.0 ** -149), torch.ones_like(s)))
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -174,7 +174,11 @@ def quantize_tensor(
     quant = {"affine": _quantize_affine, "codebook": _quantize_codebook, "fp8": _quantize_fp8}[sch.kind]
     state = quant(tensor, sch, layout, scale_dtype)
     if double_quant and state.scales is not None and state.scales.numel():
-        state = _double_quantize(state, double_quant_block_size)
+        zero_groups = None
+        if sch.kind in ("affine", "fp8"):  # their all-zero blocks hold a placeholder scale of 1
+            r, k, g = layout.view_shape(shape)
+            zero_groups = pad_groups(to_view(tensor.float(), layout), g).abs().amax(-1).reshape(-1) == 0
+        state = _double_quantize(state, double_quant_block_size, zero_groups)
     return state
 
 
@@ -271,10 +275,14 @@ def _quantize_gguf(tensor, sch: Scheme) -> QuantState:
                       block_size=GGUF_BLOCK, data=raw)
 
 
-def _double_quantize(state: QuantState, blocksize: int) -> QuantState:
+def _double_quantize(state: QuantState, blocksize: int, zero_groups: Optional[torch.Tensor] = None) -> QuantState:
     from lowbit.formats import codebook
 
     flat = state.scales.reshape(-1).float()
+    if zero_groups is not None and bool(zero_groups.any()):
+        # an all-zero block dequantizes to 0 whatever its scale: its placeholder 1 must not widen the nested
+        # range of the others (it used to cost blocks of small values most of their precision)
+        flat = torch.where(zero_groups, torch.zeros_like(flat), flat)
     q, absmax2, offset = codebook.double_quantize(flat, blocksize=blocksize)
     nested = QuantState(
         scheme="dynamic8", bits=8, shape=tuple(state.scales.shape), dtype=torch.float32, layout="block",
