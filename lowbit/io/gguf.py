@@ -55,6 +55,8 @@ __all__ = [
     "permute_qk_rows",
     "unpermute_qk_rows",
     "FLOAT_TYPES",
+    "check_gguf",
+    "open_gguf",
 ]
 
 logger = logging.getLogger(__name__)
@@ -474,14 +476,20 @@ def gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any
     """
     gguf = require("gguf", "copying GGUF tokenizer metadata")
     VT = gguf.GGUFValueType
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     meta = {}
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
         vtype = field.types[0]
         sub = field.types[1] if vtype == VT.ARRAY else None
-        meta[key] = (field.contents(), vtype, sub)
+        try:
+            meta[key] = (field.contents(), vtype, sub)
+        except Exception as e:  # undecodable strings or arrays of a corrupted file
+            from lowbit.io._files import CheckpointError
+
+            raise CheckpointError(f"{path}: metadata key {key!r} is unreadable (corrupted): "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     if "tokenizer.ggml.model" not in meta:
         raise ValueError(f"{path}: has no tokenizer.ggml.* metadata to copy")
     return meta
@@ -565,7 +573,10 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
+        from lowbit.io._files import replacing_file_with_checksum
+
+        with replacing_file_with_checksum(path, tmp):  # path.lowbit-sha256 always matches the file on disk
+            pass
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -575,6 +586,157 @@ def export_gguf(
 
 # ---------------------------------------------------------------------------------------------
 # import
+
+
+def open_gguf(path: Union[str, os.PathLike]):
+    """``gguf.GGUFReader`` of ``path``; anything the reader trips on is a one-line ``CheckpointError`` naming the file."""
+    from lowbit.io._files import CheckpointError
+
+    gguf = require("gguf", "reading GGUF files")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: GGUF file missing")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF'; corrupted?)")
+        return gguf.GGUFReader(str(path))
+    except CheckpointError:
+        raise
+    except Exception as e:  # ValueError, KeyError, IndexError, struct/numpy errors, UnicodeDecodeError, ...
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupted): {msg}") from None
+
+
+_FLOAT_GGML = ("F32", "F16", "BF16")
+# block types whose blocks start with fp16 scales: (bytes per block, number of leading fp16 values)
+_BLOCK_SCALES = {"Q4_0": 1, "Q4_1": 2, "Q5_0": 1, "Q5_1": 2, "Q8_0": 1}
+
+
+def check_gguf(path: Union[str, os.PathLike], *, verify_checksum: bool = True):
+    """Validate a GGUF file as far as the format defines it; returns the open ``gguf.GGUFReader``.
+
+    Checks: the sidecar checksum (``<file>.lowbit-sha256``) when lowbit wrote one; the header and
+    metadata parse; every tensor's type, dimensions and data offset (aligned, inside the file, the
+    tensors contiguous as ggml requires); for a Llama file, the tensor set and every shape against
+    the hyperparameters (``block_count``, ``embedding_length``, ``feed_forward_length``, head
+    counts, vocabulary); 1-D tensors in float types; float tensors and block scales finite.
+    Raises :class:`lowbit.io._files.CheckpointError` naming the file and the tensor.
+    """
+    from lowbit.io._files import CheckpointError, check_file_checksum
+
+    path = Path(path)
+    if verify_checksum and path.is_file():
+        check_file_checksum(path)
+    reader = open_gguf(path)
+    size = path.stat().st_size
+
+    def kv(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            v = f.contents()
+        except Exception:
+            raise CheckpointError(f"{path}: metadata key {key!r} is unreadable (corrupted)") from None
+        return v
+
+    align = kv("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise CheckpointError(f"{path}: general.alignment={align!r} is not a power of two (corrupted)")
+    start = int(reader.data_offset)
+    spans = []
+    for t in reader.tensors:
+        typ = t.tensor_type.name
+        dims = [int(d) for d in t.shape.tolist()]
+        if not 1 <= len(dims) <= 4 or any(d <= 0 for d in dims):
+            raise CheckpointError(f"{path}: tensor {t.name!r}: invalid dimensions {dims}")
+        rel = int(t.data_offset) - start
+        if rel % align:
+            raise CheckpointError(f"{path}: tensor {t.name!r}: data offset {rel} is not aligned to {align}")
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise CheckpointError(f"{path}: tensor {t.name!r}: data ends past the end of the file (truncated)")
+        if typ in _BLOCK_SCALES and dims[0] % fmt.GGUF_BLOCK:
+            raise CheckpointError(f"{path}: tensor {t.name!r}: rows of {dims[0]} are not whole {typ} blocks")
+        spans.append((rel, rel + int(t.n_bytes), t))
+    pos = 0
+    for a, b, t in sorted(spans, key=lambda x: x[0]):
+        if a != pos:
+            raise CheckpointError(f"{path}: tensor {t.name!r}: data offset {a}, expected {pos} "
+                                  f"({'overlaps the previous tensor' if a < pos else 'a gap before it'}: "
+                                  "a changed type, shape or offset)")
+        pos = -(-b // align) * align
+    arch = kv("general.architecture")
+    if arch in ("llama", "mistral"):
+        _check_llama_tensors(path, reader, kv, arch)
+    for t in reader.tensors:
+        typ = t.tensor_type.name
+        if len(t.shape) == 1 and typ not in _FLOAT_GGML:
+            raise CheckpointError(f"{path}: tensor {t.name!r}: 1-D tensor of type {typ} (norms and biases are float)")
+        data = np.asarray(t.data)
+        if typ in ("F32", "F16"):
+            bad = not np.isfinite(data).all()
+        elif typ == "BF16":
+            bad = not np.isfinite((data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)).all()
+        elif typ in _BLOCK_SCALES:
+            tsize = fmt.gguf_type(typ).type_size
+            blocks = data.reshape(-1, tsize)
+            scales = np.ascontiguousarray(blocks[:, : 2 * _BLOCK_SCALES[typ]]).view(np.float16)
+            bad = not np.isfinite(scales).all()
+        else:
+            bad = False
+        if bad:
+            raise CheckpointError(f"{path}: tensor {t.name!r}: non-finite values or block scales (corrupted data)")
+    return reader
+
+
+def _check_llama_tensors(path: Path, reader, kv, arch: str) -> None:
+    from lowbit.io._files import CheckpointError
+
+    def hp(key, required=True):
+        v = kv(f"{arch}.{key}")
+        if v is None and not required:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CheckpointError(f"{path}: metadata {arch}.{key}={v!r} is missing or not a positive integer")
+        return v
+
+    n_layer, E, F = hp("block_count"), hp("embedding_length"), hp("feed_forward_length")
+    H = hp("attention.head_count")
+    Hkv = hp("attention.head_count_kv", required=False) or H
+    hd = hp("attention.key_length", required=False) or (E // H)
+    hdv = hp("attention.value_length", required=False) or hd
+    tensors = {t.name: t for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    V = len(tokens.data) if tokens is not None else None
+    emb = tensors.get("token_embd.weight")
+    if emb is None:
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' missing")
+    if V is None:
+        V = int(emb.shape[-1])
+    want = {"token_embd.weight": [E, V], "output_norm.weight": [E]}
+    if "output.weight" in tensors:
+        want["output.weight"] = [E, V]
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        want.update({b + "attn_norm.weight": [E], b + "ffn_norm.weight": [E],
+                     b + "attn_q.weight": [E, H * hd], b + "attn_k.weight": [E, Hkv * hd],
+                     b + "attn_v.weight": [E, Hkv * hdv], b + "attn_output.weight": [H * hdv, E],
+                     b + "ffn_gate.weight": [E, F], b + "ffn_up.weight": [E, F], b + "ffn_down.weight": [F, E]})
+        for proj, n in (("attn_q", H * hd), ("attn_k", Hkv * hd), ("attn_v", Hkv * hdv), ("attn_output", E)):
+            if b + proj + ".bias" in tensors:
+                want[b + proj + ".bias"] = [n]
+    for name, shape in want.items():
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{path}: tensor {name!r} missing ({arch} with {n_layer} blocks)")
+        got = [int(d) for d in t.shape.tolist()]
+        if got != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has dimensions {got}, the metadata implies {shape}")
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise CheckpointError(f"{path}: tensor {extra[0]!r} is not a tensor of a {n_layer}-block {arch} model")
 
 
 class GGUFTensor(NamedTuple):
@@ -604,7 +766,7 @@ def load_gguf_quant_states(path: Union[str, os.PathLike, Any]) -> dict[str, GGUF
         'Q4_1'
     """
     gguf = require("gguf", "GGUF import")
-    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(str(path))
+    reader = path if isinstance(path, gguf.GGUFReader) else check_gguf(path)
 
     def field(key):
         f = reader.fields.get(key)
