@@ -28,15 +28,22 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 
 from lowbit._deps import require
+from lowbit.model.file_checks import (  # noqa: F401  (re-exported: lowbit.io._files is where io code finds them)
+    DIR_CHECKSUMS,
+    FILE_CHECKSUM_SUFFIX,
+    CheckpointError,
+    check_checksums,
+    check_dir_checksums,
+    check_file_checksum,
+    file_checksum_path,
+    parse_checksums,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024 ** 3  # bytes
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that is incomplete, corrupted or inconsistent."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,17 +108,6 @@ def remove_marker(path: PathLike) -> None:
     if path.exists():
         path.unlink()
         _fsync_dir(path.parent)
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def sha256_bytes(data) -> str:
@@ -355,37 +351,8 @@ def atomic_directory(target: PathLike, owned: Optional[Callable[[str], bool]] = 
 # ---------------------------------------------------------------------------------------------
 # checksum sidecars for exports (formats without checksums of their own)
 
-#: the checksum file inside an exported directory (``sha256sum -c`` format, paths relative to it)
-DIR_CHECKSUMS = "lowbit-checksums.sha256"
-#: the suffix of the checksum file beside an exported single file (``model.gguf.lowbit-sha256``)
-FILE_CHECKSUM_SUFFIX = ".lowbit-sha256"
-
-
 def _sha256sum_lines(entries: Iterable[Tuple[str, str]]) -> str:
     return "".join(f"{digest}  {name}\n" for name, digest in entries)
-
-
-def parse_checksums(path: PathLike) -> Dict[str, Set[str]]:
-    """``{relative file name: {accepted sha256}}`` of a checksum file (``sha256sum`` format)."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable checksum file ({e})") from None
-    out: Dict[str, Set[str]] = {}
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        digest, sep, name = line.partition("  ")
-        name = name.lstrip("*")
-        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
-            raise CheckpointError(f"{path}: line {i} is not '<sha256>  <file>' (corrupted checksum file)")
-        if os.path.isabs(name) or ".." in Path(name).parts:
-            raise CheckpointError(f"{path}: line {i} names {name!r}, outside the checkpoint")
-        out.setdefault(name, set()).add(digest)
-    if not out:
-        raise CheckpointError(f"{path}: empty checksum file")
-    return out
 
 
 def write_dir_checksums(directory: PathLike, skip: Iterable[str] = ()) -> Path:
@@ -398,30 +365,6 @@ def write_dir_checksums(directory: PathLike, skip: Iterable[str] = ()) -> Path:
         if p.is_file() and not p.is_symlink() and rel not in skip and not _is_legacy_temp(p.name):
             entries.append((rel, sha256_file(p)))
     return atomic_write_bytes(directory / DIR_CHECKSUMS, _sha256sum_lines(entries).encode())
-
-
-def check_checksums(checksum_file: PathLike, base: Optional[PathLike] = None) -> List[Path]:
-    """Check every file a checksum file lists; returns the files checked.
-
-    Raises :class:`CheckpointError` naming the first missing or mismatching file.
-    """
-    checksum_file = Path(checksum_file)
-    base = Path(base) if base is not None else checksum_file.parent
-    checked = []
-    for name, digests in parse_checksums(checksum_file).items():
-        f = base / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: listed in {checksum_file.name} but missing")
-        if sha256_file(f) not in digests:
-            raise CheckpointError(f"{f}: sha256 does not match {checksum_file.name}: the file is corrupted or "
-                                  "was modified after lowbit wrote it")
-        checked.append(f)
-    return checked
-
-
-def file_checksum_path(path: PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + FILE_CHECKSUM_SUFFIX)
 
 
 @contextlib.contextmanager
@@ -443,30 +386,6 @@ def replacing_file_with_checksum(path: PathLike, tmp: PathLike) -> Iterator[None
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     atomic_write_bytes(side, _sha256sum_lines([(path.name, new)]).encode())
-
-
-def check_file_checksum(path: PathLike) -> bool:
-    """Check ``path`` against its sidecar; False when there is none, raises on a mismatch."""
-    path = Path(path)
-    side = file_checksum_path(path)
-    if not side.is_file():
-        return False
-    sums = parse_checksums(side)
-    if path.name not in sums:
-        raise CheckpointError(f"{side}: does not list {path.name}")
-    if sha256_file(path) not in sums[path.name]:
-        raise CheckpointError(f"{path}: sha256 does not match {side.name}: the file is corrupted or was modified "
-                              "after lowbit wrote it")
-    return True
-
-
-def check_dir_checksums(directory: PathLike) -> bool:
-    """Check a directory against its :data:`DIR_CHECKSUMS`; False when there is none."""
-    f = Path(directory) / DIR_CHECKSUMS
-    if not f.is_file():
-        return False
-    check_checksums(f)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
