@@ -352,15 +352,18 @@ def corrupt_dir(root: Path, fmt: str, rnd: random.Random):
         if kind == "tensor-drop":
             del sd[name]
         elif kind == "tensor-rename":
-            sd[name.replace(".", "_", 1) if rnd.random() < 0.5 else name + "x"] = sd.pop(name)
+            new = name.replace(".", "_", 1) if rnd.random() < 0.5 else name + "x"
+            sd[new] = sd.pop(name)
+            renamed.append(new)
         elif kind == "tensor-reshape":
             sd[name] = _reshape(sd[name], rnd)
         else:
             sd[name] = _retype(sd[name]).contiguous()
         return name
 
+    renamed = []
     name = _rewrite_st(st, mutate)
-    return kind, True, st, tuple(_aliases(name))
+    return kind, True, st, tuple(_aliases(name) | set().union(*(_aliases(r) for r in renamed)))
 
 
 # GGUF ---------------------------------------------------------------------------------------
@@ -477,7 +480,10 @@ def corrupt_gguf(path: Path, rnd: random.Random):
     if kind == "tensor-drop":
         _gguf_rewrite(path, tmp, drop=t["name"])
     elif kind == "tensor-rename":
-        _gguf_rewrite(path, tmp, rename=(t["name"], t["name"].replace("weight", "wieght")))
+        new = t["name"].replace("weight", "wieght")
+        _gguf_rewrite(path, tmp, rename=(t["name"], new))
+        os.replace(tmp, path)
+        return kind, True, path, tuple(_aliases(t["name"]) | {new})
     elif kind == "hparam-change":
         key = rnd.choice(["llama.block_count", "llama.embedding_length", "llama.feed_forward_length",
                           "llama.attention.head_count", "llama.attention.head_count_kv"])

@@ -655,7 +655,8 @@ def _hf_weight_map(directory: Path) -> Tuple[Optional[Dict[str, str]], List[Path
         return None, [single]
     found = sorted(directory.glob("*.safetensors"))
     if not found:
-        raise CheckpointError(f"{directory}: no .safetensors files found")
+        raise CheckpointError(f"{single}: missing (no .safetensors file and no model.safetensors.index.json in "
+                              f"{directory})")
     return None, found
 
 

@@ -511,6 +511,14 @@ def _read_config(directory: Path) -> Dict[str, Any]:
 
 def _quant_config(directory: Path, cfg: Dict[str, Any]) -> Dict[str, Any]:
     qc = cfg.get("quantization_config")
+    side = directory / "quantize_config.json"
+    if qc is not None and side.is_file():  # AutoGPTQ-style readers use this copy: it must agree
+        other = read_json_object(side, "quantization config")
+        for key in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "version",
+                    "zero_point"):
+            if key in qc and key in other and qc[key] != other[key]:
+                raise CheckpointError(f"{side}: {key}={other[key]!r} disagrees with config.json's "
+                                      f"quantization_config ({qc[key]!r}): corrupted")
     if qc is None:
         for name in ("quantize_config.json", "quant_config.json"):
             if (directory / name).is_file():

@@ -268,10 +268,10 @@ def _diagnose(path: Path, fname: str, index: Dict[str, Any]) -> str:
     names = [k for k, info in index["tensors"].items() if info["file"] == fname and "sha256" in info]
     if not fname.endswith(".safetensors") or not names:
         return ""
-    try:
-        header, start = read_safetensors_header(path)
-    except CheckpointError as e:
-        return f" ({str(e)[len(str(path)) + 2:]})"
+    named = _header_vs_index(path, fname, index)
+    if named:
+        return named
+    header, start = read_safetensors_header(path)
     bad = []
     with open(path, "rb") as f:
         for k in names:
@@ -288,6 +288,28 @@ def _diagnose(path: Path, fname: str, index: Dict[str, Any]) -> str:
     return " (the tensor data is intact: the header is corrupted)"
 
 
+def _header_vs_index(path: Path, fname: str, index: Dict[str, Any]) -> str:
+    """The first tensor whose header entry disagrees with the index (missing, extra, dtype, shape), or ""."""
+    if not fname.endswith(".safetensors"):
+        return ""
+    try:
+        header, _ = read_safetensors_header(path)
+    except CheckpointError as e:
+        return f" ({str(e)[len(str(path)) + 2:]})"
+    listed = {k: info for k, info in index["tensors"].items() if info["file"] == fname}
+    for k, info in listed.items():
+        h = header.get(k)
+        if h is None:
+            return f": tensor {k!r} missing"
+        got_dt = _dtype_name(_DTYPES[h["dtype"]]) if h["dtype"] in _DTYPES else h["dtype"]
+        if got_dt != info["dtype"] or list(h["shape"]) != list(info["shape"]):
+            return f": tensor {k!r} is {got_dt} {h['shape']}, the index says {info['dtype']} {info['shape']}"
+    extra = sorted(set(header) - set(listed))
+    if extra:
+        return f": tensor {extra[0]!r} is not listed in {INDEX}"
+    return ""
+
+
 def _check_files(directory: Path, index: Dict[str, Any], verify_hash: bool) -> None:
     for fname, info in index["files"].items():
         f = directory / fname
@@ -295,7 +317,8 @@ def _check_files(directory: Path, index: Dict[str, Any], verify_hash: bool) -> N
             raise CheckpointError(f"{f}: listed in {INDEX} but missing")
         size = f.stat().st_size
         if size != info["size"]:
-            raise CheckpointError(f"{f}: {size} bytes, expected {info['size']} (truncated or overwritten)")
+            raise CheckpointError(f"{f}: {size} bytes, expected {info['size']} (truncated or overwritten)"
+                                  f"{_header_vs_index(f, fname, index)}")
         if verify_hash and sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{f}: sha256 mismatch, the file is corrupted{_diagnose(f, fname, index)}")
 

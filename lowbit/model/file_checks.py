@@ -129,7 +129,71 @@ def open_gguf(path: Union[str, os.PathLike]):
         raise
     except Exception as e:  # ValueError, KeyError, IndexError, struct/numpy errors, UnicodeDecodeError, ...
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupted): {msg}") from None
+        culprit = _gguf_culprit(path)
+        raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupted){culprit}: {msg}") from None
+
+
+_KV_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+
+
+def _gguf_culprit(path: Path) -> str:
+    """Best-effort: the first tensor whose info is inconsistent (type, dimensions, data past the end)."""
+    import struct
+
+    try:
+        gguf = require("gguf", "reading GGUF files")
+        data = path.read_bytes()
+        pos = 8
+        n_t, n_kv = struct.unpack_from("<QQ", data, pos)
+        pos += 16
+
+        def string(pos):
+            n = struct.unpack_from("<Q", data, pos)[0]
+            return data[pos + 8: pos + 8 + n], pos + 8 + n
+
+        def value(vt, pos):
+            if vt == 8:
+                return string(pos)[1]
+            if vt == 9:
+                sub, count = struct.unpack_from("<IQ", data, pos)
+                pos += 12
+                for _ in range(count):
+                    pos = value(sub, pos)
+                return pos
+            return pos + _KV_SIZES[vt]
+
+        for _ in range(n_kv):
+            _, pos = string(pos)
+            vt = struct.unpack_from("<I", data, pos)[0]
+            pos = value(vt, pos + 4)
+        infos = []
+        for _ in range(n_t):
+            name, pos = string(pos)
+            name = name.decode("utf-8", "replace")
+            nd = struct.unpack_from("<I", data, pos)[0]
+            if not 1 <= nd <= 4:
+                return f" (tensor {name!r}: {nd} dimensions)"
+            dims = struct.unpack_from(f"<{nd}Q", data, pos + 4)
+            typ, off = struct.unpack_from("<IQ", data, pos + 4 + 8 * nd)
+            pos += 4 + 8 * nd + 12
+            try:
+                qt = gguf.GGMLQuantizationType(typ)
+            except ValueError:
+                return f" (tensor {name!r}: unknown type {typ})"
+            bs, ts = gguf.GGML_QUANT_SIZES[qt]
+            n = 1
+            for d in dims:
+                n *= d
+            if dims[0] % bs:
+                return f" (tensor {name!r}: rows of {dims[0]} are not whole {qt.name} blocks)"
+            infos.append((name, off, n // bs * ts))
+        start = -(-pos // 32) * 32
+        for name, off, nbytes in infos:
+            if start + off + nbytes > len(data):
+                return f" (tensor {name!r}: data past the end of the file)"
+    except Exception:  # noqa: BLE001 - a diagnosis only
+        return ""
+    return ""
 
 
 _FLOAT_GGML = ("F32", "F16", "BF16")
@@ -182,12 +246,15 @@ def check_gguf(path: Union[str, os.PathLike], *, verify_checksum: bool = True):
             raise CheckpointError(f"{path}: tensor {t.name!r}: rows of {dims[0]} are not whole {typ} blocks")
         spans.append((rel, rel + int(t.n_bytes), t))
     pos = 0
-    for a, b, t in sorted(spans, key=lambda x: x[0]):
+    prev = None
+    for a, b, t in spans:  # in declaration order, as ggml lays the data out and checks it
         if a != pos:
-            raise CheckpointError(f"{path}: tensor {t.name!r}: data offset {a}, expected {pos} "
-                                  f"({'overlaps the previous tensor' if a < pos else 'a gap before it'}: "
-                                  "a changed type, shape or offset)")
+            after = f" after tensor {prev.name!r} ({prev.tensor_type.name} {[int(d) for d in prev.shape]})" \
+                if prev is not None else ""
+            raise CheckpointError(f"{path}: tensor {t.name!r}: data offset {a}, expected {pos}{after}: a changed "
+                                  "offset, type or shape")
         pos = -(-b // align) * align
+        prev = t
     arch = kv("general.architecture")
     if arch in ("llama", "mistral"):
         _check_llama_tensors(path, reader, kv, arch)
@@ -195,6 +262,8 @@ def check_gguf(path: Union[str, os.PathLike], *, verify_checksum: bool = True):
         typ = t.tensor_type.name
         if len(t.shape) == 1 and typ not in _FLOAT_GGML:
             raise CheckpointError(f"{path}: tensor {t.name!r}: 1-D tensor of type {typ} (norms and biases are float)")
+        if typ in ("I8", "I16", "I32", "I64", "F64") and arch in ("llama", "mistral"):
+            raise CheckpointError(f"{path}: tensor {t.name!r}: type {typ} is not a weight type of a {arch} model")
         data = np.asarray(t.data)
         if typ in ("F32", "F16"):
             bad = not np.isfinite(data).all()
