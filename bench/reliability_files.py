@@ -96,6 +96,14 @@ def quantized_model(seed=0, **kw):
 
 
 def write(fmt: str, model, target: Path, tok=None) -> Path:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp16 scale rounding notes of the GPTQ/AWQ exporters
+        return _write(fmt, model, target, tok)
+
+
+def _write(fmt: str, model, target: Path, tok=None) -> Path:
     import lowbit
 
     if fmt == "native":

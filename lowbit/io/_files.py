@@ -73,7 +73,10 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def _temp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """A new temporary file beside ``path``, named ``.<name>.lowbit-new-<pid>-<random>.tmp`` so that the
+    next write of ``path`` can remove the leftovers of a killed process (:func:`cleanup_stale`)."""
+    cleanup_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_NEW_TAG}{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; final files get the usual permissions
     return Path(tmp)

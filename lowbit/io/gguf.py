@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -548,8 +547,10 @@ def export_gguf(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    from lowbit.io._files import _temp_path, cleanup_stale, file_checksum_path
+
+    cleanup_stale(file_checksum_path(path))  # leftovers of killed exports (the file's own: in _temp_path)
+    tmp = str(_temp_path(path))
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         _add_model_metadata(w, cfg, gguf_type, name)

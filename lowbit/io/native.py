@@ -413,8 +413,10 @@ def _validate_map(model: nn.Module, qmap: Mapping[str, Any], tensors: Mapping[st
                     if isinstance(mod, nn.Conv2d):
                         expected = (expected[0], int(torch.tensor(expected[1:]).prod()))
             if expected is not None and tuple(state.shape) != expected:
-                raise CheckpointError(f"quantized tensor {key!r} has shape {tuple(state.shape)}, but module "
+                err = CheckpointError(f"quantized tensor {key!r} has shape {tuple(state.shape)}, but module "
                                       f"{name!r} expects {expected}")
+                err.tensor = key + ".meta"
+                raise err
 
 
 def load(directory: PathLike, model_factory: Optional[Callable[..., nn.Module]] = None, *,
@@ -486,7 +488,9 @@ def load(directory: PathLike, model_factory: Optional[Callable[..., nn.Module]] 
         msg = str(e)
         if msg.startswith(QMAP + ": "):
             msg = msg[len(QMAP) + 2:]
-        raise CheckpointError(f"{qpath}: {msg}") from None
+        tensor = getattr(e, "tensor", None)
+        where = directory / index["tensors"][tensor]["file"] if tensor in index["tensors"] else qpath
+        raise CheckpointError(f"{where}: {msg}") from None
     _check_float_shapes(directory, index, model, qmap, tensors)
     try:
         model = requantize(model, tensors, qmap, device=device, strict=True)
