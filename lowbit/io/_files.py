@@ -1,10 +1,19 @@
 """File plumbing shared by lowbit's checkpoint writers: atomic writes, safetensors shards, HF configs.
 
-Every file is written to a temporary name in its destination directory, flushed and ``fsync``-ed,
-then renamed into place with :func:`os.replace` (atomic on POSIX and Windows). A checkpoint
-directory additionally has a *marker* file (``lowbit_index.json`` for the native format,
-``config.json`` for Hugging Face style exports) that is removed before anything else is written
-and written last, so an interrupted save never leaves a directory that loads as valid.
+Every file is written to a temporary name in its destination directory (``.<name>.lowbit-new-<pid>-*``),
+flushed and ``fsync``-ed, then renamed into place with :func:`os.replace` (atomic on POSIX and
+Windows). A checkpoint *directory* is written complete into a sibling temporary directory and then
+swapped with the target in one step (:func:`atomic_directory`: ``renameat2(RENAME_EXCHANGE)`` on
+Linux, else two renames with :func:`recover_interrupted` covering the gap), so a save killed at any
+moment leaves the target absent, the previous version or the new one; the next save to the same
+target removes what killed saves left behind (:func:`cleanup_stale`). Files of other tools already in
+the directory are carried over.
+
+Exports in formats without checksums of their own get a ``sha256sum``-style sidecar
+(``lowbit-checksums.sha256`` in a directory, ``<file>.lowbit-sha256`` beside a file) that the
+readers and ``lowbit verify`` check. Readers validate what the formats define (safetensors headers:
+dtypes, shapes, offsets; JSON) and raise :class:`CheckpointError` with one line naming the file and
+the tensor.
 
 Tensors are stored with safetensors only (no pickle; loading never executes code), in shards of
 at most ``max_shard_size`` bytes with Hugging Face's ``*.safetensors.index.json`` when there is

@@ -13,14 +13,17 @@ A checkpoint directory holds:
   which class, with which constructor arguments.
 * ``config.json`` (the Hugging Face config, when the model has one) or ``lowbit_model_config.json``
   (the ``config=`` dict given to :func:`save`, for non-HF models rebuilt by a ``model_factory``).
-* ``lowbit_index.json``: the marker, written last. It lists every tensor (file, dtype, shape) and
-  every file (size, sha256). :func:`save` deletes it before writing anything else, and each file is
-  written to a temporary name and renamed, so an interrupted save leaves a directory without a
-  marker, which :func:`load` refuses.
+* ``lowbit_index.json``: the marker, written last. It lists every tensor (file, dtype, shape,
+  sha256 of its bytes) and every file (size, sha256), and carries its own digest (``index_sha256``).
 
-:func:`load` checks the marker, the size and sha256 of every file (truncation, corruption), every
-tensor's dtype and shape against the index, and the quantization map against the tensors and the
-model, naming the offending file, tensor or module.
+:func:`save` writes the checkpoint into a temporary sibling directory and swaps it with the target
+atomically (:func:`lowbit.io._files.atomic_directory`): a save killed at any moment leaves the
+target absent, the previous checkpoint intact, or the complete new one; other files in the directory
+(a tokenizer, exports) are kept. :func:`load` checks the index (and its digest), the size and sha256
+of every file (a mismatch is traced to the corrupted tensor through the per-tensor digests), every
+tensor's dtype and shape against the index, the quantization map (its version: a newer one is
+refused) against the tensors and the model, naming the offending file, tensor or module.
+Checkpoints written before the per-tensor and index digests existed load as before.
 
 Example::
 
@@ -100,7 +103,7 @@ def save(model: nn.Module, directory: PathLike, config: Optional[Mapping[str, An
 
     Args:
         model: any ``nn.Module``; Hugging Face models get their ``config.json`` saved.
-        directory: created if needed; other files in it are left alone.
+        directory: created if needed, replaced atomically; other files in it are kept.
         config: JSON-able description of a non-HF model, handed back to ``model_factory`` by
             :func:`load` (ignored for HF models unless given explicitly).
         max_shard_size: bytes per safetensors shard.
