@@ -573,6 +573,11 @@ def _classify_error(e, touched: Path, tensors):
         or touched.name in msg
     names_tensor = not tensors or any(t in msg for t in tensors)
     text = f"{type(e).__name__}: {line[:240]}"
+    if not _is_lowbit_error(e) and e.__traceback__ is not None:
+        import traceback
+
+        fr = traceback.extract_tb(e.__traceback__)[-1]
+        text += f" (at {Path(fr.filename).name}:{fr.lineno})"
     if not (_is_lowbit_error(e) and one_line and names_file):
         return "unclear", text
     if "sha256" in msg or "checksum" in msg:

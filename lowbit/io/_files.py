@@ -732,6 +732,30 @@ def set_config_dtype(cfg: Dict[str, Any], dtype: torch.dtype) -> None:
     cfg["torch_dtype"] = torch_dtype_name(dtype)
 
 
+def _check_config_types(cfg_dict: Mapping[str, Any], cls) -> None:
+    """Values whose type contradicts the config class's default (a list where a number belongs ...):
+    transformers accepts them and fails later, inside ``forward``."""
+    try:
+        defaults = cls()
+    except Exception:  # noqa: BLE001 - a config class without usable defaults: nothing to compare
+        return
+    for key, value in cfg_dict.items():
+        default = getattr(defaults, key, None)
+        if default is None or value is None or key.startswith("_"):
+            continue
+        number = (int, float)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, number):
+            ok = isinstance(value, number) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise CheckpointError(f"config key {key!r} is {value!r}, expected a {type(default).__name__} (corrupted)")
+
+
 def empty_hf_model(config: Mapping[str, Any], dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """A Hugging Face model built from a config dict with parameters on the meta device.
 
@@ -745,7 +769,11 @@ def empty_hf_model(config: Mapping[str, Any], dtype: Optional[torch.dtype] = Non
     if model_type is None:
         raise CheckpointError("the model config has no 'model_type'; pass a model_factory to build the model")
     cfg = tf.AutoConfig.for_model(**cfg_dict)
+    _check_config_types(cfg_dict, type(cfg))
     arch = (cfg_dict.get("architectures") or [None])[0]
+    if arch is not None and not isinstance(arch, str):
+        raise CheckpointError(f"the model config's architectures {cfg_dict.get('architectures')!r} is not a list of "
+                              "class names (corrupted)")
     cls = getattr(tf, arch, None) if arch else None
     with acc.init_empty_weights():
         if cls is not None:

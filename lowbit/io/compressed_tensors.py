@@ -321,9 +321,9 @@ def read_compressed_tensors(directory: PathLike) -> QuantizedCheckpoint:
     cfg_path = directory / "config.json"
     qc = cfg.get("quantization_config") or {}
     if qc.get("quant_method") != "compressed-tensors":
-        raise CheckpointError(f"{directory}: quant_method {qc.get('quant_method')!r}, expected 'compressed-tensors'")
+        raise CheckpointError(f"{cfg_path}: quant_method {qc.get('quant_method')!r}, expected 'compressed-tensors'")
     if qc.get("quantization_status", "compressed") != "compressed":
-        raise CheckpointError(f"{directory}: quantization_status {qc.get('quantization_status')!r}; only compressed "
+        raise CheckpointError(f"{cfg_path}: quantization_status {qc.get('quantization_status')!r}; only compressed "
                               "checkpoints hold integer codes")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()) \
@@ -390,7 +390,7 @@ def read_compressed_tensors(directory: PathLike) -> QuantizedCheckpoint:
                 shape = tuple(q.shape)
                 codes = (q.to(torch.int16) + offset).to(torch.uint8)
             else:
-                raise CheckpointError(f"{where}: {n}: format {fmt!r} is not supported for import")
+                raise CheckpointError(f"{cfg_path}: module {n!r}: format {fmt!r} is not supported for import")
             out_f, in_f = shape
             strategy = wa.get("strategy") or ("group" if wa.get("group_size") else "tensor")
             if strategy == "group":

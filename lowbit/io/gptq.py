@@ -588,10 +588,10 @@ def read_gptq(directory: PathLike) -> QuantizedCheckpoint:
     cfg_path = directory / "config.json"
     qc = _quant_config(directory, cfg)
     if qc.get("quant_method", "gptq") != "gptq":
-        raise CheckpointError(f"{directory}: quant_method {qc.get('quant_method')!r}, expected 'gptq'")
+        raise CheckpointError(f"{cfg_path}: quant_method {qc.get('quant_method')!r}, expected 'gptq'")
     fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
     if fmt not in ("gptq", "gptq_v2"):
-        raise CheckpointError(f"{directory}: GPTQ format {fmt!r} is not supported (expected 'gptq' or 'gptq_v2')")
+        raise CheckpointError(f"{cfg_path}: GPTQ format {fmt!r} is not supported (expected 'gptq' or 'gptq_v2')")
     _cfg_int(qc, "bits", cfg_path, GPTQ_BITS)
     gs = _cfg_int(qc, "group_size", cfg_path)
     if gs is not None and gs != -1 and gs <= 0:
@@ -681,13 +681,13 @@ def read_awq(directory: PathLike) -> QuantizedCheckpoint:
     cfg_path = directory / "config.json"
     qc = _quant_config(directory, cfg)
     if qc.get("quant_method", "awq") != "awq":
-        raise CheckpointError(f"{directory}: quant_method {qc.get('quant_method')!r}, expected 'awq'")
+        raise CheckpointError(f"{cfg_path}: quant_method {qc.get('quant_method')!r}, expected 'awq'")
     version = str(qc.get("version", qc.get("format", "gemm"))).lower()
     if version != "gemm":
-        raise CheckpointError(f"{directory}: AWQ version {version!r} is not supported (only 'gemm')")
+        raise CheckpointError(f"{cfg_path}: AWQ version {version!r} is not supported (only 'gemm')")
     bits = qc.get("bits", qc.get("w_bit", 4))
     if bits != 4:
-        raise CheckpointError(f"{directory}: AWQ with {bits} bits; only 4-bit GEMM checkpoints exist")
+        raise CheckpointError(f"{cfg_path}: AWQ with {bits} bits; only 4-bit GEMM checkpoints exist")
     gs = _cfg_int(qc, "group_size", cfg_path, default=qc.get("q_group_size"))
     tensors, origin = read_hf_tensors_with_origin(directory)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
