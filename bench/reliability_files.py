@@ -859,6 +859,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--before", default=None, help="a checkout of the original code: run the same harness there")
     ap.add_argument("--json-out", default=None, help="(internal) write raw results here and stop")
+    ap.add_argument("--before-json", default=None, help="reuse the raw results of an earlier --before run")
+    ap.add_argument("--after-json", default=None, help="also keep this run's raw results here")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "reliability_files.md"))
     ap.add_argument("--skip", default="", help="comma list of parts to skip: corrupt,kill,cli")
     args = ap.parse_args(argv)
@@ -878,8 +880,10 @@ def main(argv=None):
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(raw))
         return 0
-    before = None
-    if args.before:
+    if args.after_json:
+        Path(args.after_json).write_text(json.dumps(raw))
+    before = json.loads(Path(args.before_json).read_text()) if args.before_json else None
+    if args.before and before is None:
         bj = Path(tempfile.mkdtemp()) / "before.json"
         env = dict(os.environ, PYTHONPATH=str(Path(args.before).resolve()))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--n", str(args.n), "--kills", str(args.kills),
@@ -887,6 +891,7 @@ def main(argv=None):
         log("running the same harness on the original code: " + " ".join(cmd))
         subprocess.run(cmd, env=env, check=True, cwd=str(Path(args.before).resolve()))
         before = json.loads(bj.read_text())
+        log(f"raw results of the original code: {bj} (reuse with --before-json)")
     write_report(Path(args.out), raw, before, args)
     return 0
 
@@ -900,6 +905,7 @@ def write_report(out: Path, after, before, args):
          "```", f"PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/reliability_files.py --n {args.n} "
                 f"--kills {args.kills} --cli {args.cli} --seed {args.seed}"
                 + (" --before /tmp/orig" if before else ""), "```", "",
+         "(`--before-json FILE` reuses the raw results of an earlier run of the original code.)", "",
          f"lowbit {lowbit.__version__}, torch {torch.__version__}; a tiny Llama (2 layers, hidden 64, RTN int4 "
          "g32 asymmetric for native/GPTQ/AWQ/compressed-tensors; GGUF Q4_0 of the float model). The kill loop "
          "uses a larger model (4 layers, hidden 256, vocab 4096). The machine was shared with other jobs "

@@ -67,7 +67,7 @@ def inspect_checkpoint(path, reference: Optional[str] = None, plot: Optional[str
     elif p.is_dir():
         from lowbit.io import native
 
-        from lowbit.io._files import CheckpointError, read_json_object, recover_interrupted
+        from lowbit.io._files import CheckpointError, read_json_object
 
         if native.has_marker(p):  # a damaged marker is a corrupt checkpoint, never "unquantized"
             info = _inspect_native(p, reference, plot)
@@ -77,6 +77,16 @@ def inspect_checkpoint(path, reference: Optional[str] = None, plot: Optional[str
                 raise CheckpointError(f"{p}: no checkpoint here (no lowbit_index.json, config.json, .safetensors "
                                       "or .gguf file)")
             qcfg = read_json_object(cfg_file, "config").get("quantization_config") if cfg_file.exists() else None
+            method = qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+            if method in ("gptq", "awq", "compressed-tensors"):  # the reader checks structure and checksums
+                from lowbit.io.compressed_tensors import read_compressed_tensors
+                from lowbit.io.gptq import read_awq, read_gptq
+
+                {"gptq": read_gptq, "awq": read_awq, "compressed-tensors": read_compressed_tensors}[method](p)
+            else:
+                from lowbit.io._files import check_dir_checksums
+
+                check_dir_checksums(p)
             info = {"format": (qcfg or {}).get("quant_method", "unquantized"), "quantization_config": qcfg,
                     **_safetensors_summary(p), "size_mb": _dir_size(p) / 2 ** 20}
             ggufs = sorted(p.glob("*.gguf"))
