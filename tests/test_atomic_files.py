@@ -161,3 +161,14 @@ def test_save_refuses_a_file_target(tmp_path, models):
     with pytest.raises(CheckpointError, match="exists and is not a directory"):
         lowbit.save(models[0], f)
     assert f.read_text() == "x"
+
+
+def test_save_into_the_current_directory(tmp_path, models, monkeypatch):
+    d = tmp_path / "cwd"
+    d.mkdir()
+    (d / "keep.txt").write_text("x")
+    monkeypatch.chdir(d)
+    lowbit.save(models[0], ".")
+    lowbit.save(models[1], ".")
+    assert Path.cwd() == d and (d / "keep.txt").read_text() == "x"
+    assert torch.equal(_logits(lowbit.load(".")), _logits(models[1]))

@@ -306,6 +306,18 @@ def _carry_over(src: Path, dst: Path, owned: Callable[[str], bool], top: bool = 
 
 
 def _swap_into_place(new: Path, target: Path) -> None:
+    try:
+        cwd = os.getcwd()
+    except OSError:  # pragma: no cover
+        cwd = None
+    inside = cwd is not None and (cwd == str(target) or cwd.startswith(str(target) + os.sep))
+    _swap(new, target)
+    if inside:  # the process was inside the replaced directory: follow the path to the new one
+        with contextlib.suppress(OSError):
+            os.chdir(cwd if os.path.isdir(cwd) else target)
+
+
+def _swap(new: Path, target: Path) -> None:
     if not target.exists():
         os.rename(new, target)
         _fsync_dir(target.parent)
