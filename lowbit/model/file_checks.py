@@ -79,7 +79,7 @@ def check_checksums(checksum_file: PathLike, base: Optional[PathLike] = None) ->
             raise CheckpointError(f"{f}: listed in {checksum_file.name} but missing")
         if sha256_file(f) not in digests:
             raise CheckpointError(f"{f}: sha256 does not match {checksum_file.name}: the file is corrupted or "
-                                  "was modified after lowbit wrote it")
+                                  f"was modified after lowbit wrote it (if on purpose, delete {checksum_file.name})")
         checked.append(f)
     return checked
 
@@ -100,7 +100,7 @@ def check_file_checksum(path: PathLike) -> bool:
         raise CheckpointError(f"{side}: does not list {path.name}")
     if sha256_file(path) not in sums[path.name]:
         raise CheckpointError(f"{path}: sha256 does not match {side.name}: the file is corrupted or was modified "
-                              "after lowbit wrote it")
+                              f"after lowbit wrote it (if on purpose, delete {side.name})")
     return True
 
 
