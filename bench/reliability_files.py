@@ -843,6 +843,88 @@ def _summary(res):
     return lines
 
 
+def _targets(after, before):
+    """The issue's targets, before -> after."""
+    def corr(raw):
+        if raw is None or "corrupt" not in raw:
+            return {}
+        out = {}
+        for (fmt, mode), rows in _unjson(raw["corrupt"]).items():
+            st = [r for r in rows if r[1]]
+            da = [r for r in rows if not r[1]]
+            out[(fmt, mode)] = (
+                sum(r[2] == "silent" for r in st), len(st),
+                sum(r[2] in ("unclear", "crash") for r in st),
+                sum(r[2] in ("checksum", "rejected") for r in da), len(da))
+        return out
+
+    def kills(raw):
+        if raw is None or "kill" not in raw:
+            return {}
+        out = {}
+        for k, c in raw["kill"].items():
+            n = sum(v for s, v in c.items() if not s.startswith("temp"))
+            bad = sum(v for s, v in c.items() if s.startswith(("BROKEN", "refused")))
+            refused = sum(v for s, v in c.items() if s.startswith("refused"))
+            out[tuple(k.split("|"))] = (n - bad, n, c.get("temp files left after the next save", 0), refused)
+        return out
+
+    def cli(raw):
+        if raw is None or "cli" not in raw:
+            return None
+        rows = [r for r in raw["cli"] if r[1] != "verify"]
+        errors = [r for r in rows if not r[3].startswith("exit 0")]
+        good = sum(r[3] == "one line naming the file" for r in errors)
+        return good, len(errors), sum(r[3].startswith("exit 0") for r in rows), len(rows)
+
+    a, b = corr(after), corr(before)
+    L = ["## Targets: before -> after", "",
+         "| format | structural corruptions loaded silently | structural rejected unclearly | data corruption "
+         "caught (native: checksums; exports: sidecar) |", "|---|---|---|---|"]
+    for fmt in FORMATS:
+        mode = "sidecar"
+        if (fmt, mode) not in a:
+            continue
+        sa, na, ua, ca, da = a[(fmt, mode)]
+        bb = b.get((fmt, "no-sidecar" if fmt != "native" else mode)) or b.get((fmt, mode))
+        pb = lambda x, n: f"{x}/{n} ({100 * x / max(n, 1):.0f}%)"  # noqa: E731
+        before_s = f"{pb(bb[0], bb[1])} -> " if bb else ""
+        before_u = f"{pb(bb[2], bb[1])} -> " if bb else ""
+        before_d = f"{pb(bb[3], bb[4])} -> " if bb else ""
+        L.append(f"| {fmt} | {before_s}**{pb(sa, na)}** | {before_u}**{pb(ua, na)}** | {before_d}**{pb(ca, da)}** |")
+        if fmt != "native" and (fmt, "no-sidecar") in a:
+            sa2, na2, ua2, ca2, da2 = a[(fmt, "no-sidecar")]
+            L.append(f"| {fmt}, written by another tool (no sidecar) | {pb(sa2, na2)} | {pb(ua2, na2)} | "
+                     f"{pb(ca2, da2)} (no checksum exists: data corruption is undetectable) |")
+    L.append("")
+    ka, kb = kills(after), kills(before)
+    if ka:
+        L.extend(["Safe = the target is absent, the previous checkpoint or the complete new one, loading exactly. "
+                  "*refused* = an incomplete directory was left that loading refuses (not loadable, but not "
+                  "absent either; the original code's fresh saves did this).", "",
+                  "| format | interrupted fresh saves safe (refused) | interrupted overwrites safe | saves after "
+                  "which the next save still left temp files (fresh / overwrite) |", "|---|---|---|---|"])
+        for fmt in FORMATS:
+            if (fmt, "fresh") not in ka:
+                continue
+            f_a, o_a = ka[(fmt, "fresh")], ka[(fmt, "overwrite")]
+            f_b, o_b = kb.get((fmt, "fresh")), kb.get((fmt, "overwrite"))
+            fb = f"{f_b[0]}/{f_b[1]} ({f_b[3]}) -> " if f_b else ""
+            ob = f"{o_b[0]}/{o_b[1]} -> " if o_b else ""
+            tb = f"{f_b[2]} / {o_b[2]} -> " if f_b else ""
+            L.append(f"| {fmt} | {fb}**{f_a[0]}/{f_a[1]} ({f_a[3]})** | {ob}**{o_a[0]}/{o_a[1]}** | "
+                     f"{tb}**{f_a[2]} / {o_a[2]}** |")
+        L.append("")
+    ca_, cb_ = cli(after), cli(before)
+    if ca_:
+        btxt = (f"{cb_[0]}/{cb_[1]} -> " if cb_ else "")
+        L.extend([f"CLI (`inspect`, `convert`, `export`; `verify` counted separately below) on structurally "
+                  f"corrupted files: errors that are one line naming the file: {btxt}**{ca_[0]}/{ca_[1]}**; "
+                  f"runs that exited 0 on a corrupted file: " + (f"{cb_[2]}/{cb_[3]} -> " if cb_ else "")
+                  + f"**{ca_[2]}/{ca_[3]}**.", ""])
+    return L
+
+
 def _jsonable(res):
     return {f"{k[0]}|{k[1]}": v for k, v in res.items()}
 
@@ -932,7 +1014,11 @@ def write_report(out: Path, after, before, args):
         if ex:
             L.extend([f"Examples of silent / unclear outcomes ({title}):", ""] + ex + [""])
 
+    L.extend(_targets(after, before))
     section("after (this branch)", after, "corrupt")
+    if before is not None:
+        L.extend(["The original code writes no checksum sidecar, so its *sidecar* and *no-sidecar* rows are the "
+                  "same files (two runs of the same corruptions).", ""])
     section("before (original code)", before, "corrupt")
 
     def kills(raw, title):
