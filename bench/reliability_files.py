@@ -943,6 +943,7 @@ def main(argv=None):
     ap.add_argument("--json-out", default=None, help="(internal) write raw results here and stop")
     ap.add_argument("--before-json", default=None, help="reuse the raw results of an earlier --before run")
     ap.add_argument("--after-json", default=None, help="also keep this run's raw results here")
+    ap.add_argument("--from-json", default=None, help="write the report from raw results kept by --after-json")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "reliability_files.md"))
     ap.add_argument("--skip", default="", help="comma list of parts to skip: corrupt,kill,cli")
     args = ap.parse_args(argv)
@@ -950,6 +951,9 @@ def main(argv=None):
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     raw = {}
     t0 = time.time()
+    if args.from_json:  # re-render the report from raw results of an earlier run
+        raw = json.loads(Path(args.from_json).read_text())
+        skip = {"corrupt", "kill", "cli"}
     if "corrupt" not in skip:
         raw["corrupt"] = _jsonable(run_corruptions(args.n, args.seed, log=log))
     if "kill" not in skip:
@@ -958,7 +962,7 @@ def main(argv=None):
         raw["kill_left"] = {f"{k[0]}|{k[1]}": v for k, v in left.items()}
     if "cli" not in skip:
         raw["cli"] = run_cli(args.cli, args.seed, log=log)
-    raw["seconds"] = time.time() - t0
+    raw.setdefault("seconds", time.time() - t0)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(raw))
         return 0
