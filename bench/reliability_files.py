@@ -49,10 +49,6 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-os.environ.setdefault("LOWBIT_NO_CACHE", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 import torch  # noqa: E402
 
 FORMATS = ("native", "gptq", "awq", "compressed-tensors", "gguf")
@@ -147,7 +143,15 @@ def load(fmt: str, path: Path):
         return load_compressed_tensors(path), None
     from lowbit.io.gguf import load_gguf_model
 
-    return load_gguf_model(path)
+    old = os.environ.get("LOWBIT_NO_CACHE")
+    os.environ["LOWBIT_NO_CACHE"] = "1"  # never fill the user's cache with corrupted conversions
+    try:
+        return load_gguf_model(path)
+    finally:
+        if old is None:
+            os.environ.pop("LOWBIT_NO_CACHE", None)
+        else:
+            os.environ["LOWBIT_NO_CACHE"] = old
 
 
 def fingerprint(fmt, path):
@@ -569,8 +573,7 @@ def _classify_error(e, touched: Path, tensors):
     msg = str(e).strip()
     line = msg.splitlines()[0] if msg else type(e).__name__
     one_line = "\n" not in msg
-    names_file = touched.name in msg or str(touched.parent) in msg and touched.name in ("config.json",) \
-        or touched.name in msg
+    names_file = touched.name in msg
     names_tensor = not tensors or any(t in msg for t in tensors)
     text = f"{type(e).__name__}: {line[:240]}"
     if not _is_lowbit_error(e) and e.__traceback__ is not None:
@@ -947,6 +950,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "reliability_files.md"))
     ap.add_argument("--skip", default="", help="comma list of parts to skip: corrupt,kill,cli")
     args = ap.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     skip = set(filter(None, args.skip.split(",")))
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     raw = {}
