@@ -1024,6 +1024,13 @@ def write_report(out: Path, after, before, args):
             L.extend([f"Examples of silent / unclear outcomes ({title}):", ""] + ex + [""])
 
     L.extend(_targets(after, before))
+    L.extend(["Known limits (files without a lowbit checksum, i.e. written by other tools): a GGUF file without "
+              "`output.weight` is a valid tied-embedding model, and a tensor type swapped for another of the same "
+              "block size (F16 <-> BF16, Q4_0 <-> IQ4_NL) keeps a valid layout; both load as a different model "
+              "and only a checksum can tell. Changed tensor bytes or hyperparameter values in valid JSON/GGUF "
+              "metadata are data corruption: caught wherever lowbit wrote a checksum, undetectable otherwise. "
+              "Files lowbit writes always carry a checksum (native: per file, per tensor and of the index; "
+              "exports: the sidecar, checked at load and by `lowbit verify`).", ""])
     section("after (this branch)", after, "corrupt")
     if before is not None:
         L.extend(["The original code writes no checksum sidecar, so its *sidecar* and *no-sidecar* rows are the "
