@@ -754,7 +754,7 @@ def build_model(ck: QuantizedCheckpoint, dtype: Optional[torch.dtype] = None, de
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     for k, v in ck.tensors.items():
         if k not in expected:
-            raise CheckpointError(f"{where(k)}: tensor {k!r} does not belong to the model")
+            raise CheckpointError(f"{where(k)}: tensor {k!r} does not belong to the model built from {cfg_path}")
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{where(k)}: tensor {k!r} has shape {list(v.shape)}, the model expects "
                                   f"{list(expected[k].shape)}")
@@ -793,7 +793,8 @@ def build_model(ck: QuantizedCheckpoint, dtype: Optional[torch.dtype] = None, de
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{where()}: tensor {left[0]!r} missing from the checkpoint"
-                              + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
+                              + (f" (and {len(left) - 1} more)" if len(left) > 1 else "")
+                              + f"; the model built from {cfg_path} has it")
     return model.to(device).eval()
 
 
