@@ -1,6 +1,6 @@
 """The ``lowbit`` command line: argument parsing only; every subcommand calls the public API.
 
-Subcommands: quantize, eval, compare, plan, inspect, export, convert, bench. Exit codes: 0 ok,
+Subcommands: quantize, eval, compare, plan, inspect, verify, export, convert, bench. Exit codes: 0 ok,
 2 bad input (one-line reason on stderr), 3 a quality gate (--max-ppl-increase / --max-kld) failed.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _load(spec: str, args=None, dtype=None, gguf_types=None):
         from lowbit.io.gguf import load_gguf_model
 
         return load_gguf_model(path, types=gguf_types, dtype=dtype or torch.float32, device=device)
-    if path.is_dir() and _is_native(path):
+    if path.is_dir() and _is_native(path):  # a damaged marker too: load() says what is wrong
         from lowbit.io.native import load
 
         model = load(path).to(device)
@@ -77,7 +77,7 @@ def _load(spec: str, args=None, dtype=None, gguf_types=None):
 def _is_native(path: Path) -> bool:
     from lowbit.io import native
 
-    return native.is_checkpoint(path)
+    return native.has_marker(path)
 
 
 def _tokenizer_for(path: Path):
@@ -393,6 +393,22 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args) -> int:
+    from lowbit.io.verify import verify_all
+
+    results = verify_all(args.path)
+    bad = [r for r in results if "error" in r]
+    for r in results:
+        if "error" in r:
+            print(f"lowbit: error: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            how = "checksums ok" if r.get("checksum") else "structure ok (no lowbit checksum to check)"
+            print(f"ok  {r['path']}  [{r['kind']}] {how}")
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    return EXIT_BAD_INPUT if bad else EXIT_OK
+
+
 def cmd_export(args) -> int:
     model, tok = _load(args.input, args)
     out = Path(args.output)
@@ -505,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_inspect)
 
+    p = sub.add_parser("verify", help="check a checkpoint / export (or a folder of them) against lowbit's checksums")
+    p.add_argument("path")
+    _common(p)
+    p.set_defaults(fn=cmd_verify)
+
     p = sub.add_parser("export", help="re-export a lowbit checkpoint to other formats")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -538,8 +559,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CLIError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError, TypeError, KeyError, OSError) as e:
+    except Exception as e:  # every error is one line on stderr (LOWBIT_DEBUG=1 shows the traceback)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        known = (FileNotFoundError, ImportError, ValueError, RuntimeError, TypeError, KeyError, OSError)
+        if not isinstance(e, known):
+            msg = f"{type(e).__name__}: {msg}"
+        if isinstance(e, KeyError) and msg.startswith("'"):
+            msg = f"missing key {msg}"
         print(f"lowbit: error: {msg}", file=sys.stderr)
         if os.environ.get("LOWBIT_DEBUG"):
             raise

@@ -260,5 +260,8 @@ def test_read_errors(tmp_path):
     sd = load_file(str(p))
     sd["model.layers.0.mlp.up_proj.qzeros"] = sd["model.layers.0.mlp.up_proj.qzeros"][:, :-1].contiguous()
     save_file(sd, str(p))
+    with pytest.raises(CheckpointError, match="sha256 does not match lowbit-checksums.sha256"):
+        gptq.read_gptq(tmp_path / "g")
+    (tmp_path / "g" / "lowbit-checksums.sha256").unlink()  # as written by another tool: structure checked
     with pytest.raises(CheckpointError, match="module 'model.layers.0.mlp.up_proj': qzeros has shape"):
         gptq.read_gptq(tmp_path / "g")

@@ -151,10 +151,20 @@ def test_interrupted_save_never_loads(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         native.save(m, d, max_shard_size=20_000)
     monkeypatch.undo()
-    assert not native.is_checkpoint(d)
-    with pytest.raises(CheckpointError, match="lowbit_index.json is missing"):
-        native.load(d)
-    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]  # no temporary files left behind
+    # the overwrite is atomic: the previous checkpoint is intact and loads; no temporary files left
+    assert native.is_checkpoint(d)
+    assert torch.equal(_logits(native.load(d)), _logits(m))
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+    assert [p.name for p in d.parent.iterdir()] == ["i"]
+    # an interrupted fresh save leaves nothing that loads
+    with monkeypatch.context() as mp:
+        calls["n"] = 0
+        mp.setattr(_files, "write_safetensors", failing)
+        with pytest.raises(KeyboardInterrupt):
+            native.save(m, tmp_path / "fresh", max_shard_size=20_000)
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(CheckpointError, match="not a directory"):
+        native.load(tmp_path / "fresh")
 
 
 def test_truncated_and_corrupted_files(tmp_path):
@@ -181,6 +191,7 @@ def test_truncated_and_corrupted_files(tmp_path):
 
 def _rewrite_index(d, fn):
     idx = json.loads((d / native.INDEX).read_text())
+    idx.pop("index_sha256", None)  # as in checkpoints written before the index carried its own digest
     fn(idx)
     (d / native.INDEX).write_text(json.dumps(idx))
 

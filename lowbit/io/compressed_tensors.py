@@ -51,10 +51,21 @@ from lowbit.io._files import (
     CheckpointError,
     PathLike,
     hf_config_dict,
-    read_hf_tensors,
+    read_hf_tensors_with_origin,
     set_config_dtype,
 )
-from lowbit.io.gptq import QuantizedCheckpoint, _dense_tensors, _read_config, _require_frozen, _write_hf_dir
+from lowbit.io.gptq import (
+    QuantizedCheckpoint,
+    _check_qtensor,
+    _check_scale_dtype,
+    _dense_tensors,
+    _first_line,
+    _open_checkpoint_dir,
+    _read_config,
+    _require_frozen,
+    _where,
+    _write_hf_dir,
+)
 
 __all__ = ["export_compressed_tensors", "read_compressed_tensors", "load_compressed_tensors", "module_scheme"]
 
@@ -305,70 +316,138 @@ def read_compressed_tensors(directory: PathLike) -> QuantizedCheckpoint:
         >>> ck = read_compressed_tensors("out/ct")          # doctest: +SKIP
     """
     directory = Path(directory)
+    _open_checkpoint_dir(directory)
     cfg = _read_config(directory)
+    cfg_path = directory / "config.json"
     qc = cfg.get("quantization_config") or {}
     if qc.get("quant_method") != "compressed-tensors":
-        raise CheckpointError(f"{directory}: quant_method {qc.get('quant_method')!r}, expected 'compressed-tensors'")
+        raise CheckpointError(f"{cfg_path}: quant_method {qc.get('quant_method')!r}, expected 'compressed-tensors'")
     if qc.get("quantization_status", "compressed") != "compressed":
-        raise CheckpointError(f"{directory}: quantization_status {qc.get('quantization_status')!r}; only compressed "
+        raise CheckpointError(f"{cfg_path}: quantization_status {qc.get('quantization_status')!r}; only compressed "
                               "checkpoints hold integer codes")
-    tensors = read_hf_tensors(directory)
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()) \
+            or not isinstance(qc.get("ignore") or [], list):
+        raise CheckpointError(f"{cfg_path}: corrupted quantization_config (config_groups / ignore)")
+    tensors, origin = read_hf_tensors_with_origin(directory)
     dtype = _cfg_dtype(cfg)
     weights: Dict[str, AffineWeight] = {}
     bias: Dict[str, torch.Tensor] = {}
     fp8: Dict[str, Dict[str, torch.Tensor]] = {}
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((".weight_packed", ".weight_scale"))})
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors
+                    if k.endswith((".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape"))})
     for n in names:
-        group = _scheme_for(qc, n)
+        where = _where(origin, directory, f"{n}.weight_packed", f"{n}.weight", f"{n}.weight_scale")
+        try:
+            group = _scheme_for(qc, n)
+        except (TypeError, AttributeError, re.error) as e:
+            raise CheckpointError(f"{cfg_path}: corrupted quantization_config (targets): {_first_line(e)}") from None
         if group is None or not group.get("weights"):
-            continue
+            raise CheckpointError(f"{where}: module {n!r} holds quantized tensors but no config group of "
+                                  f"{cfg_path.name} targets it")
         wa = group["weights"]
         fmt = group.get("format") or qc.get("format")
         if tensors.get(f"{n}.weight_g_idx") is not None:
-            raise CheckpointError(f"{n}: act-order (weight_g_idx) checkpoints are not supported")
+            raise CheckpointError(f"{where}: {n}: act-order (weight_g_idx) checkpoints are not supported")
+        if f"{n}.weight_scale" not in tensors:
+            raise CheckpointError(f"{where}: module {n!r} lacks tensor '{n}.weight_scale'")
         scale = tensors.pop(f"{n}.weight_scale")
         try:
-            if wa["type"] == "float":
+            if not isinstance(wa, dict):
+                raise CheckpointError(f"{cfg_path}: module {n!r}: corrupted weights arguments")
+            _check_scale_dtype(origin, directory, f"{n}.weight_scale", scale, cfg)
+            if wa.get("type") == "float":
                 fp8[n] = {"weight": tensors.pop(f"{n}.weight"), "weight_scale": scale}
                 continue
-            b = int(wa["num_bits"])
+            if wa.get("type") != "int":
+                raise CheckpointError(f"{cfg_path}: module {n!r}: weights type {wa.get('type')!r}")
+            b = wa.get("num_bits")
+            if not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 8:
+                raise CheckpointError(f"{cfg_path}: module {n!r}: num_bits={b!r} is not valid")
             offset = 1 << (b - 1)
             if fmt == "pack-quantized":
-                shape = tuple(int(v) for v in tensors.pop(f"{n}.weight_shape").tolist())
-                codes = unpack_int32(tensors.pop(f"{n}.weight_packed"), b, shape[1], dim=1)
+                for part in ("weight_shape", "weight_packed"):
+                    if f"{n}.{part}" not in tensors:
+                        raise CheckpointError(f"{where}: module {n!r} lacks tensor '{n}.{part}'")
+                ws = tensors.pop(f"{n}.weight_shape")
+                if ws.dtype not in (torch.int64, torch.int32) or tuple(ws.shape) != (2,):
+                    raise CheckpointError(f"{where}: tensor '{n}.weight_shape' is {ws.dtype} {list(ws.shape)}, "
+                                          "expected 2 integers")
+                shape = tuple(int(v) for v in ws.tolist())
+                packed = tensors.pop(f"{n}.weight_packed")
+                _check_qtensor(origin, directory, f"{n}.weight_packed", packed, (torch.int32,), 2)
+                if shape[0] != packed.shape[0] or shape[1] <= 0:
+                    raise CheckpointError(f"{where}: tensor '{n}.weight_packed' {list(packed.shape)} does not hold "
+                                          f"weight_shape {list(shape)}")
+                codes = unpack_int32(packed, b, shape[1], dim=1)
             elif fmt in ("int-quantized", "naive-quantized"):
+                if f"{n}.weight" not in tensors:
+                    raise CheckpointError(f"{where}: module {n!r} lacks tensor '{n}.weight'")
                 q = tensors.pop(f"{n}.weight")
-                if q.dtype != torch.int8:
-                    raise CheckpointError(f"{n}.weight is {q.dtype}, expected int8 for {fmt}")
+                if q.dtype != torch.int8 or q.dim() != 2:
+                    raise CheckpointError(f"{where}: tensor '{n}.weight' is {q.dtype} {list(q.shape)}, expected 2-D "
+                                          f"int8 for {fmt}")
                 shape = tuple(q.shape)
                 codes = (q.to(torch.int16) + offset).to(torch.uint8)
             else:
-                raise CheckpointError(f"{n}: format {fmt!r} is not supported for import")
+                raise CheckpointError(f"{cfg_path}: module {n!r}: format {fmt!r} is not supported for import")
             out_f, in_f = shape
             strategy = wa.get("strategy") or ("group" if wa.get("group_size") else "tensor")
-            gsize = int(wa["group_size"]) if strategy == "group" else in_f
+            if strategy == "group":
+                gsize = wa.get("group_size")
+                if not isinstance(gsize, int) or isinstance(gsize, bool) or gsize <= 0:
+                    raise CheckpointError(f"{cfg_path}: module {n!r}: group_size={gsize!r} is not valid")
+            elif strategy in ("channel", "tensor"):
+                gsize = in_f
+            else:
+                raise CheckpointError(f"{cfg_path}: module {n!r}: strategy {strategy!r} is not supported")
             G = math.ceil(in_f / gsize)
+            want = {"tensor": [(1,), (1, 1)], "channel": [(out_f, 1)], "group": [(out_f, G)]}[strategy]
+            if tuple(scale.shape) not in want:
+                raise CheckpointError(f"{where}: tensor '{n}.weight_scale' has shape {list(scale.shape)}, expected "
+                                      f"{list(want[0])} for the {strategy} strategy of a {list(shape)} weight")
             scale = scale.reshape(-1, 1).expand(out_f, 1) if strategy == "tensor" else scale.reshape(out_f, G)
             zeros = None
             zp = tensors.pop(f"{n}.weight_zero_point", None)
-            if not wa.get("symmetric", True):
+            symmetric = wa.get("symmetric", True)
+            if not isinstance(symmetric, bool):
+                raise CheckpointError(f"{cfg_path}: module {n!r}: symmetric={symmetric!r} is not a boolean")
+            if symmetric and zp is not None:
+                raise CheckpointError(f"{where}: tensor '{n}.weight_zero_point' present but the config says the "
+                                      "weights are symmetric")
+            if not symmetric:
                 if zp is None:
-                    raise CheckpointError(f"{n}: asymmetric weights without weight_zero_point")
+                    raise CheckpointError(f"{where}: {n}: asymmetric weights without tensor '{n}.weight_zero_point'")
                 if zp.dtype == torch.int32:
+                    if strategy == "tensor" or tuple(zp.shape) != (math.ceil(out_f * b / 32), G):
+                        raise CheckpointError(f"{where}: tensor '{n}.weight_zero_point' has shape {list(zp.shape)}, "
+                                              f"expected {[math.ceil(out_f * b / 32), G]}")
                     zeros = unpack_int32(zp, b, out_f, dim=0).reshape(out_f, G)
-                else:
+                elif zp.dtype == torch.int8:
+                    want_z = [(1,), (1, 1)] if strategy == "tensor" else [(out_f, G)]
+                    if tuple(zp.shape) not in want_z:
+                        raise CheckpointError(f"{where}: tensor '{n}.weight_zero_point' has shape {list(zp.shape)}, "
+                                              f"expected {list(want_z[0])}")
                     z = (zp.to(torch.int16) + offset).to(torch.uint8)
                     zeros = z.reshape(1, 1).expand(out_f, 1) if strategy == "tensor" else z.reshape(out_f, G)
+                else:
+                    raise CheckpointError(f"{where}: tensor '{n}.weight_zero_point' is {zp.dtype}, expected int32 "
+                                          "(packed) or int8")
             weights[n] = AffineWeight(codes=codes, scales=scale.contiguous(), zeros=None if zeros is None
                                       else zeros.contiguous(), bits=b, group_size=gsize, dtype=dtype or scale.dtype)
-        except KeyError as e:
-            raise CheckpointError(f"{directory}: module {n!r} lacks tensor {e.args[0]!r}") from None
+        except CheckpointError as e:
+            if str(e).startswith(str(directory)):
+                raise
+            raise CheckpointError(f"{where}: module {n!r}: {e}") from None
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{where}: module {n!r}: {_first_line(e)}") from None
         if f"{n}.bias" in tensors:
             bias[n] = tensors.pop(f"{n}.bias")
         tensors.pop(f"{n}.input_scale", None)
         tensors.pop(f"{n}.input_zero_point", None)
     return QuantizedCheckpoint(config=cfg, weights=weights, bias=bias, tensors=tensors,
-                               extra={"format": "compressed-tensors", "fp8": fp8})
+                               extra={"format": "compressed-tensors", "fp8": fp8, "origin": origin,
+                                      "directory": directory})
 
 
 def _cfg_dtype(cfg: Dict[str, Any]) -> Optional[torch.dtype]:

@@ -244,18 +244,24 @@ def detect_format(directory: PathLike) -> str:
     """``"native"``, ``"gptq"``, ``"awq"`` or ``"compressed-tensors"`` for a checkpoint directory."""
     from lowbit.io import native
 
+    from lowbit.io._files import read_json_object, recover_interrupted
+
     directory = Path(directory)
-    if native.is_checkpoint(directory):
+    if not directory.exists():
+        recover_interrupted(directory)
+    if native.has_marker(directory):  # a damaged marker too: the native reader says what is wrong
         return "native"
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory}: neither a lowbit native checkpoint nor a Hugging Face directory with "
                               "config.json")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(cfg_path, "config")
     qc = cfg.get("quantization_config")
     if qc is None and (directory / "quantize_config.json").is_file():
-        qc = json.loads((directory / "quantize_config.json").read_text())
+        qc = read_json_object(directory / "quantize_config.json", "quantization config")
         qc.setdefault("quant_method", "gptq")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg_path}: corrupted config: quantization_config is a {type(qc).__name__}")
     method = (qc or {}).get("quant_method")
     if method in ("gptq", "awq", "compressed-tensors"):
         return method

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -40,6 +39,7 @@ import torch
 
 from lowbit._deps import require
 from lowbit.formats import gguf as fmt
+from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
 
 __all__ = [
     "export_gguf",
@@ -55,6 +55,8 @@ __all__ = [
     "permute_qk_rows",
     "unpermute_qk_rows",
     "FLOAT_TYPES",
+    "check_gguf",
+    "open_gguf",
 ]
 
 logger = logging.getLogger(__name__)
@@ -474,14 +476,20 @@ def gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any
     """
     gguf = require("gguf", "copying GGUF tokenizer metadata")
     VT = gguf.GGUFValueType
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     meta = {}
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
         vtype = field.types[0]
         sub = field.types[1] if vtype == VT.ARRAY else None
-        meta[key] = (field.contents(), vtype, sub)
+        try:
+            meta[key] = (field.contents(), vtype, sub)
+        except Exception as e:  # undecodable strings or arrays of a corrupted file
+            from lowbit.io._files import CheckpointError
+
+            raise CheckpointError(f"{path}: metadata key {key!r} is unreadable (corrupted): "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     if "tokenizer.ggml.model" not in meta:
         raise ValueError(f"{path}: has no tokenizer.ggml.* metadata to copy")
     return meta
@@ -539,8 +547,10 @@ def export_gguf(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    from lowbit.io._files import _temp_path, cleanup_stale, file_checksum_path
+
+    cleanup_stale(file_checksum_path(path))  # leftovers of killed exports (the file's own: in _temp_path)
+    tmp = str(_temp_path(path))
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         _add_model_metadata(w, cfg, gguf_type, name)
@@ -565,7 +575,10 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
+        from lowbit.io._files import replacing_file_with_checksum
+
+        with replacing_file_with_checksum(path, tmp):  # path.lowbit-sha256 always matches the file on disk
+            pass
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -604,7 +617,7 @@ def load_gguf_quant_states(path: Union[str, os.PathLike, Any]) -> dict[str, GGUF
         'Q4_1'
     """
     gguf = require("gguf", "GGUF import")
-    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(str(path))
+    reader = path if isinstance(path, gguf.GGUFReader) else check_gguf(path)
 
     def field(key):
         f = reader.fields.get(key)

@@ -68,9 +68,14 @@ from lowbit.io._files import (
     dedupe_tensors,
     empty_hf_model,
     hf_config_dict,
-    read_hf_tensors,
-    remove_marker,
+    DIR_CHECKSUMS,
+    atomic_directory,
+    check_dir_checksums,
+    read_hf_tensors_with_origin,
+    read_json_object,
+    recover_interrupted,
     set_config_dtype,
+    write_dir_checksums,
     torch_dtype_name,
     write_sharded,
 )
@@ -297,14 +302,22 @@ def _dense_tensors(model: nn.Module, skip: List[str], dense: Dict[str, Any], dty
 
 def _write_hf_dir(directory: Path, tensors: Dict[str, torch.Tensor], config: Dict[str, Any],
                   extra_json: Dict[str, Any], max_shard_size: int, tokenizer) -> Path:
-    """Shards, extra JSON files, tokenizer, then ``config.json`` last (the marker)."""
-    remove_marker(directory / "config.json")
-    write_sharded(directory, tensors, prefix="model", max_shard_size=max_shard_size, metadata={"format": "pt"})
-    for name, obj in extra_json.items():
-        atomic_write_json(directory / name, obj)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    atomic_write_json(directory / "config.json", config)
+    """Shards, extra JSON files, tokenizer, ``config.json``, then the checksum sidecar
+    (:data:`lowbit.io._files.DIR_CHECKSUMS`), all in a temporary sibling directory that replaces
+    ``directory`` atomically (files of other tools already in ``directory`` are kept)."""
+    owned_json = {"config.json", "model.safetensors.index.json", DIR_CHECKSUMS, *extra_json}
+
+    def owned(name: str) -> bool:
+        return name in owned_json or (name.startswith("model") and name.endswith(".safetensors"))
+
+    with atomic_directory(directory, owned=owned) as tmp:
+        write_sharded(tmp, tensors, prefix="model", max_shard_size=max_shard_size, metadata={"format": "pt"})
+        for name, obj in extra_json.items():
+            atomic_write_json(tmp / name, obj)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / "config.json", config)
+        write_dir_checksums(tmp)
     return directory
 
 
@@ -475,31 +488,94 @@ class QuantizedCheckpoint:
         return self.config.get("quantization_config", {})
 
 
+def _open_checkpoint_dir(directory: Path) -> None:
+    """Restore an interrupted replacement, then check the checksum sidecar when lowbit wrote one."""
+    if not directory.is_dir():
+        recover_interrupted(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    check_dir_checksums(directory)
+
+
 def _read_config(directory: Path) -> Dict[str, Any]:
     p = directory / "config.json"
     if not p.is_file():
         raise CheckpointError(f"{directory}: config.json missing (not a Hugging Face checkpoint, or an interrupted "
                               "export)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: unreadable ({e})") from None
+    cfg = read_json_object(p, "config")
+    qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{p}: corrupted config: quantization_config is a {type(qc).__name__}")
+    return cfg
 
 
 def _quant_config(directory: Path, cfg: Dict[str, Any]) -> Dict[str, Any]:
     qc = cfg.get("quantization_config")
+    side = directory / "quantize_config.json"
+    if qc is not None and side.is_file():  # AutoGPTQ-style readers use this copy: it must agree
+        other = read_json_object(side, "quantization config")
+        for key in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "version",
+                    "zero_point"):
+            if key in qc and key in other and qc[key] != other[key]:
+                raise CheckpointError(f"{side}: {key}={other[key]!r} disagrees with config.json's "
+                                      f"quantization_config ({qc[key]!r}): corrupted")
     if qc is None:
         for name in ("quantize_config.json", "quant_config.json"):
             if (directory / name).is_file():
-                qc = json.loads((directory / name).read_text())
+                qc = read_json_object(directory / name, "quantization config")
                 break
     if qc is None:
         raise CheckpointError(f"{directory}: no quantization_config in config.json and no quantize_config.json")
     return qc
 
 
+def _where(origin: Dict[str, Path], directory: Path, *names: str) -> str:
+    """The file holding the first of ``names`` (the single weight file, else the directory)."""
+    for n in names:
+        if n in origin:
+            return str(origin[n])
+    files = set(origin.values())
+    return str(files.pop()) if len(files) == 1 else str(directory)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    if isinstance(e, KeyError) and e.args:
+        return f"missing {e.args[0]!r}"
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def _cfg_int(qc: Dict[str, Any], key: str, where: Path, allowed=None, default=None) -> Optional[int]:
+    v = qc.get(key, default)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or (allowed is not None and v not in allowed):
+        raise CheckpointError(f"{where}: quantization_config {key}={v!r} is not valid")
+    return v
+
+
+def _check_qtensor(origin, directory, name: str, t: torch.Tensor, dtypes, dims: int) -> None:
+    if t.dtype not in dtypes or t.dim() != dims:
+        raise CheckpointError(f"{_where(origin, directory, name)}: tensor {name!r} is {str(t.dtype).replace('torch.', '')} "
+                              f"{list(t.shape)}, expected a {dims}-D "
+                              f"{'/'.join(str(d).replace('torch.', '') for d in dtypes)} tensor")
+
+
+def _check_scale_dtype(origin, directory, name: str, t: torch.Tensor, cfg: Dict[str, Any], extra=()) -> None:
+    want = _config_dtype(cfg)
+    allowed = {d for d in (want, *extra) if d is not None}
+    if not t.is_floating_point() or (allowed and t.dtype not in allowed):
+        raise CheckpointError(f"{_where(origin, directory, name)}: tensor {name!r} is "
+                              f"{str(t.dtype).replace('torch.', '')}, expected "
+                              f"{'/'.join(sorted(str(d).replace('torch.', '') for d in allowed)) or 'a float'}")
+
+
 def read_gptq(directory: PathLike) -> QuantizedCheckpoint:
     """Read a GPTQ checkpoint (v1 or v2, any of 2/3/4/8 bits, act-order or not) without converting to float.
+
+    Everything the format defines is checked (dtypes and shapes of ``qweight``/``qzeros``/``scales``/
+    ``g_idx`` against each other and the config's bits and group size; the sidecar checksums when
+    lowbit wrote the directory); errors name the file and the tensor.
 
     Example::
 
@@ -507,41 +583,76 @@ def read_gptq(directory: PathLike) -> QuantizedCheckpoint:
         >>> ck.weights["model.layers.0.mlp.down_proj"].dequantize().shape  # doctest: +SKIP
     """
     directory = Path(directory)
+    _open_checkpoint_dir(directory)
     cfg = _read_config(directory)
+    cfg_path = directory / "config.json"
     qc = _quant_config(directory, cfg)
     if qc.get("quant_method", "gptq") != "gptq":
-        raise CheckpointError(f"{directory}: quant_method {qc.get('quant_method')!r}, expected 'gptq'")
+        raise CheckpointError(f"{cfg_path}: quant_method {qc.get('quant_method')!r}, expected 'gptq'")
     fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
     if fmt not in ("gptq", "gptq_v2"):
-        raise CheckpointError(f"{directory}: GPTQ format {fmt!r} is not supported (expected 'gptq' or 'gptq_v2')")
-    tensors = read_hf_tensors(directory)
+        raise CheckpointError(f"{cfg_path}: GPTQ format {fmt!r} is not supported (expected 'gptq' or 'gptq_v2')")
+    _cfg_int(qc, "bits", cfg_path, GPTQ_BITS)
+    gs = _cfg_int(qc, "group_size", cfg_path)
+    if gs is not None and gs != -1 and gs <= 0:
+        raise CheckpointError(f"{cfg_path}: quantization_config group_size={gs} is not valid")
+    tensors, origin = read_hf_tensors_with_origin(directory)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     weights: Dict[str, AffineWeight] = {}
     bias: Dict[str, torch.Tensor] = {}
     for n in names:
-        try:
-            qw, qz, sc = tensors.pop(f"{n}.qweight"), tensors.pop(f"{n}.qzeros"), tensors.pop(f"{n}.scales")
-        except KeyError as e:
-            raise CheckpointError(f"{directory}: GPTQ module {n!r} lacks {e.args[0]!r}") from None
+        where = _where(origin, directory, f"{n}.qweight")
+        for part in ("qzeros", "scales"):
+            if f"{n}.{part}" not in tensors:
+                raise CheckpointError(f"{where}: GPTQ module {n!r} lacks tensor '{n}.{part}'")
+        qw, qz, sc = tensors.pop(f"{n}.qweight"), tensors.pop(f"{n}.qzeros"), tensors.pop(f"{n}.scales")
         g_idx = tensors.pop(f"{n}.g_idx", None)
-        gsize = _module_group_size(qc, n)
-        if g_idx is None:
-            bits = _module_bits(qc, n)
-            if bits is None:
-                raise CheckpointError(f"{n}: no g_idx and no bits in the config")
-            in_f = qw.shape[0] * 32 // bits
-            g = in_f if gsize in (None, -1) else gsize
-            g_idx = torch.arange(in_f) // g
         try:
-            w = unpack_gptq(qw, qz, sc, g_idx, checkpoint_format=fmt, group_size=gsize, dtype=sc.dtype)
-        except (CheckpointError, ValueError) as e:
-            raise CheckpointError(f"{directory}: module {n!r}: {e}") from None
+            _check_qtensor(origin, directory, f"{n}.qweight", qw, (torch.int32,), 2)
+            _check_qtensor(origin, directory, f"{n}.qzeros", qz, (torch.int32,), 2)
+            _check_scale_dtype(origin, directory, f"{n}.scales", sc, cfg, (torch.float16,))
+            if sc.dim() != 2:
+                raise CheckpointError(f"{where}: tensor '{n}.scales' has shape {list(sc.shape)}, expected 2-D")
+            gsize = _module_group_size(qc, n)
+            bits = _module_bits(qc, n)
+            if bits is not None and (not isinstance(bits, int) or bits not in GPTQ_BITS):
+                raise CheckpointError(f"{cfg_path}: module {n!r}: bits={bits!r} is not valid for GPTQ")
+            if bits is None and g_idx is None:
+                raise CheckpointError(f"{where}: module {n!r}: no g_idx and no bits in the config")
+            in_f = qw.shape[0] * 32 // bits if bits else g_idx.numel()
+            if g_idx is not None:
+                _check_qtensor(origin, directory, f"{n}.g_idx", g_idx, (torch.int32, torch.int64), 1)
+                if g_idx.numel() != in_f:
+                    raise CheckpointError(f"{where}: tensor '{n}.g_idx' has {g_idx.numel()} entries, qweight holds "
+                                          f"{in_f} input features at {bits} bits")
+            G = sc.shape[0]
+            if gsize not in (None, -1):
+                if not isinstance(gsize, int) or gsize <= 0:
+                    raise CheckpointError(f"{cfg_path}: module {n!r}: group_size={gsize!r} is not valid")
+                want_G = -(-in_f // gsize)
+                if G != want_G:
+                    raise CheckpointError(f"{where}: tensor '{n}.scales' has {G} groups, group_size {gsize} over "
+                                          f"{in_f} inputs gives {want_G}")
+            elif g_idx is None and G != 1:
+                raise CheckpointError(f"{where}: tensor '{n}.scales' has {G} groups for a per-channel config")
+            if g_idx is None:
+                g = in_f if gsize in (None, -1) else gsize
+                g_idx = torch.arange(in_f) // g
+            w = unpack_gptq(qw, qz, sc, g_idx, bits=bits, checkpoint_format=fmt, group_size=gsize, dtype=sc.dtype)
+        except CheckpointError as e:
+            msg = str(e)
+            if msg.startswith(str(directory)):
+                raise
+            raise CheckpointError(f"{where}: module {n!r}: {msg}") from None
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{where}: module {n!r}: {_first_line(e)}") from None
         weights[n] = w
         if f"{n}.bias" in tensors:
             bias[n] = tensors.pop(f"{n}.bias")
     if not weights:
         raise CheckpointError(f"{directory}: no '*.qweight' tensors found")
-    return QuantizedCheckpoint(config=cfg, weights=weights, bias=bias, tensors=tensors, extra={"format": fmt})
+    return QuantizedCheckpoint(config=cfg, weights=weights, bias=bias, tensors=tensors,
+                               extra={"format": fmt, "origin": origin, "directory": directory})
 
 
 def _dynamic_override(qc: Dict[str, Any], name: str) -> Dict[str, Any]:
@@ -563,71 +674,127 @@ def _module_bits(qc: Dict[str, Any], name: str) -> Optional[int]:
 
 
 def read_awq(directory: PathLike) -> QuantizedCheckpoint:
-    """Read an AWQ GEMM checkpoint (4-bit) without converting to float."""
+    """Read an AWQ GEMM checkpoint (4-bit) without converting to float (checked like :func:`read_gptq`)."""
     directory = Path(directory)
+    _open_checkpoint_dir(directory)
     cfg = _read_config(directory)
+    cfg_path = directory / "config.json"
     qc = _quant_config(directory, cfg)
     if qc.get("quant_method", "awq") != "awq":
-        raise CheckpointError(f"{directory}: quant_method {qc.get('quant_method')!r}, expected 'awq'")
+        raise CheckpointError(f"{cfg_path}: quant_method {qc.get('quant_method')!r}, expected 'awq'")
     version = str(qc.get("version", qc.get("format", "gemm"))).lower()
     if version != "gemm":
-        raise CheckpointError(f"{directory}: AWQ version {version!r} is not supported (only 'gemm')")
+        raise CheckpointError(f"{cfg_path}: AWQ version {version!r} is not supported (only 'gemm')")
     bits = qc.get("bits", qc.get("w_bit", 4))
     if bits != 4:
-        raise CheckpointError(f"{directory}: AWQ with {bits} bits; only 4-bit GEMM checkpoints exist")
-    tensors = read_hf_tensors(directory)
+        raise CheckpointError(f"{cfg_path}: AWQ with {bits} bits; only 4-bit GEMM checkpoints exist")
+    gs = _cfg_int(qc, "group_size", cfg_path, default=qc.get("q_group_size"))
+    tensors, origin = read_hf_tensors_with_origin(directory)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     weights, bias = {}, {}
     for n in names:
+        where = _where(origin, directory, f"{n}.qweight")
+        for part in ("qzeros", "scales"):
+            if f"{n}.{part}" not in tensors:
+                raise CheckpointError(f"{where}: AWQ module {n!r} lacks tensor '{n}.{part}'")
         qw, qz, sc = tensors.pop(f"{n}.qweight"), tensors.pop(f"{n}.qzeros"), tensors.pop(f"{n}.scales")
         try:
+            _check_qtensor(origin, directory, f"{n}.qweight", qw, (torch.int32,), 2)
+            _check_qtensor(origin, directory, f"{n}.qzeros", qz, (torch.int32,), 2)
+            _check_scale_dtype(origin, directory, f"{n}.scales", sc, cfg, (torch.float16,))
+            if sc.dim() != 2:
+                raise CheckpointError(f"{where}: tensor '{n}.scales' has shape {list(sc.shape)}, expected 2-D")
+            in_f, G = qw.shape[0], sc.shape[0]
+            if gs not in (None, -1) and (G * gs != in_f):
+                raise CheckpointError(f"{where}: tensor '{n}.scales' has {G} groups, group_size {gs} over "
+                                      f"{in_f} inputs needs {in_f // gs if gs else '?'}")
+            if G == 0 or in_f % G:
+                raise CheckpointError(f"{where}: tensor '{n}.scales' has {G} groups for {in_f} inputs")
             weights[n] = unpack_awq(qw, qz, sc, dtype=sc.dtype)
-        except (CheckpointError, ValueError) as e:
-            raise CheckpointError(f"{directory}: module {n!r}: {e}") from None
+        except CheckpointError as e:
+            if str(e).startswith(str(directory)):
+                raise
+            raise CheckpointError(f"{where}: module {n!r}: {e}") from None
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{where}: module {n!r}: {_first_line(e)}") from None
         if f"{n}.bias" in tensors:
             bias[n] = tensors.pop(f"{n}.bias")
     if not weights:
         raise CheckpointError(f"{directory}: no '*.qweight' tensors found")
-    return QuantizedCheckpoint(config=cfg, weights=weights, bias=bias, tensors=tensors, extra={"format": "awq"})
+    return QuantizedCheckpoint(config=cfg, weights=weights, bias=bias, tensors=tensors,
+                               extra={"format": "awq", "origin": origin, "directory": directory})
 
 
 def build_model(ck: QuantizedCheckpoint, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
                 ) -> nn.Module:
     """A lowbit model from an imported checkpoint: quantized Linears become frozen ``QLinear``s holding the
     exact QuantStates (:meth:`AffineWeight.to_state`), the rest is loaded as stored (cast to ``dtype`` if given).
+
+    Every tensor is checked against the model built from ``config.json`` (name, shape, float dtype
+    against the config's), every parameter must come from the checkpoint; errors name the file.
     """
     from lowbit.nn import QLinear
 
-    model = empty_hf_model(ck.config)
+    origin = ck.extra.get("origin", {})
+    directory = Path(ck.extra.get("directory", "."))
+    cfg_path = directory / "config.json"
+
+    def where(*names: str) -> str:
+        return _where(origin, directory, *names) if origin else str(directory)
+
+    try:
+        model = empty_hf_model(ck.config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    except Exception as e:  # transformers rejecting a damaged config, in any of its ways
+        raise CheckpointError(f"{cfg_path}: cannot build the model from this config (corrupted?): "
+                              f"{_first_line(e)}") from None
     state_dtype = dtype or _config_dtype(ck.config)
+    cfg_dtype = _config_dtype(ck.config)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    for k, v in ck.tensors.items():
+        if k not in expected:
+            raise CheckpointError(f"{where(k)}: tensor {k!r} does not belong to the model built from {cfg_path}")
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{where(k)}: tensor {k!r} has shape {list(v.shape)}, the model expects "
+                                  f"{list(expected[k].shape)}")
+        if v.is_floating_point() != expected[k].is_floating_point() or (
+                v.is_floating_point() and cfg_dtype is not None and v.dtype != cfg_dtype):
+            raise CheckpointError(f"{where(k)}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}, expected "
+                                  f"{str(cfg_dtype or expected[k].dtype).replace('torch.', '')}")
     dense = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in ck.tensors.items()}
-    result = model.load_state_dict(dense, strict=False, assign=True)
-    unexpected = [k for k in result.unexpected_keys]
-    if unexpected:
-        raise CheckpointError(f"checkpoint tensors {unexpected[:5]} do not belong to the model")
+    model.load_state_dict(dense, strict=False, assign=True)
     for name, w in ck.weights.items():
         try:
             lin = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"quantized module {name!r} is not in the model") from None
+            raise CheckpointError(f"{where(name + '.qweight', name + '.weight_packed', name + '.weight')}: "
+                                  f"quantized module {name!r} is not in the model") from None
         if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != w.shape:
-            raise CheckpointError(f"quantized module {name!r}: weight {w.shape} does not fit {lin}")
+            raise CheckpointError(f"{where(name + '.qweight', name + '.weight_packed', name + '.weight')}: "
+                                  f"quantized module {name!r}: weight {w.shape} does not fit {lin}")
         state = w.to_state()
         if state_dtype is not None:
             state.dtype = state_dtype
         q = QLinear.from_quant_state(lin, state)
         if name in ck.bias:
             b = ck.bias[name]
+            if tuple(b.shape) != (lin.out_features,) or not b.is_floating_point():
+                raise CheckpointError(f"{where(name + '.bias')}: tensor '{name}.bias' is {b.dtype} {list(b.shape)}, "
+                                      f"expected a float [{lin.out_features}]")
             q.bias = nn.Parameter(b.to(dtype) if dtype is not None else b, requires_grad=False)
         elif q.bias is not None and q.bias.is_meta:
-            raise CheckpointError(f"quantized module {name!r} has a bias in the model but none in the checkpoint")
+            raise CheckpointError(f"{where(name + '.qweight')}: quantized module {name!r} has a bias in the model "
+                                  "but none in the checkpoint")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise CheckpointError(f"tensors missing from the checkpoint: {left[:5]}")
+        raise CheckpointError(f"{where()}: tensor {left[0]!r} missing from the checkpoint"
+                              + (f" (and {len(left) - 1} more)" if len(left) > 1 else "")
+                              + f"; the model built from {cfg_path} has it")
     return model.to(device).eval()
 
 

@@ -15,16 +15,15 @@ from typing import Any, Dict, Optional
 
 
 def _safetensors_summary(directory: Path) -> Dict[str, Any]:
-    from safetensors import safe_open
+    from lowbit.io._files import read_safetensors_header
 
     dtypes: Counter = Counter()
     n = 0
     for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k)
-                dtypes[str(sl.get_dtype())] += 1
-                n += 1
+        header, _ = read_safetensors_header(f)  # validated: a corrupt file is a one-line error naming it
+        for info in header.values():
+            dtypes[info["dtype"]] += 1
+            n += 1
     return {"tensors": n, "tensor_dtypes": dict(dtypes)}
 
 
@@ -35,8 +34,10 @@ def _dir_size(path: Path) -> int:
 def inspect_gguf(path: Path) -> Dict[str, Any]:
     from lowbit._deps import require
 
-    gguf = require("gguf", "reading GGUF files")
-    reader = gguf.GGUFReader(str(path))
+    from lowbit.io.gguf import check_gguf
+
+    require("gguf", "reading GGUF files")
+    reader = check_gguf(path)
     types: Counter = Counter()
     elems = 0
     nbytes = 0
@@ -45,7 +46,7 @@ def inspect_gguf(path: Path) -> Dict[str, Any]:
         elems += int(t.n_elements)
         nbytes += int(t.n_bytes)
     arch = reader.fields.get("general.architecture")
-    arch_name = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else "?"
+    arch_name = bytes(arch.parts[arch.data[0]]).decode("utf-8", "replace") if arch is not None else "?"
     return {"format": "gguf", "architecture": arch_name, "tensors": len(reader.tensors),
             "tensor_types": dict(types), "bits_per_weight": 8 * nbytes / max(elems, 1),
             "size_mb": path.stat().st_size / 2 ** 20}
@@ -56,17 +57,36 @@ def inspect_checkpoint(path, reference: Optional[str] = None, plot: Optional[str
     error report (and write its PNG to ``plot`` when given)."""
     p = Path(path)
     if not p.exists():
+        from lowbit.io._files import recover_interrupted
+
+        recover_interrupted(p)
+    if not p.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if p.is_file() and p.suffix == ".gguf":
         info = inspect_gguf(p)
     elif p.is_dir():
         from lowbit.io import native
 
-        if native.is_checkpoint(p):
+        from lowbit.io._files import CheckpointError, read_json_object
+
+        if native.has_marker(p):  # a damaged marker is a corrupt checkpoint, never "unquantized"
             info = _inspect_native(p, reference, plot)
         else:
             cfg_file = p / "config.json"
-            qcfg = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.exists() else None
+            if not cfg_file.is_file() and not any(p.glob("*.safetensors")) and not any(p.glob("*.gguf")):
+                raise CheckpointError(f"{p}: no checkpoint here (no lowbit_index.json, config.json, .safetensors "
+                                      "or .gguf file)")
+            qcfg = read_json_object(cfg_file, "config").get("quantization_config") if cfg_file.exists() else None
+            method = qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+            if method in ("gptq", "awq", "compressed-tensors"):  # the reader checks structure and checksums
+                from lowbit.io.compressed_tensors import read_compressed_tensors
+                from lowbit.io.gptq import read_awq, read_gptq
+
+                {"gptq": read_gptq, "awq": read_awq, "compressed-tensors": read_compressed_tensors}[method](p)
+            else:
+                from lowbit.io._files import check_dir_checksums
+
+                check_dir_checksums(p)
             info = {"format": (qcfg or {}).get("quant_method", "unquantized"), "quantization_config": qcfg,
                     **_safetensors_summary(p), "size_mb": _dir_size(p) / 2 ** 20}
             ggufs = sorted(p.glob("*.gguf"))
@@ -79,31 +99,30 @@ def inspect_checkpoint(path, reference: Optional[str] = None, plot: Optional[str
 
 
 def _inspect_native(p: Path, reference: Optional[str], plot: Optional[str]) -> Dict[str, Any]:
-    from lowbit.io.native import load
-    from lowbit.nn.base import QModuleMixin
-
-    model = load(p)
     schemes: Counter = Counter()
     layers = []
     qbytes = qelems = 0
-    for name, m in model.named_modules():
-        if isinstance(m, QModuleMixin):
-            for pname, st in m.quant_states().items():
-                schemes[st.scheme] += 1
-                qbytes += st.nbytes
-                qelems += st.numel
-                layers.append({"layer": f"{name}.{pname}", "scheme": st.scheme, "shape": list(st.shape),
-                               "bits_per_weight": round(st.bits_per_element, 4)})
+    for lname, st in native_quant_states(p).items():
+        schemes[st.scheme] += 1
+        qbytes += st.nbytes
+        qelems += st.numel
+        layers.append({"layer": lname, "scheme": st.scheme, "shape": list(st.shape),
+                       "bits_per_weight": round(st.bits_per_element, 4)})
     run = p / "lowbit_run.json"
     info: Dict[str, Any] = {"format": "lowbit-native", "schemes": dict(schemes), "quantized_layers": len(layers),
                             "bits_per_weight": 8 * qbytes / max(qelems, 1), "size_mb": _dir_size(p) / 2 ** 20,
                             "layers": layers}
     if run.exists():
-        meta = json.loads(run.read_text())
+        from lowbit.io._files import read_json_object
+
+        meta = read_json_object(run, "run record")
         info["method"] = meta.get("method")
         info["quality_gate"] = meta.get("quality_gate")
     if reference:
         from lowbit.eval.layer_report import layer_error_report, plot_layer_report
+        from lowbit.io.native import load
+
+        model = load(p)
         from lowbit.model.loading import load_model
 
         ref, tok = load_model(reference)
@@ -118,6 +137,37 @@ def _inspect_native(p: Path, reference: Optional[str], plot: Optional[str]) -> D
             plot_layer_report(rows, plot)
             info["plot"] = plot
     return info
+
+
+def native_quant_states(p: Path):
+    """``{"<module>.<param>": QuantState}`` of a native checkpoint, read from its quantization map and
+    tensors without building the model (so checkpoints of any ``nn.Module`` can be inspected).
+    Everything :func:`lowbit.io.native.load` checks on the files is checked (index, sizes, sha256)."""
+    from lowbit.io import native
+    from lowbit.io._files import CheckpointError
+    from lowbit.tensor.state import QuantState
+
+    index = native.read_index(p)
+    native._check_files(p, index, True)
+    qmap = native.read_quantization_map(p)
+    if not index["tensors"]:
+        raise CheckpointError(f"{p / native.INDEX}: the index lists no tensor: corrupted checkpoint")
+    tensors = native._read_tensors(p, index)
+    out = {}
+    for mod in sorted(qmap):
+        prefix = f"{mod}." if mod else ""
+        params = sorted({k[len(prefix):-len(".meta")] for k in tensors
+                         if k.startswith(prefix) and k.endswith(".meta") and "." not in k[len(prefix):-len(".meta")]})
+        for param in params:
+            key = f"{prefix}{param}"
+            sub = {k: v for k, v in tensors.items() if k.startswith(key + ".")}
+            try:
+                out[key] = QuantState.from_state_dict(sub, key + ".")
+            except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                f = index["tensors"].get(key + ".meta", {}).get("file", native.INDEX)
+                raise CheckpointError(f"{p / f}: quantized tensor {key!r}: {msg}") from None
+    return out
 
 
 def _render(info: Dict[str, Any]) -> str:

@@ -13,14 +13,17 @@ A checkpoint directory holds:
   which class, with which constructor arguments.
 * ``config.json`` (the Hugging Face config, when the model has one) or ``lowbit_model_config.json``
   (the ``config=`` dict given to :func:`save`, for non-HF models rebuilt by a ``model_factory``).
-* ``lowbit_index.json``: the marker, written last. It lists every tensor (file, dtype, shape) and
-  every file (size, sha256). :func:`save` deletes it before writing anything else, and each file is
-  written to a temporary name and renamed, so an interrupted save leaves a directory without a
-  marker, which :func:`load` refuses.
+* ``lowbit_index.json``: the marker, written last. It lists every tensor (file, dtype, shape,
+  sha256 of its bytes) and every file (size, sha256), and carries its own digest (``index_sha256``).
 
-:func:`load` checks the marker, the size and sha256 of every file (truncation, corruption), every
-tensor's dtype and shape against the index, and the quantization map against the tensors and the
-model, naming the offending file, tensor or module.
+:func:`save` writes the checkpoint into a temporary sibling directory and swaps it with the target
+atomically (:func:`lowbit.io._files.atomic_directory`): a save killed at any moment leaves the
+target absent, the previous checkpoint intact, or the complete new one; other files in the directory
+(a tokenizer, exports) are kept. :func:`load` checks the index (and its digest), the size and sha256
+of every file (a mismatch is traced to the corrupted tensor through the per-tensor digests), every
+tensor's dtype and shape against the index, the quantization map (its version: a newer one is
+refused) against the tensors and the model, naming the offending file, tensor or module.
+Checkpoints written before the per-tensor and index digests existed load as before.
 
 Example::
 
@@ -42,18 +45,22 @@ from lowbit.io._files import (
     DEFAULT_MAX_SHARD_SIZE,
     CheckpointError,
     PathLike,
+    atomic_directory,
     atomic_write_json,
     dedupe_tensors,
     empty_hf_model,
     hf_config_dict,
+    read_json_object,
     read_safetensors,
-    read_safetensors_metadata,
-    remove_marker,
+    read_safetensors_header,
+    recover_interrupted,
+    sha256_bytes,
     sha256_file,
+    tensor_sha256,
     write_sharded,
 )
 
-__all__ = ["save", "load", "is_checkpoint", "read_index", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "load", "is_checkpoint", "has_marker", "read_index", "read_quantization_map", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +103,7 @@ def save(model: nn.Module, directory: PathLike, config: Optional[Mapping[str, An
 
     Args:
         model: any ``nn.Module``; Hugging Face models get their ``config.json`` saved.
-        directory: created if needed; other files in it are left alone.
+        directory: created if needed, replaced atomically; other files in it are kept.
         config: JSON-able description of a non-HF model, handed back to ``model_factory`` by
             :func:`load` (ignored for HF models unless given explicitly).
         max_shard_size: bytes per safetensors shard.
@@ -114,7 +121,6 @@ def save(model: nn.Module, directory: PathLike, config: Optional[Mapping[str, An
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     qmap = quantization_map(model)
     hf_cfg = hf_config_dict(model)
     if config is not None:
@@ -126,39 +132,62 @@ def save(model: nn.Module, directory: PathLike, config: Optional[Mapping[str, An
     sd = dict(model.state_dict())
     buffers = {k: v for k, v in _nonpersistent_buffers(model).items() if k not in sd}
     tensors, aliases = dedupe_tensors({**sd, **buffers})
-
-    remove_marker(directory / INDEX)  # from here on the directory is not a valid checkpoint
-    weight_map = write_sharded(directory, tensors, prefix=SHARD_PREFIX, max_shard_size=max_shard_size,
-                               metadata={"format": "pt", "producer": FORMAT_NAME}, hf_index=False)
-    files = sorted(set(weight_map.values()))
-    atomic_write_json(directory / QMAP, {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                                         "quantization_map": qmap})
-    files.append(QMAP)
-    if hf_cfg is not None and config is None:
-        atomic_write_json(directory / HF_CONFIG, hf_cfg)
-        files.append(HF_CONFIG)
-        model_config = HF_CONFIG
-    elif config is not None:
-        atomic_write_json(directory / USER_CONFIG, dict(config))
-        files.append(USER_CONFIG)
-        model_config = USER_CONFIG
-    else:
-        model_config = None
     import lowbit
 
-    index = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "lowbit_version": lowbit.__version__,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "model_config": model_config,
-        "tensors": {k: {"file": weight_map[k], "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
-                        "buffer": k in buffers} for k, t in tensors.items()},
-        "aliases": aliases,
-        "files": {f: {"size": (directory / f).stat().st_size, "sha256": sha256_file(directory / f)} for f in files},
-    }
-    atomic_write_json(directory / INDEX, index)  # the marker: written last
+    with atomic_directory(directory, owned=_owned_names(directory)) as tmp:
+        weight_map = write_sharded(tmp, tensors, prefix=SHARD_PREFIX, max_shard_size=max_shard_size,
+                                   metadata={"format": "pt", "producer": FORMAT_NAME}, hf_index=False)
+        files = sorted(set(weight_map.values()))
+        atomic_write_json(tmp / QMAP, {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                                       "quantization_map": qmap})
+        files.append(QMAP)
+        if hf_cfg is not None and config is None:
+            atomic_write_json(tmp / HF_CONFIG, hf_cfg)
+            files.append(HF_CONFIG)
+            model_config = HF_CONFIG
+        elif config is not None:
+            atomic_write_json(tmp / USER_CONFIG, dict(config))
+            files.append(USER_CONFIG)
+            model_config = USER_CONFIG
+        else:
+            model_config = None
+        index = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "lowbit_version": lowbit.__version__,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "model_config": model_config,
+            "tensors": {k: {"file": weight_map[k], "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
+                            "buffer": k in buffers, "sha256": tensor_sha256(t)} for k, t in tensors.items()},
+            "aliases": aliases,
+            "files": {f: {"size": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files},
+        }
+        index["index_sha256"] = _index_digest(index)
+        atomic_write_json(tmp / INDEX, index)  # the marker: written last
     return directory
+
+
+def _index_digest(index: Mapping[str, Any]) -> str:
+    """sha256 of the index without its own digest (canonical JSON), so that a damaged index is detected."""
+    body = {k: v for k, v in index.items() if k != "index_sha256"}
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _owned_names(directory: Path):
+    """Names in an existing checkpoint directory that belong to the checkpoint (replaced, not carried over)."""
+    listed = set()
+    p = Path(directory) / INDEX
+    if p.is_file():
+        try:
+            listed = set(json.loads(p.read_text()).get("files", {}))
+        except (OSError, ValueError, AttributeError, TypeError):
+            listed = set()
+
+    def owned(name: str) -> bool:
+        return (name in (INDEX, QMAP, USER_CONFIG) or name in listed
+                or (name.startswith(SHARD_PREFIX) and name.endswith(".safetensors")))
+
+    return owned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,32 +201,116 @@ def is_checkpoint(directory: PathLike) -> bool:
         return False
     try:
         return json.loads(p.read_text()).get("format") == FORMAT_NAME
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         return False
 
 
+def has_marker(directory: PathLike) -> bool:
+    """True when ``directory`` holds a native checkpoint marker, readable or not (then it is corrupt)."""
+    return (Path(directory) / INDEX).is_file()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_index(directory: PathLike) -> Dict[str, Any]:
-    """The parsed marker (``lowbit_index.json``) of a checkpoint; raises :class:`CheckpointError` if absent."""
+    """The parsed marker (``lowbit_index.json``) of a checkpoint; raises :class:`CheckpointError` if absent.
+
+    The index is validated: its own digest (checkpoints written since lowbit 0.x carry one), the
+    format version, and the type of every entry, so a damaged index is reported, never half used.
+    """
     directory = Path(directory)
     p = directory / INDEX
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
+        if recover_interrupted(directory) is None:
+            raise CheckpointError(f"{directory}: not a directory")
     if not p.is_file():
         raise CheckpointError(f"{directory} is not a complete lowbit checkpoint: {INDEX} is missing "
                               "(the save was interrupted, or this is not a lowbit native checkpoint)")
-    try:
-        index = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: corrupted marker ({e})") from None
+    index = read_json_object(p, "checkpoint index")
     if index.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{p}: format {index.get('format')!r}, expected {FORMAT_NAME!r}")
-    if int(index.get("version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: format version {index['version']} is newer than this lowbit "
-                              f"({FORMAT_VERSION}); upgrade lowbit")
+        raise CheckpointError(f"{p}: format {index.get('format')!r}, expected {FORMAT_NAME!r} (corrupted index?)")
+    version = index.get("version", 0)
+    if not _is_int(version):
+        raise CheckpointError(f"{p}: corrupted index: version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: format version {version} was written by a newer lowbit "
+                              f"(this one reads up to {FORMAT_VERSION}); upgrade lowbit")
+    if "index_sha256" in index and index["index_sha256"] != _index_digest(index):
+        raise CheckpointError(f"{p}: the index does not match its own checksum: corrupted index")
     for key in ("tensors", "files"):
         if not isinstance(index.get(key), dict):
-            raise CheckpointError(f"{p}: corrupted marker (no {key!r} table)")
+            raise CheckpointError(f"{p}: corrupted index (no {key!r} table)")
+    for fname, info in index["files"].items():
+        if (not isinstance(info, dict) or not _is_int(info.get("size")) or not isinstance(info.get("sha256"), str)
+                or "/" in fname or "\\" in fname or fname in ("", ".", "..")):
+            raise CheckpointError(f"{p}: corrupted index: entry of file {fname!r}")
+    for name, info in index["tensors"].items():
+        if (not isinstance(info, dict) or not isinstance(info.get("file"), str) or not isinstance(info.get("dtype"), str)
+                or not isinstance(info.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in info["shape"])
+                or ("sha256" in info and not isinstance(info["sha256"], str))):
+            raise CheckpointError(f"{p}: corrupted index: entry of tensor {name!r}")
+        if info["file"] not in index["files"]:
+            raise CheckpointError(f"{p}: tensor {name!r} is in {info['file']!r}, which is not a listed file")
+    aliases = index.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CheckpointError(f"{p}: corrupted index (aliases)")
+    cfg = index.get("model_config")
+    if cfg is not None and cfg not in index["files"]:
+        raise CheckpointError(f"{p}: model_config {cfg!r} is not a listed file (corrupted index)")
+    if not index["tensors"] and not index.get("aliases") and index["files"]:
+        shards = [f for f in index["files"] if f.endswith(".safetensors")]
+        if shards:
+            raise CheckpointError(f"{p}: corrupted index: it lists no tensor but the files {shards}")
     return index
+
+
+def _diagnose(path: Path, fname: str, index: Dict[str, Any]) -> str:
+    """Why a file's sha256 does not match: which tensor's bytes changed (per-tensor digests), or the header."""
+    names = [k for k, info in index["tensors"].items() if info["file"] == fname and "sha256" in info]
+    if not fname.endswith(".safetensors") or not names:
+        return ""
+    named = _header_vs_index(path, fname, index)
+    if named:
+        return named
+    header, start = read_safetensors_header(path)
+    bad = []
+    with open(path, "rb") as f:
+        for k in names:
+            h = header.get(k)
+            if h is None:
+                return f" (tensor {k!r} missing from the header)"
+            a, b = h["data_offsets"]
+            f.seek(start + a)
+            if sha256_bytes(f.read(b - a)) != index["tensors"][k]["sha256"]:
+                bad.append(k)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return f": tensor {bad[0]!r}{more} corrupted (per-tensor sha256 mismatch)"
+    return " (the tensor data is intact: the header is corrupted)"
+
+
+def _header_vs_index(path: Path, fname: str, index: Dict[str, Any]) -> str:
+    """The first tensor whose header entry disagrees with the index (missing, extra, dtype, shape), or ""."""
+    if not fname.endswith(".safetensors"):
+        return ""
+    try:
+        header, _ = read_safetensors_header(path)
+    except CheckpointError as e:
+        return f" ({str(e)[len(str(path)) + 2:]})"
+    listed = {k: info for k, info in index["tensors"].items() if info["file"] == fname}
+    for k, info in listed.items():
+        h = header.get(k)
+        if h is None:
+            return f": tensor {k!r} missing"
+        got_dt = _dtype_name(_DTYPES[h["dtype"]]) if h["dtype"] in _DTYPES else h["dtype"]
+        if got_dt != info["dtype"] or list(h["shape"]) != list(info["shape"]):
+            return f": tensor {k!r} is {got_dt} {h['shape']}, the index says {info['dtype']} {info['shape']}"
+    extra = sorted(set(header) - set(listed))
+    if extra:
+        return f": tensor {extra[0]!r} is not listed in {INDEX}"
+    return ""
 
 
 def _check_files(directory: Path, index: Dict[str, Any], verify_hash: bool) -> None:
@@ -207,16 +320,37 @@ def _check_files(directory: Path, index: Dict[str, Any], verify_hash: bool) -> N
             raise CheckpointError(f"{f}: listed in {INDEX} but missing")
         size = f.stat().st_size
         if size != info["size"]:
-            raise CheckpointError(f"{f}: {size} bytes, expected {info['size']} (truncated or overwritten)")
+            raise CheckpointError(f"{f}: {size} bytes, expected {info['size']} (truncated or overwritten)"
+                                  f"{_header_vs_index(f, fname, index)}")
         if verify_hash and sha256_file(f) != info["sha256"]:
-            raise CheckpointError(f"{f}: sha256 mismatch, the file is corrupted")
+            raise CheckpointError(f"{f}: sha256 mismatch, the file is corrupted{_diagnose(f, fname, index)}")
 
 
 def _read_json(directory: Path, name: str) -> Any:
-    try:
-        return json.loads((directory / name).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory / name}: unreadable ({e})") from None
+    return read_json_object(directory / name)
+
+
+def read_quantization_map(directory: PathLike) -> Dict[str, Any]:
+    """The quantization map of a checkpoint (version checked: a newer one is refused with a clear error)."""
+    path = Path(directory) / QMAP
+    qdoc = read_json_object(path, "quantization map")
+    if "quantization_map" not in qdoc:
+        raise CheckpointError(f"{path}: no 'quantization_map'")
+    version = qdoc.get("version", FORMAT_VERSION)
+    if not _is_int(version):
+        raise CheckpointError(f"{path}: corrupted quantization map: version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: quantization_map version {version} was written by a newer lowbit "
+                              f"(this one reads up to {FORMAT_VERSION}); upgrade lowbit")
+    if qdoc.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise CheckpointError(f"{path}: format {qdoc.get('format')!r}, expected {FORMAT_NAME!r}")
+    qmap = qdoc["quantization_map"]
+    if not isinstance(qmap, dict):
+        raise CheckpointError(f"{path}: quantization_map must be an object, got {type(qmap).__name__}")
+    for name, entry in qmap.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{path}: module {name!r}: corrupted entry ({type(entry).__name__})")
+    return qmap
 
 
 def _read_tensors(directory: Path, index: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -225,15 +359,16 @@ def _read_tensors(directory: Path, index: Dict[str, Any]) -> Dict[str, torch.Ten
         by_file.setdefault(info["file"], []).append(name)
     out: Dict[str, torch.Tensor] = {}
     for fname, names in by_file.items():
-        if fname not in index["files"]:
-            raise CheckpointError(f"{INDEX}: tensor {names[0]!r} is in {fname!r}, which is not a listed file")
         path = directory / fname
-        header = read_safetensors_metadata(path)
+        header, _ = read_safetensors_header(path)
+        extra = sorted(set(header) - set(names))
+        if extra:
+            raise CheckpointError(f"{path}: tensor {extra[0]!r} is not listed in {INDEX}")
         for name in names:
             info = index["tensors"][name]
             if name not in header:
                 raise CheckpointError(f"{path}: tensor {name!r} missing")
-            dt, shape = header[name]
+            dt, shape = header[name]["dtype"], header[name]["shape"]
             want_dt = info["dtype"]
             got_dt = _dtype_name(_DTYPES[dt]) if dt in _DTYPES else dt
             if got_dt != want_dt or list(shape) != list(info["shape"]):
@@ -268,8 +403,9 @@ def _validate_map(model: nn.Module, qmap: Mapping[str, Any], tensors: Mapping[st
             sub = {k: v for k, v in tensors.items() if k.startswith(key + ".")}
             try:
                 state = QuantState.from_state_dict(sub, key + ".")
-            except (KeyError, ValueError) as e:
-                raise CheckpointError(f"quantized tensor {key!r}: {e}") from None
+            except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"quantized tensor {key!r}: {msg}") from None
             expected = None
             if hasattr(mod, "param_shape") and p in getattr(mod, "quantized_param_names", lambda: ())():
                 expected = tuple(mod.param_shape(p))
@@ -280,8 +416,10 @@ def _validate_map(model: nn.Module, qmap: Mapping[str, Any], tensors: Mapping[st
                     if isinstance(mod, nn.Conv2d):
                         expected = (expected[0], int(torch.tensor(expected[1:]).prod()))
             if expected is not None and tuple(state.shape) != expected:
-                raise CheckpointError(f"quantized tensor {key!r} has shape {tuple(state.shape)}, but module "
+                err = CheckpointError(f"quantized tensor {key!r} has shape {tuple(state.shape)}, but module "
                                       f"{name!r} expects {expected}")
+                err.tensor = key + ".meta"
+                raise err
 
 
 def load(directory: PathLike, model_factory: Optional[Callable[..., nn.Module]] = None, *,
@@ -315,17 +453,21 @@ def load(directory: PathLike, model_factory: Optional[Callable[..., nn.Module]] 
     directory = Path(directory)
     index = read_index(directory)
     _check_files(directory, index, verify)
-    qdoc = _read_json(directory, QMAP)
-    if not isinstance(qdoc, dict) or "quantization_map" not in qdoc:
-        raise CheckpointError(f"{directory / QMAP}: no 'quantization_map'")
-    qmap = qdoc["quantization_map"]
+    qmap = read_quantization_map(directory)
     cfg_file = index.get("model_config")
     cfg = _read_json(directory, cfg_file) if cfg_file else None
 
     if model_factory is not None:
         model = _call_factory(model_factory, cfg)
     elif cfg_file == HF_CONFIG:
-        model = empty_hf_model(cfg)
+        try:
+            model = empty_hf_model(cfg)
+        except CheckpointError as e:
+            raise CheckpointError(f"{directory / HF_CONFIG}: {e}") from None
+        except Exception as e:  # transformers rejecting a damaged config, in any of its ways
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{directory / HF_CONFIG}: cannot build the model from this config "
+                                  f"(corrupted?): {msg[:300]}") from None
     else:
         raise CheckpointError(f"{directory}: the checkpoint has no Hugging Face config.json; pass "
                               "model_factory= to build the model (it was saved from "
@@ -342,11 +484,22 @@ def load(directory: PathLike, model_factory: Optional[Callable[..., nn.Module]] 
         tensors[alias] = tensors[target]
     buffers = {k: tensors.pop(k) for k in list(tensors) if k in buffer_names}
 
-    _validate_map(model, qmap, tensors)
+    qpath = directory / QMAP
+    try:
+        _validate_map(model, qmap, tensors)
+    except CheckpointError as e:
+        msg = str(e)
+        if msg.startswith(QMAP + ": "):
+            msg = msg[len(QMAP) + 2:]
+        tensor = getattr(e, "tensor", None)
+        where = directory / index["tensors"][tensor]["file"] if tensor in index["tensors"] else qpath
+        raise CheckpointError(f"{where}: {msg}") from None
+    _check_float_shapes(directory, index, model, qmap, tensors)
     try:
         model = requantize(model, tensors, qmap, device=device, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{directory}: the tensors do not match the model: {e}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{directory}: the tensors do not match the model: {msg}") from None
     for name, t in buffers.items():
         mod_name, _, bname = name.rpartition(".")
         try:
@@ -356,6 +509,22 @@ def load(directory: PathLike, model_factory: Optional[Callable[..., nn.Module]] 
         mod._buffers[bname] = t.to(device)
     _retie(model, aliases)
     return model.eval()
+
+
+def _check_float_shapes(directory: Path, index: Mapping[str, Any], model: nn.Module, qmap: Mapping[str, Any],
+                        tensors: Mapping[str, torch.Tensor]) -> None:
+    """Tensors of unquantized modules must have the model's shapes (named with their file, never a
+    multi-line ``load_state_dict`` error)."""
+    quantized = sorted(qmap, key=len, reverse=True)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    for k, t in tensors.items():
+        if any(k.startswith(q + ".") or not q for q in quantized):
+            continue
+        shape = expected.get(k)
+        if shape is not None and tuple(t.shape) != shape:
+            f = index["tensors"].get(k, {}).get("file", "?")
+            raise CheckpointError(f"{directory / f}: tensor {k!r} has shape {tuple(t.shape)}, but the model "
+                                  f"expects {shape}")
 
 
 def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:

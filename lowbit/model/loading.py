@@ -220,6 +220,9 @@ def _convert_gguf(directory: Path, filename: str, progress: bool = True):
     """Dequantize a GGUF file through transformers and rebuild it as a plain float32 model."""
     tf = require("transformers", "loading GGUF files")
     require("gguf", "loading GGUF files")
+    from lowbit.model.file_checks import check_gguf
+
+    check_gguf(directory / filename)  # a damaged file is refused, naming the tensor, not half-converted
     logger.info("converting %s to a float model (this takes a minute or two)", directory / filename)
     src = tf.AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=filename,
                                                   **_dtype_kwargs(torch.float32))
