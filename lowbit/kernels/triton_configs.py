@@ -49,3 +49,22 @@ def config_scaled(kind: str, M: int) -> Tuple[int, ...]:
     if M <= 64:
         return TUNED.get((kind, "small"), DEFAULT_SCALED_SMALL[kind])
     return TUNED.get((kind, "large"), DEFAULT_SCALED[kind])
+
+
+# Fused low-bit GEMV (lowbit/kernels/triton/gemv.py), M <= 4: (BN, BK, split_k, num_warps, num_stages).
+# BK is capped by the largest power of two dividing the scale group. Keyed by (bits, "codebook" | "int"),
+# then by the first (N, K) bucket that holds the shape (N <= n and K <= k); a missing key uses the default.
+DEFAULT_GEMV: Tuple[int, ...] = (32, 128, 4, 4, 2)
+TUNED_GEMV: Dict[tuple, list] = {}
+
+
+def config_gemv(bits: int, kind: int, M: int, N: int, K: int) -> Tuple[int, ...]:
+    """GEMV launch config for a weight of ``bits`` and kernel ``kind`` at ``M`` rows of ``[N, K]``."""
+    rows = TUNED_GEMV.get((bits, "codebook" if kind == 0 else "int"))
+    if rows:
+        for n_max, k_max, m_max, cfg in rows:
+            if N <= n_max and K <= k_max and M <= m_max:
+                return tuple(cfg)
+    if N * K <= 4096 * 4096 // 4:  # small weights: fewer rows per program, less split
+        return (16, 128, 2, 4, 2)
+    return DEFAULT_GEMV
