@@ -72,6 +72,8 @@ def _cached(state: QuantState, key: str):
     if entry is None:
         return None
     ptr, version, value = entry
+    if torch.compiler.is_compiling():  # traced: layouts are prepared eagerly first (no pointer checks in graphs)
+        return value
     if ptr != state.data.data_ptr() or version != state.data._version:
         return None
     return value

@@ -60,6 +60,8 @@ def _cached(state: QuantState, key):
     if entry is None:
         return None
     ptr, version, value = entry
+    if torch.compiler.is_compiling():  # traced: layouts are prepared eagerly first (no pointer checks in graphs)
+        return value
     if ptr != state.data.data_ptr() or version != state.data._version:
         return None
     return value
@@ -110,10 +112,23 @@ def _release(n: int) -> None:
         _cached_bytes[0] -= n
 
 
+def dequantize_state(state: QuantState) -> torch.Tensor:
+    """``lowbit.dequantize(state)``, double-quantized scales decoded with the state's own stored code
+    (the same computation as :func:`lowbit.nn.functional.dequantize_state`)."""
+    from lowbit.tensor.functional import dequantize
+
+    n = state.nested
+    if n is not None and n.code is not None and n.layout == "block":
+        from lowbit.formats.codebook import dequantize_blockwise
+
+        base = dequantize_blockwise(n.data, n.scales, n.code, n.block_size, torch.float32)
+        scales = base + torch.tensor(state.offset, dtype=torch.float32, device=base.device)
+        state = dataclasses.replace(state, scales=scales.reshape(n.shape), nested=None, offset=None)
+    return dequantize(state)
+
+
 def _dense(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """``lowbit.dequantize(state)`` in ``dtype``: from the cache when it fits the budget."""
-    from lowbit.nn.functional import dequantize_state
-
     key = ("dense", dtype)
     w = _cached(state, key)
     if w is not None:
@@ -350,12 +365,8 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
             x2 = x2.contiguous()
         cfg = config_gemv(p.bits, p.kind, M, p.n, p.k)
         cfg = (cfg[0], min(cfg[1], _pow2_divisor(p.group)), *cfg[2:])
-        if torch.compiler.is_compiling():
-            y = torch.ops.lowbit.gemv_lowbit(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits,
-                                             p.group, p.kind, p.zero, list(cfg))
-        else:
-            y = gv.gemv(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits, p.group, p.kind, p.zero,
-                        cfg, p.launch_cache)
+        y = gv.gemv(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits, p.group, p.kind, p.zero,
+                    cfg, p.launch_cache)
         return y.reshape(*x.shape[:-1], p.n)
     if p.p4 is not None:
         from lowbit.kernels import api
@@ -365,7 +376,7 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
 
 
 def _cuda_linear(x: torch.Tensor, state: QuantState, bias, act: Optional[str]) -> torch.Tensor:
-    from lowbit.kernels import api
+    from lowbit.kernels import api, ops  # noqa: F401  (ops registers torch.ops.lowbit.*)
 
     if act == "int8":
         w = _cuda_int8_weights(state)
@@ -380,12 +391,36 @@ def _cuda_linear(x: torch.Tensor, state: QuantState, bias, act: Optional[str]) -
     if p is not None:
         return prepared_linear(x, p, bias)
     if state.layout == "gguf" or state.nested is not None:
-        from lowbit.nn.functional import dequantize_state
-
         w = dequantize_state(state).to(x.dtype)
     else:
         w = api.dequantize(state, x.dtype)
     return F.linear(x, w, bias)
+
+
+def _cuda_linear_traced(x: torch.Tensor, state: QuantState, bias, act: Optional[str]):
+    """Under ``torch.compile``: custom ops on layouts prepared before tracing (eager warm-up or :func:`prepare`)."""
+    from lowbit.kernels import ops  # noqa: F401  (registers torch.ops.lowbit.*)
+
+    if act is not None:
+        return _cuda_linear(x, state, bias, act)  # lowbit.kernels.api routes through torch.ops.lowbit
+    p = _cached(state, "linear")
+    if p is None or p is _NOT_APPLICABLE:
+        return None
+    x2 = x.reshape(-1, p.k)
+    M = x2.shape[0]
+    if M <= 4 and _pow2_divisor(p.group) >= 32 // p.bits:
+        from lowbit.kernels.triton_configs import config_gemv
+
+        cfg = config_gemv(p.bits, p.kind, M, p.n, p.k)
+        cfg = [cfg[0], min(cfg[1], _pow2_divisor(p.group)), *cfg[2:]]
+        y = torch.ops.lowbit.gemv_lowbit(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits, p.group,
+                                         p.kind, p.zero, cfg)
+    elif p.p4 is not None:
+        q = p.p4
+        y = torch.ops.lowbit.gemm_4bit(x2, q.qweight, q.scales, q.zeros, q.values, bias, q.group, q.kind)
+    else:
+        y = F.linear(x2, p.dequantize(x.dtype), bias)
+    return y.reshape(*x.shape[:-1], p.n)
 
 
 def _cuda_int8_weights(state: QuantState):
@@ -421,7 +456,11 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
     if x.is_cuda:
         if x.dtype not in _HALF or select.get_backend("gemm_4bit") == "reference":
             return None
+        if torch.compiler.is_compiling():
+            return _cuda_linear_traced(x, state, bias, act)
         return _cuda_linear(x, state, bias, act)
+    if torch.compiler.is_compiling():
+        return None  # CPU graphs trace the reference ops
     if x.device.type != "cpu" or select.get_backend("gemm_4bit") not in ("auto", "reference") :
         return None
     if act == "int8":
