@@ -62,15 +62,24 @@ def _cached(state: QuantState, key):
     ptr, version, value = entry
     if torch.compiler.is_compiling():  # traced: layouts are prepared eagerly first (no pointer checks in graphs)
         return value
-    if ptr != state.data.data_ptr() or version != state.data._version:
+    if ptr != state.data.data_ptr() or version != _versions(state):
         return None
     return value
 
 
 def _store(state: QuantState, key, value):
     cache = state.__dict__.setdefault(_CACHE_ATTR, {})
-    cache[key] = (state.data.data_ptr(), state.data._version, value)
+    cache[key] = (state.data.data_ptr(), _versions(state), value)
     return value
+
+
+def _versions(state: QuantState) -> tuple:
+    """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts)."""
+    v = tuple(-1 if t is None else t._version for t in (state.data, state.scales, state.zeros))
+    n = state.nested
+    if n is not None:
+        v = v + (n.data._version, -1 if n.scales is None else n.scales._version, state.offset)
+    return v
 
 
 _NOT_APPLICABLE = object()
@@ -259,10 +268,7 @@ class PreparedLinear:
         """The weight from this layout (plain torch), equal to ``lowbit.dequantize`` up to float rounding."""
         N, K, b = self.n, self.k, self.bits
         per = 32 // b
-        if b == 4:
-            sh = torch.tensor([4, 0, 12, 8, 20, 16, 28, 24], device=self.words.device, dtype=torch.int32)
-        else:
-            sh = torch.arange(per, device=self.words.device, dtype=torch.int32) * 8
+        sh = _shifts(b, str(self.words.device))
         q = ((self.words.unsqueeze(-1) >> sh) & ((1 << b) - 1)).reshape(N, K // self.group, self.group)
         s = self.scales.reshape(N, -1, 1)
         if self.kind == 0:
@@ -274,6 +280,12 @@ class PreparedLinear:
         else:
             w = q.float() * s + self.zeros.reshape(N, -1, 1)
         return w.reshape(N, K).to(dtype)
+
+
+@lru_cache(maxsize=None)
+def _shifts(bits: int, device: str) -> torch.Tensor:
+    vals = [4, 0, 12, 8, 20, 16, 28, 24] if bits == 4 else [0, 8, 16, 24]
+    return torch.tensor(vals, dtype=torch.int32).to(device)
 
 
 def _words(data: torch.Tensor, n: int, k: int, bits: int) -> Optional[torch.Tensor]:
@@ -363,7 +375,7 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
 
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        cfg = config_gemv(p.bits, p.kind, M, p.n, p.k)
+        cfg = config_gemv(p.bits, p.kind, M, p.n, p.k, p.group)
         cfg = (cfg[0], min(cfg[1], _pow2_divisor(p.group)), *cfg[2:])
         y = gv.gemv(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits, p.group, p.kind, p.zero,
                     cfg, p.launch_cache)
@@ -411,7 +423,7 @@ def _cuda_linear_traced(x: torch.Tensor, state: QuantState, bias, act: Optional[
     if M <= 4 and _pow2_divisor(p.group) >= 32 // p.bits:
         from lowbit.kernels.triton_configs import config_gemv
 
-        cfg = config_gemv(p.bits, p.kind, M, p.n, p.k)
+        cfg = config_gemv(p.bits, p.kind, M, p.n, p.k, p.group)
         cfg = [cfg[0], min(cfg[1], _pow2_divisor(p.group)), *cfg[2:]]
         y = torch.ops.lowbit.gemv_lowbit(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits, p.group,
                                          p.kind, p.zero, cfg)

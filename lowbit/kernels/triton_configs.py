@@ -51,20 +51,38 @@ def config_scaled(kind: str, M: int) -> Tuple[int, ...]:
     return TUNED.get((kind, "large"), DEFAULT_SCALED[kind])
 
 
-# Fused low-bit GEMV (lowbit/kernels/triton/gemv.py), M <= 4: (BN, BK, split_k, num_warps, num_stages).
-# BK is capped by the largest power of two dividing the scale group. Keyed by (bits, "codebook" | "int"),
-# then by the first (N, K) bucket that holds the shape (N <= n and K <= k); a missing key uses the default.
-DEFAULT_GEMV: Tuple[int, ...] = (32, 128, 4, 4, 2)
+# Fused low-bit GEMV (lowbit/kernels/triton/gemv.py), M <= 4: (BN, BK, split_k, num_warps, num_stages, EW).
+# BK is capped by the largest power of two dividing the scale group. TUNED_GEMV maps (bits, "codebook" | "int",
+# group) -- group 0 = any -- to rows (n_max, k_max, m_max, config) tried in order: the first row with
+# N <= n_max, K <= k_max and M <= m_max applies. ``bench/gemv_sweep.py`` writes such rows; a JSON file of them
+# named by LOWBIT_GEMV_CONFIGS (keys "bits,class,group") overrides the table (used while tuning).
+DEFAULT_GEMV: Tuple[int, ...] = (32, 128, 4, 4, 2, 1)
 TUNED_GEMV: Dict[tuple, list] = {}
+_loaded_env = [False]
 
 
-def config_gemv(bits: int, kind: int, M: int, N: int, K: int) -> Tuple[int, ...]:
+def _load_env_gemv() -> None:
+    import json
+    import os
+
+    _loaded_env[0] = True
+    path = os.environ.get("LOWBIT_GEMV_CONFIGS")
+    if path:
+        with open(path) as f:
+            for key, rows in json.load(f).items():
+                b, cls, g = key.split(",")
+                TUNED_GEMV[(int(b), cls, int(g))] = [tuple(r[:3]) + (tuple(r[3]),) for r in rows]
+
+
+def config_gemv(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) -> Tuple[int, ...]:
     """GEMV launch config for a weight of ``bits`` and kernel ``kind`` at ``M`` rows of ``[N, K]``."""
-    rows = TUNED_GEMV.get((bits, "codebook" if kind == 0 else "int"))
-    if rows:
-        for n_max, k_max, m_max, cfg in rows:
+    if not _loaded_env[0]:
+        _load_env_gemv()
+    cls = "codebook" if kind == 0 else "int"
+    for key in ((bits, cls, group), (bits, cls, 0)):
+        for n_max, k_max, m_max, cfg in TUNED_GEMV.get(key, ()):
             if N <= n_max and K <= k_max and M <= m_max:
                 return tuple(cfg)
     if N * K <= 4096 * 4096 // 4:  # small weights: fewer rows per program, less split
-        return (16, 128, 2, 4, 2)
+        return (16, 128, 2, 4, 2, 1)
     return DEFAULT_GEMV

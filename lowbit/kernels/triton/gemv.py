@@ -56,12 +56,27 @@ def _row_update(acc, v, xr, s, z, KIND: tl.constexpr, BITS: tl.constexpr, ZERO: 
     return acc
 
 
+@triton.jit
+def _weights_ew(v, s, z, KIND: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr):
+    # element weights [BN, BKW, PER] from values and per-row scale / zero of this group: one FMA each
+    SC: tl.constexpr = 1 << BITS
+    s3 = s[:, None, None]
+    if KIND == 0:
+        return v * s3
+    if KIND == 1:
+        return v * (SC * s3) - (SC + ZERO) * s3
+    z3 = z[:, None, None]
+    if KIND == 2:
+        return v * (SC * s3) - (SC + z3) * s3
+    return v * (SC * s3) + (z3 - SC * s3)
+
+
 @triton.jit(do_not_specialize=["M", "k_split", "n_iter"])
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, k_split, n_iter,
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EW: tl.constexpr,
 ):
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // PER
@@ -81,32 +96,61 @@ def _gemv_kernel(
     k3 = (kw[:, None] * PER + j[None, :])[None, :, :]  # [1, BKW, PER] element offsets in K order
     wrow = w_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :]
     srow = offs_n.to(tl.int64) * NG
-    acc0 = tl.zeros((BN,), tl.float32)
-    acc1 = tl.zeros((BN,), tl.float32)
-    acc2 = tl.zeros((BN,), tl.float32)
-    acc3 = tl.zeros((BN,), tl.float32)
     k_lo = pid_k * k_split
-    for it in range(0, n_iter):
-        kb = k_lo + it * BK
-        words = tl.load(wrow + kb // PER)
-        v = _values(words, SH, BITS, KIND, t_ptr)
-        gi = srow + kb // G
-        s = tl.load(s_ptr + gi)
-        if KIND >= 2:
-            z = tl.load(z_ptr + gi)
-        else:
-            z = s
-        xr = tl.load(x_ptr + kb + k3).to(tl.float32)
-        acc0 = _row_update(acc0, v, xr, s, z, KIND, BITS, ZERO)
-        if BM > 1:
-            xr = tl.load(x_ptr + stride_xm + kb + k3).to(tl.float32)
-            acc1 = _row_update(acc1, v, xr, s, z, KIND, BITS, ZERO)
-        if BM > 2:
-            xr = tl.load(x_ptr + 2 * stride_xm + kb + k3).to(tl.float32)
-            acc2 = _row_update(acc2, v, xr, s, z, KIND, BITS, ZERO)
-        if BM > 3:
-            xr = tl.load(x_ptr + 3 * stride_xm + kb + k3).to(tl.float32)
-            acc3 = _row_update(acc3, v, xr, s, z, KIND, BITS, ZERO)
+    if EW:
+        # element-wise float32 accumulators, reduced once after the loop (no shuffles inside it)
+        e0 = tl.zeros((BN, BKW, PER), tl.float32)
+        e1 = tl.zeros((BN, BKW, PER), tl.float32)
+        e2 = tl.zeros((BN, BKW, PER), tl.float32)
+        e3 = tl.zeros((BN, BKW, PER), tl.float32)
+        for it in range(0, n_iter):
+            kb = k_lo + it * BK
+            words = tl.load(wrow + kb // PER)
+            v = _values(words, SH, BITS, KIND, t_ptr)
+            gi = srow + kb // G
+            s = tl.load(s_ptr + gi)
+            if KIND >= 2:
+                z = tl.load(z_ptr + gi)
+            else:
+                z = s
+            w = _weights_ew(v, s, z, KIND, BITS, ZERO)
+            e0 += w * tl.load(x_ptr + kb + k3).to(tl.float32)
+            if BM > 1:
+                e1 += w * tl.load(x_ptr + stride_xm + kb + k3).to(tl.float32)
+            if BM > 2:
+                e2 += w * tl.load(x_ptr + 2 * stride_xm + kb + k3).to(tl.float32)
+            if BM > 3:
+                e3 += w * tl.load(x_ptr + 3 * stride_xm + kb + k3).to(tl.float32)
+        acc0 = tl.sum(tl.sum(e0, axis=2), axis=1)
+        acc1 = tl.sum(tl.sum(e1, axis=2), axis=1)
+        acc2 = tl.sum(tl.sum(e2, axis=2), axis=1)
+        acc3 = tl.sum(tl.sum(e3, axis=2), axis=1)
+    else:
+        acc0 = tl.zeros((BN,), tl.float32)
+        acc1 = tl.zeros((BN,), tl.float32)
+        acc2 = tl.zeros((BN,), tl.float32)
+        acc3 = tl.zeros((BN,), tl.float32)
+        for it in range(0, n_iter):
+            kb = k_lo + it * BK
+            words = tl.load(wrow + kb // PER)
+            v = _values(words, SH, BITS, KIND, t_ptr)
+            gi = srow + kb // G
+            s = tl.load(s_ptr + gi)
+            if KIND >= 2:
+                z = tl.load(z_ptr + gi)
+            else:
+                z = s
+            xr = tl.load(x_ptr + kb + k3).to(tl.float32)
+            acc0 = _row_update(acc0, v, xr, s, z, KIND, BITS, ZERO)
+            if BM > 1:
+                xr = tl.load(x_ptr + stride_xm + kb + k3).to(tl.float32)
+                acc1 = _row_update(acc1, v, xr, s, z, KIND, BITS, ZERO)
+            if BM > 2:
+                xr = tl.load(x_ptr + 2 * stride_xm + kb + k3).to(tl.float32)
+                acc2 = _row_update(acc2, v, xr, s, z, KIND, BITS, ZERO)
+            if BM > 3:
+                xr = tl.load(x_ptr + 3 * stride_xm + kb + k3).to(tl.float32)
+                acc3 = _row_update(acc3, v, xr, s, z, KIND, BITS, ZERO)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
         acc0 += bias
@@ -167,9 +211,12 @@ def _launch(fn, cache, key, grid, args, constexprs, warps, stages):
 def gemv(x2, words, scales, zeros, table, bias, N, K, bits, G, kind, zero, config, cache=None):
     """``x2 [M <= 4, K]`` fp16/bf16 (unit stride along K) -> ``[M, N]`` in x's dtype.
 
-    ``config = (BN, BK, split_k, num_warps, num_stages)``; ``G % BK == 0`` and ``K % G == 0`` required.
+    ``config = (BN, BK, split_k, num_warps, num_stages[, EW])``; ``G % BK == 0`` and ``K % G == 0`` required.
+    ``EW`` (default 1): element-wise accumulators (one FMA per weight and row, reduced after the loop);
+    0: per-step reductions with the ``1 + q / 2**BITS`` trick (fewer registers).
     """
-    BN, BK, split_k, warps, stages = config
+    BN, BK, split_k, warps, stages = config[:5]
+    ew = config[5] if len(config) > 5 else 1
     BK = min(BK, G)
     M = x2.shape[0]
     split, k_split = _split(K, BK, split_k)
@@ -185,7 +232,7 @@ def gemv(x2, words, scales, zeros, table, bias, N, K, bits, G, kind, zero, confi
            None if bias is None else (bias.dtype, bias.data_ptr() % 16), split)
     grid = (triton.cdiv(N, BN), split)
     _launch(_gemv_kernel, cache, key, grid, args,
-            dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=bias is not None, BM=M, BN=BN, BK=BK),
+            dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=bias is not None, BM=M, BN=BN, BK=BK, EW=bool(ew)),
             warps, stages)
     if split > 1:
         out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
