@@ -58,21 +58,21 @@ def build(name: str, base, tok, workdir: Path):
     if name == "lowbit nf4":
         return lowbit.quantize(m, method="bnb-nf4")
     if name == "lowbit int4 g128 (rtn)":
-        return lowbit.quantize(m, method="rtn", bits=4, group_size=128, sym=False)
+        return lowbit.quantize(m, method="rtn", bits=4, group_size=128, sym=False, progress=False)
     if name.startswith("GPTQ"):
         from lowbit.io.gptq import export_gptq, load_gptq
 
-        lowbit.quantize(m, method="rtn", bits=4, group_size=64, sym=False)
+        lowbit.quantize(m, method="rtn", bits=4, group_size=64, sym=False, progress=False)
         d = workdir / "gptq"
         export_gptq(m, d)
         return load_gptq(d, dtype=torch.float32).eval()
     if name.startswith("GGUF"):
-        from lowbit.io.gguf import export_gguf, load_gguf_model
+        from lowbit.io.gguf import load_gguf_model
+        from lowbit.io.multi import export_all
 
-        lowbit.quantize(m, method="rtn", gguf_type="Q4_0")
-        f = workdir / "q4_0.gguf"
-        export_gguf(m, f, "Q4_0", tokenizer=tok)
-        model, _ = load_gguf_model(f)
+        lowbit.quantize(m, method="rtn", gguf_type="Q4_0", progress=False)
+        export_all(m, workdir, ["gguf"], tokenizer=tok)
+        model, _ = load_gguf_model(workdir / "model.gguf")
         return model.eval()
     raise ValueError(name)
 
@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for n in names:
             t = time.perf_counter()
-            models[n] = build(n, base, tok, Path(tmp) / n.split()[0])
+            d = Path(tmp) / n.split()[0]
+            d.mkdir(parents=True, exist_ok=True)
+            models[n] = build(n, base, tok, d)
             print(f"built {n} in {time.perf_counter() - t:.1f} s", flush=True)
     # warm-up: every model once (first calls allocate caches and prepare layouts)
     with torch.no_grad():

@@ -28,7 +28,7 @@ from lowbit.kernels import linear as L  # noqa: E402
 from lowbit.kernels.triton import gemv as gv  # noqa: E402
 from lowbit.tensor.functional import quantize_tensor  # noqa: E402
 
-SHAPES = [(1024, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+SHAPES = [(4096, 4096), (14336, 4096), (1024, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
 FORMATS = {"nf4": ("nf4", dict(block_size=64)), "int4": ("int4_asym", dict(group_size=128)),
            "q4_0": ("q4_0", {}), "int8": ("int8", dict(axis=0))}
 # (BN, BK, num_warps, num_stages, EW)
@@ -36,6 +36,8 @@ CONFIGS = [(16, 128, 4, 2, 1), (32, 128, 4, 2, 1), (32, 256, 4, 2, 1), (16, 256,
            (64, 128, 8, 2, 1), (32, 128, 4, 1, 1), (64, 64, 4, 2, 0), (128, 128, 8, 2, 0)]
 CLASS = {"nf4": (4, "codebook", 64), "int4": (4, "int", 128), "q4_0": (4, "int", 32), "int8": (8, "int", 0)}
 SPLITS = (1, 2, 4, 8, 16)
+if True:
+    SPLITS = (2, 4, 8, 16)
 
 
 def time_graph(calls, rounds=5, reps=3):
@@ -75,9 +77,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     dev = "cuda"
     res = {"gpu": torch.cuda.get_device_name(), "rows": [], "flinear": {}, "errors": []}
-    shapes = SHAPES[:2] + SHAPES[4:5] if args.quick else SHAPES
-    for fmt, (scheme, kw) in [(f, FORMATS[f]) for f in args.formats.split(",")]:
-        for (N, K) in shapes:
+    shapes = SHAPES[:4] if args.quick else SHAPES
+    for (N, K) in shapes:
+        for fmt, (scheme, kw) in [(f, FORMATS[f]) for f in args.formats.split(",")]:
             if time.perf_counter() - t0 > args.budget:
                 res["errors"].append(f"budget reached before {fmt} {N}x{K}")
                 break
@@ -135,8 +137,11 @@ def main(argv=None):
         if not rows:
             continue
         table = [[r["N"], r["K"], r["M"], r["cfg"]] for r in rows]
-        last = max(rows, key=lambda r: (r["N"] * r["K"], r["M"]))
-        table.append([1 << 30, 1 << 30, 4, last["cfg"]])
+        big = max(r["N"] * r["K"] for r in rows)
+        for m in (1, 4):
+            last = [r for r in rows if r["N"] * r["K"] == big and r["M"] == m]
+            if last:
+                table.append([1 << 30, 1 << 30, m, last[0]["cfg"]])
         tuned[f"{b},{cls},{g}"] = table
         if g:
             tuned.setdefault(f"{b},{cls},0", table)

@@ -185,8 +185,13 @@ class _CpuInt8:
         self.w = w  # int8 [N, K]
         self.sw = sw  # float32 [N]
         self.n = w.shape[0]
-        qw = torch._make_per_channel_quantized_tensor(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
-        self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        import warnings
+
+        with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; absent ops fall back
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long),
+                                                          0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
 
 
 def _prepare_cpu_int8(state: QuantState):
