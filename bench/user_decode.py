@@ -180,7 +180,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--time-budget", type=float, default=540.0, help="seconds; variants after it are skipped")
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny model on the CPU (checks the script only)")
+    ap.add_argument("--report-only", default=None, metavar="JSON", help="re-render user_decode.md from a json")
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes section (with --report-only)")
     args = ap.parse_args(argv)
+    if args.report_only:
+        d = json.loads(Path(args.report_only).read_text())
+        d["info"]["notes"] = args.note
+        write(d["rows"], d["info"], Path(args.out_dir))
+        return 0
     global DEV
     if args.smoke_cpu:
         DEV = "cpu"
@@ -277,7 +284,7 @@ def write(rows, info, out: Path) -> None:
         f"Command: `{info['command']}`",
         "",
         "| variant | decode tok/s (eager) | × bf16 | decode tok/s (compiled) | × bf16 compiled | prefill 512 ms | "
-        "weights GB | peak GB | note |",
+        "weights GB | peak GB | note (compiled run) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -291,6 +298,8 @@ def write(rows, info, out: Path) -> None:
         pre = f"{r['prefill_ms']:.1f}" if r.get("prefill_ms") else "—"
         lines.append(f"| {r['variant']} | {r['decode']:.1f} | {x} | {c} | {cx} | {pre} | {r['weight_gb']:.2f} | "
                      f"{r['peak_gb']:.2f} | {r.get('compiled_error', '')} |")
+    if info.get("notes"):
+        lines += ["", "Notes (added when rendering the report, `--note`):", ""] + [f"- {n}" for n in info["notes"]]
     (out / "user_decode.md").write_text("\n".join(lines) + "\n")
     (out / "user_decode.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     try:

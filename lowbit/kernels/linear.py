@@ -273,8 +273,11 @@ class PreparedLinear:
         """The weight from this layout (plain torch), equal to ``lowbit.dequantize`` up to float rounding."""
         N, K, b = self.n, self.k, self.bits
         per = 32 // b
-        sh = _shifts(b, str(self.words.device))
-        q = ((self.words.unsqueeze(-1) >> sh) & ((1 << b) - 1)).reshape(N, K // self.group, self.group)
+        if b == 8:  # bytes in element order: no shifts
+            q = self.words.view(torch.uint8).view(N, K // self.group, self.group)
+        else:
+            sh = _shifts(b, str(self.words.device))
+            q = ((self.words.unsqueeze(-1) >> sh) & ((1 << b) - 1)).reshape(N, K // self.group, self.group)
         s = self.scales.reshape(N, -1, 1)
         if self.kind == 0:
             w = self.table[q.long()] * s
