@@ -72,15 +72,26 @@ def _cached(state: QuantState, key: str):
     if entry is None:
         return None
     ptr, version, value = entry
-    if ptr != state.data.data_ptr() or version != state.data._version:
+    if torch.compiler.is_compiling():  # traced: layouts are prepared eagerly first (no pointer checks in graphs)
+        return value
+    if ptr != state.data.data_ptr() or version != _versions(state):
         return None
     return value
 
 
 def _store(state: QuantState, key: str, value):
     cache = state.__dict__.setdefault(_CACHE_ATTR, {})
-    cache[key] = (state.data.data_ptr(), state.data._version, value)
+    cache[key] = (state.data.data_ptr(), _versions(state), value)
     return value
+
+
+def _versions(state: QuantState) -> tuple:
+    """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts)."""
+    v = tuple(-1 if t is None else t._version for t in (state.data, state.scales, state.zeros))
+    n = state.nested
+    if n is not None:
+        v = v + (n.data._version, -1 if n.scales is None else n.scales._version, state.offset)
+    return v
 
 
 @lru_cache(maxsize=None)
@@ -335,6 +346,12 @@ def linear_4bit(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor]
     if p is None or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) \
             or select.resolve("gemm_4bit", x.device, backend) != "triton":
         return reference.linear_4bit(x, state, bias)
+    if x.numel() <= 4 * p.k:  # M <= 4: the fused GEMV on the canonical codes (lowbit.kernels.linear)
+        from lowbit.kernels.linear import prepare_linear, prepared_linear
+
+        pl = prepare_linear(state)
+        if pl is not None:
+            return prepared_linear(x, pl, bias)
     return _gemm_4bit_triton(x, p, bias)
 
 

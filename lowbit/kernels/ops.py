@@ -17,7 +17,7 @@ Ops (all functional, no mutation):
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -140,3 +140,28 @@ def fp8_linear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Ten
 @fp8_linear_dynamic.register_fake
 def _(x, w, w_scale, bias):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _gemv_ref(x, words, scales, zeros, table, bias, n, k, bits, group, kind, zero):
+    from lowbit.kernels.linear import PreparedLinear
+
+    p = PreparedLinear(words, scales, zeros, table, bits, group, kind, zero, n, k)
+    return torch.nn.functional.linear(x, p.dequantize(x.dtype), bias)
+
+
+@torch.library.custom_op("lowbit::gemv_lowbit", mutates_args=())
+def gemv_lowbit(x: Tensor, words: Tensor, scales: Tensor, zeros: Optional[Tensor], table: Optional[Tensor],
+                bias: Optional[Tensor], n: int, k: int, bits: int, group: int, kind: int, zero: float,
+                config: List[int]) -> Tensor:
+    """Fused low-bit GEMV (``lowbit.kernels.triton.gemv``) on CUDA; the plain-torch dequantize elsewhere."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and select.resolve("gemm_4bit", x.device) == "triton":
+        from lowbit.kernels.triton import gemv as gv
+
+        return gv.gemv(x.contiguous(), words, scales, zeros, table, bias, n, k, bits, group, kind, zero,
+                       tuple(config), None)
+    return _gemv_ref(x, words, scales, zeros, table, bias, n, k, bits, group, kind, zero)
+
+
+@gemv_lowbit.register_fake
+def _(x, words, scales, zeros, table, bias, n, k, bits, group, kind, zero, config):
+    return x.new_empty((x.shape[0], n))

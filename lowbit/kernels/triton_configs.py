@@ -49,3 +49,115 @@ def config_scaled(kind: str, M: int) -> Tuple[int, ...]:
     if M <= 64:
         return TUNED.get((kind, "small"), DEFAULT_SCALED_SMALL[kind])
     return TUNED.get((kind, "large"), DEFAULT_SCALED[kind])
+
+
+# Fused low-bit GEMV (lowbit/kernels/triton/gemv.py), M <= 4: (BN, BK, split_k, num_warps, num_stages, EW).
+# BK is capped by the largest power of two dividing the scale group. TUNED_GEMV maps (bits, "codebook" | "int",
+# group) -- group 0 = any -- to rows (n_max, k_max, m_max, config) tried in order: the first row with
+# N <= n_max, K <= k_max and M <= m_max applies. ``bench/gemv_sweep.py`` writes such rows; a JSON file of them
+# named by LOWBIT_GEMV_CONFIGS (keys "bits,class,group") overrides the table (used while tuning).
+DEFAULT_GEMV: Tuple[int, ...] = (32, 128, 4, 4, 2, 1)
+# from bench/gemv_sweep.py --quick on the H200 (bench/results/raw/gemv_sweep_v2.json): Llama-3-8B decode shapes;
+# the last two rows of each list (any larger shape, M = 1 and M <= 4) repeat the largest shape's winners.
+TUNED_GEMV: Dict[tuple, list] = {
+    (4, 'codebook', 64): [
+        (1024, 4096, 1, (8, 64, 8, 4, 2, 1)),
+        (1024, 4096, 4, (32, 64, 16, 4, 2, 1)),
+        (4096, 4096, 1, (128, 64, 16, 8, 2, 0)),
+        (4096, 4096, 4, (32, 64, 4, 4, 2, 1)),
+        (14336, 4096, 1, (64, 64, 16, 4, 2, 0)),
+        (4096, 14336, 1, (64, 64, 16, 4, 2, 0)),
+        (14336, 4096, 4, (64, 64, 8, 4, 2, 0)),
+        (4096, 14336, 4, (32, 64, 4, 4, 2, 1)),
+        (1073741824, 1073741824, 1, (64, 64, 16, 4, 2, 0)),
+        (1073741824, 1073741824, 4, (64, 64, 8, 4, 2, 0)),
+    ],
+    (4, 'codebook', 0): [
+        (1024, 4096, 1, (8, 64, 8, 4, 2, 1)),
+        (1024, 4096, 4, (32, 64, 16, 4, 2, 1)),
+        (4096, 4096, 1, (128, 64, 16, 8, 2, 0)),
+        (4096, 4096, 4, (32, 64, 4, 4, 2, 1)),
+        (14336, 4096, 1, (64, 64, 16, 4, 2, 0)),
+        (4096, 14336, 1, (64, 64, 16, 4, 2, 0)),
+        (14336, 4096, 4, (64, 64, 8, 4, 2, 0)),
+        (4096, 14336, 4, (32, 64, 4, 4, 2, 1)),
+        (1073741824, 1073741824, 1, (64, 64, 16, 4, 2, 0)),
+        (1073741824, 1073741824, 4, (64, 64, 8, 4, 2, 0)),
+    ],
+    (4, 'int', 128): [
+        (1024, 4096, 1, (8, 128, 4, 4, 2, 1)),
+        (1024, 4096, 4, (16, 128, 4, 4, 2, 1)),
+        (4096, 4096, 1, (128, 128, 8, 8, 2, 0)),
+        (4096, 4096, 4, (8, 128, 4, 4, 2, 1)),
+        (14336, 4096, 1, (128, 128, 8, 8, 2, 0)),
+        (4096, 14336, 1, (128, 128, 8, 8, 2, 0)),
+        (14336, 4096, 4, (8, 128, 2, 4, 2, 1)),
+        (4096, 14336, 4, (8, 128, 8, 4, 2, 1)),
+        (1073741824, 1073741824, 1, (128, 128, 8, 8, 2, 0)),
+        (1073741824, 1073741824, 4, (8, 128, 2, 4, 2, 1)),
+    ],
+    (4, 'int', 0): [
+        (1024, 4096, 1, (8, 128, 4, 4, 2, 1)),
+        (1024, 4096, 4, (16, 128, 4, 4, 2, 1)),
+        (4096, 4096, 1, (128, 128, 8, 8, 2, 0)),
+        (4096, 4096, 4, (8, 128, 4, 4, 2, 1)),
+        (14336, 4096, 1, (128, 128, 8, 8, 2, 0)),
+        (4096, 14336, 1, (128, 128, 8, 8, 2, 0)),
+        (14336, 4096, 4, (8, 128, 2, 4, 2, 1)),
+        (4096, 14336, 4, (8, 128, 8, 4, 2, 1)),
+        (1073741824, 1073741824, 1, (128, 128, 8, 8, 2, 0)),
+        (1073741824, 1073741824, 4, (8, 128, 2, 4, 2, 1)),
+    ],
+    (4, 'int', 32): [
+        (1024, 4096, 1, (8, 32, 8, 4, 2, 1)),
+        (1024, 4096, 4, (16, 32, 8, 4, 2, 1)),
+        (4096, 4096, 1, (64, 32, 16, 8, 2, 1)),
+        (4096, 4096, 4, (16, 32, 4, 4, 2, 1)),
+        (14336, 4096, 1, (32, 32, 8, 4, 1, 1)),
+        (4096, 14336, 1, (32, 32, 16, 4, 2, 1)),
+        (14336, 4096, 4, (32, 32, 4, 4, 1, 1)),
+        (4096, 14336, 4, (16, 32, 8, 4, 2, 1)),
+        (1073741824, 1073741824, 1, (32, 32, 8, 4, 1, 1)),
+        (1073741824, 1073741824, 4, (32, 32, 4, 4, 1, 1)),
+    ],
+    (8, 'int', 0): [
+        (1024, 4096, 1, (8, 256, 4, 4, 2, 1)),
+        (1024, 4096, 4, (8, 256, 2, 4, 2, 1)),
+        (4096, 4096, 1, (8, 256, 2, 4, 2, 1)),
+        (4096, 4096, 4, (8, 256, 2, 4, 2, 1)),
+        (14336, 4096, 1, (8, 256, 2, 4, 2, 1)),
+        (4096, 14336, 1, (8, 256, 4, 4, 2, 1)),
+        (14336, 4096, 4, (8, 256, 2, 4, 2, 1)),
+        (4096, 14336, 4, (8, 256, 2, 4, 2, 1)),
+        (1073741824, 1073741824, 1, (8, 256, 2, 4, 2, 1)),
+        (1073741824, 1073741824, 4, (8, 256, 2, 4, 2, 1)),
+    ],
+}
+_loaded_env = [False]
+
+
+def _load_env_gemv() -> None:
+    import json
+    import os
+
+    _loaded_env[0] = True
+    path = os.environ.get("LOWBIT_GEMV_CONFIGS")
+    if path:
+        with open(path) as f:
+            for key, rows in json.load(f).items():
+                b, cls, g = key.split(",")
+                TUNED_GEMV[(int(b), cls, int(g))] = [tuple(r[:3]) + (tuple(r[3]),) for r in rows]
+
+
+def config_gemv(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) -> Tuple[int, ...]:
+    """GEMV launch config for a weight of ``bits`` and kernel ``kind`` at ``M`` rows of ``[N, K]``."""
+    if not _loaded_env[0]:
+        _load_env_gemv()
+    cls = "codebook" if kind == 0 else "int"
+    for key in ((bits, cls, group), (bits, cls, 0)):
+        for n_max, k_max, m_max, cfg in TUNED_GEMV.get(key, ()):
+            if N <= n_max and K <= k_max and M <= m_max:
+                return tuple(cfg)
+    if N * K <= 4096 * 4096 // 4:  # small weights: fewer rows per program, less split
+        return (16, 128, 2, 4, 2, 1)
+    return DEFAULT_GEMV

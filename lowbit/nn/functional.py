@@ -195,3 +195,26 @@ def frozen_linear(x: torch.Tensor, bias: Optional[torch.Tensor], weight_fn) -> t
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _FrozenWeightLinear.apply(x, bias, weight_fn)
     return torch.nn.functional.linear(x, weight_fn(), bias)
+
+
+def needs_grad(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether a forward must record autograd (then modules take the dequantize + ``F.linear`` path)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def kernel_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor], act: Optional[str] = None):
+    """``lowbit.kernels.linear.state_linear`` (the fastest kernel for the device, dtype and M), or None."""
+    from lowbit.kernels.linear import state_linear
+
+    return state_linear(x, state, bias, act)
+
+
+def fast_dequantize(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen weight in ``dtype`` for the autograd path: the Triton dequantize on CUDA (same values as
+    :func:`dequantize_state` rounded once), :func:`dequantize_state` elsewhere."""
+    if state.data.is_cuda and state.layout != "gguf":
+        from lowbit.kernels import api
+
+        return api.dequantize(state, dtype)
+    w = dequantize_state(state)
+    return w if w.dtype == dtype else w.to(dtype)

@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.config import parse_dtype
 from lowbit.nn.base import QModuleMixin
-from lowbit.nn.functional import frozen_linear
+from lowbit.nn.functional import fast_dequantize, frozen_linear, kernel_linear, needs_grad
 from lowbit.tensor.functional import quantize_tensor
 from lowbit.tensor.state import QuantState
 
@@ -79,12 +79,19 @@ class Linear4bit(QModuleMixin, nn.Linear):
         self.freeze()
         return self
 
+    def _dequantized_weight(self) -> torch.Tensor:
+        # the one call of the dequantized-weight method (renamed in one place if that method is)
+        return self.qweight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         cd = self.compute_dtype or inp_dtype
+        state = self._qstates.get("weight")
 
         def weight():
-            w = self.qweight()
+            if state is not None:
+                return fast_dequantize(state, cd)
+            w = self._dequantized_weight()
             return w if w.dtype == cd else w.to(cd)
 
         b = self.bias
@@ -92,6 +99,10 @@ class Linear4bit(QModuleMixin, nn.Linear):
             b = b.to(cd)
         if x.dtype != cd:
             x = x.to(cd)
+        if state is not None and not needs_grad(x, b):
+            out = kernel_linear(x, state, b)  # fused / cached kernel, layout prepared once
+            if out is not None:
+                return out if out.dtype == inp_dtype else out.to(inp_dtype)
         # the weight is frozen: backward re-dequantizes it rather than keeping a float copy (QLoRA memory)
         out = frozen_linear(x, b, weight)
         return out if out.dtype == inp_dtype else out.to(inp_dtype)

@@ -37,7 +37,16 @@ def _int8_matmul(CA: torch.Tensor, CB: torch.Tensor) -> torch.Tensor:
         if m <= 16:  # _int_mm needs more than 16 rows: pad
             CA = torch.cat([CA, CA.new_zeros(17 - m, k)], 0)
         return torch._int_mm(CA, CB.t())[:m]
+    if CA.device.type == "cpu" and k > 0 and _cpu_int8_exact():
+        return torch._int_mm(CA.contiguous(), CB.t())  # exact int32 (oneDNN s8s8 with VNNI)
     return int8_matmul_int32(CA, CB)
+
+
+def _cpu_int8_exact() -> bool:
+    from lowbit.kernels import select
+    from lowbit.kernels.linear import cpu_has_vnni
+
+    return cpu_has_vnni() and select.get_backend("int8_linear") == "auto"
 
 
 def int8_linear(x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float,

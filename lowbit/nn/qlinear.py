@@ -20,7 +20,14 @@ from torch import nn
 
 from lowbit.config import ACTIVATION_QTYPES, QType, get_qtype
 from lowbit.nn.base import QModuleMixin
-from lowbit.nn.functional import fake_quantize_activation, frozen_linear, quant_kwargs_for
+from lowbit.nn.functional import (
+    fake_quantize_activation,
+    fast_dequantize,
+    frozen_linear,
+    kernel_linear,
+    needs_grad,
+    quant_kwargs_for,
+)
 from lowbit.tensor.functional import quantize_tensor
 from lowbit.tensor.state import QuantState
 
@@ -134,15 +141,35 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
     def quantize_param(self, name: str, w: torch.Tensor) -> QuantState:
         return quantize_tensor(w, **self._wkw)
 
+    def _dequantized_weight(self) -> torch.Tensor:
+        # the one call of the dequantized-weight method (renamed in one place if that method is)
+        return self.qweight()
+
+    def _kernel_act(self) -> Optional[str]:
+        """The dynamic activation format the kernels fuse ("int8" / "fp8"), None for weight-only."""
+        qt = self.activation_qtype
+        if qt is None or not self.act_dynamic:
+            return None
+        return "fp8" if qt.fp8_dtype is not None else "int8"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weights and self.frozen and self._observer is None and not needs_grad(x, self.bias):
+            # inference on a packed weight: the kernels of lowbit.kernels.linear (layout prepared once)
+            state = self._qstates["weight"]
+            act = self._kernel_act()
+            xin = x if act is not None else self.quantize_input(x)
+            y = kernel_linear(xin, state, self.bias, act)
+            if y is not None:
+                return y
         x = self.quantize_input(x)
         b = self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
         if self.weights and self.frozen:  # packed weight: backward re-dequantizes it (no float copy kept)
+            state = self._qstates["weight"]
+
             def weight():
-                w = self.qweight()
-                return w if w.dtype == x.dtype else w.to(x.dtype)
+                return fast_dequantize(state, x.dtype)
 
             return frozen_linear(x, b, weight)
         w = self.qweight() if self.weights else self.weight

@@ -1,0 +1,512 @@
+"""The linear every frozen lowbit module calls: ``x @ dequantize(state).T + bias``, through the fastest kernel.
+
+:func:`state_linear` is the single entry point of :class:`~lowbit.nn.QLinear`, :class:`~lowbit.nn.Linear4bit`,
+the GGUF / GPTQ / AWQ / compressed-tensors modules (all of them ``QLinear`` s) and the PTQ methods. It
+picks an implementation by device, input dtype, weight format and the number of rows ``M``:
+
+CUDA (fp16 / bf16 input)
+    * 4-bit weights (``nf4`` / ``fp4`` / ``int4`` / ``int4_asym`` groups or blocks tiling the rows, GGUF
+      ``q4_0`` / ``q4_1``): :func:`lowbit.kernels.linear_4bit` (fused Triton GEMV at small M, fused
+      dequantize-GEMM, or dequantize + cuBLAS at large M, per the table of
+      :mod:`lowbit.kernels.triton_configs`).
+    * int8 per-channel / GGUF ``q8_0`` weights: the fused int8 GEMV at small M, dequantize + cuBLAS above.
+    * int8 / fp8 weights with dynamic per-token int8 / fp8 activations:
+      :func:`lowbit.kernels.int8_linear_dynamic` / :func:`lowbit.kernels.fp8_linear_dynamic`.
+    * anything else: :func:`lowbit.kernels.dequantize` (Triton where it applies) + ``F.linear``.
+
+CPU
+    * int8 per-channel weights with dynamic per-token int8 activations on a CPU with VNNI (exact integer
+      products): FBGEMM's prepacked int8 GEMM (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``,
+      activations given as integers with scale 1) at small M, ``torch._int_mm`` at larger M; the per-token
+      scale is applied after. Equal to the reference up to float32 rounding of the rescale.
+    * every other weight: the **dequantize-once cache**: the dequantized weight in the input's dtype is kept
+      beside the packed state (not saved, dropped when the module moves) while the process-wide total of
+      cached bytes stays within :func:`cache_budget` (``LOWBIT_DEQUANT_CACHE_MB``, default a quarter of
+      the machine's RAM; ``0`` disables it). Results are bit-identical to the reference; memory grows
+      by the float weight, so a model larger than the budget dequantizes the remaining layers per call.
+
+Derived layouts are prepared once per state (first call, or :func:`prepare` ahead of a CUDA graph or
+``torch.compile``), cached on the state object and invalidated when its data is replaced; nothing derived
+is ever written to a file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import weakref
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import select
+from lowbit.tensor.state import QuantState
+
+_CACHE_ATTR = "_lowbit_kernel_cache"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-state cache (same keying as lowbit.kernels.api: data pointer and version of state.data)
+
+
+def _cached(state: QuantState, key):
+    cache = state.__dict__.get(_CACHE_ATTR)
+    if not cache:
+        return None
+    entry = cache.get(key)
+    if entry is None:
+        return None
+    ptr, version, value = entry
+    if torch.compiler.is_compiling():  # traced: layouts are prepared eagerly first (no pointer checks in graphs)
+        return value
+    if ptr != state.data.data_ptr() or version != _versions(state):
+        return None
+    return value
+
+
+def _store(state: QuantState, key, value):
+    cache = state.__dict__.setdefault(_CACHE_ATTR, {})
+    cache[key] = (state.data.data_ptr(), _versions(state), value)
+    return value
+
+
+def _versions(state: QuantState) -> tuple:
+    """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts)."""
+    v = tuple(-1 if t is None else t._version for t in (state.data, state.scales, state.zeros))
+    n = state.nested
+    if n is not None:
+        v = v + (n.data._version, -1 if n.scales is None else n.scales._version, state.offset)
+    return v
+
+
+_NOT_APPLICABLE = object()
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantize-once cache (CPU)
+
+_lock = threading.Lock()
+_cached_bytes = [0]
+
+
+def cache_budget() -> int:
+    """Bytes the dequantize-once cache may hold in this process (``LOWBIT_DEQUANT_CACHE_MB``)."""
+    env = os.environ.get("LOWBIT_DEQUANT_CACHE_MB")
+    if env is not None and env.strip() != "":
+        try:
+            return max(0, int(float(env) * (1 << 20)))
+        except ValueError:
+            raise ValueError(f"LOWBIT_DEQUANT_CACHE_MB={env!r}: expected a number of MiB") from None
+    return _ram_bytes() // 4
+
+
+@lru_cache(maxsize=None)
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def cached_bytes() -> int:
+    """Bytes now held by dequantize-once caches of live states."""
+    return _cached_bytes[0]
+
+
+def _release(n: int) -> None:
+    with _lock:
+        _cached_bytes[0] -= n
+
+
+def dequantize_state(state: QuantState) -> torch.Tensor:
+    """``lowbit.dequantize(state)``, double-quantized scales decoded with the state's own stored code
+    (the same computation as :func:`lowbit.nn.functional.dequantize_state`)."""
+    from lowbit.tensor.functional import dequantize
+
+    n = state.nested
+    if n is not None and n.code is not None and n.layout == "block":
+        from lowbit.formats.codebook import dequantize_blockwise
+
+        base = dequantize_blockwise(n.data, n.scales, n.code, n.block_size, torch.float32)
+        scales = base + torch.tensor(state.offset, dtype=torch.float32, device=base.device)
+        state = dataclasses.replace(state, scales=scales.reshape(n.shape), nested=None, offset=None)
+    return dequantize(state)
+
+
+def _dense(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """``lowbit.dequantize(state)`` in ``dtype``: from the cache when it fits the budget."""
+    key = ("dense", dtype)
+    w = _cached(state, key)
+    if w is not None:
+        return w
+    w = dequantize_state(state)
+    if w.dtype != dtype:
+        w = w.to(dtype)
+    n = w.numel() * w.element_size()
+    with _lock:
+        fits = _cached_bytes[0] + n <= cache_budget()
+        if fits:
+            _cached_bytes[0] += n
+    if fits:
+        old = _cached(state, key)
+        _store(state, key, w)
+        weakref.finalize(w, _release, n)
+        del old
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU int8 x int8 (dynamic per-token activations)
+
+
+@lru_cache(maxsize=None)
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies int8 without 16-bit saturation (AVX512-VNNI / AVX-VNNI / AMX)."""
+    if os.environ.get("LOWBIT_CPU_INT8", "").strip() == "0":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return False
+
+
+class _CpuInt8:
+    __slots__ = ("w", "sw", "packed", "n")
+
+    def __init__(self, w: torch.Tensor, sw: torch.Tensor):
+        self.w = w  # int8 [N, K]
+        self.sw = sw  # float32 [N]
+        self.n = w.shape[0]
+        import warnings
+
+        with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; absent ops fall back
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long),
+                                                          0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _prepare_cpu_int8(state: QuantState):
+    got = _cached(state, "cpu_int8")
+    if got is not None:
+        return got
+    if (state.scheme != "int8" or state.layout != "channel" or state.axis != 0 or len(state.shape) != 2
+            or state.nested is not None):
+        return _store(state, "cpu_int8", _NOT_APPLICABLE)
+    N, K = state.shape
+    w = (state.data.view(N, K).to(torch.int16) - 128).to(torch.int8).contiguous()
+    sw = state.scales.reshape(-1).float().contiguous()
+    if sw.numel() != N:
+        return _store(state, "cpu_int8", _NOT_APPLICABLE)
+    try:
+        p = _CpuInt8(w, sw)
+    except (RuntimeError, AttributeError):  # no FBGEMM in this build
+        return _store(state, "cpu_int8", _NOT_APPLICABLE)
+    return _store(state, "cpu_int8", p)
+
+
+def _int8_rows(xf: torch.Tensor):
+    """Per-token symmetric int8 exactly as :func:`lowbit.nn.functional.fake_quantize_activation`:
+    ``s = absmax / 127`` (1 for an all-zero row), ``v = x / s``; returns ``(v, s)`` (v unrounded)."""
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    s = amax / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return xf / s, s
+
+
+# FBGEMM below this many rows, torch._int_mm above (both exact integer products)
+CPU_INT8_FBGEMM_MAX_M = 32
+
+
+def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    v, s = _int8_rows(x2)
+    M = x2.shape[0]
+    if M <= CPU_INT8_FBGEMM_MAX_M:
+        # FBGEMM rounds v (half to even, as torch.round) and adds the zero point 128: exact codes in [-127, 127]
+        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v.contiguous(), 1.0, 128, p.packed)
+        out = out.mul_(s)
+    else:
+        q = torch.round(v).clamp_(-127, 127).to(torch.int8)
+        out = torch._int_mm(q, p.w.t()).float().mul_(s).mul_(p.sw)
+    if bias is not None:
+        out = out.add_(bias)
+    return out.reshape(*x.shape[:-1], p.n)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: prepared layouts for the fused GEMV (lowbit.kernels.triton.gemv) and the 4-bit GEMM
+
+
+@dataclasses.dataclass
+class PreparedLinear:
+    """Kernel layout of a 2-D weight for :func:`prepared_linear` (derived once, never saved).
+
+    ``words`` int32 ``[N, K * bits / 32]`` (a view of the canonical codes where they are 4-byte aligned,
+    a repacked copy for GGUF blocks), ``scales`` float32 ``[N, K / G]``, ``zeros`` float32 ``[N, K / G]``
+    (kind 2: zero points; kind 3: additive minimums) or None, ``table`` float32 ``[16]`` for codebooks.
+    ``p4`` is the :class:`~lowbit.kernels.api.Prepared4bit` of the tensor-core GEMM (4-bit kinds 0-2).
+    """
+
+    words: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    table: Optional[torch.Tensor]
+    bits: int
+    group: int
+    kind: int
+    zero: float
+    n: int
+    k: int
+    p4: object = None
+    launch_cache: dict = dataclasses.field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight from this layout (plain torch), equal to ``lowbit.dequantize`` up to float rounding."""
+        N, K, b = self.n, self.k, self.bits
+        per = 32 // b
+        if b == 8:  # bytes in element order: no shifts
+            q = self.words.view(torch.uint8).view(N, K // self.group, self.group)
+        else:
+            sh = _shifts(b, str(self.words.device))
+            q = ((self.words.unsqueeze(-1) >> sh) & ((1 << b) - 1)).reshape(N, K // self.group, self.group)
+        s = self.scales.reshape(N, -1, 1)
+        if self.kind == 0:
+            w = self.table[q.long()] * s
+        elif self.kind == 1:
+            w = (q.float() - self.zero) * s
+        elif self.kind == 2:
+            w = (q.float() - self.zeros.reshape(N, -1, 1)) * s
+        else:
+            w = q.float() * s + self.zeros.reshape(N, -1, 1)
+        return w.reshape(N, K).to(dtype)
+
+
+@lru_cache(maxsize=None)
+def _shifts(bits: int, device: str) -> torch.Tensor:
+    vals = [4, 0, 12, 8, 20, 16, 28, 24] if bits == 4 else [0, 8, 16, 24]
+    return torch.tensor(vals, dtype=torch.int32).to(device)
+
+
+def _words(data: torch.Tensor, n: int, k: int, bits: int) -> Optional[torch.Tensor]:
+    nbytes = n * k * bits // 8
+    flat = data.reshape(-1)
+    if flat.numel() != nbytes or (k * bits) % 32 or flat.dtype != torch.uint8:
+        return None
+    if flat.storage_offset() % 4 or not flat.is_contiguous():
+        flat = flat.clone()
+    return flat.view(torch.int32).view(n, k * bits // 32)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[N, K]`` (0..15) -> canonical 4-bit bytes ``[N, K/2]`` (even element in the high nibble)."""
+    c = codes.reshape(codes.shape[0], -1, 2)
+    return ((c[..., 0] << 4) | c[..., 1]).contiguous()
+
+
+def _prepare_gguf(state: QuantState) -> Optional[PreparedLinear]:
+    from lowbit.formats import gguf
+
+    name = state.scheme.lower()
+    if name not in ("q4_0", "q4_1", "q8_0"):
+        return None
+    N, K = state.shape
+    if K % 32 or state.data.numel() != N * (K // 32) * gguf.GGUF_TYPES[name].type_size:
+        return None
+    codes, d, m = gguf.unpack_blocks(state.data.reshape(N, -1), name)
+    scales = d.float().contiguous()
+    if name == "q8_0":
+        words = codes.contiguous().view(torch.int32).view(N, K // 4)
+        return PreparedLinear(words, scales, None, None, 8, 32, 1, 128.0, N, K)
+    words = _pack_nibbles(codes).view(torch.int32).view(N, K // 8)
+    if name == "q4_0":
+        return PreparedLinear(words, scales, None, None, 4, 32, 1, 8.0, N, K)
+    return PreparedLinear(words, scales, m.float().contiguous(), None, 4, 32, 3, 0.0, N, K)
+
+
+def _prepare_cuda(state: QuantState) -> Optional[PreparedLinear]:
+    from lowbit.kernels import api
+
+    if len(state.shape) != 2:
+        return None
+    N, K = state.shape
+    if state.layout == "gguf":
+        return _prepare_gguf(state)
+    if state.scheme in ("nf4", "fp4", "int4", "int4_asym"):
+        p4 = api.prepare_4bit(state)
+        if p4 is None:
+            return None
+        words = _words(state.data, N, K, 4)
+        if words is None:
+            return None
+        table = p4.values.float().contiguous() if p4.kind == 0 else None
+        zeros = p4.zeros.contiguous() if p4.zeros is not None else None
+        return PreparedLinear(words, p4.scales, zeros, table, 4, p4.group, p4.kind, 8.0, N, K, p4=p4)
+    if state.scheme == "int8" and state.layout == "channel" and state.axis == 0 and state.nested is None:
+        words = _words(state.data, N, K, 8)
+        if words is None:
+            return None
+        return PreparedLinear(words, state.scales.reshape(N, 1).float().contiguous(), None, None, 8, K, 1, 128.0, N, K)
+    return None
+
+
+def prepare_linear(state: QuantState) -> Optional[PreparedLinear]:
+    """The :class:`PreparedLinear` of a CUDA state (cached on it), or None where no fused kernel applies."""
+    got = _cached(state, "linear")
+    if got is not None:
+        return None if got is _NOT_APPLICABLE else got
+    p = _prepare_cuda(state) if state.device.type == "cuda" else None
+    _store(state, "linear", _NOT_APPLICABLE if p is None else p)
+    return p
+
+
+def _pow2_divisor(g: int) -> int:
+    return g & -g
+
+
+def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a prepared CUDA weight: fused GEMV at M <= 4, else the 4-bit GEMM table or
+    dequantize + cuBLAS."""
+    x2 = x.reshape(-1, p.k)
+    M = x2.shape[0]
+    if M <= 4 and _pow2_divisor(p.group) >= 32 // p.bits:
+        from lowbit.kernels.triton import gemv as gv
+        from lowbit.kernels.triton_configs import config_gemv
+
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        cfg = config_gemv(p.bits, p.kind, M, p.n, p.k, p.group)
+        cfg = (cfg[0], min(cfg[1], _pow2_divisor(p.group)), *cfg[2:])
+        y = gv.gemv(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits, p.group, p.kind, p.zero,
+                    cfg, p.launch_cache)
+        return y.reshape(*x.shape[:-1], p.n)
+    if p.p4 is not None:
+        from lowbit.kernels import api
+
+        return api._gemm_4bit_triton(x, p.p4, bias)
+    return F.linear(x, p.dequantize(x.dtype), bias)
+
+
+def _cuda_linear(x: torch.Tensor, state: QuantState, bias, act: Optional[str]) -> torch.Tensor:
+    from lowbit.kernels import api, ops  # noqa: F401  (ops registers torch.ops.lowbit.*)
+
+    if act == "int8":
+        w = _cuda_int8_weights(state)
+        if w is not None:
+            return api.int8_linear_dynamic(x, w, bias)
+        return None
+    if act == "fp8":
+        if state.scheme == "fp8_e4m3" and state.layout == "channel" and state.axis == 0 and len(state.shape) == 2:
+            return api.fp8_linear_dynamic(x, state, bias)
+        return None
+    p = prepare_linear(state)
+    if p is not None:
+        return prepared_linear(x, p, bias)
+    if state.layout == "gguf" or state.nested is not None:
+        w = dequantize_state(state).to(x.dtype)
+    else:
+        w = api.dequantize(state, x.dtype)
+    return F.linear(x, w, bias)
+
+
+def _cuda_linear_traced(x: torch.Tensor, state: QuantState, bias, act: Optional[str]):
+    """Under ``torch.compile``: custom ops on layouts prepared before tracing (eager warm-up or :func:`prepare`)."""
+    from lowbit.kernels import ops  # noqa: F401  (registers torch.ops.lowbit.*)
+
+    if act is not None:
+        return _cuda_linear(x, state, bias, act)  # lowbit.kernels.api routes through torch.ops.lowbit
+    p = _cached(state, "linear")
+    if p is None or p is _NOT_APPLICABLE:
+        return None
+    x2 = x.reshape(-1, p.k)
+    M = x2.shape[0]
+    if M <= 4 and _pow2_divisor(p.group) >= 32 // p.bits:
+        from lowbit.kernels.triton_configs import config_gemv
+
+        cfg = config_gemv(p.bits, p.kind, M, p.n, p.k, p.group)
+        cfg = [cfg[0], min(cfg[1], _pow2_divisor(p.group)), *cfg[2:]]
+        y = torch.ops.lowbit.gemv_lowbit(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits, p.group,
+                                         p.kind, p.zero, cfg)
+    elif p.p4 is not None:
+        q = p.p4
+        y = torch.ops.lowbit.gemm_4bit(x2, q.qweight, q.scales, q.zeros, q.values, bias, q.group, q.kind)
+    else:
+        y = F.linear(x2, p.dequantize(x.dtype), bias)
+    return y.reshape(*x.shape[:-1], p.n)
+
+
+def _cuda_int8_weights(state: QuantState):
+    from lowbit.kernels import api
+
+    if state.scheme == "int8" and state.layout == "channel" and state.axis == 0 and len(state.shape) == 2:
+        return api.prepare_int8(state)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None,
+                 act: Optional[str] = None) -> Optional[torch.Tensor]:
+    """``F.linear(quant_act(x), dequantize(state).to(x.dtype), bias)`` through the fastest kernel, or None.
+
+    ``act`` is None (weight-only; ``x`` is used as given), ``"int8"`` or ``"fp8"`` (dynamic per-token
+    activation quantization, symmetric). None is returned where no kernel applies (the caller then runs
+    the reference). No autograd: callers use it under ``no_grad`` or when nothing needs a gradient.
+
+    Example::
+
+        >>> st = lowbit.quantize(torch.randn(64, 128), "int4", group_size=32)
+        >>> state_linear(torch.randn(2, 128), st).shape
+        torch.Size([2, 64])
+    """
+    if x.device != state.device or x.numel() == 0 or len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
+        return None
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if x.is_cuda:
+        if x.dtype not in _HALF or select.get_backend("gemm_4bit") == "reference":
+            return None
+        if torch.compiler.is_compiling():
+            return _cuda_linear_traced(x, state, bias, act)
+        return _cuda_linear(x, state, bias, act)
+    if torch.compiler.is_compiling():
+        return None  # CPU graphs trace the reference ops
+    if x.device.type != "cpu" or select.get_backend("gemm_4bit") not in ("auto", "reference") :
+        return None
+    if act == "int8":
+        if x.dtype == torch.float32 and cpu_has_vnni() and select.get_backend("int8_linear") == "auto":
+            p = _prepare_cpu_int8(state)
+            if p is not _NOT_APPLICABLE:
+                return _cpu_int8_dynamic(x, p, bias)
+        return None
+    if act is not None:
+        return None
+    return F.linear(x, _dense(state, x.dtype), bias)
+
+
+def prepare(state: QuantState, dtype: torch.dtype = None, act: Optional[str] = None) -> None:
+    """Derive (and cache) the kernel layout of ``state`` now, e.g. before capturing a CUDA graph."""
+    if state.device.type == "cuda":
+        from lowbit.kernels import api
+
+        if act == "int8":
+            _cuda_int8_weights(state)
+        elif act == "fp8":
+            pass
+        else:
+            prepare_linear(state)
+    elif state.device.type == "cpu":
+        if act == "int8" and cpu_has_vnni():
+            _prepare_cpu_int8(state)
+        elif act is None and dtype is not None:
+            _dense(state, dtype)

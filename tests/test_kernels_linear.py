@@ -1,0 +1,162 @@
+"""lowbit.kernels.linear (the path every frozen module's forward takes) on the CPU.
+
+* the dequantize-once cache is bit-identical to the reference, bounded by its budget, invalidated by
+  in-place edits and moves, and never reaches a saved file;
+* int8 x int8 with dynamic per-token activations (FBGEMM at small M, ``torch._int_mm`` above) equals the
+  module's fake-quantized reference up to float32 rounding, including codes of +-127 everywhere (no 16-bit
+  saturation) -- skipped where the CPU lacks VNNI (the path is not used there);
+* the CUDA layouts (``PreparedLinear``) dequantize to ``lowbit.dequantize`` for every format, and the
+  ``lowbit::gemv_lowbit`` op's CPU implementation equals ``F.linear`` on that weight.
+"""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.kernels import linear as L
+from lowbit.nn import Linear4bit, QLinear
+from lowbit.tensor.functional import quantize_tensor
+
+
+def _lin(n=48, k=128, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n)
+
+
+@pytest.mark.parametrize("weights", ["qint2", "qint4", "qint8", "qfloat8", "nf4"])
+def test_dense_cache_bit_identical_and_not_saved(weights, monkeypatch):
+    q = QLinear.from_module(_lin(), weights=weights)
+    x = torch.randn(5, 128)
+    before = q(x)
+    q.freeze()
+    buf0 = io.BytesIO()
+    torch.save(q.state_dict(), buf0)
+    with torch.no_grad():
+        y1 = q(x)
+        y2 = q(x)  # from the cache
+    assert torch.equal(y1, before) and torch.equal(y2, before)
+    assert L._cached(q.qstate, ("dense", torch.float32)) is not None
+    buf1 = io.BytesIO()
+    torch.save(q.state_dict(), buf1)
+    keys = set(q.state_dict())
+    assert {"weight.data", "weight.scales", "weight.meta", "bias"} <= keys
+    assert keys <= {"weight.data", "weight.scales", "weight.zeros", "weight.code", "weight.meta", "bias"}
+    assert buf0.getvalue() == buf1.getvalue()
+
+
+def test_dense_cache_budget_and_invalidation(monkeypatch):
+    lin = _lin()
+    st = quantize_tensor(lin.weight.detach(), "int4_asym", group_size=32)
+    q = QLinear.from_quant_state(lin, st)
+    x = torch.randn(3, 128)
+    monkeypatch.setenv("LOWBIT_DEQUANT_CACHE_MB", "0")
+    with torch.no_grad():
+        y = q(x)
+    assert L._cached(st, ("dense", torch.float32)) is None  # budget 0: nothing kept
+    assert torch.equal(y, F.linear(x, lowbit.dequantize(st), lin.bias))
+    monkeypatch.delenv("LOWBIT_DEQUANT_CACHE_MB")
+    with torch.no_grad():
+        q(x)
+        assert L._cached(st, ("dense", torch.float32)) is not None
+        st.scales.mul_(2)  # an in-place edit (as AWQ's scale folding does) invalidates the cached weight
+        y2 = q(x)
+    assert torch.equal(y2, F.linear(x, lowbit.dequantize(st), lin.bias))
+    monkeypatch.setenv("LOWBIT_DEQUANT_CACHE_MB", "x")
+    with pytest.raises(ValueError, match="LOWBIT_DEQUANT_CACHE_MB"):
+        L.cache_budget()
+
+
+def test_kernel_path_keeps_autograd():
+    m = Linear4bit.from_module(_lin(), quant_type="nf4")
+    m.freeze()
+    x = torch.randn(4, 128, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    w = lowbit.dequantize(m.qstate)
+    torch.testing.assert_close(x.grad, torch.ones(4, 48) @ w)
+
+
+needs_vnni = pytest.mark.skipif(not L.cpu_has_vnni(), reason="int8 CPU path needs VNNI (not used without it)")
+
+
+@needs_vnni
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_int8_dynamic_cpu_matches_fake_quant(M):
+    q = QLinear.from_module(_lin(96, 256), weights="qint8", activations="qint8", act_dynamic=True)
+    torch.manual_seed(M)
+    x = torch.randn(M, 256)
+    x[0] *= 30
+    ref = q(x)  # unfrozen: fake quantization + F.linear
+    q.freeze()
+    with torch.no_grad():
+        got = q(x)
+    assert L._cached(q.qstate, "cpu_int8") is not None
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_vnni
+@pytest.mark.parametrize("M", [1, 40])
+def test_int8_dynamic_cpu_no_saturation(M):
+    # every activation and weight code at +-127: u8 x s8 pair sums overflow int16 without VNNI
+    lin = nn.Linear(512, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.where(torch.rand(64, 512) < 0.5, -1.0, 1.0))
+    q = QLinear.from_module(lin, weights="qint8", activations="qint8", act_dynamic=True)
+    q.freeze()
+    x = torch.where(torch.rand(M, 512) < 0.5, -1.0, 1.0)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        got = q(x)
+    exact = x.double() @ lin.weight.double().T
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-3)
+
+
+def _prepared_cpu(state):
+    """A PreparedLinear built on the CPU (the CUDA prepare path, without the device check)."""
+    N, K = state.shape
+    if state.layout == "gguf":
+        return L._prepare_gguf(state)
+    if state.scheme == "int8":
+        return L.PreparedLinear(L._words(state.data, N, K, 8), state.scales.reshape(N, 1).float(), None, None, 8, K,
+                                1, 128.0, N, K)
+    from lowbit.kernels import api
+
+    p4 = api.prepare_4bit(state)
+    return L.PreparedLinear(L._words(state.data, N, K, 4), p4.scales, p4.zeros,
+                            p4.values.float() if p4.kind == 0 else None, 4, p4.group, p4.kind, 8.0, N, K, p4=p4)
+
+
+@pytest.mark.parametrize("scheme,kw", [("nf4", dict(block_size=64)), ("fp4", dict(block_size=64)),
+                                       ("nf4", dict(block_size=64, double_quant=True)),
+                                       ("int4", dict(group_size=128)), ("int4_asym", dict(group_size=32)),
+                                       ("int8", dict(axis=0)), ("q4_0", {}), ("q4_1", {}), ("q8_0", {})])
+def test_prepared_layout_dequantizes_exactly(scheme, kw):
+    import lowbit.kernels.ops  # noqa: F401
+
+    w = torch.randn(40, 256)
+    st = quantize_tensor(w, scheme, **kw)
+    p = _prepared_cpu(st)
+    ref = lowbit.dequantize(st).float()
+    got = p.dequantize(torch.float32)
+    if scheme == "q4_1":  # q * d + m vs (q * d) + m: the same float32 operations
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(got, ref)
+    x = torch.randn(3, 256)
+    y = torch.ops.lowbit.gemv_lowbit(x, p.words, p.scales, p.zeros, p.table, None, p.n, p.k, p.bits, p.group, p.kind,
+                                     p.zero, [16, 64, 2, 4, 1, 1])
+    torch.testing.assert_close(y, F.linear(x, ref), rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_op_fake_and_opcheck():
+    import lowbit.kernels.ops  # noqa: F401
+
+    st = quantize_tensor(torch.randn(16, 64), "int4", group_size=32)
+    p = _prepared_cpu(st)
+    x = torch.randn(2, 64)
+    torch.library.opcheck(torch.ops.lowbit.gemv_lowbit.default,
+                          (x, p.words, p.scales, p.zeros, p.table, None, p.n, p.k, p.bits, p.group, p.kind, p.zero,
+                           [16, 32, 2, 4, 1, 1]))
