@@ -527,8 +527,10 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     param = next(model.parameters())
     home = param.device
     device = torch.device(device) if device is not None else home
-    from lowbit.model.distributed import local_device
+    from lowbit.model.distributed import init_from_env, local_device
 
+    if method in CALIBRATED and pipeline == "staged":
+        init_from_env(device)  # launched by torchrun: join the process group
     device = local_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
