@@ -17,12 +17,22 @@ Example (two CPU processes)::
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, List, Optional, Tuple
 
 import torch
 
 #: environment every launched program of ours gets (NVLink multicast stays off)
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+#: seconds spent in collective calls by this process (statistics sums and solve broadcasts)
+COMM_SECONDS = {"reduce": 0.0, "broadcast": 0.0}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def is_active() -> bool:
@@ -78,11 +88,19 @@ def sum_in_rank_order(t: torch.Tensor) -> torch.Tensor:
         return t
     import torch.distributed as dist
 
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    out = parts[0].clone()
-    for p in parts[1:]:
-        out += p
+    _sync()
+    t0 = time.perf_counter()
+    out = None
+    for r in range(dist.get_world_size()):  # one rank's tensor at a time: memory of two copies, not N
+        buf = t.contiguous().clone() if r == dist.get_rank() else torch.empty_like(t)
+        dist.broadcast(buf, src=r)
+        if out is None:
+            out = buf
+        else:
+            out += buf
+        del buf
+    _sync()
+    COMM_SECONDS["reduce"] += time.perf_counter() - t0
     return out
 
 
@@ -103,8 +121,11 @@ def broadcast_object(obj: Any, src: int) -> Any:
         return obj
     import torch.distributed as dist
 
+    _sync()
+    t0 = time.perf_counter()
     box: List[Any] = [_to_cpu(obj) if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src)
+    COMM_SECONDS["broadcast"] += time.perf_counter() - t0
     return box[0]
 
 
