@@ -50,11 +50,16 @@ def build(shape: str, layers: int, vocab: int = 128256):
 
 
 def vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(spec: dict) -> None:
@@ -80,8 +85,11 @@ def worker(spec: dict) -> None:
     pred = plan(model, spec["method"], bits=4, group_size=128, n_samples=ids.shape[0], seq_len=ids.shape[1],
                 device="cuda", **({"max_memory": spec["kwargs"]["max_memory"]} if "max_memory" in spec.get("kwargs", {})
                                   and "max_memory" in plan.__code__.co_varnames else {}))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     torch.cuda.reset_peak_memory_stats(dev)
     torch.cuda.synchronize()
     D.barrier()
