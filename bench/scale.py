@@ -89,12 +89,17 @@ def one_cpu_run(spec: dict) -> dict:
     base = vm_hwm()
     reset_hwm()
     rss0 = vm_hwm()
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     kw = dict(spec.get("kwargs", {}))
     quantize_model_ptq(model, method=spec["method"], bits=4, group_size=128, sym=False, calib_dataset=ids,
                        progress=False, **kw)
     dt = time.perf_counter() - t0
-    return {**spec, "time_s": dt, "peak_rss_mb": vm_hwm() / 2 ** 20, "rss_before_mb": rss0 / 2 ** 20,
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {**spec, "time_s": dt, "cpu_s": cpu, "peak_rss_mb": vm_hwm() / 2 ** 20, "rss_before_mb": rss0 / 2 ** 20,
             "load_peak_mb": base / 2 ** 20, "digest": codes_digest(model),
             "load_avg": os.getloadavg()[0], "summary": {k: v for k, v in model.ptq_summary.items()
                                                         if isinstance(v, (int, float, str, dict))}}
