@@ -78,7 +78,7 @@ def worker(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats = lambda d=None: None
         torch.cuda.synchronize = lambda d=None: None
         torch.cuda.max_memory_allocated = lambda d=None: 0
-    torch.cuda.set_device(dev)
+    torch.cuda.set_device(dev if dev.index is not None or not cuda else torch.device("cuda", 0))
     model, cfg = build(spec["shape"], spec["layers"])
     ids = torch.randint(0, cfg.vocab_size, (spec.get("n_samples", 128), spec.get("seq_len", 2048 if cuda else 64)),
                         generator=torch.Generator().manual_seed(1))
@@ -155,8 +155,8 @@ def main():
     t_start = time.perf_counter()
     runs = [
         # name, shape, layers, method, nproc, kwargs, minimum seconds left to start it
-        ("gptq_8b_1gpu", "8b", 8, "gptq", 1, {"max_memory": "16GB"}, 60),
-        ("gptq_8b_2gpu", "8b", 8, "gptq", 2, {"max_memory": "16GB"}, 50),
+        ("gptq_8b_1gpu", "8b", 4, "gptq", 1, {"max_memory": "16GB"}, 40),
+        ("gptq_8b_2gpu", "8b", 4, "gptq", 2, {"max_memory": "16GB"}, 40),
         ("awq_8b_1gpu", "8b", 4, "awq", 1, {"max_memory": "14GB"}, 40),
         ("awq_8b_2gpu", "8b", 4, "awq", 2, {"max_memory": "14GB"}, 35),
         ("gptq_70b_2gpu", "70b", 2, "gptq", 2, {"max_memory": "40GB"}, 70),

@@ -129,6 +129,20 @@ def broadcast_object(obj: Any, src: int) -> Any:
     return box[0]
 
 
+def broadcast_tensors(tensors: List[torch.Tensor], src: int) -> None:
+    """Broadcast ``tensors`` (allocated with the right shapes on every rank) from rank ``src``, in place."""
+    if not is_active():
+        return
+    import torch.distributed as dist
+
+    _sync()
+    t0 = time.perf_counter()
+    for t in tensors:
+        dist.broadcast(t, src=src)
+    _sync()
+    COMM_SECONDS["broadcast"] += time.perf_counter() - t0
+
+
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.cpu()

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.algorithms.awq import awq_search
-from lowbit.algorithms.gptq import gptq_factor, gptq_quantize
+from lowbit.algorithms.gptq import GPTQResult, gptq_factor, gptq_quantize
 from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.algorithms.stats import InputStats, gram
@@ -362,10 +362,27 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
     over the ranks of a data-parallel run)."""
     H = stage.stats.hessian().float().to(modules[stage.names[0]].weight.device)
     factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True))
+    from lowbit.model.distributed import broadcast_tensors, is_active, rank_world
+
     for i, n in enumerate(stage.names):
         w = modules[n].weight.detach()
-        res = _on_owner(_solve_owner(i),
-                        lambda w=w: gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts))
+        owner = _solve_owner(i)
+        if is_active() and opts.get("gguf_type") is None:  # plain tensors: broadcast them directly
+            if rank_world()[0] == owner:
+                res = gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts)
+                tensors = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
+            else:
+                g = w.shape[1] if group_size in (-1, None) else group_size
+                G = -(-w.shape[1] // g)
+                res = GPTQResult(codes=torch.empty(w.shape, dtype=torch.uint8, device=w.device),
+                                 scales=torch.empty(w.shape[0], G, device=w.device),
+                                 zeros=torch.empty(w.shape[0], G, device=w.device), loss=0.0, damp=factor[4],
+                                 bits=bits, group_size=g, sym=sym, dtype=w.dtype)
+                tensors = [res.codes, res.scales, res.zeros]
+            broadcast_tensors(tensors, owner)
+            res.codes, res.scales, res.zeros = tensors
+        else:
+            res = _on_owner(owner, lambda w=w: gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts))
         dev = w.device
         res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)
         stage.states[n] = res.state
