@@ -155,9 +155,9 @@ def main():
     t_start = time.perf_counter()
     runs = [
         # name, shape, layers, method, nproc, kwargs, minimum seconds left to start it
-        ("gptq_8b_1gpu", "8b", 4, "gptq", 1, {"max_memory": "16GB"}, 40),
-        ("gptq_8b_2gpu", "8b", 4, "gptq", 2, {"max_memory": "16GB"}, 40),
-        ("awq_8b_1gpu", "8b", 4, "awq", 1, {"max_memory": "14GB"}, 40),
+        ("gptq_8b_1gpu", "8b", int(os.environ.get("SCALE_LAYERS", 4)), "gptq", 1, {"max_memory": "16GB"}, 30),
+        ("gptq_8b_2gpu", "8b", int(os.environ.get("SCALE_LAYERS", 4)), "gptq", 2, {"max_memory": "16GB"}, 30),
+        ("awq_8b_1gpu", "8b", int(os.environ.get("SCALE_LAYERS", 4)), "awq", 1, {"max_memory": "14GB"}, 25),
         ("awq_8b_2gpu", "8b", 4, "awq", 2, {"max_memory": "14GB"}, 35),
         ("gptq_70b_2gpu", "70b", 2, "gptq", 2, {"max_memory": "40GB"}, 70),
         ("gptq_8b_1gpu_nooffload_mb16", "8b", 2, "gptq", 1, {"micro_batch": 16}, 30),
