@@ -207,6 +207,10 @@ class ActivationStore:
         if rec is not None:
             self._free(rec)
 
+    def fits_device(self, obj: Any) -> bool:
+        """Whether ``obj``'s tensors would all stay on the device (within the budget)."""
+        return self.bytes["device"] + _nbytes(obj) <= self.budget
+
     def __contains__(self, key: int) -> bool:
         return key in self._items
 
@@ -219,6 +223,16 @@ class ActivationStore:
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
 
 
 __all__ = ["ActivationStore", "parse_bytes", "current_rss", "host_available", "device_in_use", "device_total_free"]

@@ -725,7 +725,10 @@ class _BlockRunner:
             if k is not None:
                 return self.store.get(k)
             out = orig(*args, **kwargs)
-            if self.recording and all(self.final[i] for i in stage_ids):
+            # on a GPU recomputing is cheaper than a round trip through host memory: record only what
+            # stays on the device (on the CPU a record spilled to a file still beats recomputing)
+            if self.recording and all(self.final[i] for i in stage_ids) and (
+                    self.store.device.type == "cpu" or self.store.fits_device(out)):
                 prefix = name + "."
                 for other in [kk for kk in self.cache if kk[0] == self.mb and kk[1].startswith(prefix)]:
                     self.store.drop(self.cache.pop(other))
