@@ -164,6 +164,15 @@ def _apply_method(model, tok, method: str, args):
             # error-compensated GGUF: the method optimises for the exact llama.cpp block grid
             call["gguf_type"] = gguf_type
             _log(args, f"{name}: optimising for the GGUF {gguf_type} block grid (blocks of 32)")
+    if name in CALIBRATED:  # calibration memory and resume (quantize's --max-memory/--micro-batch/--resume)
+        if getattr(args, "max_memory", None) is not None:
+            call["max_memory"] = args.max_memory
+        if getattr(args, "micro_batch", None) is not None:
+            call["micro_batch"] = args.micro_batch
+        if getattr(args, "output", None) and not getattr(args, "no_checkpoint", False) \
+                and hasattr(args, "resume"):
+            call["checkpoint_dir"] = str(Path(args.output) / ".lowbit-checkpoint")
+            call["resume"] = bool(args.resume)
     model = lowbit.quantize(model, method=name, **call)
     freeze(model)
     return model, time.perf_counter() - t0
@@ -212,8 +221,28 @@ def _emit(args, payload: Dict[str, Any], text: Optional[str] = None) -> None:
 # subcommands
 
 
+def _relaunch_nproc(args) -> int:
+    """``--nproc N``: run this same command as N torch.distributed processes (rank 0 writes)."""
+    import subprocess
+
+    from lowbit.model.distributed import SAFE_ENV
+
+    argv = list(sys.argv[1:])
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    if i is not None:
+        del argv[i:i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    env = dict(os.environ, **SAFE_ENV)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "-m", "lowbit", *argv]
+    return subprocess.call(cmd, env=env)
+
+
 def cmd_quantize(args) -> int:
     from lowbit.model.plan import measure_peak_rss, plan
+
+    if getattr(args, "nproc", None) and args.nproc > 1 and "RANK" not in os.environ:
+        return _relaunch_nproc(args)
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     known = ("native", "gguf", "compressed-tensors", "gptq")
@@ -248,6 +277,8 @@ def cmd_quantize(args) -> int:
             ref_model = copy.deepcopy(model)
     _log(args, f"quantizing {args.model} with {args.method} ...")
     model, seconds = _apply_method(model, tok, args.method, args)
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel run: rank 0 writes the files
+        return EXIT_OK
     meta: Dict[str, Any] = {"model": args.model, "method": args.method, "bits": args.bits,
                             "group_size": args.group_size, "sym": not args.asym, "quantize_seconds": seconds,
                             **_size_report(model), "predicted": prediction,
@@ -481,6 +512,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-type", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
     p.add_argument("--max-ppl-increase", type=float, default=None, help="quality gate on perplexity")
     p.add_argument("--max-kld", type=float, default=None, help="quality gate on mean KL divergence")
+    p.add_argument("--max-memory", default=None,
+                   help="gptq/awq: peak memory the calibration may use on the device, e.g. 1.5GB (default: what "
+                        "the device has free); activations beyond it are offloaded to host memory or disk")
+    p.add_argument("--micro-batch", type=int, default=None, help="gptq/awq: calibration samples per forward")
+    p.add_argument("--resume", action="store_true",
+                   help="gptq/awq: restart an interrupted run from its last finished block "
+                        "(checkpoints in OUTPUT/.lowbit-checkpoint)")
+    p.add_argument("--no-checkpoint", action="store_true", help="gptq/awq: write no per-block checkpoints")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="gptq/awq: data-parallel calibration over N processes (torch.distributed; gloo on CPU, "
+                        "NCCL on GPUs)")
     _quant_opts(p)
     _eval_opts(p)
     _common(p)

@@ -105,6 +105,23 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     raise RuntimeError(f"GPTQ: the Hessian is not positive definite even with dampening {damp:.3g}")
 
 
+def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True) -> tuple:
+    """What :func:`gptq_quantize` derives from ``H`` alone: ``(H with dead inputs fixed, dead mask,
+    column order, upper Cholesky factor of the damped inverse, dampening)``. Pass it as ``factor=``
+    to quantize several weights that share ``H`` (q/k/v) without repeating the factorisation."""
+    H = H.detach().float().clone()
+    K = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(K, device=H.device)
+    Hp = H[perm][:, perm]
+    U, damp = damped_inverse_cholesky(Hp, percdamp)
+    return H, dead, perm, U, damp
+
+
 def _schur_objective(U: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
     """``[(H_rest^{-1})_{PP}]^{-1}`` for the sweep positions ``pos`` once ``start`` columns are done."""
     A = U[start:int(pos.max()) + 1][:, pos]
@@ -170,7 +187,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
                   n_grid: Optional[int] = None, max_shrink: Optional[float] = None,
-                  gguf_type: Optional[str] = None, two_sided: int = 0) -> GPTQResult:
+                  gguf_type: Optional[str] = None, two_sided: int = 0,
+                  factor: Optional[tuple] = None) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.
 
     See the module docstring for the options. Returns a :class:`GPTQResult` (``.state`` is the
@@ -204,21 +222,14 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                           n_grid=n_grid, max_shrink=max_shrink, refine=0, two_sided=two_sided)
     dev = weight.device
     W = weight.detach().float().clone()
-    H = H.detach().float().clone().to(dev)
+    if factor is None:
+        factor = gptq_factor(H.detach().float().to(dev), percdamp, act_order)
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    H, dead, perm, U, damp = factor
     W[:, dead] = 0.0
     W_orig = W.clone()
-
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-    else:
-        perm = torch.arange(K, device=dev)
     invperm = torch.argsort(perm)
     W = W[:, perm]
-    Hp = H[perm][:, perm]
-    U, damp = damped_inverse_cholesky(Hp, percdamp)
 
     G = len(bounds)
     scales = torch.zeros(R, G, dtype=torch.float32, device=dev)
@@ -306,5 +317,5 @@ def layer_output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tenso
     return float(((E @ H.float()) * E).sum())
 
 
-__all__ = ["gptq_quantize", "GPTQResult", "refit_scales", "damped_inverse_cholesky", "layer_output_error",
+__all__ = ["gptq_quantize", "gptq_factor", "GPTQResult", "refit_scales", "damped_inverse_cholesky", "layer_output_error",
            "GROUP_OBJECTIVES"]

@@ -69,6 +69,38 @@ class InputStats:
             self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
 
+    def add_samples(self, x: torch.Tensor) -> None:
+        """Accumulate ``x [samples, ..., in]`` one sample at a time, in order (``[rows, in]``: one row
+        per sample), each sample's ``x^T x`` computed alone in fp32 and added to the sums.
+
+        With float64 sums (``dtype=torch.float64``) the result does not depend on how the samples were
+        batched (micro-batch 1, 7 or all give the same bits, given the same per-sample inputs)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
+        x = x.detach()
+        if x.dim() < 2:
+            x = x.reshape(1, -1)
+        samples = x.reshape(x.shape[0], -1, self.in_features)
+        k = self.in_features
+        dev = samples.device
+        if self.xtx is not None and self.xtx.device != dev or self.abs_sum is not None and self.abs_sum.device != dev:
+            self.to(dev)
+        # per-sample products, a few samples per batched matmul (how many depends on k only, so the
+        # same samples give the same bits whatever the micro-batch)
+        per = max(1, (64 * 2 ** 20) // (k * k * 4))
+        for a in range(0, samples.shape[0], per):
+            xs = samples[a:a + per].float()
+            if self.xtx is not None:
+                g = torch.bmm(xs.transpose(1, 2), xs)
+                for i in range(g.shape[0]):
+                    self.xtx += g[i]
+                del g
+            if self.abs_sum is not None:
+                sa = xs.abs().sum(1)
+                for i in range(sa.shape[0]):
+                    self.abs_sum += sa[i]
+            self.count += xs.shape[0] * xs.shape[1]
+
     def to(self, device) -> "InputStats":
         if self.xtx is not None:
             self.xtx = self.xtx.to(device)

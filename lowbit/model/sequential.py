@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.algorithms.awq import awq_search
-from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.gptq import GPTQResult, gptq_factor, gptq_quantize
 from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.algorithms.stats import InputStats, gram
@@ -58,7 +58,7 @@ _GPTQ_KEYS = ("percdamp", "blocksize", "act_order", "static_groups", "group_obje
               "max_shrink", "gguf_type", "two_sided")
 _AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie", "two_sided", "joint", "refine",
              "gguf_type")
-_HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init")
+_HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init", "early_stop")
 _RTN_KEYS = ("search", "n_grid", "max_shrink", "refine", "gguf_type")
 METHOD_OPTIONS = {"gptq": _GPTQ_KEYS, "awq": _AWQ_KEYS, "hqq": _HQQ_KEYS, "rtn": _RTN_KEYS}
 
@@ -340,38 +340,75 @@ def _split_options(method: str, options: Dict[str, Any]) -> Dict[str, Any]:
     return dict(options)
 
 
+def _solve_owner(i: int) -> int:
+    """The rank that solves unit ``i`` of a stage (round robin); 0 when not distributed."""
+    from lowbit.model.distributed import rank_world
+
+    return i % rank_world()[1]
+
+
+def _on_owner(owner: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank ``owner``, its result broadcast to every rank (just ``fn()`` in one process)."""
+    from lowbit.model.distributed import broadcast_object, is_active, rank_world
+
+    if not is_active():
+        return fn()
+    res = fn() if rank_world()[0] == owner else None
+    return broadcast_object(res, owner)
+
+
 def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
-    H = stage.stats.hessian()
-    ws = [modules[n].weight.detach() for n in stage.names]
-    rows = [w.shape[0] for w in ws]
-    res = gptq_quantize(torch.cat(ws, 0), H, bits, group_size, sym, **opts)  # same H: stacked rows
-    start = 0
-    for n, r, w in zip(stage.names, rows, ws):
-        sl = slice(start, start + r)
-        start += r
-        sub = type(res)(codes=res.codes[sl], scales=res.scales[sl], zeros=res.zeros[sl], loss=0.0, damp=res.damp,
-                        bits=res.bits, group_size=res.group_size, sym=res.sym, dtype=w.dtype, grid=res.grid)
-        stage.states[n] = sub.state
+    """GPTQ each linear of the stage on the stage's shared Hessian (one solve unit per linear, spread
+    over the ranks of a data-parallel run)."""
+    H = stage.stats.hessian().float().to(modules[stage.names[0]].weight.device)
+    factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True))
+    from lowbit.model.distributed import broadcast_tensors, is_active, rank_world
+
+    for i, n in enumerate(stage.names):
+        w = modules[n].weight.detach()
+        owner = _solve_owner(i)
+        if is_active() and opts.get("gguf_type") is None:  # plain tensors: broadcast them directly
+            if rank_world()[0] == owner:
+                res = gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts)
+                tensors = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
+            else:
+                g = w.shape[1] if group_size in (-1, None) else group_size
+                G = -(-w.shape[1] // g)
+                res = GPTQResult(codes=torch.empty(w.shape, dtype=torch.uint8, device=w.device),
+                                 scales=torch.empty(w.shape[0], G, device=w.device),
+                                 zeros=torch.empty(w.shape[0], G, device=w.device), loss=0.0, damp=factor[4],
+                                 bits=bits, group_size=g, sym=sym, dtype=w.dtype)
+                tensors = [res.codes, res.scales, res.zeros]
+            broadcast_tensors(tensors, owner)
+            res.codes, res.scales, res.zeros = tensors
+        else:
+            res = _on_owner(owner, lambda w=w: gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts))
+        dev = w.device
+        res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)
+        stage.states[n] = res.state
         with torch.no_grad():
-            modules[n].weight.copy_(sub.dequantize().to(w.dtype))
+            modules[n].weight.copy_(res.dequantize().to(w.dtype))
 
 
 def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
     opts = dict(opts)
     if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
         stage.fold, stage.tie = None, None
-    H = stage.stats.hessian()
-    mean = stage.stats.act_absmean()
+    H = stage.stats.hessian().float()
+    mean = stage.stats.act_absmean().float()
     ws = [modules[n].weight.detach() for n in stage.names]
-    res = awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None, tie=stage.tie, **opts)
+    res = _on_owner(_solve_owner(len(stage.names) - 1),
+                    lambda: awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None,
+                                       tie=stage.tie, **opts))
+    dev = ws[0].device
     if stage.fold is None:
         stage.input_scales = None
     else:
-        stage.input_scales = res.tied_scales if stage.tie is not None else res.input_scales
+        stage.input_scales = (res.tied_scales if stage.tie is not None else res.input_scales).to(dev)
     for n, st, w_eff in zip(stage.names, res.states, res.effective_weights):
-        stage.states[n] = st
+        stage.states[n] = st.to(dev)
         with torch.no_grad():  # mathematically the folded pair: (x / s) @ Q(W s)^T
-            modules[n].weight.copy_(w_eff.to(modules[n].weight.dtype))
+            modules[n].weight.copy_(w_eff.to(dev).to(modules[n].weight.dtype))
 
 
 def _fold_awq(root: nn.Module, stage: _Stage, installed: Dict[str, nn.Module]) -> None:
@@ -459,6 +496,8 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
                        include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = ("lm_head",),
                        calib_dataset: Any = None, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
                        device: Any = None, progress: bool = True, tokenizer: Any = None, batch_size: int = 8,
+                       micro_batch: Optional[int] = None, max_memory: Any = None, offload_dir: Optional[str] = None,
+                       checkpoint_dir: Optional[str] = None, resume: bool = False, pipeline: str = "staged",
                        **method_options: Any) -> nn.Module:
     """Weight-only PTQ of every selected ``nn.Linear`` of ``model`` (in place); returns ``model``.
 
@@ -469,9 +508,23 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     suffix, so ``"lm_head"`` excludes ``model.lm_head``). ``method_options`` go to the algorithm
     (e.g. ``percdamp``, ``act_order``, ``group_objective`` for GPTQ; ``n_grid``, ``clip`` for AWQ).
 
+    Calibration memory (see the module doc): samples go through each block ``micro_batch`` at a time
+    (default ``batch_size``); the activations kept between passes stay on ``device`` within
+    ``max_memory`` (bytes or ``"1.5GB"``: the peak the run may reach on the device, default what the
+    device has free) and are offloaded beyond it (pinned host memory, then files under
+    ``offload_dir``, default the system temp dir). The codes do not depend on ``micro_batch`` nor on
+    ``max_memory``.
+
+    ``checkpoint_dir``: after every block, its quantized states and the next block's inputs are
+    written there atomically; ``resume=True`` restarts from the last finished block found there
+    (bit-identical result). Under ``torchrun`` (``torch.distributed`` initialised) the samples are
+    shared between the ranks (:mod:`lowbit.model.distributed`).
+
     The summary (time, bits per weight, sizes, peak memory) is logged and stored as
     ``model.ptq_summary``.
     """
+    from lowbit.model.offload import parse_bytes
+
     method = method.lower()
     if method not in PTQ_METHODS:
         raise ValueError(f"method={method!r}: expected one of {PTQ_METHODS}")
@@ -479,11 +532,23 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
         raise ValueError(f"bits={bits!r}: expected 2, 3, 4 or 8 (any integer 2..8 works)")
     if not (group_size == -1 or (isinstance(group_size, int) and group_size > 0)):
         raise ValueError(f"group_size={group_size!r}: must be a positive integer or -1")
+    if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch <= 0):
+        raise ValueError(f"micro_batch={micro_batch!r}: must be a positive integer")
+    if pipeline not in ("staged", "threads"):
+        raise ValueError(f"pipeline={pipeline!r}: expected 'staged' or 'threads'")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir= (where the per-block checkpoints are)")
+    budget = parse_bytes(max_memory)
     opts = _split_options(method, method_options)
     t0 = time.perf_counter()
     param = next(model.parameters())
     home = param.device
     device = torch.device(device) if device is not None else home
+    from lowbit.model.distributed import init_from_env, local_device
+
+    if method in CALIBRATED and pipeline == "staged":
+        init_from_env(device)  # launched by torchrun: join the process group
+    device = local_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     selected = _select_linears(model, include, exclude)
@@ -511,8 +576,16 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     else:
         ids = _calibration_tokens(model, calib_dataset, tokenizer, n_samples, seq_len, seed)
         extra["calib_tokens"] = int(ids.numel())
-        _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, batch_size,
-                        progress, states, extra)
+        if pipeline == "threads":  # the previous all-samples-at-once pipeline (kept for comparisons)
+            _run_calibrated_threads(model, method, selected, ids, bits, group_size, sym, opts, device, home,
+                                    batch_size, progress, states, extra)
+        else:
+            cfg = _RunConfig(micro_batch=micro_batch or batch_size, budget=budget, offload_dir=offload_dir,
+                             checkpoint_dir=checkpoint_dir, resume=resume,
+                             fingerprint=_fingerprint(model, method, bits, group_size, sym, opts, ids, include,
+                                                      exclude, micro_batch or batch_size))
+            _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, cfg, progress,
+                            states, extra)
 
     elapsed = time.perf_counter() - t0
     q_bytes = sum(st.nbytes for st in states.values())
@@ -534,14 +607,394 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     return model
 
 
-def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, batch_size, progress,
-                    states, extra) -> None:
+# ---------------------------------------------------------------------------------------------
+# the micro-batched, memory-bounded pipeline
+
+
+class _StopAtStage(Exception):
+    """Raised by a stage's pre-hook: this micro-batch reached the stage being calibrated."""
+
+    def __init__(self, idx: int) -> None:
+        super().__init__(idx)
+        self.idx = idx
+
+
+@dataclass
+class _RunConfig:
+    micro_batch: int = 8
+    budget: Optional[int] = None
+    offload_dir: Optional[str] = None
+    checkpoint_dir: Optional[str] = None
+    resume: bool = False
+    fingerprint: str = ""
+    replay: bool = True
+
+
+def _fingerprint(model, method, bits, group_size, sym, opts, ids, include, exclude, micro_batch) -> str:
+    import hashlib
+
+    from lowbit.model.distributed import rank_world
+
+    h = hashlib.sha256()
+    h.update(repr((method, bits, group_size, sym, sorted((k, repr(v)) for k, v in opts.items()), include, exclude,
+                   micro_batch, rank_world()[1], tuple(ids.shape))).encode())
+    h.update(ids.contiguous().cpu().numpy().tobytes())
+    for n, p in model.named_parameters():
+        h.update(f"{n}{tuple(p.shape)}{p.dtype}".encode())
+    return h.hexdigest()[:24]
+
+
+def _working_reserve(block: nn.Module, micro: int, seq: int, act_bytes: int) -> int:
+    """Bytes one micro-batch needs while it goes through ``block`` (activations, Hessian sums, solve)."""
+    lins = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    if not lins:
+        return 0
+    k_max = max(m.in_features for m in lins)
+    width = sum(m.out_features for m in lins)
+    acts = micro * seq * (width + 4 * k_max) * max(act_bytes, 4)
+    stats = k_max * k_max * (8 + 4 * 6)  # float64 sums + the solver's fp32 work matrices
+    w = max(m.weight.numel() for m in lins) * 4 * 4
+    return int(acts + stats + w)
+
+
+class _BlockRunner:
+    """Calibrates one block (or the whole model) pass by pass over micro-batches (see module doc).
+
+    Pass ``k`` runs every micro-batch until it reaches the first linear of a stage not yet quantized,
+    adds that input to the stage's sums and stops there; the earliest such stage (over all ranks) is
+    then quantized. When no micro-batch stops any more, the pass's outputs are the block's outputs.
+    Sub-modules whose linears are all final are recorded the first time they complete and replayed
+    afterwards, so each part of the block is computed about once overall.
+    """
+
+    def __init__(self, root: Optional[nn.Module], stages: List[_Stage], modules: Dict[str, nn.Linear],
+                 quantize_stage: Callable[[_Stage], None], need_h: bool, need_abs: bool, store, replay: bool,
+                 on_stage_done: Optional[Callable[[_Stage], None]] = None) -> None:
+        self.root, self.stages, self.modules = root, stages, modules
+        self.quantize_stage, self.on_stage_done = quantize_stage, on_stage_done
+        self.need_h, self.need_abs = need_h, need_abs
+        self.store = store
+        self.final = [False] * len(stages)
+        self.stage_of = {n: i for i, st in enumerate(stages) for n in st.names}
+        self.acc: Dict[int, InputStats] = {}
+        self.replay = replay and root is not None
+        self.cache: Dict[tuple, int] = {}
+        self.recording = False
+        self.mb = 0
+        self.counts: Dict[str, int] = {}
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _pre_hook(self, name: str):
+        idx = self.stage_of[name]
+
+        def hook(module, args, kwargs):
+            if self.final[idx]:
+                return None
+            x = args[0] if args else kwargs["input"]
+            st = self.acc.get(idx)
+            if st is None:
+                st = self.acc[idx] = InputStats(x.shape[-1], hessian=self.need_h, absmean=self.need_abs,
+                                                device=x.device, dtype=torch.float64)
+            st.add_samples(x)
+            raise _StopAtStage(idx)
+
+        return hook
+
+    def _candidates(self) -> Dict[str, Tuple[nn.Module, set]]:
+        """Sub-modules worth replaying (they hold a linear), with the stages of the linears inside."""
+        out = {}
+        for name, mod in self.root.named_modules():
+            if not name or isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+                continue
+            inner = [n for n, m in mod.named_modules() if isinstance(m, nn.Linear)]
+            if not inner:
+                continue
+            ids = {id(m) for m in mod.modules()}
+            st = {self.stage_of[n] for n, m in self.modules.items() if id(m) in ids and n in self.stage_of}
+            out[name] = (mod, st)
+        return out
+
+    def _wrap(self, name: str, mod: nn.Module, stage_ids: set):
+        orig = mod.forward
+
+        def forward(*args, **kwargs):
+            c = self.counts.get(name, 0)
+            self.counts[name] = c + 1
+            key = (self.mb, name, c)
+            k = self.cache.get(key)
+            if k is not None:
+                return self.store.get(k)
+            out = orig(*args, **kwargs)
+            # on a GPU recomputing is cheaper than a round trip through host memory: record only what
+            # stays on the device (on the CPU a record spilled to a file still beats recomputing)
+            if self.recording and all(self.final[i] for i in stage_ids) and (
+                    self.store.device.type == "cpu" or self.store.fits_device(out)):
+                prefix = name + "."
+                for other in [kk for kk in self.cache if kk[0] == self.mb and kk[1].startswith(prefix)]:
+                    self.store.drop(self.cache.pop(other))
+                self.cache[key] = self.store.put(out)
+            return out
+
+        return forward
+
+    # -- driver -------------------------------------------------------------------------------
+    def run(self, fn: Callable[[Any], Any], items: List[int]) -> List[int]:
+        """Run the stages over the stored micro-batches ``items``; returns the keys of their outputs."""
+        from lowbit.model.distributed import min_over_ranks, sum_in_rank_order
+
+        handles = [self.modules[n].register_forward_pre_hook(self._pre_hook(n), with_kwargs=True)
+                   for n in self.stage_of]
+        wrapped = []
+        if self.replay:
+            for name, (mod, st) in self._candidates().items():
+                wrapped.append((mod, mod.__dict__.get("forward")))
+                mod.forward = self._wrap(name, mod, st)
+        never = len(self.stages)
+        try:
+            while True:
+                all_final = all(self.final)
+                self.recording = self.replay and not all_final
+                self.acc = {}
+                stopped: Dict[int, int] = {}
+                outs: Dict[int, int] = {}
+                for j, key in enumerate(items):
+                    self.mb, self.counts = j, {}
+                    obj = self.store.get(key)
+                    try:
+                        with torch.no_grad():
+                            out = fn(obj)
+                    except _StopAtStage as e:
+                        stopped[j] = e.idx
+                        continue
+                    finally:
+                        del obj
+                    outs[j] = self.store.put(out)
+                    del out
+                target = min_over_ranks(min(stopped.values(), default=never))
+                if target == never:  # every micro-batch went through: the outputs are final
+                    for i, st in enumerate(self.stages):
+                        if not self.final[i]:  # layers no sample reached: quantized without data
+                            self._rtn_unreached(st)
+                            self.final[i] = True
+                    return [outs[j] for j in range(len(items))]
+                for k in outs.values():
+                    self.store.drop(k)
+                stage = self.stages[target]
+                st = self.acc.get(target)
+                if st is None:  # this rank's samples never reached it: zero sums
+                    ref = self.modules[stage.names[0]]
+                    st = InputStats(ref.in_features, hessian=self.need_h, absmean=self.need_abs,
+                                    device=ref.weight.device, dtype=torch.float64)
+                st = _reduce_stats(st, sum_in_rank_order)
+                self.acc = {}
+                stage.stats = st
+                self.quantize_stage(stage)
+                stage.stats = None
+                stage.done = True
+                self.final[target] = True
+                if self.on_stage_done is not None:
+                    self.on_stage_done(stage)
+        finally:
+            for h in handles:
+                h.remove()
+            for mod, prev in wrapped:
+                if prev is None:
+                    mod.__dict__.pop("forward", None)
+                else:
+                    mod.forward = prev
+            for k in self.cache.values():
+                self.store.drop(k)
+            self.cache = {}
+
+    def _rtn_unreached(self, stage: _Stage) -> None:
+        stage.unreached = True
+        stage.done = True
+
+
+def _reduce_stats(st: InputStats, reduce) -> InputStats:
+    from lowbit.model.distributed import is_active
+
+    if not is_active():
+        return st
+    if st.xtx is not None:
+        st.xtx = reduce(st.xtx)
+    if st.abs_sum is not None:
+        st.abs_sum = reduce(st.abs_sum)
+    n = reduce(torch.tensor([float(st.count)], dtype=torch.float64,
+                            device=(st.xtx if st.xtx is not None else st.abs_sum).device))
+    st.count = int(n.item())
+    return st
+
+
+def _micro_batches(n: int, micro: int) -> List[Tuple[int, int]]:
+    """This rank's micro-batches ``[(start, stop)]`` of the ``n`` samples."""
+    from lowbit.model.distributed import rank_world, shard
+
+    rank, world = rank_world()
+    a, b = shard(n, rank, world)
+    return [(i, min(i + micro, b)) for i in range(a, b, micro)]
+
+
+def _make_store(device: torch.device, cfg: _RunConfig, reserve: int):
+    """The activation store, its device budget derived from ``max_memory`` (the run's peak target)."""
+    from lowbit.model.offload import ActivationStore, device_in_use, device_total_free, host_available
+
+    total = cfg.budget if cfg.budget is not None else device_total_free(device)
+    avail = max(total - device_in_use(device) - reserve, 0)
+    host = None
+    if device.type == "cuda":
+        host = int(host_available() * 0.5)
+    return ActivationStore(device, avail, host_budget=host, spill_dir=cfg.offload_dir)
+
+
+def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, cfg: _RunConfig,
+                    progress, states, extra) -> None:
+    from lowbit.model import resume as ckpt
+    from lowbit.model.distributed import rank_world
+
+    blocks_name, blocks = find_blocks(model)
+    quantize_fn = {"gptq": _gptq_stage, "awq": _awq_stage}[method]
+    need_h, need_abs = True, method == "awq"
+    mbs = _micro_batches(ids.shape[0], cfg.micro_batch)
+    seq = ids.shape[1]
+    extra["micro_batch"] = cfg.micro_batch
+    extra["world_size"] = rank_world()[1]
+
+    if blocks is None:  # whole-model statistics: the model is one block
+        logger.info("no decoder block list found: quantizing with whole-model statistics")
+        model.to(device)
+        store = _make_store(device, cfg, 0)
+        try:
+            items = [store.put(ids[a:b].to(device)) for a, b in mbs]
+            stages = [_Stage([n]) for n in selected]
+            _run_stages_mb(model, None, stages, selected, lambda x: model(x), items, store, quantize_fn, bits,
+                           group_size, sym, opts, need_h, need_abs, states, progress, "model", cfg)
+        finally:
+            store.close()
+        model.to(home)
+        return
+
+    _to_device_except(model, blocks, device)
+    dtype_bytes = next(model.parameters()).element_size()
+    reserve = max(_working_reserve(b, cfg.micro_batch, seq, dtype_bytes) for b in blocks[:1]) + \
+        (sum(p.numel() * p.element_size() for p in blocks[0].parameters()) if device != home else 0)
+    store = _make_store(device, cfg, reserve)
+    checkpoints = ckpt.BlockCheckpoints(cfg.checkpoint_dir, cfg.fingerprint) if cfg.checkpoint_dir else None
+    start_block = 0
+    try:
+        items = None
+        if checkpoints is not None and cfg.resume:
+            got = checkpoints.load(model, blocks, blocks_name, selected, states)
+            if got is not None:
+                start_block, acts = got
+                items = [store.put(a) for a in acts]
+                logger.info("resuming after block %d from %s", start_block - 1, cfg.checkpoint_dir)
+        if items is None:
+            items = []
+            for a, b in mbs:
+                items.append(store.put(_capture_block0(model, blocks[0], ids[a:b], b - a, device)[0]))
+        inside = set(n for n in selected if any(n.startswith(f"{blocks_name}.{i}.") for i in range(start_block)))
+        bar = _progress(total=len(blocks), desc=f"{method} blocks", enabled=progress)
+        bar.update(start_block)
+        extra["offload_peak_bytes"] = {"device": 0, "host": 0, "disk": 0}
+        for bi in range(start_block, len(blocks)):
+            block = blocks[bi]
+            prefix = f"{blocks_name}.{bi}." if blocks_name else f"{bi}."
+            block_home = next(block.parameters()).device
+            block.to(device)
+            sel = {n: m for n, m in selected.items() if n.startswith(prefix)}
+            inside.update(sel)
+            stages = _block_stages(block, sel, prefix)
+
+            def run_block(item, block=block):
+                args, kwargs = item
+                return _first_tensor(block(*args, **kwargs))
+
+            outs = _run_stages_mb(model, block, stages, sel, run_block, items, store, quantize_fn, bits, group_size,
+                                  sym, opts, need_h, need_abs, states, progress, f"block {bi}", cfg)
+            new_items = []
+            for o, it in zip(outs, items):
+                args, kwargs = store.get(it, pop=True)
+                out = store.get(o, pop=True)
+                new_items.append(store.put(((out,) + tuple(args[1:]), kwargs)))
+                del args, kwargs, out
+            items = new_items
+            block.to(block_home)
+            for k, v in store.peak.items():
+                extra["offload_peak_bytes"][k] = max(extra["offload_peak_bytes"][k], v)
+            if checkpoints is not None:
+                checkpoints.save(bi, block, prefix, {n: states[n] for n in sel}, (store.get(k) for k in items))
+            bar.update(1)
+        bar.close()
+        for k in items:
+            store.drop(k)
+    finally:
+        store.close()
+    rest = {n: m for n, m in selected.items() if n not in inside}
+    if rest:  # selected linears outside the blocks (e.g. lm_head when included): whole-model pass
+        stages = [_Stage([n]) for n in rest]
+        store = _make_store(device, cfg, 0)
+        try:
+            items = [store.put(ids[a:b].to(device)) for a, b in mbs]
+            _run_stages_mb(model, None, stages, rest, lambda x: model(input_ids=x, use_cache=False), items, store,
+                           quantize_fn, bits, group_size, sym, opts, need_h, need_abs, states, progress,
+                           "outside blocks", cfg)
+        finally:
+            store.close()
+    _to_device_except(model, blocks, home)
+    if checkpoints is not None:
+        checkpoints.finish()
+
+
+def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, bits, group_size, sym, opts, need_h,
+                   need_abs, states, progress, desc, cfg: _RunConfig) -> List[int]:
+    bar = _progress(total=sum(len(s.names) for s in stages), desc=f"  {desc} layers", enabled=progress, leave=False)
+
+    def q(stage: _Stage) -> None:
+        quantize_fn(stage, modules, bits, group_size, sym, opts)
+
+    def done(stage: _Stage) -> None:
+        bar.update(len(stage.names))
+
+    runner = _BlockRunner(root, stages, modules, q, need_h, need_abs, store, cfg.replay, on_stage_done=done)
+    outs = runner.run(fn, items)
+    for stage in stages:  # layers no sample reached: quantize without data (RTN)
+        if getattr(stage, "unreached", False) or not stage.states:
+            for n in stage.names:
+                stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym,
+                                               gguf_type=opts.get("gguf_type"))
+            bar.update(len(stage.names))
+    bar.close()
+    _install_stages(model, stages, modules, states)
+    return outs
+
+
+def _install_stages(model, stages, modules, states) -> None:
+    installed: Dict[str, nn.Module] = {}
+    for stage in stages:
+        for n in stage.names:
+            lin = modules[n]
+            st = stage.states[n].to(lin.weight.device)
+            new = _install(model, n, lin, st)
+            new._lowbit_ptq_state = st
+            installed[n] = new
+            states[n] = st
+    for stage in stages:
+        if stage.input_scales is not None:
+            _fold_awq(model, stage, installed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the previous pipeline: every calibration chunk through the block at once, one thread each
+
+
+def _run_calibrated_threads(model, method, selected, ids, bits, group_size, sym, opts, device, home, batch_size,
+                            progress, states, extra) -> None:
     blocks_name, blocks = find_blocks(model)
     quantize_fn = {"gptq": _gptq_stage, "awq": _awq_stage}[method]
     need_h, need_abs = True, method == "awq"
 
     if blocks is None:  # whole-model statistics: the model is one block
-        logger.info("no decoder block list found: quantizing with whole-model statistics")
         stages = [_Stage([n]) for n in selected]
         chunks = [ids[i:i + batch_size].to(device) for i in range(0, ids.shape[0], batch_size)]
         model.to(device)
@@ -550,7 +1003,6 @@ def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, d
         model.to(home)
         return
 
-    # everything but the blocks on the device for the capture
     _to_device_except(model, blocks, device)
     captured = _capture_block0(model, blocks[0], ids, batch_size, device)
     extra["calib_activation_bytes"] = sum(a[0].numel() * a[0].element_size() for a, _ in captured)
@@ -575,7 +1027,7 @@ def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, d
         bar.update(1)
     bar.close()
     rest = {n: m for n, m in selected.items() if n not in inside}
-    if rest:  # selected linears outside the blocks (e.g. lm_head when included): whole-model pass
+    if rest:
         stages = [_Stage([n]) for n in rest]
         chunks = [ids[i:i + batch_size].to(device) for i in range(0, ids.shape[0], batch_size)]
         _run_stages(model, stages, rest, lambda x: model(input_ids=x, use_cache=False), chunks, quantize_fn, bits,
@@ -618,16 +1070,5 @@ def _run_stages(model, stages, modules, fn, chunks, quantize_fn, bits, group_siz
             stage.done = True
             bar.update(len(stage.names))
     bar.close()
-    installed: Dict[str, nn.Module] = {}
-    for stage in stages:
-        for n in stage.names:
-            lin = modules[n]
-            st = stage.states[n].to(lin.weight.device)
-            new = _install(model, n, lin, st)
-            new._lowbit_ptq_state = st
-            installed[n] = new
-            states[n] = st
-    for stage in stages:
-        if stage.input_scales is not None:
-            _fold_awq(model, stage, installed)
+    _install_stages(model, stages, modules, states)
     return outs

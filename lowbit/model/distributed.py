@@ -1,0 +1,167 @@
+"""Data-parallel calibration over ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+Launched with ``torchrun --nproc-per-node N`` (or ``lowbit quantize --nproc N``), every rank runs
+its contiguous share of the calibration samples through each block; the statistics (float64 sums
+over samples, :class:`lowbit.algorithms.stats.InputStats`) are gathered and added in rank order,
+so every rank holds the same Hessian; each stage's solve units (one per linear) are spread over
+the ranks and their results broadcast from the rank that computed them; rank 0 writes the files.
+
+The codes equal the single-process run's: every sample's statistics are computed alone, the sums
+are float64 (the fp32 Hessian handed to the solver is their rounding) and added in sample order
+within a rank, ranks in rank order.
+
+Example (two CPU processes)::
+
+    torchrun --nproc-per-node 2 -m lowbit quantize --model tiny --method gptq --output out/
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+#: environment every launched program of ours gets (NVLink multicast stays off)
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+#: seconds spent in collective calls by this process (statistics sums and solve broadcasts)
+COMM_SECONDS = {"reduce": 0.0, "broadcast": 0.0}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def is_active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_world() -> Tuple[int, int]:
+    if not is_active():
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_from_env(device: Optional[torch.device] = None) -> bool:
+    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``); False if
+    not launched that way. NCCL when ``device`` is a GPU, gloo otherwise; sets the rank's GPU."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return False
+    for k, v in SAFE_ENV.items():
+        os.environ.setdefault(k, v)
+    backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's device: ``cuda`` becomes ``cuda:<LOCAL_RANK>`` under torchrun."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and is_active():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def shard(n: int, rank: int, world: int) -> Tuple[int, int]:
+    """Contiguous ``[start, stop)`` share of ``n`` samples for ``rank`` (the first ranks get one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def sum_in_rank_order(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``t``, added in rank order (the same bits on every rank)."""
+    if not is_active():
+        return t
+    import torch.distributed as dist
+
+    _sync()
+    t0 = time.perf_counter()
+    out = None
+    for r in range(dist.get_world_size()):  # one rank's tensor at a time: memory of two copies, not N
+        buf = t.contiguous().clone() if r == dist.get_rank() else torch.empty_like(t)
+        dist.broadcast(buf, src=r)
+        if out is None:
+            out = buf
+        else:
+            out += buf
+        del buf
+    _sync()
+    COMM_SECONDS["reduce"] += time.perf_counter() - t0
+    return out
+
+
+def min_over_ranks(x: int) -> int:
+    if not is_active():
+        return x
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([x], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def broadcast_object(obj: Any, src: int) -> Any:
+    """``obj`` from rank ``src`` on every rank (tensors travel through the CPU)."""
+    if not is_active():
+        return obj
+    import torch.distributed as dist
+
+    _sync()
+    t0 = time.perf_counter()
+    box: List[Any] = [_to_cpu(obj) if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    COMM_SECONDS["broadcast"] += time.perf_counter() - t0
+    return box[0]
+
+
+def broadcast_tensors(tensors: List[torch.Tensor], src: int) -> None:
+    """Broadcast ``tensors`` (allocated with the right shapes on every rank) from rank ``src``, in place."""
+    if not is_active():
+        return
+    import torch.distributed as dist
+
+    _sync()
+    t0 = time.perf_counter()
+    for t in tensors:
+        dist.broadcast(t, src=src)
+    _sync()
+    COMM_SECONDS["broadcast"] += time.perf_counter() - t0
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.replace(obj, **{f: _to_cpu(getattr(obj, f)) for f in obj.__dataclass_fields__
+                                          if isinstance(getattr(obj, f), torch.Tensor)})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(o) for o in obj)
+    return obj
+
+
+def barrier() -> None:
+    if is_active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+__all__ = ["is_active", "rank_world", "init_from_env", "local_device", "shard", "sum_in_rank_order",
+           "min_over_ranks", "broadcast_object", "barrier", "SAFE_ENV"]

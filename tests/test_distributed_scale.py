@@ -1,0 +1,71 @@
+"""Data-parallel calibration over torch.distributed (gloo, 2 CPU processes): the codes are bit-identical
+to the single-process run on the same samples."""
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = textwrap.dedent('''
+    import hashlib, os, sys, torch
+    sys.path.insert(0, {root!r})
+    from tests.test_sequential import _tiny_llama, _ids
+    from lowbit.model.sequential import quantize_model_ptq
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    lines = []
+    for method in ("gptq", "awq"):
+        m = quantize_model_ptq(_tiny_llama(), method=method, bits=4, group_size=32, sym=False,
+                               calib_dataset=_ids(10, 32), micro_batch=3, progress=False)
+        h = hashlib.sha256()
+        for n, mod in sorted(m.named_modules(), key=lambda x: x[0]):
+            st = getattr(mod, "_lowbit_ptq_state", None)
+            if st is not None:
+                for t in (st.data, st.scales, st.zeros):
+                    h.update(t.contiguous().numpy().tobytes())
+        for n, p in sorted(m.state_dict().items()):
+            if p.is_floating_point():
+                h.update(p.contiguous().numpy().tobytes())
+        lines.append("%s %s %s" % (method, m.ptq_summary["world_size"], h.hexdigest()))
+    with open(os.path.join(sys.argv[1], "digest_%d_%s.txt" % (rank, os.environ.get("WORLD_SIZE", "1"))), "w") as f:
+        f.write(" ; ".join(lines))
+''')
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(script, out, nproc):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, str(script), str(out)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+               "127.0.0.1", "--master-port", str(_free_port()), str(script), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {p.name: p.read_text().split(" ; ") for p in sorted(Path(out).glob(f"digest_*_{nproc}.txt"))}
+
+
+def test_gloo_two_processes_bit_identical(tmp_path):
+    """GPTQ and AWQ with 2 gloo processes give the single-process codes (and every float tensor) exactly."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    single = _run(script, tmp_path, 1)
+    multi = _run(script, tmp_path, 2)
+    assert list(single) == ["digest_0_1.txt"] and sorted(multi) == ["digest_0_2.txt", "digest_1_2.txt"]
+    ref = single["digest_0_1.txt"]
+    assert [r.split()[1] for r in ref] == ["1", "1"]
+    for lines in multi.values():
+        assert [r.split()[1] for r in lines] == ["2", "2"]
+        assert [r.split()[2] for r in lines] == [r.split()[2] for r in ref]  # identical model on every rank
