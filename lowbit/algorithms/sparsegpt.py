@@ -108,6 +108,11 @@ def _quant_grid(bits: int, sym: bool) -> AffineGrid:
     return AffineGrid(bits=bits, sym=sym, search="minmax" if bits >= 8 else "mse", refine=0)
 
 
+def _low_code(bits: int, sym: bool) -> int:
+    # symmetric int8 stays in [-127, 127] (code 1..255), the range of lowbit's and vLLM's int8 kernels
+    return 1 if (bits == 8 and sym) else 0
+
+
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, n: int = 2, m: int = 4, *, blocksize: int = 128,
                     percdamp: float = 0.01, bits: Optional[int] = None, group_size: int = -1,
                     sym: bool = True) -> SparseGPTResult:
@@ -134,7 +139,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, n: int = 2, m: int = 
     U, damp = damped_inverse_cholesky(H, percdamp)
     d = torch.diagonal(U)
 
-    grid, scales, zeros, gidx = None, None, None, None
+    grid, scales, zeros, gidx, lo = None, None, None, None, 0
     if bits is not None:
         grid = _quant_grid(bits, sym)
         bounds = group_bounds(K, group_size)
@@ -144,6 +149,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, n: int = 2, m: int = 
         for gi, (a, b) in enumerate(bounds):
             scales[:, gi], zeros[:, gi] = grid.fit(W[:, a:b], None)
         gidx = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=dev) for i, (a, b) in enumerate(bounds)])
+        lo = _low_code(bits, sym)
         Q = torch.zeros(R, K, dtype=torch.float32, device=dev)
 
     mask = torch.zeros(R, K, dtype=torch.bool, device=dev)
@@ -166,6 +172,8 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, n: int = 2, m: int = 
             if grid is not None:
                 sc, zc = scales[:, gidx[i1 + i]], zeros[:, gidx[i1 + i]]
                 qc = grid.quantize_column(w, sc, zc)
+                if lo:
+                    qc = qc.clamp_min(lo)
                 qc = torch.where(keep, qc, zc)  # pruned: the grid's exact zero
                 Q[:, i1 + i] = qc
                 q = (qc - zc) * sc
@@ -202,7 +210,7 @@ def quantize_kept(weight: torch.Tensor, mask: torch.Tensor, bits: int = 8, group
     for gi, (a, b) in enumerate(bounds):
         s, z = grid.fit(W[:, a:b], None)
         scales[:, gi], zeros[:, gi] = s, z
-        q = grid.quantize(W[:, a:b], s, z)
+        q = grid.quantize(W[:, a:b], s, z).clamp_min(_low_code(bits, sym))
         codes[:, a:b] = torch.where(mask[:, a:b], q, z.unsqueeze(-1).expand_as(q))
     gidx = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=W.device) for i, (a, b) in enumerate(bounds)])
     w_hat = (codes - zeros[:, gidx]) * scales[:, gidx]

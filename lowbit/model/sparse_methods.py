@@ -56,8 +56,8 @@ def _int8_channel_state(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.
     from lowbit.tensor.functional import quantize_tensor
 
     N, K = codes.shape
-    proto = quantize_tensor(torch.zeros(N, K, dtype=dtype), scheme="int8", axis=0)
-    return dataclasses.replace(proto, data=codes.to(torch.uint8).reshape(-1).contiguous(),
+    proto = quantize_tensor(torch.zeros(1, 4, dtype=dtype), scheme="int8", axis=0)
+    return dataclasses.replace(proto, shape=(N, K), data=codes.to(torch.uint8).reshape(-1).contiguous(),
                                scales=scales.reshape(N).float().contiguous().clone())
 
 
