@@ -249,6 +249,11 @@ def gpu_layers(res, Ms, shapes):
                 "2:4 int8 lowbit (quant+sparse GEMM+rescale)":
                     lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse"),
                 "2:4 int8 lowbit auto": lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8),
+                "2:4 bf16 lowbit (cuSPARSELt, alg_search=True)":
+                    lambda: ks.sparse24_linear(x, wp, packed=packed, backend="sparse", alg_search=True),
+                "2:4 int8 lowbit (quant+sparse GEMM+rescale, alg_search=True)":
+                    lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse",
+                                                            alg_search=True),
                 "2:4 int8 sparse GEMM only (alpha, bf16 out)":
                     lambda: torch._cslt_sparse_mm(packed8, qp.t(), alpha=s8, out_dtype=torch.bfloat16,
                                                   transpose_result=True),
@@ -360,7 +365,7 @@ def gpu_generate(res, layers, prompt, new_tokens):
 def part_gpu(args) -> dict:
     from lowbit.kernels import sparse as ks
 
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": _git_head(),
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit or _git_head(),
            "cusparselt": ks.cusparselt_available(), "notes": []}
     try:
         res["cusparselt_version"] = torch.backends.cusparselt.version()
@@ -490,6 +495,15 @@ def write_report(out_dir) -> None:
                 if sb and dense:
                     targets.append((f"2:4 bf16 >= 1.3x dense bf16 at M={big}, {N}x{K}", f"{dense / sb:.2f}x",
                                     dense / sb >= 1.3))
+                for v, ref, bound, what in (
+                        ("2:4 bf16 cuSPARSELt searched", dense, 1.3, "dense bf16"),
+                        ("2:4 bf16 lowbit (cuSPARSELt, alg_search=True)", dense, 1.3, "dense bf16"),
+                        ("2:4 int8 lowbit (quant+sparse GEMM+rescale, alg_search=True)", i8, 1.3, "lowbit dense int8"),
+                        ("2:4 int8 lowbit (quant+sparse GEMM+rescale, alg_search=True)", dense, 2.0, "dense bf16")):
+                    t = get.get((v, big))
+                    if t and ref:
+                        targets.append((f"(opt-in alg search) {v} >= {bound}x {what} at M={big}, {N}x{K}",
+                                        f"{ref / t:.2f}x", ref / t >= bound))
         gen = g.get("generate")
         if gen:
             L += [f"### `generate` on a Llama-8B-shaped model ({gen['layers']} of 32 decoder layers, random weights, bf16)",
@@ -564,6 +578,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--commit", default="", help="the commit the GPU copy was made from (no .git there)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.part == "quality":

@@ -373,3 +373,12 @@ def test_cuda_model_sparse_methods_run():
         lowbit.quantize(m, method=method, calib_dataset=ids, progress=False)
         out = m(ids).logits.float()
         assert torch.isfinite(out).all() and float((out - ref).pow(2).mean()) < float(ref.pow(2).mean())
+
+
+def test_cpu_int8_path_is_the_reference_bit_for_bit():
+    torch.manual_seed(0)
+    for K in (64, 1100, 2600):  # one and several exact float32 chunks of 1024
+        x = torch.randn(2, 5, K) * 3
+        w = torch.randint(-127, 128, (24, K), dtype=torch.int8)
+        s, b = torch.rand(24) * 0.01, torch.randn(24)
+        assert torch.equal(ks.sparse24_int8_linear_dynamic(x, w, s, b), reference.int8_linear_dynamic(x, w, s, b))

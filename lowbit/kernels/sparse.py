@@ -22,6 +22,7 @@ Off CUDA (or without cuSPARSELt, or with shapes cuSPARSELt does not take) the de
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional
 
 import torch
@@ -30,11 +31,42 @@ import torch.nn.functional as F
 from lowbit.kernels import reference
 
 #: smallest M (tokens) for which the sparse kernel is used under backend "auto", per kind ("fp", "int8")
-MIN_M: Dict[str, int] = {"fp": 256, "int8": 256}
+MIN_M: Dict[str, int] = {"fp": 256, "int8": 64}
 BACKENDS = ("auto", "sparse", "dense", "reference")
 # cuSPARSELt operand alignment: rows/cols of the compressed matrix, rows of the dense operand
 _ALIGN = {torch.float16: (16, 16, 8), torch.bfloat16: (16, 16, 8), torch.int8: (32, 32, 16)}
 _fused_alpha_ok: Dict[str, bool] = {}
+#: pick cuSPARSELt's algorithm per weight and M bucket with its own search (``torch._cslt_sparse_mm_search``,
+#: once, cached) instead of algorithm 0. On the H200 the searched algorithm ran the bf16 2:4 GEMM at M=4096
+#: 1.6x faster than algorithm 0 (bench/results/sparsity.md); opt-in (``LOWBIT_CSLT_SEARCH=1`` or
+#: ``alg_search=True``) until the full module path with it has been measured there.
+ALG_SEARCH = os.environ.get("LOWBIT_CSLT_SEARCH", "0") == "1"
+_ALG: Dict[tuple, int] = {}
+
+
+def _sparse_mm(packed: torch.Tensor, b: torch.Tensor, alg_search: Optional[bool], **kw) -> torch.Tensor:
+    """``torch._cslt_sparse_mm(packed, b, **kw)`` with the (optionally searched, cached) algorithm id."""
+    search = ALG_SEARCH if alg_search is None else alg_search
+    if not search:
+        return torch._cslt_sparse_mm(packed, b, **kw)
+    M = b.shape[1]
+    key = (packed.data_ptr(), packed.numel(), 1 << max(M - 1, 0).bit_length(), b.dtype, kw.get("out_dtype"),
+           kw.get("alpha") is not None)
+    aid = _ALG.get(key)
+    if aid is None:
+        try:
+            aid = torch._cslt_sparse_mm_search(packed, b, **kw)
+            aid = int(aid[0] if isinstance(aid, (tuple, list)) else aid)
+        except (RuntimeError, TypeError, AttributeError):
+            aid = 0
+        _ALG[key] = aid
+    try:
+        return torch._cslt_sparse_mm(packed, b, alg_id=aid, **kw)
+    except RuntimeError:
+        if aid == 0:
+            raise
+        _ALG[key] = 0
+        return torch._cslt_sparse_mm(packed, b, **kw)
 
 
 def cusparselt_available(device: Optional[torch.device] = None) -> bool:
@@ -79,7 +111,8 @@ def _pad_rows(x2: torch.Tensor, mult: int) -> torch.Tensor:
 
 
 def sparse24_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                    packed: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+                    packed: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                    alg_search: Optional[bool] = None) -> torch.Tensor:
     """``x @ w.T + bias`` for a 2:4-pruned fp16/bf16 ``w [N, K]``; ``packed`` = :func:`prepare_24` (w)."""
     K = x.shape[-1]
     M = x.numel() // K
@@ -89,20 +122,39 @@ def sparse24_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
         return F.linear(x, wd, b)
     x2 = _pad_rows(x.reshape(M, K), _ALIGN[w.dtype][2])
     b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-    y = torch._cslt_sparse_mm(packed, x2.t(), bias=b, transpose_result=True)
+    y = _sparse_mm(packed, x2.t(), alg_search, bias=b, transpose_result=True)
     return y[:M].reshape(*x.shape[:-1], w.shape[0])
+
+
+def _int8_linear_cpu(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`lowbit.kernels.reference.int8_linear_dynamic`, bit for bit, faster on the CPU: the integer
+    products are summed in float32 over chunks of 1024 input columns (|sum| <= 1024 * 127 * 127 < 2**24,
+    so every partial sum is exact), the chunks in float64 (exact), then rounded once to float32."""
+    x2 = x.reshape(-1, x.shape[-1])
+    q, sx = reference.quantize_rows(x2, fp8=False)
+    K = q.shape[1]
+    qf, wf = q.float(), w_int8.float()
+    acc = None
+    for a in range(0, K, 1024):
+        part = (qf[:, a:a + 1024] @ wf[:, a:a + 1024].T).double()
+        acc = part if acc is None else acc + part
+    out = reference._rescale(acc.float(), sx, w_scale, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
 
 def sparse24_int8_linear_dynamic(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                                  bias: Optional[torch.Tensor] = None, packed: Optional[torch.Tensor] = None,
-                                 backend: Optional[str] = None) -> torch.Tensor:
+                                 backend: Optional[str] = None, alg_search: Optional[bool] = None) -> torch.Tensor:
     """W8A8 with a 2:4-pruned int8 ``w_int8 [N, K]`` and per-channel ``w_scale [N]``; per-token
     dynamic int8 activations. ``packed`` = :func:`prepare_24` (w_int8)."""
     K = x.shape[-1]
     M = x.numel() // K
     N = w_int8.shape[0]
-    if backend == "reference" or not x.is_cuda:
+    if backend == "reference":
         return reference.int8_linear_dynamic(x, w_int8, w_scale, bias)
+    if not x.is_cuda:
+        return _int8_linear_cpu(x, w_int8, w_scale, bias)
     if not _use_sparse("int8", M, packed, x, backend):
         from lowbit.kernels import api
 
@@ -116,15 +168,15 @@ def sparse24_int8_linear_dynamic(x: torch.Tensor, w_int8: torch.Tensor, w_scale:
     key = f"{out_dtype}"
     if _fused_alpha_ok.get(key, True):
         try:
-            y = torch._cslt_sparse_mm(packed, qp.t(), alpha=w_scale.float().contiguous(), out_dtype=out_dtype,
-                                      transpose_result=True)[:M]
+            y = _sparse_mm(packed, qp.t(), alg_search, alpha=w_scale.float().contiguous(), out_dtype=out_dtype,
+                           transpose_result=True)[:M]
             y = y * sx.to(y.dtype)[:, None]
             if bias is not None:
                 y = y + bias.to(y.dtype)
             return y.to(x.dtype).reshape(*x.shape[:-1], N)
         except RuntimeError:
             _fused_alpha_ok[key] = False  # this cuSPARSELt build: int32 product + float32 rescale
-    acc = torch._cslt_sparse_mm(packed, qp.t(), out_dtype=torch.int32, transpose_result=True)[:M]
+    acc = _sparse_mm(packed, qp.t(), alg_search, out_dtype=torch.int32, transpose_result=True)[:M]
     out = acc.float().mul_(sx[:, None]).mul_(w_scale.float()[None, :])
     if bias is not None:
         out += bias.float()
@@ -132,4 +184,4 @@ def sparse24_int8_linear_dynamic(x: torch.Tensor, w_int8: torch.Tensor, w_scale:
 
 
 __all__ = ["prepare_24", "sparse24_linear", "sparse24_int8_linear_dynamic", "cusparselt_available", "shape_ok",
-           "MIN_M", "BACKENDS"]
+           "MIN_M", "BACKENDS", "ALG_SEARCH"]
