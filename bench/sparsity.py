@@ -100,6 +100,8 @@ def part_quality(args) -> dict:
     for label, method, opts in QUALITY_ROWS:
         if args.only and not any(s in label for s in args.only.split(",")):
             continue
+        if args.skip and any(s in label for s in args.skip.split(",")):
+            continue
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         try:
@@ -574,6 +576,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=48)
     ap.add_argument("--ood-windows", type=int, default=8)
     ap.add_argument("--only", default="")
+    ap.add_argument("--skip", default="", help="rows whose label contains one of these (comma-separated) are skipped")
     ap.add_argument("--ms", default="1,16,64,256,1024,4096")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=2048)

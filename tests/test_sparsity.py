@@ -382,3 +382,26 @@ def test_cpu_int8_path_is_the_reference_bit_for_bit():
         w = torch.randint(-127, 128, (24, K), dtype=torch.int8)
         s, b = torch.rand(24) * 0.01, torch.randn(24)
         assert torch.equal(ks.sparse24_int8_linear_dynamic(x, w, s, b), reference.int8_linear_dynamic(x, w, s, b))
+
+
+def test_cli_quantize_sparse_int8(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from lowbit.model.loading import tiny_llama, tiny_tokenizer
+
+    tiny_llama(hidden=64, layers=2, intermediate=96).save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, "-m", "lowbit", "quantize", "--model", str(tmp_path / "tiny"), "--method",
+                        "sparse-2:4-int8", "--calib-dataset", str(tmp_path / "text.txt"), "--n-samples", "4",
+                        "--calib-seq-len", "32", "--dataset", str(tmp_path / "text.txt"), "--max-windows", "2",
+                        "--seq-len", "32", "--output", str(tmp_path / "out"), "--json"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = lowbit.load(tmp_path / "out")
+    layers = [mod for n, mod in m.named_modules() if isinstance(mod, SparseLinear)]
+    assert len(layers) == 14 and all(mod.weights == "qint8" for mod in layers)
+    assert all(check_nm(lowbit.dequantize(mod.qstate)) for mod in layers)
