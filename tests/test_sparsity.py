@@ -405,3 +405,34 @@ def test_cli_quantize_sparse_int8(tmp_path):
     layers = [mod for n, mod in m.named_modules() if isinstance(mod, SparseLinear)]
     assert len(layers) == 14 and all(mod.weights == "qint8" for mod in layers)
     assert all(check_nm(lowbit.dequantize(mod.qstate)) for mod in layers)
+
+
+def test_alg_search_caches_and_falls_back(monkeypatch):
+    """The opt-in cuSPARSELt algorithm search: searched once per (weight, M bucket), alg 0 when it fails."""
+    calls = []
+
+    def fake_mm(packed, b, alg_id=0, **kw):
+        calls.append(("mm", alg_id, b.shape[1]))
+        if alg_id == 7:
+            raise RuntimeError("alg 7 refuses this shape")
+        return torch.zeros(b.shape[1], 4)
+
+    def fake_search(packed, b, **kw):
+        calls.append(("search", b.shape[1]))
+        return 3 if b.shape[1] <= 64 else 7
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", fake_mm, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", fake_search, raising=False)
+    monkeypatch.setattr(ks, "_ALG", {})
+    packed = torch.zeros(16)
+    for M in (40, 50, 64):  # one bucket (<= 64): one search
+        ks._sparse_mm(packed, torch.zeros(8, M), True, transpose_result=True)
+    assert [c for c in calls if c[0] == "search"] == [("search", 40)]
+    assert all(c[1] == 3 for c in calls if c[0] == "mm")
+    calls.clear()
+    ks._sparse_mm(packed, torch.zeros(8, 100), True)  # searched alg fails -> alg 0, remembered
+    ks._sparse_mm(packed, torch.zeros(8, 120), True)
+    assert calls == [("search", 100), ("mm", 7, 100), ("mm", 0, 100), ("mm", 0, 120)]
+    calls.clear()
+    ks._sparse_mm(packed, torch.zeros(8, 100), False)  # off: no search, algorithm 0
+    assert calls == [("mm", 0, 100)]

@@ -170,9 +170,9 @@ def sparse24_int8_linear_dynamic(x: torch.Tensor, w_int8: torch.Tensor, w_scale:
         try:
             y = _sparse_mm(packed, qp.t(), alg_search, alpha=w_scale.float().contiguous(), out_dtype=out_dtype,
                            transpose_result=True)[:M]
-            y = y * sx.to(y.dtype)[:, None]
+            y.mul_(sx.to(y.dtype)[:, None])  # y is the GEMM's own fresh output
             if bias is not None:
-                y = y + bias.to(y.dtype)
+                y.add_(bias.to(y.dtype))
             return y.to(x.dtype).reshape(*x.shape[:-1], N)
         except RuntimeError:
             _fused_alpha_ok[key] = False  # this cuSPARSELt build: int32 product + float32 rescale
