@@ -150,13 +150,16 @@ def _apply_method(model, tok, method: str, args):
                                      if not n.endswith("lm_head")):
             freeze(model)
             return model, time.perf_counter() - t0
-    if name in CALIBRATED:
+    from lowbit.model.methods import METHODS
+
+    table_calibrated = name not in WEIGHT_ONLY_PTQ and name in METHODS and METHODS.get(name).calibrated
+    if name in CALIBRATED or table_calibrated:
         from lowbit.data.calibration import get_calibration_data
 
         call["calib_dataset"] = get_calibration_data(tok, args.calib_dataset or "default",
                                                      n_samples=args.n_samples, seq_len=args.calib_seq_len,
                                                      seed=args.seed)
-    if name in WEIGHT_ONLY_PTQ:
+    if name in WEIGHT_ONLY_PTQ or table_calibrated:
         call["progress"] = not (args.quiet or args.json)
         call["device"] = _device(args)
         gguf_type = _gguf_target(args)

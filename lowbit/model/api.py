@@ -45,6 +45,8 @@ def _register_optional_classes() -> None:
     if "linear8bitlt" not in MODULE_CLASSES and importlib.util.find_spec("lowbit.nn.linear8bit") is not None:
         mod = importlib.import_module("lowbit.nn.linear8bit")
         MODULE_CLASSES.add("Linear8bitLt", mod.Linear8bitLt)
+    if "sparselinear" not in MODULE_CLASSES:
+        MODULE_CLASSES.add("SparseLinear", importlib.import_module("lowbit.nn.sparse").SparseLinear)
 
 
 def _ensure_builtin_methods() -> None:

@@ -58,6 +58,10 @@ class Method:
     fn: Callable[..., Optional[nn.Module]]
     config_cls: Optional[Type[MethodConfig]] = None
     description: str = ""
+    #: the CLI supplies calibration tokens (``calib_dataset``), ``device`` and ``progress``
+    calibrated: bool = False
+    #: cost model for ``lowbit plan`` (keys of :func:`lowbit.model.plan._predict`'s overrides), or None
+    plan: Optional[dict] = None
 
     def accepted_keys(self) -> tuple:
         if self.config_cls is not None:
@@ -66,7 +70,7 @@ class Method:
         return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
-_PLUGIN_MODULES = ("lowbit.model.ptq_methods",)
+_PLUGIN_MODULES = ("lowbit.model.ptq_methods", "lowbit.model.sparse_methods")
 _plugins_loaded = False
 
 
@@ -100,12 +104,17 @@ METHODS: _MethodRegistry = _MethodRegistry("quantization method")
 
 
 def register_method(name: str, *, config: Optional[Type[MethodConfig]] = None, aliases: tuple = (),
-                    overwrite: bool = False, description: str = "") -> Callable:
-    """Decorator registering ``fn(model, config) -> model`` (or ``fn(model, **kwargs)``) under ``name``."""
+                    overwrite: bool = False, description: str = "", calibrated: bool = False,
+                    plan: Optional[dict] = None) -> Callable:
+    """Decorator registering ``fn(model, config) -> model`` (or ``fn(model, **kwargs)``) under ``name``.
+
+    ``calibrated``: the method takes ``calib_dataset``/``device``/``progress`` (the CLI passes them);
+    ``plan``: its cost model for ``lowbit plan`` (see :func:`lowbit.model.plan._predict`).
+    """
 
     def deco(fn: Callable) -> Callable:
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        METHODS.add(name, Method(name, fn, config, doc), aliases=aliases, overwrite=overwrite)
+        METHODS.add(name, Method(name, fn, config, doc, calibrated, plan), aliases=aliases, overwrite=overwrite)
         return fn
 
     return deco

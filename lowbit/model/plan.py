@@ -67,16 +67,37 @@ def _shape_counts(model: nn.Module, exclude=("lm_head",)) -> Dict[str, Any]:
     return {"linear": linear, "other": other, "largest_in": largest_in, "layers": outs}
 
 
+def _method_plan(method: str) -> Dict[str, Any]:
+    """The cost model a method of the method table declares (``register_method(plan={...})``): keys
+    ``calibrated``, ``hessian`` (a GPTQ-like per-layer solve), ``weight_bits`` (None: float weights kept),
+    ``scale_bytes`` per group, ``group`` (-1: per output channel). Empty for the built-in cost rows."""
+    if method in _PTQ:
+        return {}
+    from lowbit.model.methods import METHODS
+
+    try:
+        return dict(METHODS.get(method).plan or {})
+    except (ValueError, TypeError):
+        return {}
+
+
 def _predict(counts: Dict[str, Any], hidden: int, n_blocks: int, method: str, bits: int, group_size: int,
              n_samples: int, seq_len: int, gflops: Optional[float]) -> Dict[str, Any]:
     method = method.lower()
+    info = _method_plan(method)
+    calibrated = method in _CALIBRATED or bool(info.get("calibrated"))
+    hessian = method == "gptq" or bool(info.get("hessian"))
     total = counts["linear"] + counts["other"]
     float_mb = total * 4 / 2 ** 20
     tokens = n_samples * seq_len
-    calib_mb = 2 * tokens * hidden * 4 / 2 ** 20 if method in _CALIBRATED else 0.0
-    hess_mb = counts["largest_in"] ** 2 * 4 * 8 / 2 ** 20 if method == "gptq" else 0.0
+    calib_mb = 2 * tokens * hidden * 4 / 2 ** 20 if calibrated else 0.0
+    hess_mb = counts["largest_in"] ** 2 * 4 * 8 / 2 ** 20 if hessian else 0.0
     ram = PROCESS_BASELINE_MB + float_mb * 1.1 + calib_mb + hess_mb
-    if method in ("nf4", "fp4", "bnb-nf4", "bnb-fp4"):
+    if info:
+        g = info.get("group", -1)
+        qbits, gs, per_group = (info.get("weight_bits") or 32), (hidden if g in (-1, None) else g) or 1, \
+            info.get("scale_bytes", 0)
+    elif method in ("nf4", "fp4", "bnb-nf4", "bnb-fp4"):
         qbits, gs, per_group = 4, 64, 4
     elif method in ("int8", "bnb-int8", "fp8"):
         qbits, gs, per_group = 8, max(hidden, 1), 4
@@ -88,9 +109,9 @@ def _predict(counts: Dict[str, Any], hidden: int, n_blocks: int, method: str, bi
         qbits, gs, per_group = bits, (group_size if group_size and group_size > 0 else hidden), 5
     out_mb = (counts["linear"] * (qbits / 8 + per_group / gs) + counts["other"] * 4) / 2 ** 20
     gflops = gflops or matmul_gflops()
-    if method in _CALIBRATED:
+    if calibrated:
         flops = 2 * 2 * (counts["linear"]) * tokens + 2 * tokens * seq_len * hidden * n_blocks * 2
-        solve = sum(i ** 3 / 3 + o * i * i for i, o in counts["layers"]) if method == "gptq" else \
+        solve = sum(i ** 3 / 3 + o * i * i for i, o in counts["layers"]) if hessian else \
             sum(20 * 2 * o * i * min(tokens, 4096) for i, o in counts["layers"])
         seconds = (flops + solve) / (gflops * 1e9) * 1.5
     elif method == "hqq":

@@ -9,12 +9,14 @@ from lowbit.nn.functional import fake_quantize_activation, fake_quantize_weight,
 from lowbit.nn.linear4bit import Linear4bit
 from lowbit.nn.qlinear import QConv2d, QLinear
 from lowbit.nn.rnn import DynamicQuantGRU, DynamicQuantLSTM
+from lowbit.nn.sparse import SparseLinear
 
 __all__ = [
     "QModuleMixin",
     "QuantStateDict",
     "QLinear",
     "QConv2d",
+    "SparseLinear",
     "Linear4bit",
     "Linear8bitLt",
     "DynamicQuantLSTM",

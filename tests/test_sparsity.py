@@ -1,0 +1,438 @@
+"""2:4 semi-structured sparsity: pruning (magnitude, SparseGPT), SparseLinear, methods, formats (issue 21)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.algorithms.sparsegpt import check_nm, magnitude_prune, nm_mask, quantize_kept, sparsegpt_prune
+from lowbit.kernels import reference
+from lowbit.kernels import sparse as ks
+from lowbit.nn import QLinear, SparseLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny(seed=0, tie=True):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for blk in model.model.layers:
+            blk.input_layernorm.weight.uniform_(0.5, 2.0)
+            blk.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+    return model
+
+
+def _ids(n=8, seq=32, seed=1):
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _correlated(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) @ torch.randn(k, k, generator=g) * 0.3 + torch.randn(n, k, generator=g)
+
+
+def _exactly_24(w: torch.Tensor) -> bool:
+    R, K = w.shape
+    return bool(((w.reshape(R, K // 4, 4) != 0).sum(-1) == 2).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# the algorithms
+
+
+def test_nm_mask_and_magnitude():
+    w = torch.tensor([[1.0, -4.0, 3.0, 0.5, 0.0, 0.0, -2.0, 1.0]])
+    assert nm_mask(w.abs()).tolist() == [[False, True, True, False, False, False, True, True]]
+    pw, mask = magnitude_prune(w)
+    assert pw.tolist() == [[0.0, -4.0, 3.0, 0.0, 0.0, 0.0, -2.0, 1.0]]
+    w = torch.randn(32, 64)
+    pw, mask = magnitude_prune(w)
+    assert _exactly_24(pw) and (mask.reshape(32, 16, 4).sum(-1) == 2).all()
+    kept_min = torch.where(mask, w.abs(), torch.inf).reshape(32, 16, 4).amin(-1)
+    dropped_max = torch.where(~mask, w.abs(), -1).reshape(32, 16, 4).amax(-1)
+    assert (kept_min >= dropped_max).all()
+    with pytest.raises(ValueError, match="multiple of M=4"):
+        magnitude_prune(torch.randn(4, 6))
+
+
+def _sparsegpt_float64_reference(W, H, percdamp=0.01):
+    """SparseGPT 2:4 with explicit float64 inverses of the remaining Hessian (no Cholesky, no lazy blocks):
+    column j's OBS update uses row 0 of inv(H[j:, j:]), the mask of a group the saliency w^2 / [inv(H[c:, c:])]_00."""
+    W = W.double().clone()
+    H = H.double().clone()
+    K = W.shape[1]
+    H += percdamp * torch.diag(H).mean() * torch.eye(K, dtype=torch.float64)
+    inv_rest = [torch.linalg.inv(H[j:, j:]) for j in range(K)]
+    d = torch.tensor([inv_rest[j][0, 0].item() for j in range(K)], dtype=torch.float64)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for j in range(K):
+        if j % 4 == 0:
+            # [H^-1]_jj in the paper's reference is U_jj of the Cholesky factor: U_jj^2 = [inv(H[j:, j:])]_00
+            sal = W[:, j:j + 4] ** 2 / d[j:j + 4]
+            idx = sal.topk(2, dim=1).indices
+            mask[:, j:j + 4].scatter_(1, idx, True)
+        w = W[:, j].clone()
+        q = torch.where(mask[:, j], w, torch.zeros_like(w))
+        err = (w - q) / d[j]
+        W[:, j:] -= err[:, None] * inv_rest[j][0][None, :]
+        W[:, j] = q
+    return W, mask
+
+
+def test_sparsegpt_matches_float64_obs_reference():
+    torch.manual_seed(0)
+    K = 48
+    W = torch.randn(16, K)
+    X = _correlated(512, K)
+    H = X.T @ X / 512
+    ref_w, ref_mask = _sparsegpt_float64_reference(W, H)
+    res = sparsegpt_prune(W, H, blocksize=16)  # lazy block updates exercised (3 blocks)
+    assert torch.equal(res.mask, ref_mask)
+    torch.testing.assert_close(res.weight.double(), ref_w, atol=2e-4, rtol=1e-4)
+    assert _exactly_24(res.weight)
+
+
+def test_sparsegpt_beats_magnitude_on_layer_output_error():
+    torch.manual_seed(0)
+    W = torch.randn(64, 128)
+    X = _correlated(2048, 128)
+    H = X.T @ X / 2048
+
+    def err(Wh):
+        E = W - Wh
+        return float(((E @ H) * E).sum())
+
+    mag = err(magnitude_prune(W)[0])
+    res = sparsegpt_prune(W, H)
+    assert check_nm(res.weight) and err(res.weight) < 0.8 * mag
+    r8 = sparsegpt_prune(W, H, bits=8)
+    assert check_nm(r8.weight) and err(r8.weight) < 0.8 * mag
+    # the int8 grid: symmetric per channel, codes within [1, 255] (int8 -127..127), pruned = zero point
+    assert r8.scales.shape == (64, 1) and int(r8.codes.min()) >= 1
+    deq = (r8.codes.float() - r8.zeros) * r8.scales
+    torch.testing.assert_close(deq, r8.weight)
+    assert bool((r8.codes[~r8.mask] == 128).all())
+    r4 = sparsegpt_prune(W, H, bits=4, group_size=32)
+    assert check_nm(r4.weight) and r4.scales.shape == (64, 4)
+    torch.testing.assert_close((r4.codes.float() - r4.zeros.repeat_interleave(32, 1)) * r4.scales.repeat_interleave(32, 1),
+                               r4.weight)
+
+
+def test_quantize_kept_keeps_pattern():
+    pw, mask = magnitude_prune(torch.randn(16, 64))
+    w_hat, codes, scales, zeros = quantize_kept(pw, mask, 8)
+    assert check_nm(w_hat) and bool((codes[~mask] == 128).all())
+    assert (w_hat - pw).abs().max() <= scales.max() / 2 + 1e-6
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="H has shape"):
+        sparsegpt_prune(torch.randn(4, 8), torch.eye(4))
+    with pytest.raises(ValueError, match="0 < N < M"):
+        nm_mask(torch.randn(4, 8), 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module and kernels (CPU: the dense reference)
+
+
+def test_sparse_linear_cpu_forward_is_the_dense_reference():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    pw, mask = magnitude_prune(lin.weight.detach())
+    sl = SparseLinear.from_pruned(lin, pw)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(sl(x), F.linear(x, pw, lin.bias))
+    from lowbit.model.sparse_methods import _int8_channel_state
+
+    w_hat, codes, scales, zeros = quantize_kept(pw, mask, 8)
+    st = _int8_channel_state(codes, scales, torch.float32)
+    torch.testing.assert_close(lowbit.dequantize(st), w_hat)
+    s8 = SparseLinear.from_pruned(nn.Linear(64, 32), state=st)
+    from lowbit.kernels.api import prepare_int8
+
+    w8, ws = prepare_int8(st)
+    assert torch.equal(s8(x), reference.int8_linear_dynamic(x, w8, ws, s8.bias))
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        SparseLinear.from_pruned(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="qint8"):
+        SparseLinear(64, 32, weights="qint4")
+    with pytest.raises(RuntimeError, match="backend='sparse' needs a CUDA"):
+        ks.sparse24_linear(x, pw, backend="sparse")
+    assert ks.prepare_24(pw) is None  # CPU: nothing to compress
+
+
+# ---------------------------------------------------------------------------------------------
+# the methods
+
+
+@pytest.mark.parametrize("method,kw,cls", [
+    ("sparse-2:4", {"algorithm": "magnitude"}, SparseLinear),
+    ("sparse-2:4", {}, SparseLinear),
+    ("sparse-2:4-int8", {}, SparseLinear),
+    ("sparse-2:4-int8", {"algorithm": "magnitude"}, SparseLinear),
+    ("sparse-2:4-int4", {"group_size": 32}, QLinear),
+])
+def test_methods_prune_every_layer_exactly_24(method, kw, cls):
+    model = _tiny()
+    ids = _ids()
+    if kw.get("algorithm") != "magnitude":
+        kw = dict(kw, calib_dataset=ids, progress=False)
+    lowbit.quantize(model, method=method, **kw)
+    layers = {n: m for n, m in model.named_modules() if n.endswith("proj")}
+    assert len(layers) == 14 and all(type(m) is cls for m in layers.values())
+    assert type(model.lm_head) is nn.Linear  # excluded by default
+    for n, m in layers.items():
+        w = lowbit.dequantize(m.qstate) if m.qstate is not None else m.weight
+        if method == "sparse-2:4":
+            assert _exactly_24(w), n  # float: every group of 4 keeps exactly 2 (non-zero) weights
+        else:
+            assert check_nm(w), n  # quantized: a kept weight may round to 0
+            assert float((w == 0).float().mean()) >= 0.5
+    assert model.sparsity_summary["n_layers"] == 14
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_sparsegpt_beats_magnitude_on_the_model():
+    ids = _ids(16, 32)
+    ref = _tiny()(ids).logits
+    errs = {}
+    for alg in ("magnitude", "sparsegpt"):
+        m = _tiny()
+        lowbit.quantize(m, method="sparse-2:4", algorithm=alg, calib_dataset=None if alg == "magnitude" else ids,
+                        progress=False)
+        errs[alg] = float((m(ids).logits - ref).pow(2).mean())
+    assert errs["sparsegpt"] < 0.7 * errs["magnitude"], errs
+
+
+def test_method_errors_are_clear():
+    with pytest.raises(ValueError, match="needs calib_dataset"):
+        lowbit.quantize(_tiny(), method="sparse-2:4")
+    with pytest.raises(ValueError, match="does not accept 'bits'"):
+        lowbit.quantize(_tiny(), method="sparse-2:4-int8", bits=4)
+    with pytest.raises(ValueError, match="algorithm="):
+        lowbit.quantize(_tiny(), method="sparse-2:4", algorithm="wanda")
+
+
+def test_method_table_drives_plan():
+    from lowbit.model.methods import METHODS
+    from lowbit.model.plan import plan
+
+    assert METHODS.get("sparse-2:4-int8").calibrated and not METHODS.get("int8-dynamic").calibrated
+    m = _tiny()
+    p8, pf = plan(m, "sparse-2:4-int8"), plan(m, "sparse-2:4")
+    assert p8["output_mb"] < pf["output_mb"] and p8["peak_ram_mb"] > plan(m, "rtn")["peak_ram_mb"]
+
+
+# ---------------------------------------------------------------------------------------------
+# formats
+
+
+@pytest.mark.parametrize("method", ["sparse-2:4", "sparse-2:4-int8"])
+def test_native_round_trip(tmp_path, method):
+    model = _tiny()
+    ids = _ids()
+    lowbit.quantize(model, method=method, algorithm="magnitude")
+    ref = model(ids).logits
+    lowbit.save(model, tmp_path / "ck")
+    m2 = lowbit.load(tmp_path / "ck")
+    assert type(m2.model.layers[0].mlp.down_proj) is SparseLinear
+    assert torch.equal(m2(ids).logits, ref)
+    qmap = json.loads((tmp_path / "ck" / "lowbit_quantization.json").read_text())["quantization_map"]
+    assert qmap["model.layers.0.self_attn.q_proj"]["class"] == "SparseLinear"
+
+
+def test_bitmask_packing_matches_numpy():
+    import numpy as np
+
+    from lowbit.io.compressed_tensors_sparse import _pack_bits_little, _unpack_bits_little
+
+    mask = torch.rand(5, 44) > 0.5
+    ref = np.packbits(mask.numpy(), axis=-1, bitorder="little")
+    assert np.array_equal(_pack_bits_little(mask).numpy(), ref)
+    assert torch.equal(_unpack_bits_little(torch.from_numpy(ref), 44), mask)
+
+
+@pytest.mark.parametrize("method", ["sparse-2:4", "sparse-2:4-int8"])
+def test_compressed_tensors_sparse24_export(tmp_path, method):
+    from safetensors.torch import load_file
+
+    from lowbit.io.compressed_tensors_sparse import decompress_24_bitmask, export_sparse24, load_sparse24
+
+    model = _tiny(tie=False)
+    ids = _ids()
+    lowbit.quantize(model, method=method, algorithm="magnitude")
+    ref = model(ids).logits
+    out = export_sparse24(model, tmp_path / "ct")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    sc = cfg["sparsity_config"]
+    assert sc["format"] == "sparse-24-bitmask" and sc["sparsity_structure"] == "2:4"
+    assert "lm_head" in sc["ignore"]
+    # compressed-tensors parses the sparsity config
+    ct_config = pytest.importorskip("compressed_tensors.config")
+    parsed = ct_config.SparsityCompressionConfig.load_from_registry(sc["format"], **sc)
+    assert type(parsed).__name__ == "Sparse24BitMaskConfig"
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    name = "model.layers.1.mlp.down_proj"
+    lin = model.get_submodule(name)
+    want = lin.weight.detach() if lin.weights is None else (lin.qstate.data.view(64, 96).to(torch.int16) - 128).to(torch.int8)
+    assert tensors[f"{name}.compressed"].shape == (64, 48) and tensors[f"{name}.bitmask"].shape == (64, 12)
+    assert tensors[f"{name}.shape"].flatten().tolist() == [64, 96]
+    assert tensors[f"{name}.compressed"].dtype == (torch.float32 if method == "sparse-2:4" else torch.int8)
+    assert torch.equal(decompress_24_bitmask(tensors[f"{name}.compressed"], tensors[f"{name}.bitmask"],
+                                             tensors[f"{name}.shape"]), want)
+    if method == "sparse-2:4-int8":
+        assert cfg["format"] == "int-quantized" and cfg["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+        assert tensors[f"{name}.weight_scale"].shape == (64, 1)
+    # compressed-tensors' own decompressor (present up to compressed-tensors 0.14)
+    try:
+        from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import Sparse24BitMaskTensor
+    except ImportError:
+        Sparse24BitMaskTensor = None
+    if Sparse24BitMaskTensor is not None:
+        for n, m in model.named_modules():
+            if isinstance(m, SparseLinear):
+                t = Sparse24BitMaskTensor.from_compressed_data(shape=tensors[f"{n}.shape"],
+                                                               compressed=tensors[f"{n}.compressed"],
+                                                               bitmask=tensors[f"{n}.bitmask"])
+                w = m.weight.detach() if m.weights is None else \
+                    (m.qstate.data.view(m.out_features, m.in_features).to(torch.int16) - 128).to(torch.int8)
+                assert torch.equal(t.decompress(), w), n
+                again = Sparse24BitMaskTensor.from_dense(w)  # and its compressor writes the same tensors
+                assert torch.equal(again.compressed, tensors[f"{n}.compressed"])
+                assert torch.equal(again.bitmask, tensors[f"{n}.bitmask"])
+    m2 = load_sparse24(out)
+    assert torch.equal(m2(ids).logits, ref)
+    with pytest.raises(ValueError, match="no SparseLinear"):
+        export_sparse24(_tiny(), tmp_path / "none")
+
+
+def test_compressed_tensors_sparse24_rejects_non_24(tmp_path):
+    from lowbit.io.compressed_tensors_sparse import compress_24_bitmask
+
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        compress_24_bitmask(torch.randn(4, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (the lent H200): cuSPARSELt paths against the references
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_sparse_fp_matches_dense(dtype):
+    if not ks.cusparselt_available():
+        pytest.skip("no cuSPARSELt in this torch build")
+    torch.manual_seed(0)
+    w = magnitude_prune(torch.randn(256, 512, device="cuda"))[0].to(dtype)
+    b = torch.randn(256, device="cuda", dtype=dtype)
+    packed = ks.prepare_24(w)
+    assert packed is not None
+    for M in (1, 7, 64, 300):
+        x = torch.randn(M, 512, device="cuda", dtype=dtype)
+        y = ks.sparse24_linear(x, w, b, packed=packed, backend="sparse")
+        ref = x.double() @ w.double().T + b.double()
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-2
+        assert torch.equal(ks.sparse24_linear(x, w, b, packed=packed, backend="dense"), F.linear(x, w, b))
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_int8_matches_reference():
+    if not ks.cusparselt_available():
+        pytest.skip("no cuSPARSELt in this torch build")
+    from lowbit.model.sparse_methods import _int8_channel_state
+    from lowbit.kernels.api import prepare_int8
+
+    torch.manual_seed(0)
+    pw, mask = magnitude_prune(torch.randn(256, 512, device="cuda"))
+    _, codes, scales, _ = quantize_kept(pw, mask, 8)
+    w8, s8 = prepare_int8(_int8_channel_state(codes, scales, torch.bfloat16))
+    packed = ks.prepare_24(w8)
+    bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 16, 33, 512):
+        x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
+        y = ks.sparse24_int8_linear_dynamic(x, w8, s8, bias, packed=packed, backend="sparse").float()
+        ref = reference.int8_linear_dynamic(x, w8, s8, bias).float()
+        assert float((y - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
+@pytest.mark.cuda
+def test_cuda_model_sparse_methods_run():
+    ids = _ids().cuda()
+    for method in ("sparse-2:4", "sparse-2:4-int8"):
+        m = _tiny().to(torch.bfloat16).cuda()
+        ref = m(ids).logits.float()
+        lowbit.quantize(m, method=method, calib_dataset=ids, progress=False)
+        out = m(ids).logits.float()
+        assert torch.isfinite(out).all() and float((out - ref).pow(2).mean()) < float(ref.pow(2).mean())
+
+
+def test_cpu_int8_path_is_the_reference_bit_for_bit():
+    torch.manual_seed(0)
+    for K in (64, 1100, 2600):  # one and several exact float32 chunks of 1024
+        x = torch.randn(2, 5, K) * 3
+        w = torch.randint(-127, 128, (24, K), dtype=torch.int8)
+        s, b = torch.rand(24) * 0.01, torch.randn(24)
+        assert torch.equal(ks.sparse24_int8_linear_dynamic(x, w, s, b), reference.int8_linear_dynamic(x, w, s, b))
+
+
+def test_cli_quantize_sparse_int8(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from lowbit.model.loading import tiny_llama, tiny_tokenizer
+
+    tiny_llama(hidden=64, layers=2, intermediate=96).save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, "-m", "lowbit", "quantize", "--model", str(tmp_path / "tiny"), "--method",
+                        "sparse-2:4-int8", "--calib-dataset", str(tmp_path / "text.txt"), "--n-samples", "4",
+                        "--calib-seq-len", "32", "--dataset", str(tmp_path / "text.txt"), "--max-windows", "2",
+                        "--seq-len", "32", "--output", str(tmp_path / "out"), "--json"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = lowbit.load(tmp_path / "out")
+    layers = [mod for n, mod in m.named_modules() if isinstance(mod, SparseLinear)]
+    assert len(layers) == 14 and all(mod.weights == "qint8" for mod in layers)
+    assert all(check_nm(lowbit.dequantize(mod.qstate)) for mod in layers)
+
+
+def test_alg_search_caches_and_falls_back(monkeypatch):
+    """The opt-in cuSPARSELt algorithm search: searched once per (weight, M bucket), alg 0 when it fails."""
+    calls = []
+
+    def fake_mm(packed, b, alg_id=0, **kw):
+        calls.append(("mm", alg_id, b.shape[1]))
+        if alg_id == 7:
+            raise RuntimeError("alg 7 refuses this shape")
+        return torch.zeros(b.shape[1], 4)
+
+    def fake_search(packed, b, **kw):
+        calls.append(("search", b.shape[1]))
+        return 3 if b.shape[1] <= 64 else 7
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", fake_mm, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", fake_search, raising=False)
+    monkeypatch.setattr(ks, "_ALG", {})
+    packed = torch.zeros(16)
+    for M in (40, 50, 64):  # one bucket (<= 64): one search
+        ks._sparse_mm(packed, torch.zeros(8, M), True, transpose_result=True)
+    assert [c for c in calls if c[0] == "search"] == [("search", 40)]
+    assert all(c[1] == 3 for c in calls if c[0] == "mm")
+    calls.clear()
+    ks._sparse_mm(packed, torch.zeros(8, 100), True)  # searched alg fails -> alg 0, remembered
+    ks._sparse_mm(packed, torch.zeros(8, 120), True)
+    assert calls == [("search", 100), ("mm", 7, 100), ("mm", 0, 100), ("mm", 0, 120)]
+    calls.clear()
+    ks._sparse_mm(packed, torch.zeros(8, 100), False)  # off: no search, algorithm 0
+    assert calls == [("mm", 0, 100)]
