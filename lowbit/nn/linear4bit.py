@@ -84,7 +84,7 @@ class Linear4bit(QModuleMixin, nn.Linear):
         cd = self.compute_dtype or inp_dtype
 
         def weight():
-            w = self.qweight()
+            w = self.dequantized_weight()
             return w if w.dtype == cd else w.to(cd)
 
         b = self.bias

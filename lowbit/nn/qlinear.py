@@ -141,11 +141,11 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
             b = b.to(x.dtype)
         if self.weights and self.frozen:  # packed weight: backward re-dequantizes it (no float copy kept)
             def weight():
-                w = self.qweight()
+                w = self.dequantized_weight()
                 return w if w.dtype == x.dtype else w.to(x.dtype)
 
             return frozen_linear(x, b, weight)
-        w = self.qweight() if self.weights else self.weight
+        w = self.dequantized_weight() if self.weights else self.weight
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
         return F.linear(x, w, b)
@@ -214,7 +214,7 @@ class QConv2d(QModuleMixin, _ActivationQuantMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
-        w = self.qweight() if self.weights else self.weight
+        w = self.dequantized_weight() if self.weights else self.weight
         b = self.bias
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
