@@ -39,6 +39,11 @@ _LAZY = {
 }
 _SUBMODULES = {"metrics": "lowbit.eval.metrics"}
 
+# peft's get_peft_model on lowbit modules uses lowbit's LoRA layers without any lowbit-specific call
+from lowbit.integrations import _hooks as _integration_hooks  # noqa: E402
+
+_integration_hooks.register()
+
 __all__ = sorted(["quantize", *_LAZY])
 
 

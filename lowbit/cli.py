@@ -1,6 +1,6 @@
 """The ``lowbit`` command line: argument parsing only; every subcommand calls the public API.
 
-Subcommands: quantize, eval, compare, plan, inspect, verify, export, convert, bench. Exit codes: 0 ok,
+Subcommands: quantize, eval, compare, plan, inspect, verify, export, convert, bench, cache. Exit codes: 0 ok,
 2 bad input (one-line reason on stderr), 3 a quality gate (--max-ppl-increase / --max-kld) failed.
 """
 from __future__ import annotations
@@ -131,6 +131,28 @@ def _method_call(method: str, args) -> Dict[str, Any]:
     return {"method": m}
 
 
+def _check_group_size(args, methods: List[str]) -> None:
+    """``--group-size``: -1 (per output channel) or a positive size; an unusual size is announced.
+
+    A group stores its own scale (and zero point): groups much smaller than 32, or sizes that are not
+    a multiple of 8, cost many bits per weight and have no packed form in GPTQ/GGUF runtimes.
+    """
+    gs = getattr(args, "group_size", None)
+    if gs is None:
+        return
+    uses = [m for m in methods if m.lower() in (*WEIGHT_ONLY_PTQ, "int4", "int2")]
+    if gs == 0 or gs < -1:
+        raise CLIError(f"--group-size {gs}: expected -1 (one group per output channel) or a positive size "
+                       f"such as 32, 64 or 128")
+    if uses and gs > 0 and (gs % 8 or gs < 16):
+        bits = getattr(args, "bits", 4)
+        print(f"lowbit: warning: --group-size {gs} for {','.join(uses)}: every group of {gs} weights stores "
+              f"its own scale{'' if not getattr(args, 'asym', False) else ' and zero point'}, about "
+              f"{bits + (32 if getattr(args, 'asym', False) else 16) / gs:.1f} bits/weight for {bits}-bit "
+              f"weights, and sizes that are not a multiple of 8 have no packed kernels; usual sizes: 32, 64, 128",
+              file=sys.stderr, flush=True)
+
+
 def _apply_method(model, tok, method: str, args):
     """Quantize ``model`` in place with the CLI method; returns (model, seconds)."""
     import lowbit
@@ -242,8 +264,6 @@ def _relaunch_nproc(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from lowbit.model.plan import measure_peak_rss, plan
-
     if getattr(args, "nproc", None) and args.nproc > 1 and "RANK" not in os.environ:
         return _relaunch_nproc(args)
 
@@ -253,14 +273,43 @@ def cmd_quantize(args) -> int:
     if bad:
         raise CLIError(f"unknown format {bad[0]!r}; expected one of {', '.join(known)} (comma-separated)")
     out = Path(args.output)
+    _method_call(args.method, args)  # validates early
+    _check_group_size(args, [args.method])
+    created = _created_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".lowbit_write_test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
+        _remove_created(created)
         raise CLIError(f"output directory {str(out)!r} is not writable: {e.strerror or e}") from None
-    _method_call(args.method, args)  # validates early
+    try:
+        return _quantize_into(args, out, formats)
+    except BaseException:
+        _remove_created(created)  # a failed run leaves nothing behind (an existing directory is left as it was)
+        raise
+
+
+def _created_dirs(out: Path) -> List[Path]:
+    """The folders ``out.mkdir(parents=True)`` would create, outermost first."""
+    missing = []
+    p = out.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return list(reversed(missing))
+
+
+def _remove_created(created: List[Path]) -> None:
+    import shutil
+
+    if created:
+        shutil.rmtree(created[0], ignore_errors=True)
+
+
+def _quantize_into(args, out: Path, formats: List[str]) -> int:
+    from lowbit.model.plan import measure_peak_rss, plan
     from lowbit.io.gguf import BLOCK_IMPORT_TYPES
 
     target = _gguf_target(args)
@@ -308,6 +357,10 @@ def cmd_quantize(args) -> int:
         meta["gguf_weights"] = getattr(args, "_gguf_treatment", "requantized from float")
     from lowbit.eval.size import dir_size_bytes
 
+    if args.group_size is not None and 0 < args.group_size and (args.group_size % 8 or args.group_size < 16) \
+            and args.method.lower() in (*WEIGHT_ONLY_PTQ, "int4", "int2"):
+        print(f"lowbit: warning: --group-size {args.group_size}: the model takes {meta['bits_per_weight']:.2f} "
+              f"bits/weight", file=sys.stderr, flush=True)
     meta["output_size_mb"] = dir_size_bytes(out) / 2 ** 20
     tmp = out / "lowbit_run.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=str))
@@ -401,8 +454,17 @@ def cmd_compare(args) -> int:
     from lowbit.eval.report import compare_methods
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        _method_call(m, args)
+    if not methods:
+        raise CLIError(f"--methods {args.methods!r} names no method; e.g. --methods fp32,rtn,gptq,nf4")
+    if not any(_method_call(m, args)["method"] is not None for m in methods):
+        raise CLIError(f"--methods {args.methods!r} names no quantization method, only the float baseline; "
+                       f"e.g. --methods fp32,rtn,gptq,nf4")
+    _check_group_size(args, methods)
+    if not args.output_dir:
+        import tempfile
+
+        args.output_dir = tempfile.mkdtemp(prefix="lowbit-compare-")
+        _log(args, f"compare.md and compare.png go to {args.output_dir} (pass --output-dir to choose)")
     rows, md = compare_methods(args, methods, load=lambda: _load(args.model, args), apply=_apply_method,
                                ppl=_ppl, size=_size_report, log=lambda s: _log(args, s))
     _emit(args, {"rows": rows}, md)
@@ -412,6 +474,8 @@ def cmd_compare(args) -> int:
 def cmd_plan(args) -> int:
     from lowbit.model.plan import plan_from_config
 
+    _method_call(args.method, args)  # an unknown method is an error, not a plan
+    _check_group_size(args, [args.method])
     p = plan_from_config(args.model, args.method, bits=args.bits, group_size=args.group_size,
                          n_samples=args.n_samples, seq_len=args.calib_seq_len)
     text = "\n".join(f"{k:>20}: {v:.1f}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in p.items())
@@ -457,9 +521,47 @@ def cmd_convert(args) -> int:
 
     if args.format != "gguf":
         raise CLIError(f"convert supports --format gguf only (got {args.format!r})")
+    from lowbit.io.convert import NotLossless
+
     out = Path(args.output) if args.output else Path(args.input) / "model.gguf"
-    report = convert_to_gguf(args.input, out)
+    try:
+        report = convert_to_gguf(args.input, out)
+    except NotLossless as e:
+        raise CLIError(_one_line(str(e))) from None
     _emit(args, report if isinstance(report, dict) else {"output": str(out)}, f"wrote {out}")
+    return EXIT_OK
+
+
+#: how each bench script is told where to write: (flag, file name or None for a folder)
+_BENCH_OUT = {"model_api": ("--out", "model_api.md"), "qlora": ("--out", "qlora.md"),
+              "formats": ("--results", None), "gguf_export": ("--results", None)}
+
+
+def _one_line(msg: str) -> str:
+    """A multi-line reason as one line: ``"N weights cannot ...: first reason (and N-1 more)"``."""
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else msg
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0].rstrip(':')}: {lines[1]}{more}"
+
+
+def cmd_cache(args) -> int:
+    from lowbit.model.cache import cache_entries, clear_cache, max_cache_bytes
+    from lowbit.model.loading import cache_dir
+
+    if args.clear:
+        res = clear_cache()
+        _emit(args, {"cache_dir": str(cache_dir()), "removed_entries": res["entries"], "freed_bytes": res["bytes"]},
+              f"removed {res['entries']} entries ({res['bytes'] / 2 ** 20:.1f} MB) from {cache_dir()}")
+        return EXIT_OK
+    entries = cache_entries()
+    total = sum(int(e["bytes"]) for e in entries)
+    lines = [f"{cache_dir()}: {len(entries)} entries, {total / 2 ** 20:.1f} MB "
+             f"(cap {max_cache_bytes() / 2 ** 30:.2f} GB, LOWBIT_CACHE_MAX_GB)"]
+    lines += [f"  {int(e['bytes']) / 2 ** 20:9.1f} MB  {e['path']}" for e in entries]
+    _emit(args, {"cache_dir": str(cache_dir()), "bytes": total, "max_bytes": max_cache_bytes(), "entries": entries},
+          "\n".join(lines))
     return EXIT_OK
 
 
@@ -470,7 +572,17 @@ def cmd_bench(args) -> int:
     script = root / f"{args.which}.py"
     if not script.exists():
         raise CLIError(f"benchmark {args.which!r} not found (expected {script}); run from a source checkout")
-    sys.argv = [str(script)] + args.rest
+    rest = list(args.rest)
+    flag, target = _BENCH_OUT.get(args.which, ("--out", None))
+    if not any(a == flag or a.startswith(flag + "=") for a in rest):
+        # never the repository's tracked bench/results: --output-dir, else a fresh temporary folder
+        import tempfile
+
+        d = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix=f"lowbit-bench-{args.which}-"))
+        d.mkdir(parents=True, exist_ok=True)
+        rest += [flag, str(d / target) if target else str(d)]
+        print(f"lowbit: bench {args.which}: results go to {d}", file=sys.stderr, flush=True)
+    sys.argv = [str(script)] + rest
     runpy.run_path(str(script), run_name="__main__")
     return EXIT_OK
 
@@ -545,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="one table: perplexity, delta, size, bits/weight, time per method")
     p.add_argument("--model", default="default")
     p.add_argument("--methods", default="fp32,rtn,awq,gptq,hqq,nf4")
-    p.add_argument("--output-dir", default=None, help="where compare.md and compare.png go (default: cwd)")
+    p.add_argument("--output-dir", default=None, help="where compare.md and compare.png go (default: a new temporary folder, announced)")
     p.add_argument("--save", default=None, help="save the best quantized model (lowest perplexity) here, native format")
     _quant_opts(p)
     _eval_opts(p)
@@ -586,7 +698,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_convert)
 
+    p = sub.add_parser("cache", help="show lowbit's cache (converted GGUF models) and its size; --clear empties it")
+    p.add_argument("--clear", action="store_true", help="remove every cached entry")
+    _common(p)
+    p.set_defaults(fn=cmd_cache)
+
     p = sub.add_parser("bench", help="run a benchmark script from bench/ (schemes, ptq, model_api, ...)")
+    p.add_argument("--output-dir", default=None,
+                   help="where the results go (default: a new temporary folder; never the tracked bench/results)")
     p.add_argument("which", nargs="?", default="schemes")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench, quiet=False, json=False)

@@ -72,7 +72,7 @@ def test_to_moves_but_keeps_packed_dtypes():
 
 def test_weight_attribute_after_freeze_is_dequantized():
     q = QLinear.from_module(_lin(), weights="qint8")
-    w_fq = q.qweight().detach().clone()
+    w_fq = q.dequantized_weight().detach().clone()
     q.freeze()
     assert torch.equal(q.weight, w_fq)
 
@@ -128,7 +128,7 @@ def test_ste_gradients():
     q = QLinear.from_module(lin, weights="qint4")
     x = torch.randn(7, 96, requires_grad=True)
     q(x).pow(2).sum().backward()
-    w_dq = q.qweight().detach()
+    w_dq = q.dequantized_weight().detach()
     x2 = x.detach().clone().requires_grad_()
     w2 = w_dq.clone().requires_grad_()
     F.linear(x2, w2, lin.bias.detach()).pow(2).sum().backward()

@@ -32,7 +32,7 @@ def _float_weight(m: nn.Module) -> torch.Tensor:
 def _quant_weight(m: nn.Module) -> torch.Tensor:
     if getattr(m, "qstate", None) is not None:
         return dequantize(m.qstate).float().reshape(m.qstate.shape)
-    return m.qweight().detach().float()
+    return m.dequantized_weight().detach().float()
 
 
 @torch.no_grad()

@@ -10,9 +10,11 @@ in the recomputed forward).
 
 peft has no public registry of layer dispatchers (its bitsandbytes / HQQ / torchao dispatchers
 are a fixed list in ``LoraModel._create_new_module``), so :func:`install` wraps that static method
-to try lowbit's dispatcher first, and wraps ``LoraModel._replace_module``, whose device placement
-mistakes any ``qweight`` attribute for a GPTQ weight tensor (lowbit modules have a ``qweight()``
-method). Both wrappers hand every other layer to peft unchanged. The experimental per-config API
+to try lowbit's dispatcher first, and wraps ``LoraModel._replace_module`` to place the adapters on the
+device of the packed weight. Both wrappers hand every other layer to peft unchanged. lowbit modules
+have no ``qweight`` attribute (peft reads one as a GPTQ weight tensor; the dequantized weight is
+``dequantized_weight()``). ``import lowbit`` arranges for this module to be imported as soon as peft
+is (:mod:`lowbit.integrations._hooks`), so peft's standard recipe needs no lowbit-specific call. The experimental per-config API
 works too: ``config._register_custom_module(LORA_MODULE_MAPPING)``.
 
 Merging: ``LowbitLoraLinear.merge`` (peft's ``merge_and_unload``) re-quantizes the merged weight

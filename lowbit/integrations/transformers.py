@@ -76,6 +76,8 @@ _PTQ_METHODS = ("rtn", "hqq", "gptq", "awq")
 _FIXED_BITS = {"nf4": 4, "fp4": 4, "int4": 4, "int8": 8, "fp8": 8}
 _DEFAULT_GROUP = {"nf4": 64, "fp4": 64, "int8": -1, "fp8": -1}
 _QSTATE_PARTS = ("data", "scales", "zeros", "code", "meta")
+#: shape of the guard tensor saved under each quantized weight's float name (see ``get_state_dict_and_metadata``)
+WEIGHT_GUARD_SHAPE = (0,)
 #: checkpoint names of one quantized weight (QuantState.state_dict under ``weight.``)
 SERIALIZED_WEIGHT_NAMES = [f"weight.{p}" for p in _QSTATE_PARTS] + [f"weight.nested.{p}" for p in _QSTATE_PARTS]
 
@@ -310,10 +312,18 @@ class LowbitDeserialize(ConversionOps):
     def convert(self, input_dict: Dict[str, Any], model: Optional[nn.Module] = None,
                 full_layer_name: Optional[str] = None, missing_keys=None, **kwargs: Any) -> Dict[str, torch.Tensor]:
         parts = {}
+        plain = None
         for key, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
+            if key.rpartition(".")[2] == "weight" or key == "weight":
+                plain = value  # a float weight of an unquantized module, or a quantized weight's guard
+                continue
             parts[key] = value
         module, pname = get_module_from_name(model, full_layer_name)
+        if not parts:
+            if plain is None or isinstance(module, QModuleMixin) and tuple(plain.shape) == WEIGHT_GUARD_SHAPE:
+                return {}
+            return {full_layer_name: plain}  # not quantized: loaded as transformers would
         if not isinstance(module, QModuleMixin):
             raise TypeError(f"{full_layer_name}: the checkpoint holds a quantized weight but the module is a "
                             f"{type(module).__name__}, not a lowbit quantized module (is quantization_map complete?)")
@@ -437,6 +447,23 @@ class LowbitHfQuantizer(HfQuantizer):
     def is_serializable(self) -> bool:
         return True
 
+    def get_state_dict_and_metadata(self, model):
+        """The model's state dict plus, per quantized weight, a guard tensor under the float weight's name.
+
+        The guard (``<module>.weight``, shape ``(0,)``) is what makes the checkpoint *refuse* to load
+        where lowbit is absent: transformers without lowbit's quantizer skips the unknown
+        ``quant_method`` with a warning and would otherwise return plain ``Linear`` layers with the
+        quantized weights dropped (randomly initialised); the guard's shape mismatches the float
+        weight, so it raises instead. lowbit's loader drops the guards (:data:`WEIGHT_GUARD_SHAPE`).
+        """
+        sd = model.state_dict()
+        for name, m in model.named_modules():
+            if isinstance(m, QModuleMixin):
+                for pname in m.quantized_param_names():
+                    if f"{name}.{pname}.data" in sd and f"{name}.{pname}" not in sd:
+                        sd[f"{name}.{pname}"] = torch.empty(WEIGHT_GUARD_SHAPE, dtype=torch.uint8)
+        return sd, {"lowbit": "quantized weights are lowbit QuantStates: load with `import lowbit` first"}
+
     @property
     def is_trainable(self) -> bool:
         return True
@@ -457,7 +484,8 @@ class LowbitHfQuantizer(HfQuantizer):
 
     @property
     def serialized_names(self) -> Dict[str, List[str]]:
-        return {"weight": list(SERIALIZED_WEIGHT_NAMES)} if self.pre_quantized else {}
+        # "weight" itself: the guard saved beside each QuantState (and the float weights of unquantized modules)
+        return {"weight": list(SERIALIZED_WEIGHT_NAMES) + ["weight"]} if self.pre_quantized else {}
 
     def get_load_operations(self) -> Dict[str, type]:
         return {"deserialize": LowbitDeserialize}

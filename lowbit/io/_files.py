@@ -731,6 +731,11 @@ def hf_config_dict(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
             set_config_dtype(d, max(set(floats), key=floats.count))
     if getattr(cfg, "architectures", None) in (None, []):
         d["architectures"] = [type(model).__name__]
+    if not d.get("model_type"):  # AutoConfig / AutoModel refuse a config.json without it
+        mt = getattr(type(cfg), "model_type", None) or getattr(getattr(type(model), "config_class", None),
+                                                                 "model_type", None)
+        if mt:
+            d["model_type"] = mt
     return d
 
 

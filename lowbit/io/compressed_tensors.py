@@ -278,6 +278,12 @@ def export_compressed_tensors(model: nn.Module, directory: PathLike, *, unsuppor
         "sparsity_config": {},
         "transform_config": {},
     }
+    if any(not (s["weights"] or {}).get("symmetric", True) for s in schemes.values()) and \
+            "pack-quantized" in {s["format"] for s in schemes.values()}:
+        # transformers (5.x) with its default run_compressed=True builds packed zero points unpacked
+        # ([out, groups] instead of the [out/8, groups] that compressed-tensors' own compressor writes) and
+        # refuses the checkpoint; decompressing at load makes ``from_pretrained(out)`` alone work.
+        qcfg["run_compressed"] = False
     cfg = hf_config_dict(model) or {}
     cfg["quantization_config"] = qcfg
     return _write_hf_dir(Path(directory), tensors, cfg, {}, max_shard_size, tokenizer)

@@ -47,6 +47,8 @@ __all__ = [
     "dequantized_state_dict",
     "tokenizer_metadata",
     "gguf_file_tokenizer_metadata",
+    "gguf_source_metadata",
+    "derive_tokenizer_pre",
     "gguf_name",
     "hf_name",
     "load_gguf_quant_states",
@@ -368,33 +370,101 @@ def _rope_scaling(cfg) -> Optional[Mapping]:
     return None if typ == "default" else rs
 
 
-def _add_model_metadata(w, cfg, gguf_type: str, name: Optional[str]) -> None:
+def _model_metadata(cfg, gguf_type: str, name: Optional[str]) -> dict[str, Any]:
+    """``general.*`` and ``llama.*`` keys derived from a transformers config, as ``{key: (value, type, sub)}``."""
+    gguf = require("gguf", "GGUF export")
+    VT = gguf.GGUFValueType
     arch = "llama"
     n_head = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    w.add_name(name or getattr(cfg, "_name_or_path", "") or "lowbit-export")
-    w.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
-    w.add_uint32(f"{arch}.context_length", cfg.max_position_embeddings)
-    w.add_uint32(f"{arch}.embedding_length", cfg.hidden_size)
-    w.add_uint32(f"{arch}.block_count", cfg.num_hidden_layers)
-    w.add_uint32(f"{arch}.feed_forward_length", cfg.intermediate_size)
-    w.add_uint32(f"{arch}.attention.head_count", n_head)
-    w.add_uint32(f"{arch}.attention.head_count_kv", getattr(cfg, "num_key_value_heads", None) or n_head)
-    w.add_float32(f"{arch}.rope.freq_base", _rope_theta(cfg))
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(cfg.rms_norm_eps))
-    w.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    u32 = lambda v: (int(v), VT.UINT32, None)  # noqa: E731
+    f32 = lambda v: (float(v), VT.FLOAT32, None)  # noqa: E731
+    meta: dict[str, Any] = {
+        "general.name": (name or _display_name(cfg), VT.STRING, None),
+        f"{arch}.vocab_size": u32(cfg.vocab_size),
+        f"{arch}.context_length": u32(cfg.max_position_embeddings),
+        f"{arch}.embedding_length": u32(cfg.hidden_size),
+        f"{arch}.block_count": u32(cfg.num_hidden_layers),
+        f"{arch}.feed_forward_length": u32(cfg.intermediate_size),
+        f"{arch}.attention.head_count": u32(n_head),
+        f"{arch}.attention.head_count_kv": u32(getattr(cfg, "num_key_value_heads", None) or n_head),
+        f"{arch}.rope.freq_base": f32(_rope_theta(cfg)),
+        f"{arch}.attention.layer_norm_rms_epsilon": f32(cfg.rms_norm_eps),
+        f"{arch}.rope.dimension_count": u32(head_dim),
+    }
     if head_dim != cfg.hidden_size // n_head:
-        w.add_uint32(f"{arch}.attention.key_length", head_dim)
-        w.add_uint32(f"{arch}.attention.value_length", head_dim)
+        meta[f"{arch}.attention.key_length"] = u32(head_dim)
+        meta[f"{arch}.attention.value_length"] = u32(head_dim)
     rs = _rope_scaling(cfg)
     if rs is not None:
         typ = rs.get("rope_type", rs.get("type"))
         if typ != "linear":
             raise NotImplementedError(f"rope_type={typ!r}: only 'default' and 'linear' RoPE are exported to GGUF")
-        w.add_string(f"{arch}.rope.scaling.type", "linear")
-        w.add_float32(f"{arch}.rope.scaling.factor", float(rs["factor"]))
-    w.add_uint32("general.file_type", _FILE_TYPE[gguf_type])
-    w.add_uint32("general.quantization_version", 2)
+        meta[f"{arch}.rope.scaling.type"] = ("linear", VT.STRING, None)
+        meta[f"{arch}.rope.scaling.factor"] = f32(rs["factor"])
+    meta["general.file_type"] = u32(_FILE_TYPE[gguf_type])
+    meta["general.quantization_version"] = u32(2)
+    return meta
+
+
+_CACHE_KEY_RE = re.compile(r"-\d+-\d+-tf[\w.+-]+$")  # lowbit's GGUF conversion cache folder suffix
+
+
+def _display_name(cfg) -> str:
+    """``general.name`` from a config's ``_name_or_path``: a hub id as is, a path as its last component
+    (a ``.gguf`` file as its stem, lowbit's conversion cache folder as the source file's stem)."""
+    raw = str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or "").strip()
+    if not raw:
+        return "lowbit-export"
+    looks_like_path = raw.startswith(("/", ".", "~")) or os.sep in raw and raw.count("/") != 1 or raw.endswith(".gguf")
+    if not looks_like_path:
+        return raw
+    last = Path(raw.rstrip("/\\")).name
+    if last.lower().endswith(".gguf"):
+        last = last[:-5]
+    return _CACHE_KEY_RE.sub("", last) or "lowbit-export"
+
+
+#: ``general.*`` keys that describe the file, not the model: never carried from a source file
+_GENERAL_OWN = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+def gguf_source_metadata(path: Union[str, os.PathLike], cfg=None) -> dict[str, Any]:
+    """The keys of a source GGUF file that an export of the same model carries over.
+
+    ``general.*`` (name, organization, license, ... but not the file type) and, when ``cfg`` matches
+    the file's hyperparameters (same block count and embedding length), every ``llama.*`` key;
+    ``tokenizer.*`` keys are handled by :func:`gguf_file_tokenizer_metadata`. Returns
+    ``{key: (value, GGUFValueType, sub_type)}``.
+    """
+    gguf = require("gguf", "reading GGUF metadata")
+    VT = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+
+    def same_model() -> bool:
+        if cfg is None or arch != "llama":
+            return False
+        for key, attr in (("llama.block_count", "num_hidden_layers"), ("llama.embedding_length", "hidden_size")):
+            f = fields.get(key)
+            if f is None or int(f.contents()) != int(getattr(cfg, attr, -1)):
+                return False
+        return True
+
+    carry_arch = same_model()
+    meta = {}
+    for key, field in fields.items():
+        if key.startswith("general.") and key not in _GENERAL_OWN:
+            pass
+        elif key.startswith("llama.") and carry_arch:
+            pass
+        else:
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == VT.ARRAY else None
+        meta[key] = (field.contents(), vtype, sub)
+    return meta
 
 
 def tokenizer_metadata(tokenizer, vocab_size: Optional[int] = None, pre: Optional[str] = None) -> dict[str, Any]:
@@ -499,6 +569,124 @@ def gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any
 # export
 
 
+def _file_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _source_gguf(model, tokenizer, explicit) -> Optional[str]:
+    if explicit is not None:
+        return str(explicit)
+    for obj in (model, tokenizer):
+        src = getattr(obj, "_lowbit_gguf_source", None)  # lowbit.model.loading.GGUF_SOURCE_ATTR
+        if src and os.path.isfile(src):
+            return str(src)
+    return None
+
+
+#: pre-tokenizer structure (tokenizer.json ``pre_tokenizer``) -> llama.cpp ``tokenizer.ggml.pre`` whose
+#: pre-tokenizer splits text the same way: a GPT-2 byte-level regex alone ("gpt-2"), or preceded by a
+#: split into single digits (llama.cpp's "smollm", the same split as its "starcoder"/"refact" types).
+_PRE_BY_STRUCTURE = {
+    ("ByteLevel:regex",): "gpt-2",
+    ("Digits:individual", "ByteLevel:regex"): "smollm",
+}
+
+
+def _pre_structure(spec: Any) -> tuple:
+    if not isinstance(spec, Mapping):
+        return ()
+    typ = spec.get("type")
+    if typ == "Sequence":
+        return tuple(x for p in spec.get("pretokenizers", []) for x in _pre_structure(p))
+    if typ == "ByteLevel":
+        return ("ByteLevel:regex" if spec.get("use_regex", True) and not spec.get("add_prefix_space") else "ByteLevel:other",)
+    if typ == "Digits":
+        return ("Digits:individual" if spec.get("individual_digits") else "Digits:grouped",)
+    return (str(typ),)
+
+
+def derive_tokenizer_pre(tokenizer) -> Optional[str]:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a Hugging Face BPE tokenizer, from its pre-tokenizer.
+
+    llama.cpp's own converter identifies the pre-tokenizer by hashing the token ids of a probe text;
+    lowbit recognises the structures whose llama.cpp equivalent is unambiguous (see
+    ``_PRE_BY_STRUCTURE``) and returns None otherwise (llama.cpp then uses its "default" split, and
+    :func:`export_gguf` warns). Pass ``tokenizer_pre=`` to set it explicitly.
+
+    Example:
+        >>> derive_tokenizer_pre(tok)   # doctest: +SKIP
+        'gpt-2'
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    if spec.get("normalizer") not in (None, {}):
+        return None
+    return _PRE_BY_STRUCTURE.get(_pre_structure(spec.get("pre_tokenizer")))
+
+
+def _tokenizer_kv(tokenizer, cfg, tokenizer_pre: Optional[str], source: Optional[str]) -> dict[str, Any]:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return gguf_file_tokenizer_metadata(tokenizer)
+    if isinstance(tokenizer, Mapping):
+        return dict(tokenizer)
+    meta = tokenizer_metadata(tokenizer, cfg.vocab_size, tokenizer_pre)
+    if source is not None and tokenizer_pre is None:
+        try:
+            src = gguf_file_tokenizer_metadata(source)
+        except ValueError:
+            src = None
+        if src is not None:
+            same = all(src.get(k, (None,))[0] == meta.get(k, (None,))[0]
+                       for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+            if same:
+                return src  # the tokenizer is the source file's: its keys, as llama.cpp's converter wrote them
+            logger.warning("the tokenizer's vocabulary differs from the source file %s; its tokenizer keys "
+                           "(tokenizer.ggml.pre, ...) are not carried", source)
+    if "tokenizer.ggml.pre" not in meta:
+        pre = derive_tokenizer_pre(tokenizer)
+        if pre is not None:
+            gguf = require("gguf", "GGUF tokenizer metadata")
+            items = list(meta.items())
+            items.insert(1, ("tokenizer.ggml.pre", (pre, gguf.GGUFValueType.STRING, None)))
+            meta = dict(items)
+        else:
+            logger.warning("tokenizer.ggml.pre unknown for this tokenizer: llama.cpp will pre-tokenize with "
+                           "its 'default' rules; pass tokenizer_pre= (e.g. 'llama-bpe', 'smollm') to set it")
+    return meta
+
+
+def _is_lowbit_quantized(model) -> bool:
+    from lowbit.io._affine import quantized_linears
+
+    return bool(quantized_linears(model))
+
+
+def _export_quantized(model, path, gguf_type, tokenizer, quant_states, *, output_type, tokenizer_pre, name,
+                      source_gguf):
+    """A lowbit-quantized model: its quantized Linears written from their codes (no float round trip)."""
+    from lowbit.io.multi import _dense_hf_model, gguf_quant_states
+
+    if output_type != "auto":
+        logger.info("output_type=%r applies to the unquantized output projection only", output_type)
+    states, how = gguf_quant_states(model, "auto", "requantize")
+    states.update(dict(quant_states or {}))
+    requantized = [k for k, v in how.items() if v.startswith("requantized")]
+    if requantized:
+        logger.info("GGUF export: %d of %d quantized weights have no exact GGUF block form and are re-quantized "
+                    "to %s from their dequantized values (first: %s: %s)", len(requantized), len(how),
+                    _norm_type(gguf_type), requantized[0], how[requantized[0]])
+    hf = _dense_hf_model(model, states)
+    source = _source_gguf(model, tokenizer, source_gguf)
+    if name is None and source is None:
+        name = _display_name(model.config)
+    return export_gguf(hf, path, gguf_type=gguf_type, tokenizer=tokenizer, quant_states=states,
+                       output_type=output_type, tokenizer_pre=tokenizer_pre, name=name, source_gguf=source)
+
+
 def export_gguf(
     model,
     path: Union[str, os.PathLike],
@@ -509,12 +697,16 @@ def export_gguf(
     output_type: Optional[str] = "auto",
     tokenizer_pre: Optional[str] = None,
     name: Optional[str] = None,
+    source_gguf: Union[str, os.PathLike, None] = None,
 ) -> Path:
     """Write a llama.cpp-loadable GGUF file for a transformers ``LlamaForCausalLM``.
 
     Args:
-        model: a Llama-architecture causal LM with float weights (``config.model_type`` "llama",
-            "mistral" without sliding window, or SmolLM/TinyLlama-style checkpoints).
+        model: a Llama-architecture causal LM (``config.model_type`` "llama", "mistral" without sliding
+            window, or SmolLM/TinyLlama-style checkpoints): float weights, or a lowbit-quantized /
+            ``lowbit.load``-ed model, whose quantized Linears are written from their own codes
+            (exactly where the GGUF grid allows, see :func:`lowbit.io.multi.gguf_quant_states`; others
+            re-quantized to ``gguf_type``) through :func:`lowbit.io.multi.export_all`'s GGUF path.
         path: destination ``.gguf`` file (written atomically).
         gguf_type: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "F32" or "BF16".
         tokenizer: a Hugging Face fast BPE tokenizer, the path of a GGUF file whose ``tokenizer.*``
@@ -526,8 +718,17 @@ def export_gguf(
             unsigned codes of :mod:`lowbit.formats.gguf`, a lowbit ``QuantState`` of a GGUF scheme, or a
             :class:`GGUFTensor` from :func:`load_gguf_quant_states`.
         output_type: type of ``output.weight`` / tied ``token_embd.weight`` (see :func:`gguf_tensor_plan`).
-        tokenizer_pre: ``tokenizer.ggml.pre`` for an HF tokenizer (e.g. "smollm", "llama-bpe").
-        name: ``general.name`` (default: the config's ``_name_or_path``).
+        tokenizer_pre: ``tokenizer.ggml.pre`` for an HF tokenizer (e.g. "smollm", "llama-bpe"); by
+            default taken from the source GGUF file, else derived from the tokenizer's pre-tokenizer
+            (:func:`derive_tokenizer_pre`).
+        name: ``general.name`` (default: the source GGUF file's, else the config's ``_name_or_path``
+            reduced to a model name, never a cache path).
+        source_gguf: the GGUF file the model came from (default: the one recorded by
+            :func:`lowbit.model.loading.load_gguf` on the model or tokenizer). Its ``general.*`` keys,
+            its ``llama.*`` keys the config does not set, and, when the tokenizer's vocabulary and merges
+            are the file's, its ``tokenizer.*`` keys verbatim (``tokenizer.ggml.pre``,
+            ``add_space_prefix``, special ids, chat template) are carried into the export, as
+            llama.cpp needs them to tokenize like the source.
 
     Returns:
         The path written.
@@ -536,7 +737,12 @@ def export_gguf(
         >>> export_gguf(model, "smollm2-q4_0.gguf", "Q4_0", tokenizer=tok, tokenizer_pre="smollm")  # doctest: +SKIP
     """
     gguf = require("gguf", "GGUF export")
-    cfg = model.config
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"{type(model).__name__}: GGUF export needs a transformers Llama model (a model with a config)")
+    if _is_lowbit_quantized(model):
+        return _export_quantized(model, path, gguf_type, tokenizer, quant_states, output_type=output_type,
+                                 tokenizer_pre=tokenizer_pre, name=name, source_gguf=source_gguf)
     mt = getattr(cfg, "model_type", "llama")
     if mt not in ("llama", "mistral"):
         raise NotImplementedError(f"model_type={mt!r}: GGUF export supports Llama-architecture models")
@@ -544,6 +750,15 @@ def export_gguf(
     quant_states = dict(quant_states or {})
     plan = gguf_tensor_plan(model, gguf_type, output_type, quant_states)
     params = model.state_dict()
+
+    source = _source_gguf(model, tokenizer, source_gguf)
+    kv = _model_metadata(cfg, gguf_type, name)
+    if source is not None:
+        for key, value in gguf_source_metadata(source, cfg).items():
+            if key not in kv or (key == "general.name" and name is None):
+                kv[key] = value
+    if tokenizer is not None:
+        kv.update(_tokenizer_kv(tokenizer, cfg, tokenizer_pre, source))
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -553,16 +768,8 @@ def export_gguf(
     tmp = str(_temp_path(path))
     try:
         w = gguf.GGUFWriter(tmp, "llama")
-        _add_model_metadata(w, cfg, gguf_type, name)
-        if tokenizer is not None:
-            if isinstance(tokenizer, (str, os.PathLike)):
-                meta = gguf_file_tokenizer_metadata(tokenizer)
-            elif isinstance(tokenizer, Mapping):
-                meta = tokenizer
-            else:
-                meta = tokenizer_metadata(tokenizer, cfg.vocab_size, tokenizer_pre)
-            for key, (val, vtype, sub) in meta.items():
-                w.add_key_value(key, val, vtype, sub)
+        for key, (val, vtype, sub) in kv.items():
+            w.add_key_value(key, val, vtype, sub)
         for hf, (g, typ) in plan.items():
             arr = _encode(hf, params[hf], typ, cfg, quant_states)
             raw_dtype = None

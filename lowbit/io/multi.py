@@ -151,10 +151,14 @@ def export_all(model: nn.Module, directory: PathLike, formats: Sequence[str] = F
         elif f == "gguf":
             from lowbit.io.gguf import export_gguf
 
+            from lowbit.io.gguf import _display_name, _source_gguf
+
             states, how = gguf_quant_states(model, gguf_type, gguf_fallback)
             hf = _dense_hf_model(model, states)
+            source = _source_gguf(model, tokenizer, None)
             p = export_gguf(hf, directory / "model.gguf", gguf_type=gguf_requantize_type, tokenizer=tokenizer,
-                            quant_states=states, tokenizer_pre=tokenizer_pre)
+                            quant_states=states, tokenizer_pre=tokenizer_pre, source_gguf=source,
+                            name=None if source else _display_name(model.config))
             kinds = {}
             for v in how.values():
                 k = v.split(":")[0]

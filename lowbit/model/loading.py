@@ -15,7 +15,8 @@
 Converting the GGUF file takes one to two minutes on a small CPU (most of it parsing the file's
 metadata), so the converted float model is kept in a cache outside the repository
 (``$LOWBIT_CACHE_DIR`` or ``~/.cache/lowbit``, about 0.55 GB; ``LOWBIT_NO_CACHE=1`` or
-``cache=False`` turns it off). The cache key includes the GGUF file's size and mtime and the
+``cache=False`` turns it off). The cache is capped (``$LOWBIT_CACHE_MAX_GB``, least recently used
+entries evicted, :mod:`lowbit.model.cache`) and ``lowbit cache --clear`` empties it. The cache key includes the GGUF file's size and mtime and the
 transformers version, so a changed file or library is converted again.
 
 For tests: :func:`tiny_llama` builds a tiny random ``LlamaForCausalLM`` and :func:`tiny_tokenizer`
@@ -256,13 +257,31 @@ def load_gguf(path: Union[str, Path], dtype: torch.dtype = torch.float32,
     cached = _gguf_cache_path(path) if use_cache else None
     if cached is not None and (cached / "COMPLETE").is_file():
         logger.info("loading the converted model from the cache %s", cached)
+        from lowbit.model.cache import touch_cache_entry
+
+        touch_cache_entry(cached)
         model = tf.AutoModelForCausalLM.from_pretrained(str(cached), **_dtype_kwargs(dtype))
         tokenizer = tf.AutoTokenizer.from_pretrained(str(cached))
-        return _finish(model, dtype, device), tokenizer
+        return _mark_gguf_source(_finish(model, dtype, device), tokenizer, path)
     model, tokenizer = _convert_gguf(path.parent, path.name)
     if cached is not None:
         _write_cache(cached, model, tokenizer)
-    return _finish(model, dtype, device), tokenizer
+    return _mark_gguf_source(_finish(model, dtype, device), tokenizer, path)
+
+
+#: attribute set on a model / tokenizer loaded from a GGUF file: the file's path. GGUF exports read it
+#: to carry the source file's metadata (``tokenizer.ggml.pre``, ``general.*``, ...) into the new file.
+GGUF_SOURCE_ATTR = "_lowbit_gguf_source"
+
+
+def _mark_gguf_source(model: nn.Module, tokenizer, path: Path):
+    for obj in (model, tokenizer):
+        if obj is not None:
+            try:
+                setattr(obj, GGUF_SOURCE_ATTR, str(path))
+            except AttributeError:  # pragma: no cover - objects refusing new attributes
+                pass
+    return model, tokenizer
 
 
 def _write_cache(target: Path, model: nn.Module, tokenizer) -> None:
@@ -281,6 +300,9 @@ def _write_cache(target: Path, model: nn.Module, tokenizer) -> None:
                 tmp.rename(target)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
+        from lowbit.model.cache import enforce_cache_limit
+
+        enforce_cache_limit(keep=target)
     except OSError as e:
         logger.warning("could not cache the converted model in %s: %s", target, e)
 

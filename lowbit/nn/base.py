@@ -45,7 +45,7 @@ class QModuleMixin:
     """Mixin for ``nn.Module`` subclasses whose float parameters become QuantStates at freeze.
 
     Subclasses define :meth:`quantized_param_names` and :meth:`quantize_param`, and read their
-    weights through :meth:`qweight` in ``forward``.
+    weights through :meth:`dequantized_weight` in ``forward``.
     """
 
     #: label written into the quantization map
@@ -91,7 +91,7 @@ class QModuleMixin:
         return dict(self._qstates)
 
     # -- forward helpers -----------------------------------------------------------------------
-    def qweight(self, name: str = "weight") -> torch.Tensor:
+    def dequantized_weight(self, name: str = "weight") -> torch.Tensor:
         """The weight used in forward: dequantized state if frozen, else fake-quantized (STE)."""
         state = self._qstates.get(name)
         if state is not None:

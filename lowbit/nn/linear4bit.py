@@ -79,10 +79,6 @@ class Linear4bit(QModuleMixin, nn.Linear):
         self.freeze()
         return self
 
-    def _dequantized_weight(self) -> torch.Tensor:
-        # the one call of the dequantized-weight method (renamed in one place if that method is)
-        return self.qweight()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         cd = self.compute_dtype or inp_dtype
@@ -91,7 +87,7 @@ class Linear4bit(QModuleMixin, nn.Linear):
         def weight():
             if state is not None:
                 return fast_dequantize(state, cd)
-            w = self._dequantized_weight()
+            w = self.dequantized_weight()
             return w if w.dtype == cd else w.to(cd)
 
         b = self.bias

@@ -141,10 +141,6 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
     def quantize_param(self, name: str, w: torch.Tensor) -> QuantState:
         return quantize_tensor(w, **self._wkw)
 
-    def _dequantized_weight(self) -> torch.Tensor:
-        # the one call of the dequantized-weight method (renamed in one place if that method is)
-        return self.qweight()
-
     def _kernel_act(self) -> Optional[str]:
         """The dynamic activation format the kernels fuse ("int8" / "fp8"), None for weight-only."""
         qt = self.activation_qtype
@@ -172,7 +168,7 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
                 return fast_dequantize(state, x.dtype)
 
             return frozen_linear(x, b, weight)
-        w = self.qweight() if self.weights else self.weight
+        w = self.dequantized_weight() if self.weights else self.weight
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
         return F.linear(x, w, b)
@@ -241,7 +237,7 @@ class QConv2d(QModuleMixin, _ActivationQuantMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
-        w = self.qweight() if self.weights else self.weight
+        w = self.dequantized_weight() if self.weights else self.weight
         b = self.bias
         if w.dtype != x.dtype:
             w = w.to(x.dtype)

@@ -133,8 +133,8 @@ class _DynamicQuantRNNBase(QModuleMixin, nn.Module):
             outs = []
             for d in range(ndir):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                w_ih = self.qweight("weight_ih" + sfx).to(x.dtype)
-                w_hh = self.qweight("weight_hh" + sfx).to(x.dtype)
+                w_ih = self.dequantized_weight("weight_ih" + sfx).to(x.dtype)
+                w_hh = self.dequantized_weight("weight_hh" + sfx).to(x.dtype)
                 b_ih, b_hh = self._bias("bias_ih" + sfx), self._bias("bias_hh" + sfx)
                 gi_all = F.linear(self._q(layer_in), w_ih, b_ih)
                 state = states[layer * ndir + d]
