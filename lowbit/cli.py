@@ -160,6 +160,13 @@ def _apply_method(model, tok, method: str, args):
         call["progress"] = not (args.quiet or args.json)
         call["device"] = _device(args)
         gguf_type = _gguf_target(args)
+        if gguf_type is not None and gguf_type in GGUF_K_TARGETS and name in GGUF_GRID_METHODS:
+            if name != "rtn":
+                raise CLIError(f"--method {name} with --gguf-type {gguf_type}: error-compensated K-quants are not "
+                               f"available yet; use --method rtn (llama.cpp's reference rounding, byte-identical "
+                               f"to llama-quantize) or a legacy type (Q4_0 ... Q8_0)")
+            _log(args, f"rtn: {gguf_type} is written with llama.cpp's reference K-quant rounding at export")
+            return model, time.perf_counter() - t0
         if gguf_type is not None and name in GGUF_GRID_METHODS:
             # error-compensated GGUF: the method optimises for the exact llama.cpp block grid
             call["gguf_type"] = gguf_type
@@ -170,6 +177,9 @@ def _apply_method(model, tok, method: str, args):
 
 
 GGUF_GRID_METHODS = ("rtn", "gptq", "awq")
+# K-quant types and llama.cpp's mixtures (lowbit.formats.kquants, lowbit.io.gguf_recipes)
+GGUF_K_TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+                  "Q5_K_S", "Q5_K_M")
 _GGUF_INT_EXACT = ("Q4_0", "Q8_0")  # block types with an exact integer (GPTQ / compressed-tensors) form
 
 
@@ -462,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gptq", help="rtn|awq|gptq|hqq|nf4|fp4|int8|int4|fp8|fp16|bf16|<registered>")
     p.add_argument("--output", required=True)
     p.add_argument("--format", default="native", help="native,gguf,compressed-tensors,gptq (comma-separated)")
-    p.add_argument("--gguf-type", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+    p.add_argument("--gguf-type", default="Q4_0", type=str.upper,
+                   choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *GGUF_K_TARGETS])
     p.add_argument("--max-ppl-increase", type=float, default=None, help="quality gate on perplexity")
     p.add_argument("--max-kld", type=float, default=None, help="quality gate on mean KL divergence")
     _quant_opts(p)
@@ -509,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--format", required=True, help="gguf,compressed-tensors,gptq")
-    p.add_argument("--gguf-type", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+    p.add_argument("--gguf-type", default="Q4_0", type=str.upper,
+                   choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *GGUF_K_TARGETS])
     _common(p)
     p.set_defaults(fn=cmd_export)
 
