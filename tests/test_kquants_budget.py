@@ -88,3 +88,39 @@ def test_budget_plan_end_to_end(tmp_path):
     assert set(nplan.types.values()) <= set(bud.NATIVE_CANDIDATES) and nplan.total_bytes <= nplan.budget_bytes
     with pytest.raises(ValueError, match="exactly one"):
         bud.budget_plan(model, None, sens=sens)
+
+
+def test_cli_bits_budget_and_kquant_mixture(tmp_path):
+    pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lowbit.model.loading import tiny_llama, tiny_tokenizer
+
+    tiny_llama(hidden=256, layers=2, intermediate=512).save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+
+    def run(*argv):
+        p = subprocess.run([sys.executable, "-m", "lowbit", *argv], capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    common = ("--model", str(tmp_path / "tiny"), "--calib-dataset", str(tmp_path / "text.txt"), "--n-samples", "2",
+              "--calib-seq-len", "32", "--quiet")
+    run("quantize", *common, "--format", "gguf", "--bits-budget", "5", "--output", str(tmp_path / "b"))
+    plan = json.loads((tmp_path / "b" / "budget_plan.json").read_text())
+    assert plan["bits_per_weight"] <= 5 and plan["total_bytes"] <= plan["budget_bytes"]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "b" / "model.gguf")).tensors}
+    from lowbit.io.gguf import gguf_name
+
+    assert all(types[gguf_name(n)] == v["type"] for n, v in plan["weights"].items())
+    run("quantize", *common, "--format", "native", "--size-budget", "0.5MB", "--output", str(tmp_path / "n"))
+    assert json.loads((tmp_path / "n" / "budget_plan.json").read_text())["total_bytes"] <= 500_000
+    run("quantize", *common, "--method", "rtn", "--format", "gguf", "--gguf-type", "q4_k_m", "--output", str(tmp_path / "k"))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "k" / "model.gguf")).tensors}
+    assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == "Q4_K"
