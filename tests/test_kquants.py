@@ -198,3 +198,24 @@ def test_k_quant_states_round_trip_through_the_writer(tmp_path):
     assert back.qtype == "Q5_K" and torch.equal(back.data, st.data)
     st2 = io.to_quant_state(back)
     assert st2.scheme == "q5_k" and torch.equal(lowbit.dequantize(st2), lowbit.dequantize(st))
+
+
+@pytest.mark.parametrize("qtype", ["Q3_K", "Q4_K", "Q6_K"])
+def test_gptq_on_the_k_grid_beats_the_reference_rounding(qtype):
+    from lowbit.algorithms.grid import gptq_kquant
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2048, 512, generator=g) @ (torch.randn(512, 512, generator=g) * 0.1 + torch.eye(512))
+    H = X.t() @ X / X.shape[0]
+    W = torch.randn(32, 512, generator=g) * 0.02
+    st, _ = gptq_kquant(W, H, qtype)
+    assert st.scheme == qtype.lower() and st.block_size == 256
+    ref = gguf.quants.dequantize(st.data.numpy(), gguf.GGMLQuantizationType[qtype])  # what llama.cpp reads
+    assert np.array_equal(ref, lowbit.dequantize(st).numpy())
+
+    def out_err(E):
+        E = E.double()
+        return float(((E @ H.double()) * E).sum())
+
+    rtn = out_err(lowbit.dequantize(lowbit.quantize(W, qtype.lower())) - W)
+    assert out_err(torch.from_numpy(ref) - W) < 0.8 * rtn
