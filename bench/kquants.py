@@ -143,11 +143,13 @@ def main() -> None:
     ap.add_argument("--comp-types", default="Q5_0,Q4_0", help="legacy GGUF grids for --methods")
     ap.add_argument("--n-samples", type=int, default=32, help="calibration windows of 512 tokens (valid.txt)")
     ap.add_argument("--workdir", default="/tmp/kq-bench")
-    ap.add_argument("--stage", default="all", choices=["all", "files", "comp", "budget", "eval"])
+    ap.add_argument("--stage", default="all", choices=["all", "files", "llama", "comp", "budget", "eval"])
     ap.add_argument("--budgets", default="3.5,4.0,4.5,5.0", help="bits per weight of the budget search files")
     ap.add_argument("--budget-samples", type=int, default=8, help="calibration windows for the sensitivities")
     ap.add_argument("--evaluator", default="auto", choices=["auto", "llama.cpp", "torch"])
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--eval-only", default="", help="comma-separated file stems to evaluate (default: all)")
+    ap.add_argument("--no-write", action="store_true", help="evaluate only; do not write the results files")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -160,11 +162,17 @@ def main() -> None:
     info = json.loads(log.read_text()) if log.exists() else {}
 
     if args.stage in ("all", "files"):
+        # llama-quantize reads the F16 GGUF: quantize the same fp16-rounded values, so the files can be
+        # compared byte for byte
+        m16 = copy.deepcopy(model)
+        with torch.no_grad():
+            for p_ in m16.parameters():
+                p_.copy_(p_.half().float())
         for typ in types:
             path = work / f"lowbit-{typ}.gguf"
             if not path.exists():
                 t0 = time.time()
-                gio.export_gguf(model, path, typ, tokenizer=tok_meta)
+                gio.export_gguf(m16, path, typ, tokenizer=tok_meta)
                 info[f"export_s/{typ}"] = time.time() - t0
                 print(f"{typ}: {path.stat().st_size / 1e6:.1f} MB in {info[f'export_s/{typ}']:.0f} s", flush=True)
         if have_llama_cpp():
@@ -173,6 +181,29 @@ def main() -> None:
                     continue
                 info[f"identity/{typ}"] = compare_with_llama_cpp(work / f"lowbit-{typ}.gguf", work / "lowbit-F16.gguf",
                                                                  typ, work)
+                print(typ, info[f"identity/{typ}"], flush=True)
+        log.write_text(json.dumps(info, indent=1))
+
+    if args.stage == "llama":  # llama.cpp's own files, quantized by llama_model_quantize from the F16 GGUF
+        import llama_cpp
+
+        for typ in types:
+            if typ == "F16":
+                continue
+            dst = work / f"llamacpp-{typ}.gguf"
+            if not dst.exists():
+                t0 = time.time()
+                p = llama_cpp.llama_model_quantize_default_params()
+                p.ftype = FTYPE[typ]
+                p.nthread = 2
+                tmp = work / f".llamacpp-{typ}.tmp"
+                if llama_cpp.llama_model_quantize(str(work / "lowbit-F16.gguf").encode(), str(tmp).encode(), p):
+                    raise RuntimeError(f"llama_model_quantize {typ} failed")
+                tmp.rename(dst)
+                print(f"llama.cpp {typ}: {dst.stat().st_size / 1e6:.1f} MB in {time.time() - t0:.0f} s", flush=True)
+            ours = work / f"lowbit-{typ}.gguf"
+            if ours.exists():
+                info[f"identity/{typ}"] = compare_with_llama_cpp(ours, work / "lowbit-F16.gguf", typ, work)
                 print(typ, info[f"identity/{typ}"], flush=True)
         log.write_text(json.dumps(info, indent=1))
 
@@ -248,7 +279,10 @@ def main() -> None:
         shak = tok(default_corpus_text("test"), return_tensors="pt").input_ids[0]
         texts = {"wikitext2": [wiki[i * SEQ:(i + 1) * SEQ] for i in range(args.windows)],
                  "shakespeare": [shak[i * SEQ:(i + 1) * SEQ] for i in range(args.windows)]}
-        files = sorted(work.glob("lowbit-*.gguf")) + (sorted(work.glob("llamacpp-*.gguf")) if evaluator == "llama.cpp" else [])
+        files = sorted(work.glob("lowbit-*.gguf")) + sorted(work.glob("llamacpp-*.gguf"))
+        only = [x.strip() for x in args.eval_only.split(",") if x.strip()]
+        if only:
+            files = [f for f in files if f.stem in only]
         rows = info.setdefault(f"ppl/{evaluator}", {})
         for path in files:
             key = path.stem
@@ -261,10 +295,18 @@ def main() -> None:
                 tot, n = nll_llama_cpp(path, wins) if evaluator == "llama.cpp" else nll_torch(m, wins)
                 res[tname] = math.exp(tot / n)
             res["eval_s"] = time.time() - t0
-            rows[key] = res
+            # several eval processes may share the log: merge with what is on disk
+            disk = json.loads(log.read_text()) if log.exists() else {}
+            disk.setdefault(f"ppl/{evaluator}", {})[key] = res
+            for k_, v_ in info.items():
+                if k_ != f"ppl/{evaluator}":
+                    disk.setdefault(k_, v_)
+            info = disk
+            rows = info[f"ppl/{evaluator}"]
             print(key, res, flush=True)
             log.write_text(json.dumps(info, indent=1))
-        write_results(info, evaluator, args, model)
+        if not args.no_write:
+            write_results(info, evaluator, args, model)
 
 
 def _bpw(mb: float, npar: int) -> float:
@@ -297,10 +339,10 @@ def write_results(info: dict, evaluator: str, args, model) -> None:
     pts = []
     for key, r in sorted(rows.items(), key=lambda kv: -kv[1]["MB"]):
         typ = key.split("-", 1)[1]
-        iss = ISSUE.get(typ) if key.startswith("lowbit-") and typ in ISSUE else None
+        iss = ISSUE.get(typ)
         label = {"lowbit": "lowbit", "llamacpp": "llama.cpp"}[key.split("-", 1)[0]]
         if key.startswith("lowbit-") and typ in ISSUE:
-            label = f"{typ} (lowbit writer = llama.cpp recipe + reference quantizer)"
+            label = f"{typ} written by lowbit from the fp32 weights (llama.cpp's recipe and rounding)"
         elif key.startswith("lowbit-budget"):
             tag = typ[len("budget"):]
             label = (f"lowbit budget search at llama.cpp's {tag[1:]} size" if tag.startswith("@")

@@ -71,6 +71,7 @@ def test_synthetic_widths(ggml_quantize, name):
     assert n > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TYPES))
 def test_every_k_quantizable_smollm2_tensor(ggml_quantize, name):
     from lowbit.model.loading import load_model
