@@ -61,10 +61,10 @@ def have_llama_cpp() -> bool:
 # evaluation
 
 
-def nll_llama_cpp(path: Path, windows: list) -> tuple[float, int]:
+def nll_llama_cpp(path: Path, windows: list, threads: int = 2) -> tuple[float, int]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=SEQ, logits_all=True, verbose=False, n_threads=2, n_batch=SEQ)
+    llm = Llama(model_path=str(path), n_ctx=SEQ, logits_all=True, verbose=False, n_threads=threads, n_batch=SEQ)
     tot, n = 0.0, 0
     for w in windows:
         llm.reset()
@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--eval-only", default="", help="comma-separated file stems to evaluate (default: all)")
     ap.add_argument("--no-write", action="store_true", help="evaluate only; do not write the results files")
+    ap.add_argument("--texts", default="wikitext2,shakespeare", help="evaluation texts")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -279,6 +281,7 @@ def main() -> None:
         shak = tok(default_corpus_text("test"), return_tensors="pt").input_ids[0]
         texts = {"wikitext2": [wiki[i * SEQ:(i + 1) * SEQ] for i in range(args.windows)],
                  "shakespeare": [shak[i * SEQ:(i + 1) * SEQ] for i in range(args.windows)]}
+        texts = {k: v for k, v in texts.items() if k in args.texts.split(",")}
         files = sorted(work.glob("lowbit-*.gguf")) + sorted(work.glob("llamacpp-*.gguf"))
         only = [x.strip() for x in args.eval_only.split(",") if x.strip()]
         if only:
@@ -292,7 +295,7 @@ def main() -> None:
             res = {"MB": path.stat().st_size / 1e6}
             m = None if evaluator == "llama.cpp" else model_from_gguf(path, model)
             for tname, wins in texts.items():
-                tot, n = nll_llama_cpp(path, wins) if evaluator == "llama.cpp" else nll_torch(m, wins)
+                tot, n = nll_llama_cpp(path, wins, args.threads) if evaluator == "llama.cpp" else nll_torch(m, wins)
                 res[tname] = math.exp(tot / n)
             res["eval_s"] = time.time() - t0
             # several eval processes may share the log: merge with what is on disk
@@ -365,8 +368,8 @@ def write_results(info: dict, evaluator: str, args, model) -> None:
                 meth, qt = typ.split("-", 1)
                 label = (f"{meth.upper()} on the {qt} grid everywhere (calibration {info.get(f'comp_n/{typ}')} x {SEQ} "
                          f"WikiText valid; tied embedding Q8_0)")
-            lines.append(f"| {label} | {r['MB']:.1f} | {_bpw(r['MB'], npar):.2f} | {r['wikitext2']:.2f} | "
-                         f"{r['shakespeare']:.2f} |")
+            lines.append(f"| {label} | {r['MB']:.1f} | {_bpw(r['MB'], npar):.2f} | "
+                         f"{r.get('wikitext2', float('nan')):.2f} | {r.get('shakespeare', float('nan')):.2f} |")
     (out / "kquants.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -380,8 +383,9 @@ def write_results(info: dict, evaluator: str, args, model) -> None:
             ax.scatter(mb, ppl, color="C0")
             ax.annotate(typ, (mb, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for key, r in extra.items():
-            ax.scatter(r["MB"], r["wikitext2"], color="C3", marker="s")
-            ax.annotate(key[7:], (r["MB"], r["wikitext2"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+            if "wikitext2" in r:
+                ax.scatter(r["MB"], r["wikitext2"], color="C3", marker="s")
+                ax.annotate(key[7:], (r["MB"], r["wikitext2"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
         ax.set_xlabel("file size (MB)")
         ax.set_ylabel("WikiText-2 perplexity (16 x 512)")
         ax.set_title("SmolLM2-135M GGUF: llama.cpp types (blue; = lowbit's RTN files) and lowbit files (red)")
