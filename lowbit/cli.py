@@ -185,6 +185,13 @@ def _apply_method(model, tok, method: str, args):
         call["progress"] = not (args.quiet or args.json)
         call["device"] = _device(args)
         gguf_type = _gguf_target(args)
+        if gguf_type is not None and gguf_type in GGUF_K_TARGETS and name in GGUF_GRID_METHODS:
+            if name != "rtn":
+                raise CLIError(f"--method {name} with --gguf-type {gguf_type}: error-compensated K-quants are not "
+                               f"available yet; use --method rtn (llama.cpp's reference rounding, byte-identical "
+                               f"to llama-quantize) or a legacy type (Q4_0 ... Q8_0)")
+            _log(args, f"rtn: {gguf_type} is written with llama.cpp's reference K-quant rounding at export")
+            return model, time.perf_counter() - t0
         if gguf_type is not None and name in GGUF_GRID_METHODS:
             # error-compensated GGUF: the method optimises for the exact llama.cpp block grid
             call["gguf_type"] = gguf_type
@@ -204,6 +211,9 @@ def _apply_method(model, tok, method: str, args):
 
 
 GGUF_GRID_METHODS = ("rtn", "gptq", "awq")
+# K-quant types and llama.cpp's mixtures (lowbit.formats.kquants, lowbit.io.gguf_recipes)
+GGUF_K_TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+                  "Q5_K_S", "Q5_K_M")
 _GGUF_INT_EXACT = ("Q4_0", "Q8_0")  # block types with an exact integer (GPTQ / compressed-tensors) form
 
 
@@ -272,6 +282,8 @@ def cmd_quantize(args) -> int:
     bad = [f for f in formats if f not in known]
     if bad:
         raise CLIError(f"unknown format {bad[0]!r}; expected one of {', '.join(known)} (comma-separated)")
+    if getattr(args, "bits_budget", None) is not None or getattr(args, "size_budget", None) is not None:
+        return _cmd_budget(args, formats)
     out = Path(args.output)
     _method_call(args.method, args)  # validates early
     _check_group_size(args, [args.method])
@@ -615,6 +627,67 @@ def _quant_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _cmd_budget(args, formats: List[str]) -> int:
+    """``quantize --bits-budget/--size-budget``: per-weight types by knapsack (lowbit.model.budget)."""
+    import torch
+
+    from lowbit.model import budget as bud
+
+    if args.bits_budget is not None and args.size_budget is not None:
+        raise CLIError("give one of --bits-budget and --size-budget, not both")
+    if formats not in (["gguf"], ["native"]):
+        raise CLIError(f"--bits-budget/--size-budget write one format: --format gguf or --format native (got {formats})")
+    if args.budget_types:
+        cands = tuple(t.strip() for t in args.budget_types.split(",") if t.strip())
+        cands = tuple(t.lower() if t.lower().startswith("int") else t.upper() for t in cands)
+    else:
+        cands = bud.GGUF_CANDIDATES if formats == ["gguf"] else bud.NATIVE_CANDIDATES
+    if formats == ["gguf"] and any(t.startswith("int") for t in cands):
+        raise CLIError(f"--budget-types {','.join(cands)}: GGUF files hold GGUF block types (Q2_K ... Q8_0)")
+    if formats == ["native"] and not all(t.startswith("int") for t in cands):
+        raise CLIError(f"--budget-types {','.join(cands)}: the native format takes int2,int3,int4,int8")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    from lowbit.data.calibration import get_calibration_data
+
+    t0 = time.perf_counter()
+    model, tok = _load(args.model, args)
+    calib = get_calibration_data(tok, args.calib_dataset or "default", n_samples=args.n_samples,
+                                 seq_len=args.calib_seq_len, seed=args.seed)
+    _log(args, f"budget: measuring the sensitivity of every weight to {', '.join(cands)} on {calib.shape[0]} windows")
+    try:
+        bplan = bud.budget_plan(model, calib, bits_budget=args.bits_budget, size_budget=args.size_budget,
+                                candidates=cands)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    states = bud.plan_quant_states(model, bplan)
+    plan_path = bplan.save(out / "budget_plan.json")
+    if formats == ["gguf"]:
+        from lowbit.io.gguf import export_gguf
+
+        export_gguf(model, out / "model.gguf", gguf_type="Q8_0", tokenizer=tok, quant_states=states)
+    else:
+        from lowbit.io.native import save
+        from lowbit.nn import QLinear
+
+        for name, st in states.items():
+            mod_name = name[: -len(".weight")]
+            mod = model.get_submodule(mod_name) if not name.startswith("model.embed_tokens") else None
+            if mod is None or type(mod) is not torch.nn.Linear:
+                continue
+            parent, _, child = mod_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, QLinear.from_quant_state(mod, st))
+        save(model, out)
+        if tok is not None:
+            tok.save_pretrained(str(out))
+    lines = [f"budget plan: {bplan.summary()}", f"  plan saved to {plan_path}",
+             f"  wrote {formats[0]} to {out} in {time.perf_counter() - t0:.1f} s"]
+    for n, t in bplan.types.items():
+        lines.append(f"  {n}: {t}")
+    _emit(args, {"budget_plan": bplan.to_json(), "output": str(out)}, "\n".join(lines))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize, evaluate, compare and export models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -624,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gptq", help="rtn|awq|gptq|hqq|nf4|fp4|int8|int4|fp8|fp16|bf16|<registered>")
     p.add_argument("--output", required=True)
     p.add_argument("--format", default="native", help="native,gguf,compressed-tensors,gptq (comma-separated)")
-    p.add_argument("--gguf-type", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+    p.add_argument("--gguf-type", default="Q4_0", type=str.upper,
+                   choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *GGUF_K_TARGETS])
     p.add_argument("--max-ppl-increase", type=float, default=None, help="quality gate on perplexity")
     p.add_argument("--max-kld", type=float, default=None, help="quality gate on mean KL divergence")
     p.add_argument("--max-memory", default=None,
@@ -638,6 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None,
                    help="gptq/awq: data-parallel calibration over N processes (torch.distributed; gloo on CPU, "
                         "NCCL on GPUs)")
+    p.add_argument("--bits-budget", type=float, default=None,
+                   help="mixed precision: bits per weight over the quantized weights (scales included), e.g. 4.5")
+    p.add_argument("--size-budget", default=None, help="mixed precision: bytes of the quantized weights, e.g. 90MB")
+    p.add_argument("--budget-types", default=None,
+                   help="candidate types for --bits/--size-budget (default: GGUF Q2_K..Q8_0 for --format gguf, "
+                        "int2,int3,int4,int8 groups of 128 for native)")
     _quant_opts(p)
     _eval_opts(p)
     _common(p)
@@ -687,7 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--format", required=True, help="gguf,compressed-tensors,gptq")
-    p.add_argument("--gguf-type", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+    p.add_argument("--gguf-type", default="Q4_0", type=str.upper,
+                   choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *GGUF_K_TARGETS])
     _common(p)
     p.set_defaults(fn=cmd_export)
 

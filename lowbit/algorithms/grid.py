@@ -319,3 +319,109 @@ class GGUFGrid(AffineGrid):
         raw = pack_blocks(codes.to(torch.uint8), d, m, self.qtype)
         return QuantState(scheme=self.qtype, bits=self.bits, shape=(R, K), dtype=dtype, layout="gguf",
                           block_size=32, data=raw)
+
+
+@dataclass
+class KQuantGrid:
+    """llama.cpp K-quant super-block grid (Q2_K ... Q6_K; super-blocks of 256) for error-compensated K-quants.
+
+    A super-block's parameters (fp16 ``d``/``dmin`` and the 4/6-bit integer sub-block scales and mins)
+    come from llama.cpp's reference search (:func:`lowbit.formats.kquants.quantize_params`) run on the
+    weights as they are when the algorithm reaches the super-block, so the sub-block scale quantization
+    is part of the grid the codes are chosen on: a code ``q`` of sub-block ``j`` stands for exactly the
+    value the GGUF file dequantizes to, ``step_j * q - offset_j`` (or ``step_j * (q - zero)``).
+    """
+
+    qtype: str = "q4_k"
+
+    def __post_init__(self) -> None:
+        from lowbit.formats.kquants import kquant_type
+
+        self.t = kquant_type(self.qtype)
+        self.qtype = self.t.name.lower()
+
+    def fit(self, w: torch.Tensor):
+        """``(KParams, step [R, n_sub], offset [R, n_sub] | None)`` of super-blocks ``w [R, 256*m]``."""
+        from lowbit.formats import kquants as kq
+
+        _, p = kq.quantize_params(w.float().cpu(), self.t)
+        step, off = kq.subblock_scale_min(p, self.t)
+        return p, step.to(w.device), None if off is None else off.to(w.device)
+
+    def quantize_column(self, w: torch.Tensor, step: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+        """Nearest code (float) of one column ``w [R]`` on the stored grid of its sub-block."""
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        if offset is not None:
+            q = torch.round((w + offset) / safe)
+        else:
+            q = torch.round(w / safe) + self.t.zero
+        q = torch.where(step == 0, torch.full_like(q, float(self.t.zero)), q)
+        return q.clamp_(0, self.t.qmax)
+
+    def value(self, q: torch.Tensor, step: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+        return step * q - offset if offset is not None else step * (q - self.t.zero)
+
+
+def gptq_kquant(weight: torch.Tensor, H: torch.Tensor, qtype: str = "Q4_K", percdamp: float = 0.01,
+                dtype: Optional[torch.dtype] = None):
+    """GPTQ onto a K-quant grid: ``(QuantState (layout gguf), loss)`` for ``weight [R, K]`` (K % 256 == 0).
+
+    Columns are quantized in order with GPTQ's error feedback through the upper Cholesky factor of
+    ``(H + damp I)^{-1}``; each super-block of 256 columns is fitted (llama.cpp's reference search,
+    6-bit scale quantization included) on its *compensated* weights when the sweep reaches it, so the
+    errors of earlier super-blocks are absorbed before its scales are chosen. The result packs into
+    exactly the blocks llama.cpp reads.
+
+    Example:
+        >>> X = torch.randn(2048, 512)
+        >>> st, loss = gptq_kquant(torch.randn(64, 512), X.t() @ X / 2048, "Q4_K")
+        >>> st.scheme, tuple(st.data.shape)
+        ('q4_k', (64, 288))
+    """
+    from lowbit.algorithms.gptq import damped_inverse_cholesky
+    from lowbit.formats import kquants as kq
+    from lowbit.tensor.state import QuantState
+
+    grid = KQuantGrid(qtype)
+    t = grid.t
+    W = weight.detach().float().clone()
+    R, K = W.shape
+    if K % kq.QK_K:
+        raise ValueError(f"gptq_kquant: {K} input columns are not a multiple of {kq.QK_K} ({t.name} super-blocks)")
+    H = H.float().to(W.device)
+    dead = torch.diag(H) == 0
+    H = H.clone()
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, _ = damped_inverse_cholesky(H, percdamp)
+    codes = torch.empty(R, K, dtype=torch.uint8, device=W.device)
+    ds, dmins, scs, ms = [], [], [], []
+    loss = 0.0
+    B = kq.QK_K
+    for a in range(0, K, B):
+        b = a + B
+        p, step, off = grid.fit(W[:, a:b])
+        ds.append(p.d), scs.append(p.sc)
+        if p.dmin is not None:
+            dmins.append(p.dmin), ms.append(p.m)
+        W1 = W[:, a:b].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[a:b, a:b]
+        for i in range(B):
+            j = i // t.sub
+            w = W1[:, i]
+            q = grid.quantize_column(w, step[:, j], None if off is None else off[:, j])
+            codes[:, a + i] = q.to(torch.uint8)
+            err = (w - grid.value(q, step[:, j], None if off is None else off[:, j])) / U1[i, i]
+            if i + 1 < B:
+                W1[:, i + 1:] -= err.unsqueeze(1) * U1[i, i + 1:].unsqueeze(0)
+            Err1[:, i] = err
+        loss += float(Err1.double().square().sum()) / 2
+        if b < K:
+            W[:, b:] -= Err1 @ U[a:b, b:]
+    params = kq.KParams(torch.cat(ds, 1), torch.cat(dmins, 1) if dmins else None, torch.cat(scs, 1),
+                        torch.cat(ms, 1) if ms else None)
+    raw = kq.pack_kblocks(codes.cpu(), params, t)
+    st = QuantState(scheme=grid.qtype, bits=t.bits, shape=(R, K), dtype=dtype or weight.dtype, layout="gguf",
+                    block_size=kq.QK_K, data=raw)
+    return st, loss

@@ -39,6 +39,8 @@ import torch
 
 from lowbit._deps import require
 from lowbit.formats import gguf as fmt
+from lowbit.formats import kquants as kfmt
+from lowbit.io import gguf_recipes as recipes
 from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
 
 __all__ = [
@@ -65,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+_FILE_TYPE.update({"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18})  # plain K types
+_FILE_TYPE.update(recipes.FILE_TYPE_IDS)  # llama.cpp mixtures (Q4_K_M = 15, ...)
 _GGML_FLOAT_ID = {"F32": 0, "F16": 1, "BF16": 30}
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -175,9 +179,52 @@ def _qk_heads(hf: str, config) -> Optional[int]:
 
 def _norm_type(t: str) -> str:
     up = str(t).upper()
-    if up in FLOAT_TYPES:
+    if up in FLOAT_TYPES or recipes.is_recipe(up):
         return up
+    if kfmt.is_kquant(up):
+        return kfmt.kquant_type(up).name
     return fmt.gguf_type(up).name
+
+
+def _block_of(typ: str) -> int:
+    """Elements per block of a quantized type (32 legacy, 256 K-quants)."""
+    return kfmt.QK_K if kfmt.is_kquant(typ) else fmt.GGUF_BLOCK
+
+
+def _type_size(typ: str) -> int:
+    return kfmt.kquant_type(typ).type_size if kfmt.is_kquant(typ) else fmt.gguf_type(typ).type_size
+
+
+def _rows_module(typ: str):
+    """The formats module with ``quantize_rows``/``dequantize_rows`` for ``typ``."""
+    return kfmt if kfmt.is_kquant(typ) else fmt
+
+
+def _kquant_plan(model, gguf_type: str, quant_states) -> dict:
+    """Per-tensor types of a llama.cpp mixture (Q4_K_M, ...) or a plain K type, in llama-quantize's rules."""
+    tied = _tied(model)
+    params = dict(model.state_dict())
+    names = []
+    for name, t in params.items():
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and tied):
+            continue
+        names.append((name, gguf_name(name), tuple(t.shape)))
+    if recipes.is_recipe(gguf_type):
+        types = recipes.recipe_types(gguf_type, [(g, s) for _, g, s in names], model.config.num_hidden_layers)
+    else:  # a plain K type: every 2-D weight at that type, the output rule, llama.cpp's fallbacks
+        types = {}
+        for _, g, shp in names:
+            if len(shp) < 2 or g.endswith("_norm.weight"):
+                types[g] = "F32"
+            elif g == "output.weight" or (g == "token_embd.weight" and tied):
+                types[g] = recipes.fallback_type(recipes.output_type_for(gguf_type, shp[-1]), shp[-1])
+            else:
+                types[g] = recipes.fallback_type(gguf_type, shp[-1])
+    plan = {}
+    for name, g, shp in names:
+        typ = _state_type(quant_states[name]) if name in quant_states else types[g]
+        plan[name] = (g, typ)
+    return plan
 
 
 def _tied(model) -> bool:
@@ -212,8 +259,19 @@ def gguf_tensor_plan(
         ('blk.0.attn_q.weight', 'Q4_0')
     """
     gguf_type = _norm_type(gguf_type)
+    if (recipes.is_recipe(gguf_type) or kfmt.is_kquant(gguf_type)) and output_type == "auto":
+        quant_states = quant_states or {}
+        unknown = [k for k in quant_states if k not in dict(model.state_dict())]
+        if unknown:
+            raise ValueError(f"quant_states names {unknown[:5]} are not parameters of the model")
+        plan = _kquant_plan(model, gguf_type, quant_states)
+        order = {"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
+        return dict(sorted(plan.items(), key=lambda kv: order.get(kv[1][0], 1)))
+    if recipes.is_recipe(gguf_type):
+        raise ValueError(f"gguf_type={gguf_type!r} is a llama.cpp mixture: its output type is part of the recipe "
+                         f"(pass output_type='auto')")
     if output_type == "auto":
-        low = gguf_type not in FLOAT_TYPES and fmt.gguf_type(gguf_type).bits < 8
+        low = gguf_type not in FLOAT_TYPES and _rows_module(gguf_type) is fmt and fmt.gguf_type(gguf_type).bits < 8
         output_type = "Q8_0" if low else gguf_type
     output_type = gguf_type if output_type is None else _norm_type(output_type)
     quant_states = quant_states or {}
@@ -237,7 +295,9 @@ def gguf_tensor_plan(
             typ = output_type
         else:
             typ = gguf_type
-        if typ not in FLOAT_TYPES and t.shape[-1] % fmt.GGUF_BLOCK:
+        if typ not in FLOAT_TYPES and kfmt.is_kquant(typ) and name not in quant_states:
+            typ = recipes.fallback_type(typ, t.shape[-1])  # llama.cpp's per-tensor fallback
+        if typ not in FLOAT_TYPES and t.shape[-1] % _block_of(typ):
             if name in quant_states:
                 raise ValueError(f"{name}: row length {t.shape[-1]} is not a multiple of 32, so its "
                                  f"quantized state cannot be written as {typ}")
@@ -262,7 +322,7 @@ def _state_type(state: Any) -> str:
         return _norm_type(state["qtype"])
     scheme = getattr(state, "scheme", None)
     if scheme is not None and getattr(state, "layout", None) == "gguf":
-        return fmt.gguf_type(scheme).name
+        return _norm_type(scheme)
     raise TypeError(f"unsupported quant_states entry {type(state).__name__}: expected a dict with "
                     f"'qtype', 'codes', 'd' (and 'm'), a lowbit QuantState of a GGUF scheme, or a GGUFTensor")
 
@@ -272,11 +332,15 @@ def _state_raw(state: Any, shape: tuple, name: str) -> tuple[str, torch.Tensor]:
     typ = _state_type(state)
     if typ in FLOAT_TYPES:
         raise ValueError(f"{name}: quant_states entries must be quantized (got {typ})")
-    t = fmt.gguf_type(typ)
     rows, k = shape[0], int(np.prod(shape[1:]))
     if isinstance(state, GGUFTensor):
         raw = state.data
+    elif isinstance(state, Mapping) and kfmt.is_kquant(typ):
+        kp = kfmt.KParams(state["d"].reshape(rows, -1), None if state.get("dmin") is None else state["dmin"].reshape(rows, -1),
+                          state["sc"].reshape(rows, -1), None if state.get("m") is None else state["m"].reshape(rows, -1))
+        raw = kfmt.pack_kblocks(state["codes"].reshape(rows, k).to(torch.uint8), kp, typ)
     elif isinstance(state, Mapping):
+        t = fmt.gguf_type(typ)
         codes = state["codes"].reshape(rows, k)
         raw = fmt.pack_blocks(codes.to(torch.uint8), state["d"].reshape(rows, -1),
                               None if state.get("m") is None else state["m"].reshape(rows, -1), t)
@@ -285,9 +349,9 @@ def _state_raw(state: Any, shape: tuple, name: str) -> tuple[str, torch.Tensor]:
             raise ValueError(f"{name}: QuantState shape {tuple(state.shape)} does not match the parameter {shape}")
         raw = state.data
     raw = raw.reshape(rows, -1).to(torch.uint8)
-    if raw.shape[1] != k // fmt.GGUF_BLOCK * t.type_size:
-        raise ValueError(f"{name}: {raw.shape[1]} bytes per row, expected {k // fmt.GGUF_BLOCK * t.type_size} "
-                         f"for {t.name} rows of {k}")
+    want = k // _block_of(typ) * _type_size(typ)
+    if raw.shape[1] != want:
+        raise ValueError(f"{name}: {raw.shape[1]} bytes per row, expected {want} for {typ} rows of {k}")
     return typ, raw.cpu()
 
 
@@ -309,7 +373,7 @@ def _encode(name: str, w: torch.Tensor, typ: str, config, quant_states) -> np.nd
     if typ == "BF16":
         gguf = require("gguf", "BF16 export")
         return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.BF16)
-    return fmt.quantize_rows(w.reshape(w.shape[0], -1), typ).numpy()
+    return _rows_module(typ).quantize_rows(w.reshape(w.shape[0], -1), typ).numpy()
 
 
 def _decode(arr: np.ndarray, typ: str, shape: tuple) -> torch.Tensor:
@@ -317,7 +381,7 @@ def _decode(arr: np.ndarray, typ: str, shape: tuple) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arr)).float().reshape(shape)
     if typ == "BF16":
         return torch.from_numpy(arr.copy()).view(torch.int16).view(torch.bfloat16).float().reshape(shape)
-    return fmt.dequantize_rows(torch.from_numpy(np.ascontiguousarray(arr)), typ).reshape(shape)
+    return _rows_module(typ).dequantize_rows(torch.from_numpy(np.ascontiguousarray(arr)), typ).reshape(shape)
 
 
 def dequantized_state_dict(
@@ -865,7 +929,11 @@ def to_quant_state(entry: GGUFTensor, dtype: torch.dtype = torch.float32):
     """
     from lowbit.tensor.state import QuantState
 
-    t = fmt.gguf_type(entry.qtype)  # raises for F32/K-quants, naming the type
+    if kfmt.is_kquant(entry.qtype):
+        kt = kfmt.kquant_type(entry.qtype)
+        return QuantState(scheme=kt.name.lower(), bits=kt.bits, shape=tuple(entry.shape), dtype=dtype, layout="gguf",
+                          block_size=kfmt.QK_K, data=entry.data.reshape(entry.shape[0], -1).contiguous())
+    t = fmt.gguf_type(entry.qtype)  # raises for F32, naming the type
     return QuantState(scheme=t.name.lower(), bits=t.bits, shape=tuple(entry.shape), dtype=dtype, layout="gguf",
                       block_size=fmt.GGUF_BLOCK, data=entry.data.reshape(entry.shape[0], -1).contiguous())
 

@@ -51,6 +51,8 @@ _add(Scheme("fp8_e4m3", "fp8", 8, description="float8 e4m3fn with per-block scal
 _add(Scheme("fp8_e5m2", "fp8", 8, description="float8 e5m2 with per-block scales"))
 for _q, _bits in (("q4_0", 4), ("q4_1", 4), ("q5_0", 5), ("q5_1", 5), ("q8_0", 8)):
     _add(Scheme(_q, "gguf", _bits, _q.endswith("_0"), f"llama.cpp {_q.upper()} blocks of 32"))
+for _q, _bits in (("q2_k", 2), ("q3_k", 3), ("q4_k", 4), ("q5_k", 5), ("q6_k", 6)):  # K-quants (formats/kquants)
+    _add(Scheme(_q, "gguf", _bits, _q in ("q3_k", "q6_k"), f"llama.cpp {_q.upper()} super-blocks of 256"))
 
 
 def schemes() -> list:
@@ -158,8 +160,9 @@ def quantize_tensor(
     if not explicit_block:
         block_size = 64
     if sch.kind == "gguf":
-        if (explicit_block and block_size not in (None, GGUF_BLOCK)) or group_size not in (None, GGUF_BLOCK) or axis is not None:
-            raise ValueError(f"scheme {sch.name!r} has fixed blocks of {GGUF_BLOCK} along the last dimension; "
+        blk = _gguf_format(sch.name)[0]
+        if (explicit_block and block_size not in (None, blk)) or group_size not in (None, blk) or axis is not None:
+            raise ValueError(f"scheme {sch.name!r} has fixed blocks of {blk} along the last dimension; "
                              "do not pass another block_size, group_size or axis")
         if double_quant:
             raise ValueError(f"double_quant does not apply to GGUF scheme {sch.name!r} (its scales are fp16 in-block)")
@@ -257,22 +260,29 @@ def _gguf_view(shape):
     return r, k
 
 
-def _quantize_gguf(tensor, sch: Scheme) -> QuantState:
-    from lowbit.formats import gguf
+def _gguf_format(name: str):
+    """(block, type_size, module with quantize_rows/dequantize_rows) of a legacy or K-quant GGUF scheme."""
+    from lowbit.formats import gguf, kquants
 
+    if name in kquants.KQUANT_TYPES:
+        return kquants.QK_K, kquants.KQUANT_TYPES[name].type_size, kquants
+    return GGUF_BLOCK, gguf.GGUF_TYPES[name].type_size, gguf
+
+
+def _quantize_gguf(tensor, sch: Scheme) -> QuantState:
+    block, type_size, fmt = _gguf_format(sch.name)
     shape = tuple(tensor.shape)
     r, k = _gguf_view(shape)
-    layout = Layout("gguf", GGUF_BLOCK)
-    kp = k + (-k) % GGUF_BLOCK
+    kp = k + (-k) % block
     if tensor.numel() == 0:
-        raw = torch.empty(r, kp // GGUF_BLOCK * gguf.GGUF_TYPES[sch.name].type_size, dtype=torch.uint8)
+        raw = torch.empty(r, kp // block * type_size, dtype=torch.uint8)
     else:
         v = tensor.float().reshape(r, k)
         if kp != k:
             v = torch.cat([v, v.new_zeros(r, kp - k)], dim=1)
-        raw = gguf.quantize_rows(v, sch.name)
+        raw = fmt.quantize_rows(v, sch.name)
     return QuantState(scheme=sch.name, bits=sch.bits, shape=shape, dtype=tensor.dtype, layout="gguf",
-                      block_size=GGUF_BLOCK, data=raw)
+                      block_size=block, data=raw)
 
 
 def _double_quantize(state: QuantState, blocksize: int, zero_groups: Optional[torch.Tensor] = None) -> QuantState:
@@ -330,10 +340,9 @@ def dequantize(state: QuantState) -> torch.Tensor:
         return torch.empty(shape, dtype=state.dtype, device=state.device)
     sch = SCHEMES.get(state.scheme)
     if sch.kind == "gguf":
-        from lowbit.formats import gguf
-
         r, k = _gguf_view(shape)
-        return _saturate(gguf.dequantize_rows(state.data, sch.name)[:, :k], state.dtype).reshape(shape)
+        rows = _gguf_format(sch.name)[2].dequantize_rows(state.data, sch.name)[:, :k]
+        return _saturate(rows, state.dtype).reshape(shape)
     layout = state.layout_obj
     r, k, g = layout.view_shape(shape)
     scales = _scales(state).float().reshape(r, -1, 1)
@@ -398,10 +407,9 @@ def expected_data_numel(state: QuantState) -> Optional[int]:
         return None
     sch = SCHEMES.get(state.scheme)
     if sch.kind == "gguf":
-        from lowbit.formats import gguf
-
+        block, type_size, _ = _gguf_format(sch.name)
         r, k = _gguf_view(tuple(state.shape))
-        return r * math.ceil(k / GGUF_BLOCK) * gguf.GGUF_TYPES[sch.name].type_size
+        return r * math.ceil(k / block) * type_size
     if sch.kind == "fp8":
         return state.numel
     return packed_nbytes(state.numel, state.bits)

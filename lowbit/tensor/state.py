@@ -243,7 +243,7 @@ class QuantState:
             "group": f"group_size={self.block_size}",
             "channel": f"axis={self.axis}",
             "tensor": "per-tensor",
-            "gguf": "gguf blocks of 32",
+            "gguf": f"gguf blocks of {self.block_size}",
         }.get(self.layout, self.layout)
         dq = ", double_quant" if self.nested is not None else ""
         return (
