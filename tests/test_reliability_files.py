@@ -32,7 +32,10 @@ def _check(res, strict_data: bool):
         for kind, structural, outcome, msg in rows:
             where = f"{fmt} {mode} {kind}: {outcome} {msg}"
             assert outcome not in ("crash", "unclear"), where
-            if structural or mode == "sidecar":
+            # the documented limit of files without a checksum: a GGUF without output.weight is a valid tied
+            # model, a type swapped for one of the same block size a valid layout (see the bench report)
+            known_limit = fmt == "gguf" and mode == "no-sidecar" and kind in ("tensor-drop", "tensor-type")
+            if (structural or mode == "sidecar") and not known_limit:
                 assert outcome != "silent", where
             if not structural and mode == "sidecar":
                 assert outcome in ("checksum", "rejected", "harmless") if not strict_data else \
