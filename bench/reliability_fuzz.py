@@ -79,7 +79,7 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def report(after: dict, before: dict | None) -> str:
+def report(after: dict, before: dict | None, recheck: dict | None = None, notes: str = "") -> str:
     L = [BEGIN, "## Fuzzed tensors (`lowbit.quantize` / `lowbit.dequantize`)", ""]
     n = after["n_per_scheme"]
     total = sum(s["n"] for s in after["schemes"].values())
@@ -136,7 +136,7 @@ def report(after: dict, before: dict | None) -> str:
         "asymmetric max - min overflow": "`formats/affine.py` `affine_qparams`: the scale of a range beyond float32 computed in float64",
         "double-quant offset overflow": "`formats/codebook.py` `double_quantize`: float64 mean when the float32 one overflows; nested scales clamped to [0, float32 max]",
         "IndexError for a 0-d tensor with axis": "`tensor/granularity.py` `resolve_layout`: ValueError",
-        "double quant of subnormal scales flips signs": "`formats/codebook.py` `quantize_blockwise_lut`: divide when 1/absmax overflows; reconstructed scales clamped at 0",
+        "double quant of subnormal scales flips signs": "`formats/codebook.py` `quantize_blockwise_lut`: divide when 1/absmax overflows; reconstructed scales clamped at 0; `tensor/functional.py` `_double_quantize`: all-zero affine/fp8 blocks enter the nested quantization with scale 0, not their placeholder 1; `formats/affine.py`, `formats/fp8.py`: an underflowing scale of a nonzero block is the smallest float32 subnormal, not 1",
         "fp8 scale underflowing to 0 in float16 (NaN)": "`tensor/functional.py` `_store_scales` (as scale_dtype above)",
     }
     for cause in sorted(set(causes_a) | set(causes_b) | set(where), key=lambda c: -causes_b.get(c, 0)):
@@ -148,7 +148,20 @@ def report(after: dict, before: dict | None) -> str:
         L.append("")
     ex = [(c, e) for s in after["schemes"].values() for c, e in s["examples"].items()]
     if ex:
-        L += ["Remaining defect examples:", ""] + [f"- {c}: `{e}`" for c, e in ex[:20]] + [""]
+        L += ["Defect examples of the after run (see the re-check below):", ""] + [f"- {c}: `{e}`" for c, e in ex[:20]] + [""]
+    if recheck:
+        rn = sum(s["n"] for s in recheck["schemes"].values())
+        rc, rd = Counter(), Counter()
+        for s in recheck["schemes"].values():
+            rc.update(s["classes"])
+            rd.update(s["causes"])
+        L += ["### Re-check after the last fix", "",
+              f"Seeds whose outcome the last fix can change (double quant, or subnormal/tiny/mixed values) of "
+              f"{', '.join(recheck['schemes'])}, out of the same {recheck['n_per_scheme']:,} per scheme, re-run on the "
+              f"fixed code: {rn:,} inputs, {rc.get('clean', 0):,} clean, {rc.get('clear_error', 0):,} clear errors, "
+              f"**{rc.get('defect', 0):,} defects**" + (f" ({dict(rd)})" if rd else "") + ".", ""]
+    if notes:
+        L += [notes, ""]
     errs = Counter()
     for s in after["schemes"].values():
         errs.update(s["errors"])
@@ -175,6 +188,8 @@ def main() -> None:
     ap.add_argument("--schemes", default=None, help="comma-separated subset (default: all 19)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/reliability_fuzz.json")
     ap.add_argument("--before", type=Path, default=None, help="JSON of a run against the old code")
+    ap.add_argument("--recheck", type=Path, nargs="*", default=None, help="JSONs of --affected-only re-runs")
+    ap.add_argument("--notes", default="", help="a paragraph added to the section")
     ap.add_argument("--md", type=Path, default=ROOT / "bench/results/reliability.md")
     ap.add_argument("--no-report", action="store_true", help="only write the JSON")
     ap.add_argument("--affected-only", action="store_true",
@@ -202,7 +217,14 @@ def main() -> None:
         after["schemes"] = {k: after["schemes"][k] for k in F.SCHEMES if k in after["schemes"]}
     if not a.no_report:
         before = json.loads(a.before.read_text()) if a.before else None
-        write_report(a.md, report(after, before))
+        recheck = None
+        for part in a.recheck or []:
+            d = json.loads(part.read_text())
+            if recheck is None:
+                recheck = d
+            else:
+                recheck["schemes"].update(d["schemes"])
+        write_report(a.md, report(after, before, recheck, a.notes))
         print(f"wrote {a.md}")
 
 

@@ -190,3 +190,18 @@ def test_in_range_results_unchanged_by_the_fixes():
     q, a2, off = codebook.double_quantize(codebook.quantize_blockwise(x, codebook.NF4, 64)[1])
     assert torch.equal(s.nested.data, q) and torch.equal(s.nested.scales, a2) and s.offset == float(off)
     assert math.isfinite(s.offset)
+
+
+@pytest.mark.parametrize("scheme", ["fp8_e5m2", "fp8_e4m3", "int8", "int4_asym"])
+def test_double_quant_all_zero_blocks_do_not_cost_the_others_their_precision(scheme):
+    # pruned (all-zero) rows hold a placeholder scale of 1; in the nested quantization it used to widen the
+    # range so much that small rows came back hundreds of times too large (fp8: x = 5e-39 -> 8.5)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 32, generator=g) * 1e-3
+    x[::2] = 0
+    y = lowbit.dequantize(lowbit.quantize(x, scheme, axis=0, double_quant=True, double_quant_block_size=64))
+    assert (y[::2] == 0).all()
+    assert ((y - x).abs().amax(1) <= 0.1 * x.abs().amax(1)).all()
+    xs = torch.tensor([0.0, 5e-39, -1e-45, 3e-44] * 8)  # subnormal blocks whose fp8 scale underflows
+    ys = lowbit.dequantize(lowbit.quantize(xs, scheme, block_size=1, double_quant=True))
+    assert ((ys - xs).abs() <= 1e-37).all()
