@@ -145,12 +145,11 @@ def _check_group_size(args, methods: List[str]) -> None:
         raise CLIError(f"--group-size {gs}: expected -1 (one group per output channel) or a positive size "
                        f"such as 32, 64 or 128")
     if uses and gs > 0 and (gs % 8 or gs < 16):
-        bits = getattr(args, "bits", 4)
+        bits = 8 if any(m.lower() == "int8" for m in uses) else getattr(args, "bits", 4)
         print(f"lowbit: warning: --group-size {gs} for {','.join(uses)}: every group of {gs} weights stores "
-              f"its own scale{'' if not getattr(args, 'asym', False) else ' and zero point'}, about "
-              f"{bits + (32 if getattr(args, 'asym', False) else 16) / gs:.1f} bits/weight for {bits}-bit "
-              f"weights, and sizes that are not a multiple of 8 have no packed kernels; usual sizes: 32, 64, 128",
-              file=sys.stderr, flush=True)
+              f"its own scale{'' if not getattr(args, 'asym', False) else ' and zero point'}, so the {bits}-bit "
+              f"model takes several more bits per weight, and sizes that are not a multiple of 8 have no packed "
+              f"kernels; usual sizes: 32, 64, 128", file=sys.stderr, flush=True)
 
 
 def _apply_method(model, tok, method: str, args):
