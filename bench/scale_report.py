@@ -213,7 +213,9 @@ NOTES = [
     "the Hessian's rounding only, see above).",
     "- Not done: streaming from safetensors shards / GGUF (item 5), `plan` accuracy (item 6; `plan` still models "
     "the previous pipeline), the 70B-class slice and the 32-layer 8B run (device time), the offload on/off and "
-    "micro-batch rows on the GPU (the single-GPU runs of the first device call failed on a script bug).",
+    "micro-batch rows on the GPU (the single-GPU runs of the first device call failed on a script bug), the "
+    "sharded streaming run, and the peak-memory-vs-calibration-tokens sweep and plot (`--parts tokens`; not run, "
+    "the box was too loaded).",
 ]
 
 
