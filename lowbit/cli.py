@@ -200,8 +200,8 @@ def _apply_method(model, tok, method: str, args):
             call["max_memory"] = args.max_memory
         if getattr(args, "micro_batch", None) is not None:
             call["micro_batch"] = args.micro_batch
-        if getattr(args, "output", None) and not getattr(args, "no_checkpoint", False) \
-                and hasattr(args, "resume"):
+        staged = any(getattr(args, k, None) for k in ("max_memory", "micro_batch", "resume", "checkpoint"))
+        if staged and getattr(args, "output", None) and not getattr(args, "no_checkpoint", False):
             call["checkpoint_dir"] = str(Path(args.output) / ".lowbit-checkpoint")
             call["resume"] = bool(args.resume)
     model = lowbit.quantize(model, method=name, **call)
@@ -706,7 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None, help="gptq/awq: calibration samples per forward")
     p.add_argument("--resume", action="store_true",
                    help="gptq/awq: restart an interrupted run from its last finished block "
-                        "(checkpoints in OUTPUT/.lowbit-checkpoint)")
+                        "(checkpoints in OUTPUT/.lowbit-checkpoint, written by runs with --checkpoint, "
+                        "--max-memory, --micro-batch or --resume)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="gptq/awq: write per-block checkpoints so that an interrupted run can --resume "
+                        "(runs the micro-batched pipeline)")
     p.add_argument("--no-checkpoint", action="store_true", help="gptq/awq: write no per-block checkpoints")
     p.add_argument("--nproc", type=int, default=None,
                    help="gptq/awq: data-parallel calibration over N processes (torch.distributed; gloo on CPU, "

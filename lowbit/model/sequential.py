@@ -35,6 +35,7 @@ import fnmatch
 import logging
 import resource
 import threading
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -497,7 +498,7 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
                        calib_dataset: Any = None, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
                        device: Any = None, progress: bool = True, tokenizer: Any = None, batch_size: int = 8,
                        micro_batch: Optional[int] = None, max_memory: Any = None, offload_dir: Optional[str] = None,
-                       checkpoint_dir: Optional[str] = None, resume: bool = False, pipeline: str = "staged",
+                       checkpoint_dir: Optional[str] = None, resume: bool = False, pipeline: str = "auto",
                        **method_options: Any) -> nn.Module:
     """Weight-only PTQ of every selected ``nn.Linear`` of ``model`` (in place); returns ``model``.
 
@@ -534,8 +535,14 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
         raise ValueError(f"group_size={group_size!r}: must be a positive integer or -1")
     if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch <= 0):
         raise ValueError(f"micro_batch={micro_batch!r}: must be a positive integer")
-    if pipeline not in ("staged", "threads"):
-        raise ValueError(f"pipeline={pipeline!r}: expected 'staged' or 'threads'")
+    if pipeline not in ("auto", "staged", "threads"):
+        raise ValueError(f"pipeline={pipeline!r}: expected 'auto', 'staged' or 'threads'")
+    if pipeline == "auto":
+        # the micro-batched pipeline bounds memory but costs more time (bench/scale.md): it runs when asked
+        # for (a budget, a micro-batch, checkpoints, torchrun); otherwise the all-samples-at-once one
+        launched = "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized())
+        wanted = micro_batch is not None or max_memory is not None or checkpoint_dir is not None or resume
+        pipeline = "staged" if wanted or launched else "threads"
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir= (where the per-block checkpoints are)")
     budget = parse_bytes(max_memory)
