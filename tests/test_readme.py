@@ -43,16 +43,7 @@ PRELUDE = textwrap.dedent("""
 
 
 #: README blocks known not to run as written, by their first line: the README line to change is in the reason
-KNOWN_BROKEN = {
-    "import lowbit, safetensors.torch as st": (
-        "README 'Models: the optimum-quanto workflow': `with torch.device(\"meta\"): empty = build_model()` "
-        "leaves a transformers model's rotary buffers on meta and requantize refuses it; the README must build "
-        "the empty model with `accelerate.init_empty_weights()` (or requantize must rebuild non-persistent buffers)"),
-    'lowbit.quantize(model, method="bnb-nf4", double_quant=True)': (
-        "README 'One call, many methods': the three lowbit.quantize calls are alternatives, but as written they "
-        "quantize the same model three times and the second refuses ('no nn.Linear selected'); the README must "
-        "mark them as alternatives (e.g. `# or:` comments, or one model per call)"),
-}
+KNOWN_BROKEN: dict = {}
 
 
 def _blocks():
