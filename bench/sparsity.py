@@ -433,6 +433,7 @@ def write_report(out_dir) -> None:
             do = r["ppl_ood"] - d.get("ppl_ood", float("nan"))
             L.append(f"| {label} | {r['ppl']:.2f} | {dd:+.2f} | {r['ppl_ood']:.2f} | {do:+.2f} | {r['time_s']:.0f} |")
         L.append("")
+        L += [f"- note: {n}" for n in q.get("notes", [])] + ([""] if q.get("notes") else [])
 
         def loss(label, key):
             r = rows.get(label, {})
