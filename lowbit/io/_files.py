@@ -78,7 +78,9 @@ def _umask() -> int:
     return mask
 
 
-_FILE_MODE = 0o666 & ~_umask()
+def _file_mode() -> int:
+    """The mode a plain ``open`` would give a new file under the user's current umask."""
+    return 0o666 & ~_umask()
 
 
 def _temp_path(path: Path) -> Path:
@@ -87,7 +89,7 @@ def _temp_path(path: Path) -> Path:
     cleanup_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_NEW_TAG}{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; final files get the usual permissions
+    os.chmod(tmp, _file_mode())  # mkstemp creates 0600; final files get the usual permissions
     return Path(tmp)
 
 
@@ -508,7 +510,7 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
     tmp = _temp_path(path)
     try:
         st.save_file(dict(tensors), str(tmp), metadata=metadata)
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, _file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

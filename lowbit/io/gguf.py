@@ -633,12 +633,6 @@ def gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any
 # export
 
 
-def _file_mode() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _source_gguf(model, tokenizer, explicit) -> Optional[str]:
     if explicit is not None:
         return str(explicit)
