@@ -212,7 +212,8 @@ def kernel_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tenso
 def fast_dequantize(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight in ``dtype`` for the autograd path: the Triton dequantize on CUDA (same values as
     :func:`dequantize_state` rounded once), :func:`dequantize_state` elsewhere."""
-    if state.data.is_cuda and state.layout != "gguf":
+    # under torch.compile the plain-torch dequantize is traced (the kernel selection reads the environment)
+    if state.data.is_cuda and state.layout != "gguf" and not torch.compiler.is_compiling():
         from lowbit.kernels import api
 
         return api.dequantize(state, dtype)
