@@ -501,6 +501,23 @@ def shard_names(prefix: str, count: int) -> List[str]:
     return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def _sort_safetensors_metadata(path: Path) -> None:
+    """safetensors writes ``__metadata__`` from a hash map, in an order that changes from process to process:
+    rewrite it in sorted key order (same keys, same length) so that equal checkpoints are equal bytes."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        meta = json.loads(raw).get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+        old = json.dumps(meta, separators=(",", ":")).encode()
+        new = json.dumps(dict(sorted(meta.items())), separators=(",", ":")).encode()
+        at = raw.find(old)
+        if at >= 0 and len(old) == len(new) and old != new:
+            f.seek(8 + at)
+            f.write(new)
+
+
 def write_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
                       metadata: Optional[Dict[str, str]] = None) -> Path:
     """One safetensors file, written atomically."""
@@ -510,6 +527,7 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
     tmp = _temp_path(path)
     try:
         st.save_file(dict(tensors), str(tmp), metadata=metadata)
+        _sort_safetensors_metadata(tmp)
         os.chmod(tmp, _file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
