@@ -42,44 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import select
+from lowbit.kernels.api import _CACHE_ATTR, _cached, _store, _versions  # noqa: F401
 from lowbit.tensor.state import QuantState
 
-_CACHE_ATTR = "_lowbit_kernel_cache"
 _HALF = (torch.float16, torch.bfloat16)
 
-
-# ---------------------------------------------------------------------------------------------
-# per-state cache (same keying as lowbit.kernels.api: data pointer and version of state.data)
-
-
-def _cached(state: QuantState, key):
-    cache = state.__dict__.get(_CACHE_ATTR)
-    if not cache:
-        return None
-    entry = cache.get(key)
-    if entry is None:
-        return None
-    ptr, version, value = entry
-    if torch.compiler.is_compiling():  # traced: layouts are prepared eagerly first (no pointer checks in graphs)
-        return value
-    if ptr != state.data.data_ptr() or version != _versions(state):
-        return None
-    return value
-
-
-def _store(state: QuantState, key, value):
-    cache = state.__dict__.setdefault(_CACHE_ATTR, {})
-    cache[key] = (state.data.data_ptr(), _versions(state), value)
-    return value
-
-
-def _versions(state: QuantState) -> tuple:
-    """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts)."""
-    v = tuple(-1 if t is None else t._version for t in (state.data, state.scales, state.zeros))
-    n = state.nested
-    if n is not None:
-        v = v + (n.data._version, -1 if n.scales is None else n.scales._version, state.offset)
-    return v
+# per-state cache: the one lowbit.kernels.api keeps (keyed by data pointer and in-place versions of the state)
 
 
 _NOT_APPLICABLE = object()
