@@ -1,12 +1,21 @@
-"""Sweep of the fused low-bit GEMV's launch configurations (lowbit/kernels/triton/gemv.py) on the GPU.
+"""Fused low-bit GEMV/GEMM v2 (lowbit/kernels/triton/lowbit_mm.py) on the GPU: correctness, sweep, report.
 
-For each format (nf4 b64, int4 g128 asym, GGUF q4_0, int8 per channel), M in {1, 4} and Llama-3-8B /
-issue shapes, every ``(BN, BK, num_warps, num_stages)`` x ``split_k`` candidate is checked against the
-float32 reference once and timed under a CUDA graph (10 calls rotating over weight copies larger than
-L2, median of rounds). Prints and writes the winners as ``TUNED_GEMV`` rows for
-``lowbit/kernels/triton_configs.py`` plus ``F.linear`` bf16 times for the speed-up.
+One GPU run (``--out DIR``) does, inside ``--budget`` seconds:
 
-    python bench/gemv_sweep.py --out OUT_DIR [--quick]
+1. correctness of the v2 kernels through ``lowbit.kernels.linear.prepared_linear`` (the module dispatch) for
+   every weight format (nf4 / fp4 b64, int4 g32/64/128 sym and asym, GGUF q4_0 / q4_1 / q8_0, int8 per
+   channel) at several M, bf16 and fp16, with and without bias, against ``x @ dequantize(state).T`` in float32;
+   the Triton dequantize of the word layout against ``lowbit.dequantize`` (bit-exact);
+2. a sweep of launch configs (CUDA-graph medians, 10+ calls rotating over weight copies larger than L2) for
+   nf4 b64 and int4 g128 asym at M in {1, 4, 16, 64, 256} on the Llama-3-8B / issue shapes, each candidate
+   checked against the reference before it is timed; beside it ``F.linear`` bf16, the v1 dispatch
+   (``prepared_linear_v1``) and the v2 dispatch with the winners (graph and eager);
+3. writes ``mm_sweep.json`` (everything) and ``mm_tuned.json`` (winners as ``TUNED_MM`` rows).
+
+``--report JSON`` renders ``bench/results/gemv_sweep.md`` and ``gemv_sweep.png`` from such a file.
+
+    python bench/gemv_sweep.py --out OUT_DIR [--budget 240]
+    python bench/gemv_sweep.py --report bench/results/raw/mm_sweep.json
 """
 from __future__ import annotations
 
@@ -23,21 +32,25 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lowbit  # noqa: E402
+import lowbit  # noqa: E402,F401
 from lowbit.kernels import linear as L  # noqa: E402
-gv = None  # lowbit.kernels.triton.gemv, imported in main (the report needs no Triton)
+from lowbit.kernels import triton_configs as TC  # noqa: E402
 from lowbit.tensor.functional import quantize_tensor  # noqa: E402
 
-SHAPES = [(4096, 4096), (14336, 4096), (1024, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
-FORMATS = {"nf4": ("nf4", dict(block_size=64)), "int4": ("int4_asym", dict(group_size=128)),
-           "q4_0": ("q4_0", {}), "int8": ("int8", dict(axis=0))}
-# (BN, BK, num_warps, num_stages, EW)
-CONFIGS = [(16, 128, 4, 2, 1), (32, 128, 4, 2, 1), (32, 256, 4, 2, 1), (16, 256, 4, 2, 1), (8, 256, 4, 2, 1),
-           (64, 128, 8, 2, 1), (32, 128, 4, 1, 1), (64, 64, 4, 2, 0), (128, 128, 8, 2, 0)]
-CLASS = {"nf4": (4, "codebook", 64), "int4": (4, "int", 128), "q4_0": (4, "int", 32), "int8": (8, "int", 0)}
-SPLITS = (1, 2, 4, 8, 16)
-if True:
-    SPLITS = (2, 4, 8, 16)
+# (N, K): issue shapes (8192², 28672 x 8192) and Llama-3-8B decode shapes
+SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192), (4096, 14336), (14336, 4096)]
+SWEEP_FORMATS = {"nf4": ("nf4", dict(block_size=64)), "int4": ("int4_asym", dict(group_size=128))}
+CHECK_FORMATS = [("nf4", dict(block_size=64)), ("fp4", dict(block_size=64)), ("int4", dict(group_size=32)),
+                 ("int4", dict(group_size=64)), ("int4", dict(group_size=128)), ("int4_asym", dict(group_size=32)),
+                 ("int4_asym", dict(group_size=64)), ("int4_asym", dict(group_size=128)), ("q4_0", {}), ("q4_1", {}),
+                 ("q8_0", {}), ("int8", dict(axis=0))]
+MS = (1, 4, 16, 64, 256)
+GEMV = [(32, 32, 4, 2), (64, 32, 4, 2), (16, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2)]
+GEMV_SPLITS = (0, 1, 2, 4, 8, 16)
+GEMM = {16: [(16, 64, 32, 4, 2), (16, 128, 32, 4, 3), (16, 64, 16, 4, 3), (16, 32, 32, 4, 2)],
+        64: [(64, 64, 32, 4, 2), (64, 128, 32, 8, 3), (32, 64, 32, 4, 2), (64, 64, 16, 4, 3)],
+        256: [(64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]}
+GEMM_SPLITS = (0, 1, 2, 4)
 
 
 def time_graph(calls, rounds=5, reps=3):
@@ -65,124 +78,281 @@ def time_graph(calls, rounds=5, reps=3):
     return statistics.median(ts)
 
 
-def report(paths, out_md: Path) -> None:
-    """Render the best config per (format, shape, M) of one or more sweep JSONs as a markdown table."""
-    lines = ["# Fused low-bit GEMV (lowbit/kernels/triton/gemv.py) vs F.linear at M = 1 and 4, H200", "",
-             "Written by `python bench/gemv_sweep.py --report " + " ".join(str(p) for p in paths) + "` from the raw "
-             "sweep files (numbers from the runs, never edited). Times: median of CUDA-graph replays, 10 calls "
-             "rotating over weight copies larger than L2, bf16 activations; `F.linear` is bf16 x bf16 on the same "
-             "shape. 'GB/s' = bytes of codes + float32 scales over the kernel time (the card copies ~4300 GB/s).", ""]
-    for path in paths:
-        res = json.loads(Path(path).read_text())
-        best = {}
-        for r in res["rows"]:
-            k = (r["fmt"], r["N"], r["K"], r["M"])
-            if k not in best or r["us"] < best[k]["us"]:
-                best[k] = r
-        lines += [f"## {Path(path).name} ({res.get('gpu', '?')})", "",
-                  "| format | N x K | M | best config (BN, BK, split, warps, stages[, EW]) | GEMV µs | F.linear µs | "
-                  "speed vs F.linear | GB/s |", "|---|---|---|---|---|---|---|---|"]
-        for (fmt, N, K, M), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1] * kv[0][2], kv[0][3])):
-            fl = res["flinear"].get(f"{N}x{K} M={M}")
-            bits = 8 if fmt == "int8" else 4
-            group = {"nf4": 64, "int4": 128, "q4_0": 32}.get(fmt, K)
-            nbytes = N * K * bits / 8 + N * (K // group) * 4 * (2 if fmt == "int4" else 1)
-            lines.append(f"| {fmt} | {N} x {K} | {M} | {tuple(r['cfg'])} | {r['us']:.1f} | {fl:.1f} | "
-                         f"{fl / r['us']:.2f}x | {nbytes / (r['us'] * 1e-6) / 1e9:.0f} |")
-        lines.append("")
-    out_md.write_text("\n".join(lines) + "\n")
+def time_eager(calls, rounds=5, reps=3):
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(rounds):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            for c in calls:
+                c()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / (reps * len(calls)))
+    return statistics.median(ts)
+
+
+def rel(y, ref):
+    y = y.float()
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def check(res, t0, budget):
+    """Every format x M x dtype through prepared_linear (default or tuned configs) vs float32 reference."""
+    torch.manual_seed(0)
+    N, K = 384, 1024
+    for scheme, kw in CHECK_FORMATS:
+        W = torch.randn(N, K, device="cuda") * 0.02
+        st = quantize_tensor(W, scheme, **kw)
+        p = L.prepare_linear(st)
+        name = f"{scheme} {kw}"
+        if p is None:
+            res["check"].append({"fmt": name, "error": "no prepared layout"})
+            continue
+        wref = L.dequantize_state(st).float()
+        for dt in (torch.bfloat16, torch.float16):
+            d = p.dense(dt)
+            res["check"].append({"fmt": name, "what": f"dense {dt}", "exact": bool(torch.equal(d, wref.to(dt)))})
+        for M in (1, 2, 3, 4, 16, 64, 256):
+            for dt in ((torch.bfloat16, torch.float16) if M in (1, 16) else (torch.bfloat16,)):
+                if time.perf_counter() - t0 > budget * 0.3:
+                    res["errors"].append("check: budget")
+                    return
+                x = torch.randn(M, K, device="cuda").to(dt)
+                b = (torch.randn(N, device="cuda") * 0.1).to(dt) if M in (3, 16) else None
+                ref = x.float() @ wref.T + (b.float() if b is not None else 0)
+                try:
+                    y = L.prepared_linear(x, p, b)
+                    e = rel(y, ref)
+                except Exception as ex:  # noqa: BLE001
+                    e = float("inf")
+                    res["errors"].append(f"check {name} M={M} {dt}: {type(ex).__name__}: {str(ex)[:200]}")
+                tol = 1e-2 if dt == torch.bfloat16 else 2e-3
+                res["check"].append({"fmt": name, "M": M, "dtype": str(dt), "bias": b is not None, "err": e,
+                                     "ok": e < tol})
+        print(f"check {name}: {sum(r.get('ok', r.get('exact', False)) for r in res['check'] if r['fmt'] == name)}/"
+              f"{sum(1 for r in res['check'] if r['fmt'] == name)} ok", flush=True)
+
+
+def sweep(res, t0, budget):
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    for (N, K) in SHAPES:
+        for fmt, (scheme, kw) in SWEEP_FORMATS.items():
+            if time.perf_counter() - t0 > budget:
+                res["errors"].append(f"sweep: budget before {fmt} {N}x{K}")
+                return
+            W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+            ncopy = max(2, min(8, int(3 * 60e6 // (N * K // 2)) + 1))
+            sts = [quantize_tensor(W.roll(i, 0), scheme, **kw) for i in range(ncopy)]
+            ps = [L.prepare_linear(s) for s in sts]
+            p = ps[0]
+            wref = L.dequantize_state(sts[0]).float()
+            Wb = [W.roll(i, 0).contiguous() for i in range(max(2, min(8, int(3 * 60e6 // (N * K * 2)) + 1)))]
+            nbytes = N * K // 2 + p.scales.numel() * 4 * (2 if p.zeros is not None else 1)
+            for M in MS:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ wref.T
+                key = f"{N}x{K} M={M}"
+                row = {"fmt": fmt, "N": N, "K": K, "M": M, "bytes": nbytes}
+                row["flinear_graph"] = time_graph([lambda w=w: F.linear(x, w) for w in Wb])
+                row["flinear_eager"] = time_eager([lambda w=w: F.linear(x, w) for w in Wb])
+                try:
+                    row["v1_graph"] = time_graph([lambda q=q: L.prepared_linear_v1(x, q) for q in ps])
+                    row["v1_eager"] = time_eager([lambda q=q: L.prepared_linear_v1(x, q) for q in ps])
+                except Exception as ex:  # noqa: BLE001
+                    res["errors"].append(f"v1 {fmt} {key}: {type(ex).__name__}: {str(ex)[:160]}")
+                cands = []
+                if M <= 4:
+                    for (bn, bkw, w, s) in GEMV:
+                        for sk in GEMV_SPLITS:
+                            cands.append(("gemv", bn, bkw, sk, w, s))
+                else:
+                    for (bm, bn, bkw, w, s) in GEMM[M]:
+                        for sk in GEMM_SPLITS:
+                            cands.append(("gemm", bm, bn, bkw, sk, w, s))
+                    cands.append(("dense",))
+                best = None
+                tried = []
+                for cfg in cands:
+                    if time.perf_counter() - t0 > budget:
+                        break
+                    try:
+                        if cfg[0] == "dense":
+                            def call(q, cfg=cfg):
+                                return F.linear(x, q.dense(x.dtype))
+                        else:
+                            full = TC.config_mm(p.bits, p.kind, M, N, K) if False else cfg
+                            if full[0] == "gemv" and full[3] == 0:
+                                full = full[:3] + (TC._auto_split(-(-N // full[1]), (K // 8) // full[2],
+                                                                  8 * TC.SM_COUNT),) + full[4:]
+                            if full[0] == "gemm" and full[4] == 0:
+                                full = full[:4] + (TC._auto_split(-(-M // full[1]) * -(-N // full[2]),
+                                                                  (K // 8) // full[3], 2 * TC.SM_COUNT),) + full[5:]
+                            plan = lm.make_plan(M, N, K, p.bits, p.group, p.kind, p.zero, x.dtype, False, full)
+
+                            def call(q, plan=plan):
+                                return lm.run_plan(plan, x, q.words, q.scales, q.zeros, q.table2, None, N, K,
+                                                   K // q.group, 8)
+                        e = rel(call(p), ref)
+                        if not e < 1e-2:
+                            res["errors"].append(f"{fmt} {key} {cfg}: rel err {e}")
+                            continue
+                        t = time_graph([lambda q=q: call(q) for q in ps])
+                    except Exception as ex:  # noqa: BLE001
+                        res["errors"].append(f"{fmt} {key} {cfg}: {type(ex).__name__}: {str(ex)[:160]}")
+                        continue
+                    tried.append((cfg, t))
+                    if best is None or t < best[1]:
+                        best = (cfg, t)
+                row["tried"] = tried
+                if best:
+                    row["best_cfg"], row["best_graph"] = best
+                    TC.TUNED_MM[(4, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
+                    for q in ps:
+                        q.plans.clear()
+                    row["v2_eager"] = time_eager([lambda q=q: L.prepared_linear(x, q) for q in ps])
+                    row["v2_graph"] = time_graph([lambda q=q: L.prepared_linear(x, q) for q in ps])
+                    TC.TUNED_MM.clear()
+                    for q in ps:
+                        q.plans.clear()
+                res["rows"].append(row)
+                fl = row["flinear_graph"]
+                bg = row.get("best_graph")
+                print(f"{fmt:4s} {key:18s} F.linear {fl:7.1f} | v1 {row.get('v1_graph', float('nan')):7.1f} | "
+                      f"v2 {bg if bg else float('nan'):7.1f} us ({fl / bg if bg else 0:.2f}x, "
+                      f"{nbytes / (bg * 1e-6) / 1e9 if bg else 0:.0f} GB/s) eager v2 {row.get('v2_eager', 0):.1f} "
+                      f"vs F.linear {row['flinear_eager']:.1f}  {row.get('best_cfg')}", flush=True)
+            del ps, sts, Wb, W
+            torch.cuda.empty_cache()
+
+
+def tuned_rows(res):
+    """Winners as TUNED_MM rows: per (class, M) the shapes in increasing N*K, then a catch-all of the largest."""
+    out = {}
+    for fmt, key in (("nf4", "4,codebook"), ("int4", "4,int")):
+        rows = [r for r in res["rows"] if r["fmt"] == fmt and "best_cfg" in r]
+        table = []
+        for M in MS:
+            rm = sorted((r for r in rows if r["M"] == M), key=lambda r: r["N"] * r["K"])
+            for r in rm:
+                table.append([M, r["N"], r["K"], r["best_cfg"]])
+        out[key] = table
+    return out
+
+
+def report(path: Path) -> None:
+    res = json.loads(path.read_text())
+    md = ROOT / "bench" / "results" / "gemv_sweep.md"
+    lines = ["# Fused low-bit GEMV / GEMM v2 (lowbit/kernels/triton/lowbit_mm.py) vs F.linear and v1, "
+             f"{res.get('gpu', '?')}", "",
+             f"Written by `python bench/gemv_sweep.py --report {path.relative_to(ROOT) if path.is_absolute() else path}` "
+             f"from the raw file of `{res.get('command', '?')}` (numbers from the run, never edited). "
+             "Times in µs: CUDA-graph replays (median) over weight copies larger than L2, and eager launches; bf16 "
+             "activations; `F.linear` = bf16 x bf16 on the same shape; v1 = the previous dispatch (v1 GEMV at "
+             "M <= 4, v1 4-bit GEMM / dequantize above); v2 = the best config of this run (through the module "
+             "dispatch `prepared_linear` for the v2 columns). GB/s = bytes of codes + float32 scales (+ zeros) "
+             f"over the v2 graph time (the card copies ~{res.get('copy_gbs', 4300):.0f} GB/s read + write).", ""]
+    ok = [r for r in res.get("check", []) if "ok" in r]
+    ex = [r for r in res.get("check", []) if "exact" in r]
+    lines += [f"Correctness (v2 via the dispatch, {len(ok)} cases, every format x M in 1..256 x bf16/fp16 x bias): "
+              f"{sum(r['ok'] for r in ok)} within tolerance (bf16 1e-2, fp16 2e-3 relative Frobenius); worst "
+              f"{max((r['err'] for r in ok), default=float('nan')):.2e}. Dequantize of the word layout bit-exact "
+              f"vs `lowbit.dequantize`: {sum(r['exact'] for r in ex)}/{len(ex)}.", ""]
+    bad = [r for r in ok if not r["ok"]] + [r for r in ex if not r["exact"]]
+    for r in bad[:20]:
+        lines.append(f"- NOT OK: {r}")
+    lines += ["", "| format | N x K | M | F.linear graph | v1 graph | v2 graph | v2 × F.linear (graph) | v2 GB/s | "
+              "F.linear eager | v1 eager | v2 eager | v2 × F.linear (eager) | v2 config |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        return f"{v:.1f}" if isinstance(v, (int, float)) else "—"
+
+    for r in res["rows"]:
+        g = r.get("v2_graph") or r.get("best_graph")
+        e = r.get("v2_eager")
+        lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {f(r['flinear_graph'])} | {f(r.get('v1_graph'))} | "
+                     f"{f(g)} | {r['flinear_graph'] / g:.2f}x | {r['bytes'] / (g * 1e-6) / 1e9:.0f} | "
+                     f"{f(r['flinear_eager'])} | {f(r.get('v1_eager'))} | {f(e)} | "
+                     f"{(r['flinear_eager'] / e) if e else 0:.2f}x | {tuple(r.get('best_cfg', ()))} |"
+                     if g else f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {f(r['flinear_graph'])} | — | — | — | — "
+                     f"| — | — | — | — | — |")
+    if res.get("errors"):
+        lines += ["", f"Errors / skipped candidates ({len(res['errors'])}; first 15):", ""]
+        lines += [f"- {e}" for e in res["errors"][:15]]
+    if res.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in res["notes"]]
+    md.write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, fmt in zip(axes, ("nf4", "int4")):
+            for M in MS:
+                rr = [r for r in res["rows"] if r["fmt"] == fmt and r["M"] == M and r.get("best_graph")]
+                ax.plot([f"{r['N']}x{r['K']}" for r in rr], [r["flinear_graph"] / r["best_graph"] for r in rr],
+                        marker="o", label=f"M={M}")
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_title(f"{fmt}: v2 speed-up over F.linear (CUDA graph)")
+            ax.tick_params(axis="x", rotation=30)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(md.with_suffix(".png"), dpi=100)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--report":
-        report([Path(a) for a in argv[1:]], ROOT / "bench" / "results" / "gemv_sweep.md")
+        report(Path(argv[1]))
         return
-    global gv
-    from lowbit.kernels.triton import gemv as gv
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget", type=float, default=200.0, help="seconds")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
+    ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = "cuda"
-    res = {"gpu": torch.cuda.get_device_name(), "rows": [], "flinear": {}, "errors": []}
-    shapes = SHAPES[:4] if args.quick else SHAPES
-    for (N, K) in shapes:
-        for fmt, (scheme, kw) in [(f, FORMATS[f]) for f in args.formats.split(",")]:
-            if time.perf_counter() - t0 > args.budget:
-                res["errors"].append(f"budget reached before {fmt} {N}x{K}")
-                break
-            nbytes = N * K // 2 if fmt != "int8" else N * K
-            ncopy = max(2, min(8, int(3 * 60e6 // nbytes) + 1))
-            W = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
-            st = quantize_tensor(W, scheme, **kw)
-            ps = []
-            for i in range(ncopy):
-                s2 = quantize_tensor(W.roll(i, 0), scheme, **kw) if i else st
-                ps.append(L.prepare_linear(s2))
-            wref = lowbit.dequantize(st).float()
-            Wb = [W.roll(i, 0).contiguous() for i in range(ncopy)]
-            for M in (1, 4):
-                x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-                key = f"{N}x{K} M={M}"
-                if key not in res["flinear"]:
-                    res["flinear"][key] = time_graph([lambda w=w: F.linear(x, w) for w in Wb])
-                ref = x.float() @ wref.T
-                best = None
-                for cfg in CONFIGS:
-                    p = ps[0]
-                    bk = min(cfg[1], L._pow2_divisor(p.group))
-                    for sk in SPLITS:
-                        full = (cfg[0], bk, sk, cfg[2], cfg[3], cfg[4])
-                        try:
-                            y = gv.gemv(x, p.words, p.scales, p.zeros, p.table, None, N, K, p.bits, p.group, p.kind,
-                                        p.zero, full, p.launch_cache)
-                            err = ((y.float() - ref).norm() / ref.norm()).item()
-                            if not err < 1e-2:
-                                res["errors"].append(f"{fmt} {key} {full}: rel err {err}")
-                                continue
-                            t = time_graph([lambda q=q: gv.gemv(x, q.words, q.scales, q.zeros, q.table, None, N, K,
-                                                                 q.bits, q.group, q.kind, q.zero, full, q.launch_cache)
-                                            for q in ps])
-                        except Exception as e:  # noqa: BLE001
-                            res["errors"].append(f"{fmt} {key} {full}: {type(e).__name__}: {str(e)[:120]}")
-                            continue
-                        res["rows"].append({"fmt": fmt, "N": N, "K": K, "M": M, "cfg": full, "us": t})
-                        if best is None or t < best[1]:
-                            best = (full, t)
-                if best:
-                    res.setdefault("best", []).append({"fmt": fmt, "N": N, "K": K, "M": M, "cfg": best[0], "us": best[1]})
-                    fl = res["flinear"][key]
-                    bw = (nbytes + ps[0].scales.numel() * 4) / (best[1] * 1e-6) / 1e9
-                    print(f"{fmt:5s} {key:18s} best {best[0]} {best[1]:7.1f} us  F.linear {fl:7.1f} us  "
-                          f"x{fl / best[1]:.2f}  weight read {bw:.0f} GB/s", flush=True)
-            del ps, Wb, W, st
-            torch.cuda.empty_cache()
-            (out / "gemv_sweep.json").write_text(json.dumps(res))
-    (out / "gemv_sweep.json").write_text(json.dumps(res))
-    tuned = {}
-    for fmt, (b, cls, g) in CLASS.items():
-        rows = sorted((r for r in res.get("best", []) if r["fmt"] == fmt), key=lambda r: (r["N"] * r["K"], r["M"]))
-        if not rows:
-            continue
-        table = [[r["N"], r["K"], r["M"], r["cfg"]] for r in rows]
-        big = max(r["N"] * r["K"] for r in rows)
-        for m in (1, 4):
-            last = [r for r in rows if r["N"] * r["K"] == big and r["M"] == m]
-            if last:
-                table.append([1 << 30, 1 << 30, m, last[0]["cfg"]])
-        tuned[f"{b},{cls},{g}"] = table
-        if g:
-            tuned.setdefault(f"{b},{cls},0", table)
-    (out / "gemv_tuned.json").write_text(json.dumps(tuned, indent=1))
-    print(f"errors: {len(res['errors'])}; first: {res['errors'][:5]}")
-    print(f"sweep took {time.perf_counter() - t0:.0f} s")
+    import triton
+
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "command": "python bench/gemv_sweep.py " + " ".join(argv), "rows": [], "check": [], "errors": []}
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    for _ in range(5):
+        b.copy_(a)
+    ev1.record()
+    ev1.synchronize()
+    res["copy_gbs"] = 2 * 5 * a.numel() / (ev0.elapsed_time(ev1) * 1e-3) / 1e9
+    del a, b
+    print(f"copy {res['copy_gbs']:.0f} GB/s", flush=True)
+    try:
+        if not args.skip_check:
+            check(res, t0, args.budget)
+        (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
+        sweep(res, t0, args.budget)
+    finally:
+        (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
+        (out / "mm_tuned.json").write_text(json.dumps(tuned_rows(res), default=str, indent=1))
+    nok = sum(1 for r in res["check"] if r.get("ok") is False or r.get("exact") is False)
+    print(f"check failures: {nok}; errors: {len(res['errors'])}; first: {res['errors'][:6]}")
+    print(f"took {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

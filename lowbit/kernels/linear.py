@@ -236,6 +236,23 @@ class PreparedLinear:
     k: int
     p4: object = None
     launch_cache: dict = dataclasses.field(default_factory=dict)
+    table2: Optional[torch.Tensor] = None
+    plans: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.table is not None and self.table2 is None and self.bits == 4:
+            self.table2 = byte_pair_table(self.table).to(self.words.device)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype`` (one Triton pass over the codes; large M: then cuBLAS)."""
+        if self.p4 is not None and self.kind != 3:
+            from lowbit.kernels import api
+
+            return api._dequant_prepared(self.p4, dtype)
+        from lowbit.kernels.triton import lowbit_mm as lm
+
+        return lm.dequantize(self.words, self.scales, self.zeros, self.table2, self.n, self.k, self.k // self.group,
+                             self.bits, self.group, self.kind, self.zero, dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight from this layout (plain torch), equal to ``lowbit.dequantize`` up to float rounding."""
@@ -256,6 +273,14 @@ class PreparedLinear:
         else:
             w = q.float() * s + self.zeros.reshape(N, -1, 1)
         return w.reshape(N, K).to(dtype)
+
+
+def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 ``[256]`` for the v2 kernels: for a byte ``b`` the float32 bits of ``code[b >> 4]`` (low half) and
+    ``code[b & 15]`` (high half), i.e. the values of the even and the odd element of a canonical 4-bit byte."""
+    bits = code.detach().float().cpu().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256)
+    return (bits[b >> 4] | (bits[b & 15] << 32)).contiguous()
 
 
 @lru_cache(maxsize=None)
@@ -340,9 +365,48 @@ def _pow2_divisor(g: int) -> int:
     return g & -g
 
 
+# rows up to which the fused kernels of lowbit.kernels.triton.lowbit_mm run (dequantize + cuBLAS above)
+FUSED_MAX_M = 256
+_DENSE = ("dense",)
+
+
+def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias):
+    """The launch plan of ``p`` for this call (computed once per M / dtype / alignment, then a dict hit)."""
+    key = (M, x2.dtype, bias is not None, x2.data_ptr() % 16 == 0 and x2.stride(0) % 16 == 0)
+    plan = p.plans.get(key)
+    if plan is None:
+        from lowbit.kernels.triton_configs import config_mm
+
+        cfg = config_mm(p.bits, p.kind, M, p.n, p.k, p.group)
+        if cfg[0] == "dense" or M > FUSED_MAX_M or p.group % (32 // p.bits):
+            plan = _DENSE
+        else:
+            from lowbit.kernels.triton import lowbit_mm as lm
+
+            plan = lm.make_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, x2.dtype, bias is not None, cfg)
+        p.plans[key] = plan
+    return plan
+
+
 def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for a prepared CUDA weight: fused GEMV at M <= 4, else the 4-bit GEMM table or
-    dequantize + cuBLAS."""
+    """``x @ W.T + bias`` for a prepared CUDA weight: the fused v2 GEMV (M <= 4) / GEMM (M <= FUSED_MAX_M) of
+    :mod:`lowbit.kernels.triton.lowbit_mm`, else the weight dequantized once per call + cuBLAS."""
+    x2 = x.reshape(-1, p.k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    plan = _plan(p, M, x2, bias)
+    if plan is _DENSE:
+        return F.linear(x, p.dense(x.dtype), bias)
+    from lowbit.kernels.triton.lowbit_mm import run_plan
+
+    y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+    return y.view(*x.shape[:-1], p.n)
+
+
+def prepared_linear_v1(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The previous dispatch (v1 GEMV of lowbit.kernels.triton.gemv at M <= 4, the v1 4-bit GEMM table above),
+    kept for the benchmarks' comparison."""
     x2 = x.reshape(-1, p.k)
     M = x2.shape[0]
     if M <= 4 and _pow2_divisor(p.group) >= 32 // p.bits:
@@ -394,20 +458,8 @@ def _cuda_linear_traced(x: torch.Tensor, state: QuantState, bias, act: Optional[
     p = _cached(state, "linear")
     if p is None or p is _NOT_APPLICABLE:
         return None
-    x2 = x.reshape(-1, p.k)
-    M = x2.shape[0]
-    if M <= 4 and _pow2_divisor(p.group) >= 32 // p.bits:
-        from lowbit.kernels.triton_configs import config_gemv
-
-        cfg = config_gemv(p.bits, p.kind, M, p.n, p.k, p.group)
-        cfg = [cfg[0], min(cfg[1], _pow2_divisor(p.group)), *cfg[2:]]
-        y = torch.ops.lowbit.gemv_lowbit(x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits, p.group,
-                                         p.kind, p.zero, cfg)
-    elif p.p4 is not None:
-        q = p.p4
-        y = torch.ops.lowbit.gemm_4bit(x2, q.qweight, q.scales, q.zeros, q.values, bias, q.group, q.kind)
-    else:
-        y = F.linear(x2, p.dequantize(x.dtype), bias)
+    y = torch.ops.lowbit.mm_lowbit(x.reshape(-1, p.k), p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.bits,
+                                   p.group, p.kind, p.zero)
     return y.reshape(*x.shape[:-1], p.n)
 
 

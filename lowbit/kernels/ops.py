@@ -165,3 +165,29 @@ def gemv_lowbit(x: Tensor, words: Tensor, scales: Tensor, zeros: Optional[Tensor
 @gemv_lowbit.register_fake
 def _(x, words, scales, zeros, table, bias, n, k, bits, group, kind, zero, config):
     return x.new_empty((x.shape[0], n))
+
+
+_MM_PREPARED: dict = {}
+
+
+@torch.library.custom_op("lowbit::mm_lowbit", mutates_args=())
+def mm_lowbit(x: Tensor, words: Tensor, scales: Tensor, zeros: Optional[Tensor], table: Optional[Tensor],
+              bias: Optional[Tensor], n: int, k: int, bits: int, group: int, kind: int, zero: float) -> Tensor:
+    """Fused low-bit matmul v2 (``lowbit.kernels.triton.lowbit_mm`` through ``lowbit.kernels.linear``) on CUDA;
+    the plain-torch dequantize + ``F.linear`` elsewhere. ``table`` is the 16-entry code (codebook kind)."""
+    from lowbit.kernels.linear import PreparedLinear, prepared_linear
+
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and select.resolve("gemm_4bit", x.device) == "triton":
+        key = (words.data_ptr(), scales.data_ptr(), tuple(words.shape), bits, group, kind)
+        p = _MM_PREPARED.get(key)
+        if p is None:
+            if len(_MM_PREPARED) > 4096:
+                _MM_PREPARED.clear()
+            p = _MM_PREPARED[key] = PreparedLinear(words, scales, zeros, table, bits, group, kind, zero, n, k)
+        return prepared_linear(x, p, bias)
+    return _gemv_ref(x, words, scales, zeros, table, bias, n, k, bits, group, kind, zero)
+
+
+@mm_lowbit.register_fake
+def _(x, words, scales, zeros, table, bias, n, k, bits, group, kind, zero):
+    return x.new_empty((*x.shape[:-1], n))

@@ -161,3 +161,67 @@ def config_gemv(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) ->
     if N * K <= 4096 * 4096 // 4:  # small weights: fewer rows per program, less split
         return (16, 128, 2, 4, 2, 1)
     return DEFAULT_GEMV
+
+
+# ---------------------------------------------------------------------------------------------
+# v2 fused kernels (lowbit/kernels/triton/lowbit_mm.py): GEMV at M <= 4, tensor-core GEMM above.
+# GEMV config ("gemv", BN, BKW, split_k, num_warps, num_stages); GEMM ("gemm", BM, BN, BKW, split_k, num_warps,
+# num_stages); ("dense",) = dequantize once + F.linear. BKW counts 32-bit words per row and step (8 4-bit or 4
+# 8-bit weights each). split_k 0 = chosen from the SM count (enough programs for every multiprocessor).
+# TUNED_MM maps (bits, "codebook" | "int") to rows (m_max, n_max, k_max, config) tried in order: the first row
+# with M <= m_max, N <= n_max and K <= k_max applies. ``bench/gemv_sweep.py`` writes such rows; a JSON file of
+# them named by LOWBIT_MM_CONFIGS (keys "bits,class") overrides the table (used while tuning).
+SM_COUNT = 132  # H100 / H200 SXM; the split heuristic only needs the order of magnitude
+TUNED_MM: Dict[tuple, list] = {}
+_loaded_mm = [False]
+
+
+def _load_env_mm() -> None:
+    import json
+    import os
+
+    _loaded_mm[0] = True
+    path = os.environ.get("LOWBIT_MM_CONFIGS")
+    if path:
+        with open(path) as f:
+            for key, rows in json.load(f).items():
+                b, cls = key.split(",")
+                TUNED_MM[(int(b), cls)] = [tuple(r[:3]) + (tuple(r[3]),) for r in rows]
+
+
+def _auto_split(tiles: int, k_steps: int, target: int) -> int:
+    s = max(1, min(k_steps, -(-target // max(tiles, 1))))
+    return s
+
+
+def default_mm(bits: int, kind: int, M: int, N: int, K: int) -> Tuple:
+    """The untuned v2 config: tile sizes by M, split-K so that about ``4 * SM_COUNT`` programs run."""
+    kw = K * bits // 32
+    if M <= 4:
+        BN, BKW = 32, 32
+        return ("gemv", BN, BKW, _auto_split(-(-N // BN), max(1, kw // BKW), 8 * SM_COUNT), 4, 2)
+    if M > 256:
+        return ("dense",)
+    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    BN, BKW = 64, 32
+    tiles = -(-M // BM) * -(-N // BN)
+    return ("gemm", BM, BN, BKW, _auto_split(tiles, max(1, kw // BKW), 2 * SM_COUNT), 4, 2)
+
+
+def config_mm(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) -> Tuple:
+    """v2 launch config for a ``bits`` weight of kernel ``kind`` at ``M`` rows of ``[N, K]``."""
+    if not _loaded_mm[0]:
+        _load_env_mm()
+    cls = "codebook" if kind == 0 else "int"
+    for m_max, n_max, k_max, cfg in TUNED_MM.get((bits, cls), ()):
+        if M <= m_max and N <= n_max and K <= k_max:
+            cfg = tuple(cfg)
+            if cfg[0] == "gemv" and cfg[3] == 0:
+                kw = K * bits // 32
+                cfg = cfg[:3] + (_auto_split(-(-N // cfg[1]), max(1, kw // cfg[2]), 8 * SM_COUNT),) + cfg[4:]
+            elif cfg[0] == "gemm" and cfg[4] == 0:
+                kw = K * bits // 32
+                tiles = -(-M // cfg[1]) * -(-N // cfg[2])
+                cfg = cfg[:4] + (_auto_split(tiles, max(1, kw // cfg[3]), 2 * SM_COUNT),) + cfg[5:]
+            return cfg
+    return default_mm(bits, kind, M, N, K)

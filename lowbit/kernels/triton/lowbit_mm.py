@@ -1,0 +1,428 @@
+"""Fused low-bit weight x fp16/bf16 activation matmul for small M (v2): ``y = x @ dequant(W).T (+ bias)``.
+
+Reads the canonical lowbit bytes of a ``[N, K]`` weight as 32-bit words (``words`` int32 ``[N, K * BITS / 32]``,
+a view of the codes; nothing repacked, nothing written back). In a little-endian word of 4-bit codes element
+``e`` (0..7) sits at bit ``8 (e // 2) + 4 (1 - e % 2)`` (the even element in the high nibble: bitsandbytes
+NF4/FP4, lowbit int4, GGUF Q4 after the prepare-time block unpacking); 8-bit element ``e`` at bit ``8 e``.
+
+**K is walked in "planes".** A dot product does not depend on the order of K, so instead of re-interleaving
+the nibbles of a word back into K order (a layout conversion through shared memory), each loop step takes a
+tile of ``BKW`` words per row and treats element ``e`` of every word as one plane: plane ``e`` of word ``kw``
+is K index ``8 kw + e`` and is multiplied with ``x[..., 8 kw + e]`` (a strided, L1-resident load of x). All
+planes keep the words' register layout, so no layout conversion happens inside the loop.
+
+Dequantisation by bit tricks, scales once per word (a word never straddles a scale group):
+
+* integer codes (``KIND`` 1: ``(q - ZERO) s``; 2: ``(q - z) s`` with a float zero per group; 3: ``q s + m``,
+  GGUF Q4_1): ``f = bitcast((q << (23 - BITS)) | 0x3F800000) = 1 + q / 2**BITS`` (one shift and one
+  and-or per element, no int-to-float conversion), ``p = sum_e f_e x_e`` and ``X = sum_e x_e`` per word,
+  then ``sum_e (q_e - z) x_e = 2**BITS p - (2**BITS + z) X``;
+* 4-bit codebooks (``KIND`` 0, NF4 / FP4): a 256-entry table of *byte -> (value of the high nibble, value
+  of the low nibble)* as two float32 in one int64, derived once from the 16-entry code: one 8-byte L1 load
+  per two weights, exact float32 values;
+* bf16 activations are read two at a time as 32-bit words and widened by a shift / a mask.
+
+``gemv`` (M <= 4): CUDA-core FMAs into float32 accumulators shaped like the word tile, reduced once after the
+loop; grid ``(N / BN, SPLIT_K)`` so that small N x K still fills all multiprocessors; split partials (float32
+``[SPLIT_K, M, N]``) summed by a second tiny kernel.
+
+``gemm`` (M > 4): per plane the dequantised weight ``((v - z) s)`` rounded once to the activation dtype (the
+reference's rounding) feeds ``tl.dot`` (tensor cores) with the matching strided x plane; optional split-K.
+
+Configurations per (bits, kind class, M bucket, N x K) live in :mod:`lowbit.kernels.triton_configs`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _trick(words, POS: tl.constexpr, BITS: tl.constexpr):
+    # 1 + q / 2**BITS as float32, q = the BITS-bit field of ``words`` at bit POS
+    TB: tl.constexpr = 23 - BITS
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+    if POS <= TB:
+        t = words << (TB - POS)
+    else:
+        t = words >> (POS - TB)
+    return ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exact(words, POS: tl.constexpr, BITS: tl.constexpr):
+    # q as an exact float32 (magic number 2**23)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    return (((words >> POS) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _pair_table(words, B: tl.constexpr, t_ptr):
+    # values of the high / low nibble of byte B (elements 2B, 2B+1) from the byte-pair table
+    pair = tl.load(t_ptr + ((words >> (8 * B)) & 0xFF))
+    v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return v0, v1
+
+
+@triton.jit
+def _xpair(xi_ptr, offs, X_BF16: tl.constexpr):
+    # two consecutive activations (elements 2i, 2i+1) from one 32-bit load
+    xb = tl.load(xi_ptr + offs)
+    if X_BF16:
+        x0 = (xb << 16).to(tl.float32, bitcast=True)
+        x1 = (xb & -65536).to(tl.float32, bitcast=True)
+    else:
+        x0 = (xb & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        x1 = (xb >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return x0, x1
+
+
+@triton.jit
+def _word_update(acc, p, X, s, z, KIND: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr):
+    SC: tl.constexpr = 1 << BITS
+    if KIND == 0:
+        acc += s * p
+    elif KIND == 1:
+        acc += s * (SC * p - (SC + ZERO) * X[None, :])
+    elif KIND == 2:
+        acc += s * (SC * p - (SC + z) * X[None, :])
+    else:
+        acc += s * (SC * p - SC * X[None, :]) + z * X[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["M", "kw_split", "n_iter"])
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr,
+    M, N, KW, NG, sxm, kw_split, n_iter,
+    BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+):
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_n = tl.where(nmask, offs_n, 0)  # clamped rows: loads need no mask
+    kw = tl.arange(0, BKW)
+    wrow = w_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :]
+    srow = offs_n[:, None].to(tl.int64) * NG
+    xi_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    sx2 = sxm // 2
+    kw_lo = pid_k * kw_split
+    acc0 = tl.zeros((BN, BKW), tl.float32)
+    acc1 = tl.zeros((BN, BKW), tl.float32)
+    acc2 = tl.zeros((BN, BKW), tl.float32)
+    acc3 = tl.zeros((BN, BKW), tl.float32)
+    for it in range(0, n_iter):
+        kwb = kw_lo + it * BKW
+        words = tl.load(wrow + kwb)
+        gi = srow + ((kwb + kw) // (G // PER))[None, :]
+        s = tl.load(s_ptr + gi)
+        if KIND >= 2:
+            z = tl.load(z_ptr + gi)
+        else:
+            z = s
+        xo = (kwb + kw) * HALF
+        p0 = tl.zeros((BN, BKW), tl.float32)
+        p1 = tl.zeros((BN, BKW), tl.float32)
+        p2 = tl.zeros((BN, BKW), tl.float32)
+        p3 = tl.zeros((BN, BKW), tl.float32)
+        X0 = tl.zeros((BKW,), tl.float32)
+        X1 = tl.zeros((BKW,), tl.float32)
+        X2 = tl.zeros((BKW,), tl.float32)
+        X3 = tl.zeros((BKW,), tl.float32)
+        for b in tl.static_range(HALF):
+            if KIND == 0:
+                v0, v1 = _pair_table(words, b, t_ptr)
+            else:
+                if BITS == 4:
+                    v0 = _trick(words, 8 * b + 4, BITS)
+                    v1 = _trick(words, 8 * b, BITS)
+                else:
+                    v0 = _trick(words, 16 * b, BITS)
+                    v1 = _trick(words, 16 * b + 8, BITS)
+            x0, x1 = _xpair(xi_ptr, xo + b, X_BF16)
+            p0 += v0 * x0[None, :] + v1 * x1[None, :]
+            X0 += x0 + x1
+            if BM > 1:
+                x0, x1 = _xpair(xi_ptr, sx2 + xo + b, X_BF16)
+                p1 += v0 * x0[None, :] + v1 * x1[None, :]
+                X1 += x0 + x1
+            if BM > 2:
+                x0, x1 = _xpair(xi_ptr, 2 * sx2 + xo + b, X_BF16)
+                p2 += v0 * x0[None, :] + v1 * x1[None, :]
+                X2 += x0 + x1
+            if BM > 3:
+                x0, x1 = _xpair(xi_ptr, 3 * sx2 + xo + b, X_BF16)
+                p3 += v0 * x0[None, :] + v1 * x1[None, :]
+                X3 += x0 + x1
+        acc0 = _word_update(acc0, p0, X0, s, z, KIND, BITS, ZERO)
+        if BM > 1:
+            acc1 = _word_update(acc1, p1, X1, s, z, KIND, BITS, ZERO)
+        if BM > 2:
+            acc2 = _word_update(acc2, p2, X2, s, z, KIND, BITS, ZERO)
+        if BM > 3:
+            acc3 = _word_update(acc3, p3, X3, s, z, KIND, BITS, ZERO)
+    r0 = tl.sum(acc0, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
+        r0 += bias
+    yp = y_ptr + pid_k.to(tl.int64) * M * N + offs_n
+    ty = y_ptr.dtype.element_ty
+    tl.store(yp, r0.to(ty), mask=nmask)
+    if BM > 1:
+        r1 = tl.sum(acc1, axis=1)
+        if HAS_BIAS:
+            r1 += bias
+        tl.store(yp + N, r1.to(ty), mask=nmask)
+    if BM > 2:
+        r2 = tl.sum(acc2, axis=1)
+        if HAS_BIAS:
+            r2 += bias
+        tl.store(yp + 2 * N, r2.to(ty), mask=nmask)
+    if BM > 3:
+        r3 = tl.sum(acc3, axis=1)
+        if HAS_BIAS:
+            r3 += bias
+        tl.store(yp + 3 * N, r3.to(ty), mask=nmask)
+
+
+@triton.jit
+def _plane_weight(v, s, z, KIND: tl.constexpr, ZERO: tl.constexpr, ty: tl.constexpr):
+    # the reference's element value, rounded once to the activation dtype
+    if KIND == 0:
+        w = v * s
+    elif KIND == 1:
+        w = (v - ZERO) * s
+    elif KIND == 2:
+        w = (v - z) * s
+    else:
+        w = v * s + z
+    return w.to(ty)
+
+
+@triton.jit
+def _plane_dot(acc, xrow, xmask, kx, v, s, z, E: tl.constexpr, PER: tl.constexpr, KIND: tl.constexpr,
+               ZERO: tl.constexpr):
+    ty: tl.constexpr = xrow.dtype.element_ty
+    w = _plane_weight(v, s, z, KIND, ZERO, ty)
+    xe = tl.load(xrow + (kx * PER + E)[None, :], mask=xmask, other=0.0)
+    return tl.dot(xe, tl.trans(w), acc)
+
+
+@triton.jit(do_not_specialize=["M", "kw_split", "n_iter"])
+def _gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr,
+    M, N, KW, NG, sxm, kw_split, n_iter,
+    BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    PER: tl.constexpr = 32 // BITS
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    grp = pid // width
+    first_m = grp * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    offs_nc = tl.where(nmask, offs_n, 0)
+    kw = tl.arange(0, BKW)
+    wrow = w_ptr + offs_nc[:, None].to(tl.int64) * KW + kw[None, :]
+    srow = offs_nc[:, None].to(tl.int64) * NG
+    xrow = x_ptr + offs_m[:, None].to(tl.int64) * sxm
+    xmask = mmask[:, None]
+    acc = tl.zeros((BM, BN), tl.float32)
+    kw_lo = pid_k * kw_split
+    for it in range(0, n_iter):
+        kwb = kw_lo + it * BKW
+        kx = kwb + kw
+        words = tl.load(wrow + kwb)
+        gi = srow + (kx // (G // PER))[None, :]
+        s = tl.load(s_ptr + gi)
+        if KIND >= 2:
+            z = tl.load(z_ptr + gi)
+        else:
+            z = s
+        for b in tl.static_range(PER // 2):
+            if KIND == 0:
+                v0, v1 = _pair_table(words, b, t_ptr)
+            else:
+                if BITS == 4:
+                    v0 = _exact(words, 8 * b + 4, BITS)
+                    v1 = _exact(words, 8 * b, BITS)
+                else:
+                    v0 = _exact(words, 16 * b, BITS)
+                    v1 = _exact(words, 16 * b + 8, BITS)
+            acc = _plane_dot(acc, xrow, xmask, kx, v0, s, z, 2 * b, PER, KIND, ZERO)
+            acc = _plane_dot(acc, xrow, xmask, kx, v1, s, z, 2 * b + 1, PER, KIND, ZERO)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    yp = y_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _reduce_kernel(ws_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for i in tl.static_range(1, SPLIT):
+        acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side: a plan per (weight, M, dtype, bias) computed once, then a direct launch
+
+
+def split_words(KW: int, BKW: int, split_k: int):
+    """``(split, words per split)`` with every split a whole number of ``BKW`` steps (``KW % BKW == 0``)."""
+    steps = KW // BKW
+    s = max(1, min(split_k, steps))
+    while steps % s:
+        s -= 1
+    return s, (steps // s) * BKW
+
+
+def _stream(device: torch.device) -> int:
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+class Plan:
+    """One launch shape of one weight: kernel, grid, constexprs and the compiled kernel once known."""
+
+    __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "warps", "stages", "compiled",
+                 "reduce", "gemm")
+
+    def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
+        self.fn, self.grid, self.split, self.kw_split, self.n_iter = fn, grid, split, kw_split, n_iter
+        self.consts, self.warps, self.stages, self.gemm = consts, warps, stages, gemm
+        self.compiled = None
+        self.reduce = None
+
+
+def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config, interpret=False) -> Plan:
+    """``config``: GEMV ``("gemv", BN, BKW, split_k, warps, stages)`` (M <= 4) or GEMM
+    ``("gemm", BM, BN, BKW, split_k, warps, stages)``."""
+    per = 32 // bits
+    KW = K // per
+    if config[0] == "gemv":
+        _, BN, BKW, split_k, warps, stages = config
+        BKW = min(BKW, KW)
+        while KW % BKW:
+            BKW //= 2
+        split, kw_split = split_words(KW, BKW, split_k)
+        consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias,
+                      X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
+        grid = (triton.cdiv(N, BN), split)
+        return Plan(_gemv_kernel, grid, split, kw_split, kw_split // BKW, consts, warps, stages, False)
+    _, BM, BN, BKW, split_k, warps, stages = config
+    BKW = min(BKW, KW)
+    while KW % BKW:
+        BKW //= 2
+    split, kw_split = split_words(KW, BKW, split_k)
+    consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, BM=BM, BN=BN, BKW=BKW,
+                  GROUP_M=8)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split)
+    return Plan(_gemm_kernel, grid, split, kw_split, kw_split // BKW, consts, warps, stages, True)
+
+
+def _run(fn, plan_attr_owner, compiled, grid, args, consts, warps, stages, device):
+    if compiled is None:
+        return fn[grid](*args, **consts, num_warps=warps, num_stages=stages)
+    from triton import knobs
+
+    full = args + tuple(consts.values())
+    stream = _stream(device)
+    enter = knobs.runtime.launch_enter_hook
+    meta = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
+    compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
+                 knobs.runtime.launch_exit_hook, *full)
+    return compiled
+
+
+def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
+    """Launch ``plan`` on ``x2 [M, K]`` (unit stride along K, even row stride) -> ``[M, N]`` in x's dtype."""
+    M = x2.shape[0]
+    dev = x2.device
+    if plan.split == 1:
+        y = torch.empty((M, N), dtype=x2.dtype, device=dev)
+    else:
+        y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
+    z = zeros if zeros is not None else scales
+    t = table if table is not None else scales
+    b = bias if bias is not None else scales
+    args = (x2, words, scales, z, t, b, y, M, N, K // per, NG, x2.stride(0), plan.kw_split, plan.n_iter)
+    ck = _run(plan.fn, plan, plan.compiled, plan.grid, args, plan.consts, plan.warps, plan.stages, dev)
+    if plan.compiled is None and hasattr(ck, "run") and hasattr(ck, "packed_metadata"):
+        plan.compiled = ck
+    if plan.split == 1:
+        return y
+    out = torch.empty((M, N), dtype=x2.dtype, device=dev)
+    MN = M * N
+    consts = dict(SPLIT=plan.split, BLOCK=1024)
+    grid = (triton.cdiv(MN, 1024), 1)
+    rk = _run(_reduce_kernel, None, plan.reduce, grid, (y, out, MN), consts, 4, 1, dev)
+    if plan.reduce is None and hasattr(rk, "run") and hasattr(rk, "packed_metadata"):
+        plan.reduce = rk
+    return out
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, KW, NG,
+                    BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr,
+                    BN: tl.constexpr, BKW: tl.constexpr):
+    # the whole weight [N, K] in out's dtype (for large M: dequantize once per call, then cuBLAS)
+    PER: tl.constexpr = 32 // BITS
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_nc = tl.where(nmask, offs_n, 0)
+    kx = tl.program_id(1) * BKW + tl.arange(0, BKW)
+    words = tl.load(w_ptr + offs_nc[:, None].to(tl.int64) * KW + kx[None, :])
+    gi = offs_nc[:, None].to(tl.int64) * NG + (kx // (G // PER))[None, :]
+    s = tl.load(s_ptr + gi)
+    if KIND >= 2:
+        z = tl.load(z_ptr + gi)
+    else:
+        z = s
+    ty: tl.constexpr = out_ptr.dtype.element_ty
+    orow = out_ptr + offs_nc[:, None].to(tl.int64) * (KW * PER) + (kx * PER)[None, :]
+    for b in tl.static_range(PER // 2):
+        if KIND == 0:
+            v0, v1 = _pair_table(words, b, t_ptr)
+        else:
+            if BITS == 4:
+                v0 = _exact(words, 8 * b + 4, BITS)
+                v1 = _exact(words, 8 * b, BITS)
+            else:
+                v0 = _exact(words, 16 * b, BITS)
+                v1 = _exact(words, 16 * b + 8, BITS)
+        tl.store(orow + 2 * b, _plane_weight(v0, s, z, KIND, ZERO, ty), mask=nmask[:, None])
+        tl.store(orow + 2 * b + 1, _plane_weight(v1, s, z, KIND, ZERO, ty), mask=nmask[:, None])
+
+
+def dequantize(words, scales, zeros, table, N, K, NG, bits, G, kind, zero, dtype):
+    """The weight ``[N, K]`` in ``dtype`` from the word layout (values as the reference, rounded once)."""
+    per = 32 // bits
+    KW = K // per
+    BKW = 32
+    while KW % BKW:
+        BKW //= 2
+    out = torch.empty((N, K), dtype=dtype, device=words.device)
+    z = zeros if zeros is not None else scales
+    t = table if table is not None else scales
+    _dequant_kernel[(triton.cdiv(N, 32), KW // BKW)](words, scales, z, t, out, N, KW, NG, BITS=bits, G=G,
+                                                     KIND=kind, ZERO=float(zero), BN=32, BKW=BKW, num_warps=4)
+    return out
