@@ -301,82 +301,97 @@ def _stream(device: torch.device) -> int:
 
 
 class Plan:
-    """One launch shape of one weight: kernel, grid, constexprs and the compiled kernel once known."""
+    """One launch shape of one weight: kernel, grid, constexprs, the compiled kernels once known, and the
+    float32 split-K workspace per stream (reused: the kernel overwrites all of it before the reduction)."""
 
-    __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "warps", "stages", "compiled",
-                 "reduce", "gemm")
+    __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
+                 "reduce", "gemm", "ws", "rgrid", "rconsts")
 
     def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
         self.fn, self.grid, self.split, self.kw_split, self.n_iter = fn, grid, split, kw_split, n_iter
         self.consts, self.warps, self.stages, self.gemm = consts, warps, stages, gemm
+        self.cvals = tuple(consts.values())
         self.compiled = None
         self.reduce = None
+        self.ws = {}
+        self.rgrid = None
+        self.rconsts = None
 
 
-def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config, interpret=False) -> Plan:
+def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     """``config``: GEMV ``("gemv", BN, BKW, split_k, warps, stages)`` (M <= 4) or GEMM
     ``("gemm", BM, BN, BKW, split_k, warps, stages)``."""
     per = 32 // bits
     KW = K // per
     if config[0] == "gemv":
         _, BN, BKW, split_k, warps, stages = config
-        BKW = min(BKW, KW)
-        while KW % BKW:
-            BKW //= 2
-        split, kw_split = split_words(KW, BKW, split_k)
-        consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias,
-                      X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
-        grid = (triton.cdiv(N, BN), split)
-        return Plan(_gemv_kernel, grid, split, kw_split, kw_split // BKW, consts, warps, stages, False)
-    _, BM, BN, BKW, split_k, warps, stages = config
+        BM = M
+    else:
+        _, BM, BN, BKW, split_k, warps, stages = config
     BKW = min(BKW, KW)
     while KW % BKW:
         BKW //= 2
     split, kw_split = split_words(KW, BKW, split_k)
-    consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, BM=BM, BN=BN, BKW=BKW,
-                  GROUP_M=8)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split)
-    return Plan(_gemm_kernel, grid, split, kw_split, kw_split // BKW, consts, warps, stages, True)
+    consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias)
+    if config[0] == "gemv":
+        consts.update(X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
+        plan = Plan(_gemv_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages,
+                    False)
+    else:
+        consts.update(BM=BM, BN=BN, BKW=BKW, GROUP_M=8)
+        plan = Plan(_gemm_kernel, (-(-M // BM) * -(-N // BN), split), split, kw_split, kw_split // BKW, consts,
+                    warps, stages, True)
+    if split > 1:
+        plan.rgrid = (-(-(M * N) // 1024), 1)
+        plan.rconsts = dict(SPLIT=split, BLOCK=1024)
+    return plan
 
 
-def _run(fn, plan_attr_owner, compiled, grid, args, consts, warps, stages, device):
+def _launch(fn, compiled, grid, args, consts, cvals, warps, stages, stream):
+    """First call through Triton's launcher (compiles); later calls straight into the compiled kernel."""
     if compiled is None:
-        return fn[grid](*args, **consts, num_warps=warps, num_stages=stages)
-    from triton import knobs
-
-    full = args + tuple(consts.values())
-    stream = _stream(device)
-    enter = knobs.runtime.launch_enter_hook
+        ck = fn[grid](*args, **consts, num_warps=warps, num_stages=stages)
+        return ck if hasattr(ck, "run") and hasattr(ck, "packed_metadata") else None
+    enter = _knobs.runtime.launch_enter_hook
+    full = args + cvals
     meta = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
     compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
-                 knobs.runtime.launch_exit_hook, *full)
+                 _knobs.runtime.launch_exit_hook, *full)
     return compiled
+
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # older Triton: no direct launches (every call through the launcher)
+    _knobs = None
 
 
 def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     """Launch ``plan`` on ``x2 [M, K]`` (unit stride along K, even row stride) -> ``[M, N]`` in x's dtype."""
     M = x2.shape[0]
     dev = x2.device
+    stream = _stream(dev) if plan.compiled is not None else 0
+    out = torch.empty((M, N), dtype=x2.dtype, device=dev)
     if plan.split == 1:
-        y = torch.empty((M, N), dtype=x2.dtype, device=dev)
+        y = out
     else:
-        y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
+        y = plan.ws.get(stream)
+        if y is None or plan.compiled is None:
+            y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
+            if plan.compiled is not None:
+                plan.ws[stream] = y
     z = zeros if zeros is not None else scales
     t = table if table is not None else scales
     b = bias if bias is not None else scales
     args = (x2, words, scales, z, t, b, y, M, N, K // per, NG, x2.stride(0), plan.kw_split, plan.n_iter)
-    ck = _run(plan.fn, plan, plan.compiled, plan.grid, args, plan.consts, plan.warps, plan.stages, dev)
-    if plan.compiled is None and hasattr(ck, "run") and hasattr(ck, "packed_metadata"):
+    ck = _launch(plan.fn, plan.compiled, plan.grid, args, plan.consts, plan.cvals, plan.warps, plan.stages, stream)
+    if plan.compiled is None and _knobs is not None:
         plan.compiled = ck
-    if plan.split == 1:
-        return y
-    out = torch.empty((M, N), dtype=x2.dtype, device=dev)
-    MN = M * N
-    consts = dict(SPLIT=plan.split, BLOCK=1024)
-    grid = (triton.cdiv(MN, 1024), 1)
-    rk = _run(_reduce_kernel, None, plan.reduce, grid, (y, out, MN), consts, 4, 1, dev)
-    if plan.reduce is None and hasattr(rk, "run") and hasattr(rk, "packed_metadata"):
-        plan.reduce = rk
+    if plan.split > 1:
+        rk = _launch(_reduce_kernel, plan.reduce, plan.rgrid, (y, out, M * N), plan.rconsts,
+                     (plan.split, 1024), 4, 1, stream)
+        if plan.reduce is None and _knobs is not None:
+            plan.reduce = rk
     return out
 
 
