@@ -1,0 +1,99 @@
+"""The fused low-bit matmul v2 (``lowbit.kernels.triton.lowbit_mm``) on the CPU: its tables, configs and op.
+
+* the byte-pair table of the NF4/FP4 kernels decodes every byte to the exact float32 code values of its two
+  nibbles (even element = high nibble);
+* ``config_mm`` picks the GEMV at M <= 4, the GEMM up to 256 rows and dequantize + cuBLAS above, honours
+  ``TUNED_MM`` rows and resolves ``split_k = 0``;
+* the ``lowbit::mm_lowbit`` op's CPU implementation equals ``F.linear`` on the dequantized weight, and its fake
+  passes ``opcheck``;
+* with ``TRITON_INTERPRET=1`` and Triton installed, the kernels themselves (GEMV, GEMM, dequantize) run in
+  Triton's interpreter against the reference (fp16: the interpreter rounds bf16 casts toward zero and
+  mis-computes bf16 dots, so bf16 is checked on the GPU only, tests/test_kernels_cuda.py).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import linear as L
+from lowbit.kernels import triton_configs as TC
+from lowbit.tensor.functional import quantize_tensor
+
+FORMATS = [("nf4", dict(block_size=64)), ("fp4", dict(block_size=64)), ("int4", dict(group_size=32)),
+           ("int4", dict(group_size=128)), ("int4_asym", dict(group_size=64)), ("q4_0", {}), ("q4_1", {}),
+           ("q8_0", {}), ("int8", dict(axis=0))]
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+def test_byte_pair_table_exact(name):
+    from lowbit.formats import codebook
+
+    code = codebook.get_code(name).float()
+    t = L.byte_pair_table(code)
+    assert t.dtype == torch.int64 and t.shape == (256,)
+    lo = (t & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    hi = (t >> 32).to(torch.int32).view(torch.float32)
+    b = torch.arange(256)
+    assert torch.equal(lo, code[b >> 4]) and torch.equal(hi, code[b & 15])
+
+
+def test_config_mm_buckets_and_tuned_rows(monkeypatch):
+    assert TC.config_mm(4, 0, 1, 4096, 4096)[0] == "gemv"
+    assert TC.config_mm(4, 1, 4, 4096, 4096)[0] == "gemv"
+    assert TC.config_mm(4, 1, 16, 4096, 4096)[0] == "gemm"
+    assert TC.config_mm(8, 1, 256, 4096, 4096)[0] == "gemm"
+    assert TC.config_mm(4, 0, 512, 4096, 4096) == ("dense",)
+    cfg = TC.config_mm(4, 0, 1, 4096, 4096)
+    assert cfg[3] >= 1  # split resolved
+    monkeypatch.setitem(TC.TUNED_MM, (4, "codebook"), [(1, 4096, 4096, ("gemv", 64, 16, 0, 4, 2))])
+    got = TC.config_mm(4, 0, 1, 4096, 4096)
+    assert got[:3] == ("gemv", 64, 16) and got[3] == TC._auto_split(64, 4096 // 8 // 16, 8 * TC.SM_COUNT)
+    assert TC.config_mm(4, 0, 1, 8192, 8192)[0] == "gemv"  # no row matches: default
+
+
+@pytest.mark.parametrize("scheme,kw", FORMATS, ids=[f"{s}-{k}" for s, k in FORMATS])
+def test_mm_op_cpu_equals_reference(scheme, kw):
+    import lowbit.kernels.ops  # noqa: F401
+
+    torch.manual_seed(0)
+    st = quantize_tensor(torch.randn(32, 256), scheme, **kw)
+    p = L._prepare_cuda(st)  # the CUDA layout, built on the CPU
+    assert p is not None
+    ref = L.dequantize_state(st).float()
+    x = torch.randn(3, 256)
+    b = torch.randn(32)
+    y = torch.ops.lowbit.mm_lowbit(x, p.words, p.scales, p.zeros, p.table, b, p.n, p.k, p.bits, p.group, p.kind,
+                                   p.zero)
+    torch.testing.assert_close(y, F.linear(x, ref, b), rtol=1e-5, atol=1e-5)
+    if p.kind == 0:
+        assert p.table2 is not None and p.table2.shape == (256,)
+
+
+def test_mm_op_opcheck():
+    import lowbit.kernels.ops  # noqa: F401
+
+    st = quantize_tensor(torch.randn(16, 64), "nf4", block_size=64)
+    p = L._prepare_cuda(st)
+    torch.library.opcheck(torch.ops.lowbit.mm_lowbit.default,
+                          (torch.randn(2, 64), p.words, p.scales, p.zeros, p.table, None, p.n, p.k, p.bits, p.group,
+                           p.kind, p.zero))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")
+@pytest.mark.parametrize("scheme,kw", FORMATS, ids=[f"{s}-{k}" for s, k in FORMATS])
+def test_v2_kernels_in_triton_interpreter(scheme, kw):
+    pytest.importorskip("triton")
+    torch.manual_seed(1)
+    N, K = 48, 256
+    st = quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw)
+    p = L._prepare_cuda(st)
+    ref = L.dequantize_state(st).float()
+    if p.p4 is None or p.kind == 3:
+        assert torch.equal(p.dense(torch.float16), ref.to(torch.float16))
+    for M in (1, 3, 16):
+        x = torch.randn(M, K).half()
+        b = torch.randn(N).half() if M == 3 else None
+        y = L.prepared_linear(x, p, b)
+        r = x.float() @ ref.T + (b.float() if b is not None else 0)
+        assert ((y.float() - r).norm() / r.norm()).item() < 2e-3
