@@ -252,6 +252,8 @@ def main(argv=None) -> int:
                 continue
             try:
                 model = build(name, master, Path(tmp) / ("c_" + name.replace(" ", "_")))
+                with torch.no_grad():  # one eager step: kernel layouts are prepared before tracing
+                    model(prompt[:, :8])
                 torch._dynamo.reset()
                 model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
                 cdec, _, cpeak = measure(model, prompt, prefill_ids, args.reps, args.new, static=True)

@@ -87,7 +87,8 @@ def _store(state: QuantState, key: str, value):
 
 def _versions(state: QuantState) -> tuple:
     """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts)."""
-    v = tuple(-1 if t is None else t._version for t in (state.data, state.scales, state.zeros))
+    s, z = state.scales, state.zeros
+    v = (state.data._version, -1 if s is None else s._version, -1 if z is None else z._version)
     n = state.nested
     if n is not None:
         v = v + (n.data._version, -1 if n.scales is None else n.scales._version, state.offset)

@@ -428,6 +428,10 @@ def prepared_linear_v1(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.
 
 
 def _cuda_linear(x: torch.Tensor, state: QuantState, bias, act: Optional[str]) -> torch.Tensor:
+    if act is None:
+        p = prepare_linear(state)
+        if p is not None:
+            return prepared_linear(x, p, bias)
     from lowbit.kernels import api, ops  # noqa: F401  (ops registers torch.ops.lowbit.*)
 
     if act == "int8":
@@ -489,6 +493,18 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
         >>> state_linear(torch.randn(2, 128), st).shape
         torch.Size([2, 64])
     """
+    if act is None and x.is_cuda:
+        # hot path (eager decode): a prepared weight-only layout of this state, found with one dict lookup
+        entry = state.__dict__.get(_CACHE_ATTR)
+        entry = entry.get("linear") if entry else None
+        if entry is not None and entry[0] == state.data.data_ptr():
+            p = entry[2]
+            if (p is not _NOT_APPLICABLE and entry[1] == _versions(state) and x.dtype in _HALF
+                    and x.device == state.device and x.shape[-1] == p.k and x.numel()
+                    and not torch.compiler.is_compiling() and select.get_backend("gemm_4bit") != "reference"):
+                if bias is not None and bias.dtype != x.dtype:
+                    bias = bias.to(x.dtype)
+                return prepared_linear(x, p, bias)
     if x.device != state.device or x.numel() == 0 or len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
         return None
     if bias is not None and bias.dtype != x.dtype:
