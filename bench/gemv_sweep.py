@@ -47,10 +47,15 @@ CHECK_FORMATS = [("nf4", dict(block_size=64)), ("fp4", dict(block_size=64)), ("i
 MS = (1, 4, 16, 64, 256)
 GEMV = [(32, 32, 4, 2), (64, 32, 4, 2), (16, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2)]
 GEMV_SPLITS = (0, 1, 2, 4, 8, 16)
+# run 2 (--gemvg): the group-step GEMV with transposed scales, beside v1 and the best v2 layout of run 1
+GEMVG = [("gemvg", 128, 8, 4, 2), ("gemvg", 64, 8, 4, 2), ("gemvg", 256, 8, 8, 2), ("gemvg", 128, 16, 4, 2),
+         ("gemvg", 64, 4, 4, 2), ("gemv", 16, 32, 4, 2)]
+GEMVG_SPLITS = (0, 1, 2, 4, 8)
 GEMM = {16: [(16, 64, 32, 4, 2), (16, 128, 32, 4, 3), (16, 64, 16, 4, 3), (16, 32, 32, 4, 2)],
         64: [(64, 64, 32, 4, 2), (64, 128, 32, 8, 3), (32, 64, 32, 4, 2), (64, 64, 16, 4, 3)],
         256: [(64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]}
 GEMM_SPLITS = (0, 1, 2, 4)
+GEMVG_MODE = False
 
 
 def time_graph(calls, rounds=5, reps=3):
@@ -169,7 +174,9 @@ def sweep(res, t0, budget):
                 except Exception as ex:  # noqa: BLE001
                     res["errors"].append(f"v1 {fmt} {key}: {type(ex).__name__}: {str(ex)[:160]}")
                 cands = []
-                if M <= 4:
+                if GEMVG_MODE:
+                    cands = [(c[0], c[1], c[2], sk, c[3], c[4]) for c in GEMVG for sk in GEMVG_SPLITS] + [("v1",)]
+                elif M <= 4:
                     for (bn, bkw, w, s) in GEMV:
                         for sk in GEMV_SPLITS:
                             cands.append(("gemv", bn, bkw, sk, w, s))
@@ -187,17 +194,27 @@ def sweep(res, t0, budget):
                         if cfg[0] == "dense":
                             def call(q, cfg=cfg):
                                 return F.linear(x, q.dense(x.dtype))
+                        elif cfg[0] == "v1":
+                            def call(q, cfg=cfg):
+                                return L.prepared_linear_v1(x, q)
                         else:
                             full = TC.config_mm(p.bits, p.kind, M, N, K) if False else cfg
-                            if full[0] == "gemv" and full[3] == 0:
+                            if full[0] in ("gemv", "gemvg") and full[3] == 0:
                                 full = full[:3] + (TC._auto_split(-(-N // full[1]), (K // 8) // full[2],
                                                                   8 * TC.SM_COUNT),) + full[4:]
                             if full[0] == "gemm" and full[4] == 0:
                                 full = full[:4] + (TC._auto_split(-(-M // full[1]) * -(-N // full[2]),
                                                                   (K // 8) // full[3], 2 * TC.SM_COUNT),) + full[5:]
                             plan = lm.make_plan(M, N, K, p.bits, p.group, p.kind, p.zero, x.dtype, False, full)
+                            if plan.tr:
+                                for q in ps:
+                                    if q.sT is None:
+                                        q.sT = q.scales.reshape(N, -1).t().contiguous()
+                                        q.zT = q.zeros.reshape(N, -1).t().contiguous() if q.zeros is not None else None
 
                             def call(q, plan=plan):
+                                if plan.tr:
+                                    return lm.run_plan(plan, x, q.words, q.sT, q.zT, q.table, None, N, K, K // q.group, 8)
                                 return lm.run_plan(plan, x, q.words, q.scales, q.zeros, q.table2, None, N, K,
                                                    K // q.group, 8)
                         e = rel(call(p), ref)
@@ -239,10 +256,12 @@ def tuned_rows(res):
     for fmt, key in (("nf4", "4,codebook"), ("int4", "4,int")):
         rows = [r for r in res["rows"] if r["fmt"] == fmt and "best_cfg" in r]
         table = []
-        for M in MS:
+        for M in sorted({r["M"] for r in rows}):
             rm = sorted((r for r in rows if r["M"] == M), key=lambda r: r["N"] * r["K"])
             for r in rm:
                 table.append([M, r["N"], r["K"], r["best_cfg"]])
+            if rm:
+                table.append([M, 1 << 30, 1 << 30, rm[-1]["best_cfg"]])
         out[key] = table
     return out
 
@@ -321,7 +340,11 @@ def main(argv=None):
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--gemvg", action="store_true", help="run 2: M in {1, 4}, group-step GEMV vs v1 / v2")
     args = ap.parse_args(argv)
+    global GEMVG_MODE, MS
+    if args.gemvg:
+        GEMVG_MODE, MS = True, (1, 4)
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

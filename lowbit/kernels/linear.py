@@ -238,6 +238,8 @@ class PreparedLinear:
     launch_cache: dict = dataclasses.field(default_factory=dict)
     table2: Optional[torch.Tensor] = None
     plans: dict = dataclasses.field(default_factory=dict)
+    sT: Optional[torch.Tensor] = None
+    zT: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.table is not None and self.table2 is None and self.bits == 4:
@@ -368,6 +370,7 @@ def _pow2_divisor(g: int) -> int:
 # rows up to which the fused kernels of lowbit.kernels.triton.lowbit_mm run (dequantize + cuBLAS above)
 FUSED_MAX_M = 256
 _DENSE = ("dense",)
+_V1 = ("v1",)
 
 
 def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias):
@@ -380,7 +383,12 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias):
         cfg = config_mm(p.bits, p.kind, M, p.n, p.k, p.group)
         if cfg[0] == "dense" or M > FUSED_MAX_M or p.group % (32 // p.bits):
             plan = _DENSE
+        elif cfg[0] == "v1":
+            plan = _V1
         else:
+            if cfg[0] == "gemvg" and p.sT is None:  # derived once: scales / zeros as [K / G, N]
+                p.sT = p.scales.reshape(p.n, -1).t().contiguous()
+                p.zT = p.zeros.reshape(p.n, -1).t().contiguous() if p.zeros is not None else None
             from lowbit.kernels.triton import lowbit_mm as lm
 
             plan = lm.make_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, x2.dtype, bias is not None, cfg)
@@ -398,9 +406,14 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     plan = _plan(p, M, x2, bias)
     if plan is _DENSE:
         return F.linear(x, p.dense(x.dtype), bias)
+    if plan is _V1:
+        return prepared_linear_v1(x, p, bias)
     from lowbit.kernels.triton.lowbit_mm import run_plan
 
-    y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+    if plan.tr:
+        y = run_plan(plan, x2, p.words, p.sT, p.zT, p.table, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+    else:
+        y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     return y.view(*x.shape[:-1], p.n)
 
 

@@ -198,9 +198,9 @@ def default_mm(bits: int, kind: int, M: int, N: int, K: int) -> Tuple:
     """The untuned v2 config: tile sizes by M, split-K so that about ``4 * SM_COUNT`` programs run."""
     kw = K * bits // 32
     if M <= 4:
-        BN, BKW = 32, 32
-        return ("gemv", BN, BKW, _auto_split(-(-N // BN), max(1, kw // BKW), 8 * SM_COUNT), 4, 2)
-    if M > 256:
+        BN, BKW = 128, 8
+        return ("gemvg", BN, BKW, _auto_split(-(-N // BN), max(1, kw // BKW), 4 * SM_COUNT), 4, 2)
+    if M > 4:  # measured on the H200 (bench/results/gemv_sweep.md): dequantize + cuBLAS beat the v2 GEMM at every M
         return ("dense",)
     BM = 16 if M <= 16 else (32 if M <= 32 else 64)
     BN, BKW = 64, 32
@@ -216,7 +216,7 @@ def config_mm(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) -> T
     for m_max, n_max, k_max, cfg in TUNED_MM.get((bits, cls), ()):
         if M <= m_max and N <= n_max and K <= k_max:
             cfg = tuple(cfg)
-            if cfg[0] == "gemv" and cfg[3] == 0:
+            if cfg[0] in ("gemv", "gemvg") and cfg[3] == 0:
                 kw = K * bits // 32
                 cfg = cfg[:3] + (_auto_split(-(-N // cfg[1]), max(1, kw // cfg[2]), 8 * SM_COUNT),) + cfg[4:]
             elif cfg[0] == "gemm" and cfg[4] == 0:

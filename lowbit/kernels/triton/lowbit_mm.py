@@ -191,6 +191,107 @@ def _gemv_kernel(
         tl.store(yp + 3 * N, r3.to(ty), mask=nmask)
 
 
+@triton.jit(do_not_specialize=["M", "kw_split", "n_iter"])
+def _gemvg_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr,
+    M, N, KW, NG, sxm, kw_split, n_iter,
+    BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+):
+    # GEMV with one scale group (or a divisor of one) per step: scales / zeros come TRANSPOSED ([NG, N], derived
+    # once) and are loaded once per row and step, coalesced along N; few words per row and step so that a warp
+    # spans many rows (every activation load serves them all). Codebooks read the 16-entry float32 table.
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_n = tl.where(nmask, offs_n, 0)
+    kw = tl.arange(0, BKW)
+    wrow = w_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :]
+    xi_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    sx2 = sxm // 2
+    kw_lo = pid_k * kw_split
+    acc0 = tl.zeros((BN, BKW), tl.float32)
+    acc1 = tl.zeros((BN, BKW), tl.float32)
+    acc2 = tl.zeros((BN, BKW), tl.float32)
+    acc3 = tl.zeros((BN, BKW), tl.float32)
+    for it in range(0, n_iter):
+        kwb = kw_lo + it * BKW
+        words = tl.load(wrow + kwb)
+        g = (kwb * PER) // G
+        s = tl.load(s_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+        if KIND >= 2:
+            z = tl.load(z_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+        else:
+            z = s
+        xo = (kwb + kw) * HALF
+        p0 = tl.zeros((BN, BKW), tl.float32)
+        p1 = tl.zeros((BN, BKW), tl.float32)
+        p2 = tl.zeros((BN, BKW), tl.float32)
+        p3 = tl.zeros((BN, BKW), tl.float32)
+        X0 = tl.zeros((BKW,), tl.float32)
+        X1 = tl.zeros((BKW,), tl.float32)
+        X2 = tl.zeros((BKW,), tl.float32)
+        X3 = tl.zeros((BKW,), tl.float32)
+        for b in tl.static_range(HALF):
+            if KIND == 0:
+                v0 = tl.load(t_ptr + ((words >> (8 * b + 4)) & 15))
+                v1 = tl.load(t_ptr + ((words >> (8 * b)) & 15))
+            else:
+                if BITS == 4:
+                    v0 = _trick(words, 8 * b + 4, BITS)
+                    v1 = _trick(words, 8 * b, BITS)
+                else:
+                    v0 = _trick(words, 16 * b, BITS)
+                    v1 = _trick(words, 16 * b + 8, BITS)
+            x0, x1 = _xpair(xi_ptr, xo + b, X_BF16)
+            p0 += v0 * x0[None, :] + v1 * x1[None, :]
+            X0 += x0 + x1
+            if BM > 1:
+                x0, x1 = _xpair(xi_ptr, sx2 + xo + b, X_BF16)
+                p1 += v0 * x0[None, :] + v1 * x1[None, :]
+                X1 += x0 + x1
+            if BM > 2:
+                x0, x1 = _xpair(xi_ptr, 2 * sx2 + xo + b, X_BF16)
+                p2 += v0 * x0[None, :] + v1 * x1[None, :]
+                X2 += x0 + x1
+            if BM > 3:
+                x0, x1 = _xpair(xi_ptr, 3 * sx2 + xo + b, X_BF16)
+                p3 += v0 * x0[None, :] + v1 * x1[None, :]
+                X3 += x0 + x1
+        acc0 = _word_update(acc0, p0, X0, s, z, KIND, BITS, ZERO)
+        if BM > 1:
+            acc1 = _word_update(acc1, p1, X1, s, z, KIND, BITS, ZERO)
+        if BM > 2:
+            acc2 = _word_update(acc2, p2, X2, s, z, KIND, BITS, ZERO)
+        if BM > 3:
+            acc3 = _word_update(acc3, p3, X3, s, z, KIND, BITS, ZERO)
+    r0 = tl.sum(acc0, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
+        r0 += bias
+    yp = y_ptr + pid_k.to(tl.int64) * M * N + offs_n
+    ty = y_ptr.dtype.element_ty
+    tl.store(yp, r0.to(ty), mask=nmask)
+    if BM > 1:
+        r1 = tl.sum(acc1, axis=1)
+        if HAS_BIAS:
+            r1 += bias
+        tl.store(yp + N, r1.to(ty), mask=nmask)
+    if BM > 2:
+        r2 = tl.sum(acc2, axis=1)
+        if HAS_BIAS:
+            r2 += bias
+        tl.store(yp + 2 * N, r2.to(ty), mask=nmask)
+    if BM > 3:
+        r3 = tl.sum(acc3, axis=1)
+        if HAS_BIAS:
+            r3 += bias
+        tl.store(yp + 3 * N, r3.to(ty), mask=nmask)
+
+
 @triton.jit
 def _plane_weight(v, s, z, KIND: tl.constexpr, ZERO: tl.constexpr, ty: tl.constexpr):
     # the reference's element value, rounded once to the activation dtype
@@ -305,7 +406,7 @@ class Plan:
     float32 split-K workspace per stream (reused: the kernel overwrites all of it before the reduction)."""
 
     __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
-                 "reduce", "gemm", "ws", "rgrid", "rconsts")
+                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr")
 
     def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
         self.fn, self.grid, self.split, self.kw_split, self.n_iter = fn, grid, split, kw_split, n_iter
@@ -316,6 +417,7 @@ class Plan:
         self.ws = {}
         self.rgrid = None
         self.rconsts = None
+        self.tr = fn is _gemvg_kernel  # reads transposed scales / zeros and the 16-entry table
 
 
 def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
@@ -323,19 +425,19 @@ def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     ``("gemm", BM, BN, BKW, split_k, warps, stages)``."""
     per = 32 // bits
     KW = K // per
-    if config[0] == "gemv":
+    if config[0] in ("gemv", "gemvg"):
         _, BN, BKW, split_k, warps, stages = config
         BM = M
     else:
         _, BM, BN, BKW, split_k, warps, stages = config
     BKW = min(BKW, KW)
-    while KW % BKW:
+    while KW % BKW or (config[0] == "gemvg" and G % (BKW * per)):
         BKW //= 2
     split, kw_split = split_words(KW, BKW, split_k)
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias)
-    if config[0] == "gemv":
+    if config[0] in ("gemv", "gemvg"):
         consts.update(X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
-        plan = Plan(_gemv_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages,
+        plan = Plan(_gemv_kernel if config[0] == "gemv" else _gemvg_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages,
                     False)
     else:
         consts.update(BM=BM, BN=BN, BKW=BKW, GROUP_M=8)
