@@ -266,48 +266,59 @@ def tuned_rows(res):
     return out
 
 
-def report(path: Path) -> None:
-    res = json.loads(path.read_text())
-    md = ROOT / "bench" / "results" / "gemv_sweep.md"
-    lines = ["# Fused low-bit GEMV / GEMM v2 (lowbit/kernels/triton/lowbit_mm.py) vs F.linear and v1, "
-             f"{res.get('gpu', '?')}", "",
-             f"Written by `python bench/gemv_sweep.py --report {path.relative_to(ROOT) if path.is_absolute() else path}` "
-             f"from the raw file of `{res.get('command', '?')}` (numbers from the run, never edited). "
-             "Times in µs: CUDA-graph replays (median) over weight copies larger than L2, and eager launches; bf16 "
-             "activations; `F.linear` = bf16 x bf16 on the same shape; v1 = the previous dispatch (v1 GEMV at "
-             "M <= 4, v1 4-bit GEMM / dequantize above); v2 = the best config of this run (through the module "
-             "dispatch `prepared_linear` for the v2 columns). GB/s = bytes of codes + float32 scales (+ zeros) "
-             f"over the v2 graph time (the card copies ~{res.get('copy_gbs', 4300):.0f} GB/s read + write).", ""]
+def _fmt(v):
+    return f"{v:.1f}" if isinstance(v, (int, float)) else "—"
+
+
+def _section(res, path: Path):
+    lines = [f"## {path.name}: `{res.get('command', '?')}` ({res.get('gpu', '?')}, copy "
+             f"{res.get('copy_gbs', 0):.0f} GB/s read + write)", ""]
     ok = [r for r in res.get("check", []) if "ok" in r]
     ex = [r for r in res.get("check", []) if "exact" in r]
-    lines += [f"Correctness (v2 via the dispatch, {len(ok)} cases, every format x M in 1..256 x bf16/fp16 x bias): "
-              f"{sum(r['ok'] for r in ok)} within tolerance (bf16 1e-2, fp16 2e-3 relative Frobenius); worst "
-              f"{max((r['err'] for r in ok), default=float('nan')):.2e}. Dequantize of the word layout bit-exact "
-              f"vs `lowbit.dequantize`: {sum(r['exact'] for r in ex)}/{len(ex)}.", ""]
-    bad = [r for r in ok if not r["ok"]] + [r for r in ex if not r["exact"]]
-    for r in bad[:20]:
-        lines.append(f"- NOT OK: {r}")
-    lines += ["", "| format | N x K | M | F.linear graph | v1 graph | v2 graph | v2 × F.linear (graph) | v2 GB/s | "
-              "F.linear eager | v1 eager | v2 eager | v2 × F.linear (eager) | v2 config |",
+    if ok or ex:
+        lines += [f"Correctness through the dispatch ({len(ok)} cases: 12 formats x M in 1, 2, 3, 4, 16, 64, 256 x "
+                  f"bf16 (+ fp16 at M = 1, 16) x bias at M = 3, 16): {sum(r['ok'] for r in ok)} within tolerance "
+                  f"(bf16 1e-2, fp16 2e-3 relative Frobenius vs float32), worst "
+                  f"{max((r['err'] for r in ok), default=float('nan')):.2e}; dequantize of the word layout bit-exact vs "
+                  f"`lowbit.dequantize`: {sum(r['exact'] for r in ex)}/{len(ex)}.", ""]
+        for r in [r for r in ok if not r["ok"]] + [r for r in ex if not r["exact"]]:
+            lines.append(f"- NOT OK: {r}")
+    lines += ["| format | N x K | M | F.linear graph | v1 graph | best graph | × F.linear (graph) | GB/s | "
+              "F.linear eager | v1 eager | dispatch eager | × F.linear (eager) | best config |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def f(v):
-        return f"{v:.1f}" if isinstance(v, (int, float)) else "—"
-
     for r in res["rows"]:
         g = r.get("v2_graph") or r.get("best_graph")
         e = r.get("v2_eager")
-        lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {f(r['flinear_graph'])} | {f(r.get('v1_graph'))} | "
-                     f"{f(g)} | {r['flinear_graph'] / g:.2f}x | {r['bytes'] / (g * 1e-6) / 1e9:.0f} | "
-                     f"{f(r['flinear_eager'])} | {f(r.get('v1_eager'))} | {f(e)} | "
-                     f"{(r['flinear_eager'] / e) if e else 0:.2f}x | {tuple(r.get('best_cfg', ()))} |"
-                     if g else f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {f(r['flinear_graph'])} | — | — | — | — "
-                     f"| — | — | — | — | — |")
+        if not g:
+            lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {_fmt(r['flinear_graph'])} | — | — | — | — | "
+                         "— | — | — | — | — |")
+            continue
+        lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {_fmt(r['flinear_graph'])} | "
+                     f"{_fmt(r.get('v1_graph'))} | {_fmt(g)} | {r['flinear_graph'] / g:.2f}x | "
+                     f"{r['bytes'] / (g * 1e-6) / 1e9:.0f} | {_fmt(r['flinear_eager'])} | {_fmt(r.get('v1_eager'))} | "
+                     f"{_fmt(e)} | {(r['flinear_eager'] / e) if e else 0:.2f}x | {tuple(r.get('best_cfg', ()))} |")
     if res.get("errors"):
-        lines += ["", f"Errors / skipped candidates ({len(res['errors'])}; first 15):", ""]
-        lines += [f"- {e}" for e in res["errors"][:15]]
-    if res.get("notes"):
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in res["notes"]]
+        lines += ["", f"Errors / skipped candidates ({len(res['errors'])}; first 10):", ""]
+        lines += [f"- {e}" for e in res["errors"][:10]]
+    return lines + [""]
+
+
+def report(paths, notes=()) -> None:
+    md = ROOT / "bench" / "results" / "gemv_sweep.md"
+    rel_paths = [str(p.relative_to(ROOT)) if p.is_absolute() else str(p) for p in paths]
+    lines = ["# Fused low-bit GEMV / GEMM v2 (lowbit/kernels/triton/lowbit_mm.py) vs F.linear and v1, H200", "",
+             f"Written by `python bench/gemv_sweep.py --report {' '.join(rel_paths)}` from the raw files of the runs "
+             "(numbers from the runs, never edited). Times in µs: CUDA-graph replays (median) over weight copies "
+             "larger than L2, and eager launches (median of rounds); bf16 activations; `F.linear` = bf16 x bf16 on "
+             "the same shape; v1 = the previous dispatch (v1 GEMV at M <= 4, the v1 4-bit GEMM table / dequantize "
+             "above); best = the fastest candidate of the run (checked against the float32 reference before timing; "
+             "'dense' = dequantize once + F.linear, 'v1' = the v1 path); 'dispatch eager' = "
+             "`lowbit.kernels.linear.prepared_linear` with that winner (the module path minus the module). GB/s = "
+             "bytes of codes + float32 scales (+ zeros) over the best graph time.", ""]
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    for p in paths:
+        lines += _section(json.loads(p.read_text()), p)
     md.write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -315,16 +326,22 @@ def report(path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        res = json.loads(paths[-1].read_text())
+        first = json.loads(paths[0].read_text())
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
         for ax, fmt in zip(axes, ("nf4", "int4")):
-            for M in MS:
-                rr = [r for r in res["rows"] if r["fmt"] == fmt and r["M"] == M and r.get("best_graph")]
-                ax.plot([f"{r['N']}x{r['K']}" for r in rr], [r["flinear_graph"] / r["best_graph"] for r in rr],
-                        marker="o", label=f"M={M}")
+            for src, tag in ((res, ""), (first, " run 1")) if len(paths) > 1 else ((res, ""),):
+                for M in sorted({r["M"] for r in src["rows"]}):
+                    if tag and M <= 4:
+                        continue
+                    rr = [r for r in src["rows"] if r["fmt"] == fmt and r["M"] == M and r.get("best_graph")]
+                    ax.plot([f"{r['N']}x{r['K']}" for r in rr], [r["flinear_graph"] / r["best_graph"] for r in rr],
+                            marker="o", label=f"M={M}{tag}")
             ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_title(f"{fmt}: v2 speed-up over F.linear (CUDA graph)")
+            ax.set_title(f"{fmt}: best lowbit path vs F.linear (CUDA graph)")
+            ax.set_ylabel("speed-up over bf16 F.linear")
             ax.tick_params(axis="x", rotation=30)
-            ax.legend()
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(md.with_suffix(".png"), dpi=100)
     except Exception:  # noqa: BLE001
@@ -334,7 +351,8 @@ def report(path: Path) -> None:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--report":
-        report(Path(argv[1]))
+        paths = [Path(a) for a in argv[1:] if not a.startswith("--note=")]
+        report(paths, [a[len("--note="):] for a in argv[1:] if a.startswith("--note=")])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")

@@ -373,9 +373,10 @@ _DENSE = ("dense",)
 _V1 = ("v1",)
 
 
-def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias):
+def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
     """The launch plan of ``p`` for this call (computed once per M / dtype / alignment, then a dict hit)."""
-    key = (M, x2.dtype, bias is not None, x2.data_ptr() % 16 == 0 and x2.stride(0) % 16 == 0)
+    if key is None:
+        key = (M, x2.dtype, bias is not None, x2.data_ptr() % 16 == 0 and x2.stride(0) % 16 == 0)
     plan = p.plans.get(key)
     if plan is None:
         from lowbit.kernels.triton_configs import config_mm
@@ -400,10 +401,16 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     """``x @ W.T + bias`` for a prepared CUDA weight: the fused v2 GEMV (M <= 4) / GEMM (M <= FUSED_MAX_M) of
     :mod:`lowbit.kernels.triton.lowbit_mm`, else the weight dequantized once per call + cuBLAS."""
     x2 = x.reshape(-1, p.k)
-    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+    s0, s1 = x2.stride()
+    ptr = x2.data_ptr()
+    if s1 != 1 or s0 % 2 or ptr % 4:
         x2 = x2.contiguous()
+        s0, ptr = x2.stride(0), x2.data_ptr()
     M = x2.shape[0]
-    plan = _plan(p, M, x2, bias)
+    key = (M, x2.dtype, bias is not None, ptr % 16 == 0 and s0 % 16 == 0)
+    plan = p.plans.get(key)
+    if plan is None:
+        plan = _plan(p, M, x2, bias, key)
     if plan is _DENSE:
         return F.linear(x, p.dense(x.dtype), bias)
     if plan is _V1:
