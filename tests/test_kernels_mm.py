@@ -41,14 +41,17 @@ def test_byte_pair_table_exact(name):
 def test_config_mm_buckets_and_tuned_rows(monkeypatch):
     assert TC.config_mm(4, 0, 1, 4096, 4096)[0] in ("gemv", "gemvg", "v1")
     assert TC.config_mm(4, 1, 4, 4096, 4096)[0] in ("gemv", "gemvg", "v1")
-    assert TC.default_mm(4, 1, 16, 4096, 4096) == ("dense",)
     assert TC.config_mm(4, 0, 512, 4096, 4096) == ("dense",)
-    cfg = TC.config_mm(4, 0, 1, 4096, 4096)
-    assert cfg[3] >= 1  # split resolved
+    cfg = TC.config_mm(4, 1, 1, 4096, 4096)
+    assert cfg[0] == "gemvg" and cfg[3] >= 1  # the committed table; split resolved
+    monkeypatch.setattr(TC, "TUNED_MM", {})
+    assert TC.default_mm(4, 1, 16, 4096, 4096) == ("dense",)
+    assert TC.config_mm(4, 0, 4, 8192, 8192) == TC.default_mm(4, 0, 4, 8192, 8192)  # no rows: the default
+    assert TC.default_mm(8, 1, 1, 4096, 4096)[0] == "gemvg"
     monkeypatch.setitem(TC.TUNED_MM, (4, "codebook"), [(1, 4096, 4096, ("gemv", 64, 16, 0, 4, 2))])
     got = TC.config_mm(4, 0, 1, 4096, 4096)
     assert got[:3] == ("gemv", 64, 16) and got[3] == TC._auto_split(64, 4096 // 8 // 16, 8 * TC.SM_COUNT)
-    assert TC.config_mm(4, 0, 1, 8192, 8192) == TC.default_mm(4, 0, 1, 8192, 8192)  # no row matches
+    assert TC.config_mm(4, 0, 1, 8192, 8192) == TC.default_mm(4, 0, 1, 8192, 8192)  # row does not match
 
 
 @pytest.mark.parametrize("scheme,kw", FORMATS, ids=[f"{s}-{k}" for s, k in FORMATS])

@@ -172,7 +172,39 @@ def config_gemv(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) ->
 # with M <= m_max, N <= n_max and K <= k_max applies. ``bench/gemv_sweep.py`` writes such rows; a JSON file of
 # them named by LOWBIT_MM_CONFIGS (keys "bits,class") overrides the table (used while tuning).
 SM_COUNT = 132  # H100 / H200 SXM; the split heuristic only needs the order of magnitude
-TUNED_MM: Dict[tuple, list] = {}
+# from bench/gemv_sweep.py --gemvg on the H200 (bench/results/raw/mm_sweep_run2.json): M in {1, 4} on the
+# Llama-3-8B / issue shapes; the last row per M repeats the largest shape's winner for any larger shape.
+# NF4 at M = 1 keeps the v1 GEMV (the v2 kernels read the codebook slower); M > 4: dequantize + cuBLAS (run 1).
+TUNED_MM: Dict[tuple, list] = {
+    (4, 'codebook'): [
+        (1, 4096, 4096, ('v1',)),
+        (1, 4096, 14336, ('v1',)),
+        (1, 14336, 4096, ('v1',)),
+        (1, 8192, 8192, ('v1',)),
+        (1, 28672, 8192, ('v1',)),
+        (1, 1073741824, 1073741824, ('v1',)),
+        (4, 4096, 4096, ('gemv', 16, 32, 2, 4, 2)),
+        (4, 4096, 14336, ('gemvg', 64, 4, 0, 4, 2)),
+        (4, 14336, 4096, ('gemvg', 64, 4, 8, 4, 2)),
+        (4, 8192, 8192, ('gemvg', 64, 4, 8, 4, 2)),
+        (4, 28672, 8192, ('gemvg', 64, 4, 8, 4, 2)),
+        (4, 1073741824, 1073741824, ('gemvg', 64, 4, 8, 4, 2)),
+    ],
+    (4, 'int'): [
+        (1, 4096, 4096, ('gemvg', 64, 8, 8, 4, 2)),
+        (1, 4096, 14336, ('gemvg', 128, 16, 0, 4, 2)),
+        (1, 14336, 4096, ('gemvg', 128, 16, 4, 4, 2)),
+        (1, 8192, 8192, ('gemvg', 128, 16, 8, 4, 2)),
+        (1, 28672, 8192, ('gemvg', 128, 16, 4, 4, 2)),
+        (1, 1073741824, 1073741824, ('gemvg', 128, 16, 4, 4, 2)),
+        (4, 4096, 4096, ('gemvg', 128, 16, 8, 4, 2)),
+        (4, 4096, 14336, ('gemvg', 128, 16, 8, 4, 2)),
+        (4, 14336, 4096, ('gemvg', 128, 16, 2, 4, 2)),
+        (4, 8192, 8192, ('gemvg', 128, 16, 4, 4, 2)),
+        (4, 28672, 8192, ('gemvg', 128, 16, 8, 4, 2)),
+        (4, 1073741824, 1073741824, ('gemvg', 128, 16, 8, 4, 2)),
+    ],
+}
 _loaded_mm = [False]
 
 
