@@ -6,10 +6,11 @@ picks an implementation by device, input dtype, weight format and the number of 
 
 CUDA (fp16 / bf16 input)
     * 4-bit weights (``nf4`` / ``fp4`` / ``int4`` / ``int4_asym`` groups or blocks tiling the rows, GGUF
-      ``q4_0`` / ``q4_1``): :func:`lowbit.kernels.linear_4bit` (fused Triton GEMV at small M, fused
-      dequantize-GEMM, or dequantize + cuBLAS at large M, per the table of
-      :mod:`lowbit.kernels.triton_configs`).
-    * int8 per-channel / GGUF ``q8_0`` weights: the fused int8 GEMV at small M, dequantize + cuBLAS above.
+      ``q4_0`` / ``q4_1``) and int8 per-channel / GGUF ``q8_0`` weights: :func:`prepared_linear` on a layout
+      derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, float32 scales, tables): at
+      M <= 4 the fused GEMV of :mod:`lowbit.kernels.triton.lowbit_mm` (or the v1 GEMV where the tuned table
+      says it is faster, NF4/FP4 at M = 1), above that the weight dequantized by one Triton pass + cuBLAS, per
+      ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs` (a launch plan per M is cached on the layout).
     * int8 / fp8 weights with dynamic per-token int8 / fp8 activations:
       :func:`lowbit.kernels.int8_linear_dynamic` / :func:`lowbit.kernels.fp8_linear_dynamic`.
     * anything else: :func:`lowbit.kernels.dequantize` (Triton where it applies) + ``F.linear``.

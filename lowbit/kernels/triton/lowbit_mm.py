@@ -22,11 +22,17 @@ Dequantisation by bit tricks, scales once per word (a word never straddles a sca
   per two weights, exact float32 values;
 * bf16 activations are read two at a time as 32-bit words and widened by a shift / a mask.
 
-``gemv`` (M <= 4): CUDA-core FMAs into float32 accumulators shaped like the word tile, reduced once after the
+``gemvg`` (M <= 4, the shipped GEMV for integer codes): one scale group (or a divisor of it) per step, scales
+and zeros read from a transposed ``[K / G, N]`` copy derived once (one coalesced load per row and step), 4-16
+words per row and step so that a warp spans 8-32 rows and every activation load serves all of them; codebooks
+read the 16-entry float32 table (one L1 load per weight: slower than v1 on the H200, so NF4/FP4 keep v1 at
+M = 1, see ``bench/results/gemv_sweep.md``).
+
+``gemv`` (M <= 4, run 1's layout): CUDA-core FMAs into float32 accumulators shaped like the word tile, reduced once after the
 loop; grid ``(N / BN, SPLIT_K)`` so that small N x K still fills all multiprocessors; split partials (float32
 ``[SPLIT_K, M, N]``) summed by a second tiny kernel.
 
-``gemm`` (M > 4): per plane the dequantised weight ``((v - z) s)`` rounded once to the activation dtype (the
+``gemm`` (M > 4; measured slower than dequantize + cuBLAS at every M on the H200, so no default uses it): per plane the dequantised weight ``((v - z) s)`` rounded once to the activation dtype (the
 reference's rounding) feeds ``tl.dot`` (tensor cores) with the matching strided x plane; optional split-K.
 
 Configurations per (bits, kind class, M bucket, N x K) live in :mod:`lowbit.kernels.triton_configs`.
