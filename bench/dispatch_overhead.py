@@ -1,7 +1,7 @@
 """Host-side cost of one quantized linear on the CUDA dispatch path, measured on the CPU (no GPU needed).
 
-Everything Python does per call of a frozen ``Linear4bit`` (nf4) at M = 1 -- module forward, ``state_linear``,
-the prepared-layout lookup, the launch plan, output allocation -- with the final driver launch stubbed out
+What Python does per call of a frozen ``Linear4bit`` (int4) weight at M = 1 below the module (the CUDA branch
+of ``state_linear``: prepared-layout lookup, launch plan, output allocation), with the driver launch stubbed out
 (``triton`` must be importable). The v1 path (``prepared_linear_v1``: v1 GEMV launcher) and the v2 path
 (``prepared_linear``: per-M plan, direct launch) run interleaved in one process; a bare ``torch.empty`` of the
 output is the floor. Medians of rounds; the box may be shared, so read the ratios.
@@ -45,7 +45,7 @@ def main(argv=None):
     from lowbit.kernels.triton import lowbit_mm as lm
 
     torch.set_num_threads(1)
-    m = Linear4bit.from_module(torch.nn.Linear(4096, 4096, bias=False), quant_type="nf4")
+    m = Linear4bit.from_module(torch.nn.Linear(4096, 4096, bias=False), quant_type="int4")
     m.freeze()
     m = m.to(torch.bfloat16)
     st = m.qstate
@@ -72,7 +72,7 @@ def main(argv=None):
     for k, v in rows:
         agg.setdefault(k, []).append(v)
     lines = ["# Host cost of one quantized linear on the CUDA dispatch path (CPU, launch stubbed)", "",
-             "Written by `python bench/dispatch_overhead.py` (numbers from the run, never edited). nf4 4096 x 4096, "
+             "Written by `python bench/dispatch_overhead.py` (numbers from the run, never edited). int4 (Linear4bit, block 64) 4096 x 4096, "
              "M = 1, bf16; the driver launch itself is stubbed out, so this is the Python work per call. Shared "
              f"2-core box (load varied): compare rows within the run. torch {torch.__version__}.", "",
              "| path | µs per call (median of two interleaved passes) |", "|---|---|"]
