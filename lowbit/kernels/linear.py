@@ -514,7 +514,7 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
         >>> state_linear(torch.randn(2, 128), st).shape
         torch.Size([2, 64])
     """
-    if act is None and x.is_cuda:
+    if act is None and x.is_cuda and not torch.compiler.is_compiling():
         # hot path (eager decode): a prepared weight-only layout of this state, found with one dict lookup
         entry = state.__dict__.get(_CACHE_ATTR)
         entry = entry.get("linear") if entry else None
@@ -522,7 +522,7 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
             p = entry[2]
             if (p is not _NOT_APPLICABLE and entry[1] == _versions(state) and x.dtype in _HALF
                     and x.device == state.device and x.shape[-1] == p.k and x.numel()
-                    and not torch.compiler.is_compiling() and select.get_backend("gemm_4bit") != "reference"):
+                    and select.get_backend("gemm_4bit") != "reference"):
                 if bias is not None and bias.dtype != x.dtype:
                     bias = bias.to(x.dtype)
                 return prepared_linear(x, p, bias)
