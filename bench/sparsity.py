@@ -390,7 +390,9 @@ def part_gpu(args) -> dict:
     from lowbit.kernels import sparse as ks
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit or _git_head(),
-           "cusparselt": ks.cusparselt_available(), "notes": []}
+           "cusparselt": ks.cusparselt_available(), "notes": [],
+           "cslt_tuning": {"LOWBIT_CSLT_SEARCH": ks.ALG_SEARCH, "LOWBIT_CSLT_MODES": os.environ.get("LOWBIT_CSLT_MODES"),
+                           "modes": ks.MODES}}
     try:
         res["cusparselt_version"] = torch.backends.cusparselt.version()
     except Exception:  # noqa: BLE001

@@ -510,6 +510,7 @@ def test_tuning_caches_per_shape_and_picks_the_fastest(monkeypatch):
     monkeypatch.setattr(ks, "_time_call", fake_time)
     monkeypatch.setattr(ks, "_PLAN", {})
     monkeypatch.setattr(ks, "_capturing", lambda: False)
+    monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,Ts,Fs"))
     run_sparse = lambda tr, aid: ("sparse", tr, aid)  # noqa: E731
     run_dense = lambda: ("dense",)  # noqa: E731
     key = ("fp", 64, 128, torch.bfloat16, 64, True, False)
@@ -527,6 +528,27 @@ def test_tuning_caches_per_shape_and_picks_the_fastest(monkeypatch):
     key2 = key[:4] + (128,) + key[5:]
     assert ks._tuned(key2, None, b, True, run_sparse, run_dense) == ("sparse", True, 0)  # capture: untuned
     assert all(k[:5] != key2 for k in ks._PLAN)
+
+
+def test_tuning_modes_and_their_smallest_m(monkeypatch):
+    """LOWBIT_CSLT_MODES: only the listed candidates are searched/timed, each from its smallest M on."""
+    assert ks._parse_modes("T0, F0,FsT@256") == [("T0", 0), ("F0", 0), ("FsT", 256)]
+    with pytest.raises(ValueError, match="unknown mode 'X1'"):
+        ks._parse_modes("T0,X1")
+    searches, timed = [], []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search",
+                        lambda packed, b, transpose_result=False, **kw: searches.append(transpose_result) or 9,
+                        raising=False)
+    monkeypatch.setattr(ks, "_time_call", lambda fn, reps=5: timed.append(fn()) or 1.0)
+    monkeypatch.setattr(ks, "_PLAN", {})
+    monkeypatch.setattr(ks, "_capturing", lambda: False)
+    monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,FsT@256"))
+    rs = lambda tr, aid: ("sparse", tr, aid)  # noqa: E731
+    ks._tuned(("k", 64), None, torch.zeros(8, 64), False, rs, None)
+    assert searches == [] and timed == [("sparse", True, 0), ("sparse", False, 0)]
+    timed.clear()
+    ks._tuned(("k", 512), None, torch.zeros(8, 512), False, rs, None)
+    assert searches == [False] and timed == [("sparse", True, 0), ("sparse", False, 0), ("sparse", True, 9)]
 
 
 def test_tuning_off_is_algorithm_0(monkeypatch):

@@ -45,6 +45,26 @@ _fused_alpha_ok: Dict[str, bool] = {}
 #: one shape share it). On the H200 algorithm 0 ran the bf16 2:4 GEMM at M=4096 no faster than dense bf16,
 #: the searched one 1.5-1.7x faster (bench/results/sparsity.md).
 ALG_SEARCH = os.environ.get("LOWBIT_CSLT_SEARCH", "1") != "0"
+
+
+def _parse_modes(spec: str):
+    """``"T0,F0,Fs@256"`` -> ``[("T0", 0), ("F0", 0), ("Fs", 256)]``: the candidates the tuner may time, each
+    from a smallest M on. ``T0``/``F0``: algorithm 0 with the result row-major / column-major (a transposed
+    view); ``Ts``/``Fs``: the algorithm cuSPARSELt's search picks for that layout; ``FsT``/``TsF``: the
+    algorithm searched in one layout run in the other."""
+    out = []
+    for tok in filter(None, (t.strip() for t in spec.split(","))):
+        mode, _, m = tok.partition("@")
+        if mode not in ("T0", "F0", "Ts", "Fs", "FsT", "TsF"):
+            raise ValueError(f"LOWBIT_CSLT_MODES: unknown mode {mode!r} in {spec!r}")
+        out.append((mode, int(m or 0)))
+    return out
+
+
+#: the tuner's candidates (``LOWBIT_CSLT_MODES``). Only combinations checked on the H200 are on by default:
+#: in a first run some untested combination (searching with ``transpose_result=True``, or searching at small
+#: M) left cuSPARSELt in an error state and the process hit an illegal instruction (bench/results/sparsity.md).
+MODES = _parse_modes(os.environ.get("LOWBIT_CSLT_MODES", "T0,F0,FsT@256,Fs@256"))
 #: tuned choice per key: ("dense",) or ("sparse", transpose_result, alg_id)
 _PLAN: Dict[tuple, tuple] = {}
 
@@ -91,12 +111,21 @@ def _tuned(key: tuple, packed: torch.Tensor, bT: torch.Tensor, allow_dense: bool
         return plan
     if _capturing():  # no timing inside a CUDA graph capture: the untuned default
         return ("sparse", True, 0)
-    cands = []
-    for tr in (True, False):
-        aid = _search(packed, bT, transpose_result=tr, **kw)
-        cands.append(("sparse", tr, aid))
-        if aid != 0:
-            cands.append(("sparse", tr, 0))
+    cands = [("sparse", True, 0)]
+    M = bT.shape[1]
+    searched: Dict[bool, int] = {}
+    for mode, min_m in MODES:
+        if M < min_m or mode == "T0":
+            continue
+        if mode == "F0":
+            cands.append(("sparse", False, 0))
+            continue
+        s_tr = mode.startswith("T")  # the layout the search runs with
+        if s_tr not in searched:
+            searched[s_tr] = _search(packed, bT, transpose_result=s_tr, **kw)
+        run_tr = s_tr if mode in ("Ts", "Fs") else not s_tr
+        cands.append(("sparse", run_tr, searched[s_tr]))
+    cands = list(dict.fromkeys(cands))
     if allow_dense:
         cands.append(("dense",))
     best, best_t = None, float("inf")

@@ -358,12 +358,16 @@ def _on_owner(owner: int, fn: Callable[[], Any]) -> Any:
     return broadcast_object(res, owner)
 
 
-def _row_pieces(stage: _Stage, modules: Dict[str, nn.Linear], world: int, align: int = 64):
+def _row_pieces(stage: _Stage, modules: Dict[str, nn.Linear], world: int, align: Optional[int] = None):
     """The stage's output rows (its linears stacked in order) cut into ``world`` contiguous, about
-    equal shares (cuts on multiples of ``align``): ``[(name, row_start, row_stop, owner)]``. GPTQ
-    solves every row on its own (the shared Hessian factor, per-row groups and error propagation),
-    so a linear solved in pieces gives the codes of the whole; the pieces only balance the ranks'
-    solve work (one rank no longer solves down_proj while the others wait)."""
+    equal shares (cuts on multiples of ``align``, default :data:`lowbit.algorithms.gptq.ROW_CHUNK`):
+    ``[(name, row_start, row_stop, owner)]``. GPTQ solves every row on its own (the shared Hessian
+    factor, per-row groups and error propagation, the block update in fixed row chunks), so a linear
+    solved in pieces gives the codes of the whole; the pieces only balance the ranks' solve work (one
+    rank no longer solves down_proj while the others wait)."""
+    from lowbit.algorithms.gptq import ROW_CHUNK
+
+    align = align or ROW_CHUNK
     sizes = [modules[n].weight.shape[0] for n in stage.names]
     total = sum(sizes)
     cuts = [min(total, int(round(total * r / world / align)) * align) for r in range(world)] + [total]
