@@ -501,7 +501,7 @@ def test_tuning_caches_per_shape_and_picks_the_fastest(monkeypatch):
     timings = {("sparse", True, 5): 3.0, ("sparse", True, 0): 4.0, ("sparse", False, 0): 2.0, ("dense",): 1.0}
     timed = []
 
-    def fake_time(fn, reps=5):
+    def fake_time(fn, **kw):
         c = fn()
         timed.append(c)
         return timings[c]
@@ -539,7 +539,7 @@ def test_tuning_modes_and_their_smallest_m(monkeypatch):
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search",
                         lambda packed, b, transpose_result=False, **kw: searches.append(transpose_result) or 9,
                         raising=False)
-    monkeypatch.setattr(ks, "_time_call", lambda fn, reps=5: timed.append(fn()) or 1.0)
+    monkeypatch.setattr(ks, "_time_call", lambda fn, **kw: timed.append(fn()) or 1.0)
     monkeypatch.setattr(ks, "_PLAN", {})
     monkeypatch.setattr(ks, "_capturing", lambda: False)
     monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,FsT@256"))

@@ -61,10 +61,12 @@ def _parse_modes(spec: str):
     return out
 
 
-#: the tuner's candidates (``LOWBIT_CSLT_MODES``). Only combinations checked on the H200 are on by default:
-#: in a first run some untested combination (searching with ``transpose_result=True``, or searching at small
-#: M) left cuSPARSELt in an error state and the process hit an illegal instruction (bench/results/sparsity.md).
-MODES = _parse_modes(os.environ.get("LOWBIT_CSLT_MODES", "T0,F0,FsT@256,Fs@256"))
+#: the tuner's candidates (``LOWBIT_CSLT_MODES``). Only combinations checked on the H200 are on by default
+#: (bench/sparse_diag.py, one process per dtype x mode x M = 1 ... 4096): searching with
+#: ``transpose_result=True`` failed there for fp16 ("internal error" in cusparseLtMatmulSearch) and for int8
+#: ran algorithm ids the other layout refused; in the first tuned run it left cuSPARSELt in an error state and
+#: the process hit an illegal instruction (bench/results/sparsity.md).
+MODES = _parse_modes(os.environ.get("LOWBIT_CSLT_MODES", "T0,F0,Fs,FsT"))
 #: tuned choice per key: ("dense",) or ("sparse", transpose_result, alg_id)
 _PLAN: Dict[tuple, tuple] = {}
 
@@ -88,17 +90,24 @@ def _capturing() -> bool:
         return False
 
 
-def _time_call(fn, reps: int = 5) -> float:
+def _time_call(fn, reps: int = 3, burst: int = 8) -> float:
+    """Milliseconds per call of ``fn``, timed over bursts of back-to-back calls (median of ``reps``): in a
+    model's forward the CPU runs ahead of the GPU, so a call's host overhead (cuSPARSELt builds its plan
+    on every call) overlaps earlier work unless it exceeds the GPU time. A single call on an idle GPU
+    would count that overhead in full: on the H200 such timing picked the dense kernel at M = 4096 where
+    the sparse one ran 1.4x faster in CUDA-graph replay (bench/results/sparsity.md)."""
+    fn()
     fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(burst):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / burst)
     return sorted(times)[len(times) // 2]
 
 
