@@ -72,8 +72,9 @@ def table(runs, names):
         solve = " / ".join(_f(x, 1) for x in _t(r, "gptq_solve") + [] if x is not None) or "-"
         if spec["method"] == "awq":
             solve = "AWQ search " + (" / ".join(_f(x, 1) for x in _t(r, "awq_search") if x is not None) or "-")
-        out.append(f"| {name} ({r['source']}) | {spec['nproc']} | {spec['layers']} | {rk[0].get('dp_split', '-')
-                   if spec['nproc'] > 1 else '-'} | {w:.1f} s | {w / spec['layers']:.2f} s | "
+        split = rk[0].get("dp_split", "-") if spec["nproc"] > 1 else "-"
+        out.append(f"| {name} ({r['source']}) | {spec['nproc']} | {spec['layers']} | {split} | {w:.1f} s | "
+                   f"{w / spec['layers']:.2f} s | "
                    f"{' / '.join(_f(x['peak_gpu_mb'], 0) for x in rk)} MB | "
                    f"{' / '.join(_f(x['peak_rss_mb'], 0) for x in rk)} MB | "
                    f"{' / '.join(_f(x['comm_s']['reduce'], 2) for x in rk)} s | "
@@ -96,8 +97,8 @@ def multi_gpu(runs, call_runs, path):
          "(seed 1), `max_memory` 16 GB (8B) / 40 GB (70B). Wall = `quantize_model_ptq` alone (model build and "
          "process start excluded), the slower rank. Timers: device-synchronised seconds inside "
          "`gptq_quantize` (solve) and `InputStats.add*` (Hessian accumulation) per rank.", ""]
-    for title, names in call_runs:
-        L += [f"## {title}", ""] + table(runs, names)
+    for title, call in reversed(call_runs):  # latest first
+        L += [f"## {title}", ""] + table(call, list(call))
     g1, g2 = runs.get("gptq_8b_1gpu"), runs.get("gptq_8b_2gpu")
     t = []
     if g1 and g2:
@@ -201,16 +202,20 @@ def scale_gpu_section(runs, md_path):
         f.write(new)
 
 
+CALLS = {
+    "scale_gpu_run1.json": "previous session, first call (pickled broadcasts; the 1-GPU runs failed on a script bug)",
+    "scale_gpu_run2.json": "previous session, second call (2-GPU run timed out)",
+    "scale_gpu_run3.json": "this session, first call: split `units` (the row pieces were not yet bit-identical on "
+                           "the GPU, so the driver fell back to whole linears per rank)",
+    "scale_gpu_run4.json": "this session, second call: split `rows` (block update in 1024-row chunks)",
+}
+
+
 def main():
     paths = sorted(glob.glob(os.path.join(RESULTS, "scale_gpu_run*.json")))
     runs = load_runs(paths)
-    latest = {}
-    for p in paths:
-        latest[os.path.basename(p)] = [n for n in load_runs([p])]
-    call_runs = [(f"`{src}`" + (" (latest)" if src == os.path.basename(paths[-1]) else ""),
-                  [n for n in names if runs[n]["source"] == src]) for src, names in latest.items()]
-    call_runs = [c for c in call_runs if c[1]]
-    multi_gpu(runs, call_runs, os.path.join(RESULTS, "multi_gpu.md"))
+    per_call = [(f"`{os.path.basename(p)}`: {CALLS.get(os.path.basename(p), '')}", load_runs([p])) for p in paths]
+    multi_gpu(runs, per_call, os.path.join(RESULTS, "multi_gpu.md"))
     scale_gpu_section(runs, os.path.join(HERE, "scale.md"))
 
 

@@ -529,10 +529,54 @@ def write_report(out_dir) -> None:
                     targets.append((f"2:4 int8 (SparseLinear) >= 2x dense bf16 at M={big}, {N}x{K}",
                                     f"{dense / s8:.2f}x" + (f" ({dense / s8c:.2f}x with .contiguous())" if s8c else ""),
                                     dense / s8 >= 2.0))
+                k8 = get.get(("2:4 int8 tuned (sparse forced)", big))
+                kb = get.get(("2:4 bf16 tuned (sparse forced)", big))
+                if k8 and i8 and dense:
+                    targets.append((f"(kernel level, tuned, sparse forced) 2:4 int8 at M={big}, {N}x{K}",
+                                    f"{i8 / k8:.2f}x lowbit dense int8, {dense / k8:.2f}x dense bf16",
+                                    i8 / k8 >= 1.3 and dense / k8 >= 2.0))
+                if kb and dense:
+                    targets.append((f"(kernel level, tuned, sparse forced) 2:4 bf16 at M={big}, {N}x{K}",
+                                    f"{dense / kb:.2f}x dense bf16", dense / kb >= 1.3))
                 if sb and dense:
                     targets.append((f"2:4 bf16 (SparseLinear) >= 1.3x dense bf16 at M={big}, {N}x{K}",
                                     f"{dense / sb:.2f}x" + (f" ({dense / sbc:.2f}x with .contiguous())" if sbc else ""),
                                     dense / sb >= 1.3))
+        tp = g.get("tuned_plans")
+        if tp:
+            big = [t for t in tp if t["key"][4] in ("4096", "1024") and t["key"][1] == "8192"]
+            if big:
+                L += ["Tuned choices at M = 1024 / 4096 (key: kind, N, K, dtype, M bucket, ..., dense allowed; plan: "
+                      "`dense` or (`sparse`, transpose_result, algorithm id)):", "",
+                      "| key | plan |", "|---|---|"] + [f"| {' '.join(t['key'])} | {' '.join(t['plan'])} |" for t in big]
+                L.append("")
+        diag_path = os.path.join(out_dir, "sparsity_cslt_diag.jsonl")
+        if os.path.exists(diag_path):
+            with open(diag_path) as f:
+                recs = [json.loads(line) for line in f if line.strip()]
+            summ = next((r["summary"] for r in recs if "summary" in r), {})
+            recs = [r for r in recs if "summary" not in r]
+            modes = list(dict.fromkeys(r["mode"] for r in recs))
+            dts = list(dict.fromkeys(r["dtype"] for r in recs))
+            L += ["### Which cuSPARSELt combinations run (`bench/sparse_diag.py`, one process per dtype x mode)", "",
+                  "N = K = 4096, M = 4096 ... 1 (largest first; a process stops at its first failure); `ok` = the "
+                  "product within 2e-2 of the reference and an algorithm-0 canary product right after it correct. "
+                  "Modes: T0 / F0 = algorithm 0 with the result row-major / column-major; Fs = searched for and run "
+                  "column-major; FsT = searched column-major, run row-major; Ts / TsF = searched row-major, run row- "
+                  "/ column-major.", "", "| mode | " + " | ".join(dts) + " |", "|---|" + "---|" * len(dts)]
+            for m in modes:
+                cells = []
+                for d_ in dts:
+                    rr = [r for r in recs if r["mode"] == m and r["dtype"] == d_]
+                    okm = [r["M"] for r in rr if r.get("ok")]
+                    bad = [r for r in rr if not r.get("ok")]
+                    c = f"ok at M={','.join(map(str, okm))}" if okm else "-"
+                    if bad:
+                        c += f"; M={bad[0]['M']}: {bad[0].get('error', 'wrong result')[:90]}"
+                    cells.append(c)
+                L.append(f"| {m} | " + " | ".join(cells) + " |")
+            L += ["", f"Modes passing every dtype at every M (the tuner's default, `LOWBIT_CSLT_MODES`): "
+                  f"`{summ.get('LOWBIT_CSLT_MODES', '?')}`.", ""]
         gen = g.get("generate")
         if gen:
             L += [f"### `generate` on a Llama-8B-shaped model ({gen['layers']} of 32 decoder layers, random weights, bf16)",
