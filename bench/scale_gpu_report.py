@@ -157,6 +157,24 @@ NOTES = [
     "row on its own; since cuBLAS picks GEMM kernels by shape, the block update `W[:, i2:] -= Err @ U` now runs in "
     "fixed 1024-row chunks (`lowbit.algorithms.gptq.ROW_CHUNK`) so that pieces cut on 1024-row boundaries give "
     "the whole linear's bits (on the CPU the codes are unchanged by the chunking).",
+    "- Why 2 GPUs give 1.2x and not 1.8x: the GPTQ solve is bound by kernel launches, not by the number of rows. "
+    "A column step is about 15 small kernels (quantize the column, its error, the rank-1 update of the block); "
+    "the sweep over a linear's input columns takes about the same time for 1,024 or 4,096 rows. Halving each "
+    "rank's rows left its solve time unchanged (1 GPU: 21.1 s of solves over 4 layers; 2 GPUs split `rows`: "
+    "18.6 / 20.6 s per rank; split `units`: 22.5 / 6.4 s, the rank with down_proj and o_proj doing most). The "
+    "forward passes and the Hessian accumulation halve (10.9 -> 5.4 s), so 2-GPU time ~ solve + rest / 2: "
+    "42.2 -> 35.1 s. With the solve serial, (S + P) / (S + P/2) with S ~ 22 s, P ~ 20 s bounds the speed-up "
+    "near 1.3x; 1.8x needs the solve below about 1/8 of the rest. Ways there (not done in this session; "
+    "`lowbit.algorithms.gptq` is outside this work's files): run a column sweep as one fused kernel or a "
+    "replayed CUDA graph, or solve the linears that share a Hessian in one sweep (q/k/v as 6,144 rows, gate/up "
+    "as 28,672: the same per-row arithmetic, and with the 1024-row chunks and chunk-aligned boundaries the same "
+    "bits), which removes 3 of the 7 sweeps per 8B layer on one GPU as well (predicted about 2.5 s per layer "
+    "less; not measured).",
+    "- 70B-class slice: the per-rank peak (41.8 GB) follows the `max_memory=40GB` budget (block inputs and "
+    "outputs stay on the device up to it), not the block's need; `plan`'s `accelerator_mb` (23.0 GB) models one "
+    "process without a budget, and `plan` has no GPU time model (its seconds come from a CPU GFLOP/s figure "
+    "measured on the machine it runs on), so the 15% target cannot be checked against it: `plan` needs a GPU "
+    "time and budget model (issue 18, item 6).",
     "- 'solve broadcasts incl. waiting' is the time in the broadcasts of the solved pieces, including the wait "
     "for the slower rank's solve; 'statistics sums' is the rank-ordered all-reduce of the Hessians.",
 ]
