@@ -432,7 +432,9 @@ def write_report(out_dir) -> None:
     g = _load(out_dir, "sparsity_gpu.json")
     L = ["# 2:4 semi-structured sparsity (issue 21)", "",
          "Reproduce: `nice python bench/sparsity.py --part quality --n-samples N --out bench/results` (CPU), "
-         "`python bench/sparsity.py --part gpu --out $OUT` (the lent H200, one call), then "
+         "`python bench/sparsity.py --part gpu --out $OUT` (the lent H200; this session through "
+         "`bash bench/gpu_call.sh <commit>`, which first runs `bench/sparse_diag.py` (copied to "
+         "`bench/results/sparsity_cslt_diag.jsonl`) and the CUDA tests), then "
          "`python bench/sparsity.py --part report --out bench/results`.", ""]
     targets = []
     if q:

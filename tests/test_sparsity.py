@@ -551,6 +551,26 @@ def test_tuning_modes_and_their_smallest_m(monkeypatch):
     assert searches == [False] and timed == [("sparse", True, 0), ("sparse", False, 0), ("sparse", True, 9)]
 
 
+def test_sparse_linear_backend_attribute_reaches_the_kernel(monkeypatch):
+    seen = []
+    real = ks.sparse24_linear
+
+    def spy(*a, backend=None, **k):
+        seen.append(backend)
+        return real(*a, backend=backend, **k)
+
+    monkeypatch.setattr(ks, "sparse24_linear", spy)
+    lin = nn.Linear(16, 8)
+    sl = SparseLinear.from_pruned(lin, magnitude_prune(lin.weight.detach())[0])
+    x = torch.randn(3, 16)
+    y0 = sl(x)
+    sl.backend = "dense"
+    assert torch.equal(sl(x), y0) and seen == [None, "dense"]
+    sl.backend = "bogus"
+    with pytest.raises(ValueError, match="unknown sparse backend 'bogus'"):
+        sl(x)
+
+
 def test_tuning_off_is_algorithm_0(monkeypatch):
     """LOWBIT_CSLT_SEARCH=0 / alg_search=False: algorithm 0, row-major output, MIN_M crossover (no search)."""
     calls = []
