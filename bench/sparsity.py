@@ -625,7 +625,8 @@ def plot(q, g, out_dir) -> None:
         for ax, (N, K) in zip(axes[1:], [(8192, 8192), (8192, 28672)]):
             rows = [r for r in g["layers"] if (r["N"], r["K"]) == (N, K) and "us" in r]
             dense = {r["M"]: r["us"] for r in rows if r["variant"] == "dense bf16 F.linear"}
-            for v in ("2:4 bf16 SparseLinear module", "2:4 int8 SparseLinear module", "2:4 bf16 untuned (alg 0, row-major out)",
+            for v in ("2:4 bf16 SparseLinear module", "2:4 int8 SparseLinear module", "2:4 bf16 tuned (sparse forced)",
+                      "2:4 int8 tuned (sparse forced)", "2:4 bf16 untuned (alg 0, row-major out)",
                       "2:4 int8 untuned (alg 0, row-major out)", "2:4 bf16 lowbit (cuSPARSELt)",
                       "2:4 int8 lowbit (quant+sparse GEMM+rescale)", "dense int8 lowbit default (triton)",
                       "dense int8 lowbit native (_int_mm)"):
