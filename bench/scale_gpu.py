@@ -38,13 +38,16 @@ def build(shape: str, layers: int, vocab: int = 128256):
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
+    # random weights drawn on the GPU when there is one (seconds instead of a minute of CPU randn for the
+    # 8B/70B shapes); the same seed and device type give the same weights in every process
+    gdev = "cuda" if torch.cuda.is_available() and os.environ.get("SCALE_DEVICE", "cuda") == "cuda" else "cpu"
+    g = torch.Generator(device=gdev).manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02).to(p.dtype))
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32, device=gdev).mul_(0.02).to(p.dtype))
     model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
     return model.eval(), cfg
 
@@ -79,7 +82,10 @@ def worker(spec: dict) -> None:
         torch.cuda.synchronize = lambda d=None: None
         torch.cuda.max_memory_allocated = lambda d=None: 0
     torch.cuda.set_device(dev if dev.index is not None or not cuda else torch.device("cuda", 0))
+    timers = _install_timers()
+    t_build = time.perf_counter()
     model, cfg = build(spec["shape"], spec["layers"])
+    t_build = time.perf_counter() - t_build
     ids = torch.randint(0, cfg.vocab_size, (spec.get("n_samples", 128), spec.get("seq_len", 2048 if cuda else 64)),
                         generator=torch.Generator().manual_seed(1))
     pred = plan(model, spec["method"], bits=4, group_size=128, n_samples=ids.shape[0], seq_len=ids.shape[1],
@@ -107,7 +113,8 @@ def worker(spec: dict) -> None:
                 for t in (st.data, st.scales, st.zeros):
                     h.update(t.detach().cpu().contiguous().numpy().tobytes())
         digests.append(h.hexdigest()[:16])
-    res = {"rank": rank, "world": world, "wall_s": wall, "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2 ** 20,
+    res = {"rank": rank, "world": world, "wall_s": wall, "build_s": t_build, "timers": dict(timers),
+           "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2 ** 20,
            "peak_rss_mb": vm_hwm() / 2 ** 20, "comm_s": dict(D.COMM_SECONDS), "digests": digests,
            "summary": {k: v for k, v in model.ptq_summary.items() if isinstance(v, (int, float, str, dict))},
            "plan": {k: v for k, v in pred.items() if isinstance(v, (int, float, str))}}
@@ -115,9 +122,73 @@ def worker(spec: dict) -> None:
         json.dump(res, f, default=str)
 
 
+def _install_timers() -> dict:
+    """Seconds (device-synchronised) spent in the GPTQ factorisation and solves, AWQ searches and the
+    statistics accumulation of this process (wrappers around the functions the pipeline calls)."""
+    import torch
+
+    from lowbit.algorithms import stats
+    from lowbit.model import sequential
+
+    timers = {"gptq_factor": 0.0, "gptq_solve": 0.0, "awq_search": 0.0, "stats_add": 0.0}
+
+    def wrap(owner, attr, key):
+        fn = getattr(owner, attr)
+
+        def wrapped(*a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            timers[key] += time.perf_counter() - t0
+            return out
+
+        setattr(owner, attr, wrapped)
+
+    wrap(sequential, "gptq_factor", "gptq_factor")
+    wrap(sequential, "gptq_quantize", "gptq_solve")
+    wrap(sequential, "awq_search", "awq_search")
+    for attr in ("add", "add_samples"):
+        if hasattr(stats.InputStats, attr):
+            wrap(stats.InputStats, attr, "stats_add")
+    return timers
+
+
+def rowsplit_check(out_path: str) -> None:
+    """GPTQ of 8B-shaped linears on this GPU, whole and in the row pieces a 2-rank run solves: equal codes?"""
+    import torch
+
+    from lowbit.algorithms.gptq import gptq_factor, gptq_quantize
+
+    res = {}
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for name, (R, K, cut) in {"down_proj": (4096, 14336, 2048), "q_proj": (4096, 4096, 3072)}.items():
+        X = torch.randn(4096, K, device="cuda", generator=g)
+        X[:, : K // 2] *= 3.0  # unequal channel scales: a realistic act_order permutation
+        H = X.T @ X / X.shape[0]
+        w = torch.randn(R, K, device="cuda", generator=g) * 0.02
+        f = gptq_factor(H)
+        t0 = time.perf_counter()
+        a = gptq_quantize(w, H, 4, 128, False, factor=f)
+        torch.cuda.synchronize()
+        t_whole = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        p = [gptq_quantize(w[lo:hi], H, 4, 128, False, factor=f) for lo, hi in ((0, cut), (cut, R))]
+        torch.cuda.synchronize()
+        t_pieces = time.perf_counter() - t0
+        same = all(torch.equal(torch.cat([x.__dict__[k] for x in p]), a.__dict__[k]) for k in ("codes", "scales", "zeros"))
+        res[name] = {"shape": [R, K], "cut": cut, "identical": same, "whole_s": t_whole, "pieces_s": t_pieces}
+        print("rowsplit", name, res[name], flush=True)
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def launch(spec: dict, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT, **SAFE)
     nproc = spec.get("nproc", 1)
+    env.update(spec.get("env", {}))
     if nproc == 1:
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
         env["CUDA_VISIBLE_DEVICES"] = "0"
@@ -145,24 +216,38 @@ def main():
     ap.add_argument("--worker", default=None)
     ap.add_argument("--out", default="/tmp/scale_gpu")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for all runs together")
+    ap.add_argument("--runs", default="", help="comma-separated run names (default: all, in order)")
+    ap.add_argument("--wait-file", default="", help="before the first multi-GPU run, wait (up to --wait-max s) "
+                    "for this file: GPU 1 is busy until then (another job)")
+    ap.add_argument("--wait-max", type=float, default=120.0)
+    ap.add_argument("--rowsplit-check", default="", help="only run the row-split identity check; JSON to this path")
+    ap.add_argument("--rowsplit-json", default="", help="a --rowsplit-check result: multi-GPU runs fall back to "
+                    "LOWBIT_DP_SPLIT=units if the row pieces did not give identical codes")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    if args.rowsplit_check:
+        rowsplit_check(args.rowsplit_check)
         return
     os.makedirs(args.out, exist_ok=True)
     tmp = "/tmp/scale_gpu_parts"
     os.makedirs(tmp, exist_ok=True)
     t_start = time.perf_counter()
+    L8 = int(os.environ.get("SCALE_LAYERS", 4))
     runs = [
         # name, shape, layers, method, nproc, kwargs, minimum seconds left to start it
-        ("gptq_8b_1gpu", "8b", int(os.environ.get("SCALE_LAYERS", 4)), "gptq", 1, {"max_memory": "16GB"}, 30),
-        ("gptq_8b_2gpu", "8b", int(os.environ.get("SCALE_LAYERS", 4)), "gptq", 2, {"max_memory": "16GB"}, 30),
-        ("awq_8b_1gpu", "8b", int(os.environ.get("SCALE_LAYERS", 4)), "awq", 1, {"max_memory": "14GB"}, 25),
+        ("gptq_8b_1gpu", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 30),
+        ("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, 30),
+        ("gptq_70b_2gpu", "70b", int(os.environ.get("SCALE_LAYERS_70B", 2)), "gptq", 2, {"max_memory": "40GB"}, 70),
+        ("awq_8b_1gpu", "8b", 2, "awq", 1, {"max_memory": "14GB"}, 40),
         ("awq_8b_2gpu", "8b", 4, "awq", 2, {"max_memory": "14GB"}, 35),
-        ("gptq_70b_2gpu", "70b", 2, "gptq", 2, {"max_memory": "40GB"}, 70),
         ("gptq_8b_1gpu_nooffload_mb16", "8b", 2, "gptq", 1, {"micro_batch": 16}, 30),
         ("gptq_8b_1gpu_offload_mb2", "8b", 2, "gptq", 1, {"max_memory": "12GB", "micro_batch": 2}, 30),
     ]
+    if args.runs:
+        order = args.runs.split(",")
+        runs = sorted([r for r in runs if r[0] in order], key=lambda r: order.index(r[0]))
     results = {"gpu": {}, "device": None}
     try:
         import torch
@@ -179,7 +264,25 @@ def main():
             results["gpu"][name] = {"skipped": f"{left:.0f} s left of the budget"}
             continue
         spec = {"name": name, "shape": shape, "layers": layers, "method": method, "nproc": nproc, "kwargs": kw,
-                "tmp": tmp}
+                "tmp": tmp, "env": {}}
+        if nproc > 1 and args.wait_file:
+            t_w = time.perf_counter()
+            while not os.path.exists(args.wait_file) and time.perf_counter() - t_w < args.wait_max:
+                time.sleep(1.0)
+            results.setdefault("waited_s", {})[name] = time.perf_counter() - t_w
+            left = args.budget - (time.perf_counter() - t_start)
+            if left < need:
+                results["gpu"][name] = {"skipped": f"{left:.0f} s left of the budget"}
+                continue
+        if nproc > 1 and args.rowsplit_json:
+            try:
+                with open(args.rowsplit_json) as f:
+                    rs = json.load(f)
+                results["rowsplit"] = rs
+                if not all(v.get("identical") for v in rs.values()):
+                    spec["env"]["LOWBIT_DP_SPLIT"] = "units"
+            except (OSError, ValueError) as e:
+                results["rowsplit"] = {"error": repr(e)}
         r = launch(spec, left)
         results["gpu"][name] = r
         print(json.dumps({"name": name, "process_s": r["process_s"], "error": r["error"],

@@ -375,6 +375,87 @@ def test_cuda_model_sparse_methods_run():
         assert torch.isfinite(out).all() and float((out - ref).pow(2).mean()) < float(ref.pow(2).mean())
 
 
+def _cuda_modules(N=256, K=512, seed=0):
+    from lowbit.model.sparse_methods import _int8_channel_state
+
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, bias=True, device="cuda", dtype=torch.bfloat16)
+    wp, mask = magnitude_prune(lin.weight.detach().float())
+    b = lin.bias.detach().clone()
+    fp = SparseLinear.from_pruned(lin, wp)
+    lin8 = nn.Linear(K, N, bias=True, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin8.bias.copy_(b)
+    _, codes, scales, _ = quantize_kept(wp, mask, 8)
+    i8 = SparseLinear.from_pruned(lin8, state=_int8_channel_state(codes, scales, torch.bfloat16).to("cuda"))
+    return fp, i8, wp.to(torch.bfloat16), b
+
+
+def _check_modules(fp, i8, wp, b, shapes):
+    for shape in shapes:
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = fp(x)
+            ref = F.linear(x.double(), wp.double(), b.double())
+            assert y.shape == ref.shape and y.dtype == torch.bfloat16
+            assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-2, shape
+            y8 = i8(x).float()
+            r8 = reference.int8_linear_dynamic(x, *i8._int8(), b).float()
+            assert y8.shape == r8.shape
+            assert float((y8 - r8).abs().max() / r8.abs().max()) < 2e-2, shape
+
+
+_SHAPES = [(1, 512), (8, 512), (16, 512), (64, 512), (300, 512), (1024, 512), (2, 150, 512)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tune", [True, False])
+def test_cuda_sparse_linear_module_matches_dense_reference(monkeypatch, tune):
+    """SparseLinear (float and W8A8) against float64 / lowbit's int8 reference at every M, tuned and untuned."""
+    if not ks.cusparselt_available():
+        pytest.skip("no cuSPARSELt in this torch build")
+    monkeypatch.setattr(ks, "ALG_SEARCH", tune)
+    monkeypatch.setattr(ks, "_PLAN", {})
+    _check_modules(*_cuda_modules(), _SHAPES)
+    assert bool(ks._PLAN) == tune
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("plan", [("sparse", True, 0), ("sparse", False, 0), ("dense",)])
+def test_cuda_sparse_linear_every_tuned_layout(monkeypatch, plan):
+    """Each choice the tuner can make (row-major output, a transposed view, the dense kernel) is correct."""
+    if not ks.cusparselt_available():
+        pytest.skip("no cuSPARSELt in this torch build")
+    monkeypatch.setattr(ks, "ALG_SEARCH", True)
+    monkeypatch.setattr(ks, "_tuned", lambda *a, **k: plan)
+    monkeypatch.setattr(ks, "_PLAN", {})
+    _check_modules(*_cuda_modules(seed=1), _SHAPES)
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_linear_graph_capture_untuned_shape():
+    """A shape met first inside a CUDA graph capture runs untuned (no timing in capture) and replays right."""
+    if not ks.cusparselt_available():
+        pytest.skip("no cuSPARSELt in this torch build")
+    fp, i8, wp, b = _cuda_modules(N=128, K=256, seed=2)
+    x = torch.randn(272, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref, ref8 = fp(x).clone(), i8(x).clone()  # eager (tuned) results
+        g = torch.cuda.CUDAGraph()
+        xs = x.clone()
+        ks._PLAN.clear()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(g):
+                y, y8 = fp(xs), i8(xs)
+        torch.cuda.current_stream().wait_stream(s)
+        g.replay()
+        torch.cuda.synchronize()
+    assert float((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < 1e-2
+    assert float((y8.float() - ref8.float()).abs().max() / ref8.float().abs().max()) < 2e-2
+
+
 def test_cpu_int8_path_is_the_reference_bit_for_bit():
     torch.manual_seed(0)
     for K in (64, 1100, 2600):  # one and several exact float32 chunks of 1024
@@ -407,32 +488,104 @@ def test_cli_quantize_sparse_int8(tmp_path):
     assert all(check_nm(lowbit.dequantize(mod.qstate)) for mod in layers)
 
 
-def test_alg_search_caches_and_falls_back(monkeypatch):
-    """The opt-in cuSPARSELt algorithm search: searched once per (weight, M bucket), alg 0 when it fails."""
+def test_tuning_caches_per_shape_and_picks_the_fastest(monkeypatch):
+    """The cuSPARSELt tuning: one search per transpose_result, one timing per candidate, once per key
+    (shape, dtype, M bucket); the fastest wins (the dense path only under backend 'auto'); no tuning
+    inside a CUDA graph capture."""
     calls = []
 
-    def fake_mm(packed, b, alg_id=0, **kw):
-        calls.append(("mm", alg_id, b.shape[1]))
-        if alg_id == 7:
-            raise RuntimeError("alg 7 refuses this shape")
-        return torch.zeros(b.shape[1], 4)
+    def fake_search(packed, b, transpose_result=False, **kw):
+        calls.append(("search", transpose_result, b.shape[1]))
+        return 5 if transpose_result else 0
 
-    def fake_search(packed, b, **kw):
-        calls.append(("search", b.shape[1]))
-        return 3 if b.shape[1] <= 64 else 7
+    timings = {("sparse", True, 5): 3.0, ("sparse", True, 0): 4.0, ("sparse", False, 0): 2.0, ("dense",): 1.0}
+    timed = []
+
+    def fake_time(fn, **kw):
+        c = fn()
+        timed.append(c)
+        return timings[c]
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", fake_search, raising=False)
+    monkeypatch.setattr(ks, "_time_call", fake_time)
+    monkeypatch.setattr(ks, "_PLAN", {})
+    monkeypatch.setattr(ks, "_capturing", lambda: False)
+    monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,Ts,Fs"))
+    run_sparse = lambda tr, aid: ("sparse", tr, aid)  # noqa: E731
+    run_dense = lambda: ("dense",)  # noqa: E731
+    key = ("fp", 64, 128, torch.bfloat16, 64, True, False)
+    b = torch.zeros(128, 40)
+    assert ks._tuned(key, None, b, True, run_sparse, run_dense) == ("dense",)
+    assert sorted(timed, key=str) == sorted(timings, key=str)
+    assert [c for c in calls if c[0] == "search"] == [("search", True, 40), ("search", False, 40)]
+    calls.clear()
+    timed.clear()
+    assert ks._tuned(key, None, b, True, run_sparse, run_dense) == ("dense",)  # cached: nothing runs
+    assert calls == [] and timed == []
+    assert ks._tuned(key, None, b, False, run_sparse, run_dense) == ("sparse", False, 0)  # sparse forced
+    assert ("dense",) not in timed
+    monkeypatch.setattr(ks, "_capturing", lambda: True)
+    key2 = key[:4] + (128,) + key[5:]
+    assert ks._tuned(key2, None, b, True, run_sparse, run_dense) == ("sparse", True, 0)  # capture: untuned
+    assert all(k[:5] != key2 for k in ks._PLAN)
+
+
+def test_tuning_modes_and_their_smallest_m(monkeypatch):
+    """LOWBIT_CSLT_MODES: only the listed candidates are searched/timed, each from its smallest M on."""
+    assert ks._parse_modes("T0, F0,FsT@256") == [("T0", 0), ("F0", 0), ("FsT", 256)]
+    with pytest.raises(ValueError, match="unknown mode 'X1'"):
+        ks._parse_modes("T0,X1")
+    searches, timed = [], []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search",
+                        lambda packed, b, transpose_result=False, **kw: searches.append(transpose_result) or 9,
+                        raising=False)
+    monkeypatch.setattr(ks, "_time_call", lambda fn, **kw: timed.append(fn()) or 1.0)
+    monkeypatch.setattr(ks, "_PLAN", {})
+    monkeypatch.setattr(ks, "_capturing", lambda: False)
+    monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,FsT@256"))
+    rs = lambda tr, aid: ("sparse", tr, aid)  # noqa: E731
+    ks._tuned(("k", 64), None, torch.zeros(8, 64), False, rs, None)
+    assert searches == [] and timed == [("sparse", True, 0), ("sparse", False, 0)]
+    timed.clear()
+    ks._tuned(("k", 512), None, torch.zeros(8, 512), False, rs, None)
+    assert searches == [False] and timed == [("sparse", True, 0), ("sparse", False, 0), ("sparse", True, 9)]
+
+
+def test_sparse_linear_backend_attribute_reaches_the_kernel(monkeypatch):
+    seen = []
+    real = ks.sparse24_linear
+
+    def spy(*a, backend=None, **k):
+        seen.append(backend)
+        return real(*a, backend=backend, **k)
+
+    monkeypatch.setattr(ks, "sparse24_linear", spy)
+    lin = nn.Linear(16, 8)
+    sl = SparseLinear.from_pruned(lin, magnitude_prune(lin.weight.detach())[0])
+    x = torch.randn(3, 16)
+    y0 = sl(x)
+    sl.backend = "dense"
+    assert torch.equal(sl(x), y0) and seen == [None, "dense"]
+    sl.backend = "bogus"
+    with pytest.raises(ValueError, match="unknown sparse backend 'bogus'"):
+        sl(x)
+
+
+def test_tuning_off_is_algorithm_0(monkeypatch):
+    """LOWBIT_CSLT_SEARCH=0 / alg_search=False: algorithm 0, row-major output, MIN_M crossover (no search)."""
+    calls = []
+
+    def fake_mm(packed, b, alg_id=0, transpose_result=False, **kw):
+        calls.append((alg_id, transpose_result))
+        return torch.zeros(b.shape[1], 32)
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm", fake_mm, raising=False)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", fake_search, raising=False)
-    monkeypatch.setattr(ks, "_ALG", {})
-    packed = torch.zeros(16)
-    for M in (40, 50, 64):  # one bucket (<= 64): one search
-        ks._sparse_mm(packed, torch.zeros(8, M), True, transpose_result=True)
-    assert [c for c in calls if c[0] == "search"] == [("search", 40)]
-    assert all(c[1] == 3 for c in calls if c[0] == "mm")
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 1 / 0, raising=False)
+    x = torch.zeros(300, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    w = torch.zeros(32, 64, dtype=torch.bfloat16)
+    y = ks.sparse24_linear(x, w, packed=torch.zeros(4), alg_search=False)
+    assert calls == [(0, True)] and y.shape == (300, 32)
     calls.clear()
-    ks._sparse_mm(packed, torch.zeros(8, 100), True)  # searched alg fails -> alg 0, remembered
-    ks._sparse_mm(packed, torch.zeros(8, 120), True)
-    assert calls == [("search", 100), ("mm", 7, 100), ("mm", 0, 100), ("mm", 0, 120)]
-    calls.clear()
-    ks._sparse_mm(packed, torch.zeros(8, 100), False)  # off: no search, algorithm 0
-    assert calls == [("mm", 0, 100)]
+    ks.sparse24_linear(x[:8], w, packed=torch.zeros(4), alg_search=False)  # below MIN_M: dense F.linear
+    assert calls == []

@@ -105,6 +105,13 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     raise RuntimeError(f"GPTQ: the Hessian is not positive definite even with dampening {damp:.3g}")
 
 
+#: rows per product in the lazy block update of :func:`gptq_quantize`. GPU GEMM kernels are chosen by shape,
+#: so the bits of a row of ``Err @ U`` could depend on the number of rows multiplied with it; products over
+#: fixed chunks make a linear solved in pieces whose cuts are multiples of this (data-parallel runs) give
+#: the codes of the whole. On the CPU the chunked and whole products were identical.
+ROW_CHUNK = 1024
+
+
 def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True) -> tuple:
     """What :func:`gptq_quantize` derives from ``H`` alone: ``(H with dead inputs fixed, dead mask,
     column order, upper Cholesky factor of the damped inverse, dampening)``. Pass it as ``factor=``
@@ -298,8 +305,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                 W1[:, i + 1:].addr_(err, Ut[i + 1:, i], alpha=-1.0)
             Err1[:, i] = err
         total_loss += Err1.double().square().sum()
-        if i2 < K:
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        if i2 < K:  # in fixed chunks of rows: a row's result does not depend on how many rows are solved
+            for r1 in range(0, R, ROW_CHUNK):  # together (data-parallel runs solve a linear in row pieces)
+                W[r1:r1 + ROW_CHUNK, i2:] -= Err1[r1:r1 + ROW_CHUNK] @ U[i1:i2, i2:]
 
     codes = Q[:, invperm]
     if refit:

@@ -30,43 +30,124 @@ import torch.nn.functional as F
 
 from lowbit.kernels import reference
 
-#: smallest M (tokens) for which the sparse kernel is used under backend "auto", per kind ("fp", "int8")
+#: smallest M (tokens) for which the sparse kernel is used under backend "auto" when tuning is off, per kind
 MIN_M: Dict[str, int] = {"fp": 256, "int8": 64}
 BACKENDS = ("auto", "sparse", "dense", "reference")
 # cuSPARSELt operand alignment: rows/cols of the compressed matrix, rows of the dense operand
 _ALIGN = {torch.float16: (16, 16, 8), torch.bfloat16: (16, 16, 8), torch.int8: (32, 32, 16)}
 _fused_alpha_ok: Dict[str, bool] = {}
-#: pick cuSPARSELt's algorithm per weight and M bucket with its own search (``torch._cslt_sparse_mm_search``,
-#: once, cached) instead of algorithm 0. On the H200 the searched algorithm ran the bf16 2:4 GEMM at M=4096
-#: 1.6x faster than algorithm 0 (bench/results/sparsity.md); opt-in (``LOWBIT_CSLT_SEARCH=1`` or
-#: ``alg_search=True``) until the full module path with it has been measured there.
-ALG_SEARCH = os.environ.get("LOWBIT_CSLT_SEARCH", "0") == "1"
-_ALG: Dict[tuple, int] = {}
+#: tune each call shape once (default on; ``LOWBIT_CSLT_SEARCH=0`` or ``alg_search=False``: algorithm 0,
+#: ``transpose_result=True`` and the :data:`MIN_M` crossover, the behaviour before tuning). The first call of
+#: a (N, K, dtype, M bucket, operand layout) on CUDA, outside graph capture, asks cuSPARSELt's own search
+#: (``torch._cslt_sparse_mm_search``) for the best algorithm with the result written row-major
+#: (``transpose_result=True``) and column-major (a transposed view is returned), times both and, under
+#: backend "auto", the dense path, and keeps the fastest for every later call of that key (all layers of
+#: one shape share it). On the H200 algorithm 0 ran the bf16 2:4 GEMM at M=4096 no faster than dense bf16,
+#: the searched one 1.5-1.7x faster (bench/results/sparsity.md).
+ALG_SEARCH = os.environ.get("LOWBIT_CSLT_SEARCH", "1") != "0"
 
 
-def _sparse_mm(packed: torch.Tensor, b: torch.Tensor, alg_search: Optional[bool], **kw) -> torch.Tensor:
-    """``torch._cslt_sparse_mm(packed, b, **kw)`` with the (optionally searched, cached) algorithm id."""
-    search = ALG_SEARCH if alg_search is None else alg_search
-    if not search:
-        return torch._cslt_sparse_mm(packed, b, **kw)
-    M = b.shape[1]
-    key = (packed.data_ptr(), packed.numel(), 1 << max(M - 1, 0).bit_length(), b.dtype, kw.get("out_dtype"),
-           kw.get("alpha") is not None)
-    aid = _ALG.get(key)
-    if aid is None:
-        try:
-            aid = torch._cslt_sparse_mm_search(packed, b, **kw)
-            aid = int(aid[0] if isinstance(aid, (tuple, list)) else aid)
-        except (RuntimeError, TypeError, AttributeError):
-            aid = 0
-        _ALG[key] = aid
+def _parse_modes(spec: str):
+    """``"T0,F0,Fs@256"`` -> ``[("T0", 0), ("F0", 0), ("Fs", 256)]``: the candidates the tuner may time, each
+    from a smallest M on. ``T0``/``F0``: algorithm 0 with the result row-major / column-major (a transposed
+    view); ``Ts``/``Fs``: the algorithm cuSPARSELt's search picks for that layout; ``FsT``/``TsF``: the
+    algorithm searched in one layout run in the other."""
+    out = []
+    for tok in filter(None, (t.strip() for t in spec.split(","))):
+        mode, _, m = tok.partition("@")
+        if mode not in ("T0", "F0", "Ts", "Fs", "FsT", "TsF"):
+            raise ValueError(f"LOWBIT_CSLT_MODES: unknown mode {mode!r} in {spec!r}")
+        out.append((mode, int(m or 0)))
+    return out
+
+
+#: the tuner's candidates (``LOWBIT_CSLT_MODES``). Only combinations checked on the H200 are on by default
+#: (bench/sparse_diag.py, one process per dtype x mode x M = 1 ... 4096): searching with
+#: ``transpose_result=True`` failed there for fp16 ("internal error" in cusparseLtMatmulSearch) and for int8
+#: ran algorithm ids the other layout refused; in the first tuned run it left cuSPARSELt in an error state and
+#: the process hit an illegal instruction (bench/results/sparsity.md).
+MODES = _parse_modes(os.environ.get("LOWBIT_CSLT_MODES", "T0,F0,Fs,FsT"))
+#: tuned choice per key: ("dense",) or ("sparse", transpose_result, alg_id)
+_PLAN: Dict[tuple, tuple] = {}
+
+
+def _bucket(M: int) -> int:
+    return 1 << max(M - 1, 0).bit_length()
+
+
+def _search(packed: torch.Tensor, b: torch.Tensor, **kw) -> int:
     try:
-        return torch._cslt_sparse_mm(packed, b, alg_id=aid, **kw)
-    except RuntimeError:
-        if aid == 0:
-            raise
-        _ALG[key] = 0
-        return torch._cslt_sparse_mm(packed, b, **kw)
+        aid = torch._cslt_sparse_mm_search(packed, b, **kw)
+        return int(aid[0] if isinstance(aid, (tuple, list)) else aid)
+    except (RuntimeError, TypeError, AttributeError):
+        return 0
+
+
+def _capturing() -> bool:
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _time_call(fn, reps: int = 3, burst: int = 8) -> float:
+    """Milliseconds per call of ``fn``, timed over bursts of back-to-back calls (median of ``reps``): in a
+    model's forward the CPU runs ahead of the GPU, so a call's host overhead (cuSPARSELt builds its plan
+    on every call) overlaps earlier work unless it exceeds the GPU time. A single call on an idle GPU
+    would count that overhead in full: on the H200 such timing picked the dense kernel at M = 4096 where
+    the sparse one ran 1.4x faster in CUDA-graph replay (bench/results/sparsity.md)."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(burst):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / burst)
+    return sorted(times)[len(times) // 2]
+
+
+def _tuned(key: tuple, packed: torch.Tensor, bT: torch.Tensor, allow_dense: bool, run_sparse, run_dense, **kw):
+    """The tuned choice for ``key`` (see :data:`ALG_SEARCH`); ``run_sparse(transpose_result, alg_id)`` and
+    ``run_dense()`` compute the whole output (activation quantization and rescale included)."""
+    key = key + (allow_dense,)
+    plan = _PLAN.get(key)
+    if plan is not None:
+        return plan
+    if _capturing():  # no timing inside a CUDA graph capture: the untuned default
+        return ("sparse", True, 0)
+    cands = [("sparse", True, 0)]
+    M = bT.shape[1]
+    searched: Dict[bool, int] = {}
+    for mode, min_m in MODES:
+        if M < min_m or mode == "T0":
+            continue
+        if mode == "F0":
+            cands.append(("sparse", False, 0))
+            continue
+        s_tr = mode.startswith("T")  # the layout the search runs with
+        if s_tr not in searched:
+            searched[s_tr] = _search(packed, bT, transpose_result=s_tr, **kw)
+        run_tr = s_tr if mode in ("Ts", "Fs") else not s_tr
+        cands.append(("sparse", run_tr, searched[s_tr]))
+    cands = list(dict.fromkeys(cands))
+    if allow_dense:
+        cands.append(("dense",))
+    best, best_t = None, float("inf")
+    for c in cands:
+        try:
+            t = _time_call(run_dense if c[0] == "dense" else (lambda c=c: run_sparse(c[1], c[2])))
+        except RuntimeError:
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    best = best or ("sparse", True, 0)
+    _PLAN[key] = best
+    return best
 
 
 def cusparselt_available(device: Optional[torch.device] = None) -> bool:
@@ -113,17 +194,35 @@ def _pad_rows(x2: torch.Tensor, mult: int) -> torch.Tensor:
 def sparse24_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     packed: Optional[torch.Tensor] = None, backend: Optional[str] = None,
                     alg_search: Optional[bool] = None) -> torch.Tensor:
-    """``x @ w.T + bias`` for a 2:4-pruned fp16/bf16 ``w [N, K]``; ``packed`` = :func:`prepare_24` (w)."""
+    """``x @ w.T + bias`` for a 2:4-pruned fp16/bf16 ``w [N, K]``; ``packed`` = :func:`prepare_24` (w).
+
+    With tuning on (:data:`ALG_SEARCH`) the output may be a transposed (column-major) view."""
     K = x.shape[-1]
     M = x.numel() // K
-    if not _use_sparse("fp", M, packed, x, backend) or x.dtype != w.dtype:
-        wd = w if w.dtype == x.dtype else w.to(x.dtype)
-        b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-        return F.linear(x, wd, b)
-    x2 = _pad_rows(x.reshape(M, K), _ALIGN[w.dtype][2])
+    N = w.shape[0]
     b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-    y = _sparse_mm(packed, x2.t(), alg_search, bias=b, transpose_result=True)
-    return y[:M].reshape(*x.shape[:-1], w.shape[0])
+
+    def dense():
+        wd = w if w.dtype == x.dtype else w.to(x.dtype)
+        return F.linear(x, wd, b)
+
+    tune = ALG_SEARCH if alg_search is None else alg_search
+    be = backend or "auto"
+    if x.dtype != w.dtype or not _use_sparse("fp", M if not tune else 1 << 30, packed, x, backend):
+        return dense()
+    x2 = _pad_rows(x.reshape(M, K), _ALIGN[w.dtype][2])
+    bT = x2.t()
+
+    def sparse(tr, aid):
+        y = torch._cslt_sparse_mm(packed, bT, bias=b, transpose_result=tr, alg_id=aid)
+        y = y[:M] if tr else y[:, :M].t()
+        return y.reshape(*x.shape[:-1], N)
+
+    if not tune:
+        return sparse(True, 0)
+    key = ("fp", N, K, w.dtype, _bucket(M), bT.is_contiguous(), b is not None)
+    plan = _tuned(key, packed, bT, be == "auto", sparse, dense, bias=b)
+    return dense() if plan[0] == "dense" else sparse(plan[1], plan[2])
 
 
 def _int8_linear_cpu(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
@@ -155,10 +254,13 @@ def sparse24_int8_linear_dynamic(x: torch.Tensor, w_int8: torch.Tensor, w_scale:
         return reference.int8_linear_dynamic(x, w_int8, w_scale, bias)
     if not x.is_cuda:
         return _int8_linear_cpu(x, w_int8, w_scale, bias)
-    if not _use_sparse("int8", M, packed, x, backend):
+    tune = ALG_SEARCH if alg_search is None else alg_search
+    if not _use_sparse("int8", M if not tune else 1 << 30, packed, x, backend):
         from lowbit.kernels import api
 
         return api.int8_linear_dynamic(x, (w_int8, w_scale), bias)
+    if tune:
+        return _int8_tuned(x, w_int8, w_scale, bias, packed, backend or "auto")
     from lowbit.kernels.native import _quantize_rows
 
     x2 = x.reshape(M, K)
@@ -168,19 +270,79 @@ def sparse24_int8_linear_dynamic(x: torch.Tensor, w_int8: torch.Tensor, w_scale:
     key = f"{out_dtype}"
     if _fused_alpha_ok.get(key, True):
         try:
-            y = _sparse_mm(packed, qp.t(), alg_search, alpha=w_scale.float().contiguous(), out_dtype=out_dtype,
-                           transpose_result=True)[:M]
+            y = torch._cslt_sparse_mm(packed, qp.t(), alpha=w_scale.float().contiguous(), out_dtype=out_dtype,
+                                      transpose_result=True)[:M]
             y.mul_(sx.to(y.dtype)[:, None])  # y is the GEMM's own fresh output
             if bias is not None:
                 y.add_(bias.to(y.dtype))
             return y.to(x.dtype).reshape(*x.shape[:-1], N)
         except RuntimeError:
             _fused_alpha_ok[key] = False  # this cuSPARSELt build: int32 product + float32 rescale
-    acc = _sparse_mm(packed, qp.t(), alg_search, out_dtype=torch.int32, transpose_result=True)[:M]
+    acc = torch._cslt_sparse_mm(packed, qp.t(), out_dtype=torch.int32, transpose_result=True)[:M]
     out = acc.float().mul_(sx[:, None]).mul_(w_scale.float()[None, :])
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def _int8_tuned(x, w_int8, w_scale, bias, packed, backend: str) -> torch.Tensor:
+    """The sparse int8 path with the tuned (transpose_result, algorithm) and, under backend "auto", the
+    dense int8 kernel where it is faster for this shape and M bucket."""
+    from lowbit.kernels import api
+    from lowbit.kernels.native import _quantize_rows
+
+    K = x.shape[-1]
+    M = x.numel() // K
+    N = w_int8.shape[0]
+    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    fused = _fused_alpha_ok.get(f"{out_dtype}", True)
+    alpha = w_scale.float().contiguous()
+
+    def dense():
+        return api.int8_linear_dynamic(x, (w_int8, w_scale), bias)
+
+    def quant():
+        qq, s_ = _quantize_rows(x.reshape(M, K).contiguous(), fp8=False)
+        return _pad_rows(qq, _ALIGN[torch.int8][2]).t(), s_
+
+    def sparse(tr, aid, pre=None):
+        bT, s_ = pre if pre is not None else quant()  # timed as a whole: the activation quantization included
+        if fused:
+            y = torch._cslt_sparse_mm(packed, bT, alpha=alpha, out_dtype=out_dtype, transpose_result=tr, alg_id=aid)
+            y = y[:M] if tr else y[:, :M].t()
+            y.mul_(s_.to(y.dtype)[:, None])  # y is the GEMM's own fresh output
+            if bias is not None:
+                y.add_(bias.to(y.dtype))
+            return y.to(x.dtype).reshape(*x.shape[:-1], N)
+        acc = torch._cslt_sparse_mm(packed, bT, out_dtype=torch.int32, transpose_result=tr, alg_id=aid)
+        acc = acc[:M] if tr else acc[:, :M].t()
+        out = acc.float().mul_(s_[:, None]).mul_(alpha[None, :])
+        if bias is not None:
+            out += bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    kw = {"alpha": alpha, "out_dtype": out_dtype} if fused else {"out_dtype": torch.int32}
+    key = ("int8", N, K, out_dtype, _bucket(M), fused, bias is not None)
+    if _PLAN.get(key + (True,), ("",))[0] == "dense" and backend == "auto":
+        return dense()
+    pre = quant()
+    try:
+        plan = _tuned(key, packed, pre[0], backend == "auto", sparse, dense, **kw)
+    except RuntimeError:
+        if not fused:
+            raise
+        _fused_alpha_ok[f"{out_dtype}"] = False  # this cuSPARSELt build: int32 product + float32 rescale
+        return _int8_tuned(x, w_int8, w_scale, bias, packed, backend)
+    if plan[0] == "dense":
+        return dense()
+    try:
+        return sparse(plan[1], plan[2], pre)
+    except RuntimeError:
+        if not fused:
+            raise
+        _fused_alpha_ok[f"{out_dtype}"] = False
+        _PLAN.pop(key + (backend == "auto",), None)
+        return _int8_tuned(x, w_int8, w_scale, bias, packed, backend)
 
 
 __all__ = ["prepare_24", "sparse24_linear", "sparse24_int8_linear_dynamic", "cusparselt_available", "shape_ok",

@@ -358,32 +358,75 @@ def _on_owner(owner: int, fn: Callable[[], Any]) -> Any:
     return broadcast_object(res, owner)
 
 
+def _row_pieces(stage: _Stage, modules: Dict[str, nn.Linear], world: int, align: Optional[int] = None):
+    """The stage's output rows (its linears stacked in order) cut into ``world`` contiguous, about
+    equal shares (cuts on multiples of ``align``, default :data:`lowbit.algorithms.gptq.ROW_CHUNK`):
+    ``[(name, row_start, row_stop, owner)]``. GPTQ solves every row on its own (the shared Hessian
+    factor, per-row groups and error propagation, the block update in fixed row chunks), so a linear
+    solved in pieces gives the codes of the whole; the pieces only balance the ranks' solve work (one
+    rank no longer solves down_proj while the others wait)."""
+    from lowbit.algorithms.gptq import ROW_CHUNK
+
+    align = align or ROW_CHUNK
+    sizes = [modules[n].weight.shape[0] for n in stage.names]
+    total = sum(sizes)
+    cuts = [min(total, int(round(total * r / world / align)) * align) for r in range(world)] + [total]
+    pieces, off = [], 0
+    for n, R in zip(stage.names, sizes):
+        for r in range(world):
+            lo, hi = max(cuts[r], off), min(cuts[r + 1], off + R)
+            if lo < hi:
+                pieces.append((n, lo - off, hi - off, r))
+        off += R
+    return pieces
+
+
 def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
-    """GPTQ each linear of the stage on the stage's shared Hessian (one solve unit per linear, spread
-    over the ranks of a data-parallel run)."""
+    """GPTQ each linear of the stage on the stage's shared Hessian. In a data-parallel run the
+    stage's rows are spread over the ranks (:func:`_row_pieces`; ``LOWBIT_DP_SPLIT=units``: whole
+    linears, round robin), every rank solves all its pieces first, then the pieces are broadcast."""
     H = stage.stats.hessian().float().to(modules[stage.names[0]].weight.device)
     factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True))
     from lowbit.model.distributed import broadcast_tensors, is_active, rank_world
 
-    for i, n in enumerate(stage.names):
-        w = modules[n].weight.detach()
-        owner = _solve_owner(i)
-        if is_active() and opts.get("gguf_type") is None:  # plain tensors: broadcast them directly
-            if rank_world()[0] == owner:
-                res = gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts)
+    if is_active() and opts.get("gguf_type") is None:  # plain tensors: broadcast them directly
+        rank, world = rank_world()
+        if os.environ.get("LOWBIT_DP_SPLIT", "rows") == "units":
+            pieces = [(n, 0, modules[n].weight.shape[0], _solve_owner(i)) for i, n in enumerate(stage.names)]
+        else:
+            pieces = _row_pieces(stage, modules, world)
+        mine = {}
+        for j, (n, lo, hi, owner) in enumerate(pieces):  # solve first: the ranks work at the same time
+            if owner == rank:
+                w = modules[n].weight.detach()
+                mine[j] = gptq_quantize(w[lo:hi], H, bits, group_size, sym, factor=factor, **opts)
+        parts: Dict[str, list] = {n: [] for n in stage.names}
+        for j, (n, lo, hi, owner) in enumerate(pieces):
+            w = modules[n].weight.detach()
+            if owner == rank:
+                res = mine.pop(j)
                 tensors = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
             else:
                 g = w.shape[1] if group_size in (-1, None) else group_size
                 G = -(-w.shape[1] // g)
-                res = GPTQResult(codes=torch.empty(w.shape, dtype=torch.uint8, device=w.device),
-                                 scales=torch.empty(w.shape[0], G, device=w.device),
-                                 zeros=torch.empty(w.shape[0], G, device=w.device), loss=0.0, damp=factor[4],
-                                 bits=bits, group_size=g, sym=sym, dtype=w.dtype)
-                tensors = [res.codes, res.scales, res.zeros]
+                tensors = [torch.empty((hi - lo, w.shape[1]), dtype=torch.uint8, device=w.device),
+                           torch.empty(hi - lo, G, device=w.device), torch.empty(hi - lo, G, device=w.device)]
             broadcast_tensors(tensors, owner)
-            res.codes, res.scales, res.zeros = tensors
-        else:
-            res = _on_owner(owner, lambda w=w: gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts))
+            parts[n].append(tensors)
+        for n in stage.names:
+            w = modules[n].weight.detach()
+            ps = parts[n]
+            cat = [ps[0][k] if len(ps) == 1 else torch.cat([p[k] for p in ps]) for k in range(3)]
+            res = GPTQResult(codes=cat[0], scales=cat[1], zeros=cat[2], loss=0.0, damp=factor[4], bits=bits,
+                             group_size=w.shape[1] if group_size in (-1, None) else group_size, sym=sym,
+                             dtype=w.dtype)
+            stage.states[n] = res.state
+            with torch.no_grad():
+                modules[n].weight.copy_(res.dequantize().to(w.dtype))
+        return
+    for i, n in enumerate(stage.names):
+        w = modules[n].weight.detach()
+        res = _on_owner(_solve_owner(i), lambda w=w: gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts))
         dev = w.device
         res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)
         stage.states[n] = res.state

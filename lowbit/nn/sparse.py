@@ -50,7 +50,13 @@ def parse_sparsity(sparsity: str):
 
 
 class SparseLinear(QLinear):
-    """2:4 sparse Linear, float (``weights=None``) or W8A8 int8 (``weights="qint8"``)."""
+    """2:4 sparse Linear, float (``weights=None``) or W8A8 int8 (``weights="qint8"``).
+
+    ``backend`` (attribute, default None = ``"auto"``): ``"sparse"`` always runs cuSPARSELt (for code run
+    under CUDA graphs, where the per-call host work that the eager tuning counts does not recur),
+    ``"dense"`` the dense kernels; see :mod:`lowbit.kernels.sparse`."""
+
+    backend: Optional[str] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  weights: Optional[str] = None, activations: Optional[str] = None, act_dynamic: bool = True,
@@ -138,11 +144,12 @@ class SparseLinear(QLinear):
             w = self.weight
             if w.dtype != x.dtype:
                 w = w.to(x.dtype)
-            return ks.sparse24_linear(x, w, self.bias, packed=self._packed(w) if w is self.weight else None)
+            return ks.sparse24_linear(x, w, self.bias, packed=self._packed(w) if w is self.weight else None,
+                                      backend=self.backend)
         if not self.frozen:  # QAT: fake-quantized dense path
             return super().forward(x)
         w8, ws = self._int8()
-        return ks.sparse24_int8_linear_dynamic(x, w8, ws, self.bias, packed=self._packed(w8))
+        return ks.sparse24_int8_linear_dynamic(x, w8, ws, self.bias, packed=self._packed(w8), backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", sparsity={self.sparsity}"
