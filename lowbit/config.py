@@ -398,18 +398,21 @@ class Int8Config(_QTypeConfig):
 
 @dataclass(frozen=True)
 class Int4Config(_QTypeConfig):
-    """``int4``: asymmetric int4 weights (quanto qint4: a zero point per group), automatic group rule."""
+    """``int4``: asymmetric int4 weights (quanto qint4: a zero point per group), groups of 128
+    (``group_size=None``: 128 reduced by 32 until it divides the input features)."""
 
     method: ClassVar[str] = "int4"
     weights: ClassVar[str] = "qint4"
+    group_size: Optional[int] = 128
 
 
 @dataclass(frozen=True)
 class Int2Config(_QTypeConfig):
-    """``int2``: asymmetric int2 weights (quanto qint2), automatic group rule."""
+    """``int2``: asymmetric int2 weights (quanto qint2), groups of 128 (None: the automatic rule)."""
 
     method: ClassVar[str] = "int2"
     weights: ClassVar[str] = "qint2"
+    group_size: Optional[int] = 128
 
 
 @dataclass(frozen=True)
