@@ -623,6 +623,83 @@ class HQQConfig(WeightOnlyConfig):
             raise ValueError(f"iters={self.iters!r}: must be a non-negative integer")
 
 
+# ---------------------------------------------------------------------------------------------
+# 2:4 semi-structured sparsity (lowbit.model.sparse_methods)
+
+SPARSE_ALGORITHMS = ("sparsegpt", "magnitude")
+
+
+@dataclass(frozen=True)
+class _Sparse24Base(_Filtered):
+    """Options of the 2:4 methods: ``algorithm`` (``"sparsegpt"``: Hessian-aware, calibrated on
+    ``calib_dataset``; ``"magnitude"``: no data), calibration (``n_samples``, ``seq_len``, ``seed``,
+    ``batch_size``) and SparseGPT's ``percdamp``/``blocksize``."""
+
+    algorithm: str = "sparsegpt"
+    calib_dataset: Any = _runtime()
+    tokenizer: Any = _runtime()
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    device: Any = _runtime()
+    progress: bool = _runtime(True)
+    batch_size: int = 8
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if str(self.algorithm).lower() not in SPARSE_ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r}: expected one of {SPARSE_ALGORITHMS}")
+        _set(self, "algorithm", str(self.algorithm).lower())
+
+    def prune_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`lowbit.model.sparse_methods.prune_model_24`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class Sparse24Config(_Sparse24Base):
+    """``sparse-2:4``: float weights pruned to 2:4 (``bits=8``/``4``: jointly quantized)."""
+
+    method: ClassVar[str] = "sparse-2:4"
+    bits: Optional[int] = None
+    group_size: int = -1
+    sym: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits is not None:
+            check_bits(self.bits, (2, 3, 4, 8))
+        check_group_size(self.group_size, allow_none=True)
+
+
+@dataclass(frozen=True)
+class Sparse24Int8Config(_Sparse24Base):
+    """``sparse-2:4-int8``: 2:4 with symmetric int8 per-channel weights (W8A8)."""
+
+    method: ClassVar[str] = "sparse-2:4-int8"
+
+    def prune_kwargs(self) -> Dict[str, Any]:
+        return {**super().prune_kwargs(), "bits": 8, "group_size": -1, "sym": True}
+
+
+@dataclass(frozen=True)
+class Sparse24Int4Config(_Sparse24Base):
+    """``sparse-2:4-int4``: 2:4 with int4 group-wise weights (weight-only, dense 4-bit execution)."""
+
+    method: ClassVar[str] = "sparse-2:4-int4"
+    group_size: int = 128
+    sym: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_group_size(self.group_size)
+
+    def prune_kwargs(self) -> Dict[str, Any]:
+        return {**super().prune_kwargs(), "bits": 4}
+
+
 def effective_bits_4bit(block_size: int = 64, double_quant: bool = False, nested_block: int = 256) -> float:
     """Documented bits per weight of bitsandbytes 4-bit storage (codebook tables not counted)."""
     if double_quant:
