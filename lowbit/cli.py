@@ -472,6 +472,10 @@ def _cmd_budget(args, formats: List[str]) -> int:
     """``quantize --bits-budget/--size-budget``: per-weight types by knapsack (lowbit.model.budget)."""
     from lowbit.workflow import WorkflowError, quantize_budget
 
+    unused = [FLAGS[k] for k in _given_options(args) if k not in ("calib_dataset", "n_samples", "seq_len", "seed")]
+    if unused:
+        raise CLIError(f"--bits-budget/--size-budget choose each weight's type themselves: {', '.join(unused)} "
+                       f"not used (--budget-types sets the candidates)")
     try:
         res = quantize_budget(args.model, args.output, formats, bits_budget=args.bits_budget,
                               size_budget=args.size_budget, budget_types=args.budget_types,
