@@ -92,7 +92,7 @@ def _accepted(entry) -> Tuple[str, ...]:
 
 def _fixed(entry, key: str) -> Any:
     """A grid value a method fixes (nf4's 4 bits, int4's asymmetry), or None."""
-    if entry.config_cls is None:
+    if entry.config_cls is None or key in entry.accepted_keys():
         return None
     try:
         default = entry.config_cls()
@@ -159,7 +159,8 @@ def check_options(method: str, options: Dict[str, Any], spelling: Optional[Dict[
         why = f" (it fixes {', '.join(f'{k}={v}' for k, v in fixed.items())})" if fixed else ""
         if not entry.calibrated and any(k in CALIBRATION_KEYS + PIPELINE_KEYS for k in bad):
             why += " (it needs no calibration data)"
-        raise WorkflowError(f"method {entry.name!r} does not use {_spell(bad, spelling)}{why}; "
+        shown = repr(method) if method.lower() == entry.name else f"{method!r} ({entry.name})"
+        raise WorkflowError(f"method {shown} does not use {_spell(bad, spelling)}{why}; "
                             f"it takes: {_spell(takes, spelling) or 'no options'}")
     return entry, kwargs
 

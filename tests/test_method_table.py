@@ -139,7 +139,7 @@ def _one_line_error(capsys, rc):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--method", "nf4", "--group-size", "32"], "'bnb-nf4' does not use --group-size"),
+    (["--method", "nf4", "--group-size", "32"], "'nf4' (bnb-nf4) does not use --group-size (it fixes bits=4, group_size=64"),
     (["--method", "nf4", "--bits", "3"], "does not use --bits"),
     (["--method", "int4", "--asym", "--bits", "8"], "does not use --bits"),
     (["--method", "rtn", "--double-quant"], "'rtn' does not use --double-quant"),

@@ -31,7 +31,6 @@ Example::
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import resource
 import threading
