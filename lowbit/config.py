@@ -549,6 +549,10 @@ class RTNConfig(WeightOnlyConfig):
         _check_gguf_type(self)
 
 
+#: GPTQ's group-grid objectives (lowbit.algorithms.gptq.GROUP_OBJECTIVES; a test keeps them equal)
+GPTQ_GROUP_OBJECTIVES = ("minmax", "mse", "hessian", "sweep")
+
+
 @dataclass(frozen=True)
 class GPTQConfig(WeightOnlyConfig):
     """``gptq`` (calibrated): ``percdamp`` Hessian damping, ``blocksize`` columns per lazy update,
@@ -573,6 +577,8 @@ class GPTQConfig(WeightOnlyConfig):
             raise ValueError(f"percdamp={self.percdamp!r}: expected a value in [0, 1)")
         if not isinstance(self.blocksize, int) or self.blocksize <= 0:
             raise ValueError(f"blocksize={self.blocksize!r}: must be a positive integer")
+        if self.group_objective not in GPTQ_GROUP_OBJECTIVES:
+            raise ValueError(f"group_objective={self.group_objective!r}: expected one of {GPTQ_GROUP_OBJECTIVES}")
         _check_gguf_type(self)
 
 

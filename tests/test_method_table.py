@@ -240,6 +240,12 @@ def test_config_defaults_are_the_algorithms():
             assert f.name in d, (cls.__name__, f.name)
             assert d[f.name] == f.default, (cls.__name__, f.name, d[f.name], f.default)
         assert cls().options() == {}
+    from lowbit.algorithms.gptq import GROUP_OBJECTIVES
+    from lowbit.config import GPTQ_GROUP_OBJECTIVES
+
+    assert GPTQ_GROUP_OBJECTIVES == GROUP_OBJECTIVES
+    with pytest.raises(ValueError, match="group_objective='l2'"):
+        GPTQConfig(group_objective="l2")
 
 
 def test_every_entry_point_reads_the_table():
