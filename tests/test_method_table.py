@@ -258,3 +258,21 @@ def test_every_entry_point_reads_the_table():
         assert isinstance(method_cost(name), Cost), name
     assert METHODS.get("gptq").calibrated and METHODS.get("sparse-2:4").calibrated
     assert not METHODS.get("fp32").quantized and METHODS.get("int4").quantized
+
+
+def test_compare_shares_flags_with_the_methods_that_use_them(tiny, capsys):
+    rc = main(["compare", "--model", str(tiny / "tiny"), "--methods", "fp32,nf4,int8", "--bits", "3", "--quiet"])
+    assert "--bits: used by none of --methods fp32,nf4,int8" in _one_line_error(capsys, rc)
+
+
+def test_quantize_run_returns_a_report(tiny, tmp_path):
+    from lowbit.workflow import quantize_run
+
+    rep = quantize_run(str(tiny / "tiny"), tmp_path / "q", method="rtn", options={"group_size": 64},
+                       formats=["native", "gguf"], gguf_type="Q8_0", progress=False)
+    assert rep.used == {"bits": 8, "group_size": 32, "sym": True} and rep.formats == ["native", "gguf"]
+    assert rep.notes == ["--format gguf: rtn quantizes onto Q8_0 blocks (8-bit, groups of 32, symmetric); "
+                         "replaces group_size=64"]
+    assert rep.gate_passed and rep.gguf_summary
+    meta = json.loads((tmp_path / "q" / "lowbit_run.json").read_text())
+    assert meta == json.loads(json.dumps(rep.meta, default=str))
