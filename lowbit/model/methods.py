@@ -30,7 +30,7 @@ pipeline (:mod:`lowbit.model.sequential`) runs it::
 
     register_ptq_method("toy", config=ToyConfig, layer=toy_layer)   # data-free
     # calibrated: register_ptq_method("toy", config=ToyConfig, stage=toy_stage) with
-    # toy_stage(stage, modules, config) filling stage.states (see sequential._gptq_stage)
+    # toy_stage(stage, modules, config) filling stage.states (see sequential._gptq_stage_cfg)
 
 Every entry states whether it needs calibration (``calibrated``), what it costs for ``lowbit plan``
 (``cost``: a :class:`lowbit.model.plan.Cost`) and whether it yields a quantized model
@@ -191,7 +191,7 @@ def register_ptq_method(name: str, *, config: Type[WeightOnlyConfig], layer: Opt
 
     Give ``layer(weight, config) -> QuantState`` for a data-free method, or ``stage(stage, modules,
     config)`` for a calibrated one (it reads ``stage.stats`` and fills ``stage.states[name]``, see
-    :func:`lowbit.model.sequential._gptq_stage`). ``config``: a :class:`WeightOnlyConfig` subclass
+    :func:`lowbit.model.sequential._gptq_stage_cfg`). ``config``: a :class:`WeightOnlyConfig` subclass
     whose ``method`` is ``name``; ``cost``: a :class:`lowbit.model.plan.Cost` (default: integer codes
     of ``bits`` with a scale and zero point per group; calibrated methods the GPTQ-like time).
     """

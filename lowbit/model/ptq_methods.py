@@ -12,7 +12,7 @@ from __future__ import annotations
 from lowbit.config import AWQConfig, GPTQConfig, HQQConfig, RTNConfig
 from lowbit.model import plan
 from lowbit.model.methods import register_ptq_method
-from lowbit.model.sequential import _awq_stage, _gptq_stage, _hqq_layer, _rtn_layer
+from lowbit.model.sequential import _awq_stage_cfg, _gptq_stage_cfg, _hqq_layer, _rtn_layer
 
 register_ptq_method("rtn", config=RTNConfig, layer=_rtn_layer,
                     cost=plan.Cost(storage=plan.storage_affine),
@@ -20,9 +20,9 @@ register_ptq_method("rtn", config=RTNConfig, layer=_rtn_layer,
 register_ptq_method("hqq", config=HQQConfig, layer=_hqq_layer,
                     cost=plan.Cost(storage=plan.storage_affine, seconds=plan.seconds_hqq),
                     description="HQQ half-quadratic weight-only quantization (no data)")
-register_ptq_method("gptq", config=GPTQConfig, stage=_gptq_stage,
+register_ptq_method("gptq", config=GPTQConfig, stage=_gptq_stage_cfg,
                     cost=plan.Cost(calibrated=True, hessian=True, storage=plan.storage_affine),
                     description="GPTQ weight-only quantization (calibrated, block by block)")
-register_ptq_method("awq", config=AWQConfig, stage=_awq_stage,
+register_ptq_method("awq", config=AWQConfig, stage=_awq_stage_cfg,
                     cost=plan.Cost(calibrated=True, storage=plan.storage_affine),
                     description="AWQ activation-aware weight-only quantization (calibrated)")

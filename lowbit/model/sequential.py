@@ -319,14 +319,30 @@ class _Staged:
 # methods applied to one stage
 
 
+# the functions the method table (lowbit.model.ptq_methods) points to: each takes the method's config object
+
+
 def _rtn_layer(weight: torch.Tensor, cfg: RTNConfig):
-    """rtn's per-layer function in the method table."""
+    """rtn, one layer."""
     return rtn_quantize(weight, cfg.bits, cfg.group_size, cfg.sym, **cfg.options())
 
 
 def _hqq_layer(weight: torch.Tensor, cfg: HQQConfig):
-    """hqq's per-layer function in the method table."""
+    """hqq, one layer."""
     return hqq_quantize(weight, cfg.bits, cfg.group_size, cfg.sym, **cfg.options())
+
+
+def _gptq_stage_cfg(stage: "_Stage", modules: Dict[str, nn.Linear], cfg: GPTQConfig) -> None:
+    """gptq, one stage of layers sharing their input (:func:`_gptq_stage`)."""
+    _gptq_stage(stage, modules, cfg.bits, cfg.group_size, cfg.sym, cfg.options())
+
+
+def _awq_stage_cfg(stage: "_Stage", modules: Dict[str, nn.Linear], cfg: AWQConfig) -> None:
+    """awq, one stage of layers sharing their input (:func:`_awq_stage`)."""
+    _awq_stage(stage, modules, cfg.bits, cfg.group_size, cfg.sym, cfg.options())
+
+
+_awq_stage_cfg.needs_absmean = True  # the stage reads stats.act_absmean() (the pipeline collects it)
 
 
 def _solve_owner(i: int) -> int:
@@ -346,10 +362,9 @@ def _on_owner(owner: int, fn: Callable[[], Any]) -> Any:
     return broadcast_object(res, owner)
 
 
-def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], cfg: GPTQConfig) -> None:
+def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
     """GPTQ each linear of the stage on the stage's shared Hessian (one solve unit per linear, spread
     over the ranks of a data-parallel run)."""
-    bits, group_size, sym, opts = cfg.bits, cfg.group_size, cfg.sym, cfg.options()
     H = stage.stats.hessian().float().to(modules[stage.names[0]].weight.device)
     factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True))
     from lowbit.model.distributed import broadcast_tensors, is_active, rank_world
@@ -380,8 +395,8 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], cfg: GPTQConfig) -
             modules[n].weight.copy_(res.dequantize().to(w.dtype))
 
 
-def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], cfg: AWQConfig) -> None:
-    bits, group_size, sym, opts = cfg.bits, cfg.group_size, cfg.sym, cfg.options()
+def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
+    opts = dict(opts)
     if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
         stage.fold, stage.tie = None, None
     H = stage.stats.hessian().float()
@@ -399,9 +414,6 @@ def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], cfg: AWQConfig) -> 
         stage.states[n] = st.to(dev)
         with torch.no_grad():  # mathematically the folded pair: (x / s) @ Q(W s)^T
             modules[n].weight.copy_(w_eff.to(dev).to(modules[n].weight.dtype))
-
-
-_awq_stage.needs_absmean = True  # the stage reads stats.act_absmean() (the pipeline collects it)
 
 
 def _fold_awq(root: nn.Module, stage: _Stage, installed: Dict[str, nn.Module]) -> None:
