@@ -518,13 +518,30 @@ class WeightOnlyConfig(_Filtered):
         """The algorithm options that differ from their defaults (the keyword arguments of its function)."""
         return {f.name: getattr(self, f.name) for f in self.option_fields() if getattr(self, f.name) != f.default}
 
+    def for_layer(self, name: str) -> "WeightOnlyConfig":
+        """The config of one linear: an option given as a ``{linear name: value}`` mapping (a per-linear
+        ``gguf_type``) is replaced by that linear's value."""
+        per_layer = {f.name: getattr(self, f.name) for f in self.option_fields() if isinstance(getattr(self, f.name), dict)}
+        if not per_layer:
+            return self
+        missing = [k for k, m in per_layer.items() if name not in m]
+        if missing:
+            raise ValueError(f"{missing[0]} mapping has no value for the linear {name!r} "
+                             f"({len(per_layer[missing[0]])} linears mapped)")
+        return dataclasses.replace(self, **{k: m[name] for k, m in per_layer.items()})
+
 
 def _check_gguf_type(cfg) -> None:
+    """``gguf_type``: one GGUF block type ("Q4_0" ...) or a ``{linear name: type}`` mapping (per-linear types)."""
     g = getattr(cfg, "gguf_type", None)
-    if g is not None:
-        if not isinstance(g, str):
-            raise TypeError(f"gguf_type must be a string such as 'Q4_0', got {g!r}")
+    if g is None:
+        return
+    if isinstance(g, str):
         _set(cfg, "gguf_type", g.upper())
+    elif isinstance(g, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in g.items()):
+        _set(cfg, "gguf_type", {k: v.upper() for k, v in g.items()})
+    else:
+        raise TypeError(f"gguf_type must be a GGUF type such as 'Q4_0' or a {{linear name: type}} mapping, got {g!r}")
 
 
 @dataclass(frozen=True)

@@ -276,3 +276,17 @@ def test_quantize_run_returns_a_report(tiny, tmp_path):
     assert rep.gate_passed and rep.gguf_summary
     meta = json.loads((tmp_path / "q" / "lowbit_run.json").read_text())
     assert meta == json.loads(json.dumps(rep.meta, default=str))
+
+
+def test_per_linear_option_mapping():
+    """An option given per linear (a GGUF type per weight) reaches each layer as its own value."""
+    from lowbit.model.loading import tiny_llama
+
+    m = tiny_llama(hidden=64, layers=1, intermediate=128, seed=0)
+    names = [n for n, mod in m.named_modules() if type(mod) is nn.Linear and not n.endswith("lm_head")]
+    types = {n: ("Q8_0" if "mlp" in n else "q4_0") for n in names}
+    lowbit.quantize(m, method="rtn", gguf_type=types, progress=False)
+    got = {n: mod.quant_states()["weight"].scheme for n, mod in m.named_modules() if n in types}
+    assert got == {n: t.lower() for n, t in types.items()}
+    with pytest.raises(ValueError, match="no value for the linear"):
+        RTNConfig(gguf_type={"nothing": "Q4_0"}).for_layer(names[0])

@@ -593,7 +593,7 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
         for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
             lin = selected[name]
             w = lin.weight.detach().to(device)
-            st = entry.layer(w, cfg)
+            st = entry.layer(w, cfg.for_layer(name))
             states[name] = st.to(lin.weight.device)
             _install(model, name, lin, states[name])
     else:
@@ -984,7 +984,7 @@ def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, 
     for stage in stages:  # layers no sample reached: quantize without data (RTN)
         if getattr(stage, "unreached", False) or not stage.states:
             for n in stage.names:
-                stage.states[n] = _rtn_fallback(modules[n].weight.detach(), qcfg)
+                stage.states[n] = _rtn_fallback(modules[n].weight.detach(), qcfg.for_layer(n))
             bar.update(len(stage.names))
     bar.close()
     _install_stages(model, stages, modules, states)
@@ -1094,7 +1094,7 @@ def _run_stages(model, stages, modules, fn, chunks, quantize_fn, qcfg: WeightOnl
     for stage in stages:  # layers no chunk reached: quantize without data (RTN)
         if not stage.done:
             for n in stage.names:
-                stage.states[n] = _rtn_fallback(modules[n].weight.detach(), qcfg)
+                stage.states[n] = _rtn_fallback(modules[n].weight.detach(), qcfg.for_layer(n))
             stage.done = True
             bar.update(len(stage.names))
     bar.close()
