@@ -24,6 +24,13 @@ _LAZY = {
     "METHODS": "lowbit.model.methods",
     "register_method": "lowbit.model.methods",
     "list_methods": "lowbit.model.methods",
+    # the method table's config classes and the PTQ registration (issue 16)
+    "register_ptq_method": "lowbit.model.methods",
+    "WeightOnlyConfig": "lowbit.config",
+    "RTNConfig": "lowbit.config",
+    "GPTQConfig": "lowbit.config",
+    "AWQConfig": "lowbit.config",
+    "HQQConfig": "lowbit.config",
     "QType": "lowbit.config",
     "qint2": "lowbit.config",
     "qint4": "lowbit.config",

@@ -10,15 +10,12 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE = 0, 2, 3
 
-# CLI method names -> (dispatcher method, how bits/group map onto its config)
-WEIGHT_ONLY_PTQ = ("rtn", "awq", "gptq", "hqq")
-CALIBRATED = ("awq", "gptq")
+from lowbit.workflow import GGUF_K_TARGETS, GGUF_TYPES  # noqa: E402,F401  (parser choices)
 
 
 class CLIError(Exception):
@@ -53,195 +50,91 @@ def _device(args) -> str:
 
 
 def _load(spec: str, args=None, dtype=None, gguf_types=None):
-    """``(model, tokenizer)``; a ``.gguf`` file with ``gguf_types`` keeps those tensors as the file's
-    blocks in lowbit modules (no float round trip), see :func:`lowbit.io.gguf.load_gguf_model`."""
-    import torch
+    """``(model, tokenizer)`` (see :func:`lowbit.workflow.load`)."""
+    from lowbit.workflow import load
 
-    from lowbit.model.loading import load_model
-
-    device = _device(args) if args is not None else "cpu"
-    path = Path(spec)
-    if gguf_types and path.is_file() and path.suffix.lower() == ".gguf":
-        from lowbit.io.gguf import load_gguf_model
-
-        return load_gguf_model(path, types=gguf_types, dtype=dtype or torch.float32, device=device)
-    if path.is_dir() and _is_native(path):  # a damaged marker too: load() says what is wrong
-        from lowbit.io.native import load
-
-        model = load(path).to(device)
-        tok = _tokenizer_for(path)
-        return model, tok
-    return load_model(spec, dtype=dtype or torch.float32, device=device)
-
-
-def _is_native(path: Path) -> bool:
-    from lowbit.io import native
-
-    return native.has_marker(path)
-
-
-def _tokenizer_for(path: Path):
-    from lowbit._deps import require
-
-    transformers = require("transformers", "tokenizers for evaluation")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError):
-        return None
+    model, tok, _ = load(spec, device=_device(args) if args is not None else "cpu", dtype=dtype,
+                         gguf_types=gguf_types)
+    return model, tok
 
 
 def _eval_text(args) -> Any:
     return args.dataset if getattr(args, "dataset", None) else "default"
 
 
+def _evaluation(args):
+    from lowbit.workflow import Evaluation
+
+    return Evaluation(text=_eval_text(args), seq_len=args.seq_len, max_windows=args.max_windows,
+                      progress=not (args.quiet or args.json))
+
+
 def _ppl(model, tok, args) -> float:
-    from lowbit.eval.perplexity import perplexity
-
-    res = perplexity(model, tok, text=_eval_text(args), seq_len=args.seq_len, max_windows=args.max_windows,
-                     progress=not (args.quiet or args.json))
-    return float(res.ppl)
+    return _evaluation(args).ppl(model, tok)
 
 
-def _method_call(method: str, args) -> Dict[str, Any]:
-    """Dispatcher name and keyword config for a CLI method."""
-    m = method.lower()
-    bits = getattr(args, "bits", 4)
-    gs = getattr(args, "group_size", 128)
-    if m in ("fp32", "float", "none"):
-        return {"method": None}
-    if m in ("fp16", "bf16"):
-        return {"method": m}
-    if m in ("nf4", "fp4", "bnb-nf4", "bnb-fp4"):
-        return {"method": "bnb-" + m.replace("bnb-", ""), "block_size": getattr(args, "block_size", None) or 64,
-                "double_quant": getattr(args, "double_quant", False)}
-    if m in ("int8", "int4", "int2", "fp8"):
-        qt = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "fp8": "qfloat8"}[m]
-        cfg = {"method": "quanto", "weights": qt}
-        if m in ("int4", "int2"):
-            cfg["group_size"] = gs if gs and gs > 0 else None
-        return cfg
-    if m in WEIGHT_ONLY_PTQ:
-        cfg = {"method": m, "bits": bits, "group_size": gs, "sym": not getattr(args, "asym", False)}
-        return cfg
-    from lowbit.model.methods import METHODS
-
-    if m not in METHODS:
-        names = sorted({"fp32", "int8", "int4", "int2", "fp8", *METHODS.names()})
-        raise CLIError(f"unknown method {method!r}; available: {', '.join(names)}")
-    return {"method": m}
+#: method options the command line sets: flag -> (config key, how the value is read from args)
+FLAGS = {"bits": "--bits", "group_size": "--group-size", "sym": "--asym", "double_quant": "--double-quant",
+         "calib_dataset": "--calib-dataset", "n_samples": "--n-samples", "seq_len": "--calib-seq-len",
+         "seed": "--seed", "max_memory": "--max-memory", "micro_batch": "--micro-batch", "checkpoint": "--checkpoint",
+         "resume": "--resume", "no_checkpoint": "--no-checkpoint"}
 
 
-def _check_group_size(args, methods: List[str]) -> None:
-    """``--group-size``: -1 (per output channel) or a positive size; an unusual size is announced.
+def _given_options(args) -> Dict[str, Any]:
+    """The method options the user gave on the command line (flags left out are the method's defaults)."""
+    opts: Dict[str, Any] = {}
+    for key, attr in (("bits", "bits"), ("group_size", "group_size"), ("calib_dataset", "calib_dataset"),
+                      ("n_samples", "n_samples"), ("seq_len", "calib_seq_len"), ("seed", "seed"),
+                      ("max_memory", "max_memory"), ("micro_batch", "micro_batch")):
+        v = getattr(args, attr, None)
+        if v is not None:
+            opts[key] = v
+    if getattr(args, "asym", False):
+        opts["sym"] = False
+    for key in ("double_quant", "checkpoint", "resume", "no_checkpoint"):
+        if getattr(args, key, False):
+            opts[key] = True
+    return opts
 
-    A group stores its own scale (and zero point): groups much smaller than 32, or sizes that are not
-    a multiple of 8, cost many bits per weight and have no packed form in GPTQ/GGUF runtimes.
-    """
+
+def _check_method(method: str, args):
+    """The method-table entry of ``method`` and the options for it (an unused option is an error)."""
+    from lowbit.workflow import WorkflowError, check_options
+
+    _check_group_size(args)
+    try:
+        return check_options(method, _given_options(args), spelling=FLAGS)
+    except WorkflowError as e:
+        msg = str(e)
+        raise CLIError("--" + msg if msg.startswith("method ") else msg) from None
+
+
+def _check_group_size(args) -> None:
+    """``--group-size``: -1 (per output channel) or a positive size, for every method."""
     gs = getattr(args, "group_size", None)
-    if gs is None:
-        return
-    uses = [m for m in methods if m.lower() in (*WEIGHT_ONLY_PTQ, "int4", "int2")]
-    if gs == 0 or gs < -1:
+    if gs is not None and (gs == 0 or gs < -1):
         raise CLIError(f"--group-size {gs}: expected -1 (one group per output channel) or a positive size "
                        f"such as 32, 64 or 128")
-    if uses and gs > 0 and (gs % 8 or gs < 16):
-        bits = 8 if any(m.lower() == "int8" for m in uses) else getattr(args, "bits", 4)
-        print(f"lowbit: warning: --group-size {gs} for {','.join(uses)}: every group of {gs} weights stores "
-              f"its own scale{'' if not getattr(args, 'asym', False) else ' and zero point'}, so the {bits}-bit "
-              f"model takes several more bits per weight, and sizes that are not a multiple of 8 have no packed "
-              f"kernels; usual sizes: 32, 64, 128", file=sys.stderr, flush=True)
 
 
-def _apply_method(model, tok, method: str, args):
+def _warn(msg: str) -> None:
+    print(f"lowbit: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _apply_method(model, tok, method: str, args, options: Optional[Dict[str, Any]] = None):
     """Quantize ``model`` in place with the CLI method; returns (model, seconds)."""
-    import lowbit
-    from lowbit.model.api import freeze
+    from lowbit.workflow import apply_method
 
-    call = _method_call(method, args)
-    name = call.pop("method")
-    t0 = time.perf_counter()
-    if name is None:
-        return model, 0.0
-    kept = getattr(model, "_lowbit_gguf_kept", None)
-    if kept:
-        from torch import nn
-
-        _log(args, f"{len(kept)} weights kept as the GGUF file's own blocks (no float round trip)")
-        if name == "rtn" and not any(type(m) is nn.Linear for n, m in model.named_modules()
-                                     if not n.endswith("lm_head")):
-            freeze(model)
-            return model, time.perf_counter() - t0
-    from lowbit.model.methods import METHODS
-
-    table_calibrated = name not in WEIGHT_ONLY_PTQ and name in METHODS and METHODS.get(name).calibrated
-    if name in CALIBRATED or table_calibrated:
-        from lowbit.data.calibration import get_calibration_data
-
-        call["calib_dataset"] = get_calibration_data(tok, args.calib_dataset or "default",
-                                                     n_samples=args.n_samples, seq_len=args.calib_seq_len,
-                                                     seed=args.seed)
-    if name in WEIGHT_ONLY_PTQ or table_calibrated:
-        call["progress"] = not (args.quiet or args.json)
-        call["device"] = _device(args)
-        gguf_type = _gguf_target(args)
-        if gguf_type is not None and gguf_type in GGUF_K_TARGETS and name in GGUF_GRID_METHODS:
-            if name != "rtn":
-                raise CLIError(f"--method {name} with --gguf-type {gguf_type}: error-compensated K-quants are not "
-                               f"available yet; use --method rtn (llama.cpp's reference rounding, byte-identical "
-                               f"to llama-quantize) or a legacy type (Q4_0 ... Q8_0)")
-            _log(args, f"rtn: {gguf_type} is written with llama.cpp's reference K-quant rounding at export")
-            return model, time.perf_counter() - t0
-        if gguf_type is not None and name in GGUF_GRID_METHODS:
-            # error-compensated GGUF: the method optimises for the exact llama.cpp block grid
-            call["gguf_type"] = gguf_type
-            _log(args, f"{name}: optimising for the GGUF {gguf_type} block grid (blocks of 32)")
-    if name in CALIBRATED:  # calibration memory and resume (quantize's --max-memory/--micro-batch/--resume)
-        if getattr(args, "max_memory", None) is not None:
-            call["max_memory"] = args.max_memory
-        if getattr(args, "micro_batch", None) is not None:
-            call["micro_batch"] = args.micro_batch
-        staged = any(getattr(args, k, None) for k in ("max_memory", "micro_batch", "resume", "checkpoint"))
-        if staged and getattr(args, "output", None) and not getattr(args, "no_checkpoint", False):
-            call["checkpoint_dir"] = str(Path(args.output) / ".lowbit-checkpoint")
-            call["resume"] = bool(args.resume)
-    model = lowbit.quantize(model, method=name, **call)
-    freeze(model)
-    return model, time.perf_counter() - t0
-
-
-GGUF_GRID_METHODS = ("rtn", "gptq", "awq")
-# K-quant types and llama.cpp's mixtures (lowbit.formats.kquants, lowbit.io.gguf_recipes)
-GGUF_K_TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
-                  "Q5_K_S", "Q5_K_M")
-_GGUF_INT_EXACT = ("Q4_0", "Q8_0")  # block types with an exact integer (GPTQ / compressed-tensors) form
-
-
-def _formats(args) -> List[str]:
-    return [f.strip() for f in (getattr(args, "format", None) or "").split(",") if f.strip()]
-
-
-def _gguf_target(args) -> Optional[str]:
-    """The GGUF block type the quantizer must target (``--format`` includes gguf), else None.
-
-    With gguf and an integer format (compressed-tensors, gptq) in one run, the weights must be
-    exact in both: only Q4_0 / Q8_0 blocks (symmetric groups of 32, fp16 scales) are.
-    """
-    formats = _formats(args)
-    if "gguf" not in formats:
-        return None
-    t = args.gguf_type.upper()
-    others = [f for f in formats if f in ("compressed-tensors", "gptq")]
-    if others and t not in _GGUF_INT_EXACT and args.method.lower() in GGUF_GRID_METHODS:
-        raise CLIError(f"--format {','.join(formats)} with --gguf-type {t}: {t} blocks have no exact "
-                       f"{'/'.join(others)} form (fractional zero point or 5-bit codes); use --gguf-type "
-                       f"Q4_0 or Q8_0 to write them from the same weights, or write {t} in a separate run")
-    return t
+    model, seconds, _ = apply_method(model, tok, method, _given_options(args) if options is None else options,
+                                     device=_device(args), progress=not (args.quiet or args.json),
+                                     log=lambda s: _log(args, s))
+    return model, seconds
 
 
 def _size_report(model) -> Dict[str, float]:
-    from lowbit.eval.size import bits_per_weight, model_size_bytes
+    from lowbit.workflow import size_report
 
-    return {"size_mb": model_size_bytes(model) / 2 ** 20, "bits_per_weight": bits_per_weight(model)}
+    return size_report(model)
 
 
 def _emit(args, payload: Dict[str, Any], text: Optional[str] = None) -> None:
@@ -273,19 +166,18 @@ def _relaunch_nproc(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from lowbit.workflow import WorkflowError, check_formats
+
     if getattr(args, "nproc", None) and args.nproc > 1 and "RANK" not in os.environ:
         return _relaunch_nproc(args)
-
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    known = ("native", "gguf", "compressed-tensors", "gptq")
-    bad = [f for f in formats if f not in known]
-    if bad:
-        raise CLIError(f"unknown format {bad[0]!r}; expected one of {', '.join(known)} (comma-separated)")
+    try:
+        formats = check_formats(args.format.split(","))
+    except WorkflowError as e:
+        raise CLIError(str(e)) from None
     if getattr(args, "bits_budget", None) is not None or getattr(args, "size_budget", None) is not None:
         return _cmd_budget(args, formats)
     out = Path(args.output)
-    _method_call(args.method, args)  # validates early
-    _check_group_size(args, [args.method])
+    _check_method(args.method, args)  # validates early
     created = _created_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -320,118 +212,33 @@ def _remove_created(created: List[Path]) -> None:
 
 
 def _quantize_into(args, out: Path, formats: List[str]) -> int:
-    from lowbit.model.plan import measure_peak_rss, plan
-    from lowbit.io.gguf import BLOCK_IMPORT_TYPES
+    from lowbit.workflow import WorkflowError, quantize_run
 
-    target = _gguf_target(args)
-    # RTN onto the GGUF type a .gguf input already holds: keep those blocks as they are
-    keep = (target,) if target in BLOCK_IMPORT_TYPES and args.method.lower() == "rtn" else None
-    model, tok = _load(args.model, args, gguf_types=keep)
-    prediction = plan(model, args.method, bits=args.bits, group_size=args.group_size,
-                      n_samples=args.n_samples, seq_len=args.calib_seq_len)
-    need_gate = args.max_ppl_increase is not None or args.max_kld is not None
-    ref_ppl = None
-    ref_model = None
-    if need_gate:
-        ref_ppl = _ppl(model, tok, args)
-        if args.max_kld is not None:
-            import copy
-
-            ref_model = copy.deepcopy(model)
-    _log(args, f"quantizing {args.model} with {args.method} ...")
-    model, seconds = _apply_method(model, tok, args.method, args)
+    try:
+        rep = quantize_run(args.model, out, method=args.method, formats=formats, options=_given_options(args),
+                           gguf_type=args.gguf_type, max_ppl_increase=args.max_ppl_increase, max_kld=args.max_kld,
+                           evaluation=_evaluation(args), device=_device(args), progress=not (args.quiet or args.json),
+                           log=lambda s: _log(args, s), write=int(os.environ.get("RANK", "0")) == 0)
+    except WorkflowError as e:
+        raise CLIError(str(e)) from None
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel run: rank 0 writes the files
         return EXIT_OK
-    meta: Dict[str, Any] = {"model": args.model, "method": args.method, "bits": args.bits,
-                            "group_size": args.group_size, "sym": not args.asym, "quantize_seconds": seconds,
-                            **_size_report(model), "predicted": prediction,
-                            "measured": {"peak_rss_mb": measure_peak_rss() / 2 ** 20, "seconds": seconds}}
-    gate_failed = []
-    if need_gate:
-        q_ppl = _ppl(model, tok, args)
-        meta.update({"ppl_float": ref_ppl, "ppl": q_ppl, "ppl_increase": q_ppl - ref_ppl})
-        if args.max_ppl_increase is not None and q_ppl - ref_ppl > args.max_ppl_increase:
-            gate_failed.append(f"perplexity increase {q_ppl - ref_ppl:.3f} > {args.max_ppl_increase}")
-        if args.max_kld is not None:
-            from lowbit.eval.divergence import kl_divergence
-
-            kl = kl_divergence(ref_model, model, tokenizer=tok, text=_eval_text(args), seq_len=args.seq_len,
-                               max_windows=args.max_windows)
-            meta.update({"kld_mean": kl["kld_mean"], "kld_p99": kl["kld_p99"], "top1_agreement": kl["top1_agreement"]})
-            if kl["kld_mean"] > args.max_kld:
-                gate_failed.append(f"mean KL divergence {kl['kld_mean']:.4f} > {args.max_kld}")
-    meta["quality_gate"] = "failed: " + "; ".join(gate_failed) if gate_failed else ("passed" if need_gate else "not run")
-    written = _write_formats(model, tok, out, formats, args)
-    meta["formats"] = written
-    if "gguf" in written:
-        meta["gguf_type"] = args.gguf_type
-        meta["gguf_weights"] = getattr(args, "_gguf_treatment", "requantized from float")
-    from lowbit.eval.size import dir_size_bytes
-
-    if args.group_size is not None and 0 < args.group_size and (args.group_size % 8 or args.group_size < 16) \
-            and args.method.lower() in (*WEIGHT_ONLY_PTQ, "int4", "int2"):
-        print(f"lowbit: warning: --group-size {args.group_size}: the model takes {meta['bits_per_weight']:.2f} "
-              f"bits/weight", file=sys.stderr, flush=True)
-    meta["output_size_mb"] = dir_size_bytes(out) / 2 ** 20
-    tmp = out / "lowbit_run.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, out / "lowbit_run.json")
-    lines = [f"wrote {', '.join(written)} to {out}",
-             f"  quantize time   {seconds:8.1f} s   (predicted {prediction['seconds']:.1f} s)",
+    for w in rep.warnings:
+        _warn(w)
+    meta, prediction = rep.meta, rep.prediction
+    lines = [f"wrote {', '.join(rep.formats)} to {out}",
+             f"  quantize time   {rep.seconds:8.1f} s   (predicted {prediction['seconds']:.1f} s)",
              f"  peak CPU RSS    {meta['measured']['peak_rss_mb']:8.0f} MB  (predicted {prediction['peak_ram_mb']:.0f} MB)",
              f"  output size     {meta['output_size_mb']:8.1f} MB  (predicted {prediction['output_mb']:.1f} MB)",
              f"  bits per weight {meta['bits_per_weight']:8.3f}"]
-    if need_gate:
-        lines.append(f"  perplexity      {meta['ppl']:8.3f}  (float {ref_ppl:.3f}); quality gate {meta['quality_gate']}")
+    if "ppl" in meta:
+        lines.append(f"  perplexity      {meta['ppl']:8.3f}  (float {meta['ppl_float']:.3f}); quality gate "
+                     f"{meta['quality_gate']}")
     _emit(args, meta, "\n".join(lines))
-    if gate_failed:
-        print(f"lowbit: quality gate failed: {'; '.join(gate_failed)}", file=sys.stderr)
+    if rep.gate_failed:
+        print(f"lowbit: quality gate failed: {'; '.join(rep.gate_failed)}", file=sys.stderr)
         return EXIT_GATE
     return EXIT_OK
-
-
-def _write_formats(model, tok, out: Path, formats: List[str], args) -> List[str]:
-    from lowbit.io._affine import quantized_linears
-
-    if quantized_linears(model):  # a quantized model: every format from the same QuantStates
-        from lowbit.io.multi import export_all
-
-        if "native" in formats:
-            from lowbit.io.native import save
-
-            save(model, out)
-            if tok is not None:
-                tok.save_pretrained(str(out))
-        rest = [f for f in formats if f != "native"]
-        if rest:
-            report = export_all(model, out, rest, tokenizer=tok, gguf_type="auto", gguf_fallback="requantize",
-                                gguf_requantize_type=args.gguf_type, unsupported="error")
-            if "gguf" in report:
-                _log(args, f"gguf: {report['gguf']['summary']} (how each quantized weight was written)")
-                args._gguf_treatment = report["gguf"]["summary"]
-        return list(formats)
-    written = []
-    for fmt in formats:
-        if fmt == "native":
-            from lowbit.io.native import save
-
-            save(model, out)
-        elif fmt == "gguf":
-            from lowbit.io.gguf import export_gguf
-
-            export_gguf(model, out / "model.gguf", gguf_type=args.gguf_type, tokenizer=tok)
-        elif fmt == "compressed-tensors":
-            from lowbit.io.compressed_tensors import export_compressed_tensors
-
-            export_compressed_tensors(model, out / "compressed-tensors")
-        elif fmt == "gptq":
-            from lowbit.io.gptq import export_gptq
-
-            export_gptq(model, out / "gptq")
-        written.append(fmt)
-    if tok is not None and "native" in formats:
-        tok.save_pretrained(str(out))
-    return written
 
 
 def cmd_eval(args) -> int:
@@ -463,20 +270,47 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from lowbit.eval.report import compare_methods
+    from lowbit.workflow import WorkflowError, check_options, method_entry
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise CLIError(f"--methods {args.methods!r} names no method; e.g. --methods fp32,rtn,gptq,nf4")
-    if not any(_method_call(m, args)["method"] is not None for m in methods):
+    _check_group_size(args)
+    try:
+        entries = [method_entry(m) for m in methods]
+    except WorkflowError as e:
+        raise CLIError(str(e)) from None
+    if not any(e.quantized for e in entries):
         raise CLIError(f"--methods {args.methods!r} names no quantization method, only the float baseline; "
                        f"e.g. --methods fp32,rtn,gptq,nf4")
-    _check_group_size(args, methods)
+    # the shared flags go to the methods that use them: an error when none does, announced for the others
+    given = _given_options(args)
+    per_method: Dict[str, Dict[str, Any]] = {}
+    users: Dict[str, List[str]] = {k: [] for k in given}
+    for m in methods:
+        opts = {}
+        for k, v in given.items():
+            try:
+                check_options(m, {k: v})
+            except WorkflowError:
+                continue
+            opts[k] = v
+            users[k].append(m)
+        per_method[m] = opts
+    unused = [k for k, ms in users.items() if not ms]
+    if unused:
+        raise CLIError(f"{', '.join(FLAGS.get(k, k) for k in unused)}: used by none of --methods {args.methods}")
+    for k, ms in users.items():
+        rest = [m for m in methods if m not in ms and m not in ("fp32", "float", "none")]
+        if rest:
+            _log(args, f"{FLAGS.get(k, k)} applies to {', '.join(ms)}; not to {', '.join(rest)} (they do not use it)")
     if not args.output_dir:
         import tempfile
 
         args.output_dir = tempfile.mkdtemp(prefix="lowbit-compare-")
         _log(args, f"compare.md and compare.png go to {args.output_dir} (pass --output-dir to choose)")
-    rows, md = compare_methods(args, methods, load=lambda: _load(args.model, args), apply=_apply_method,
+    rows, md = compare_methods(args, methods, load=lambda: _load(args.model, args),
+                               apply=lambda model, tok, m, a: _apply_method(model, tok, m, a, per_method.get(m, {})),
                                ppl=_ppl, size=_size_report, log=lambda s: _log(args, s))
     _emit(args, {"rows": rows}, md)
     return EXIT_OK
@@ -484,11 +318,12 @@ def cmd_compare(args) -> int:
 
 def cmd_plan(args) -> int:
     from lowbit.model.plan import plan_from_config
+    from lowbit.workflow import plan_options
 
-    _method_call(args.method, args)  # an unknown method is an error, not a plan
-    _check_group_size(args, [args.method])
-    p = plan_from_config(args.model, args.method, bits=args.bits, group_size=args.group_size,
-                         n_samples=args.n_samples, seq_len=args.calib_seq_len)
+    _check_method(args.method, args)  # an unknown method or an unused option is an error, not a plan
+    p_opts = plan_options(args.method, _given_options(args))
+    p = plan_from_config(args.model, args.method, bits=p_opts["bits"], group_size=p_opts["group_size"],
+                         n_samples=p_opts["n_samples"], seq_len=p_opts["seq_len"])
     text = "\n".join(f"{k:>20}: {v:.1f}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in p.items())
     _emit(args, p, text)
     return EXIT_OK
@@ -519,10 +354,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    model, tok = _load(args.input, args)
+    from lowbit.workflow import export_model
+
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    written = _write_formats(model, tok, out, [f.strip() for f in args.format.split(",")], args)
+    written = export_model(args.input, out, [f.strip() for f in args.format.split(",")], gguf_type=args.gguf_type,
+                           device=_device(args), log=lambda s: _log(args, s))
     _emit(args, {"formats": written, "output": str(out)}, f"wrote {', '.join(written)} to {out}")
     return EXIT_OK
 
@@ -616,74 +452,43 @@ def _eval_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=128, help="-1 = per output channel")
+    # None: the method's own default (its config class); a flag the method does not use is an error
+    p.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8],
+                   help="code width of rtn/awq/gptq/hqq (default 4)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="weights per scale (default: the method's, 128 for rtn/awq/gptq/hqq/int4); -1 = per output "
+                        "channel")
     p.add_argument("--asym", action="store_true", help="asymmetric (zero point) grid for rtn/awq/gptq/hqq")
     p.add_argument("--double-quant", action="store_true", help="double-quantize nf4/fp4 scales")
-    p.add_argument("--calib-dataset", default=None, help="calibration text (default: the built-in corpus)")
-    p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-dataset", default=None,
+                   help="calibrated methods: calibration text (default: the built-in corpus)")
+    p.add_argument("--n-samples", type=int, default=None, help="calibrated methods: windows (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=None, help="calibrated methods: tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="calibrated methods: window sampling seed (default 0)")
 
 
 def _cmd_budget(args, formats: List[str]) -> int:
     """``quantize --bits-budget/--size-budget``: per-weight types by knapsack (lowbit.model.budget)."""
-    import torch
+    from lowbit.workflow import WorkflowError, quantize_budget
 
-    from lowbit.model import budget as bud
-
-    if args.bits_budget is not None and args.size_budget is not None:
-        raise CLIError("give one of --bits-budget and --size-budget, not both")
-    if formats not in (["gguf"], ["native"]):
-        raise CLIError(f"--bits-budget/--size-budget write one format: --format gguf or --format native (got {formats})")
-    if args.budget_types:
-        cands = tuple(t.strip() for t in args.budget_types.split(",") if t.strip())
-        cands = tuple(t.lower() if t.lower().startswith("int") else t.upper() for t in cands)
-    else:
-        cands = bud.GGUF_CANDIDATES if formats == ["gguf"] else bud.NATIVE_CANDIDATES
-    if formats == ["gguf"] and any(t.startswith("int") for t in cands):
-        raise CLIError(f"--budget-types {','.join(cands)}: GGUF files hold GGUF block types (Q2_K ... Q8_0)")
-    if formats == ["native"] and not all(t.startswith("int") for t in cands):
-        raise CLIError(f"--budget-types {','.join(cands)}: the native format takes int2,int3,int4,int8")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    from lowbit.data.calibration import get_calibration_data
-
-    t0 = time.perf_counter()
-    model, tok = _load(args.model, args)
-    calib = get_calibration_data(tok, args.calib_dataset or "default", n_samples=args.n_samples,
-                                 seq_len=args.calib_seq_len, seed=args.seed)
-    _log(args, f"budget: measuring the sensitivity of every weight to {', '.join(cands)} on {calib.shape[0]} windows")
+    unused = [FLAGS[k] for k in _given_options(args) if k not in ("calib_dataset", "n_samples", "seq_len", "seed")]
+    if unused:
+        raise CLIError(f"--bits-budget/--size-budget choose each weight's type themselves: {', '.join(unused)} "
+                       f"not used (--budget-types sets the candidates)")
     try:
-        bplan = bud.budget_plan(model, calib, bits_budget=args.bits_budget, size_budget=args.size_budget,
-                                candidates=cands)
-    except ValueError as e:
+        res = quantize_budget(args.model, args.output, formats, bits_budget=args.bits_budget,
+                              size_budget=args.size_budget, budget_types=args.budget_types,
+                              calib_dataset=args.calib_dataset, n_samples=args.n_samples or 128,
+                              seq_len=args.calib_seq_len or 512, seed=args.seed or 0, device=_device(args),
+                              log=lambda s: _log(args, s))
+    except WorkflowError as e:
         raise CLIError(str(e)) from None
-    states = bud.plan_quant_states(model, bplan)
-    plan_path = bplan.save(out / "budget_plan.json")
-    if formats == ["gguf"]:
-        from lowbit.io.gguf import export_gguf
-
-        export_gguf(model, out / "model.gguf", gguf_type="Q8_0", tokenizer=tok, quant_states=states)
-    else:
-        from lowbit.io.native import save
-        from lowbit.nn import QLinear
-
-        for name, st in states.items():
-            mod_name = name[: -len(".weight")]
-            mod = model.get_submodule(mod_name) if not name.startswith("model.embed_tokens") else None
-            if mod is None or type(mod) is not torch.nn.Linear:
-                continue
-            parent, _, child = mod_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, QLinear.from_quant_state(mod, st))
-        save(model, out)
-        if tok is not None:
-            tok.save_pretrained(str(out))
-    lines = [f"budget plan: {bplan.summary()}", f"  plan saved to {plan_path}",
-             f"  wrote {formats[0]} to {out} in {time.perf_counter() - t0:.1f} s"]
+    bplan = res["plan"]
+    lines = [f"budget plan: {bplan.summary()}", f"  plan saved to {res['plan_path']}",
+             f"  wrote {formats[0]} to {res['output']} in {res['seconds']:.1f} s"]
     for n, t in bplan.types.items():
         lines.append(f"  {n}: {t}")
-    _emit(args, {"budget_plan": bplan.to_json(), "output": str(out)}, "\n".join(lines))
+    _emit(args, {"budget_plan": bplan.to_json(), "output": str(res["output"])}, "\n".join(lines))
     return EXIT_OK
 
 
@@ -693,11 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and write it")
     p.add_argument("--model", default="default", help="'default', a local HF dir, a .gguf file or a hub id")
-    p.add_argument("--method", default="gptq", help="rtn|awq|gptq|hqq|nf4|fp4|int8|int4|fp8|fp16|bf16|<registered>")
+    p.add_argument("--method", default="gptq",
+                   help="a method of the method table: rtn|awq|gptq|hqq|nf4|fp4|int8|int4|int2|fp8|fp16|bf16|fp32|"
+                        "sparse-2:4[-int8|-int4]|<registered> (lowbit.model.methods.list_methods())")
     p.add_argument("--output", required=True)
-    p.add_argument("--format", default="native", help="native,gguf,compressed-tensors,gptq (comma-separated)")
-    p.add_argument("--gguf-type", default="Q4_0", type=str.upper,
-                   choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *GGUF_K_TARGETS])
+    p.add_argument("--format", default="native",
+                   help="native,gguf,compressed-tensors,gptq (comma-separated); gguf makes rtn/gptq/awq use the "
+                        "--gguf-type block grid (its bits, groups of 32, symmetry: announced and recorded)")
+    p.add_argument("--gguf-type", default="Q4_0", type=str.upper, choices=list(GGUF_TYPES))
     p.add_argument("--max-ppl-increase", type=float, default=None, help="quality gate on perplexity")
     p.add_argument("--max-kld", type=float, default=None, help="quality gate on mean KL divergence")
     p.add_argument("--max-memory", default=None,
@@ -770,8 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--format", required=True, help="gguf,compressed-tensors,gptq")
-    p.add_argument("--gguf-type", default="Q4_0", type=str.upper,
-                   choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *GGUF_K_TARGETS])
+    p.add_argument("--gguf-type", default="Q4_0", type=str.upper, choices=list(GGUF_TYPES))
     _common(p)
     p.set_defaults(fn=cmd_export)
 

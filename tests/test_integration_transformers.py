@@ -33,7 +33,8 @@ CASES = {
     "int4-asym-g64": (dict(method="int4", group_size=64, sym=False), dict(scheme="int4_asym", group_size=64)),
     "int8": (dict(method="int8"), dict(scheme="int8", group_size=-1)),
     "fp8": (dict(method="fp8"), dict(scheme="fp8_e4m3", group_size=-1)),
-    "int4-sym-g128": (dict(method="int4"), dict(scheme="int4", group_size=128)),
+    # int4 means what `lowbit quantize --method int4` means: quanto's asymmetric qint4, groups of 128
+    "int4-default-g128": (dict(method="int4"), dict(scheme="int4_asym", group_size=128)),
 }
 
 
@@ -85,6 +86,7 @@ def test_config_validation_and_json_roundtrip():
         dict(method="int4", double_quant=True),
         dict(method="nf4", sym=False),
         dict(method="int4", group_size=0),
+        dict(method="int4", sym=True),  # int4 is asymmetric (CHANGELOG): symmetric 4-bit is method="rtn"
         dict(method="nf4", colour="red"),
         dict(method="int4", compute_dtype="bfloat16"),
         dict(method="gptq", n_samples=0),

@@ -59,12 +59,19 @@ def plot_compare(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") ->
     return True
 
 
-FLOAT_METHODS = ("fp32", "fp16", "bf16")  # compare rows that are not quantized models
+FLOAT_METHODS = ("fp32", "fp16", "bf16")  # the built-in float baselines (the method table says which rows are)
+
+
+def is_quantized(method: str) -> bool:
+    """Whether ``method`` yields a quantized model (the method table's ``quantized``; False for fp32/fp16/bf16)."""
+    from lowbit.model.methods import METHODS
+
+    return method.lower() not in METHODS or METHODS.get(method).quantized
 
 
 def _best_quantized(rows: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The quantized row with the lowest perplexity (None when there is none)."""
-    return min((r for r in rows if r["method"] not in FLOAT_METHODS), key=lambda r: r["ppl"], default=None)
+    return min((r for r in rows if is_quantized(r["method"])), key=lambda r: r["ppl"], default=None)
 
 
 def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callable, ppl: Callable,
@@ -72,22 +79,25 @@ def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callabl
     """Run every method on a fresh model; returns the rows and the Markdown text (also written to disk)."""
     rows: List[Dict[str, Any]] = []
     float_ppl = None
-    for m in ["fp32"] + [m for m in methods if m not in ("fp32", "float")]:
+    from lowbit.model.methods import METHODS
+
+    baseline = METHODS.get("fp32").name
+    for m in [baseline] + [m for m in methods if METHODS.get(m).name != baseline]:
         model, tok = load()
         log(f"[{m}] quantizing ...")
         t0 = time.perf_counter()
         model, seconds = apply(model, tok, m, args)
-        seconds = seconds if m != "fp32" else 0.0
+        seconds = seconds if m != baseline else 0.0
         log(f"[{m}] evaluating perplexity ...")
         p = ppl(model, tok, args)
-        if m == "fp32":
+        if m == baseline:
             float_ppl = p
         row = {"method": m, "ppl": p, "delta": p - float_ppl if float_ppl is not None else None,
                "seconds": seconds, **size(model)}
         rows.append(row)
         log(f"[{m}] ppl {p:.3f}, {row['size_mb']:.1f} MB, {time.perf_counter() - t0:.0f} s")
         save_dir = getattr(args, "save", None)
-        if save_dir and m not in FLOAT_METHODS and _best_quantized(rows) is row:
+        if save_dir and is_quantized(m) and _best_quantized(rows) is row:
             from lowbit.io.native import save
 
             save(model, save_dir)  # atomic: replaces the previous best only once complete
@@ -96,7 +106,9 @@ def compare_methods(args, methods: Sequence[str], load: Callable, apply: Callabl
             log(f"[{m}] best so far: saved to {save_dir}")
         del model
         gc.collect()
-    title = (f"{args.model}: {args.bits}-bit, group {args.group_size}, perplexity on "
+    grid = ", ".join(x for x in (f"{args.bits}-bit" if getattr(args, "bits", None) else "",
+                                 f"group {args.group_size}" if getattr(args, "group_size", None) else "") if x)
+    title = (f"{args.model}: {grid or 'each method at its defaults'}, perplexity on "
              f"{args.dataset or 'the built-in corpus'} ({args.max_windows} x {args.seq_len} tokens)"
              + (f", on {args.device}" if getattr(args, "device", "cpu") not in (None, "cpu") else ""))
     md = f"# lowbit compare\n\n{title}\n\n" + markdown_table(rows, COMPARE_COLUMNS) + "\n"

@@ -54,7 +54,7 @@ from transformers.quantizers.base import HfQuantizer  # noqa: E402
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module  # noqa: E402
 from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
-from lowbit.config import parse_dtype  # noqa: E402
+from lowbit.config import WeightOnlyConfig, parse_dtype  # noqa: E402
 from lowbit.model.api import MODULE_CLASSES, quantization_map, quantize_model  # noqa: E402
 from lowbit.nn import QLinear, QModuleMixin  # noqa: E402
 from lowbit.nn.linear4bit import Linear4bit  # noqa: E402
@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 QUANT_METHOD = "lowbit"
 CONFIG_VERSION = 1
 
+# What each method means, its options and defaults come from lowbit's method table
+# (lowbit.model.methods, the config classes of lowbit.config); these names list the built-in ones.
 #: data-free methods with a fixed module mapping (quantized weight by weight while loading)
 MAPPED_METHODS = ("nf4", "fp4", "int4", "int8", "fp8")
 #: methods that need calibration data: run on the loaded model by the lowbit dispatcher
@@ -72,9 +74,11 @@ CALIBRATED_METHODS = ("gptq", "awq")
 #: data-free algorithms run per weight through the lowbit dispatcher
 DISPATCHED_METHODS = ("rtn", "hqq")
 KNOWN_METHODS = MAPPED_METHODS + DISPATCHED_METHODS + CALIBRATED_METHODS
-_PTQ_METHODS = ("rtn", "hqq", "gptq", "awq")
-_FIXED_BITS = {"nf4": 4, "fp4": 4, "int4": 4, "int8": 8, "fp8": 8}
-_DEFAULT_GROUP = {"nf4": 64, "fp4": 64, "int8": -1, "fp8": -1}
+#: LowbitConfig keys that are options of the method's config (when the config has that field)
+_GRID_KEYS = ("bits", "group_size", "sym", "double_quant", "compute_dtype")
+_CALIB_KEYS = ("calib_dataset", "n_samples", "seq_len", "tokenizer")
+#: code widths the integration's checkpoints are tested with (the PTQ configs accept 2..8)
+INTEGRATION_BITS = (2, 3, 4, 8)
 _QSTATE_PARTS = ("data", "scales", "zeros", "code", "meta")
 #: shape of the guard tensor saved under each quantized weight's float name (see ``get_state_dict_and_metadata``)
 WEIGHT_GUARD_SHAPE = (0,)
@@ -98,17 +102,21 @@ class LowbitConfig(QuantizationConfigMixin):
     """Quantization config for ``from_pretrained(..., quantization_config=LowbitConfig(...))``.
 
     Args:
-        method: ``nf4`` | ``fp4`` (bitsandbytes-style 4-bit codebooks over flat blocks),
-            ``int4`` | ``int8`` (plain round-to-nearest integer codes), ``fp8`` (float8 e4m3 with
-            per-channel or per-group scales), ``rtn`` | ``hqq`` (lowbit's data-free PTQ
+        method: a name of lowbit's method table, with the same meaning as ``lowbit quantize
+            --method`` and ``lowbit.quantize(model, method=...)``: ``nf4`` | ``fp4``
+            (bitsandbytes-style 4-bit codebooks over flat blocks), ``int4`` (asymmetric int4,
+            quanto's qint4: a zero point per group), ``int8`` (symmetric int8), ``fp8`` (float8
+            e4m3 with per-channel or per-group scales), ``rtn`` | ``hqq`` (lowbit's data-free PTQ
             algorithms, any ``bits``), ``gptq`` | ``awq`` (calibrated, run after loading); or any
-            method name registered in the lowbit dispatcher.
+            method registered in the table.
         bits: code width (fixed 4 for nf4/fp4/int4, 8 for int8/fp8; 2, 3, 4 or 8 otherwise;
             default 4).
         group_size: weights per scale along the input dimension (nf4/fp4: the block size,
             default 64; integer methods default 128; int8/fp8 default -1 = one scale per output
             channel).
-        sym: symmetric integer codes (default True); ``False`` stores a zero point per group.
+        sym: symmetric integer codes (default: the method's; True for rtn/gptq/awq/hqq); ``False``
+            stores a zero point per group. ``int4`` is asymmetric (``sym=True`` is an error: use
+            ``method="rtn", bits=4`` for symmetric int4).
         double_quant: nf4/fp4 only, quantize the block absmax once more (QLoRA, ~4.127 bits).
         compute_dtype: nf4/fp4 only, dtype of the matmul (default: the input's dtype).
         modules_to_not_convert: module names or patterns kept in float (transformers' matching
@@ -124,13 +132,13 @@ class LowbitConfig(QuantizationConfigMixin):
 
     Example::
 
-        >>> cfg = LowbitConfig(method="int4", group_size=64, sym=False)
+        >>> cfg = LowbitConfig(method="int4", group_size=64)
         >>> cfg.to_dict()["quant_method"], cfg.bits
         ('lowbit', 4)
     """
 
     def __init__(self, method: str = "nf4", bits: Optional[int] = None, group_size: Optional[int] = None,
-                 sym: bool = True, double_quant: bool = False,
+                 sym: Optional[bool] = None, double_quant: bool = False,
                  compute_dtype: Union[str, torch.dtype, None] = None,
                  modules_to_not_convert: Optional[Sequence[str]] = None, calib_dataset: Any = None,
                  n_samples: Optional[int] = None, seq_len: Optional[int] = None, tokenizer: Any = None,
@@ -163,42 +171,88 @@ class LowbitConfig(QuantizationConfigMixin):
         self.quantization_map = quantization_map
         self.post_init()
 
+    def _entry(self):
+        from lowbit.model.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected a method of lowbit's method table "
+                             f"({', '.join(METHODS.names())})")
+        return METHODS.get(self.method)
+
+    def method_config(self):
+        """The method's validated config object (:mod:`lowbit.config`), or None for a config-less method."""
+        entry = self._entry()
+        if entry.config_cls is None:
+            return None
+        return entry.config_cls.create(**self._config_kwargs(entry, runtime=False))
+
+    def _config_kwargs(self, entry, runtime: bool = True) -> Dict[str, Any]:
+        """Keyword options of the method's config: the grid keys it has, calibration keys, ``method_kwargs``."""
+        from lowbit.config import Bnb4bitConfig
+
+        accepted = entry.accepted_keys()
+        out: Dict[str, Any] = {}
+        for key in _GRID_KEYS:
+            value = getattr(self, key)
+            target = "block_size" if key == "group_size" and entry.config_cls is not None and \
+                issubclass(entry.config_cls, Bnb4bitConfig) else key
+            if value is None or (key == "double_quant" and not value):
+                continue
+            if target in accepted:
+                out[target] = value
+        for key in _CALIB_KEYS:
+            value = getattr(self, key)
+            if value is not None and key in accepted and (runtime or key != "tokenizer"):
+                out[key] = value
+        out.update(self.method_kwargs)
+        return out
+
     def post_init(self) -> None:
-        """Validate and fill the defaults (raises ValueError naming the offending value)."""
+        """Validate and fill the defaults from the method table (raises ValueError naming the offending value)."""
+        from lowbit.config import Bnb4bitConfig, _QTypeConfig
+
         m = self.method
         if not isinstance(m, str):
             raise TypeError(f"method must be a string, got {type(m).__name__}")
-        if m not in KNOWN_METHODS:
-            from lowbit.model.methods import METHODS
-
-            if m not in METHODS:
-                raise ValueError(f"method={m!r}: expected one of {', '.join(KNOWN_METHODS)} or a method registered "
-                                 f"in lowbit's dispatcher ({', '.join(METHODS.names())})")
-        if m in _FIXED_BITS:
-            if self.bits is None:
-                self.bits = _FIXED_BITS[m]
-            elif self.bits != _FIXED_BITS[m]:
-                raise ValueError(f"bits={self.bits!r}: method {m!r} is {_FIXED_BITS[m]}-bit")
-        elif m in _PTQ_METHODS:
-            if self.bits is None:
-                self.bits = 4
-            if self.bits not in (2, 3, 4, 8):
-                raise ValueError(f"bits={self.bits!r}: method {m!r} supports 2, 3, 4 or 8 bits")
-        if m in _PTQ_METHODS or m in _FIXED_BITS:
-            if self.group_size is None:
-                self.group_size = _DEFAULT_GROUP.get(m, 128)
-            if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
-                raise ValueError(f"group_size={self.group_size!r}: must be a positive integer or -1 (per channel)")
-            if m in ("nf4", "fp4") and self.group_size == -1:
-                raise ValueError(f"group_size=-1: method {m!r} needs a positive block size (default 64)")
-        if not isinstance(self.sym, bool):
+        if not isinstance(self.method_kwargs, dict):
+            raise TypeError(f"method_kwargs must be a dict, got {type(self.method_kwargs).__name__}")
+        entry = self._entry()
+        cls = entry.config_cls
+        accepted = entry.accepted_keys()
+        if self.sym is not None and not isinstance(self.sym, bool):
             raise TypeError(f"sym must be a bool, got {self.sym!r}")
-        if m in ("nf4", "fp4", "fp8") and not self.sym:
-            raise ValueError(f"sym=False: method {m!r} has no zero point (codebook / float codes)")
-        if self.double_quant and m not in ("nf4", "fp4"):
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or (self.group_size <= 0 and self.group_size != -1)):
+            raise ValueError(f"group_size={self.group_size!r}: must be a positive integer or -1 (per channel)")
+        mapped = cls is not None and issubclass(cls, (Bnb4bitConfig, _QTypeConfig))
+        if cls is not None and issubclass(cls, Bnb4bitConfig):
+            fixed = {"bits": 4, "sym": True}
+            if self.group_size == -1:
+                raise ValueError(f"group_size=-1: method {m!r} needs a positive block size (default 64)")
+            if self.sym is False:
+                raise ValueError(f"sym=False: method {m!r} has no zero point (codebook / float codes)")
+        elif cls is not None and issubclass(cls, _QTypeConfig):
+            fixed = {"bits": cls().bits, "sym": cls().bits == 8}
+            legacy = self.quantization_map is not None  # saved by an older lowbit (int4 was symmetric)
+            if self.sym is not None and self.sym != fixed["sym"] and not legacy:
+                raise ValueError(f"sym={self.sym!r}: method {m!r} is {'symmetric' if fixed['sym'] else 'asymmetric'}"
+                                 + ("" if fixed["sym"] else f" (quanto's qint{fixed['bits']}, a zero point per group); "
+                                    f"for symmetric {fixed['bits']}-bit codes use method='rtn', bits={fixed['bits']}"))
+        else:
+            fixed = {}
+        if "bits" in fixed:
+            if self.bits is None:
+                self.bits = fixed["bits"]
+            elif self.bits != fixed["bits"]:
+                raise ValueError(f"bits={self.bits!r}: method {m!r} is {fixed['bits']}-bit")
+        if self.sym is None:
+            self.sym = fixed.get("sym", True)
+        if fixed.get("sym") and m in ("fp8",) and not self.sym:
+            raise ValueError(f"sym=False: method {m!r} has no zero point (float codes)")
+        if self.double_quant and "double_quant" not in accepted:
             raise ValueError(f"double_quant=True: only methods 'nf4' and 'fp4' quantize their scales, not {m!r}")
         if self.compute_dtype is not None:
-            if m not in ("nf4", "fp4"):
+            if "compute_dtype" not in accepted:
                 raise ValueError(f"compute_dtype: only methods 'nf4' and 'fp4' take a compute dtype, not {m!r}")
             self.compute_dtype = str(parse_dtype(self.compute_dtype, "compute_dtype")).replace("torch.", "")
         if self.modules_to_not_convert is not None:
@@ -209,42 +263,51 @@ class LowbitConfig(QuantizationConfigMixin):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{key}={v!r}: must be a positive integer")
-        if not isinstance(self.method_kwargs, dict):
-            raise TypeError(f"method_kwargs must be a dict, got {type(self.method_kwargs).__name__}")
+        if cls is not None and issubclass(cls, WeightOnlyConfig) and self.bits is not None and \
+                self.bits not in INTEGRATION_BITS:
+            raise ValueError(f"bits={self.bits!r}: method {m!r} supports 2, 3, 4 or 8 bits in the transformers "
+                             f"integration")
+        if not mapped and self.bits is not None and "bits" not in accepted:
+            raise ValueError(f"bits={self.bits!r}: method {m!r} does not take bits")
+        cfg = self.method_config() if cls is not None else None
+        # the method's defaults, recorded in the config
+        if cfg is not None:
+            if self.bits is None and "bits" in accepted:
+                self.bits = cfg.bits
+            if self.group_size is None:
+                if isinstance(cfg, Bnb4bitConfig):
+                    self.group_size = cfg.block_size
+                elif "group_size" in accepted:
+                    self.group_size = -1 if cfg.group_size is None else cfg.group_size
 
     # -- what the config means ------------------------------------------------------------------
     @property
     def is_calibrated(self) -> bool:
-        return self.method in CALIBRATED_METHODS
+        return self._entry().calibrated
 
     @property
     def is_mapped(self) -> bool:
-        return self.method in MAPPED_METHODS
+        from lowbit.config import Bnb4bitConfig, _QTypeConfig
+
+        cls = self._entry().config_cls
+        return cls is not None and issubclass(cls, (Bnb4bitConfig, _QTypeConfig))
 
     def module_for(self, linear: nn.Linear) -> nn.Module:
         """The (unfrozen) lowbit module replacing ``linear`` for a mapped method (parameters shared)."""
-        m = self.method
-        if m in ("nf4", "fp4"):
-            return Linear4bit.from_module(linear, quant_type=m, compute_dtype=self.compute_dtype,
-                                          double_quant=self.double_quant, block_size=self.group_size)
-        if m == "fp8":
-            scheme = "fp8_e4m3"
-        else:
-            scheme = f"int{self.bits}" if self.sym else f"int{self.bits}_asym"
-        return QLinear.from_module(linear, weights=scheme, group_size=self.group_size)
+        from lowbit.config import Bnb4bitConfig
+
+        cfg = self.method_config()
+        if isinstance(cfg, Bnb4bitConfig):
+            return Linear4bit.from_module(linear, quant_type=cfg.quant_type, compute_dtype=cfg.compute_dtype,
+                                          double_quant=cfg.double_quant, block_size=cfg.block_size)
+        return QLinear.from_module(linear, weights=cfg.weights, group_size=cfg.group_size)
 
     def dispatcher_options(self) -> Dict[str, Any]:
         """Keyword options for ``lowbit.quantize(model, method=self.method, **options)``."""
-        opts: Dict[str, Any] = {}
-        if self.method in _PTQ_METHODS:
-            opts.update(bits=self.bits, group_size=self.group_size, sym=self.sym)
-        if self.method in CALIBRATED_METHODS:
-            for key in ("calib_dataset", "n_samples", "seq_len", "tokenizer"):
-                if getattr(self, key) is not None:
-                    opts[key] = getattr(self, key)
-        elif self.method in _PTQ_METHODS:
-            opts["progress"] = False  # one call per weight: no progress bar each time
-        opts.update(self.method_kwargs)
+        entry = self._entry()
+        opts = self._config_kwargs(entry)
+        if not entry.calibrated and "progress" in entry.accepted_keys():
+            opts.setdefault("progress", False)  # one call per weight: no progress bar each time
         return opts
 
     # -- serialisation ------------------------------------------------------------------------

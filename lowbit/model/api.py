@@ -60,10 +60,17 @@ def _ensure_builtin_methods() -> None:
 # module selection and replacement
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """fnmatch on the qualified module name; a pattern also matches as a suffix at a module boundary
+    (``"lm_head"`` matches ``model.lm_head``, ``"mlp.*"`` matches ``model.layers.0.mlp.up_proj``)."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
+
+
 def _selected(name: str, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+    """The one module selection rule (quanto workflow, dispatcher methods and PTQ alike)."""
+    if include is not None and not any(_matches(name, p) for p in include):
         return False
-    if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+    if exclude and any(_matches(name, p) for p in exclude):
         return False
     return True
 

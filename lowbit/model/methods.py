@@ -15,12 +15,35 @@ Every backend has the same signature, ``fn(model, config) -> nn.Module``, and re
         ...
         return model
 
+A weight-only PTQ method needs no model-level function: its config subclasses
+:class:`lowbit.config.WeightOnlyConfig` (which owns ``bits``/``group_size``/``sym`` and the
+calibration options) and it registers the function that quantizes one layer, and the block-by-block
+pipeline (:mod:`lowbit.model.sequential`) runs it::
+
+    @dataclass(frozen=True)
+    class ToyConfig(WeightOnlyConfig):
+        method: ClassVar[str] = "toy"
+        shrink: float = 1.0                      # the method's own option, with its default
+
+    def toy_layer(weight, config):               # [out, in] float -> QuantState
+        return rtn_quantize(weight * config.shrink, config.bits, config.group_size, config.sym)
+
+    register_ptq_method("toy", config=ToyConfig, layer=toy_layer)   # data-free
+    # calibrated: register_ptq_method("toy", config=ToyConfig, stage=toy_stage) with
+    # toy_stage(stage, modules, config) filling stage.states (see sequential._gptq_stage_cfg)
+
+Every entry states whether it needs calibration (``calibrated``), what it costs for ``lowbit plan``
+(``cost``: a :class:`lowbit.model.plan.Cost`) and whether it yields a quantized model
+(``quantized``: False for the fp32/fp16/bf16 baselines). The CLI, ``LowbitConfig``, ``plan``,
+``compare`` and the reports read this table and nothing else.
+
 A method registered without a config class receives the keyword arguments directly,
 ``fn(model, **kwargs)``, and its keyword parameters are the accepted keys. Either way a key the
 method does not accept raises ``ValueError`` naming the accepted keys, and an unknown method
 name raises ``ValueError`` listing the registered methods.
 
-Built-in backends (this file): ``fp16``, ``bf16`` (cast), ``int8-dynamic`` (Linear, LSTM, GRU),
+Built-in backends (this file): ``fp32`` (no change), ``fp16``, ``bf16`` (cast), ``int8``, ``int4``,
+``int2``, ``fp8`` (weight-only quanto qtypes, frozen), ``int8-dynamic`` (Linear, LSTM, GRU),
 ``int8-static`` (calibrated Linear/Conv2d), ``bnb-int8`` (LLM.int8()), ``bnb-nf4``, ``bnb-fp4``,
 and ``quanto`` (the ``weights=`` / ``activations=`` workflow). The weight-only PTQ algorithms
 (``rtn``, ``awq``, ``gptq``, ``hqq``) register from ``lowbit.model.ptq_methods`` when it exists.
@@ -42,12 +65,19 @@ from lowbit.config import (
     BnbFp4Config,
     BnbInt8Config,
     BnbNf4Config,
+    Fp8Config,
     Fp16Config,
+    Fp32Config,
+    Int2Config,
+    Int4Config,
+    Int8Config,
     Int8DynamicConfig,
     Int8StaticConfig,
     MethodConfig,
     QuantoConfig,
+    WeightOnlyConfig,
 )
+from lowbit.model import plan as _plan
 
 
 @dataclass(frozen=True)
@@ -58,16 +88,42 @@ class Method:
     fn: Callable[..., Optional[nn.Module]]
     config_cls: Optional[Type[MethodConfig]] = None
     description: str = ""
-    #: the CLI supplies calibration tokens (``calib_dataset``), ``device`` and ``progress``
+    #: the method needs calibration data (the CLI supplies ``calib_dataset``)
     calibrated: bool = False
-    #: cost model for ``lowbit plan`` (keys of :func:`lowbit.model.plan._predict`'s overrides), or None
+    #: the older dict form of ``cost`` (see :meth:`lowbit.model.plan.Cost.from_dict`)
     plan: Optional[dict] = None
+    #: cost model for ``lowbit plan`` (:class:`lowbit.model.plan.Cost`); None: derived from ``plan``/``calibrated``
+    cost: Any = None
+    #: data-free PTQ: ``layer(weight [out, in], config) -> QuantState`` run by the block pipeline
+    layer: Optional[Callable] = None
+    #: calibrated PTQ: ``stage(stage, modules, config)`` run by the block pipeline on each stage's statistics
+    stage: Optional[Callable] = None
+    #: False for the float baselines (fp32, fp16, bf16): compare does not rank them
+    quantized: bool = True
 
     def accepted_keys(self) -> tuple:
         if self.config_cls is not None:
             return self.config_cls.accepted_keys()
         params = list(inspect.signature(self.fn).parameters.values())[1:]
         return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+    @property
+    def takes_device(self) -> bool:
+        """The method runs on a chosen device (``device=``/``progress=`` options)."""
+        return "device" in self.accepted_keys()
+
+    def make_config(self, **kwargs: Any) -> Optional[MethodConfig]:
+        """The validated config object for ``kwargs`` (None for a method without a config class, whose
+        keys are still checked)."""
+        if self.config_cls is not None:
+            return self.config_cls.create(**kwargs)
+        accepted = self.accepted_keys()
+        has_var_kw = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(self.fn).parameters.values())
+        bad = sorted(set(kwargs) - set(accepted))
+        if bad and not has_var_kw:
+            raise ValueError(f"method {self.name!r} does not accept {', '.join(map(repr, bad))}; "
+                             f"accepted keys: {', '.join(accepted) or '(none)'}")
+        return None
 
 
 _PLUGIN_MODULES = ("lowbit.model.ptq_methods", "lowbit.model.sparse_methods")
@@ -105,19 +161,59 @@ METHODS: _MethodRegistry = _MethodRegistry("quantization method")
 
 def register_method(name: str, *, config: Optional[Type[MethodConfig]] = None, aliases: tuple = (),
                     overwrite: bool = False, description: str = "", calibrated: bool = False,
-                    plan: Optional[dict] = None) -> Callable:
+                    plan: Optional[dict] = None, cost: Any = None, quantized: bool = True) -> Callable:
     """Decorator registering ``fn(model, config) -> model`` (or ``fn(model, **kwargs)``) under ``name``.
 
-    ``calibrated``: the method takes ``calib_dataset``/``device``/``progress`` (the CLI passes them);
-    ``plan``: its cost model for ``lowbit plan`` (see :func:`lowbit.model.plan._predict`).
+    ``calibrated``: the method needs ``calib_dataset`` (the CLI passes it, with ``device``/``progress``
+    when the method accepts them); ``cost``: its :class:`lowbit.model.plan.Cost` for ``lowbit plan``
+    (``plan``: the same as a dict); ``quantized=False``: a float baseline.
     """
 
     def deco(fn: Callable) -> Callable:
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        METHODS.add(name, Method(name, fn, config, doc, calibrated, plan), aliases=aliases, overwrite=overwrite)
+        METHODS.add(name, Method(name, fn, config, doc, calibrated, plan, cost, quantized=quantized),
+                    aliases=aliases, overwrite=overwrite)
         return fn
 
     return deco
+
+
+def _run_ptq(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
+    from lowbit.model.sequential import quantize_model_ptq
+
+    return quantize_model_ptq(model, config=config)
+
+
+def register_ptq_method(name: str, *, config: Type[WeightOnlyConfig], layer: Optional[Callable] = None,
+                        stage: Optional[Callable] = None, cost: Any = None, aliases: tuple = (),
+                        overwrite: bool = False, description: str = "") -> Method:
+    """Register a weight-only PTQ method run by the block-by-block pipeline (one line per method).
+
+    Give ``layer(weight, config) -> QuantState`` for a data-free method, or ``stage(stage, modules,
+    config)`` for a calibrated one (it reads ``stage.stats`` and fills ``stage.states[name]``, see
+    :func:`lowbit.model.sequential._gptq_stage_cfg`). ``config``: a :class:`WeightOnlyConfig` subclass
+    whose ``method`` is ``name``; ``cost``: a :class:`lowbit.model.plan.Cost` (default: integer codes
+    of ``bits`` with a scale and zero point per group; calibrated methods the GPTQ-like time).
+    """
+    if (layer is None) == (stage is None):
+        raise TypeError(f"register_ptq_method({name!r}): give exactly one of layer= (data-free) or stage= "
+                        f"(calibrated)")
+    if not (isinstance(config, type) and issubclass(config, WeightOnlyConfig)):
+        raise TypeError(f"register_ptq_method({name!r}): config must be a WeightOnlyConfig subclass, got {config!r}")
+    if config.method != name:
+        raise ValueError(f"register_ptq_method({name!r}): {config.__name__}.method is {config.method!r}")
+    calibrated = stage is not None
+    if cost is None:
+        cost = _plan.Cost(calibrated=calibrated, storage=_plan.storage_affine)
+    doc = description or (inspect.getdoc(config) or "").split("\n")[0]
+    m = Method(name, _run_ptq, config, doc, calibrated, None, cost, layer=layer, stage=stage)
+    METHODS.add(name, m, aliases=aliases, overwrite=overwrite)
+    return m
+
+
+def get_method(name: str) -> Method:
+    """The table entry of ``name`` (an alias resolves to its method)."""
+    return METHODS.get(name)
 
 
 def list_methods() -> list:
@@ -137,17 +233,12 @@ def run_method(model: nn.Module, method: str, config: Optional[MethodConfig] = N
                 raise TypeError(f"method {m.name!r} expects a {m.config_cls.__name__}, got {type(config).__name__}")
             cfg = config
         else:
-            cfg = m.config_cls.create(**kwargs)
+            cfg = m.make_config(**kwargs)
         out = m.fn(model, cfg)
     else:
         if config is not None:
             raise TypeError(f"method {m.name!r} takes keyword options, not a config object")
-        accepted = m.accepted_keys()
-        has_var_kw = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(m.fn).parameters.values())
-        bad = sorted(set(kwargs) - set(accepted))
-        if bad and not has_var_kw:
-            raise ValueError(f"method {m.name!r} does not accept {', '.join(map(repr, bad))}; "
-                             f"accepted keys: {', '.join(accepted) or '(none)'}")
+        m.make_config(**kwargs)
         out = m.fn(model, **kwargs)
     return model if out is None else out
 
@@ -163,13 +254,23 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-@register_method("fp16", config=Fp16Config, aliases=("float16",))
+_FLOAT16 = _plan.Cost(storage=_plan.storage_float(16))
+
+
+@register_method("fp32", config=Fp32Config, aliases=("float", "none"), quantized=False,
+                 cost=_plan.Cost(storage=_plan.storage_float(32)))
+def fp32(model: nn.Module, config: Fp32Config) -> nn.Module:
+    """The model as it is (the float baseline)."""
+    return model
+
+
+@register_method("fp16", config=Fp16Config, aliases=("float16",), quantized=False, cost=_FLOAT16)
 def fp16(model: nn.Module, config: Fp16Config) -> nn.Module:
     """Cast floating parameters and buffers to float16 (lossless baseline for GPU inference)."""
     return _cast(model, torch.float16)
 
 
-@register_method("bf16", config=Bf16Config, aliases=("bfloat16",))
+@register_method("bf16", config=Bf16Config, aliases=("bfloat16",), quantized=False, cost=_FLOAT16)
 def bf16(model: nn.Module, config: Bf16Config) -> nn.Module:
     """Cast floating parameters and buffers to bfloat16."""
     return _cast(model, torch.bfloat16)
@@ -192,6 +293,26 @@ def quanto(model: nn.Module, config: QuantoConfig) -> nn.Module:
         return None
 
     return replace_modules(model, factory, config.include, config.exclude)
+
+
+def _qtype_method(model: nn.Module, config) -> nn.Module:
+    from lowbit.model.api import freeze
+
+    model = quanto(model, config.quanto())
+    freeze(model)
+    return model
+
+
+_QTYPE_COST = _plan.Cost(storage=_plan.storage_qtype)
+_CHANNEL8_COST = _plan.Cost(storage=_plan.storage_int8_channel)
+register_method("int8", config=Int8Config, cost=_CHANNEL8_COST,
+                description="int8 weights (symmetric, per output channel), weight-only; frozen")(_qtype_method)
+register_method("int4", config=Int4Config, cost=_QTYPE_COST,
+                description="int4 weights (asymmetric, automatic groups of <=128), weight-only; frozen")(_qtype_method)
+register_method("int2", config=Int2Config, cost=_QTYPE_COST,
+                description="int2 weights (asymmetric, automatic groups of <=128), weight-only; frozen")(_qtype_method)
+register_method("fp8", config=Fp8Config, cost=_CHANNEL8_COST,
+                description="float8 e4m3 weights (per output channel), weight-only; frozen")(_qtype_method)
 
 
 @register_method("int8-dynamic", config=Int8DynamicConfig)
@@ -225,7 +346,7 @@ def _iterate_batches(model: nn.Module, loader) -> None:
                 model(batch)
 
 
-@register_method("int8-static", config=Int8StaticConfig)
+@register_method("int8-static", config=Int8StaticConfig, cost=_CHANNEL8_COST)
 def int8_static(model: nn.Module, config: Int8StaticConfig) -> nn.Module:
     """int8 weights and int8 activations with static scales calibrated on ``calib_loader``; frozen."""
     from lowbit.model.api import freeze, replace_modules
@@ -254,7 +375,7 @@ def int8_static(model: nn.Module, config: Int8StaticConfig) -> nn.Module:
     return model
 
 
-@register_method("bnb-int8", config=BnbInt8Config, aliases=("llm.int8", "llm-int8"))
+@register_method("bnb-int8", config=BnbInt8Config, aliases=("llm.int8", "llm-int8"), cost=_CHANNEL8_COST)
 def bnb_int8(model: nn.Module, config: BnbInt8Config) -> nn.Module:
     """LLM.int8(): int8 row-wise weights, outlier input columns (|x| >= threshold) in float; frozen."""
     from lowbit.model.api import freeze, replace_modules
@@ -285,13 +406,16 @@ def _bnb_4bit(model: nn.Module, config) -> nn.Module:
     return model
 
 
-@register_method("bnb-nf4", config=BnbNf4Config, aliases=("nf4",))
+_BNB4_COST = _plan.Cost(storage=_plan.storage_bnb4)
+
+
+@register_method("bnb-nf4", config=BnbNf4Config, aliases=("nf4",), cost=_BNB4_COST)
 def bnb_nf4(model: nn.Module, config: BnbNf4Config) -> nn.Module:
     """bitsandbytes-style NF4 weights in blocks of 64 (QLoRA); ``double_quant=True`` for ~4.127 bits."""
     return _bnb_4bit(model, config)
 
 
-@register_method("bnb-fp4", config=BnbFp4Config, aliases=("fp4",))
+@register_method("bnb-fp4", config=BnbFp4Config, aliases=("fp4",), cost=_BNB4_COST)
 def bnb_fp4(model: nn.Module, config: BnbFp4Config) -> nn.Module:
     """bitsandbytes-style FP4 (e2m1) weights in blocks of 64."""
     return _bnb_4bit(model, config)

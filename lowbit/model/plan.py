@@ -17,15 +17,14 @@ Model of the costs (CPU, fp32 master weights):
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 PROCESS_BASELINE_MB = 450.0
-_CALIBRATED = ("gptq", "awq")
-_PTQ = ("rtn", "gptq", "awq", "hqq")
 
 
 def measure_peak_rss() -> int:
@@ -67,57 +66,117 @@ def _shape_counts(model: nn.Module, exclude=("lm_head",)) -> Dict[str, Any]:
     return {"linear": linear, "other": other, "largest_in": largest_in, "layers": outs}
 
 
-def _method_plan(method: str) -> Dict[str, Any]:
-    """The cost model a method of the method table declares (``register_method(plan={...})``): keys
-    ``calibrated``, ``hessian`` (a GPTQ-like per-layer solve), ``weight_bits`` (None: float weights kept),
-    ``scale_bytes`` per group, ``group`` (-1: per output channel). Empty for the built-in cost rows."""
-    if method in _PTQ:
-        return {}
+@dataclass(frozen=True)
+class Cost:
+    """What a method costs, as the method table states it (``register_method(cost=...)``).
+
+    ``calibrated``: runs the calibration pipeline (activations in memory, two passes per block);
+    ``hessian``: a GPTQ-like per-layer solve (``in²`` statistics, ``in³/3`` flops);
+    ``storage(bits, group_size, hidden) -> (bits per weight code, group, bytes per group)``;
+    ``seconds(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian) -> seconds`` (None: the
+    calibrated formula for calibrated methods, else :func:`seconds_memory_bound`).
+    """
+
+    calibrated: bool = False
+    hessian: bool = False
+    storage: Optional[Callable[[int, int, int], Tuple[float, int, float]]] = None
+    seconds: Optional[Callable[..., float]] = None
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Cost":
+        """The older dict form: ``calibrated``, ``hessian``, ``weight_bits`` (None: float weights kept),
+        ``scale_bytes`` per group, ``group`` (-1: per output channel)."""
+        d = dict(d)
+        wbits, g, per_group = d.get("weight_bits"), d.get("group", -1), d.get("scale_bytes", 0)
+
+        def storage(bits, group_size, hidden):
+            return (wbits or 32), (hidden if g in (-1, None) else g) or 1, per_group
+
+        return cls(calibrated=bool(d.get("calibrated")), hessian=bool(d.get("hessian")), storage=storage)
+
+
+# -- storage formulas (bits per code, group, bytes per group) ------------------------------------
+
+
+def storage_affine(bits: int, group_size: int, hidden: int) -> Tuple[float, int, float]:
+    """Integer codes plus one fp32 scale and a uint8 zero point per group (PTQ methods)."""
+    return bits, (group_size if group_size and group_size > 0 else hidden), 5
+
+
+def storage_qtype(bits: int, group_size: Optional[int], hidden: int) -> Tuple[float, int, float]:
+    """int4/int2 (quanto qtypes): groups of ``group_size`` (None: the automatic rule, 128), -1 per channel."""
+    return bits, (group_size if group_size and group_size > 0 else (128 if group_size is None else hidden)), 5
+
+
+def storage_bnb4(bits: int, group_size: int, hidden: int) -> Tuple[float, int, float]:
+    """nf4/fp4: 4-bit codes, one fp32 absmax per block of 64."""
+    return 4, 64, 4
+
+
+def storage_int8_channel(bits: int, group_size: int, hidden: int) -> Tuple[float, int, float]:
+    """int8 / fp8 weights with one fp32 scale per output channel."""
+    return 8, max(hidden, 1), 4
+
+
+def storage_float(width: int) -> Callable[[int, int, int], Tuple[float, int, float]]:
+    """Float weights of ``width`` bits, no scales."""
+
+    def storage(bits: int, group_size: int, hidden: int) -> Tuple[float, int, float]:
+        return width, 1, 0
+
+    storage.__name__ = f"storage_float{width}"
+    return storage
+
+
+# -- time formulas -------------------------------------------------------------------------------
+
+
+def seconds_calibrated(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian) -> float:
+    """Every block twice over the calibration tokens, plus the per-layer solve."""
+    flops = 2 * 2 * (counts["linear"]) * tokens + 2 * tokens * seq_len * hidden * n_blocks * 2
+    solve = sum(i ** 3 / 3 + o * i * i for i, o in counts["layers"]) if hessian else \
+        sum(20 * 2 * o * i * min(tokens, 4096) for i, o in counts["layers"])
+    return (flops + solve) / (gflops * 1e9) * 1.5
+
+
+def seconds_hqq(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian) -> float:
+    """HQQ's iterations over every weight."""
+    return counts["linear"] * 20 * 10 / (gflops * 1e9) + 2.0
+
+
+def seconds_memory_bound(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian) -> float:
+    """Data-free methods: one pass over the weights."""
+    return counts["linear"] * 60 / 1e9 + 1.0
+
+
+def method_cost(method: str) -> Cost:
+    """The cost model of ``method`` from the method table (an unknown name raises, listing the methods)."""
     from lowbit.model.methods import METHODS
 
-    try:
-        return dict(METHODS.get(method).plan or {})
-    except (ValueError, TypeError):
-        return {}
+    m = METHODS.get(method)
+    if isinstance(m.cost, Cost):
+        return m.cost
+    if isinstance(m.cost, dict):
+        return Cost.from_dict(m.cost)
+    return Cost(calibrated=m.calibrated)
 
 
 def _predict(counts: Dict[str, Any], hidden: int, n_blocks: int, method: str, bits: int, group_size: int,
              n_samples: int, seq_len: int, gflops: Optional[float]) -> Dict[str, Any]:
     method = method.lower()
-    info = _method_plan(method)
-    calibrated = method in _CALIBRATED or bool(info.get("calibrated"))
-    hessian = method == "gptq" or bool(info.get("hessian"))
+    cost = method_cost(method)
+    calibrated, hessian = cost.calibrated, cost.hessian
     total = counts["linear"] + counts["other"]
     float_mb = total * 4 / 2 ** 20
     tokens = n_samples * seq_len
     calib_mb = 2 * tokens * hidden * 4 / 2 ** 20 if calibrated else 0.0
     hess_mb = counts["largest_in"] ** 2 * 4 * 8 / 2 ** 20 if hessian else 0.0
     ram = PROCESS_BASELINE_MB + float_mb * 1.1 + calib_mb + hess_mb
-    if info:
-        g = info.get("group", -1)
-        qbits, gs, per_group = (info.get("weight_bits") or 32), (hidden if g in (-1, None) else g) or 1, \
-            info.get("scale_bytes", 0)
-    elif method in ("nf4", "fp4", "bnb-nf4", "bnb-fp4"):
-        qbits, gs, per_group = 4, 64, 4
-    elif method in ("int8", "bnb-int8", "fp8"):
-        qbits, gs, per_group = 8, max(hidden, 1), 4
-    elif method in ("fp32", "none", "float"):
-        qbits, gs, per_group = 32, 1, 0
-    elif method in ("fp16", "bf16"):
-        qbits, gs, per_group = 16, 1, 0
-    else:
-        qbits, gs, per_group = bits, (group_size if group_size and group_size > 0 else hidden), 5
+    qbits, gs, per_group = (cost.storage or storage_affine)(bits, group_size, hidden)
     out_mb = (counts["linear"] * (qbits / 8 + per_group / gs) + counts["other"] * 4) / 2 ** 20
     gflops = gflops or matmul_gflops()
-    if calibrated:
-        flops = 2 * 2 * (counts["linear"]) * tokens + 2 * tokens * seq_len * hidden * n_blocks * 2
-        solve = sum(i ** 3 / 3 + o * i * i for i, o in counts["layers"]) if hessian else \
-            sum(20 * 2 * o * i * min(tokens, 4096) for i, o in counts["layers"])
-        seconds = (flops + solve) / (gflops * 1e9) * 1.5
-    elif method == "hqq":
-        seconds = counts["linear"] * 20 * 10 / (gflops * 1e9) + 2.0
-    else:
-        seconds = counts["linear"] * 60 / 1e9 + 1.0
+    seconds_fn = cost.seconds or (seconds_calibrated if calibrated else seconds_memory_bound)
+    seconds = seconds_fn(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian)
     return {"method": method, "params": total, "quantized_params": counts["linear"],
             "float_mb": float_mb, "peak_ram_mb": ram, "accelerator_mb": 0.0, "disk_mb": out_mb,
             "output_mb": out_mb, "seconds": seconds, "gflops": gflops}

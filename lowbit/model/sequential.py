@@ -31,7 +31,6 @@ Example::
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import resource
 import threading
@@ -49,19 +48,15 @@ from lowbit.algorithms.gptq import GPTQResult, gptq_factor, gptq_quantize
 from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.algorithms.stats import InputStats, gram
+from lowbit.config import AWQConfig, GPTQConfig, HQQConfig, RTNConfig, WeightOnlyConfig
 
 logger = logging.getLogger(__name__)
 
+# The built-in methods' names and options, as the method table (lowbit.model.methods) holds them: each
+# method's config class (lowbit.config.RTNConfig ...) owns its options and their defaults.
 PTQ_METHODS = ("rtn", "awq", "gptq", "hqq")
 CALIBRATED = ("awq", "gptq")
-
-_GPTQ_KEYS = ("percdamp", "blocksize", "act_order", "static_groups", "group_objective", "refit", "n_grid",
-              "max_shrink", "gguf_type", "two_sided")
-_AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie", "two_sided", "joint", "refine",
-             "gguf_type")
-_HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init", "early_stop")
-_RTN_KEYS = ("search", "n_grid", "max_shrink", "refine", "gguf_type")
-METHOD_OPTIONS = {"gptq": _GPTQ_KEYS, "awq": _AWQ_KEYS, "hqq": _HQQ_KEYS, "rtn": _RTN_KEYS}
+METHOD_OPTIONS = {c.method: c.option_names() for c in (GPTQConfig, AWQConfig, HQQConfig, RTNConfig)}
 
 # (preceding module, layers reading its output) inside a Llama/Mistral/Qwen-style decoder block
 _FOLDS = (
@@ -80,15 +75,7 @@ class _StopForward(Exception):
 # selection, installation, structure
 
 
-def _selected(name: str, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> bool:
-    def match(p: str) -> bool:
-        return fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") or name == p
-
-    if include is not None and not any(match(p) for p in include):
-        return False
-    if exclude and any(match(p) for p in exclude):
-        return False
-    return True
+from lowbit.model.api import _selected  # noqa: E402  (the one module-name matcher)
 
 
 def _select_linears(model: nn.Module, include, exclude) -> Dict[str, nn.Linear]:
@@ -332,13 +319,30 @@ class _Staged:
 # methods applied to one stage
 
 
-def _split_options(method: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    allowed = METHOD_OPTIONS[method]
-    bad = sorted(set(options) - set(allowed))
-    if bad:
-        raise ValueError(f"method {method!r} does not accept option(s) {', '.join(map(repr, bad))}; "
-                         f"accepted: {', '.join(allowed)}")
-    return dict(options)
+# the functions the method table (lowbit.model.ptq_methods) points to: each takes the method's config object
+
+
+def _rtn_layer(weight: torch.Tensor, cfg: RTNConfig):
+    """rtn, one layer."""
+    return rtn_quantize(weight, cfg.bits, cfg.group_size, cfg.sym, **cfg.options())
+
+
+def _hqq_layer(weight: torch.Tensor, cfg: HQQConfig):
+    """hqq, one layer."""
+    return hqq_quantize(weight, cfg.bits, cfg.group_size, cfg.sym, **cfg.options())
+
+
+def _gptq_stage_cfg(stage: "_Stage", modules: Dict[str, nn.Linear], cfg: GPTQConfig) -> None:
+    """gptq, one stage of layers sharing their input (:func:`_gptq_stage`)."""
+    _gptq_stage(stage, modules, cfg.bits, cfg.group_size, cfg.sym, cfg.options())
+
+
+def _awq_stage_cfg(stage: "_Stage", modules: Dict[str, nn.Linear], cfg: AWQConfig) -> None:
+    """awq, one stage of layers sharing their input (:func:`_awq_stage`)."""
+    _awq_stage(stage, modules, cfg.bits, cfg.group_size, cfg.sym, cfg.options())
+
+
+_awq_stage_cfg.needs_absmean = True  # the stage reads stats.act_absmean() (the pipeline collects it)
 
 
 def _solve_owner(i: int) -> int:
@@ -542,15 +546,18 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
                        device: Any = None, progress: bool = True, tokenizer: Any = None, batch_size: int = 8,
                        micro_batch: Optional[int] = None, max_memory: Any = None, offload_dir: Optional[str] = None,
                        checkpoint_dir: Optional[str] = None, resume: bool = False, pipeline: str = "auto",
-                       **method_options: Any) -> nn.Module:
+                       config: Optional[WeightOnlyConfig] = None, **method_options: Any) -> nn.Module:
     """Weight-only PTQ of every selected ``nn.Linear`` of ``model`` (in place); returns ``model``.
 
     ``method``: ``"rtn"``, ``"hqq"`` (data-free) or ``"gptq"``, ``"awq"`` (calibrated on
     ``calib_dataset``: a token tensor ``[n, seq_len]``, or anything
-    :func:`lowbit.data.calibration.get_calibration_data` accepts, tokenized with ``tokenizer``).
+    :func:`lowbit.data.calibration.get_calibration_data` accepts, tokenized with ``tokenizer``), or any
+    method registered with :func:`lowbit.model.methods.register_ptq_method`.
     ``include``/``exclude``: fnmatch patterns on module names (a bare name also matches as a
-    suffix, so ``"lm_head"`` excludes ``model.lm_head``). ``method_options`` go to the algorithm
-    (e.g. ``percdamp``, ``act_order``, ``group_objective`` for GPTQ; ``n_grid``, ``clip`` for AWQ).
+    suffix, so ``"lm_head"`` excludes ``model.lm_head``). ``method_options`` are the method's own
+    options, fields of its config class (e.g. ``percdamp``, ``act_order``, ``group_objective`` of
+    :class:`lowbit.config.GPTQConfig`; ``n_grid``, ``clip`` of :class:`lowbit.config.AWQConfig`);
+    ``config=`` passes that config object instead of every keyword.
 
     Calibration memory (see the module doc): samples go through each block ``micro_batch`` at a time
     (default ``batch_size``); the activations kept between passes stay on ``device`` within
@@ -567,36 +574,48 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     The summary (time, bits per weight, sizes, peak memory) is logged and stored as
     ``model.ptq_summary``.
     """
+    from lowbit.model.methods import METHODS
     from lowbit.model.offload import parse_bytes
 
-    method = method.lower()
-    if method not in PTQ_METHODS:
-        raise ValueError(f"method={method!r}: expected one of {PTQ_METHODS}")
-    if bits not in (2, 3, 4, 5, 6, 7, 8):
-        raise ValueError(f"bits={bits!r}: expected 2, 3, 4 or 8 (any integer 2..8 works)")
-    if not (group_size == -1 or (isinstance(group_size, int) and group_size > 0)):
-        raise ValueError(f"group_size={group_size!r}: must be a positive integer or -1")
-    if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch <= 0):
-        raise ValueError(f"micro_batch={micro_batch!r}: must be a positive integer")
-    if pipeline not in ("auto", "staged", "threads"):
-        raise ValueError(f"pipeline={pipeline!r}: expected 'auto', 'staged' or 'threads'")
+    if config is None:
+        entry = METHODS.get(method) if isinstance(method, str) and method.lower() in METHODS else None
+        if entry is None or (entry.layer is None and entry.stage is None):
+            ptq = sorted(n for n in METHODS.names() if METHODS.get(n).layer or METHODS.get(n).stage)
+            raise ValueError(f"method={method!r}: expected one of {tuple(ptq)}")
+        config = entry.config_cls.create(
+            bits=bits, group_size=group_size, sym=sym, include=include, exclude=exclude, calib_dataset=calib_dataset,
+            n_samples=n_samples, seq_len=seq_len, seed=seed, device=device, progress=progress, tokenizer=tokenizer,
+            batch_size=batch_size, micro_batch=micro_batch, max_memory=max_memory, offload_dir=offload_dir,
+            checkpoint_dir=checkpoint_dir, resume=resume, pipeline=pipeline, **method_options)
+    else:
+        if method_options:
+            raise ValueError(f"pass either config= or the method's options, not both (got config and "
+                             f"{', '.join(sorted(method_options))})")
+        entry = METHODS.get(config.method)
+    return _quantize_ptq(model, entry, config, parse_bytes(config.max_memory))
+
+
+def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Optional[int]) -> nn.Module:
+    """The pipeline for one validated config: ``entry`` is its method-table entry (layer or stage)."""
+    method = entry.name
+    bits, group_size, sym = cfg.bits, cfg.group_size, cfg.sym
+    include, exclude, device, progress = cfg.include, cfg.exclude, cfg.device, cfg.progress
+    pipeline, micro_batch = cfg.pipeline, cfg.micro_batch
+    calibrated = entry.stage is not None
     if pipeline == "auto":
         # the micro-batched pipeline bounds memory but costs more time (bench/scale.md): it runs when asked
         # for (a budget, a micro-batch, checkpoints, torchrun); otherwise the all-samples-at-once one
         launched = "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized())
-        wanted = micro_batch is not None or max_memory is not None or checkpoint_dir is not None or resume
+        wanted = micro_batch is not None or cfg.max_memory is not None or cfg.checkpoint_dir is not None or cfg.resume
         pipeline = "staged" if wanted or launched else "threads"
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir= (where the per-block checkpoints are)")
-    budget = parse_bytes(max_memory)
-    opts = _split_options(method, method_options)
+    opts = cfg.options()
     t0 = time.perf_counter()
     param = next(model.parameters())
     home = param.device
     device = torch.device(device) if device is not None else home
     from lowbit.model.distributed import init_from_env, local_device
 
-    if method in CALIBRATED and pipeline == "staged":
+    if calibrated and pipeline == "staged":
         init_from_env(device)  # launched by torchrun: join the process group
     device = local_device(device)
     if device.type == "cuda":
@@ -613,29 +632,25 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     states: Dict[str, Any] = {}
     extra: Dict[str, Any] = {}
 
-    if method in ("rtn", "hqq"):
+    if not calibrated:
         for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
             lin = selected[name]
             w = lin.weight.detach().to(device)
-            if method == "rtn":
-                st = rtn_quantize(w, bits, group_size, sym, **opts)
-            else:
-                st = hqq_quantize(w, bits, group_size, sym, **opts)
+            st = entry.layer(w, cfg.for_layer(name))
             states[name] = st.to(lin.weight.device)
             _install(model, name, lin, states[name])
     else:
-        ids = _calibration_tokens(model, calib_dataset, tokenizer, n_samples, seq_len, seed)
+        ids = _calibration_tokens(model, cfg.calib_dataset, cfg.tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed)
         extra["calib_tokens"] = int(ids.numel())
         if pipeline == "threads":  # the previous all-samples-at-once pipeline (kept for comparisons)
-            _run_calibrated_threads(model, method, selected, ids, bits, group_size, sym, opts, device, home,
-                                    batch_size, progress, states, extra)
+            _run_calibrated_threads(model, entry, cfg, selected, ids, device, home, states, extra)
         else:
-            cfg = _RunConfig(micro_batch=micro_batch or batch_size, budget=budget, offload_dir=offload_dir,
-                             checkpoint_dir=checkpoint_dir, resume=resume,
+            micro = micro_batch or cfg.batch_size
+            run = _RunConfig(micro_batch=micro, budget=budget, offload_dir=cfg.offload_dir,
+                             checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume,
                              fingerprint=_fingerprint(model, method, bits, group_size, sym, opts, ids, include,
-                                                      exclude, micro_batch or batch_size))
-            _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, cfg, progress,
-                            states, extra)
+                                                      exclude, micro))
+            _run_calibrated(model, entry, cfg, selected, ids, device, home, run, states, extra)
 
     elapsed = time.perf_counter() - t0
     q_bytes = sum(st.nbytes for st in states.values())
@@ -897,14 +912,15 @@ def _make_store(device: torch.device, cfg: _RunConfig, reserve: int):
     return ActivationStore(device, avail, host_budget=host, spill_dir=cfg.offload_dir)
 
 
-def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, cfg: _RunConfig,
-                    progress, states, extra) -> None:
+def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device, home, cfg: _RunConfig, states,
+                    extra) -> None:
     from lowbit.model import resume as ckpt
     from lowbit.model.distributed import rank_world
 
+    method, progress = entry.name, qcfg.progress
     blocks_name, blocks = find_blocks(model)
-    quantize_fn = {"gptq": _gptq_stage, "awq": _awq_stage}[method]
-    need_h, need_abs = True, method == "awq"
+    quantize_fn = entry.stage
+    need_h, need_abs = True, bool(getattr(entry.stage, "needs_absmean", False))
     mbs = _micro_batches(ids.shape[0], cfg.micro_batch)
     seq = ids.shape[1]
     extra["micro_batch"] = cfg.micro_batch
@@ -917,8 +933,8 @@ def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, d
         try:
             items = [store.put(ids[a:b].to(device)) for a, b in mbs]
             stages = [_Stage([n]) for n in selected]
-            _run_stages_mb(model, None, stages, selected, lambda x: model(x), items, store, quantize_fn, bits,
-                           group_size, sym, opts, need_h, need_abs, states, progress, "model", cfg)
+            _run_stages_mb(model, None, stages, selected, lambda x: model(x), items, store, quantize_fn, qcfg,
+                           need_h, need_abs, states, "model", cfg)
         finally:
             store.close()
         model.to(home)
@@ -960,8 +976,8 @@ def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, d
                 args, kwargs = item
                 return _first_tensor(block(*args, **kwargs))
 
-            outs = _run_stages_mb(model, block, stages, sel, run_block, items, store, quantize_fn, bits, group_size,
-                                  sym, opts, need_h, need_abs, states, progress, f"block {bi}", cfg)
+            outs = _run_stages_mb(model, block, stages, sel, run_block, items, store, quantize_fn, qcfg,
+                                  need_h, need_abs, states, f"block {bi}", cfg)
             new_items = []
             for o, it in zip(outs, items):
                 args, kwargs = store.get(it, pop=True)
@@ -987,8 +1003,7 @@ def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, d
         try:
             items = [store.put(ids[a:b].to(device)) for a, b in mbs]
             _run_stages_mb(model, None, stages, rest, lambda x: model(input_ids=x, use_cache=False), items, store,
-                           quantize_fn, bits, group_size, sym, opts, need_h, need_abs, states, progress,
-                           "outside blocks", cfg)
+                           quantize_fn, qcfg, need_h, need_abs, states, "outside blocks", cfg)
         finally:
             store.close()
     _to_device_except(model, blocks, home)
@@ -996,12 +1011,13 @@ def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, d
         checkpoints.finish()
 
 
-def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, bits, group_size, sym, opts, need_h,
-                   need_abs, states, progress, desc, cfg: _RunConfig) -> List[int]:
-    bar = _progress(total=sum(len(s.names) for s in stages), desc=f"  {desc} layers", enabled=progress, leave=False)
+def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, qcfg: WeightOnlyConfig, need_h,
+                   need_abs, states, desc, cfg: _RunConfig) -> List[int]:
+    bar = _progress(total=sum(len(s.names) for s in stages), desc=f"  {desc} layers", enabled=qcfg.progress,
+                    leave=False)
 
     def q(stage: _Stage) -> None:
-        quantize_fn(stage, modules, bits, group_size, sym, opts)
+        quantize_fn(stage, modules, qcfg)
 
     def done(stage: _Stage) -> None:
         bar.update(len(stage.names))
@@ -1011,12 +1027,16 @@ def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, 
     for stage in stages:  # layers no sample reached: quantize without data (RTN)
         if getattr(stage, "unreached", False) or not stage.states:
             for n in stage.names:
-                stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym,
-                                               gguf_type=opts.get("gguf_type"))
+                stage.states[n] = _rtn_fallback(modules[n].weight.detach(), qcfg.for_layer(n))
             bar.update(len(stage.names))
     bar.close()
     _install_stages(model, stages, modules, states)
     return outs
+
+
+def _rtn_fallback(weight: torch.Tensor, qcfg: WeightOnlyConfig):
+    """A layer no calibration sample reached: round to nearest on the method's grid."""
+    return rtn_quantize(weight, qcfg.bits, qcfg.group_size, qcfg.sym, gguf_type=getattr(qcfg, "gguf_type", None))
 
 
 def _install_stages(model, stages, modules, states) -> None:
@@ -1038,18 +1058,19 @@ def _install_stages(model, stages, modules, states) -> None:
 # the previous pipeline: every calibration chunk through the block at once, one thread each
 
 
-def _run_calibrated_threads(model, method, selected, ids, bits, group_size, sym, opts, device, home, batch_size,
-                            progress, states, extra) -> None:
+def _run_calibrated_threads(model, entry, qcfg: WeightOnlyConfig, selected, ids, device, home, states,
+                            extra) -> None:
+    method, progress, batch_size = entry.name, qcfg.progress, qcfg.batch_size
     blocks_name, blocks = find_blocks(model)
-    quantize_fn = {"gptq": _gptq_stage, "awq": _awq_stage}[method]
-    need_h, need_abs = True, method == "awq"
+    quantize_fn = entry.stage
+    need_h, need_abs = True, bool(getattr(entry.stage, "needs_absmean", False))
 
     if blocks is None:  # whole-model statistics: the model is one block
         stages = [_Stage([n]) for n in selected]
         chunks = [ids[i:i + batch_size].to(device) for i in range(0, ids.shape[0], batch_size)]
         model.to(device)
-        _run_stages(model, stages, selected, lambda x: model(x), chunks, quantize_fn, bits, group_size, sym, opts,
-                    need_h, need_abs, states, progress, "model")
+        _run_stages(model, stages, selected, lambda x: model(x), chunks, quantize_fn, qcfg, need_h, need_abs,
+                    states, "model")
         model.to(home)
         return
 
@@ -1070,8 +1091,8 @@ def _run_calibrated_threads(model, method, selected, ids, bits, group_size, sym,
             args, kwargs = item
             return _first_tensor(block(*args, **kwargs))
 
-        outs = _run_stages(model, stages, sel, run_block, captured, quantize_fn, bits, group_size, sym, opts,
-                           need_h, need_abs, states, progress, f"block {bi}")
+        outs = _run_stages(model, stages, sel, run_block, captured, quantize_fn, qcfg, need_h, need_abs, states,
+                           f"block {bi}")
         captured = [((o,) + tuple(a[1:]), kw) for o, (a, kw) in zip(outs, captured)]
         block.to(block_home)
         bar.update(1)
@@ -1080,8 +1101,8 @@ def _run_calibrated_threads(model, method, selected, ids, bits, group_size, sym,
     if rest:
         stages = [_Stage([n]) for n in rest]
         chunks = [ids[i:i + batch_size].to(device) for i in range(0, ids.shape[0], batch_size)]
-        _run_stages(model, stages, rest, lambda x: model(input_ids=x, use_cache=False), chunks, quantize_fn, bits,
-                    group_size, sym, opts, need_h, need_abs, states, progress, "outside blocks")
+        _run_stages(model, stages, rest, lambda x: model(input_ids=x, use_cache=False), chunks, quantize_fn, qcfg,
+                    need_h, need_abs, states, "outside blocks")
     _to_device_except(model, blocks, home)
 
 
@@ -1100,12 +1121,13 @@ def _to_device_except(model: nn.Module, blocks: nn.ModuleList, device: torch.dev
                 mod._buffers[key] = b.to(device)
 
 
-def _run_stages(model, stages, modules, fn, chunks, quantize_fn, bits, group_size, sym, opts, need_h, need_abs,
-                states, progress, desc) -> List[Any]:
-    bar = _progress(total=sum(len(s.names) for s in stages), desc=f"  {desc} layers", enabled=progress, leave=False)
+def _run_stages(model, stages, modules, fn, chunks, quantize_fn, qcfg: WeightOnlyConfig, need_h, need_abs, states,
+                desc) -> List[Any]:
+    bar = _progress(total=sum(len(s.names) for s in stages), desc=f"  {desc} layers", enabled=qcfg.progress,
+                    leave=False)
 
     def q(stage: _Stage) -> None:
-        quantize_fn(stage, modules, bits, group_size, sym, opts)
+        quantize_fn(stage, modules, qcfg)
 
     def done(stage: _Stage) -> None:
         bar.update(len(stage.names))
@@ -1115,8 +1137,7 @@ def _run_stages(model, stages, modules, fn, chunks, quantize_fn, bits, group_siz
     for stage in stages:  # layers no chunk reached: quantize without data (RTN)
         if not stage.done:
             for n in stage.names:
-                stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym,
-                                               gguf_type=opts.get("gguf_type"))
+                stage.states[n] = _rtn_fallback(modules[n].weight.detach(), qcfg.for_layer(n))
             stage.done = True
             bar.update(len(stage.names))
     bar.close()

@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.sparsegpt import magnitude_prune, quantize_kept, sparsegpt_prune
+from lowbit.config import Sparse24Config, Sparse24Int4Config, Sparse24Int8Config
 from lowbit.model.methods import register_method
+from lowbit.model.plan import Cost
 
 logger = logging.getLogger(__name__)
 
@@ -233,43 +235,17 @@ _PLAN_INT8 = {"calibrated": True, "hessian": True, "weight_bits": 8, "scale_byte
 _PLAN_INT4 = {"calibrated": True, "hessian": True, "weight_bits": 4, "scale_bytes": 4, "group": 128}
 
 
-@register_method("sparse-2:4", calibrated=True, plan=_PLAN_FP,
-                 description="2:4 semi-structured sparsity (SparseGPT or magnitude), sparse tensor cores")
-def sparse_24(model: nn.Module, *, algorithm: str = "sparsegpt", bits: Optional[int] = None, group_size: int = -1,
-              sym: bool = True, include=None, exclude=("lm_head",), calib_dataset=None, tokenizer=None,
-              n_samples: int = 128, seq_len: int = 512, seed: int = 0, device=None, progress: bool = True,
-              batch_size: int = 8, percdamp: float = 0.01, blocksize: int = 128) -> nn.Module:
-    """2:4 pruning of every selected Linear; float SparseLinear (``bits=8``/``4``: joint quantization)."""
-    return prune_model_24(model, algorithm=algorithm, bits=bits, group_size=group_size, sym=sym, include=include,
-                          exclude=exclude, calib_dataset=calib_dataset, tokenizer=tokenizer, n_samples=n_samples,
-                          seq_len=seq_len, seed=seed, device=device, progress=progress, batch_size=batch_size,
-                          percdamp=percdamp, blocksize=blocksize)
+def _sparse(model: nn.Module, config) -> nn.Module:
+    """2:4 pruning of every selected Linear (the config says float, int8 W8A8 or int4 weight-only)."""
+    return prune_model_24(model, **config.prune_kwargs())
 
 
-@register_method("sparse-2:4-int8", calibrated=True, plan=_PLAN_INT8,
-                 description="2:4 sparsity + W8A8 int8 (per-channel weights, per-token activations)")
-def sparse_24_int8(model: nn.Module, *, algorithm: str = "sparsegpt", include=None, exclude=("lm_head",),
-                   calib_dataset=None, tokenizer=None, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
-                   device=None, progress: bool = True, batch_size: int = 8, percdamp: float = 0.01,
-                   blocksize: int = 128) -> nn.Module:
-    """2:4 pruning jointly with int8 per-channel weights; SparseLinear W8A8 (sparse int8 tensor cores)."""
-    return prune_model_24(model, algorithm=algorithm, bits=8, group_size=-1, sym=True, include=include,
-                          exclude=exclude, calib_dataset=calib_dataset, tokenizer=tokenizer, n_samples=n_samples,
-                          seq_len=seq_len, seed=seed, device=device, progress=progress, batch_size=batch_size,
-                          percdamp=percdamp, blocksize=blocksize)
-
-
-@register_method("sparse-2:4-int4", calibrated=True, plan=_PLAN_INT4,
-                 description="2:4 sparsity + int4 weight-only (groups of 128), dense 4-bit execution")
-def sparse_24_int4(model: nn.Module, *, algorithm: str = "sparsegpt", group_size: int = 128, sym: bool = True,
-                   include=None, exclude=("lm_head",), calib_dataset=None, tokenizer=None, n_samples: int = 128,
-                   seq_len: int = 512, seed: int = 0, device=None, progress: bool = True, batch_size: int = 8,
-                   percdamp: float = 0.01, blocksize: int = 128) -> nn.Module:
-    """2:4 pruning jointly with int4 group-wise weights; a weight-only QLinear (storage 4 bits)."""
-    return prune_model_24(model, algorithm=algorithm, bits=4, group_size=group_size, sym=sym, include=include,
-                          exclude=exclude, calib_dataset=calib_dataset, tokenizer=tokenizer, n_samples=n_samples,
-                          seq_len=seq_len, seed=seed, device=device, progress=progress, batch_size=batch_size,
-                          percdamp=percdamp, blocksize=blocksize)
+register_method("sparse-2:4", config=Sparse24Config, calibrated=True, cost=Cost.from_dict(_PLAN_FP),
+                description="2:4 semi-structured sparsity (SparseGPT or magnitude), sparse tensor cores")(_sparse)
+register_method("sparse-2:4-int8", config=Sparse24Int8Config, calibrated=True, cost=Cost.from_dict(_PLAN_INT8),
+                description="2:4 sparsity + W8A8 int8 (per-channel weights, per-token activations)")(_sparse)
+register_method("sparse-2:4-int4", config=Sparse24Int4Config, calibrated=True, cost=Cost.from_dict(_PLAN_INT4),
+                description="2:4 sparsity + int4 weight-only (groups of 128), dense 4-bit execution")(_sparse)
 
 
 __all__ = ["prune_model_24", "ALGORITHMS"]
