@@ -23,8 +23,13 @@ Which CPUs the digests hold for. The cases split in two:
   as the portable cases' (same layouts: the portable rtn cases cover the PTQ path's group layout, the GGUF grid
   and every exporter), so the writers' byte identity is proven on every CPU.
 
-The digests were recorded on the tree before issue 16's refactor (commit 4058e7c); the one exception issue 16
-allows is noted in CHANGELOG.md where it is made.
+The digests were recorded on the tree before issue 16's refactor (commit 4058e7c), with one documented
+exception (CHANGELOG.md, issue 16): ``group_size=-1`` (one group per output channel) used to give two on-disk
+layouts (``channel`` through ``lowbit.quantize(tensor)``, ``group`` with one group per row through the PTQ
+algorithms); it now gives one, ``channel`` along axis 0, from every path. The ``rtn_g-1`` case holds the digests
+of that canonical layout; its earlier digests stay in the JSON under ``"before_canonical_g-1"`` for the record
+(the native checkpoint and the compressed-tensors ``strategy`` changed; the GPTQ export did not), and files in the
+old form still load (tests/test_granularity.py).
 
 Regenerate (only when a format change is intended, and say so in CHANGELOG.md)::
 

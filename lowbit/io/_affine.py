@@ -27,6 +27,7 @@ import torch
 
 from lowbit.formats import affine
 from lowbit.tensor.functional import SCHEMES, _scales, affine_state, codes as state_codes
+from lowbit.tensor.granularity import Grouping
 from lowbit.tensor.state import QuantState
 
 
@@ -143,8 +144,7 @@ class AffineWeight:
         if self.codes.dim() != 2:
             raise ValueError(f"codes must be 2-D [out, in], got {tuple(self.codes.shape)}")
         out_f, in_f = self.codes.shape
-        if self.group_size in (-1, None):
-            self.group_size = in_f
+        self.group_size = Grouping.of_columns(in_f, self.group_size).stored_group_size  # -1/None: one group per row
         G = self.n_groups
         if self.g_idx is not None:
             if tuple(self.g_idx.shape) != (in_f,):
@@ -222,7 +222,7 @@ class AffineWeight:
             zeros = None if zeros is None else zeros[:, sel].contiguous()
         if zeros is not None and bool((zeros.to(torch.int32) == affine.implicit_zero(self.bits)).all()):
             zeros = None
-        st = affine_state(codes.to(torch.uint8), scales, zeros, self.bits, g, dtype=self.dtype)
+        st = affine_state(codes.to(torch.uint8), scales, zeros, self.bits, g, dtype=self.dtype, canonical=True)
         return st
 
     @classmethod

@@ -13,7 +13,7 @@ import torch
 
 from lowbit._registry import Registry
 from lowbit.formats import affine, fp8
-from lowbit.tensor.granularity import Layout, from_view, pad_groups, resolve_layout, to_view, unpad_groups
+from lowbit.tensor.granularity import Grouping, Layout, from_view, pad_groups, resolve_layout, to_view, unpad_groups
 from lowbit.tensor.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.tensor.state import QuantState
 
@@ -226,10 +226,7 @@ def _quantize_codebook(tensor, sch: Scheme, layout: Layout, scale_dtype) -> Quan
         # bitsandbytes' own blocking: flat tensor, ragged tail block (bit-identical path)
         codes, absmax = quant(tensor.reshape(-1), code, g)
     else:
-        v = to_view(tensor.float(), layout)
-        pad = (-k) % g
-        if pad:
-            v = torch.cat([v, v.new_zeros(r, pad)], dim=1)
+        v = pad_groups(to_view(tensor.float(), layout), g, fill="zero")
         codes, absmax = quant(v.reshape(-1), code, g)
         codes = codes.reshape(r, -1)[:, :k]
         absmax = absmax.reshape(r, -1)
@@ -375,18 +372,22 @@ def _saturate(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def affine_state(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], bits: int,
-                 group_size: int, dtype: torch.dtype = torch.float32, symmetric: Optional[bool] = None) -> QuantState:
+                 group_size, dtype: torch.dtype = torch.float32, symmetric: Optional[bool] = None, *,
+                 canonical: bool = False) -> QuantState:
     """Build a group-layout QuantState from codes ``[out, in]``, scales/zeros ``[out, n_groups]``.
 
     Used by the PTQ algorithms, whose codes follow ``w = (q - z) * s``. ``zeros=None`` means
-    symmetric (implicit zero ``2**(bits-1)``). ``group_size=-1`` means one group per row.
+    symmetric (implicit zero ``2**(bits-1)``). ``group_size=-1`` means one group per row; a
+    :class:`~lowbit.tensor.granularity.Grouping` is taken as resolved. ``canonical=True`` stores one group
+    per row as the ``channel`` layout (axis 0), the one layout of a per-channel weight
+    (:func:`~lowbit.tensor.granularity.canonical_layout`).
     """
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
     out_f, in_f = codes.shape
-    if group_size == -1:
-        group_size = in_f
-    n_groups = math.ceil(in_f / group_size)
+    grouping = group_size if isinstance(group_size, Grouping) else Grouping.of_columns(in_f, group_size, out_f)
+    group_size = grouping.stored_group_size
+    n_groups = grouping.n_groups
     if scales.shape != (out_f, n_groups):
         raise ValueError(f"scales shape {tuple(scales.shape)}: expected {(out_f, n_groups)} for group_size={group_size}")
     if zeros is not None and zeros.shape != (out_f, n_groups):
@@ -395,10 +396,14 @@ def affine_state(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torc
     if sym and zeros is not None:
         raise ValueError("symmetric=True but zeros were given")
     name = f"int{bits}" if sym else f"int{bits}_asym"
+    zeros = None if zeros is None else zeros.to(torch.uint8)
+    if canonical and n_groups == 1 and in_f:
+        return QuantState(scheme=name, bits=bits, shape=(out_f, in_f), dtype=dtype, layout="channel", axis=0,
+                          data=pack_bits(codes.reshape(-1), bits), scales=scales.reshape(-1),
+                          zeros=None if zeros is None else zeros.reshape(-1))
     return QuantState(
         scheme=name, bits=bits, shape=(out_f, in_f), dtype=dtype, layout="group", block_size=group_size,
-        data=pack_bits(codes.reshape(-1), bits), scales=scales,
-        zeros=None if zeros is None else zeros.to(torch.uint8),
+        data=pack_bits(codes.reshape(-1), bits), scales=scales, zeros=zeros,
     )
 
 
