@@ -59,18 +59,19 @@ def _load(spec: str, args=None, dtype=None, gguf_types=None):
 
     from lowbit.model.loading import load_model
 
+    from lowbit.io.registry import detect, get_format
+
     device = _device(args) if args is not None else "cpu"
     path = Path(spec)
-    if gguf_types and path.is_file() and path.suffix.lower() == ".gguf":
-        from lowbit.io.gguf import load_gguf_model
-
-        return load_gguf_model(path, types=gguf_types, dtype=dtype or torch.float32, device=device)
-    if path.is_dir() and _is_native(path):  # a damaged marker too: load() says what is wrong
-        from lowbit.io.native import load
-
-        model = load(path).to(device)
-        tok = _tokenizer_for(path)
-        return model, tok
+    fmt = detect(path)  # by content (a damaged native marker too: its reader says what is wrong), not suffix
+    if fmt == "gguf" and not gguf_types:  # a GGUF as a float model (the converted-model cache)
+        fmt = None
+    if fmt is not None:
+        exp = get_format(fmt)
+        if exp.returns_tokenizer:
+            return exp.read(path, types=gguf_types, dtype=dtype or torch.float32, device=device)
+        model = exp.read(path).to(device)
+        return model, _tokenizer_for(path)
     return load_model(spec, dtype=dtype or torch.float32, device=device)
 
 
@@ -276,11 +277,7 @@ def cmd_quantize(args) -> int:
     if getattr(args, "nproc", None) and args.nproc > 1 and "RANK" not in os.environ:
         return _relaunch_nproc(args)
 
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    known = ("native", "gguf", "compressed-tensors", "gptq")
-    bad = [f for f in formats if f not in known]
-    if bad:
-        raise CLIError(f"unknown format {bad[0]!r}; expected one of {', '.join(known)} (comma-separated)")
+    formats = _parse_formats(args.format)
     if getattr(args, "bits_budget", None) is not None or getattr(args, "size_budget", None) is not None:
         return _cmd_budget(args, formats)
     out = Path(args.output)
@@ -390,48 +387,27 @@ def _quantize_into(args, out: Path, formats: List[str]) -> int:
     return EXIT_OK
 
 
+def _parse_formats(spec: str) -> List[str]:
+    from lowbit.io.registry import parse_formats
+
+    try:
+        return parse_formats(spec)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def _write_formats(model, tok, out: Path, formats: List[str], args) -> List[str]:
     from lowbit.io._affine import quantized_linears
+    from lowbit.io.registry import ExportOptions, write_formats
 
-    if quantized_linears(model):  # a quantized model: every format from the same QuantStates
-        from lowbit.io.multi import export_all
-
-        if "native" in formats:
-            from lowbit.io.native import save
-
-            save(model, out)
-            if tok is not None:
-                tok.save_pretrained(str(out))
-        rest = [f for f in formats if f != "native"]
-        if rest:
-            report = export_all(model, out, rest, tokenizer=tok, gguf_type="auto", gguf_fallback="requantize",
-                                gguf_requantize_type=args.gguf_type, unsupported="error")
-            if "gguf" in report:
-                _log(args, f"gguf: {report['gguf']['summary']} (how each quantized weight was written)")
-                args._gguf_treatment = report["gguf"]["summary"]
-        return list(formats)
-    written = []
-    for fmt in formats:
-        if fmt == "native":
-            from lowbit.io.native import save
-
-            save(model, out)
-        elif fmt == "gguf":
-            from lowbit.io.gguf import export_gguf
-
-            export_gguf(model, out / "model.gguf", gguf_type=args.gguf_type, tokenizer=tok)
-        elif fmt == "compressed-tensors":
-            from lowbit.io.compressed_tensors import export_compressed_tensors
-
-            export_compressed_tensors(model, out / "compressed-tensors")
-        elif fmt == "gptq":
-            from lowbit.io.gptq import export_gptq
-
-            export_gptq(model, out / "gptq")
-        written.append(fmt)
-    if tok is not None and "native" in formats:
-        tok.save_pretrained(str(out))
-    return written
+    # a quantized model: every format from the same QuantStates; the native checkpoint goes into `out` itself
+    options = ExportOptions(tokenizer=tok, from_states=bool(quantized_linears(model)), gguf_type="auto",
+                            gguf_fallback="requantize", gguf_requantize_type=args.gguf_type, unsupported="error")
+    report = write_formats(model, out, formats, options=options, root_format="native")
+    if "gguf" in report and "summary" in report["gguf"]:
+        _log(args, f"gguf: {report['gguf']['summary']} (how each quantized weight was written)")
+        args._gguf_treatment = report["gguf"]["summary"]
+    return list(formats)
 
 
 def cmd_eval(args) -> int:
@@ -522,7 +498,7 @@ def cmd_export(args) -> int:
     model, tok = _load(args.input, args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    written = _write_formats(model, tok, out, [f.strip() for f in args.format.split(",")], args)
+    written = _write_formats(model, tok, out, _parse_formats(args.format), args)
     _emit(args, {"formats": written, "output": str(out)}, f"wrote {', '.join(written)} to {out}")
     return EXIT_OK
 
@@ -687,6 +663,14 @@ def _cmd_budget(args, formats: List[str]) -> int:
     return EXIT_OK
 
 
+def _format_names() -> List[str]:
+    """The registered export formats (lowbit.io.registry), for --format."""
+    from lowbit.io.registry import EXPORTERS, format_names
+
+    format_names()
+    return sorted({EXPORTERS.get(n).name for n in EXPORTERS.names()})
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize, evaluate, compare and export models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -695,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="'default', a local HF dir, a .gguf file or a hub id")
     p.add_argument("--method", default="gptq", help="rtn|awq|gptq|hqq|nf4|fp4|int8|int4|fp8|fp16|bf16|<registered>")
     p.add_argument("--output", required=True)
-    p.add_argument("--format", default="native", help="native,gguf,compressed-tensors,gptq (comma-separated)")
+    p.add_argument("--format", default="native", help=f"{','.join(_format_names())} (comma-separated)")
     p.add_argument("--gguf-type", default="Q4_0", type=str.upper,
                    choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *GGUF_K_TARGETS])
     p.add_argument("--max-ppl-increase", type=float, default=None, help="quality gate on perplexity")
@@ -769,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="re-export a lowbit checkpoint to other formats")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--format", required=True, help="gguf,compressed-tensors,gptq")
+    p.add_argument("--format", required=True, help=f"{','.join(_format_names())} (comma-separated)")
     p.add_argument("--gguf-type", default="Q4_0", type=str.upper,
                    choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *GGUF_K_TARGETS])
     _common(p)

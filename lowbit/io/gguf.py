@@ -977,3 +977,46 @@ def load_gguf_model(path: Union[str, os.PathLike], types=BLOCK_IMPORT_TYPES, dty
         kept.append(f"{name}.weight")
     model._lowbit_gguf_kept = kept
     return model.to(device).eval(), tok
+
+
+# ---------------------------------------------------------------------------------------------
+# the export format registry (lowbit.io.registry)
+
+
+def _write_format(model, path: Path, options) -> dict:
+    """A lowbit-quantized model: its Linears' exact blocks where the GGUF grid allows
+    (:func:`lowbit.io.multi.gguf_quant_states`), the rest by ``options.gguf_fallback``; a float model:
+    re-quantized to ``options.gguf_requantize_type``."""
+    if not options.from_states:
+        p = export_gguf(model, path, gguf_type=options.gguf_requantize_type, tokenizer=options.tokenizer)
+        return {"path": str(p), "bytes": os.path.getsize(p)}
+    from lowbit.io.multi import _dense_hf_model, gguf_quant_states
+
+    states, how = gguf_quant_states(model, options.gguf_type, options.gguf_fallback)
+    hf = _dense_hf_model(model, states)
+    source = _source_gguf(model, options.tokenizer, None)
+    p = export_gguf(hf, path, gguf_type=options.gguf_requantize_type, tokenizer=options.tokenizer,
+                    quant_states=states, tokenizer_pre=options.tokenizer_pre, source_gguf=source,
+                    name=None if source else _display_name(model.config))
+    kinds: dict = {}
+    for v in how.values():
+        k = v.split(":")[0]
+        kinds[k] = kinds.get(k, 0) + 1
+    return {"path": str(p), "bytes": os.path.getsize(p), "treatment": how, "summary": kinds}
+
+
+def _detect_format(path: Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+from lowbit.io.registry import register_format  # noqa: E402
+
+register_format("gguf", write=_write_format, read=load_gguf_model, detect=_detect_format, target="model.gguf",
+                returns_tokenizer=True, description="llama.cpp GGUF (legacy Q4_0..Q8_0, K-quants, recipes)")

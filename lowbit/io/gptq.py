@@ -820,3 +820,48 @@ def load_gptq(directory: PathLike, *, dtype: Optional[torch.dtype] = None, devic
     ck = read_gptq(directory)
     model = build_model(ck, dtype=dtype, device=device)
     return (model, ck) if return_checkpoint else model
+
+
+# ---------------------------------------------------------------------------------------------
+# the export format registry (lowbit.io.registry)
+
+
+def _write_gptq_format(model: nn.Module, path: Path, options) -> Dict[str, Any]:
+    from lowbit.io.registry import directory_size
+
+    if options.from_states:
+        p = export_gptq(model, path, tokenizer=options.tokenizer, unsupported=options.unsupported)
+    else:  # a model without lowbit-quantized Linears (as the CLI always wrote it)
+        p = export_gptq(model, path)
+    return {"path": str(p), "bytes": directory_size(p)}
+
+
+def _write_awq_format(model: nn.Module, path: Path, options) -> Dict[str, Any]:
+    from lowbit.io.registry import directory_size
+
+    p = export_awq(model, path, tokenizer=options.tokenizer, unsupported=options.unsupported)
+    return {"path": str(p), "bytes": directory_size(p)}
+
+
+def _detector(method: str):
+    def detect(path: Path) -> bool:
+        from lowbit.io.registry import hf_quantization_config
+
+        qc = hf_quantization_config(path)
+        return bool(qc) and qc.get("quant_method") == method
+
+    return detect
+
+
+def load_awq(directory: PathLike, *, dtype: Optional[torch.dtype] = None,
+             device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Import an AWQ (GEMM) checkpoint into lowbit: a model whose quantized Linears are frozen ``QLinear``s."""
+    return build_model(read_awq(directory), dtype=dtype, device=device)
+
+
+from lowbit.io.registry import register_format  # noqa: E402
+
+register_format("gptq", write=_write_gptq_format, read=load_gptq, detect=_detector("gptq"), target="gptq",
+                description="GPTQ (AutoGPTQ / GPTQModel / transformers): qweight, qzeros, scales, g_idx")
+register_format("awq", write=_write_awq_format, read=load_awq, detect=_detector("awq"), target="awq",
+                description="AWQ GEMM (AutoAWQ layout), 4-bit groups")
