@@ -96,6 +96,7 @@ def test_old_group_form_of_minus_one_still_loads(tmp_path, monkeypatch):
     """Checkpoints written before the canonical layout (``group`` with one group per row) load unchanged."""
     transformers = pytest.importorskip("transformers")
     import lowbit.tensor.functional as F
+    import lowbit.tensor.integer as I
     from lowbit.io._affine import quantized_linears
     from lowbit.model.loading import tiny_llama
 
@@ -107,7 +108,7 @@ def test_old_group_form_of_minus_one_still_loads(tmp_path, monkeypatch):
 
     model = tiny_llama(vocab_size=64, hidden=64, layers=1)
     with monkeypatch.context() as mp:
-        mp.setattr(F, "affine_state", old_form)
+        mp.setattr(I, "affine_state", old_form)  # the PTQ path builds its states through AffineWeight
         lowbit.quantize(model, method="rtn", bits=4, group_size=-1, progress=False)
     lowbit.freeze(model)
     old = {n: st for n, (_, st) in quantized_linears(model).items()}

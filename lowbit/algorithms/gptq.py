@@ -74,6 +74,17 @@ class GPTQResult:
             return self.grid.gguf_state(self.codes, self.scales, self.zeros, self.dtype)
         return to_state(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.sym, self.dtype)
 
+    @property
+    def weight(self):
+        """The integer weight (:class:`~lowbit.tensor.integer.AffineWeight`) of an affine-grid result; GGUF-grid
+        results (fractional zero points) have none: use :attr:`state`."""
+        from lowbit.tensor.integer import AffineWeight
+
+        if self.grid is not None and hasattr(self.grid, "gguf_state"):
+            return AffineWeight.from_state(self.state)  # Q4_0 / Q8_0 blocks; UnsupportedWeight for the others
+        return AffineWeight.from_grid(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.sym,
+                                      self.dtype)
+
     def dequantize(self) -> torch.Tensor:
         from lowbit.algorithms.grid import dequantize_groups
 

@@ -250,12 +250,11 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 def to_state(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size,
              sym: bool, dtype: torch.dtype = torch.float32):
     """Wrap grid output as a :class:`~lowbit.tensor.state.QuantState` in the canonical layout: ``group``, or
-    ``channel`` (axis 0) for one group per row (``group_size=-1``, or a group as long as the row)."""
-    from lowbit.tensor.functional import affine_state
+    ``channel`` (axis 0) for one group per row (``group_size=-1``, or a group as long as the row).
+    The same as ``AffineWeight.from_grid(...).to_state(symmetric=sym)`` (:mod:`lowbit.tensor.integer`)."""
+    from lowbit.tensor.integer import AffineWeight
 
-    z = None if sym else zeros.round().clamp(0, 255).to(torch.uint8)
-    return affine_state(codes.to(torch.uint8), scales.float().contiguous(), z, bits,
-                        columns(codes.shape[1], group_size), dtype=dtype, symmetric=sym, canonical=True)
+    return AffineWeight.from_grid(codes, scales, zeros, bits, group_size, sym, dtype).to_state(symmetric=sym)
 
 
 def n_groups(in_features: int, group_size) -> int:

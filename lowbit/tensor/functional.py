@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,8 +35,52 @@ class Scheme:
 SCHEMES: Registry[Scheme] = Registry("scheme")
 
 
+@dataclass(frozen=True)
+class SchemeKind:
+    """A numeric family of schemes: how its states are made from and turned back into floats.
+
+    ``quantize(tensor, scheme, layout, scale_dtype) -> QuantState`` quantizes the grouped view of
+    :mod:`lowbit.tensor.granularity` (``layout`` already resolved); ``dequantize(state, layout) -> fp32 [R, K]``
+    returns the values of that view (the caller saturates them to the state's dtype and restores the shape);
+    ``data_numel(state)`` the number of elements of ``state.data`` (default: the bit-packed codes).
+    """
+
+    name: str
+    quantize: Callable[..., QuantState]
+    dequantize: Callable[..., torch.Tensor]
+    data_numel: Optional[Callable[[QuantState], int]] = None
+
+
+KINDS: Registry[SchemeKind] = Registry("scheme kind")
+
+
 def _add(scheme: Scheme, aliases=()) -> None:
     SCHEMES.add(scheme.name, scheme, aliases=aliases)
+
+
+def register_scheme(name: str, kind: str, bits: int, symmetric: bool = True, description: str = "",
+                    aliases: tuple = (), overwrite: bool = False) -> Scheme:
+    """Register a scheme ``name`` of a registered kind (``lowbit.quantize(t, name)`` then works)."""
+    if kind not in KINDS and kind != "gguf":
+        raise ValueError(f"scheme {name!r}: unknown scheme kind {kind!r}; registered: {', '.join(KINDS.names())}")
+    sch = Scheme(name, kind, bits, symmetric, description)
+    return SCHEMES.add(name, sch, aliases=aliases, overwrite=overwrite)
+
+
+def register_scheme_kind(name: str, *, quantize: Callable[..., QuantState], dequantize: Callable[..., torch.Tensor],
+                         data_numel: Optional[Callable[[QuantState], int]] = None, schemes=(),
+                         overwrite: bool = False) -> SchemeKind:
+    """Register a scheme kind (see :class:`SchemeKind`) and, in the same call, its schemes: ``schemes`` is a
+    sequence of ``(name, bits)`` or ``(name, bits, symmetric)`` tuples.
+
+    Example (a 1-bit sign kind from outside the package, ``tests/test_extending.py``)::
+
+        register_scheme_kind("sign", quantize=q, dequantize=dq, schemes=[("sign1", 1)])
+    """
+    kind = KINDS.add(name, SchemeKind(name, quantize, dequantize, data_numel), overwrite=overwrite)
+    for entry in schemes:
+        register_scheme(entry[0], name, *entry[1:], overwrite=overwrite)
+    return kind
 
 
 for _b in (8, 4, 3, 2):
@@ -174,8 +218,7 @@ def quantize_tensor(
         raise ValueError("double_quant=True quantizes fp32 scales; it cannot be combined with scale_dtype != float32")
     if not isinstance(double_quant_block_size, int) or double_quant_block_size <= 0:
         raise ValueError(f"double_quant_block_size={double_quant_block_size!r}: must be a positive integer")
-    quant = {"affine": _quantize_affine, "codebook": _quantize_codebook, "fp8": _quantize_fp8}[sch.kind]
-    state = quant(tensor, sch, layout, scale_dtype)
+    state = KINDS.get(sch.kind).quantize(tensor, sch, layout, scale_dtype)
     if double_quant and state.scales is not None and state.scales.numel():
         zero_groups = None
         if sch.kind in ("affine", "fp8"):  # their all-zero blocks hold a placeholder scale of 1
@@ -341,23 +384,33 @@ def dequantize(state: QuantState) -> torch.Tensor:
         rows = _gguf_format(sch.name)[2].dequantize_rows(state.data, sch.name)[:, :k]
         return _saturate(rows, state.dtype).reshape(shape)
     layout = state.layout_obj
-    r, k, g = layout.view_shape(shape)
-    scales = _scales(state).float().reshape(r, -1, 1)
-    if sch.kind == "fp8":
-        vals = state.data.reshape(r, k).float()
-        out = unpad_groups(pad_groups(vals, g) * scales, k)
-    else:
-        q = codes(state)
-        if sch.kind == "codebook":
-            vals = state.code.float()[q.long()]
-            out = unpad_groups(pad_groups(vals, g) * scales, k)
-        else:
-            if state.zeros is not None:
-                zero = state.zeros.reshape(r, -1, 1).float()
-            else:
-                zero = torch.tensor(float(affine.implicit_zero(state.bits)), device=q.device)
-            out = unpad_groups((pad_groups(q, g).float() - zero) * scales, k)
+    out = KINDS.get(sch.kind).dequantize(state, layout)
     return from_view(_saturate(out, state.dtype), shape, layout)
+
+
+def _dequantize_fp8(state: QuantState, layout: Layout) -> torch.Tensor:
+    r, k, g = layout.view_shape(tuple(state.shape))
+    scales = _scales(state).float().reshape(r, -1, 1)
+    vals = state.data.reshape(r, k).float()
+    return unpad_groups(pad_groups(vals, g) * scales, k)
+
+
+def _dequantize_codebook(state: QuantState, layout: Layout) -> torch.Tensor:
+    r, k, g = layout.view_shape(tuple(state.shape))
+    scales = _scales(state).float().reshape(r, -1, 1)
+    vals = state.code.float()[codes(state).long()]
+    return unpad_groups(pad_groups(vals, g) * scales, k)
+
+
+def _dequantize_affine(state: QuantState, layout: Layout) -> torch.Tensor:
+    r, k, g = layout.view_shape(tuple(state.shape))
+    scales = _scales(state).float().reshape(r, -1, 1)
+    q = codes(state)
+    if state.zeros is not None:
+        zero = state.zeros.reshape(r, -1, 1).float()
+    else:
+        zero = torch.tensor(float(affine.implicit_zero(state.bits)), device=q.device)
+    return unpad_groups((pad_groups(q, g).float() - zero) * scales, k)
 
 
 def _saturate(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -415,8 +468,9 @@ def expected_data_numel(state: QuantState) -> Optional[int]:
         block, type_size, _ = _gguf_format(sch.name)
         r, k = _gguf_view(tuple(state.shape))
         return r * math.ceil(k / block) * type_size
-    if sch.kind == "fp8":
-        return state.numel
+    kind = KINDS.get(sch.kind) if sch.kind in KINDS else None
+    if kind is not None and kind.data_numel is not None:
+        return kind.data_numel(state)
     return packed_nbytes(state.numel, state.bits)
 
 
@@ -425,3 +479,11 @@ def expected_scales_numel(state: QuantState) -> Optional[int]:
         return None
     r, g = state.layout_obj.n_groups(tuple(state.shape))
     return r * g
+
+
+# ---------------------------------------------------------------------------------------------
+# the built-in scheme kinds (GGUF block schemes are quantized whole-row before any layout, above)
+
+register_scheme_kind("affine", quantize=_quantize_affine, dequantize=_dequantize_affine)
+register_scheme_kind("codebook", quantize=_quantize_codebook, dequantize=_dequantize_codebook)
+register_scheme_kind("fp8", quantize=_quantize_fp8, dequantize=_dequantize_fp8, data_numel=lambda st: st.numel)
