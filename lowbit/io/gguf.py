@@ -63,6 +63,7 @@ from lowbit.io.gguf_import import (  # noqa: E402,F401  (moved; importable from 
     load_gguf_model,
 )
 from lowbit.io.gguf_metadata import (  # noqa: E402,F401  (moved; importable from here as before)
+    _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE,
     _rope_theta,
     _rope_scaling,
     _model_metadata,

@@ -39,6 +39,10 @@ from lowbit.io.gguf_import import (  # noqa: E402,F401  (moved; importable from 
 
 logger = logging.getLogger("lowbit.io.gguf")
 
+# llama.cpp's token types (tokenizer.ggml.token_type)
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
 
 # ---------------------------------------------------------------------------------------------
 # metadata

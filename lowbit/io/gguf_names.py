@@ -23,7 +23,6 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
 _FILE_TYPE.update({"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18})  # plain K types
 _FILE_TYPE.update(recipes.FILE_TYPE_IDS)  # llama.cpp mixtures (Q4_K_M = 15, ...)
 _GGML_FLOAT_ID = {"F32": 0, "F16": 1, "BF16": 30}
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 # Hugging Face name (per layer) -> llama.cpp name
 _LAYER_NAMES = {
