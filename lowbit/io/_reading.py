@@ -1,4 +1,5 @@
-"""Reading checkpoints safely: JSON files, safetensors headers and tensors, Hugging Face folders and their configs (split from :mod:`lowbit.io._files`, which re-exports them)."""
+"""Reading checkpoints safely: JSON files, safetensors headers and tensors, Hugging Face folders and their
+configs (split from :mod:`lowbit.io._files`, which re-exports every name)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
-"""GGUF import: a file's tensors as QuantStates and Llama models holding the file's own blocks (split from :mod:`lowbit.io.gguf`, which re-exports them)."""
+"""GGUF import: a file's tensors as QuantStates, and Llama models holding the file's own blocks (split from
+:mod:`lowbit.io.gguf`, which re-exports every name)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from lowbit.formats import gguf as fmt
 from lowbit.formats import kquants as kfmt
 from lowbit.io import gguf_recipes as recipes
 from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
-from lowbit.io.gguf_names import (  # noqa: E402,F401  (moved; importable from here as before)
+from lowbit.io.gguf_names import (  # noqa: F401
     FLOAT_TYPES,
     _FILE_TYPE,
     _GGML_FLOAT_ID,

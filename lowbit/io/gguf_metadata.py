@@ -1,4 +1,5 @@
-"""GGUF metadata: model hyperparameters, display names, source-file metadata and the tokenizer (``tokenizer.ggml.*``) (split from :mod:`lowbit.io.gguf`, which re-exports them)."""
+"""GGUF metadata: model hyperparameters, display names, source-file metadata and the tokenizer
+(``tokenizer.ggml.*``) (split from :mod:`lowbit.io.gguf`, which re-exports every name)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from lowbit.formats import gguf as fmt
 from lowbit.formats import kquants as kfmt
 from lowbit.io import gguf_recipes as recipes
 from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
-from lowbit.io.gguf_names import (  # noqa: E402,F401  (moved; importable from here as before)
+from lowbit.io.gguf_names import (  # noqa: F401
     FLOAT_TYPES,
     _FILE_TYPE,
     _GGML_FLOAT_ID,
@@ -29,7 +30,7 @@ from lowbit.io.gguf_names import (  # noqa: E402,F401  (moved; importable from h
     unpermute_qk_rows,
     _qk_heads,
 )
-from lowbit.io.gguf_import import (  # noqa: E402,F401  (moved; importable from here as before)
+from lowbit.io.gguf_import import (  # noqa: F401
     GGUFTensor,
     load_gguf_quant_states,
     to_quant_state,

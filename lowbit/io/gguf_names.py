@@ -1,4 +1,5 @@
-"""Hugging Face <-> llama.cpp tensor names and the Q/K row permutation (split from :mod:`lowbit.io.gguf`, which re-exports them)."""
+"""Hugging Face <-> llama.cpp tensor names and the Q/K row permutation (split from :mod:`lowbit.io.gguf`, which
+re-exports every name)."""
 from __future__ import annotations
 
 import json

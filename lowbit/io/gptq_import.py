@@ -1,4 +1,5 @@
-"""GPTQ / AWQ import: read a checkpoint into integer weights (:class:`QuantizedCheckpoint`) and build a lowbit model from it (split from :mod:`lowbit.io.gptq`, which re-exports them)."""
+"""GPTQ / AWQ import: read a checkpoint into integer weights (:class:`QuantizedCheckpoint`) and build a lowbit
+model from it (split from :mod:`lowbit.io.gptq`, which re-exports every name)."""
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ from lowbit.io._files import (
 
 
 logger = logging.getLogger(__name__)
-from lowbit.io.gptq_packing import (  # noqa: E402,F401  (moved; importable from here as before)
+from lowbit.io.gptq_packing import (  # noqa: F401
     GPTQ_BITS,
     AWQ_ORDER,
     _BLOCK_RE,

@@ -1,4 +1,5 @@
-"""GPTQ / AWQ tensor packing: qweight, qzeros, scales, g_idx of one integer weight (split from :mod:`lowbit.io.gptq`, which re-exports them)."""
+"""GPTQ / AWQ tensor packing: ``qweight``, ``qzeros``, ``scales``, ``g_idx`` of one integer weight (split from
+:mod:`lowbit.io.gptq`, which re-exports every name)."""
 from __future__ import annotations
 
 import json
