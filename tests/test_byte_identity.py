@@ -187,6 +187,10 @@ def _write_all(base: Path, main, tiny_llama, tiny_tokenizer) -> dict:
     model = lowbit.load(res["rtn_g64_asym"])
     export_awq(model, d / "awq_export")
     res["export_awq_rtn_g64_asym"] = d / "awq_export"
+    # --format awq (the registry made AWQ reachable from the CLI): the same files as export_awq
+    cli("quantize", "--model", str(tiny), "--output", "cli_awq", *QUANTIZE["rtn_g64_asym"][1][:-2], "--format",
+        "native,awq")
+    res["cli_format_awq"] = d / "cli_awq" / "awq"
     model = lowbit.load(res["sparse-2:4"])
     export_sparse24(model, d / "sparse24")
     res["export_sparse24"] = d / "sparse24"
@@ -234,6 +238,17 @@ def _load_golden() -> dict:
 
 
 _update_state: dict = {}
+
+
+def test_cli_format_awq_writes_what_export_awq_writes(outputs):
+    """New since issue 16 (no recorded digests): ``--format awq`` goes through the exporter registry to the same
+    writer as :func:`lowbit.io.gptq.export_awq`."""
+    a, b = _digests(outputs["cli_format_awq"]), _digests(outputs["export_awq_rtn_g64_asym"])
+    # the CLI also saves the tokenizer into the export, so its checksum sidecar lists two more files
+    side = "lowbit-checksums.sha256"
+    assert a.pop(side) and b.pop(side) and a == b and {"config.json", "model.safetensors"} <= set(a)
+    lines = (outputs["cli_format_awq"] / side).read_text().splitlines()
+    assert [ln for ln in lines if "tokenizer" not in ln] == (outputs["export_awq_rtn_g64_asym"] / side).read_text().splitlines()
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
