@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from lowbit.tensor.granularity import Grouping
 from lowbit.io._affine import (
     AffineWeight,
     UnsupportedWeight,
@@ -227,9 +228,8 @@ def read_gptq(directory: PathLike) -> QuantizedCheckpoint:
                                           f"{in_f} inputs gives {want_G}")
             elif g_idx is None and G != 1:
                 raise CheckpointError(f"{where}: tensor '{n}.scales' has {G} groups for a per-channel config")
-            if g_idx is None:
-                g = in_f if gsize in (None, -1) else gsize
-                g_idx = torch.arange(in_f) // g
+            if g_idx is None:  # the checkpoint's granularity (-1 / None: per channel), validated above
+                g_idx = Grouping.of_columns(in_f, gsize).group_index()
             w = unpack_gptq(qw, qz, sc, g_idx, bits=bits, checkpoint_format=fmt, group_size=gsize, dtype=sc.dtype)
         except CheckpointError as e:
             msg = str(e)
