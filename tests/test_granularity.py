@@ -142,3 +142,20 @@ def test_grid_round_trip_ragged_and_per_channel():
         st = to_state(codes, scales, zeros, 4, gs, False)
         assert st.layout == ("group" if G > 1 else "channel")
         assert torch.allclose(lowbit.dequantize(st).double(), ref, atol=1e-6)
+
+
+def test_awq_per_channel_folds_into_channel_states():
+    """AWQ folds its input scales into the preceding linear's per-row scales: [out] for the channel layout."""
+    pytest.importorskip("transformers")
+    from lowbit.io._affine import quantized_linears
+    from lowbit.model.loading import tiny_llama
+
+    model = tiny_llama(vocab_size=64, hidden=64, layers=1)
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+    ref = model(ids[:1]).logits
+    lowbit.quantize(model, method="awq", bits=8, group_size=-1, calib_dataset=ids, progress=False)
+    lowbit.freeze(model)
+    states = {n: st for n, (_, st) in quantized_linears(model).items()}
+    assert states and all(st.layout == "channel" for st in states.values())
+    out = model(ids[:1]).logits
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.05 * ref.abs().max()
