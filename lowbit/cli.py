@@ -492,6 +492,14 @@ def _cmd_budget(args, formats: List[str]) -> int:
     return EXIT_OK
 
 
+def _format_names() -> List[str]:
+    """The registered export formats (lowbit.io.registry), for --format."""
+    from lowbit.io.registry import EXPORTERS, format_names
+
+    format_names()
+    return sorted({EXPORTERS.get(n).name for n in EXPORTERS.names()})
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize, evaluate, compare and export models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -503,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sparse-2:4[-int8|-int4]|<registered> (lowbit.model.methods.list_methods())")
     p.add_argument("--output", required=True)
     p.add_argument("--format", default="native",
-                   help="native,gguf,compressed-tensors,gptq (comma-separated); gguf makes rtn/gptq/awq use the "
+                   help=f"{','.join(_format_names())} (comma-separated); gguf makes rtn/gptq/awq use the "
                         "--gguf-type block grid (its bits, groups of 32, symmetry: announced and recorded)")
     p.add_argument("--gguf-type", default="Q4_0", type=str.upper, choices=list(GGUF_TYPES))
     p.add_argument("--max-ppl-increase", type=float, default=None, help="quality gate on perplexity")
@@ -577,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="re-export a lowbit checkpoint to other formats")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--format", required=True, help="gguf,compressed-tensors,gptq")
+    p.add_argument("--format", required=True, help=f"{','.join(_format_names())} (comma-separated)")
     p.add_argument("--gguf-type", default="Q4_0", type=str.upper, choices=list(GGUF_TYPES))
     _common(p)
     p.set_defaults(fn=cmd_export)

@@ -170,34 +170,30 @@ def check_options(method: str, options: Dict[str, Any], spelling: Optional[Dict[
 
 
 def load(spec: str, device: str = "cpu", dtype=None, gguf_types: Optional[Sequence[str]] = None):
-    """``(model, tokenizer, kept)``: a lowbit native directory, a ``.gguf`` file (``gguf_types``: keep
-    those tensors as the file's own blocks, listed in ``kept``), or anything
+    """``(model, tokenizer, kept)``: whatever a registered format recognises (:func:`lowbit.io.registry.detect`:
+    a lowbit native directory, a ``.gguf`` file -- with ``gguf_types``, those tensors are kept as the file's own
+    blocks, listed in ``kept`` --, a GPTQ / AWQ / compressed-tensors folder), or anything
     :func:`lowbit.model.loading.load_model` takes."""
     import torch
 
+    from lowbit.io.registry import detect, get_format
     from lowbit.model.loading import load_model
 
     path = Path(spec)
-    if gguf_types and path.is_file() and path.suffix.lower() == ".gguf":
-        from lowbit.io.gguf import load_gguf_model
-
-        model, tok = load_gguf_model(path, types=gguf_types, dtype=dtype or torch.float32, device=device)
-        kept = list(getattr(model, "_lowbit_gguf_kept", None) or [])
-        if hasattr(model, "_lowbit_gguf_kept"):
-            del model._lowbit_gguf_kept  # carried in the report from here on
-        return model, tok, kept
-    if path.is_dir() and _is_native(path):  # a damaged marker too: load() says what is wrong
-        from lowbit.io.native import load as load_native
-
-        return load_native(path).to(device), _tokenizer_for(path), []
+    fmt = detect(path)  # by content (a damaged native marker too: its reader says what is wrong), not suffix
+    if fmt == "gguf" and not gguf_types:  # a GGUF as a float model (the converted-model cache)
+        fmt = None
+    if fmt is not None:
+        exp = get_format(fmt)
+        if exp.returns_tokenizer:
+            model, tok = exp.read(path, types=gguf_types, dtype=dtype or torch.float32, device=device)
+            kept = list(getattr(model, "_lowbit_gguf_kept", None) or [])
+            if hasattr(model, "_lowbit_gguf_kept"):
+                del model._lowbit_gguf_kept  # carried in the report from here on
+            return model, tok, kept
+        return exp.read(path).to(device), _tokenizer_for(path), []
     model, tok = load_model(spec, dtype=dtype or torch.float32, device=device)
     return model, tok, []
-
-
-def _is_native(path: Path) -> bool:
-    from lowbit.io import native
-
-    return native.has_marker(path)
 
 
 def _tokenizer_for(path: Path):
@@ -378,49 +374,21 @@ def plan_options(method: str, options: Dict[str, Any]) -> Dict[str, Any]:
 
 def _write_outputs(model, tok, out: Path, formats: Sequence[str], gguf_type: str = "Q4_0",
                    log: Callable[[str], None] = lambda s: None) -> Tuple[List[str], Optional[str]]:
-    """Write ``model`` in ``formats`` under ``out``; ``(formats written, GGUF treatment summary or None)``."""
+    """Write ``model`` in ``formats`` under ``out`` through the format registry
+    (:func:`lowbit.io.registry.write_formats`; the native checkpoint goes into ``out`` itself);
+    ``(formats written, GGUF treatment summary or None)``."""
     from lowbit.io._affine import quantized_linears
+    from lowbit.io.registry import ExportOptions, write_formats
 
-    if quantized_linears(model):  # a quantized model: every format from the same QuantStates
-        from lowbit.io.multi import export_all
-
-        summary = None
-        if "native" in formats:
-            from lowbit.io.native import save
-
-            save(model, out)
-            if tok is not None:
-                tok.save_pretrained(str(out))
-        rest = [f for f in formats if f != "native"]
-        if rest:
-            report = export_all(model, out, rest, tokenizer=tok, gguf_type="auto", gguf_fallback="requantize",
-                                gguf_requantize_type=gguf_type, unsupported="error")
-            if "gguf" in report:
-                summary = report["gguf"]["summary"]
-                log(f"gguf: {summary} (how each quantized weight was written)")
-        return list(formats), summary
-    written = []
-    for fmt in formats:
-        if fmt == "native":
-            from lowbit.io.native import save
-
-            save(model, out)
-        elif fmt == "gguf":
-            from lowbit.io.gguf import export_gguf
-
-            export_gguf(model, out / "model.gguf", gguf_type=gguf_type, tokenizer=tok)
-        elif fmt == "compressed-tensors":
-            from lowbit.io.compressed_tensors import export_compressed_tensors
-
-            export_compressed_tensors(model, out / "compressed-tensors")
-        elif fmt == "gptq":
-            from lowbit.io.gptq import export_gptq
-
-            export_gptq(model, out / "gptq")
-        written.append(fmt)
-    if tok is not None and "native" in formats:
-        tok.save_pretrained(str(out))
-    return written, None
+    # a quantized model: every format from the same QuantStates
+    options = ExportOptions(tokenizer=tok, from_states=bool(quantized_linears(model)), gguf_type="auto",
+                            gguf_fallback="requantize", gguf_requantize_type=gguf_type, unsupported="error")
+    report = write_formats(model, out, formats, options=options, root_format="native")
+    summary = None
+    if "gguf" in report and "summary" in report["gguf"]:
+        summary = report["gguf"]["summary"]
+        log(f"gguf: {summary} (how each quantized weight was written)")
+    return list(formats), summary
 
 
 def export_model(spec: str, out: Path, formats: Sequence[str], gguf_type: str = "Q4_0", device: str = "cpu",
@@ -461,11 +429,13 @@ def size_report(model) -> Dict[str, float]:
 
 
 def check_formats(formats: Sequence[str]) -> List[str]:
-    formats = [f.strip() for f in formats if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise WorkflowError(f"unknown format {bad[0]!r}; expected one of {', '.join(FORMATS)} (comma-separated)")
-    return formats
+    """The format names, each checked against the registry (:func:`lowbit.io.registry.parse_formats`)."""
+    from lowbit.io.registry import parse_formats
+
+    try:
+        return parse_formats(list(formats))
+    except ValueError as e:
+        raise WorkflowError(str(e)) from None
 
 
 def quantize_run(model: str, output, method: str = "gptq", formats: Sequence[str] = ("native",),

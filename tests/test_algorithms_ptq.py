@@ -191,7 +191,8 @@ def test_hqq_bits_and_ragged(bits):
     st = hqq_quantize(_weight(8, 576), bits, 128, False, iters=5)
     _levels_ok(st, bits)
     assert st.zeros.shape == (8, 5)
-    assert hqq_quantize(_weight(8, 100), bits, -1, True, iters=3).scales.shape == (8, 1)
+    per_channel = hqq_quantize(_weight(8, 100), bits, -1, True, iters=3)  # canonical: channel layout, one scale per row
+    assert per_channel.layout == "channel" and per_channel.axis == 0 and per_channel.scales.shape == (8,)
 
 
 def test_input_stats_sums_merge_exactly():

@@ -65,3 +65,27 @@ def test_import_is_light_and_never_touches_cuda():
             "import torch; assert not torch.cuda.is_initialized(); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_architecture_doc_matches_the_tree():
+    """docs/architecture.md names every module of the package and no module or package that does not exist."""
+    import re
+
+    doc = (ROOT.parent / "docs" / "architecture.md").read_text()
+    tree = doc.split("```", 2)[1]  # the first code block: the tree
+    named_files = set(re.findall(r"([A-Za-z_][\w]*\.py)\b", tree))
+    named_dirs = set(re.findall(r"lowbit/(\w+)/", tree)) | set(re.findall(r"^\s+(\w+)/\s", tree, re.M))
+    actual_files = {f.name for f in ROOT.rglob("*.py") if f.name != "__init__.py"}
+    actual_dirs = {d.name for d in ROOT.rglob("*") if d.is_dir() and d.name != "__pycache__"}
+    assert not named_files - actual_files - {"__init__.py"}, f"the doc names modules that do not exist: " \
+                                                             f"{sorted(named_files - actual_files)}"
+    assert not named_dirs - actual_dirs, f"the doc names packages that do not exist: {sorted(named_dirs - actual_dirs)}"
+    missing = sorted(actual_files - named_files)
+    assert not missing, f"modules missing from docs/architecture.md: {missing}"
+    assert not actual_dirs - named_dirs, f"packages missing from docs/architecture.md: {sorted(actual_dirs - named_dirs)}"
+    # the documented direction is the one test_import_direction enforces
+    order = ["formats", "tensor", "config", "kernels", "observers", "nn", "algorithms", "model", "io", "eval",
+             "integrations", "cli"]
+    assert "formats <- tensor <- config <- {kernels, observers} <- {nn, algorithms} <- model <- {io, eval, integrations}" \
+        in " ".join(doc.split())
+    assert [LEVEL[p] for p in order] == sorted(LEVEL[p] for p in order)

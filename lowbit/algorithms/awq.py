@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lowbit.algorithms.grid import AffineGrid, dequantize_groups, group_bounds, quantize_groups, to_state
+from lowbit.algorithms.grid import AffineGrid, columns, dequantize_groups, quantize_groups, to_state
 
 
 @dataclass
@@ -95,7 +95,7 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
         small = torch.zeros(n_small, device=dev).index_add_(0, tie, x_mean)
         small = small / torch.zeros(n_small, device=dev).index_add_(0, tie, torch.ones_like(x_mean))
         x_mean = small[tie]
-    g = K if group_size in (-1, None) else group_size
+    g = columns(K, group_size).group  # validated once; -1: one group per row
     if gguf_type is not None:  # the exact llama.cpp block grid
         from lowbit.algorithms.grid import GGUFGrid
 
@@ -110,7 +110,7 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
         clip_grid_obj = AffineGrid(bits=bits, sym=sym, search="mse" if clip else "minmax", n_grid=clip_grid,
                                    max_shrink=max_shrink, refine=refine if clip else 0,
                                    two_sided=two_sided if clip else 0)
-    bounds = group_bounds(K, g)
+    bounds = columns(K, g).bounds()
 
     def fitted(s: torch.Tensor, grid_obj: AffineGrid):
         """Quantize ``W diag(s)`` on ``grid_obj``; the output error in the original units."""
@@ -167,7 +167,7 @@ def _weight_group_mean(w: torch.Tensor, g: int) -> torch.Tensor:
     """AutoAWQ's ``w_mean``: |w| normalised by its group's max, averaged over rows -> ``[in]``."""
     R, K = w.shape
     out = torch.empty_like(w)
-    for a, b in group_bounds(K, g):
+    for a, b in columns(K, g).bounds():
         blk = w[:, a:b].abs()
         out[:, a:b] = blk / blk.amax(-1, keepdim=True).clamp_min(1e-12)
     return out.mean(0)

@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from lowbit.algorithms.grid import AffineGrid, group_bounds, to_state
+from lowbit.algorithms.grid import AffineGrid, columns, to_state
 
 GROUP_OBJECTIVES = ("minmax", "mse", "hessian", "sweep")
 
@@ -73,6 +73,17 @@ class GPTQResult:
         if self.grid is not None and hasattr(self.grid, "gguf_state"):
             return self.grid.gguf_state(self.codes, self.scales, self.zeros, self.dtype)
         return to_state(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.sym, self.dtype)
+
+    @property
+    def weight(self):
+        """The integer weight (:class:`~lowbit.tensor.integer.AffineWeight`) of an affine-grid result; GGUF-grid
+        results (fractional zero points) have none: use :attr:`state`."""
+        from lowbit.tensor.integer import AffineWeight
+
+        if self.grid is not None and hasattr(self.grid, "gguf_state"):
+            return AffineWeight.from_state(self.state)  # Q4_0 / Q8_0 blocks; UnsupportedWeight for the others
+        return AffineWeight.from_grid(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.sym,
+                                      self.dtype)
 
     def dequantize(self) -> torch.Tensor:
         from lowbit.algorithms.grid import dequantize_groups
@@ -167,7 +178,7 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     gives a non-positive scale, keep their scales.
     """
     R, K = W.shape
-    bounds = group_bounds(K, group_size)
+    bounds = columns(K, group_size).bounds()
     G = len(bounds)
     gidx = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=W.device) for i, (a, b) in enumerate(bounds)])
     c = codes.float() - zeros[:, gidx]
@@ -216,8 +227,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         grid = GGUFGrid(qtype=gguf_type, search="minmax" if group_objective == "minmax" else "mse", refine=0,
                         n_grid=n_grid or 20, max_shrink=0.5 if max_shrink is None else max_shrink)
         group_size, bits, sym = 32, grid.bits, grid.sym
-    g = K if group_size in (-1, None) else group_size
-    bounds = group_bounds(K, g)
+    cols = columns(K, group_size, R)  # validated once; -1: one group per row
+    g = cols.group
+    bounds = cols.bounds()
     # grid search range: at 3 bits and below a wider, finer range measured better on SmolLM2
     # (int3 g128 asym ppl 36.2 -> 35.0); at 4 bits 20 steps down to 0.5 x the range
     if n_grid is None:
@@ -242,7 +254,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     scales = torch.zeros(R, G, dtype=torch.float32, device=dev)
     zeros = torch.zeros(R, G, dtype=torch.float32, device=dev)
     fitted = [False] * G
-    gidx_orig = torch.cat([torch.full((b - a,), i, dtype=torch.long) for i, (a, b) in enumerate(bounds)])
+    gidx_orig = cols.group_index()
     gidx = gidx_orig.to(dev)[perm].tolist()  # group of each sweep position
     group_pos = [invperm[a:b] for a, b in bounds]  # sweep positions of each group
     contiguous = not act_order

@@ -35,20 +35,28 @@ from typing import Optional, Tuple
 import torch
 
 from lowbit.formats import affine
+from lowbit.tensor.granularity import Grouping
 
 SEARCHES = ("minmax", "mse")
 
 
-def group_bounds(in_features: int, group_size: int) -> list:
+def columns(in_features: int, group_size, rows: int = 0) -> Grouping:
+    """The :class:`~lowbit.tensor.granularity.Grouping` of the input columns of a ``[rows, in_features]``
+    weight (``group_size``: positive, ``-1``/None for one group per row, or a Grouping, passed through).
+
+    >>> columns(576, 128).n_groups, columns(576, 128).tail
+    (5, 64)
+    """
+    return Grouping.of_columns(in_features, group_size, rows)
+
+
+def group_bounds(in_features: int, group_size) -> list:
     """``[(start, stop), ...]`` of the column groups, the last one possibly ragged.
 
     >>> group_bounds(576, 128)[-1]
     (512, 576)
     """
-    g = in_features if group_size in (-1, None) else group_size
-    if not isinstance(g, int) or g <= 0:
-        raise ValueError(f"group_size={group_size!r}: must be a positive integer or -1")
-    return [(a, min(a + g, in_features)) for a in range(0, in_features, g)]
+    return columns(in_features, group_size).bounds()
 
 
 def check_bits(bits: int) -> None:
@@ -202,7 +210,7 @@ def make_grid(bits: int = 4, sym: bool = True, search: str = "mse", **kw) -> Aff
     return AffineGrid(bits=bits, sym=sym, search=search, **kw)
 
 
-def quantize_groups(w: torch.Tensor, grid: AffineGrid, group_size: int,
+def quantize_groups(w: torch.Tensor, grid: AffineGrid, group_size,
                     S_blocks: Optional[list] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit and quantize every group of ``w [R, K]`` independently (round to nearest on the grid).
 
@@ -213,18 +221,14 @@ def quantize_groups(w: torch.Tensor, grid: AffineGrid, group_size: int,
     """
     w = w.float()
     R, K = w.shape
-    bounds = group_bounds(K, group_size)
+    cols = columns(K, group_size, R)
+    bounds = cols.bounds()
     if S_blocks is None:
-        g = bounds[0][1] - bounds[0][0]
-        pad = len(bounds) * g - K
-        wp = torch.cat([w, w[:, -1:].expand(R, pad)], 1) if pad else w
-        wg = wp.reshape(R, len(bounds), g)
-        mask = None
-        if pad:
-            mask = torch.ones(len(bounds), g, device=w.device)
-            mask[-1, g - pad:] = 0
-        scales, zeros = grid.fit(wg, None, mask)
-        codes = grid.quantize(wg, scales, zeros).reshape(R, -1)[:, :K].to(torch.uint8)
+        # all groups at once; one group per row is fitted at its own length (no padding)
+        lay = cols if cols.n_groups > 1 else Grouping(R, K, K)
+        wg = lay.pad_rows(w)
+        scales, zeros = grid.fit(wg, None, lay.mask(w.device))
+        codes = lay.unpad(grid.quantize(wg, scales, zeros)).to(torch.uint8)
         return codes, scales, zeros
     codes = torch.empty(R, K, dtype=torch.uint8, device=w.device)
     scales = torch.empty(R, len(bounds), dtype=torch.float32, device=w.device)
@@ -236,26 +240,25 @@ def quantize_groups(w: torch.Tensor, grid: AffineGrid, group_size: int,
     return codes, scales, zeros
 
 
-def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size) -> torch.Tensor:
     """Inverse of :func:`quantize_groups` (float32 ``[R, K]``)."""
     R, K = codes.shape
-    g = K if group_size in (-1, None) else group_size
-    idx = torch.arange(K, device=codes.device) // g
+    idx = columns(K, group_size).group_index(codes.device)
     return (codes.float() - zeros[:, idx]) * scales[:, idx]
 
 
-def to_state(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+def to_state(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size,
              sym: bool, dtype: torch.dtype = torch.float32):
-    """Wrap grid output as a group-layout :class:`~lowbit.tensor.state.QuantState`."""
-    from lowbit.tensor.functional import affine_state
+    """Wrap grid output as a :class:`~lowbit.tensor.state.QuantState` in the canonical layout: ``group``, or
+    ``channel`` (axis 0) for one group per row (``group_size=-1``, or a group as long as the row).
+    The same as ``AffineWeight.from_grid(...).to_state(symmetric=sym)`` (:mod:`lowbit.tensor.integer`)."""
+    from lowbit.tensor.integer import AffineWeight
 
-    g = codes.shape[1] if group_size in (-1, None) else group_size
-    z = None if sym else zeros.round().clamp(0, 255).to(torch.uint8)
-    return affine_state(codes.to(torch.uint8), scales.float().contiguous(), z, bits, g, dtype=dtype, symmetric=sym)
+    return AffineWeight.from_grid(codes, scales, zeros, bits, group_size, sym, dtype).to_state(symmetric=sym)
 
 
-def n_groups(in_features: int, group_size: int) -> int:
-    return math.ceil(in_features / (in_features if group_size in (-1, None) else group_size))
+def n_groups(in_features: int, group_size) -> int:
+    return columns(in_features, group_size).n_groups
 
 
 @dataclass

@@ -65,103 +65,24 @@ __all__ = [
     "decode_codes",
     "nearest_int",
 ]
-
-QK_K = 256
-_GROUP_MAX_EPS = np.float32(1e-15)
-
-
-@dataclass(frozen=True)
-class KQuantType:
-    """Description of one K-quant super-block format.
-
-    Attributes:
-        name: llama.cpp name, e.g. ``"Q4_K"``.
-        ggml_type: the ``GGMLQuantizationType`` integer id.
-        type_size: bytes per super-block of 256 values.
-        bits: bits per code.
-        sub: elements per sub-block (16 or 32).
-        has_min: True when sub-blocks carry a min (Q2_K, Q4_K, Q5_K: ``d*sc*q - dmin*m``).
-    """
-
-    name: str
-    ggml_type: int
-    type_size: int
-    bits: int
-    sub: int
-    has_min: bool
-    block: int = QK_K
-
-    @property
-    def qmax(self) -> int:
-        """Largest unsigned code."""
-        return (1 << self.bits) - 1
-
-    @property
-    def n_sub(self) -> int:
-        """Sub-blocks per super-block."""
-        return QK_K // self.sub
-
-    @property
-    def zero(self) -> int:
-        """Implicit zero point of the unsigned codes (4 for Q3_K, 32 for Q6_K, 0 with a min)."""
-        return 0 if self.has_min else 1 << (self.bits - 1)
-
-    @property
-    def bpw(self) -> float:
-        """Bits per weight, scales included."""
-        return self.type_size * 8 / QK_K
-
-
-KQUANT_TYPES: dict[str, KQuantType] = {
-    "q2_k": KQuantType("Q2_K", 10, 84, 2, 16, True),
-    "q3_k": KQuantType("Q3_K", 11, 110, 3, 16, False),
-    "q4_k": KQuantType("Q4_K", 12, 144, 4, 32, True),
-    "q5_k": KQuantType("Q5_K", 13, 176, 5, 32, True),
-    "q6_k": KQuantType("Q6_K", 14, 210, 6, 16, False),
-}
-
-
-def is_kquant(qtype) -> bool:
-    """True when ``qtype`` names a K-quant type (any case) or is a :class:`KQuantType`.
-
-    >>> is_kquant("Q4_K"), is_kquant("q4_0")
-    (True, False)
-    """
-    if isinstance(qtype, KQuantType):
-        return True
-    if isinstance(qtype, int):
-        return any(t.ggml_type == int(qtype) for t in KQUANT_TYPES.values())
-    return str(qtype).lower() in KQUANT_TYPES
-
-
-def kquant_type(qtype: Union[str, int, KQuantType]) -> KQuantType:
-    """Look a type up by name (any case), ggml id, or pass a KQuantType through.
-
-    >>> kquant_type("Q4_K").type_size
-    144
-    """
-    if isinstance(qtype, KQuantType):
-        return qtype
-    if isinstance(qtype, int):
-        for t in KQUANT_TYPES.values():
-            if t.ggml_type == int(qtype):
-                return t
-        raise ValueError(f"ggml type id {int(qtype)}: not a K-quant type "
-                         f"{ {t.name: t.ggml_type for t in KQUANT_TYPES.values()} }")
-    key = str(qtype).lower()
-    if key not in KQUANT_TYPES:
-        raise ValueError(f"qtype={qtype!r}: expected one of {sorted(t.name for t in KQUANT_TYPES.values())}")
-    return KQUANT_TYPES[key]
-
-
-def _check_rows(x: torch.Tensor, what: str = "x") -> tuple[int, int]:
-    if x.dim() != 2:
-        raise ValueError(f"{what} must be 2-D [rows, K], got shape {tuple(x.shape)}")
-    r, k = x.shape
-    if k % QK_K:
-        raise ValueError(f"K={k}: the row length must be a multiple of {QK_K} for K-quant super-blocks "
-                         f"(llama.cpp falls back to a 32-block type for such tensors)")
-    return r, k
+from lowbit.formats.kquants_types import (  # noqa: E402,F401  (moved; importable from here as before)
+    QK_K,
+    _GROUP_MAX_EPS,
+    KQuantType,
+    KQUANT_TYPES,
+    is_kquant,
+    kquant_type,
+    _check_rows,
+    KParams,
+)
+from lowbit.formats.kquants_layout import (  # noqa: E402,F401  (moved; importable from here as before)
+    _half_bytes,
+    _bits_to_bytes,
+    _pack_scales_k4,
+    _unpack_scales_k4,
+    pack_kblocks,
+    unpack_kblocks,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,20 +253,6 @@ def _make_q3(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.Tensor
 # super-block parameters
 
 
-class KParams(NamedTuple):
-    """What a K-quant super-block stores, besides the codes.
-
-    ``d``/``dmin``: fp16 ``[R, K/256]`` (``dmin`` None for Q3_K/Q6_K); ``sc``: int16 ``[R, K/sub]`` the
-    stored sub-block scale integers (Q2_K 0..15, Q3_K 0..63 with offset 32, Q4_K/Q5_K 0..63, Q6_K
-    -128..127); ``m``: int16 ``[R, K/sub]`` sub-block min integers (None without mins).
-    """
-
-    d: torch.Tensor
-    dmin: Optional[torch.Tensor]
-    sc: torch.Tensor
-    m: Optional[torch.Tensor]
-
-
 def _wrap_u8(v: torch.Tensor) -> torch.Tensor:
     return v & 0xFF
 
@@ -461,171 +368,6 @@ def quantize_params(x: torch.Tensor, qtype: Union[str, KQuantType]):
         raise ValueError(f"cannot quantize non-finite values to {t.name}")
     with torch.no_grad():
         return _reference(x.detach().cpu(), t)
-
-
-# ---------------------------------------------------------------------------------------------
-# byte layout
-
-
-def _half_bytes(h: torch.Tensor) -> torch.Tensor:
-    return h.to(torch.float16).contiguous().view(torch.uint8).reshape(*h.shape, 2)
-
-
-def _bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
-    """[..., 8, n] 0/1 values (bit b in row b) -> [..., n] uint8."""
-    w = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=bits.device).reshape(8, 1)
-    return (bits.to(torch.int32) * w).sum(-2).to(torch.uint8)
-
-
-def _pack_scales_k4(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """6-bit scales/mins [S, 8] -> scales[12] (get_scale_min_k4 layout)."""
-    sc = sc.to(torch.int32)
-    m = m.to(torch.int32)
-    lo = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
-    mid = m[:, :4] | ((m[:, 4:] >> 4) << 6)
-    hi = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
-    return torch.cat([lo, mid, hi], 1).to(torch.uint8)
-
-
-def _unpack_scales_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    b = b.to(torch.int32)
-    d, m, md = b[:, 0:4], b[:, 4:8], b[:, 8:12]
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], 1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], 1)
-    return sc.to(torch.int16), mn.to(torch.int16)
-
-
-def pack_kblocks(codes: torch.Tensor, params: KParams, qtype: Union[str, KQuantType]) -> torch.Tensor:
-    """Raw super-block bytes ``uint8 [R, K/256 * type_size]`` from unsigned codes and :class:`KParams`.
-
-    Exact inverse of :func:`unpack_kblocks`; any codes/integers in range are valid.
-
-    Example:
-        >>> raw = quantize_rows(torch.randn(3, 256), "q3_k")
-        >>> torch.equal(pack_kblocks(*unpack_kblocks(raw, "q3_k"), "q3_k"), raw)
-        True
-    """
-    t = kquant_type(qtype)
-    r, k = _check_rows(codes, "codes")
-    nsb = k // QK_K
-    S = r * nsb
-    if codes.dtype != torch.uint8 or bool((codes > t.qmax).any()):
-        raise ValueError(f"codes must be uint8 in 0..{t.qmax} for {t.name} (dtype {codes.dtype})")
-    if tuple(params.d.shape) != (r, nsb):
-        raise ValueError(f"d has shape {tuple(params.d.shape)}, expected {(r, nsb)}")
-    if tuple(params.sc.shape) != (r, nsb * t.n_sub):
-        raise ValueError(f"sc has shape {tuple(params.sc.shape)}, expected {(r, nsb * t.n_sub)}")
-    if t.has_min and (params.m is None or params.dmin is None):
-        raise ValueError(f"{t.name} needs sub-block mins m and dmin")
-    q = codes.reshape(S, QK_K).to(torch.int32)
-    sc = params.sc.reshape(S, t.n_sub).to(torch.int32)
-    d = _half_bytes(params.d.reshape(S))
-    if t.name == "Q2_K":
-        m = params.m.reshape(S, t.n_sub).to(torch.int32)
-        if bool(((sc < 0) | (sc > 15) | (m < 0) | (m > 15)).any()):
-            raise ValueError("Q2_K sub-block scales and mins must be in 0..15")
-        scales = (sc | (m << 4)).to(torch.uint8)
-        qq = q.reshape(S, 2, 4, 32)  # element 128c + 32s + l -> bits 2s of byte 32c + l
-        qs = (qq[:, :, 0] | (qq[:, :, 1] << 2) | (qq[:, :, 2] << 4) | (qq[:, :, 3] << 6)).reshape(S, 64)
-        parts = [scales, qs.to(torch.uint8), d, _half_bytes(params.dmin.reshape(S))]
-    elif t.name == "Q3_K":
-        if bool(((sc < 0) | (sc > 63)).any()):
-            raise ValueError("Q3_K sub-block scales must be in 0..63 (offset 32)")
-        hmask = _bits_to_bytes((q >> 2 & 1).reshape(S, 8, 32))
-        low = (q & 3).reshape(S, 2, 4, 32)
-        qs = (low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)).reshape(S, 64)
-        lo4 = sc & 0xF
-        scl = lo4[:, :8] | (lo4[:, 8:] << 4)
-        hi2 = (sc >> 4).reshape(S, 4, 4)  # [j // 4, j % 4]
-        sch = hi2[:, 0] | (hi2[:, 1] << 2) | (hi2[:, 2] << 4) | (hi2[:, 3] << 6)
-        parts = [hmask, qs.to(torch.uint8), torch.cat([scl, sch], 1).to(torch.uint8), d]
-    elif t.name in ("Q4_K", "Q5_K"):
-        m = params.m.reshape(S, t.n_sub).to(torch.int32)
-        if bool(((sc < 0) | (sc > 63) | (m < 0) | (m > 63)).any()):
-            raise ValueError(f"{t.name} sub-block scales and mins must be in 0..63")
-        qq = q.reshape(S, 4, 2, 32)
-        qs = ((qq[:, :, 0] & 0xF) | ((qq[:, :, 1] & 0xF) << 4)).reshape(S, 128).to(torch.uint8)
-        parts = [d, _half_bytes(params.dmin.reshape(S)), _pack_scales_k4(sc, m)]
-        if t.name == "Q5_K":
-            parts.append(_bits_to_bytes((q >> 4 & 1).reshape(S, 8, 32)))
-        parts.append(qs)
-    else:  # Q6_K
-        if bool(((sc < -128) | (sc > 127)).any()):
-            raise ValueError("Q6_K sub-block scales must be in -128..127")
-        qq = q.reshape(S, 2, 4, 32)  # half h, quarter s, l
-        ql = torch.cat([(qq[:, :, 0] & 0xF) | ((qq[:, :, 2] & 0xF) << 4),
-                        (qq[:, :, 1] & 0xF) | ((qq[:, :, 3] & 0xF) << 4)], 2).reshape(S, 128)
-        hb = qq >> 4
-        qh = (hb[:, :, 0] | (hb[:, :, 1] << 2) | (hb[:, :, 2] << 4) | (hb[:, :, 3] << 6)).reshape(S, 64)
-        parts = [ql.to(torch.uint8), qh.to(torch.uint8), sc.to(torch.int8).view(torch.uint8), d]
-    return torch.cat(parts, 1).reshape(r, nsb * t.type_size)
-
-
-def unpack_kblocks(raw: torch.Tensor, qtype: Union[str, KQuantType]):
-    """Split raw super-block bytes into ``(codes uint8 [R, K], KParams)``; lossless.
-
-    Example:
-        >>> codes, p = unpack_kblocks(quantize_rows(torch.randn(2, 512), "q6_k"), "q6_k")
-        >>> codes.shape, p.sc.shape, p.dmin
-        (torch.Size([2, 512]), torch.Size([2, 32]), None)
-    """
-    t = kquant_type(qtype)
-    if raw.dim() != 2 or raw.dtype != torch.uint8:
-        raise ValueError(f"raw must be a 2-D uint8 tensor [rows, nbytes], got {raw.dtype} {tuple(raw.shape)}")
-    r, n = raw.shape
-    if n % t.type_size:
-        raise ValueError(f"raw row length {n} bytes is not a multiple of the {t.name} block size ({t.type_size})")
-    nsb = n // t.type_size
-    S = r * nsb
-    b = raw.reshape(S, t.type_size)
-
-    def half(off):
-        return b[:, off:off + 2].contiguous().view(torch.float16).reshape(r, nsb)
-
-    def bits_of(bytes_, nbits):  # [S, 32] bytes -> [S, nbits*32] element 32*bit + l
-        sh = torch.arange(nbits, dtype=torch.int32, device=raw.device).reshape(1, nbits, 1)
-        return ((bytes_.to(torch.int32).unsqueeze(1) >> sh) & 1).reshape(S, -1)
-
-    dmin = m = None
-    if t.name == "Q2_K":
-        scales = b[:, :16].to(torch.int16)
-        qs = b[:, 16:80].to(torch.int32).reshape(S, 2, 1, 32)
-        sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)
-        q = ((qs >> sh) & 3).reshape(S, QK_K)
-        d, dmin = half(80), half(82)
-        sc, m = scales & 0xF, scales >> 4
-    elif t.name == "Q3_K":
-        h = bits_of(b[:, :32], 8)
-        qs = b[:, 32:96].to(torch.int32).reshape(S, 2, 1, 32)
-        sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)
-        q = ((qs >> sh) & 3).reshape(S, QK_K) | (h << 2)
-        s12 = b[:, 96:108].to(torch.int32)
-        lo = torch.cat([s12[:, :8] & 0xF, s12[:, :8] >> 4], 1)
-        hi = ((s12[:, 8:12].unsqueeze(1) >> (2 * torch.arange(4).reshape(1, 4, 1))) & 3).reshape(S, 16)
-        sc = (lo | (hi << 4)).to(torch.int16)
-        d = half(108)
-    elif t.name in ("Q4_K", "Q5_K"):
-        d, dmin = half(0), half(2)
-        sc, m = _unpack_scales_k4(b[:, 4:16])
-        off = 16
-        qh = None
-        if t.name == "Q5_K":
-            qh = bits_of(b[:, 16:48], 8)
-            off = 48
-        qs = b[:, off:off + 128].to(torch.int32).reshape(S, 4, 1, 32)
-        q = ((qs >> torch.tensor([0, 4], dtype=torch.int32).reshape(1, 1, 2, 1)) & 0xF).reshape(S, QK_K)
-        if qh is not None:
-            q = q | (qh << 4)
-    else:  # Q6_K
-        ql = b[:, :128].to(torch.int32).reshape(S, 2, 1, 64)
-        ql = ((ql >> torch.tensor([0, 4], dtype=torch.int32).reshape(1, 1, 2, 1)) & 0xF).reshape(S, 2, 128)
-        qh = b[:, 128:192].to(torch.int32).reshape(S, 2, 1, 32)
-        qh = ((qh >> torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)) & 3).reshape(S, 2, 128)
-        q = (ql | (qh << 4)).reshape(S, QK_K)
-        sc = b[:, 192:208].contiguous().view(torch.int8).to(torch.int16)
-        d = half(208)
-    codes = q.to(torch.uint8).reshape(r, nsb * QK_K)
-    return codes, KParams(d, dmin, sc.reshape(r, -1), None if m is None else m.to(torch.int16).reshape(r, -1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -475,3 +475,30 @@ def load_compressed_tensors(directory: PathLike, *, dtype: Optional[torch.dtype]
         raise NotImplementedError("importing fp8 (float-quantized) layers is not implemented; "
                                   f"modules: {sorted(ck.extra['fp8'])[:3]}")
     return build_model(ck, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the export format registry (lowbit.io.registry)
+
+
+def _write_format(model: nn.Module, path: Path, options) -> Dict[str, Any]:
+    from lowbit.io.registry import directory_size
+
+    if options.from_states:
+        p = export_compressed_tensors(model, path, tokenizer=options.tokenizer, unsupported=options.unsupported)
+    else:  # a model without lowbit-quantized Linears (as the CLI always wrote it)
+        p = export_compressed_tensors(model, path)
+    return {"path": str(p), "bytes": directory_size(p)}
+
+
+def _detect_format(path: Path) -> bool:
+    from lowbit.io.registry import hf_quantization_config
+
+    qc = hf_quantization_config(path)
+    return bool(qc) and qc.get("quant_method") == "compressed-tensors" and not qc.get("sparsity_config")
+
+
+from lowbit.io.registry import register_format  # noqa: E402
+
+register_format("compressed-tensors", write=_write_format, read=load_compressed_tensors, detect=_detect_format,
+                target="compressed-tensors", description="vLLM's compressed-tensors (pack-quantized / int / fp8)")

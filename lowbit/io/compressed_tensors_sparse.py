@@ -237,3 +237,29 @@ def load_sparse24(directory: PathLike, *, dtype: Optional[torch.dtype] = None, d
         raise CheckpointError(f"{directory}: tensors do not match the model (missing {lost[:5]}, unexpected "
                               f"{unexpected[:5]})")
     return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# the export format registry (lowbit.io.registry)
+
+
+def _write_format(model: nn.Module, path: Path, options) -> Dict[str, Any]:
+    from lowbit.io.registry import directory_size
+
+    p = export_sparse24(model, path, tokenizer=options.tokenizer)
+    return {"path": str(p), "bytes": directory_size(p)}
+
+
+def _detect_format(path: Path) -> bool:
+    from lowbit.io.registry import hf_quantization_config
+
+    qc = hf_quantization_config(path)
+    return bool(qc) and qc.get("quant_method") == "compressed-tensors" and \
+        (qc.get("sparsity_config") or {}).get("format") == SPARSE24_FORMAT
+
+
+from lowbit.io.registry import register_format  # noqa: E402
+
+register_format("sparse24", write=_write_format, read=load_sparse24, detect=_detect_format, target="sparse24",
+                aliases=("sparse-2:4", "compressed-tensors-sparse24"),
+                description="compressed-tensors sparse-24-bitmask (2:4 SparseLinear, float or int8)")

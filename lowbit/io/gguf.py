@@ -42,6 +42,43 @@ from lowbit.formats import gguf as fmt
 from lowbit.formats import kquants as kfmt
 from lowbit.io import gguf_recipes as recipes
 from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
+from lowbit.io.gguf_names import (  # noqa: E402,F401  (moved; importable from here as before)
+    FLOAT_TYPES,
+    _FILE_TYPE,
+    _GGML_FLOAT_ID,
+    _LAYER_NAMES,
+    _GLOBAL_NAMES,
+    _LAYER_RE,
+    gguf_name,
+    hf_name,
+    permute_qk_rows,
+    unpermute_qk_rows,
+    _qk_heads,
+)
+from lowbit.io.gguf_import import (  # noqa: E402,F401  (moved; importable from here as before)
+    GGUFTensor,
+    load_gguf_quant_states,
+    to_quant_state,
+    BLOCK_IMPORT_TYPES,
+    load_gguf_model,
+)
+from lowbit.io.gguf_metadata import (  # noqa: E402,F401  (moved; importable from here as before)
+    _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE,
+    _rope_theta,
+    _rope_scaling,
+    _model_metadata,
+    _CACHE_KEY_RE,
+    _display_name,
+    _GENERAL_OWN,
+    gguf_source_metadata,
+    tokenizer_metadata,
+    gguf_file_tokenizer_metadata,
+    _source_gguf,
+    _PRE_BY_STRUCTURE,
+    _pre_structure,
+    derive_tokenizer_pre,
+    _tokenizer_kv,
+)
 
 __all__ = [
     "export_gguf",
@@ -64,114 +101,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FLOAT_TYPES = ("F32", "F16", "BF16")
-_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
-_FILE_TYPE.update({"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18})  # plain K types
-_FILE_TYPE.update(recipes.FILE_TYPE_IDS)  # llama.cpp mixtures (Q4_K_M = 15, ...)
-_GGML_FLOAT_ID = {"F32": 0, "F16": 1, "BF16": 30}
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-# Hugging Face name (per layer) -> llama.cpp name
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.bias": "attn_output.bias",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "mlp.gate_proj.bias": "ffn_gate.bias",
-    "mlp.up_proj.bias": "ffn_up.bias",
-    "mlp.down_proj.bias": "ffn_down.bias",
-}
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp tensor name of a Hugging Face Llama parameter name.
-
-    Example:
-        >>> gguf_name("model.layers.3.self_attn.q_proj.weight")
-        'blk.3.attn_q.weight'
-    """
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    m = _LAYER_RE.match(hf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise ValueError(f"parameter {hf_name!r} has no llama.cpp tensor name (expected a LlamaForCausalLM parameter)")
-
-
-def hf_name(gguf_tensor_name: str) -> str:
-    """Inverse of :func:`gguf_name`.
-
-    Example:
-        >>> hf_name("blk.0.ffn_down.weight")
-        'model.layers.0.mlp.down_proj.weight'
-    """
-    for k, v in _GLOBAL_NAMES.items():
-        if v == gguf_tensor_name:
-            return k
-    m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_tensor_name)
-    if m:
-        for k, v in _LAYER_NAMES.items():
-            if v == m.group(2):
-                return f"model.layers.{m.group(1)}.{k}"
-    raise ValueError(f"GGUF tensor {gguf_tensor_name!r} has no Hugging Face Llama name")
-
-
-# ---------------------------------------------------------------------------------------------
-# Q/K permutation (rows only; each row is a whole input vector, so whole blocks move)
-
-
-def permute_qk_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Hugging Face rotate-half row order -> llama.cpp interleaved order (``LlamaModel.permute``).
-
-    Within each head of size hd, HF row ``j*hd/2 + i`` becomes row ``2*i + j``. Works on any tensor
-    whose first dimension is the output dimension (weights, biases, codes, per-block scales, raw bytes).
-
-    Example:
-        >>> permute_qk_rows(torch.arange(8), 1).tolist()
-        [0, 4, 1, 5, 2, 6, 3, 7]
-    """
-    rows = t.shape[0]
-    if rows % (2 * n_head):
-        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")
-    return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-
-
-def unpermute_qk_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Inverse of :func:`permute_qk_rows` (what transformers' GGUF loader applies).
-
-    Example:
-        >>> unpermute_qk_rows(permute_qk_rows(torch.arange(8), 2), 2).tolist()
-        [0, 1, 2, 3, 4, 5, 6, 7]
-    """
-    rows = t.shape[0]
-    if rows % (2 * n_head):
-        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")
-    return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-
-
-def _qk_heads(hf: str, config) -> Optional[int]:
-    if hf.endswith("self_attn.q_proj.weight") or hf.endswith("self_attn.q_proj.bias"):
-        return config.num_attention_heads
-    if hf.endswith("self_attn.k_proj.weight") or hf.endswith("self_attn.k_proj.bias"):
-        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return None
-
 
 # ---------------------------------------------------------------------------------------------
 # per-tensor plan
@@ -414,309 +343,6 @@ def dequantized_state_dict(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# metadata
-
-
-def _rope_theta(cfg) -> float:
-    rp = getattr(cfg, "rope_parameters", None) or {}
-    theta = rp.get("rope_theta") if isinstance(rp, Mapping) else None
-    if theta is None:
-        theta = getattr(cfg, "rope_theta", 10000.0)
-    return float(theta)
-
-
-def _rope_scaling(cfg) -> Optional[Mapping]:
-    rs = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-    if not rs:
-        return None
-    typ = rs.get("rope_type", rs.get("type", "default"))
-    return None if typ == "default" else rs
-
-
-def _model_metadata(cfg, gguf_type: str, name: Optional[str]) -> dict[str, Any]:
-    """``general.*`` and ``llama.*`` keys derived from a transformers config, as ``{key: (value, type, sub)}``."""
-    gguf = require("gguf", "GGUF export")
-    VT = gguf.GGUFValueType
-    arch = "llama"
-    n_head = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    u32 = lambda v: (int(v), VT.UINT32, None)  # noqa: E731
-    f32 = lambda v: (float(v), VT.FLOAT32, None)  # noqa: E731
-    meta: dict[str, Any] = {
-        "general.name": (name or _display_name(cfg), VT.STRING, None),
-        f"{arch}.vocab_size": u32(cfg.vocab_size),
-        f"{arch}.context_length": u32(cfg.max_position_embeddings),
-        f"{arch}.embedding_length": u32(cfg.hidden_size),
-        f"{arch}.block_count": u32(cfg.num_hidden_layers),
-        f"{arch}.feed_forward_length": u32(cfg.intermediate_size),
-        f"{arch}.attention.head_count": u32(n_head),
-        f"{arch}.attention.head_count_kv": u32(getattr(cfg, "num_key_value_heads", None) or n_head),
-        f"{arch}.rope.freq_base": f32(_rope_theta(cfg)),
-        f"{arch}.attention.layer_norm_rms_epsilon": f32(cfg.rms_norm_eps),
-        f"{arch}.rope.dimension_count": u32(head_dim),
-    }
-    if head_dim != cfg.hidden_size // n_head:
-        meta[f"{arch}.attention.key_length"] = u32(head_dim)
-        meta[f"{arch}.attention.value_length"] = u32(head_dim)
-    rs = _rope_scaling(cfg)
-    if rs is not None:
-        typ = rs.get("rope_type", rs.get("type"))
-        if typ != "linear":
-            raise NotImplementedError(f"rope_type={typ!r}: only 'default' and 'linear' RoPE are exported to GGUF")
-        meta[f"{arch}.rope.scaling.type"] = ("linear", VT.STRING, None)
-        meta[f"{arch}.rope.scaling.factor"] = f32(rs["factor"])
-    meta["general.file_type"] = u32(_FILE_TYPE[gguf_type])
-    meta["general.quantization_version"] = u32(2)
-    return meta
-
-
-_CACHE_KEY_RE = re.compile(r"-\d+-\d+-tf[\w.+-]+$")  # lowbit's GGUF conversion cache folder suffix
-
-
-def _display_name(cfg) -> str:
-    """``general.name`` from a config's ``_name_or_path``: a hub id as is, a path as its last component
-    (a ``.gguf`` file as its stem, lowbit's conversion cache folder as the source file's stem)."""
-    raw = str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or "").strip()
-    if not raw:
-        return "lowbit-export"
-    looks_like_path = raw.startswith(("/", ".", "~")) or os.sep in raw and raw.count("/") != 1 or raw.endswith(".gguf")
-    if not looks_like_path:
-        return raw
-    last = Path(raw.rstrip("/\\")).name
-    if last.lower().endswith(".gguf"):
-        last = last[:-5]
-    return _CACHE_KEY_RE.sub("", last) or "lowbit-export"
-
-
-#: ``general.*`` keys that describe the file, not the model: never carried from a source file
-_GENERAL_OWN = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
-
-
-def gguf_source_metadata(path: Union[str, os.PathLike], cfg=None) -> dict[str, Any]:
-    """The keys of a source GGUF file that an export of the same model carries over.
-
-    ``general.*`` (name, organization, license, ... but not the file type) and, when ``cfg`` matches
-    the file's hyperparameters (same block count and embedding length), every ``llama.*`` key;
-    ``tokenizer.*`` keys are handled by :func:`gguf_file_tokenizer_metadata`. Returns
-    ``{key: (value, GGUFValueType, sub_type)}``.
-    """
-    gguf = require("gguf", "reading GGUF metadata")
-    VT = gguf.GGUFValueType
-    reader = gguf.GGUFReader(str(path))
-    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
-
-    def same_model() -> bool:
-        if cfg is None or arch != "llama":
-            return False
-        for key, attr in (("llama.block_count", "num_hidden_layers"), ("llama.embedding_length", "hidden_size")):
-            f = fields.get(key)
-            if f is None or int(f.contents()) != int(getattr(cfg, attr, -1)):
-                return False
-        return True
-
-    carry_arch = same_model()
-    meta = {}
-    for key, field in fields.items():
-        if key.startswith("general.") and key not in _GENERAL_OWN:
-            pass
-        elif key.startswith("llama.") and carry_arch:
-            pass
-        else:
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == VT.ARRAY else None
-        meta[key] = (field.contents(), vtype, sub)
-    return meta
-
-
-def tokenizer_metadata(tokenizer, vocab_size: Optional[int] = None, pre: Optional[str] = None) -> dict[str, Any]:
-    """``tokenizer.ggml.*`` keys for a Hugging Face fast BPE tokenizer (llama.cpp's ``"gpt2"`` model).
-
-    Tokens by id (padded with ``[PAD{i}]`` UNUSED tokens up to ``vocab_size``), token types (special
-    added tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL), merges as ``"a b"``,
-    special token ids, ``add_bos_token``/``add_eos_token`` (observed by encoding a probe string) and the
-    chat template. ``pre`` is llama.cpp's pre-tokenizer id (``tokenizer.ggml.pre``, e.g. ``"smollm"``);
-    llama.cpp falls back to ``"default"`` when it is absent.
-
-    Returns ``{key: (value, GGUFValueType, sub_type)}``.
-
-    Example:
-        >>> meta = tokenizer_metadata(tok, pre="smollm")   # doctest: +SKIP
-        >>> meta["tokenizer.ggml.model"][0]                 # doctest: +SKIP
-        'gpt2'
-    """
-    gguf = require("gguf", "GGUF tokenizer metadata")
-    VT = gguf.GGUFValueType
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(f"{type(tokenizer).__name__}: a fast (tokenizers-backed) tokenizer is required")
-    spec = json.loads(backend.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise NotImplementedError(f"tokenizer model {model.get('type')!r}: only BPE (llama.cpp 'gpt2') "
-                                  "tokenizers are exported; pass tokenizer='file.gguf' to copy one")
-    vocab = tokenizer.get_vocab()
-    n = max(vocab_size or 0, max(vocab.values()) + 1)
-    tokens: list[Optional[str]] = [None] * n
-    for tok, i in vocab.items():
-        tokens[i] = tok
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    types = []
-    for i in range(n):
-        if tokens[i] is None:
-            tokens[i] = f"[PAD{i}]"
-            types.append(_TOKEN_UNUSED)
-        elif i in added:
-            types.append(_TOKEN_CONTROL if added[i].special else _TOKEN_USER)
-        else:
-            types.append(_TOKEN_NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    meta: dict[str, Any] = {
-        "tokenizer.ggml.model": ("gpt2", VT.STRING, None),
-    }
-    if pre:
-        meta["tokenizer.ggml.pre"] = (pre, VT.STRING, None)
-    meta["tokenizer.ggml.tokens"] = (tokens, VT.ARRAY, VT.STRING)
-    meta["tokenizer.ggml.token_type"] = (types, VT.ARRAY, VT.INT32)
-    if merges:  # gguf-py cannot write an empty array (a byte-level vocabulary without merges)
-        meta["tokenizer.ggml.merges"] = (merges, VT.ARRAY, VT.STRING)
-    for attr, key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("unk_token_id", "unknown"),
-                      ("pad_token_id", "padding")):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            meta[f"tokenizer.ggml.{key}_token_id"] = (int(v), VT.UINT32, None)
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    meta["tokenizer.ggml.add_bos_token"] = (bool(probe and bos is not None and probe[0] == bos), VT.BOOL, None)
-    meta["tokenizer.ggml.add_eos_token"] = (bool(probe and eos is not None and probe[-1] == eos), VT.BOOL, None)
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        meta["tokenizer.chat_template"] = (template, VT.STRING, None)
-    return meta
-
-
-def gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    """The ``tokenizer.*`` keys of an existing GGUF file, as ``{key: (value, GGUFValueType, sub_type)}``.
-
-    Pass the result (or the path itself) as ``tokenizer=`` to :func:`export_gguf` to copy them verbatim;
-    reading them once saves re-parsing a large vocabulary for every export.
-
-    Example:
-        >>> meta = gguf_file_tokenizer_metadata("SmolLM2-135M-Instruct.Q4_1.gguf")   # doctest: +SKIP
-        >>> meta["tokenizer.ggml.pre"][0]                                           # doctest: +SKIP
-        'smollm'
-    """
-    gguf = require("gguf", "copying GGUF tokenizer metadata")
-    VT = gguf.GGUFValueType
-    reader = open_gguf(path)
-    meta = {}
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == VT.ARRAY else None
-        try:
-            meta[key] = (field.contents(), vtype, sub)
-        except Exception as e:  # undecodable strings or arrays of a corrupted file
-            from lowbit.io._files import CheckpointError
-
-            raise CheckpointError(f"{path}: metadata key {key!r} is unreadable (corrupted): "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    if "tokenizer.ggml.model" not in meta:
-        raise ValueError(f"{path}: has no tokenizer.ggml.* metadata to copy")
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------
-# export
-
-
-def _source_gguf(model, tokenizer, explicit) -> Optional[str]:
-    if explicit is not None:
-        return str(explicit)
-    for obj in (model, tokenizer):
-        src = getattr(obj, "_lowbit_gguf_source", None)  # lowbit.model.loading.GGUF_SOURCE_ATTR
-        if src and os.path.isfile(src):
-            return str(src)
-    return None
-
-
-#: pre-tokenizer structure (tokenizer.json ``pre_tokenizer``) -> llama.cpp ``tokenizer.ggml.pre`` whose
-#: pre-tokenizer splits text the same way: a GPT-2 byte-level regex alone ("gpt-2"), or preceded by a
-#: split into single digits (llama.cpp's "smollm", the same split as its "starcoder"/"refact" types).
-_PRE_BY_STRUCTURE = {
-    ("ByteLevel:regex",): "gpt-2",
-    ("Digits:individual", "ByteLevel:regex"): "smollm",
-}
-
-
-def _pre_structure(spec: Any) -> tuple:
-    if not isinstance(spec, Mapping):
-        return ()
-    typ = spec.get("type")
-    if typ == "Sequence":
-        return tuple(x for p in spec.get("pretokenizers", []) for x in _pre_structure(p))
-    if typ == "ByteLevel":
-        return ("ByteLevel:regex" if spec.get("use_regex", True) and not spec.get("add_prefix_space") else "ByteLevel:other",)
-    if typ == "Digits":
-        return ("Digits:individual" if spec.get("individual_digits") else "Digits:grouped",)
-    return (str(typ),)
-
-
-def derive_tokenizer_pre(tokenizer) -> Optional[str]:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a Hugging Face BPE tokenizer, from its pre-tokenizer.
-
-    llama.cpp's own converter identifies the pre-tokenizer by hashing the token ids of a probe text;
-    lowbit recognises the structures whose llama.cpp equivalent is unambiguous (see
-    ``_PRE_BY_STRUCTURE``) and returns None otherwise (llama.cpp then uses its "default" split, and
-    :func:`export_gguf` warns). Pass ``tokenizer_pre=`` to set it explicitly.
-
-    Example:
-        >>> derive_tokenizer_pre(tok)   # doctest: +SKIP
-        'gpt-2'
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    spec = json.loads(backend.to_str())
-    if spec.get("normalizer") not in (None, {}):
-        return None
-    return _PRE_BY_STRUCTURE.get(_pre_structure(spec.get("pre_tokenizer")))
-
-
-def _tokenizer_kv(tokenizer, cfg, tokenizer_pre: Optional[str], source: Optional[str]) -> dict[str, Any]:
-    if isinstance(tokenizer, (str, os.PathLike)):
-        return gguf_file_tokenizer_metadata(tokenizer)
-    if isinstance(tokenizer, Mapping):
-        return dict(tokenizer)
-    meta = tokenizer_metadata(tokenizer, cfg.vocab_size, tokenizer_pre)
-    if source is not None and tokenizer_pre is None:
-        try:
-            src = gguf_file_tokenizer_metadata(source)
-        except ValueError:
-            src = None
-        if src is not None:
-            same = all(src.get(k, (None,))[0] == meta.get(k, (None,))[0]
-                       for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
-            if same:
-                return src  # the tokenizer is the source file's: its keys, as llama.cpp's converter wrote them
-            logger.warning("the tokenizer's vocabulary differs from the source file %s; its tokenizer keys "
-                           "(tokenizer.ggml.pre, ...) are not carried", source)
-    if "tokenizer.ggml.pre" not in meta:
-        pre = derive_tokenizer_pre(tokenizer)
-        if pre is not None:
-            gguf = require("gguf", "GGUF tokenizer metadata")
-            items = list(meta.items())
-            items.insert(1, ("tokenizer.ggml.pre", (pre, gguf.GGUFValueType.STRING, None)))
-            meta = dict(items)
-        else:
-            logger.warning("tokenizer.ggml.pre unknown for this tokenizer: llama.cpp will pre-tokenize with "
-                           "its 'default' rules; pass tokenizer_pre= (e.g. 'llama-bpe', 'smollm') to set it")
-    return meta
-
-
 def _is_lowbit_quantized(model) -> bool:
     from lowbit.io._affine import quantized_linears
 
@@ -852,128 +478,43 @@ def export_gguf(
 
 
 # ---------------------------------------------------------------------------------------------
-# import
+# the export format registry (lowbit.io.registry)
 
 
-class GGUFTensor(NamedTuple):
-    """One tensor of a GGUF file in Hugging Face row order.
+def _write_format(model, path: Path, options) -> dict:
+    """A lowbit-quantized model: its Linears' exact blocks where the GGUF grid allows
+    (:func:`lowbit.io.multi.gguf_quant_states`), the rest by ``options.gguf_fallback``; a float model:
+    re-quantized to ``options.gguf_requantize_type``."""
+    if not options.from_states:
+        p = export_gguf(model, path, gguf_type=options.gguf_requantize_type, tokenizer=options.tokenizer)
+        return {"path": str(p), "bytes": os.path.getsize(p)}
+    from lowbit.io.multi import _dense_hf_model, gguf_quant_states
 
-    ``qtype`` is the ggml type name ("Q4_0", "Q8_0", "F32", "Q6_K", ...); ``data`` holds raw block
-    bytes ``uint8 [rows, nbytes]`` for block types and the values (of ``shape``) for F32/F16/BF16;
-    ``shape`` is the element shape in PyTorch order.
-    """
-
-    qtype: str
-    data: torch.Tensor
-    shape: tuple
-
-
-def load_gguf_quant_states(path: Union[str, os.PathLike, Any]) -> dict[str, GGUFTensor]:
-    """Read a Llama GGUF file's tensors without converting them to float.
-
-    ``path`` may also be an open ``gguf.GGUFReader``. Returns ``{hf_name: GGUFTensor(qtype, data, shape)}``;
-    q/k rows (raw blocks, or values) are put back in Hugging Face order. Tied files (no
-    ``output.weight``) have no ``lm_head.weight`` entry. :func:`to_quant_state` turns a Q4_0..Q8_0 entry into a lowbit ``QuantState``, and an entry can be
-    passed back to :func:`export_gguf` through ``quant_states`` to rewrite the same blocks.
-
-    Example:
-        >>> states = load_gguf_quant_states("model.gguf")                       # doctest: +SKIP
-        >>> states["model.layers.0.mlp.up_proj.weight"].qtype                   # doctest: +SKIP
-        'Q4_1'
-    """
-    gguf = require("gguf", "GGUF import")
-    reader = path if isinstance(path, gguf.GGUFReader) else check_gguf(path)
-
-    def field(key):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    n_head = field("llama.attention.head_count")
-    n_kv = field("llama.attention.head_count_kv") or n_head
-    out: dict[str, GGUFTensor] = {}
-    for t in reader.tensors:
-        hf = hf_name(t.name)
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        qt = gguf.GGMLQuantizationType(int(t.tensor_type))
-        arr = np.array(t.data)  # copy out of the memory map
-        if qt.name in ("F32", "F16"):
-            data = torch.from_numpy(arr).reshape(shape)
-        elif qt.name == "BF16":
-            data = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).reshape(shape)
-        else:
-            data = torch.from_numpy(arr.reshape(shape[0], -1))
-        heads = None
-        if t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias"):
-            heads = n_head
-        elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
-            heads = n_kv
-        if heads:
-            data = unpermute_qk_rows(data, int(heads))
-        out[hf] = GGUFTensor(qt.name, data, shape)
-    return out
+    states, how = gguf_quant_states(model, options.gguf_type, options.gguf_fallback)
+    hf = _dense_hf_model(model, states)
+    source = _source_gguf(model, options.tokenizer, None)
+    p = export_gguf(hf, path, gguf_type=options.gguf_requantize_type, tokenizer=options.tokenizer,
+                    quant_states=states, tokenizer_pre=options.tokenizer_pre, source_gguf=source,
+                    name=None if source else _display_name(model.config))
+    kinds: dict = {}
+    for v in how.values():
+        k = v.split(":")[0]
+        kinds[k] = kinds.get(k, 0) + 1
+    return {"path": str(p), "bytes": os.path.getsize(p), "treatment": how, "summary": kinds}
 
 
-def to_quant_state(entry: GGUFTensor, dtype: torch.dtype = torch.float32):
-    """A lowbit ``QuantState`` (layout "gguf", scheme "q4_0" ... "q8_0") holding the entry's blocks as is.
-
-    Example:
-        >>> st = to_quant_state(load_gguf_quant_states("m.gguf")["model.layers.0.mlp.up_proj.weight"])  # doctest: +SKIP
-        >>> lowbit.dequantize(st).shape                                                                # doctest: +SKIP
-        torch.Size([1536, 576])
-    """
-    from lowbit.tensor.state import QuantState
-
-    if kfmt.is_kquant(entry.qtype):
-        kt = kfmt.kquant_type(entry.qtype)
-        return QuantState(scheme=kt.name.lower(), bits=kt.bits, shape=tuple(entry.shape), dtype=dtype, layout="gguf",
-                          block_size=kfmt.QK_K, data=entry.data.reshape(entry.shape[0], -1).contiguous())
-    t = fmt.gguf_type(entry.qtype)  # raises for F32, naming the type
-    return QuantState(scheme=t.name.lower(), bits=t.bits, shape=tuple(entry.shape), dtype=dtype, layout="gguf",
-                      block_size=fmt.GGUF_BLOCK, data=entry.data.reshape(entry.shape[0], -1).contiguous())
+def _detect_format(path: Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
-BLOCK_IMPORT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+from lowbit.io.registry import register_format  # noqa: E402
 
-
-def load_gguf_model(path: Union[str, os.PathLike], types=BLOCK_IMPORT_TYPES, dtype: torch.dtype = torch.float32,
-                    device: Union[str, torch.device] = "cpu"):
-    """A Llama GGUF file as ``(model, tokenizer)`` whose Linear layers hold the file's own blocks.
-
-    Every ``nn.Linear`` whose GGUF tensor is of one of ``types`` becomes a weight-only lowbit
-    ``QLinear`` holding exactly those blocks (a ``layout="gguf"`` QuantState: no float round trip,
-    so exporting the model again writes the same bytes); the other tensors (norms, embeddings,
-    K-quant or float weights) come from the float conversion of :func:`lowbit.model.loading.load_gguf`.
-    The model's ``_lowbit_gguf_kept`` lists the weights kept as blocks.
-
-    Example:
-        >>> model, tok = load_gguf_model("SmolLM2-135M-Instruct.Q4_1.gguf")     # doctest: +SKIP
-        >>> model.model.layers[0].mlp.up_proj.qstate.scheme                        # doctest: +SKIP
-        'q4_1'
-    """
-    from torch import nn
-
-    from lowbit.model.loading import load_gguf
-    from lowbit.nn import QLinear
-
-    wanted = {str(t).upper() for t in types}
-    bad = wanted - set(BLOCK_IMPORT_TYPES)
-    if bad:
-        raise ValueError(f"types {sorted(bad)}: only {', '.join(BLOCK_IMPORT_TYPES)} blocks load as lowbit states")
-    model, tok = load_gguf(path, dtype=dtype, device="cpu")
-    entries = load_gguf_quant_states(path)
-    kept = []
-    for name, mod in list(model.named_modules()):
-        if type(mod) is not nn.Linear:
-            continue
-        e = entries.get(f"{name}.weight")
-        if e is None or e.qtype not in wanted:
-            continue
-        if tuple(e.shape) != tuple(mod.weight.shape):
-            raise ValueError(f"{path}: {name}.weight has shape {tuple(e.shape)} in the file but "
-                             f"{tuple(mod.weight.shape)} in the model")
-        q = QLinear.from_quant_state(mod, to_quant_state(e, dtype=dtype))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
-        kept.append(f"{name}.weight")
-    model._lowbit_gguf_kept = kept
-    return model.to(device).eval(), tok
+register_format("gguf", write=_write_format, read=load_gguf_model, detect=_detect_format, target="model.gguf",
+                returns_tokenizer=True, description="llama.cpp GGUF (legacy Q4_0..Q8_0, K-quants, recipes)")

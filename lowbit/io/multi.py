@@ -110,7 +110,8 @@ def export_all(model: nn.Module, directory: PathLike, formats: Sequence[str] = F
     Layout: ``native/``, ``model.gguf``, ``compressed-tensors/``, ``gptq/``.
 
     Args:
-        formats: any of :data:`FORMATS` (a comma-separated string works too).
+        formats: any registered format (:func:`lowbit.io.registry.format_names`: :data:`FORMATS`, ``awq``,
+            ``sparse24``, and formats registered from outside); a comma-separated string works too.
         tokenizer: a Hugging Face tokenizer, saved with the directory formats and embedded in the GGUF.
         gguf_type: ``"auto"`` (smallest exact type per weight) or one GGUF type for the quantized weights.
         gguf_fallback: see the module docstring.
@@ -121,50 +122,12 @@ def export_all(model: nn.Module, directory: PathLike, formats: Sequence[str] = F
     Returns:
         ``{format: {"path", "bytes", ...}}``; the ``gguf`` entry has ``"treatment"`` per weight.
     """
-    from lowbit.io import native
+    from lowbit.io.registry import ExportOptions, write_formats
 
-    if isinstance(formats, str):
-        formats = [f.strip() for f in formats.split(",") if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise ValueError(f"unknown format {bad[0]!r}; expected one of {', '.join(FORMATS)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    report: Dict[str, Any] = {}
-    for f in formats:
-        if f == "native":
-            p = native.save(model, directory / "native")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(p))
-            report[f] = {"path": str(p), "bytes": _size(p)}
-        elif f == "compressed-tensors":
-            from lowbit.io.compressed_tensors import export_compressed_tensors
-
-            p = export_compressed_tensors(model, directory / "compressed-tensors", tokenizer=tokenizer,
-                                          unsupported=unsupported)
-            report[f] = {"path": str(p), "bytes": _size(p)}
-        elif f == "gptq":
-            from lowbit.io.gptq import export_gptq
-
-            p = export_gptq(model, directory / "gptq", tokenizer=tokenizer, unsupported=unsupported)
-            report[f] = {"path": str(p), "bytes": _size(p)}
-        elif f == "gguf":
-            from lowbit.io.gguf import export_gguf
-
-            from lowbit.io.gguf import _display_name, _source_gguf
-
-            states, how = gguf_quant_states(model, gguf_type, gguf_fallback)
-            hf = _dense_hf_model(model, states)
-            source = _source_gguf(model, tokenizer, None)
-            p = export_gguf(hf, directory / "model.gguf", gguf_type=gguf_requantize_type, tokenizer=tokenizer,
-                            quant_states=states, tokenizer_pre=tokenizer_pre, source_gguf=source,
-                            name=None if source else _display_name(model.config))
-            kinds = {}
-            for v in how.values():
-                k = v.split(":")[0]
-                kinds[k] = kinds.get(k, 0) + 1
-            report[f] = {"path": str(p), "bytes": os.path.getsize(p), "treatment": how, "summary": kinds}
-    return report
+    options = ExportOptions(tokenizer=tokenizer, from_states=True, gguf_type=gguf_type, gguf_fallback=gguf_fallback,
+                            gguf_requantize_type=gguf_requantize_type, tokenizer_pre=tokenizer_pre,
+                            unsupported=unsupported)
+    return write_formats(model, directory, formats, options=options)
 
 
 def _size(p: Path) -> int:

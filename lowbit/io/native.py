@@ -556,3 +556,26 @@ def _call_factory(factory: Callable[..., nn.Module], cfg: Any) -> nn.Module:
         with accelerate.init_empty_weights():
             return factory(*args)
     return factory(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the export format registry (lowbit.io.registry)
+
+
+def _write_format(model: nn.Module, path: Path, options) -> Dict[str, Any]:
+    p = save(model, path)
+    if options.tokenizer is not None:
+        options.tokenizer.save_pretrained(str(p))
+    from lowbit.io.registry import directory_size
+
+    return {"path": str(p), "bytes": directory_size(p)}
+
+
+def _detect_format(path: Path) -> bool:
+    return Path(path).is_dir() and has_marker(path)
+
+
+from lowbit.io.registry import register_format  # noqa: E402
+
+register_format("native", write=_write_format, read=load, detect=_detect_format, target="native",
+                description="lowbit's own safetensors checkpoint (bit-exact, every scheme)")

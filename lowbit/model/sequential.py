@@ -475,7 +475,8 @@ def _fold_awq(root: nn.Module, stage: _Stage, installed: Dict[str, nn.Module]) -
             if hasattr(prev, "set_quant_state"):
                 prev.set_quant_state("weight", state)
         elif state is not None:  # an already quantized linear: scale its per-row scales
-            state.scales.div_(s.to(state.scales.device).unsqueeze(1))
+            sc = state.scales  # [out, G] (group layout) or [out] (channel: one group per row)
+            sc.div_(s.to(sc.device).view(-1, *([1] * (sc.dim() - 1))))
             if hasattr(prev, "set_quant_state"):
                 prev.set_quant_state("weight", state)
         else:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from lowbit._registry import Registry
 from lowbit.formats import affine, fp8
-from lowbit.tensor.granularity import Layout, from_view, pad_groups, resolve_layout, to_view, unpad_groups
+from lowbit.tensor.granularity import Grouping, Layout, from_view, pad_groups, resolve_layout, to_view, unpad_groups
 from lowbit.tensor.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.tensor.state import QuantState
 
@@ -35,8 +35,52 @@ class Scheme:
 SCHEMES: Registry[Scheme] = Registry("scheme")
 
 
+@dataclass(frozen=True)
+class SchemeKind:
+    """A numeric family of schemes: how its states are made from and turned back into floats.
+
+    ``quantize(tensor, scheme, layout, scale_dtype) -> QuantState`` quantizes the grouped view of
+    :mod:`lowbit.tensor.granularity` (``layout`` already resolved); ``dequantize(state, layout) -> fp32 [R, K]``
+    returns the values of that view (the caller saturates them to the state's dtype and restores the shape);
+    ``data_numel(state)`` the number of elements of ``state.data`` (default: the bit-packed codes).
+    """
+
+    name: str
+    quantize: Callable[..., QuantState]
+    dequantize: Callable[..., torch.Tensor]
+    data_numel: Optional[Callable[[QuantState], int]] = None
+
+
+KINDS: Registry[SchemeKind] = Registry("scheme kind")
+
+
 def _add(scheme: Scheme, aliases=()) -> None:
     SCHEMES.add(scheme.name, scheme, aliases=aliases)
+
+
+def register_scheme(name: str, kind: str, bits: int, symmetric: bool = True, description: str = "",
+                    aliases: tuple = (), overwrite: bool = False) -> Scheme:
+    """Register a scheme ``name`` of a registered kind (``lowbit.quantize(t, name)`` then works)."""
+    if kind not in KINDS and kind != "gguf":
+        raise ValueError(f"scheme {name!r}: unknown scheme kind {kind!r}; registered: {', '.join(KINDS.names())}")
+    sch = Scheme(name, kind, bits, symmetric, description)
+    return SCHEMES.add(name, sch, aliases=aliases, overwrite=overwrite)
+
+
+def register_scheme_kind(name: str, *, quantize: Callable[..., QuantState], dequantize: Callable[..., torch.Tensor],
+                         data_numel: Optional[Callable[[QuantState], int]] = None, schemes=(),
+                         overwrite: bool = False) -> SchemeKind:
+    """Register a scheme kind (see :class:`SchemeKind`) and, in the same call, its schemes: ``schemes`` is a
+    sequence of ``(name, bits)`` or ``(name, bits, symmetric)`` tuples.
+
+    Example (a 1-bit sign kind from outside the package, ``tests/test_extending.py``)::
+
+        register_scheme_kind("sign", quantize=q, dequantize=dq, schemes=[("sign1", 1)])
+    """
+    kind = KINDS.add(name, SchemeKind(name, quantize, dequantize, data_numel), overwrite=overwrite)
+    for entry in schemes:
+        register_scheme(entry[0], name, *entry[1:], overwrite=overwrite)
+    return kind
 
 
 for _b in (8, 4, 3, 2):
@@ -174,8 +218,7 @@ def quantize_tensor(
         raise ValueError("double_quant=True quantizes fp32 scales; it cannot be combined with scale_dtype != float32")
     if not isinstance(double_quant_block_size, int) or double_quant_block_size <= 0:
         raise ValueError(f"double_quant_block_size={double_quant_block_size!r}: must be a positive integer")
-    quant = {"affine": _quantize_affine, "codebook": _quantize_codebook, "fp8": _quantize_fp8}[sch.kind]
-    state = quant(tensor, sch, layout, scale_dtype)
+    state = KINDS.get(sch.kind).quantize(tensor, sch, layout, scale_dtype)
     if double_quant and state.scales is not None and state.scales.numel():
         zero_groups = None
         if sch.kind in ("affine", "fp8"):  # their all-zero blocks hold a placeholder scale of 1
@@ -226,10 +269,7 @@ def _quantize_codebook(tensor, sch: Scheme, layout: Layout, scale_dtype) -> Quan
         # bitsandbytes' own blocking: flat tensor, ragged tail block (bit-identical path)
         codes, absmax = quant(tensor.reshape(-1), code, g)
     else:
-        v = to_view(tensor.float(), layout)
-        pad = (-k) % g
-        if pad:
-            v = torch.cat([v, v.new_zeros(r, pad)], dim=1)
+        v = pad_groups(to_view(tensor.float(), layout), g, fill="zero")
         codes, absmax = quant(v.reshape(-1), code, g)
         codes = codes.reshape(r, -1)[:, :k]
         absmax = absmax.reshape(r, -1)
@@ -344,23 +384,33 @@ def dequantize(state: QuantState) -> torch.Tensor:
         rows = _gguf_format(sch.name)[2].dequantize_rows(state.data, sch.name)[:, :k]
         return _saturate(rows, state.dtype).reshape(shape)
     layout = state.layout_obj
-    r, k, g = layout.view_shape(shape)
-    scales = _scales(state).float().reshape(r, -1, 1)
-    if sch.kind == "fp8":
-        vals = state.data.reshape(r, k).float()
-        out = unpad_groups(pad_groups(vals, g) * scales, k)
-    else:
-        q = codes(state)
-        if sch.kind == "codebook":
-            vals = state.code.float()[q.long()]
-            out = unpad_groups(pad_groups(vals, g) * scales, k)
-        else:
-            if state.zeros is not None:
-                zero = state.zeros.reshape(r, -1, 1).float()
-            else:
-                zero = torch.tensor(float(affine.implicit_zero(state.bits)), device=q.device)
-            out = unpad_groups((pad_groups(q, g).float() - zero) * scales, k)
+    out = KINDS.get(sch.kind).dequantize(state, layout)
     return from_view(_saturate(out, state.dtype), shape, layout)
+
+
+def _dequantize_fp8(state: QuantState, layout: Layout) -> torch.Tensor:
+    r, k, g = layout.view_shape(tuple(state.shape))
+    scales = _scales(state).float().reshape(r, -1, 1)
+    vals = state.data.reshape(r, k).float()
+    return unpad_groups(pad_groups(vals, g) * scales, k)
+
+
+def _dequantize_codebook(state: QuantState, layout: Layout) -> torch.Tensor:
+    r, k, g = layout.view_shape(tuple(state.shape))
+    scales = _scales(state).float().reshape(r, -1, 1)
+    vals = state.code.float()[codes(state).long()]
+    return unpad_groups(pad_groups(vals, g) * scales, k)
+
+
+def _dequantize_affine(state: QuantState, layout: Layout) -> torch.Tensor:
+    r, k, g = layout.view_shape(tuple(state.shape))
+    scales = _scales(state).float().reshape(r, -1, 1)
+    q = codes(state)
+    if state.zeros is not None:
+        zero = state.zeros.reshape(r, -1, 1).float()
+    else:
+        zero = torch.tensor(float(affine.implicit_zero(state.bits)), device=q.device)
+    return unpad_groups((pad_groups(q, g).float() - zero) * scales, k)
 
 
 def _saturate(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -375,18 +425,22 @@ def _saturate(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def affine_state(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], bits: int,
-                 group_size: int, dtype: torch.dtype = torch.float32, symmetric: Optional[bool] = None) -> QuantState:
+                 group_size, dtype: torch.dtype = torch.float32, symmetric: Optional[bool] = None, *,
+                 canonical: bool = False) -> QuantState:
     """Build a group-layout QuantState from codes ``[out, in]``, scales/zeros ``[out, n_groups]``.
 
     Used by the PTQ algorithms, whose codes follow ``w = (q - z) * s``. ``zeros=None`` means
-    symmetric (implicit zero ``2**(bits-1)``). ``group_size=-1`` means one group per row.
+    symmetric (implicit zero ``2**(bits-1)``). ``group_size=-1`` means one group per row; a
+    :class:`~lowbit.tensor.granularity.Grouping` is taken as resolved. ``canonical=True`` stores one group
+    per row as the ``channel`` layout (axis 0), the one layout of a per-channel weight
+    (:func:`~lowbit.tensor.granularity.canonical_layout`).
     """
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
     out_f, in_f = codes.shape
-    if group_size == -1:
-        group_size = in_f
-    n_groups = math.ceil(in_f / group_size)
+    grouping = group_size if isinstance(group_size, Grouping) else Grouping.of_columns(in_f, group_size, out_f)
+    group_size = grouping.stored_group_size
+    n_groups = grouping.n_groups
     if scales.shape != (out_f, n_groups):
         raise ValueError(f"scales shape {tuple(scales.shape)}: expected {(out_f, n_groups)} for group_size={group_size}")
     if zeros is not None and zeros.shape != (out_f, n_groups):
@@ -395,10 +449,14 @@ def affine_state(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torc
     if sym and zeros is not None:
         raise ValueError("symmetric=True but zeros were given")
     name = f"int{bits}" if sym else f"int{bits}_asym"
+    zeros = None if zeros is None else zeros.to(torch.uint8)
+    if canonical and n_groups == 1 and in_f:
+        return QuantState(scheme=name, bits=bits, shape=(out_f, in_f), dtype=dtype, layout="channel", axis=0,
+                          data=pack_bits(codes.reshape(-1), bits), scales=scales.reshape(-1),
+                          zeros=None if zeros is None else zeros.reshape(-1))
     return QuantState(
         scheme=name, bits=bits, shape=(out_f, in_f), dtype=dtype, layout="group", block_size=group_size,
-        data=pack_bits(codes.reshape(-1), bits), scales=scales,
-        zeros=None if zeros is None else zeros.to(torch.uint8),
+        data=pack_bits(codes.reshape(-1), bits), scales=scales, zeros=zeros,
     )
 
 
@@ -410,8 +468,9 @@ def expected_data_numel(state: QuantState) -> Optional[int]:
         block, type_size, _ = _gguf_format(sch.name)
         r, k = _gguf_view(tuple(state.shape))
         return r * math.ceil(k / block) * type_size
-    if sch.kind == "fp8":
-        return state.numel
+    kind = KINDS.get(sch.kind) if sch.kind in KINDS else None
+    if kind is not None and kind.data_numel is not None:
+        return kind.data_numel(state)
     return packed_nbytes(state.numel, state.bits)
 
 
@@ -420,3 +479,11 @@ def expected_scales_numel(state: QuantState) -> Optional[int]:
         return None
     r, g = state.layout_obj.n_groups(tuple(state.shape))
     return r * g
+
+
+# ---------------------------------------------------------------------------------------------
+# the built-in scheme kinds (GGUF block schemes are quantized whole-row before any layout, above)
+
+register_scheme_kind("affine", quantize=_quantize_affine, dequantize=_dequantize_affine)
+register_scheme_kind("codebook", quantize=_quantize_codebook, dequantize=_dequantize_codebook)
+register_scheme_kind("fp8", quantize=_quantize_fp8, dequantize=_dequantize_fp8, data_numel=lambda st: st.numel)
