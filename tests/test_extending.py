@@ -57,9 +57,10 @@ def test_toy_exporter_end_to_end(tmp_path, toy_format):
         if v.is_floating_point():
             assert torch.equal(back[k], v.float()), k
     # the CLI's --format takes it too (its choices come from the registry)
-    from lowbit.cli import _format_names, _parse_formats
+    from lowbit.cli import _format_names
+    from lowbit.workflow import check_formats
 
-    assert "toy-json" in _format_names() and _parse_formats("native,toy-json") == ["native", "toy-json"]
+    assert "toy-json" in _format_names() and check_formats(["native", "toy-json"]) == ["native", "toy-json"]
 
 
 def test_unknown_format_lists_the_registered_ones():
