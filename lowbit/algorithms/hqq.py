@@ -47,7 +47,7 @@ import torch
 
 from lowbit.algorithms.grid import AffineGrid, check_bits, to_state
 
-ZERO_ROUNDINGS = ("refit", "round")
+ZERO_ROUNDINGS = ("best", "cover", "round", "refit")
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -171,9 +171,53 @@ def hqq_optimize(w: torch.Tensor, mask: Optional[torch.Tensor], grid: AffineGrid
     return s.squeeze(-1), z.squeeze(-1), history
 
 
+def _cover(lo: torch.Tensor, hi: torch.Tensor, maxq: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer zero and the smallest step whose grid ``(k - z) * t``, ``k = 0..maxq``, covers ``[lo, hi]``.
+
+    The zero is the floor or the ceiling of the float zero ``-lo / (hi - lo) * maxq``, whichever needs
+    the smaller step; a range on one side of 0 gets zero 0 (or ``maxq``).
+    """
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    zf = (-lo / (hi - lo) * maxq).nan_to_num_(0.0).clamp_(0, maxq)
+    best_t = best_z = None
+    for zi in (zf.floor(), zf.ceil()):
+        t = torch.maximum(torch.where(zi > 0, -lo / zi, torch.where(lo < 0, math.inf, 0.0)),
+                          torch.where(zi < maxq, hi / (maxq - zi), torch.where(hi > 0, math.inf, 0.0)))
+        if best_t is None:
+            best_t, best_z = t, zi
+        else:
+            better = t < best_t
+            best_t, best_z = torch.where(better, t, best_t), torch.where(better, zi, best_z)
+    best_t = torch.where(torch.isfinite(best_t) & (best_t > 0), best_t, torch.ones_like(best_t))
+    return best_t, best_z
+
+
+def _best_candidate(w, mask, s, z, maxq, lp_norm):
+    grid = AffineGrid(bits=int(math.log2(maxq + 1)), sym=False, search="minmax", refine=0)
+    cands = [grid.params_from_range(w.amin(-1), w.amax(-1))]  # lowbit's RTN grid (0 in the range)
+    for how in ("cover", "round", "refit"):
+        _, step, zi = _integer_zero(w, mask, s, z, maxq, how, lp_norm)
+        cands.append((step, zi))
+    best = best_s = best_z = None
+    for step, zi in cands:
+        err = lp_error(w, grid.fake_quant(w, step, zi), lp_norm, mask)
+        if best is None:
+            best, best_s, best_z = err, step, zi
+        else:
+            b = err < best
+            best, best_s, best_z = torch.where(b, err, best), torch.where(b, step, best_s), torch.where(b, zi, best_z)
+    return grid.quantize(w, best_s, best_z), best_s, best_z
+
+
 def _integer_zero(w: torch.Tensor, mask: Optional[torch.Tensor], s: torch.Tensor, z: torch.Tensor, maxq: int,
-                  zero_rounding: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  zero_rounding: str, lp_norm: float = 0.7) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, step and integer zero for HQQ's float ``(inverse step s, zero z)`` ``[R, G]``."""
+    if zero_rounding == "best":  # per group, the candidate of lowest l_p error (the min/max grid included)
+        return _best_candidate(w, mask, s, z, maxq, lp_norm)
+    if zero_rounding == "cover":  # the float grid's range [-z / s, (maxq - z) / s], covered with an integer zero
+        step, zi = _cover(-z / s, (maxq - z) / s, maxq)
+        q = torch.round(w / step.unsqueeze(-1) + zi.unsqueeze(-1)).clamp_(0, maxq)
+        return q, step, zi
     zi = z.round().clamp_(0, maxq).unsqueeze(-1)
     s = s.unsqueeze(-1)
     q = torch.round(w * s + zi).clamp_(0, maxq)
@@ -227,6 +271,6 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 64, sym:
         step = 1.0 / s
         codes = grid.quantize(w, step, z)
     else:
-        codes, step, z = _integer_zero(w, mask, s, z, grid.maxq, zero_rounding)
+        codes, step, z = _integer_zero(w, mask, s, z, grid.maxq, zero_rounding, lp_norm)
     codes = codes.reshape(R, -1)[:, :K].to(torch.uint8)
     return to_state(codes, step, z, bits, g, sym, dtype=weight.dtype)
