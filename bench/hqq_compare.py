@@ -98,8 +98,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("timing", "quality"), help="timing: rounds of quantization only; quality: "
                     "each variant once, then its perplexity (separate processes, merged by the report)")
-    ap.add_argument("--variants", default="new,old,pkg", help="comma-separated: new, old, pkg, round (lowbit with "
-                    "zero_rounding='round')")
+    ap.add_argument("--variants", default="new,old,pkg", help="comma-separated: new, old, pkg, zr=<zero_rounding> "
+                    "(lowbit with that zero_rounding)")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds of lowbit and the package")
     ap.add_argument("--old-rounds", type=int, default=1, help="timing rounds of the previous lowbit HQQ")
     ap.add_argument("--old", default="4058e7c", help="git commit of the previous lowbit HQQ")
@@ -121,8 +121,12 @@ def main():
     if importlib.util.find_spec("hqq") is not None:
         names["pkg"] = f"hqq package {importlib.metadata.version('hqq')}"
         fns["pkg"] = run_package
+    for k in args.variants.split(","):
+        if k.startswith("zr="):  # lowbit with another zero_rounding
+            names[k] = f"lowbit zero_rounding='{k[3:]}'"
+            fns[k] = (lambda zr: lambda m: run_lowbit(m, new_hqq.hqq_quantize, dict(zero_rounding=zr)))(k[3:])
     keys = [k for k in args.variants.split(",") if k in fns]
-    tag = "" if args.part == "timing" else "_" + "_".join(keys)  # quality parts may run as parallel processes
+    tag = "" if args.part == "timing" else "_" + "_".join(k.replace("=", "-") for k in keys)  # quality parts may run as parallel processes
     path = os.path.join(args.out, f"hqq_compare_{args.part}{tag}.json")
     res = dict(machine=f"{platform.machine()} {os.cpu_count()} cores, {args.threads} torch threads",
                torch=torch.__version__, windows=args.windows, old=args.old, rows={},

@@ -169,3 +169,28 @@ def test_hqq_matches_the_hqq_package(bits, std):
     assert torch.equal(q.reshape(-1, 64), Wq.float())
     assert torch.equal(z.reshape(-1, 1), meta["zero"])
     assert torch.equal((1.0 / s).reshape(-1, 1), meta["scale"])
+
+
+def test_zero_rounding_best_is_the_lowest_lp_error_per_group():
+    w = _weight(16, 320, std=0.02, seed=3)
+    wg, _, _ = _grouped(w, 64)
+
+    def per_group(st):
+        return (lowbit.dequantize(st) - w).abs().pow(0.7).reshape(16, -1, 64).sum(-1)
+
+    best = per_group(hqq_quantize(w, 4, 64, False, zero_rounding="best"))
+    for zr in ("cover", "round", "refit"):
+        assert (best <= per_group(hqq_quantize(w, 4, 64, False, zero_rounding=zr)) * (1 + 1e-5)).all(), zr
+    rtn = per_group(rtn_quantize(w, 4, 64, False, search="minmax", refine=0))
+    assert (best <= rtn * (1 + 1e-5)).all()
+
+
+def test_zero_rounding_cover_keeps_the_float_grid_range():
+    w = _weight(16, 256, std=0.02, seed=5)
+    wg, mask, _ = _grouped(w, 64)
+    s, z, _ = hqq_optimize(wg, mask, AffineGrid(4, False, "minmax"))
+    lo, hi = (-z / s).clamp(max=0), ((15 - z) / s).clamp(min=0)
+    st = hqq_quantize(w, 4, 64, False, zero_rounding="cover")
+    step, zero = st.scales.reshape(16, -1), st.zeros.reshape(16, -1).float()
+    assert (-zero * step <= lo * (1 - 1e-6) + 1e-12).all() and ((15 - zero) * step >= hi * (1 - 1e-6)).all()
+    assert ((zero - z).abs() < 1 + 1e-4).all()  # the floor or the ceiling of the float zero
