@@ -106,8 +106,9 @@ def test_hqq_stopping_rules():
     w = _weight(16, 256, std=1.0)
     wg, mask, _ = _grouped(w, 64)
     grid = AffineGrid(4, False, "minmax")
-    *_, full = hqq_optimize(wg, mask, grid, iters=12, early_stop=False)
-    assert len(full) == 12
+    for never in (False, 0, 0.0):
+        *_, full = hqq_optimize(wg, mask, grid, iters=12, early_stop=never)
+        assert len(full) == 12
     *_, hist = hqq_optimize(wg, mask, grid, iters=40, early_stop=True)
     # hqq's rule: the error fell at every iteration but the last, which did not fall below the best
     assert all(b < a for a, b in zip(hist[:-1], hist[1:-1]))

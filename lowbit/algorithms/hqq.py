@@ -92,7 +92,7 @@ def _grouped(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, Optio
 
 def _stop(early_stop: Union[bool, float], history: list) -> bool:
     """The stopping rule after an iteration's error was appended to ``history``."""
-    if early_stop is False or early_stop is None:
+    if early_stop is None or (early_stop is not True and float(early_stop) <= 0):  # False / 0: never
         return False
     if early_stop is True:  # hqq's rule: the error did not decrease below the best so far
         return len(history) > 1 and not history[-1] < min(history[:-1])
@@ -117,7 +117,7 @@ def hqq_optimize(w: torch.Tensor, mask: Optional[torch.Tensor], grid: AffineGrid
     ``mask`` ``[R, G, g]`` marks real weights (padding 0), or None when there is no padding.
     ``early_stop``: True (hqq's rule: stop at the first iteration whose mean absolute error over the
     whole layer is not below the best so far), a float ``f`` (stop once an iteration lowers it by
-    less than the fraction ``f``), or False (always ``iters`` iterations).
+    less than the fraction ``f``), or False / 0 (always ``iters`` iterations).
     ``optimize_scale``: also re-fit the step by least squares on ``W - W_e`` each iteration (not in
     HQQ; always on for ``grid.sym``, whose zero is fixed). ``init``: ``(inverse step, zero)`` to
     start from (default: the group's min/max, as HQQ). ``round_zero``: round the initial zero
