@@ -129,13 +129,26 @@ def test_shrink_threshold_is_where_the_shrinkage_vanishes():
 @pytest.mark.parametrize("sym", [True, False])
 def test_hqq_state_beats_rtn_on_heavy_tails(sym):
     w = _weight(64, 576, std=1.0)
-    st = hqq_quantize(w, 4, 64, sym)
+    st = hqq_quantize(w, 4, 64, sym, **({} if sym else {"zero_rounding": "best"}))
     assert st.scales.shape == (64, 9)
     if not sym:
         assert st.zeros.dtype == torch.uint8 and int(st.zeros.max()) <= 15
     e_hqq = (lowbit.dequantize(st) - w).abs().pow(0.7).sum()
     e_rtn = (lowbit.dequantize(rtn_quantize(w, 4, 64, sym)) - w).abs().pow(0.7).sum()
     assert e_hqq < e_rtn
+
+
+def test_default_state_is_hqqs_solution_with_the_zero_rounded():
+    w = _weight(24, 200, std=0.02, seed=7)  # ragged: 200 = 3 x 64 + 8
+    q_ref, s_ref, z_ref, _ = _reference(w, 4, 64)
+    st = hqq_quantize(w, 4, 64, False)
+    zi = z_ref.round().clamp(0, 15)
+    assert torch.equal(st.zeros.reshape(24, -1).double(), zi)
+    torch.testing.assert_close(st.scales.reshape(24, -1).double(), 1.0 / s_ref, rtol=1e-6, atol=0)
+    w_ref = torch.cat([(torch.round(w.double()[:, a:a + 64] * s_ref[:, j:j + 1] + zi[:, j:j + 1]).clamp(0, 15)
+                        - zi[:, j:j + 1]) / s_ref[:, j:j + 1] for j, a in enumerate(range(0, 200, 64))], 1)
+    mism = ((lowbit.dequantize(st).double() - w_ref).abs() > 1e-6).float().mean().item()
+    assert mism <= 1e-3
 
 
 def test_zero_rounding_refit_lowers_the_squared_error_of_plain_rounding():
