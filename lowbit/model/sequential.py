@@ -59,7 +59,7 @@ _GPTQ_KEYS = ("percdamp", "blocksize", "act_order", "static_groups", "group_obje
               "max_shrink", "gguf_type", "two_sided")
 _AWQ_KEYS = ("n_grid", "duo_scaling", "clip", "max_shrink", "clip_grid", "gqa_tie", "two_sided", "joint", "refine",
              "gguf_type")
-_HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init", "early_stop")
+_HQQ_KEYS = ("lp_norm", "beta", "kappa", "iters", "optimize_scale", "init", "early_stop", "zero_rounding")
 _RTN_KEYS = ("search", "n_grid", "max_shrink", "refine", "gguf_type")
 METHOD_OPTIONS = {"gptq": _GPTQ_KEYS, "awq": _AWQ_KEYS, "hqq": _HQQ_KEYS, "rtn": _RTN_KEYS}
 
