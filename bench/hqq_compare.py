@@ -191,6 +191,10 @@ def report(out):
             ld = " / ".join(f"{x['load']:.0f}" for x in r["rounds"])
             lines.append(f"| {k} | {_best(r, 'wall_s'):.1f} s ({w}) | {_best(r, 'cpu_s'):.1f} | {ld} |")
         lines.append("")
+        if any("(run 1)" in k for k in rows):
+            lines += ["Rows marked (run 1) come from an earlier run (file `hqq_compare_timing_run1.json`), made while "
+                      "lowbit's default was `zero_rounding='best'`; ratios against them compare runs at different "
+                      "load.", ""]
         if new:
             for k, r in rows.items():
                 if k != new:
@@ -203,7 +207,12 @@ def report(out):
                   f"Commands: {', '.join(f'`{c}`' for c in qual['commands'])}. Perplexity on WikiText-2 `test.txt`, first {qual['windows']} "
                   "windows of 512 tokens, batch 8: the protocol of `bench/ptq.py`, behind ptq.md's 32.67 (lowbit "
                   "HQQ before) and 31.27 (the hqq package), both measured on a GPU there; here on the CPU, where "
-                  "the hqq package optimises in float32 (on CUDA in float16).", "",
+                  "the hqq package optimises in float32 (on CUDA in float16)."
+                  + ("" if qual["windows"] == 48 else
+                     f" ptq.md uses 48 windows; {qual['windows']} here for time on the shared box, so compare these "
+                     "rows with each other and with `hqq_screen.jsonl` (also 8 windows), not with ptq.md's figures.")
+                  + (" The row `lowbit zero_rounding='best'` ran as `--variants new` while 'best' was the default."
+                     if "lowbit zero_rounding='best'" in rows else ""), "",
                   f"lowbit's solver ran {qual['iterations_per_layer']:.2f} iterations per linear layer on average "
                   "(hqq's stopping rule; the previous lowbit HQQ always ran 20).", "",
                   "| variant | wiki ppl | quantize wall (load avg) |", "|---|---|---|"]
