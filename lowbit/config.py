@@ -627,21 +627,26 @@ class AWQConfig(WeightOnlyConfig):
 @dataclass(frozen=True)
 class HQQConfig(WeightOnlyConfig):
     """``hqq`` (no data): half-quadratic solver with ``lp_norm``, ``beta``, ``kappa``, ``iters``,
-    ``optimize_scale``, ``init`` (``"minmax"`` or ``"mse"``), ``early_stop``."""
+    ``optimize_scale``, ``init`` (``"minmax"`` or ``"mse"``), ``early_stop`` (True: the hqq package's rule;
+    a relative-improvement threshold; False/0: always ``iters``), ``zero_rounding`` (how the solver's float
+    zero becomes the stored integer zero: ``"round"``, ``"cover"``, ``"refit"``, ``"best"``)."""
 
     method: ClassVar[str] = "hqq"
     lp_norm: float = 0.7
     beta: float = 10.0
-    kappa: float = 1.01
+    kappa: float = 1.0
     iters: int = 20
     optimize_scale: bool = False
     init: str = "minmax"
-    early_stop: float = 0.0
+    early_stop: Union[bool, float] = True
+    zero_rounding: str = "round"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.init not in ("minmax", "mse"):
             raise ValueError(f"init={self.init!r}: expected 'minmax' or 'mse'")
+        if self.zero_rounding not in ("round", "cover", "refit", "best"):
+            raise ValueError(f"zero_rounding={self.zero_rounding!r}: expected 'round', 'cover', 'refit' or 'best'")
         if not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"iters={self.iters!r}: must be a non-negative integer")
 

