@@ -818,6 +818,34 @@ class _BlockRunner:
         stage.done = True
 
 
+def _in_worker(fn: Callable[..., Any], *args: Any, device: Optional[torch.device] = None) -> Any:
+    """``fn(*args)`` run in one worker thread, the caller waiting; its result returned, its error re-raised.
+
+    Why: torch's OpenMP pool spin-waits between parallel regions when they are issued from the main thread
+    (libgomp's default wait policy). GPTQ's column loop issues thousands of small parallel ops, and on the
+    2-core CPU the spinning cost 3-10x the CPU seconds of the same solve issued from another thread (and far
+    more wall time on a loaded machine; ``OMP_WAIT_POLICY=PASSIVE`` removes the difference but must be set
+    before torch loads). The previous pipeline ran everything in worker threads, which is why it was faster
+    (bench/scale.md, "Where the time went")."""
+    box: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
+            box["out"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller
+            box["err"] = e
+
+    t = threading.Thread(target=work, name="lowbit-calibration", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)  # a short wait, so that Ctrl-C reaches the caller (the daemon thread dies with the process)
+    if "err" in box:
+        raise box["err"]
+    return box.get("out")
+
+
 def _reduce_stats(st: InputStats, reduce) -> InputStats:
     from lowbit.model.distributed import is_active
 
@@ -964,7 +992,7 @@ def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, 
         bar.update(len(stage.names))
 
     runner = _BlockRunner(root, stages, modules, q, need_h, need_abs, store, cfg.replay, on_stage_done=done)
-    outs = runner.run(fn, items)
+    outs = _in_worker(runner.run, fn, items, device=store.device)
     for stage in stages:  # layers no sample reached: quantize without data (RTN)
         if getattr(stage, "unreached", False) or not stage.states:
             for n in stage.names:
