@@ -526,6 +526,7 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     """
     from lowbit.model.offload import parse_bytes
 
+    stream = method_options.pop("_stream", None)  # lowbit.model.streaming: blocks read and written one by one
     method = method.lower()
     if method not in PTQ_METHODS:
         raise ValueError(f"method={method!r}: expected one of {PTQ_METHODS}")
@@ -570,7 +571,9 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     states: Dict[str, Any] = {}
     extra: Dict[str, Any] = {}
 
-    if method in ("rtn", "hqq"):
+    if method in ("rtn", "hqq") and stream is not None:
+        _data_free_streamed(model, method, selected, bits, group_size, sym, opts, device, stream, states, progress)
+    elif method in ("rtn", "hqq"):
         for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
             lin = selected[name]
             w = lin.weight.detach().to(device)
@@ -591,6 +594,7 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
                              checkpoint_dir=checkpoint_dir, resume=resume,
                              fingerprint=_fingerprint(model, method, bits, group_size, sym, opts, ids, include,
                                                       exclude, micro_batch or batch_size))
+            cfg.stream = stream
             _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, cfg, progress,
                             states, extra)
 
@@ -635,6 +639,7 @@ class _RunConfig:
     resume: bool = False
     fingerprint: str = ""
     replay: bool = True
+    stream: Any = None  # lowbit.model.streaming.BlockStream: reads each block before its turn, writes it after
 
 
 def _fingerprint(model, method, bits, group_size, sym, opts, ids, include, exclude, micro_batch) -> str:
@@ -846,6 +851,36 @@ def _in_worker(fn: Callable[..., Any], *args: Any, device: Optional[torch.device
     return box.get("out")
 
 
+class _Subset(dict):
+    """``states`` restricted to ``keys``; assignments go through to ``states``."""
+
+    def __init__(self, states: Dict[str, Any], keys) -> None:
+        super().__init__((k, states[k]) for k in keys)
+        self._states = states
+
+    def __setitem__(self, k, v) -> None:
+        super().__setitem__(k, v)
+        self._states[k] = v
+
+
+def _data_free_streamed(model, method, selected, bits, group_size, sym, opts, device, stream, states, progress):
+    """RTN/HQQ on a streamed model: block by block (read, quantize each selected linear, write, drop)."""
+    blocks_name, blocks = find_blocks(model)
+    for bi in _progress(range(len(blocks)), desc=f"{method} blocks", enabled=progress):
+        prefix = f"{blocks_name}.{bi}."
+        stream.load_block(bi, blocks[bi], prefix)
+        sel = [n for n in selected if n.startswith(prefix)]
+        for name in sel:
+            lin = model.get_submodule(name)
+            w = lin.weight.detach().to(device)
+            st = rtn_quantize(w, bits, group_size, sym, **opts) if method == "rtn" else \
+                hqq_quantize(w, bits, group_size, sym, **opts)
+            states[name] = st.to(lin.weight.device)
+            new = _install(model, name, lin, states[name])
+            new._lowbit_ptq_state = states[name]
+        stream.finish_block(bi, blocks[bi], prefix, _Subset(states, sel))
+
+
 def _reduce_stats(st: InputStats, reduce) -> InputStats:
     from lowbit.model.distributed import is_active
 
@@ -935,6 +970,8 @@ def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, d
         for bi in range(start_block, len(blocks)):
             block = blocks[bi]
             prefix = f"{blocks_name}.{bi}." if blocks_name else f"{bi}."
+            if cfg.stream is not None:
+                cfg.stream.load_block(bi, block, prefix)
             block_home = next(block.parameters()).device
             block.to(device)
             sel = {n: m for n, m in selected.items() if n.startswith(prefix)}
@@ -959,6 +996,8 @@ def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, d
                 extra["offload_peak_bytes"][k] = max(extra["offload_peak_bytes"][k], v)
             if checkpoints is not None:
                 checkpoints.save(bi, block, prefix, {n: states[n] for n in sel}, (store.get(k) for k in items))
+            if cfg.stream is not None:
+                cfg.stream.finish_block(bi, block, prefix, _Subset(states, sel))
             bar.update(1)
         bar.close()
         for k in items:
