@@ -124,7 +124,8 @@ def _predict(counts: Dict[str, Any], hidden: int, n_blocks: int, method: str, bi
 
 
 def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_samples: int = 128,
-         seq_len: int = 512, device: str = "cpu") -> Dict[str, Any]:
+         seq_len: int = 512, device: str = "cpu", max_memory: Any = None, micro_batch: Optional[int] = None,
+         pipeline: str = "auto") -> Dict[str, Any]:
     """Predict the cost of quantizing an already loaded ``model`` with ``method``."""
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", 0) or 0
@@ -163,3 +164,50 @@ def plan_from_config(spec: str, method: str, bits: int = 4, group_size: int = 12
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     return plan(model, method, bits=bits, group_size=group_size, n_samples=n_samples, seq_len=seq_len)
+
+
+def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, seq_len: int = 512,
+                           micro_batch: int = 8, max_memory: Any = None) -> Dict[str, float]:
+    """Peak host memory (MB) of :func:`lowbit.model.streaming.quantize_streaming` on ``model`` (built on the meta
+    device is enough): process baseline + the tensors outside the blocks + the largest block twice (its float
+    weights and the quantized copy being built, plus one float weight matrix the solver copies) + the calibration
+    state (the block inputs and outputs of every sample and the replay records, unless ``max_memory`` sends them to
+    files) + the statistics of the widest linear (float64 sums and the solver's fp32 work matrices)."""
+    from lowbit.model.offload import parse_bytes
+    from lowbit.model.sequential import find_blocks
+
+    _, blocks = find_blocks(model)
+    if blocks is None:
+        raise ValueError("streaming needs a list of decoder blocks")
+    inside = {id(p) for p in blocks.parameters()}
+    outside = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    lins = [m for m in blocks[0].modules() if isinstance(m, nn.Linear)]
+    k_max = max(m.in_features for m in lins)
+    w_max = max(m.weight.numel() * m.weight.element_size() for m in lins)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or lins[0].in_features
+    tokens = n_samples * seq_len
+    calibrated = method.lower() in _CALIBRATED
+    act = 4
+    widths = sum(m.out_features for m in lins)  # replay records: the outputs of the block's linears at most
+    calib = tokens * act * (2 * hidden + widths) if calibrated else 0
+    work = micro_batch * seq_len * act * (widths + 4 * k_max) if calibrated else 0
+    stats = k_max * k_max * (8 + 4 * 4) if calibrated else 0
+    quantized = block // 4 + w_max
+    mb = 2 ** 20
+    rest = PROCESS_BASELINE_MB * mb + outside + block + quantized + work + stats
+    budget = parse_bytes(max_memory)
+    if budget is not None:  # the activation store keeps what fits under the budget, the rest goes to files
+        calib = min(calib, max(budget - rest, 0))
+    total = rest + calib
+    return {"peak_ram_mb": total / mb, "outside_mb": outside / mb, "block_mb": block / mb,
+            "calibration_mb": (calib + work) / mb, "statistics_mb": stats / mb}
+
+
+def plan_streaming(directory: str, method: str, n_samples: int = 128, seq_len: int = 512, micro_batch: int = 8,
+                   max_memory: Any = None) -> Dict[str, float]:
+    """:func:`predict_streaming_peak` for the safetensors model in ``directory`` (its config only is read)."""
+    from lowbit.model.streaming import _empty_model
+
+    model = _empty_model(Path(directory), None)
+    return predict_streaming_peak(model, method, n_samples, seq_len, micro_batch, max_memory)

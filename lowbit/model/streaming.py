@@ -200,6 +200,17 @@ class BlockStream:
         blocks[i] = nn.Module()  # drop the block (its quantized states included)
 
 
+def _vm_peak() -> int:
+    """The process's peak address-space size (``VmPeak``, what ``ulimit -v`` bounds), 0 where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmPeak:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def reset_peak_rss() -> bool:
     """Reset the process's ``VmHWM`` (Linux ``clear_refs``); False where unsupported."""
     try:
@@ -269,7 +280,7 @@ def quantize_streaming(directory: str, sink, method: str = "gptq", bits: int = 4
                                    include=include, exclude=exclude, progress=progress, _stream=stream, **kw)
         summary = dict(model.ptq_summary)
     sink.finish(model)
-    summary.update(peak_rss_bytes=measure_peak_rss(), peak_rss_reset=reset, max_block_bytes=stream.block_bytes,
+    summary.update(peak_rss_bytes=measure_peak_rss(), peak_vm_bytes=_vm_peak(), peak_rss_reset=reset, max_block_bytes=stream.block_bytes,
                    streamed_bytes=reader.bytes_read, time_s=time.perf_counter() - t0, streaming=True)
     return summary
 
