@@ -63,6 +63,9 @@ def write_report(res: dict, results_dir: str, md_path: str) -> None:
             if v:
                 lines.append(f"\n{p}: {min(v) / prev:.1f}x the previous pipeline's CPU seconds (best of the rounds).")
         lines += [""]
+    from scale_report_stream import section_plan, section_speed, section_stream
+
+    lines += section_speed(results_dir) + section_stream(results_dir) + section_plan(results_dir)
     hqq_path = os.path.join(results_dir, "scale_hqq.jsonl")
     if os.path.exists(hqq_path):
         with open(hqq_path) as f:

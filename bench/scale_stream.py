@@ -80,7 +80,10 @@ def child_whole(a):
 
 
 def spawn(args, limit_kb):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="2")
+    # a fixed mmap threshold: freed large blocks go back to the system at once (with the dynamic threshold the
+    # heap kept growing across the model builds and an address-space limit was hit at construction)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="2",
+               MALLOC_MMAP_THRESHOLD_="1048576")
     cmd = f"ulimit -v {limit_kb}; exec {sys.executable} {Path(__file__).resolve()} " + " ".join(args) + \
         f" --limit-kb {limit_kb}"
     p = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True)
