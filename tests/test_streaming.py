@@ -72,14 +72,16 @@ def test_one_block_materialised_at_a_time_and_peak_loosely_bounded(tmp_path, mon
     from lowbit.model.offload import current_rss
 
     _, src = _sharded(tmp_path, n_layers=4)
-    seen = []
+    seen, linears = [], []
     orig = streaming.BlockStream.load_block
 
     def load_block(self, i, block, prefix):
         blocks = self.model.model.layers
         real = [j for j, b in enumerate(blocks) if any(p.device.type != "meta" for p in b.parameters())]
         seen.append(real)
-        return orig(self, i, block, prefix)
+        out = orig(self, i, block, prefix)
+        linears.extend(self.linears)
+        return out
 
     monkeypatch.setattr(streaming.BlockStream, "load_block", load_block)
     rss0 = current_rss()
@@ -87,6 +89,7 @@ def test_one_block_materialised_at_a_time_and_peak_loosely_bounded(tmp_path, mon
         summary = quantize_streaming(str(src), sink, method="gptq", bits=4, group_size=32, sym=False,
                                      calib_dataset=_ids(4, 16), progress=False, micro_batch=2)
     assert seen == [[], [], [], []]  # when block i is read, no other block holds weights
+    assert len(linears) == 28 and all(m.weight.device.type == "meta" for m in linears)  # nothing kept behind
     if summary["peak_rss_reset"]:  # loose: a tiny model adds far less than this to the process
         assert summary["peak_rss_bytes"] <= rss0 + 300 * 2 ** 20
 

@@ -185,9 +185,12 @@ class BlockStream:
         self.model, self.reader, self.blocks_name, self.sink, self.dtype = model, reader, blocks_name, sink, dtype
         self.block_bytes = 0
         self.peak_rss = 0
+        self.linears: List[nn.Module] = []
 
     def load_block(self, i: int, block: nn.Module, prefix: str) -> None:
         self.block_bytes = max(self.block_bytes, _load_tensors(block, self.reader, prefix, self.dtype))
+        # the pipeline keeps references to the float linears it replaces: emptied in finish_block
+        self.linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
 
     def finish_block(self, i: int, block: nn.Module, prefix: str, states: Dict[str, Any]) -> None:
         from lowbit.model.offload import current_rss
@@ -198,6 +201,12 @@ class BlockStream:
             states[n] = _Sized(states[n])
         blocks = self.model.get_submodule(self.blocks_name)
         blocks[i] = nn.Module()  # drop the block (its quantized states included)
+        for m in self.linears:  # and the float weights of the replaced linears
+            for key, t in list(m._parameters.items()):
+                if t is not None:
+                    m._parameters[key] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                                      requires_grad=False)
+        self.linears = []
 
 
 def _vm_peak() -> int:
