@@ -254,13 +254,10 @@ def quantize_streaming(directory: str, sink, method: str = "gptq", bits: int = 4
     if blocks is None:
         raise ValueError(f"{directory}: no list of decoder blocks found; load this model whole instead")
     # the tensors outside the blocks
-    outside = nn.Module()
     inside_ids = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
     for name, t in list(model.state_dict(keep_vars=True).items()):
-        if id(t) in inside_ids or (t.device.type != "meta" and name not in reader):
-            continue
-        if name not in reader:
-            continue  # tied (lm_head) or absent: handled by tie_weights below
+        if id(t) in inside_ids or name not in reader:
+            continue  # a block's (read in its turn), or tied (lm_head) / absent: checked after tie_weights
         x = reader.get(name)
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
@@ -270,7 +267,6 @@ def quantize_streaming(directory: str, sink, method: str = "gptq", bits: int = 4
     left = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in inside_ids]
     if left:
         raise ValueError(f"{directory}: tensor {left[0]!r} is not in the shards")
-    del outside
     selected = _select_linears(model, include, exclude)
     prefix_all = blocks_name + "."
     if any(not n.startswith(prefix_all) for n in selected):
