@@ -465,7 +465,9 @@ def quantize_run(model: str, output, method: str = "gptq", formats: Sequence[str
     qmodel, tok, kept = load(model, device=device, gguf_types=keep)
     popts = plan_options(method, options)
     prediction = plan(qmodel, method, bits=popts["bits"], group_size=popts["group_size"],
-                      n_samples=popts["n_samples"], seq_len=popts["seq_len"])
+                      n_samples=popts["n_samples"], seq_len=popts["seq_len"],
+                      max_memory=options.get("max_memory"), micro_batch=options.get("micro_batch"),
+                      source="gguf" if str(model) == "default" or str(model).endswith(".gguf") else None)
     need_gate = max_ppl_increase is not None or max_kld is not None
     ref_ppl = None
     ref_model = None

@@ -92,8 +92,10 @@ class InputStats:
             xs = samples[a:a + per].float()
             if self.xtx is not None:
                 g = torch.bmm(xs.transpose(1, 2), xs)
+                rows = max(1, (16 * 2 ** 20) // (k * 8))  # the fp32 -> float64 cast in row slices: no k x k temporary
                 for i in range(g.shape[0]):
-                    self.xtx += g[i]
+                    for r in range(0, k, rows):
+                        self.xtx[r:r + rows] += g[i, r:r + rows]
                 del g
             if self.abs_sum is not None:
                 sa = xs.abs().sum(1)

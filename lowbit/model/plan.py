@@ -73,8 +73,9 @@ class Cost:
     ``calibrated``: runs the calibration pipeline (activations in memory, two passes per block);
     ``hessian``: a GPTQ-like per-layer solve (``in²`` statistics, ``in³/3`` flops);
     ``storage(bits, group_size, hidden) -> (bits per weight code, group, bytes per group)``;
-    ``seconds(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian) -> seconds`` (None: the
-    calibrated formula for calibrated methods, else :func:`seconds_memory_bound`).
+    ``seconds(counts, tokens, seq_len, hidden, n_blocks, gflops_cpu, hessian, pipeline=...) -> CPU seconds``
+    (None: :func:`seconds_calibrated` for calibrated methods, else :func:`seconds_memory_bound`); ``gflops_cpu``
+    is this machine's matmul rate per CPU second (:func:`matmul_gflops_cpu`).
     """
 
     calibrated: bool = False
@@ -128,27 +129,6 @@ def storage_float(width: int) -> Callable[[int, int, int], Tuple[float, int, flo
     return storage
 
 
-# -- time formulas -------------------------------------------------------------------------------
-
-
-def seconds_calibrated(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian) -> float:
-    """Every block twice over the calibration tokens, plus the per-layer solve."""
-    flops = 2 * 2 * (counts["linear"]) * tokens + 2 * tokens * seq_len * hidden * n_blocks * 2
-    solve = sum(i ** 3 / 3 + o * i * i for i, o in counts["layers"]) if hessian else \
-        sum(20 * 2 * o * i * min(tokens, 4096) for i, o in counts["layers"])
-    return (flops + solve) / (gflops * 1e9) * 1.5
-
-
-def seconds_hqq(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian) -> float:
-    """HQQ's iterations over every weight."""
-    return counts["linear"] * 20 * 10 / (gflops * 1e9) + 2.0
-
-
-def seconds_memory_bound(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian) -> float:
-    """Data-free methods: one pass over the weights."""
-    return counts["linear"] * 60 / 1e9 + 1.0
-
-
 def method_cost(method: str) -> Cost:
     """The cost model of ``method`` from the method table (an unknown name raises, listing the methods)."""
     from lowbit.model.methods import METHODS
@@ -161,34 +141,154 @@ def method_cost(method: str) -> Cost:
     return Cost(calibrated=m.calibrated)
 
 
+# Costs fitted on the 2-core AVX-512 CPU (bench/results/scale_plan.jsonl, bench/scale.md "plan against measured
+# runs"): CPU seconds = work / (this machine's GFLOP per CPU second) x the method's factor; memory in bytes.
+LOAD_FACTOR = {"gguf": 2.0, "safetensors": 1.0, None: 1.0}  # loader peak: float model copies while loading
+RTN_FLOP_PER_WEIGHT = 4300.0       # RTN's scale search per weight, in matmul-flop equivalents
+NF4_FLOP_PER_WEIGHT = 7500.0       # bitsandbytes' blockwise nf4 quantization per weight
+HQQ_FLOP_PER_WEIGHT_ITER = 7800.0  # one HQQ iteration (dequantize, shrink, refit) per weight
+FORWARD_EFFICIENCY = {"threads": 0.58, "staged": 0.83}  # calibration forward + Hessian flops -> CPU time
+SOLVE_EFFICIENCY = {"gptq": 13.0, "awq": 0.31}      # the per-layer solves (GPTQ's column loop is latency bound)
+THREADS_TOKEN_WIDTHS = 2.5         # previous pipeline: live floats per token, in units of one block's linear outputs
+
+
+def _block_widths(counts: Dict[str, Any], n_blocks: int) -> Tuple[int, int]:
+    """(sum of one block's linear output widths, largest input width)."""
+    outs = sum(o for _, o in counts["layers"])
+    return (outs // max(n_blocks, 1)), counts["largest_in"]
+
+
+def calibration_ram_bytes(counts: Dict[str, Any], hidden: int, n_blocks: int, tokens: int, seq_len: int,
+                          pipeline: str, micro_batch: int, budget: Optional[int], rest_bytes: float) -> float:
+    """Calibration activations held at the peak. Previous pipeline ("threads"): every chunk alive at once through
+    the block (the block inputs and outputs plus each chunk's intermediate tensors at the stage it waits on).
+    Staged: block inputs + outputs + the replay records of every micro-batch, capped by ``max_memory``
+    (the rest goes to files), plus one micro-batch's working tensors."""
+    widths, k_max = _block_widths(counts, n_blocks)
+    if pipeline == "threads":
+        return tokens * 4 * (2 * hidden + THREADS_TOKEN_WIDTHS * widths)
+    work = micro_batch * seq_len * 4 * (widths + 4 * k_max)
+    store = tokens * 4 * (2 * hidden + widths)
+    if budget is not None:
+        store = min(store, max(budget - rest_bytes - work, 0))
+    return store + work
+
+
+def statistics_ram_bytes(counts: Dict[str, Any], pipeline: str, n_chunks: int, hessian: bool) -> float:
+    """Hessian sums and the solver's work matrices for the widest linear (the threads pipeline also holds one
+    fp32 partial sum per chunk)."""
+    k = counts["largest_in"]
+    per = k * k * 4
+    sums = per * (n_chunks if pipeline == "threads" else 2)  # float64 sums = 2 fp32 matrices
+    return sums + (per * 4 if hessian else per)
+
+
+def calibrated_cpu_seconds(counts: Dict[str, Any], hidden: int, n_blocks: int, tokens: int, seq_len: int,
+                           method: str, pipeline: str, gflops_cpu: float) -> float:
+    """Forward passes + Hessian products over the calibration tokens, plus the per-layer solves."""
+    widths, _ = _block_widths(counts, n_blocks)
+    fwd = 2 * counts["linear"] * tokens + 4 * tokens * seq_len * hidden * n_blocks
+    hess = 2 * tokens * sum(i * i for i, _ in counts["layers"]) / 2  # layers sharing an input share one Hessian
+    if method == "gptq":
+        solve = sum(i ** 3 / 3 + o * i * i for i, o in counts["layers"])
+    else:  # AWQ: the scale grid (20 points) and the clipping search over the group's outputs
+        solve = sum(20 * 2 * o * i * min(tokens, 4096) for i, o in counts["layers"])
+    eff = FORWARD_EFFICIENCY.get(pipeline, FORWARD_EFFICIENCY["threads"])
+    return ((fwd + hess) * eff + solve * SOLVE_EFFICIENCY.get(method, 1.0)) / (gflops_cpu * 1e9)
+
+
+def data_free_cpu_seconds(counts: Dict[str, Any], method: str, gflops_cpu: float, iters: int = 20) -> float:
+    per = {"rtn": RTN_FLOP_PER_WEIGHT, "hqq": HQQ_FLOP_PER_WEIGHT_ITER * iters}.get(method, NF4_FLOP_PER_WEIGHT)
+    return counts["linear"] * per / (gflops_cpu * 1e9)
+
+
+# -- time formulas the method table points at (CPU seconds; lowbit.model.methods / ptq_methods) -------------
+
+
+def seconds_calibrated(counts, tokens, seq_len, hidden, n_blocks, gflops_cpu, hessian, pipeline="threads") -> float:
+    """Every block twice over the calibration tokens, the Hessian products, plus the per-layer solve."""
+    return calibrated_cpu_seconds(counts, hidden, n_blocks, tokens, seq_len, "gptq" if hessian else "awq", pipeline,
+                                  gflops_cpu)
+
+
+def seconds_hqq(counts, tokens, seq_len, hidden, n_blocks, gflops_cpu, hessian, pipeline="threads") -> float:
+    """HQQ's iterations over every weight."""
+    return data_free_cpu_seconds(counts, "hqq", gflops_cpu)
+
+
+def seconds_rtn(counts, tokens, seq_len, hidden, n_blocks, gflops_cpu, hessian, pipeline="threads") -> float:
+    """RTN's scale search over every weight."""
+    return data_free_cpu_seconds(counts, "rtn", gflops_cpu)
+
+
+def seconds_memory_bound(counts, tokens, seq_len, hidden, n_blocks, gflops_cpu, hessian, pipeline="threads") -> float:
+    """Other data-free methods (nf4, int8, ...): one blockwise pass over the weights."""
+    return data_free_cpu_seconds(counts, "nf4", gflops_cpu)
+
+
+def matmul_gflops_cpu(n: int = 768, repeats: int = 3) -> float:
+    """This machine's fp32 matmul throughput per CPU second (GFLOP per process CPU second; load-independent)."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.process_time() - t0) / 4)
+    return 2 * n ** 3 / max(best, 1e-6) / 1e9
+
+
 def _predict(counts: Dict[str, Any], hidden: int, n_blocks: int, method: str, bits: int, group_size: int,
-             n_samples: int, seq_len: int, gflops: Optional[float]) -> Dict[str, Any]:
+             n_samples: int, seq_len: int, gflops: Optional[float], pipeline: str = "threads",
+             micro_batch: int = 8, budget: Optional[int] = None, source: Optional[str] = None,
+             gflops_cpu: Optional[float] = None, batch_size: int = 8) -> Dict[str, Any]:
     method = method.lower()
     cost = method_cost(method)
     calibrated, hessian = cost.calibrated, cost.hessian
     total = counts["linear"] + counts["other"]
     float_mb = total * 4 / 2 ** 20
     tokens = n_samples * seq_len
-    calib_mb = 2 * tokens * hidden * 4 / 2 ** 20 if calibrated else 0.0
-    hess_mb = counts["largest_in"] ** 2 * 4 * 8 / 2 ** 20 if hessian else 0.0
-    ram = PROCESS_BASELINE_MB + float_mb * 1.1 + calib_mb + hess_mb
+    mb = 2 ** 20
+    base = PROCESS_BASELINE_MB * mb + total * 4
+    load_ram = PROCESS_BASELINE_MB * mb + total * 4 * LOAD_FACTOR.get(source, 1.0)
+    if calibrated:
+        stats = statistics_ram_bytes(counts, pipeline, -(-n_samples // batch_size), hessian)
+        calib = calibration_ram_bytes(counts, hidden, n_blocks, tokens, seq_len, pipeline, micro_batch, budget,
+                                      base + stats)
+    else:
+        stats, calib = 0.0, 0.0
     qbits, gs, per_group = (cost.storage or storage_affine)(bits, group_size, hidden)
     out_mb = (counts["linear"] * (qbits / 8 + per_group / gs) + counts["other"] * 4) / 2 ** 20
+    run_ram = base + out_mb * mb + calib + stats
+    ram = max(load_ram, run_ram) / mb
     gflops = gflops or matmul_gflops()
+    gflops_cpu = gflops_cpu or matmul_gflops_cpu()
     seconds_fn = cost.seconds or (seconds_calibrated if calibrated else seconds_memory_bound)
-    seconds = seconds_fn(counts, tokens, seq_len, hidden, n_blocks, gflops, hessian)
+    cpu_s = seconds_fn(counts, tokens, seq_len, hidden, n_blocks, gflops_cpu, hessian, pipeline=pipeline)
+    cores = max(1, min(torch.get_num_threads(), 2 if pipeline == "threads" else torch.get_num_threads()))
+    seconds = cpu_s / cores + 1.0
     return {"method": method, "params": total, "quantized_params": counts["linear"],
-            "float_mb": float_mb, "peak_ram_mb": ram, "accelerator_mb": 0.0, "disk_mb": out_mb,
-            "output_mb": out_mb, "seconds": seconds, "gflops": gflops}
+            "float_mb": float_mb, "peak_ram_mb": ram, "load_ram_mb": load_ram / mb, "run_ram_mb": run_ram / mb,
+            "calibration_mb": calib / mb, "statistics_mb": stats / mb, "accelerator_mb": 0.0, "disk_mb": out_mb,
+            "output_mb": out_mb, "seconds": seconds, "cpu_seconds": cpu_s, "gflops": gflops,
+            "gflops_cpu": gflops_cpu, "pipeline": pipeline if calibrated else None}
 
 
 def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_samples: int = 128,
-         seq_len: int = 512, device: str = "cpu") -> Dict[str, Any]:
+         seq_len: int = 512, device: str = "cpu", max_memory: Any = None, micro_batch: Optional[int] = None,
+         pipeline: str = "auto", source: Optional[str] = None) -> Dict[str, Any]:
     """Predict the cost of quantizing an already loaded ``model`` with ``method``."""
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", 0) or 0
     n_blocks = getattr(cfg, "num_hidden_layers", 0) or 0
-    p = _predict(_shape_counts(model), hidden, n_blocks, method, bits, group_size, n_samples, seq_len, None)
+    from lowbit.model.offload import parse_bytes
+
+    if pipeline == "auto":  # as quantize_model_ptq decides (without torchrun)
+        pipeline = "staged" if (max_memory is not None or micro_batch is not None) else "threads"
+    p = _predict(_shape_counts(model), hidden, n_blocks, method, bits, group_size, n_samples, seq_len, None,
+                 pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
     if str(device).startswith("cuda"):
         p["accelerator_mb"] = p["float_mb"] / max(n_blocks, 1) * 2 + 2 * n_samples * seq_len * hidden * 4 / 2 ** 20
     return p
@@ -213,12 +313,62 @@ def _load_config(spec: str, transformers):
 
 
 def plan_from_config(spec: str, method: str, bits: int = 4, group_size: int = 128, n_samples: int = 128,
-                     seq_len: int = 512) -> Dict[str, Any]:
-    """Predict from a model's config alone (the weights are never loaded: built on the meta device)."""
+                     seq_len: int = 512, **kw: Any) -> Dict[str, Any]:
+    """Predict from a model's config alone (the weights are never loaded: built on the meta device). ``kw``:
+    :func:`plan`'s ``max_memory``, ``micro_batch``, ``pipeline``."""
     from lowbit._deps import require
 
     transformers = require("transformers", "lowbit plan")
     cfg = _load_config(spec, transformers)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
-    return plan(model, method, bits=bits, group_size=group_size, n_samples=n_samples, seq_len=seq_len)
+    source = "gguf" if spec == "default" or spec.endswith(".gguf") else "safetensors"
+    kw.setdefault("source", source)
+    return plan(model, method, bits=bits, group_size=group_size, n_samples=n_samples, seq_len=seq_len, **kw)
+
+
+def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, seq_len: int = 512,
+                           micro_batch: int = 8, max_memory: Any = None) -> Dict[str, float]:
+    """Peak host memory (MB) of :func:`lowbit.model.streaming.quantize_streaming` on ``model`` (built on the meta
+    device is enough): process baseline + the tensors outside the blocks + the largest block twice (its float
+    weights and the quantized copy being built, plus one float weight matrix the solver copies) + the calibration
+    state (the block inputs and outputs of every sample and the replay records, unless ``max_memory`` sends them to
+    files) + the statistics of the widest linear (float64 sums and the solver's fp32 work matrices)."""
+    from lowbit.model.offload import parse_bytes
+    from lowbit.model.sequential import find_blocks
+
+    _, blocks = find_blocks(model)
+    if blocks is None:
+        raise ValueError("streaming needs a list of decoder blocks")
+    inside = {id(p) for p in blocks.parameters()}
+    outside = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    lins = [m for m in blocks[0].modules() if isinstance(m, nn.Linear)]
+    k_max = max(m.in_features for m in lins)
+    w_max = max(m.weight.numel() * m.weight.element_size() for m in lins)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or lins[0].in_features
+    tokens = n_samples * seq_len
+    calibrated = method_cost(method.lower()).calibrated
+    act = 4
+    widths = sum(m.out_features for m in lins)  # replay records: the outputs of the block's linears at most
+    calib = tokens * act * (2 * hidden + widths) if calibrated else 0
+    work = micro_batch * seq_len * act * (widths + 4 * k_max) if calibrated else 0
+    stats = k_max * k_max * (8 + 4 * 4) if calibrated else 0
+    quantized = block // 4 + w_max
+    mb = 2 ** 20
+    rest = PROCESS_BASELINE_MB * mb + outside + block + quantized + work + stats
+    budget = parse_bytes(max_memory)
+    if budget is not None:  # the activation store keeps what fits under the budget, the rest goes to files
+        calib = min(calib, max(budget - rest, 0))
+    total = rest + calib
+    return {"peak_ram_mb": total / mb, "outside_mb": outside / mb, "block_mb": block / mb,
+            "calibration_mb": (calib + work) / mb, "statistics_mb": stats / mb}
+
+
+def plan_streaming(directory: str, method: str, n_samples: int = 128, seq_len: int = 512, micro_batch: int = 8,
+                   max_memory: Any = None) -> Dict[str, float]:
+    """:func:`predict_streaming_peak` for the safetensors model in ``directory`` (its config only is read)."""
+    from lowbit.model.streaming import _empty_model
+
+    model = _empty_model(Path(directory), None)
+    return predict_streaming_peak(model, method, n_samples, seq_len, micro_batch, max_memory)

@@ -15,7 +15,7 @@ from lowbit.model.methods import register_ptq_method
 from lowbit.model.sequential import _awq_stage_cfg, _gptq_stage_cfg, _hqq_layer, _rtn_layer
 
 register_ptq_method("rtn", config=RTNConfig, layer=_rtn_layer,
-                    cost=plan.Cost(storage=plan.storage_affine),
+                    cost=plan.Cost(storage=plan.storage_affine, seconds=plan.seconds_rtn),
                     description="round-to-nearest weight-only quantization (no data)")
 register_ptq_method("hqq", config=HQQConfig, layer=_hqq_layer,
                     cost=plan.Cost(storage=plan.storage_affine, seconds=plan.seconds_hqq),

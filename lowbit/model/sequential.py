@@ -578,6 +578,7 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
     from lowbit.model.methods import METHODS
     from lowbit.model.offload import parse_bytes
 
+    stream = method_options.pop("_stream", None)  # lowbit.model.streaming: blocks read and written one by one
     if config is None:
         entry = METHODS.get(method) if isinstance(method, str) and method.lower() in METHODS else None
         if entry is None or (entry.layer is None and entry.stage is None):
@@ -593,10 +594,10 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
             raise ValueError(f"pass either config= or the method's options, not both (got config and "
                              f"{', '.join(sorted(method_options))})")
         entry = METHODS.get(config.method)
-    return _quantize_ptq(model, entry, config, parse_bytes(config.max_memory))
+    return _quantize_ptq(model, entry, config, parse_bytes(config.max_memory), stream=stream)
 
 
-def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Optional[int]) -> nn.Module:
+def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Optional[int], stream=None) -> nn.Module:
     """The pipeline for one validated config: ``entry`` is its method-table entry (layer or stage)."""
     method = entry.name
     bits, group_size, sym = cfg.bits, cfg.group_size, cfg.sym
@@ -633,7 +634,9 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
     states: Dict[str, Any] = {}
     extra: Dict[str, Any] = {}
 
-    if not calibrated:
+    if not calibrated and stream is not None:
+        _data_free_streamed(model, entry, cfg, selected, device, stream, states, progress)
+    elif not calibrated:
         for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
             lin = selected[name]
             w = lin.weight.detach().to(device)
@@ -651,6 +654,7 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
                              checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume,
                              fingerprint=_fingerprint(model, method, bits, group_size, sym, opts, ids, include,
                                                       exclude, micro))
+            run.stream = stream
             _run_calibrated(model, entry, cfg, selected, ids, device, home, run, states, extra)
 
     elapsed = time.perf_counter() - t0
@@ -694,6 +698,7 @@ class _RunConfig:
     resume: bool = False
     fingerprint: str = ""
     replay: bool = True
+    stream: Any = None  # lowbit.model.streaming.BlockStream: reads each block before its turn, writes it after
 
 
 def _fingerprint(model, method, bits, group_size, sym, opts, ids, include, exclude, micro_batch) -> str:
@@ -877,6 +882,64 @@ class _BlockRunner:
         stage.done = True
 
 
+def _in_worker(fn: Callable[..., Any], *args: Any, device: Optional[torch.device] = None) -> Any:
+    """``fn(*args)`` run in one worker thread, the caller waiting; its result returned, its error re-raised.
+
+    Why: torch's OpenMP pool spin-waits between parallel regions when they are issued from the main thread
+    (libgomp's default wait policy). GPTQ's column loop issues thousands of small parallel ops, and on the
+    2-core CPU the spinning cost 3-10x the CPU seconds of the same solve issued from another thread (and far
+    more wall time on a loaded machine; ``OMP_WAIT_POLICY=PASSIVE`` removes the difference but must be set
+    before torch loads). The previous pipeline ran everything in worker threads, which is why it was faster
+    (bench/scale.md, "Where the time went")."""
+    box: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
+            box["out"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller
+            box["err"] = e
+
+    t = threading.Thread(target=work, name="lowbit-calibration", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)  # a short wait, so that Ctrl-C reaches the caller (the daemon thread dies with the process)
+    if "err" in box:
+        raise box["err"]
+    return box.get("out")
+
+
+class _Subset(dict):
+    """``states`` restricted to ``keys``; assignments go through to ``states``."""
+
+    def __init__(self, states: Dict[str, Any], keys) -> None:
+        super().__init__((k, states[k]) for k in keys)
+        self._states = states
+
+    def __setitem__(self, k, v) -> None:
+        super().__setitem__(k, v)
+        self._states[k] = v
+
+
+def _data_free_streamed(model, entry, cfg, selected, device, stream, states, progress):
+    """A data-free method (rtn, hqq, ...) on a streamed model: block by block (read, quantize each selected
+    linear, write, drop)."""
+    blocks_name, blocks = find_blocks(model)
+    for bi in _progress(range(len(blocks)), desc=f"{entry.name} blocks", enabled=progress):
+        prefix = f"{blocks_name}.{bi}."
+        stream.load_block(bi, blocks[bi], prefix)
+        sel = [n for n in selected if n.startswith(prefix)]
+        for name in sel:
+            lin = model.get_submodule(name)
+            w = lin.weight.detach().to(device)
+            st = entry.layer(w, cfg.for_layer(name))
+            states[name] = st.to(lin.weight.device)
+            new = _install(model, name, lin, states[name])
+            new._lowbit_ptq_state = states[name]
+        stream.finish_block(bi, blocks[bi], prefix, _Subset(states, sel))
+
+
 def _reduce_stats(st: InputStats, reduce) -> InputStats:
     from lowbit.model.distributed import is_active
 
@@ -967,6 +1030,8 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
         for bi in range(start_block, len(blocks)):
             block = blocks[bi]
             prefix = f"{blocks_name}.{bi}." if blocks_name else f"{bi}."
+            if cfg.stream is not None:
+                cfg.stream.load_block(bi, block, prefix)
             block_home = next(block.parameters()).device
             block.to(device)
             sel = {n: m for n, m in selected.items() if n.startswith(prefix)}
@@ -991,6 +1056,8 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
                 extra["offload_peak_bytes"][k] = max(extra["offload_peak_bytes"][k], v)
             if checkpoints is not None:
                 checkpoints.save(bi, block, prefix, {n: states[n] for n in sel}, (store.get(k) for k in items))
+            if cfg.stream is not None:
+                cfg.stream.finish_block(bi, block, prefix, _Subset(states, sel))
             bar.update(1)
         bar.close()
         for k in items:
@@ -1024,7 +1091,7 @@ def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, 
         bar.update(len(stage.names))
 
     runner = _BlockRunner(root, stages, modules, q, need_h, need_abs, store, cfg.replay, on_stage_done=done)
-    outs = runner.run(fn, items)
+    outs = _in_worker(runner.run, fn, items, device=store.device)
     for stage in stages:  # layers no sample reached: quantize without data (RTN)
         if getattr(stage, "unreached", False) or not stage.states:
             for n in stage.names:
