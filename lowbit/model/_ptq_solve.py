@@ -1,0 +1,170 @@
+"""What the calibrated PTQ pipelines do to one stage: the GPTQ / AWQ solves (spread over the ranks of a
+data-parallel run), the installation of the quantized linears and AWQ's scale folding."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from lowbit.algorithms.awq import awq_search
+from lowbit.algorithms.gptq import GPTQResult, gptq_factor, gptq_quantize
+
+from lowbit.model._ptq_blocks import _Stage, _install
+
+
+def _solve_owner(i: int) -> int:
+    """The rank that solves unit ``i`` of a stage (round robin); 0 when not distributed."""
+    from lowbit.model.distributed import rank_world
+
+    return i % rank_world()[1]
+
+
+def _on_owner(owner: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank ``owner``, its result broadcast to every rank (just ``fn()`` in one process)."""
+    from lowbit.model.distributed import broadcast_object, is_active, rank_world
+
+    if not is_active():
+        return fn()
+    res = fn() if rank_world()[0] == owner else None
+    return broadcast_object(res, owner)
+
+
+def _row_pieces(stage: _Stage, modules: Dict[str, nn.Linear], world: int, align: Optional[int] = None):
+    """The stage's output rows (its linears stacked in order) cut into ``world`` contiguous, about
+    equal shares (cuts on multiples of ``align``, default :data:`lowbit.algorithms.gptq.ROW_CHUNK`):
+    ``[(name, row_start, row_stop, owner)]``. GPTQ solves every row on its own (the shared Hessian
+    factor, per-row groups and error propagation, the block update in fixed row chunks), so a linear
+    solved in pieces gives the codes of the whole; the pieces only balance the ranks' solve work (one
+    rank no longer solves down_proj while the others wait)."""
+    from lowbit.algorithms.gptq import ROW_CHUNK
+
+    align = align or ROW_CHUNK
+    sizes = [modules[n].weight.shape[0] for n in stage.names]
+    total = sum(sizes)
+    cuts = [min(total, int(round(total * r / world / align)) * align) for r in range(world)] + [total]
+    pieces, off = [], 0
+    for n, R in zip(stage.names, sizes):
+        for r in range(world):
+            lo, hi = max(cuts[r], off), min(cuts[r + 1], off + R)
+            if lo < hi:
+                pieces.append((n, lo - off, hi - off, r))
+        off += R
+    return pieces
+
+
+def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
+    """GPTQ each linear of the stage on the stage's shared Hessian. In a data-parallel run the
+    stage's rows are spread over the ranks (:func:`_row_pieces`; ``LOWBIT_DP_SPLIT=units``: whole
+    linears, round robin), every rank solves all its pieces first, then the pieces are broadcast."""
+    H = stage.stats.hessian().float().to(modules[stage.names[0]].weight.device)
+    factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True))
+    from lowbit.model.distributed import broadcast_tensors, is_active, rank_world
+
+    if is_active() and opts.get("gguf_type") is None:  # plain tensors: broadcast them directly
+        rank, world = rank_world()
+        if os.environ.get("LOWBIT_DP_SPLIT", "rows") == "units":
+            pieces = [(n, 0, modules[n].weight.shape[0], _solve_owner(i)) for i, n in enumerate(stage.names)]
+        else:
+            pieces = _row_pieces(stage, modules, world)
+        mine = {}
+        for j, (n, lo, hi, owner) in enumerate(pieces):  # solve first: the ranks work at the same time
+            if owner == rank:
+                w = modules[n].weight.detach()
+                mine[j] = gptq_quantize(w[lo:hi], H, bits, group_size, sym, factor=factor, **opts)
+        parts: Dict[str, list] = {n: [] for n in stage.names}
+        for j, (n, lo, hi, owner) in enumerate(pieces):
+            w = modules[n].weight.detach()
+            if owner == rank:
+                res = mine.pop(j)
+                tensors = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
+            else:
+                g = w.shape[1] if group_size in (-1, None) else group_size
+                G = -(-w.shape[1] // g)
+                tensors = [torch.empty((hi - lo, w.shape[1]), dtype=torch.uint8, device=w.device),
+                           torch.empty(hi - lo, G, device=w.device), torch.empty(hi - lo, G, device=w.device)]
+            broadcast_tensors(tensors, owner)
+            parts[n].append(tensors)
+        for n in stage.names:
+            w = modules[n].weight.detach()
+            ps = parts[n]
+            cat = [ps[0][k] if len(ps) == 1 else torch.cat([p[k] for p in ps]) for k in range(3)]
+            res = GPTQResult(codes=cat[0], scales=cat[1], zeros=cat[2], loss=0.0, damp=factor[4], bits=bits,
+                             group_size=w.shape[1] if group_size in (-1, None) else group_size, sym=sym,
+                             dtype=w.dtype)
+            stage.states[n] = res.state
+            with torch.no_grad():
+                modules[n].weight.copy_(res.dequantize().to(w.dtype))
+        return
+    for i, n in enumerate(stage.names):
+        w = modules[n].weight.detach()
+        res = _on_owner(_solve_owner(i), lambda w=w: gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts))
+        dev = w.device
+        res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)
+        stage.states[n] = res.state
+        with torch.no_grad():
+            modules[n].weight.copy_(res.dequantize().to(w.dtype))
+
+
+def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
+    opts = dict(opts)
+    if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
+        stage.fold, stage.tie = None, None
+    H = stage.stats.hessian().float()
+    mean = stage.stats.act_absmean().float()
+    ws = [modules[n].weight.detach() for n in stage.names]
+    res = _on_owner(_solve_owner(len(stage.names) - 1),
+                    lambda: awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None,
+                                       tie=stage.tie, **opts))
+    dev = ws[0].device
+    if stage.fold is None:
+        stage.input_scales = None
+    else:
+        stage.input_scales = (res.tied_scales if stage.tie is not None else res.input_scales).to(dev)
+    for n, st, w_eff in zip(stage.names, res.states, res.effective_weights):
+        stage.states[n] = st.to(dev)
+        with torch.no_grad():  # mathematically the folded pair: (x / s) @ Q(W s)^T
+            modules[n].weight.copy_(w_eff.to(dev).to(modules[n].weight.dtype))
+
+
+def _fold_awq(root: nn.Module, stage: _Stage, installed: Dict[str, nn.Module]) -> None:
+    """Divide the preceding op's output by ``s`` (norm weight, or a linear's rows / its state)."""
+    s = stage.input_scales
+    if s is None:
+        return
+    prev_name = stage.fold
+    prev = installed.get(prev_name) or root.get_submodule(prev_name)
+    with torch.no_grad():
+        state = getattr(prev, "_lowbit_ptq_state", None)
+        if state is not None and state.layout == "gguf":  # raw llama.cpp blocks: divide d (and m) per row
+            from lowbit.formats.gguf import scale_rows
+
+            state.data.copy_(scale_rows(state.data, state.scheme, s.to(state.data.device)))
+            if hasattr(prev, "set_quant_state"):
+                prev.set_quant_state("weight", state)
+        elif state is not None:  # an already quantized linear: scale its per-row scales
+            sc = state.scales  # [out, G] (group layout) or [out] (channel: one group per row)
+            sc.div_(s.to(sc.device).view(-1, *([1] * (sc.dim() - 1))))
+            if hasattr(prev, "set_quant_state"):
+                prev.set_quant_state("weight", state)
+        else:
+            prev.weight.div_(s.to(prev.weight.device).view(-1, *([1] * (prev.weight.dim() - 1))))
+        bias = getattr(prev, "bias", None)
+        if bias is not None:
+            bias.div_(s.to(bias.device))
+
+
+def _install_stages(model, stages, modules, states) -> None:
+    installed: Dict[str, nn.Module] = {}
+    for stage in stages:
+        for n in stage.names:
+            lin = modules[n]
+            st = stage.states[n].to(lin.weight.device)
+            new = _install(model, n, lin, st)
+            new._lowbit_ptq_state = st
+            installed[n] = new
+            states[n] = st
+    for stage in stages:
+        if stage.input_scales is not None:
+            _fold_awq(model, stage, installed)
