@@ -1,0 +1,442 @@
+"""The micro-batched, memory-bounded calibrated pipeline (``pipeline="staged"``; see
+:mod:`lowbit.model.sequential` and bench/scale.md)."""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from lowbit.algorithms.hqq import hqq_quantize
+from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.algorithms.stats import InputStats
+
+from lowbit.model._ptq_blocks import (_Stage, _block_stages, _capture_block0, _first_tensor, _install, _progress,
+                                     _to_device_except, find_blocks)
+from lowbit.model._ptq_solve import _awq_stage, _gptq_stage, _install_stages
+
+logger = logging.getLogger("lowbit.model.sequential")
+
+
+class _StopAtStage(Exception):
+    """Raised by a stage's pre-hook: this micro-batch reached the stage being calibrated."""
+
+    def __init__(self, idx: int) -> None:
+        super().__init__(idx)
+        self.idx = idx
+
+
+@dataclass
+class _RunConfig:
+    micro_batch: int = 8
+    budget: Optional[int] = None
+    offload_dir: Optional[str] = None
+    checkpoint_dir: Optional[str] = None
+    resume: bool = False
+    fingerprint: str = ""
+    replay: bool = True
+    stream: Any = None  # lowbit.model.streaming.BlockStream: reads each block before its turn, writes it after
+
+
+def _fingerprint(model, method, bits, group_size, sym, opts, ids, include, exclude, micro_batch) -> str:
+    import hashlib
+
+    from lowbit.model.distributed import rank_world
+
+    h = hashlib.sha256()
+    h.update(repr((method, bits, group_size, sym, sorted((k, repr(v)) for k, v in opts.items()), include, exclude,
+                   micro_batch, rank_world()[1], tuple(ids.shape))).encode())
+    h.update(ids.contiguous().cpu().numpy().tobytes())
+    for n, p in model.named_parameters():
+        h.update(f"{n}{tuple(p.shape)}{p.dtype}".encode())
+    return h.hexdigest()[:24]
+
+
+def _working_reserve(block: nn.Module, micro: int, seq: int, act_bytes: int) -> int:
+    """Bytes one micro-batch needs while it goes through ``block`` (activations, Hessian sums, solve)."""
+    lins = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    if not lins:
+        return 0
+    k_max = max(m.in_features for m in lins)
+    width = sum(m.out_features for m in lins)
+    acts = micro * seq * (width + 4 * k_max) * max(act_bytes, 4)
+    stats = k_max * k_max * (8 + 4 * 6)  # float64 sums + the solver's fp32 work matrices
+    w = max(m.weight.numel() for m in lins) * 4 * 4
+    return int(acts + stats + w)
+
+
+class _BlockRunner:
+    """Calibrates one block (or the whole model) pass by pass over micro-batches (see module doc).
+
+    Pass ``k`` runs every micro-batch until it reaches the first linear of a stage not yet quantized,
+    adds that input to the stage's sums and stops there; the earliest such stage (over all ranks) is
+    then quantized. When no micro-batch stops any more, the pass's outputs are the block's outputs.
+    Sub-modules whose linears are all final are recorded the first time they complete and replayed
+    afterwards, so each part of the block is computed about once overall.
+    """
+
+    def __init__(self, root: Optional[nn.Module], stages: List[_Stage], modules: Dict[str, nn.Linear],
+                 quantize_stage: Callable[[_Stage], None], need_h: bool, need_abs: bool, store, replay: bool,
+                 on_stage_done: Optional[Callable[[_Stage], None]] = None) -> None:
+        self.root, self.stages, self.modules = root, stages, modules
+        self.quantize_stage, self.on_stage_done = quantize_stage, on_stage_done
+        self.need_h, self.need_abs = need_h, need_abs
+        self.store = store
+        self.final = [False] * len(stages)
+        self.stage_of = {n: i for i, st in enumerate(stages) for n in st.names}
+        self.acc: Dict[int, InputStats] = {}
+        self.replay = replay and root is not None
+        self.cache: Dict[tuple, int] = {}
+        self.recording = False
+        self.mb = 0
+        self.counts: Dict[str, int] = {}
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _pre_hook(self, name: str):
+        idx = self.stage_of[name]
+
+        def hook(module, args, kwargs):
+            if self.final[idx]:
+                return None
+            x = args[0] if args else kwargs["input"]
+            st = self.acc.get(idx)
+            if st is None:
+                st = self.acc[idx] = InputStats(x.shape[-1], hessian=self.need_h, absmean=self.need_abs,
+                                                device=x.device, dtype=torch.float64)
+            st.add_samples(x)
+            raise _StopAtStage(idx)
+
+        return hook
+
+    def _candidates(self) -> Dict[str, Tuple[nn.Module, set]]:
+        """Sub-modules worth replaying (they hold a linear), with the stages of the linears inside."""
+        out = {}
+        for name, mod in self.root.named_modules():
+            if not name or isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+                continue
+            inner = [n for n, m in mod.named_modules() if isinstance(m, nn.Linear)]
+            if not inner:
+                continue
+            ids = {id(m) for m in mod.modules()}
+            st = {self.stage_of[n] for n, m in self.modules.items() if id(m) in ids and n in self.stage_of}
+            out[name] = (mod, st)
+        return out
+
+    def _wrap(self, name: str, mod: nn.Module, stage_ids: set):
+        orig = mod.forward
+
+        def forward(*args, **kwargs):
+            c = self.counts.get(name, 0)
+            self.counts[name] = c + 1
+            key = (self.mb, name, c)
+            k = self.cache.get(key)
+            if k is not None:
+                return self.store.get(k)
+            out = orig(*args, **kwargs)
+            # on a GPU recomputing is cheaper than a round trip through host memory: record only what
+            # stays on the device (on the CPU a record spilled to a file still beats recomputing)
+            if self.recording and all(self.final[i] for i in stage_ids) and (
+                    self.store.device.type == "cpu" or self.store.fits_device(out)):
+                prefix = name + "."
+                for other in [kk for kk in self.cache if kk[0] == self.mb and kk[1].startswith(prefix)]:
+                    self.store.drop(self.cache.pop(other))
+                self.cache[key] = self.store.put(out)
+            return out
+
+        return forward
+
+    # -- driver -------------------------------------------------------------------------------
+    def run(self, fn: Callable[[Any], Any], items: List[int]) -> List[int]:
+        """Run the stages over the stored micro-batches ``items``; returns the keys of their outputs."""
+        from lowbit.model.distributed import min_over_ranks, sum_in_rank_order
+
+        handles = [self.modules[n].register_forward_pre_hook(self._pre_hook(n), with_kwargs=True)
+                   for n in self.stage_of]
+        wrapped = []
+        if self.replay:
+            for name, (mod, st) in self._candidates().items():
+                wrapped.append((mod, mod.__dict__.get("forward")))
+                mod.forward = self._wrap(name, mod, st)
+        never = len(self.stages)
+        try:
+            while True:
+                all_final = all(self.final)
+                self.recording = self.replay and not all_final
+                self.acc = {}
+                stopped: Dict[int, int] = {}
+                outs: Dict[int, int] = {}
+                for j, key in enumerate(items):
+                    self.mb, self.counts = j, {}
+                    obj = self.store.get(key)
+                    try:
+                        with torch.no_grad():
+                            out = fn(obj)
+                    except _StopAtStage as e:
+                        stopped[j] = e.idx
+                        continue
+                    finally:
+                        del obj
+                    outs[j] = self.store.put(out)
+                    del out
+                target = min_over_ranks(min(stopped.values(), default=never))
+                if target == never:  # every micro-batch went through: the outputs are final
+                    for i, st in enumerate(self.stages):
+                        if not self.final[i]:  # layers no sample reached: quantized without data
+                            self._rtn_unreached(st)
+                            self.final[i] = True
+                    return [outs[j] for j in range(len(items))]
+                for k in outs.values():
+                    self.store.drop(k)
+                stage = self.stages[target]
+                st = self.acc.get(target)
+                if st is None:  # this rank's samples never reached it: zero sums
+                    ref = self.modules[stage.names[0]]
+                    st = InputStats(ref.in_features, hessian=self.need_h, absmean=self.need_abs,
+                                    device=ref.weight.device, dtype=torch.float64)
+                st = _reduce_stats(st, sum_in_rank_order)
+                self.acc = {}
+                stage.stats = st
+                self.quantize_stage(stage)
+                stage.stats = None
+                stage.done = True
+                self.final[target] = True
+                if self.on_stage_done is not None:
+                    self.on_stage_done(stage)
+        finally:
+            for h in handles:
+                h.remove()
+            for mod, prev in wrapped:
+                if prev is None:
+                    mod.__dict__.pop("forward", None)
+                else:
+                    mod.forward = prev
+            for k in self.cache.values():
+                self.store.drop(k)
+            self.cache = {}
+
+    def _rtn_unreached(self, stage: _Stage) -> None:
+        stage.unreached = True
+        stage.done = True
+
+
+def _in_worker(fn: Callable[..., Any], *args: Any, device: Optional[torch.device] = None) -> Any:
+    """``fn(*args)`` run in one worker thread, the caller waiting; its result returned, its error re-raised.
+
+    Why: torch's OpenMP pool spin-waits between parallel regions when they are issued from the main thread
+    (libgomp's default wait policy). GPTQ's column loop issues thousands of small parallel ops, and on the
+    2-core CPU the spinning cost 3-10x the CPU seconds of the same solve issued from another thread (and far
+    more wall time on a loaded machine; ``OMP_WAIT_POLICY=PASSIVE`` removes the difference but must be set
+    before torch loads). The previous pipeline ran everything in worker threads, which is why it was faster
+    (bench/scale.md, "Where the time went")."""
+    box: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
+            box["out"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller
+            box["err"] = e
+
+    t = threading.Thread(target=work, name="lowbit-calibration", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)  # a short wait, so that Ctrl-C reaches the caller (the daemon thread dies with the process)
+    if "err" in box:
+        raise box["err"]
+    return box.get("out")
+
+
+class _Subset(dict):
+    """``states`` restricted to ``keys``; assignments go through to ``states``."""
+
+    def __init__(self, states: Dict[str, Any], keys) -> None:
+        super().__init__((k, states[k]) for k in keys)
+        self._states = states
+
+    def __setitem__(self, k, v) -> None:
+        super().__setitem__(k, v)
+        self._states[k] = v
+
+
+def _data_free_streamed(model, method, selected, bits, group_size, sym, opts, device, stream, states, progress):
+    """RTN/HQQ on a streamed model: block by block (read, quantize each selected linear, write, drop)."""
+    blocks_name, blocks = find_blocks(model)
+    for bi in _progress(range(len(blocks)), desc=f"{method} blocks", enabled=progress):
+        prefix = f"{blocks_name}.{bi}."
+        stream.load_block(bi, blocks[bi], prefix)
+        sel = [n for n in selected if n.startswith(prefix)]
+        for name in sel:
+            lin = model.get_submodule(name)
+            w = lin.weight.detach().to(device)
+            st = rtn_quantize(w, bits, group_size, sym, **opts) if method == "rtn" else \
+                hqq_quantize(w, bits, group_size, sym, **opts)
+            states[name] = st.to(lin.weight.device)
+            new = _install(model, name, lin, states[name])
+            new._lowbit_ptq_state = states[name]
+        stream.finish_block(bi, blocks[bi], prefix, _Subset(states, sel))
+
+
+def _reduce_stats(st: InputStats, reduce) -> InputStats:
+    from lowbit.model.distributed import is_active
+
+    if not is_active():
+        return st
+    if st.xtx is not None:
+        st.xtx = reduce(st.xtx)
+    if st.abs_sum is not None:
+        st.abs_sum = reduce(st.abs_sum)
+    n = reduce(torch.tensor([float(st.count)], dtype=torch.float64,
+                            device=(st.xtx if st.xtx is not None else st.abs_sum).device))
+    st.count = int(n.item())
+    return st
+
+
+def _micro_batches(n: int, micro: int) -> List[Tuple[int, int]]:
+    """This rank's micro-batches ``[(start, stop)]`` of the ``n`` samples."""
+    from lowbit.model.distributed import rank_world, shard
+
+    rank, world = rank_world()
+    a, b = shard(n, rank, world)
+    return [(i, min(i + micro, b)) for i in range(a, b, micro)]
+
+
+def _make_store(device: torch.device, cfg: _RunConfig, reserve: int):
+    """The activation store, its device budget derived from ``max_memory`` (the run's peak target)."""
+    from lowbit.model.offload import ActivationStore, device_in_use, device_total_free, host_available
+
+    total = cfg.budget if cfg.budget is not None else device_total_free(device)
+    avail = max(total - device_in_use(device) - reserve, 0)
+    host = None
+    if device.type == "cuda":
+        host = int(host_available() * 0.5)
+    return ActivationStore(device, avail, host_budget=host, spill_dir=cfg.offload_dir)
+
+
+def _run_calibrated(model, method, selected, ids, bits, group_size, sym, opts, device, home, cfg: _RunConfig,
+                    progress, states, extra) -> None:
+    from lowbit.model import resume as ckpt
+    from lowbit.model.distributed import rank_world
+
+    blocks_name, blocks = find_blocks(model)
+    quantize_fn = {"gptq": _gptq_stage, "awq": _awq_stage}[method]
+    need_h, need_abs = True, method == "awq"
+    mbs = _micro_batches(ids.shape[0], cfg.micro_batch)
+    seq = ids.shape[1]
+    extra["micro_batch"] = cfg.micro_batch
+    extra["world_size"] = rank_world()[1]
+
+    if blocks is None:  # whole-model statistics: the model is one block
+        logger.info("no decoder block list found: quantizing with whole-model statistics")
+        model.to(device)
+        store = _make_store(device, cfg, 0)
+        try:
+            items = [store.put(ids[a:b].to(device)) for a, b in mbs]
+            stages = [_Stage([n]) for n in selected]
+            _run_stages_mb(model, None, stages, selected, lambda x: model(x), items, store, quantize_fn, bits,
+                           group_size, sym, opts, need_h, need_abs, states, progress, "model", cfg)
+        finally:
+            store.close()
+        model.to(home)
+        return
+
+    _to_device_except(model, blocks, device)
+    dtype_bytes = next(model.parameters()).element_size()
+    reserve = max(_working_reserve(b, cfg.micro_batch, seq, dtype_bytes) for b in blocks[:1]) + \
+        (sum(p.numel() * p.element_size() for p in blocks[0].parameters()) if device != home else 0)
+    store = _make_store(device, cfg, reserve)
+    checkpoints = ckpt.BlockCheckpoints(cfg.checkpoint_dir, cfg.fingerprint) if cfg.checkpoint_dir else None
+    start_block = 0
+    try:
+        items = None
+        if checkpoints is not None and cfg.resume:
+            got = checkpoints.load(model, blocks, blocks_name, selected, states)
+            if got is not None:
+                start_block, acts = got
+                items = [store.put(a) for a in acts]
+                logger.info("resuming after block %d from %s", start_block - 1, cfg.checkpoint_dir)
+        if items is None:
+            items = []
+            for a, b in mbs:
+                items.append(store.put(_capture_block0(model, blocks[0], ids[a:b], b - a, device)[0]))
+        inside = set(n for n in selected if any(n.startswith(f"{blocks_name}.{i}.") for i in range(start_block)))
+        bar = _progress(total=len(blocks), desc=f"{method} blocks", enabled=progress)
+        bar.update(start_block)
+        extra["offload_peak_bytes"] = {"device": 0, "host": 0, "disk": 0}
+        for bi in range(start_block, len(blocks)):
+            block = blocks[bi]
+            prefix = f"{blocks_name}.{bi}." if blocks_name else f"{bi}."
+            if cfg.stream is not None:
+                cfg.stream.load_block(bi, block, prefix)
+            block_home = next(block.parameters()).device
+            block.to(device)
+            sel = {n: m for n, m in selected.items() if n.startswith(prefix)}
+            inside.update(sel)
+            stages = _block_stages(block, sel, prefix)
+
+            def run_block(item, block=block):
+                args, kwargs = item
+                return _first_tensor(block(*args, **kwargs))
+
+            outs = _run_stages_mb(model, block, stages, sel, run_block, items, store, quantize_fn, bits, group_size,
+                                  sym, opts, need_h, need_abs, states, progress, f"block {bi}", cfg)
+            new_items = []
+            for o, it in zip(outs, items):
+                args, kwargs = store.get(it, pop=True)
+                out = store.get(o, pop=True)
+                new_items.append(store.put(((out,) + tuple(args[1:]), kwargs)))
+                del args, kwargs, out
+            items = new_items
+            block.to(block_home)
+            for k, v in store.peak.items():
+                extra["offload_peak_bytes"][k] = max(extra["offload_peak_bytes"][k], v)
+            if checkpoints is not None:
+                checkpoints.save(bi, block, prefix, {n: states[n] for n in sel}, (store.get(k) for k in items))
+            if cfg.stream is not None:
+                cfg.stream.finish_block(bi, block, prefix, _Subset(states, sel))
+            bar.update(1)
+        bar.close()
+        for k in items:
+            store.drop(k)
+    finally:
+        store.close()
+    rest = {n: m for n, m in selected.items() if n not in inside}
+    if rest:  # selected linears outside the blocks (e.g. lm_head when included): whole-model pass
+        stages = [_Stage([n]) for n in rest]
+        store = _make_store(device, cfg, 0)
+        try:
+            items = [store.put(ids[a:b].to(device)) for a, b in mbs]
+            _run_stages_mb(model, None, stages, rest, lambda x: model(input_ids=x, use_cache=False), items, store,
+                           quantize_fn, bits, group_size, sym, opts, need_h, need_abs, states, progress,
+                           "outside blocks", cfg)
+        finally:
+            store.close()
+    _to_device_except(model, blocks, home)
+    if checkpoints is not None:
+        checkpoints.finish()
+
+
+def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, bits, group_size, sym, opts, need_h,
+                   need_abs, states, progress, desc, cfg: _RunConfig) -> List[int]:
+    bar = _progress(total=sum(len(s.names) for s in stages), desc=f"  {desc} layers", enabled=progress, leave=False)
+
+    def q(stage: _Stage) -> None:
+        quantize_fn(stage, modules, bits, group_size, sym, opts)
+
+    def done(stage: _Stage) -> None:
+        bar.update(len(stage.names))
+
+    runner = _BlockRunner(root, stages, modules, q, need_h, need_abs, store, cfg.replay, on_stage_done=done)
+    outs = _in_worker(runner.run, fn, items, device=store.device)
+    for stage in stages:  # layers no sample reached: quantize without data (RTN)
+        if getattr(stage, "unreached", False) or not stage.states:
+            for n in stage.names:
+                stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym,
+                                               gguf_type=opts.get("gguf_type"))
+            bar.update(len(stage.names))
+    bar.close()
+    _install_stages(model, stages, modules, states)
+    return outs
