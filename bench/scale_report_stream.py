@@ -139,6 +139,13 @@ def section_plan(results_dir):
         e2 = p["cpu_seconds"] / cpu - 1
         lines.append(f"| {r['run']} | {r['blocks']} / {r['of_blocks']} | {peak:,.0f} MB | {p['peak_ram_mb']:,.0f} MB | "
                      f"{e1:+.0%} | {cpu:,.0f} s | {p['cpu_seconds']:,.0f} s | {e2:+.0%} | {r['load']} |")
+    lines += ["", f"`plan` measured this machine's matmul rate at {p['gflops_cpu']:.0f} GFLOP per CPU second when this "
+              "report was written. The per-method factors in `lowbit/model/plan.py` were fitted when the runs above "
+              "were made, with the rate then at 41-45 GFLOP per CPU second (the `pred_cpu_s` recorded in "
+              "`bench/results/scale_plan.jsonl` with the constants of that time imply it); at that rate the CPU-time "
+              "predictions are within about 20% of every row. On this shared box the rate itself moves with the load "
+              "(CPU seconds stretch when the cores' siblings are busy), so the time predictions move with it; the "
+              "memory predictions do not depend on it.", ""]
     return lines + [""]
 
 
