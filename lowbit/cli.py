@@ -185,13 +185,18 @@ def _apply_method(model, tok, method: str, args):
         call["device"] = _device(args)
         gguf_type = _gguf_target(args)
         if gguf_type is not None and gguf_type in GGUF_K_TARGETS and name in GGUF_GRID_METHODS:
-            if name != "rtn":
-                raise CLIError(f"--method {name} with --gguf-type {gguf_type}: error-compensated K-quants are not "
-                               f"available yet; use --method rtn (llama.cpp's reference rounding, byte-identical "
-                               f"to llama-quantize) or a legacy type (Q4_0 ... Q8_0)")
-            _log(args, f"rtn: {gguf_type} is written with llama.cpp's reference K-quant rounding at export")
-            return model, time.perf_counter() - t0
-        if gguf_type is not None and name in GGUF_GRID_METHODS:
+            if name == "awq":
+                raise CLIError(f"--method awq with --gguf-type {gguf_type}: AWQ onto K-quant grids is not "
+                               f"available; use --method gptq (error-compensated K-quants), --method rtn "
+                               f"(llama.cpp's reference rounding) or a legacy type (Q4_0 ... Q8_0)")
+            if name == "rtn":
+                _log(args, f"rtn: {gguf_type} is written with llama.cpp's reference K-quant rounding at export")
+                return model, time.perf_counter() - t0
+            # GPTQ onto each linear's type in llama.cpp's per-tensor choice (recipe and fallbacks)
+            call["gguf_type"] = _gguf_linear_types(model, gguf_type)
+            _log(args, f"{name}: optimising for the GGUF {gguf_type} per-tensor types "
+                       f"({', '.join(sorted(set(call['gguf_type'].values())))})")
+        elif gguf_type is not None and name in GGUF_GRID_METHODS:
             # error-compensated GGUF: the method optimises for the exact llama.cpp block grid
             call["gguf_type"] = gguf_type
             _log(args, f"{name}: optimising for the GGUF {gguf_type} block grid (blocks of 32)")
@@ -210,6 +215,18 @@ def _apply_method(model, tok, method: str, args):
 
 
 GGUF_GRID_METHODS = ("rtn", "gptq", "awq")
+
+
+def _gguf_linear_types(model, gguf_type: str) -> Dict[str, str]:
+    """``{linear name: GGUF type}`` that ``export_gguf(model, ..., gguf_type)`` writes (llama.cpp's recipe
+    and per-tensor fallbacks), for the quantizer's per-linear ``gguf_type``."""
+    from torch import nn
+
+    from lowbit.io.gguf import FLOAT_TYPES, gguf_tensor_plan
+
+    mods = dict(model.named_modules())
+    return {n[: -len(".weight")]: t for n, (_, t) in gguf_tensor_plan(model, gguf_type).items()
+            if n.endswith(".weight") and isinstance(mods.get(n[: -len(".weight")]), nn.Linear) and t not in FLOAT_TYPES}
 # K-quant types and llama.cpp's mixtures (lowbit.formats.kquants, lowbit.io.gguf_recipes)
 GGUF_K_TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
                   "Q5_K_S", "Q5_K_M")
@@ -653,13 +670,18 @@ def _cmd_budget(args, formats: List[str]) -> int:
     model, tok = _load(args.model, args)
     calib = get_calibration_data(tok, args.calib_dataset or "default", n_samples=args.n_samples,
                                  seq_len=args.calib_seq_len, seed=args.seed)
-    _log(args, f"budget: measuring the sensitivity of every weight to {', '.join(cands)} on {calib.shape[0]} windows")
+    bmethod = getattr(args, "budget_method", None) or "rtn"
+    if bmethod == "gptq" and formats != ["gguf"]:
+        raise CLIError("--budget-method gptq writes GGUF block types: use --format gguf")
+    _log(args, f"budget: measuring the sensitivity of every weight to {', '.join(cands)} on {calib.shape[0]} windows"
+               + (" (errors after GPTQ onto each type)" if bmethod == "gptq" else ""))
+    solved: dict = {}
     try:
         bplan = bud.budget_plan(model, calib, bits_budget=args.bits_budget, size_budget=args.size_budget,
-                                candidates=cands)
+                                candidates=cands, method=bmethod, keep_states=solved)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    states = bud.plan_quant_states(model, bplan)
+    states = bud.plan_quant_states(model, bplan, solved)
     plan_path = bplan.save(out / "budget_plan.json")
     if formats == ["gguf"]:
         from lowbit.io.gguf import export_gguf
@@ -718,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits-budget", type=float, default=None,
                    help="mixed precision: bits per weight over the quantized weights (scales included), e.g. 4.5")
     p.add_argument("--size-budget", default=None, help="mixed precision: bytes of the quantized weights, e.g. 90MB")
+    p.add_argument("--budget-method", default="rtn", choices=["rtn", "gptq"],
+                   help="--bits/--size-budget: rtn (llama.cpp's reference rounding per type) or gptq (each weight "
+                        "GPTQ-solved onto each candidate type on its input Hessian; the plan uses those errors)")
     p.add_argument("--budget-types", default=None,
                    help="candidate types for --bits/--size-budget (default: GGUF Q2_K..Q8_0 for --format gguf, "
                         "int2,int3,int4,int8 groups of 128 for native)")

@@ -358,6 +358,17 @@ def _on_owner(owner: int, fn: Callable[[], Any]) -> Any:
     return broadcast_object(res, owner)
 
 
+def _layer_opts(opts: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """``opts`` for one linear: a per-linear ``gguf_type`` mapping (``{linear name: GGUF type}``, e.g. a
+    llama.cpp recipe or a budget plan resolved per weight) replaced by that linear's type."""
+    t = opts.get("gguf_type")
+    if not isinstance(t, dict):
+        return opts
+    if name not in t:
+        raise ValueError(f"gguf_type mapping has no type for the linear {name!r} ({len(t)} linears mapped)")
+    return {**opts, "gguf_type": t[name]}
+
+
 def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
     """GPTQ each linear of the stage on the stage's shared Hessian (one solve unit per linear, spread
     over the ranks of a data-parallel run)."""
@@ -370,7 +381,7 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
         owner = _solve_owner(i)
         if is_active() and opts.get("gguf_type") is None:  # plain tensors: broadcast them directly
             if rank_world()[0] == owner:
-                res = gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts)
+                res = gptq_quantize(w, H, bits, group_size, sym, factor=factor, **_layer_opts(opts, n))
                 tensors = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
             else:
                 g = w.shape[1] if group_size in (-1, None) else group_size
@@ -383,7 +394,8 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
             broadcast_tensors(tensors, owner)
             res.codes, res.scales, res.zeros = tensors
         else:
-            res = _on_owner(owner, lambda w=w: gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts))
+            res = _on_owner(owner, lambda w=w, n=n: gptq_quantize(w, H, bits, group_size, sym, factor=factor,
+                                                                  **_layer_opts(opts, n)))
         dev = w.device
         res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)
         stage.states[n] = res.state
@@ -392,7 +404,10 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
 
 
 def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
-    opts = dict(opts)
+    types = {str(_layer_opts(opts, n).get("gguf_type")) for n in stage.names}
+    if len(types) > 1:  # one scale search per stage: its linears share one grid
+        raise ValueError(f"AWQ: the linears {stage.names} share an input-scale search but map to GGUF types {types}")
+    opts = dict(_layer_opts(opts, stage.names[0]))
     if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
         stage.fold, stage.tie = None, None
     H = stage.stats.hessian().float()
@@ -575,7 +590,7 @@ def quantize_model_ptq(model: nn.Module, method: str = "rtn", bits: int = 4, gro
             lin = selected[name]
             w = lin.weight.detach().to(device)
             if method == "rtn":
-                st = rtn_quantize(w, bits, group_size, sym, **opts)
+                st = rtn_quantize(w, bits, group_size, sym, **_layer_opts(opts, name))
             else:
                 st = hqq_quantize(w, bits, group_size, sym, **opts)
             states[name] = st.to(lin.weight.device)
@@ -969,7 +984,7 @@ def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, 
         if getattr(stage, "unreached", False) or not stage.states:
             for n in stage.names:
                 stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym,
-                                               gguf_type=opts.get("gguf_type"))
+                                               gguf_type=_layer_opts(opts, n).get("gguf_type"))
             bar.update(len(stage.names))
     bar.close()
     _install_stages(model, stages, modules, states)
@@ -1073,7 +1088,7 @@ def _run_stages(model, stages, modules, fn, chunks, quantize_fn, bits, group_siz
         if not stage.done:
             for n in stage.names:
                 stage.states[n] = rtn_quantize(modules[n].weight.detach(), bits, group_size, sym,
-                                               gguf_type=opts.get("gguf_type"))
+                                               gguf_type=_layer_opts(opts, n).get("gguf_type"))
             stage.done = True
             bar.update(len(stage.names))
     bar.close()
