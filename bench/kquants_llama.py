@@ -86,6 +86,44 @@ def evaluate(files, tokens: Path, log: Path, texts, threads: int) -> None:
             print(json.dumps(r), flush=True)
 
 
+def run_queue(queue: Path, tokens: Path, log: Path, threads: int, workdir: Path) -> None:
+    """Evaluate ``FILE TEXT`` lines of ``queue`` in order (re-read after every evaluation, so it can be
+    re-prioritised while running); several runners share it through claim files; entries whose file
+    does not exist yet are retried every 30 s until the queue holds only finished entries."""
+    import os
+
+    claims = log.with_suffix(".claims")
+    claims.mkdir(exist_ok=True)
+    while True:
+        done = set()
+        if log.exists():
+            for line in log.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    done.add((r["file"], r["text"]))
+        todo = [tuple(l.split()) for l in queue.read_text().splitlines() if l.strip() and not l.startswith("#")]
+        todo = [t for t in todo if t not in done]
+        if not todo:
+            return
+        picked = None
+        for f, text in todo:
+            c = claims / f"{f}.{text}"
+            if (workdir / f).exists() and not c.exists():
+                try:
+                    fd = os.open(c, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    os.close(fd)
+                    picked = (f, text)
+                    break
+                except FileExistsError:
+                    continue
+        if picked is None:
+            if all((claims / f"{f}.{t}").exists() for f, t in todo):
+                return
+            time.sleep(30)
+            continue
+        evaluate([workdir / picked[0]], tokens, log, [picked[1]], threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -99,8 +137,16 @@ def main() -> None:
     e.add_argument("--texts", default="wikitext2,shakespeare")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("files", nargs="+")
+    r = sub.add_parser("queue")
+    r.add_argument("--queue", required=True)
+    r.add_argument("--tokens", required=True)
+    r.add_argument("--log", required=True)
+    r.add_argument("--workdir", required=True)
+    r.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    if a.cmd == "quantize":
+    if a.cmd == "queue":
+        run_queue(Path(a.queue), Path(a.tokens), Path(a.log), a.threads, Path(a.workdir))
+    elif a.cmd == "quantize":
         quantize(Path(a.f16), Path(a.out), a.types)
     else:
         evaluate(a.files, Path(a.tokens), Path(a.log), a.texts.split(","), a.threads)

@@ -673,15 +673,19 @@ def _cmd_budget(args, formats: List[str]) -> int:
     bmethod = getattr(args, "budget_method", None) or "rtn"
     if bmethod == "gptq" and formats != ["gguf"]:
         raise CLIError("--budget-method gptq writes GGUF block types: use --format gguf")
-    _log(args, f"budget: measuring the sensitivity of every weight to {', '.join(cands)} on {calib.shape[0]} windows"
-               + (" (errors after GPTQ onto each type)" if bmethod == "gptq" else ""))
-    solved: dict = {}
+    _log(args, f"budget: measuring the sensitivity of every weight to {', '.join(cands)} on {calib.shape[0]} windows")
     try:
+        H = bud.input_hessians(model, calib)
         bplan = bud.budget_plan(model, calib, bits_budget=args.bits_budget, size_budget=args.size_budget,
-                                candidates=cands, method=bmethod, keep_states=solved)
+                                candidates=cands, hessians=H)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    states = bud.plan_quant_states(model, bplan, solved)
+    if bmethod == "gptq":  # each weight GPTQ-solved onto its planned type on the same input Hessians
+        bplan.method = "gptq"
+        states = bud.gptq_plan_states(model, bplan, H)
+    else:
+        states = bud.plan_quant_states(model, bplan)
+    del H
     plan_path = bplan.save(out / "budget_plan.json")
     if formats == ["gguf"]:
         from lowbit.io.gguf import export_gguf
@@ -742,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-budget", default=None, help="mixed precision: bytes of the quantized weights, e.g. 90MB")
     p.add_argument("--budget-method", default="rtn", choices=["rtn", "gptq"],
                    help="--bits/--size-budget: rtn (llama.cpp's reference rounding per type) or gptq (each weight "
-                        "GPTQ-solved onto each candidate type on its input Hessian; the plan uses those errors)")
+                        "GPTQ-solved onto its planned type on its input Hessian)")
     p.add_argument("--budget-types", default=None,
                    help="candidate types for --bits/--size-budget (default: GGUF Q2_K..Q8_0 for --format gguf, "
                         "int2,int3,int4,int8 groups of 128 for native)")

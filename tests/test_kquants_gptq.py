@@ -133,7 +133,8 @@ def test_cli_gptq_kquant_recipe_and_budget(tmp_path):
     p = _cli("quantize", *common, "--method", "awq", "--gguf-type", "Q4_K", "--output", str(tmp_path / "awq"))
     assert p.returncode != 0 and "AWQ onto K-quant grids is not available" in p.stderr
     # budget plan + GPTQ onto the plan's types
-    p = _cli("quantize", *common, "--budget-method", "gptq", "--bits-budget", "5", "--output", str(tmp_path / "b"))
+    p = _cli("quantize", *common, "--budget-method", "gptq", "--budget-types", "Q4_0,Q4_K,Q8_0", "--bits-budget", "5",
+             "--output", str(tmp_path / "b"))
     assert p.returncode == 0, p.stderr[-3000:]
     plan = json.loads((tmp_path / "b" / "budget_plan.json").read_text())
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "b" / "model.gguf")).tensors}
@@ -164,6 +165,13 @@ def test_budget_gptq_sensitivities_states_and_pipeline_plan(tmp_path):
     plan = bud.budget_plan(model, None, sens={**bud.sensitivities(model, H, cands), **gq}, bits_budget=5.0)
     states = bud.plan_quant_states(model, plan, kept)
     assert all(states[n] is kept[n][plan.types[n]] for n in names)
+    cache: dict = {}
+    solved = bud.gptq_plan_states(model, plan, H, cache=cache)
+    for n in names:  # one GPTQ solve per weight on its own Hessian, the same blocks as the sensitivities'
+        assert torch.equal(solved[n].data, kept[n][plan.types[n]].data)
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(solved[emb].data, bud.plan_quant_states(model, plan)[emb].data)  # the tied embedding: RTN
+    assert bud.gptq_plan_states(model, plan, H, cache=cache)[names[0]] is solved[names[0]]
     # the sequential pipeline onto the plan's types (GPTQ per linear, K-quants included)
     states = bud.quantize_plan(model, plan, "gptq", calib)
     export_gguf(model, tmp_path / "p.gguf", "Q8_0", tokenizer=tiny_tokenizer(), quant_states=states)

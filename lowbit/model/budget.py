@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 __all__ = ["GGUF_CANDIDATES", "NATIVE_CANDIDATES", "BudgetPlan", "input_hessians", "sensitivities", "allocate",
-           "budget_plan", "plan_quant_states", "quantize_plan", "parse_size"]
+           "budget_plan", "plan_quant_states", "gptq_plan_states", "quantize_plan", "parse_size"]
 
 GGUF_CANDIDATES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 NATIVE_CANDIDATES = ("int2", "int3", "int4", "int8")
@@ -356,3 +356,32 @@ def quantize_plan(model: nn.Module, plan: BudgetPlan, method: str = "gptq", cali
     quantize_model_ptq(model, method=method, calib_dataset=calib, include=list(linears), gguf_type=linears,
                        **method_options)
     return states
+
+
+def gptq_plan_states(model: nn.Module, plan: BudgetPlan, hessians: Dict[str, torch.Tensor],
+                     cache: Optional[dict] = None, progress: bool = False) -> dict:
+    """``{weight: QuantState}`` of the plan with every Linear weight GPTQ-solved onto its planned GGUF type
+    on its own input Hessian (``hessians`` from :func:`input_hessians`, the float model's inputs: one
+    solve per weight, no sequential pass); the tied embedding is rounded (llama.cpp's reference).
+    ``cache`` (a dict, ``{weight: {type: QuantState}}``) keeps the solves for further plans.
+    """
+    from lowbit.algorithms.gptq import gptq_quantize
+
+    params = dict(model.named_parameters())
+    cache = {} if cache is None else cache
+    out = {}
+    for i, (n, t) in enumerate(plan.types.items()):
+        hit = cache.get(n, {}).get(t)
+        if hit is None:
+            w = params[n].detach().float().cpu()
+            if t.startswith("int"):
+                raise ValueError(f"gptq_plan_states: {n} planned as {t}; GPTQ here targets GGUF types only")
+            if n in hessians:
+                hit = gptq_quantize(w, hessians[n].float(), gguf_type=t).state
+            else:  # the tied embedding (its Hessian is lm_head's: GPTQ would trade its rows' use as embeddings)
+                hit = _quant_state(w, t)
+            cache.setdefault(n, {})[t] = hit
+            if progress:
+                print(f"  gptq {i + 1}/{len(plan.types)} {n}: {t}", flush=True)
+        out[n] = hit
+    return out
