@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--targets", default=",".join(LLAMA), help="llama.cpp files whose size the budget matches")
     ap.add_argument("--bits", default="", help="extra bits-per-weight budgets, e.g. 3.5,4.0,4.5")
+    ap.add_argument("--exclude", default="Q4_1", help="candidate types left out of the plans (Q4_1: the source "
+                    "model's own grid, lossless here; see the results)")
     ap.add_argument("--sens-methods", default="rtn", help="sensitivities to measure: rtn and/or gptq")
     ap.add_argument("--methods", default="gptq", help="files per plan: gptq (GPTQ onto the planned types), rtn, or both")
     args = ap.parse_args()
@@ -78,6 +80,7 @@ def main() -> None:
             torch.save(H, hp)
         print(f"hessians in {time.time() - t0:.0f} s", flush=True)
         params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         names = [n for n in H if n in params]
         out = {}
         for m in args.sens_methods.split(","):
@@ -105,7 +108,12 @@ def main() -> None:
         for b in [x for x in args.bits.split(",") if x]:
             targets.append((f"{float(b):.2f}bpw", {"bits_budget": float(b)}))
         sens = torch.load(v2 / "sens_rtn.pt")
-        H = torch.load(v2 / "hess.pt") if "gptq" in args.methods else None
+        H = torch.load(v2 / "hess.pt")
+        if "model.embed_tokens.weight" not in sens:  # the tied embedding, scored as lm_head
+            sens.update(bud.sensitivities(model, H, bud.GGUF_CANDIDATES, names=["lm_head.weight"]))
+            torch.save(sens, v2 / "sens_rtn.pt")
+        drop = [t.strip().upper() for t in args.exclude.split(",") if t.strip()]
+        sens = {n: {t: v for t, v in r.items() if t not in drop} for n, r in sens.items()}
         cache: dict = {}
         for tag, kw in targets:
             plan = bud.budget_plan(model, None, sens=sens, **kw)
@@ -240,6 +248,26 @@ def report(work: Path, v2: Path, npar: int) -> None:
             if k in ppl:
                 lines.append(f"| {k} | {size[k] / 1e6:.1f} | {bpp(k):.2f} | {_cell(ppl[k], 'wikitext2')} | "
                              f"{_cell(ppl[k], 'shakespeare')} |")
+    # targets: for every llama.cpp point, the best lowbit file no larger than it, per text
+    lowbit_files = [k for k in size if k.startswith("lowbit-") and k not in ("lowbit-F16", "lowbit-Q8_0")]
+    lines += ["", "## Targets of the issue, by llama.cpp's own perplexity", "",
+              "For each llama.cpp file: the lowbit file with the lowest perplexity among those **no larger** than it "
+              "(evaluated ones only).", "",
+              "| llama.cpp file | MB | text | llama.cpp ppl | best lowbit file <= that size | MB | lowbit ppl | lower? |",
+              "|---|---:|---|---:|---|---:|---:|---|"]
+    for t in TEXTS:
+        for typ in LLAMA:
+            ls = f"llamacpp-{typ}"
+            if ls not in size or t not in ppl.get(ls, {}):
+                lines.append(f"| {typ} | {size.get(ls, 0) / 1e6:.1f} | {t} | not run | | | | not measured |")
+                continue
+            cands = [(ppl[k][t][0], k) for k in lowbit_files if size[k] <= size[ls] and t in ppl.get(k, {})]
+            if not cands:
+                lines.append(f"| {typ} | {size[ls] / 1e6:.1f} | {t} | {ppl[ls][t][0]:.2f} | not run | | | not measured |")
+                continue
+            v, k = min(cands)
+            lines.append(f"| {typ} | {size[ls] / 1e6:.1f} | {t} | {ppl[ls][t][0]:.2f} | {k} | {size[k] / 1e6:.1f} | "
+                         f"{v:.2f} | {'**yes**' if v < ppl[ls][t][0] else '**no**'} |")
     (v2 / "report_lines.json").write_text(json.dumps(lines))
     tail = v2 / "report_tail.md"
     text = "\n".join(lines) + "\n" + (("\n" + tail.read_text()) if tail.exists() else "")

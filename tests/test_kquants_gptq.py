@@ -115,21 +115,31 @@ def test_cli_gptq_kquant_recipe_and_budget(tmp_path):
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 400)
     common = ("--model", str(tmp_path / "tiny"), "--calib-dataset", str(tmp_path / "text.txt"), "--n-samples", "2",
               "--calib-seq-len", "32", "--quiet", "--format", "gguf")
-    for method in ("rtn", "gptq"):
-        p = _cli("quantize", *common, "--method", method, "--gguf-type", "Q4_K_M", "--output", str(tmp_path / method))
-        assert p.returncode == 0, p.stderr[-3000:]
-    files = {m: {t.name: t for t in gguf.GGUFReader(str(tmp_path / m / "model.gguf")).tensors} for m in ("rtn", "gptq")}
-    # llama.cpp's per-tensor choices (the RTN file is byte-identical with llama-quantize's, tests/test_kquants*.py)
-    assert {k: v.tensor_type.name for k, v in files["gptq"].items()} == \
-        {k: v.tensor_type.name for k, v in files["rtn"].items()}
-    assert files["gptq"]["blk.1.ffn_down.weight"].tensor_type.name == "Q6_K"
-    assert files["gptq"]["blk.0.attn_q.weight"].tensor_type.name == "Q4_K"
-    changed = [k for k, v in files["gptq"].items() if v.tensor_type.name.endswith("_K")
-               and not np.array_equal(np.asarray(v.data), np.asarray(files["rtn"][k].data))]
-    assert len(changed) >= 10  # GPTQ chose other blocks than plain rounding
-    for k, v in files["gptq"].items():  # gguf-py decodes every block to finite values
-        if v.tensor_type.name.endswith("_K"):
-            assert np.isfinite(gguf.quants.dequantize(np.asarray(v.data), v.tensor_type)).all(), k
+    p = _cli("quantize", *common, "--method", "gptq", "--gguf-type", "Q4_K_M", "--output", str(tmp_path / "gptq"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    from lowbit.io.gguf import gguf_tensor_plan
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "tiny"), dtype=torch.float32)
+    plan = {g: (n, t) for n, (g, t) in gguf_tensor_plan(ref, "Q4_K_M").items()}
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "gptq" / "model.gguf")).tensors}
+    # llama.cpp's per-tensor choices (export_gguf's recipe, byte-identical with llama-quantize's in tests/test_kquants*.py)
+    assert {k: v.tensor_type.name for k, v in tensors.items()} == {g: t for g, (_, t) in plan.items()}
+    assert tensors["blk.1.ffn_down.weight"].tensor_type.name == "Q6_K"
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_K"
+    params = dict(ref.named_parameters())
+    changed = 0
+    for g, v in tensors.items():
+        typ = v.tensor_type.name
+        if not typ.endswith("_K"):
+            continue
+        raw = torch.from_numpy(np.asarray(v.data).copy())
+        assert np.isfinite(gguf.quants.dequantize(raw.numpy(), v.tensor_type)).all(), g  # valid blocks
+        if "attn_q" in g or "attn_k" in g:
+            continue  # rows permuted for llama.cpp's rope
+        w = params[plan[g][0]].detach().float()
+        changed += not torch.equal(raw.reshape(w.shape[0], -1), kq.quantize_rows(w, typ))
+    assert changed >= 6  # GPTQ chose other blocks than llama.cpp's rounding
     p = _cli("quantize", *common, "--method", "awq", "--gguf-type", "Q4_K", "--output", str(tmp_path / "awq"))
     assert p.returncode != 0 and "AWQ onto K-quant grids is not available" in p.stderr
     # budget plan + GPTQ onto the plan's types
