@@ -242,7 +242,7 @@ def report(work: Path, v2: Path, npar: int) -> None:
              "which bounded how many files could be evaluated (cells marked *not run*).", "",
              "## llama.cpp's file types (lowbit writes the same bytes)", "",
              "`byte-identical`: every tensor of llama.cpp's file re-quantized by lowbit from the same F16 values "
-             "(`bench/kquants_identity.py`, previous run). `(issue)`: the issue's figure (same protocol; llama.cpp's "
+             "(`bench/kquants_identity.py`, previous run; `-`: not compared). `(issue)`: the issue's figure (same protocol; llama.cpp's "
              "Q4_K_M re-measured: 30.85 as in the issue).", "",
              "| file | MB | bits/param | byte-identical tensors | WikiText-2 ppl | Shakespeare ppl |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -258,8 +258,9 @@ def report(work: Path, v2: Path, npar: int) -> None:
                      f"{_cell(r, 'shakespeare')} |")
     lines += ["", "## The budget search at llama.cpp's sizes", "",
               "`lowbit-budget-gptq@T`: the knapsack (`lowbit.model.budget`) with the bytes of llama.cpp's file `T`'s "
-              "quantized tensors as the budget; candidates Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 "
-              "(K types only on the 1,536-column `ffn_down`); sensitivity of a weight for a type = the layer-output "
+              "quantized tensors as the budget, over 211 weights (210 Linears + the tied embedding/output matrix); "
+              "candidates Q2_K, Q3_K, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 (Q4_1 left out: see *Notes*; K types "
+              "only on the 1,536-column `ffn_down`); sensitivity of a weight for a type = the layer-output "
               "error `tr(E H E^T)` left after GPTQ onto that type (`sensitivities(method=\"gptq\")`, each weight "
               "solved on its own input Hessian of the float model); the file holds those GPTQ-solved blocks; the "
               "tied embedding/output matrix is rounded (llama.cpp's reference) to the plan's type. "
