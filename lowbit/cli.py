@@ -176,6 +176,10 @@ def cmd_quantize(args) -> int:
         raise CLIError(str(e)) from None
     if getattr(args, "bits_budget", None) is not None or getattr(args, "size_budget", None) is not None:
         return _cmd_budget(args, formats)
+    extra = [f for f, k in (("--budget-method", "budget_method"), ("--budget-types", "budget_types"))
+             if getattr(args, k, None) is not None]
+    if extra:
+        raise CLIError(f"{', '.join(extra)} only apply with --bits-budget or --size-budget")
     out = Path(args.output)
     _check_method(args.method, args)  # validates early
     created = _created_dirs(out)
@@ -480,6 +484,7 @@ def _cmd_budget(args, formats: List[str]) -> int:
                               size_budget=args.size_budget, budget_types=args.budget_types,
                               calib_dataset=args.calib_dataset, n_samples=args.n_samples or 128,
                               seq_len=args.calib_seq_len or 512, seed=args.seed or 0, device=_device(args),
+                              budget_method=getattr(args, "budget_method", None) or "rtn",
                               log=lambda s: _log(args, s))
     except WorkflowError as e:
         raise CLIError(str(e)) from None
@@ -534,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits-budget", type=float, default=None,
                    help="mixed precision: bits per weight over the quantized weights (scales included), e.g. 4.5")
     p.add_argument("--size-budget", default=None, help="mixed precision: bytes of the quantized weights, e.g. 90MB")
+    p.add_argument("--budget-method", default=None, choices=["rtn", "gptq"],
+                   help="--bits/--size-budget: rtn (llama.cpp's reference rounding per type, the default) or gptq "
+                        "(each weight GPTQ-solved onto its planned type on its input Hessian; --format gguf)")
     p.add_argument("--budget-types", default=None,
                    help="candidate types for --bits/--size-budget (default: GGUF Q2_K..Q8_0 for --format gguf, "
                         "int2,int3,int4,int8 groups of 128 for native)")

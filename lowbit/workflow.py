@@ -234,6 +234,18 @@ def targets_gguf_grid(method: str) -> bool:
     return method.lower() in METHODS and "gguf_type" in METHODS.get(method).accepted_keys()
 
 
+def gguf_linear_types(model, gguf_type: str) -> Dict[str, str]:
+    """``{linear name: GGUF type}`` that ``export_gguf(model, ..., gguf_type)`` writes (llama.cpp's recipe
+    and per-tensor fallbacks), for the quantizer's per-linear ``gguf_type``."""
+    from torch import nn
+
+    from lowbit.io.gguf import FLOAT_TYPES, gguf_tensor_plan
+
+    mods = dict(model.named_modules())
+    return {n[: -len(".weight")]: t for n, (_, t) in gguf_tensor_plan(model, gguf_type).items()
+            if n.endswith(".weight") and isinstance(mods.get(n[: -len(".weight")]), nn.Linear) and t not in FLOAT_TYPES}
+
+
 def _gguf_override(name: str, target: str, given: Dict[str, Any], entry) -> Tuple[Dict[str, Any], List[str]]:
     """The grid a method targeting GGUF ``target`` uses, and the announcement of what it replaces."""
     bits, group, sym = GGUF_GRIDS.get(target, (None, None, None))
@@ -297,20 +309,25 @@ def apply_method(model, tok, method: str, options: Optional[Dict[str, Any]] = No
     target = gguf_target(name, formats, gguf_type)
     if target is not None and targets_gguf_grid(name):
         used_override, override_notes = _gguf_override(name, target, options, entry)
-        if target in GGUF_K_TARGETS:
-            if name != "rtn":
-                raise WorkflowError(f"--method {name} with --gguf-type {target}: error-compensated K-quants are not "
-                                    f"available yet; use --method rtn (llama.cpp's reference rounding, "
-                                    f"byte-identical to llama-quantize) or a legacy type (Q4_0 ... Q8_0)")
+        if target in GGUF_K_TARGETS and name == "rtn":
             notes.extend(override_notes)
             log(f"rtn: {target} is written with llama.cpp's reference K-quant rounding at export")
             cfg = entry.make_config(**call)
             return model, time.perf_counter() - t0, {"used": used_override, "config": _cfg_dict(cfg),
                                                      "notes": notes, "requested": _requested(options)}
-        # error-compensated GGUF: the method optimises for the exact llama.cpp block grid
-        call["gguf_type"] = target
-        notes.extend(override_notes)
-        log(f"{name}: optimising for the GGUF {target} block grid (blocks of 32)")
+        if target in GGUF_K_TARGETS and name != "gptq":
+            raise WorkflowError(f"--method {name} with --gguf-type {target}: {name.upper()} onto K-quant grids is not "
+                                f"available; use --method gptq (error-compensated K-quants), --method rtn "
+                                f"(llama.cpp's reference rounding) or a legacy type (Q4_0 ... Q8_0)")
+        if target in GGUF_K_TARGETS:  # GPTQ onto each linear's type in llama.cpp's per-tensor choice
+            call["gguf_type"] = gguf_linear_types(model, target)
+            notes.extend(override_notes)
+            log(f"{name}: optimising for the GGUF {target} per-tensor types "
+                f"({', '.join(sorted(set(call['gguf_type'].values())))})")
+        else:  # error-compensated GGUF: the method optimises for the exact llama.cpp block grid
+            call["gguf_type"] = target
+            notes.extend(override_notes)
+            log(f"{name}: optimising for the GGUF {target} block grid (blocks of 32)")
     if "micro_batch" in entry.accepted_keys():  # calibration memory and resume
         if kwargs.get("max_memory") is not None:
             call["max_memory"] = kwargs["max_memory"]
@@ -539,8 +556,10 @@ def quantize_run(model: str, output, method: str = "gptq", formats: Sequence[str
 def quantize_budget(model: str, output, formats: Sequence[str], *, bits_budget: Optional[float] = None,
                     size_budget: Any = None, budget_types: Optional[str] = None, calib_dataset: Any = None,
                     n_samples: int = 128, seq_len: int = 512, seed: int = 0, device: str = "cpu",
-                    log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
-    """``quantize --bits-budget/--size-budget``: per-weight types by knapsack (lowbit.model.budget)."""
+                    budget_method: str = "rtn", log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+    """``quantize --bits-budget/--size-budget``: per-weight types by knapsack (lowbit.model.budget);
+    ``budget_method``: ``"rtn"`` (llama.cpp's reference rounding per type) or ``"gptq"`` (each weight
+    GPTQ-solved onto its planned type on its input Hessian; GGUF only)."""
     import torch
 
     from lowbit.model import budget as bud
@@ -560,6 +579,10 @@ def quantize_budget(model: str, output, formats: Sequence[str], *, bits_budget: 
         raise WorkflowError(f"--budget-types {','.join(cands)}: GGUF files hold GGUF block types (Q2_K ... Q8_0)")
     if formats == ["native"] and not all(t.startswith("int") for t in cands):
         raise WorkflowError(f"--budget-types {','.join(cands)}: the native format takes int2,int3,int4,int8")
+    if budget_method not in ("rtn", "gptq"):
+        raise WorkflowError(f"--budget-method {budget_method!r}: expected rtn or gptq")
+    if budget_method == "gptq" and formats != ["gguf"]:
+        raise WorkflowError("--budget-method gptq writes GGUF block types: use --format gguf")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     from lowbit.data.calibration import get_calibration_data
@@ -569,10 +592,17 @@ def quantize_budget(model: str, output, formats: Sequence[str], *, bits_budget: 
     calib = get_calibration_data(tok, calib_dataset or "default", n_samples=n_samples, seq_len=seq_len, seed=seed)
     log(f"budget: measuring the sensitivity of every weight to {', '.join(cands)} on {calib.shape[0]} windows")
     try:
-        bplan = bud.budget_plan(qmodel, calib, bits_budget=bits_budget, size_budget=size_budget, candidates=cands)
+        H = bud.input_hessians(qmodel, calib)
+        bplan = bud.budget_plan(qmodel, calib, bits_budget=bits_budget, size_budget=size_budget, candidates=cands,
+                                hessians=H)
     except ValueError as e:
         raise WorkflowError(str(e)) from None
-    states = bud.plan_quant_states(qmodel, bplan)
+    if budget_method == "gptq":  # each weight GPTQ-solved onto its planned type on the same input Hessians
+        bplan.method = "gptq"
+        states = bud.gptq_plan_states(qmodel, bplan, H)
+    else:
+        states = bud.plan_quant_states(qmodel, bplan)
+    del H
     plan_path = bplan.save(out / "budget_plan.json")
     if formats == ["gguf"]:
         from lowbit.io.gguf import export_gguf

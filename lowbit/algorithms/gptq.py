@@ -22,7 +22,9 @@ spread over the columns not yet quantized through the upper Cholesky factor of `
   and each row keeps the best; needs contiguous groups, i.e. no ``act_order``).
 * ``gguf_type`` (``"Q4_0"``, ``"Q4_1"``, ``"Q5_0"``, ``"Q5_1"``, ``"Q8_0"``): GPTQ on the exact
   llama.cpp block grid (blocks of 32, fp16 ``d``/``m``); ``.state`` is then a ``layout="gguf"``
-  QuantState of raw blocks, ready for a GGUF file.
+  QuantState of raw blocks, ready for a GGUF file. K-quants (``"Q2_K"`` ... ``"Q6_K"``) run
+  :func:`lowbit.algorithms.grid.gptq_kquant` (super-blocks of 256, natural column order; llama.cpp's
+  fallback type, e.g. Q5_0 for Q4_K, on rows that are not a multiple of 256).
 * ``refit_scales``: after the sweep, the scales are re-solved by least squares with the codes and
   zero points fixed, minimising ``tr((W - W_hat) (H + lambda I) (W - W_hat)^T)`` (kept per row
   only where it lowers that error).
@@ -221,6 +223,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         raise ValueError(f"group_objective={group_objective!r}: expected one of {GROUP_OBJECTIVES}")
     if not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize={blocksize!r}: must be a positive integer")
+    if gguf_type is not None:  # K-quants (super-blocks of 256; llama.cpp's fallback type on other rows)
+        from lowbit.formats.kquants import is_kquant, kquant_fallback
+
+        gguf_type = kquant_fallback(gguf_type, K) if is_kquant(gguf_type) else gguf_type
+        if is_kquant(gguf_type):
+            return _gptq_kquant_result(weight, H, gguf_type, percdamp)
     if gguf_type is not None:  # error-compensated GGUF: the exact llama.cpp block grid, blocks of 32
         from lowbit.algorithms.grid import GGUFGrid
 
@@ -328,6 +336,34 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     return GPTQResult(codes=codes.to(torch.uint8), scales=scales, zeros=zeros, loss=float(total_loss) / 2,
                       damp=damp, bits=grid.bits, group_size=g, sym=grid.sym, dtype=weight.dtype,
                       grid=grid if gguf_type is not None else None)
+
+
+@dataclass
+class _KQuantResult(GPTQResult):
+    """GPTQ on a K-quant grid (:func:`lowbit.algorithms.grid.gptq_kquant`): ``kstate`` is the
+    ``layout="gguf"`` QuantState of the super-blocks; ``codes`` holds its raw bytes."""
+
+    kstate: Optional[object] = None
+
+    @property
+    def state(self):
+        return self.kstate
+
+    def dequantize(self) -> torch.Tensor:
+        from lowbit.formats.kquants import dequantize_rows
+
+        return dequantize_rows(self.kstate.data.cpu(), self.kstate.scheme).reshape(self.kstate.shape)
+
+
+def _gptq_kquant_result(weight: torch.Tensor, H: torch.Tensor, qtype: str, percdamp: float) -> GPTQResult:
+    from lowbit.algorithms.grid import gptq_kquant
+    from lowbit.formats.kquants import QK_K, kquant_type
+
+    st, loss = gptq_kquant(weight, H, qtype, percdamp=percdamp, dtype=weight.dtype)
+    t = kquant_type(qtype)
+    empty = torch.zeros(weight.shape[0], 0)
+    return _KQuantResult(codes=st.data, scales=empty, zeros=empty, loss=loss, damp=0.0, bits=t.bits,
+                         group_size=QK_K, sym=not t.has_min, dtype=weight.dtype, kstate=st)
 
 
 def layer_output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:

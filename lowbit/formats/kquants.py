@@ -64,6 +64,8 @@ __all__ = [
     "subblock_scale_min",
     "decode_codes",
     "nearest_int",
+    "KQUANT_FALLBACK",
+    "kquant_fallback",
 ]
 from lowbit.formats.kquants_types import (  # noqa: E402,F401  (moved; importable from here as before)
     QK_K,
@@ -429,3 +431,23 @@ def dequantize_rows(raw: torch.Tensor, qtype: Union[str, KQuantType]) -> torch.T
     t = kquant_type(qtype)
     codes, p = unpack_kblocks(raw, t)
     return decode_codes(codes, p, t)
+
+
+# llama.cpp's ``tensor_type_fallback`` (src/llama-quant.cpp): the type written for a K-quant whose rows
+# are not a multiple of 256
+KQUANT_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def kquant_fallback(qtype: str, ncols: int) -> str:
+    """The GGUF type llama.cpp writes for a ``qtype`` tensor whose rows hold ``ncols`` values: ``qtype``
+    itself (upper case) when it fits, else its 32-block fallback (F16 when even that does not fit).
+    Non-K types are returned unchanged (upper case).
+
+    >>> kquant_fallback("q4_k", 1536), kquant_fallback("Q4_K", 576), kquant_fallback("Q6_K", 100)
+    ('Q4_K', 'Q5_0', 'F16')
+    """
+    up = str(qtype).upper()
+    if not is_kquant(up) or ncols % QK_K == 0:
+        return up
+    out = KQUANT_FALLBACK[up]
+    return out if ncols % 32 == 0 else "F16"

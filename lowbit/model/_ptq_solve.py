@@ -54,6 +54,17 @@ def _row_pieces(stage: _Stage, modules: Dict[str, nn.Linear], world: int, align:
     return pieces
 
 
+def _layer_opts(opts: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """``opts`` for one linear: a per-linear ``gguf_type`` mapping (``{linear name: GGUF type}``, e.g. a
+    llama.cpp recipe or a budget plan resolved per weight) replaced by that linear's type."""
+    t = opts.get("gguf_type")
+    if not isinstance(t, dict):
+        return opts
+    if name not in t:
+        raise ValueError(f"gguf_type mapping has no type for the linear {name!r} ({len(t)} linears mapped)")
+    return {**opts, "gguf_type": t[name]}
+
+
 def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
     """GPTQ each linear of the stage on the stage's shared Hessian. In a data-parallel run the
     stage's rows are spread over the ranks (:func:`_row_pieces`; ``LOWBIT_DP_SPLIT=units``: whole
@@ -99,7 +110,8 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
         return
     for i, n in enumerate(stage.names):
         w = modules[n].weight.detach()
-        res = _on_owner(_solve_owner(i), lambda w=w: gptq_quantize(w, H, bits, group_size, sym, factor=factor, **opts))
+        res = _on_owner(_solve_owner(i), lambda w=w, n=n: gptq_quantize(w, H, bits, group_size, sym, factor=factor,
+                                                                        **_layer_opts(opts, n)))
         dev = w.device
         res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)
         stage.states[n] = res.state
@@ -108,7 +120,10 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
 
 
 def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
-    opts = dict(opts)
+    types = {str(_layer_opts(opts, n).get("gguf_type")) for n in stage.names}
+    if len(types) > 1:  # one scale search per stage: its linears share one grid
+        raise ValueError(f"AWQ: the linears {stage.names} share an input-scale search but map to GGUF types {types}")
+    opts = dict(_layer_opts(opts, stage.names[0]))
     if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
         stage.fold, stage.tie = None, None
     H = stage.stats.hessian().float()

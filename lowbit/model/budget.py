@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 __all__ = ["GGUF_CANDIDATES", "NATIVE_CANDIDATES", "BudgetPlan", "input_hessians", "sensitivities", "allocate",
-           "budget_plan", "plan_quant_states", "parse_size"]
+           "budget_plan", "plan_quant_states", "gptq_plan_states", "quantize_plan", "parse_size"]
 
 GGUF_CANDIDATES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 NATIVE_CANDIDATES = ("int2", "int3", "int4", "int8")
@@ -69,6 +69,7 @@ class BudgetPlan:
     budget_bytes: int
     numel: Dict[str, int] = field(default_factory=dict)
     candidates: Sequence[str] = ()
+    method: str = "rtn"
 
     @property
     def total_bytes(self) -> int:
@@ -89,10 +90,13 @@ class BudgetPlan:
                 f"summed sensitivity {sum(self.errors.values()):.4g}")
 
     def to_json(self) -> dict:
-        return {"budget_bytes": self.budget_bytes, "total_bytes": self.total_bytes,
-                "bits_per_weight": self.bits_per_weight, "candidates": list(self.candidates),
-                "weights": {k: {"type": self.types[k], "bytes": self.bytes[k], "sensitivity": self.errors[k],
-                                "numel": self.numel.get(k)} for k in self.types}}
+        out = {"budget_bytes": self.budget_bytes, "total_bytes": self.total_bytes,
+               "bits_per_weight": self.bits_per_weight, "candidates": list(self.candidates),
+               "weights": {k: {"type": self.types[k], "bytes": self.bytes[k], "sensitivity": self.errors[k],
+                               "numel": self.numel.get(k)} for k in self.types}}
+        if self.method != "rtn":  # (RTN plans keep their earlier bytes)
+            out["method"] = self.method
+        return out
 
     def save(self, path) -> Path:
         path = Path(path)
@@ -182,9 +186,19 @@ def _state_bytes(st) -> int:
 
 @torch.no_grad()
 def sensitivities(model: nn.Module, hessians: Dict[str, torch.Tensor], candidates: Sequence[str] = GGUF_CANDIDATES,
-                  names: Optional[Iterable[str]] = None, progress: bool = False):
-    """``{weight: {type: (error, bytes)}}``: ``tr(E H E^T)`` of quantizing each weight alone, and its size."""
+                  names: Optional[Iterable[str]] = None, progress: bool = False, method: str = "rtn",
+                  keep_states: Optional[dict] = None):
+    """``{weight: {type: (error, bytes)}}``: ``tr(E H E^T)`` of quantizing each weight alone, and its size.
+
+    ``method="gptq"``: the error left by GPTQ onto each GGUF type (``gptq_quantize(W, H, gguf_type=t)``
+    on the weight's own Hessian; the tied embedding stays RTN); ``keep_states`` (a dict) then receives
+    ``{weight: {type: QuantState}}`` so that a plan's file is assembled without solving again
+    (:func:`plan_quant_states` ``states=``).
+    """
     import lowbit
+
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"method={method!r}: expected 'rtn' or 'gptq'")
 
     params = dict(model.named_parameters(remove_duplicate=False))
     tied_emb = "model.embed_tokens.weight" in params and "lm_head.weight" in params and \
@@ -200,7 +214,14 @@ def sensitivities(model: nn.Module, hessians: Dict[str, torch.Tensor], candidate
         for t in candidates:
             if not t.startswith("int") and not _gguf_ok(t, k):
                 continue
-            st = _quant_state(w, t)
+            if method == "gptq" and not t.startswith("int") and target == name:
+                from lowbit.algorithms.gptq import gptq_quantize
+
+                st = gptq_quantize(w, H, gguf_type=t).state
+            else:
+                st = _quant_state(w, t)
+            if keep_states is not None:
+                keep_states.setdefault(target, {})[t] = st
             e = lowbit.dequantize(st).float() - w
             err = float(((e @ H) * e).sum())
             res[t] = (err, _state_bytes(st))
@@ -272,16 +293,18 @@ def allocate(sens: Dict[str, Dict[str, tuple]], budget_bytes: int) -> Dict[str, 
 
 def budget_plan(model: nn.Module, calib: torch.Tensor, *, bits_budget: Optional[float] = None,
                 size_budget=None, candidates: Sequence[str] = GGUF_CANDIDATES, hessians=None,
-                sens=None, progress: bool = False) -> BudgetPlan:
+                sens=None, progress: bool = False, method: str = "rtn",
+                keep_states: Optional[dict] = None) -> BudgetPlan:
     """Measure sensitivities (unless given) and allocate types under ``bits_budget`` (bits per weight
     over the quantized weights, scales included) or ``size_budget`` (bytes of the quantized weights,
-    e.g. ``"90MB"``)."""
+    e.g. ``"90MB"``). ``method``/``keep_states``: see :func:`sensitivities` (``"gptq"``: errors after
+    GPTQ onto each type, and the solved states for :func:`plan_quant_states`)."""
     if (bits_budget is None) == (size_budget is None):
         raise ValueError("give exactly one of bits_budget (e.g. 4.5) or size_budget (e.g. '90MB')")
     if sens is None:
         if hessians is None:
             hessians = input_hessians(model, calib)
-        sens = sensitivities(model, hessians, candidates, progress=progress)
+        sens = sensitivities(model, hessians, candidates, progress=progress, method=method, keep_states=keep_states)
     params = dict(model.named_parameters())
     numel = {n: params[n].numel() for n in sens}
     total = sum(numel.values())
@@ -294,10 +317,71 @@ def budget_plan(model: nn.Module, calib: torch.Tensor, *, bits_budget: Optional[
     types = allocate(sens, budget)
     return BudgetPlan(types=types, bytes={n: sens[n][t][1] for n, t in types.items()},
                       errors={n: sens[n][t][0] for n, t in types.items()}, budget_bytes=budget, numel=numel,
-                      candidates=tuple(candidates))
+                      candidates=tuple(candidates), method=method)
 
 
-def plan_quant_states(model: nn.Module, plan: BudgetPlan) -> dict:
-    """``{weight: QuantState}`` of the plan (GGUF-layout states for GGUF types), for ``export_gguf``."""
+def plan_quant_states(model: nn.Module, plan: BudgetPlan, states: Optional[dict] = None) -> dict:
+    """``{weight: QuantState}`` of the plan (GGUF-layout states for GGUF types), for ``export_gguf``;
+    ``states`` (from :func:`sensitivities` ``keep_states=``) supplies already solved ones."""
     params = dict(model.named_parameters())
-    return {n: _quant_state(params[n].detach().float().cpu(), t) for n, t in plan.types.items()}
+    states = states or {}
+    return {n: states[n][t] if t in states.get(n, {}) else _quant_state(params[n].detach().float().cpu(), t)
+            for n, t in plan.types.items()}
+
+
+def quantize_plan(model: nn.Module, plan: BudgetPlan, method: str = "gptq", calib=None, **method_options) -> dict:
+    """Quantize ``model``'s Linears in place with a calibrated ``method`` (``"gptq"``) onto each weight's
+    GGUF type of ``plan`` (K-quants included), in one sequential pass over ``calib``; returns the
+    ``quant_states`` (RTN, llama.cpp's reference rounding) of the plan's other weights (the tied
+    embedding, ``lm_head``) for ``export_gguf(model, path, "Q8_0", quant_states=...)``.
+
+    Example::
+
+        >>> states = quantize_plan(model, plan, "gptq", calib)                 # doctest: +SKIP
+        >>> export_gguf(model, "m.gguf", "Q8_0", quant_states=states)          # doctest: +SKIP
+    """
+    from lowbit.model.sequential import quantize_model_ptq
+
+    bad = [t for t in plan.types.values() if t.startswith("int")]
+    if bad:
+        raise ValueError(f"quantize_plan: method={method!r} onto native integer types ({sorted(set(bad))}) is not "
+                         f"supported; GGUF plans only (or plan_quant_states for RTN)")
+    mods = dict(model.named_modules())
+    linears = {n[: -len(".weight")]: t for n, t in plan.types.items()
+               if isinstance(mods.get(n[: -len(".weight")]), nn.Linear) and not n.startswith("lm_head")}
+    params = dict(model.named_parameters())
+    rest = {n: t for n, t in plan.types.items() if n[: -len(".weight")] not in linears}
+    states = {n: _quant_state(params[n].detach().float().cpu(), t) for n, t in rest.items()}
+    method_options.setdefault("progress", False)
+    quantize_model_ptq(model, method=method, calib_dataset=calib, include=list(linears), gguf_type=linears,
+                       **method_options)
+    return states
+
+
+def gptq_plan_states(model: nn.Module, plan: BudgetPlan, hessians: Dict[str, torch.Tensor],
+                     cache: Optional[dict] = None, progress: bool = False) -> dict:
+    """``{weight: QuantState}`` of the plan with every Linear weight GPTQ-solved onto its planned GGUF type
+    on its own input Hessian (``hessians`` from :func:`input_hessians`, the float model's inputs: one
+    solve per weight, no sequential pass); the tied embedding is rounded (llama.cpp's reference).
+    ``cache`` (a dict, ``{weight: {type: QuantState}}``) keeps the solves for further plans.
+    """
+    from lowbit.algorithms.gptq import gptq_quantize
+
+    params = dict(model.named_parameters())
+    cache = {} if cache is None else cache
+    out = {}
+    for i, (n, t) in enumerate(plan.types.items()):
+        hit = cache.get(n, {}).get(t)
+        if hit is None:
+            w = params[n].detach().float().cpu()
+            if t.startswith("int"):
+                raise ValueError(f"gptq_plan_states: {n} planned as {t}; GPTQ here targets GGUF types only")
+            if n in hessians:
+                hit = gptq_quantize(w, hessians[n].float(), gguf_type=t).state
+            else:  # the tied embedding (its Hessian is lm_head's: GPTQ would trade its rows' use as embeddings)
+                hit = _quant_state(w, t)
+            cache.setdefault(n, {})[t] = hit
+            if progress:
+                print(f"  gptq {i + 1}/{len(plan.types)} {n}: {t}", flush=True)
+        out[n] = hit
+    return out

@@ -57,7 +57,7 @@ from lowbit.model._ptq_blocks import (_FOLDS, _StopForward, _Stage, _block_stage
                                      _progress, _rtn_fallback, _select_linears, _set_submodule, _to_device_except,
                                      find_blocks)
 from lowbit.model._ptq_solve import (_awq_stage, _fold_awq, _gptq_stage, _install_stages, _on_owner,  # noqa: E402,F401
-                                    _row_pieces, _solve_owner)
+                                    _layer_opts, _row_pieces, _solve_owner)
 from lowbit.model._ptq_staged import (_BlockRunner, _RunConfig, _StopAtStage, _Subset, _data_free_streamed,  # noqa: E402,F401
                                      _fingerprint, _in_worker, _make_store, _micro_batches, _reduce_stats,
                                      _run_calibrated, _run_stages_mb, _working_reserve)
