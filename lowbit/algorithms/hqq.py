@@ -50,7 +50,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from lowbit.algorithms.grid import AffineGrid, check_bits, to_state
+from lowbit.algorithms.grid import AffineGrid, check_bits, columns, to_state
 
 ZERO_ROUNDINGS = ("best", "cover", "round", "refit")
 
@@ -78,9 +78,7 @@ def lp_error(w: torch.Tensor, w_hat: torch.Tensor, p: float, mask: Optional[torc
 
 def _grouped(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
     R, K = weight.shape
-    g = K if group_size in (-1, None) else group_size
-    if not isinstance(g, int) or g <= 0:
-        raise ValueError(f"group_size={group_size!r}: must be a positive integer or -1")
+    g = columns(K, group_size).group  # validated and resolved once (-1/None: one group per row)
     pad = (-K) % g
     w = weight.float()
     if not pad:  # no padding: no mask (the optimisation skips the multiplications)

@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 
 from lowbit.algorithms.gptq import damped_inverse_cholesky
-from lowbit.algorithms.grid import AffineGrid, group_bounds
+from lowbit.algorithms.grid import AffineGrid, columns, group_bounds
 
 
 @dataclass
@@ -191,7 +191,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, n: int = 2, m: int = 
 
     res = SparseGPTResult(weight=W, mask=mask, loss=float(total) / 2, damp=damp, n=n, m=m)
     if grid is not None:
-        res.bits, res.group_size, res.sym = bits, (K if group_size in (-1, None) else group_size), sym
+        res.bits, res.group_size, res.sym = bits, columns(K, group_size).group, sym
         res.codes, res.scales, res.zeros = Q.to(torch.uint8), scales, zeros
     return res
 

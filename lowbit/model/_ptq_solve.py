@@ -10,6 +10,7 @@ from torch import nn
 
 from lowbit.algorithms.awq import awq_search
 from lowbit.algorithms.gptq import GPTQResult, gptq_factor, gptq_quantize
+from lowbit.algorithms.grid import columns
 
 from lowbit.model._ptq_blocks import _Stage, _install
 
@@ -91,7 +92,7 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
                 res = mine.pop(j)
                 tensors = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
             else:
-                g = w.shape[1] if group_size in (-1, None) else group_size
+                g = columns(w.shape[1], group_size).group
                 G = -(-w.shape[1] // g)
                 tensors = [torch.empty((hi - lo, w.shape[1]), dtype=torch.uint8, device=w.device),
                            torch.empty(hi - lo, G, device=w.device), torch.empty(hi - lo, G, device=w.device)]
@@ -102,7 +103,7 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
             ps = parts[n]
             cat = [ps[0][k] if len(ps) == 1 else torch.cat([p[k] for p in ps]) for k in range(3)]
             res = GPTQResult(codes=cat[0], scales=cat[1], zeros=cat[2], loss=0.0, damp=factor[4], bits=bits,
-                             group_size=w.shape[1] if group_size in (-1, None) else group_size, sym=sym,
+                             group_size=columns(w.shape[1], group_size).group, sym=sym,
                              dtype=w.dtype)
             stage.states[n] = res.state
             with torch.no_grad():

@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from lowbit.algorithms.grid import columns
 from lowbit.algorithms.sparsegpt import magnitude_prune, quantize_kept, sparsegpt_prune
 from lowbit.config import Sparse24Config, Sparse24Int4Config, Sparse24Int8Config
 from lowbit.model.methods import register_method
@@ -89,7 +90,7 @@ def _magnitude(w: torch.Tensor, bits, group_size, sym) -> _Pruned:
     if bits is None:
         return _Pruned(pw)
     w_hat, codes, scales, zeros = quantize_kept(pw, mask, bits, group_size, sym)
-    g = w.shape[1] if group_size in (-1, None) else group_size
+    g = columns(w.shape[1], group_size).group
     return _Pruned(w_hat, bits, codes, scales, zeros, g, sym)
 
 
