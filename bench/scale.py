@@ -52,7 +52,7 @@ def vm_hwm() -> int:
 def codes_digest(model) -> str:
     h = hashlib.sha256()
     for n, m in sorted(model.named_modules(), key=lambda x: x[0]):
-        st = getattr(m, "_lowbit_ptq_state", None)
+        st = getattr(m, "qstate", None)
         if st is None:
             continue
         for t in (st.data, st.scales, st.zeros):

@@ -31,7 +31,7 @@ KW = {"previous": dict(pipeline="threads"), "new-default": dict(pipeline="staged
 def digest(m):
     h = hashlib.sha256()
     for n, mod in m.named_modules():
-        st = getattr(mod, "_lowbit_ptq_state", None)
+        st = getattr(mod, "qstate", None)
         if st is not None:
             h.update(st.data.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -108,7 +108,7 @@ def worker(spec: dict) -> None:
     for i, blk in enumerate(model.model.layers):
         h = hashlib.sha256()
         for n, m in sorted(blk.named_modules(), key=lambda x: x[0]):
-            st = getattr(m, "_lowbit_ptq_state", None)
+            st = getattr(m, "qstate", None)
             if st is not None:
                 for t in (st.data, st.scales, st.zeros):
                     h.update(t.detach().cpu().contiguous().numpy().tobytes())

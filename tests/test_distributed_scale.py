@@ -26,7 +26,7 @@ WORKER = textwrap.dedent('''
                                calib_dataset=_ids(10, 32), micro_batch=3, progress=False)
         h = hashlib.sha256()
         for n, mod in sorted(m.named_modules(), key=lambda x: x[0]):
-            st = getattr(mod, "_lowbit_ptq_state", None)
+            st = getattr(mod, "qstate", None)
             if st is not None:
                 for t in (st.data, st.scales, st.zeros):
                     h.update(t.contiguous().numpy().tobytes())

@@ -14,7 +14,7 @@ from lowbit.model.sequential import quantize_model_ptq  # noqa: E402
 def _snapshot(model):
     out = {}
     for n, m in model.named_modules():
-        st = getattr(m, "_lowbit_ptq_state", None)
+        st = getattr(m, "qstate", None)
         if st is not None:
             out[n + ":codes"] = st.data.clone()
             out[n + ":scales"] = st.scales.clone()

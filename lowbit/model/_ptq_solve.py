@@ -152,7 +152,8 @@ def _fold_awq(root: nn.Module, stage: _Stage, installed: Dict[str, nn.Module]) -
     prev_name = stage.fold
     prev = installed.get(prev_name) or root.get_submodule(prev_name)
     with torch.no_grad():
-        state = getattr(prev, "_lowbit_ptq_state", None)
+        # an already quantized linear (installed in this run or resumed): its own QuantState
+        state = prev.quant_states().get("weight") if hasattr(prev, "quant_states") else None
         if state is not None and state.layout == "gguf":  # raw llama.cpp blocks: divide d (and m) per row
             from lowbit.formats.gguf import scale_rows
 
@@ -178,7 +179,6 @@ def _install_stages(model, stages, modules, states) -> None:
             lin = modules[n]
             st = stage.states[n].to(lin.weight.device)
             new = _install(model, n, lin, st)
-            new._lowbit_ptq_state = st
             installed[n] = new
             states[n] = st
     for stage in stages:

@@ -274,8 +274,7 @@ def _data_free_streamed(model, entry, cfg, selected, device, stream, states, pro
             w = lin.weight.detach().to(device)
             st = entry.layer(w, cfg.for_layer(name))
             states[name] = st.to(lin.weight.device)
-            new = _install(model, name, lin, states[name])
-            new._lowbit_ptq_state = states[name]
+            _install(model, name, lin, states[name])
         stream.finish_block(bi, blocks[bi], prefix, _Subset(states, sel))
 
 

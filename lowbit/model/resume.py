@@ -95,8 +95,7 @@ class BlockCheckpoints:
             for n, st in rec["states"].items():
                 lin = selected[n]
                 st = st.to(dev)
-                new = _install(model, n, lin, st)
-                new._lowbit_ptq_state = st
+                _install(model, n, lin, st)
                 states[n] = st
             del prefix
         apath = self.dir / f"acts_{done}_r{self.rank}.pt"
