@@ -13,7 +13,7 @@ import lowbit
 
 ROOT = Path(lowbit.__file__).parent
 LEVEL = {"_registry": 0, "_deps": 0, "data": 0, "formats": 1, "tensor": 2, "kernels": 3.5, "observers": 3.5,
-         "config": 3, "nn": 4, "algorithms": 4, "model": 5, "io": 6, "eval": 6, "integrations": 6, "workflow": 6.5, "cli": 7,
+         "config": 3, "config_ptq": 3, "nn": 4, "algorithms": 4, "model": 5, "io": 6, "eval": 6, "integrations": 6, "workflow": 6.5, "cli": 7,
          "__main__": 8}
 # the public facade may reach everything lazily
 FACADES = {"__init__"}
