@@ -2,10 +2,8 @@
 :class:`KParams` (split from :mod:`lowbit.formats.kquants`, which re-exports every name)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import Union
 
-import numpy as np
 import torch
 
 from lowbit.formats.kquants_types import (  # noqa: F401

@@ -2,18 +2,11 @@
 configs (split from :mod:`lowbit.io._files`, which re-exports every name)."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 

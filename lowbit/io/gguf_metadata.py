@@ -7,15 +7,10 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
-import numpy as np
-import torch
 
 from lowbit._deps import require
-from lowbit.formats import gguf as fmt
-from lowbit.formats import kquants as kfmt
-from lowbit.io import gguf_recipes as recipes
 from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
 from lowbit.io.gguf_names import (  # noqa: F401
     FLOAT_TYPES,

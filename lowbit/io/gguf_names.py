@@ -2,19 +2,11 @@
 re-exports every name)."""
 from __future__ import annotations
 
-import json
-import logging
-import os
 import re
-from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Optional
 
-import numpy as np
 import torch
 
-from lowbit._deps import require
-from lowbit.formats import gguf as fmt
-from lowbit.formats import kquants as kfmt
 from lowbit.io import gguf_recipes as recipes
 from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
 

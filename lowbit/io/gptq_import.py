@@ -2,14 +2,11 @@
 model from it (split from :mod:`lowbit.io.gptq`, which re-exports every name)."""
 from __future__ import annotations
 
-import json
 import logging
 import re
-import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -17,31 +14,15 @@ from torch import nn
 from lowbit.tensor.granularity import Grouping
 from lowbit.io._affine import (
     AffineWeight,
-    UnsupportedWeight,
-    exact_cast,
-    pack_int32,
-    plain_tensors,
-    quantized_linears,
-    unpack_int32,
 )
 from lowbit.io._files import (
-    DEFAULT_MAX_SHARD_SIZE,
     CheckpointError,
     PathLike,
-    atomic_write_json,
-    dedupe_tensors,
     empty_hf_model,
-    hf_config_dict,
-    DIR_CHECKSUMS,
-    atomic_directory,
     check_dir_checksums,
     read_hf_tensors_with_origin,
     read_json_object,
     recover_interrupted,
-    set_config_dtype,
-    write_dir_checksums,
-    torch_dtype_name,
-    write_sharded,
 )
 
 
