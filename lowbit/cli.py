@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE = 0, 2, 3
 
-from lowbit.workflow import GGUF_K_TARGETS, GGUF_TYPES  # noqa: E402,F401  (parser choices)
+from lowbit.workflow import GGUF_TYPES  # noqa: E402  (parser choices)
 
 
 class CLIError(Exception):

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-FORMATS = ("native", "gguf", "compressed-tensors", "gptq")
 # K-quant types and llama.cpp's mixtures (lowbit.formats.kquants, lowbit.io.gguf_recipes)
 GGUF_K_TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
                   "Q5_K_S", "Q5_K_M")
@@ -627,4 +626,4 @@ def quantize_budget(model: str, output, formats: Sequence[str], *, bits_budget: 
 
 
 __all__ = ["quantize_run", "quantize_budget", "apply_method", "check_options", "load", "QuantizeReport",
-           "Evaluation", "WorkflowError", "FORMATS", "GGUF_TYPES", "GGUF_GRIDS", "export_model"]
+           "Evaluation", "WorkflowError", "GGUF_TYPES", "GGUF_GRIDS", "export_model"]

@@ -11,20 +11,8 @@ import torch
 from lowbit._deps import require
 from lowbit.formats import gguf as fmt
 from lowbit.formats import kquants as kfmt
-from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
-from lowbit.io.gguf_names import (  # noqa: F401
-    FLOAT_TYPES,
-    _FILE_TYPE,
-    _GGML_FLOAT_ID,
-    _LAYER_NAMES,
-    _GLOBAL_NAMES,
-    _LAYER_RE,
-    gguf_name,
-    hf_name,
-    permute_qk_rows,
-    unpermute_qk_rows,
-    _qk_heads,
-)
+from lowbit.model.file_checks import check_gguf
+from lowbit.io.gguf_names import hf_name, unpermute_qk_rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,29 +9,9 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-
 from lowbit._deps import require
-from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
-from lowbit.io.gguf_names import (  # noqa: F401
-    FLOAT_TYPES,
-    _FILE_TYPE,
-    _GGML_FLOAT_ID,
-    _LAYER_NAMES,
-    _GLOBAL_NAMES,
-    _LAYER_RE,
-    gguf_name,
-    hf_name,
-    permute_qk_rows,
-    unpermute_qk_rows,
-    _qk_heads,
-)
-from lowbit.io.gguf_import import (  # noqa: F401
-    GGUFTensor,
-    load_gguf_quant_states,
-    to_quant_state,
-    BLOCK_IMPORT_TYPES,
-    load_gguf_model,
-)
+from lowbit.io.gguf_names import _FILE_TYPE
+from lowbit.model.file_checks import open_gguf
 
 logger = logging.getLogger("lowbit.io.gguf")
 

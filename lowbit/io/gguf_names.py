@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 
 from lowbit.io import gguf_recipes as recipes
-from lowbit.model.file_checks import check_gguf, open_gguf  # noqa: F401  (public here too)
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
