@@ -104,6 +104,8 @@ def worker(spec: dict) -> None:
         pass
     torch.cuda.reset_peak_memory_stats(dev)
     torch.cuda.synchronize()
+    for k in timers:  # only what quantize_model_ptq spends
+        timers[k] = 0.0
     D.barrier()
     t0 = time.perf_counter()
     quantize_model_ptq(model, method=spec["method"], bits=4, group_size=128, sym=False, calib_dataset=ids,
@@ -162,6 +164,33 @@ def _install_timers() -> dict:
     for attr in ("add", "add_samples"):
         if hasattr(stats.InputStats, attr):
             wrap(stats.InputStats, attr, "stats_add")
+    # the rest of the pipeline, where it can be wrapped (the block forwards are what these leave)
+    from lowbit.model import _ptq_staged, offload
+
+    for key in ("install_stages", "capture_block0", "activation_store", "block_to"):
+        timers[key] = 0.0
+    wrap(_ptq_staged, "_install_stages", "install_stages")
+    wrap(_ptq_staged, "_capture_block0", "capture_block0")
+    wrap(offload.ActivationStore, "put", "activation_store")
+    wrap(offload.ActivationStore, "get", "activation_store")
+    _orig_to = torch.nn.Module.to
+    depth = [0]
+
+    def module_to(self, *a, **k):  # the blocks moved to the device and back (outermost calls only)
+        if depth[0] or not hasattr(self, "self_attn"):
+            return _orig_to(self, *a, **k)
+        depth[0] += 1
+        try:
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            t0 = time.perf_counter()
+            out = _orig_to(self, *a, **k)
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            timers["block_to"] += time.perf_counter() - t0
+            return out
+        finally:
+            depth[0] -= 1
+
+    torch.nn.Module.to = module_to
     return timers
 
 

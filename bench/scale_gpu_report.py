@@ -84,11 +84,27 @@ def table(runs, names):
     return out + [""]
 
 
+def plan_table(runs, names):
+    """`plan`'s GPU time model (lowbit.model.plan_gpu, rates measured in the same process) against the run."""
+    out = ["| run | GPUs | layers | measured wall | predicted | error | predicted parts per layer: forward / Hessians / "
+           "factor / solve / collectives |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        r = runs.get(name)
+        if not r or "plan_gpu" not in r["ranks"][0]:
+            continue
+        p = max((x["plan_gpu"] for x in r["ranks"]), key=lambda q: q["seconds"])
+        w = _wall(r)
+        out.append(f"| {name} ({r['source']}) | {r['spec']['nproc']} | {r['spec']['layers']} | {w:.1f} s | "
+                   f"{p['seconds']:.1f} s | {(p['seconds'] - w) / w * 100:+.0f}% | {p['forward_s']:.2f} / "
+                   f"{p['hessian_s']:.2f} / {p['factor_s']:.2f} / {p['solve_s']:.2f} / {p['comm_s']:.2f} s |")
+    return out + [""]
+
+
 def multi_gpu(runs, call_runs, path):
     L = ["# Multi-GPU data-parallel calibration (issue 20)", "",
          "Written by `bench/scale_gpu_report.py` from `bench/results/scale_gpu_run*.json` (`bench/scale_gpu.py` "
          "on `nvidia-h200-x2`: 2 H200 of one host, NCCL, `NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 "
-         "NVSHMEM_DISABLE_NVLS=1`). Reproduce: `PYTHONPATH=$PWD bash bench/gpu_call.sh <commit>` on the "
+         "NVSHMEM_DISABLE_NVLS=1`). Reproduce: `PYTHONPATH=$PWD bash bench/gpu_call_dp.sh` on the "
          "2-GPU machine, copy `$OUT/gpu.json` to `bench/results/scale_gpu_runN.json`, then "
          "`python bench/scale_gpu_report.py`.", "",
          "Llama-3-8B-shaped decoder (hidden 4096, MLP 14336, 32/8 heads) and a 70B-class slice (hidden 8192, "
@@ -99,6 +115,11 @@ def multi_gpu(runs, call_runs, path):
          "`gptq_quantize` (solve) and `InputStats.add*` (Hessian accumulation) per rank.", ""]
     for title, call in reversed(call_runs):  # latest first
         L += [f"## {title}", ""] + table(call, list(call))
+    L += ["## `plan`'s GPU time model against the runs (latest run of each name)", "",
+          "Predicted in each worker before its run by `lowbit.model.plan_gpu.gpu_seconds` (the GEMM, bandwidth and "
+          "sweep rates measured there in about 2 s by `measure_rates`; the forward, factorisation and AWQ-search "
+          "constants fitted on `scale_gpu_run3/4.json`, before the fused sweep); the slower rank's prediction.", ""]
+    L += plan_table(runs, ["gptq_8b_1gpu", "gptq_8b_2gpu", "awq_8b_1gpu", "awq_8b_2gpu", "gptq_70b_2gpu"])
     g1, g2 = runs.get("gptq_8b_1gpu"), runs.get("gptq_8b_2gpu")
     t = []
     if g1 and g2:
@@ -117,9 +138,13 @@ def multi_gpu(runs, call_runs, path):
         layers, p = plan_80("70b")
         per = _wall(g70) / g70["spec"]["layers"]
         pk = max(x["peak_gpu_mb"] for x in g70["ranks"])
-        t.append(("70B-class slice, 2 GPUs: per layer", f"{per:.1f} s/layer -> {per * layers / 60:.1f} min for "
-                  f"{layers} layers; `plan` predicts {p['seconds'] / 3600:.0f} h (its time model is the CPU's; it has "
-                  "no GPU or multi-GPU time model)", "missed (plan off by far more than 15%)"))
+        pg = max((x["plan_gpu"] for x in g70["ranks"] if "plan_gpu" in x), key=lambda q: q["per_block_s"], default=None)
+        if pg:
+            err = (pg["per_block_s"] - per) / per
+            t.append(("70B-class slice, 2 GPUs: extrapolation within 15% of `plan`", f"{per:.2f} s/layer -> "
+                      f"{per * layers / 60:.1f} min for {layers} layers; `plan` (GPU model, 2 GPUs) "
+                      f"{pg['per_block_s']:.2f} s/layer -> {pg['per_block_s'] * layers / 60:.1f} min ({err * 100:+.0f}%)",
+                      "met" if abs(err) <= 0.15 else "missed"))
         t.append(("70B-class slice, 2 GPUs: peak GPU per rank vs `plan`", f"{pk:,.0f} MB measured vs "
                   f"{p['accelerator_mb']:,.0f} MB `plan` (accelerator_mb, for 1 process; {g70['spec']['layers']}-layer "
                   "slice: the peak is per block, so it holds for 80)",
@@ -207,6 +232,11 @@ def scale_gpu_section(runs, md_path):
         t.append(("8B GPTQ, 1 H200: <= 5 min for 32 layers (<= 9.4 s/layer)", f"{per:.2f} s/layer over "
                   f"{g1['spec']['layers']} layers -> {per * 32 / 60:.1f} min for 32", "met" if per * 32 <= 300 else
                   "missed"))
+        pg = g1["ranks"][0].get("plan_gpu")
+        if pg:
+            err = (pg["seconds"] - _wall(g1)) / _wall(g1)
+            t.append(("`plan` within 25% of the time, 8B GPTQ, 1 H200", f"predicted {pg['seconds']:.1f} s, measured "
+                      f"{_wall(g1):.1f} s ({err * 100:+.0f}%)", "met" if abs(err) <= 0.25 else "missed"))
         tm = g1["ranks"][0].get("timers", {})
         if tm:
             t.append(("(where the 1-GPU time goes, all layers)", f"GPTQ solve {tm.get('gptq_solve', 0):.1f} s, "
@@ -236,6 +266,11 @@ CALLS = {
     "scale_gpu_run3.json": "this session, first call: split `units` (the row pieces were not yet bit-identical on "
                            "the GPU, so the driver fell back to whole linears per rank)",
     "scale_gpu_run4.json": "this session, second call: split `rows` (block update in 1024-row chunks)",
+    "scale_gpu_run5.json": "fused GPTQ sweep (Triton) and half-precision Hessian products, first call (the 1-GPU "
+                           "runs crashed on `torch.cuda.set_device('cuda')` in the pipeline's worker thread; AWQ 2-GPU "
+                           "still broadcast each stage's pickled search result)",
+    "scale_gpu_run6.json": "fused GPTQ sweep, second call: 1-GPU runs (worker-thread device fixed), AWQ 2-GPU with "
+                           "every rank searching",
 }
 
 
