@@ -173,3 +173,34 @@ def test_half_precision_hessian_against_float64():
     for lo, hi in ((0, 1), (1, 4), (4, 6)):  # micro-batches: the same bits
         b.add_samples(x[lo:hi])
     assert torch.equal(a.xtx, b.xtx)
+
+
+def test_triton_kernel_in_the_interpreter():
+    """The kernel itself (Triton's CPU interpreter, where Triton is installed) against the emulation."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed")
+    code = (
+        "import torch\n"
+        "from lowbit.kernels.triton.gptq_sweep import sweep_block\n"
+        "from lowbit.algorithms.gptq import sweep_block_emulated\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for R, n in ((40, 128), (17, 100), (5, 7)):\n"
+        "    A = torch.randn(n, n, generator=g, dtype=torch.float64)\n"
+        "    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A @ A.T + n * torch.eye(n, "
+        "dtype=torch.float64))), upper=True).float()\n"
+        "    W = torch.randn(R, n, generator=g); S = torch.rand(R, n, generator=g) * .3 + .05\n"
+        "    Z = torch.randint(0, 16, (R, n), generator=g).float()\n"
+        "    q1, e1 = sweep_block(W, S, Z, U, 15); q2, e2 = sweep_block_emulated(W, S, Z, U, 15)\n"
+        "    assert torch.equal(q1, q2), (R, n)\n"
+        "    assert torch.allclose(e1, e2, rtol=1e-4, atol=1e-4), (R, n)\n"
+        "print('ok')\n")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-2000:]
