@@ -89,8 +89,14 @@ def worker(spec: dict) -> None:
     ids = torch.randint(0, cfg.vocab_size, (spec.get("n_samples", 128), spec.get("seq_len", 2048 if cuda else 64)),
                         generator=torch.Generator().manual_seed(1))
     pred = plan(model, spec["method"], bits=4, group_size=128, n_samples=ids.shape[0], seq_len=ids.shape[1],
-                device="cuda", **({"max_memory": spec["kwargs"]["max_memory"]} if "max_memory" in spec.get("kwargs", {})
+                device="cuda" if cuda else "cpu", **({"max_memory": spec["kwargs"]["max_memory"]} if "max_memory" in spec.get("kwargs", {})
                                   and "max_memory" in plan.__code__.co_varnames else {}))
+    from lowbit.model import plan_gpu
+
+    t_rates = time.perf_counter()
+    rates = plan_gpu.measure_rates(dev) if cuda else None
+    t_rates = time.perf_counter() - t_rates
+    pred_gpu = plan_gpu.gpu_seconds(model, spec["method"], ids.shape[0], ids.shape[1], world=world, rates=rates)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -98,6 +104,8 @@ def worker(spec: dict) -> None:
         pass
     torch.cuda.reset_peak_memory_stats(dev)
     torch.cuda.synchronize()
+    for k in timers:  # only what quantize_model_ptq spends
+        timers[k] = 0.0
     D.barrier()
     t0 = time.perf_counter()
     quantize_model_ptq(model, method=spec["method"], bits=4, group_size=128, sym=False, calib_dataset=ids,
@@ -117,7 +125,10 @@ def worker(spec: dict) -> None:
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2 ** 20,
            "peak_rss_mb": vm_hwm() / 2 ** 20, "comm_s": dict(D.COMM_SECONDS), "digests": digests,
            "summary": {k: v for k, v in model.ptq_summary.items() if isinstance(v, (int, float, str, dict))},
-           "plan": {k: v for k, v in pred.items() if isinstance(v, (int, float, str))}}
+           "plan": {k: v for k, v in pred.items() if isinstance(v, (int, float, str))},
+           "plan_gpu": pred_gpu, "rates": rates, "rates_s": t_rates,
+           "sweep": os.environ.get("LOWBIT_GPTQ_SWEEP", "auto"),
+           "hessian_gemm": os.environ.get("LOWBIT_HESSIAN_GEMM", "auto")}
     with open(os.path.join(spec["tmp"], f"{spec['name']}_r{rank}.json"), "w") as f:
         json.dump(res, f, default=str)
 
@@ -128,7 +139,7 @@ def _install_timers() -> dict:
     import torch
 
     from lowbit.algorithms import stats
-    from lowbit.model import sequential
+    from lowbit.model import _ptq_solve as sequential  # where _gptq_stage / _awq_stage look these names up
 
     timers = {"gptq_factor": 0.0, "gptq_solve": 0.0, "awq_search": 0.0, "stats_add": 0.0}
 
@@ -153,6 +164,33 @@ def _install_timers() -> dict:
     for attr in ("add", "add_samples"):
         if hasattr(stats.InputStats, attr):
             wrap(stats.InputStats, attr, "stats_add")
+    # the rest of the pipeline, where it can be wrapped (the block forwards are what these leave)
+    from lowbit.model import _ptq_staged, offload
+
+    for key in ("install_stages", "capture_block0", "activation_store", "block_to"):
+        timers[key] = 0.0
+    wrap(_ptq_staged, "_install_stages", "install_stages")
+    wrap(_ptq_staged, "_capture_block0", "capture_block0")
+    wrap(offload.ActivationStore, "put", "activation_store")
+    wrap(offload.ActivationStore, "get", "activation_store")
+    _orig_to = torch.nn.Module.to
+    depth = [0]
+
+    def module_to(self, *a, **k):  # the blocks moved to the device and back (outermost calls only)
+        if depth[0] or not hasattr(self, "self_attn"):
+            return _orig_to(self, *a, **k)
+        depth[0] += 1
+        try:
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            t0 = time.perf_counter()
+            out = _orig_to(self, *a, **k)
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            timers["block_to"] += time.perf_counter() - t0
+            return out
+        finally:
+            depth[0] -= 1
+
+    torch.nn.Module.to = module_to
     return timers
 
 
@@ -241,7 +279,7 @@ def main():
         ("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, 30),
         ("gptq_70b_2gpu", "70b", int(os.environ.get("SCALE_LAYERS_70B", 2)), "gptq", 2, {"max_memory": "40GB"}, 70),
         ("awq_8b_1gpu", "8b", 2, "awq", 1, {"max_memory": "14GB"}, 40),
-        ("awq_8b_2gpu", "8b", 4, "awq", 2, {"max_memory": "14GB"}, 35),
+        ("awq_8b_2gpu", "8b", 2, "awq", 2, {"max_memory": "14GB"}, 35),
         ("gptq_8b_1gpu_nooffload_mb16", "8b", 2, "gptq", 1, {"micro_batch": 16}, 30),
         ("gptq_8b_1gpu_offload_mb2", "8b", 2, "gptq", 1, {"max_memory": "12GB", "micro_batch": 2}, 30),
     ]

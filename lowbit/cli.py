@@ -322,12 +322,16 @@ def cmd_compare(args) -> int:
 
 def cmd_plan(args) -> int:
     from lowbit.model.plan import plan_from_config
-    from lowbit.workflow import plan_options
+    from lowbit.workflow import WorkflowError, plan_options
 
     _check_method(args.method, args)  # an unknown method or an unused option is an error, not a plan
     p_opts = plan_options(args.method, _given_options(args))
+    gpus = getattr(args, "gpus", 0) or 0
+    if gpus < 0:
+        raise WorkflowError(f"--gpus {gpus}: expected 0 (no GPU prediction) or a number of GPUs")
     p = plan_from_config(args.model, args.method, bits=p_opts["bits"], group_size=p_opts["group_size"],
-                         n_samples=p_opts["n_samples"], seq_len=p_opts["seq_len"])
+                         n_samples=p_opts["n_samples"], seq_len=p_opts["seq_len"],
+                         **({"device": "cuda", "n_gpus": gpus} if gpus else {}))
     text = "\n".join(f"{k:>20}: {v:.1f}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in p.items())
     _emit(args, p, text)
     return EXIT_OK
@@ -574,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict memory, disk, output size and time before quantizing")
     p.add_argument("--model", default="default")
     p.add_argument("--method", default="gptq")
+    p.add_argument("--gpus", type=int, default=0, help="also predict the GPU time of gptq/awq on this many GPUs "
+                   "of one host (gpu_seconds; rates measured when CUDA is present, else the H200's)")
     _quant_opts(p)
     _common(p)
     p.set_defaults(fn=cmd_plan)

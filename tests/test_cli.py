@@ -84,6 +84,13 @@ def test_plan_predicts(tiny):
     p = run("plan", "--model", str(tiny / "tiny"), "--method", "gptq", "--json")
     plan = json.loads(p.stdout)
     assert plan["params"] > plan["quantized_params"] > 0 and plan["peak_ram_mb"] > plan["float_mb"]
+    assert "gpu_seconds" not in plan
+
+
+def test_plan_predicts_gpu_time(tiny):
+    p = run("plan", "--model", str(tiny / "tiny"), "--method", "gptq", "--gpus", "2", "--json")
+    plan = json.loads(p.stdout)
+    assert plan["gpu_seconds"] > 0 and plan["gpu_time"]["world"] == 2
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -142,6 +142,60 @@ def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True)
     return H, dead, perm, U, damp
 
 
+#: the column sweep of a block: ``"auto"`` (the fused Triton kernel on CUDA when Triton is installed, else
+#: torch), ``"torch"`` (the column loop below), ``"triton"`` (the kernel; an error where it cannot run) or
+#: ``"emulate"`` (:func:`sweep_block_emulated`, the kernel's per-tile algorithm in torch: CPU tests). Set by
+#: the environment variable ``LOWBIT_GPTQ_SWEEP``.
+SWEEPS = ("auto", "torch", "triton", "emulate")
+
+
+def _block_sweep(dev: torch.device, grid) -> tuple:
+    """``(sweep function or None, widest block it takes)`` for this device and grid (affine grids only:
+    ``clamp(round(w / s) + z, 0, maxq)``, both symmetric and asymmetric)."""
+    import os
+
+    mode = os.environ.get("LOWBIT_GPTQ_SWEEP", "auto")
+    if mode not in SWEEPS:
+        raise ValueError(f"LOWBIT_GPTQ_SWEEP={mode!r}: expected one of {SWEEPS}")
+    if mode == "torch" or type(grid) is not AffineGrid:
+        return None, 0
+    if mode == "emulate":
+        return sweep_block_emulated, 1 << 30
+    from lowbit.kernels import select
+
+    if not select.available("triton", dev):
+        if mode == "triton":
+            raise RuntimeError(f"LOWBIT_GPTQ_SWEEP=triton needs Triton and a CUDA device (got {dev})")
+        return None, 0
+    from lowbit.kernels.triton.gptq_sweep import MAX_COLUMNS, sweep_block
+
+    return sweep_block, MAX_COLUMNS
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` rounded once to float32 (the exact product and sum in float64, then one rounding;
+    differs from a true fma only by a double rounding in rare ties)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def sweep_block_emulated(W1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor, U1: torch.Tensor, maxq: int):
+    """The fused kernel's sweep of one block (:mod:`lowbit.kernels.triton.gptq_sweep`) in torch: codes and
+    errors ``[R, count]``. Same operations in the same order per row (IEEE divisions, half-to-even
+    rounding, the update as one fused multiply-add)."""
+    W = W1.float().clone()
+    R, count = W.shape
+    Q = torch.empty_like(W)
+    E = torch.empty_like(W)
+    for i in range(count):
+        w, s, z = W[:, i], S1[:, i], Z1[:, i]
+        q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        err = (w - (q - z) * s) / U1[i, i]
+        if i + 1 < count:
+            W[:, i + 1:] = _fma32(-err[:, None], U1[i, i + 1:][None, :], W[:, i + 1:])
+        Q[:, i], E[:, i] = q, err
+    return Q, E
+
+
 def _schur_objective(U: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
     """``[(H_rest^{-1})_{PP}]^{-1}`` for the sweep positions ``pos`` once ``start`` columns are done."""
     A = U[start:int(pos.max()) + 1][:, pos]
@@ -282,6 +336,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
             fitted[gi] = True
 
     Q = torch.zeros(R, K, dtype=torch.float32, device=dev)  # codes, sweep order
+    sweep, sweep_cols = _block_sweep(dev, grid)
     total_loss = torch.zeros((), dtype=torch.float64, device=dev)
 
     for i1 in range(0, K, blocksize):
@@ -293,8 +348,13 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         # per-column scale/zero of this block, gathered once (refreshed when a group is fitted)
         cols = torch.as_tensor(gidx[i1:i2], device=dev)
         S1, Z1 = scales[:, cols], zeros[:, cols]
-        Ut = U1.t().contiguous()  # Ut[:, i] = U1[i, :] as a contiguous column
-        for i in range(count):
+        # the whole block in one fused sweep when every group it touches is already fitted (static groups)
+        fused = sweep is not None and count <= sweep_cols and all(fitted[gi] for gi in gidx[i1:i2])
+        if fused:
+            Qb, Err1 = sweep(W1, S1, Z1, U1, grid.maxq)
+            Q[:, i1:i2] = Qb
+        Ut = None if fused else U1.t().contiguous()  # Ut[:, i] = U1[i, :] as a contiguous column
+        for i in range(0 if fused else count):
             gi = gidx[i1 + i]
             if not fitted[gi]:
                 pos = group_pos[gi]

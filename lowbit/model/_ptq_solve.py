@@ -130,9 +130,20 @@ def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, s
     H = stage.stats.hessian().float()
     mean = stage.stats.act_absmean().float()
     ws = [modules[n].weight.detach() for n in stage.names]
-    res = _on_owner(_solve_owner(len(stage.names) - 1),
-                    lambda: awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None,
-                                       tie=stage.tie, **opts))
+
+    def search():
+        return awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None, tie=stage.tie,
+                          **opts)
+
+    from lowbit.model.distributed import is_active
+
+    if is_active() and os.environ.get("LOWBIT_DP_AWQ", "every") == "every":
+        # every rank searches (the same inputs give the same result): a stage's search cannot be shared out,
+        # and broadcasting its result (pickled states and effective weights) cost more than the search
+        # (bench/results/multi_gpu.md: 12-13 s of broadcasts for 2 8B layers)
+        res = search()
+    else:
+        res = _on_owner(_solve_owner(len(stage.names) - 1), search)
     dev = ws[0].device
     if stage.fold is None:
         stage.input_scales = None

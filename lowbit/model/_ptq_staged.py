@@ -231,6 +231,8 @@ def _in_worker(fn: Callable[..., Any], *args: Any, device: Optional[torch.device
     before torch loads). The previous pipeline ran everything in worker threads, which is why it was faster
     (bench/scale.md, "Where the time went")."""
     box: Dict[str, Any] = {}
+    if device is not None and device.type == "cuda":  # "cuda" without an index: the caller's current device
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
     def work() -> None:
         try:

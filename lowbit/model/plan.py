@@ -278,8 +278,10 @@ def _predict(counts: Dict[str, Any], hidden: int, n_blocks: int, method: str, bi
 
 def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_samples: int = 128,
          seq_len: int = 512, device: str = "cpu", max_memory: Any = None, micro_batch: Optional[int] = None,
-         pipeline: str = "auto", source: Optional[str] = None) -> Dict[str, Any]:
-    """Predict the cost of quantizing an already loaded ``model`` with ``method``."""
+         pipeline: str = "auto", source: Optional[str] = None, n_gpus: int = 1) -> Dict[str, Any]:
+    """Predict the cost of quantizing an already loaded ``model`` with ``method``. On ``device="cuda"`` the
+    calibrated methods also get ``gpu_seconds`` (and its parts, ``gpu_time``) on ``n_gpus`` GPUs from
+    :mod:`lowbit.model.plan_gpu` (rates measured when CUDA is present, else the H200's constants)."""
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", 0) or 0
     n_blocks = getattr(cfg, "num_hidden_layers", 0) or 0
@@ -291,6 +293,12 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
                  pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
     if str(device).startswith("cuda"):
         p["accelerator_mb"] = p["float_mb"] / max(n_blocks, 1) * 2 + 2 * n_samples * seq_len * hidden * 4 / 2 ** 20
+        if method.lower() in ("gptq", "awq"):
+            from lowbit.model import plan_gpu
+
+            rates = plan_gpu.measure_rates(device) if torch.cuda.is_available() else None
+            p["gpu_time"] = plan_gpu.gpu_seconds(model, method, n_samples, seq_len, world=n_gpus, rates=rates)
+            p["gpu_seconds"] = p["gpu_time"]["seconds"]
     return p
 
 

@@ -1,0 +1,90 @@
+"""plan's GPU time model (lowbit.model.plan_gpu): structure, the row pieces it assumes, and its predictions
+against the H200 runs committed in bench/results (the rates each run measured are in its JSON)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.model import plan_gpu
+from lowbit.model._ptq_blocks import _block_stages, _select_linears, find_blocks
+from lowbit.model._ptq_solve import _row_pieces
+
+transformers = pytest.importorskip("transformers")
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+          "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)}
+
+
+def _meta_llama(shape, layers):
+    cfg = transformers.LlamaConfig(vocab_size=128256, num_hidden_layers=layers, max_position_embeddings=2048,
+                                   tie_word_embeddings=True, **SHAPES[shape])
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(cfg)
+
+
+def test_parts_add_up_and_scale_with_ranks_and_blocks():
+    m = _meta_llama("8b", 4)
+    one = plan_gpu.gpu_seconds(m, "gptq", 128, 2048, world=1)
+    two = plan_gpu.gpu_seconds(m, "gptq", 128, 2048, world=2)
+    for p in (one, two):
+        parts = p["forward_s"] + p["hessian_s"] + p["factor_s"] + p["solve_s"] + p["comm_s"]
+        assert p["per_block_s"] == pytest.approx(parts)
+        assert p["seconds"] == pytest.approx(4 * p["per_block_s"])
+    assert two["forward_s"] < one["forward_s"] and two["hessian_s"] == pytest.approx(one["hessian_s"] / 2)
+    assert two["factor_s"] == one["factor_s"]  # every rank factors every Hessian
+    assert one["comm_s"] == 0 < two["comm_s"]
+    assert plan_gpu.gpu_seconds(m, "gptq", 128, 2048, n_blocks=80)["seconds"] == pytest.approx(80 * one["per_block_s"])
+    awq = plan_gpu.gpu_seconds(m, "awq", 128, 2048, world=2)
+    assert awq["factor_s"] == 0 and awq["solve_s"] == plan_gpu.gpu_seconds(m, "awq", 128, 2048)["solve_s"]
+
+
+def test_errors():
+    m = _meta_llama("8b", 1)
+    with pytest.raises(ValueError, match="gptq and awq"):
+        plan_gpu.gpu_seconds(m, "hqq")
+    with pytest.raises(ValueError, match="world"):
+        plan_gpu.gpu_seconds(m, "gptq", world=0)
+
+
+def test_pieces_are_the_pipelines_row_pieces():
+    m = _meta_llama("8b", 1)
+    name, blocks = find_blocks(m)
+    sel = _select_linears(m, None, ["lm_head"])
+    mods = {n: sel[n] for n in sel}
+    for stage in _block_stages(blocks[0], sel, f"{name}.0."):
+        for world in (2, 3, 4):
+            got = plan_gpu._pieces([mods[n].out_features for n in stage.names], world)
+            want = [[hi - lo for n, lo, hi, r in _row_pieces(stage, mods, world) if r == rank] for rank in range(world)]
+            assert got == want
+
+
+def test_plan_reports_gpu_seconds_on_cuda():
+    from lowbit.model.plan import plan
+
+    m = _meta_llama("8b", 2)
+    p = plan(m, "gptq", n_samples=128, seq_len=2048, device="cuda", n_gpus=2)
+    rates = plan_gpu.measure_rates("cuda") if torch.cuda.is_available() else None
+    assert p["gpu_time"]["world"] == 2
+    if rates is None:
+        assert p["gpu_seconds"] == pytest.approx(plan_gpu.gpu_seconds(m, "gptq", 128, 2048, world=2)["seconds"])
+    assert "gpu_seconds" not in plan(m, "gptq", n_samples=8, seq_len=64, device="cpu")
+    assert "gpu_seconds" not in plan(m, "rtn", device="cuda")
+
+
+@pytest.mark.parametrize("run,name,tol", [("scale_gpu_run6.json", "gptq_8b_1gpu", 0.25),
+                                          ("scale_gpu_run6.json", "gptq_8b_2gpu", 0.25),
+                                          ("scale_gpu_run6.json", "awq_8b_1gpu", 0.25),
+                                          ("scale_gpu_run5.json", "gptq_70b_2gpu", 0.15)])
+def test_predictions_against_the_h200_runs(run, name, tol):
+    """The model with the rates each run measured (recorded in its JSON) against the run's wall time."""
+    path = RESULTS / run
+    if not path.exists():
+        pytest.skip(f"{path} not committed")
+    r = json.loads(path.read_text())["gpu"][name]
+    spec = r["spec"]
+    m = _meta_llama(spec["shape"], spec["layers"])
+    wall = max(x["wall_s"] for x in r["ranks"])
+    pred = max(plan_gpu.gpu_seconds(m, spec["method"], 128, 2048, world=spec["nproc"], rates=x["rates"])["seconds"]
+               for x in r["ranks"])
+    assert abs(pred - wall) <= tol * wall, (pred, wall)
