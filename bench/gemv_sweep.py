@@ -56,6 +56,14 @@ GEMM = {16: [(16, 64, 32, 4, 2), (16, 128, 32, 4, 3), (16, 64, 16, 4, 3), (16, 3
         256: [(64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]}
 GEMM_SPLITS = (0, 1, 2, 4)
 GEMVG_MODE = False
+# run 3 (--run3): NF4 at M = 1 through the group-step GEMV with the byte-pair table ("gemvgp"), and M = 8 / 16
+# through the v1 tensor-core GEMM with explicit configs ("v1gemm", BN, kstep, split, warps, stages), beside the
+# v1 dispatch and dequantize + cuBLAS
+RUN3 = False
+GEMVGP = [("gemvgp", 128, 8, 4, 2), ("gemvgp", 64, 8, 4, 2), ("gemvgp", 128, 16, 4, 2), ("gemvgp", 64, 4, 4, 2),
+          ("gemvgp", 256, 8, 8, 2), ("gemvg", 64, 4, 4, 2)]
+V1GEMM = [(bn, ks, 4, st) for bn in (32, 64, 128) for ks in (128, 256) for st in (2, 3)]
+V1GEMM_SPLITS = (1, 2, 4, 8)
 
 
 def time_graph(calls, rounds=5, reps=3):
@@ -174,7 +182,20 @@ def sweep(res, t0, budget):
                 except Exception as ex:  # noqa: BLE001
                     res["errors"].append(f"v1 {fmt} {key}: {type(ex).__name__}: {str(ex)[:160]}")
                 cands = []
-                if GEMVG_MODE:
+                if RUN3:
+                    if M == 1 and fmt == "nf4":
+                        cands = [(c[0], c[1], c[2], sk, c[3], c[4]) for c in GEMVGP for sk in (0, 2, 4, 8)]
+                        cands += [("gemvgpf", bn, bkw, sk, 4, 2) for bn, bkw in ((128, 8), (64, 4)) for sk in (4, 8)]
+                        cands.append(("v1",))
+                    elif M == 1:
+                        cands = [(nm, bn, bkw, sk, 4, st) for nm in ("gemvg", "gemvgf") for bn in (64, 128)
+                                 for bkw in (8, 16) for st in (2, 3) for sk in (4, 8, 16)]
+                    elif M > 4:
+                        cands = [("v1gemm", bn, ks, sk, w, st) for (bn, ks, w, st) in V1GEMM for sk in V1GEMM_SPLITS]
+                        cands += [("v1",), ("dense",)]
+                    if not cands:
+                        continue
+                elif GEMVG_MODE:
                     cands = [(c[0], c[1], c[2], sk, c[3], c[4]) for c in GEMVG for sk in GEMVG_SPLITS] + [("v1",)]
                 elif M <= 4:
                     for (bn, bkw, w, s) in GEMV:
@@ -197,9 +218,16 @@ def sweep(res, t0, budget):
                         elif cfg[0] == "v1":
                             def call(q, cfg=cfg):
                                 return L.prepared_linear_v1(x, q)
+                        elif cfg[0] == "v1gemm":
+                            from lowbit.kernels.triton import gemm_4bit as gk
+
+                            def call(q, cfg=cfg):
+                                r = q.p4
+                                return gk.launch(x, r.qweight, r.scales, r.zeros, r.values, None, N, K, r.group,
+                                                 r.kind, ("gemm",) + cfg[1:], r.launch_cache)
                         else:
                             full = TC.config_mm(p.bits, p.kind, M, N, K) if False else cfg
-                            if full[0] in ("gemv", "gemvg") and full[3] == 0:
+                            if full[0].startswith("gemv") and full[3] == 0:
                                 full = full[:3] + (TC._auto_split(-(-N // full[1]), (K // 8) // full[2],
                                                                   8 * TC.SM_COUNT),) + full[4:]
                             if full[0] == "gemm" and full[4] == 0:
@@ -214,7 +242,8 @@ def sweep(res, t0, budget):
 
                             def call(q, plan=plan):
                                 if plan.tr:
-                                    return lm.run_plan(plan, x, q.words, q.sT, q.zT, q.table, None, N, K, K // q.group, 8)
+                                    return lm.run_plan(plan, x, q.words, q.sT, q.zT, q.table2 if plan.pair else q.table,
+                                                       None, N, K, K // q.group, 8)
                                 return lm.run_plan(plan, x, q.words, q.scales, q.zeros, q.table2, None, N, K,
                                                    K // q.group, 8)
                         e = rel(call(p), ref)
@@ -264,6 +293,64 @@ def tuned_rows(res):
                 table.append([M, 1 << 30, 1 << 30, rm[-1]["best_cfg"]])
         out[key] = table
     return out
+
+
+def merged_rows(res, base):
+    """Run 3's winners merged into the committed table ``base`` (TUNED_MM as it was before the sweep): run 3's
+    M = 1 rows replace the committed ones where run 3 has them, the committed M = 4 rows stay, run 3's M = 8 / 16
+    rows follow (the first matching row applies, so rows stay in increasing M)."""
+    new = tuned_rows(res)
+    out = {}
+    for key in ("4,codebook", "4,int"):
+        b, cls = key.split(",")
+        old = [list(r[:3]) + [list(r[3])] for r in base.get((int(b), cls), [])]
+        got = new.get(key, [])
+        m1 = [r for r in got if r[0] == 1] or [r for r in old if r[0] == 1]
+        out[key] = m1 + [r for r in old if r[0] == 4] + [r for r in got if r[0] > 4]
+    return out
+
+
+def check3(res):
+    """Run 3's new paths through prepared_linear on the GPU (bf16 and fp16, with and without bias): the byte-pair
+    group-step GEMV for codebooks at M <= 4, the register-prefetch group-step GEMVs, the v1 GEMM with explicit
+    configs at M = 5 / 8 / 16."""
+    torch.manual_seed(0)
+    N, K = 384, 1024
+    saved = {k: list(v) for k, v in TC.TUNED_MM.items()}
+    try:
+        for scheme, kw in CHECK_FORMATS[:8]:  # nf4, fp4, int4 / int4_asym groups (the 4-bit kinds 0-2)
+            W = torch.randn(N, K, device="cuda") * 0.02
+            st = quantize_tensor(W, scheme, **kw)
+            p = L.prepare_linear(st)
+            name = f"{scheme} {kw}"
+            wref = L.dequantize_state(st).float()
+            cls = "codebook" if p.kind == 0 else "int"
+            cases = [(M, ("gemvgp", 64, 4, 2, 4, 2)) for M in (1, 2, 4)] if p.kind == 0 else []
+            cases += [(1, ("gemvgf", 128, 8, 4, 4, 3)), (4, ("gemvgf", 64, 16, 2, 4, 2))]
+            if p.kind == 0:
+                cases.append((1, ("gemvgpf", 128, 8, 4, 4, 2)))
+            cases += [(M, ("v1gemm", bn, 128, sk, 4, 2)) for M in (5, 8, 16) for bn, sk in ((32, 1), (64, 4))]
+            for M, cfg in cases:
+                for dt in (torch.bfloat16, torch.float16):
+                    TC.TUNED_MM[(4, cls)] = [(16, 1 << 30, 1 << 30, cfg)]
+                    p.plans.clear()
+                    x = torch.randn(M, K, device="cuda").to(dt)
+                    b = (torch.randn(N, device="cuda") * 0.1).to(dt) if M in (2, 8) else None
+                    ref = x.float() @ wref.T + (b.float() if b is not None else 0)
+                    try:
+                        e = rel(L.prepared_linear(x, p, b), ref)
+                    except Exception as ex:  # noqa: BLE001
+                        e = float("inf")
+                        res["errors"].append(f"check3 {name} M={M} {cfg} {dt}: {type(ex).__name__}: {str(ex)[:200]}")
+                    tol = 1e-2 if dt == torch.bfloat16 else 2e-3
+                    res["check"].append({"fmt": name, "M": M, "cfg": cfg, "dtype": str(dt), "bias": b is not None,
+                                         "err": e, "ok": e < tol})
+            p.plans.clear()
+            print(f"check3 {name}: {sum(r['ok'] for r in res['check'] if r['fmt'] == name and 'cfg' in r)}/"
+                  f"{sum(1 for r in res['check'] if r['fmt'] == name and 'cfg' in r)} ok", flush=True)
+    finally:
+        TC.TUNED_MM.clear()
+        TC.TUNED_MM.update(saved)
 
 
 def _fmt(v):
@@ -359,10 +446,19 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--gemvg", action="store_true", help="run 2: M in {1, 4}, group-step GEMV vs v1 / v2")
+    ap.add_argument("--run3", action="store_true", help="run 3: M = 1 prefetch / byte-pair GEMVs; M = 8 / 16 v1 GEMM")
+    ap.add_argument("--ms", default="", help="M values (run 3 default: 1,8,16)")
+    ap.add_argument("--shapes", default="", help="N x K list, e.g. 8192x8192,28672x8192 (default: all)")
     args = ap.parse_args(argv)
-    global GEMVG_MODE, MS
+    global GEMVG_MODE, MS, RUN3, SHAPES
     if args.gemvg:
         GEMVG_MODE, MS = True, (1, 4)
+    if args.run3:
+        RUN3, MS = True, (1, 8, 16)
+    if args.ms:
+        MS = tuple(int(v) for v in args.ms.split(","))
+    if args.shapes:
+        SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,14 +479,18 @@ def main(argv=None):
     res["copy_gbs"] = 2 * 5 * a.numel() / (ev0.elapsed_time(ev1) * 1e-3) / 1e9
     del a, b
     print(f"copy {res['copy_gbs']:.0f} GB/s", flush=True)
+    base = {k: list(v) for k, v in TC.TUNED_MM.items()}
     try:
+        if RUN3:
+            check3(res)
         if not args.skip_check:
             check(res, t0, args.budget)
         (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
         sweep(res, t0, args.budget)
     finally:
         (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
-        (out / "mm_tuned.json").write_text(json.dumps(tuned_rows(res), default=str, indent=1))
+        rows = merged_rows(res, base) if RUN3 else tuned_rows(res)
+        (out / "mm_tuned.json").write_text(json.dumps(rows, default=str, indent=1))
     nok = sum(1 for r in res["check"] if r.get("ok") is False or r.get("exact") is False)
     print(f"check failures: {nok}; errors: {len(res['errors'])}; first: {res['errors'][:6]}")
     print(f"took {time.perf_counter() - t0:.0f} s")

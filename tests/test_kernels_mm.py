@@ -100,6 +100,13 @@ def test_v2_kernels_in_triton_interpreter(scheme, kw, monkeypatch):
         b = torch.randn(N).half() if M == 3 else None
         r = x.float() @ ref.T + (b.float() if b is not None else 0)
         cfgs = [("gemv", 16, 16, 2, 4, 1), ("gemvg", 32, 8, 2, 4, 1)] if M <= 4 else [("gemm", 16, 32, 16, 2, 4, 1)]
+        if M <= 4:
+            cfgs.append(("gemvgf", 32, 4, 3, 4, 1))  # register prefetch (3 splits of 1-4 steps: clamped last step)
+        if M <= 4 and p.kind == 0:
+            cfgs.append(("gemvgp", 32, 8, 2, 4, 1))  # the byte-pair table in the group-step GEMV
+            cfgs.append(("gemvgpf", 32, 8, 1, 4, 1))
+        if M > 4 and p.p4 is not None and p.kind != 3:
+            cfgs.insert(0, ("v1gemm", 32, 64, 2, 4, 1))  # the v1 tensor-core GEMM with an explicit config
         for cfg in cfgs:
             p.plans.clear()
             monkeypatch.setitem(TC.TUNED_MM, (p.bits, "codebook" if p.kind == 0 else "int"), [(M, N, K, cfg)])

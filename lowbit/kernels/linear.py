@@ -374,6 +374,16 @@ _DENSE = ("dense",)
 _V1 = ("v1",)
 
 
+class _V1Gemm:
+    """Plan: the v1 tensor-core 4-bit GEMM (:mod:`lowbit.kernels.triton.gemm_4bit`) with an explicit config
+    ``("gemm", BN, kstep, split_k, warps, stages)`` (TUNED_MM rows ``("v1gemm", ...)``, small M > 4)."""
+
+    __slots__ = ("cfg",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+
 def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
     """The launch plan of ``p`` for this call (computed once per M / dtype / alignment, then a dict hit)."""
     if key is None:
@@ -387,8 +397,10 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
             plan = _DENSE
         elif cfg[0] == "v1":
             plan = _V1
+        elif cfg[0] == "v1gemm":
+            plan = _V1Gemm(("gemm",) + tuple(cfg[1:])) if p.p4 is not None and p.kind != 3 else _DENSE
         else:
-            if cfg[0] == "gemvg" and p.sT is None:  # derived once: scales / zeros as [K / G, N]
+            if cfg[0].startswith("gemvg") and p.sT is None:  # derived once: scales / zeros as [K / G, N]
                 p.sT = p.scales.reshape(p.n, -1).t().contiguous()
                 p.zT = p.zeros.reshape(p.n, -1).t().contiguous() if p.zeros is not None else None
             from lowbit.kernels.triton import lowbit_mm as lm
@@ -416,10 +428,18 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
         return F.linear(x, p.dense(x.dtype), bias)
     if plan is _V1:
         return prepared_linear_v1(x, p, bias)
+    if type(plan) is _V1Gemm:
+        from lowbit.kernels.triton import gemm_4bit as gk
+
+        q = p.p4
+        y = gk.launch(x2 if x2.is_contiguous() else x2.contiguous(), q.qweight, q.scales, q.zeros, q.values, bias,
+                      q.n, q.k, q.group, q.kind, plan.cfg, q.launch_cache)
+        return y.view(*x.shape[:-1], p.n)
     from lowbit.kernels.triton.lowbit_mm import run_plan
 
     if plan.tr:
-        y = run_plan(plan, x2, p.words, p.sT, p.zT, p.table, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+        y = run_plan(plan, x2, p.words, p.sT, p.zT, p.table2 if plan.pair else p.table, bias, p.n, p.k,
+                     p.k // p.group, 32 // p.bits)
     else:
         y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     return y.view(*x.shape[:-1], p.n)

@@ -248,7 +248,7 @@ def config_mm(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) -> T
     for m_max, n_max, k_max, cfg in TUNED_MM.get((bits, cls), ()):
         if M <= m_max and N <= n_max and K <= k_max:
             cfg = tuple(cfg)
-            if cfg[0] in ("gemv", "gemvg") and cfg[3] == 0:
+            if cfg[0].startswith("gemv") and cfg[3] == 0:
                 kw = K * bits // 32
                 cfg = cfg[:3] + (_auto_split(-(-N // cfg[1]), max(1, kw // cfg[2]), 8 * SM_COUNT),) + cfg[4:]
             elif cfg[0] == "gemm" and cfg[4] == 0:

@@ -202,7 +202,8 @@ def _gemvg_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr,
     M, N, KW, NG, sxm, kw_split, n_iter,
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+    X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, PAIRT: tl.constexpr = False,
+    PF: tl.constexpr = False,
 ):
     # GEMV with one scale group (or a divisor of one) per step: scales / zeros come TRANSPOSED ([NG, N], derived
     # once) and are loaded once per row and step, coalesced along N; few words per row and step so that a warp
@@ -223,15 +224,36 @@ def _gemvg_kernel(
     acc1 = tl.zeros((BN, BKW), tl.float32)
     acc2 = tl.zeros((BN, BKW), tl.float32)
     acc3 = tl.zeros((BN, BKW), tl.float32)
+    if PF:  # register prefetch: the next step's words / scales / zeros are loaded before this step's math
+        words_n = tl.load(wrow + kw_lo)
+        g0 = (kw_lo * PER) // G
+        s_n = tl.load(s_ptr + g0.to(tl.int64) * N + offs_n)[:, None]
+        if KIND >= 2:
+            z_n = tl.load(z_ptr + g0.to(tl.int64) * N + offs_n)[:, None]
+        else:
+            z_n = s_n
     for it in range(0, n_iter):
         kwb = kw_lo + it * BKW
-        words = tl.load(wrow + kwb)
-        g = (kwb * PER) // G
-        s = tl.load(s_ptr + g.to(tl.int64) * N + offs_n)[:, None]
-        if KIND >= 2:
-            z = tl.load(z_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+        if PF:
+            words = words_n
+            s = s_n
+            z = z_n
+            kwn = kw_lo + tl.minimum(it + 1, n_iter - 1) * BKW  # the last step re-loads its own tile
+            words_n = tl.load(wrow + kwn)
+            gn = (kwn * PER) // G
+            s_n = tl.load(s_ptr + gn.to(tl.int64) * N + offs_n)[:, None]
+            if KIND >= 2:
+                z_n = tl.load(z_ptr + gn.to(tl.int64) * N + offs_n)[:, None]
+            else:
+                z_n = s_n
         else:
-            z = s
+            words = tl.load(wrow + kwb)
+            g = (kwb * PER) // G
+            s = tl.load(s_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+            if KIND >= 2:
+                z = tl.load(z_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+            else:
+                z = s
         xo = (kwb + kw) * HALF
         p0 = tl.zeros((BN, BKW), tl.float32)
         p1 = tl.zeros((BN, BKW), tl.float32)
@@ -243,8 +265,11 @@ def _gemvg_kernel(
         X3 = tl.zeros((BKW,), tl.float32)
         for b in tl.static_range(HALF):
             if KIND == 0:
-                v0 = tl.load(t_ptr + ((words >> (8 * b + 4)) & 15))
-                v1 = tl.load(t_ptr + ((words >> (8 * b)) & 15))
+                if PAIRT:  # byte-pair table: one 8-byte load per two weights
+                    v0, v1 = _pair_table(words, b, t_ptr)
+                else:
+                    v0 = tl.load(t_ptr + ((words >> (8 * b + 4)) & 15))
+                    v1 = tl.load(t_ptr + ((words >> (8 * b)) & 15))
             else:
                 if BITS == 4:
                     v0 = _trick(words, 8 * b + 4, BITS)
@@ -412,7 +437,7 @@ class Plan:
     float32 split-K workspace per stream (reused: the kernel overwrites all of it before the reduction)."""
 
     __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
-                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr")
+                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair")
 
     def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
         self.fn, self.grid, self.split, self.kw_split, self.n_iter = fn, grid, split, kw_split, n_iter
@@ -424,13 +449,26 @@ class Plan:
         self.rgrid = None
         self.rconsts = None
         self.tr = fn is _gemvg_kernel  # reads transposed scales / zeros and the 16-entry table
+        self.pair = bool(consts.get("PAIRT", False))  # ... or the byte-pair table (``table2``)
+
+
+GEMVG_NAMES = ("gemvg", "gemvgp", "gemvgf", "gemvgpf")
 
 
 def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
-    """``config``: GEMV ``("gemv", BN, BKW, split_k, warps, stages)`` (M <= 4) or GEMM
-    ``("gemm", BM, BN, BKW, split_k, warps, stages)``."""
+    """``config``: GEMV ``("gemv" | "gemvg" | "gemvgp" | "gemvgf" | "gemvgpf", BN, BKW, split_k, warps, stages)``
+    (M <= 4; "gemvg" = the group-step GEMV, suffix "p": a codebook read through the byte-pair table, suffix "f":
+    register prefetch of the next step's words and scales) or GEMM ``("gemm", BM, BN, BKW, split_k, warps,
+    stages)``."""
     per = 32 // bits
     KW = K // per
+    pair = pf = False
+    if config[0] in GEMVG_NAMES:
+        suffix = config[0][len("gemvg"):]
+        pair, pf = "p" in suffix, "f" in suffix
+        if pair and (kind != 0 or bits != 4):
+            raise ValueError(f"{config[0]} reads a 4-bit codebook; got bits={bits}, kind={kind}")
+        config = ("gemvg",) + tuple(config[1:])
     if config[0] in ("gemv", "gemvg"):
         _, BN, BKW, split_k, warps, stages = config
         BM = M
@@ -443,6 +481,10 @@ def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias)
     if config[0] in ("gemv", "gemvg"):
         consts.update(X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
+        if pair:
+            consts.update(PAIRT=True)
+        if pf:
+            consts.update(PF=True)
         plan = Plan(_gemv_kernel if config[0] == "gemv" else _gemvg_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages,
                     False)
     else:
