@@ -168,7 +168,7 @@ def sweep(res, t0, budget):
             p = ps[0]
             wref = L.dequantize_state(sts[0]).float()
             Wb = [W.roll(i, 0).contiguous() for i in range(max(2, min(8, int(3 * 60e6 // (N * K * 2)) + 1)))]
-            nbytes = N * K // 2 + p.scales.numel() * 4 * (2 if p.zeros is not None else 1)
+            nbytes = N * K * p.bits // 8 + p.scales.numel() * 4 * (2 if p.zeros is not None else 1)
             for M in MS:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 ref = x.float() @ wref.T
@@ -187,10 +187,13 @@ def sweep(res, t0, budget):
                         cands = [(c[0], c[1], c[2], sk, c[3], c[4]) for c in GEMVGP for sk in (0, 2, 4, 8)]
                         cands += [("gemvgpf", bn, bkw, sk, 4, 2) for bn, bkw in ((128, 8), (64, 4)) for sk in (4, 8)]
                         cands.append(("v1",))
+                    elif M == 1 and fmt == "int8":
+                        cands = [(nm, bn, bkw, sk, 4, 2) for nm in ("gemvg", "gemvgf") for bn in (64, 128)
+                                 for bkw in (8, 16) for sk in (4, 8)]
                     elif M == 1:
                         cands = [(nm, bn, bkw, sk, 4, st) for nm in ("gemvg", "gemvgf") for bn in (64, 128)
                                  for bkw in (8, 16) for st in (2, 3) for sk in (4, 8, 16)]
-                    elif M > 4:
+                    elif M > 4 and fmt != "int8":
                         cands = [("v1gemm", bn, ks, sk, w, st) for (bn, ks, w, st) in V1GEMM for sk in V1GEMM_SPLITS]
                         cands += [("v1",), ("dense",)]
                     if not cands:
@@ -243,9 +246,9 @@ def sweep(res, t0, budget):
                             def call(q, plan=plan):
                                 if plan.tr:
                                     return lm.run_plan(plan, x, q.words, q.sT, q.zT, q.table2 if plan.pair else q.table,
-                                                       None, N, K, K // q.group, 8)
+                                                       None, N, K, K // q.group, 32 // q.bits)
                                 return lm.run_plan(plan, x, q.words, q.scales, q.zeros, q.table2, None, N, K,
-                                                   K // q.group, 8)
+                                                   K // q.group, 32 // q.bits)
                         e = rel(call(p), ref)
                         if not e < 1e-2:
                             res["errors"].append(f"{fmt} {key} {cfg}: rel err {e}")
@@ -260,7 +263,7 @@ def sweep(res, t0, budget):
                 row["tried"] = tried
                 if best:
                     row["best_cfg"], row["best_graph"] = best
-                    TC.TUNED_MM[(4, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
+                    TC.TUNED_MM[(p.bits, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
                     for q in ps:
                         q.plans.clear()
                     row["v2_eager"] = time_eager([lambda q=q: L.prepared_linear(x, q) for q in ps])
@@ -282,8 +285,10 @@ def sweep(res, t0, budget):
 def tuned_rows(res):
     """Winners as TUNED_MM rows: per (class, M) the shapes in increasing N*K, then a catch-all of the largest."""
     out = {}
-    for fmt, key in (("nf4", "4,codebook"), ("int4", "4,int")):
+    for fmt, key in (("nf4", "4,codebook"), ("int4", "4,int"), ("int8", "8,int")):
         rows = [r for r in res["rows"] if r["fmt"] == fmt and "best_cfg" in r]
+        if not rows:
+            continue
         table = []
         for M in sorted({r["M"] for r in rows}):
             rm = sorted((r for r in rows if r["M"] == M), key=lambda r: r["N"] * r["K"])
@@ -301,12 +306,16 @@ def merged_rows(res, base):
     rows follow (the first matching row applies, so rows stay in increasing M)."""
     new = tuned_rows(res)
     out = {}
-    for key in ("4,codebook", "4,int"):
+    for key in ("4,codebook", "4,int", "8,int"):
         b, cls = key.split(",")
         old = [list(r[:3]) + [list(r[3])] for r in base.get((int(b), cls), [])]
         got = new.get(key, [])
-        m1 = [r for r in got if r[0] == 1] or [r for r in old if r[0] == 1]
-        out[key] = m1 + [r for r in old if r[0] == 4] + [r for r in got if r[0] > 4]
+        big = 1 << 30
+        m1 = {(r[1], r[2]): r for r in old if r[0] == 1 and r[1] < big}
+        m1.update({(r[1], r[2]): r for r in got if r[0] == 1 and r[1] < big})  # run 3's shapes win
+        tail = [r for r in got if r[0] == 1 and r[1] >= big] or [r for r in old if r[0] == 1 and r[1] >= big]
+        rows1 = sorted(m1.values(), key=lambda r: r[1] * r[2]) + tail
+        out[key] = rows1 + [r for r in old if r[0] == 4] + [r for r in got if r[0] > 4]
     return out
 
 
@@ -318,24 +327,24 @@ def check3(res):
     N, K = 384, 1024
     saved = {k: list(v) for k, v in TC.TUNED_MM.items()}
     try:
-        for scheme, kw in CHECK_FORMATS[:8]:  # nf4, fp4, int4 / int4_asym groups (the 4-bit kinds 0-2)
+        for scheme, kw in (("nf4", dict(block_size=64)), ("int4", dict(group_size=128)),
+                           ("int4_asym", dict(group_size=32))):  # kinds 0, 1, 2
             W = torch.randn(N, K, device="cuda") * 0.02
             st = quantize_tensor(W, scheme, **kw)
             p = L.prepare_linear(st)
             name = f"{scheme} {kw}"
             wref = L.dequantize_state(st).float()
             cls = "codebook" if p.kind == 0 else "int"
-            cases = [(M, ("gemvgp", 64, 4, 2, 4, 2)) for M in (1, 2, 4)] if p.kind == 0 else []
-            cases += [(1, ("gemvgf", 128, 8, 4, 4, 3)), (4, ("gemvgf", 64, 16, 2, 4, 2))]
-            if p.kind == 0:
-                cases.append((1, ("gemvgpf", 128, 8, 4, 4, 2)))
-            cases += [(M, ("v1gemm", bn, 128, sk, 4, 2)) for M in (5, 8, 16) for bn, sk in ((32, 1), (64, 4))]
+            cases = [(1, ("gemvgp", 64, 4, 2, 4, 2)), (3, ("gemvgp", 64, 4, 2, 4, 2)),
+                     (1, ("gemvgpf", 128, 8, 4, 4, 2))] if p.kind == 0 else [(4, ("gemvgf", 64, 16, 2, 4, 2))]
+            cases += [(1, ("gemvgf", 128, 8, 4, 4, 3)), (5, ("v1gemm", 64, 128, 1, 4, 2)),
+                      (16, ("v1gemm", 64, 128, 4, 4, 2))]
             for M, cfg in cases:
-                for dt in (torch.bfloat16, torch.float16):
+                for dt in ((torch.bfloat16, torch.float16) if M == 1 else (torch.bfloat16,)):
                     TC.TUNED_MM[(4, cls)] = [(16, 1 << 30, 1 << 30, cfg)]
                     p.plans.clear()
                     x = torch.randn(M, K, device="cuda").to(dt)
-                    b = (torch.randn(N, device="cuda") * 0.1).to(dt) if M in (2, 8) else None
+                    b = (torch.randn(N, device="cuda") * 0.1).to(dt) if M in (3, 5) else None
                     ref = x.float() @ wref.T + (b.float() if b is not None else 0)
                     try:
                         e = rel(L.prepared_linear(x, p, b), ref)
@@ -446,15 +455,17 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--gemvg", action="store_true", help="run 2: M in {1, 4}, group-step GEMV vs v1 / v2")
-    ap.add_argument("--run3", action="store_true", help="run 3: M = 1 prefetch / byte-pair GEMVs; M = 8 / 16 v1 GEMM")
-    ap.add_argument("--ms", default="", help="M values (run 3 default: 1,8,16)")
+    ap.add_argument("--run3", action="store_true", help="run 3: M = 1 prefetch / byte-pair GEMVs; M = 16 v1 GEMM")
+    ap.add_argument("--ms", default="", help="M values (run 3 default: 1,16)")
     ap.add_argument("--shapes", default="", help="N x K list, e.g. 8192x8192,28672x8192 (default: all)")
     args = ap.parse_args(argv)
     global GEMVG_MODE, MS, RUN3, SHAPES
     if args.gemvg:
         GEMVG_MODE, MS = True, (1, 4)
-    if args.run3:
-        RUN3, MS = True, (1, 8, 16)
+    if args.run3:  # the Llama-3-8B decode shapes first (the generate table uses them), then the issue's
+        RUN3, MS = True, (1, 16)
+        SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+        SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
     if args.ms:
         MS = tuple(int(v) for v in args.ms.split(","))
     if args.shapes:
