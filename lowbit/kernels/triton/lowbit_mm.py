@@ -481,10 +481,8 @@ def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias)
     if config[0] in ("gemv", "gemvg"):
         consts.update(X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
-        if pair:
-            consts.update(PAIRT=True)
-        if pf:
-            consts.update(PF=True)
+        if config[0] == "gemvg":  # every constexpr explicit, in signature order: the direct launch passes cvals
+            consts.update(PAIRT=pair, PF=pf)
         plan = Plan(_gemv_kernel if config[0] == "gemv" else _gemvg_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages,
                     False)
     else:
