@@ -24,7 +24,7 @@ T0=$(date +%s)
   echo "pytest rc=$? at $(( $(date +%s) - T0 )) s" >> $OUT/pytest_cuda.log
 ) &
 CUDA_VISIBLE_DEVICES=1 timeout ${DECODE_TIMEOUT:-280} python3 bench/user_decode.py --layers 8 --reps 3 \
-  --only bf16,bnb,torchao,int8,int4,nf4 --graph bf16,bnb,torchao,int8,int4,nf4 --prefill-parts int4,nf4,int8 \
+  --only bf16,bnb,torchao,int4,nf4,int8 --graph bf16,bnb,torchao,int4,nf4,int8 --prefill-parts int4,nf4,int8 \
   --mm-configs $OUT/mm_tuned.json --mm-wait ${MM_WAIT:-200} --time-budget ${DECODE_BUDGET:-250} --out-dir $OUT \
   > $OUT/decode.log 2>&1
 echo "decode rc=$? at $(( $(date +%s) - T0 )) s" >> $OUT/decode.log

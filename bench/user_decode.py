@@ -133,7 +133,8 @@ def build(name: str, master, workdir: Path):
     raise ValueError(name)
 
 
-FOUR_BIT = {"lowbit nf4", "lowbit int4 g128", "lowbit GPTQ-format int4 g128", "lowbit GGUF Q4_0"}
+FOUR_BIT = {"lowbit nf4", "lowbit int4 g128", "lowbit GPTQ-format int4 g128", "lowbit GGUF Q4_0",
+            "lowbit int8 weight-only"}  # variants whose GEMV configs come from TUNED_MM
 
 
 def load_mm_configs(path: str, wait: float) -> str:
