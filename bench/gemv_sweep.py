@@ -371,6 +371,15 @@ def _section(res, path: Path):
              f"{res.get('copy_gbs', 0):.0f} GB/s read + write)", ""]
     ok = [r for r in res.get("check", []) if "ok" in r]
     ex = [r for r in res.get("check", []) if "exact" in r]
+    c3 = [r for r in ok if "cfg" in r]
+    if c3:
+        lines += [f"Correctness of run 3's new paths through the dispatch ({len(c3)} cases: nf4 b64, int4 g128, "
+                  "int4_asym g32 x 'gemvgp' / 'gemvgpf' (codebook) / 'gemvgf' at M = 1, 3, 4 and 'v1gemm' at M = 5, 16, "
+                  f"bf16 (+ fp16 at M = 1), bias at M = 3, 5): {sum(r['ok'] for r in c3)} within tolerance (bf16 1e-2, "
+                  f"fp16 2e-3 relative Frobenius vs float32), worst {max(r['err'] for r in c3):.2e}.", ""]
+        for r in [r for r in c3 if not r["ok"]]:
+            lines.append(f"- NOT OK: {r}")
+        ok = [r for r in ok if "cfg" not in r]
     if ok or ex:
         lines += [f"Correctness through the dispatch ({len(ok)} cases: 12 formats x M in 1, 2, 3, 4, 16, 64, 256 x "
                   f"bf16 (+ fp16 at M = 1, 16) x bias at M = 3, 16): {sum(r['ok'] for r in ok)} within tolerance "
@@ -422,14 +431,12 @@ def report(paths, notes=()) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        res = json.loads(paths[-1].read_text())
-        first = json.loads(paths[0].read_text())
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        for ax, fmt in zip(axes, ("nf4", "int4")):
-            for src, tag in ((res, ""), (first, " run 1")) if len(paths) > 1 else ((res, ""),):
+        res = json.loads(paths[0].read_text())  # the first file named: the newest run
+        fmts = [f for f in ("nf4", "int4", "int8") if any(r["fmt"] == f for r in res["rows"])]
+        fig, axes = plt.subplots(1, len(fmts), figsize=(6 * len(fmts), 4.5), sharey=True)
+        for ax, fmt in zip(axes, fmts):
+            for src, tag in ((res, ""),):
                 for M in sorted({r["M"] for r in src["rows"]}):
-                    if tag and M <= 4:
-                        continue
                     rr = [r for r in src["rows"] if r["fmt"] == fmt and r["M"] == M and r.get("best_graph")]
                     ax.plot([f"{r['N']}x{r['K']}" for r in rr], [r["flinear_graph"] / r["best_graph"] for r in rr],
                             marker="o", label=f"M={M}{tag}")

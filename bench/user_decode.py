@@ -267,6 +267,19 @@ def measure_graph(model, prompt, reps: int, new: int):
     return statistics.median(dec), peak, tokens
 
 
+def _wall_us(fn, n: int = 300) -> float:
+    """Wall-clock µs per call of ``n`` back-to-back eager calls (one sync at the end): the host's cost per call
+    where it exceeds the kernel's."""
+    for _ in range(5):
+        fn()
+    _sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync()
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def _time_ms(fn, reps: int = 10) -> float:
     """Median of ``reps`` CUDA-event timings of ``fn()`` after 3 warm-up calls (ms)."""
     for _ in range(3):
@@ -299,6 +312,10 @@ def prefill_parts(model, m: int):
         x = torch.randn(m, K, dtype=torch.bfloat16, device=DEV)
         wb = torch.randn(N, K, dtype=torch.bfloat16, device=DEV) * 0.02
         r = {"NxK": f"{N}x{K}", "module": _time_ms(lambda: mod(x)), "bf16_linear": _time_ms(lambda: F.linear(x, wb))}
+        x1 = x[:1].contiguous()
+        lin = torch.nn.Linear(K, N, bias=False, device=DEV, dtype=torch.bfloat16)
+        r["m1_module_us"] = _wall_us(lambda: mod(x1))
+        r["m1_nnlinear_us"] = _wall_us(lambda: lin(x1))
         st = getattr(mod, "qstate", None)
         p = prepare_linear(st) if st is not None and not callable(st) else None
         if p is not None:
@@ -517,16 +534,20 @@ def write(rows, info, out: Path) -> None:
                   "`module` = the quantized module's forward on a 512-row bf16 input; `dequant` = the weight "
                   "dequantized to bf16 by lowbit's Triton pass (GB/s: codes + scales read, bf16 written); "
                   "`cuBLAS` = `F.linear` on that dequantized weight; `bf16` = `F.linear` on a bf16 weight of "
-                  "the same shape.", "",
-                  "| variant | proj | N x K | module | dequant | dequant GB/s | cuBLAS | bf16 | module × bf16 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "the same shape. Last two columns: wall-clock µs per call of 300 back-to-back eager calls at M = 1 "
+                  "(one sync at the end), the quantized module against a bf16 `nn.Linear` of the same shape: the "
+                  "host's cost per call where it exceeds the kernel's (eager decode is host-bound).", "",
+                  "| variant | proj | N x K | module | dequant | dequant GB/s | cuBLAS | bf16 | module × bf16 | "
+                  "M=1 eager µs/call: module | bf16 nn.Linear |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in parts:
             for proj, d in r["prefill_parts"].items():
                 dq = f"{d['dequant']:.4f}" if "dequant" in d else "—"
                 gb = f"{d['dequant_GBps']:.0f}" if "dequant_GBps" in d else "—"
                 cb = f"{d['cublas_on_dequant']:.4f}" if "cublas_on_dequant" in d else "—"
                 lines.append(f"| {r['variant']} | {proj} | {d['NxK']} | {d['module']:.4f} | {dq} | {gb} | {cb} | "
-                             f"{d['bf16_linear']:.4f} | {d['module'] / d['bf16_linear']:.2f} |")
+                             f"{d['bf16_linear']:.4f} | {d['module'] / d['bf16_linear']:.2f} | "
+                             f"{d.get('m1_module_us', 0):.1f} | {d.get('m1_nnlinear_us', 0):.1f} |")
     if info.get("notes"):
         lines += ["", "Notes (added when rendering the report, `--note`):", ""] + [f"- {n}" for n in info["notes"]]
     (out / "user_decode.md").write_text("\n".join(lines) + "\n")

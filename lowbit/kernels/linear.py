@@ -247,15 +247,12 @@ class PreparedLinear:
             self.table2 = byte_pair_table(self.table).to(self.words.device)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype`` (one Triton pass over the codes; large M: then cuBLAS)."""
-        if self.p4 is not None and self.kind != 3:
-            from lowbit.kernels import api
-
-            return api._dequant_prepared(self.p4, dtype)
+        """The weight in ``dtype`` (one Triton pass over the codes, written row-contiguous; large M: then cuBLAS)."""
         from lowbit.kernels.triton import lowbit_mm as lm
 
-        return lm.dequantize(self.words, self.scales, self.zeros, self.table2, self.n, self.k, self.k // self.group,
-                             self.bits, self.group, self.kind, self.zero, dtype)
+        return lm.dequantize_rows(self.words.view(torch.uint8), self.scales, self.zeros, self.table, self.n, self.k,
+                                  self.k // self.group, self.bits, self.group, self.kind, self.zero, dtype,
+                                  self.launch_cache)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight from this layout (plain torch), equal to ``lowbit.dequantize`` up to float rounding."""
@@ -396,7 +393,7 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
         if cfg[0] == "dense" or M > FUSED_MAX_M or p.group % (32 // p.bits):
             plan = _DENSE
         elif cfg[0] == "v1":
-            plan = _V1
+            plan = _V1 if M <= 4 or (p.p4 is not None and p.kind != 3) else _DENSE  # v1 above M = 4: its 4-bit GEMM
         elif cfg[0] == "v1gemm":
             plan = _V1Gemm(("gemm",) + tuple(cfg[1:])) if p.p4 is not None and p.kind != 3 else _DENSE
         else:

@@ -589,3 +589,70 @@ def dequantize(words, scales, zeros, table, N, K, NG, bits, G, kind, zero, dtype
     _dequant_kernel[(triton.cdiv(N, 32), KW // BKW)](words, scales, z, t, out, N, KW, NG, BITS=bits, G=G,
                                                      KIND=kind, ZERO=float(zero), BN=32, BKW=BKW, num_warps=4)
     return out
+
+
+@triton.jit
+def _dequant_bytes_kernel(b_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NG,
+                          BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr):
+    # the whole weight [N, K] in out's dtype, written row-contiguous (coalesced stores): 8-bit codes one byte per
+    # element; 4-bit bytes split into the high (even element) and low nibble, the two halves interleaved back into
+    # K order in registers (join + reshape). Element values as _plane_weight (the reference's, rounded once).
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_nc = tl.where(nmask, offs_n, 0).to(tl.int64)
+    ty: tl.constexpr = out_ptr.dtype.element_ty
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    kmask = k < K
+    if BITS == 8:
+        q = tl.load(b_ptr + offs_nc[:, None] * K + k[None, :], mask=kmask[None, :], other=0).to(tl.int32)
+        v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        gi = offs_nc[:, None] * NG + (k // G)[None, :]
+        s = tl.load(s_ptr + gi, mask=kmask[None, :], other=0.0)
+        if KIND >= 2:
+            z = tl.load(z_ptr + gi, mask=kmask[None, :], other=0.0)
+        else:
+            z = s
+        w = _plane_weight(v, s, z, KIND, ZERO, ty)
+    else:
+        HB: tl.constexpr = BK // 2
+        j = tl.program_id(1) * HB + tl.arange(0, HB)
+        jmask = j < K // 2
+        b = tl.load(b_ptr + offs_nc[:, None] * (K // 2) + j[None, :], mask=jmask[None, :], other=0).to(tl.int32)
+        hi = (b >> 4) & 15
+        lo = b & 15
+        if KIND == 0:
+            vh = tl.load(t_ptr + hi)
+            vl = tl.load(t_ptr + lo)
+        else:
+            vh = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            vl = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        gi = offs_nc[:, None] * NG + ((2 * j) // G)[None, :]  # G is even: both nibbles of a byte share a group
+        s = tl.load(s_ptr + gi, mask=jmask[None, :], other=0.0)
+        if KIND >= 2:
+            z = tl.load(z_ptr + gi, mask=jmask[None, :], other=0.0)
+        else:
+            z = s
+        wh = _plane_weight(vh, s, z, KIND, ZERO, ty)
+        wl = _plane_weight(vl, s, z, KIND, ZERO, ty)
+        w = tl.reshape(tl.join(wh, wl), (BN, BK))
+    tl.store(out_ptr + offs_nc[:, None] * K + k[None, :], w, mask=nmask[:, None] & kmask[None, :])
+
+
+def dequantize_rows(wbytes, scales, zeros, table, N, K, NG, bits, G, kind, zero, dtype, cache=None):
+    """The weight ``[N, K]`` in ``dtype`` from the canonical bytes ``wbytes`` (uint8 ``[N, K * bits / 8]``; a
+    byte view of the word layout), values as the reference rounded once, written row-contiguous. ``cache``
+    (a dict kept with the weight) holds the compiled kernel per dtype: later calls launch it directly."""
+    out = torch.empty((N, K), dtype=dtype, device=wbytes.device)
+    BN, BK = 16, 256
+    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
+    z = zeros if zeros is not None else scales
+    t = table if table is not None else scales
+    consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), BN=BN, BK=BK)
+    ck = cache.get(dtype) if cache is not None else None
+    stream = _stream(wbytes.device) if ck is not None else 0
+    got = _launch(_dequant_bytes_kernel, ck, grid, (wbytes, scales, z, t, out, N, K, NG), consts,
+                  tuple(consts.values()), 4, 1, stream)
+    if ck is None and cache is not None and _knobs is not None and got is not None:
+        cache[dtype] = got
+    return out
