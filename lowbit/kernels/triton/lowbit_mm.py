@@ -199,11 +199,11 @@ def _gemv_kernel(
 
 @triton.jit(do_not_specialize=["M", "kw_split", "n_iter"])
 def _gemvg_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr, o_ptr, c_ptr,
     M, N, KW, NG, sxm, kw_split, n_iter,
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, PAIRT: tl.constexpr = False,
-    PF: tl.constexpr = False,
+    PF: tl.constexpr = False, FIX: tl.constexpr = False,
 ):
     # GEMV with one scale group (or a divisor of one) per step: scales / zeros come TRANSPOSED ([NG, N], derived
     # once) and are loaded once per row and step, coalesced along N; few words per row and step so that a warp
@@ -321,6 +321,23 @@ def _gemvg_kernel(
         if HAS_BIAS:
             r3 += bias
         tl.store(yp + 3 * N, r3.to(ty), mask=nmask)
+    if FIX:
+        # split-K without a second launch: y holds the float32 partials; the program that arrives last at this
+        # N tile's counter (acq_rel atomic after a CTA barrier: every thread's partial store is ordered before it)
+        # sums the partials in split order, writes the output in o's dtype and re-arms the counter (0 between
+        # launches, so the buffers are reused as they are, CUDA-graph replays included)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+        nsplit = tl.num_programs(1)
+        if cnt == nsplit - 1:
+            to = o_ptr.dtype.element_ty
+            for mi in tl.static_range(BM):
+                tot = tl.zeros((BN,), tl.float32)
+                for i in range(0, nsplit):
+                    tot += tl.load(y_ptr + (i * M + mi) * N + offs_n, mask=nmask, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(o_ptr + mi * N + offs_n, tot.to(to), mask=nmask)
+            tl.atomic_xchg(c_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -437,7 +454,7 @@ class Plan:
     float32 split-K workspace per stream (reused: the kernel overwrites all of it before the reduction)."""
 
     __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
-                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair")
+                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair", "fix")
 
     def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
         self.fn, self.grid, self.split, self.kw_split, self.n_iter = fn, grid, split, kw_split, n_iter
@@ -450,6 +467,7 @@ class Plan:
         self.rconsts = None
         self.tr = fn is _gemvg_kernel  # reads transposed scales / zeros and the 16-entry table
         self.pair = bool(consts.get("PAIRT", False))  # ... or the byte-pair table (``table2``)
+        self.fix = bool(consts.get("FIX", False))  # split-K partials summed in-kernel (no reduction launch)
 
 
 GEMVG_NAMES = ("gemvg", "gemvgp", "gemvgf", "gemvgpf")
@@ -482,7 +500,7 @@ def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     if config[0] in ("gemv", "gemvg"):
         consts.update(X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
         if config[0] == "gemvg":  # every constexpr explicit, in signature order: the direct launch passes cvals
-            consts.update(PAIRT=pair, PF=pf)
+            consts.update(PAIRT=pair, PF=pf, FIX=split > 1)
         plan = Plan(_gemv_kernel if config[0] == "gemv" else _gemvg_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages,
                     False)
     else:
@@ -520,22 +538,31 @@ def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     dev = x2.device
     stream = _stream(dev) if plan.compiled is not None else 0
     out = torch.empty((M, N), dtype=x2.dtype, device=dev)
+    cnt = None
     if plan.split == 1:
         y = out
     else:
-        y = plan.ws.get(stream)
-        if y is None or plan.compiled is None:
+        got = plan.ws.get(stream)
+        if got is None or plan.compiled is None:
             y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
+            # per-N-tile arrival counters of the in-kernel split-K fixup (zero; the kernel re-arms them)
+            cnt = torch.zeros(plan.grid[0], dtype=torch.int32, device=dev) if plan.fix else None
             if plan.compiled is not None:
-                plan.ws[stream] = y
+                plan.ws[stream] = (y, cnt)
+        else:
+            y, cnt = got
     z = zeros if zeros is not None else scales
     t = table if table is not None else scales
     b = bias if bias is not None else scales
-    args = (x2, words, scales, z, t, b, y, M, N, K // per, NG, x2.stride(0), plan.kw_split, plan.n_iter)
+    if plan.tr:  # the group-step GEMV also takes the output and the counters (fixup; unused without a split)
+        args = (x2, words, scales, z, t, b, y, out, cnt if cnt is not None else scales, M, N, K // per, NG,
+                x2.stride(0), plan.kw_split, plan.n_iter)
+    else:
+        args = (x2, words, scales, z, t, b, y, M, N, K // per, NG, x2.stride(0), plan.kw_split, plan.n_iter)
     ck = _launch(plan.fn, plan.compiled, plan.grid, args, plan.consts, plan.cvals, plan.warps, plan.stages, stream)
     if plan.compiled is None and _knobs is not None:
         plan.compiled = ck
-    if plan.split > 1:
+    if plan.split > 1 and not plan.fix:
         rk = _launch(_reduce_kernel, plan.reduce, plan.rgrid, (y, out, M * N), plan.rconsts,
                      (plan.split, 1024), 4, 1, stream)
         if plan.reduce is None and _knobs is not None:
