@@ -60,6 +60,7 @@ GEMVG_MODE = False
 # through the v1 tensor-core GEMM with explicit configs ("v1gemm", BN, kstep, split, warps, stages), beside the
 # v1 dispatch and dequantize + cuBLAS
 RUN3 = False
+COMMITTED = False  # --committed: only the shipped TUNED_MM choice per (format, shape, M), re-timed beside F.linear / v1
 GEMVGP = [("gemvgp", 128, 8, 4, 2), ("gemvgp", 64, 8, 4, 2), ("gemvgp", 128, 16, 4, 2), ("gemvgp", 64, 4, 4, 2),
           ("gemvgp", 256, 8, 8, 2), ("gemvg", 64, 4, 4, 2)]
 V1GEMM = [(bn, ks, 4, st) for bn in (32, 64, 128) for ks in (128, 256) for st in (2, 3)]
@@ -182,7 +183,9 @@ def sweep(res, t0, budget):
                 except Exception as ex:  # noqa: BLE001
                     res["errors"].append(f"v1 {fmt} {key}: {type(ex).__name__}: {str(ex)[:160]}")
                 cands = []
-                if RUN3:
+                if COMMITTED:
+                    cands = [TC.config_mm(p.bits, p.kind, M, N, K, p.group)]
+                elif RUN3:
                     if M == 1 and fmt == "nf4":
                         cands = [(c[0], c[1], c[2], sk, c[3], c[4]) for c in GEMVGP for sk in (0, 2, 4, 8)]
                         cands += [("gemvgpf", bn, bkw, sk, 4, 2) for bn, bkw in ((128, 8), (64, 4)) for sk in (4, 8)]
@@ -263,12 +266,14 @@ def sweep(res, t0, budget):
                 row["tried"] = tried
                 if best:
                     row["best_cfg"], row["best_graph"] = best
-                    TC.TUNED_MM[(p.bits, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
+                    if not COMMITTED:  # the dispatch with the winner (COMMITTED: the committed table as it is)
+                        TC.TUNED_MM[(p.bits, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
                     for q in ps:
                         q.plans.clear()
                     row["v2_eager"] = time_eager([lambda q=q: L.prepared_linear(x, q) for q in ps])
                     row["v2_graph"] = time_graph([lambda q=q: L.prepared_linear(x, q) for q in ps])
-                    TC.TUNED_MM.clear()
+                    if not COMMITTED:
+                        TC.TUNED_MM.clear()
                     for q in ps:
                         q.plans.clear()
                 res["rows"].append(row)
@@ -464,14 +469,20 @@ def main(argv=None):
     ap.add_argument("--gemvg", action="store_true", help="run 2: M in {1, 4}, group-step GEMV vs v1 / v2")
     ap.add_argument("--run3", action="store_true", help="run 3: M = 1 prefetch / byte-pair GEMVs; M = 16 v1 GEMM")
     ap.add_argument("--ms", default="", help="M values (run 3 default: 1,16)")
+    ap.add_argument("--committed", action="store_true", help="re-time the committed TUNED_MM choice only (M 1, 4, 16; "
+                    "nf4, int4, int8) beside F.linear and v1")
     ap.add_argument("--shapes", default="", help="N x K list, e.g. 8192x8192,28672x8192 (default: all)")
     args = ap.parse_args(argv)
-    global GEMVG_MODE, MS, RUN3, SHAPES
+    global GEMVG_MODE, MS, RUN3, SHAPES, COMMITTED
     if args.gemvg:
         GEMVG_MODE, MS = True, (1, 4)
     if args.run3:  # the Llama-3-8B decode shapes first (the generate table uses them), then the issue's
         RUN3, MS = True, (1, 16)
         SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+        SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
+    if args.committed:
+        COMMITTED, MS = True, (1, 4, 16)
+        SHAPES = [(8192, 8192), (28672, 8192), (4096, 4096), (14336, 4096), (4096, 14336)]
         SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
     if args.ms:
         MS = tuple(int(v) for v in args.ms.split(","))
@@ -507,8 +518,9 @@ def main(argv=None):
         sweep(res, t0, args.budget)
     finally:
         (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
-        rows = merged_rows(res, base) if RUN3 else tuned_rows(res)
-        (out / "mm_tuned.json").write_text(json.dumps(rows, default=str, indent=1))
+        if not COMMITTED:
+            rows = merged_rows(res, base) if RUN3 else tuned_rows(res)
+            (out / "mm_tuned.json").write_text(json.dumps(rows, default=str, indent=1))
     nok = sum(1 for r in res["check"] if r.get("ok") is False or r.get("exact") is False)
     print(f"check failures: {nok}; errors: {len(res['errors'])}; first: {res['errors'][:6]}")
     print(f"took {time.perf_counter() - t0:.0f} s")
