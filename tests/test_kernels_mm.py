@@ -137,3 +137,25 @@ def test_plan_routes_small_m_gemm_rows(cfg, monkeypatch):
             assert type(plan) is L._V1Gemm and plan.cfg == ("gemm", 64, 128, 2, 4, 2)
         else:
             assert plan is L._V1
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")
+@pytest.mark.parametrize("scheme,kw", [("nf4", dict(block_size=64)), ("int4", dict(group_size=32)), ("q8_0", {})])
+def test_v1_gemv_plan_equals_v1_path(scheme, kw, monkeypatch):
+    """TUNED_MM rows ("v1",) at M <= 4 go through gemv.GemvPlan (a cached plan): the same kernel, config and
+    arguments as prepared_linear_v1, so the results are identical (split-K with the reduction kernel included)."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import gemv as gv
+
+    torch.manual_seed(2)
+    N, K = 40, 512
+    p = L._prepare_cuda(quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw))
+    monkeypatch.setitem(TC.TUNED_MM, (p.bits, "codebook" if p.kind == 0 else "int"), [(4, 1 << 30, 1 << 30, ("v1",))])
+    for M, split in ((1, 4), (3, 1)):
+        monkeypatch.setattr(TC, "config_gemv", lambda *a, split=split: (16, 64, split, 4, 1))
+        x = torch.randn(M, K).half()
+        b = torch.randn(N).half() if M == 3 else None
+        p.plans.clear()
+        y = L.prepared_linear(x, p, b)
+        assert any(type(v) is gv.GemvPlan for v in p.plans.values())
+        assert torch.equal(y, L.prepared_linear_v1(x, p, b))

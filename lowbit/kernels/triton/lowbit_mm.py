@@ -455,6 +455,7 @@ class Plan:
 
     __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
                  "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair", "fix")
+    run = None  # the v1 plans of lowbit.kernels.linear carry a run method; this one goes through run_plan
 
     def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
         self.fn, self.grid, self.split, self.kw_split, self.n_iter = fn, grid, split, kw_split, n_iter
