@@ -571,7 +571,7 @@ def write(rows, info, out: Path) -> None:
             ax.barh(y + h / 2, gr, height=h, label="static cache + CUDA graph")
         ax.set_yticks(y, [r["variant"] for r in ok])
         ax.set_xlabel("decode tokens/s (batch 1)")
-        ax.legend()
+        ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "user_decode.png", dpi=100)
     except Exception:  # noqa: BLE001 - plotting is optional
