@@ -60,6 +60,11 @@ def main(argv=None):
     def v2_module():  # Linear4bit.forward -> kernel_linear -> state_linear (CUDA branch) -> prepared_linear
         return L._cuda_linear(x, st, None, None)
 
+    mn = Linear4bit.from_module(torch.nn.Linear(4096, 4096, bias=False), quant_type="nf4")
+    mn.freeze()
+    mn = mn.to(torch.bfloat16)
+    pn = L._prepare_cuda(mn.qstate)  # NF4 at M = 1: TUNED_MM row ("v1",) -> the v1 GEMV
+
     rows = []
     with torch.no_grad():
         for _ in range(2):  # interleaved twice
@@ -68,11 +73,16 @@ def main(argv=None):
             rows.append(("v1: prepared_linear_v1 (config lookup, v1 launcher)", bench(lambda: L.prepared_linear_v1(x, p))))
             rows.append(("v2: prepared_linear (plan dict hit, direct launch)", bench(lambda: L.prepared_linear(x, p))))
             rows.append(("v2: _cuda_linear (prepared-layout lookup + above)", bench(v2_module)))
+            rows.append(("nf4 b64, v1 GEMV: prepared_linear_v1 (config lookup, v1 launcher; the dispatch before)",
+                         bench(lambda: L.prepared_linear_v1(x, pn))))
+            rows.append(("nf4 b64, v1 GEMV: prepared_linear (cached gemv.GemvPlan, direct launch; the dispatch now)",
+                         bench(lambda: L.prepared_linear(x, pn))))
     agg = {}
     for k, v in rows:
         agg.setdefault(k, []).append(v)
     lines = ["# Host cost of one quantized linear on the CUDA dispatch path (CPU, launch stubbed)", "",
-             "Written by `python bench/dispatch_overhead.py` (numbers from the run, never edited). int4 (Linear4bit, block 64) 4096 x 4096, "
+             "Written by `python bench/dispatch_overhead.py` (numbers from the run, never edited). int4 (Linear4bit, block 64) "
+             "4096 x 4096 unless the row says nf4, "
              "M = 1, bf16; the driver launch itself is stubbed out, so this is the Python work per call. Shared "
              f"2-core box (load varied): compare rows within the run. torch {torch.__version__}.", "",
              "| path | µs per call (median of two interleaved passes) |", "|---|---|"]

@@ -56,6 +56,15 @@ GEMM = {16: [(16, 64, 32, 4, 2), (16, 128, 32, 4, 3), (16, 64, 16, 4, 3), (16, 3
         256: [(64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]}
 GEMM_SPLITS = (0, 1, 2, 4)
 GEMVG_MODE = False
+# run 3 (--run3): NF4 at M = 1 through the group-step GEMV with the byte-pair table ("gemvgp"), and M = 8 / 16
+# through the v1 tensor-core GEMM with explicit configs ("v1gemm", BN, kstep, split, warps, stages), beside the
+# v1 dispatch and dequantize + cuBLAS
+RUN3 = False
+COMMITTED = False  # --committed: only the shipped TUNED_MM choice per (format, shape, M), re-timed beside F.linear / v1
+GEMVGP = [("gemvgp", 128, 8, 4, 2), ("gemvgp", 64, 8, 4, 2), ("gemvgp", 128, 16, 4, 2), ("gemvgp", 64, 4, 4, 2),
+          ("gemvgp", 256, 8, 8, 2), ("gemvg", 64, 4, 4, 2)]
+V1GEMM = [(bn, ks, 4, st) for bn in (32, 64, 128) for ks in (128, 256) for st in (2, 3)]
+V1GEMM_SPLITS = (1, 2, 4, 8)
 
 
 def time_graph(calls, rounds=5, reps=3):
@@ -160,7 +169,7 @@ def sweep(res, t0, budget):
             p = ps[0]
             wref = L.dequantize_state(sts[0]).float()
             Wb = [W.roll(i, 0).contiguous() for i in range(max(2, min(8, int(3 * 60e6 // (N * K * 2)) + 1)))]
-            nbytes = N * K // 2 + p.scales.numel() * 4 * (2 if p.zeros is not None else 1)
+            nbytes = N * K * p.bits // 8 + p.scales.numel() * 4 * (2 if p.zeros is not None else 1)
             for M in MS:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 ref = x.float() @ wref.T
@@ -174,7 +183,25 @@ def sweep(res, t0, budget):
                 except Exception as ex:  # noqa: BLE001
                     res["errors"].append(f"v1 {fmt} {key}: {type(ex).__name__}: {str(ex)[:160]}")
                 cands = []
-                if GEMVG_MODE:
+                if COMMITTED:
+                    cands = [TC.config_mm(p.bits, p.kind, M, N, K, p.group)]
+                elif RUN3:
+                    if M == 1 and fmt == "nf4":
+                        cands = [(c[0], c[1], c[2], sk, c[3], c[4]) for c in GEMVGP for sk in (0, 2, 4, 8)]
+                        cands += [("gemvgpf", bn, bkw, sk, 4, 2) for bn, bkw in ((128, 8), (64, 4)) for sk in (4, 8)]
+                        cands.append(("v1",))
+                    elif M == 1 and fmt == "int8":
+                        cands = [(nm, bn, bkw, sk, 4, 2) for nm in ("gemvg", "gemvgf") for bn in (64, 128)
+                                 for bkw in (8, 16) for sk in (4, 8)]
+                    elif M == 1:
+                        cands = [(nm, bn, bkw, sk, 4, st) for nm in ("gemvg", "gemvgf") for bn in (64, 128)
+                                 for bkw in (8, 16) for st in (2, 3) for sk in (4, 8, 16)]
+                    elif M > 4 and fmt != "int8":
+                        cands = [("v1gemm", bn, ks, sk, w, st) for (bn, ks, w, st) in V1GEMM for sk in V1GEMM_SPLITS]
+                        cands += [("v1",), ("dense",)]
+                    if not cands:
+                        continue
+                elif GEMVG_MODE:
                     cands = [(c[0], c[1], c[2], sk, c[3], c[4]) for c in GEMVG for sk in GEMVG_SPLITS] + [("v1",)]
                 elif M <= 4:
                     for (bn, bkw, w, s) in GEMV:
@@ -197,9 +224,16 @@ def sweep(res, t0, budget):
                         elif cfg[0] == "v1":
                             def call(q, cfg=cfg):
                                 return L.prepared_linear_v1(x, q)
+                        elif cfg[0] == "v1gemm":
+                            from lowbit.kernels.triton import gemm_4bit as gk
+
+                            def call(q, cfg=cfg):
+                                r = q.p4
+                                return gk.launch(x, r.qweight, r.scales, r.zeros, r.values, None, N, K, r.group,
+                                                 r.kind, ("gemm",) + cfg[1:], r.launch_cache)
                         else:
                             full = TC.config_mm(p.bits, p.kind, M, N, K) if False else cfg
-                            if full[0] in ("gemv", "gemvg") and full[3] == 0:
+                            if full[0].startswith("gemv") and full[3] == 0:
                                 full = full[:3] + (TC._auto_split(-(-N // full[1]), (K // 8) // full[2],
                                                                   8 * TC.SM_COUNT),) + full[4:]
                             if full[0] == "gemm" and full[4] == 0:
@@ -214,9 +248,10 @@ def sweep(res, t0, budget):
 
                             def call(q, plan=plan):
                                 if plan.tr:
-                                    return lm.run_plan(plan, x, q.words, q.sT, q.zT, q.table, None, N, K, K // q.group, 8)
+                                    return lm.run_plan(plan, x, q.words, q.sT, q.zT, q.table2 if plan.pair else q.table,
+                                                       None, N, K, K // q.group, 32 // q.bits)
                                 return lm.run_plan(plan, x, q.words, q.scales, q.zeros, q.table2, None, N, K,
-                                                   K // q.group, 8)
+                                                   K // q.group, 32 // q.bits)
                         e = rel(call(p), ref)
                         if not e < 1e-2:
                             res["errors"].append(f"{fmt} {key} {cfg}: rel err {e}")
@@ -231,12 +266,14 @@ def sweep(res, t0, budget):
                 row["tried"] = tried
                 if best:
                     row["best_cfg"], row["best_graph"] = best
-                    TC.TUNED_MM[(4, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
+                    if not COMMITTED:  # the dispatch with the winner (COMMITTED: the committed table as it is)
+                        TC.TUNED_MM[(p.bits, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
                     for q in ps:
                         q.plans.clear()
                     row["v2_eager"] = time_eager([lambda q=q: L.prepared_linear(x, q) for q in ps])
                     row["v2_graph"] = time_graph([lambda q=q: L.prepared_linear(x, q) for q in ps])
-                    TC.TUNED_MM.clear()
+                    if not COMMITTED:
+                        TC.TUNED_MM.clear()
                     for q in ps:
                         q.plans.clear()
                 res["rows"].append(row)
@@ -253,8 +290,10 @@ def sweep(res, t0, budget):
 def tuned_rows(res):
     """Winners as TUNED_MM rows: per (class, M) the shapes in increasing N*K, then a catch-all of the largest."""
     out = {}
-    for fmt, key in (("nf4", "4,codebook"), ("int4", "4,int")):
+    for fmt, key in (("nf4", "4,codebook"), ("int4", "4,int"), ("int8", "8,int")):
         rows = [r for r in res["rows"] if r["fmt"] == fmt and "best_cfg" in r]
+        if not rows:
+            continue
         table = []
         for M in sorted({r["M"] for r in rows}):
             rm = sorted((r for r in rows if r["M"] == M), key=lambda r: r["N"] * r["K"])
@@ -266,6 +305,68 @@ def tuned_rows(res):
     return out
 
 
+def merged_rows(res, base):
+    """Run 3's winners merged into the committed table ``base`` (TUNED_MM as it was before the sweep): run 3's
+    M = 1 rows replace the committed ones where run 3 has them, the committed M = 4 rows stay, run 3's M = 8 / 16
+    rows follow (the first matching row applies, so rows stay in increasing M)."""
+    new = tuned_rows(res)
+    out = {}
+    for key in ("4,codebook", "4,int", "8,int"):
+        b, cls = key.split(",")
+        old = [list(r[:3]) + [list(r[3])] for r in base.get((int(b), cls), [])]
+        got = new.get(key, [])
+        big = 1 << 30
+        m1 = {(r[1], r[2]): r for r in old if r[0] == 1 and r[1] < big}
+        m1.update({(r[1], r[2]): r for r in got if r[0] == 1 and r[1] < big})  # run 3's shapes win
+        tail = [r for r in got if r[0] == 1 and r[1] >= big] or [r for r in old if r[0] == 1 and r[1] >= big]
+        rows1 = sorted(m1.values(), key=lambda r: r[1] * r[2]) + tail
+        out[key] = rows1 + [r for r in old if r[0] == 4] + [r for r in got if r[0] > 4]
+    return out
+
+
+def check3(res):
+    """Run 3's new paths through prepared_linear on the GPU (bf16 and fp16, with and without bias): the byte-pair
+    group-step GEMV for codebooks at M <= 4, the register-prefetch group-step GEMVs, the v1 GEMM with explicit
+    configs at M = 5 / 8 / 16."""
+    torch.manual_seed(0)
+    N, K = 384, 1024
+    saved = {k: list(v) for k, v in TC.TUNED_MM.items()}
+    try:
+        for scheme, kw in (("nf4", dict(block_size=64)), ("int4", dict(group_size=128)),
+                           ("int4_asym", dict(group_size=32))):  # kinds 0, 1, 2
+            W = torch.randn(N, K, device="cuda") * 0.02
+            st = quantize_tensor(W, scheme, **kw)
+            p = L.prepare_linear(st)
+            name = f"{scheme} {kw}"
+            wref = L.dequantize_state(st).float()
+            cls = "codebook" if p.kind == 0 else "int"
+            cases = [(1, ("gemvgp", 64, 4, 2, 4, 2)), (3, ("gemvgp", 64, 4, 2, 4, 2)),
+                     (1, ("gemvgpf", 128, 8, 4, 4, 2))] if p.kind == 0 else [(4, ("gemvgf", 64, 16, 2, 4, 2))]
+            cases += [(1, ("gemvgf", 128, 8, 4, 4, 3)), (5, ("v1gemm", 64, 128, 1, 4, 2)),
+                      (16, ("v1gemm", 64, 128, 4, 4, 2))]
+            for M, cfg in cases:
+                for dt in ((torch.bfloat16, torch.float16) if M == 1 else (torch.bfloat16,)):
+                    TC.TUNED_MM[(4, cls)] = [(16, 1 << 30, 1 << 30, cfg)]
+                    p.plans.clear()
+                    x = torch.randn(M, K, device="cuda").to(dt)
+                    b = (torch.randn(N, device="cuda") * 0.1).to(dt) if M in (3, 5) else None
+                    ref = x.float() @ wref.T + (b.float() if b is not None else 0)
+                    try:
+                        e = rel(L.prepared_linear(x, p, b), ref)
+                    except Exception as ex:  # noqa: BLE001
+                        e = float("inf")
+                        res["errors"].append(f"check3 {name} M={M} {cfg} {dt}: {type(ex).__name__}: {str(ex)[:200]}")
+                    tol = 1e-2 if dt == torch.bfloat16 else 2e-3
+                    res["check"].append({"fmt": name, "M": M, "cfg": cfg, "dtype": str(dt), "bias": b is not None,
+                                         "err": e, "ok": e < tol})
+            p.plans.clear()
+            print(f"check3 {name}: {sum(r['ok'] for r in res['check'] if r['fmt'] == name and 'cfg' in r)}/"
+                  f"{sum(1 for r in res['check'] if r['fmt'] == name and 'cfg' in r)} ok", flush=True)
+    finally:
+        TC.TUNED_MM.clear()
+        TC.TUNED_MM.update(saved)
+
+
 def _fmt(v):
     return f"{v:.1f}" if isinstance(v, (int, float)) else "—"
 
@@ -275,6 +376,15 @@ def _section(res, path: Path):
              f"{res.get('copy_gbs', 0):.0f} GB/s read + write)", ""]
     ok = [r for r in res.get("check", []) if "ok" in r]
     ex = [r for r in res.get("check", []) if "exact" in r]
+    c3 = [r for r in ok if "cfg" in r]
+    if c3:
+        lines += [f"Correctness of run 3's new paths through the dispatch ({len(c3)} cases: nf4 b64, int4 g128, "
+                  "int4_asym g32 x 'gemvgp' / 'gemvgpf' (codebook) / 'gemvgf' at M = 1, 3, 4 and 'v1gemm' at M = 5, 16, "
+                  f"bf16 (+ fp16 at M = 1), bias at M = 3, 5): {sum(r['ok'] for r in c3)} within tolerance (bf16 1e-2, "
+                  f"fp16 2e-3 relative Frobenius vs float32), worst {max(r['err'] for r in c3):.2e}.", ""]
+        for r in [r for r in c3 if not r["ok"]]:
+            lines.append(f"- NOT OK: {r}")
+        ok = [r for r in ok if "cfg" not in r]
     if ok or ex:
         lines += [f"Correctness through the dispatch ({len(ok)} cases: 12 formats x M in 1, 2, 3, 4, 16, 64, 256 x "
                   f"bf16 (+ fp16 at M = 1, 16) x bias at M = 3, 16): {sum(r['ok'] for r in ok)} within tolerance "
@@ -326,14 +436,12 @@ def report(paths, notes=()) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        res = json.loads(paths[-1].read_text())
-        first = json.loads(paths[0].read_text())
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        for ax, fmt in zip(axes, ("nf4", "int4")):
-            for src, tag in ((res, ""), (first, " run 1")) if len(paths) > 1 else ((res, ""),):
+        res = json.loads(paths[0].read_text())  # the first file named: the newest run
+        fmts = [f for f in ("nf4", "int4", "int8") if any(r["fmt"] == f for r in res["rows"])]
+        fig, axes = plt.subplots(1, len(fmts), figsize=(6 * len(fmts), 4.5), sharey=True)
+        for ax, fmt in zip(axes, fmts):
+            for src, tag in ((res, ""),):
                 for M in sorted({r["M"] for r in src["rows"]}):
-                    if tag and M <= 4:
-                        continue
                     rr = [r for r in src["rows"] if r["fmt"] == fmt and r["M"] == M and r.get("best_graph")]
                     ax.plot([f"{r['N']}x{r['K']}" for r in rr], [r["flinear_graph"] / r["best_graph"] for r in rr],
                             marker="o", label=f"M={M}{tag}")
@@ -359,10 +467,27 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--gemvg", action="store_true", help="run 2: M in {1, 4}, group-step GEMV vs v1 / v2")
+    ap.add_argument("--run3", action="store_true", help="run 3: M = 1 prefetch / byte-pair GEMVs; M = 16 v1 GEMM")
+    ap.add_argument("--ms", default="", help="M values (run 3 default: 1,16)")
+    ap.add_argument("--committed", action="store_true", help="re-time the committed TUNED_MM choice only (M 1, 4, 16; "
+                    "nf4, int4, int8) beside F.linear and v1")
+    ap.add_argument("--shapes", default="", help="N x K list, e.g. 8192x8192,28672x8192 (default: all)")
     args = ap.parse_args(argv)
-    global GEMVG_MODE, MS
+    global GEMVG_MODE, MS, RUN3, SHAPES, COMMITTED
     if args.gemvg:
         GEMVG_MODE, MS = True, (1, 4)
+    if args.run3:  # the Llama-3-8B decode shapes first (the generate table uses them), then the issue's
+        RUN3, MS = True, (1, 16)
+        SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+        SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
+    if args.committed:
+        COMMITTED, MS = True, (1, 4, 16)
+        SHAPES = [(8192, 8192), (28672, 8192), (4096, 4096), (14336, 4096), (4096, 14336)]
+        SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
+    if args.ms:
+        MS = tuple(int(v) for v in args.ms.split(","))
+    if args.shapes:
+        SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,14 +508,19 @@ def main(argv=None):
     res["copy_gbs"] = 2 * 5 * a.numel() / (ev0.elapsed_time(ev1) * 1e-3) / 1e9
     del a, b
     print(f"copy {res['copy_gbs']:.0f} GB/s", flush=True)
+    base = {k: list(v) for k, v in TC.TUNED_MM.items()}
     try:
+        if RUN3:
+            check3(res)
         if not args.skip_check:
             check(res, t0, args.budget)
         (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
         sweep(res, t0, args.budget)
     finally:
         (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
-        (out / "mm_tuned.json").write_text(json.dumps(tuned_rows(res), default=str, indent=1))
+        if not COMMITTED:
+            rows = merged_rows(res, base) if RUN3 else tuned_rows(res)
+            (out / "mm_tuned.json").write_text(json.dumps(rows, default=str, indent=1))
     nok = sum(1 for r in res["check"] if r.get("ok") is False or r.get("exact") is False)
     print(f"check failures: {nok}; errors: {len(res['errors'])}; first: {res['errors'][:6]}")
     print(f"took {time.perf_counter() - t0:.0f} s")

@@ -207,7 +207,51 @@ def test_v2_fused_matmul_all_formats(scheme, kw):
             x = torch.randn(M, K, device="cuda").to(dt)
             b = (torch.randn(N, device="cuda") * 0.1).to(dt) if M % 2 else None
             r = x.double() @ ref.double().T + (b.double() if b is not None else 0)
-            for _ in range(2):  # the second call goes through the direct launch of the cached plan
+            for _ in range(3):  # later calls: the direct launch of the cached plan, reused split-K buffers
                 y = L.prepared_linear(x, p, b)
                 err = ((y.double() - r).norm() / r.norm()).item()
                 assert err < (1e-2 if dt == torch.bfloat16 else 2e-3), f"{scheme} M={M} {dt}: {err}"
+
+
+_V3_FORMATS = _V2_FORMATS[:8]  # the 4-bit kinds 0-2 (nf4 / fp4 codebooks, int4 sym / asym groups)
+
+
+@pytest.mark.parametrize("scheme,kw", _V3_FORMATS, ids=[f"{s}-{k}" for s, k in _V3_FORMATS])
+def test_pair_table_gemv_and_v1gemm_configs(scheme, kw, monkeypatch):
+    """The byte-pair group-step GEMV ("gemvgp", codebooks, M <= 4), its register-prefetch variants ("gemvgf",
+    "gemvgpf"), their in-kernel split-K fixup (splits 2 and 4) and the v1 tensor-core GEMM with explicit
+    TUNED_MM configs ("v1gemm", M 5..16) through prepared_linear, eagerly and replayed in a CUDA graph."""
+    from lowbit.kernels import linear as L
+    from lowbit.kernels import triton_configs as TC
+    from lowbit.tensor.functional import quantize_tensor
+
+    torch.manual_seed(4)
+    N, K = 200, 1024
+    st = quantize_tensor(torch.randn(N, K, device="cuda") * 0.02, scheme, **kw)
+    p = L.prepare_linear(st)
+    ref = L.dequantize_state(st).double()
+    cls = "codebook" if p.kind == 0 else "int"
+    cases = [(M, ("gemvgp", 64, 4, 2, 4, 2)) for M in (1, 3, 4)] if p.kind == 0 else []
+    cases += [(1, ("gemvgf", 128, 8, 4, 4, 3)), (4, ("gemvgf", 64, 4, 1, 4, 2))]
+    if p.kind == 0:
+        cases.append((1, ("gemvgpf", 128, 8, 2, 4, 2)))
+    cases += [(M, ("v1gemm", 64, 128, sk, 4, 2)) for M, sk in ((5, 1), (8, 2), (16, 4))]
+    for M, cfg in cases:
+        monkeypatch.setitem(TC.TUNED_MM, (4, cls), [(16, 1 << 30, 1 << 30, cfg)])
+        p.plans.clear()
+        for dt in (torch.bfloat16, torch.float16):
+            x = torch.randn(M, K, device="cuda").to(dt)
+            b = (torch.randn(N, device="cuda") * 0.1).to(dt) if M % 2 else None
+            r = x.double() @ ref.T + (b.double() if b is not None else 0)
+            tol = 1e-2 if dt == torch.bfloat16 else 2e-3
+            for _ in range(4):  # first call: launcher; then the direct launch on cached buffers (counters re-armed)
+                y = L.prepared_linear(x, p, b)
+                assert ((y.double() - r).norm() / r.norm()).item() < tol, f"{cfg} M={M} {dt}"
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                yg = L.prepared_linear(x, p, b)
+            for _ in range(3):
+                yg.zero_()
+                g.replay()
+                torch.cuda.synchronize()
+                assert ((yg.double() - r).norm() / r.norm()).item() < tol, f"graph {cfg} M={M} {dt}"

@@ -43,7 +43,7 @@ def test_config_mm_buckets_and_tuned_rows(monkeypatch):
     assert TC.config_mm(4, 1, 4, 4096, 4096)[0] in ("gemv", "gemvg", "v1")
     assert TC.config_mm(4, 0, 512, 4096, 4096) == ("dense",)
     cfg = TC.config_mm(4, 1, 1, 4096, 4096)
-    assert cfg[0] == "gemvg" and cfg[3] >= 1  # the committed table; split resolved
+    assert cfg[0].startswith("gemvg") and cfg[3] >= 1  # the committed table; split resolved
     monkeypatch.setattr(TC, "TUNED_MM", {})
     assert TC.default_mm(4, 1, 16, 4096, 4096) == ("dense",)
     assert TC.config_mm(4, 0, 4, 8192, 8192) == TC.default_mm(4, 0, 4, 8192, 8192)  # no rows: the default
@@ -91,8 +91,13 @@ def test_v2_kernels_in_triton_interpreter(scheme, kw, monkeypatch):
     st = quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw)
     p = L._prepare_cuda(st)
     ref = L.dequantize_state(st).float()
-    if p.p4 is None or p.kind == 3:
-        assert torch.equal(p.dense(torch.float16), ref.to(torch.float16))
+    assert torch.equal(p.dense(torch.float16), ref.to(torch.float16))  # row-contiguous dequantize, every format
+    assert torch.equal(p.dense(torch.float32), ref)
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    if p.kind == 3 or p.p4 is None:  # the plane-order dequantize of the word layout
+        assert torch.equal(lm.dequantize(p.words, p.scales, p.zeros, p.table2, N, K, K // p.group, p.bits, p.group,
+                                         p.kind, p.zero, torch.float16), ref.to(torch.float16))
     from lowbit.kernels.triton import lowbit_mm as lm
 
     for M in (1, 3, 16):
@@ -100,6 +105,13 @@ def test_v2_kernels_in_triton_interpreter(scheme, kw, monkeypatch):
         b = torch.randn(N).half() if M == 3 else None
         r = x.float() @ ref.T + (b.float() if b is not None else 0)
         cfgs = [("gemv", 16, 16, 2, 4, 1), ("gemvg", 32, 8, 2, 4, 1)] if M <= 4 else [("gemm", 16, 32, 16, 2, 4, 1)]
+        if M <= 4:
+            cfgs.append(("gemvgf", 32, 4, 3, 4, 1))  # register prefetch (3 splits of 1-4 steps: clamped last step)
+        if M <= 4 and p.kind == 0:
+            cfgs.append(("gemvgp", 32, 8, 2, 4, 1))  # the byte-pair table in the group-step GEMV
+            cfgs.append(("gemvgpf", 32, 8, 1, 4, 1))
+        if M > 4 and p.p4 is not None and p.kind != 3:
+            cfgs.insert(0, ("v1gemm", 32, 64, 2, 4, 1))  # the v1 tensor-core GEMM with an explicit config
         for cfg in cfgs:
             p.plans.clear()
             monkeypatch.setitem(TC.TUNED_MM, (p.bits, "codebook" if p.kind == 0 else "int"), [(M, N, K, cfg)])
@@ -107,3 +119,43 @@ def test_v2_kernels_in_triton_interpreter(scheme, kw, monkeypatch):
             assert ((y.float() - r).norm() / r.norm()).item() < 2e-3, cfg
         plan = lm.make_plan(M, N, K, p.bits, p.group, p.kind, p.zero, x.dtype, b is not None, cfgs[-1])
         assert plan.grid[1] == plan.split
+
+
+@pytest.mark.parametrize("cfg", [("v1gemm", 64, 128, 2, 4, 2), ("v1",)])
+def test_plan_routes_small_m_gemm_rows(cfg, monkeypatch):
+    """TUNED_MM rows above M = 4 naming the v1 4-bit GEMM ("v1gemm" with a config, or "v1") apply to the 4-bit
+    kinds 0-2 only; GGUF blocks (no 4-bit GEMM layout) fall back to dequantize + cuBLAS."""
+    torch.manual_seed(0)
+    x2 = torch.randn(16, 256)
+    for scheme, kw, gemm in (("int4", dict(group_size=32), True), ("q4_0", {}, False), ("q4_1", {}, False)):
+        p = L._prepare_cuda(quantize_tensor(torch.randn(32, 256), scheme, **kw))
+        monkeypatch.setitem(TC.TUNED_MM, (4, "int"), [(16, 1 << 30, 1 << 30, cfg)])
+        plan = L._plan(p, 16, x2, None)
+        if not gemm:
+            assert plan is L._DENSE, scheme
+        elif cfg[0] == "v1gemm":
+            assert type(plan) is L._V1Gemm and plan.cfg == ("gemm", 64, 128, 2, 4, 2)
+        else:
+            assert plan is L._V1
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")
+@pytest.mark.parametrize("scheme,kw", [("nf4", dict(block_size=64)), ("int4", dict(group_size=32)), ("q8_0", {})])
+def test_v1_gemv_plan_equals_v1_path(scheme, kw, monkeypatch):
+    """TUNED_MM rows ("v1",) at M <= 4 go through gemv.GemvPlan (a cached plan): the same kernel, config and
+    arguments as prepared_linear_v1, so the results are identical (split-K with the reduction kernel included)."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import gemv as gv
+
+    torch.manual_seed(2)
+    N, K = 40, 512
+    p = L._prepare_cuda(quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw))
+    monkeypatch.setitem(TC.TUNED_MM, (p.bits, "codebook" if p.kind == 0 else "int"), [(4, 1 << 30, 1 << 30, ("v1",))])
+    for M, split in ((1, 4), (3, 1)):
+        monkeypatch.setattr(TC, "config_gemv", lambda *a, split=split: (16, 64, split, 4, 1))
+        x = torch.randn(M, K).half()
+        b = torch.randn(N).half() if M == 3 else None
+        p.plans.clear()
+        y = L.prepared_linear(x, p, b)
+        assert any(type(v) is gv.GemvPlan for v in p.plans.values())
+        assert torch.equal(y, L.prepared_linear_v1(x, p, b))

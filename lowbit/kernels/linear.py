@@ -247,15 +247,19 @@ class PreparedLinear:
             self.table2 = byte_pair_table(self.table).to(self.words.device)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype`` (one Triton pass over the codes; large M: then cuBLAS)."""
+        """The weight in ``dtype`` (one Triton pass over the codes; large M: then cuBLAS): the blockwise dequantize
+        for the 4-bit kinds 0-2 (nf4 / fp4 / int4), the row-contiguous pass of ``lowbit_mm.dequantize_rows`` for
+        8-bit weights and GGUF blocks (measured on the H200, ``bench/results/user_decode.md``: 1.4-2.5 TB/s for
+        int8 against 0.16-0.2 TB/s for the plane-order pass; for 4 bits it read slower than the blockwise one)."""
         if self.p4 is not None and self.kind != 3:
             from lowbit.kernels import api
 
             return api._dequant_prepared(self.p4, dtype)
         from lowbit.kernels.triton import lowbit_mm as lm
 
-        return lm.dequantize(self.words, self.scales, self.zeros, self.table2, self.n, self.k, self.k // self.group,
-                             self.bits, self.group, self.kind, self.zero, dtype)
+        return lm.dequantize_rows(self.words.view(torch.uint8), self.scales, self.zeros, self.table, self.n, self.k,
+                                  self.k // self.group, self.bits, self.group, self.kind, self.zero, dtype,
+                                  self.launch_cache)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight from this layout (plain torch), equal to ``lowbit.dequantize`` up to float rounding."""
@@ -374,6 +378,23 @@ _DENSE = ("dense",)
 _V1 = ("v1",)
 
 
+class _V1Gemm:
+    """Plan: the v1 tensor-core 4-bit GEMM (:mod:`lowbit.kernels.triton.gemm_4bit`) with an explicit config
+    ``("gemm", BN, kstep, split_k, warps, stages)`` (TUNED_MM rows ``("v1gemm", ...)``, small M > 4)."""
+
+    __slots__ = ("cfg",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def run(self, x2, p, bias):
+        from lowbit.kernels.triton import gemm_4bit as gk
+
+        q = p.p4
+        return gk.launch(x2 if x2.is_contiguous() else x2.contiguous(), q.qweight, q.scales, q.zeros, q.values, bias,
+                         q.n, q.k, q.group, q.kind, self.cfg, q.launch_cache)
+
+
 def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
     """The launch plan of ``p`` for this call (computed once per M / dtype / alignment, then a dict hit)."""
     if key is None:
@@ -385,10 +406,20 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
         cfg = config_mm(p.bits, p.kind, M, p.n, p.k, p.group)
         if cfg[0] == "dense" or M > FUSED_MAX_M or p.group % (32 // p.bits):
             plan = _DENSE
+        elif cfg[0] == "v1" and M <= 4 and _pow2_divisor(p.group) >= 32 // p.bits:
+            # the v1 GEMV through a cached plan (thin host path; same kernel and config as prepared_linear_v1)
+            from lowbit.kernels.triton import gemv as gv
+            from lowbit.kernels.triton_configs import config_gemv
+
+            c = config_gemv(p.bits, p.kind, M, p.n, p.k, p.group)
+            c = (c[0], min(c[1], _pow2_divisor(p.group)), *c[2:])
+            plan = gv.GemvPlan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, bias is not None, c)
         elif cfg[0] == "v1":
-            plan = _V1
+            plan = _V1 if M <= 4 or (p.p4 is not None and p.kind != 3) else _DENSE  # v1 above M = 4: its 4-bit GEMM
+        elif cfg[0] == "v1gemm":
+            plan = _V1Gemm(("gemm",) + tuple(cfg[1:])) if p.p4 is not None and p.kind != 3 else _DENSE
         else:
-            if cfg[0] == "gemvg" and p.sT is None:  # derived once: scales / zeros as [K / G, N]
+            if cfg[0].startswith("gemvg") and p.sT is None:  # derived once: scales / zeros as [K / G, N]
                 p.sT = p.scales.reshape(p.n, -1).t().contiguous()
                 p.zT = p.zeros.reshape(p.n, -1).t().contiguous() if p.zeros is not None else None
             from lowbit.kernels.triton import lowbit_mm as lm
@@ -416,10 +447,14 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
         return F.linear(x, p.dense(x.dtype), bias)
     if plan is _V1:
         return prepared_linear_v1(x, p, bias)
+    run = plan.run  # the v1 plans (GEMV at M <= 4, tensor-core GEMM above); None on lm.Plan
+    if run is not None:
+        return run(x2, p, bias).view(*x.shape[:-1], p.n)
     from lowbit.kernels.triton.lowbit_mm import run_plan
 
     if plan.tr:
-        y = run_plan(plan, x2, p.words, p.sT, p.zT, p.table, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+        y = run_plan(plan, x2, p.words, p.sT, p.zT, p.table2 if plan.pair else p.table, bias, p.n, p.k,
+                     p.k // p.group, 32 // p.bits)
     else:
         y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     return y.view(*x.shape[:-1], p.n)

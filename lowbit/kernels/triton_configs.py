@@ -172,9 +172,12 @@ def config_gemv(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) ->
 # with M <= m_max, N <= n_max and K <= k_max applies. ``bench/gemv_sweep.py`` writes such rows; a JSON file of
 # them named by LOWBIT_MM_CONFIGS (keys "bits,class") overrides the table (used while tuning).
 SM_COUNT = 132  # H100 / H200 SXM; the split heuristic only needs the order of magnitude
-# from bench/gemv_sweep.py --gemvg on the H200 (bench/results/raw/mm_sweep_run2.json): M in {1, 4} on the
-# Llama-3-8B / issue shapes; the last row per M repeats the largest shape's winner for any larger shape.
-# NF4 at M = 1 keeps the v1 GEMV (the v2 kernels read the codebook slower); M > 4: dequantize + cuBLAS (run 1).
+# M = 4 rows from bench/gemv_sweep.py --gemvg on the H200 (bench/results/raw/mm_sweep_run2.json); M = 1 and M = 16
+# rows from --run3 (bench/results/raw/mm_sweep_run3.json, merged by gemv_sweep.merged_rows): int4 / int8 at M = 1
+# through the group-step GEMV with register prefetch ("gemvgf") where it won; NF4 at M = 1 keeps the v1 GEMV (the
+# byte-pair and 16-entry-table v2 GEMVs read the codebook slower); int4 at M <= 16 through the v1 tensor-core GEMM
+# ("v1gemm" / "v1"); everything else above M = 4 (NF4 at M = 16 included: v1 and dense tied) dequantize + cuBLAS.
+# The last row per M repeats the largest shape's winner for any larger shape.
 TUNED_MM: Dict[tuple, list] = {
     (4, 'codebook'): [
         (1, 4096, 4096, ('v1',)),
@@ -191,18 +194,32 @@ TUNED_MM: Dict[tuple, list] = {
         (4, 1073741824, 1073741824, ('gemvg', 64, 4, 8, 4, 2)),
     ],
     (4, 'int'): [
-        (1, 4096, 4096, ('gemvg', 64, 8, 8, 4, 2)),
-        (1, 4096, 14336, ('gemvg', 128, 16, 0, 4, 2)),
-        (1, 14336, 4096, ('gemvg', 128, 16, 4, 4, 2)),
-        (1, 8192, 8192, ('gemvg', 128, 16, 8, 4, 2)),
-        (1, 28672, 8192, ('gemvg', 128, 16, 4, 4, 2)),
-        (1, 1073741824, 1073741824, ('gemvg', 128, 16, 4, 4, 2)),
+        (1, 4096, 4096, ('gemvgf', 128, 16, 8, 4, 2)),
+        (1, 4096, 14336, ('gemvgf', 128, 16, 16, 4, 2)),
+        (1, 14336, 4096, ('gemvgf', 128, 16, 8, 4, 2)),
+        (1, 8192, 8192, ('gemvgf', 128, 16, 8, 4, 2)),
+        (1, 28672, 8192, ('gemvgf', 128, 16, 4, 4, 3)),
+        (1, 1073741824, 1073741824, ('gemvgf', 128, 16, 4, 4, 3)),
         (4, 4096, 4096, ('gemvg', 128, 16, 8, 4, 2)),
         (4, 4096, 14336, ('gemvg', 128, 16, 8, 4, 2)),
         (4, 14336, 4096, ('gemvg', 128, 16, 2, 4, 2)),
         (4, 8192, 8192, ('gemvg', 128, 16, 4, 4, 2)),
         (4, 28672, 8192, ('gemvg', 128, 16, 8, 4, 2)),
         (4, 1073741824, 1073741824, ('gemvg', 128, 16, 8, 4, 2)),
+        (16, 4096, 4096, ('v1gemm', 128, 128, 8, 4, 3)),
+        (16, 14336, 4096, ('v1gemm', 128, 128, 2, 4, 3)),
+        (16, 4096, 14336, ('v1gemm', 128, 128, 8, 4, 3)),
+        (16, 8192, 8192, ('v1',)),
+        (16, 28672, 8192, ('v1gemm', 128, 128, 8, 4, 3)),
+        (16, 1073741824, 1073741824, ('v1gemm', 128, 128, 8, 4, 3)),
+    ],
+    (8, 'int'): [
+        (1, 4096, 4096, ('gemvgf', 64, 16, 8, 4, 2)),
+        (1, 14336, 4096, ('gemvg', 128, 16, 4, 4, 2)),
+        (1, 4096, 14336, ('gemvgf', 64, 16, 8, 4, 2)),
+        (1, 8192, 8192, ('gemvg', 128, 16, 8, 4, 2)),
+        (1, 28672, 8192, ('gemvgf', 128, 8, 8, 4, 2)),
+        (1, 1073741824, 1073741824, ('gemvgf', 128, 8, 8, 4, 2)),
     ],
 }
 _loaded_mm = [False]
@@ -248,7 +265,7 @@ def config_mm(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) -> T
     for m_max, n_max, k_max, cfg in TUNED_MM.get((bits, cls), ()):
         if M <= m_max and N <= n_max and K <= k_max:
             cfg = tuple(cfg)
-            if cfg[0] in ("gemv", "gemvg") and cfg[3] == 0:
+            if cfg[0].startswith("gemv") and cfg[3] == 0:
                 kw = K * bits // 32
                 cfg = cfg[:3] + (_auto_split(-(-N // cfg[1]), max(1, kw // cfg[2]), 8 * SM_COUNT),) + cfg[4:]
             elif cfg[0] == "gemm" and cfg[4] == 0:

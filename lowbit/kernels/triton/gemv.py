@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.triton import lowbit_mm as _lm  # the direct launcher shared with the v2 kernels
+
 
 @triton.jit
 def _values(words, SH, BITS: tl.constexpr, KIND: tl.constexpr, t_ptr):
@@ -240,3 +242,61 @@ def gemv(x2, words, scales, zeros, table, bias, N, K, bits, G, kind, zero, confi
                 (y, out, M * N), dict(SPLIT=split, BLOCK=1024), 4, 1)
         y = out
     return y
+
+
+class GemvPlan:
+    """One launch shape of the v1 GEMV for one weight, computed once (config, grid, constexprs, the compiled
+    kernels once known, the float32 split-K workspace per stream): :meth:`run` is the thin host path that
+    ``lowbit.kernels.linear.prepared_linear`` takes for TUNED_MM rows ``("v1",)`` at M <= 4. Same kernel, same
+    config and arguments as :func:`gemv` (identical results); only the per-call Python work differs."""
+
+    __slots__ = ("grid", "split", "k_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled", "reduce",
+                 "ws", "rgrid", "rconsts", "rvals")
+
+    def __init__(self, M, N, K, bits, G, kind, zero, has_bias, config):
+        BN, BK, split_k, warps, stages = config[:5]
+        ew = config[5] if len(config) > 5 else 1
+        BK = min(BK, G)
+        self.split, self.k_split = _split(K, BK, split_k)
+        self.n_iter = self.k_split // BK
+        self.grid = (triton.cdiv(N, BN), self.split)
+        self.consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, BM=M, BN=BN, BK=BK,
+                           EW=bool(ew))
+        self.cvals = tuple(self.consts.values())
+        self.warps, self.stages = warps, stages
+        self.compiled = None
+        self.reduce = None
+        self.ws = {}
+        self.rgrid = (triton.cdiv(M * N, 1024), 1)
+        self.rconsts = dict(SPLIT=self.split, BLOCK=1024)
+        self.rvals = tuple(self.rconsts.values())
+
+    def run(self, x2, p, bias):
+        """``x2 [M, K]`` (unit stride along K) through the v1 GEMV on the prepared layout ``p`` -> ``[M, N]``."""
+        launch = _lm._launch
+        M = x2.shape[0]
+        N = p.n
+        dev = x2.device
+        stream = _lm._stream(dev) if self.compiled is not None else 0
+        out = torch.empty((M, N), dtype=x2.dtype, device=dev)
+        if self.split == 1:
+            y = out
+        else:
+            y = self.ws.get(stream)
+            if y is None or self.compiled is None:
+                y = torch.empty((self.split, M, N), dtype=torch.float32, device=dev)
+                if self.compiled is not None:
+                    self.ws[stream] = y  # every program overwrites its slice before the reduction reads it
+        s = p.scales
+        args = (x2, p.words, s, p.zeros if p.zeros is not None else s, p.table if p.table is not None else s,
+                bias if bias is not None else s, y, M, N, p.k, x2.stride(0), self.k_split, self.n_iter)
+        ck = launch(_gemv_kernel, self.compiled, self.grid, args, self.consts, self.cvals, self.warps, self.stages,
+                    stream)
+        if self.compiled is None and _lm._knobs is not None:
+            self.compiled = ck
+        if self.split > 1:
+            rk = launch(_reduce_kernel, self.reduce, self.rgrid, (y, out, M * N), self.rconsts, self.rvals, 4, 1,
+                        stream)
+            if self.reduce is None and _lm._knobs is not None:
+                self.reduce = rk
+        return out

@@ -199,10 +199,11 @@ def _gemv_kernel(
 
 @triton.jit(do_not_specialize=["M", "kw_split", "n_iter"])
 def _gemvg_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr, o_ptr, c_ptr,
     M, N, KW, NG, sxm, kw_split, n_iter,
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+    X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, PAIRT: tl.constexpr = False,
+    PF: tl.constexpr = False, FIX: tl.constexpr = False,
 ):
     # GEMV with one scale group (or a divisor of one) per step: scales / zeros come TRANSPOSED ([NG, N], derived
     # once) and are loaded once per row and step, coalesced along N; few words per row and step so that a warp
@@ -223,15 +224,36 @@ def _gemvg_kernel(
     acc1 = tl.zeros((BN, BKW), tl.float32)
     acc2 = tl.zeros((BN, BKW), tl.float32)
     acc3 = tl.zeros((BN, BKW), tl.float32)
+    if PF:  # register prefetch: the next step's words / scales / zeros are loaded before this step's math
+        words_n = tl.load(wrow + kw_lo)
+        g0 = (kw_lo * PER) // G
+        s_n = tl.load(s_ptr + g0.to(tl.int64) * N + offs_n)[:, None]
+        if KIND >= 2:
+            z_n = tl.load(z_ptr + g0.to(tl.int64) * N + offs_n)[:, None]
+        else:
+            z_n = s_n
     for it in range(0, n_iter):
         kwb = kw_lo + it * BKW
-        words = tl.load(wrow + kwb)
-        g = (kwb * PER) // G
-        s = tl.load(s_ptr + g.to(tl.int64) * N + offs_n)[:, None]
-        if KIND >= 2:
-            z = tl.load(z_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+        if PF:
+            words = words_n
+            s = s_n
+            z = z_n
+            kwn = kw_lo + tl.minimum(it + 1, n_iter - 1) * BKW  # the last step re-loads its own tile
+            words_n = tl.load(wrow + kwn)
+            gn = (kwn * PER) // G
+            s_n = tl.load(s_ptr + gn.to(tl.int64) * N + offs_n)[:, None]
+            if KIND >= 2:
+                z_n = tl.load(z_ptr + gn.to(tl.int64) * N + offs_n)[:, None]
+            else:
+                z_n = s_n
         else:
-            z = s
+            words = tl.load(wrow + kwb)
+            g = (kwb * PER) // G
+            s = tl.load(s_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+            if KIND >= 2:
+                z = tl.load(z_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+            else:
+                z = s
         xo = (kwb + kw) * HALF
         p0 = tl.zeros((BN, BKW), tl.float32)
         p1 = tl.zeros((BN, BKW), tl.float32)
@@ -243,8 +265,11 @@ def _gemvg_kernel(
         X3 = tl.zeros((BKW,), tl.float32)
         for b in tl.static_range(HALF):
             if KIND == 0:
-                v0 = tl.load(t_ptr + ((words >> (8 * b + 4)) & 15))
-                v1 = tl.load(t_ptr + ((words >> (8 * b)) & 15))
+                if PAIRT:  # byte-pair table: one 8-byte load per two weights
+                    v0, v1 = _pair_table(words, b, t_ptr)
+                else:
+                    v0 = tl.load(t_ptr + ((words >> (8 * b + 4)) & 15))
+                    v1 = tl.load(t_ptr + ((words >> (8 * b)) & 15))
             else:
                 if BITS == 4:
                     v0 = _trick(words, 8 * b + 4, BITS)
@@ -296,6 +321,23 @@ def _gemvg_kernel(
         if HAS_BIAS:
             r3 += bias
         tl.store(yp + 3 * N, r3.to(ty), mask=nmask)
+    if FIX:
+        # split-K without a second launch: y holds the float32 partials; the program that arrives last at this
+        # N tile's counter (acq_rel atomic after a CTA barrier: every thread's partial store is ordered before it)
+        # sums the partials in split order, writes the output in o's dtype and re-arms the counter (0 between
+        # launches, so the buffers are reused as they are, CUDA-graph replays included)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+        nsplit = tl.num_programs(1)
+        if cnt == nsplit - 1:
+            to = o_ptr.dtype.element_ty
+            for mi in tl.static_range(BM):
+                tot = tl.zeros((BN,), tl.float32)
+                for i in range(0, nsplit):
+                    tot += tl.load(y_ptr + (i * M + mi) * N + offs_n, mask=nmask, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(o_ptr + mi * N + offs_n, tot.to(to), mask=nmask)
+            tl.atomic_xchg(c_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -412,7 +454,8 @@ class Plan:
     float32 split-K workspace per stream (reused: the kernel overwrites all of it before the reduction)."""
 
     __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
-                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr")
+                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair", "fix")
+    run = None  # the v1 plans of lowbit.kernels.linear carry a run method; this one goes through run_plan
 
     def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
         self.fn, self.grid, self.split, self.kw_split, self.n_iter = fn, grid, split, kw_split, n_iter
@@ -424,13 +467,27 @@ class Plan:
         self.rgrid = None
         self.rconsts = None
         self.tr = fn is _gemvg_kernel  # reads transposed scales / zeros and the 16-entry table
+        self.pair = bool(consts.get("PAIRT", False))  # ... or the byte-pair table (``table2``)
+        self.fix = bool(consts.get("FIX", False))  # split-K partials summed in-kernel (no reduction launch)
+
+
+GEMVG_NAMES = ("gemvg", "gemvgp", "gemvgf", "gemvgpf")
 
 
 def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
-    """``config``: GEMV ``("gemv", BN, BKW, split_k, warps, stages)`` (M <= 4) or GEMM
-    ``("gemm", BM, BN, BKW, split_k, warps, stages)``."""
+    """``config``: GEMV ``("gemv" | "gemvg" | "gemvgp" | "gemvgf" | "gemvgpf", BN, BKW, split_k, warps, stages)``
+    (M <= 4; "gemvg" = the group-step GEMV, suffix "p": a codebook read through the byte-pair table, suffix "f":
+    register prefetch of the next step's words and scales) or GEMM ``("gemm", BM, BN, BKW, split_k, warps,
+    stages)``."""
     per = 32 // bits
     KW = K // per
+    pair = pf = False
+    if config[0] in GEMVG_NAMES:
+        suffix = config[0][len("gemvg"):]
+        pair, pf = "p" in suffix, "f" in suffix
+        if pair and (kind != 0 or bits != 4):
+            raise ValueError(f"{config[0]} reads a 4-bit codebook; got bits={bits}, kind={kind}")
+        config = ("gemvg",) + tuple(config[1:])
     if config[0] in ("gemv", "gemvg"):
         _, BN, BKW, split_k, warps, stages = config
         BM = M
@@ -443,6 +500,8 @@ def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias)
     if config[0] in ("gemv", "gemvg"):
         consts.update(X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
+        if config[0] == "gemvg":  # every constexpr explicit, in signature order: the direct launch passes cvals
+            consts.update(PAIRT=pair, PF=pf, FIX=split > 1)
         plan = Plan(_gemv_kernel if config[0] == "gemv" else _gemvg_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages,
                     False)
     else:
@@ -480,22 +539,31 @@ def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     dev = x2.device
     stream = _stream(dev) if plan.compiled is not None else 0
     out = torch.empty((M, N), dtype=x2.dtype, device=dev)
+    cnt = None
     if plan.split == 1:
         y = out
     else:
-        y = plan.ws.get(stream)
-        if y is None or plan.compiled is None:
+        got = plan.ws.get(stream)
+        if got is None or plan.compiled is None:
             y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
+            # per-N-tile arrival counters of the in-kernel split-K fixup (zero; the kernel re-arms them)
+            cnt = torch.zeros(plan.grid[0], dtype=torch.int32, device=dev) if plan.fix else None
             if plan.compiled is not None:
-                plan.ws[stream] = y
+                plan.ws[stream] = (y, cnt)
+        else:
+            y, cnt = got
     z = zeros if zeros is not None else scales
     t = table if table is not None else scales
     b = bias if bias is not None else scales
-    args = (x2, words, scales, z, t, b, y, M, N, K // per, NG, x2.stride(0), plan.kw_split, plan.n_iter)
+    if plan.tr:  # the group-step GEMV also takes the output and the counters (fixup; unused without a split)
+        args = (x2, words, scales, z, t, b, y, out, cnt if cnt is not None else scales, M, N, K // per, NG,
+                x2.stride(0), plan.kw_split, plan.n_iter)
+    else:
+        args = (x2, words, scales, z, t, b, y, M, N, K // per, NG, x2.stride(0), plan.kw_split, plan.n_iter)
     ck = _launch(plan.fn, plan.compiled, plan.grid, args, plan.consts, plan.cvals, plan.warps, plan.stages, stream)
     if plan.compiled is None and _knobs is not None:
         plan.compiled = ck
-    if plan.split > 1:
+    if plan.split > 1 and not plan.fix:
         rk = _launch(_reduce_kernel, plan.reduce, plan.rgrid, (y, out, M * N), plan.rconsts,
                      (plan.split, 1024), 4, 1, stream)
         if plan.reduce is None and _knobs is not None:
@@ -548,4 +616,71 @@ def dequantize(words, scales, zeros, table, N, K, NG, bits, G, kind, zero, dtype
     t = table if table is not None else scales
     _dequant_kernel[(triton.cdiv(N, 32), KW // BKW)](words, scales, z, t, out, N, KW, NG, BITS=bits, G=G,
                                                      KIND=kind, ZERO=float(zero), BN=32, BKW=BKW, num_warps=4)
+    return out
+
+
+@triton.jit
+def _dequant_bytes_kernel(b_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NG,
+                          BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr):
+    # the whole weight [N, K] in out's dtype, written row-contiguous (coalesced stores): 8-bit codes one byte per
+    # element; 4-bit bytes split into the high (even element) and low nibble, the two halves interleaved back into
+    # K order in registers (join + reshape). Element values as _plane_weight (the reference's, rounded once).
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_nc = tl.where(nmask, offs_n, 0).to(tl.int64)
+    ty: tl.constexpr = out_ptr.dtype.element_ty
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    kmask = k < K
+    if BITS == 8:
+        q = tl.load(b_ptr + offs_nc[:, None] * K + k[None, :], mask=kmask[None, :], other=0).to(tl.int32)
+        v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        gi = offs_nc[:, None] * NG + (k // G)[None, :]
+        s = tl.load(s_ptr + gi, mask=kmask[None, :], other=0.0)
+        if KIND >= 2:
+            z = tl.load(z_ptr + gi, mask=kmask[None, :], other=0.0)
+        else:
+            z = s
+        w = _plane_weight(v, s, z, KIND, ZERO, ty)
+    else:
+        HB: tl.constexpr = BK // 2
+        j = tl.program_id(1) * HB + tl.arange(0, HB)
+        jmask = j < K // 2
+        b = tl.load(b_ptr + offs_nc[:, None] * (K // 2) + j[None, :], mask=jmask[None, :], other=0).to(tl.int32)
+        hi = (b >> 4) & 15
+        lo = b & 15
+        if KIND == 0:
+            vh = tl.load(t_ptr + hi)
+            vl = tl.load(t_ptr + lo)
+        else:
+            vh = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            vl = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        gi = offs_nc[:, None] * NG + ((2 * j) // G)[None, :]  # G is even: both nibbles of a byte share a group
+        s = tl.load(s_ptr + gi, mask=jmask[None, :], other=0.0)
+        if KIND >= 2:
+            z = tl.load(z_ptr + gi, mask=jmask[None, :], other=0.0)
+        else:
+            z = s
+        wh = _plane_weight(vh, s, z, KIND, ZERO, ty)
+        wl = _plane_weight(vl, s, z, KIND, ZERO, ty)
+        w = tl.reshape(tl.join(wh, wl), (BN, BK))
+    tl.store(out_ptr + offs_nc[:, None] * K + k[None, :], w, mask=nmask[:, None] & kmask[None, :])
+
+
+def dequantize_rows(wbytes, scales, zeros, table, N, K, NG, bits, G, kind, zero, dtype, cache=None):
+    """The weight ``[N, K]`` in ``dtype`` from the canonical bytes ``wbytes`` (uint8 ``[N, K * bits / 8]``; a
+    byte view of the word layout), values as the reference rounded once, written row-contiguous. ``cache``
+    (a dict kept with the weight) holds the compiled kernel per dtype: later calls launch it directly."""
+    out = torch.empty((N, K), dtype=dtype, device=wbytes.device)
+    BN, BK = 16, 256
+    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
+    z = zeros if zeros is not None else scales
+    t = table if table is not None else scales
+    consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), BN=BN, BK=BK)
+    ck = cache.get(dtype) if cache is not None else None
+    stream = _stream(wbytes.device) if ck is not None else 0
+    got = _launch(_dequant_bytes_kernel, ck, grid, (wbytes, scales, z, t, out, N, K, NG), consts,
+                  tuple(consts.values()), 4, 1, stream)
+    if ck is None and cache is not None and _knobs is not None and got is not None:
+        cache[dtype] = got
     return out
