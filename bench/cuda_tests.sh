@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run every `cuda`-marked test on a lent multi-GPU machine, test files spread over the GPUs
+# (one pytest process per GPU), logs to $OUT. Usage: bash bench/cuda_tests.sh [timeout_s]
+set -u
+T=${1:-280}
+OUT=${OUT:-/tmp/cuda-tests-out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+NG=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+mapfile -t FILES < <(grep -l "cuda" tests/test_*.py | sort)
+# largest files first, dealt round robin so the processes end together
+mapfile -t FILES < <(for f in "${FILES[@]}"; do echo "$(wc -c < "$f") $f"; done | sort -rn | cut -d' ' -f2)
+for ((g = 0; g < NG; g++)); do
+  part=()
+  for ((i = g; i < ${#FILES[@]}; i += NG)); do part+=("${FILES[$i]}"); done
+  CUDA_VISIBLE_DEVICES=$g timeout "$T" python3 -m pytest -q -m cuda -rfEs -p no:cacheprovider \
+    "${part[@]}" > "$OUT/cuda_tests_gpu$g.log" 2>&1 &
+done
+wait
+for ((g = 0; g < NG; g++)); do echo "== GPU $g"; tail -n 25 "$OUT/cuda_tests_gpu$g.log"; done
