@@ -34,34 +34,40 @@ def _rint(x):
 
 
 @triton.jit
+def _scale_of(amax):
+    amax = tl.maximum(amax, 1e-12)
+    qmax = tl.full((), 127.0, tl.float32)
+    return tl.math.div_rn(qmax, amax), tl.math.div_rn(amax, qmax)  # (1 / scale, scale), IEEE divisions
+
+
+@triton.jit
+def _q8(v):
+    return tl.minimum(tl.maximum(_rint(v), -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, NCHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     xrow = x_ptr + row * stride_xm
     qrow = q_ptr + row * stride_qm
-    if NCHUNK == 1:
+    if NCHUNK == 1:  # the row in registers: one read
         mask = offs < K
         x = tl.load(xrow + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-    else:
+        inv, scale = _scale_of(tl.max(tl.abs(x), axis=0))
+        tl.store(s_ptr + row, scale)
+        tl.store(qrow + offs, _q8(x * inv), mask=mask)
+    else:  # amax over the chunks, then quantize them (the second read finds the row in L2)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for c in range(NCHUNK):
             o = c * BLOCK + offs
             acc = tl.maximum(acc, tl.abs(tl.load(xrow + o, mask=o < K, other=0.0).to(tl.float32)))
-        amax = tl.max(acc, axis=0)
-    amax = tl.maximum(amax, 1e-12)
-    qmax = tl.full((), 127.0, tl.float32)
-    inv = tl.math.div_rn(qmax, amax)
-    tl.store(s_ptr + row, tl.math.div_rn(amax, qmax))
-    if NCHUNK == 1:
-        q = tl.minimum(tl.maximum(_rint(x * inv), -127.0), 127.0).to(tl.int8)
-        tl.store(qrow + offs, q, mask=mask)
-    else:
+        inv, scale = _scale_of(tl.max(acc, axis=0))
+        tl.store(s_ptr + row, scale)
         for c in range(NCHUNK):
             o = c * BLOCK + offs
             v = tl.load(xrow + o, mask=o < K, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(_rint(v * inv), -127.0), 127.0).to(tl.int8)
-            tl.store(qrow + o, q, mask=o < K)
+            tl.store(qrow + o, _q8(v * inv), mask=o < K)
 
 
 def _blocking(K: int) -> Tuple[int, int]:
