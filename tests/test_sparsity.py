@@ -1,5 +1,7 @@
 """2:4 semi-structured sparsity: pruning (magnitude, SparseGPT), SparseLinear, methods, formats (issue 21)."""
 import json
+import time
+import types
 
 import pytest
 import torch
@@ -516,9 +518,8 @@ def test_cuda_int8_glue_kernels():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("glue", ["fused", "previous"])
-@pytest.mark.parametrize("objective", ["eager", "graph"])
-def test_cuda_tuner_objectives_and_glues(monkeypatch, glue, objective):
+@pytest.mark.parametrize("objective,glue", [("eager", "fused"), ("graph", "previous")])
+def test_cuda_tuner_objectives_and_glues(monkeypatch, objective, glue):
     """Both tuning objectives and both int8 glues give the reference's results; the tuner measured every
     candidate on the GPU by CUDA-graph replay and on the host; the int8 output is row-major with the fused glue."""
     if not ks.cusparselt_available():
@@ -529,7 +530,7 @@ def test_cuda_tuner_objectives_and_glues(monkeypatch, glue, objective):
         monkeypatch.setattr(ks, name, {})
     fp, i8, wp, b = _cuda_modules(seed=3)
     fp.tune_for = i8.tune_for = objective
-    _check_modules(fp, i8, wp, b, _SHAPES)
+    _check_modules(fp, i8, wp, b, [(1, 512), (300, 512), (2, 150, 512)])
     assert ks._TUNE_LOG and all(k[-1] == objective for k in ks._PLAN)
     for entry in ks._TUNE_LOG.values():
         ok = [c for c in entry["candidates"] if "error" not in c]
@@ -652,6 +653,46 @@ def test_tuning_objective_eager_counts_host_time_graph_does_not(monkeypatch):
     assert ks._tuned(key, None, b, True, rs, rd) == ("sparse", True, 0)
     with pytest.raises(ValueError, match="objective 'fast'.*eager, graph"):
         ks._tuned(key, None, b, True, rs, rd, objective="fast")
+
+
+def test_tuning_cuts_hopeless_candidates_and_fp16_runs_column_major(monkeypatch):
+    """A candidate whose single call takes far longer than the best so far is not measured further; fp16 never
+    asks cuSPARSELt for a row-major result (~0.2 s of host time per call on the H200): neither as a candidate,
+    nor in the untuned or in-capture default."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(ks, "_graph_ms", lambda fn, **kw: 1.0)
+    slow = []
+
+    def fn():
+        slow.append(1)
+        time.sleep(0.06)
+
+    m = ks._measure(fn, limit_ms=5.0)
+    assert m["cut"] and m["gpu_ms"] is None and m["host_ms"] >= 50 and len(slow) == 2
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kw: types.SimpleNamespace(
+        record=lambda: None, synchronize=lambda: None, elapsed_time=lambda other: 8.0))
+    m = ks._measure(lambda: None)
+    assert m == {"host_ms": m["host_ms"], "gpu_ms": 1.0, "eager_ms": 1.0} and m["host_ms"] < 5
+    searches, timed = [], []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search",
+                        lambda packed, b, transpose_result=False, **kw: searches.append(transpose_result) or 7,
+                        raising=False)
+    monkeypatch.setattr(ks, "_measure", _fake_measure({("sparse", False, 0): 2.0, ("sparse", False, 7): 1.0}, timed))
+    _fresh_tuner(monkeypatch)
+    monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,Fs,FsT,Ts,TsF"))
+    rs = lambda tr, aid: ("sparse", tr, aid)  # noqa: E731
+    assert ks._tuned(("fp16",), None, torch.zeros(8, 64), False, rs, None, row_major=False) == ("sparse", False, 7)
+    assert searches == [False] and sorted(timed) == [("sparse", False, 0), ("sparse", False, 7)]
+    monkeypatch.setattr(ks, "_capturing", lambda: True)
+    assert ks._tuned(("fp16", 2), None, torch.zeros(8, 64), False, rs, None, row_major=False) == ("sparse", False, 0)
+    calls = []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm",
+                        lambda packed, b, alg_id=0, transpose_result=False, **kw: calls.append(transpose_result)
+                        or torch.zeros(32, b.shape[1]), raising=False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    x, w = torch.zeros(300, 64, dtype=torch.float16), torch.zeros(32, 64, dtype=torch.float16)
+    assert ks.sparse24_linear(x, w, packed=torch.zeros(4), alg_search=False).shape == (300, 32)
+    assert calls == [False]
 
 
 def test_tuning_modes_and_their_smallest_m(monkeypatch):
