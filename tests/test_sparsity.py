@@ -479,8 +479,8 @@ for dt in (torch.float16, torch.bfloat16):
         sx = torch.rand(M, device=dev) + 0.1
         bias = torch.randn(N, device=dev).to(dt)
         y = torch.randn(M, N, device=dev).to(dt)
-        # fp16 exactly; bf16 within one unit in the last place (Triton's interpreter truncates to bf16)
-        tol = 0 if dt == torch.float16 else 2.0 ** -7
+        # within one unit in the last place (exact on the GPU; Triton's interpreter truncates to bf16)
+        tol = 2.0 ** -10 if dt == torch.float16 else 2.0 ** -7
         for yin, b in ((y.clone(), bias), (y.t().contiguous().t(), None), (y.t().contiguous().t(), bias)):
             ref = y.float() * sx[:, None] + (b.float() if b is not None else 0.0)
             out = ts.rescale_tokens(yin, sx, b, dt)
@@ -533,7 +533,7 @@ def test_cuda_tuner_objectives_and_glues(monkeypatch, objective, glue):
     _check_modules(fp, i8, wp, b, [(1, 512), (300, 512), (2, 150, 512)])
     assert ks._TUNE_LOG and all(k[-1] == objective for k in ks._PLAN)
     for entry in ks._TUNE_LOG.values():
-        ok = [c for c in entry["candidates"] if "error" not in c]
+        ok = [c for c in entry["candidates"] if "error" not in c and "cut" not in c]
         assert ok and all(c["gpu_ms"] is not None and c["gpu_ms"] > 0 and c["host_ms"] > 0 for c in ok)
     if glue == "fused":
         with torch.no_grad():

@@ -8,7 +8,8 @@
   ``amax = max(max|x_row|, 1e-12)``, ``sx = amax / 127``, ``q = clamp(rint(x * (127 / amax)), -127, 127)``,
   both divisions IEEE float32, no fused multiply-add. Rows longer than one block are read twice (the
   amax pass, then the quantization pass, which finds the row in L2).
-* :func:`rescale_tokens`: ``out[m, n] = y[m, n] * sx[m] (+ bias[n])`` in float32, rounded once to the
+* :func:`rescale_tokens`: ``out[m, n] = y[m, n] * sx[m] (+ bias[n])`` in float32 (no fused multiply-add:
+  torch's rounding), rounded once to the
   output dtype, from the sparse GEMM's output ``y`` (the per-channel weight scales already applied by
   cuSPARSELt's alpha vector) in either layout (row-major, or the column-major result of
   ``transpose_result=False`` seen as a transposed view), written row-major: in place for a row-major
@@ -132,7 +133,7 @@ def rescale_tokens(y: torch.Tensor, sx: torch.Tensor, bias: Optional[torch.Tenso
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     b = bias if bias is not None else sx
     _rescale_kernel[grid](y, sx, b, out, M, N, y.stride(0), y.stride(1), out.stride(0), HAS_BIAS=bias is not None,
-                          BM=BM, BN=BN, num_warps=4)
+                          BM=BM, BN=BN, num_warps=4, enable_fp_fusion=False)
     return out
 
 
