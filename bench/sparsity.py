@@ -550,10 +550,12 @@ def write_report(out_dir) -> None:
         g.setdefault("notes", []).extend(n for n in gen_json.get("notes", []) if n not in g.get("notes", []))
     L = ["# 2:4 semi-structured sparsity (issue 21)", "",
          "Reproduce: `nice python bench/sparsity.py --part quality --n-samples N --out bench/results` (CPU), "
-         "`python bench/sparsity.py --part gpu --out $OUT` (the lent H200; this session through "
-         "`bash bench/gpu_call.sh <commit>`, which first runs `bench/sparse_diag.py` (copied to "
-         "`bench/results/sparsity_cslt_diag.jsonl`) and the CUDA tests), then "
-         "`python bench/sparsity.py --part report --out bench/results`.", ""]
+         "`python bench/sparsity.py --part gpu --out $OUT` (the lent H200; the speed part below through "
+         "`bash bench/gpu_call_sparse.sh <commit>` on nvidia-h200-x2: correctness, host overhead and layers on GPU 0, "
+         "the CUDA tests then `--steps generate --layers 4 --new-tokens 32 --json sparsity_gpu_generate.json` on "
+         "GPU 1; the cuSPARSELt combination table is an earlier session's `bench/sparse_diag.py`, "
+         "`bench/results/sparsity_cslt_diag.jsonl`), then `python bench/sparsity.py --part report --out bench/results`.",
+         ""]
     targets = []
     if q:
         rows = q["rows"]
@@ -646,11 +648,14 @@ def write_report(out_dir) -> None:
                 edense, ei8 = refs(big, True)
                 # the targets read the SparseLinear module rows (what a quantized model runs)
                 for label, s8, sb, d_, i_ in (
-                        ("SparseLinear", get.get(("2:4 int8 SparseLinear module", big)),
+                        ("SparseLinear, default tune_for=eager, graph replay",
+                         get.get(("2:4 int8 SparseLinear module", big)),
                          get.get(("2:4 bf16 SparseLinear module", big)), dense, i8),
-                        ("SparseLinear tune_for=graph", get.get(("2:4 int8 SparseLinear module, tune_for=graph", big)),
+                        ("SparseLinear tune_for=graph, graph replay",
+                         get.get(("2:4 int8 SparseLinear module, tune_for=graph", big)),
                          get.get(("2:4 bf16 SparseLinear module, tune_for=graph", big)), dense, i8),
-                        ("SparseLinear, eager", get.get(("[eager] 2:4 int8 SparseLinear module", big)),
+                        ("SparseLinear, default tune_for=eager, eager calls",
+                         get.get(("[eager] 2:4 int8 SparseLinear module", big)),
                          get.get(("[eager] 2:4 bf16 SparseLinear module", big)), edense, ei8)):
                     if s8 and i_:
                         targets.append((f"2:4 int8 ({label}) >= 1.3x lowbit dense int8 at M={big}, {N}x{K}",
