@@ -215,13 +215,23 @@ def gpu_correctness(res):
     print(json.dumps(out, indent=1), flush=True)
 
 
-def gpu_layers(res, Ms, shapes):
+def gpu_layers(res, Ms, shapes, rounds=5, reps=10, save=None):
     from lowbit import kernels
     from lowbit.kernels import sparse as ks
-    from lowbit.kernels.native import _quantize_rows
+    from lowbit.kernels.triton import sparse24 as ts
     from lowbit.algorithms.sparsegpt import quantize_kept, magnitude_prune
 
     rows = []
+
+    def previous_glue(fn):
+        def run():
+            ks.GLUE = "previous"
+            try:
+                return fn()
+            finally:
+                ks.GLUE = "fused"
+        return run
+
     for (N, K) in shapes:
         torch.manual_seed(0)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -237,7 +247,6 @@ def gpu_layers(res, Ms, shapes):
         s8 = scales.reshape(-1).float().contiguous()
         wd8 = (torch.randn(N, K, device="cuda") * 40).clamp(-127, 127).round().to(torch.int8)  # dense int8 weight
         packed8 = ks.prepare_24(w8)
-        alg = {}
         from torch import nn
         from lowbit.nn.sparse import SparseLinear
         from lowbit.model.sparse_methods import _int8_channel_state
@@ -246,6 +255,8 @@ def gpu_layers(res, Ms, shapes):
         mod_fp = SparseLinear.from_pruned(lin, wp)
         lin8 = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         mod_i8 = SparseLinear.from_pruned(lin8, state=_int8_channel_state(codes, scales, torch.bfloat16).to("cuda"))
+        mod_fp_g, mod_i8_g = copy.copy(mod_fp), copy.copy(mod_i8)  # the same weights, tuned for CUDA graphs
+        mod_fp_g.tune_for = mod_i8_g.tune_for = "graph"
         with torch.no_grad():  # the module computes what the kernel-level rows compute
             xc = torch.randn(300, K, device="cuda", dtype=torch.bfloat16)
             e_fp = float((mod_fp(xc).double() - xc.double() @ wp.double().T).abs().max()
@@ -258,35 +269,72 @@ def gpu_layers(res, Ms, shapes):
         print("module check", N, K, e_fp, e_i8, flush=True)
         for M in Ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            q, sx = _quantize_rows(x, fp8=False)
-            qp = F.pad(q, (0, 0, 0, (-M) % 16)) if M % 16 else q
-            variants = {
-                "dense bf16 F.linear": lambda: F.linear(x, w),
-                "dense int8 lowbit native (_int_mm)": lambda: kernels.int8_linear_dynamic(x, (wd8, s8), backend="native"),
-                "dense int8 lowbit default (triton)": lambda: kernels.int8_linear_dynamic(x, (wd8, s8)),
-                "2:4 bf16 untuned (alg 0, row-major out)":
-                    lambda: ks.sparse24_linear(x, wp, packed=packed, backend="sparse", alg_search=False),
-                "2:4 bf16 tuned (sparse forced)": lambda: ks.sparse24_linear(x, wp, packed=packed, backend="sparse"),
-                "2:4 bf16 SparseLinear module": lambda: mod_fp(x),
-                "2:4 bf16 SparseLinear module + .contiguous()": lambda: mod_fp(x).contiguous(),
-                "2:4 int8 untuned (alg 0, row-major out)":
-                    lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse",
-                                                            alg_search=False),
-                "2:4 int8 tuned (sparse forced)":
-                    lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse"),
-                "2:4 int8 SparseLinear module": lambda: mod_i8(x),
-                "2:4 int8 SparseLinear module + .contiguous()": lambda: mod_i8(x).contiguous(),
-                "2:4 int8 sparse GEMM only (alg 0, alpha, bf16 out)":
-                    lambda: torch._cslt_sparse_mm(packed8, qp.t(), alpha=s8, out_dtype=torch.bfloat16,
-                                                  transpose_result=True),
-            }
+            mp = M + (-M) % 16
+            q, sx = ts.quantize_rows_padded(x, mp)
+            key8 = ("int8", N, K, torch.bfloat16, ks._bucket(M), True, False, False, "graph")
+            y_row = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+            y_col = torch.randn(N, mp, device="cuda", dtype=torch.bfloat16)[:, :M].t()
+            ones = torch.ones(M, device="cuda")
+
+            def gemm_tuned():
+                plan = ks._PLAN.get(key8)
+                if plan is None or plan[0] != "sparse":
+                    raise RuntimeError(f"no sparse plan for {key8}")
+                return torch._cslt_sparse_mm(packed8, q.t(), alpha=s8, out_dtype=torch.bfloat16,
+                                             transpose_result=plan[1], alg_id=plan[2])
+
+            def rescale_tuned():
+                plan = ks._PLAN.get(key8)
+                if plan is None or plan[0] != "sparse":
+                    raise RuntimeError(f"no sparse plan for {key8}")
+                return ts.rescale_tokens(y_row if plan[1] else y_col, ones, None, torch.bfloat16)
+
+            variants = [
+                ("dense bf16 F.linear", lambda: F.linear(x, w), True),
+                ("dense int8 lowbit native (_int_mm)", lambda: kernels.int8_linear_dynamic(x, (wd8, s8), backend="native"),
+                 True),
+                ("dense int8 lowbit default (triton)", lambda: kernels.int8_linear_dynamic(x, (wd8, s8)), True),
+                ("2:4 bf16 untuned (alg 0, row-major out)",
+                 lambda: ks.sparse24_linear(x, wp, packed=packed, backend="sparse", alg_search=False), True),
+                ("2:4 bf16 tuned (sparse forced)",
+                 lambda: ks.sparse24_linear(x, wp, packed=packed, backend="sparse", objective="graph"), True),
+                ("2:4 bf16 SparseLinear module", lambda: mod_fp(x), True),
+                ("2:4 bf16 SparseLinear module, tune_for=graph", lambda: mod_fp_g(x), True),
+                ("2:4 bf16 SparseLinear module + .contiguous()", lambda: mod_fp(x).contiguous(), True),
+                ("2:4 int8 untuned (alg 0, row-major out)",
+                 lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse", alg_search=False),
+                 True),
+                ("2:4 int8 tuned (sparse forced)",
+                 lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse", objective="graph"),
+                 True),
+                ("2:4 int8 tuned (sparse forced), previous glue",
+                 previous_glue(lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse",
+                                                                       objective="graph")), True),
+                ("2:4 int8 SparseLinear module", lambda: mod_i8(x), True),
+                ("2:4 int8 SparseLinear module, tune_for=graph", lambda: mod_i8_g(x), True),
+                ("2:4 int8 sparse GEMM only (alg 0, alpha, bf16 out)",
+                 lambda: torch._cslt_sparse_mm(packed8, q.t(), alpha=s8, out_dtype=torch.bfloat16,
+                                               transpose_result=True), True),
+                ("2:4 int8 sparse GEMM only (tuned plan)", gemm_tuned, True),
+                ("int8 glue: quantize into the padded operand (Triton)", lambda: ts.quantize_rows_padded(x, mp), True),
+                ("int8 glue: per-token rescale (Triton, tuned layout)", rescale_tuned, True),
+                ("[eager] dense bf16 F.linear", lambda: F.linear(x, w), False),
+                ("[eager] dense int8 lowbit default (triton)", lambda: kernels.int8_linear_dynamic(x, (wd8, s8)), False),
+                ("[eager] 2:4 bf16 tuned (sparse forced)",
+                 lambda: ks.sparse24_linear(x, wp, packed=packed, backend="sparse"), False),
+                ("[eager] 2:4 int8 tuned (sparse forced)",
+                 lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse"), False),
+                ("[eager] 2:4 bf16 SparseLinear module", lambda: mod_fp(x), False),
+                ("[eager] 2:4 int8 SparseLinear module", lambda: mod_i8(x), False),
+            ]
             if semi is not None:
-                variants["2:4 bf16 to_sparse_semi_structured + F.linear"] = lambda: F.linear(x, semi)
-            for name, fn in variants.items():
+                variants.append(("2:4 bf16 to_sparse_semi_structured + F.linear", lambda: F.linear(x, semi), True))
+            for name, fn, graph in variants:
                 try:
                     if name == "dense int8 lowbit native (_int_mm)" and M <= 16:
                         raise RuntimeError("_int_mm needs M > 16 (lowbit falls back to the triton kernel)")
-                    t, mode = _time(fn)
+                    with torch.no_grad():
+                        t, mode = _time(fn, reps=reps, rounds=rounds, graph=graph)
                     rows.append({"N": N, "K": K, "M": M, "variant": name, "us": t * 1e6, "mode": mode,
                                  "tflops": 2 * M * N * K / t / 1e12})
                 except Exception as e:  # noqa: BLE001
@@ -294,23 +342,75 @@ def gpu_layers(res, Ms, shapes):
                 r = rows[-1]
                 print(N, K, M, name, f"{r.get('us', float('nan')):.1f} us" if "us" in r else r["error"], r.get("mode"),
                       flush=True)
-            # cuSPARSELt's own algorithm search, at the largest M
-            if M == max(Ms) and hasattr(torch, "_cslt_sparse_mm_search"):
-                try:
-                    aid = torch._cslt_sparse_mm_search(packed, x.t())
-                    aid = aid[0] if isinstance(aid, (tuple, list)) else aid
-                    t, mode = _time(lambda: torch._cslt_sparse_mm(packed, x.t(), alg_id=int(aid), transpose_result=True))
-                    alg[M] = int(aid)
-                    rows.append({"N": N, "K": K, "M": M, "variant": f"2:4 bf16 cuSPARSELt searched alg_id={int(aid)}",
-                                 "us": t * 1e6, "mode": mode, "tflops": 2 * M * N * K / t / 1e12})
-                    print(rows[-1], flush=True)
-                except Exception as e:  # noqa: BLE001
-                    res.setdefault("notes", []).append(f"_cslt_sparse_mm_search: {type(e).__name__}: {e}"[:300])
-        del w, wp, packed, semi, w8, packed8, wd8, mod_fp, mod_i8, lin, lin8
+            res["layers"] = rows  # saved after every M: a call cut by its time limit keeps what it measured
+            res["tuned_plans"] = [{"key": [str(k) for k in key], "plan": [str(v) for v in plan]}
+                                  for key, plan in ks._PLAN.items()]
+            res["tune_log"] = [{"key": [str(k) for k in key], **entry} for key, entry in ks._TUNE_LOG.items()]
+            if save is not None:
+                save()
+        del w, wp, packed, semi, w8, packed8, wd8, mod_fp, mod_i8, mod_fp_g, mod_i8_g, lin, lin8
         torch.cuda.empty_cache()
     res["layers"] = rows
+    res["rounds"], res["reps"] = rounds, reps
     res["tuned_plans"] = [{"key": [str(k) for k in key], "plan": [str(v) for v in plan]}
                           for key, plan in ks._PLAN.items()]
+    res["tune_log"] = [{"key": [str(k) for k in key], **entry} for key, entry in ks._TUNE_LOG.items()]
+
+
+def gpu_overhead(res, N=8192, K=8192, Ms=(16, 4096)):
+    """Where the eager time of a cuSPARSELt call goes: host time per call issued while the GPU is kept busy
+    (``torch.cuda._sleep``), i.e. pure host work, and whether a call returns before the GPU work queued
+    ahead of it has run (it does not synchronise)."""
+    from lowbit.kernels import sparse as ks
+    from lowbit.kernels.triton import sparse24 as ts
+    from lowbit.algorithms.sparsegpt import magnitude_prune
+
+    out = {}
+    torch.manual_seed(0)
+    wp = magnitude_prune(torch.randn(N, K, device="cuda", dtype=torch.bfloat16))[0]
+    packed = ks.prepare_24(wp)
+    w8 = (torch.randn(N, K, device="cuda") * 40).clamp(-127, 127).round().to(torch.int8)
+    w8 = magnitude_prune(w8.float())[0].to(torch.int8)
+    packed8 = ks.prepare_24(w8)
+    s8 = torch.rand(N, device="cuda") * 0.01
+    for M in Ms:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        q, sx = ts.quantize_rows_padded(x, M + (-M) % 16)
+        y_col = torch.empty(N, q.shape[0], device="cuda", dtype=torch.bfloat16)[:, :M].t()
+        calls = {
+            "F.linear bf16": lambda: F.linear(x, wp),
+            "_cslt_sparse_mm bf16 (T0)": lambda: torch._cslt_sparse_mm(packed, x.t(), transpose_result=True),
+            "_cslt_sparse_mm bf16 (F0)": lambda: torch._cslt_sparse_mm(packed, x.t(), transpose_result=False),
+            "_cslt_sparse_mm int8 alpha bf16 out (T0)":
+                lambda: torch._cslt_sparse_mm(packed8, q.t(), alpha=s8, out_dtype=torch.bfloat16, transpose_result=True),
+            "quantize_rows_padded (Triton)": lambda: ts.quantize_rows_padded(x, q.shape[0]),
+            "rescale_tokens (Triton)": lambda: ts.rescale_tokens(y_col, sx, None, torch.bfloat16),
+            "sparse24_int8_linear_dynamic (sparse forced, tuned)":
+                lambda: ks.sparse24_int8_linear_dynamic(x, w8, s8, packed=packed8, backend="sparse", objective="graph"),
+        }
+        for name, fn in calls.items():
+            try:
+                fn()
+                fn()
+                torch.cuda.synchronize()
+                torch.cuda._sleep(200_000_000)  # ~100 ms of GPU time queued ahead
+                t0 = time.perf_counter()
+                fn()
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                per = (time.perf_counter() - t0) / 20
+                torch.cuda.synchronize()
+                out[f"M={M} {name}"] = {"host_us_per_call_gpu_busy": per * 1e6, "first_call_returned_us": first * 1e6}
+            except Exception as e:  # noqa: BLE001
+                out[f"M={M} {name}"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            print("overhead", M, name, out[f"M={M} {name}"], flush=True)
+    t0 = time.perf_counter()
+    torch.cuda._sleep(200_000_000)
+    torch.cuda.synchronize()
+    out["torch.cuda._sleep(2e8) wall us"] = (time.perf_counter() - t0) * 1e6
+    res["overhead"] = out
 
 
 def gpu_generate(res, layers, prompt, new_tokens):
@@ -330,8 +430,9 @@ def gpu_generate(res, layers, prompt, new_tokens):
     def measure(model, label):
         r = {}
         with torch.no_grad():
-            for _ in range(2):
+            for _ in range(2):  # warm-up (the tuner measures each new shape on its first call)
                 model(ids, use_cache=False)
+                model(ids16, use_cache=False)
             torch.cuda.synchronize()
             t = []
             for _ in range(3):
@@ -347,7 +448,8 @@ def gpu_generate(res, layers, prompt, new_tokens):
                 torch.cuda.synchronize()
                 t.append(time.perf_counter() - t0)
             r["prefill_16x256_ms"] = statistics.median(t) * 1e3
-            model.generate(ids[:, :32], max_new_tokens=8, do_sample=False, min_new_tokens=8)
+            for _ in range(2):
+                model.generate(ids[:, :128], max_new_tokens=8, do_sample=False, min_new_tokens=8)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             g = model.generate(ids[:, :128], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -397,12 +499,24 @@ def part_gpu(args) -> dict:
         res["cusparselt_version"] = torch.backends.cusparselt.version()
     except Exception:  # noqa: BLE001
         pass
+    res["cslt_tuning"]["OBJECTIVE"] = ks.OBJECTIVE
+    res["cslt_tuning"]["GLUE"] = ks.GLUE
     print(res, flush=True)
-    path = os.path.join(args.out, "sparsity_gpu.json")
+    path = os.path.join(args.out, args.json)
     steps = [("correctness", lambda: gpu_correctness(res)),
-             ("layers", lambda: gpu_layers(res, [int(m) for m in args.ms.split(",")], [(8192, 8192), (8192, 28672)])),
+             ("overhead", lambda: gpu_overhead(res)),
+             ("layers", lambda: gpu_layers(res, [int(m) for m in args.ms.split(",")], [(8192, 8192), (8192, 28672)],
+                                           save=save)),
              ("generate", lambda: gpu_generate(res, args.layers, args.prompt, args.new_tokens))]
+    want = set(args.steps.split(","))
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
     for name, fn in steps:
+        if name not in want:
+            continue
         t0 = time.perf_counter()
         try:
             fn()
@@ -430,12 +544,18 @@ def _load(out, name):
 def write_report(out_dir) -> None:
     q = _load(out_dir, "sparsity_quality.json")
     g = _load(out_dir, "sparsity_gpu.json")
+    gen_json = _load(out_dir, "sparsity_gpu_generate.json")  # the generate step, run beside on a second GPU
+    if g is not None and gen_json and gen_json.get("generate"):
+        g["generate"] = gen_json["generate"]
+        g.setdefault("notes", []).extend(n for n in gen_json.get("notes", []) if n not in g.get("notes", []))
     L = ["# 2:4 semi-structured sparsity (issue 21)", "",
          "Reproduce: `nice python bench/sparsity.py --part quality --n-samples N --out bench/results` (CPU), "
-         "`python bench/sparsity.py --part gpu --out $OUT` (the lent H200; this session through "
-         "`bash bench/gpu_call.sh <commit>`, which first runs `bench/sparse_diag.py` (copied to "
-         "`bench/results/sparsity_cslt_diag.jsonl`) and the CUDA tests), then "
-         "`python bench/sparsity.py --part report --out bench/results`.", ""]
+         "`python bench/sparsity.py --part gpu --out $OUT` (the lent H200; the speed part below through "
+         "`bash bench/gpu_call_sparse.sh <commit>` on nvidia-h200-x2: correctness, host overhead and layers on GPU 0, "
+         "the CUDA tests then `--steps generate --layers 4 --new-tokens 32 --json sparsity_gpu_generate.json` on "
+         "GPU 1; the cuSPARSELt combination table is an earlier session's `bench/sparse_diag.py`, "
+         "`bench/results/sparsity_cslt_diag.jsonl`), then `python bench/sparsity.py --part report --out bench/results`.",
+         ""]
     targets = []
     if q:
         rows = q["rows"]
@@ -483,9 +603,11 @@ def write_report(out_dir) -> None:
                                                        for k, v in c.items()] + [""]
         rows = g.get("layers", [])
         if rows:
-            L += ["Per-layer time (us; median of 7 rounds of 20 calls; `graph` = CUDA-graph replay) and speed-up "
-                  "over dense bf16 `F.linear` / over lowbit's best dense int8 (the faster of `_int_mm` and the Triton "
-                  "kernel at that M). The int8 rows include the per-token activation quantization.", ""]
+            L += [f"Per-layer time (us; median of {g.get('rounds', 7)} rounds of {g.get('reps', 20)} calls; CUDA-graph "
+                  "replay unless the row says `[eager]`) and speed-up over dense bf16 `F.linear` / over lowbit's best "
+                  "dense int8 (the faster of `_int_mm` and the Triton kernel at that M); `[eager]` rows: back-to-back "
+                  "eager calls, against the `[eager]` dense rows. The int8 rows include the per-token activation "
+                  "quantization; `int8 glue` rows are the two Triton kernels alone (time only).", ""]
             shapes = sorted({(r["N"], r["K"]) for r in rows})
             variants = list(dict.fromkeys(r["variant"].split(" alg_id")[0] for r in rows))
             for (N, K) in shapes:
@@ -496,6 +618,15 @@ def write_report(out_dir) -> None:
                 for r in rows:
                     if (r["N"], r["K"]) == (N, K) and "us" in r:
                         get[(r["variant"].split(" alg_id")[0], r["M"])] = r["us"]
+
+                def refs(m, eager):
+                    if eager:
+                        return (get.get(("[eager] dense bf16 F.linear", m)),
+                                get.get(("[eager] dense int8 lowbit default (triton)", m)))
+                    i8 = [get.get(("dense int8 lowbit native (_int_mm)", m)),
+                          get.get(("dense int8 lowbit default (triton)", m))]
+                    return get.get(("dense bf16 F.linear", m)), min([x for x in i8 if x is not None], default=None)
+
                 for v in variants:
                     cells = []
                     for m in Ms:
@@ -503,34 +634,38 @@ def write_report(out_dir) -> None:
                         if t is None:
                             cells.append("-")
                             continue
-                        dense = get.get(("dense bf16 F.linear", m))
-                        i8 = [get.get(("dense int8 lowbit native (_int_mm)", m)),
-                              get.get(("dense int8 lowbit default (triton)", m))]
-                        i8 = min([x for x in i8 if x is not None], default=None)
-                        s = f"{t:.1f} ({dense / t:.2f}x"
+                        if v.startswith("int8 glue"):
+                            cells.append(f"{t:.1f}")
+                            continue
+                        dense, i8 = refs(m, v.startswith("[eager]"))
+                        s = f"{t:.1f} ({dense / t:.2f}x" if dense else f"{t:.1f} (-"
                         s += f", {i8 / t:.2f}x int8)" if i8 and "int8" in v and "dense" not in v else ")"
                         cells.append(s)
                     L.append(f"| {v} | " + " | ".join(cells) + " |")
                 L.append("")
                 big = max(Ms)
-                dense = get.get(("dense bf16 F.linear", big))
-                i8 = min([x for x in (get.get(("dense int8 lowbit native (_int_mm)", big)),
-                                      get.get(("dense int8 lowbit default (triton)", big))) if x], default=None)
-                # the targets read the SparseLinear module rows (what a quantized model runs); the older JSON
-                # had only kernel-level rows
-                s8 = get.get(("2:4 int8 SparseLinear module", big)) or get.get(
-                    ("2:4 int8 lowbit (quant+sparse GEMM+rescale)", big))
-                sb = get.get(("2:4 bf16 SparseLinear module", big)) or get.get(("2:4 bf16 lowbit (cuSPARSELt)", big))
-                s8c = get.get(("2:4 int8 SparseLinear module + .contiguous()", big))
-                sbc = get.get(("2:4 bf16 SparseLinear module + .contiguous()", big))
-                if s8 and i8:
-                    targets.append((f"2:4 int8 (SparseLinear) >= 1.3x lowbit dense int8 at M={big}, {N}x{K}",
-                                    f"{i8 / s8:.2f}x" + (f" ({i8 / s8c:.2f}x with .contiguous())" if s8c else ""),
-                                    i8 / s8 >= 1.3))
-                if s8 and dense:
-                    targets.append((f"2:4 int8 (SparseLinear) >= 2x dense bf16 at M={big}, {N}x{K}",
-                                    f"{dense / s8:.2f}x" + (f" ({dense / s8c:.2f}x with .contiguous())" if s8c else ""),
-                                    dense / s8 >= 2.0))
+                dense, i8 = refs(big, False)
+                edense, ei8 = refs(big, True)
+                # the targets read the SparseLinear module rows (what a quantized model runs)
+                for label, s8, sb, d_, i_ in (
+                        ("SparseLinear, default tune_for=eager, graph replay",
+                         get.get(("2:4 int8 SparseLinear module", big)),
+                         get.get(("2:4 bf16 SparseLinear module", big)), dense, i8),
+                        ("SparseLinear tune_for=graph, graph replay",
+                         get.get(("2:4 int8 SparseLinear module, tune_for=graph", big)),
+                         get.get(("2:4 bf16 SparseLinear module, tune_for=graph", big)), dense, i8),
+                        ("SparseLinear, default tune_for=eager, eager calls",
+                         get.get(("[eager] 2:4 int8 SparseLinear module", big)),
+                         get.get(("[eager] 2:4 bf16 SparseLinear module", big)), edense, ei8)):
+                    if s8 and i_:
+                        targets.append((f"2:4 int8 ({label}) >= 1.3x lowbit dense int8 at M={big}, {N}x{K}",
+                                        f"{i_ / s8:.2f}x", i_ / s8 >= 1.3))
+                    if s8 and d_:
+                        targets.append((f"2:4 int8 ({label}) >= 2x dense bf16 at M={big}, {N}x{K}",
+                                        f"{d_ / s8:.2f}x", d_ / s8 >= 2.0))
+                    if sb and d_:
+                        targets.append((f"2:4 bf16 ({label}) >= 1.3x dense bf16 at M={big}, {N}x{K}",
+                                        f"{d_ / sb:.2f}x", d_ / sb >= 1.3))
                 k8 = get.get(("2:4 int8 tuned (sparse forced)", big))
                 kb = get.get(("2:4 bf16 tuned (sparse forced)", big))
                 if k8 and i8 and dense:
@@ -540,18 +675,63 @@ def write_report(out_dir) -> None:
                 if kb and dense:
                     targets.append((f"(kernel level, tuned, sparse forced) 2:4 bf16 at M={big}, {N}x{K}",
                                     f"{dense / kb:.2f}x dense bf16", dense / kb >= 1.3))
-                if sb and dense:
-                    targets.append((f"2:4 bf16 (SparseLinear) >= 1.3x dense bf16 at M={big}, {N}x{K}",
-                                    f"{dense / sb:.2f}x" + (f" ({dense / sbc:.2f}x with .contiguous())" if sbc else ""),
-                                    dense / sb >= 1.3))
+                # the module's choice at every M against the fastest measured path (graph replay)
+                for kind in ("bf16", "int8"):
+                    dn = "dense bf16 F.linear" if kind == "bf16" else "dense int8 lowbit default (triton)"
+                    for how, name, alts in (
+                            ("tune_for=graph, graph replay", f"2:4 {kind} SparseLinear module, tune_for=graph",
+                             (dn, f"2:4 {kind} tuned (sparse forced)")),
+                            ("default (eager), eager calls", f"[eager] 2:4 {kind} SparseLinear module",
+                             (f"[eager] {dn}", f"[eager] 2:4 {kind} tuned (sparse forced)"))):
+                        worst = []
+                        for m in Ms:
+                            t = get.get((name, m))
+                            best = min([get[(a, m)] for a in alts if (a, m) in get], default=None)
+                            if t and best:
+                                worst.append((t / best, m))
+                        if worst:
+                            r_, m_ = max(worst)
+                            targets.append((f"2:4 {kind} module ({how}) within 5% of the faster of its dense and "
+                                            f"sparse paths at every M, {N}x{K}",
+                                            f"worst {r_:.2f}x the fastest (M={m_})", r_ <= 1.05))
         tp = g.get("tuned_plans")
         if tp:
             big = [t for t in tp if t["key"][4] in ("4096", "1024") and t["key"][1] == "8192"]
             if big:
-                L += ["Tuned choices at M = 1024 / 4096 (key: kind, N, K, dtype, M bucket, ..., dense allowed; plan: "
-                      "`dense` or (`sparse`, transpose_result, algorithm id)):", "",
+                L += ["Tuned choices at M = 1024 / 4096 (key: kind, N, K, dtype, M bucket, ..., dense allowed, "
+                      "objective; plan: `dense` or (`sparse`, transpose_result, algorithm id)):", "",
                       "| key | plan |", "|---|---|"] + [f"| {' '.join(t['key'])} | {' '.join(t['plan'])} |" for t in big]
                 L.append("")
+        tl = g.get("tune_log")
+        if tl:
+            sel = [t for t in tl if t["key"][4] == "4096" and t["key"][1] == "8192" and t["key"][-2] == "True"]
+            if sel:
+                L += ["What the tuner measured at M = 4096 with the dense path allowed (ms per call: `gpu` = CUDA-graph "
+                      "replay, `host` = host time to issue a call, `eager` = events around bursts of eager calls; "
+                      "`cost` = the objective's figure):", "",
+                      "| key | candidate | gpu | host | eager | cost |", "|---|---|---|---|---|---|"]
+                for t in sel:
+                    for c in t["candidates"]:
+                        if "error" in c:
+                            L.append(f"| {' '.join(t['key'])} | {' '.join(map(str, c['plan']))} | error: "
+                                     f"{c['error'][:60]} | | | |")
+                            continue
+                        gpu = f"{c['gpu_ms']:.3f}" if c.get("gpu_ms") is not None else "-"
+                        L.append(f"| {' '.join(t['key'])} | {' '.join(map(str, c['plan']))} | {gpu} | "
+                                 f"{c['host_ms']:.3f} | {c['eager_ms']:.3f} | {c['cost_ms']:.3f} |")
+                L.append("")
+        ov = g.get("overhead")
+        if ov:
+            L += ["Host work per call (`bench/sparsity.py` step `overhead`, N = K = 8192): calls issued while the GPU "
+                  "is kept busy by `torch.cuda._sleep`, so the figure is host time alone; `first call returned` = "
+                  "host time of the first call issued behind ~100 ms of queued GPU work (a call that synchronised "
+                  "would take ~100 ms).", "", "| call | host us / call | first call returned (us) |", "|---|---|---|"]
+            for k, v in ov.items():
+                if isinstance(v, dict) and "error" not in v:
+                    L.append(f"| {k} | {v['host_us_per_call_gpu_busy']:.1f} | {v['first_call_returned_us']:.1f} |")
+                elif isinstance(v, dict):
+                    L.append(f"| {k} | error: {v['error'][:80]} | |")
+            L.append("")
         diag_path = os.path.join(out_dir, "sparsity_cslt_diag.jsonl")
         if os.path.exists(diag_path):
             with open(diag_path) as f:
@@ -658,12 +838,15 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--commit", default="", help="the commit the GPU copy was made from (no .git there)")
+    ap.add_argument("--steps", default="correctness,overhead,layers,generate", help="GPU steps to run")
+    ap.add_argument("--json", default="sparsity_gpu.json", help="file name of the GPU part's results")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.part == "quality":
         part_quality(args)
     elif args.part == "gpu":
         part_gpu(args)
+        return
     write_report(args.out)
 
 

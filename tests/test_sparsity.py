@@ -1,5 +1,7 @@
 """2:4 semi-structured sparsity: pruning (magnitude, SparseGPT), SparseLinear, methods, formats (issue 21)."""
 import json
+import time
+import types
 
 import pytest
 import torch
@@ -456,6 +458,88 @@ def test_cuda_sparse_linear_graph_capture_untuned_shape():
     assert float((y8.float() - ref8.float()).abs().max() / ref8.float().abs().max()) < 2e-2
 
 
+_GLUE_CHECK = r"""
+import torch
+from lowbit.kernels import reference
+from lowbit.kernels.triton import sparse24 as ts
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+for dt in (torch.bfloat16, torch.float16, torch.float32):
+    for M, K in ((1, 64), (5, 512), (3, 9000), (17, 28672), (2, 1100)):
+        big = torch.randn(M, K + 24, device=dev) * 3
+        big[0, 5] = 40.0
+        x = big.to(dt)[:, 3:K + 3]  # rows not contiguous: read through their stride
+        rows = M + (-M) % 16
+        q, s = ts.quantize_rows_padded(x, rows)
+        qr, sr = reference.quantize_rows(x, fp8=False)
+        assert q.shape == (rows, K) and torch.equal(q[:M], qr) and torch.equal(s, sr), (dt, M, K)
+        assert not q[M:].any()
+for dt in (torch.float16, torch.bfloat16):
+    for M, N in ((1, 64), (37, 200), (130, 70)):
+        sx = torch.rand(M, device=dev) + 0.1
+        bias = torch.randn(N, device=dev).to(dt)
+        y = torch.randn(M, N, device=dev).to(dt)
+        # within one unit in the last place (exact on the GPU; Triton's interpreter truncates to bf16)
+        tol = 2.0 ** -10 if dt == torch.float16 else 2.0 ** -7
+        for yin, b in ((y.clone(), bias), (y.t().contiguous().t(), None), (y.t().contiguous().t(), bias)):
+            ref = y.float() * sx[:, None] + (b.float() if b is not None else 0.0)
+            out = ts.rescale_tokens(yin, sx, b, dt)
+            assert out.shape == (M, N) and out.is_contiguous() and out.dtype == dt
+            assert float(((out.float() - ref.to(dt).float()).abs() / ref.abs().clamp(min=1e-3)).max()) <= tol, (dt, M)
+        yy = y.clone()
+        assert ts.rescale_tokens(yy, sx, None, dt).data_ptr() == yy.data_ptr()  # row-major: in place
+print("glue ok")
+"""
+
+
+def test_int8_glue_kernels_in_the_triton_interpreter():
+    """The Triton glue of the 2:4 int8 path (quantization into the padded operand, per-token rescale) in
+    Triton's CPU interpreter: bit for bit lowbit's reference quantization (strided rows, K in one block and
+    in chunks), pad rows zero, the rescale in both layouts. Needs triton without CUDA (not in CI's venv);
+    on the GPU the same check runs compiled (test_cuda_int8_glue_kernels)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: test_cuda_int8_glue_kernels runs the compiled kernels")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    p = subprocess.run([sys.executable, "-c", _GLUE_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0 and "glue ok" in p.stdout, p.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_cuda_int8_glue_kernels():
+    pytest.importorskip("triton")
+    exec(compile(_GLUE_CHECK, "glue_check", "exec"), {})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective,glue", [("eager", "fused"), ("graph", "previous")])
+def test_cuda_tuner_objectives_and_glues(monkeypatch, objective, glue):
+    """Both tuning objectives and both int8 glues give the reference's results; the tuner measured every
+    candidate on the GPU by CUDA-graph replay and on the host; the int8 output is row-major with the fused glue."""
+    if not ks.cusparselt_available():
+        pytest.skip("no cuSPARSELt in this torch build")
+    monkeypatch.setattr(ks, "ALG_SEARCH", True)
+    monkeypatch.setattr(ks, "GLUE", glue)
+    for name in ("_PLAN", "_TUNE_LOG", "_SEARCHED"):
+        monkeypatch.setattr(ks, name, {})
+    fp, i8, wp, b = _cuda_modules(seed=3)
+    fp.tune_for = i8.tune_for = objective
+    _check_modules(fp, i8, wp, b, [(1, 512), (300, 512), (2, 150, 512)])
+    assert ks._TUNE_LOG and all(k[-1] == objective for k in ks._PLAN)
+    for entry in ks._TUNE_LOG.values():
+        ok = [c for c in entry["candidates"] if "error" not in c and "cut" not in c]
+        assert ok and all(c["gpu_ms"] is not None and c["gpu_ms"] > 0 and c["host_ms"] > 0 for c in ok)
+    if glue == "fused":
+        with torch.no_grad():
+            assert i8(torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)).is_contiguous()
+
+
 def test_cpu_int8_path_is_the_reference_bit_for_bit():
     torch.manual_seed(0)
     for K in (64, 1100, 2600):  # one and several exact float32 chunks of 1024
@@ -488,10 +572,28 @@ def test_cli_quantize_sparse_int8(tmp_path):
     assert all(check_nm(lowbit.dequantize(mod.qstate)) for mod in layers)
 
 
+def _fake_measure(timings, timed):
+    """A stand-in for ks._measure: the candidate's figures from ``timings`` (a number = the same figure
+    for GPU, host and eager time; a dict = those figures)."""
+    def measure(fn, **kw):
+        c = fn()
+        timed.append(c)
+        t = timings[c]
+        return dict(t) if isinstance(t, dict) else {"gpu_ms": t, "host_ms": t, "eager_ms": t}
+    return measure
+
+
+def _fresh_tuner(monkeypatch):
+    monkeypatch.setattr(ks, "_PLAN", {})
+    monkeypatch.setattr(ks, "_TUNE_LOG", {})
+    monkeypatch.setattr(ks, "_SEARCHED", {})
+    monkeypatch.setattr(ks, "_capturing", lambda: False)
+
+
 def test_tuning_caches_per_shape_and_picks_the_fastest(monkeypatch):
-    """The cuSPARSELt tuning: one search per transpose_result, one timing per candidate, once per key
-    (shape, dtype, M bucket); the fastest wins (the dense path only under backend 'auto'); no tuning
-    inside a CUDA graph capture."""
+    """The cuSPARSELt tuning: one search per transpose_result, one measurement per candidate, once per key
+    (shape, dtype, M bucket, dense allowed, objective); the cheapest wins (the dense path only under backend
+    'auto'); no tuning inside a CUDA graph capture; what was measured is logged."""
     calls = []
 
     def fake_search(packed, b, transpose_result=False, **kw):
@@ -500,16 +602,9 @@ def test_tuning_caches_per_shape_and_picks_the_fastest(monkeypatch):
 
     timings = {("sparse", True, 5): 3.0, ("sparse", True, 0): 4.0, ("sparse", False, 0): 2.0, ("dense",): 1.0}
     timed = []
-
-    def fake_time(fn, **kw):
-        c = fn()
-        timed.append(c)
-        return timings[c]
-
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", fake_search, raising=False)
-    monkeypatch.setattr(ks, "_time_call", fake_time)
-    monkeypatch.setattr(ks, "_PLAN", {})
-    monkeypatch.setattr(ks, "_capturing", lambda: False)
+    monkeypatch.setattr(ks, "_measure", _fake_measure(timings, timed))
+    _fresh_tuner(monkeypatch)
     monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,Ts,Fs"))
     run_sparse = lambda tr, aid: ("sparse", tr, aid)  # noqa: E731
     run_dense = lambda: ("dense",)  # noqa: E731
@@ -518,16 +613,86 @@ def test_tuning_caches_per_shape_and_picks_the_fastest(monkeypatch):
     assert ks._tuned(key, None, b, True, run_sparse, run_dense) == ("dense",)
     assert sorted(timed, key=str) == sorted(timings, key=str)
     assert [c for c in calls if c[0] == "search"] == [("search", True, 40), ("search", False, 40)]
+    log = ks._TUNE_LOG[key + (True, "eager")]
+    assert log["choice"] == ["dense"] and len(log["candidates"]) == 4
+    assert {c["cost_ms"] for c in log["candidates"]} == {1.0, 2.0, 3.0, 4.0}
     calls.clear()
     timed.clear()
     assert ks._tuned(key, None, b, True, run_sparse, run_dense) == ("dense",)  # cached: nothing runs
     assert calls == [] and timed == []
     assert ks._tuned(key, None, b, False, run_sparse, run_dense) == ("sparse", False, 0)  # sparse forced
-    assert ("dense",) not in timed
+    assert ("dense",) not in timed and calls == []  # the searches are reused
     monkeypatch.setattr(ks, "_capturing", lambda: True)
     key2 = key[:4] + (128,) + key[5:]
     assert ks._tuned(key2, None, b, True, run_sparse, run_dense) == ("sparse", True, 0)  # capture: untuned
     assert all(k[:5] != key2 for k in ks._PLAN)
+
+
+def test_tuning_objective_eager_counts_host_time_graph_does_not(monkeypatch):
+    """A sparse candidate fast on the GPU but slow to issue (PyTorch rebuilds the cuSPARSELt plan on every
+    call) loses to the dense path under the eager objective and wins under the graph objective; the two
+    are separate cache entries; the cost falls back to the eager figure where graph capture failed."""
+    assert ks._cost({"gpu_ms": 2.0, "host_ms": 3.0, "eager_ms": 9.0}, "eager") == 3.0
+    assert ks._cost({"gpu_ms": 2.0, "host_ms": 3.0, "eager_ms": 9.0}, "graph") == 2.0
+    assert ks._cost({"gpu_ms": 2.0, "host_ms": 0.5, "eager_ms": 9.0}, "eager") == 2.0
+    assert ks._cost({"gpu_ms": None, "host_ms": 0.5, "eager_ms": 4.0}, "graph") == 4.0
+    timings = {("sparse", True, 0): {"gpu_ms": 2.0, "host_ms": 3.0, "eager_ms": 3.1},
+               ("dense",): {"gpu_ms": 2.5, "host_ms": 0.1, "eager_ms": 2.5}}
+    timed = []
+    monkeypatch.setattr(ks, "_measure", _fake_measure(timings, timed))
+    _fresh_tuner(monkeypatch)
+    monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0"))
+    rs, rd = (lambda tr, aid: ("sparse", tr, aid)), (lambda: ("dense",))
+    key = ("int8", 64, 128, torch.bfloat16, 4096, True, False)
+    b = torch.zeros(128, 4096)
+    assert ks._tuned(key, None, b, True, rs, rd) == ("dense",)  # default objective: eager
+    assert ks._tuned(key, None, b, True, rs, rd, objective="graph") == ("sparse", True, 0)
+    assert ks._tuned(key, None, b, True, rs, rd, objective="eager") == ("dense",)
+    assert len(timed) == 4 and set(ks._PLAN) == {key + (True, "eager"), key + (True, "graph")}
+    monkeypatch.setattr(ks, "OBJECTIVE", "graph")
+    assert ks._tuned(key, None, b, True, rs, rd) == ("sparse", True, 0)
+    with pytest.raises(ValueError, match="objective 'fast'.*eager, graph"):
+        ks._tuned(key, None, b, True, rs, rd, objective="fast")
+
+
+def test_tuning_cuts_hopeless_candidates_and_fp16_runs_column_major(monkeypatch):
+    """A candidate whose single call takes far longer than the best so far is not measured further; fp16 never
+    asks cuSPARSELt for a row-major result (~0.2 s of host time per call on the H200): neither as a candidate,
+    nor in the untuned or in-capture default."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(ks, "_graph_ms", lambda fn, **kw: 1.0)
+    slow = []
+
+    def fn():
+        slow.append(1)
+        time.sleep(0.06)
+
+    m = ks._measure(fn, limit_ms=5.0)
+    assert m["cut"] and m["gpu_ms"] is None and m["host_ms"] >= 50 and len(slow) == 2
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kw: types.SimpleNamespace(
+        record=lambda: None, synchronize=lambda: None, elapsed_time=lambda other: 8.0))
+    m = ks._measure(lambda: None)
+    assert m == {"host_ms": m["host_ms"], "gpu_ms": 1.0, "eager_ms": 1.0} and m["host_ms"] < 5
+    searches, timed = [], []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search",
+                        lambda packed, b, transpose_result=False, **kw: searches.append(transpose_result) or 7,
+                        raising=False)
+    monkeypatch.setattr(ks, "_measure", _fake_measure({("sparse", False, 0): 2.0, ("sparse", False, 7): 1.0}, timed))
+    _fresh_tuner(monkeypatch)
+    monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,Fs,FsT,Ts,TsF"))
+    rs = lambda tr, aid: ("sparse", tr, aid)  # noqa: E731
+    assert ks._tuned(("fp16",), None, torch.zeros(8, 64), False, rs, None, row_major=False) == ("sparse", False, 7)
+    assert searches == [False] and sorted(timed) == [("sparse", False, 0), ("sparse", False, 7)]
+    monkeypatch.setattr(ks, "_capturing", lambda: True)
+    assert ks._tuned(("fp16", 2), None, torch.zeros(8, 64), False, rs, None, row_major=False) == ("sparse", False, 0)
+    calls = []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm",
+                        lambda packed, b, alg_id=0, transpose_result=False, **kw: calls.append(transpose_result)
+                        or torch.zeros(32, b.shape[1]), raising=False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    x, w = torch.zeros(300, 64, dtype=torch.float16), torch.zeros(32, 64, dtype=torch.float16)
+    assert ks.sparse24_linear(x, w, packed=torch.zeros(4), alg_search=False).shape == (300, 32)
+    assert calls == [False]
 
 
 def test_tuning_modes_and_their_smallest_m(monkeypatch):
@@ -539,9 +704,9 @@ def test_tuning_modes_and_their_smallest_m(monkeypatch):
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search",
                         lambda packed, b, transpose_result=False, **kw: searches.append(transpose_result) or 9,
                         raising=False)
-    monkeypatch.setattr(ks, "_time_call", lambda fn, **kw: timed.append(fn()) or 1.0)
-    monkeypatch.setattr(ks, "_PLAN", {})
-    monkeypatch.setattr(ks, "_capturing", lambda: False)
+    monkeypatch.setattr(ks, "_measure", _fake_measure({("sparse", True, 0): 1.0, ("sparse", False, 0): 1.0,
+                                                       ("sparse", True, 9): 1.0}, timed))
+    _fresh_tuner(monkeypatch)
     monkeypatch.setattr(ks, "MODES", ks._parse_modes("T0,F0,FsT@256"))
     rs = lambda tr, aid: ("sparse", tr, aid)  # noqa: E731
     ks._tuned(("k", 64), None, torch.zeros(8, 64), False, rs, None)
@@ -555,9 +720,9 @@ def test_sparse_linear_backend_attribute_reaches_the_kernel(monkeypatch):
     seen = []
     real = ks.sparse24_linear
 
-    def spy(*a, backend=None, **k):
-        seen.append(backend)
-        return real(*a, backend=backend, **k)
+    def spy(*a, backend=None, objective=None, **k):
+        seen.append((backend, objective))
+        return real(*a, backend=backend, objective=objective, **k)
 
     monkeypatch.setattr(ks, "sparse24_linear", spy)
     lin = nn.Linear(16, 8)
@@ -565,7 +730,8 @@ def test_sparse_linear_backend_attribute_reaches_the_kernel(monkeypatch):
     x = torch.randn(3, 16)
     y0 = sl(x)
     sl.backend = "dense"
-    assert torch.equal(sl(x), y0) and seen == [None, "dense"]
+    sl.tune_for = "graph"
+    assert torch.equal(sl(x), y0) and seen == [(None, None), ("dense", "graph")]
     sl.backend = "bogus"
     with pytest.raises(ValueError, match="unknown sparse backend 'bogus'"):
         sl(x)

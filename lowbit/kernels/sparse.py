@@ -7,22 +7,28 @@ compressed once (:func:`prepare_24`: ``torch._cslt_compress``, the same packing
 
 * :func:`sparse24_linear`: fp16 / bf16 ``y = x W^T + b``;
 * :func:`sparse24_int8_linear_dynamic`: W8A8, int8 weights with per-output-channel scales, int8
-  activations quantized per token at run time (the row kernel of :mod:`lowbit.kernels.native`);
-  the weight scales are applied inside the sparse GEMM (cuSPARSELt's per-row alpha vector) and the
-  output is written in the activation dtype; the per-token scale and the bias follow in one
-  elementwise pass. Where this cuSPARSELt build refuses the alpha vector, an int32 product and a
-  float32 rescale (the numerics of :func:`lowbit.kernels.reference.int8_linear_dynamic`) are used.
+  activations quantized per token at run time by one Triton kernel straight into the padded int8
+  operand cuSPARSELt reads (:func:`lowbit.kernels.triton.sparse24.quantize_rows_padded`); the weight
+  scales are applied inside the sparse GEMM (cuSPARSELt's per-row alpha vector) and the output is
+  written in the activation dtype; the per-token scale and the bias follow in one Triton pass that
+  also writes the result row-major (:func:`lowbit.kernels.triton.sparse24.rescale_tokens`). Where this
+  cuSPARSELt build refuses the alpha vector, an int32 product and a float32 rescale (the numerics of
+  :func:`lowbit.kernels.reference.int8_linear_dynamic`) are used.
 
 Dispatch by the number of rows ``M`` of the input (tokens): sparse kernels pay for the sparse
-metadata and their tile shapes at small ``M``, where the dense path (``F.linear`` /
-lowbit's dense int8 kernel) is as fast or faster. :data:`MIN_M` holds the crossover per kind,
-measured on the H200 (``bench/results/sparsity.md``); ``backend="sparse" | "dense"`` forces a path.
+metadata, their tile shapes and PyTorch's per-call cuSPARSELt setup at small ``M``, where the dense
+path (``F.linear`` / lowbit's dense int8 kernel) is as fast or faster. Under backend ``"auto"`` the
+tuner (:data:`ALG_SEARCH`) measures both paths once per shape and M bucket and keeps the cheaper under
+:data:`OBJECTIVE` (eager execution by default, or CUDA-graph replay); with tuning off :data:`MIN_M`
+holds the crossover per kind, measured on the H200 (``bench/results/sparsity.md``);
+``backend="sparse" | "dense"`` forces a path.
 Off CUDA (or without cuSPARSELt, or with shapes cuSPARSELt does not take) the dense reference runs:
 ``F.linear`` on the pruned weight, :func:`lowbit.kernels.reference.int8_linear_dynamic` for int8.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Dict, Optional
 
 import torch
@@ -40,11 +46,23 @@ _fused_alpha_ok: Dict[str, bool] = {}
 #: ``transpose_result=True`` and the :data:`MIN_M` crossover, the behaviour before tuning). The first call of
 #: a (N, K, dtype, M bucket, operand layout) on CUDA, outside graph capture, asks cuSPARSELt's own search
 #: (``torch._cslt_sparse_mm_search``) for the best algorithm with the result written row-major
-#: (``transpose_result=True``) and column-major (a transposed view is returned), times both and, under
-#: backend "auto", the dense path, and keeps the fastest for every later call of that key (all layers of
-#: one shape share it). On the H200 algorithm 0 ran the bf16 2:4 GEMM at M=4096 no faster than dense bf16,
-#: the searched one 1.5-1.7x faster (bench/results/sparsity.md).
+#: (``transpose_result=True``) and column-major (a transposed view is returned), measures each candidate
+#: and, under backend "auto", the dense path (see :func:`_measure`), and keeps the cheapest under the
+#: tuning objective (:data:`OBJECTIVE`) for every later call of that key (all layers of one shape share it).
+#: On the H200 algorithm 0 ran the bf16 2:4 GEMM at M=4096 no faster than dense bf16, the searched one
+#: 1.5-1.7x faster (bench/results/sparsity.md).
 ALG_SEARCH = os.environ.get("LOWBIT_CSLT_SEARCH", "1") != "0"
+#: what the tuner minimises (``LOWBIT_CSLT_OBJECTIVE``, or ``objective=`` / ``SparseLinear.tune_for``):
+#: ``"eager"`` (default): the cost of a call run eagerly, ``max(GPU time, host time per call)``: PyTorch's
+#: ``_cslt_sparse_mm`` builds the cuSPARSELt descriptors and plan on every call, host work that a CUDA
+#: graph does not repeat and that eager code pays wherever it exceeds the GPU time; ``"graph"``: the GPU
+#: time alone (CUDA-graph replay), for code that is captured in CUDA graphs.
+OBJECTIVES = ("eager", "graph")
+OBJECTIVE = os.environ.get("LOWBIT_CSLT_OBJECTIVE", "eager")
+#: the int8 path's glue: ``"fused"`` (default; the Triton kernels of :mod:`lowbit.kernels.triton.sparse24`)
+#: or ``"previous"`` (lowbit's dense-path activation quantization, a padding copy and torch's in-place
+#: rescale: what ran before, kept for the benchmark's comparison); ``LOWBIT_CSLT_GLUE``.
+GLUE = os.environ.get("LOWBIT_CSLT_GLUE", "fused")
 
 
 def _parse_modes(spec: str):
@@ -67,8 +85,21 @@ def _parse_modes(spec: str):
 #: ran algorithm ids the other layout refused; in the first tuned run it left cuSPARSELt in an error state and
 #: the process hit an illegal instruction (bench/results/sparsity.md).
 MODES = _parse_modes(os.environ.get("LOWBIT_CSLT_MODES", "T0,F0,Fs,FsT"))
-#: tuned choice per key: ("dense",) or ("sparse", transpose_result, alg_id)
+#: tuned choice per key (kernel key + (dense allowed, objective)): ("dense",) or ("sparse", transpose_result, alg_id)
 _PLAN: Dict[tuple, tuple] = {}
+#: what the tuner measured per key: {"candidates": [{"plan", "gpu_ms", "host_ms", "eager_ms", "cost_ms"}], "choice"}
+_TUNE_LOG: Dict[tuple, dict] = {}
+#: cuSPARSELt's searched algorithm per (kernel key, transpose_result): one search serves both objectives
+_SEARCHED: Dict[tuple, int] = {}
+_STREAMS: Dict[int, "torch.cuda.Stream"] = {}
+
+
+def _objective(objective: Optional[str]) -> str:
+    obj = objective or OBJECTIVE
+    if obj not in OBJECTIVES:
+        raise ValueError(f"cuSPARSELt tuning objective {obj!r} (LOWBIT_CSLT_OBJECTIVE / objective= / "
+                         f"SparseLinear.tune_for): expected one of {', '.join(OBJECTIVES)}")
+    return obj
 
 
 def _bucket(M: int) -> int:
@@ -90,14 +121,73 @@ def _capturing() -> bool:
         return False
 
 
-def _time_call(fn, reps: int = 3, burst: int = 8) -> float:
-    """Milliseconds per call of ``fn``, timed over bursts of back-to-back calls (median of ``reps``): in a
-    model's forward the CPU runs ahead of the GPU, so a call's host overhead (cuSPARSELt builds its plan
-    on every call) overlaps earlier work unless it exceeds the GPU time. A single call on an idle GPU
-    would count that overhead in full: on the H200 such timing picked the dense kernel at M = 4096 where
-    the sparse one ran 1.4x faster in CUDA-graph replay (bench/results/sparsity.md)."""
+def _median(v):
+    v = sorted(v)
+    return v[len(v) // 2]
+
+
+def _graph_ms(fn, burst: int = 4, reps: int = 3) -> Optional[float]:
+    """GPU milliseconds per call of ``fn``: a burst of calls captured in a CUDA graph and replayed, so that
+    no host work is counted; None where the capture fails."""
+    dev = torch.cuda.current_device()
+    s = _STREAMS.get(dev)
+    if s is None:
+        s = _STREAMS[dev] = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    s.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(s):
+            g.capture_begin(capture_error_mode="thread_local")
+            try:
+                for _ in range(burst):
+                    fn()
+            finally:
+                g.capture_end()
+        torch.cuda.current_stream().wait_stream(s)
+        g.replay()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / burst)
+        return _median(times)
+    except Exception:  # noqa: BLE001  (capture refused: the eager figures decide)
+        try:
+            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+    finally:
+        del g
+
+
+def _measure(fn, burst: int = 8, reps: int = 3, limit_ms: Optional[float] = None) -> Dict[str, Optional[float]]:
+    """Milliseconds per call of ``fn``, three ways (after two warm-up calls; where the second, synchronised,
+    takes longer than ``limit_ms`` the candidate is hopeless and that one figure is returned for all three):
+
+    * ``host_ms``: the host's time to issue a burst of calls starting from an idle GPU (no synchronisation
+      inside the burst): PyTorch's per-call cuSPARSELt setup, kernel launches, and any wait the call itself
+      imposes (a call that synchronises shows its GPU time here too);
+    * ``gpu_ms``: CUDA-graph replay (:func:`_graph_ms`), the GPU time alone;
+    * ``eager_ms``: CUDA events around bursts of back-to-back eager calls (median of ``reps``), what an
+      isolated eager loop sees (the tuner's only measurement before).
+    """
     fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     fn()
+    torch.cuda.synchronize()
+    one = (time.perf_counter() - t0) * 1e3
+    if limit_ms is not None and one > limit_ms:
+        return {"host_ms": one, "gpu_ms": None, "eager_ms": one, "cut": True}
+    t0 = time.perf_counter()
+    for _ in range(burst):
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / burst
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -108,21 +198,34 @@ def _time_call(fn, reps: int = 3, burst: int = 8) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / burst)
-    return sorted(times)[len(times) // 2]
+    return {"host_ms": host, "gpu_ms": _graph_ms(fn), "eager_ms": _median(times)}
 
 
-def _tuned(key: tuple, packed: torch.Tensor, bT: torch.Tensor, allow_dense: bool, run_sparse, run_dense, **kw):
-    """The tuned choice for ``key`` (see :data:`ALG_SEARCH`); ``run_sparse(transpose_result, alg_id)`` and
-    ``run_dense()`` compute the whole output (activation quantization and rescale included)."""
-    key = key + (allow_dense,)
+def _cost(m: Dict[str, Optional[float]], objective: str) -> float:
+    """The tuner's figure of merit: ``graph``: GPU time; ``eager``: ``max(GPU time, host time per call)``
+    (a model's forward keeps the GPU busy only where the host issues work faster than the GPU runs it)."""
+    gpu = m.get("gpu_ms")
+    if gpu is None:
+        gpu = m["eager_ms"]
+    return gpu if objective == "graph" else max(gpu, m.get("host_ms") or 0.0)
+
+
+def _tuned(key: tuple, packed: torch.Tensor, bT: torch.Tensor, allow_dense: bool, run_sparse, run_dense,
+           objective: Optional[str] = None, row_major: bool = True, **kw):
+    """The tuned choice for ``key`` (see :data:`ALG_SEARCH`, :data:`OBJECTIVE`); ``run_sparse(transpose_result,
+    alg_id)`` and ``run_dense()`` compute the whole output (activation quantization and rescale included);
+    ``row_major=False``: no candidate writes the result row-major (``transpose_result=True``)."""
+    obj = _objective(objective)
+    base = key
+    key = key + (allow_dense, obj)
     plan = _PLAN.get(key)
     if plan is not None:
         return plan
+    default = ("sparse", row_major, 0)
     if _capturing():  # no timing inside a CUDA graph capture: the untuned default
-        return ("sparse", True, 0)
-    cands = [("sparse", True, 0)]
+        return default
+    cands = [default]
     M = bT.shape[1]
-    searched: Dict[bool, int] = {}
     for mode, min_m in MODES:
         if M < min_m or mode == "T0":
             continue
@@ -130,23 +233,30 @@ def _tuned(key: tuple, packed: torch.Tensor, bT: torch.Tensor, allow_dense: bool
             cands.append(("sparse", False, 0))
             continue
         s_tr = mode.startswith("T")  # the layout the search runs with
-        if s_tr not in searched:
-            searched[s_tr] = _search(packed, bT, transpose_result=s_tr, **kw)
         run_tr = s_tr if mode in ("Ts", "Fs") else not s_tr
-        cands.append(("sparse", run_tr, searched[s_tr]))
+        if not row_major and (s_tr or run_tr):
+            continue
+        if (base, s_tr) not in _SEARCHED:
+            _SEARCHED[(base, s_tr)] = _search(packed, bT, transpose_result=s_tr, **kw)
+        cands.append(("sparse", run_tr, _SEARCHED[(base, s_tr)]))
     cands = list(dict.fromkeys(cands))
     if allow_dense:
         cands.append(("dense",))
-    best, best_t = None, float("inf")
+    best, best_t, log = None, float("inf"), []
     for c in cands:
         try:
-            t = _time_call(run_dense if c[0] == "dense" else (lambda c=c: run_sparse(c[1], c[2])))
-        except RuntimeError:
+            m = _measure(run_dense if c[0] == "dense" else (lambda c=c: run_sparse(c[1], c[2])),
+                         limit_ms=max(2.0, 20 * best_t) if best_t < float("inf") else None)
+        except RuntimeError as e:
+            log.append({"plan": list(c), "error": f"{type(e).__name__}: {e}"[:200]})
             continue
+        t = _cost(m, obj)
+        log.append({"plan": list(c), **m, "cost_ms": t})
         if t < best_t:
             best, best_t = c, t
-    best = best or ("sparse", True, 0)
+    best = best or default
     _PLAN[key] = best
+    _TUNE_LOG[key] = {"candidates": log, "choice": list(best)}
     return best
 
 
@@ -186,6 +296,12 @@ def _use_sparse(kind: str, M: int, packed: Optional[torch.Tensor], x: torch.Tens
     return b == "sparse" or M >= MIN_M[kind]
 
 
+#: _ROW_MAJOR_FP16: fp16 products are never asked for a row-major result (``transpose_result=True``): on the
+#: H200 (torch 2.11, cuSPARSELt 0.8) every such call took ~0.2 s of host time (0.5 ms for bf16 and int8),
+#: searching in that layout failed outright (bench/results/sparsity.md); the column-major result is a
+#: transposed view, as torch's own ``to_sparse_semi_structured`` returns it.
+
+
 def _pad_rows(x2: torch.Tensor, mult: int) -> torch.Tensor:
     pad = (-x2.shape[0]) % mult
     return F.pad(x2, (0, 0, 0, pad)) if pad else x2
@@ -193,10 +309,12 @@ def _pad_rows(x2: torch.Tensor, mult: int) -> torch.Tensor:
 
 def sparse24_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     packed: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                    alg_search: Optional[bool] = None) -> torch.Tensor:
+                    alg_search: Optional[bool] = None, objective: Optional[str] = None) -> torch.Tensor:
     """``x @ w.T + bias`` for a 2:4-pruned fp16/bf16 ``w [N, K]``; ``packed`` = :func:`prepare_24` (w).
 
-    With tuning on (:data:`ALG_SEARCH`) the output may be a transposed (column-major) view."""
+    With tuning on (:data:`ALG_SEARCH`), and for fp16 always, the output may be a transposed (column-major)
+    view; ``objective``:
+    see :data:`OBJECTIVE`."""
     K = x.shape[-1]
     M = x.numel() // K
     N = w.shape[0]
@@ -210,18 +328,21 @@ def sparse24_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
     be = backend or "auto"
     if x.dtype != w.dtype or not _use_sparse("fp", M if not tune else 1 << 30, packed, x, backend):
         return dense()
-    x2 = _pad_rows(x.reshape(M, K), _ALIGN[w.dtype][2])
-    bT = x2.t()
+    x2 = x.reshape(M, K)
+    if not x2.is_contiguous():  # cuSPARSELt reads the operand as [M, K] row-major (a transposed view)
+        x2 = x2.contiguous()
+    bT = _pad_rows(x2, _ALIGN[w.dtype][2]).t()
 
     def sparse(tr, aid):
         y = torch._cslt_sparse_mm(packed, bT, bias=b, transpose_result=tr, alg_id=aid)
         y = y[:M] if tr else y[:, :M].t()
         return y.reshape(*x.shape[:-1], N)
 
+    row_major = w.dtype != torch.float16  # see _ROW_MAJOR_FP16
     if not tune:
-        return sparse(True, 0)
+        return sparse(row_major, 0)
     key = ("fp", N, K, w.dtype, _bucket(M), bT.is_contiguous(), b is not None)
-    plan = _tuned(key, packed, bT, be == "auto", sparse, dense, bias=b)
+    plan = _tuned(key, packed, bT, be == "auto", sparse, dense, objective=objective, row_major=row_major, bias=b)
     return dense() if plan[0] == "dense" else sparse(plan[1], plan[2])
 
 
@@ -242,14 +363,52 @@ def _int8_linear_cpu(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tenso
     return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
 
+def _fused_glue(t: torch.Tensor) -> bool:
+    """Whether the int8 path's glue runs as the Triton kernels of :mod:`lowbit.kernels.triton.sparse24`."""
+    from lowbit import _deps
+
+    return GLUE != "previous" and t.is_cuda and _deps.available("triton") and not torch.compiler.is_compiling()
+
+
+def _quant_operand(x: torch.Tensor, M: int, K: int):
+    """``(bT [K, Mp] int8, sx [M] float32)``: the per-token int8 activations as the transposed view of a
+    row-major ``[Mp, K]`` tensor (``Mp`` = ``M`` padded to cuSPARSELt's alignment, pad rows zero)."""
+    x2 = x.reshape(M, K)
+    mp = M + (-M) % _ALIGN[torch.int8][2]
+    if _fused_glue(x2):
+        from lowbit.kernels.triton.sparse24 import quantize_rows_padded
+
+        q, sx = quantize_rows_padded(x2, mp)
+        return q.t(), sx
+    from lowbit.kernels.native import _quantize_rows  # the previous glue
+
+    q, sx = _quantize_rows(x2.contiguous(), fp8=False)
+    return _pad_rows(q, _ALIGN[torch.int8][2]).t(), sx
+
+
+def _rescale_out(y: torch.Tensor, tr: bool, M: int, sx: torch.Tensor, bias: Optional[torch.Tensor],
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """The sparse GEMM's output (weight scales applied) times the per-token scales, plus the bias, as
+    ``[M, N]`` of ``out_dtype`` (row-major with the fused glue; the previous glue keeps a transposed view)."""
+    yv = y[:M] if tr else y[:, :M].t()
+    if _fused_glue(yv):
+        from lowbit.kernels.triton.sparse24 import rescale_tokens
+
+        return rescale_tokens(yv, sx, None if bias is None else bias.contiguous(), out_dtype)
+    yv.mul_(sx.to(yv.dtype)[:, None])  # yv is the GEMM's own fresh output
+    if bias is not None:
+        yv.add_(bias.to(yv.dtype))
+    return yv.to(out_dtype)
+
+
 def sparse24_int8_linear_dynamic(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                                  bias: Optional[torch.Tensor] = None, packed: Optional[torch.Tensor] = None,
-                                 backend: Optional[str] = None, alg_search: Optional[bool] = None) -> torch.Tensor:
+                                 backend: Optional[str] = None, alg_search: Optional[bool] = None,
+                                 objective: Optional[str] = None) -> torch.Tensor:
     """W8A8 with a 2:4-pruned int8 ``w_int8 [N, K]`` and per-channel ``w_scale [N]``; per-token
-    dynamic int8 activations. ``packed`` = :func:`prepare_24` (w_int8)."""
+    dynamic int8 activations. ``packed`` = :func:`prepare_24` (w_int8); ``objective``: see :data:`OBJECTIVE`."""
     K = x.shape[-1]
     M = x.numel() // K
-    N = w_int8.shape[0]
     if backend == "reference":
         return reference.int8_linear_dynamic(x, w_int8, w_scale, bias)
     if not x.is_cuda:
@@ -259,61 +418,32 @@ def sparse24_int8_linear_dynamic(x: torch.Tensor, w_int8: torch.Tensor, w_scale:
         from lowbit.kernels import api
 
         return api.int8_linear_dynamic(x, (w_int8, w_scale), bias)
-    if tune:
-        return _int8_tuned(x, w_int8, w_scale, bias, packed, backend or "auto")
-    from lowbit.kernels.native import _quantize_rows
-
-    x2 = x.reshape(M, K)
-    q, sx = _quantize_rows(x2.contiguous(), fp8=False)
-    qp = _pad_rows(q, _ALIGN[torch.int8][2])
-    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    key = f"{out_dtype}"
-    if _fused_alpha_ok.get(key, True):
-        try:
-            y = torch._cslt_sparse_mm(packed, qp.t(), alpha=w_scale.float().contiguous(), out_dtype=out_dtype,
-                                      transpose_result=True)[:M]
-            y.mul_(sx.to(y.dtype)[:, None])  # y is the GEMM's own fresh output
-            if bias is not None:
-                y.add_(bias.to(y.dtype))
-            return y.to(x.dtype).reshape(*x.shape[:-1], N)
-        except RuntimeError:
-            _fused_alpha_ok[key] = False  # this cuSPARSELt build: int32 product + float32 rescale
-    acc = torch._cslt_sparse_mm(packed, qp.t(), out_dtype=torch.int32, transpose_result=True)[:M]
-    out = acc.float().mul_(sx[:, None]).mul_(w_scale.float()[None, :])
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], N)
+    return _int8_sparse(x, w_int8, w_scale, bias, packed, backend or "auto", tune, objective)
 
 
-def _int8_tuned(x, w_int8, w_scale, bias, packed, backend: str) -> torch.Tensor:
-    """The sparse int8 path with the tuned (transpose_result, algorithm) and, under backend "auto", the
-    dense int8 kernel where it is faster for this shape and M bucket."""
+def _int8_sparse(x, w_int8, w_scale, bias, packed, backend: str, tune: bool, objective: Optional[str]):
+    """The sparse int8 path: algorithm 0 row-major untuned, else the tuned (transpose_result, algorithm)
+    and, under backend "auto", the dense int8 kernel where it is cheaper for this shape and M bucket."""
     from lowbit.kernels import api
-    from lowbit.kernels.native import _quantize_rows
 
     K = x.shape[-1]
     M = x.numel() // K
     N = w_int8.shape[0]
     out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    fused = _fused_alpha_ok.get(f"{out_dtype}", True)
-    alpha = w_scale.float().contiguous()
+    fused = out_dtype != torch.float32 and _fused_alpha_ok.get(f"{out_dtype}", True)
+    alpha = w_scale if w_scale.dtype == torch.float32 and w_scale.is_contiguous() else w_scale.float().contiguous()
 
     def dense():
         return api.int8_linear_dynamic(x, (w_int8, w_scale), bias)
 
     def quant():
-        qq, s_ = _quantize_rows(x.reshape(M, K).contiguous(), fp8=False)
-        return _pad_rows(qq, _ALIGN[torch.int8][2]).t(), s_
+        return _quant_operand(x, M, K)
 
     def sparse(tr, aid, pre=None):
         bT, s_ = pre if pre is not None else quant()  # timed as a whole: the activation quantization included
         if fused:
             y = torch._cslt_sparse_mm(packed, bT, alpha=alpha, out_dtype=out_dtype, transpose_result=tr, alg_id=aid)
-            y = y[:M] if tr else y[:, :M].t()
-            y.mul_(s_.to(y.dtype)[:, None])  # y is the GEMM's own fresh output
-            if bias is not None:
-                y.add_(bias.to(y.dtype))
-            return y.to(x.dtype).reshape(*x.shape[:-1], N)
+            return _rescale_out(y, tr, M, s_, bias, x.dtype).reshape(*x.shape[:-1], N)
         acc = torch._cslt_sparse_mm(packed, bT, out_dtype=torch.int32, transpose_result=tr, alg_id=aid)
         acc = acc[:M] if tr else acc[:, :M].t()
         out = acc.float().mul_(s_[:, None]).mul_(alpha[None, :])
@@ -321,18 +451,29 @@ def _int8_tuned(x, w_int8, w_scale, bias, packed, backend: str) -> torch.Tensor:
             out += bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], N)
 
+    def retry_unfused():
+        _fused_alpha_ok[f"{out_dtype}"] = False  # this cuSPARSELt build: int32 product + float32 rescale
+        return _int8_sparse(x, w_int8, w_scale, bias, packed, backend, tune, objective)
+
+    if not tune:
+        try:
+            return sparse(True, 0)
+        except RuntimeError:
+            if not fused:
+                raise
+            return retry_unfused()
+    obj = _objective(objective)
     kw = {"alpha": alpha, "out_dtype": out_dtype} if fused else {"out_dtype": torch.int32}
     key = ("int8", N, K, out_dtype, _bucket(M), fused, bias is not None)
-    if _PLAN.get(key + (True,), ("",))[0] == "dense" and backend == "auto":
+    if backend == "auto" and _PLAN.get(key + (True, obj), ("",))[0] == "dense":
         return dense()
     pre = quant()
     try:
-        plan = _tuned(key, packed, pre[0], backend == "auto", sparse, dense, **kw)
+        plan = _tuned(key, packed, pre[0], backend == "auto", sparse, dense, objective=obj, **kw)
     except RuntimeError:
         if not fused:
             raise
-        _fused_alpha_ok[f"{out_dtype}"] = False  # this cuSPARSELt build: int32 product + float32 rescale
-        return _int8_tuned(x, w_int8, w_scale, bias, packed, backend)
+        return retry_unfused()
     if plan[0] == "dense":
         return dense()
     try:
@@ -340,10 +481,9 @@ def _int8_tuned(x, w_int8, w_scale, bias, packed, backend: str) -> torch.Tensor:
     except RuntimeError:
         if not fused:
             raise
-        _fused_alpha_ok[f"{out_dtype}"] = False
-        _PLAN.pop(key + (backend == "auto",), None)
-        return _int8_tuned(x, w_int8, w_scale, bias, packed, backend)
+        _PLAN.pop(key + (backend == "auto", obj), None)
+        return retry_unfused()
 
 
 __all__ = ["prepare_24", "sparse24_linear", "sparse24_int8_linear_dynamic", "cusparselt_available", "shape_ok",
-           "MIN_M", "BACKENDS", "ALG_SEARCH"]
+           "MIN_M", "BACKENDS", "ALG_SEARCH", "OBJECTIVE", "OBJECTIVES"]

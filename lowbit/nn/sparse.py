@@ -52,11 +52,15 @@ def parse_sparsity(sparsity: str):
 class SparseLinear(QLinear):
     """2:4 sparse Linear, float (``weights=None``) or W8A8 int8 (``weights="qint8"``).
 
-    ``backend`` (attribute, default None = ``"auto"``): ``"sparse"`` always runs cuSPARSELt (for code run
-    under CUDA graphs, where the per-call host work that the eager tuning counts does not recur),
-    ``"dense"`` the dense kernels; see :mod:`lowbit.kernels.sparse`."""
+    ``backend`` (attribute, default None = ``"auto"``): ``"sparse"`` always runs cuSPARSELt, ``"dense"`` the
+    dense kernels, ``"auto"`` the path the tuner measured cheaper for the shape and M bucket.
+    ``tune_for`` (attribute, default None = :data:`lowbit.kernels.sparse.OBJECTIVE`, ``"eager"``): what
+    ``"auto"`` minimises: ``"eager"`` counts PyTorch's per-call cuSPARSELt host work where it exceeds the
+    GPU time, ``"graph"`` the GPU time alone (for a model captured in CUDA graphs; tune it with one eager
+    call per shape before capturing). See :mod:`lowbit.kernels.sparse`."""
 
     backend: Optional[str] = None
+    tune_for: Optional[str] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  weights: Optional[str] = None, activations: Optional[str] = None, act_dynamic: bool = True,
@@ -145,11 +149,12 @@ class SparseLinear(QLinear):
             if w.dtype != x.dtype:
                 w = w.to(x.dtype)
             return ks.sparse24_linear(x, w, self.bias, packed=self._packed(w) if w is self.weight else None,
-                                      backend=self.backend)
+                                      backend=self.backend, objective=self.tune_for)
         if not self.frozen:  # QAT: fake-quantized dense path
             return super().forward(x)
         w8, ws = self._int8()
-        return ks.sparse24_int8_linear_dynamic(x, w8, ws, self.bias, packed=self._packed(w8), backend=self.backend)
+        return ks.sparse24_int8_linear_dynamic(x, w8, ws, self.bias, packed=self._packed(w8), backend=self.backend,
+                                               objective=self.tune_for)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", sparsity={self.sparsity}"
