@@ -194,6 +194,11 @@ def _install_timers() -> dict:
     wrap(_ptq_staged._BlockRunner, "run", "block_runner", nested)
     wrap(seq_mod, "_gptq_stage", "gptq_stage", nested)
     wrap(dist_mod, "min_over_ranks", "min_over_ranks", nested)
+    # the rest of the wall time (run 8 on): the pipeline as a whole, the non-block weights' moves and put-back
+    wrap(seq_mod, "_run_calibrated", "run_calibrated", nested)
+    wrap(_ptq_staged, "_to_device_except", "non_block_moves", nested)
+    if hasattr(_ptq_staged, "_restore_kept"):
+        wrap(_ptq_staged, "_restore_kept", "non_block_moves", nested)
     _orig_to = torch.nn.Module.to
     depth = [0]
 
