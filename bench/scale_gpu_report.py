@@ -166,8 +166,8 @@ def multi_gpu(runs, call_runs, path):
           "also holds the captured block-0 inputs, outside the runner) and the per-pass rank agreement "
           "(`min_over_ranks`, waiting for the slower rank); 'forward passes' is the runner's rest. 'block moves' is "
           "the main thread's `block.to` (with the prefetch: block 0 and the moves home); 'outside the runner' is the "
-          "wall time no timer covers (the non-block weights to the device and back, the capture's stores, the "
-          "pipeline's bookkeeping).", ""]
+          "wall time no timer covers (the non-block weights to the device and back, the pipeline's bookkeeping; also "
+          "the block-0 inputs' stores, which the forward column already subtracted with the whole store).", ""]
     L += breakdown(runs, [n for n in ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_2gpu") if n in runs])
     L += ["## `plan`'s GPU time model against the runs (latest run of each name)", "",
           "Predicted in each worker before its run by `lowbit.model.plan_gpu.gpu_seconds` (the GEMM, bandwidth and "
@@ -295,8 +295,10 @@ NOTES = [
     "- Why 2 GPUs give 1.52x and not 1.8x (run 7, 'Where the time goes'): every part that depends on the samples "
     "now halves (forward passes 2.56 -> 1.30 s, Hessians 1.86 -> 0.94 s, activation store 2.69 -> 1.28 s); what "
     "does not is about 4.5 s of the 2-GPU 8.05 s: about 2.5 s outside the block runner, the same on 1 and 2 GPUs "
-    "(no timer covers it; the candidates are the 1 GB embedding moved to the device and back from pageable memory "
-    "and the capture's stores), the solve (0.97 s per rank against 1.58 s on 1 GPU: launch-bound, each rank sweeps "
+    "(no timer of run 7 covers it: the 1 GB embedding moved to the device at the start and back at the end, "
+    "through pageable memory, is the only sizeable device traffic there; the block-0 inputs' stores are in it too, "
+    "but they halve with 2 ranks and the total does not; run 8's timers `run_calibrated` and `non_block_moves` "
+    "will say), the solve (0.97 s per rank against 1.58 s on 1 GPU: launch-bound, each rank sweeps "
     "all `K / 128` blocks of its stage), the factorisation (0.41 s, every rank) and the moves home (0.38 s). "
     "On 1 GPU the halving parts are 7.1 s of 12.22 s: 8.05 = 4.5 + 7.1 / 2. 1.8x needs the 2-GPU run at 6.8 s, i.e. about 1.3 s less serial time with "
     "the 1-GPU run unchanged. After the call (not measured on the GPU): the weights outside the blocks are put back "
