@@ -166,8 +166,9 @@ def multi_gpu(runs, call_runs, path):
           "also holds the captured block-0 inputs, outside the runner) and the per-pass rank agreement "
           "(`min_over_ranks`, waiting for the slower rank); 'forward passes' is the runner's rest. 'block moves' is "
           "the main thread's `block.to` (with the prefetch: block 0 and the moves home); 'outside the runner' is the "
-          "wall time no timer covers (the non-block weights to the device and back, the pipeline's bookkeeping; also "
-          "the block-0 inputs' stores, which the forward column already subtracted with the whole store).", ""]
+          "wall time no timer covers (the non-block weights to the device and back, the pipeline's bookkeeping; and "
+          "the stores of the block-0 inputs: the forward column subtracts the whole store time, so it is short by "
+          "as much as these stores take).", ""]
     L += breakdown(runs, [n for n in ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_2gpu") if n in runs])
     L += ["## `plan`'s GPU time model against the runs (latest run of each name)", "",
           "Predicted in each worker before its run by `lowbit.model.plan_gpu.gpu_seconds` (the GEMM, bandwidth and "
