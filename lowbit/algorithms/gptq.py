@@ -94,13 +94,13 @@ class GPTQResult:
 
 
 #: how :func:`damped_inverse_cholesky` factors: ``"auto"`` (``"flip"`` on CUDA, ``"inverse"`` elsewhere),
-#: ``"inverse"`` (Cholesky, the inverse from it, Cholesky of the inverse: GPTQ's reference recipe) or ``"flip"``
-#: (one Cholesky of the reversed matrix and the inverse of its triangular factor, in column chunks: about a
+#: ``"inverse"`` (Cholesky, the inverse from it, Cholesky of the inverse: GPTQ's reference recipe) or
+#: ``"flip"`` (one Cholesky of the reversed matrix and the inverse of its triangular factor, in column chunks: about a
 #: quarter of the flops; the same ``U`` up to rounding, so GPU codes differ in rounding ties from the
 #: ``"inverse"`` ones). Set by the environment variable ``LOWBIT_GPTQ_FACTOR``.
 FACTORS = ("auto", "inverse", "flip")
 
-#: columns per triangular solve of the ``"flip"`` factorisation (fixed, so the bits do not depend on who solves)
+#: columns per triangular solve of the ``"flip"`` factorisation (fixed: the bits do not depend on who solves)
 FACTOR_CHUNK = 2048
 
 
@@ -116,8 +116,8 @@ def _factor_method(device: torch.device) -> str:
 
 
 def lower_triangular_inverse(L: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-    """``L^{-1}`` of a lower triangular ``L`` in column chunks of ``chunk`` (:data:`FACTOR_CHUNK`): the columns
-    ``[a, b)`` of the inverse are zero above row ``a`` and solve ``L[a:, a:] X = I[a:, a:b]`` (the trailing
+    """``L^{-1}`` of a lower triangular ``L`` in column chunks of ``chunk`` (:data:`FACTOR_CHUNK`): the
+    columns ``[a, b)`` of the inverse are zero above row ``a`` and solve ``L[a:, a:] X = I[a:, a:b]`` (the trailing
     block of a triangular inverse is the inverse of the trailing block), so the chunks together cost about a
     third of one solve against the whole identity."""
     chunk = chunk or FACTOR_CHUNK
@@ -131,7 +131,8 @@ def lower_triangular_inverse(L: torch.Tensor, chunk: Optional[int] = None) -> to
     return out
 
 
-def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6, method: Optional[str] = None):
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6,
+                            method: Optional[str] = None):
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^{-1}`` (``H^{-1} = U^T U``) and ``lambda``.
 
     The dampening starts at ``percdamp * mean(diag(H))`` and grows x10 (with a warning) until the

@@ -68,8 +68,8 @@ _FACTORS: dict = {}
 
 
 def _factors_tensor(factors: list, device: torch.device) -> torch.Tensor:
-    """``torch.tensor(factors)`` (float32) on ``device``, cached: a host-to-device copy of a Python list waits for
-    the device (a stream sync), and GPTQ fits one group per block of its sweep."""
+    """``torch.tensor(factors)`` (float32) on ``device``, cached: a host-to-device copy of a Python list
+    waits for the device (a stream sync), and GPTQ fits one group per block of its sweep."""
     key = (tuple(factors), str(device))
     t = _FACTORS.get(key)
     if t is None:

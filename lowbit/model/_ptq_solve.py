@@ -107,8 +107,8 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
         for batch in _solve_batches([(j, p) for j, p in enumerate(pieces) if p[3] == rank]):
             # solve first: the ranks work at the same time; a rank's pieces in one call where the rows allow
             ws = [modules[n].weight.detach()[lo:hi] for _, (n, lo, hi, _) in batch]
-            res = gptq_quantize(ws[0] if len(ws) == 1 else torch.cat(ws), H, bits, group_size, sym, factor=factor,
-                                **opts)
+            stacked = ws[0] if len(ws) == 1 else torch.cat(ws)
+            res = gptq_quantize(stacked, H, bits, group_size, sym, factor=factor, **opts)
             off = 0
             for (j, _), w in zip(batch, ws):
                 r = w.shape[0]

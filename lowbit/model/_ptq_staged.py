@@ -334,8 +334,8 @@ def _prefetching(device: torch.device, homes, cfg: _RunConfig) -> bool:
     kept off the device, not streamed from files. ``LOWBIT_PREFETCH=0`` turns it off."""
     import os
 
-    return (device.type == "cuda" and cfg.stream is None and len(homes) > 1 and all(h != device for h in homes)
-            and os.environ.get("LOWBIT_PREFETCH", "1") != "0")
+    return (device.type == "cuda" and cfg.stream is None and len(homes) > 1
+            and all(h != device for h in homes) and os.environ.get("LOWBIT_PREFETCH", "1") != "0")
 
 
 class _Prefetch:
@@ -393,7 +393,7 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
         model.to(home)
         return
 
-    kept: list = []  # the non-block tensors left at home: put back at the end when the run changed none of them
+    kept: list = []  # the non-block tensors left at home: put back at the end if the run changed none
     _to_device_except(model, blocks, device, keep=kept)
     dtype_bytes = next(model.parameters()).element_size()
     block_bytes = sum(p.numel() * p.element_size() for p in blocks[0].parameters())

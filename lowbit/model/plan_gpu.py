@@ -48,10 +48,13 @@ H200: Dict[str, Any] = {
     "forward_serial_s_per_flop": 4.0e-15,    # fitted, scale_gpu_run4.json (see the module doc)
     "forward_parallel_s_per_flop": 1.58e-14,  # fitted, scale_gpu_run4.json
     "awq_forward_s_per_flop": 2.58e-14,      # fitted, scale_gpu_run3.json (AWQ 8B 1 GPU: 2.95 s per block)
-    "factor_a_s": 0.024,          # per stage, factor "inverse" (runs 1-6): fitted, run 4 (8B 0.30 s, 70B 1.73 s per block)
+    # per stage, factor "inverse" (runs 1-6): fitted, run 4 (8B 0.30 s, 70B 1.73 s per block)
+    "factor_a_s": 0.024,
     "factor_b_s_per_k3": 6.49e-14,
-    "flip_factor_a_s": 0.006,     # per stage, factor "flip" (the CUDA default from run 7): bench/results/run7_logs/
-    "flip_factor_b_s_per_k3": 2.52e-14,  # check.json (k 4096: 5.5 ms, 14336: 78 ms; run 7: 0.41 s per 4 8B blocks)
+    # per stage, factor "flip" (the CUDA default from run 7): bench/results/run7_logs/check.json (k 4096: 5.5 ms,
+    # 14336: 78 ms; run 7 measured 0.41 s per 4 8B blocks)
+    "flip_factor_a_s": 0.006,
+    "flip_factor_b_s_per_k3": 2.52e-14,
     "awq_search_s_per_flop": 6.6e-14,  # fitted, scale_gpu_run3.json (2.36 s per 8B block)
     "nvlink_bytes_s": 1.17e11,    # scale_gpu_run4.json: 8.2 GB of float64 Hessians all-reduced in 0.07 s
     "source": "constants (H200, bench/results/scale_gpu_run3/4.json and assumed GEMM rates)",
@@ -196,8 +199,11 @@ def gpu_seconds(model: nn.Module, method: str, n_samples: int = 128, seq_len: in
     comm = sum(8.0 * k * k for k in ks) / r["nvlink_bytes_s"] if world > 1 else 0.0
     factor = solve = 0.0
     if method == "gptq":
-        fa, fb = ((r.get("flip_factor_a_s", H200["flip_factor_a_s"]), r.get("flip_factor_b_s_per_k3",
-                  H200["flip_factor_b_s_per_k3"])) if factor_method == "flip" else (r["factor_a_s"], r["factor_b_s_per_k3"]))
+        if factor_method == "flip":
+            fa = r.get("flip_factor_a_s", H200["flip_factor_a_s"])
+            fb = r.get("flip_factor_b_s_per_k3", H200["flip_factor_b_s_per_k3"])
+        else:
+            fa, fb = r["factor_a_s"], r["factor_b_s_per_k3"]
         factor = sum(fa + fb * k ** 3 for k in ks)
         for st in stages:
             K = st[0][0]
