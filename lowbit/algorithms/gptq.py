@@ -95,9 +95,9 @@ class GPTQResult:
 
 #: how :func:`damped_inverse_cholesky` factors: ``"auto"`` (``"flip"`` on CUDA, ``"inverse"`` elsewhere),
 #: ``"inverse"`` (Cholesky, the inverse from it, Cholesky of the inverse: GPTQ's reference recipe) or
-#: ``"flip"`` (one Cholesky of the reversed matrix and the inverse of its triangular factor, in column chunks: about a
-#: quarter of the flops; the same ``U`` up to rounding, so GPU codes differ in rounding ties from the
-#: ``"inverse"`` ones). Set by the environment variable ``LOWBIT_GPTQ_FACTOR``.
+#: ``"flip"`` (one Cholesky of the reversed matrix and the inverse of its triangular factor, in column
+#: chunks: about a quarter of the flops; the same ``U`` up to rounding, so GPU codes differ in rounding ties
+#: from the ``"inverse"`` ones). Set by the environment variable ``LOWBIT_GPTQ_FACTOR``.
 FACTORS = ("auto", "inverse", "flip")
 
 #: columns per triangular solve of the ``"flip"`` factorisation (fixed: the bits do not depend on who solves)
@@ -117,8 +117,8 @@ def _factor_method(device: torch.device) -> str:
 
 def lower_triangular_inverse(L: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
     """``L^{-1}`` of a lower triangular ``L`` in column chunks of ``chunk`` (:data:`FACTOR_CHUNK`): the
-    columns ``[a, b)`` of the inverse are zero above row ``a`` and solve ``L[a:, a:] X = I[a:, a:b]`` (the trailing
-    block of a triangular inverse is the inverse of the trailing block), so the chunks together cost about a
+    columns ``[a, b)`` of the inverse are zero above row ``a`` and solve ``L[a:, a:] X = I[a:, a:b]`` (the
+    trailing block of a triangular inverse is the inverse of the trailing block), so the chunks together cost a
     third of one solve against the whole identity."""
     chunk = chunk or FACTOR_CHUNK
     K = L.shape[0]

@@ -51,8 +51,8 @@ H200: Dict[str, Any] = {
     # per stage, factor "inverse" (runs 1-6): fitted, run 4 (8B 0.30 s, 70B 1.73 s per block)
     "factor_a_s": 0.024,
     "factor_b_s_per_k3": 6.49e-14,
-    # per stage, factor "flip" (the CUDA default from run 7): bench/results/run7_logs/check.json (k 4096: 5.5 ms,
-    # 14336: 78 ms; run 7 measured 0.41 s per 4 8B blocks)
+    # per stage, factor "flip" (the CUDA default from run 7): bench/results/run7_logs/check.json
+    # (k 4096: 5.5 ms, 14336: 78 ms; run 7 measured 0.41 s per 4 8B blocks)
     "flip_factor_a_s": 0.006,
     "flip_factor_b_s_per_k3": 2.52e-14,
     "awq_search_s_per_flop": 6.6e-14,  # fitted, scale_gpu_run3.json (2.36 s per 8B block)
