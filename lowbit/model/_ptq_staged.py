@@ -343,14 +343,14 @@ class _Prefetch:
     block's kernels on the main stream); :meth:`wait` joins it (the copy is complete on the device then: a
     blocking copy synchronises its stream) and re-raises its error. Same values as the plain move."""
 
-    def __init__(self, block: nn.Module, device: torch.device) -> None:
+    def __init__(self, block: nn.Module, device: torch.device, stream: "torch.cuda.Stream") -> None:
         self.err: Optional[BaseException] = None
         dev = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
         def work() -> None:
             try:
                 torch.cuda.set_device(dev)
-                with torch.cuda.stream(torch.cuda.Stream(dev)):
+                with torch.cuda.stream(stream):
                     block.to(dev)
                     torch.cuda.current_stream(dev).synchronize()
             except BaseException as e:  # re-raised by wait()
@@ -403,6 +403,7 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
         (block_bytes * (2 if prefetch else 1) if device != home else 0)
     store = _make_store(device, cfg, reserve)
     ahead: Optional[_Prefetch] = None
+    side = None
     checkpoints = ckpt.BlockCheckpoints(cfg.checkpoint_dir, cfg.fingerprint) if cfg.checkpoint_dir else None
     start_block = 0
     try:
@@ -433,7 +434,9 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
                 ahead = None
             block.to(device)
             if prefetch and bi + 1 < len(blocks):
-                ahead = _Prefetch(blocks[bi + 1], device)
+                if side is None:  # one stream for every copy: the freed blocks' memory is reused by the next
+                    side = torch.cuda.Stream(device if device.index is not None else None)
+                ahead = _Prefetch(blocks[bi + 1], device, side)
             sel = {n: m for n, m in selected.items() if n.startswith(prefix)}
             inside.update(sel)
             stages = _block_stages(block, sel, prefix)
