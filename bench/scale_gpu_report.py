@@ -306,7 +306,8 @@ NOTES = [
     "at the end instead of copied back (when nothing outside the blocks was quantized), and the finished blocks' "
     "quantized states follow their block home (the pipeline's `states` kept the device copies: every finished "
     "block's codes stayed on the GPU, about 0.12 GB per 8B block and 0.45 GB per 70B-shaped block, more than the "
-    "40 GB budget over 80 blocks). Caveat on the ratio: the 1-process path still solves a stage's linears one call "
+    "40 GB budget over 80 blocks); the prefetch copies all go through one side stream (run 7 took a pooled stream "
+    "per block, whose freed memory the caching allocator keeps per stream). Caveat on the ratio: the 1-process path still solves a stage's linears one call "
     "each (q, k, v: three calls, 123 ms per 8B layer in `check.json`); stacking them as the ranks do would make the "
     "1-GPU run about 0.5 s faster too (an estimate; not done, as it is not the data-parallel path), which would "
     "lower the ratio to about 1.46x.",
