@@ -104,8 +104,10 @@ def worker(spec: dict) -> None:
         pass
     torch.cuda.reset_peak_memory_stats(dev)
     torch.cuda.synchronize()
-    for k in timers:  # only what quantize_model_ptq spends
-        timers[k] = 0.0
+    nested = timers.pop("_nested")
+    for d in (timers, nested):  # only what quantize_model_ptq spends
+        for k in d:
+            d[k] = 0.0
     D.barrier()
     t0 = time.perf_counter()
     quantize_model_ptq(model, method=spec["method"], bits=4, group_size=128, sym=False, calib_dataset=ids,
@@ -122,6 +124,8 @@ def worker(spec: dict) -> None:
                     h.update(t.detach().cpu().contiguous().numpy().tobytes())
         digests.append(h.hexdigest()[:16])
     res = {"rank": rank, "world": world, "wall_s": wall, "build_s": t_build, "timers": dict(timers),
+           "timers_nested": dict(nested), "block_prefetch": model.ptq_summary.get("block_prefetch"),
+           "env": {k: os.environ.get(k) for k in ("LOWBIT_GPTQ_FACTOR", "LOWBIT_DP_BATCH", "LOWBIT_PREFETCH")},
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2 ** 20,
            "peak_rss_mb": vm_hwm() / 2 ** 20, "comm_s": dict(D.COMM_SECONDS), "digests": digests,
            "summary": {k: v for k, v in model.ptq_summary.items() if isinstance(v, (int, float, str, dict))},
@@ -143,17 +147,24 @@ def _install_timers() -> dict:
 
     timers = {"gptq_factor": 0.0, "gptq_solve": 0.0, "awq_search": 0.0, "stats_add": 0.0}
 
-    def wrap(owner, attr, key):
+    import threading
+
+    nested = timers.setdefault("_nested", {})
+
+    def wrap(owner, attr, key, into=timers):
         fn = getattr(owner, attr)
+        into.setdefault(key, 0.0)
 
         def wrapped(*a, **k):
+            if threading.current_thread().name == "lowbit-prefetch":  # the background block copies: not timed
+                return fn(*a, **k)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = fn(*a, **k)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            timers[key] += time.perf_counter() - t0
+            into[key] += time.perf_counter() - t0
             return out
 
         setattr(owner, attr, wrapped)
@@ -173,11 +184,26 @@ def _install_timers() -> dict:
     wrap(_ptq_staged, "_capture_block0", "capture_block0")
     wrap(offload.ActivationStore, "put", "activation_store")
     wrap(offload.ActivationStore, "get", "activation_store")
+    if hasattr(_ptq_staged, "_Prefetch"):  # waiting for the next block's background copy (run 7 on)
+        wrap(_ptq_staged._Prefetch, "wait", "prefetch_wait")
+    # nested timers (they contain the ones above; kept apart so that the sum of `timers` stays the timed part):
+    # the block runner (forward passes + everything per stage), the GPTQ stage (factor, solve, broadcasts,
+    # installs of the weights), the per-pass rank agreement (waiting for the slower rank)
+    from lowbit.model import distributed as dist_mod, sequential as seq_mod
+
+    wrap(_ptq_staged._BlockRunner, "run", "block_runner", nested)
+    wrap(seq_mod, "_gptq_stage", "gptq_stage", nested)
+    wrap(dist_mod, "min_over_ranks", "min_over_ranks", nested)
+    # the rest of the wall time (run 8 on): the pipeline as a whole, the non-block weights' moves and put-back
+    wrap(seq_mod, "_run_calibrated", "run_calibrated", nested)
+    wrap(_ptq_staged, "_to_device_except", "non_block_moves", nested)
+    if hasattr(_ptq_staged, "_restore_kept"):
+        wrap(_ptq_staged, "_restore_kept", "non_block_moves", nested)
     _orig_to = torch.nn.Module.to
     depth = [0]
 
     def module_to(self, *a, **k):  # the blocks moved to the device and back (outermost calls only)
-        if depth[0] or not hasattr(self, "self_attn"):
+        if depth[0] or not hasattr(self, "self_attn") or threading.current_thread().name == "lowbit-prefetch":
             return _orig_to(self, *a, **k)
         depth[0] += 1
         try:

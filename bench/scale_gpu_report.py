@@ -84,6 +84,28 @@ def table(runs, names):
     return out + [""]
 
 
+def breakdown(runs, names):
+    """Where each rank's wall time went (runs with the nested timers of run 7 on), seconds over all layers."""
+    out = ["| run | rank | wall | block runner | GPTQ stage: factor / solve / other | Hessians | activation store | "
+           "rank agreement | forward passes (rest of the runner) | block moves | outside the runner |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        r = runs.get(name)
+        if not r or "timers_nested" not in r["ranks"][0]:
+            continue
+        for x in r["ranks"]:
+            t, n = x["timers"], x["timers_nested"]
+            run_s, stage = n["block_runner"], n["gptq_stage"]
+            fwd = run_s - stage - t["stats_add"] - t["activation_store"] - n["min_over_ranks"]
+            outside = (x["wall_s"] - run_s - t["block_to"] - t["capture_block0"] - t["install_stages"]
+                       - t.get("prefetch_wait", 0.0))
+            out.append(f"| {name} ({r['source']}) | {x['rank']} | {x['wall_s']:.2f} | {run_s:.2f} | "
+                       f"{t['gptq_factor']:.2f} / {t['gptq_solve']:.2f} / {stage - t['gptq_factor'] - t['gptq_solve']:.2f} | "
+                       f"{t['stats_add']:.2f} | {t['activation_store']:.2f} | {n['min_over_ranks']:.2f} | {fwd:.2f} | "
+                       f"{t['block_to']:.2f} (prefetch wait {t.get('prefetch_wait', 0.0):.2f}) | {outside:.2f} |")
+    return out + [""]
+
+
 def plan_table(runs, names):
     """`plan`'s GPU time model (lowbit.model.plan_gpu, rates measured in the same process) against the run."""
     out = ["| run | GPUs | layers | measured wall | predicted | error | predicted parts per layer: forward / Hessians / "
@@ -93,6 +115,8 @@ def plan_table(runs, names):
         if not r or "plan_gpu" not in r["ranks"][0]:
             continue
         p = max((x["plan_gpu"] for x in r["ranks"]), key=lambda q: q["seconds"])
+        if "timers_nested" in r["ranks"][0]:  # run 7 on: the model as it is now (flip factor, stacked pieces)
+            p = _plan_now(r) or p
         w = _wall(r)
         out.append(f"| {name} ({r['source']}) | {r['spec']['nproc']} | {r['spec']['layers']} | {w:.1f} s | "
                    f"{p['seconds']:.1f} s | {(p['seconds'] - w) / w * 100:+.0f}% | {p['forward_s']:.2f} / "
@@ -100,13 +124,33 @@ def plan_table(runs, names):
     return out + [""]
 
 
+def _plan_now(r):
+    """The current model (:func:`lowbit.model.plan_gpu.gpu_seconds`, defaults) with the rates the run measured."""
+    try:
+        import torch
+        import transformers
+
+        from lowbit.model import plan_gpu
+    except ImportError:
+        return None
+    shapes = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+              "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)}
+    spec = r["spec"]
+    cfg = transformers.LlamaConfig(vocab_size=128256, num_hidden_layers=spec["layers"], max_position_embeddings=2048,
+                                   tie_word_embeddings=True, **shapes[spec["shape"]])
+    with torch.device("meta"):
+        m = transformers.LlamaForCausalLM(cfg)
+    return max((plan_gpu.gpu_seconds(m, spec["method"], 128, 2048, world=spec["nproc"], rates=x["rates"])
+                for x in r["ranks"]), key=lambda q: q["seconds"])
+
+
 def multi_gpu(runs, call_runs, path):
     L = ["# Multi-GPU data-parallel calibration (issue 20)", "",
          "Written by `bench/scale_gpu_report.py` from `bench/results/scale_gpu_run*.json` (`bench/scale_gpu.py` "
          "on `nvidia-h200-x2`: 2 H200 of one host, NCCL, `NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 "
-         "NVSHMEM_DISABLE_NVLS=1`). Reproduce: `PYTHONPATH=$PWD bash bench/gpu_call_dp.sh` on the "
-         "2-GPU machine, copy `$OUT/gpu.json` to `bench/results/scale_gpu_runN.json`, then "
-         "`python bench/scale_gpu_report.py`.", "",
+         "NVSHMEM_DISABLE_NVLS=1`). Reproduce: `PYTHONPATH=$PWD bash bench/gpu_call_dp2.sh` (run 7; "
+         "`bench/gpu_call_dp.sh` for runs 5-6) on the 2-GPU machine, copy `$OUT/gpu.json` to "
+         "`bench/results/scale_gpu_runN.json`, then `python bench/scale_gpu_report.py`.", "",
          "Llama-3-8B-shaped decoder (hidden 4096, MLP 14336, 32/8 heads) and a 70B-class slice (hidden 8192, "
          "MLP 28672, 64/8 heads), random bf16 weights (drawn on the GPU, seed 0, the same in every process), "
          "model on the CPU, `device=\"cuda\"`, GPTQ int4 g128 asym, 128 x 2048 random calibration tokens "
@@ -115,10 +159,23 @@ def multi_gpu(runs, call_runs, path):
          "`gptq_quantize` (solve) and `InputStats.add*` (Hessian accumulation) per rank.", ""]
     for title, call in reversed(call_runs):  # latest first
         L += [f"## {title}", ""] + table(call, list(call))
+    L += ["## Where the time goes (run 7 on: nested timers)", "",
+          "Seconds over all layers, per rank, device-synchronised. 'block runner' is `_BlockRunner.run` (the passes "
+          "over the micro-batches and every stage's solve); inside it the GPTQ stage (`_gptq_stage`: factorisation, "
+          "solve, broadcasts and weight updates), the Hessian accumulation, the activation store (`get`/`put`; it "
+          "also holds the captured block-0 inputs, outside the runner) and the per-pass rank agreement "
+          "(`min_over_ranks`, waiting for the slower rank); 'forward passes' is the runner's rest. 'block moves' is "
+          "the main thread's `block.to` (with the prefetch: block 0 and the moves home); 'outside the runner' is the "
+          "wall time no timer covers (the non-block weights to the device and back, the pipeline's bookkeeping; and "
+          "the stores of the block-0 inputs: the forward column subtracts the whole store time, so it is short by "
+          "as much as these stores take).", ""]
+    L += breakdown(runs, [n for n in ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_2gpu") if n in runs])
     L += ["## `plan`'s GPU time model against the runs (latest run of each name)", "",
           "Predicted in each worker before its run by `lowbit.model.plan_gpu.gpu_seconds` (the GEMM, bandwidth and "
           "sweep rates measured there in about 2 s by `measure_rates`; the forward, factorisation and AWQ-search "
-          "constants fitted on `scale_gpu_run3/4.json`, before the fused sweep); the slower rank's prediction.", ""]
+          "constants fitted on `scale_gpu_run3/4.json`, before the fused sweep; from run 7 the factorisation "
+          "constants of the flip method, measured in `run7_logs/check.json`, and a rank's aligned row pieces "
+          "solved in one call); the slower rank's prediction. Run 7 is out of sample for the forward constants.", ""]
     L += plan_table(runs, ["gptq_8b_1gpu", "gptq_8b_2gpu", "awq_8b_1gpu", "awq_8b_2gpu", "gptq_70b_2gpu"])
     g1, g2 = runs.get("gptq_8b_1gpu"), runs.get("gptq_8b_2gpu")
     if g1 and g2 and g1["source"] != g2["source"]:  # compare runs of the same call (the same code)
@@ -208,7 +265,7 @@ NOTES = [
     "equal share per rank on multiples of 1024 rows, solved, then broadcast. AWQ (run 6): every rank runs the "
     "stage's search itself (same inputs, same result; identical digests), instead of one rank searching and "
     "broadcasting its pickled result, which cost 12-13 s per 2 layers in run 5 (`LOWBIT_DP_AWQ=owner` keeps that).",
-    "- Why 2 GPUs give 1.46x and not 1.8x (8B GPTQ, run 6, 4 layers): of the 1-GPU 14.2 s, the factorisation "
+    "- (Run 6, kept for the record) Why 2 GPUs gave 1.46x and not 1.8x (8B GPTQ, run 6, 4 layers): of the 1-GPU 14.2 s, the factorisation "
     "(1.1 s: every rank factors every stage's Hessian) and moving the blocks to the GPU and back (0.6 s) do not "
     "shrink with more ranks; the rest does (forward passes 5.5 -> 3.5 s, activation store 3.1 -> 1.4 s, Hessians "
     "1.9 -> 1.0 s, solve 2.0 -> 1.3/1.9 s per rank). Amdahl with 1.7 s serial out of 14.2 s bounds 2 GPUs at "
@@ -218,6 +275,42 @@ NOTES = [
     "(1.20x). Ways further (not done): factor on one rank per stage while the other runs the next micro-batches "
     "(needs the pipeline to overlap stages), prefetch the next block to the GPU during the current one, and one "
     "Cholesky + one triangular inverse for the factor (today two Cholesky factorisations and an inverse).",
+    "- Run 7 (`bench/gpu_call_dp2.sh`, `bench/results/run7_logs/`): 8B GPTQ 1 GPU 14.19 -> 12.22 s, 2 GPUs 9.74 -> "
+    "8.05 s, 1.46x -> 1.52x; codes identical 1 vs 2 GPUs (new digests: the flip factorisation rounds differently "
+    "from runs 5-6). What changed and what it bought: (1) factorisation `LOWBIT_GPTQ_FACTOR=flip`, the CUDA "
+    "default: `J A J = L L^T`, `U = J L^-1 J` (one Cholesky and a triangular inverse in 2048-column chunks "
+    "`L[a:, a:] X = I[a:, a:b]`, about a quarter of the flops of Cholesky + inverse + Cholesky): k = 14336 0.223 -> "
+    "0.078 s, k = 4096 13.3 -> 5.5 ms, factors within 1.6e-6 relative of the old ones (`check.json`); 1.09 -> "
+    "0.41 s per 4 layers on every rank. The CPU keeps `inverse` (CPU outputs unchanged). (2) No host sync per GPTQ "
+    "block (the group index kept on the device, the fits' shrink factors cached on the device, no `isinf(...).any()` "
+    "/ `(scale > 0).all()` checks on CUDA): 1-GPU solve 1.99 -> 1.58 s. (3) A rank's row pieces stacked into one "
+    "`gptq_quantize` call where every piece but the last is a multiple of 1024 rows (`_solve_batches`; "
+    "`LOWBIT_DP_BATCH=0` turns it off): the solve is per-call launch cost (`K / 128` blocks whatever the rows), so "
+    "rank 1's q-tail + k + v took 74 ms in three calls and takes 27 ms stacked, the same as rank 0's one 3072-row "
+    "piece (`check.json`; bit-identical to the pieces alone and to the whole linears); per rank 1.34 / 1.86 -> "
+    "0.97 / 0.97 s. (4) The next block copied to the GPU in a background thread on a side stream while the "
+    "current one calibrates (`LOWBIT_PREFETCH=0` turns it off; one more block of device memory budgeted): block "
+    "moves 0.60 -> 0.39 s (what is left is the moves home and block 0), waiting for the prefetch 0.00 s. (5) A "
+    "block's outputs become the next block's inputs inside the activation store (`ActivationStore.replace_first`, "
+    "no copies) instead of two round trips through host memory: store 3.07 -> 2.69 s (1 GPU), 1.40 -> 1.28 s.",
+    "- Why 2 GPUs give 1.52x and not 1.8x (run 7, 'Where the time goes'): every part that depends on the samples "
+    "now halves (forward passes 2.56 -> 1.30 s, Hessians 1.86 -> 0.94 s, activation store 2.69 -> 1.28 s); what "
+    "does not is about 4.5 s of the 2-GPU 8.05 s: about 2.5 s outside the block runner, the same on 1 and 2 GPUs "
+    "(no timer of run 7 covers it: the 1 GB embedding moved to the device at the start and back at the end, "
+    "through pageable memory, is the only sizeable device traffic there; the block-0 inputs' stores are in it too, "
+    "but they halve with 2 ranks and the total does not; run 8's timers `run_calibrated` and `non_block_moves` "
+    "will say), the solve (0.97 s per rank against 1.58 s on 1 GPU: launch-bound, each rank sweeps "
+    "all `K / 128` blocks of its stage), the factorisation (0.41 s, every rank) and the moves home (0.38 s). "
+    "On 1 GPU the halving parts are 7.1 s of 12.22 s: 8.05 = 4.5 + 7.1 / 2. 1.8x needs the 2-GPU run at 6.8 s, i.e. about 1.3 s less serial time with "
+    "the 1-GPU run unchanged. After the call (not measured on the GPU): the weights outside the blocks are put back "
+    "at the end instead of copied back (when nothing outside the blocks was quantized), and the finished blocks' "
+    "quantized states follow their block home (the pipeline's `states` kept the device copies: every finished "
+    "block's codes stayed on the GPU, about 0.12 GB per 8B block and 0.45 GB per 70B-shaped block, more than the "
+    "40 GB budget over 80 blocks); the prefetch copies all go through one side stream (run 7 took a pooled stream "
+    "per block, whose freed memory the caching allocator keeps per stream). Caveat on the ratio: the 1-process path still solves a stage's linears one call "
+    "each (q, k, v: three calls, 123 ms per 8B layer in `check.json`); stacking them as the ranks do would make the "
+    "1-GPU run about 0.5 s faster too (an estimate; not done, as it is not the data-parallel path), which would "
+    "lower the ratio to about 1.46x.",
     "- `plan`'s GPU model (`lowbit.model.plan_gpu`): the 70B-class check is partly in-sample: the forward "
     "constants were fitted on the 8B runs of run 4 (the 70B slice of run 4 agreed within 3%) and the "
     "factorisation constants on the 8B and 70B runs of run 4; the Hessian and solve terms come from rates "
@@ -254,7 +347,15 @@ def scale_gpu_section(runs, md_path):
             t.append(("`plan` within 25% of the time, 8B GPTQ, 1 H200", f"predicted {pg['seconds']:.1f} s, measured "
                       f"{_wall(g1):.1f} s ({err * 100:+.0f}%)", "met" if abs(err) <= 0.25 else "missed"))
         tm = g1["ranks"][0].get("timers", {})
-        if tm:
+        nt = g1["ranks"][0].get("timers_nested")
+        if tm and nt:
+            fwd = nt["block_runner"] - nt["gptq_stage"] - tm["stats_add"] - tm["activation_store"] - nt["min_over_ranks"]
+            t.append(("(where the 1-GPU time goes, all layers)", f"GPTQ solve {tm['gptq_solve']:.1f} s, factorisation "
+                      f"{tm['gptq_factor']:.1f} s, Hessian accumulation {tm['stats_add']:.1f} s, activation store "
+                      f"{tm['activation_store']:.1f} s, forward passes {fwd:.1f} s, block moves {tm['block_to']:.1f} s, "
+                      f"outside the block runner {_wall(g1) - nt['block_runner'] - tm['block_to']:.1f} s of "
+                      f"{_wall(g1):.1f} s", ""))
+        elif tm:
             t.append(("(where the 1-GPU time goes, all layers)", f"GPTQ solve {tm.get('gptq_solve', 0):.1f} s, "
                       f"factorisation {tm.get('gptq_factor', 0):.1f} s, Hessian accumulation "
                       f"{tm.get('stats_add', 0):.1f} s, activation store {tm.get('activation_store', 0):.1f} s, "
@@ -288,6 +389,9 @@ CALLS = {
                            "still broadcast each stage's pickled search result)",
     "scale_gpu_run6.json": "fused GPTQ sweep, second call: 1-GPU runs (worker-thread device fixed), AWQ 2-GPU with "
                            "every rank searching",
+    "scale_gpu_run7.json": "a rank's row pieces stacked into one solve, no host syncs per GPTQ block, the flip "
+                           "factorisation, block outputs kept in the store as the next inputs, the next block "
+                           "prefetched on a side stream (`bench/gpu_call_dp2.sh`; the 70B slice skipped: budget)",
 }
 
 

@@ -18,10 +18,12 @@ WORKER = textwrap.dedent('''
     sys.path.insert(0, {root!r})
     from tests.test_sequential import _tiny_llama, _ids
     from lowbit.model.sequential import quantize_model_ptq
+    import lowbit.algorithms.gptq as G
+    G.ROW_CHUNK = int(os.environ.get("TEST_ROW_CHUNK", G.ROW_CHUNK))
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     lines = []
-    for method in ("gptq", "awq"):
+    for method in os.environ.get("TEST_METHODS", "gptq,awq").split(","):
         m = quantize_model_ptq(_tiny_llama(), method=method, bits=4, group_size=32, sym=False,
                                calib_dataset=_ids(10, 32), micro_batch=3, progress=False)
         h = hashlib.sha256()
@@ -45,8 +47,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(script, out, nproc):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def _run(script, out, nproc, **extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
     if nproc == 1:
         cmd = [sys.executable, str(script), str(out)]
     else:
@@ -69,3 +71,17 @@ def test_gloo_two_processes_bit_identical(tmp_path):
     for lines in multi.values():
         assert [r.split()[1] for r in lines] == ["2", "2"]
         assert [r.split()[2] for r in lines] == [r.split()[2] for r in ref]  # identical model on every rank
+
+
+def test_gloo_batched_pieces_and_flip_factor_bit_identical(tmp_path):
+    """Row chunks of 16 rows (so a rank's k/v pieces are solved stacked in one call) and the flip
+    factorisation (the CUDA default): 2 gloo processes still give the single-process GPTQ codes."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    env = dict(TEST_ROW_CHUNK="16", TEST_METHODS="gptq", LOWBIT_GPTQ_FACTOR="flip")
+    single = _run(script, tmp_path, 1, **env)
+    multi = _run(script, tmp_path, 2, **env)
+    ref = single["digest_0_1.txt"]
+    assert len(multi) == 2 and [r.split()[0] for r in ref] == ["gptq"]
+    for lines in multi.values():
+        assert [r.split()[2] for r in lines] == [r.split()[2] for r in ref]

@@ -42,3 +42,88 @@ def test_gptq_pieces_on_chunk_boundaries_equal_the_whole(monkeypatch):
     parts = [gptq.gptq_quantize(w[lo:hi], H, 4, 128, False, factor=f) for lo, hi in ((0, 64), (64, 192), (192, R))]
     for k in ("codes", "scales", "zeros"):
         assert torch.equal(torch.cat([getattr(p, k) for p in parts]), getattr(whole, k))
+
+
+def test_solve_batches_join_chunk_aligned_pieces(monkeypatch):
+    from lowbit.model._ptq_solve import _solve_batches
+
+    mods = {"q": nn.Linear(8, 4096, bias=False), "k": nn.Linear(8, 1024, bias=False),
+            "v": nn.Linear(8, 1024, bias=False)}
+    pieces = _row_pieces(_Stage(["q", "k", "v"]), mods, 2)
+    mine = [(j, p) for j, p in enumerate(pieces) if p[3] == 1]
+    assert [[j for j, _ in b] for b in _solve_batches(mine)] == [[1, 2, 3]]
+    ragged = [(0, ("a", 0, 1000, 0)), (1, ("b", 0, 1024, 0)), (2, ("c", 0, 500, 0)), (3, ("d", 0, 1024, 0))]
+    assert [[j for j, _ in b] for b in _solve_batches(ragged)] == [[0], [1, 2], [3]]
+    monkeypatch.setenv("LOWBIT_DP_BATCH", "0")
+    assert [[j for j, _ in b] for b in _solve_batches(mine)] == [[1], [2], [3]]
+
+
+def test_gptq_stacked_pieces_equal_each_piece_alone(monkeypatch):
+    """Pieces of several linears stacked into one solve (a rank's share of q/k/v) give each piece's codes."""
+    monkeypatch.setattr(gptq, "ROW_CHUNK", 64)
+    torch.manual_seed(1)
+    K = 256
+    X = torch.randn(1024, K)
+    X[:, :50] *= 4
+    H = X.T @ X / 1024
+    f = gptq.gptq_factor(H)
+    ws = [torch.randn(R, K) * 0.02 for R in (128, 64, 40)]  # the last one ragged (rows not a chunk multiple)
+    alone = [gptq.gptq_quantize(w, H, 4, 128, False, factor=f) for w in ws]
+    both = gptq.gptq_quantize(torch.cat(ws), H, 4, 128, False, factor=f)
+    for k in ("codes", "scales", "zeros"):
+        assert torch.equal(torch.cat([getattr(a, k) for a in alone]), getattr(both, k))
+
+
+def test_flip_factor_matches_the_exact_inverse_factor():
+    """One Cholesky of the reversed matrix and a chunked triangular inverse: the upper Cholesky factor of the
+    damped inverse (within float32 rounding of the float64 one, like the reference recipe)."""
+    torch.manual_seed(2)
+    K = 700
+    X = torch.randn(2 * K, K, dtype=torch.float64)
+    X[:, : K // 4] *= 6
+    H = X.T @ X / X.shape[0]
+    U_ref, d_ref = gptq.damped_inverse_cholesky(H.float(), 0.01, method="inverse")
+    U, d = gptq.damped_inverse_cholesky(H.float(), 0.01, method="flip")
+    assert d == d_ref
+    exact = torch.linalg.cholesky(torch.linalg.inv(H + d * torch.eye(K, dtype=torch.float64)), upper=True)
+    err = lambda A: ((A.double() - exact).norm() / exact.norm()).item()
+    assert torch.equal(U, torch.triu(U)) and err(U) < 1e-5 and err(U) <= 2 * err(U_ref)
+    L = torch.linalg.cholesky(H + torch.eye(K, dtype=torch.float64))
+    for chunk in (64, 300, 2048):
+        inv = gptq.lower_triangular_inverse(L, chunk)
+        assert torch.allclose(inv @ L, torch.eye(K, dtype=torch.float64), atol=1e-10)
+
+
+def test_factor_method_choice(monkeypatch):
+    import pytest
+
+    assert gptq._factor_method(torch.device("cpu")) == "inverse"
+    assert gptq._factor_method(torch.device("cuda")) == "flip"
+    monkeypatch.setenv("LOWBIT_GPTQ_FACTOR", "flip")
+    assert gptq._factor_method(torch.device("cpu")) == "flip"
+    monkeypatch.setenv("LOWBIT_GPTQ_FACTOR", "lu")
+    with pytest.raises(ValueError, match="LOWBIT_GPTQ_FACTOR='lu'"):
+        gptq._factor_method(torch.device("cpu"))
+    with pytest.raises(ValueError, match="method='lu'"):
+        gptq.damped_inverse_cholesky(torch.eye(4), 0.01, method="lu")
+
+
+def test_store_replace_first_moves_nothing():
+    from lowbit.model.offload import ActivationStore
+
+    for budget in (0, 10 ** 9):  # on disk / on the device
+        st = ActivationStore(torch.device("cpu"), budget=budget)
+        x, pe = torch.randn(3, 4), (torch.randn(2), torch.randn(2))
+        k = st.put(((x, 5), {"pe": pe, "mask": None}))
+        o = st.put(torch.randn(3, 4))
+        out = st.get(o)
+        k2 = st.replace_first(k, o)
+        (a, b), kw = st.get(k2)
+        assert torch.equal(a, out) and b == 5 and torch.equal(kw["pe"][1], pe[1]) and kw["mask"] is None
+        assert k not in st and o not in st and sum(st.tier_bytes().values()) == (12 + 4) * 4
+        k3 = st.put(((), {"hidden_states": x}))
+        import pytest
+
+        with pytest.raises(ValueError, match="replace_first"):
+            st.replace_first(k3, k2)
+        st.close()

@@ -45,6 +45,8 @@ def test_errors():
         plan_gpu.gpu_seconds(m, "hqq")
     with pytest.raises(ValueError, match="world"):
         plan_gpu.gpu_seconds(m, "gptq", world=0)
+    with pytest.raises(ValueError, match="factor='lu'"):
+        plan_gpu.gpu_seconds(m, "gptq", factor="lu")
 
 
 def test_pieces_are_the_pipelines_row_pieces():
@@ -57,6 +59,20 @@ def test_pieces_are_the_pipelines_row_pieces():
             got = plan_gpu._pieces([mods[n].out_features for n in stage.names], world)
             want = [[hi - lo for n, lo, hi, r in _row_pieces(stage, mods, world) if r == rank] for rank in range(world)]
             assert got == want
+            from lowbit.model._ptq_solve import _solve_batches
+
+            for rank in range(world):  # the calls each rank makes (its aligned pieces stacked)
+                mine = [(j, p) for j, p in enumerate(_row_pieces(stage, mods, world)) if p[3] == rank]
+                calls = [sum(p[2] - p[1] for _, p in b) for b in _solve_batches(mine)]
+                assert plan_gpu._batched(got[rank]) == calls
+
+
+def test_flip_factor_and_stacked_pieces_shrink_the_prediction():
+    m = _meta_llama("8b", 1)
+    new = plan_gpu.gpu_seconds(m, "gptq", 128, 2048, world=2)
+    old = plan_gpu.gpu_seconds(m, "gptq", 128, 2048, world=2, factor="inverse", batch_pieces=False)
+    assert new["factor_s"] < old["factor_s"] / 2 and new["solve_s"] < old["solve_s"]
+    assert plan_gpu._batched([1024, 2048, 500, 1024, 7]) == [3572, 1031]
 
 
 def test_plan_reports_gpu_seconds_on_cuda():
@@ -75,7 +91,9 @@ def test_plan_reports_gpu_seconds_on_cuda():
 @pytest.mark.parametrize("run,name,tol", [("scale_gpu_run6.json", "gptq_8b_1gpu", 0.25),
                                           ("scale_gpu_run6.json", "gptq_8b_2gpu", 0.25),
                                           ("scale_gpu_run6.json", "awq_8b_1gpu", 0.25),
-                                          ("scale_gpu_run5.json", "gptq_70b_2gpu", 0.15)])
+                                          ("scale_gpu_run5.json", "gptq_70b_2gpu", 0.15),
+                                          ("scale_gpu_run7.json", "gptq_8b_1gpu", 0.15),
+                                          ("scale_gpu_run7.json", "gptq_8b_2gpu", 0.15)])
 def test_predictions_against_the_h200_runs(run, name, tol):
     """The model with the rates each run measured (recorded in its JSON) against the run's wall time."""
     path = RESULTS / run
@@ -85,6 +103,8 @@ def test_predictions_against_the_h200_runs(run, name, tol):
     spec = r["spec"]
     m = _meta_llama(spec["shape"], spec["layers"])
     wall = max(x["wall_s"] for x in r["ranks"])
-    pred = max(plan_gpu.gpu_seconds(m, spec["method"], 128, 2048, world=spec["nproc"], rates=x["rates"])["seconds"]
+    since7 = int(run.split("run")[1].split(".")[0]) >= 7  # flip factorisation, stacked pieces
+    pred = max(plan_gpu.gpu_seconds(m, spec["method"], 128, 2048, world=spec["nproc"], rates=x["rates"],
+                                    factor="flip" if since7 else "inverse", batch_pieces=since7)["seconds"]
                for x in r["ranks"])
     assert abs(pred - wall) <= tol * wall, (pred, wall)

@@ -64,6 +64,19 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits!r}: expected an integer between 2 and 8 (2, 3, 4 and 8 are the usual ones)")
 
 
+_FACTORS: dict = {}
+
+
+def _factors_tensor(factors: list, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(factors)`` (float32) on ``device``, cached: a host-to-device copy of a Python list
+    waits for the device (a stream sync), and GPTQ fits one group per block of its sweep."""
+    key = (tuple(factors), str(device))
+    t = _FACTORS.get(key)
+    if t is None:
+        t = _FACTORS[key] = torch.tensor(factors, dtype=torch.float32, device=device)
+    return t
+
+
 def quadratic_loss(err: torch.Tensor, S: Optional[torch.Tensor]) -> torch.Tensor:
     """Row losses ``e_r S e_r^T`` for ``err [..., R, g]``; ``S`` None (identity), ``[g]`` or ``[g, g]``."""
     if S is None:
@@ -139,7 +152,7 @@ class AffineGrid:
         """Candidate ``(scales, zeros)`` ``[C, ...]`` for the groups ``w [..., g]`` (one per shrink factor)."""
         w = w.float()
         xmin, xmax = w.amin(-1), w.amax(-1)
-        ps = torch.tensor(self.shrink_factors(), dtype=torch.float32, device=w.device)
+        ps = _factors_tensor(self.shrink_factors(), w.device)
         ps = ps.reshape(-1, *([1] * xmin.dim()))
         return self.params_from_range(xmin * ps, xmax * ps)
 
@@ -156,7 +169,7 @@ class AffineGrid:
         if cs.shape[0] == 1:
             return cs[0], cz[0]
         xmin, xmax = w.amin(-1), w.amax(-1)
-        ps = torch.tensor(self.shrink_factors(), dtype=torch.float32, device=w.device)
+        ps = _factors_tensor(self.shrink_factors(), w.device)
         ps = ps.reshape(-1, *([1] * xmin.dim()))
         best, idx = self._losses(w, cs, cz, S, mask).min(0)
         p = ps.expand(-1, *xmin.shape).gather(0, idx.unsqueeze(0))[0]

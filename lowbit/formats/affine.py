@@ -29,7 +29,7 @@ def implicit_zero(bits: int) -> int:
 def _placeholder(scale: torch.Tensor, nonzero: torch.Tensor) -> torch.Tensor:
     """Scale 1 for an all-zero block; the smallest float32 subnormal for a nonzero block whose scale underflows
     (|x| < ~1e-43: the codes still resolve it, where a scale of 1 would flush it and pollute double quant)."""
-    if bool((scale > 0).all()):
+    if not scale.is_cuda and bool((scale > 0).all()):  # CUDA: no host sync (the where below is a no-op then)
         return scale
     tiny = torch.full_like(scale, 2.0 ** -149)
     return torch.where(scale > 0, scale, torch.where(nonzero, tiny, torch.ones_like(scale)))
@@ -53,7 +53,9 @@ def affine_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric:
     levels = (1 << bits) - 1
     scale = (hi - lo) / levels
     wide = torch.isinf(scale)
-    if bool(wide.any()):  # max - min beyond float32 (|x| near 3.4e38): the scale itself still fits
+    # max - min beyond float32 (|x| near 3.4e38): the scale itself still fits. On CUDA without asking the host
+    # (a device sync per call, in GPTQ's per-group fits), the same values either way
+    if scale.is_cuda or bool(wide.any()):
         scale = torch.where(wide, ((hi.double() - lo.double()) / levels).float(), scale)
     scale = _placeholder(scale, hi > lo)
     zero = torch.clamp(torch.round(-lo / scale), 0, levels).to(torch.uint8)

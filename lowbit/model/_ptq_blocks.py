@@ -196,16 +196,35 @@ def _rtn_fallback(weight: torch.Tensor, qcfg: WeightOnlyConfig):
     return rtn_quantize(weight, qcfg.bits, qcfg.group_size, qcfg.sym, gguf_type=getattr(qcfg, "gguf_type", None))
 
 
-def _to_device_except(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer outside ``blocks`` to ``device``."""
+def _to_device_except(model: nn.Module, blocks: nn.ModuleList, device: torch.device,
+                      keep: Optional[list] = None) -> None:
+    """Move every parameter and buffer outside ``blocks`` to ``device``. ``keep`` (a list): the tensors left
+    behind are appended to it, for :func:`_restore_kept`."""
     inside = set()
     for b in blocks:
         inside.update(id(t) for t in b.parameters())
         inside.update(id(t) for t in b.buffers())
+    seen = set()  # a tied parameter is met once per module holding it: keep its first (home) tensor only
     for mod in model.modules():
         for p in mod._parameters.values():
             if p is not None and id(p) not in inside and p.device != device:
+                if keep is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    keep.append((p, None, None, p.data))
                 p.data = p.data.to(device)  # same Parameter object: tied weights stay tied
         for key, b in list(mod._buffers.items()):
             if b is not None and id(b) not in inside and b.device != device:
+                if keep is not None:
+                    keep.append((None, mod, key, b))
                 mod._buffers[key] = b.to(device)
+
+
+def _restore_kept(keep: list) -> None:
+    """Put back the tensors :func:`_to_device_except` left behind (``keep``), instead of copying the device
+    copies back: for parameters and buffers the run did not change (the 8B embedding is 1 GB each way)."""
+    for p, mod, key, t in reversed(keep):
+        if p is not None:
+            p.data = t
+        else:
+            mod._buffers[key] = t
+    keep.clear()

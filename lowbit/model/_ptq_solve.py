@@ -55,6 +55,29 @@ def _row_pieces(stage: _Stage, modules: Dict[str, nn.Linear], world: int, align:
     return pieces
 
 
+def _solve_batches(mine):
+    """A rank's row pieces ``[(j, (name, lo, hi, owner))]`` grouped into runs solved by one
+    :func:`gptq_quantize` call each (their rows stacked): the solve's cost is mostly per call (``K / 128``
+    blocks of launches, whatever the rows), so a rank with three pieces took three times as long as one
+    with one (``bench/results/multi_gpu.md``, run 6). Every piece but a run's last has a multiple of
+    :data:`lowbit.algorithms.gptq.ROW_CHUNK` rows, so the block update's row chunks are the pieces' own
+    and each row's codes are those of the piece solved alone. ``LOWBIT_DP_BATCH=0``: one call per piece."""
+    from lowbit.algorithms.gptq import ROW_CHUNK
+
+    if os.environ.get("LOWBIT_DP_BATCH", "1") == "0":
+        return [[x] for x in mine]
+    runs, cur = [], []
+    for x in mine:
+        cur.append(x)
+        _, (_, lo, hi, _) = x
+        if (hi - lo) % ROW_CHUNK:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return runs
+
+
 def _layer_opts(opts: Dict[str, Any], name: str) -> Dict[str, Any]:
     """``opts`` for one linear: a per-linear ``gguf_type`` mapping (``{linear name: GGUF type}``, e.g. a
     llama.cpp recipe or a budget plan resolved per weight) replaced by that linear's type."""
@@ -81,10 +104,18 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
         else:
             pieces = _row_pieces(stage, modules, world)
         mine = {}
-        for j, (n, lo, hi, owner) in enumerate(pieces):  # solve first: the ranks work at the same time
-            if owner == rank:
-                w = modules[n].weight.detach()
-                mine[j] = gptq_quantize(w[lo:hi], H, bits, group_size, sym, factor=factor, **opts)
+        for batch in _solve_batches([(j, p) for j, p in enumerate(pieces) if p[3] == rank]):
+            # solve first: the ranks work at the same time; a rank's pieces in one call where the rows allow
+            ws = [modules[n].weight.detach()[lo:hi] for _, (n, lo, hi, _) in batch]
+            stacked = ws[0] if len(ws) == 1 else torch.cat(ws)
+            res = gptq_quantize(stacked, H, bits, group_size, sym, factor=factor, **opts)
+            off = 0
+            for (j, _), w in zip(batch, ws):
+                r = w.shape[0]
+                mine[j] = GPTQResult(codes=res.codes[off:off + r], scales=res.scales[off:off + r],
+                                     zeros=res.zeros[off:off + r], loss=0.0, damp=res.damp, bits=res.bits,
+                                     group_size=res.group_size, sym=res.sym, dtype=res.dtype)
+                off += r
         parts: Dict[str, list] = {n: [] for n in stage.names}
         for j, (n, lo, hi, owner) in enumerate(pieces):
             w = modules[n].weight.detach()

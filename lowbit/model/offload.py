@@ -202,6 +202,25 @@ class ActivationStore:
         rec = self._items.pop(key) if pop else self._items[key]
         return self._unpack(rec, release=pop)
 
+    def replace_first(self, key: int, first: int) -> int:
+        """The object under ``key``, ``((x, *args), kwargs)``, with ``x`` replaced by the tensor stored under
+        ``first``, as a new key (both old keys forgotten, ``x`` freed). No tensor is copied or moved: the
+        pipeline makes a block's outputs the next block's inputs this way, where ``get``/``put`` took two
+        round trips through host memory per micro-batch for offloaded activations."""
+        rec, new = self._items[key], self._items[first]
+        ok = (rec[0] == "tuple" and len(rec[1]) == 2 and rec[1][0][0] == "tuple" and rec[1][0][1]
+              and new[0] == "T")
+        if not ok:
+            raise ValueError(f"replace_first: key {key} does not hold ((tensor, ...), kwargs) or key {first} "
+                             f"no single tensor")
+        del self._items[key], self._items[first]
+        args = rec[1][0][1]
+        self._free(args[0])
+        k = self._next
+        self._next += 1
+        self._items[k] = ("tuple", [("tuple", [new] + list(args[1:])), rec[1][1]])
+        return k
+
     def drop(self, key: int) -> None:
         rec = self._items.pop(key, None)
         if rec is not None:

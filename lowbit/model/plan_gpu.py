@@ -14,11 +14,13 @@ other kinds, so each part of a block's work has its own term (seconds per decode
   ``samples / world x 20 bytes x k^2 / bandwidth`` (the fp32 product read, the float64 sum read and
   written).
 * **factorisation** (the damped inverse Cholesky of each stage's Hessian; every rank does it):
-  ``a + b k^3`` per stage.
+  ``a + b k^3`` per stage (constants per method: ``"flip"``, one Cholesky and a chunked triangular inverse,
+  the CUDA default since run 7; ``"inverse"``, runs 1-6).
 * **GPTQ solve**: per linear (or row piece, see :func:`lowbit.model._ptq_solve._row_pieces`) ``K / 128``
   blocks of ``block_s + row_s x rows`` (the fused sweep and the group fits; per-block launches dominate
   below a few thousand rows) plus the lazy updates ``rows x K^2 x 2`` flops at the fp32 GEMM rate; with
-  several ranks each rank solves its pieces, so the stage takes the slowest rank's time.
+  several ranks each rank solves its pieces (stacked into one call where they are 1024-row aligned, run 7 on),
+  so the stage takes the slowest rank's time.
 * **AWQ search**: ``20 x 2 x out x in x min(tokens, 4096)`` flops per linear at a fitted rate (one rank
   per stage: it does not shrink with ``world``).
 * **collectives**: the float64 statistics all-reduced (``8 k^2`` bytes per stage) and the solved codes,
@@ -46,8 +48,13 @@ H200: Dict[str, Any] = {
     "forward_serial_s_per_flop": 4.0e-15,    # fitted, scale_gpu_run4.json (see the module doc)
     "forward_parallel_s_per_flop": 1.58e-14,  # fitted, scale_gpu_run4.json
     "awq_forward_s_per_flop": 2.58e-14,      # fitted, scale_gpu_run3.json (AWQ 8B 1 GPU: 2.95 s per block)
-    "factor_a_s": 0.024,          # per stage: fitted, run 4 (8B 0.30 s, 70B 1.73 s per block)
+    # per stage, factor "inverse" (runs 1-6): fitted, run 4 (8B 0.30 s, 70B 1.73 s per block)
+    "factor_a_s": 0.024,
     "factor_b_s_per_k3": 6.49e-14,
+    # per stage, factor "flip" (the CUDA default from run 7): bench/results/run7_logs/check.json
+    # (k 4096: 5.5 ms, 14336: 78 ms; run 7 measured 0.41 s per 4 8B blocks)
+    "flip_factor_a_s": 0.006,
+    "flip_factor_b_s_per_k3": 2.52e-14,
     "awq_search_s_per_flop": 6.6e-14,  # fitted, scale_gpu_run3.json (2.36 s per 8B block)
     "nvlink_bytes_s": 1.17e11,    # scale_gpu_run4.json: 8.2 GB of float64 Hessians all-reduced in 0.07 s
     "source": "constants (H200, bench/results/scale_gpu_run3/4.json and assumed GEMM rates)",
@@ -147,10 +154,30 @@ def _pieces(outs: List[int], world: int, align: int = 1024) -> List[List[int]]:
     return per
 
 
+def _batched(rows: List[int], align: int = 1024) -> List[int]:
+    """A rank's pieces as solved (:func:`lowbit.model._ptq_solve._solve_batches`): consecutive pieces stacked
+    into one call while every piece but the last of a call is a multiple of ``align`` rows."""
+    out, cur = [], 0
+    for R in rows:
+        cur += R
+        if R % align:
+            out.append(cur)
+            cur = 0
+    return out + ([cur] if cur else [])
+
+
 def gpu_seconds(model: nn.Module, method: str, n_samples: int = 128, seq_len: int = 2048, world: int = 1,
-                rates: Optional[Dict[str, Any]] = None, n_blocks: Optional[int] = None) -> Dict[str, Any]:
+                rates: Optional[Dict[str, Any]] = None, n_blocks: Optional[int] = None, factor: str = "flip",
+                batch_pieces: bool = True) -> Dict[str, Any]:
     """Predicted seconds of ``quantize_model_ptq`` (GPTQ or AWQ, ``device="cuda"``) on ``world`` GPUs,
-    per block and for ``n_blocks`` blocks (default: the model's), with the parts of a block."""
+    per block and for ``n_blocks`` blocks (default: the model's), with the parts of a block.
+
+    ``factor``: the factorisation (:data:`lowbit.algorithms.gptq.FACTORS`; ``"flip"``, the CUDA default since
+    run 7, or ``"inverse"``, runs 1-6); ``batch_pieces``: a rank's row pieces solved in one call each where
+    aligned (run 7 on; ``False``: one call per piece, runs 1-6)."""
+    if factor not in ("flip", "inverse"):
+        raise ValueError(f"factor={factor!r}: expected 'flip' or 'inverse'")
+    factor_method = factor
     method = method.lower()
     if method not in ("gptq", "awq"):
         raise ValueError(f"the GPU time model covers the calibrated methods gptq and awq, not {method!r}")
@@ -172,11 +199,18 @@ def gpu_seconds(model: nn.Module, method: str, n_samples: int = 128, seq_len: in
     comm = sum(8.0 * k * k for k in ks) / r["nvlink_bytes_s"] if world > 1 else 0.0
     factor = solve = 0.0
     if method == "gptq":
-        factor = sum(r["factor_a_s"] + r["factor_b_s_per_k3"] * k ** 3 for k in ks)
+        if factor_method == "flip":
+            fa = r.get("flip_factor_a_s", H200["flip_factor_a_s"])
+            fb = r.get("flip_factor_b_s_per_k3", H200["flip_factor_b_s_per_k3"])
+        else:
+            fa, fb = r["factor_a_s"], r["factor_b_s_per_k3"]
+        factor = sum(fa + fb * k ** 3 for k in ks)
         for st in stages:
             K = st[0][0]
             nblk = -(-K // 128)
             per_rank = _pieces([o for _, o in st], world) if world > 1 else [[o for _, o in st]]
+            if world > 1 and batch_pieces:
+                per_rank = [_batched(rows) for rows in per_rank]
             cost = [sum(nblk * (r["sweep_block_s"] + r["sweep_row_s"] * R) + R * K * K / r["fp32_gemm_flops"]
                         for R in rows) for rows in per_rank]
             solve += max(cost)

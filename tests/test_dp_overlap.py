@@ -1,0 +1,86 @@
+"""The calibration pipeline's device traffic (issue 20, run 7): the next block prefetched on a side stream,
+the non-block weights put back instead of copied back, the finished blocks' states following them home."""
+import pytest
+import torch
+from torch import nn
+
+from lowbit.model import _ptq_staged
+from lowbit.model._ptq_blocks import _restore_kept, _to_device_except
+from lowbit.model._ptq_staged import _prefetching, _RunConfig, _states_follow
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny():
+    from tests.test_sequential import _tiny_llama
+
+    return _tiny_llama()
+
+
+def test_restore_kept_puts_back_the_same_tensors(monkeypatch):
+    m = _tiny()
+    blocks = m.model.layers
+    emb = m.model.embed_tokens.weight
+    before = emb.data
+    inv = m.model.rotary_emb.inv_freq
+    other = torch.device("cpu", 0)  # a "device" unequal to the blocks' home; moves to it copy
+    orig_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self.clone() if a and a[0] == other
+                        else orig_to(self, *a, **k))
+    keep = []
+    _to_device_except(m, blocks, other, keep=keep)
+    assert emb.data.data_ptr() != before.data_ptr() and m.lm_head.weight is emb  # tied: moved once
+    assert m.model.rotary_emb.inv_freq is not inv
+    assert len(keep) >= 3  # embedding, final norm, rotary buffer
+    _restore_kept(keep)
+    assert emb.data.data_ptr() == before.data_ptr() and emb.device.type == "cpu" and keep == []
+    assert m.model.rotary_emb.inv_freq is inv
+
+
+def test_states_follow_the_block_home():
+    from lowbit.algorithms.rtn import rtn_quantize
+    from lowbit.model._ptq_blocks import _install
+
+    m = _tiny()
+    n = "model.layers.0.self_attn.q_proj"
+    lin = m.get_submodule(n)
+    st = rtn_quantize(lin.weight.detach(), 4, 32, False)
+    new = _install(m, n, lin, st)
+    own = new.quant_states()["weight"]
+    states = {n: st.to("meta")}  # as installed on the device, the module since moved home
+    _states_follow(states, [n], m, torch.device("cpu"))
+    assert states[n] is own
+    states = {n: own}
+    _states_follow(states, [n], m, torch.device("cpu"))  # already home: unchanged
+    assert states[n] is own
+
+
+def test_prefetching_only_for_cuda_blocks_kept_off_the_device(monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert _prefetching(cuda, [cpu, cpu], _RunConfig())
+    assert not _prefetching(cpu, [cpu, cpu], _RunConfig())
+    assert not _prefetching(cuda, [cpu], _RunConfig())  # one block: nothing to prefetch
+    assert not _prefetching(cuda, [cpu, cuda], _RunConfig())
+    assert not _prefetching(cuda, [cpu, cpu], _RunConfig(stream=object()))
+    monkeypatch.setenv("LOWBIT_PREFETCH", "0")
+    assert not _prefetching(cuda, [cpu, cpu], _RunConfig())
+
+
+@pytest.mark.cuda
+def test_prefetch_and_put_back_give_the_same_model_on_cuda(monkeypatch):
+    from tests.test_sequential import _ids
+
+    from lowbit.model.sequential import quantize_model_ptq
+
+    out = {}
+    for pre in ("1", "0"):
+        monkeypatch.setenv("LOWBIT_PREFETCH", pre)
+        m = _tiny()
+        emb = m.model.embed_tokens.weight.data
+        quantize_model_ptq(m, method="gptq", bits=4, group_size=32, sym=False, calib_dataset=_ids(6, 32),
+                           micro_batch=2, device="cuda", progress=False)
+        assert m.ptq_summary["block_prefetch"] is (pre == "1")
+        assert m.model.embed_tokens.weight.data.data_ptr() == emb.data_ptr()  # the original tensor back
+        out[pre] = {k: v.cpu() for k, v in m.state_dict().items() if torch.is_tensor(v)}
+    assert out["1"].keys() == out["0"].keys()
+    assert all(torch.equal(out["1"][k], out["0"][k]) for k in out["1"])
