@@ -128,6 +128,8 @@ class _BlockRunner:
         others = self.parent_stages[parent] - {idx}
         if not all(self.final[i] for i in others):
             return
+        if self.store.device.type != "cpu" and not self.store.fits_device(x):
+            return  # as for the records: on a GPU recomputing beats a round trip through host memory
         # the records of the parts of P this micro-batch computed are not needed once P is replayed from L
         pre = parent + "."
         for kk in [kk for kk in self.cache if kk[0] == self.mb and kk[1].startswith(pre)]:
