@@ -58,7 +58,8 @@ def main():
         pred = p["total"] / 2 ** 20
         err = f"{(pred - meas) / meas * 100:+.0f}%" if meas else "-"
         parts = ", ".join(f"{p[k] / 2 ** 30:.1f}" for k in ("outside", "block", "statistics", "work", "store"))
-        print(f"| {name} ({src}) | {layers} | {kw.get('max_memory')} | {meas:,.0f} MB | {pred:,.0f} MB | {err} | {parts} |"
+        mm = kw.get("max_memory")
+        print(f"| {name} ({src}) | {layers} | {mm} | {meas:,.0f} MB | {pred:,.0f} MB | {err} | {parts} |"
               if meas else f"| {name} | {layers} | {kw.get('max_memory')} | - | {pred:,.0f} MB | - | {parts} |")
     print()
     print("70B class (hidden 8192, MLP 28,672, 80 layers, bf16), GPTQ, 128 x 2048, streaming, one GPU:")

@@ -28,7 +28,8 @@ from lowbit.model.file_checks import open_gguf
 
 class GGUFReader:
     """Tensors of a Llama-family GGUF file under their Hugging Face names, each dequantized to float32 on request
-    (the interface of :class:`lowbit.model.streaming.ShardReader`: ``in``, ``names``, ``nbytes``, ``get``, ``bytes_read``)."""
+    (the interface of :class:`lowbit.model.streaming.ShardReader`: ``in``, ``names``, ``nbytes``, ``get``,
+    ``bytes_read``), and the file's transformers ``config``."""
 
     def __init__(self, path: str) -> None:
         self.dir = self.path = Path(path)

@@ -147,7 +147,9 @@ LOAD_FACTOR = {"gguf": 2.0, "safetensors": 1.0, None: 1.0}  # loader peak: float
 RTN_FLOP_PER_WEIGHT = 4300.0       # RTN's scale search per weight, in matmul-flop equivalents
 NF4_FLOP_PER_WEIGHT = 7500.0       # bitsandbytes' blockwise nf4 quantization per weight
 HQQ_FLOP_PER_WEIGHT_ITER = 1080.0  # one HQQ iteration per weight (re-fitted on the vectorised solver, scale_plan.jsonl)
-FORWARD_EFFICIENCY = {"threads": 0.58, "staged": 0.58}  # calibration forward + Hessian flops -> CPU time (staged = threads since the triangular per-sample Hessians and tail replay: bench/scale.md, "scale2")
+# calibration forward + Hessian flops -> CPU time (staged = threads since its triangular per-sample Hessians and
+# tail replay: 1.006x the previous pipeline's CPU seconds, bench/scale.md "scale2")
+FORWARD_EFFICIENCY = {"threads": 0.58, "staged": 0.58}
 SOLVE_EFFICIENCY = {"gptq": 13.0, "awq": 0.31}      # the per-layer solves (GPTQ's column loop is latency bound)
 THREADS_TOKEN_WIDTHS = 2.5         # previous pipeline: live floats per token, in units of one block's linear outputs
 
