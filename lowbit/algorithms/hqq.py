@@ -53,6 +53,7 @@ import torch
 from lowbit.algorithms.grid import AffineGrid, check_bits, columns, to_state
 
 ZERO_ROUNDINGS = ("best", "cover", "round", "refit", "float")
+FLOAT_ZERO_DTYPE = torch.float16  # storage of zero_rounding="float"'s zero points
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -241,7 +242,7 @@ def _float_zero_state(w, s, z, maxq, bits, g, R, K, dtype):
     float16 first, so that the codes are those of the stored zero)."""
     from lowbit.tensor.functional import affine_state
 
-    zf = z.to(torch.float16)
+    zf = z.to(FLOAT_ZERO_DTYPE)
     codes = torch.round(w * s.unsqueeze(-1) + zf.float().unsqueeze(-1)).clamp_(0, maxq)
     codes = codes.reshape(R, -1)[:, :K].to(torch.uint8)
     step = (1.0 / s).float()

@@ -388,12 +388,16 @@ def _make_store(device: torch.device, cfg: _RunConfig, reserve: int):
     host = None
     if device.type == "cuda":
         host = int(host_available() * 0.5)
-    return ActivationStore(device, avail, host_budget=host, spill_dir=cfg.offload_dir)
+    store = ActivationStore(device, avail, host_budget=host, spill_dir=cfg.offload_dir)
+    if device.type == "cpu" and cfg.budget is not None:  # the process's resident set counts, checked at every put
+        store.rss_limit = max(cfg.budget - reserve, 0)
+    return store
 
 
 def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device, home, cfg: _RunConfig, states,
                     extra) -> None:
     from lowbit.model import resume as ckpt
+    from lowbit.model.offload import release_free_memory
     from lowbit.model.distributed import rank_world
 
     method, progress = entry.name, qcfg.progress
@@ -473,6 +477,8 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
                 checkpoints.save(bi, block, prefix, {n: states[n] for n in sel}, (store.get(k) for k in items))
             if cfg.stream is not None:
                 cfg.stream.finish_block(bi, block, prefix, _Subset(states, sel))
+            if device.type == "cpu":  # the block's freed tensors back to the system (the resident set counts)
+                release_free_memory()
             bar.update(1)
         bar.close()
         for k in items:
