@@ -1,4 +1,4 @@
-"""HQQ with its float zero kept (``zero_rounding="float"``): float16 zero points in a group state, HQQ's codes for
+"""HQQ with its float zero kept (``zero_rounding="float"``): float32 zero points in a group state, HQQ's codes for
 them, dequantization, modules, native files; the integer views (exports, fused kernels) refuse such states."""
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def test_float_zero_state_holds_hqqs_solution():
     wg, mask, g = _grouped(w, 64)
     s, z, _ = hqq_optimize(wg, mask, AffineGrid(4, False, "minmax"))
     st = hqq_quantize(w, 4, 64, False, zero_rounding="float")
-    assert st.layout == "group" and st.zeros.dtype == torch.float16 and st.scales.dtype == torch.float32
-    z16 = z.to(torch.float16)
-    assert torch.equal(st.zeros.reshape(24, -1), z16)
+    assert st.layout == "group" and st.zeros.dtype == torch.float32 and st.scales.dtype == torch.float32
+    z16 = z.float()
+    assert torch.equal(st.zeros.reshape(24, -1), z16)  # the solver's zero, as is
     assert torch.equal(st.scales.reshape(24, -1), (1.0 / s).float())
     # float64 reference: codes for the stored zero, then (q - z) * step
     zz, ss = z16.double(), s.double()
@@ -34,7 +34,7 @@ def test_float_zero_state_holds_hqqs_solution():
     # the fractional zero is what lowers the error against the rounded one
     r = hqq_quantize(w, 4, 64, False, zero_rounding="round")
     assert (lowbit.dequantize(st) - w).square().sum() < (lowbit.dequantize(r) - w).square().sum()
-    assert st.nbytes == 24 * 200 // 2 + 24 * 4 * 4 + 24 * 4 * 2  # 4-bit codes, fp32 steps, fp16 zeros
+    assert st.nbytes == 24 * 200 // 2 + 24 * 4 * 4 + 24 * 4 * 4  # 4-bit codes, fp32 steps, fp32 zeros
 
 
 def test_float_zero_model_runs_saves_and_loads(tmp_path):
@@ -46,7 +46,7 @@ def test_float_zero_model_runs_saves_and_loads(tmp_path):
     quantize_model_ptq(model, method="hqq", bits=4, group_size=32, sym=False, zero_rounding="float", progress=False)
     lin = model.model.layers[0].mlp.down_proj
     st = lin.qstate
-    assert st.zeros.dtype == torch.float16 and not torch.equal(st.zeros, st.zeros.round())
+    assert st.zeros.dtype == torch.float32 and not torch.equal(st.zeros, st.zeros.round())
     x = torch.randn(3, 96)
     with torch.no_grad():
         torch.testing.assert_close(lin(x), x @ lowbit.dequantize(st).T, rtol=1e-5, atol=1e-6)
@@ -54,7 +54,7 @@ def test_float_zero_model_runs_saves_and_loads(tmp_path):
     lowbit.save(model, tmp_path / "m")
     back = lowbit.load(tmp_path / "m")
     st2 = back.model.layers[0].mlp.down_proj.qstate
-    assert st2.zeros.dtype == torch.float16 and torch.equal(st2.zeros, st.zeros) and torch.equal(st2.data, st.data)
+    assert st2.zeros.dtype == torch.float32 and torch.equal(st2.zeros, st.zeros) and torch.equal(st2.data, st.data)
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids).logits, logits)
     with pytest.raises(UnsupportedWeight, match="fractional"):
