@@ -416,8 +416,17 @@ def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, 
 
 def plan_streaming(directory: str, method: str, n_samples: int = 128, seq_len: int = 512, micro_batch: int = 8,
                    max_memory: Any = None) -> Dict[str, float]:
-    """:func:`predict_streaming_peak` for the safetensors model in ``directory`` (its config only is read)."""
+    """:func:`predict_streaming_peak` for the safetensors model in ``directory``, or the GGUF file ``directory``
+    (its config only is read)."""
     from lowbit.model.streaming import _empty_model
 
-    model = _empty_model(Path(directory), None)
+    path = Path(directory)
+    cfg = None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lowbit._deps import require
+
+        cfg = require("transformers", "lowbit plan").AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    model = _empty_model(path, None, cfg)
     return predict_streaming_peak(model, method, n_samples, seq_len, micro_batch, max_memory)
