@@ -140,8 +140,7 @@ def section():
             pred = {mm: plan_streaming(str(d / n), "gptq", 128, 512, 8, max_memory=mm)["peak_ram_mb"]
                     for mm in (None, "1.5GB")}
             L += ["", f"`plan_streaming` (the committed code, recomputed by this report) predicts {pred['1.5GB']:,.0f} MB "
-                  f"for the streamed run at `max_memory=\"1.5GB\"` and {pred[None]:,.0f} MB without a budget (it "
-                  f"counts the untied head of the skeleton built from the GGUF config: the head is tied in the file)."]
+                  f"for the streamed run at `max_memory=\"1.5GB\"` and {pred[None]:,.0f} MB without a budget."]
         except Exception as e:  # the report still writes without the prediction
             L += ["", f"(plan_streaming prediction unavailable: {e})"]
         L += ["", "The streamed and the whole-model staged runs write the same codes when their digests agree "

@@ -429,4 +429,6 @@ def plan_streaming(directory: str, method: str, n_samples: int = 128, seq_len: i
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
     model = _empty_model(path, None, cfg)
+    if hasattr(model, "tie_weights"):  # as quantize_streaming does: a tied head is the embedding, counted once
+        model.tie_weights()
     return predict_streaming_peak(model, method, n_samples, seq_len, micro_batch, max_memory)
