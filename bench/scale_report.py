@@ -217,7 +217,7 @@ NOTES = [
     "previous pipeline's CPU seconds (4 blocks, 128 x 512). The rest is structural (a second attention core and "
     "MLP activation per block, per-sample Hessian products, store copies) and was not within 10%, so the previous "
     "pipeline stayed the default when no budget was asked for (since scale2: triangular per-sample Hessians and tail "
-    "replay, 1.05x, and the staged pipeline is the CPU default; see the scale2 section).",
+    "replay, 1.05x; see the scale2 section).",
     "- Streaming (this session): `lowbit.model.streaming.quantize_streaming(directory, sink, ...)` with "
     "`lowbit.io.stream.NativeStreamWriter` reads a Hugging Face safetensors directory block by block (plain file "
     "reads, no memory map) and writes a native checkpoint one shard per block; the result is bit-identical to "

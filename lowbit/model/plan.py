@@ -289,7 +289,7 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
 
     cuda = str(device).startswith("cuda")
     if pipeline == "auto":  # as quantize_model_ptq decides (without torchrun)
-        pipeline = "staged" if (max_memory is not None or micro_batch is not None or not cuda) else "threads"
+        pipeline = "staged" if (max_memory is not None or micro_batch is not None) else "threads"
     p = _predict(_shape_counts(model), hidden, n_blocks, method, bits, group_size, n_samples, seq_len, None,
                  pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
     if cuda and pipeline == "staged" and method_cost(method.lower()).calibrated:
