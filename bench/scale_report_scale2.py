@@ -21,7 +21,7 @@ def jl(name):
 
 
 def mb(x):
-    return "-" if x is None else f"{x:,.0f} MB"
+    return "-" if x is None else f"{x:,.0f} MB"  # MiB, as /proc reports kB (KiB): 1.5 GB budget = 1,536 MB
 
 
 def section():
@@ -150,7 +150,7 @@ def section():
         L += ["", "The streamed and the whole-model staged runs write the same codes when their digests agree "
               "(tests/test_streaming_gguf.py proves the identity on a tiny GGUF written by lowbit). Before the store "
               "checked the resident set at every put, a streamed run at `max_memory=1.5GB` had reached a `VmHWM` of "
-              "1,807 MB about half-way (read by hand from /proc of the run, which was stopped): its device budget was "
+              "1,765 MB (1,806,892 kB) about half-way (read by hand from /proc of the run, which was stopped): its device budget was "
               "fixed when the store was made, while the process was still small (the blocks on the meta device).", ""]
     # -- HQQ
     q = {}

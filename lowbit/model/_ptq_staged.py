@@ -391,7 +391,7 @@ def _make_store(device: torch.device, cfg: _RunConfig, reserve: int):
     store = ActivationStore(device, avail, host_budget=host, spill_dir=cfg.offload_dir)
     if device.type == "cpu" and cfg.budget is not None:  # the process's resident set counts, checked at every put
         # the working-set estimate leaves out the allocator's slack and short-lived copies: a quarter more and
-        # 64 MiB (SmolLM2, 30 blocks, 128 x 512 at 1.5GB: 1,553 MB peak without this margin)
+        # 64 MiB (SmolLM2, 30 blocks, 128 x 512 at 1.5GB peaked at 1,517 MiB of the 1,536 without this margin)
         store.rss_limit = max(cfg.budget - reserve - reserve // 4 - 64 * 2 ** 20, 0)
     return store
 
