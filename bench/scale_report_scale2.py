@@ -113,15 +113,17 @@ def section():
         L += ["### Whole-process peak RSS, SmolLM2 GPTQ int4 g128 asym, 128 x 512, all 30 blocks (`bench/scale_rss.py`)",
               "",
               "One fresh child process per row; peak RSS = the child's `VmHWM` over its whole life (imports, "
-              "loading, quantizing, writing), what `/usr/bin/time -v` reports. `whole-*`: `load_model(\"default\")` "
+              "loading, quantizing, writing), what `/usr/bin/time -v` reports; for `stream-*` rows `quantize_streaming` "
+              "resets `VmHWM` when it starts (after the GGUF header and config were read; the imports' peak before "
+              "that was 224 MB) and the row is the peak from there. `whole-*`: `load_model(\"default\")` "
               "(lowbit's loader, the converted float model from its cache) then `quantize_model_ptq`; `stream-*`: "
               "`quantize_gguf_streaming` from the GGUF file into a native checkpoint (the model never whole); "
               "`load-*`: loading only. The float model is 513 MB.", "",
-              "| run | peak RSS | of which loading | CPU s | wall | load | codes digest | notes |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| run | commit | peak RSS | of which loading | CPU s | wall | load | codes digest | notes |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for r in rss:
             if "failed" in r:
-                L.append(f"| {r['run']} | failed: {r['failed']} | | | | | | |")
+                L.append(f"| {r['run']} | | failed: {r['failed']} | | | | | | |")
                 continue
             note = ""
             if "stream_summary" in r:
@@ -133,7 +135,7 @@ def section():
                 off = s.get("offload_peak_bytes") or {}
                 note = (f"micro-batch {s.get('micro_batch')}, tail replays {s.get('tail_replays')}, offload peak "
                         + ", ".join(f"{k} {v / 2 ** 20:,.0f} MB" for k, v in off.items()))
-            L.append(f"| {r['run']} | {mb(r['peak_rss_mb'])} | {mb(r.get('load_peak_mb'))} | {r['cpu_s']:.0f} | "
+            L.append(f"| {r['run']} | {r.get('commit', '')} | {mb(r['peak_rss_mb'])} | {mb(r.get('load_peak_mb'))} | {r['cpu_s']:.0f} | "
                      f"{r['wall_s']:.0f} s | {r['load']} | {('`' + r['codes'] + '`') if r.get('codes') else '-'} | "
                      f"{note} |")
         try:
@@ -147,6 +149,10 @@ def section():
                   f"for the streamed run at `max_memory=\"1.5GB\"` and {pred[None]:,.0f} MB without a budget."]
         except Exception as e:  # the report still writes without the prediction
             L += ["", f"(plan_streaming prediction unavailable: {e})"]
+        dg = {r["run"]: r.get("codes") for r in rss if r.get("codes")}
+        if dg.get("whole-1.5GB") and dg.get("whole-1.5GB") == dg.get("stream-1.5GB"):
+            L += ["", f"The streamed run wrote the same codes as the whole-model run (digest `{dg['whole-1.5GB']}` "
+                  f"for both)."]
         L += ["", "The streamed and the whole-model staged runs write the same codes when their digests agree "
               "(tests/test_streaming_gguf.py proves the identity on a tiny GGUF written by lowbit). Before the store "
               "checked the resident set at every put, a streamed run at `max_memory=1.5GB` had reached a `VmHWM` of "
