@@ -21,6 +21,7 @@ RUNS = {
     "stream-default": dict(kind="stream"),
     "stream-1.5GB": dict(kind="stream", max_memory="1.5GB"),
     "stream-rtn": dict(kind="stream", method="rtn"),
+    "whole-rtn": dict(kind="whole", method="rtn"),
 }
 
 
@@ -63,7 +64,7 @@ def child(a):
         model, _ = load_model("default")
         out["load_peak_mb"] = round(hwm() / 2 ** 20)
         quantize_model_ptq(model, method=method, bits=4, group_size=128, sym=False, progress=False, **calib, **spec)
-        out["codes"] = digest_model(model)
+        out["codes"] = digest_model(model) if method == "gptq" else None
         out["pipeline_summary"] = {k: model.ptq_summary.get(k) for k in ("micro_batch", "tail_replays",
                                                                          "offload_peak_bytes")}
     else:
