@@ -34,8 +34,13 @@ def tiny_gguf(tmp_path_factory):
     return io.export_gguf(model, d / "tiny.gguf", "Q8_0", tokenizer=tiny_tokenizer())
 
 
-def test_gguf_reader_matches_the_whole_model_conversion(tiny_gguf):
-    """Every tensor as transformers' GGUF loader dequantizes it (q/k rows unpermuted), bit for bit."""
+@pytest.mark.parametrize("rows", [1024, 7])
+def test_gguf_reader_matches_the_whole_model_conversion(tiny_gguf, rows, monkeypatch):
+    """Every tensor as transformers' GGUF loader dequantizes it (q/k rows unpermuted), bit for bit, read in row
+    chunks of any size."""
+    from lowbit.io import gguf_stream
+
+    monkeypatch.setattr(gguf_stream, "ROWS_PER_CHUNK", rows)
     whole = load_whole(tiny_gguf)
     reader = GGUFReader(str(tiny_gguf))
     sd = whole.state_dict()

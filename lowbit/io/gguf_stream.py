@@ -26,6 +26,10 @@ from lowbit.io.gguf_names import hf_name, unpermute_qk_rows
 from lowbit.model.file_checks import open_gguf
 
 
+#: rows of a 2-D tensor dequantized at a time (gguf-py's dequantizers make several temporaries of their input's size)
+ROWS_PER_CHUNK = 1024
+
+
 class GGUFReader:
     """Tensors of a Llama-family GGUF file under their Hugging Face names, each dequantized to float32 on request
     (the interface of :class:`lowbit.model.streaming.ShardReader`: ``in``, ``names``, ``nbytes``, ``get``,
@@ -83,12 +87,23 @@ class GGUFReader:
         gguf = require("gguf", "streaming a GGUF file")
         t, heads = self.entries[name]
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        out = torch.empty(shape, dtype=torch.float32)
+        data = t.data
+        rows = ROWS_PER_CHUNK if data.ndim == 2 and len(shape) == 2 and data.shape[0] == shape[0] else None
+        dst = out.numpy().reshape(shape[0], -1) if rows else out.numpy().reshape(-1)
+        try:  # row chunks: the dequantizer's temporaries stay a few MB, not several copies of the embedding
+            for a in range(0, shape[0], rows) if rows else (None,):
+                src = data[a:a + rows] if rows else data
+                arr = gguf.quants.dequantize(src, t.tensor_type)
+                if rows:
+                    dst[a:a + rows] = np.asarray(arr, dtype=np.float32).reshape(-1, dst.shape[1])
+                else:
+                    dst[:] = np.asarray(arr, dtype=np.float32).reshape(-1)
+                del arr
         except (NotImplementedError, ValueError, TypeError) as e:
             raise ValueError(f"{self.path}: tensor {t.name!r} of type {getattr(t.tensor_type, 'name', t.tensor_type)} "
                              f"cannot be dequantized ({e})") from None
-        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).copy()).reshape(shape)
+        x = out
         if heads:
             x = unpermute_qk_rows(x, heads).contiguous()
         if not bool(torch.isfinite(x).all()):
