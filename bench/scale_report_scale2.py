@@ -149,6 +149,20 @@ def section():
                   f"for the streamed run at `max_memory=\"1.5GB\"` and {pred[None]:,.0f} MB without a budget."]
         except Exception as e:  # the report still writes without the prediction
             L += ["", f"(plan_streaming prediction unavailable: {e})"]
+        ph = jl("scale_rss_phases.jsonl")
+        if ph:
+            h = ph[-1]
+            L += ["", f"Where a streamed run's memory goes before calibration (`bench/scale_rss_phases.py`, VmRSS): "
+                  f"imports {h['imports_mb']} MB; + the GGUF header, metadata and transformers config (the file's "
+                  f"metadata is parsed twice, by gguf-py's reader and by transformers' config loader, tokenizer "
+                  f"included) {h['gguf_header_config_mb']} MB; + the skeleton on the meta device "
+                  f"{h['skeleton_on_meta_mb']} MB; + the embedding dequantized ({h['embedding_fp32_mb']} MB fp32) "
+                  f"{h['embedding_read_mb']} MB; + block 0 {h['block0_read_mb']} MB. Under `max_memory` the "
+                  f"activation store then fills the rest of the budget. The streamed RTN run (no calibration) peaks "
+                  f"above the whole-model RTN run, whose float model is memory-mapped from lowbit's cache: the part "
+                  f"of its peak above this set-up (quantizing, writing the blocks and the tensors outside them) was "
+                  f"not broken down further in this session. Streaming pays off against a first load of the GGUF "
+                  f"(`load-nocache`: the conversion alone peaks near 1.5 GB) and for models larger than memory."]
         dg = {r["run"]: r.get("codes") for r in rss if r.get("codes")}
         if dg.get("whole-1.5GB") and dg.get("whole-1.5GB") == dg.get("stream-1.5GB"):
             L += ["", f"The streamed run wrote the same codes as the whole-model run (digest `{dg['whole-1.5GB']}` "
