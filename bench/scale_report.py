@@ -220,12 +220,13 @@ NOTES = [
     "thread, where libgomp's spin-waiting multiplied their CPU time (section 'Where the time went'); the block "
     "runner now runs in a worker thread, which brought the staged pipeline from 4.0-4.6x to about 1.3-1.4x the "
     "previous pipeline's CPU seconds (4 blocks, 128 x 512). The rest is structural (a second attention core and "
-    "MLP activation per block, per-sample Hessian products, store copies) and is not within 10%, so the previous "
-    "pipeline stays the default when no budget is asked for.",
+    "MLP activation per block, per-sample Hessian products, store copies) and was not within 10%, so the previous "
+    "pipeline stayed the default when no budget was asked for (since scale2: triangular per-sample Hessians and tail "
+    "replay, 1.05x; see the scale2 section).",
     "- Streaming (this session): `lowbit.model.streaming.quantize_streaming(directory, sink, ...)` with "
     "`lowbit.io.stream.NativeStreamWriter` reads a Hugging Face safetensors directory block by block (plain file "
     "reads, no memory map) and writes a native checkpoint one shard per block; the result is bit-identical to "
-    "the whole-model staged run (tests/test_streaming.py). GGUF files are not streamed (they still load whole).",
+    "the whole-model staged run (tests/test_streaming.py). GGUF files stream too since scale2 (`lowbit.io.gguf_stream`, see the scale2 section).",
     "- `plan` (this session): models both calibrated pipelines (and `max_memory`), the loader's peak (a GGUF "
     "source is dequantized next to the model), and predicts CPU seconds from a per-CPU-second matmul rate; its "
     "per-method factors were fitted on this 2-core AVX-512 machine from the runs in the `plan` section (one run "

@@ -207,8 +207,9 @@ class HQQConfig(WeightOnlyConfig):
         super().__post_init__()
         if self.init not in ("minmax", "mse"):
             raise ValueError(f"init={self.init!r}: expected 'minmax' or 'mse'")
-        if self.zero_rounding not in ("round", "cover", "refit", "best"):
-            raise ValueError(f"zero_rounding={self.zero_rounding!r}: expected 'round', 'cover', 'refit' or 'best'")
+        if self.zero_rounding not in ("round", "cover", "refit", "best", "float"):
+            raise ValueError(f"zero_rounding={self.zero_rounding!r}: expected 'round', 'cover', 'refit', 'best' "
+                             f"or 'float'")
         if not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"iters={self.iters!r}: must be a non-negative integer")
 

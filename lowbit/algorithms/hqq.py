@@ -52,7 +52,10 @@ import torch
 
 from lowbit.algorithms.grid import AffineGrid, check_bits, columns, to_state
 
-ZERO_ROUNDINGS = ("best", "cover", "round", "refit")
+ZERO_ROUNDINGS = ("best", "cover", "round", "refit", "float")
+# storage of zero_rounding="float"'s zero points: float32, as the hqq package keeps them on the CPU (WikiText-2,
+# 8 windows: float32 32.23 = the hqq package's; float16 32.42; bfloat16 33.20; bench/results/hqq_float_zero_dtype.jsonl)
+FLOAT_ZERO_DTYPE = torch.float32
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -236,6 +239,21 @@ def _integer_zero(w: torch.Tensor, mask: Optional[torch.Tensor], s: torch.Tensor
     return q, step.squeeze(-1), zi.squeeze(-1)
 
 
+def _float_zero_state(w, s, z, maxq, bits, g, R, K, dtype):
+    """Codes ``clamp(round(W s + z))`` for HQQ's float zero, stored as :data:`FLOAT_ZERO_DTYPE` zero points (the
+    zero rounded to that dtype first, so that the codes are those of the stored zero)."""
+    from lowbit.tensor.functional import affine_state
+
+    zf = z.to(FLOAT_ZERO_DTYPE)
+    codes = torch.round(w * s.unsqueeze(-1) + zf.float().unsqueeze(-1)).clamp_(0, maxq)
+    codes = codes.reshape(R, -1)[:, :K].to(torch.uint8)
+    step = (1.0 / s).float()
+    st = affine_state(codes, step, torch.zeros(step.shape, dtype=torch.uint8), bits, g, dtype=dtype, symmetric=False,
+                      canonical=True)
+    st.zeros = zf.reshape(st.zeros.shape).contiguous()
+    return st
+
+
 def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 64, sym: bool = False, *,
                  lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.0, iters: int = 20,
                  optimize_scale: bool = False, init: str = "minmax", early_stop: Union[bool, float] = True,
@@ -246,7 +264,10 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 64, sym:
     ``early_stop``: True (hqq's rule, the default), a relative-improvement threshold, or False
     (always ``iters`` iterations); see :func:`hqq_optimize`.
     ``zero_rounding``: how HQQ's float zero becomes lowbit's integer one: ``"round"``, ``"cover"``,
-    ``"refit"`` or ``"best"`` (see the module docstring).
+    ``"refit"`` or ``"best"`` (see the module docstring); ``"float"`` keeps it as HQQ does, stored as float32 zero
+    points beside the fp32 steps (a group state whose ``zeros`` are float32: it dequantizes like any group state,
+    but has no integer zero-point form, so GPTQ / compressed-tensors exports and the fused integer kernels refuse or
+    skip it).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -273,6 +294,8 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 64, sym:
     if sym:
         step = 1.0 / s
         codes = grid.quantize(w, step, z)
+    elif zero_rounding == "float":  # HQQ's own storage: the optimised zero kept fractional
+        return _float_zero_state(w, s, z, grid.maxq, bits, g, R, K, weight.dtype)
     else:
         codes, step, z = _integer_zero(w, mask, s, z, grid.maxq, zero_rounding, lp_norm)
     codes = codes.reshape(R, -1)[:, :K].to(torch.uint8)

@@ -57,6 +57,9 @@ def half_gram(x: torch.Tensor) -> bool:
             and os.environ.get("LOWBIT_HESSIAN_GEMM", "auto") != "fp32")
 
 
+_TRI = 128  # column block of the per-sample triangular products (add_samples)
+
+
 class InputStats:
     """Sums over the inputs ``x [..., in]`` of one linear layer: ``X^T X``, ``sum |x|`` and the count."""
 
@@ -99,27 +102,48 @@ class InputStats:
         if self.xtx is not None and self.xtx.device != dev or self.abs_sum is not None and self.abs_sum.device != dev:
             self.to(dev)
         # per-sample products, a few samples per batched matmul (how many depends on k only, so the
-        # same samples give the same bits whatever the micro-batch)
+        # same samples give the same bits whatever the micro-batch). Only the upper block triangle is
+        # computed and summed (as :func:`gram` does): column blocks of ``_TRI`` against the columns from
+        # the block's start on, then mirrored. Each element is the same fp32 dot product over the sample's
+        # rows as in a full product; the float64 sums are added sample after sample, element-wise, so the
+        # order of the additions (and the bits) do not depend on how the work is cut.
         per = max(1, (64 * 2 ** 20) // (k * k * 4))
         half = half_gram(samples)
+        # on CUDA the full product (one GEMM per few samples: fewer launches, measured on the H200); on the
+        # CPU the upper block triangle (half the flops)
+        tri = not samples.is_cuda
+        blk = _TRI if k > _TRI else k
         for a in range(0, samples.shape[0], per):
             xh = samples[a:a + per]
             xs = xh.float()
             if self.xtx is not None:
-                if half:  # bf16/fp16 inputs: tensor-core products, fp32 accumulation and output
-                    g = torch.bmm(xh.transpose(1, 2), xh, out_dtype=torch.float32)
+                if not tri:
+                    if half:  # bf16/fp16 inputs: tensor-core products, fp32 accumulation and output
+                        g = torch.bmm(xh.transpose(1, 2), xh, out_dtype=torch.float32)
+                    else:
+                        g = torch.bmm(xs.transpose(1, 2), xs)
+                    rows = max(1, (16 * 2 ** 20) // (k * 8))  # the fp32 -> float64 cast in row slices: no k x k temporary
+                    for i in range(g.shape[0]):
+                        for r in range(0, k, rows):
+                            self.xtx[r:r + rows] += g[i, r:r + rows]
+                    del g
                 else:
-                    g = torch.bmm(xs.transpose(1, 2), xs)
-                rows = max(1, (16 * 2 ** 20) // (k * 8))  # the fp32 -> float64 cast in row slices: no k x k temporary
-                for i in range(g.shape[0]):
-                    for r in range(0, k, rows):
-                        self.xtx[r:r + rows] += g[i, r:r + rows]
-                del g
+                    for c in range(0, k, blk):
+                        d = min(c + blk, k)
+                        g = torch.bmm(xs[:, :, c:d].transpose(1, 2), xs[:, :, c:])  # [per, d - c, k - c]
+                        tgt = self.xtx[c:d, c:]
+                        for i in range(g.shape[0]):
+                            tgt += g[i]
+                        del g
             if self.abs_sum is not None:
                 sa = xs.abs().sum(1)
                 for i in range(sa.shape[0]):
                     self.abs_sum += sa[i]
             self.count += xs.shape[0] * xs.shape[1]
+        if self.xtx is not None and tri:  # the lower triangle: a copy of the upper one (exactly symmetric)
+            for c in range(0, k, blk):
+                d = min(c + blk, k)
+                self.xtx[d:, c:d] = self.xtx[c:d, d:].t()
 
     def to(self, device) -> "InputStats":
         if self.xtx is not None:

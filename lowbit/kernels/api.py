@@ -307,6 +307,8 @@ def prepare_4bit(state: QuantState) -> Optional[Prepared4bit]:
     got = _cached(state, "4bit")
     if got is not None:
         return got
+    if state.zeros is not None and state.zeros.is_floating_point():  # float zero points (HQQ): not uint8
+        return None
     G = _flat_group(state)
     if (len(state.shape) != 2 or G is None or G % 2 or state.shape[1] % G
             or not (state.scheme in _CODEBOOK4 or state.scheme in ("int4", "int4_asym"))):

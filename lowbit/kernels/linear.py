@@ -337,6 +337,8 @@ def _prepare_cuda(state: QuantState) -> Optional[PreparedLinear]:
 
     if len(state.shape) != 2:
         return None
+    if state.zeros is not None and state.zeros.is_floating_point():  # float zero points (HQQ): no fused kernel
+        return None
     N, K = state.shape
     if state.layout == "gguf":
         return _prepare_gguf(state)

@@ -38,6 +38,7 @@ class _RunConfig:
     fingerprint: str = ""
     replay: bool = True
     stream: Any = None  # lowbit.model.streaming.BlockStream: reads each block before its turn, writes it after
+    tail_replays: int = 0  # parents rebuilt from a saved tail-linear input (_BlockRunner._tail), counted
 
 
 def _fingerprint(model, method, bits, group_size, sym, opts, ids, include, exclude, micro_batch) -> str:
@@ -92,6 +93,15 @@ class _BlockRunner:
         self.recording = False
         self.mb = 0
         self.counts: Dict[str, int] = {}
+        # tail replay: a micro-batch stopped at linear L, a direct child of a wrapped module P whose other
+        # stages are final, keeps L's input; in the next pass P's output is L(that input) (when P returns
+        # L's output, checked once per (P, L) on the first micro-batch), so the part of P before L (the
+        # attention core, the MLP's activation) is not computed a second time
+        self.tail_parent: Dict[str, str] = {}  # linear name -> name (in root) of the wrapped module holding it
+        self.tail_tmpl: Dict[Tuple[str, str], Any] = {}  # (P, L) -> None | "tensor" | ("tuple", n)
+        self.stop_in: Dict[Tuple[int, str], int] = {}  # (micro-batch, L) -> store key, saved this pass
+        self.prev_in: Dict[Tuple[int, str], int] = {}  # saved in the previous pass, used in this one
+        self.tail_hits = 0
 
     # -- hooks --------------------------------------------------------------------------------
     def _pre_hook(self, name: str):
@@ -106,9 +116,64 @@ class _BlockRunner:
                 st = self.acc[idx] = InputStats(x.shape[-1], hessian=self.need_h, absmean=self.need_abs,
                                                 device=x.device, dtype=torch.float64)
             st.add_samples(x)
+            self._save_tail_input(name, idx, x)
             raise _StopAtStage(idx)
 
         return hook
+
+    def _save_tail_input(self, name: str, idx: int, x: torch.Tensor) -> None:
+        parent = self.tail_parent.get(name)
+        if parent is None or self.tail_tmpl.get((parent, name), "?") is None:
+            return
+        others = self.parent_stages[parent] - {idx}
+        if not all(self.final[i] for i in others):
+            return
+        if self.store.device.type != "cpu" and not self.store.fits_device(x):
+            return  # as for the records: on a GPU recomputing beats a round trip through host memory
+        # the records of the parts of P this micro-batch computed are not needed once P is replayed from L
+        pre = parent + "."
+        for kk in [kk for kk in self.cache if kk[0] == self.mb and kk[1].startswith(pre)]:
+            self.store.drop(self.cache.pop(kk))
+        old = self.stop_in.pop((self.mb, name), None)
+        if old is not None:
+            self.store.drop(old)
+        self.stop_in[(self.mb, name)] = self.store.put(x.detach())
+
+    def _tail(self, name: str, orig: Callable[..., Any], args, kwargs):
+        """``orig(*args, **kwargs)``, or its output rebuilt as ``L(saved input)`` (see ``tail_parent``)."""
+        for (mb, lname) in [k for k in self.prev_in if k[0] == self.mb]:
+            if self.tail_parent.get(lname) != name:
+                continue
+            lin = self.modules[lname]
+            if not all(self.final[i] for i in self.parent_stages[name]):
+                continue
+            tmpl = self.tail_tmpl.get((name, lname), "?")
+            if tmpl is None:
+                continue
+            key = self.prev_in.pop((mb, lname))
+            if tmpl != "?":
+                x = self.store.get(key, pop=True)
+                y = lin(x)
+                del x
+                self.tail_hits += 1
+                return y if tmpl == "tensor" else (y,) + (None,) * (tmpl[1] - 1)
+            self.store.drop(key)
+            seen = []
+            h = lin.register_forward_hook(lambda m, a, o: seen.append(o))
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                h.remove()
+            y = seen[-1] if len(seen) == 1 else None
+            if y is not None and out is y:
+                self.tail_tmpl[(name, lname)] = "tensor"
+            elif y is not None and isinstance(out, tuple) and out and out[0] is y and \
+                    all(o is None for o in out[1:]):
+                self.tail_tmpl[(name, lname)] = ("tuple", len(out))
+            else:  # P does more after L: no tail replay for this pair
+                self.tail_tmpl[(name, lname)] = None
+            return out
+        return orig(*args, **kwargs)
 
     def _candidates(self) -> Dict[str, Tuple[nn.Module, set]]:
         """Sub-modules worth replaying (they hold a linear), with the stages of the linears inside."""
@@ -134,7 +199,7 @@ class _BlockRunner:
             k = self.cache.get(key)
             if k is not None:
                 return self.store.get(k)
-            out = orig(*args, **kwargs)
+            out = self._tail(name, orig, args, kwargs)
             # on a GPU recomputing is cheaper than a round trip through host memory: record only what
             # stays on the device (on the CPU a record spilled to a file still beats recomputing)
             if self.recording and all(self.final[i] for i in stage_ids) and (
@@ -155,13 +220,22 @@ class _BlockRunner:
         handles = [self.modules[n].register_forward_pre_hook(self._pre_hook(n), with_kwargs=True)
                    for n in self.stage_of]
         wrapped = []
+        self.parent_stages: Dict[str, set] = {}
         if self.replay:
+            by_id = {id(m): n for n, m in self.modules.items() if n in self.stage_of}
             for name, (mod, st) in self._candidates().items():
                 wrapped.append((mod, mod.__dict__.get("forward")))
                 mod.forward = self._wrap(name, mod, st)
+                self.parent_stages[name] = st
+                for child in mod.children():
+                    if id(child) in by_id:
+                        self.tail_parent[by_id[id(child)]] = name
         never = len(self.stages)
         try:
             while True:
+                for k in self.prev_in.values():  # saved two passes ago and not used
+                    self.store.drop(k)
+                self.prev_in, self.stop_in = self.stop_in, {}
                 all_final = all(self.final)
                 self.recording = self.replay and not all_final
                 self.acc = {}
@@ -215,6 +289,9 @@ class _BlockRunner:
             for k in self.cache.values():
                 self.store.drop(k)
             self.cache = {}
+            for k in list(self.prev_in.values()) + list(self.stop_in.values()):
+                self.store.drop(k)
+            self.prev_in, self.stop_in = {}, {}
 
     def _rtn_unreached(self, stage: _Stage) -> None:
         stage.unreached = True
@@ -313,7 +390,12 @@ def _make_store(device: torch.device, cfg: _RunConfig, reserve: int):
     host = None
     if device.type == "cuda":
         host = int(host_available() * 0.5)
-    return ActivationStore(device, avail, host_budget=host, spill_dir=cfg.offload_dir)
+    store = ActivationStore(device, avail, host_budget=host, spill_dir=cfg.offload_dir)
+    if device.type == "cpu" and cfg.budget is not None:  # the process's resident set counts, checked at every put
+        # the working-set estimate leaves out the allocator's slack and short-lived copies: a quarter more and
+        # 64 MiB (SmolLM2, 30 blocks, 128 x 512 at 1.5GB peaked at 1,517 MiB of the 1,536 without this margin)
+        store.rss_limit = max(cfg.budget - reserve - reserve // 4 - 64 * 2 ** 20, 0)
+    return store
 
 
 def _states_follow(states: Dict[str, Any], names, model, home: torch.device) -> None:
@@ -368,6 +450,7 @@ class _Prefetch:
 def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device, home, cfg: _RunConfig, states,
                     extra) -> None:
     from lowbit.model import resume as ckpt
+    from lowbit.model.offload import release_free_memory
     from lowbit.model.distributed import rank_world
 
     method, progress = entry.name, qcfg.progress
@@ -466,6 +549,8 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
                 checkpoints.save(bi, block, prefix, {n: states[n] for n in sel}, (store.get(k) for k in items))
             if cfg.stream is not None:
                 cfg.stream.finish_block(bi, block, prefix, _Subset(states, sel))
+            if device.type == "cpu":  # the block's freed tensors back to the system (the resident set counts)
+                release_free_memory()
             bar.update(1)
         bar.close()
         for k in items:
@@ -490,6 +575,7 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
     else:  # untouched outside the blocks: the originals back, no copies from the device
         _restore_kept(kept)
         _to_device_except(model, blocks, home)  # anything the run added outside the blocks (none expected)
+    extra["tail_replays"] = cfg.tail_replays
     if checkpoints is not None:
         checkpoints.finish()
 
@@ -507,6 +593,7 @@ def _run_stages_mb(model, root, stages, modules, fn, items, store, quantize_fn, 
 
     runner = _BlockRunner(root, stages, modules, q, need_h, need_abs, store, cfg.replay, on_stage_done=done)
     outs = _in_worker(runner.run, fn, items, device=store.device)
+    cfg.tail_replays += runner.tail_hits
     for stage in stages:  # layers no sample reached: quantize without data (RTN)
         if getattr(stage, "unreached", False) or not stage.states:
             for n in stage.names:

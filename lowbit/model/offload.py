@@ -75,6 +75,24 @@ def host_available() -> int:
     return 8 * 2 ** 30
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere): freed tensors
+    of a block otherwise stay in the resident set, which a CPU run under ``max_memory`` counts."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
 def device_in_use(device: torch.device) -> int:
     """Bytes this process holds on ``device`` now (CUDA: allocated; CPU: resident set)."""
     if device.type == "cuda":
@@ -106,11 +124,19 @@ class ActivationStore:
         self.bytes = {"device": 0, "host": 0, "disk": 0}
         self.peak = {"device": 0, "host": 0, "disk": 0}
         self.spilled_files = 0
+        # CPU store under a process budget: a tensor stays in memory only while the process's resident set plus
+        # the tensor stays under this (checked at every put: the rest of the process grows and shrinks too)
+        self.rss_limit: Optional[int] = None
 
     # -- placement --------------------------------------------------------------------------
+    def _fits(self, n: int) -> bool:
+        if self.bytes["device"] + n > self.budget:
+            return False
+        return self.rss_limit is None or current_rss() + n <= self.rss_limit
+
     def _place(self, t: torch.Tensor):
         n = t.numel() * t.element_size()
-        if self.bytes["device"] + n <= self.budget:
+        if self._fits(n):
             tier, obj = "device", t.detach().to(self.device, copy=True)
         elif self.device.type != "cpu" and self.bytes["host"] + n <= self.host_budget:
             tier = "host"
@@ -228,7 +254,7 @@ class ActivationStore:
 
     def fits_device(self, obj: Any) -> bool:
         """Whether ``obj``'s tensors would all stay on the device (within the budget)."""
-        return self.bytes["device"] + _nbytes(obj) <= self.budget
+        return self._fits(_nbytes(obj))
 
     def __contains__(self, key: int) -> bool:
         return key in self._items

@@ -147,7 +147,9 @@ LOAD_FACTOR = {"gguf": 2.0, "safetensors": 1.0, None: 1.0}  # loader peak: float
 RTN_FLOP_PER_WEIGHT = 4300.0       # RTN's scale search per weight, in matmul-flop equivalents
 NF4_FLOP_PER_WEIGHT = 7500.0       # bitsandbytes' blockwise nf4 quantization per weight
 HQQ_FLOP_PER_WEIGHT_ITER = 1080.0  # one HQQ iteration per weight (re-fitted on the vectorised solver, scale_plan.jsonl)
-FORWARD_EFFICIENCY = {"threads": 0.58, "staged": 0.83}  # calibration forward + Hessian flops -> CPU time
+# calibration forward + Hessian flops -> CPU time (staged = threads since its triangular per-sample Hessians and
+# tail replay: 1.006x the previous pipeline's CPU seconds, bench/scale.md "scale2")
+FORWARD_EFFICIENCY = {"threads": 0.58, "staged": 0.58}
 SOLVE_EFFICIENCY = {"gptq": 13.0, "awq": 0.31}      # the per-layer solves (GPTQ's column loop is latency bound)
 THREADS_TOKEN_WIDTHS = 2.5         # previous pipeline: live floats per token, in units of one block's linear outputs
 
@@ -287,11 +289,15 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
     n_blocks = getattr(cfg, "num_hidden_layers", 0) or 0
     from lowbit.model.offload import parse_bytes
 
+    cuda = str(device).startswith("cuda")
     if pipeline == "auto":  # as quantize_model_ptq decides (without torchrun)
         pipeline = "staged" if (max_memory is not None or micro_batch is not None) else "threads"
     p = _predict(_shape_counts(model), hidden, n_blocks, method, bits, group_size, n_samples, seq_len, None,
                  pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
-    if str(device).startswith("cuda"):
+    if cuda and pipeline == "staged" and method_cost(method.lower()).calibrated:
+        p["accelerator_mb"] = staged_device_bytes(model, n_samples, seq_len, micro_batch or 8,
+                                                  parse_bytes(max_memory))["total"] / 2 ** 20
+    elif cuda:
         p["accelerator_mb"] = p["float_mb"] / max(n_blocks, 1) * 2 + 2 * n_samples * seq_len * hidden * 4 / 2 ** 20
         if method.lower() in ("gptq", "awq"):
             from lowbit.model import plan_gpu
@@ -300,6 +306,40 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
             p["gpu_time"] = plan_gpu.gpu_seconds(model, method, n_samples, seq_len, world=n_gpus, rates=rates)
             p["gpu_seconds"] = p["gpu_time"]["seconds"]
     return p
+
+
+def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_batch: int = 8,
+                        budget: Optional[int] = None, device_free: Optional[int] = None) -> Dict[str, float]:
+    """Peak GPU bytes of the staged pipeline (``device="cuda"``): the tensors outside the blocks (moved to the
+    device), one block and an fp32 copy of its largest weight (the solve), the statistics of the widest linear
+    (float64 sums and the solver's fp32 work matrices, on the device), one micro-batch's working tensors, and the
+    activation store (block inputs/outputs, replay records) up to ``budget`` (default: everything, or
+    ``device_free``). Activations in the model's dtype. Checked against bench/results/scale_gpu_run4.json
+    (bench/scale.md, "scale2": 8B at 16GB, 70B at 40GB)."""
+    from lowbit.model.sequential import find_blocks
+
+    _, blocks = find_blocks(model)
+    if blocks is None:
+        raise ValueError("the staged pipeline's device estimate needs a list of decoder blocks")
+    inside = {id(p) for p in blocks.parameters()}
+    outside = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    lins = [m for m in blocks[0].modules() if isinstance(m, nn.Linear)]
+    k_max = max(m.in_features for m in lins)
+    w_max = max(m.weight.numel() for m in lins) * 4
+    act = next(model.parameters()).element_size()
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or lins[0].in_features
+    widths = sum(m.out_features for m in lins)
+    tokens = n_samples * seq_len
+    stats = k_max * k_max * (8 + 4 * 4)
+    work = micro_batch * seq_len * act * (widths + 4 * k_max)
+    rest = outside + block + w_max + stats + work
+    store = tokens * act * (2 * hidden + widths)
+    cap = budget if budget is not None else device_free
+    if cap is not None:
+        store = min(store, max(cap - rest, 0))
+    return {"total": rest + store, "outside": outside, "block": block, "statistics": stats, "work": work,
+            "store": store}
 
 
 def _load_config(spec: str, transformers):
@@ -336,7 +376,7 @@ def plan_from_config(spec: str, method: str, bits: int = 4, group_size: int = 12
 
 
 def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, seq_len: int = 512,
-                           micro_batch: int = 8, max_memory: Any = None) -> Dict[str, float]:
+                           micro_batch: int = 8, max_memory: Any = None, device: str = "cpu") -> Dict[str, float]:
     """Peak host memory (MB) of :func:`lowbit.model.streaming.quantize_streaming` on ``model`` (built on the meta
     device is enough): process baseline + the tensors outside the blocks + the largest block twice (its float
     weights and the quantized copy being built, plus one float weight matrix the solver copies) + the calibration
@@ -364,8 +404,17 @@ def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, 
     stats = k_max * k_max * (8 + 4 * 4) if calibrated else 0
     quantized = block // 4 + w_max
     mb = 2 ** 20
-    rest = PROCESS_BASELINE_MB * mb + outside + block + quantized + work + stats
     budget = parse_bytes(max_memory)
+    if str(device).startswith("cuda") and calibrated:
+        # the statistics, the micro-batch's work and the activations within max_memory live on the GPU
+        # (staged_device_bytes); the host holds the tensors outside the blocks while they are read, the block being
+        # read and the quantized one being written, and the activations the GPU budget leaves over (pinned)
+        dev = staged_device_bytes(model, n_samples, seq_len, micro_batch, budget)
+        host_store = max(tokens * (next(model.parameters()).element_size()) * 2 * hidden - dev["store"], 0)
+        total = PROCESS_BASELINE_MB * mb + outside + block + quantized + host_store
+        return {"peak_ram_mb": total / mb, "outside_mb": outside / mb, "block_mb": block / mb,
+                "calibration_mb": host_store / mb, "statistics_mb": 0.0, "accelerator_mb": dev["total"] / mb}
+    rest = PROCESS_BASELINE_MB * mb + outside + block + quantized + work + stats
     if budget is not None:  # the activation store keeps what fits under the budget, the rest goes to files
         calib = min(calib, max(budget - rest, 0))
     total = rest + calib
@@ -375,8 +424,19 @@ def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, 
 
 def plan_streaming(directory: str, method: str, n_samples: int = 128, seq_len: int = 512, micro_batch: int = 8,
                    max_memory: Any = None) -> Dict[str, float]:
-    """:func:`predict_streaming_peak` for the safetensors model in ``directory`` (its config only is read)."""
+    """:func:`predict_streaming_peak` for the safetensors model in ``directory``, or the GGUF file ``directory``
+    (its config only is read)."""
     from lowbit.model.streaming import _empty_model
 
-    model = _empty_model(Path(directory), None)
+    path = Path(directory)
+    cfg = None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lowbit._deps import require
+
+        cfg = require("transformers", "lowbit plan").AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    model = _empty_model(path, None, cfg)
+    if hasattr(model, "tie_weights"):  # as quantize_streaming does: a tied head is the embedding, counted once
+        model.tie_weights()
     return predict_streaming_peak(model, method, n_samples, seq_len, micro_batch, max_memory)

@@ -211,8 +211,11 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
     pipeline, micro_batch = cfg.pipeline, cfg.micro_batch
     calibrated = entry.stage is not None
     if pipeline == "auto":
-        # the micro-batched pipeline bounds memory but costs more time (bench/scale.md): it runs when asked
-        # for (a budget, a micro-batch, checkpoints, torchrun); otherwise the all-samples-at-once one
+        # the micro-batched pipeline bounds memory; on the CPU it now takes about the previous pipeline's time
+        # (1.03-1.05x its CPU seconds, bench/scale.md "scale2") but is not faster, and its codes differ from the
+        # previous pipeline's in the last bits (float64 per-sample Hessian sums), so switching the default would
+        # change every GPTQ/AWQ file (tests/test_byte_identity.py): it runs when asked for (a budget, a micro-batch,
+        # checkpoints, torchrun)
         launched = "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized())
         wanted = micro_batch is not None or cfg.max_memory is not None or cfg.checkpoint_dir is not None or cfg.resume
         pipeline = "staged" if wanted or launched else "threads"

@@ -9,7 +9,9 @@ non-block tensors + one float block + its quantized copy + the calibration state
 and outputs of every sample, or ``max_memory`` of them with the rest spilled to files).
 
 Tensors are read with plain file reads (no memory map), so the address space stays bounded too
-(``ulimit -v``). GGUF files are not streamed (see bench/scale.md).
+(``ulimit -v``). A GGUF file (a Llama-family model, e.g. ``--model default``) streams the same way through
+a reader passed as the source, :class:`lowbit.io.gguf_stream.GGUFReader`: the configuration comes from its
+metadata, and each tensor is dequantized from the file when its block's turn comes.
 
 The writer lives with the formats (:class:`lowbit.io.stream.NativeStreamWriter`): this module only
 calls ``sink.write(prefix, module)`` for every finished block, then ``sink.finish(model)`` with the
@@ -93,6 +95,24 @@ class ShardReader:
         return out
 
 
+def _open_source(source):
+    """``(reader, config or None)`` of a safetensors directory, or a reader object (e.g.
+    :class:`lowbit.io.gguf_stream.GGUFReader`) with ``names``/``get``/``nbytes``/``bytes_read`` and a ``config``."""
+    if not isinstance(source, (str, os.PathLike)):
+        if not all(hasattr(source, a) for a in ("names", "get", "nbytes", "config")):
+            raise TypeError(f"source {type(source).__name__}: expected a safetensors directory or a reader "
+                            f"(names, get, nbytes, config), e.g. lowbit.io.gguf_stream.GGUFReader")
+        return source, source.config
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise ValueError(f"{path}: a GGUF file streams through its reader: "
+                         f"quantize_streaming(lowbit.io.gguf_stream.GGUFReader(path), sink, ...) or "
+                         f"lowbit.io.gguf_stream.quantize_gguf_streaming(path, sink, ...)")
+    if path.is_file():
+        raise ValueError(f"{path}: a file but not a .gguf; streaming reads a safetensors directory or a GGUF file")
+    return ShardReader(str(path)), None
+
+
 def _header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...], int, int]]:
     size = path.stat().st_size if path.is_file() else -1
     if size < 8:
@@ -122,13 +142,14 @@ def _header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...], int, int]]:
     return out
 
 
-def _empty_model(directory: Path, dtype: Optional[torch.dtype]) -> nn.Module:
-    """The model of ``directory/config.json`` with its parameters on the meta device (buffers real)."""
+def _empty_model(directory: Path, dtype: Optional[torch.dtype], cfg=None) -> nn.Module:
+    """The model of ``directory/config.json`` (or of ``cfg``) with its parameters on the meta device (buffers real)."""
     from lowbit._deps import require
 
     tf = require("transformers", "streaming quantization")
     acc = require("accelerate", "building an empty model")
-    cfg = tf.AutoConfig.from_pretrained(str(directory))
+    if cfg is None:
+        cfg = tf.AutoConfig.from_pretrained(str(directory))
     with acc.init_empty_weights():
         model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype) if dtype is not None else \
             tf.AutoModelForCausalLM.from_config(cfg)
@@ -235,7 +256,8 @@ def quantize_streaming(directory: str, sink, method: str = "gptq", bits: int = 4
                        exclude: Optional[Sequence[str]] = ("lm_head",), calib_dataset: Any = None,
                        n_samples: int = 128, seq_len: int = 512, seed: int = 0, tokenizer: Any = None,
                        dtype: Optional[torch.dtype] = None, progress: bool = True, **kw: Any) -> Dict[str, Any]:
-    """Quantize the safetensors model in ``directory`` block by block, writing through ``sink``; returns the
+    """Quantize the safetensors model in ``directory`` (or read by the reader ``directory``, see the module doc)
+    block by block, writing through ``sink``; returns the
     run's summary (``quantize_model_ptq``'s, plus ``peak_rss_bytes``: the process's peak resident memory
     during the run, ``max_block_bytes``, ``streamed_bytes``). ``kw``: ``quantize_model_ptq``'s other
     arguments (``micro_batch``, ``max_memory``, method options...)."""
@@ -245,11 +267,11 @@ def quantize_streaming(directory: str, sink, method: str = "gptq", bits: int = 4
     if kw.get("checkpoint_dir") or kw.get("resume"):
         raise ValueError("streaming quantization does not write per-block checkpoints (resume): drop "
                          "checkpoint_dir/resume")
-    directory = Path(directory)
     t0 = time.perf_counter()
     reset = reset_peak_rss()
-    reader = ShardReader(str(directory))
-    model = _empty_model(directory, dtype)
+    reader, cfg = _open_source(directory)
+    directory = Path(getattr(reader, "dir", directory))
+    model = _empty_model(directory, dtype, cfg)
     blocks_name, blocks = find_blocks(model)
     if blocks is None:
         raise ValueError(f"{directory}: no list of decoder blocks found; load this model whole instead")

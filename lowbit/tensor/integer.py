@@ -181,6 +181,10 @@ class AffineWeight:
         out_f, in_f = state.shape
         scales = _scales(state)
         zeros = state.zeros
+        if zeros is not None and zeros.is_floating_point():
+            if not bool((zeros == zeros.round()).all()) or bool(((zeros < 0) | (zeros > 255)).any()):
+                raise UnsupportedWeight("fractional (float) zero points, as HQQ's zero_rounding='float' stores "
+                                        "them, have no integer zero-point layout")
         if state.layout == "group":
             g = state.block_size
             codes = state_codes(state)
