@@ -17,9 +17,11 @@ CUDA (fp16 / bf16 input)
 
 CPU
     * int8 per-channel weights with dynamic per-token int8 activations on a CPU with VNNI (exact integer
-      products): FBGEMM's prepacked int8 GEMM (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``,
-      activations given as integers with scale 1) at small M, ``torch._int_mm`` at larger M; the per-token
-      scale is applied after. Equal to the reference up to float32 rounding of the rescale.
+      products): the codes ``round(x / s)`` of the reference, ``torch._int_mm`` against the int8 weight
+      (derived once from the stored codes), then ``* sw * s + bias`` in float32; at one row (decode) the
+      scale is read as a Python float, seven small ops in all. Equal to the reference up to float32
+      rounding of the rescale. (FBGEMM's prepacked GEMM, which ``quantize_dynamic`` runs, measured slower
+      at every M on SmolLM2's shapes: ``bench/results/cpu_ops.md``.)
     * every other weight: the **dequantize-once cache**: the dequantized weight in the input's dtype is kept
       beside the packed state (not saved, dropped when the module moves) while the process-wide total of
       cached bytes stays within :func:`cache_budget` (``LOWBIT_DEQUANT_CACHE_MB``, default a quarter of
@@ -148,19 +150,13 @@ def cpu_has_vnni() -> bool:
 
 
 class _CpuInt8:
-    __slots__ = ("w", "sw", "packed", "n")
+    __slots__ = ("w", "wt", "sw", "n")
 
     def __init__(self, w: torch.Tensor, sw: torch.Tensor):
-        self.w = w  # int8 [N, K]
+        self.w = w  # int8 [N, K] (derived once from the canonical uint8 codes, never saved)
+        self.wt = w.t()  # the [K, N] view torch._int_mm takes
         self.sw = sw  # float32 [N]
         self.n = w.shape[0]
-        import warnings
-
-        with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; absent ops fall back
-            warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long),
-                                                          0)
-            self.packed = torch.ops.quantized.linear_prepack(qw, None)
 
 
 def _prepare_cpu_int8(state: QuantState):
@@ -175,11 +171,7 @@ def _prepare_cpu_int8(state: QuantState):
     sw = state.scales.reshape(-1).float().contiguous()
     if sw.numel() != N:
         return _store(state, "cpu_int8", _NOT_APPLICABLE)
-    try:
-        p = _CpuInt8(w, sw)
-    except (RuntimeError, AttributeError):  # no FBGEMM in this build
-        return _store(state, "cpu_int8", _NOT_APPLICABLE)
-    return _store(state, "cpu_int8", p)
+    return _store(state, "cpu_int8", _CpuInt8(w, sw))
 
 
 def _int8_rows(xf: torch.Tensor):
@@ -187,28 +179,37 @@ def _int8_rows(xf: torch.Tensor):
     ``s = absmax / 127`` (1 for an all-zero row), ``v = x / s``; returns ``(v, s)`` (v unrounded)."""
     amax = xf.abs().amax(dim=-1, keepdim=True)
     s = amax / 127.0
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = torch.where(s > 0, s, 1.0)
     return xf / s, s
 
 
-# FBGEMM below this many rows, torch._int_mm above (both exact integer products)
-CPU_INT8_FBGEMM_MAX_M = 32
+# the smallest normal float32: a one-row scale at or above it is the float32 the reference computes
+_F32_TINY = 1.1754943508222875e-38
+_INF = float("inf")
 
 
 def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` quantized per token (codes ``round(x / s)`` as the reference), exact int32 products by
+    ``torch._int_mm``, then ``acc * sw * s + bias`` in float32 (equal to the reference up to float rounding).
+
+    One row (decode): the scale is read once as a Python float (``absmax / 127`` in double rounds to the
+    same float32 as the reference's division), so the whole call is seven small ops."""
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 1:
+        sc = x2.abs().max().item() / 127.0
+        if _F32_TINY <= sc < _INF:  # else (all zero, subnormal, inf / nan) the general path below
+            acc = torch._int_mm(torch.round(x2 / sc).to(torch.int8), p.wt)
+            if bias is not None:
+                out = torch.addcmul(bias, acc, p.sw, value=sc)
+            else:
+                out = torch.mul(acc, p.sw).mul_(sc)
+            return out.view(*x.shape[:-1], p.n)
     v, s = _int8_rows(x2)
-    M = x2.shape[0]
-    if M <= CPU_INT8_FBGEMM_MAX_M:
-        # FBGEMM rounds v (half to even, as torch.round) and adds the zero point 128: exact codes in [-127, 127]
-        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v.contiguous(), 1.0, 128, p.packed)
-        out = out.mul_(s)
-    else:
-        q = torch.round(v).clamp_(-127, 127).to(torch.int8)
-        out = torch._int_mm(q, p.w.t()).float().mul_(s).mul_(p.sw)
+    acc = torch._int_mm(v.round_().to(torch.int8), p.wt)  # |v| <= 127 by construction
+    out = acc.float().mul_(p.sw).mul_(s)  # in place: one allocation on the output side
     if bias is not None:
         out = out.add_(bias)
-    return out.reshape(*x.shape[:-1], p.n)
+    return out.view(*x.shape[:-1], p.n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +527,18 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
                 if bias is not None and bias.dtype != x.dtype:
                     bias = bias.to(x.dtype)
                 return prepared_linear(x, p, bias)
+    elif x.is_cpu and act in _CPU_ACTS and not torch.compiler.is_compiling():
+        # hot path (CPU decode): the dense weight / int8 layout derived for this state, one dict lookup
+        entry = state.__dict__.get(_CACHE_ATTR)
+        entry = entry.get(_CPU_KEYS.get((act, x.dtype))) if entry else None
+        if (entry is not None and entry[0] == state.data.data_ptr() and entry[2] is not _NOT_APPLICABLE
+                and entry[1] == _versions(state) and x.shape[-1] == state.shape[1] and x.numel()
+                and _cpu_backend_ok(act)):
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            if act is None:
+                return F.linear(x, entry[2], bias)
+            return _cpu_int8_dynamic(x, entry[2], bias)
     if x.device != state.device or x.numel() == 0 or len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
         return None
     if bias is not None and bias.dtype != x.dtype:
@@ -538,17 +551,32 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
         return _cuda_linear(x, state, bias, act)
     if torch.compiler.is_compiling():
         return None  # CPU graphs trace the reference ops
-    if x.device.type != "cpu" or select.get_backend("gemm_4bit") not in ("auto", "reference") :
+    if x.device.type != "cpu" or act not in _CPU_ACTS or not _cpu_backend_ok(act):
         return None
     if act == "int8":
-        if x.dtype == torch.float32 and cpu_has_vnni() and select.get_backend("int8_linear") == "auto":
+        if x.dtype == torch.float32:
             p = _prepare_cpu_int8(state)
             if p is not _NOT_APPLICABLE:
                 return _cpu_int8_dynamic(x, p, bias)
         return None
-    if act is not None:
-        return None
     return F.linear(x, _dense(state, x.dtype), bias)
+
+
+_CPU_ACTS = (None, "int8")
+# cache keys of the CPU hot path by (act, input dtype): the int8 layout needs float32 input
+_CPU_KEYS = {(None, dt): ("dense", dt) for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+_CPU_KEYS[("int8", torch.float32)] = "cpu_int8"
+
+
+def _cpu_backend_ok(act: Optional[str]) -> bool:
+    """Whether the selection lets the CPU kernels run: ``gemm_4bit`` ``auto`` / ``reference`` (the dense
+    cache is bit-identical to the reference), and for int8 activations ``int8_linear`` ``auto`` on a CPU
+    with VNNI (exact int8 products)."""
+    pref = select._preference
+    env = select.env_backend()
+    if (pref.get("gemm_4bit") or env) not in ("auto", "reference"):
+        return False
+    return act is None or ((pref.get("int8_linear") or env) == "auto" and cpu_has_vnni())
 
 
 def prepare(state: QuantState, dtype: torch.dtype = None, act: Optional[str] = None) -> None:
