@@ -17,11 +17,11 @@ CUDA (fp16 / bf16 input)
 
 CPU
     * int8 per-channel weights with dynamic per-token int8 activations on a CPU with VNNI (exact integer
-      products): the codes ``round(x / s)`` of the reference, ``torch._int_mm`` against the int8 weight
-      (derived once from the stored codes), then ``* sw * s + bias`` in float32; at one row (decode) the
-      scale is read as a Python float, seven small ops in all. Equal to the reference up to float32
-      rounding of the rescale. (FBGEMM's prepacked GEMM, which ``quantize_dynamic`` runs, measured slower
-      at every M on SmolLM2's shapes: ``bench/results/cpu_ops.md``.)
+      products): the codes ``round(x / s)`` of the reference, then FBGEMM's prepacked int8 GEMM (the op
+      ``quantize_dynamic`` runs; it streams weights from memory fastest, decode) up to 32 rows and
+      ``torch._int_mm`` above (faster once the weight is reused across rows, prefill); ``* sw * s + bias``
+      in float32. At one row the scale is read as a Python float: seven small ops in all. Equal to the
+      reference up to float32 rounding of the rescale (``bench/results/cpu_ops.md`` has the timings).
     * every other weight: the **dequantize-once cache**: the dequantized weight in the input's dtype is kept
       beside the packed state (not saved, dropped when the module moves) while the process-wide total of
       cached bytes stays within :func:`cache_budget` (``LOWBIT_DEQUANT_CACHE_MB``, default a quarter of
@@ -150,13 +150,20 @@ def cpu_has_vnni() -> bool:
 
 
 class _CpuInt8:
-    __slots__ = ("w", "wt", "sw", "n")
+    __slots__ = ("w", "wt", "sw", "packed", "n")
 
     def __init__(self, w: torch.Tensor, sw: torch.Tensor):
         self.w = w  # int8 [N, K] (derived once from the canonical uint8 codes, never saved)
         self.wt = w.t()  # the [K, N] view torch._int_mm takes
         self.sw = sw  # float32 [N]
         self.n = w.shape[0]
+        import warnings
+
+        with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; absent ops fall back
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long),
+                                                          0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
 
 
 def _prepare_cpu_int8(state: QuantState):
@@ -171,7 +178,11 @@ def _prepare_cpu_int8(state: QuantState):
     sw = state.scales.reshape(-1).float().contiguous()
     if sw.numel() != N:
         return _store(state, "cpu_int8", _NOT_APPLICABLE)
-    return _store(state, "cpu_int8", _CpuInt8(w, sw))
+    try:
+        p = _CpuInt8(w, sw)
+    except (RuntimeError, AttributeError):  # no FBGEMM in this build
+        return _store(state, "cpu_int8", _NOT_APPLICABLE)
+    return _store(state, "cpu_int8", p)
 
 
 def _int8_rows(xf: torch.Tensor):
@@ -188,25 +199,39 @@ _F32_TINY = 1.1754943508222875e-38
 _INF = float("inf")
 
 
-def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x`` quantized per token (codes ``round(x / s)`` as the reference), exact int32 products by
-    ``torch._int_mm``, then ``acc * sw * s + bias`` in float32 (equal to the reference up to float rounding).
+# FBGEMM's prepacked GEMM up to this many rows (it streams cold weights faster: decode), torch._int_mm above
+CPU_INT8_FBGEMM_MAX_M = 32
 
-    One row (decode): the scale is read once as a Python float (``absmax / 127`` in double rounds to the
-    same float32 as the reference's division), so the whole call is seven small ops."""
+
+def _fbgemm(v: torch.Tensor, p: _CpuInt8) -> torch.Tensor:
+    """``(v @ w.T) * sw`` for integer-valued float ``v`` in [-127, 127]: FBGEMM adds the zero point 128 (exact
+    for integers) and multiplies u8 x s8 exactly (VNNI), the per-channel scale fused into its output."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v, 1.0, 128, p.packed)
+
+
+def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` quantized per token (codes ``round(x / s)``, the reference's), exact integer products, then
+    ``* sw * s + bias`` in float32: equal to the reference up to float rounding of the rescale.
+
+    Up to ``CPU_INT8_FBGEMM_MAX_M`` rows FBGEMM's prepacked GEMM (the codes given as floats, already
+    rounded, so its own quantization is exact); above, ``torch._int_mm``. One row (decode): the scale is
+    read once as a Python float (``absmax / 127`` in double rounds to the float32 the reference divides by),
+    seven small ops in all."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] == 1:
+    M = x2.shape[0]
+    if M == 1:
         sc = x2.abs().max().item() / 127.0
         if _F32_TINY <= sc < _INF:  # else (all zero, subnormal, inf / nan) the general path below
-            acc = torch._int_mm(torch.round(x2 / sc).to(torch.int8), p.wt)
-            if bias is not None:
-                out = torch.addcmul(bias, acc, p.sw, value=sc)
-            else:
-                out = torch.mul(acc, p.sw).mul_(sc)
+            out = _fbgemm(torch.div(x2, sc).round_(), p)
+            out = torch.add(bias, out, alpha=sc) if bias is not None else out.mul_(sc)
             return out.view(*x.shape[:-1], p.n)
     v, s = _int8_rows(x2)
-    acc = torch._int_mm(v.round_().to(torch.int8), p.wt)  # |v| <= 127 by construction
-    out = acc.float().mul_(p.sw).mul_(s)  # in place: one allocation on the output side
+    v = v.round_()  # |v| <= 127 by construction
+    if M <= CPU_INT8_FBGEMM_MAX_M:
+        out = _fbgemm(v, p)
+    else:
+        out = torch._int_mm(v.to(torch.int8), p.wt).float().mul_(p.sw)  # in place: one output allocation
+    out = out.mul_(s)
     if bias is not None:
         out = out.add_(bias)
     return out.view(*x.shape[:-1], p.n)
