@@ -271,8 +271,9 @@ def write(rows, agree, names, args, load0, loads) -> None:
     lines += [
         "",
         "Paths taken (see `lowbit/kernels/linear.py`): lowbit int8-dynamic quantizes activations per token "
-        "(codes `round(x / s)` as the reference), multiplies by `torch._int_mm` (exact int32 products) and "
-        "rescales in float32; quantize_dynamic quantizes activations per tensor and runs FBGEMM. nf4 / int4 / "
+        "(codes `round(x / s)` as the reference), multiplies exactly by FBGEMM's prepacked int8 GEMM up to 32 rows "
+        "(decode) and `torch._int_mm` above (prefill), and rescales in float32; quantize_dynamic quantizes "
+        "activations per tensor and runs FBGEMM in one call. nf4 / int4 / "
         "GPTQ / GGUF weights use the dequantize-once cache (the fp32 weight kept beside the packed state within "
         "`LOWBIT_DEQUANT_CACHE_MB`, default a quarter of RAM), i.e. the fp32 matmul: their memory at run time is "
         "the packed state plus the fp32 weight. PyTorch's 4-bit / int8 weight-only CPU matmuls "

@@ -149,7 +149,7 @@ def main(argv=None):
                 results.append((M, N, K, name, wm, cm, base / wm))
                 print(f"M={M} {N}x{K} {name:34s} {wm:9.1f} us  cpu {cm:9.1f} us  x fp32 {base / wm:5.2f}", flush=True)
     load1 = os.getloadavg()
-    lines = ["# CPU operator benchmark: SmolLM2-135M linear shapes, 2 threads", "",
+    lines = [f"# CPU operator benchmark: SmolLM2-135M linear shapes, {args.threads} thread(s)", "",
              "Written by `bench/cpu_ops.py` (numbers from the run, never edited).", "",
              f"Command: `python bench/cpu_ops.py --threads {args.threads} --rounds {args.rounds} --ms {args.ms} "
              f"--cold-mb {args.cold_mb:g} --target-ms {args.target_ms:g}`", "",
