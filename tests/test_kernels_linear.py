@@ -160,3 +160,120 @@ def test_gemv_op_fake_and_opcheck():
     torch.library.opcheck(torch.ops.lowbit.gemv_lowbit.default,
                           (x, p.words, p.scales, p.zeros, p.table, None, p.n, p.k, p.bits, p.group, p.kind, p.zero,
                            [16, 32, 2, 4, 1, 1]))
+
+
+def _int8_exact(q, x):
+    """float64 of the reference's integer computation: codes round(x / s) (float32, as the reference) times
+    the stored weight codes, exact in int64, then * sw * s + bias."""
+    st = q.qstate
+    N, K = st.shape
+    wq = st.data.view(N, K).long() - 128
+    x2 = x.reshape(-1, K)
+    s = x2.abs().amax(-1, keepdim=True) / 127.0
+    s = torch.where(s > 0, s, 1.0)
+    out = (torch.round(x2 / s).long() @ wq.T).double() * st.scales.reshape(-1).double() * s.double()
+    if q.bias is not None:
+        out = out + q.bias.detach().double()
+    return out.reshape(*x.shape[:-1], N)
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(1, 256), (1, 1, 256), (2, 3, 256), (40, 256)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_dynamic_cpu_exact_integer_products(shape, bias):
+    torch.manual_seed(len(shape) + shape[0])
+    q = QLinear.from_module(nn.Linear(256, 96, bias=bias), weights="qint8", activations="qint8", act_dynamic=True)
+    q.freeze()
+    x = torch.randn(shape) * 3
+    with torch.no_grad():
+        got = q(x)
+    assert got.shape == (*shape[:-1], 96) and got.dtype == torch.float32
+    # the codes are the reference's and the products exact: only the float32 rescale rounds
+    torch.testing.assert_close(got.double(), _int8_exact(q, x), rtol=2e-6, atol=1e-6)
+
+
+@needs_vnni
+def test_int8_dynamic_cpu_special_rows():
+    q = QLinear.from_module(_lin(96, 256), weights="qint8", activations="qint8", act_dynamic=True)
+    rows = {
+        "zero": torch.zeros(1, 256),  # s = 1 (the reference's all-zero rule): the general path
+        "subnormal": torch.full((1, 256), 1e-41),  # absmax / 127 below float32's normal range
+        "tiny": torch.randn(1, 256) * 1e-30,
+        "large": torch.randn(1, 256) * 1e30,
+        "mixed": torch.cat([torch.zeros(1, 256), torch.randn(1, 256)]),
+    }
+    refs = {k: q(x) for k, x in rows.items()}  # unfrozen: fake quantization + F.linear
+    q.freeze()
+    with torch.no_grad():
+        for k, x in rows.items():
+            got = q(x)
+            torch.testing.assert_close(got, refs[k], rtol=1e-5, atol=1e-4, msg=k)
+            torch.testing.assert_close(got.double(), _int8_exact(q, x), rtol=2e-6, atol=1e-6, msg=k)
+
+
+@needs_vnni
+def test_cpu_hot_path_follows_selection(monkeypatch):
+    from lowbit.kernels import select
+
+    q = QLinear.from_module(_lin(96, 256), weights="qint8", activations="qint8", act_dynamic=True)
+    x = torch.randn(2, 256)
+    ref = q(x)  # unfrozen: the reference (fake-quantized activations, dequantized weight)
+    q.freeze()
+    with torch.no_grad():
+        fast = q(x)  # derives and caches the int8 layout
+        assert L._cached(q.qstate, "cpu_int8") is not None
+        with select.use("reference", "int8_linear"):  # the cached layout must not bypass the choice
+            assert torch.equal(q(x), ref)
+        monkeypatch.setenv("LOWBIT_KERNELS", "reference")
+        assert select.get_backend("int8_linear") == "reference"
+        assert torch.equal(q(x), ref)
+        monkeypatch.delenv("LOWBIT_KERNELS")
+        assert select.get_backend("int8_linear") == "auto"
+        assert torch.equal(q(x), fast)
+        q.qstate.scales.mul_(2)  # in-place edit: the int8 layout is derived again
+        torch.testing.assert_close(q(x).double(), _int8_exact(q, x), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ["QLinear", "Linear4bit"])
+def test_module_hot_path_bit_identical_to_reference(cls):
+    from lowbit.kernels import select
+
+    lin = _lin(40, 128)
+    m = QLinear.from_module(lin, weights="qint4") if cls == "QLinear" else Linear4bit.from_module(lin, quant_type="nf4")
+    m.freeze()
+    x = torch.randn(1, 3, 128)
+    with torch.no_grad():
+        with select.use("reference"):
+            ref = F.linear(x, lowbit.dequantize(m.qstate), lin.bias)
+        for _ in range(2):  # the second call takes the cached hot path
+            assert torch.equal(m(x), ref)
+    x.requires_grad_(True)
+    m(x).sum().backward()  # autograd still goes through the frozen-weight function
+    torch.testing.assert_close(x.grad, torch.ones(1, 3, 40) @ lowbit.dequantize(m.qstate))
+
+
+@needs_vnni
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_int8_dynamic_cpu_codes_exact_at_rounding_ties(M):
+    # activations a hair (1-2 ulp) off k + 0.5 code steps: the kernel's codes must be round(x / s) exactly,
+    # as the reference's (FBGEMM's own quantization adds the zero point before rounding and flips ~1/4 of them)
+    K = 128
+    lin = nn.Linear(K, K, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(K))  # per-channel scale 1/127, code 127: output = code(x) * s
+    q = QLinear.from_module(lin, weights="qint8", activations="qint8", act_dynamic=True)
+    q.freeze()
+    g = torch.Generator().manual_seed(M)
+    amax = torch.rand(M, 1, generator=g) * 50 + 0.1
+    s = amax / 127.0
+    k = torch.randint(-126, 126, (M, K), generator=g).float() + 0.5
+    x = k * s
+    for _ in range(2):  # nudge each value by 0, 1 or 2 ulp either way
+        step = torch.randint(-1, 2, (M, K), generator=g)
+        x = torch.nextafter(x, torch.where(step > 0, torch.inf, torch.where(step < 0, -torch.inf, x)))
+    x[:, 0] = amax[:, 0]  # the row's absmax fixes s
+    with torch.no_grad():
+        got = q(x)
+    s = x.abs().amax(-1, keepdim=True) / 127.0
+    codes = torch.round(x / s)
+    torch.testing.assert_close(got, codes * s, rtol=1e-6, atol=0)

@@ -17,9 +17,11 @@ CUDA (fp16 / bf16 input)
 
 CPU
     * int8 per-channel weights with dynamic per-token int8 activations on a CPU with VNNI (exact integer
-      products): FBGEMM's prepacked int8 GEMM (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``,
-      activations given as integers with scale 1) at small M, ``torch._int_mm`` at larger M; the per-token
-      scale is applied after. Equal to the reference up to float32 rounding of the rescale.
+      products): the codes ``round(x / s)`` of the reference, then FBGEMM's prepacked int8 GEMM (the op
+      ``quantize_dynamic`` runs; it streams weights from memory fastest, decode) up to 32 rows and
+      ``torch._int_mm`` above (faster once the weight is reused across rows, prefill); ``* sw * s + bias``
+      in float32. At one row the scale is read as a Python float: seven small ops in all. Equal to the
+      reference up to float32 rounding of the rescale (``bench/results/cpu_ops.md`` has the timings).
     * every other weight: the **dequantize-once cache**: the dequantized weight in the input's dtype is kept
       beside the packed state (not saved, dropped when the module moves) while the process-wide total of
       cached bytes stays within :func:`cache_budget` (``LOWBIT_DEQUANT_CACHE_MB``, default a quarter of
@@ -148,10 +150,11 @@ def cpu_has_vnni() -> bool:
 
 
 class _CpuInt8:
-    __slots__ = ("w", "sw", "packed", "n")
+    __slots__ = ("w", "wt", "sw", "packed", "n")
 
     def __init__(self, w: torch.Tensor, sw: torch.Tensor):
-        self.w = w  # int8 [N, K]
+        self.w = w  # int8 [N, K] (derived once from the canonical uint8 codes, never saved)
+        self.wt = w.t()  # the [K, N] view torch._int_mm takes
         self.sw = sw  # float32 [N]
         self.n = w.shape[0]
         import warnings
@@ -187,28 +190,51 @@ def _int8_rows(xf: torch.Tensor):
     ``s = absmax / 127`` (1 for an all-zero row), ``v = x / s``; returns ``(v, s)`` (v unrounded)."""
     amax = xf.abs().amax(dim=-1, keepdim=True)
     s = amax / 127.0
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = torch.where(s > 0, s, 1.0)
     return xf / s, s
 
 
-# FBGEMM below this many rows, torch._int_mm above (both exact integer products)
+# the smallest normal float32: a one-row scale at or above it is the float32 the reference computes
+_F32_TINY = 1.1754943508222875e-38
+_INF = float("inf")
+
+
+# FBGEMM's prepacked GEMM up to this many rows (it streams cold weights faster: decode), torch._int_mm above
 CPU_INT8_FBGEMM_MAX_M = 32
 
 
+def _fbgemm(v: torch.Tensor, p: _CpuInt8) -> torch.Tensor:
+    """``(v @ w.T) * sw`` for integer-valued float ``v`` in [-127, 127]: FBGEMM adds the zero point 128 (exact
+    for integers) and multiplies u8 x s8 exactly (VNNI), the per-channel scale fused into its output."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v, 1.0, 128, p.packed)
+
+
 def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` quantized per token (codes ``round(x / s)``, the reference's), exact integer products, then
+    ``* sw * s + bias`` in float32: equal to the reference up to float rounding of the rescale.
+
+    Up to ``CPU_INT8_FBGEMM_MAX_M`` rows FBGEMM's prepacked GEMM (the codes given as floats, already
+    rounded, so its own quantization is exact); above, ``torch._int_mm``. One row (decode): the scale is
+    read once as a Python float (``absmax / 127`` in double rounds to the float32 the reference divides by),
+    seven small ops in all."""
     x2 = x.reshape(-1, x.shape[-1])
-    v, s = _int8_rows(x2)
     M = x2.shape[0]
+    if M == 1:
+        sc = x2.abs().max().item() / 127.0
+        if _F32_TINY <= sc < _INF:  # else (all zero, subnormal, inf / nan) the general path below
+            out = _fbgemm(torch.div(x2, sc).round_(), p)
+            out = torch.add(bias, out, alpha=sc) if bias is not None else out.mul_(sc)
+            return out.view(*x.shape[:-1], p.n)
+    v, s = _int8_rows(x2)
+    v = v.round_()  # |v| <= 127 by construction
     if M <= CPU_INT8_FBGEMM_MAX_M:
-        # FBGEMM rounds v (half to even, as torch.round) and adds the zero point 128: exact codes in [-127, 127]
-        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v.contiguous(), 1.0, 128, p.packed)
-        out = out.mul_(s)
+        out = _fbgemm(v, p)
     else:
-        q = torch.round(v).clamp_(-127, 127).to(torch.int8)
-        out = torch._int_mm(q, p.w.t()).float().mul_(s).mul_(p.sw)
+        out = torch._int_mm(v.to(torch.int8), p.wt).float().mul_(p.sw)  # in place: one output allocation
+    out = out.mul_(s)
     if bias is not None:
         out = out.add_(bias)
-    return out.reshape(*x.shape[:-1], p.n)
+    return out.view(*x.shape[:-1], p.n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +589,18 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
                 if bias is not None and bias.dtype != x.dtype:
                     bias = bias.to(x.dtype)
                 return prepared_linear(x, p, bias)
+    elif x.is_cpu and act in _CPU_ACTS and not torch.compiler.is_compiling():
+        # hot path (CPU decode): the dense weight / int8 layout derived for this state, one dict lookup
+        entry = state.__dict__.get(_CACHE_ATTR)
+        entry = entry.get(_CPU_KEYS.get((act, x.dtype))) if entry else None
+        if (entry is not None and entry[0] == state.data.data_ptr() and entry[2] is not _NOT_APPLICABLE
+                and entry[1] == _versions(state) and x.shape[-1] == state.shape[1] and x.numel()
+                and _cpu_backend_ok(act)):
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            if act is None:
+                return F.linear(x, entry[2], bias)
+            return _cpu_int8_dynamic(x, entry[2], bias)
     if x.device != state.device or x.numel() == 0 or len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
         return None
     if bias is not None and bias.dtype != x.dtype:
@@ -575,17 +613,32 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
         return _cuda_linear(x, state, bias, act)
     if torch.compiler.is_compiling():
         return None  # CPU graphs trace the reference ops
-    if x.device.type != "cpu" or select.get_backend("gemm_4bit") not in ("auto", "reference") :
+    if x.device.type != "cpu" or act not in _CPU_ACTS or not _cpu_backend_ok(act):
         return None
     if act == "int8":
-        if x.dtype == torch.float32 and cpu_has_vnni() and select.get_backend("int8_linear") == "auto":
+        if x.dtype == torch.float32:
             p = _prepare_cpu_int8(state)
             if p is not _NOT_APPLICABLE:
                 return _cpu_int8_dynamic(x, p, bias)
         return None
-    if act is not None:
-        return None
     return F.linear(x, _dense(state, x.dtype), bias)
+
+
+_CPU_ACTS = (None, "int8")
+# cache keys of the CPU hot path by (act, input dtype): the int8 layout needs float32 input
+_CPU_KEYS = {(None, dt): ("dense", dt) for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+_CPU_KEYS[("int8", torch.float32)] = "cpu_int8"
+
+
+def _cpu_backend_ok(act: Optional[str]) -> bool:
+    """Whether the selection lets the CPU kernels run: ``gemm_4bit`` ``auto`` / ``reference`` (the dense
+    cache is bit-identical to the reference), and for int8 activations ``int8_linear`` ``auto`` on a CPU
+    with VNNI (exact int8 products)."""
+    pref = select._preference
+    env = select.env_backend()
+    if (pref.get("gemm_4bit") or env) not in ("auto", "reference"):
+        return False
+    return act is None or ((pref.get("int8_linear") or env) == "auto" and cpu_has_vnni())
 
 
 def prepare(state: QuantState, dtype: torch.dtype = None, act: Optional[str] = None) -> None:

@@ -81,6 +81,23 @@ class QModuleMixin:
     def frozen(self) -> bool:
         return all(n in self._qstates for n in self.quantized_param_names())
 
+    def _frozen_weight(self) -> Optional[QuantState]:
+        """The packed ``weight`` state when the module is frozen, else None (the forward hot path's check:
+        :attr:`frozen` without its generator)."""
+        states = self.__dict__.get("_lowbit_qstates")
+        st = states.get("weight") if states else None
+        if st is None:
+            return None
+        names = self.quantized_param_names()
+        if names != ("weight",) and not all(n in states for n in names):
+            return None
+        return st
+
+    def _bias(self) -> Optional[torch.Tensor]:
+        """``self.bias`` read from ``_parameters`` where it is registered (1.8 us less than the attribute)."""
+        params = self._parameters
+        return params["bias"] if "bias" in params else getattr(self, "bias", None)
+
     @property
     def qstate(self):
         """The QuantState of ``weight`` (None before freeze)."""

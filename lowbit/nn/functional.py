@@ -204,9 +204,15 @@ def needs_grad(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
 
 def kernel_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor], act: Optional[str] = None):
     """``lowbit.kernels.linear.state_linear`` (the fastest kernel for the device, dtype and M), or None."""
-    from lowbit.kernels.linear import state_linear
+    f = _kernel_entry[0]
+    if f is None:  # imported on first use (lowbit.nn does not import the kernels package at import time)
+        from lowbit.kernels.linear import state_linear as f
 
-    return state_linear(x, state, bias, act)
+        _kernel_entry[0] = f
+    return f(x, state, bias, act)
+
+
+_kernel_entry = [None]
 
 
 def fast_dequantize(state: QuantState, dtype: torch.dtype) -> torch.Tensor:

@@ -82,6 +82,13 @@ class Linear4bit(QModuleMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         cd = self.compute_dtype or inp_dtype
+        state = self._frozen_weight()
+        if state is not None and cd == inp_dtype:  # hot path: inference in the input's dtype
+            b = self._bias()
+            if (b is None or b.dtype == cd) and not needs_grad(x, b):
+                out = kernel_linear(x, state, b)
+                if out is not None:
+                    return out
         state = self._qstates.get("weight")
 
         def weight():

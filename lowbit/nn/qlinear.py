@@ -149,14 +149,16 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
         return "fp8" if qt.fp8_dtype is not None else "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weights and self.frozen and self._observer is None and not needs_grad(x, self.bias):
-            # inference on a packed weight: the kernels of lowbit.kernels.linear (layout prepared once)
-            state = self._qstates["weight"]
-            act = self._kernel_act()
-            xin = x if act is not None else self.quantize_input(x)
-            y = kernel_linear(xin, state, self.bias, act)
-            if y is not None:
-                return y
+        state = self._frozen_weight() if self.weights else None
+        if state is not None and self._observer is None:
+            b = self._bias()
+            if not needs_grad(x, b):
+                # inference on a packed weight: the kernels of lowbit.kernels.linear (layout prepared once)
+                act = self._kernel_act()
+                xin = x if act is not None else self.quantize_input(x)
+                y = kernel_linear(xin, state, b, act)
+                if y is not None:
+                    return y
         x = self.quantize_input(x)
         b = self.bias
         if b is not None and b.dtype != x.dtype:
