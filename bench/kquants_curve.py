@@ -261,8 +261,12 @@ def recipe_table(work: Path, ppl: dict, size: dict) -> list:
              "fallback, e.g. Q4_K -> Q5_0, Q6_K -> Q8_0) and its size (+256 bytes of metadata). "
              "**RTN** is llama.cpp's reference rounding: built by the CLI from the same F16 GGUF llama.cpp "
              "quantized, every tensor is byte-identical with llama.cpp's file (column *RTN = llama.cpp*; its "
-             "perplexities are llama.cpp's row, not re-evaluated); `lowbit-rtn-<recipe>` built from the fp32 "
-             "model differs from it only by that F16 rounding of the input.", "",
+             "perplexities are llama.cpp's row, not re-evaluated). Checked through the CLI (`lowbit quantize --model "
+             "lowbit-F16.gguf --method rtn --format gguf --gguf-type <recipe>`, `v3/identity-<recipe>.json`) where "
+             "the count has no suffix; *(tensor level)*: every tensor of llama.cpp's file re-quantized by lowbit "
+             "with that tensor's type (`file_identity.json`), the recipe's per-tensor types being llama.cpp's "
+             "(`tests/test_kquants*.py`). `lowbit-rtn-<recipe>` built from the fp32 model differs from llama.cpp's "
+             "file only by the F16 rounding of llama.cpp's input (its Linear tensors are therefore not identical).", "",
              "| recipe | MB | method | tensors byte-identical with llama.cpp's file | WikiText-2 | Shakespeare |",
              "|---|---:|---|---:|---:|---:|"]
     for r in RECIPES:
@@ -271,16 +275,20 @@ def recipe_table(work: Path, ppl: dict, size: dict) -> list:
             continue
         lr = ppl.get(ls, {})
         idn = v3 / f"identity-{r}.json"
+        old_ident = json.loads((work / "file_identity.json").read_text()).get(r) if (work / "file_identity.json").exists() else None
         if idn.exists():
             d = json.loads(idn.read_text())
             ident = f"{d['byte_identical']} / {d['tensors']}"
+        elif old_ident:
+            ident = f"{old_ident['byte_identical']} / {old_ident['tensors']} (tensor level)"
         else:
             ident = "not compared"
+        same = idn.exists() or bool(old_ident and old_ident["byte_identical"] == old_ident["tensors"])
         lines.append(f"| {r} | {size[ls] / 1e6:.1f} | llama.cpp | (itself) | {_cell(lr, 'wikitext2')} | "
                      f"{_cell(lr, 'shakespeare')} |")
         lines.append(f"| {r} | {size[ls] / 1e6:.1f} | lowbit RTN = llama.cpp (CLI on the F16 GGUF) | {ident} | "
-                     f"{_cell(lr, 'wikitext2') if idn.exists() else '-'} | "
-                     f"{_cell(lr, 'shakespeare') if idn.exists() else '-'} |")
+                     f"{_cell(lr, 'wikitext2') if same else '-'} | "
+                     f"{_cell(lr, 'shakespeare') if same else '-'} |")
         for m in METHODS:
             k = f"lowbit-{m}-{r}"
             if k not in size:
