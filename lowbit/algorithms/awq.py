@@ -144,7 +144,7 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
                 st, ws_hat = _kquant_roundtrip(w * s, kt, Hs if clipped and clip else None, max_shrink, clip_grid)
                 w_hat = ws_hat / s
                 err = _output_error(w - w_hat, H).double()
-                if clipped and clip:  # the clip search's super-block choice, kept only when the weight's exact error drops
+                if clipped and clip:  # the clip search's choice, kept only where the weight's exact error drops
                     st0, ws0 = _kquant_roundtrip(w * s, kt, None, max_shrink, clip_grid)
                     err0 = _output_error(w - ws0 / s, H).double()
                     if err0 <= err:
@@ -183,7 +183,8 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
     # clip search on W diag(s) with the chosen scales
     total, out = fitted(s, True)
     if gguf_type is not None:
-        states = [replace(c, dtype=weights[0].dtype) if kt is not None else grid_obj.gguf_state(c, sc, z, dtype=weights[0].dtype)
+        dt = weights[0].dtype
+        states = [replace(c, dtype=dt) if kt is not None else grid_obj.gguf_state(c, sc, z, dtype=dt)
                   for (c, sc, z, _), grid_obj, kt in zip(out, clips, ktypes)]
     else:
         states = [to_state(c, sc, z, bits, g, sym, dtype=weights[0].dtype) for c, sc, z, _ in out]
