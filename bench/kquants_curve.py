@@ -197,7 +197,7 @@ python bench/kquants_curve.py --stage sens        # Hessians (16 x 512 WikiText 
 python bench/kquants_curve.py --stage files --targets Q3_K_M,Q3_K_S,Q6_K,Q4_K_S,Q3_K_L,Q4_K_M,Q5_K_S,Q5_K_M
 python bench/kquants_llama.py queue --queue v2/queue.txt --tokens v2/tokens.npz --log v2/ppl.jsonl --workdir /work/kq-bench
 # lowbit per recipe (bench/kquants_curve.py's recipe table): for R in Q4_K_M Q3_K_M Q5_K_M Q4_K_S Q6_K, M in gptq awq
-lowbit quantize --model default --method M --format gguf --gguf-type R --calib-dataset wikitext-2/valid.txt \
+lowbit quantize --model default --method M --format gguf --gguf-type R --calib-dataset wikitext-2/valid.txt \\
     --n-samples 16 --calib-seq-len 512 --seed 0 --output OUT     # -> lowbit-M-R.gguf
 lowbit quantize --model /work/kq-bench/lowbit-F16.gguf --method rtn --format gguf --gguf-type R --output OUT
     # -> compared tensor by tensor with llamacpp-R.gguf (v3/identity-R.json)
@@ -292,7 +292,8 @@ def recipe_table(work: Path, ppl: dict, size: dict) -> list:
         for m in METHODS:
             k = f"lowbit-{m}-{r}"
             if k not in size:
-                lines.append(f"| {r} | | lowbit {m.upper()}{' (fp32 model)' if m == 'rtn' else ''} | | not built | not built |")
+                if m != "rtn":
+                    lines.append(f"| {r} | | lowbit {m.upper()} | | not built | not built |")
                 continue
             b = ppl.get(k, {})
             best = [t for t in TEXTS if t in b and t in lr and b[t][0] < lr[t][0]]
