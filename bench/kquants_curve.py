@@ -184,6 +184,12 @@ NOTES = """## Notes
   error, kept only where the Linear's exact error drops). alpha = 0 without clipping is llama.cpp's own
   rounding, so the search never ends above RTN's layer-output error; the scales fold into the preceding
   norm or Linear (RMSNorm weights are stored as F32 in the file, so nothing is lost there).
+* **Per recipe** (the *lowbit per recipe* table): GPTQ and AWQ run the sequential pipeline (each block
+  calibrated on the outputs of the blocks already quantized), unlike the budget rows' per-weight GPTQ. The Q5_K_M
+  files (lowbit's too) read worse than the Q4_K_M ones: the 576-column tensors fall back to q5_1 there, a grid
+  the source's Q4_1 levels alias on (see the first note); GPTQ/AWQ shrink that loss but do not remove it. Cells
+  *not built*: an AWQ build took 28-45 minutes and a GPTQ build 12-15 minutes on the shared machine (the issue's
+  deadline left no time for AWQ onto Q5_K_M/Q4_K_S/Q6_K or GPTQ onto Q6_K; same commands).
 * Plans use llama.cpp's tensor bytes as the budget (the metadata is the same), so every lowbit file is
   within 0.1 MB of (and never above) the llama.cpp file it is compared with.
 
