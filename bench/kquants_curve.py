@@ -185,11 +185,13 @@ NOTES = """## Notes
   rounding, so the search never ends above RTN's layer-output error; the scales fold into the preceding
   norm or Linear (RMSNorm weights are stored as F32 in the file, so nothing is lost there).
 * **Per recipe** (the *lowbit per recipe* table): GPTQ and AWQ run the sequential pipeline (each block
-  calibrated on the outputs of the blocks already quantized), unlike the budget rows' per-weight GPTQ. The Q5_K_M
-  files (lowbit's too) read worse than the Q4_K_M ones: the 576-column tensors fall back to q5_1 there, a grid
-  the source's Q4_1 levels alias on (see the first note); GPTQ/AWQ shrink that loss but do not remove it. Cells
-  *not built*: an AWQ build took 28-45 minutes and a GPTQ build 12-15 minutes on the shared machine (the issue's
-  deadline left no time for AWQ onto Q5_K_M/Q4_K_S/Q6_K or GPTQ onto Q6_K; same commands).
+  calibrated on the outputs of the blocks already quantized), unlike the budget rows' per-weight GPTQ. llama.cpp's
+  Q5_K_M reads worse than its Q4_K_M (the q5_1 fallback of the 576-column tensors, a grid the source's Q4_1
+  levels alias on; see the first note); so does lowbit's GPTQ onto Q5_K_M against GPTQ onto Q4_K_M, but not
+  lowbit's AWQ (its input scales change the weights before the rounding). Cells *not built*: an AWQ build
+  took 16-45 minutes and a GPTQ build 6-15 minutes on the shared machine; the deadline left no time for AWQ
+  onto Q4_K_S/Q6_K (same commands). The `lowbit RTN (fp32 model)` row equals llama.cpp's to 0.01: the F16
+  rounding of llama.cpp's input changes 210 tensors' bytes but not the perplexity.
 * Plans use llama.cpp's tensor bytes as the budget (the metadata is the same), so every lowbit file is
   within 0.1 MB of (and never above) the llama.cpp file it is compared with.
 
