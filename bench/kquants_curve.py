@@ -191,7 +191,7 @@ NOTES = """## Notes
   lowbit's AWQ (its input scales change the weights before the rounding). At Q6_K (Q8_0 on every 576-column
   tensor, nearly lossless) GPTQ reads 29.93 on WikiText-2 against llama.cpp's 29.91 (a tie within the
   evaluation's noise; lower on Shakespeare). Cells *not built*: an AWQ build took 16-45 minutes and a GPTQ
-  build 1.5-15 minutes on the shared machine; the deadline left no time for the missing AWQ files (same commands). The `lowbit RTN (fp32 model)` row equals llama.cpp's to 0.01: the F16
+  build 1.5-15 minutes on the shared machine; the deadline left no time for AWQ onto Q6_K (same command). The `lowbit RTN (fp32 model)` row equals llama.cpp's to 0.01: the F16
   rounding of llama.cpp's input changes 210 tensors' bytes but not the perplexity.
 * Plans use llama.cpp's tensor bytes as the budget (the metadata is the same), so every lowbit file is
   within 0.1 MB of (and never above) the llama.cpp file it is compared with.
