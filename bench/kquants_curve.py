@@ -168,6 +168,31 @@ NOTES = """## Notes
   measured here).
 * Sensitivities are RTN's (`tr(E H E^T)` of llama.cpp's rounding to each type); `sensitivities(method="gptq")`
   scores GPTQ's errors instead (10x the solves; not run here).
+* **3.5 and 4.0 bits per weight are infeasible on SmolLM2-135M** (the issue's curve from 3.5 bits): the
+  smallest file any plan can reach is 69.4 MB of quantized tensors = 4.13 bits per weight, because K types
+  (Q2_K 2.625, Q3_K 3.44 bits) fit only the 1,536-column `ffn_down` (26.5 M of the 134.5 M quantized
+  weights); the 576-column tensors (the other Linears, 79.6 M, and the tied embedding, 28.3 M) have no type
+  below Q4_0 (4.5 bits) once Q4_1 (5.0 bits, lossless here) is left out: 26,542,080 x 2.625 + (79,626,240 +
+  28,311,552) x 4.5 bits = 69,424,128 bytes. `budget_plan` refuses a 3.5 or 4.0 bits budget with that
+  minimum; the curve therefore starts at 4.5 bits (77.6 MB; *Other lowbit files*). On a model whose widths
+  are multiples of 256 the K types reach 2.6 bits.
+* **AWQ onto a recipe** (`lowbit.algorithms.awq.awq_search(gguf_type=...)`): one input-scale search per group
+  of Linears sharing an input (the scale `s = mean|x|^alpha`, alpha on 20 points), every candidate scored by
+  `tr(E H E^T)` of the exact round trip onto each Linear's own recipe type (for K types llama.cpp's
+  reference quantization of `W diag(s)`, the 6-bit sub-block scales/mins and fp16 super-block scales
+  included); then a clip search (per row and super-block, the sub-block range shrink with the smallest
+  error, kept only where the Linear's exact error drops). alpha = 0 without clipping is llama.cpp's own
+  rounding, so the search never ends above RTN's layer-output error; the scales fold into the preceding
+  norm or Linear (RMSNorm weights are stored as F32 in the file, so nothing is lost there).
+* **Per recipe** (the *lowbit per recipe* table): GPTQ and AWQ run the sequential pipeline (each block
+  calibrated on the outputs of the blocks already quantized), unlike the budget rows' per-weight GPTQ. llama.cpp's
+  Q5_K_M reads worse than its Q4_K_M (the q5_1 fallback of the 576-column tensors, a grid the source's Q4_1
+  levels alias on; see the first note); so does lowbit's GPTQ onto Q5_K_M against GPTQ onto Q4_K_M, but not
+  lowbit's AWQ (its input scales change the weights before the rounding). At Q6_K (Q8_0 on every 576-column
+  tensor, nearly lossless) GPTQ reads 29.93 on WikiText-2 against llama.cpp's 29.91 (a tie within the
+  evaluation's noise; lower on Shakespeare). Cells *not built*: an AWQ build took 16-45 minutes and a GPTQ
+  build 1.5-15 minutes on the shared machine; the deadline left no time for AWQ onto Q6_K (same command). The `lowbit RTN (fp32 model)` row equals llama.cpp's to 0.01: the F16
+  rounding of llama.cpp's input changes 210 tensors' bytes but not the perplexity.
 * Plans use llama.cpp's tensor bytes as the budget (the metadata is the same), so every lowbit file is
   within 0.1 MB of (and never above) the llama.cpp file it is compared with.
 
@@ -180,6 +205,12 @@ python bench/kquants_curve.py --stage tokens      # (the evaluation windows, v2/
 python bench/kquants_curve.py --stage sens        # Hessians (16 x 512 WikiText valid) + RTN sensitivities
 python bench/kquants_curve.py --stage files --targets Q3_K_M,Q3_K_S,Q6_K,Q4_K_S,Q3_K_L,Q4_K_M,Q5_K_S,Q5_K_M
 python bench/kquants_llama.py queue --queue v2/queue.txt --tokens v2/tokens.npz --log v2/ppl.jsonl --workdir /work/kq-bench
+# lowbit per recipe (bench/kquants_curve.py's recipe table): for R in Q4_K_M Q3_K_M Q5_K_M Q4_K_S Q6_K, M in gptq awq
+lowbit quantize --model default --method M --format gguf --gguf-type R --calib-dataset wikitext-2/valid.txt \\
+    --n-samples 16 --calib-seq-len 512 --seed 0 --output OUT     # -> lowbit-M-R.gguf
+lowbit quantize --model /work/kq-bench/lowbit-F16.gguf --method rtn --format gguf --gguf-type R --output OUT
+    # -> compared tensor by tensor with llamacpp-R.gguf (v3/identity-R.json)
+python bench/kquants_llama.py queue --queue v3/queue.txt --tokens v2/tokens.npz --log v2/ppl.jsonl --workdir /work/kq-bench
 python bench/kquants_curve.py --stage report
 ```
 (run from the repository root with `PYTHONPATH=$PWD`, the llama.cpp commands in the environment holding
@@ -217,6 +248,76 @@ def _cell(r: dict, t: str) -> str:
     return f"{v:.2f}" if src == "here" else f"{v:.2f} ({src})"
 
 
+RECIPES = ["Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
+METHODS = ("rtn", "gptq", "awq")
+
+
+def _is_recipe_file(stem: str) -> bool:
+    """``lowbit-<method>-<recipe>``: lowbit's file for one of llama.cpp's recipes (same per-tensor types)."""
+    parts = stem.split("-", 2)
+    return len(parts) == 3 and parts[0] == "lowbit" and parts[1] in METHODS and parts[2] in RECIPES
+
+
+def recipe_table(work: Path, ppl: dict, size: dict) -> list:
+    """Lines of the *lowbit per recipe* section: RTN / GPTQ / AWQ onto each recipe's per-tensor types."""
+    v3 = work / "v3"
+    lines = ["", "## lowbit per recipe: RTN, GPTQ and AWQ onto llama.cpp's per-tensor types", "",
+             "`lowbit quantize --model default --method rtn|gptq|awq --format gguf --gguf-type <recipe>` (GPTQ/AWQ "
+             "calibrated on the same 16 x 512 WikiText-2 `valid.txt` tokens as the budget rows: `--calib-dataset "
+             "wikitext-2/valid.txt --n-samples 16 --calib-seq-len 512 --seed 0`; sequential pipeline, defaults "
+             "otherwise). The files have exactly llama.cpp's per-tensor types (fallbacks included: on SmolLM2 only "
+             "the 1,536-column `ffn_down` is K-quantized, every 576-column tensor takes the recipe's 32-block "
+             "fallback, e.g. Q4_K -> Q5_0, Q6_K -> Q8_0) and its size (+256 bytes of metadata). "
+             "**RTN** is llama.cpp's reference rounding: built by the CLI from the same F16 GGUF llama.cpp "
+             "quantized, every tensor is byte-identical with llama.cpp's file (column *RTN = llama.cpp*; its "
+             "perplexities are llama.cpp's row, not re-evaluated). Checked through the CLI (`lowbit quantize --model "
+             "lowbit-F16.gguf --method rtn --format gguf --gguf-type <recipe>`, `v3/identity-<recipe>.json`) where "
+             "the count has no suffix; *(tensor level)*: every tensor of llama.cpp's file re-quantized by lowbit "
+             "with that tensor's type (`file_identity.json`), the recipe's per-tensor types being llama.cpp's "
+             "(`tests/test_kquants*.py`). `lowbit-rtn-<recipe>` built from the fp32 model differs from llama.cpp's "
+             "file only by the F16 rounding of llama.cpp's input (its Linear tensors are therefore not identical).", "",
+             "| recipe | MB | method | tensors byte-identical with llama.cpp's file | WikiText-2 | Shakespeare |",
+             "|---|---:|---|---:|---:|---:|"]
+    for r in RECIPES:
+        ls = f"llamacpp-{r}"
+        if ls not in size:
+            continue
+        lr = ppl.get(ls, {})
+        idn = v3 / f"identity-{r}.json"
+        old_ident = json.loads((work / "file_identity.json").read_text()).get(r) if (work / "file_identity.json").exists() else None
+        if idn.exists():
+            d = json.loads(idn.read_text())
+            ident = f"{d['byte_identical']} / {d['tensors']}"
+        elif old_ident:
+            ident = f"{old_ident['byte_identical']} / {old_ident['tensors']} (tensor level)"
+        else:
+            ident = "not compared"
+        same = idn.exists() or bool(old_ident and old_ident["byte_identical"] == old_ident["tensors"])
+        lines.append(f"| {r} | {size[ls] / 1e6:.1f} | llama.cpp | (itself) | {_cell(lr, 'wikitext2')} | "
+                     f"{_cell(lr, 'shakespeare')} |")
+        lines.append(f"| {r} | {size[ls] / 1e6:.1f} | lowbit RTN = llama.cpp (CLI on the F16 GGUF) | {ident} | "
+                     f"{_cell(lr, 'wikitext2') if same else '-'} | "
+                     f"{_cell(lr, 'shakespeare') if same else '-'} |")
+        for m in METHODS:
+            k = f"lowbit-{m}-{r}"
+            if k not in size:
+                if m != "rtn":
+                    lines.append(f"| {r} | | lowbit {m.upper()} | | not built | not built |")
+                continue
+            b = ppl.get(k, {})
+            best = [t for t in TEXTS if t in b and t in lr and b[t][0] < lr[t][0]]
+            cells = [f"**{_cell(b, t)}**" if t in best else _cell(b, t) for t in TEXTS]
+            idf = v3 / f"identity-fp32-{r}.json"
+            ident = "-"
+            if m == "rtn" and idf.exists():
+                d = json.loads(idf.read_text())
+                ident = f"{d['byte_identical']} / {d['tensors']}"
+            lines.append(f"| {r} | {size[k] / 1e6:.1f} | lowbit {m.upper()}{' (fp32 model)' if m == 'rtn' else ''} | "
+                         f"{ident} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Bold: lower than llama.cpp's own file of that recipe on that text."]
+    return lines
+
+
 def report(work: Path, v2: Path, npar: int) -> None:
     ppl = load_ppl(work, v2)
     res = ROOT / "bench" / "results"
@@ -238,8 +339,9 @@ def report(work: Path, v2: Path, npar: int) -> None:
              "first 8,192 tokens). lowbit's calibration: 16 x 512 tokens of WikiText-2 `valid.txt` (encyclopedic "
              "prose); Shakespeare (verse and dialogue, Early Modern English) shares neither text nor register with "
              "it. MB = 10^6 bytes of the .gguf file; bits/param = file bits / parameters. The machine was a 2-core "
-             "CPU shared by seven jobs (load 9-14): one llama.cpp evaluation (16 x 512 tokens) took ~10 minutes, "
-             "which bounded how many files could be evaluated (cells marked *not run*).", "",
+             "CPU shared by six or seven jobs: one llama.cpp evaluation (16 x 512 tokens, one thread) took 25 s to "
+             "~10 minutes depending on the load, which bounded how many files could be evaluated (cells marked "
+             "*not run*).", "",
              "## llama.cpp's file types (lowbit writes the same bytes)", "",
              "`byte-identical`: every tensor of llama.cpp's file re-quantized by lowbit from the same F16 values "
              "(`bench/kquants_identity.py`, previous run; `-`: not compared). `(issue)`: the issue's figure (same protocol; llama.cpp's "
@@ -287,8 +389,9 @@ def report(work: Path, v2: Path, npar: int) -> None:
                      f"| {typ} | {size[ls] / 1e6:.1f} | not built | {_cell(lr, 'wikitext2')} | - | "
                      f"{_cell(lr, 'shakespeare')} | - | |")
         curve.append((typ, ls, bs))
+    lines += recipe_table(work, ppl, size)
     extra = sorted(k for k in size if k.startswith("lowbit-") and k not in ("lowbit-F16", "lowbit-Q8_0")
-                   and "@" not in k)
+                   and "@" not in k and not _is_recipe_file(k))
     if extra:
         lines += ["", "## Other lowbit files", "", "| file | MB | bits/param | WikiText-2 | Shakespeare |",
                   "|---|---:|---:|---:|---:|"]
@@ -336,6 +439,12 @@ def report(work: Path, v2: Path, npar: int) -> None:
             pts = sorted((bpp(s), ppl[s][t][0]) for s in size if s.startswith("lowbit-budget-gptq") and t in ppl.get(s, {}))
             if pts:
                 ax.plot([p_[0] for p_ in pts], [p_[1] for p_ in pts], "s-", color="C3", label="lowbit budget search (GPTQ)")
+            for m, (mk, col) in {"gptq": ("D", "C1"), "awq": ("v", "C4"), "rtn": ("x", "C7")}.items():
+                pts = sorted((bpp(s), ppl[s][t][0]) for s in size
+                             if s.startswith(f"lowbit-{m}-") and _is_recipe_file(s) and t in ppl.get(s, {}))
+                if pts:
+                    ax.scatter([p_[0] for p_ in pts], [p_[1] for p_ in pts], marker=mk, color=col, zorder=3,
+                               label=f"lowbit {m.upper()} onto llama.cpp's recipe")
             pts = [(bpp(s), ppl[s][t][0], s) for s in extra if t in ppl.get(s, {})]
             for x, y, s_ in pts:
                 ax.scatter([x], [y], marker="^", color="C2")

@@ -314,11 +314,11 @@ def apply_method(model, tok, method: str, options: Optional[Dict[str, Any]] = No
             cfg = entry.make_config(**call)
             return model, time.perf_counter() - t0, {"used": used_override, "config": _cfg_dict(cfg),
                                                      "notes": notes, "requested": _requested(options)}
-        if target in GGUF_K_TARGETS and name != "gptq":
+        if target in GGUF_K_TARGETS and name not in ("gptq", "awq"):
             raise WorkflowError(f"--method {name} with --gguf-type {target}: {name.upper()} onto K-quant grids is not "
-                                f"available; use --method gptq (error-compensated K-quants), --method rtn "
+                                f"available; use --method gptq or awq (error-compensated K-quants), --method rtn "
                                 f"(llama.cpp's reference rounding) or a legacy type (Q4_0 ... Q8_0)")
-        if target in GGUF_K_TARGETS:  # GPTQ onto each linear's type in llama.cpp's per-tensor choice
+        if target in GGUF_K_TARGETS:  # GPTQ / AWQ onto each linear's type in llama.cpp's per-tensor choice
             call["gguf_type"] = gguf_linear_types(model, target)
             notes.extend(override_notes)
             log(f"{name}: optimising for the GGUF {target} per-tensor types "

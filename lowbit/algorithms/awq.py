@@ -26,8 +26,8 @@ Example::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -60,7 +60,8 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
                group_size: int = 128, sym: bool = True, *, n_grid: int = 20, duo_scaling: bool = False,
                clip: bool = True, max_shrink: float = 0.5, clip_grid: int = 20,
                scale_search: bool = True, tie: Optional[torch.Tensor] = None, two_sided: int = 1,
-               joint: bool = False, refine: int = 0, gguf_type: Optional[str] = None) -> AWQResult:
+               joint: bool = False, refine: int = 0,
+               gguf_type: Optional[Union[str, Sequence[str]]] = None) -> AWQResult:
     """Search the per-input-channel scale shared by ``weights`` (``[out_i, in]`` each, one input).
 
     ``H = X^T X / n`` and ``act_absmean = mean |x|`` are statistics of the shared input.
@@ -73,7 +74,14 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
     default 1 measured SmolLM2 int4 g128 asym 30.07 -> 29.42 (``bench/results/ptq.md``).
     ``gguf_type`` (``"Q4_0"`` ... ``"Q8_0"``): search on llama.cpp's exact block grid (blocks of
     32, fp16 ``d``/``m``); the states are then raw GGUF blocks (``bits``/``group_size``/``sym`` are
-    the format's).
+    the format's). K-quants (``"Q2_K"`` ... ``"Q6_K"``; llama.cpp's 32-block fallback type when
+    ``in`` is not a multiple of 256): every candidate ``s`` is scored with llama.cpp's reference
+    K-quant round trip of ``W diag(s)`` (its scale/min search, the 4/6-bit sub-block scales and the
+    fp16 super-block scales included), and the clip search picks, per row and super-block, the
+    sub-block range shrink whose round trip has the smallest output error (the unshrunk one, i.e.
+    llama.cpp's own rounding, is a candidate; the clipped weight is kept only where it lowers the
+    weight's exact output error). A sequence gives one type per weight (linears sharing an input
+    but written with different types, e.g. llama.cpp's recipes giving ``v_proj`` a higher type).
     ``joint``: score every ``alpha`` with the clip search applied (slower, the exact joint optimum
     over the grid) instead of with plain min/max rounding.
     """
@@ -96,38 +104,61 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
         small = small / torch.zeros(n_small, device=dev).index_add_(0, tie, torch.ones_like(x_mean))
         x_mean = small[tie]
     g = columns(K, group_size).group  # validated once; -1: one group per row
+    ktypes: List[Optional[str]] = [None] * len(Ws)  # per weight: its K-quant type, or None (32-block grids)
     if gguf_type is not None:  # the exact llama.cpp block grid
         from lowbit.algorithms.grid import GGUFGrid
+        from lowbit.formats.kquants import is_kquant, kquant_fallback
 
-        if K % 32:
+        types = [gguf_type] * len(Ws) if isinstance(gguf_type, str) else [str(t) for t in gguf_type]
+        if len(types) != len(Ws):
+            raise ValueError(f"gguf_type lists {len(types)} types for {len(Ws)} weights")
+        types = [kquant_fallback(t, K) if is_kquant(t) else t for t in types]
+        if K % 32 or "F16" in types:
             raise ValueError(f"GGUF {gguf_type} blocks need in_features divisible by 32, got {K}")
-        rtn = GGUFGrid(qtype=gguf_type, search="minmax", refine=0)
-        clip_grid_obj = GGUFGrid(qtype=gguf_type, search="mse" if clip else "minmax", n_grid=clip_grid,
-                                 max_shrink=max_shrink, refine=0, two_sided=two_sided if clip else 0)
-        g, bits, sym = 32, rtn.bits, rtn.sym
+        ktypes = [t if is_kquant(t) else None for t in types]
+        rtns = [None if k else GGUFGrid(qtype=t, search="minmax", refine=0) for k, t in zip(ktypes, types)]
+        clips = [None if k else GGUFGrid(qtype=t, search="mse" if clip else "minmax", n_grid=clip_grid,
+                                         max_shrink=max_shrink, refine=0, two_sided=two_sided if clip else 0)
+                 for k, t in zip(ktypes, types)]
+        g = 32
     else:
         rtn = AffineGrid(bits=bits, sym=sym, search="minmax")
         clip_grid_obj = AffineGrid(bits=bits, sym=sym, search="mse" if clip else "minmax", n_grid=clip_grid,
                                    max_shrink=max_shrink, refine=refine if clip else 0,
                                    two_sided=two_sided if clip else 0)
+        rtns, clips = [rtn] * len(Ws), [clip_grid_obj] * len(Ws)
     bounds = columns(K, g).bounds()
 
-    def fitted(s: torch.Tensor, grid_obj: AffineGrid):
-        """Quantize ``W diag(s)`` on ``grid_obj``; the output error in the original units."""
-        S_blocks = None
-        if grid_obj.search != "minmax":  # inputs x / s: H' = H / (s s^T), one block per group
-            Hs = H / (s.unsqueeze(0) * s.unsqueeze(1))
-            S_blocks = [Hs[a:b, a:b] for a, b in bounds]
+    def fitted(s: torch.Tensor, clipped: bool):
+        """Quantize ``W diag(s)`` (the clip search's grids when ``clipped``); the output error in the
+        original units."""
+        grids = clips if clipped else rtns
+        Hs = S_blocks = None
+        if clipped and (any(ktypes) or any(o is not None and o.search != "minmax" for o in grids)):
+            Hs = H / (s.unsqueeze(0) * s.unsqueeze(1))  # inputs x / s: H' = H / (s s^T)
+            S_blocks = [Hs[a:b, a:b] for a, b in bounds]  # one block per group
         total = torch.zeros((), device=dev, dtype=torch.float64)
         out = []
-        for w in Ws:
-            c, sc, z = quantize_groups(w * s, grid_obj, g, S_blocks)
+        for w, grid_obj, kt in zip(Ws, grids, ktypes):
+            if kt is not None:  # llama.cpp's K-quant round trip (sub-block scales/mins quantized as stored)
+                st, ws_hat = _kquant_roundtrip(w * s, kt, Hs if clipped and clip else None, max_shrink, clip_grid)
+                w_hat = ws_hat / s
+                err = _output_error(w - w_hat, H).double()
+                if clipped and clip:  # the clip search's choice, kept only where the weight's exact error drops
+                    st0, ws0 = _kquant_roundtrip(w * s, kt, None, max_shrink, clip_grid)
+                    err0 = _output_error(w - ws0 / s, H).double()
+                    if err0 <= err:
+                        st, w_hat, err = st0, ws0 / s, err0
+                total += err
+                out.append((st, None, None, w_hat))
+                continue
+            c, sc, z = quantize_groups(w * s, grid_obj, g, S_blocks if grid_obj.search != "minmax" else None)
             w_hat = dequantize_groups(c, sc, z, g) / s
             total += _output_error(w - w_hat, H).double()
             out.append((c, sc, z, w_hat))
         return float(total), out
 
-    search_grid = clip_grid_obj if joint else rtn
+    search_clipped = joint
 
     if duo_scaling:
         w_cat = torch.cat(Ws, 0)
@@ -136,23 +167,25 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
             wm = torch.zeros(n_small, device=dev).index_add_(0, tie, w_mean)
             w_mean = (wm / torch.zeros(n_small, device=dev).index_add_(0, tie, torch.ones_like(w_mean)))[tie]
     ones = torch.ones(K, device=dev)
-    losses = [fitted(ones, search_grid)[0]]
+    losses = [fitted(ones, search_clipped)[0]]
     best_alpha, best_s, best_loss = 0.0, ones, losses[0]
     if scale_search:
         for i in range(1, n_grid):
             alpha = i / n_grid
             s = x_mean.pow(alpha) / w_mean.pow(1 - alpha) if duo_scaling else x_mean.pow(alpha)
             s = (s / (s.max() * s.min()).sqrt()).clamp_min(1e-4)
-            loss = fitted(s, search_grid)[0]
+            loss = fitted(s, search_clipped)[0]
             losses.append(loss)
             if loss < best_loss:
                 best_alpha, best_s, best_loss = alpha, s, loss
     s = best_s
 
     # clip search on W diag(s) with the chosen scales
-    total, out = fitted(s, clip_grid_obj)
+    total, out = fitted(s, True)
     if gguf_type is not None:
-        states = [clip_grid_obj.gguf_state(c, sc, z, dtype=weights[0].dtype) for c, sc, z, _ in out]
+        dt = weights[0].dtype
+        states = [replace(c, dtype=dt) if kt is not None else grid_obj.gguf_state(c, sc, z, dtype=dt)
+                  for (c, sc, z, _), grid_obj, kt in zip(out, clips, ktypes)]
     else:
         states = [to_state(c, sc, z, bits, g, sym, dtype=weights[0].dtype) for c, sc, z, _ in out]
     eff = [w_hat for _, _, _, w_hat in out]
@@ -161,6 +194,60 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
         tied = torch.ones(n_small, device=dev).index_copy_(0, tie, s)
     return AWQResult(input_scales=s, states=states, alpha=best_alpha, losses=losses, loss=float(total),
                      effective_weights=eff, tied_scales=tied)
+
+
+def _kquant_roundtrip(x: torch.Tensor, qtype: str, Hs: Optional[torch.Tensor], max_shrink: float, clip_grid: int):
+    """``(QuantState, values)`` of ``x [R, K]`` (K % 256 == 0) on the K-quant grid ``qtype``.
+
+    ``Hs`` None: llama.cpp's reference quantization (byte-identical with ``llama-quantize``). Else the clip
+    search: candidates shrink every sub-block's range ``[min(x, 0), max(x, 0)]`` by ``1 - max_shrink * i /
+    clip_grid`` before llama.cpp's scale/min search, the codes are then the nearest ones on the stored grid
+    for the unclipped values, and every (row, super-block) keeps the candidate with the smallest
+    ``e Hs_b e^T`` (``Hs_b`` the super-block's diagonal block of the input Hessian in ``x``'s units).
+    """
+    from lowbit.algorithms.grid import KQuantGrid
+    from lowbit.formats import kquants as kq
+    from lowbit.tensor.state import QuantState
+
+    t = kq.kquant_type(qtype)
+    dev = x.device
+    xc = x.detach().float().cpu()
+    R, K = xc.shape
+    codes, p = kq.quantize_params(xc, t)
+    if Hs is not None and clip_grid > 1:
+        nsb = K // kq.QK_K
+        Hb = torch.stack([Hs[a:a + kq.QK_K, a:a + kq.QK_K] for a in range(0, K, kq.QK_K)]).float().cpu()
+
+        def sb_loss(vals):
+            e = (xc - vals).reshape(R, nsb, kq.QK_K)
+            return torch.einsum("rbi,bij,rbj->rb", e, Hb, e)
+
+        best = sb_loss(kq.decode_codes(codes, p, t))
+        grid = KQuantGrid(t.name)
+        xs = xc.reshape(R, K // t.sub, t.sub)
+        lo, hi = xs.amin(-1, keepdim=True).clamp_max(0), xs.amax(-1, keepdim=True).clamp_min(0)
+        for i in range(1, clip_grid):
+            f = 1.0 - max_shrink * i / clip_grid
+            xcl = torch.minimum(torch.maximum(xs, lo * f), hi * f).reshape(R, K)
+            _, pc = kq.quantize_params(xcl, t)
+            step, off = kq.subblock_scale_min(pc, t)
+            step = step.repeat_interleave(t.sub, 1)
+            off = None if off is None else off.repeat_interleave(t.sub, 1)
+            cc = grid.quantize_column(xc, step, off).to(torch.uint8)
+            loss = sb_loss(kq.decode_codes(cc, pc, t))
+            better = loss < best
+            if not bool(better.any()):
+                continue
+            best = torch.where(better, loss, best)
+            codes = torch.where(better.repeat_interleave(kq.QK_K, 1), cc, codes)
+            per_sub = better.repeat_interleave(t.n_sub, 1)
+            p = kq.KParams(torch.where(better, pc.d, p.d),
+                           None if p.dmin is None else torch.where(better, pc.dmin, p.dmin),
+                           torch.where(per_sub, pc.sc, p.sc), None if p.m is None else torch.where(per_sub, pc.m, p.m))
+    raw = kq.pack_kblocks(codes, p, t)
+    st = QuantState(scheme=t.name.lower(), bits=t.bits, shape=(R, K), dtype=x.dtype, layout="gguf",
+                    block_size=kq.QK_K, data=raw.to(dev))
+    return st, kq.dequantize_rows(raw, t).to(dev)
 
 
 def _weight_group_mean(w: torch.Tensor, g: int) -> torch.Tensor:

@@ -451,22 +451,39 @@ def scale_rows(raw: torch.Tensor, qtype: Union[str, GGUFType], factor: torch.Ten
 
     The codes are kept; ``d``/``m`` are re-rounded to fp16 as stored (so the result is what a file
     holds, not exactly ``W / factor``). Used to fold AWQ's input scales into an upstream GGUF linear.
+    K-quant types (``"q4_k"`` ...): every super-block's fp16 ``d`` (and ``dmin``) divided, the 4/6-bit
+    sub-block scale integers and the codes kept.
 
     Example:
         >>> raw = quantize_rows(torch.randn(2, 32), "q4_0")
         >>> torch.equal(scale_rows(raw, "q4_0", torch.ones(2)), raw)
         True
     """
+    from lowbit.formats.kquants import is_kquant
+
+    if is_kquant(qtype):  # K-quant super-blocks: their fp16 d (and dmin); sub-block integers kept
+        from lowbit.formats.kquants import KParams, pack_kblocks, unpack_kblocks
+
+        codes, p = unpack_kblocks(raw, qtype)
+        f = _row_factor(factor, raw, codes.shape[0])
+        return pack_kblocks(codes, KParams((p.d.float() / f).half(),
+                                           None if p.dmin is None else (p.dmin.float() / f).half(), p.sc, p.m),
+                            qtype)
     t = gguf_type(qtype)
     codes, d, m = unpack_blocks(raw, t)
-    f = factor.to(device=raw.device, dtype=torch.float32).reshape(-1, 1)
-    if f.shape[0] != codes.shape[0]:
-        raise ValueError(f"factor has {f.shape[0]} entries, the blocks have {codes.shape[0]} rows")
-    if not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
-        raise ValueError("factor must be finite and positive")
+    f = _row_factor(factor, raw, codes.shape[0])
     d = (d.float() / f).half()
     m = None if m is None else (m.float() / f).half()
     return pack_blocks(codes, d, m, t)
+
+
+def _row_factor(factor: torch.Tensor, raw: torch.Tensor, rows: int) -> torch.Tensor:
+    f = factor.to(device=raw.device, dtype=torch.float32).reshape(-1, 1)
+    if f.shape[0] != rows:
+        raise ValueError(f"factor has {f.shape[0]} entries, the blocks have {rows} rows")
+    if not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
+        raise ValueError("factor must be finite and positive")
+    return f
 
 
 def quantize_rows(x: torch.Tensor, qtype: str) -> torch.Tensor:

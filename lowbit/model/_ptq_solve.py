@@ -152,10 +152,10 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
 
 
 def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
-    types = {str(_layer_opts(opts, n).get("gguf_type")) for n in stage.names}
-    if len(types) > 1:  # one scale search per stage: its linears share one grid
-        raise ValueError(f"AWQ: the linears {stage.names} share an input-scale search but map to GGUF types {types}")
+    types = [_layer_opts(opts, n).get("gguf_type") for n in stage.names]
     opts = dict(_layer_opts(opts, stage.names[0]))
+    if len(set(types)) > 1:  # one scale search, each linear scored and written on its own GGUF type
+        opts["gguf_type"] = types
     if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
         stage.fold, stage.tie = None, None
     H = stage.stats.hessian().float()
