@@ -27,6 +27,17 @@ def _sharded(tmp_path, n_layers=3):
     return model, src
 
 
+def _assert_same_checkpoints(ref_dir, out_dir, ids):
+    """The two saved checkpoints load to the same tensors and the same logits on ``ids``."""
+    a, b = lowbit.load(ref_dir), lowbit.load(out_dir)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not bad, bad[:5]
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("method,kw", [("gptq", dict(micro_batch=3)), ("awq", dict(micro_batch=2, max_memory=0)),
                                        ("rtn", {})])
 def test_streamed_equals_whole_model_run(tmp_path, method, kw):
@@ -39,15 +50,9 @@ def test_streamed_equals_whole_model_run(tmp_path, method, kw):
     with NativeStreamWriter(tmp_path / "out") as sink:
         summary = quantize_streaming(str(src), sink, method=method, bits=4, group_size=32, sym=False,
                                      progress=False, **calib, **kw)
-    a, b = lowbit.load(tmp_path / "ref"), lowbit.load(tmp_path / "out")
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not bad, bad[:5]
+    _assert_same_checkpoints(tmp_path / "ref", tmp_path / "out", ids)
     assert summary["n_layers"] == ref.ptq_summary["n_layers"] == 21
     assert summary["bits_per_weight"] == ref.ptq_summary["bits_per_weight"]
-    with torch.no_grad():
-        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
     # one block at a time: the largest block read is one block's bytes, every tensor read once
     reader = ShardReader(str(src))
     one_block = sum(reader.nbytes(n) for n in reader.names() if n.startswith("model.layers.0."))
