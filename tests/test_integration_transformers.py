@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.23")  # the `hf` extra's floor
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import lowbit  # noqa: E402

@@ -46,7 +46,9 @@ from torch import nn
 
 from lowbit._deps import require
 
-require("transformers", "the transformers integration (LowbitConfig)")
+# 5.23: the oldest release the save/reload round trip is tested with (5.17's loader does not re-apply the
+# quantizer on reload and hands the stored uint8 codes to ``quantize``); the ``hf`` extra has the same floor
+require("transformers", "the transformers integration (LowbitConfig)", min_version="5.23")
 
 from transformers.core_model_loading import ConversionOps  # noqa: E402
 from transformers.quantizers import auto as _hf_auto  # noqa: E402
