@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Run every `cuda`-marked test on a lent multi-GPU machine, test files spread over the GPUs
-# (one pytest process per GPU), logs to $OUT. Usage: bash bench/cuda_tests.sh [timeout_s]
+# (one pytest process per GPU), logs to $OUT (`-v`: one line per test as it ends, so a run cut by its
+# time limit still shows every result it reached). Usage: bash bench/cuda_tests.sh [timeout_s]
+# WHL_DIR=<dir of wheels>: installed with --no-deps into a private site dir first (the device image lacks
+# gguf / compressed-tensors and has an older transformers than the one the project pins).
 set -u
 T=${1:-280}
 OUT=${OUT:-/tmp/cuda-tests-out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if [ -n "${WHL_DIR:-}" ]; then
+  python3 -m pip install -q --no-deps --no-index --target /tmp/lowbit-site "$WHL_DIR"/*.whl > "$OUT/wheels.log" 2>&1 \
+    || { echo "wheel install failed"; tail -5 "$OUT/wheels.log"; }
+  export PYTHONPATH="/tmp/lowbit-site${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
+fi
 NG=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
 mapfile -t FILES < <(grep -l "cuda" tests/test_*.py | sort)
 # largest files first, dealt round robin so the processes end together
@@ -13,8 +22,8 @@ mapfile -t FILES < <(for f in "${FILES[@]}"; do echo "$(wc -c < "$f") $f"; done 
 for ((g = 0; g < NG; g++)); do
   part=()
   for ((i = g; i < ${#FILES[@]}; i += NG)); do part+=("${FILES[$i]}"); done
-  CUDA_VISIBLE_DEVICES=$g timeout "$T" python3 -m pytest -q -m cuda -rfEs -p no:cacheprovider \
+  CUDA_VISIBLE_DEVICES=$g timeout "$T" python3 -m pytest -v -m cuda -rfEs -p no:cacheprovider \
     "${part[@]}" > "$OUT/cuda_tests_gpu$g.log" 2>&1 &
 done
 wait
-for ((g = 0; g < NG; g++)); do echo "== GPU $g"; tail -n 25 "$OUT/cuda_tests_gpu$g.log"; done
+for ((g = 0; g < NG; g++)); do echo "== GPU $g"; grep -cE " PASSED| FAILED| SKIPPED| ERROR" "$OUT/cuda_tests_gpu$g.log"; grep -E " FAILED| ERROR" "$OUT/cuda_tests_gpu$g.log" | head; tail -n 3 "$OUT/cuda_tests_gpu$g.log"; done
