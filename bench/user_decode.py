@@ -422,7 +422,9 @@ def main(argv=None) -> int:
                 row["build_s"] = time.perf_counter() - t
                 row["weight_gb"] = torch.cuda.memory_allocated() / 1e9 if DEV == "cuda" else 0.0
                 dec, pre, peak, etoks = measure(model, prompt, prefill_ids, args.reps, args.new)
-                row.update(decode=dec, prefill_ms=pre, peak_gb=peak)
+                gc.collect()
+                row.update(decode=dec, prefill_ms=pre, peak_gb=peak,
+                           resident_gb=torch.cuda.memory_allocated() / 1e9 if DEV == "cuda" else 0.0)
                 print(f"{name}: decode {dec:.1f} tok/s, prefill {pre:.1f} ms, weights {row['weight_gb']:.2f} GB, "
                       f"peak {peak:.2f} GB", flush=True)
                 if name in graph and time.perf_counter() - t_start <= args.time_budget:
@@ -481,6 +483,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def _gb(v) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) else "—"
+
+
 def write(rows, info, out: Path) -> None:
     base = next((r for r in rows if r["variant"] == "bf16" and "decode" in r), None)
     lines = [
@@ -506,9 +512,9 @@ def write(rows, info, out: Path) -> None:
         lines += [f"Kernel configs: {info['mm_configs']}", ""]
     lines += [
         "| variant | decode tok/s (eager) | × bf16 | decode tok/s (CUDA graph) | × bf16 graph | tokens = eager | "
-        "decode tok/s (compiled) | × bf16 compiled | prefill 512 ms | × bf16 prefill | weights GB | peak GB (eager) | "
-        "peak GB (graph) | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "decode tok/s (compiled) | × bf16 compiled | prefill 512 ms | × bf16 prefill | weights GB | "
+        "resident GB after generate | peak GB (eager) | peak GB (graph) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(r, key):
@@ -516,7 +522,7 @@ def write(rows, info, out: Path) -> None:
 
     for r in rows:
         if "decode" not in r:
-            lines.append(f"| {r['variant']} | — | — | — | — | — | — | — | — | — | — | — | — | {r.get('error', '')} |")
+            lines.append(f"| {r['variant']} | — | — | — | — | — | — | — | — | — | — | — | — | — | {r.get('error', '')} |")
             continue
         g = f"{r['decode_graph']:.1f}" if "decode_graph" in r else "—"
         agree = f"{r['graph_agree']}/{r['graph_tokens']}" if "graph_agree" in r else "—"
@@ -526,7 +532,7 @@ def write(rows, info, out: Path) -> None:
         note = " ".join(x for x in (r.get("graph_error", ""), r.get("compiled_error", "")) if x)
         lines.append(f"| {r['variant']} | {r['decode']:.1f} | {ratio(r, 'decode')} | {g} | {ratio(r, 'decode_graph')} | "
                      f"{agree} | {c} | {ratio(r, 'decode_compiled')} | {pre} | {ratio(r, 'prefill_ms')} | "
-                     f"{r['weight_gb']:.2f} | {r['peak_gb']:.2f} | {pg} | {note} |")
+                     f"{r['weight_gb']:.2f} | {_gb(r.get('resident_gb'))} | {r['peak_gb']:.2f} | {pg} | {note} |")
     parts = [r for r in rows if r.get("prefill_parts")]
     if parts:
         lines += ["", "## Prefill 512: where the linear time goes (decoder layer 0, one call per projection, "

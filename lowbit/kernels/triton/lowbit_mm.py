@@ -73,11 +73,17 @@ def _pair_table(words, B: tl.constexpr, t_ptr):
 
 
 @triton.jit
-def _lane_values(t_ptr, like):
-    # per element of ``like``: table[laneid % 16] as float32 bits (int32): the source register of _shfl_lookup.
-    # Every element a thread holds carries its own lane's entry, so a warp holds the whole 16-entry table twice.
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
-    return tl.load(t_ptr + (lane & 15)).to(tl.int32, bitcast=True)
+def _lane_values(t_ptr, BN: tl.constexpr, BKW: tl.constexpr):
+    # per element of a [BN, BKW] tile: table[laneid % 16] as float32 bits (int32), the source register of
+    # _shfl_lookup; every element a thread holds carries its own lane's entry, so a warp holds the table twice.
+    # Built only from the lane id and 16 uniform scalars (no tensor load): the compiler can rematerialize it in the
+    # layout of the codes it meets instead of moving it between threads (which would break the lane invariant).
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros((BN, BKW), tl.int32)],
+                                     dtype=tl.int32, is_pure=True, pack=1) & 15
+    tv = tl.zeros((BN, BKW), tl.float32)
+    for i in tl.static_range(16):
+        tv = tl.where(lane == i, tl.load(t_ptr + i), tv)
+    return tv.to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -247,7 +253,7 @@ def _gemvg_kernel(
     acc2 = tl.zeros((BN, BKW), tl.float32)
     acc3 = tl.zeros((BN, BKW), tl.float32)
     if SHFL:  # the codebook in registers: element e of a thread holds table[laneid % 16] (loaded once)
-        tv = _lane_values(t_ptr, tl.load(wrow + kw_lo))
+        tv = _lane_values(t_ptr, BN, BKW)
     if PF:  # register prefetch: the next step's words / scales / zeros are loaded before this step's math
         words_n = tl.load(wrow + kw_lo)
         g0 = (kw_lo * PER) // G
@@ -499,6 +505,14 @@ class Plan:
         self.tsc = False  # scales / zeros read from a transposed [K / G, N] copy (else the state's [N, K / G])
 
 
+def shuffle_supported() -> bool:
+    """Whether the warp-shuffle codebook lookup (inline PTX) can run: NVIDIA GPUs, not Triton's CPU interpreter
+    (``TRITON_INTERPRET=1``) nor ROCm; elsewhere "s" configs read the 16-entry table from memory instead."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and not getattr(torch.version, "hip", None)
+
+
 def is_gemvg(name: str) -> bool:
     """Whether ``name`` is a group-step GEMV config name: "gemvg" + any of the suffix letters p, s, f, t."""
     return name.startswith("gemvg") and set(name[5:]) <= set("psft") and not ("p" in name[5:] and "s" in name[5:])
@@ -517,6 +531,8 @@ def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
         pair, pf, shfl, tsc = "p" in suffix, "f" in suffix, "s" in suffix, "t" in suffix
         if (pair or shfl) and (kind != 0 or bits != 4):
             raise ValueError(f"{config[0]} reads a 4-bit codebook; got bits={bits}, kind={kind}")
+        if shfl and not shuffle_supported():  # the same config reading the table from memory (same results)
+            shfl = False
         config = ("gemvg",) + tuple(config[1:])
     if config[0] in ("gemv", "gemvg"):
         _, BN, BKW, split_k, warps, stages = config
