@@ -198,6 +198,8 @@ def sweep(res, t0, budget):
                         cands = [(nm, 128, 16, sk, 4, st) for nm in ("gemvgf", "gemvgft") for sk in (4, 8, 16)
                                  for st in (2, 3)]
                         cands += [("gemvg", 128, 16, 8, 4, 2), ("gemvgf", 64, 16, 8, 4, 2), ("gemvgf", 256, 16, 8, 8, 2)]
+                        cands += [("gemvgsf", bn, bkw, sk, 4 if bn <= 128 else 8, 2) for bn in (128, 256)
+                                  for bkw in (16, 8) for sk in (4, 8, 16)]  # exact code values by shuffles
                     elif M == 1:
                         cands = [committed, ("gemvgf", 128, 8, 8, 4, 2), ("gemvg", 128, 16, 8, 4, 2)]
                     else:
@@ -265,8 +267,9 @@ def sweep(res, t0, budget):
                             def call(q, plan=plan):
                                 if plan.tr:
                                     s_, z_ = (q.sT, q.zT) if plan.tsc else (q.scales, q.zeros)
-                                    return lm.run_plan(plan, x, q.words, s_, z_, q.table2 if plan.pair else q.table,
-                                                       None, N, K, K // q.group, 32 // q.bits)
+                                    t_ = q.table2 if plan.pair else (q.table if q.table is not None else q.itable)
+                                    return lm.run_plan(plan, x, q.words, s_, z_, t_, None, N, K, K // q.group,
+                                                       32 // q.bits)
                                 return lm.run_plan(plan, x, q.words, q.scales, q.zeros, q.table2, None, N, K,
                                                    K // q.group, 32 // q.bits)
                         e = rel(call(p), ref)

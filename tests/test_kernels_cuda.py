@@ -403,3 +403,41 @@ def test_dense_linear_row_blocks_cuda(monkeypatch):
         for t in (y, y0):
             assert ((t.double() - r).norm() / r.norm()).item() < 1e-2, scheme
         torch.testing.assert_close(y, y0, rtol=1.6e-2, atol=1e-3)
+
+
+_INT4_SHFL = [("int4", dict(group_size=32)), ("int4", dict(group_size=128)), ("int4_asym", dict(group_size=64)),
+              ("int4_asym", dict(group_size=128)), ("q4_0", {}), ("q4_1", {})]
+
+
+@pytest.mark.parametrize("scheme,kw", _INT4_SHFL, ids=[f"{s}-{k}" for s, k in _INT4_SHFL])
+def test_shuffle_table_gemv_integer_codes(scheme, kw, monkeypatch):
+    """Integer 4-bit codes through the shuffle-table GEMV ("gemvgsf": exact code values q - 8 / q from registers,
+    ``s (sum q x - z sum x)`` per group) against float64 math on the dequantized weight, eagerly and in a graph."""
+    from lowbit.kernels import linear as L
+    from lowbit.kernels import triton_configs as TC
+    from lowbit.tensor.functional import quantize_tensor
+
+    torch.manual_seed(10)
+    st = quantize_tensor(torch.randn(200, 1024, device="cuda") * 0.02, scheme, **kw)
+    p = L.prepare_linear(st)
+    assert p.kind != 0 and p.itable is not None
+    ref = L.dequantize_state(st).double()
+    for M, cfg in ((1, ("gemvgsf", 128, 8, 4, 4, 2)), (3, ("gemvgs", 64, 4, 2, 4, 2)), (4, ("gemvgsf", 256, 4, 8, 8, 2)),
+                   (1, ("gemvgsft", 128, 4, 1, 4, 3))):
+        monkeypatch.setitem(TC.TUNED_MM, (4, "int"), [(4, 1 << 30, 1 << 30, cfg)])
+        p.plans.clear()
+        for dt in (torch.bfloat16, torch.float16):
+            x = torch.randn(M, 1024, device="cuda").to(dt)
+            b = (torch.randn(200, device="cuda") * 0.1).to(dt) if M % 2 else None
+            r = x.double() @ ref.T + (b.double() if b is not None else 0)
+            tol = 1e-2 if dt == torch.bfloat16 else 2e-3
+            for _ in range(3):
+                y = L.prepared_linear(x, p, b)
+                assert ((y.double() - r).norm() / r.norm()).item() < tol, f"{cfg} M={M} {dt}"
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                yg = L.prepared_linear(x, p, b)
+            yg.zero_()
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(yg, y), f"graph {cfg} M={M} {dt}"

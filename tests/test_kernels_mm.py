@@ -111,6 +111,7 @@ def test_v2_kernels_in_triton_interpreter(scheme, kw, monkeypatch):
             cfgs.append(("gemvgft", 32, 4, 1, 4, 1))
         if M <= 4 and p.kind == 0:
             cfgs.append(("gemvgp", 32, 8, 2, 4, 1))  # the byte-pair table in the group-step GEMV
+        if M <= 4 and p.bits == 4 and p.kind == 0:
             cfgs.append(("gemvgsf", 32, 8, 2, 4, 1))  # shuffle config (reads the table in the interpreter)
             cfgs.append(("gemvgpf", 32, 8, 1, 4, 1))
         if M > 4 and p.p4 is not None and p.kind != 3:
@@ -179,6 +180,9 @@ def test_prepared_layout_shares_the_state_tensors(scheme, kw):
         assert p.p4.zeros.data_ptr() == st.zeros.data_ptr() and p.p4.zeros_u8.data_ptr() == st.zeros.data_ptr()
     assert p.p4.scales.data_ptr() == st.scales.data_ptr()
     assert p.sT is None and p.zT is None
+    if p.kind != 0:  # the exact code values of the integer shuffle GEMV (kind 1: q - 8; kind 2: q)
+        q = torch.arange(16, dtype=torch.float32)
+        assert torch.equal(p.itable, q - 8 if p.kind == 1 else q)
     p.transposed()
     assert torch.equal(p.sT, st.scales.reshape(64, -1).t())
     if st.zeros is not None:
@@ -199,8 +203,12 @@ def test_make_plan_config_names():
         assert (c["PAIRT"], c["PF"], c["SHFL"], plan.tsc) == flags, name
         assert plan.tr and c["FIX"]
     assert not lm.is_gemvg("gemvgps") and not lm.is_gemvg("gemvgx") and lm.is_gemvg("gemvgsft")
-    with pytest.raises(ValueError, match="codebook"):
-        lm.make_plan(1, 256, 1024, 4, 128, 1, 8.0, torch.bfloat16, False, ("gemvgs", 64, 8, 2, 4, 2))
+    with pytest.raises(ValueError, match="codebooks only"):
+        lm.make_plan(1, 256, 1024, 4, 128, 1, 8.0, torch.bfloat16, False, ("gemvgp", 64, 8, 2, 4, 2))
+    with pytest.raises(ValueError, match="4-bit table"):
+        lm.make_plan(1, 256, 1024, 8, 128, 1, 128.0, torch.bfloat16, False, ("gemvgs", 64, 8, 2, 4, 2))
+    plan = lm.make_plan(1, 256, 1024, 4, 128, 2, 8.0, torch.bfloat16, False, ("gemvgsf", 64, 8, 2, 4, 2))
+    assert plan.consts["SHFL"] == lm.shuffle_supported()  # integer codes: exact values from the shuffle table
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")

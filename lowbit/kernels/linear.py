@@ -268,10 +268,15 @@ class PreparedLinear:
     plans: dict = dataclasses.field(default_factory=dict)
     sT: Optional[torch.Tensor] = None
     zT: Optional[torch.Tensor] = None
+    itable: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.table is not None and self.table2 is None and self.bits == 4:
             self.table2 = byte_pair_table(self.table).to(self.words.device)
+        if self.table is None and self.bits == 4 and self.itable is None:
+            # exact code values for the shuffle-table GEMV with integer codes (kind 1: q - zero; 2 / 3: q)
+            q = torch.arange(16, dtype=torch.float32)
+            self.itable = (q - self.zero if self.kind == 1 else q).to(self.words.device)
 
     def transposed(self) -> None:
         """Derive (once) ``sT`` / ``zT``: scales / zeros as ``[K / G, N]`` copies, for the group-step GEMV configs
@@ -530,12 +535,11 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     from lowbit.kernels.triton.lowbit_mm import run_plan
 
     if plan.tr:
+        t = p.table2 if plan.pair else (p.table if p.table is not None else p.itable)
         if plan.tsc:
-            y = run_plan(plan, x2, p.words, p.sT, p.zT, p.table2 if plan.pair else p.table, bias, p.n, p.k,
-                         p.k // p.group, 32 // p.bits)
+            y = run_plan(plan, x2, p.words, p.sT, p.zT, t, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
         else:
-            y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2 if plan.pair else p.table, bias, p.n, p.k,
-                         p.k // p.group, 32 // p.bits)
+            y = run_plan(plan, x2, p.words, p.scales, p.zeros, t, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     else:
         y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     return y.view(*x.shape[:-1], p.n)

@@ -110,10 +110,19 @@ def _xpair(xi_ptr, offs, X_BF16: tl.constexpr):
 
 
 @triton.jit
-def _word_update(acc, p, X, s, z, KIND: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr):
+def _word_update(acc, p, X, s, z, KIND: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr,
+                 EXACT: tl.constexpr = False):
+    # EXACT: p = sum_e v_e x_e with the exact code values of the shuffle table (kind 1: q - ZERO, kinds 2 / 3: q)
     SC: tl.constexpr = 1 << BITS
     if KIND == 0:
         acc += s * p
+    elif EXACT:
+        if KIND == 1:
+            acc += s * p
+        elif KIND == 2:
+            acc += s * (p - z * X[None, :])
+        else:
+            acc += s * p + z * X[None, :]
     elif KIND == 1:
         acc += s * (SC * p - (SC + ZERO) * X[None, :])
     elif KIND == 2:
@@ -234,7 +243,9 @@ def _gemvg_kernel(
     # [NG, N] copy: ssn = 1, ssg = N, coalesced along N), loaded once per row and step (uint8 zero points are
     # read as they are stored); few words per row and step so that a warp spans many rows (every activation load
     # serves them all). Codebooks: the 16-entry float32 table read per weight (SHFL = False, PAIRT = False), the
-    # byte-pair table (PAIRT) or the table held in registers across the warp and read by a shuffle (SHFL).
+    # byte-pair table (PAIRT) or the table held in registers across the warp and read by a shuffle (SHFL). SHFL
+    # with integer codes: the 16 exact code values (kind 1: q - ZERO; kinds 2 / 3: q) from the same kind of table,
+    # in place of the 1 + q / 16 bit trick (t_ptr is then PreparedLinear.itable).
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2
     pid_n = tl.program_id(0)
@@ -294,11 +305,11 @@ def _gemvg_kernel(
         X2 = tl.zeros((BKW,), tl.float32)
         X3 = tl.zeros((BKW,), tl.float32)
         for b in tl.static_range(HALF):
-            if KIND == 0:
-                if SHFL:  # codes at bits 8b + 4 (even element) and 8b; the shuffle reads the low 5 bits only
-                    v0 = _shfl_lookup(tv, words >> (8 * b + 4))
-                    v1 = _shfl_lookup(tv, words >> (8 * b))
-                elif PAIRT:  # byte-pair table: one 8-byte load per two weights
+            if SHFL:  # codes at bits 8b + 4 (even element) and 8b; the shuffle reads the low 5 bits only
+                v0 = _shfl_lookup(tv, words >> (8 * b + 4))
+                v1 = _shfl_lookup(tv, words >> (8 * b))
+            elif KIND == 0:
+                if PAIRT:  # byte-pair table: one 8-byte load per two weights
                     v0, v1 = _pair_table(words, b, t_ptr)
                 else:
                     v0 = tl.load(t_ptr + ((words >> (8 * b + 4)) & 15))
@@ -325,13 +336,13 @@ def _gemvg_kernel(
                 x0, x1 = _xpair(xi_ptr, 3 * sx2 + xo + b, X_BF16)
                 p3 += v0 * x0[None, :] + v1 * x1[None, :]
                 X3 += x0 + x1
-        acc0 = _word_update(acc0, p0, X0, s, z, KIND, BITS, ZERO)
+        acc0 = _word_update(acc0, p0, X0, s, z, KIND, BITS, ZERO, SHFL)
         if BM > 1:
-            acc1 = _word_update(acc1, p1, X1, s, z, KIND, BITS, ZERO)
+            acc1 = _word_update(acc1, p1, X1, s, z, KIND, BITS, ZERO, SHFL)
         if BM > 2:
-            acc2 = _word_update(acc2, p2, X2, s, z, KIND, BITS, ZERO)
+            acc2 = _word_update(acc2, p2, X2, s, z, KIND, BITS, ZERO, SHFL)
         if BM > 3:
-            acc3 = _word_update(acc3, p3, X3, s, z, KIND, BITS, ZERO)
+            acc3 = _word_update(acc3, p3, X3, s, z, KIND, BITS, ZERO, SHFL)
     r0 = tl.sum(acc0, axis=1)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
@@ -529,8 +540,9 @@ def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     if is_gemvg(config[0]):
         suffix = config[0][len("gemvg"):]
         pair, pf, shfl, tsc = "p" in suffix, "f" in suffix, "s" in suffix, "t" in suffix
-        if (pair or shfl) and (kind != 0 or bits != 4):
-            raise ValueError(f"{config[0]} reads a 4-bit codebook; got bits={bits}, kind={kind}")
+        if (pair and kind != 0) or ((pair or shfl) and bits != 4):
+            raise ValueError(f"{config[0]} reads a 4-bit table (suffix p: codebooks only); got bits={bits}, "
+                             f"kind={kind}")
         if shfl and not shuffle_supported():  # the same config reading the table from memory (same results)
             shfl = False
         config = ("gemvg",) + tuple(config[1:])
