@@ -363,6 +363,13 @@ def test_no_derived_copies_of_scales_on_the_device(kind):
         lowbit.quantize(m, method="rtn", bits=4, group_size=128, sym=False, progress=False)
         m = m[0]
     m = m.cuda().to(torch.bfloat16)
+    # cuBLAS allocates its workspace (32 MiB on Hopper) through the caching allocator at the first GEMM of the
+    # process: make it exist before measuring (the dequantize + cuBLAS paths below would otherwise count it)
+    wb = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 4, 16, 300):
+        F.linear(torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16), wb, wb[0, :64].clone())
+        F.linear(torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16), wb)
+    del wb
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     st = m.qstate
