@@ -7,10 +7,12 @@ picks an implementation by device, input dtype, weight format and the number of 
 CUDA (fp16 / bf16 input)
     * 4-bit weights (``nf4`` / ``fp4`` / ``int4`` / ``int4_asym`` groups or blocks tiling the rows, GGUF
       ``q4_0`` / ``q4_1``) and int8 per-channel / GGUF ``q8_0`` weights: :func:`prepared_linear` on a layout
-      derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, float32 scales, tables): at
-      M <= 4 the fused GEMV of :mod:`lowbit.kernels.triton.lowbit_mm` (or the v1 GEMV where the tuned table
-      says it is faster, NF4/FP4 at M = 1), above that the weight dequantized by one Triton pass + cuBLAS, per
-      ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs` (a launch plan per M is cached on the layout).
+      derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, the state's own float32 scales
+      and uint8 zero points, 16-entry tables): at M <= 4 the fused GEMV of
+      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), above that the v1
+      4-bit GEMM or the weight dequantized by one Triton pass + cuBLAS (:func:`dense_linear`, in row blocks of
+      at most ``LOWBIT_DENSE_CHUNK_MB``), per ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs` (a launch
+      plan per M is cached on the layout).
     * int8 / fp8 weights with dynamic per-token int8 / fp8 activations:
       :func:`lowbit.kernels.int8_linear_dynamic` / :func:`lowbit.kernels.fp8_linear_dynamic`.
     * anything else: :func:`lowbit.kernels.dequantize` (Triton where it applies) + ``F.linear``.

@@ -17,16 +17,24 @@ Dequantisation by bit tricks, scales once per word (a word never straddles a sca
   GGUF Q4_1): ``f = bitcast((q << (23 - BITS)) | 0x3F800000) = 1 + q / 2**BITS`` (one shift and one
   and-or per element, no int-to-float conversion), ``p = sum_e f_e x_e`` and ``X = sum_e x_e`` per word,
   then ``sum_e (q_e - z) x_e = 2**BITS p - (2**BITS + z) X``;
-* 4-bit codebooks (``KIND`` 0, NF4 / FP4): a 256-entry table of *byte -> (value of the high nibble, value
-  of the low nibble)* as two float32 in one int64, derived once from the 16-entry code: one 8-byte L1 load
-  per two weights, exact float32 values;
+* 4-bit tables held in registers (``SHFL``, the shipped NF4 / FP4 path at M <= 4, also tuned for some int4
+  shapes): lane ``l`` of every warp holds ``table[l % 16]`` (built once per program from the lane id and 16
+  uniform scalars, so no layout conversion moves it between threads), and each weight is one ``shfl.sync.idx``
+  on its code (the shuffle reads the low 5 bits, so a code needs only a shift): exact float32 values with no
+  memory access per weight (SASS on sm_90: 294 instructions per 64 weights per thread in the loop, against 845
+  for a table read from memory). Codebooks use their code values (``s * sum v x``); integer codes the 16 exact
+  code values ``q - ZERO`` (kind 1) or ``q`` (``s (sum q x - z sum x)``, ``s sum q x + m sum x``);
+* 4-bit codebooks from memory: a 256-entry table of *byte -> (value of the high nibble, value of the low
+  nibble)* as two float32 in one int64 (``PAIRT``), or the 16-entry float32 table, one L1 load per weight
+  (both slower than the v1 GEMV on the H200);
 * bf16 activations are read two at a time as 32-bit words and widened by a shift / a mask.
 
-``gemvg`` (M <= 4, the shipped GEMV for integer codes): one scale group (or a divisor of it) per step, scales
-and zeros read from a transposed ``[K / G, N]`` copy derived once (one coalesced load per row and step), 4-16
-words per row and step so that a warp spans 8-32 rows and every activation load serves all of them; codebooks
-read the 16-entry float32 table (one L1 load per weight: slower than v1 on the H200, so NF4/FP4 keep v1 at
-M = 1, see ``bench/results/gemv_sweep.md``).
+``gemvg`` (M <= 4, the shipped GEMV): one scale group (or a divisor of it) per step; the scale (zero point) of
+row n and group g read at ``n * ssn + g * ssg``: from the state's own ``[N, K / G]`` tensors (the default: no
+copy on the device; uint8 zero points widened when loaded) or from a transposed ``[K / G, N]`` copy derived
+once (config suffix "t": coalesced along N, 0-13% faster at M = 1 on the H200, see
+``bench/results/gemv_sweep.md``); 4-16 words per row and step so that a warp spans 8-32 rows and every
+activation load serves all of them; split-K partials summed in the kernel by the last program to arrive.
 
 ``gemv`` (M <= 4, run 1's layout): CUDA-core FMAs into float32 accumulators shaped like the word tile, reduced once after the
 loop; grid ``(N / BN, SPLIT_K)`` so that small N x K still fills all multiprocessors; split partials (float32
