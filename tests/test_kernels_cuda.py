@@ -322,7 +322,7 @@ def test_shuffle_codebook_gemv_matches_table_gemv(qt, dq, monkeypatch):
 
 @pytest.mark.parametrize("scheme,kw", [("int4_asym", dict(group_size=128)), ("int4", dict(group_size=32)),
                                        ("nf4", dict(block_size=64))])
-def test_state_layout_and_transposed_scales_bit_identical(scheme, kw, monkeypatch):
+def test_state_layout_and_transposed_scales_agree(scheme, kw, monkeypatch):
     """Scales / uint8 zero points read from the state's own [N, K / G] tensors ("gemvgf") or from transposed
     copies ("gemvgft"): the same numbers in the same order, outputs equal within one unit of the output dtype
     (the arithmetic is the same; only the addressing of the scale loads differs)."""
