@@ -60,6 +60,7 @@ GEMVG_MODE = False
 # through the v1 tensor-core GEMM with explicit configs ("v1gemm", BN, kstep, split, warps, stages), beside the
 # v1 dispatch and dequantize + cuBLAS
 RUN3 = False
+RUN5 = False  # --run5: M = 1 NF4 through the shuffle-codebook GEMV ("gemvgs*"), scale layouts, M = 16 / 64 re-timed
 COMMITTED = False  # --committed: only the shipped TUNED_MM choice per (format, shape, M), re-timed beside F.linear / v1
 GEMVGP = [("gemvgp", 128, 8, 4, 2), ("gemvgp", 64, 8, 4, 2), ("gemvgp", 128, 16, 4, 2), ("gemvgp", 64, 4, 4, 2),
           ("gemvgp", 256, 8, 8, 2), ("gemvg", 64, 4, 4, 2)]
@@ -169,7 +170,8 @@ def sweep(res, t0, budget):
             p = ps[0]
             wref = L.dequantize_state(sts[0]).float()
             Wb = [W.roll(i, 0).contiguous() for i in range(max(2, min(8, int(3 * 60e6 // (N * K * 2)) + 1)))]
-            nbytes = N * K * p.bits // 8 + p.scales.numel() * 4 * (2 if p.zeros is not None else 1)
+            nbytes = N * K * p.bits // 8 + p.scales.numel() * p.scales.element_size() + (
+                p.zeros.numel() * p.zeros.element_size() if p.zeros is not None else 0)
             for M in MS:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 ref = x.float() @ wref.T
@@ -185,6 +187,24 @@ def sweep(res, t0, budget):
                 cands = []
                 if COMMITTED:
                     cands = [TC.config_mm(p.bits, p.kind, M, N, K, p.group)]
+                elif RUN5:
+                    committed = TC.config_mm(p.bits, p.kind, M, N, K, p.group)
+                    if M == 1 and fmt == "nf4":
+                        cands = [("gemvgsf", bn, bkw, sk, 4 if bn <= 128 else 8, 2) for bn in (64, 128, 256)
+                                 for bkw in (8, 4) for sk in (4, 8, 16)]
+                        cands += [("gemvgs", 128, 8, sk, 4, 2) for sk in (4, 8, 16)]
+                        cands += [("gemvgsft", 128, 8, 8, 4, 2), ("gemvgf", 128, 8, 8, 4, 2), ("v1",)]
+                    elif M == 1 and fmt == "int4":
+                        cands = [(nm, 128, 16, sk, 4, st) for nm in ("gemvgf", "gemvgft") for sk in (4, 8, 16)
+                                 for st in (2, 3)]
+                        cands += [("gemvg", 128, 16, 8, 4, 2), ("gemvgf", 64, 16, 8, 4, 2), ("gemvgf", 256, 16, 8, 8, 2)]
+                        cands += [("gemvgsf", bn, bkw, sk, 4 if bn <= 128 else 8, 2) for bn in (128, 256)
+                                  for bkw in (16, 8) for sk in (4, 8, 16)]  # exact code values by shuffles
+                    elif M == 1:
+                        cands = [committed, ("gemvgf", 128, 8, 8, 4, 2), ("gemvg", 128, 16, 8, 4, 2)]
+                    else:
+                        cands = [committed, ("dense",)] + ([("v1",)] if fmt != "int8" else [])
+                    cands = list(dict.fromkeys(tuple(c) for c in cands))
                 elif RUN3:
                     if M == 1 and fmt == "nf4":
                         cands = [(c[0], c[1], c[2], sk, c[3], c[4]) for c in GEMVGP for sk in (0, 2, 4, 8)]
@@ -240,16 +260,16 @@ def sweep(res, t0, budget):
                                 full = full[:4] + (TC._auto_split(-(-M // full[1]) * -(-N // full[2]),
                                                                   (K // 8) // full[3], 2 * TC.SM_COUNT),) + full[5:]
                             plan = lm.make_plan(M, N, K, p.bits, p.group, p.kind, p.zero, x.dtype, False, full)
-                            if plan.tr:
+                            if plan.tsc:
                                 for q in ps:
-                                    if q.sT is None:
-                                        q.sT = q.scales.reshape(N, -1).t().contiguous()
-                                        q.zT = q.zeros.reshape(N, -1).t().contiguous() if q.zeros is not None else None
+                                    q.transposed()
 
                             def call(q, plan=plan):
                                 if plan.tr:
-                                    return lm.run_plan(plan, x, q.words, q.sT, q.zT, q.table2 if plan.pair else q.table,
-                                                       None, N, K, K // q.group, 32 // q.bits)
+                                    s_, z_ = (q.sT, q.zT) if plan.tsc else (q.scales, q.zeros)
+                                    t_ = q.table2 if plan.pair else (q.table if q.table is not None else q.itable)
+                                    return lm.run_plan(plan, x, q.words, s_, z_, t_, None, N, K, K // q.group,
+                                                       32 // q.bits)
                                 return lm.run_plan(plan, x, q.words, q.scales, q.zeros, q.table2, None, N, K,
                                                    K // q.group, 32 // q.bits)
                         e = rel(call(p), ref)
@@ -469,16 +489,22 @@ def main(argv=None):
     ap.add_argument("--gemvg", action="store_true", help="run 2: M in {1, 4}, group-step GEMV vs v1 / v2")
     ap.add_argument("--run3", action="store_true", help="run 3: M = 1 prefetch / byte-pair GEMVs; M = 16 v1 GEMM")
     ap.add_argument("--ms", default="", help="M values (run 3 default: 1,16)")
+    ap.add_argument("--run5", action="store_true", help="run 5: M = 1 NF4 shuffle-codebook GEMVs, int4 scale "
+                    "layouts (state's own vs transposed), M = 16 / 64 committed vs dense / v1")
     ap.add_argument("--committed", action="store_true", help="re-time the committed TUNED_MM choice only (M 1, 4, 16; "
                     "nf4, int4, int8) beside F.linear and v1")
     ap.add_argument("--shapes", default="", help="N x K list, e.g. 8192x8192,28672x8192 (default: all)")
     args = ap.parse_args(argv)
-    global GEMVG_MODE, MS, RUN3, SHAPES, COMMITTED
+    global GEMVG_MODE, MS, RUN3, SHAPES, COMMITTED, RUN5
     if args.gemvg:
         GEMVG_MODE, MS = True, (1, 4)
     if args.run3:  # the Llama-3-8B decode shapes first (the generate table uses them), then the issue's
         RUN3, MS = True, (1, 16)
         SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+        SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
+    if args.run5:  # the decode shapes first (the generate table uses them), then the issue's
+        RUN5, MS = True, (1, 16, 64)
+        SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (8192, 8192), (28672, 8192)]
         SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
     if args.committed:
         COMMITTED, MS = True, (1, 4, 16)
@@ -519,7 +545,7 @@ def main(argv=None):
     finally:
         (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
         if not COMMITTED:
-            rows = merged_rows(res, base) if RUN3 else tuned_rows(res)
+            rows = merged_rows(res, base) if (RUN3 or RUN5) else tuned_rows(res)
             (out / "mm_tuned.json").write_text(json.dumps(rows, default=str, indent=1))
     nok = sum(1 for r in res["check"] if r.get("ok") is False or r.get("exact") is False)
     print(f"check failures: {nok}; errors: {len(res['errors'])}; first: {res['errors'][:6]}")

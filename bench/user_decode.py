@@ -14,7 +14,7 @@ weights for every variant), quantized through each library's public API except `
 
 Per variant, after a warm-up model: eager ``generate`` (dynamic cache), batch 1, 64 new tokens after 128
 (decode tok/s = 64 / (t(1 + 64 new) - t(1 new))); prefill of 1 x 512 (one forward, ms); weight GB (memory
-allocated once built); peak GB during ``generate``; with ``--graph`` the same model decoding greedily from a
+allocated once built; tensor GB = bytes of the live CUDA tensors, without the allocator's block slack); peak GB during ``generate``; with ``--graph`` the same model decoding greedily from a
 ``StaticCache`` with one decode step captured in a CUDA graph (:func:`measure_graph`: what the kernels give
 without Python / launch overhead; its tokens compared with eager ``generate``'s); with ``--prefill-parts`` the
 512-row prefill split per projection into dequantize / cuBLAS time (:func:`prefill_parts`); optionally the
@@ -51,7 +51,10 @@ VARIANTS = ["bf16", "lowbit nf4", "lowbit int4 g128", "lowbit GPTQ-format int4 g
             "bitsandbytes nf4"]
 SHORT = {"bf16": "bf16", "nf4": "lowbit nf4", "int4": "lowbit int4 g128", "gptq": "lowbit GPTQ-format int4 g128",
          "gguf": "lowbit GGUF Q4_0", "int8": "lowbit int8 weight-only", "int8dyn": "lowbit int8-dynamic",
-         "fp8": "lowbit fp8 dynamic", "torchao": "torchao int4 g128", "bnb": "bitsandbytes nf4"}
+         "fp8": "lowbit fp8 dynamic", "torchao": "torchao int4 g128", "bnb": "bitsandbytes nf4",
+         "int4r": "lowbit int4 g128" + " (re-allocated)", "nf4r": "lowbit nf4" + " (re-allocated)"}
+REALLOC = " (re-allocated)"  # quantized on the GPU as the plain variant, then moved to the CPU and back (fresh
+# allocations: the caching allocator's blocks sized for these tensors, not reused from the freed bf16 weights)
 
 
 DEV = "cuda"
@@ -77,7 +80,28 @@ def master_model(layers: int, seed: int = 0):
     return model.cpu()
 
 
+def tensor_bytes() -> int:
+    """Bytes of the distinct CUDA tensor storages alive now (what the tensors need, without the caching
+    allocator's rounding and block slack that ``torch.cuda.memory_allocated`` includes)."""
+    gc.collect()
+    seen = {}
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, torch.Tensor) and o.is_cuda:
+                st = o.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        except Exception:  # noqa: BLE001 - objects that are not plain tensors
+            pass
+    return sum(seen.values())
+
+
 def build(name: str, master, workdir: Path):
+    if name.endswith(REALLOC):
+        m = build(name[:-len(REALLOC)], master, workdir)
+        m.cpu()
+        gc.collect()
+        torch.cuda.empty_cache()
+        return m.to(DEV)
     m = copy.deepcopy(master).to(DEV)
     if name == "bf16":
         return m
@@ -134,7 +158,7 @@ def build(name: str, master, workdir: Path):
 
 
 FOUR_BIT = {"lowbit nf4", "lowbit int4 g128", "lowbit GPTQ-format int4 g128", "lowbit GGUF Q4_0",
-            "lowbit int8 weight-only"}  # variants whose GEMV configs come from TUNED_MM
+            "lowbit int8 weight-only", "lowbit int4 g128" + REALLOC, "lowbit nf4" + REALLOC}  # variants whose GEMV configs come from TUNED_MM
 
 
 def load_mm_configs(path: str, wait: float) -> str:
@@ -421,8 +445,11 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
                 row["build_s"] = time.perf_counter() - t
                 row["weight_gb"] = torch.cuda.memory_allocated() / 1e9 if DEV == "cuda" else 0.0
+                row["tensor_gb"] = tensor_bytes() / 1e9 if DEV == "cuda" else 0.0
                 dec, pre, peak, etoks = measure(model, prompt, prefill_ids, args.reps, args.new)
-                row.update(decode=dec, prefill_ms=pre, peak_gb=peak)
+                gc.collect()
+                row.update(decode=dec, prefill_ms=pre, peak_gb=peak,
+                           resident_gb=torch.cuda.memory_allocated() / 1e9 if DEV == "cuda" else 0.0)
                 print(f"{name}: decode {dec:.1f} tok/s, prefill {pre:.1f} ms, weights {row['weight_gb']:.2f} GB, "
                       f"peak {peak:.2f} GB", flush=True)
                 if name in graph and time.perf_counter() - t_start <= args.time_budget:
@@ -481,6 +508,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def _gb(v) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) else "—"
+
+
 def write(rows, info, out: Path) -> None:
     base = next((r for r in rows if r["variant"] == "bf16" and "decode" in r), None)
     lines = [
@@ -506,9 +537,9 @@ def write(rows, info, out: Path) -> None:
         lines += [f"Kernel configs: {info['mm_configs']}", ""]
     lines += [
         "| variant | decode tok/s (eager) | × bf16 | decode tok/s (CUDA graph) | × bf16 graph | tokens = eager | "
-        "decode tok/s (compiled) | × bf16 compiled | prefill 512 ms | × bf16 prefill | weights GB | peak GB (eager) | "
-        "peak GB (graph) | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "decode tok/s (compiled) | × bf16 compiled | prefill 512 ms | × bf16 prefill | weights GB | tensor GB | "
+        "resident GB after generate | peak GB (eager) | peak GB (graph) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(r, key):
@@ -516,7 +547,8 @@ def write(rows, info, out: Path) -> None:
 
     for r in rows:
         if "decode" not in r:
-            lines.append(f"| {r['variant']} | — | — | — | — | — | — | — | — | — | — | — | — | {r.get('error', '')} |")
+            lines.append(f"| {r['variant']} | — | — | — | — | — | — | — | — | — | — | — | — | — | — | "
+                         f"{r.get('error', '')} |")
             continue
         g = f"{r['decode_graph']:.1f}" if "decode_graph" in r else "—"
         agree = f"{r['graph_agree']}/{r['graph_tokens']}" if "graph_agree" in r else "—"
@@ -526,7 +558,8 @@ def write(rows, info, out: Path) -> None:
         note = " ".join(x for x in (r.get("graph_error", ""), r.get("compiled_error", "")) if x)
         lines.append(f"| {r['variant']} | {r['decode']:.1f} | {ratio(r, 'decode')} | {g} | {ratio(r, 'decode_graph')} | "
                      f"{agree} | {c} | {ratio(r, 'decode_compiled')} | {pre} | {ratio(r, 'prefill_ms')} | "
-                     f"{r['weight_gb']:.2f} | {r['peak_gb']:.2f} | {pg} | {note} |")
+                     f"{r['weight_gb']:.2f} | {_gb(r.get('tensor_gb'))} | {_gb(r.get('resident_gb'))} | "
+                     f"{r['peak_gb']:.2f} | {pg} | {note} |")
     parts = [r for r in rows if r.get("prefill_parts")]
     if parts:
         lines += ["", "## Prefill 512: where the linear time goes (decoder layer 0, one call per projection, "

@@ -255,3 +255,202 @@ def test_pair_table_gemv_and_v1gemm_configs(scheme, kw, monkeypatch):
                 g.replay()
                 torch.cuda.synchronize()
                 assert ((yg.double() - r).norm() / r.norm()).item() < tol, f"graph {cfg} M={M} {dt}"
+
+
+# NF4 / FP4 with the codebook held in registers (warp shuffles, "gemvgs*"), scale layouts, no derived copies
+
+
+def _codebook_state(qt, dq, n=200, k=1024, seed=6):
+    from lowbit.nn import Linear4bit
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    m = Linear4bit.from_module(lin, quant_type=qt, double_quant=dq)
+    m.freeze()
+    return m.cuda().qstate
+
+
+@pytest.mark.parametrize("qt,dq", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
+def test_shuffle_codebook_gemv_matches_table_gemv(qt, dq, monkeypatch):
+    """The group-step GEMV reading the 16-entry codebook from registers by warp shuffles equals the same config
+    reading the float32 table from memory (the same float32 values and summation order; the compiler may pair
+    the two products of a byte into FMUL / FFMA differently: at most a rounding of the float32 accumulator, far
+    below one unit of the output dtype), and both match float64 math on the CPU-dequantized weight
+    (double-quantized absmax decoded once at prepare), eagerly and replayed in a CUDA graph (bit-identical to
+    eager), splits 1-8, with and without the transposed scale copy."""
+    from lowbit.kernels import linear as L
+    from lowbit.kernels import triton_configs as TC
+
+    st = _codebook_state(qt, dq)
+    assert (st.nested is not None) == dq
+    p = L.prepare_linear(st)
+    ref = L.dequantize_state(st).cpu().double()
+    N, K = p.n, p.k
+    cases = [(1, ("gemvgs", 64, 8, 1, 4, 2)), (1, ("gemvgsf", 128, 8, 4, 4, 2)), (3, ("gemvgs", 64, 4, 2, 4, 2)),
+             (4, ("gemvgsf", 64, 8, 8, 4, 3)), (1, ("gemvgsft", 128, 8, 2, 4, 2)), (1, ("gemvgs", 256, 8, 4, 8, 2))]
+    for M, cfg in cases:
+        plain = (cfg[0].replace("s", "", 1),) + cfg[1:]  # the same config reading the table from memory
+        assert "s" not in plain[0][5:]
+        for dt in (torch.bfloat16, torch.float16):
+            x = torch.randn(M, K, device="cuda").to(dt)
+            b = (torch.randn(N, device="cuda") * 0.1).to(dt) if M % 2 else None
+            r = x.cpu().double() @ ref.T + (b.cpu().double() if b is not None else 0)
+            ys = {}
+            for c in (cfg, plain):
+                monkeypatch.setitem(TC.TUNED_MM, (4, "codebook"), [(4, 1 << 30, 1 << 30, c)])
+                p.plans.clear()
+                for _ in range(3):  # launcher, then direct launches on cached split-K buffers
+                    ys[c] = L.prepared_linear(x, p, b)
+            d = (ys[cfg].double() - ys[plain].double()).abs().max().item()
+            unit = torch.finfo(dt).eps * ys[plain].double().abs().max().item()
+            assert d <= unit, f"{cfg} vs {plain} M={M} {dt}: max diff {d:.3g} > {unit:.3g}"
+            err = ((ys[cfg].cpu().double() - r).norm() / r.norm()).item()
+            assert err < (1e-2 if dt == torch.bfloat16 else 2e-3), f"{cfg} M={M} {dt}: {err}"
+            monkeypatch.setitem(TC.TUNED_MM, (4, "codebook"), [(4, 1 << 30, 1 << 30, cfg)])
+            p.plans.clear()
+            L.prepared_linear(x, p, b)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                yg = L.prepared_linear(x, p, b)
+            yg.zero_()
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(yg, ys[cfg]), f"graph {cfg} M={M} {dt}"
+
+
+@pytest.mark.parametrize("scheme,kw", [("int4_asym", dict(group_size=128)), ("int4", dict(group_size=32)),
+                                       ("nf4", dict(block_size=64))])
+def test_state_layout_and_transposed_scales_agree(scheme, kw, monkeypatch):
+    """Scales / uint8 zero points read from the state's own [N, K / G] tensors ("gemvgf") or from transposed
+    copies ("gemvgft"): the same numbers in the same order, outputs equal within one unit of the output dtype
+    (the arithmetic is the same; only the addressing of the scale loads differs)."""
+    from lowbit.kernels import linear as L
+    from lowbit.kernels import triton_configs as TC
+    from lowbit.tensor.functional import quantize_tensor
+
+    torch.manual_seed(7)
+    st = quantize_tensor(torch.randn(200, 1024, device="cuda") * 0.02, scheme, **kw)
+    p = L.prepare_linear(st)
+    cls = "codebook" if p.kind == 0 else "int"
+    for M in (1, 4):
+        x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+        ys = []
+        for name in ("gemvgf", "gemvgft"):
+            monkeypatch.setitem(TC.TUNED_MM, (4, cls), [(4, 1 << 30, 1 << 30, (name, 64, 4, 4, 4, 2))])
+            p.plans.clear()
+            ys.append(L.prepared_linear(x, p))
+        d = (ys[0].double() - ys[1].double()).abs().max().item()
+        assert d <= torch.finfo(torch.bfloat16).eps * ys[1].double().abs().max().item(), f"{scheme} M={M}: {d}"
+
+
+@pytest.mark.parametrize("kind", ["Linear4bit-nf4", "QLinear-int4-g128-asym"])
+def test_no_derived_copies_of_scales_on_the_device(kind):
+    """After forwards at M = 1, 4, 16 and 300 with the shipped configs, the device holds the state (codes, float32
+    scales, uint8 zero points) plus launch workspaces only: no float / transposed copy of scales or zeros."""
+    import lowbit
+    from lowbit.kernels import linear as L
+    from lowbit.nn import Linear4bit
+
+    torch.manual_seed(8)
+    lin = torch.nn.Linear(4096, 4096, bias=False)
+    if kind.startswith("Linear4bit"):
+        m = Linear4bit.from_module(lin, quant_type="nf4")
+        m.freeze()
+    else:
+        m = torch.nn.Sequential(lin)
+        lowbit.quantize(m, method="rtn", bits=4, group_size=128, sym=False, progress=False)
+        m = m[0]
+    m = m.cuda().to(torch.bfloat16)
+    # cuBLAS allocates its workspace (32 MiB on Hopper) through the caching allocator at the first GEMM of the
+    # process: make it exist before measuring (the dequantize + cuBLAS paths below would otherwise count it)
+    wb = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 4, 16, 300):
+        F.linear(torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16), wb, wb[0, :64].clone())
+        F.linear(torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16), wb)
+    del wb
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    st = m.qstate
+    with torch.no_grad():
+        for M in (1, 4, 16, 300):
+            m(torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    delta = torch.cuda.memory_allocated() - before
+    p = L.prepare_linear(st)
+    assert p.sT is None and p.zT is None
+    assert p.scales.data_ptr() == st.scales.data_ptr()
+    if st.zeros is not None:
+        assert p.zeros.data_ptr() == st.zeros.data_ptr() and p.p4.zeros.data_ptr() == st.zeros.data_ptr()
+    ws = 0
+    for plan in p.plans.values():
+        for v in getattr(plan, "ws", {}).values():
+            for t in (v if isinstance(v, tuple) else (v,)):
+                ws += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+    scale_bytes = st.scales.numel() * 4
+    assert delta <= ws + 64 * 1024 + 8 * 1024, (delta, ws, scale_bytes)  # + tables / small buffers
+    assert delta < scale_bytes // 2 + ws
+
+
+def test_dense_linear_row_blocks_cuda(monkeypatch):
+    """Dequantize + cuBLAS in row blocks (a small LOWBIT_DENSE_CHUNK_MB) matches the whole-weight path and the
+    float64 reference (each block's weight rows are the whole weight's rows, bit for bit)."""
+    from lowbit.kernels import linear as L
+    from lowbit.tensor.functional import quantize_tensor
+
+    torch.manual_seed(9)
+    for scheme, kw in (("nf4", dict(block_size=64)), ("int4_asym", dict(group_size=128)), ("int8", dict(axis=0)),
+                       ("q4_0", {})):
+        st = quantize_tensor(torch.randn(1024, 512, device="cuda") * 0.02, scheme, **kw)
+        p = L.prepare_linear(st)
+        whole = p.dense(torch.bfloat16)
+        assert torch.equal(p.dense(torch.bfloat16, 256, 640), whole[256:640]), scheme
+        x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(1024, device="cuda", dtype=torch.bfloat16) * 0.1
+        monkeypatch.setenv("LOWBIT_DENSE_CHUNK_MB", "0.25")  # 256 rows of 512 bf16 per block: 4 blocks
+        y = L.dense_linear(x, p, b)
+        monkeypatch.setenv("LOWBIT_DENSE_CHUNK_MB", "0")
+        y0 = L.dense_linear(x, p, b)
+        r = x.double() @ whole.double().T + b.double()
+        for t in (y, y0):
+            assert ((t.double() - r).norm() / r.norm()).item() < 1e-2, scheme
+        torch.testing.assert_close(y, y0, rtol=1.6e-2, atol=1e-3)
+
+
+_INT4_SHFL = [("int4", dict(group_size=32)), ("int4", dict(group_size=128)), ("int4_asym", dict(group_size=64)),
+              ("int4_asym", dict(group_size=128)), ("q4_0", {}), ("q4_1", {})]
+
+
+@pytest.mark.parametrize("scheme,kw", _INT4_SHFL, ids=[f"{s}-{k}" for s, k in _INT4_SHFL])
+def test_shuffle_table_gemv_integer_codes(scheme, kw, monkeypatch):
+    """Integer 4-bit codes through the shuffle-table GEMV ("gemvgsf": exact code values q - 8 / q from registers,
+    ``s (sum q x - z sum x)`` per group) against float64 math on the dequantized weight, eagerly and in a graph."""
+    from lowbit.kernels import linear as L
+    from lowbit.kernels import triton_configs as TC
+    from lowbit.tensor.functional import quantize_tensor
+
+    torch.manual_seed(10)
+    st = quantize_tensor(torch.randn(200, 1024, device="cuda") * 0.02, scheme, **kw)
+    p = L.prepare_linear(st)
+    assert p.kind != 0 and p.itable is not None
+    ref = L.dequantize_state(st).double()
+    for M, cfg in ((1, ("gemvgsf", 128, 8, 4, 4, 2)), (3, ("gemvgs", 64, 4, 2, 4, 2)), (4, ("gemvgsf", 256, 4, 8, 8, 2)),
+                   (1, ("gemvgsft", 128, 4, 1, 4, 3))):
+        monkeypatch.setitem(TC.TUNED_MM, (4, "int"), [(4, 1 << 30, 1 << 30, cfg)])
+        p.plans.clear()
+        for dt in (torch.bfloat16, torch.float16):
+            x = torch.randn(M, 1024, device="cuda").to(dt)
+            b = (torch.randn(200, device="cuda") * 0.1).to(dt) if M % 2 else None
+            r = x.double() @ ref.T + (b.double() if b is not None else 0)
+            tol = 1e-2 if dt == torch.bfloat16 else 2e-3
+            for _ in range(3):
+                y = L.prepared_linear(x, p, b)
+                assert ((y.double() - r).norm() / r.norm()).item() < tol, f"{cfg} M={M} {dt}"
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                yg = L.prepared_linear(x, p, b)
+            yg.zero_()
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(yg, y), f"graph {cfg} M={M} {dt}"

@@ -39,7 +39,7 @@ def test_byte_pair_table_exact(name):
 
 
 def test_config_mm_buckets_and_tuned_rows(monkeypatch):
-    assert TC.config_mm(4, 0, 1, 4096, 4096)[0] in ("gemv", "gemvg", "v1")
+    assert TC.config_mm(4, 0, 1, 4096, 4096)[0] in ("gemv", "gemvg", "gemvgsf", "v1")
     assert TC.config_mm(4, 1, 4, 4096, 4096)[0] in ("gemv", "gemvg", "v1")
     assert TC.config_mm(4, 0, 512, 4096, 4096) == ("dense",)
     cfg = TC.config_mm(4, 1, 1, 4096, 4096)
@@ -107,8 +107,12 @@ def test_v2_kernels_in_triton_interpreter(scheme, kw, monkeypatch):
         cfgs = [("gemv", 16, 16, 2, 4, 1), ("gemvg", 32, 8, 2, 4, 1)] if M <= 4 else [("gemm", 16, 32, 16, 2, 4, 1)]
         if M <= 4:
             cfgs.append(("gemvgf", 32, 4, 3, 4, 1))  # register prefetch (3 splits of 1-4 steps: clamped last step)
+            cfgs.append(("gemvgt", 32, 8, 2, 4, 1))  # scales / zeros from the transposed copy
+            cfgs.append(("gemvgft", 32, 4, 1, 4, 1))
         if M <= 4 and p.kind == 0:
             cfgs.append(("gemvgp", 32, 8, 2, 4, 1))  # the byte-pair table in the group-step GEMV
+        if M <= 4 and p.bits == 4 and p.kind == 0:
+            cfgs.append(("gemvgsf", 32, 8, 2, 4, 1))  # shuffle config (reads the table in the interpreter)
             cfgs.append(("gemvgpf", 32, 8, 1, 4, 1))
         if M > 4 and p.p4 is not None and p.kind != 3:
             cfgs.insert(0, ("v1gemm", 32, 64, 2, 4, 1))  # the v1 tensor-core GEMM with an explicit config
@@ -159,3 +163,72 @@ def test_v1_gemv_plan_equals_v1_path(scheme, kw, monkeypatch):
         y = L.prepared_linear(x, p, b)
         assert any(type(v) is gv.GemvPlan for v in p.plans.values())
         assert torch.equal(y, L.prepared_linear_v1(x, p, b))
+
+
+@pytest.mark.parametrize("scheme,kw", [("int4_asym", dict(group_size=128)), ("int4", dict(group_size=64)),
+                                       ("nf4", dict(block_size=64))])
+def test_prepared_layout_shares_the_state_tensors(scheme, kw):
+    """The kernel layout holds no second copy of scales or zero points: float32 scales and uint8 zero points are
+    the state's own tensors (the kernels widen uint8 zeros when they load them); the transposed copies exist only
+    once a config asks for them (suffix "t")."""
+    st = quantize_tensor(torch.randn(64, 512), scheme, **kw)
+    p = L._prepare_cuda(st)
+    assert p.scales.data_ptr() == st.scales.data_ptr() and p.scales.dtype == torch.float32
+    assert p.words.data_ptr() == st.data.data_ptr()
+    if st.zeros is not None:
+        assert p.zeros.dtype == torch.uint8 and p.zeros.data_ptr() == st.zeros.data_ptr()
+        assert p.p4.zeros.data_ptr() == st.zeros.data_ptr() and p.p4.zeros_u8.data_ptr() == st.zeros.data_ptr()
+    assert p.p4.scales.data_ptr() == st.scales.data_ptr()
+    assert p.sT is None and p.zT is None
+    if p.kind != 0:  # the exact code values of the integer shuffle GEMV (kind 1: q - 8; kind 2: q)
+        q = torch.arange(16, dtype=torch.float32)
+        assert torch.equal(p.itable, q - 8 if p.kind == 1 else q)
+    p.transposed()
+    assert torch.equal(p.sT, st.scales.reshape(64, -1).t())
+    if st.zeros is not None:
+        assert p.zT.dtype == torch.uint8 and torch.equal(p.zT, st.zeros.reshape(64, -1).t())
+
+
+def test_make_plan_config_names():
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    for name, flags in (("gemvg", (False, False, False, False)), ("gemvgsf", (False, True, True, False)),
+                        ("gemvgft", (False, True, False, True)), ("gemvgpf", (True, True, False, False)),
+                        ("gemvgs", (False, False, True, False))):
+        plan = lm.make_plan(1, 256, 1024, 4, 64, 0, 0.0, torch.bfloat16, False, (name, 64, 8, 2, 4, 2))
+        c = plan.consts
+        if os.environ.get("TRITON_INTERPRET") == "1":  # no inline PTX in the interpreter: the table is read
+            flags = (flags[0], flags[1], False, flags[3])
+        assert (c["PAIRT"], c["PF"], c["SHFL"], plan.tsc) == flags, name
+        assert plan.tr and c["FIX"]
+    assert not lm.is_gemvg("gemvgps") and not lm.is_gemvg("gemvgx") and lm.is_gemvg("gemvgsft")
+    with pytest.raises(ValueError, match="codebooks only"):
+        lm.make_plan(1, 256, 1024, 4, 128, 1, 8.0, torch.bfloat16, False, ("gemvgp", 64, 8, 2, 4, 2))
+    with pytest.raises(ValueError, match="4-bit table"):
+        lm.make_plan(1, 256, 1024, 8, 128, 1, 128.0, torch.bfloat16, False, ("gemvgs", 64, 8, 2, 4, 2))
+    plan = lm.make_plan(1, 256, 1024, 4, 128, 2, 8.0, torch.bfloat16, False, ("gemvgsf", 64, 8, 2, 4, 2))
+    assert plan.consts["SHFL"] == lm.shuffle_supported()  # integer codes: exact values from the shuffle table
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")
+@pytest.mark.parametrize("scheme,kw", [("nf4", dict(block_size=64)), ("int4_asym", dict(group_size=32)),
+                                       ("q8_0", {})])
+def test_dense_linear_row_blocks_equal_whole(scheme, kw, monkeypatch):
+    """Dequantize + cuBLAS in row blocks (LOWBIT_DENSE_CHUNK_MB) gives the whole-weight result: each block's
+    dequantized rows equal the whole weight's rows exactly."""
+    pytest.importorskip("triton")
+    torch.manual_seed(5)
+    N, K = 384, 256
+    p = L._prepare_cuda(quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw))
+    whole = p.dense(torch.float16)
+    for n0, n1 in ((0, 128), (128, 384), (256, 384)):
+        assert torch.equal(p.dense(torch.float16, n0, n1), whole[n0:n1])
+    x = torch.randn(5, K).half()
+    b = torch.randn(N).half()
+    monkeypatch.setenv("LOWBIT_DENSE_CHUNK_MB", "0.01")  # 10 KiB: 128-row blocks (3 of them)
+    y = L.dense_linear(x.float(), p, b.float())
+    torch.testing.assert_close(y, F.linear(x.float(), p.dense(torch.float32), b.float()), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("LOWBIT_DENSE_CHUNK_MB", "x")
+    with pytest.raises(ValueError, match="LOWBIT_DENSE_CHUNK_MB"):
+        L.dense_chunk_bytes()

@@ -254,7 +254,8 @@ def quantize(x: torch.Tensor, scheme: str = "nf4", block_size: int = 64, *, doub
 class Prepared4bit:
     """Derived layout of a 4-bit ``[N, K]`` weight for the fused kernels (no copy of the codes).
 
-    ``qweight [N, K/2]`` uint8 (a view of ``state.data``), ``scales``/``zeros`` float32 ``[N, K/G]``,
+    ``qweight [N, K/2]`` uint8 (a view of ``state.data``), ``scales`` float32 ``[N, K/G]``, ``zeros`` ``[N, K/G]``
+    (uint8 as the state stores them, or float32),
     ``values`` float32 ``[16]`` (value of each code before zero and scale), ``kind`` 0 codebook,
     1 symmetric int4, 2 asymmetric int4.
     """
@@ -316,7 +317,8 @@ def prepare_4bit(state: QuantState) -> Optional[Prepared4bit]:
     N, K = state.shape
     dev = state.device
     values = _values_4bit(state.scheme, state.code).to(dev)
-    zeros = state.zeros.reshape(N, K // G).float() if state.zeros is not None else None
+    # zero points stay the state's uint8 tensor (kernels widen them when loaded): no float copy on the device
+    zeros = state.zeros.reshape(N, K // G) if state.zeros is not None else None
     scales = _decoded_scales(state).to(dev).reshape(N, K // G).contiguous()
     p = make_prepared_4bit(state.data.view(N, K // 2), scales, zeros, values, _KIND4[state.scheme], G)
     return _store(state, "4bit", p)

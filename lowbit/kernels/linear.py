@@ -7,10 +7,12 @@ picks an implementation by device, input dtype, weight format and the number of 
 CUDA (fp16 / bf16 input)
     * 4-bit weights (``nf4`` / ``fp4`` / ``int4`` / ``int4_asym`` groups or blocks tiling the rows, GGUF
       ``q4_0`` / ``q4_1``) and int8 per-channel / GGUF ``q8_0`` weights: :func:`prepared_linear` on a layout
-      derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, float32 scales, tables): at
-      M <= 4 the fused GEMV of :mod:`lowbit.kernels.triton.lowbit_mm` (or the v1 GEMV where the tuned table
-      says it is faster, NF4/FP4 at M = 1), above that the weight dequantized by one Triton pass + cuBLAS, per
-      ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs` (a launch plan per M is cached on the layout).
+      derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, the state's own float32 scales
+      and uint8 zero points, 16-entry tables): at M <= 4 the fused GEMV of
+      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), above that the v1
+      4-bit GEMM or the weight dequantized by one Triton pass + cuBLAS (:func:`dense_linear`, in row blocks of
+      at most ``LOWBIT_DENSE_CHUNK_MB``), per ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs` (a launch
+      plan per M is cached on the layout).
     * int8 / fp8 weights with dynamic per-token int8 / fp8 activations:
       :func:`lowbit.kernels.int8_linear_dynamic` / :func:`lowbit.kernels.fp8_linear_dynamic`.
     * anything else: :func:`lowbit.kernels.dequantize` (Triton where it applies) + ``F.linear``.
@@ -246,8 +248,9 @@ class PreparedLinear:
     """Kernel layout of a 2-D weight for :func:`prepared_linear` (derived once, never saved).
 
     ``words`` int32 ``[N, K * bits / 32]`` (a view of the canonical codes where they are 4-byte aligned,
-    a repacked copy for GGUF blocks), ``scales`` float32 ``[N, K / G]``, ``zeros`` float32 ``[N, K / G]``
-    (kind 2: zero points; kind 3: additive minimums) or None, ``table`` float32 ``[16]`` for codebooks.
+    a repacked copy for GGUF blocks), ``scales`` float32 ``[N, K / G]`` (the state's own tensor where it is
+    float32; double-quantized scales decoded once), ``zeros`` ``[N, K / G]`` (kind 2: the state's uint8 zero
+    points, no copy; kind 3: float32 additive minimums) or None, ``table`` float32 ``[16]`` for codebooks.
     ``p4`` is the :class:`~lowbit.kernels.api.Prepared4bit` of the tensor-core GEMM (4-bit kinds 0-2).
     """
 
@@ -267,25 +270,52 @@ class PreparedLinear:
     plans: dict = dataclasses.field(default_factory=dict)
     sT: Optional[torch.Tensor] = None
     zT: Optional[torch.Tensor] = None
+    itable: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.table is not None and self.table2 is None and self.bits == 4:
             self.table2 = byte_pair_table(self.table).to(self.words.device)
+        if self.table is None and self.bits == 4 and self.itable is None:
+            # exact code values for the shuffle-table GEMV with integer codes (kind 1: q - zero; 2 / 3: q)
+            q = torch.arange(16, dtype=torch.float32)
+            self.itable = (q - self.zero if self.kind == 1 else q).to(self.words.device)
 
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype`` (one Triton pass over the codes; large M: then cuBLAS): the blockwise dequantize
-        for the 4-bit kinds 0-2 (nf4 / fp4 / int4), the row-contiguous pass of ``lowbit_mm.dequantize_rows`` for
-        8-bit weights and GGUF blocks (measured on the H200, ``bench/results/user_decode.md``: 1.4-2.5 TB/s for
-        int8 against 0.16-0.2 TB/s for the plane-order pass; for 4 bits it read slower than the blockwise one)."""
+    def transposed(self) -> None:
+        """Derive (once) ``sT`` / ``zT``: scales / zeros as ``[K / G, N]`` copies, for the group-step GEMV configs
+        that read them coalesced along N (suffix "t"). The default configs read the state's own ``[N, K / G]``
+        tensors instead (no copy on the device)."""
+        if self.sT is None:
+            self.sT = self.scales.reshape(self.n, -1).t().contiguous()
+            self.zT = self.zeros.reshape(self.n, -1).t().contiguous() if self.zeros is not None else None
+
+    def dense(self, dtype: torch.dtype, n0: int = 0, n1: Optional[int] = None) -> torch.Tensor:
+        """The weight (rows ``n0:n1``, default all) in ``dtype`` (one Triton pass over the codes; large M: then
+        cuBLAS): the blockwise dequantize for the 4-bit kinds 0-2 (nf4 / fp4 / int4), the row-contiguous pass of
+        ``lowbit_mm.dequantize_rows`` for 8-bit weights and GGUF blocks (measured on the H200,
+        ``bench/results/user_decode.md``: 1.4-2.5 TB/s for int8 against 0.16-0.2 TB/s for the plane-order pass;
+        for 4 bits it read slower than the blockwise one)."""
+        n1 = self.n if n1 is None else n1
+        part = (n0, n1) != (0, self.n)
         if self.p4 is not None and self.kind != 3:
             from lowbit.kernels import api
 
-            return api._dequant_prepared(self.p4, dtype)
+            if not part:
+                return api._dequant_prepared(self.p4, dtype)
+            from lowbit.kernels.triton import blockwise as bw
+
+            q = self.p4
+            rows = n1 - n0
+            z = q.zeros[n0:n1].reshape(-1) if q.zeros is not None else None
+            flat = bw.dequantize(q.qweight[n0:n1], q.scales[n0:n1], z, q.values if z is None else None,
+                                 rows * self.k, q.group, 4, bw.CODEBOOK if z is None else bw.ASYM, 0, dtype)
+            return flat.view(rows, self.k)
         from lowbit.kernels.triton import lowbit_mm as lm
 
-        return lm.dequantize_rows(self.words.view(torch.uint8), self.scales, self.zeros, self.table, self.n, self.k,
-                                  self.k // self.group, self.bits, self.group, self.kind, self.zero, dtype,
-                                  self.launch_cache)
+        wb = self.words.view(torch.uint8)
+        return lm.dequantize_rows(wb[n0:n1], self.scales[n0:n1],
+                                  self.zeros[n0:n1] if self.zeros is not None else None, self.table, n1 - n0,
+                                  self.k, self.k // self.group, self.bits, self.group, self.kind, self.zero, dtype,
+                                  None if part else self.launch_cache)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight from this layout (plain torch), equal to ``lowbit.dequantize`` up to float rounding."""
@@ -447,14 +477,40 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
         elif cfg[0] == "v1gemm":
             plan = _V1Gemm(("gemm",) + tuple(cfg[1:])) if p.p4 is not None and p.kind != 3 else _DENSE
         else:
-            if cfg[0].startswith("gemvg") and p.sT is None:  # derived once: scales / zeros as [K / G, N]
-                p.sT = p.scales.reshape(p.n, -1).t().contiguous()
-                p.zT = p.zeros.reshape(p.n, -1).t().contiguous() if p.zeros is not None else None
             from lowbit.kernels.triton import lowbit_mm as lm
 
             plan = lm.make_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, x2.dtype, bias is not None, cfg)
+            if plan.tsc:
+                p.transposed()
         p.plans[key] = plan
     return plan
+
+
+def dense_chunk_bytes() -> int:
+    """Largest dequantized weight (bytes) made at once by the dequantize + cuBLAS path (``LOWBIT_DENSE_CHUNK_MB``,
+    default 32; 0 = whole weights): larger weights are dequantized and multiplied in row blocks, so that the
+    transient float copy stays small (peak memory during prefill)."""
+    env = os.environ.get("LOWBIT_DENSE_CHUNK_MB")
+    if env is not None and env.strip() != "":
+        try:
+            return max(0, int(float(env) * (1 << 20)))
+        except ValueError:
+            raise ValueError(f"LOWBIT_DENSE_CHUNK_MB={env!r}: expected a number of MiB") from None
+    return 32 << 20
+
+
+def dense_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T + bias`` by dequantize + cuBLAS: the whole weight at once, or row blocks of a multiple of 128 rows
+    (at most :func:`dense_chunk_bytes` of dequantized weight each; the outputs concatenated) for a large weight
+    whose N is a multiple of 128."""
+    cap = dense_chunk_bytes()
+    es = torch.finfo(x.dtype).bits // 8
+    if not cap or p.n * p.k * es <= cap or p.n % 128:
+        return F.linear(x, p.dense(x.dtype), bias)
+    rows = max(128, (cap // (p.k * es)) // 128 * 128)
+    outs = [F.linear(x, p.dense(x.dtype, n0, min(n0 + rows, p.n)),
+                     bias[n0:n0 + rows] if bias is not None else None) for n0 in range(0, p.n, rows)]
+    return torch.cat(outs, -1)
 
 
 def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -472,7 +528,7 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     if plan is None:
         plan = _plan(p, M, x2, bias, key)
     if plan is _DENSE:
-        return F.linear(x, p.dense(x.dtype), bias)
+        return dense_linear(x, p, bias)
     if plan is _V1:
         return prepared_linear_v1(x, p, bias)
     run = plan.run  # the v1 plans (GEMV at M <= 4, tensor-core GEMM above); None on lm.Plan
@@ -481,8 +537,11 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     from lowbit.kernels.triton.lowbit_mm import run_plan
 
     if plan.tr:
-        y = run_plan(plan, x2, p.words, p.sT, p.zT, p.table2 if plan.pair else p.table, bias, p.n, p.k,
-                     p.k // p.group, 32 // p.bits)
+        t = p.table2 if plan.pair else (p.table if p.table is not None else p.itable)
+        if plan.tsc:
+            y = run_plan(plan, x2, p.words, p.sT, p.zT, t, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+        else:
+            y = run_plan(plan, x2, p.words, p.scales, p.zeros, t, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     else:
         y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     return y.view(*x.shape[:-1], p.n)

@@ -45,7 +45,7 @@ def _group_values(w_ptr, code_ptr, z_ptr, offs_n, nmask, k0, K, G: tl.constexpr,
             vh = vh - (8388608.0 + 8.0)
             vl = vl - (8388608.0 + 8.0)
         else:
-            z = tl.load(z_ptr + zidx, mask=nmask, other=0.0) + 8388608.0
+            z = tl.load(z_ptr + zidx, mask=nmask, other=0).to(tl.float32) + 8388608.0
             vh = vh - z[:, None]
             vl = vl - z[:, None]
     return tl.reshape(tl.join(vh, vl), (vh.shape[0], G))
@@ -164,7 +164,7 @@ def _group_split(w_ptr, code_ptr, z_ptr, offs_n, nmask, k0, K, G: tl.constexpr, 
             vh = vh - (8388608.0 + 8.0)
             vl = vl - (8388608.0 + 8.0)
         else:
-            z = tl.load(z_ptr + zidx, mask=nmask, other=0.0) + 8388608.0
+            z = tl.load(z_ptr + zidx, mask=nmask, other=0).to(tl.float32) + 8388608.0
             vh = vh - z[:, None]
             vl = vl - z[:, None]
     return vh, vl

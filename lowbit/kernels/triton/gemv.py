@@ -112,7 +112,7 @@ def _gemv_kernel(
             gi = srow + kb // G
             s = tl.load(s_ptr + gi)
             if KIND >= 2:
-                z = tl.load(z_ptr + gi)
+                z = tl.load(z_ptr + gi).to(tl.float32)
             else:
                 z = s
             w = _weights_ew(v, s, z, KIND, BITS, ZERO)
@@ -139,7 +139,7 @@ def _gemv_kernel(
             gi = srow + kb // G
             s = tl.load(s_ptr + gi)
             if KIND >= 2:
-                z = tl.load(z_ptr + gi)
+                z = tl.load(z_ptr + gi).to(tl.float32)
             else:
                 z = s
             xr = tl.load(x_ptr + kb + k3).to(tl.float32)

@@ -17,16 +17,24 @@ Dequantisation by bit tricks, scales once per word (a word never straddles a sca
   GGUF Q4_1): ``f = bitcast((q << (23 - BITS)) | 0x3F800000) = 1 + q / 2**BITS`` (one shift and one
   and-or per element, no int-to-float conversion), ``p = sum_e f_e x_e`` and ``X = sum_e x_e`` per word,
   then ``sum_e (q_e - z) x_e = 2**BITS p - (2**BITS + z) X``;
-* 4-bit codebooks (``KIND`` 0, NF4 / FP4): a 256-entry table of *byte -> (value of the high nibble, value
-  of the low nibble)* as two float32 in one int64, derived once from the 16-entry code: one 8-byte L1 load
-  per two weights, exact float32 values;
+* 4-bit tables held in registers (``SHFL``, the shipped NF4 / FP4 path at M <= 4, also tuned for some int4
+  shapes): lane ``l`` of every warp holds ``table[l % 16]`` (built once per program from the lane id and 16
+  uniform scalars, so no layout conversion moves it between threads), and each weight is one ``shfl.sync.idx``
+  on its code (the shuffle reads the low 5 bits, so a code needs only a shift): exact float32 values with no
+  memory access per weight (SASS on sm_90: 294 instructions per 64 weights per thread in the loop, against 845
+  for a table read from memory). Codebooks use their code values (``s * sum v x``); integer codes the 16 exact
+  code values ``q - ZERO`` (kind 1) or ``q`` (``s (sum q x - z sum x)``, ``s sum q x + m sum x``);
+* 4-bit codebooks from memory: a 256-entry table of *byte -> (value of the high nibble, value of the low
+  nibble)* as two float32 in one int64 (``PAIRT``), or the 16-entry float32 table, one L1 load per weight
+  (both slower than the v1 GEMV on the H200);
 * bf16 activations are read two at a time as 32-bit words and widened by a shift / a mask.
 
-``gemvg`` (M <= 4, the shipped GEMV for integer codes): one scale group (or a divisor of it) per step, scales
-and zeros read from a transposed ``[K / G, N]`` copy derived once (one coalesced load per row and step), 4-16
-words per row and step so that a warp spans 8-32 rows and every activation load serves all of them; codebooks
-read the 16-entry float32 table (one L1 load per weight: slower than v1 on the H200, so NF4/FP4 keep v1 at
-M = 1, see ``bench/results/gemv_sweep.md``).
+``gemvg`` (M <= 4, the shipped GEMV): one scale group (or a divisor of it) per step; the scale (zero point) of
+row n and group g read at ``n * ssn + g * ssg``: from the state's own ``[N, K / G]`` tensors (the default: no
+copy on the device; uint8 zero points widened when loaded) or from a transposed ``[K / G, N]`` copy derived
+once (config suffix "t": coalesced along N, 0-13% faster at M = 1 on the H200, see
+``bench/results/gemv_sweep.md``); 4-16 words per row and step so that a warp spans 8-32 rows and every
+activation load serves all of them; split-K partials summed in the kernel by the last program to arrive.
 
 ``gemv`` (M <= 4, run 1's layout): CUDA-core FMAs into float32 accumulators shaped like the word tile, reduced once after the
 loop; grid ``(N / BN, SPLIT_K)`` so that small N x K still fills all multiprocessors; split partials (float32
@@ -73,6 +81,30 @@ def _pair_table(words, B: tl.constexpr, t_ptr):
 
 
 @triton.jit
+def _lane_values(t_ptr, BN: tl.constexpr, BKW: tl.constexpr):
+    # per element of a [BN, BKW] tile: table[laneid % 16] as float32 bits (int32), the source register of
+    # _shfl_lookup; every element a thread holds carries its own lane's entry, so a warp holds the table twice.
+    # Built only from the lane id and 16 uniform scalars (no tensor load): the compiler can rematerialize it in the
+    # layout of the codes it meets instead of moving it between threads (which would break the lane invariant).
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros((BN, BKW), tl.int32)],
+                                     dtype=tl.int32, is_pure=True, pack=1) & 15
+    tv = tl.zeros((BN, BKW), tl.float32)
+    for i in tl.static_range(16):
+        tv = tl.where(lane == i, tl.load(t_ptr + i), tv)
+    return tv.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _shfl_lookup(tv, idx):
+    # table[idx & 15] from the registers of the warp: lane (idx & 31) holds table[idx & 15] (``shfl.idx`` reads the
+    # low 5 bits of idx only, so a code needs no mask: the bit above it picks lanes 16-31, which hold the same
+    # table). One warp shuffle per weight, no memory access, exact float32 table values.
+    v = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, 0xffffffff;", "=r,r,r", [tv, idx],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _xpair(xi_ptr, offs, X_BF16: tl.constexpr):
     # two consecutive activations (elements 2i, 2i+1) from one 32-bit load
     xb = tl.load(xi_ptr + offs)
@@ -86,10 +118,19 @@ def _xpair(xi_ptr, offs, X_BF16: tl.constexpr):
 
 
 @triton.jit
-def _word_update(acc, p, X, s, z, KIND: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr):
+def _word_update(acc, p, X, s, z, KIND: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr,
+                 EXACT: tl.constexpr = False):
+    # EXACT: p = sum_e v_e x_e with the exact code values of the shuffle table (kind 1: q - ZERO, kinds 2 / 3: q)
     SC: tl.constexpr = 1 << BITS
     if KIND == 0:
         acc += s * p
+    elif EXACT:
+        if KIND == 1:
+            acc += s * p
+        elif KIND == 2:
+            acc += s * (p - z * X[None, :])
+        else:
+            acc += s * p + z * X[None, :]
     elif KIND == 1:
         acc += s * (SC * p - (SC + ZERO) * X[None, :])
     elif KIND == 2:
@@ -129,7 +170,7 @@ def _gemv_kernel(
         gi = srow + ((kwb + kw) // (G // PER))[None, :]
         s = tl.load(s_ptr + gi)
         if KIND >= 2:
-            z = tl.load(z_ptr + gi)
+            z = tl.load(z_ptr + gi).to(tl.float32)
         else:
             z = s
         xo = (kwb + kw) * HALF
@@ -200,14 +241,19 @@ def _gemv_kernel(
 @triton.jit(do_not_specialize=["M", "kw_split", "n_iter"])
 def _gemvg_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr, o_ptr, c_ptr,
-    M, N, KW, NG, sxm, kw_split, n_iter,
+    M, N, KW, NG, sxm, kw_split, n_iter, ssn, ssg,
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, PAIRT: tl.constexpr = False,
-    PF: tl.constexpr = False, FIX: tl.constexpr = False,
+    PF: tl.constexpr = False, FIX: tl.constexpr = False, SHFL: tl.constexpr = False,
 ):
-    # GEMV with one scale group (or a divisor of one) per step: scales / zeros come TRANSPOSED ([NG, N], derived
-    # once) and are loaded once per row and step, coalesced along N; few words per row and step so that a warp
-    # spans many rows (every activation load serves them all). Codebooks read the 16-entry float32 table.
+    # GEMV with one scale group (or a divisor of one) per step: the scale (zero) of row n and group g at
+    # s_ptr + n * ssn + g * ssg (the state's own [N, NG] layout: ssn = NG, ssg = 1, no copy; or a transposed
+    # [NG, N] copy: ssn = 1, ssg = N, coalesced along N), loaded once per row and step (uint8 zero points are
+    # read as they are stored); few words per row and step so that a warp spans many rows (every activation load
+    # serves them all). Codebooks: the 16-entry float32 table read per weight (SHFL = False, PAIRT = False), the
+    # byte-pair table (PAIRT) or the table held in registers across the warp and read by a shuffle (SHFL). SHFL
+    # with integer codes: the 16 exact code values (kind 1: q - ZERO; kinds 2 / 3: q) from the same kind of table,
+    # in place of the 1 + q / 16 bit trick (t_ptr is then PreparedLinear.itable).
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2
     pid_n = tl.program_id(0)
@@ -217,6 +263,7 @@ def _gemvg_kernel(
     offs_n = tl.where(nmask, offs_n, 0)
     kw = tl.arange(0, BKW)
     wrow = w_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :]
+    srow = offs_n.to(tl.int64) * ssn
     xi_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     sx2 = sxm // 2
     kw_lo = pid_k * kw_split
@@ -224,12 +271,14 @@ def _gemvg_kernel(
     acc1 = tl.zeros((BN, BKW), tl.float32)
     acc2 = tl.zeros((BN, BKW), tl.float32)
     acc3 = tl.zeros((BN, BKW), tl.float32)
+    if SHFL:  # the codebook in registers: element e of a thread holds table[laneid % 16] (loaded once)
+        tv = _lane_values(t_ptr, BN, BKW)
     if PF:  # register prefetch: the next step's words / scales / zeros are loaded before this step's math
         words_n = tl.load(wrow + kw_lo)
         g0 = (kw_lo * PER) // G
-        s_n = tl.load(s_ptr + g0.to(tl.int64) * N + offs_n)[:, None]
+        s_n = tl.load(s_ptr + g0.to(tl.int64) * ssg + srow)[:, None]
         if KIND >= 2:
-            z_n = tl.load(z_ptr + g0.to(tl.int64) * N + offs_n)[:, None]
+            z_n = tl.load(z_ptr + g0.to(tl.int64) * ssg + srow).to(tl.float32)[:, None]
         else:
             z_n = s_n
     for it in range(0, n_iter):
@@ -241,17 +290,17 @@ def _gemvg_kernel(
             kwn = kw_lo + tl.minimum(it + 1, n_iter - 1) * BKW  # the last step re-loads its own tile
             words_n = tl.load(wrow + kwn)
             gn = (kwn * PER) // G
-            s_n = tl.load(s_ptr + gn.to(tl.int64) * N + offs_n)[:, None]
+            s_n = tl.load(s_ptr + gn.to(tl.int64) * ssg + srow)[:, None]
             if KIND >= 2:
-                z_n = tl.load(z_ptr + gn.to(tl.int64) * N + offs_n)[:, None]
+                z_n = tl.load(z_ptr + gn.to(tl.int64) * ssg + srow).to(tl.float32)[:, None]
             else:
                 z_n = s_n
         else:
             words = tl.load(wrow + kwb)
             g = (kwb * PER) // G
-            s = tl.load(s_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+            s = tl.load(s_ptr + g.to(tl.int64) * ssg + srow)[:, None]
             if KIND >= 2:
-                z = tl.load(z_ptr + g.to(tl.int64) * N + offs_n)[:, None]
+                z = tl.load(z_ptr + g.to(tl.int64) * ssg + srow).to(tl.float32)[:, None]
             else:
                 z = s
         xo = (kwb + kw) * HALF
@@ -264,7 +313,10 @@ def _gemvg_kernel(
         X2 = tl.zeros((BKW,), tl.float32)
         X3 = tl.zeros((BKW,), tl.float32)
         for b in tl.static_range(HALF):
-            if KIND == 0:
+            if SHFL:  # codes at bits 8b + 4 (even element) and 8b; the shuffle reads the low 5 bits only
+                v0 = _shfl_lookup(tv, words >> (8 * b + 4))
+                v1 = _shfl_lookup(tv, words >> (8 * b))
+            elif KIND == 0:
                 if PAIRT:  # byte-pair table: one 8-byte load per two weights
                     v0, v1 = _pair_table(words, b, t_ptr)
                 else:
@@ -292,13 +344,13 @@ def _gemvg_kernel(
                 x0, x1 = _xpair(xi_ptr, 3 * sx2 + xo + b, X_BF16)
                 p3 += v0 * x0[None, :] + v1 * x1[None, :]
                 X3 += x0 + x1
-        acc0 = _word_update(acc0, p0, X0, s, z, KIND, BITS, ZERO)
+        acc0 = _word_update(acc0, p0, X0, s, z, KIND, BITS, ZERO, SHFL)
         if BM > 1:
-            acc1 = _word_update(acc1, p1, X1, s, z, KIND, BITS, ZERO)
+            acc1 = _word_update(acc1, p1, X1, s, z, KIND, BITS, ZERO, SHFL)
         if BM > 2:
-            acc2 = _word_update(acc2, p2, X2, s, z, KIND, BITS, ZERO)
+            acc2 = _word_update(acc2, p2, X2, s, z, KIND, BITS, ZERO, SHFL)
         if BM > 3:
-            acc3 = _word_update(acc3, p3, X3, s, z, KIND, BITS, ZERO)
+            acc3 = _word_update(acc3, p3, X3, s, z, KIND, BITS, ZERO, SHFL)
     r0 = tl.sum(acc0, axis=1)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
@@ -400,7 +452,7 @@ def _gemm_kernel(
         gi = srow + (kx // (G // PER))[None, :]
         s = tl.load(s_ptr + gi)
         if KIND >= 2:
-            z = tl.load(z_ptr + gi)
+            z = tl.load(z_ptr + gi).to(tl.float32)
         else:
             z = s
         for b in tl.static_range(PER // 2):
@@ -454,7 +506,7 @@ class Plan:
     float32 split-K workspace per stream (reused: the kernel overwrites all of it before the reduction)."""
 
     __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
-                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair", "fix")
+                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair", "fix", "tsc")
     run = None  # the v1 plans of lowbit.kernels.linear carry a run method; this one goes through run_plan
 
     def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
@@ -466,27 +518,41 @@ class Plan:
         self.ws = {}
         self.rgrid = None
         self.rconsts = None
-        self.tr = fn is _gemvg_kernel  # reads transposed scales / zeros and the 16-entry table
+        self.tr = fn is _gemvg_kernel  # the group-step GEMV (scale strides, output + counters, 16-entry table)
         self.pair = bool(consts.get("PAIRT", False))  # ... or the byte-pair table (``table2``)
         self.fix = bool(consts.get("FIX", False))  # split-K partials summed in-kernel (no reduction launch)
+        self.tsc = False  # scales / zeros read from a transposed [K / G, N] copy (else the state's [N, K / G])
 
 
-GEMVG_NAMES = ("gemvg", "gemvgp", "gemvgf", "gemvgpf")
+def shuffle_supported() -> bool:
+    """Whether the warp-shuffle codebook lookup (inline PTX) can run: NVIDIA GPUs, not Triton's CPU interpreter
+    (``TRITON_INTERPRET=1``) nor ROCm; elsewhere "s" configs read the 16-entry table from memory instead."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and not getattr(torch.version, "hip", None)
+
+
+def is_gemvg(name: str) -> bool:
+    """Whether ``name`` is a group-step GEMV config name: "gemvg" + any of the suffix letters p, s, f, t."""
+    return name.startswith("gemvg") and set(name[5:]) <= set("psft") and not ("p" in name[5:] and "s" in name[5:])
 
 
 def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
-    """``config``: GEMV ``("gemv" | "gemvg" | "gemvgp" | "gemvgf" | "gemvgpf", BN, BKW, split_k, warps, stages)``
-    (M <= 4; "gemvg" = the group-step GEMV, suffix "p": a codebook read through the byte-pair table, suffix "f":
-    register prefetch of the next step's words and scales) or GEMM ``("gemm", BM, BN, BKW, split_k, warps,
-    stages)``."""
+    """``config``: GEMV ``("gemv" | "gemvg<suffix>", BN, BKW, split_k, warps, stages)`` (M <= 4; "gemvg" = the
+    group-step GEMV; suffix letters: "p" a codebook read through the byte-pair table, "s" a codebook held in
+    registers and read by warp shuffles, "f" register prefetch of the next step's words and scales, "t" scales /
+    zeros read from a transposed copy; e.g. "gemvgsf") or GEMM ``("gemm", BM, BN, BKW, split_k, warps, stages)``."""
     per = 32 // bits
     KW = K // per
-    pair = pf = False
-    if config[0] in GEMVG_NAMES:
+    pair = pf = shfl = tsc = False
+    if is_gemvg(config[0]):
         suffix = config[0][len("gemvg"):]
-        pair, pf = "p" in suffix, "f" in suffix
-        if pair and (kind != 0 or bits != 4):
-            raise ValueError(f"{config[0]} reads a 4-bit codebook; got bits={bits}, kind={kind}")
+        pair, pf, shfl, tsc = "p" in suffix, "f" in suffix, "s" in suffix, "t" in suffix
+        if (pair and kind != 0) or ((pair or shfl) and bits != 4):
+            raise ValueError(f"{config[0]} reads a 4-bit table (suffix p: codebooks only); got bits={bits}, "
+                             f"kind={kind}")
+        if shfl and not shuffle_supported():  # the same config reading the table from memory (same results)
+            shfl = False
         config = ("gemvg",) + tuple(config[1:])
     if config[0] in ("gemv", "gemvg"):
         _, BN, BKW, split_k, warps, stages = config
@@ -501,9 +567,10 @@ def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     if config[0] in ("gemv", "gemvg"):
         consts.update(X_BF16=x_dtype == torch.bfloat16, BM=M, BN=BN, BKW=BKW)
         if config[0] == "gemvg":  # every constexpr explicit, in signature order: the direct launch passes cvals
-            consts.update(PAIRT=pair, PF=pf, FIX=split > 1)
-        plan = Plan(_gemv_kernel if config[0] == "gemv" else _gemvg_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages,
-                    False)
+            consts.update(PAIRT=pair, PF=pf, FIX=split > 1, SHFL=shfl)
+        plan = Plan(_gemv_kernel if config[0] == "gemv" else _gemvg_kernel, (-(-N // BN), split), split, kw_split,
+                    kw_split // BKW, consts, warps, stages, False)
+        plan.tsc = tsc
     else:
         consts.update(BM=BM, BN=BN, BKW=BKW, GROUP_M=8)
         plan = Plan(_gemm_kernel, (-(-M // BM) * -(-N // BN), split), split, kw_split, kw_split // BKW, consts,
@@ -534,7 +601,8 @@ except ImportError:  # older Triton: no direct launches (every call through the 
 
 
 def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
-    """Launch ``plan`` on ``x2 [M, K]`` (unit stride along K, even row stride) -> ``[M, N]`` in x's dtype."""
+    """Launch ``plan`` on ``x2 [M, K]`` (unit stride along K, even row stride) -> ``[M, N]`` in x's dtype.
+    ``scales`` / ``zeros``: ``[N, NG]``, or ``[NG, N]`` where ``plan.tsc``."""
     M = x2.shape[0]
     dev = x2.device
     stream = _stream(dev) if plan.compiled is not None else 0
@@ -556,8 +624,9 @@ def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     t = table if table is not None else scales
     b = bias if bias is not None else scales
     if plan.tr:  # the group-step GEMV also takes the output and the counters (fixup; unused without a split)
+        ssn, ssg = (1, N) if plan.tsc else (NG, 1)
         args = (x2, words, scales, z, t, b, y, out, cnt if cnt is not None else scales, M, N, K // per, NG,
-                x2.stride(0), plan.kw_split, plan.n_iter)
+                x2.stride(0), plan.kw_split, plan.n_iter, ssn, ssg)
     else:
         args = (x2, words, scales, z, t, b, y, M, N, K // per, NG, x2.stride(0), plan.kw_split, plan.n_iter)
     ck = _launch(plan.fn, plan.compiled, plan.grid, args, plan.consts, plan.cvals, plan.warps, plan.stages, stream)
@@ -585,7 +654,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, KW, NG,
     gi = offs_nc[:, None].to(tl.int64) * NG + (kx // (G // PER))[None, :]
     s = tl.load(s_ptr + gi)
     if KIND >= 2:
-        z = tl.load(z_ptr + gi)
+        z = tl.load(z_ptr + gi).to(tl.float32)
     else:
         z = s
     ty: tl.constexpr = out_ptr.dtype.element_ty
@@ -638,7 +707,7 @@ def _dequant_bytes_kernel(b_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NG,
         gi = offs_nc[:, None] * NG + (k // G)[None, :]
         s = tl.load(s_ptr + gi, mask=kmask[None, :], other=0.0)
         if KIND >= 2:
-            z = tl.load(z_ptr + gi, mask=kmask[None, :], other=0.0)
+            z = tl.load(z_ptr + gi, mask=kmask[None, :], other=0).to(tl.float32)
         else:
             z = s
         w = _plane_weight(v, s, z, KIND, ZERO, ty)
@@ -658,7 +727,7 @@ def _dequant_bytes_kernel(b_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NG,
         gi = offs_nc[:, None] * NG + ((2 * j) // G)[None, :]  # G is even: both nibbles of a byte share a group
         s = tl.load(s_ptr + gi, mask=jmask[None, :], other=0.0)
         if KIND >= 2:
-            z = tl.load(z_ptr + gi, mask=jmask[None, :], other=0.0)
+            z = tl.load(z_ptr + gi, mask=jmask[None, :], other=0).to(tl.float32)
         else:
             z = s
         wh = _plane_weight(vh, s, z, KIND, ZERO, ty)
