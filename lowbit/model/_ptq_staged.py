@@ -411,6 +411,43 @@ def _states_follow(states: Dict[str, Any], names, model, home: torch.device) -> 
         states[n] = own if own is not None and own.device == home else st.to(home)
 
 
+def _head_only(model: nn.Module) -> set:
+    """Ids of the output embedding's tensors when it is not tied to the input embedding (the block-0 capture
+    stops before it: it need not go to the device when nothing outside the blocks is quantized)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    inp = get_in() if callable(get_in) else None
+    if out is None or not isinstance(out, nn.Module):
+        return set()
+    in_ids = {id(t) for t in inp.parameters()} if isinstance(inp, nn.Module) else set()
+    own = [t for t in list(out.parameters()) + list(out.buffers())]
+    if not own or any(id(t) in in_ids for t in own):
+        return set()
+    return {id(t) for t in own}
+
+
+def _device_bytes(kept: list, model: nn.Module, blocks, device: torch.device) -> int:
+    """Bytes of the device copies of the tensors :func:`_to_device_except` moved (``kept``)."""
+    n = 0
+    for p, mod, key, _ in kept:
+        t = p if p is not None else mod._buffers.get(key)
+        if t is not None and t.device.type == device.type:
+            n += t.numel() * t.element_size()
+    return n
+
+
+def _drop_replaced(selected: Dict[str, nn.Linear], sel, model: nn.Module) -> None:
+    """Forget the ``nn.Linear`` objects of ``sel`` that the block's quantized modules replaced: the pipeline's
+    references were the last to their float weights, which stayed on the device with every finished block
+    (the quantized module took over the weight's Parameter and dropped it; 8B: 0.44 GB per block, the 70B
+    shape 1.6 GB: the GPU peak grew with the layers)."""
+    for n in list(sel):
+        lin = selected.get(n)
+        if lin is not None and model.get_submodule(n) is not lin:
+            del selected[n]
+
+
 def _prefetching(device: torch.device, homes, cfg: _RunConfig) -> bool:
     """Whether the next block's weights are copied to the GPU while the current block calibrates: CUDA, blocks
     kept off the device, not streamed from files. ``LOWBIT_PREFETCH=0`` turns it off."""
@@ -423,18 +460,29 @@ def _prefetching(device: torch.device, homes, cfg: _RunConfig) -> bool:
 class _Prefetch:
     """``block.to(device)`` in a background thread on a side CUDA stream (the copies overlap the current
     block's kernels on the main stream); :meth:`wait` joins it (the copy is complete on the device then: a
-    blocking copy synchronises its stream) and re-raises its error. Same values as the plain move."""
+    blocking copy synchronises its stream) and re-raises its error. Same values as the plain move.
 
-    def __init__(self, block: nn.Module, device: torch.device, stream: "torch.cuda.Stream") -> None:
+    Also the way home (``device`` the block's home, ``wait_main``: the side stream first waits for the work
+    queued on the GPU's default stream, which computed the block's quantized states); ``after()`` runs in the
+    thread once the block is there."""
+
+    def __init__(self, block: nn.Module, device: torch.device, stream: "torch.cuda.Stream",
+                 after: Optional[Callable[[], None]] = None, wait_main: bool = False) -> None:
         self.err: Optional[BaseException] = None
-        dev = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        gpu = stream.device
+        dev = device if device.type != "cuda" else \
+            torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
         def work() -> None:
             try:
-                torch.cuda.set_device(dev)
+                torch.cuda.set_device(gpu)
                 with torch.cuda.stream(stream):
+                    if wait_main:
+                        stream.wait_stream(torch.cuda.default_stream(gpu))
                     block.to(dev)
-                    torch.cuda.current_stream(dev).synchronize()
+                    stream.synchronize()
+                if after is not None:
+                    after()
             except BaseException as e:  # re-raised by wait()
                 self.err = e
 
@@ -477,16 +525,24 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
         return
 
     kept: list = []  # the non-block tensors left at home: put back at the end if the run changed none
-    _to_device_except(model, blocks, device, keep=kept)
+    prefixes = tuple(f"{blocks_name}.{i}." if blocks_name else f"{i}." for i in range(len(blocks)))
+    outside_sel = [n for n in selected if not n.startswith(prefixes)]
+    # nothing to quantize outside the blocks: the non-block tensors are needed on the device only for the
+    # block-0 capture, and go home (the originals put back, no copies) right after it; an output embedding not
+    # tied to the input one is not needed there at all (the capture stops at block 0)
+    skip = set() if outside_sel else _head_only(model)
+    _to_device_except(model, blocks, device, keep=kept, skip=skip)
     dtype_bytes = next(model.parameters()).element_size()
     block_bytes = sum(p.numel() * p.element_size() for p in blocks[0].parameters())
     homes = [next(b.parameters()).device for b in blocks]
     prefetch = _prefetching(device, homes, cfg)
+    homeward_async = prefetch and cfg.checkpoint_dir is None
     reserve = max(_working_reserve(b, cfg.micro_batch, seq, dtype_bytes) for b in blocks[:1]) + \
-        (block_bytes * (2 if prefetch else 1) if device != home else 0)
+        (block_bytes * (2 if prefetch else 1) + (block_bytes // 3 if homeward_async else 0) if device != home else 0)
     store = _make_store(device, cfg, reserve)
     ahead: Optional[_Prefetch] = None
-    side = None
+    behind: Optional[_Prefetch] = None  # the previous block on its way home
+    side = side_home = None
     checkpoints = ckpt.BlockCheckpoints(cfg.checkpoint_dir, cfg.fingerprint) if cfg.checkpoint_dir else None
     start_block = 0
     try:
@@ -501,6 +557,10 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
             items = []
             for a, b in mbs:
                 items.append(store.put(_capture_block0(model, blocks[0], ids[a:b], b - a, device)[0]))
+        if not outside_sel and kept:  # the non-block tensors' device copies are not needed any more
+            freed = _device_bytes(kept, model, blocks, device)
+            _restore_kept(kept)
+            store.budget += freed  # room for activations (the budget was set with them on the device)
         inside = set(n for n in selected if any(n.startswith(f"{blocks_name}.{i}.") for i in range(start_block)))
         bar = _progress(total=len(blocks), desc=f"{method} blocks", enabled=progress)
         bar.update(start_block)
@@ -541,8 +601,21 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
                     new_items.append(store.put(((out,) + tuple(args[1:]), kwargs)))
                     del args, kwargs, out
             items = new_items
-            block.to(block_home)
-            _states_follow(states, sel, model, block_home)
+            _drop_replaced(selected, sel, model)  # the replaced linears' float weights (on the device) freed
+            sel = dict.fromkeys(sel)  # the names only: no reference to the replaced modules is left
+            if behind is not None:
+                behind.wait()
+                behind = None
+            if homeward_async and block_home != device:
+                # the quantized block goes home in the background while the next one calibrates
+                if side_home is None:
+                    side_home = torch.cuda.Stream(device if device.index is not None else None)
+                behind = _Prefetch(block, block_home, side_home,
+                                   after=lambda names=list(sel), h=block_home: _states_follow(states, names, model, h),
+                                   wait_main=True)
+            else:
+                block.to(block_home)
+                _states_follow(states, sel, model, block_home)
             for k, v in store.peak.items():
                 extra["offload_peak_bytes"][k] = max(extra["offload_peak_bytes"][k], v)
             if checkpoints is not None:
@@ -556,8 +629,9 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
         for k in items:
             store.drop(k)
     finally:
-        if ahead is not None:
-            ahead.wait()
+        for job in (ahead, behind):
+            if job is not None:
+                job.wait()
         store.close()
     rest = {n: m for n, m in selected.items() if n not in inside}
     if rest:  # selected linears outside the blocks (e.g. lm_head when included): whole-model pass

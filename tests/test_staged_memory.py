@@ -1,0 +1,76 @@
+"""The staged pipeline lets go of what a finished block no longer needs (issue 18/20, the GPU peak grew with the
+layers): the replaced ``nn.Linear`` objects (whose float weights stayed on the device), and the tensors outside
+the blocks once block 0's inputs are captured. CPU checks of the references; the device bytes are measured in
+bench/results/multi_gpu.md."""
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from lowbit.model import _ptq_staged  # noqa: E402
+from lowbit.model.sequential import quantize_model_ptq  # noqa: E402
+from tests.test_sequential import _ids, _tiny_llama  # noqa: E402
+
+
+def _four_layers():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_replaced_linears_are_released_block_by_block(monkeypatch):
+    model = _four_layers()
+    refs = {n: weakref.ref(m) for n, m in model.named_modules() if type(m) is nn.Linear and "layers." in n}
+    seen = []
+    orig = _ptq_staged._states_follow
+
+    def follow(states, names, model_, home):
+        orig(states, names, model_, home)
+        gc.collect()
+        done = {n.split(".")[2] for n in names}
+        alive = [n for n, r in refs.items() if r() is not None and n.split(".")[2] in done]
+        seen.append((sorted(done), alive))
+
+    monkeypatch.setattr(_ptq_staged, "_states_follow", follow)
+    quantize_model_ptq(model, method="gptq", bits=4, group_size=32, sym=False, calib_dataset=_ids(6, 16),
+                       micro_batch=2, progress=False)
+    assert [d for d, _ in seen] == [["0"], ["1"], ["2"], ["3"]]
+    # after its block finished, no replaced linear of it is referenced any more (its weight could stay on a GPU)
+    assert all(alive == [] for _, alive in seen), seen
+
+
+def test_codes_unchanged_by_the_release():
+    """The same codes as a run that keeps every reference (the release only drops references)."""
+    a = quantize_model_ptq(_tiny_llama(), method="gptq", bits=4, group_size=32, sym=False,
+                           calib_dataset=_ids(6, 16), micro_batch=2, progress=False)
+    keep = []
+    orig = _ptq_staged._drop_replaced
+    try:
+        _ptq_staged._drop_replaced = lambda selected, sel, model: keep.extend(sel[n] for n in sel)
+        b = quantize_model_ptq(_tiny_llama(), method="gptq", bits=4, group_size=32, sym=False,
+                               calib_dataset=_ids(6, 16), micro_batch=2, progress=False)
+    finally:
+        _ptq_staged._drop_replaced = orig
+    assert keep
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_head_only_and_device_bytes():
+    untied = _four_layers()
+    ids = _ptq_staged._head_only(untied)
+    assert ids == {id(untied.lm_head.weight)}
+    tied = _tiny_llama()
+    assert _ptq_staged._head_only(tied) == set()  # the head is the input embedding: needed for the capture
+    kept = [(untied.lm_head.weight, None, None, untied.lm_head.weight.data)]
+    assert _ptq_staged._device_bytes(kept, untied, untied.model.layers, torch.device("cpu")) == 128 * 64 * 4
