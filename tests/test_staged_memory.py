@@ -74,3 +74,26 @@ def test_head_only_and_device_bytes():
     assert _ptq_staged._head_only(tied) == set()  # the head is the input embedding: needed for the capture
     kept = [(untied.lm_head.weight, None, None, untied.lm_head.weight.data)]
     assert _ptq_staged._device_bytes(kept, untied, untied.model.layers, torch.device("cpu")) == 128 * 64 * 4
+
+
+def test_damped_and_chunked_hessian_are_bit_identical():
+    """``_damped`` (no identity matrix) equals ``H + damp * eye`` bit for bit, signed zeros included; the row-sliced
+    float32 Hessian equals ``hessian().float()``; the in-place factor equals the copying one."""
+    from lowbit.algorithms import gptq
+    from lowbit.algorithms.stats import InputStats
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 80, generator=g)
+    X[:, 5] = 0.0
+    H = X.T @ X / 300
+    H[H.abs() < 0.05] = -0.0
+    for damp in (0.0, 0.37):
+        ref = H + damp * torch.eye(80)
+        assert torch.equal(gptq._damped(H, damp).view(torch.int32), ref.view(torch.int32))
+    st = InputStats(80, hessian=True, absmean=False, dtype=torch.float64)
+    st.add_samples(X.reshape(3, 100, 80))
+    assert torch.equal(st.hessian_as(torch.float32), st.hessian().float())
+    a = gptq.gptq_factor(H, 0.01, True)
+    b = gptq.gptq_factor(H.clone(), 0.01, True, inplace=True)
+    for x, y in zip(a[:4], b[:4]):
+        assert torch.equal(x, y)

@@ -145,6 +145,16 @@ def lower_triangular_inverse(L: torch.Tensor, chunk: Optional[int] = None,
     return out
 
 
+def _damped(H: torch.Tensor, damp: float, inplace: bool = False) -> torch.Tensor:
+    """``H + damp * I`` without the identity matrix (two fewer ``K x K`` temporaries on the GPU), bit for bit:
+    ``h + damp * 0`` is ``h + 0.0`` off the diagonal (which also turns ``-0.0`` into ``+0.0``, as the sum with
+    the identity did) and ``h + damp * 1`` on it. ``inplace``: ``H`` itself is changed and returned."""
+    A = H if inplace else H.clone()
+    A.add_(0.0)
+    A.diagonal().add_(damp)
+    return A
+
+
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6,
                             method: Optional[str] = None, share: Optional[Callable[..., None]] = None):
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^{-1}`` (``H^{-1} = U^T U``) and ``lambda``.
@@ -162,16 +172,22 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
         raise ValueError(f"method={method!r}: expected one of {FACTORS[1:]}")
     mean_diag = torch.diag(H).mean().item()
     damp = percdamp * mean_diag
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries):
         if method == "flip":
-            L, info = torch.linalg.cholesky_ex((H + damp * eye).flip((0, 1)))
+            A = _damped(H.flip((0, 1)), damp)  # the reversal keeps the diagonal on the diagonal
+            L, info = torch.linalg.cholesky_ex(A)
+            del A
             if int(info) == 0:
-                U = lower_triangular_inverse(L, share=share).flip((0, 1))
+                Linv = lower_triangular_inverse(L, share=share)
+                del L
+                U = Linv.flip((0, 1))
+                del Linv
                 if bool(torch.isfinite(U).all()):
                     return U, damp
         else:
-            L, info = torch.linalg.cholesky_ex(H + damp * eye)
+            A = _damped(H, damp)
+            L, info = torch.linalg.cholesky_ex(A)
+            del A
             if int(info) == 0:
                 Hinv = torch.cholesky_inverse(L)
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
@@ -192,12 +208,15 @@ ROW_CHUNK = 1024
 
 
 def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
-                share: Optional[Callable[..., None]] = None) -> tuple:
+                share: Optional[Callable[..., None]] = None, inplace: bool = False) -> tuple:
     """What :func:`gptq_quantize` derives from ``H`` alone: ``(H with dead inputs fixed, dead mask,
     column order, upper Cholesky factor of the damped inverse, dampening)``. Pass it as ``factor=``
     to quantize several weights that share ``H`` (q/k/v) without repeating the factorisation.
-    ``share``: see :func:`damped_inverse_cholesky` (the ``"flip"`` factorisation's chunks spread over ranks)."""
-    H = H.detach().float().clone()
+    ``share``: see :func:`damped_inverse_cholesky` (the ``"flip"`` factorisation's chunks spread over ranks).
+    ``inplace``: ``H`` (float32) is used and changed (dead inputs) instead of copied: one ``K x K`` matrix less
+    on the device, for callers that hand it over."""
+    H = H.detach()
+    H = H if inplace and H.dtype == torch.float32 else H.float().clone()
     K = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -205,7 +224,10 @@ def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(K, device=H.device)
-    Hp = H[perm][:, perm]
+    Hp = torch.empty_like(H)  # H[perm][:, perm], gathered in row slices (no second K x K temporary)
+    step = max(1, (64 * 2 ** 20) // max(K * H.element_size(), 1))
+    for r in range(0, K, step):
+        Hp[r:r + step] = H[perm[r:r + step]][:, perm]
     U, damp = damped_inverse_cholesky(Hp, percdamp, share=share)
     return H, dead, perm, U, damp
 
@@ -397,10 +419,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     if contiguous and g < K:
         blocksize = max(g, (blocksize // g) * g)  # blocks made of whole groups
 
-    if static_groups:
-        Hd = H + damp * torch.eye(K, dtype=H.dtype, device=dev)
+    if static_groups:  # each group's block of H + damp I (the same values as slices of the whole sum)
         for gi, (a, b) in enumerate(bounds):
-            S = None if objective == "mse" else Hd[a:b, a:b]
+            S = None if objective == "mse" else _damped(H[a:b, a:b], damp)
             scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], S)
             fitted[gi] = True
 

@@ -269,9 +269,9 @@ class _BlockRunner:
                     ref = self.modules[stage.names[0]]
                     st = InputStats(ref.in_features, hessian=self.need_h, absmean=self.need_abs,
                                     device=ref.weight.device, dtype=torch.float64)
-                st = _reduce_stats(st, sum_in_rank_order)
+                stage.stats = _reduce_stats(st, sum_in_rank_order)
                 self.acc = {}
-                stage.stats = st
+                del st  # the stage holds the only reference: a method may let go of it once read (GPTQ does)
                 self.quantize_stage(stage)
                 stage.stats = None
                 stage.done = True
