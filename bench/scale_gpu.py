@@ -25,6 +25,7 @@ ROOT = os.path.dirname(HERE)
 SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
           "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+          "smoke": dict(hidden_size=1024, intermediate_size=4608, num_attention_heads=8, num_key_value_heads=2),
           "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)}
 
 
@@ -93,21 +94,23 @@ def worker(spec: dict) -> None:
     t_build = time.perf_counter() - t_build
     ids = torch.randint(0, cfg.vocab_size, (spec.get("n_samples", 128), spec.get("seq_len", 2048 if cuda else 64)),
                         generator=torch.Generator().manual_seed(1))
-    pred = plan(model, spec["method"], bits=4, group_size=128, n_samples=ids.shape[0], seq_len=ids.shape[1],
-                device="cuda" if cuda else "cpu", **({"max_memory": spec["kwargs"]["max_memory"]} if "max_memory" in spec.get("kwargs", {})
+    smoke = spec["shape"] == "smoke"
+    pred = {} if smoke else plan(model, spec["method"], bits=4, group_size=128, n_samples=ids.shape[0], seq_len=ids.shape[1],
+                device="cuda" if cuda else "cpu", n_gpus=world, **({"max_memory": spec["kwargs"]["max_memory"]} if "max_memory" in spec.get("kwargs", {})
                                   and "max_memory" in plan.__code__.co_varnames else {}))
     from lowbit.model import plan_gpu
 
     t_rates = time.perf_counter()
-    rates = plan_gpu.measure_rates(dev) if cuda else None
+    rates = plan_gpu.measure_rates(dev) if cuda and not smoke else None
     t_rates = time.perf_counter() - t_rates
     pred_gpu = plan_gpu.gpu_seconds(model, spec["method"], ids.shape[0], ids.shape[1], world=world, rates=rates)
     from lowbit.model.plan import staged_device_bytes
     from lowbit.model.offload import parse_bytes
 
     try:
-        pred_mem = staged_device_bytes(model, ids.shape[0] // world, ids.shape[1], spec.get("kwargs", {}).get("micro_batch", 8),
-                                       parse_bytes(spec.get("kwargs", {}).get("max_memory")), world=1)
+        pred_mem = staged_device_bytes(model, ids.shape[0], ids.shape[1], spec.get("kwargs", {}).get("micro_batch", 8),
+                                       parse_bytes(spec.get("kwargs", {}).get("max_memory")), world=world,
+                                       method=spec["method"])
     except TypeError:
         pred_mem = None
     blocks_log = _install_block_log(timers)
@@ -142,7 +145,8 @@ def worker(spec: dict) -> None:
         digests.append(h.hexdigest()[:16])
     res = {"rank": rank, "world": world, "wall_s": wall, "build_s": t_build, "timers": dict(timers),
            "timers_nested": dict(nested), "block_prefetch": model.ptq_summary.get("block_prefetch"),
-           "env": {k: os.environ.get(k) for k in ("LOWBIT_GPTQ_FACTOR", "LOWBIT_DP_BATCH", "LOWBIT_PREFETCH")},
+           "env": {k: os.environ.get(k) for k in ("LOWBIT_GPTQ_FACTOR", "LOWBIT_DP_BATCH", "LOWBIT_PREFETCH",
+                                                  "LOWBIT_OUTSIDE_HOME", "LOWBIT_HOME_ASYNC", "LOWBIT_DP_FACTOR")},
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
            "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
            "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -457,6 +461,30 @@ def main_steps(args, steps) -> None:
     if os.environ.get("SCALE_DEVICE") == "cpu":  # local smoke test: the tiny shape, 2 layers
         steps = [[[(n + "_smoke", "tiny", 2, m, p, kw, g, 0) for n, _, _, m, p, kw, g, _ in c] for c in st]
                  for st in steps]
+    fallback = {"LOWBIT_OUTSIDE_HOME": "0", "LOWBIT_HOME_ASYNC": "0", "LOWBIT_DP_FACTOR": "every"}
+    if os.environ.get("SCALE_SMOKE", "1") == "force" or (os.environ.get("SCALE_SMOKE", "1") == "1"
+                                                         and os.environ.get("SCALE_DEVICE") != "cpu"):
+        smoke = {}
+        for tag, env, nproc in (("new", {}, 1), ("new", {}, 2)):
+            if True:
+                spec = {"name": f"smoke_{tag}_{nproc}", "shape": "smoke", "layers": 3, "method": "gptq", "nproc": nproc,
+                        "kwargs": {"max_memory": "2GB"}, "tmp": tmp, "env": dict(env), "gpu": 0,
+                        "n_samples": 16, "seq_len": 256}
+                r = launch(spec, 90)
+                smoke[spec["name"]] = {"error": (r["error"] or "")[-1500:], "process_s": r["process_s"],
+                                       "digests": [x["digests"] for x in r["ranks"]],
+                                       "peak_gpu_mb": [x["peak_gpu_mb"] for x in r["ranks"]],
+                                       "wall_s": [x["wall_s"] for x in r["ranks"]]}
+        ok = all(not v["error"] and v["digests"] for v in smoke.values()) and len(
+            {json.dumps(d) for v in smoke.values() for d in v["digests"]}) == 1
+        results["smoke"] = dict(smoke, ok=ok)
+        print("smoke", json.dumps({k: (v if k == "ok" else {"error": v["error"][-300:], "d": v["digests"][:1],
+                                                            "wall": v["wall_s"]}) for k, v in results["smoke"].items()}),
+              flush=True)
+        if not ok:  # run 8's new paths broke something on the GPU: measure without them
+            os.environ.update(fallback)
+            results["fallback_env"] = fallback
+        save()
     for step in steps:
         threads = [threading.Thread(target=chain, args=(c,)) for c in step]
         for th in threads:

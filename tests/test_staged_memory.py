@@ -97,3 +97,46 @@ def test_damped_and_chunked_hessian_are_bit_identical():
     b = gptq.gptq_factor(H.clone(), 0.01, True, inplace=True)
     for x, y in zip(a[:4], b[:4]):
         assert torch.equal(x, y)
+
+
+def _meta_llama(layers=2, hidden=256, inter=512, vocab=1000, tie=True):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=tie)
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def test_staged_device_bytes_follows_the_pipeline():
+    from lowbit.model._ptq_staged import _working_reserve
+    from lowbit.model.plan import staged_device_bytes
+
+    m = _meta_llama()
+    free = staged_device_bytes(m, 64, 128, 8)  # no budget: the whole store on the device
+    assert free["store"] == 64 * 128 * 2 * (2 * 256 + (256 + 128 + 128 + 256 + 512 + 512 + 256))
+    assert free["total"] == max(free["capture"], free["blocks"] + free["store"] + free["work"])
+    two = staged_device_bytes(m, 64, 128, 8, world=2)
+    assert two["store"] == free["store"] / 2 and two["work"] <= free["work"]
+    # a budget: the store gets what the pipeline's reserve leaves
+    block = free["block"]
+    reserve = _working_reserve(m.model.layers[0], 8, 128, 2) + 2 * block + block // 3
+    assert free["reserve"] == reserve
+    capped = staged_device_bytes(m, 64, 128, 8, budget=reserve + 10_000)
+    assert capped["store"] == 10_000
+    # streamed (no prefetch): one block fewer; the untied head stays home
+    assert staged_device_bytes(m, 64, 128, 8, prefetch=False)["blocks"] == free["blocks"] - block
+    untied = _meta_llama(tie=False)
+    assert staged_device_bytes(untied, 64, 128, 8)["outside"] == free["outside"]
+    assert staged_device_bytes(untied, 64, 128, 8, outside_selected=True)["outside"] == 2 * free["outside"] - 256 * 2
+
+
+def test_plan_70b_class_fits_40gb():
+    """Issue 18: the 70B class (hidden 8192, MLP 28,672) at 128 x 2048 under max_memory 40GB: plan's peak GPU
+    (one H200) stays under 40 GB. Two layers suffice: the peak is per block."""
+    from lowbit.model.plan import staged_device_bytes
+
+    m = _meta_llama(layers=2, hidden=8192, inter=28672, vocab=128256)
+    d = staged_device_bytes(m, 128, 2048, 8, budget=40 * 2 ** 30)
+    assert d["total"] <= 40 * 2 ** 30

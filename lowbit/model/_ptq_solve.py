@@ -163,8 +163,9 @@ def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, s
         opts["gguf_type"] = types
     if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
         stage.fold, stage.tie = None, None
-    H = stage.stats.hessian().float()
+    H = stage.stats.hessian_as(torch.float32)  # the values of hessian().float(), without the float64 quotient
     mean = stage.stats.act_absmean().float()
+    stage.stats = None  # the float64 sums are not needed any more
     ws = [modules[n].weight.detach() for n in stage.names]
 
     def search():

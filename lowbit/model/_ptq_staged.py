@@ -530,16 +530,20 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
     # nothing to quantize outside the blocks: the non-block tensors are needed on the device only for the
     # block-0 capture, and go home (the originals put back, no copies) right after it; an output embedding not
     # tied to the input one is not needed there at all (the capture stops at block 0)
-    skip = set() if outside_sel else _head_only(model)
+    import os
+
+    early_home = not outside_sel and os.environ.get("LOWBIT_OUTSIDE_HOME", "1") != "0"
+    skip = _head_only(model) if early_home else set()
     _to_device_except(model, blocks, device, keep=kept, skip=skip)
     dtype_bytes = next(model.parameters()).element_size()
     block_bytes = sum(p.numel() * p.element_size() for p in blocks[0].parameters())
     homes = [next(b.parameters()).device for b in blocks]
     prefetch = _prefetching(device, homes, cfg)
-    homeward_async = prefetch and cfg.checkpoint_dir is None
+    homeward_async = prefetch and cfg.checkpoint_dir is None and os.environ.get("LOWBIT_HOME_ASYNC", "1") != "0"
     reserve = max(_working_reserve(b, cfg.micro_batch, seq, dtype_bytes) for b in blocks[:1]) + \
         (block_bytes * (2 if prefetch else 1) + (block_bytes // 3 if homeward_async else 0) if device != home else 0)
     store = _make_store(device, cfg, reserve)
+    extra["device_reserve_bytes"] = int(reserve)
     ahead: Optional[_Prefetch] = None
     behind: Optional[_Prefetch] = None  # the previous block on its way home
     side = side_home = None
@@ -557,10 +561,11 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
             items = []
             for a, b in mbs:
                 items.append(store.put(_capture_block0(model, blocks[0], ids[a:b], b - a, device)[0]))
-        if not outside_sel and kept:  # the non-block tensors' device copies are not needed any more
+        if early_home and kept:  # the non-block tensors' device copies are not needed any more
             freed = _device_bytes(kept, model, blocks, device)
             _restore_kept(kept)
             store.budget += freed  # room for activations (the budget was set with them on the device)
+        extra["store_device_budget_bytes"] = store.budget if store.budget != float("inf") else None
         inside = set(n for n in selected if any(n.startswith(f"{blocks_name}.{i}.") for i in range(start_block)))
         bar = _progress(total=len(blocks), desc=f"{method} blocks", enabled=progress)
         bar.update(start_block)

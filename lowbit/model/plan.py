@@ -296,7 +296,8 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
                  pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
     if cuda and pipeline == "staged" and method_cost(method.lower()).calibrated:
         p["accelerator_mb"] = staged_device_bytes(model, n_samples, seq_len, micro_batch or 8,
-                                                  parse_bytes(max_memory))["total"] / 2 ** 20
+                                                  parse_bytes(max_memory), world=n_gpus, bits=bits,
+                                                  group_size=group_size, method=method)["total"] / 2 ** 20
     elif cuda:
         p["accelerator_mb"] = p["float_mb"] / max(n_blocks, 1) * 2 + 2 * n_samples * seq_len * hidden * 4 / 2 ** 20
         if method.lower() in ("gptq", "awq"):
@@ -309,37 +310,93 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
 
 
 def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_batch: int = 8,
-                        budget: Optional[int] = None, device_free: Optional[int] = None) -> Dict[str, float]:
-    """Peak GPU bytes of the staged pipeline (``device="cuda"``): the tensors outside the blocks (moved to the
-    device), one block and an fp32 copy of its largest weight (the solve), the statistics of the widest linear
-    (float64 sums and the solver's fp32 work matrices, on the device), one micro-batch's working tensors, and the
-    activation store (block inputs/outputs, replay records) up to ``budget`` (default: everything, or
-    ``device_free``). Activations in the model's dtype. Checked against bench/results/scale_gpu_run4.json
-    (bench/scale.md, "scale2": 8B at 16GB, 70B at 40GB)."""
-    from lowbit.model.sequential import find_blocks
+                        budget: Optional[int] = None, device_free: Optional[int] = None, world: int = 1,
+                        bits: int = 4, group_size: int = 128, outside_selected: bool = False,
+                        prefetch: bool = True, method: str = "gptq") -> Dict[str, float]:
+    """Peak GPU bytes of one rank of the staged pipeline (``device="cuda"``, model at home on the CPU), as the
+    pipeline places things (``lowbit.model._ptq_staged._run_calibrated``, run 8 on):
 
-    _, blocks = find_blocks(model)
+    * **capture**: the tensors outside the blocks on the device (an untied output head stays home) and the block-0
+      inputs the activation store keeps there;
+    * **blocks**: the block being calibrated and the next one (prefetched), both in the model's dtype, plus the
+      finished block's quantized states (on their way home); the non-block tensors are home again unless a linear
+      outside the blocks is quantized (``outside_selected``);
+    * **activation store**: this rank's block inputs and outputs and the replay records (``tokens / world x
+      (2 hidden + the block's output widths)`` values), on the device up to the budget the pipeline gives it:
+      ``max_memory`` (``budget``; default ``device_free``, or everything) minus its own reserve
+      (:func:`lowbit.model._ptq_staged._working_reserve` plus two blocks and a third of one);
+    * **work** of the widest stage, the largest of: the float64 Hessian sums with one per-sample fp32 product and
+      the micro-batch's input (accumulation), the factorisation (the fp32 Hessian, its permuted copy, the
+      Cholesky factor, its inverse and a copy of a trailing block: five ``k x k`` fp32 matrices), and the solve
+      (the Hessian, its factor and about five fp32 ``rows x k`` matrices of this rank's rows); plus one
+      micro-batch's activations through the block during the accumulation. ``method="awq"``: the search's
+      working set instead of the factorisation and solve (the Hessian and about six fp32 ``rows x k`` matrices).
+
+    ``prefetch=False`` (a streamed model): one block on the device at a time, moved home before the next.
+
+    Returns the parts and ``total`` (bytes). Checked against bench/results/scale_gpu_run8.json
+    (bench/results/multi_gpu.md)."""
+    from lowbit.model._ptq_blocks import _block_stages, _select_linears, find_blocks
+    from lowbit.model._ptq_staged import _head_only, _working_reserve
+
+    name, blocks = find_blocks(model)
     if blocks is None:
         raise ValueError("the staged pipeline's device estimate needs a list of decoder blocks")
+    if world < 1:
+        raise ValueError(f"world={world!r}: at least one rank")
     inside = {id(p) for p in blocks.parameters()}
-    outside = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    skip = set() if outside_selected else _head_only(model)
+    seen = set()
+    outside = 0
+    for p in model.parameters():
+        if id(p) not in inside and id(p) not in skip and id(p) not in seen:
+            seen.add(id(p))
+            outside += p.numel() * p.element_size()
+    b0 = blocks[0]
     block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
-    lins = [m for m in blocks[0].modules() if isinstance(m, nn.Linear)]
-    k_max = max(m.in_features for m in lins)
-    w_max = max(m.weight.numel() for m in lins) * 4
+    lins = [m for m in b0.modules() if isinstance(m, nn.Linear)]
     act = next(model.parameters()).element_size()
+    lin_params = sum(m.weight.numel() for m in lins)
+    quantized = lin_params * (bits / 8 + 8 / group_size) + (block - lin_params * act)
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or lins[0].in_features
     widths = sum(m.out_features for m in lins)
-    tokens = n_samples * seq_len
-    stats = k_max * k_max * (8 + 4 * 4)
-    work = micro_batch * seq_len * act * (widths + 4 * k_max)
-    rest = outside + block + w_max + stats + work
-    store = tokens * act * (2 * hidden + widths)
+    samples = -(-n_samples // world)
+    tokens = samples * seq_len
+    micro = min(micro_batch, samples)
+    # the pipeline's own reserve and the store's device budget
+    reserve = _working_reserve(b0, micro_batch, seq_len, act) + (2 * block + block // 3 if prefetch else block)
     cap = budget if budget is not None else device_free
-    if cap is not None:
-        store = min(store, max(cap - rest, 0))
-    return {"total": rest + store, "outside": outside, "block": block, "statistics": stats, "work": work,
-            "store": store}
+    demand_inputs = tokens * act * hidden
+    demand = tokens * act * (2 * hidden + widths)
+    if cap is None:
+        store_capture, store = demand_inputs, demand
+    else:
+        store_capture = min(demand_inputs, max(cap - outside - reserve, 0))
+        store = min(demand, max(cap - reserve - (outside if outside_selected else 0), 0))
+    # the widest stage's working set
+    prefix = f"{name}.0." if name else "0."
+    sel = {n: m for n, m in _select_linears(model, None, ["lm_head"]).items() if n.startswith(prefix)}
+    work = 0.0
+    for st in _block_stages(b0, sel, prefix):
+        k = sel[st.names[0]].in_features
+        rows = -(-sum(sel[n].out_features for n in st.names) // world)
+        per = max(1, (64 * 2 ** 20) // (k * k * 4))
+        acc = 8 * k * k + 4 * k * k * per + micro * seq_len * k * (act + 4)
+        fwd = micro * seq_len * act * (2 * hidden + max(m.out_features for m in lins))
+        if method.lower() == "awq":  # the float32 Hessian made from the sums, then the search: H and about six
+            # fp32 rows x k matrices (the weights, scaled, quantized, their difference, its product with H)
+            fac = 12 * k * k
+            sol = 4 * k * k + 6 * 4 * rows * k
+        else:
+            fac = 5 * 4 * k * k
+            sol = 2 * 4 * k * k + 5 * 4 * rows * k
+        work = max(work, acc + fwd, fac, sol)
+    blocks_b = (2 * block if prefetch else block) + quantized + (outside if outside_selected else 0)
+    capture = outside + store_capture + micro * seq_len * act * hidden * 2
+    run = blocks_b + store + work
+    return {"total": max(capture, run), "capture": capture, "outside": outside, "block": block,
+            "blocks": blocks_b, "statistics": work, "work": work, "store": store, "reserve": reserve,
+            "store_budget": None if cap is None else max(cap - reserve, 0)}
 
 
 def _load_config(spec: str, transformers):
@@ -409,7 +466,7 @@ def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, 
         # the statistics, the micro-batch's work and the activations within max_memory live on the GPU
         # (staged_device_bytes); the host holds the tensors outside the blocks while they are read, the block being
         # read and the quantized one being written, and the activations the GPU budget leaves over (pinned)
-        dev = staged_device_bytes(model, n_samples, seq_len, micro_batch, budget)
+        dev = staged_device_bytes(model, n_samples, seq_len, micro_batch, budget, prefetch=False)
         host_store = max(tokens * (next(model.parameters()).element_size()) * 2 * hidden - dev["store"], 0)
         total = PROCESS_BASELINE_MB * mb + outside + block + quantized + host_store
         return {"peak_ram_mb": total / mb, "outside_mb": outside / mb, "block_mb": block / mb,
