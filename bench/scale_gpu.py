@@ -413,6 +413,17 @@ def run8_steps(L8: int, L70_1: int, L70_2: int, Lawq: int):
     ]
 
 
+def run9_steps(L8: int, L70_1: int, Lawq: int):
+    """Run 9 (second call): the GPU reserve from the modelled working set and the in-place rank-ordered sums."""
+    return [
+        [[("gptq_8b_1gpu", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 40)],
+         [("gptq_70b_1gpu", "70b", L70_1, "gptq", 1, {"max_memory": "40GB"}, 1, 40),
+          ("awq_8b_1gpu", "8b", Lawq, "awq", 1, {"max_memory": "14GB"}, 1, 25)]],
+        [[("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 35)]],
+        [[("awq_8b_2gpu", "8b", Lawq, "awq", 2, {"max_memory": "14GB"}, None, 25)]],
+    ]
+
+
 def main_steps(args, steps) -> None:
     import threading
 
@@ -517,6 +528,11 @@ def main():
         e = os.environ.get
         main_steps(args, run8_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_70B_1", 4)),
                                     int(e("SCALE_LAYERS_70B", 8)), int(e("SCALE_LAYERS_AWQ", 2))))
+        return
+    if args.steps == "run9":
+        e = os.environ.get
+        main_steps(args, run9_steps(int(e("SCALE_LAYERS", 16)), int(e("SCALE_LAYERS_70B_1", 4)),
+                                    int(e("SCALE_LAYERS_AWQ", 2))))
         return
     if args.worker:
         worker(json.loads(args.worker))

@@ -110,7 +110,7 @@ def _meta_llama(layers=2, hidden=256, inter=512, vocab=1000, tie=True):
 
 
 def test_staged_device_bytes_follows_the_pipeline():
-    from lowbit.model._ptq_staged import _working_reserve
+    from lowbit.model._ptq_staged import DEVICE_WORK_MARGIN, _device_work, _stage_shapes
     from lowbit.model.plan import staged_device_bytes
 
     m = _meta_llama()
@@ -121,10 +121,18 @@ def test_staged_device_bytes_follows_the_pipeline():
     assert two["store"] == free["store"] / 2 and two["work"] <= free["work"]
     # a budget: the store gets what the pipeline's reserve leaves
     block = free["block"]
-    reserve = _working_reserve(m.model.layers[0], 8, 128, 2) + 2 * block + block // 3
+    b0 = m.model.layers[0]
+    sel = {n: x for n, x in m.named_modules() if type(x) is nn.Linear and n.startswith("model.layers.0.")}
+    shapes = _stage_shapes(b0, sel, "model.layers.0.")
+    assert shapes == [(256, 512), (256, 256), (256, 1024), (512, 256)]  # q/k/v, o, gate/up, down
+    work = _device_work(b0, shapes, 8, 128, 2, 256)
+    # the down_proj input's accumulation: float64 sums, 8 per-sample products at once, the input, the activations
+    assert free["work"] == work == 8 * 512 ** 2 + 4 * 512 ** 2 * 8 + 8 * 128 * 512 * 6 + 8 * 128 * 2 * (2 * 256 + 512)
+    reserve = int(work * (1 + DEVICE_WORK_MARGIN)) + 2 * block + block // 3
     assert free["reserve"] == reserve
-    capped = staged_device_bytes(m, 64, 128, 8, budget=reserve + 10_000)
-    assert capped["store"] == 10_000
+    outside = free["outside"]
+    capped = staged_device_bytes(m, 64, 128, 8, budget=reserve + outside + 10_000)
+    assert capped["store"] == 10_000 + outside  # the non-block tensors go home after the capture
     # streamed (no prefetch): one block fewer; the untied head stays home
     assert staged_device_bytes(m, 64, 128, 8, prefetch=False)["blocks"] == free["blocks"] - block
     untied = _meta_llama(tie=False)

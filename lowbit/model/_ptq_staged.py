@@ -68,6 +68,54 @@ def _working_reserve(block: nn.Module, micro: int, seq: int, act_bytes: int) -> 
     return int(acts + stats + w)
 
 
+def _device_work(block: nn.Module, stage_shapes: List[Tuple[int, int]], micro: int, seq: int, act_bytes: int,
+                 hidden: int, world: int = 1, awq: bool = False) -> int:
+    """Peak bytes of one rank's work on a GPU while ``block`` calibrates (run 8 on; the blocks and the activation
+    store not included): the largest over its stages ``(k = input features, rows = output rows of the stage)`` of
+
+    * the accumulation: the float64 sums, one per-sample fp32 product, the micro-batch's input (and its fp32 copy)
+      and its activations through the block;
+    * GPTQ's factorisation (five fp32 ``k x k`` matrices: the Hessian, its permuted copy, the Cholesky factor, its
+      inverse, a trailing block of the factor) and solve (the Hessian, its factor, five fp32 ``rows / world x k``
+      matrices), or AWQ's Hessian (the float64 sums and the fp32 matrix) and search (six ``rows x k``);
+    * the rank-ordered sum of the float64 sums (two copies) in a data-parallel run.
+
+    Checked on the H200 (bench/results/multi_gpu.md, run 8: the measured peaks minus blocks and store, 8B 3.8 GiB
+    against 4.3 predicted, the 70B class 15.1 against 15.3)."""
+    lins = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    if not lins:
+        return 0
+    widest = max(m.out_features for m in lins)
+    work = 0
+    for k, rows_all in stage_shapes:
+        rows = -(-rows_all // world)
+        per = min(max(1, (64 * 2 ** 20) // (k * k * 4)), micro)  # samples per product (InputStats.add_samples)
+        acc = 8 * k * k + 4 * k * k * per + micro * seq * k * (act_bytes + 4) + \
+            micro * seq * act_bytes * (2 * hidden + widest)
+        if awq:
+            fac, sol = 12 * k * k, 4 * k * k + 24 * rows_all * k
+        else:
+            fac, sol = 20 * k * k, 8 * k * k + 20 * rows * k
+        red = 16 * k * k if world > 1 else 0
+        work = max(work, acc, fac, sol, red)
+    return int(work)
+
+
+def _stage_shapes(block: nn.Module, sel: Dict[str, nn.Linear], prefix: str) -> List[Tuple[int, int]]:
+    """``[(input features, output rows)]`` of the block's stages (its selected linears grouped as calibrated)."""
+    from lowbit.model import _ptq_blocks
+
+    out = []
+    for st in _ptq_blocks._block_stages(block, sel, prefix):
+        mods = [sel[n] for n in st.names]
+        out.append((mods[0].in_features, sum(m.out_features for m in mods)))
+    return out
+
+
+#: headroom over :func:`_device_work` in the GPU reserve (the allocator's rounding, short-lived copies)
+DEVICE_WORK_MARGIN = 0.15
+
+
 class _BlockRunner:
     """Calibrates one block (or the whole model) pass by pass over micro-batches (see module doc).
 
@@ -269,7 +317,7 @@ class _BlockRunner:
                     ref = self.modules[stage.names[0]]
                     st = InputStats(ref.in_features, hessian=self.need_h, absmean=self.need_abs,
                                     device=ref.weight.device, dtype=torch.float64)
-                stage.stats = _reduce_stats(st, sum_in_rank_order)
+                stage.stats = _reduce_stats(st, lambda t: sum_in_rank_order(t, inplace=True))  # st's sums given up
                 self.acc = {}
                 del st  # the stage holds the only reference: a method may let go of it once read (GPTQ does)
                 self.quantize_stage(stage)
@@ -540,7 +588,19 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
     homes = [next(b.parameters()).device for b in blocks]
     prefetch = _prefetching(device, homes, cfg)
     homeward_async = prefetch and cfg.checkpoint_dir is None and os.environ.get("LOWBIT_HOME_ASYNC", "1") != "0"
-    reserve = max(_working_reserve(b, cfg.micro_batch, seq, dtype_bytes) for b in blocks[:1]) + \
+    if device.type == "cuda" and os.environ.get("LOWBIT_GPU_RESERVE", "work") == "work":
+        # on a GPU the reserve is the modelled working set of the widest stage (run 8: the CPU-era formula below
+        # reserved 15 GB for the 8B shape's 4 GB, so the activations went through pinned host memory)
+        from lowbit.model.distributed import rank_world
+
+        sel0 = {n: m for n, m in selected.items() if n.startswith(prefixes[0])}
+        hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+        work = _device_work(blocks[0], _stage_shapes(blocks[0], sel0, prefixes[0]), cfg.micro_batch, seq,
+                            dtype_bytes, hidden, rank_world()[1], need_abs)
+        base = int(work * (1 + DEVICE_WORK_MARGIN))
+    else:
+        base = max(_working_reserve(b, cfg.micro_batch, seq, dtype_bytes) for b in blocks[:1])
+    reserve = base + \
         (block_bytes * (2 if prefetch else 1) + (block_bytes // 3 if homeward_async else 0) if device != home else 0)
     store = _make_store(device, cfg, reserve)
     extra["device_reserve_bytes"] = int(reserve)

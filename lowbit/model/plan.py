@@ -323,8 +323,8 @@ def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_ba
       outside the blocks is quantized (``outside_selected``);
     * **activation store**: this rank's block inputs and outputs and the replay records (``tokens / world x
       (2 hidden + the block's output widths)`` values), on the device up to the budget the pipeline gives it:
-      ``max_memory`` (``budget``; default ``device_free``, or everything) minus its own reserve
-      (:func:`lowbit.model._ptq_staged._working_reserve` plus two blocks and a third of one);
+      ``max_memory`` (``budget``; default ``device_free``, or everything) minus its own reserve (the work below
+      and 15%, plus two blocks and a third of one);
     * **work** of the widest stage, the largest of: the float64 Hessian sums with one per-sample fp32 product and
       the micro-batch's input (accumulation), the factorisation (the fp32 Hessian, its permuted copy, the
       Cholesky factor, its inverse and a copy of a trailing block: five ``k x k`` fp32 matrices), and the solve
@@ -337,7 +337,7 @@ def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_ba
     Returns the parts and ``total`` (bytes). Checked against bench/results/scale_gpu_run8.json
     (bench/results/multi_gpu.md)."""
     from lowbit.model._ptq_blocks import _block_stages, _select_linears, find_blocks
-    from lowbit.model._ptq_staged import _head_only, _working_reserve
+    from lowbit.model._ptq_staged import _head_only
 
     name, blocks = find_blocks(model)
     if blocks is None:
@@ -363,40 +363,30 @@ def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_ba
     samples = -(-n_samples // world)
     tokens = samples * seq_len
     micro = min(micro_batch, samples)
-    # the pipeline's own reserve and the store's device budget
-    reserve = _working_reserve(b0, micro_batch, seq_len, act) + (2 * block + block // 3 if prefetch else block)
+    # the pipeline's own reserve and the store's device budget (as _run_calibrated on CUDA)
+    from lowbit.model._ptq_staged import DEVICE_WORK_MARGIN, _device_work, _stage_shapes
+
+    prefix = f"{name}.0." if name else "0."
+    sel = {n: m for n, m in _select_linears(model, None, ["lm_head"]).items() if n.startswith(prefix)}
+    work = _device_work(b0, _stage_shapes(b0, sel, prefix), micro_batch, seq_len, act, hidden, world,
+                        method.lower() == "awq")
+    reserve = int(work * (1 + DEVICE_WORK_MARGIN)) + (2 * block + block // 3 if prefetch else block)
     cap = budget if budget is not None else device_free
     demand_inputs = tokens * act * hidden
     demand = tokens * act * (2 * hidden + widths)
     if cap is None:
-        store_capture, store = demand_inputs, demand
+        store_capture, store, store_budget = demand_inputs, demand, None
     else:
         store_capture = min(demand_inputs, max(cap - outside - reserve, 0))
-        store = min(demand, max(cap - reserve - (outside if outside_selected else 0), 0))
-    # the widest stage's working set
-    prefix = f"{name}.0." if name else "0."
-    sel = {n: m for n, m in _select_linears(model, None, ["lm_head"]).items() if n.startswith(prefix)}
-    work = 0.0
-    for st in _block_stages(b0, sel, prefix):
-        k = sel[st.names[0]].in_features
-        rows = -(-sum(sel[n].out_features for n in st.names) // world)
-        per = max(1, (64 * 2 ** 20) // (k * k * 4))
-        acc = 8 * k * k + 4 * k * k * per + micro * seq_len * k * (act + 4)
-        fwd = micro * seq_len * act * (2 * hidden + max(m.out_features for m in lins))
-        if method.lower() == "awq":  # the float32 Hessian made from the sums, then the search: H and about six
-            # fp32 rows x k matrices (the weights, scaled, quantized, their difference, its product with H)
-            fac = 12 * k * k
-            sol = 4 * k * k + 6 * 4 * rows * k
-        else:
-            fac = 5 * 4 * k * k
-            sol = 2 * 4 * k * k + 5 * 4 * rows * k
-        work = max(work, acc + fwd, fac, sol)
+        # the budget is set with the non-block tensors on the device; they go home after the capture
+        store_budget = max(cap - outside - reserve, 0) + (0 if outside_selected else outside)
+        store = min(demand, store_budget)
     blocks_b = (2 * block if prefetch else block) + quantized + (outside if outside_selected else 0)
     capture = outside + store_capture + micro * seq_len * act * hidden * 2
     run = blocks_b + store + work
     return {"total": max(capture, run), "capture": capture, "outside": outside, "block": block,
             "blocks": blocks_b, "statistics": work, "work": work, "store": store, "reserve": reserve,
-            "store_budget": None if cap is None else max(cap - reserve, 0)}
+            "store_budget": store_budget}
 
 
 def _load_config(spec: str, transformers):
