@@ -115,7 +115,7 @@ def test_staged_device_bytes_follows_the_pipeline():
 
     m = _meta_llama()
     free = staged_device_bytes(m, 64, 128, 8)  # no budget: the whole store on the device
-    assert free["store"] == 64 * 128 * 2 * (2 * 256 + (256 + 128 + 128 + 256 + 512 + 512 + 256))
+    assert free["store"] == free["store_demand"] == 64 * 128 * 2 * 6 * 256
     assert free["total"] == max(free["capture"], free["blocks"] + free["store"] + free["work"])
     two = staged_device_bytes(m, 64, 128, 8, world=2)
     assert two["store"] == free["store"] / 2 and two["work"] <= free["work"]

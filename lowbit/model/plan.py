@@ -294,18 +294,21 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
         pipeline = "staged" if (max_memory is not None or micro_batch is not None) else "threads"
     p = _predict(_shape_counts(model), hidden, n_blocks, method, bits, group_size, n_samples, seq_len, None,
                  pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
+    host_fraction = 0.0
     if cuda and pipeline == "staged" and method_cost(method.lower()).calibrated:
-        p["accelerator_mb"] = staged_device_bytes(model, n_samples, seq_len, micro_batch or 8,
-                                                  parse_bytes(max_memory), world=n_gpus, bits=bits,
-                                                  group_size=group_size, method=method)["total"] / 2 ** 20
+        dev = staged_device_bytes(model, n_samples, seq_len, micro_batch or 8, parse_bytes(max_memory), world=n_gpus,
+                                  bits=bits, group_size=group_size, method=method)
+        p["accelerator_mb"] = dev["total"] / 2 ** 20
+        host_fraction = 1.0 - dev["store"] / max(dev["store_demand"], 1)
     elif cuda:
         p["accelerator_mb"] = p["float_mb"] / max(n_blocks, 1) * 2 + 2 * n_samples * seq_len * hidden * 4 / 2 ** 20
-        if method.lower() in ("gptq", "awq"):
-            from lowbit.model import plan_gpu
+    if cuda and method.lower() in ("gptq", "awq"):
+        from lowbit.model import plan_gpu
 
-            rates = plan_gpu.measure_rates(device) if torch.cuda.is_available() else None
-            p["gpu_time"] = plan_gpu.gpu_seconds(model, method, n_samples, seq_len, world=n_gpus, rates=rates)
-            p["gpu_seconds"] = p["gpu_time"]["seconds"]
+        rates = plan_gpu.measure_rates(device) if torch.cuda.is_available() else None
+        p["gpu_time"] = plan_gpu.gpu_seconds(model, method, n_samples, seq_len, world=n_gpus, rates=rates,
+                                             host_fraction=host_fraction)
+        p["gpu_seconds"] = p["gpu_time"]["seconds"]
     return p
 
 
@@ -322,7 +325,7 @@ def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_ba
       finished block's quantized states (on their way home); the non-block tensors are home again unless a linear
       outside the blocks is quantized (``outside_selected``);
     * **activation store**: this rank's block inputs and outputs and the replay records (``tokens / world x
-      (2 hidden + the block's output widths)`` values), on the device up to the budget the pipeline gives it:
+      6 hidden`` values, measured), on the device up to the budget the pipeline gives it:
       ``max_memory`` (``budget``; default ``device_free``, or everything) minus its own reserve (the work below
       and 15%, plus two blocks and a third of one);
     * **work** of the widest stage, the largest of: the float64 Hessian sums with one per-sample fp32 product and
@@ -373,7 +376,10 @@ def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_ba
     reserve = int(work * (1 + DEVICE_WORK_MARGIN)) + (2 * block + block // 3 if prefetch else block)
     cap = budget if budget is not None else device_free
     demand_inputs = tokens * act * hidden
-    demand = tokens * act * (2 * hidden + widths)
+    # inputs, outputs and the replay records that stay: about four more hidden-wide values per token (the 8B
+    # shape's 2-GPU store peaked at 24,352 values per token, scale_gpu_run9.json; the widths of every linear,
+    # the bound used before, were 51,200)
+    demand = tokens * act * 6 * hidden
     if cap is None:
         store_capture, store, store_budget = demand_inputs, demand, None
     else:
@@ -386,7 +392,7 @@ def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_ba
     run = blocks_b + store + work
     return {"total": max(capture, run), "capture": capture, "outside": outside, "block": block,
             "blocks": blocks_b, "statistics": work, "work": work, "store": store, "reserve": reserve,
-            "store_budget": store_budget}
+            "store_budget": store_budget, "store_demand": demand}
 
 
 def _load_config(spec: str, transformers):
