@@ -69,7 +69,8 @@ def _working_reserve(block: nn.Module, micro: int, seq: int, act_bytes: int) -> 
 
 
 def _device_work(block: nn.Module, stage_shapes: List[Tuple[int, int]], micro: int, seq: int, act_bytes: int,
-                 hidden: int, world: int = 1, awq: bool = False) -> int:
+                 hidden: int, world: int = 1, awq: bool = False, accurate: bool = False,
+                 reduce_copies: int = 2) -> int:
     """Peak bytes of one rank's work on a GPU while ``block`` calibrates (run 8 on; the blocks and the activation
     store not included): the largest over its stages ``(k = input features, rows = output rows of the stage)`` of
 
@@ -80,8 +81,11 @@ def _device_work(block: nn.Module, stage_shapes: List[Tuple[int, int]], micro: i
       matrices), or AWQ's Hessian (the float64 sums and the fp32 matrix) and search (six ``rows x k``);
     * the rank-ordered sum of the float64 sums (two copies) in a data-parallel run.
 
-    Checked on the H200 (bench/results/multi_gpu.md, run 8: the measured peaks minus blocks and store, 8B 3.8 GiB
-    against 4.3 predicted, the 70B class 15.1 against 15.3)."""
+    The pipeline reserves by this estimate as run 9 measured it, whose accumulation term counts the whole micro-batch
+    in fp32 and its activations at the widest linear (conservative: 4.3 GiB for the 8B shape, where the measured
+    work was 3.8); ``accurate=True`` (:func:`lowbit.model.plan.staged_device_bytes`' peak) counts what
+    ``InputStats.add_samples`` holds (the samples of one product in fp32) and the residual stream beside the input.
+    ``reduce_copies``: float64 copies of the sums during the rank-ordered sum (3 before run 9's in-place sum)."""
     lins = [m for m in block.modules() if isinstance(m, nn.Linear)]
     if not lins:
         return 0
@@ -90,13 +94,17 @@ def _device_work(block: nn.Module, stage_shapes: List[Tuple[int, int]], micro: i
     for k, rows_all in stage_shapes:
         rows = -(-rows_all // world)
         per = min(max(1, (64 * 2 ** 20) // (k * k * 4)), micro)  # samples per product (InputStats.add_samples)
-        acc = 8 * k * k + 4 * k * k * per + micro * seq * k * (act_bytes + 4) + \
-            micro * seq * act_bytes * (2 * hidden + widest)
+        if accurate:
+            acc = 8 * k * k + 4 * k * k * per + micro * seq * k * act_bytes + per * seq * k * 4 + \
+                micro * seq * act_bytes * 2 * hidden
+        else:
+            acc = 8 * k * k + 4 * k * k * per + micro * seq * k * (act_bytes + 4) + \
+                micro * seq * act_bytes * (2 * hidden + widest)
         if awq:
             fac, sol = 12 * k * k, 4 * k * k + 24 * rows_all * k
         else:
             fac, sol = 20 * k * k, 8 * k * k + 20 * rows * k
-        red = 16 * k * k if world > 1 else 0
+        red = 8 * reduce_copies * k * k if world > 1 else 0
         work = max(work, acc, fac, sol, red)
     return int(work)
 

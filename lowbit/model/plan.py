@@ -315,7 +315,7 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
 def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_batch: int = 8,
                         budget: Optional[int] = None, device_free: Optional[int] = None, world: int = 1,
                         bits: int = 4, group_size: int = 128, outside_selected: bool = False,
-                        prefetch: bool = True, method: str = "gptq") -> Dict[str, float]:
+                        prefetch: bool = True, method: str = "gptq", legacy_reserve: bool = False) -> Dict[str, float]:
     """Peak GPU bytes of one rank of the staged pipeline (``device="cuda"``, model at home on the CPU), as the
     pipeline places things (``lowbit.model._ptq_staged._run_calibrated``, run 8 on):
 
@@ -336,6 +336,8 @@ def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_ba
       working set instead of the factorisation and solve (the Hessian and about six fp32 ``rows x k`` matrices).
 
     ``prefetch=False`` (a streamed model): one block on the device at a time, moved home before the next.
+    ``legacy_reserve``: the pipeline of run 8 (``LOWBIT_GPU_RESERVE=cpu``: the CPU-era working reserve; the
+    rank-ordered sum with three copies).
 
     Returns the parts and ``total`` (bytes). Checked against bench/results/scale_gpu_run8.json
     (bench/results/multi_gpu.md)."""
@@ -371,9 +373,18 @@ def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_ba
 
     prefix = f"{name}.0." if name else "0."
     sel = {n: m for n, m in _select_linears(model, None, ["lm_head"]).items() if n.startswith(prefix)}
-    work = _device_work(b0, _stage_shapes(b0, sel, prefix), micro_batch, seq_len, act, hidden, world,
-                        method.lower() == "awq")
-    reserve = int(work * (1 + DEVICE_WORK_MARGIN)) + (2 * block + block // 3 if prefetch else block)
+    shapes = _stage_shapes(b0, sel, prefix)
+    awq = method.lower() == "awq"
+    reserve_work = _device_work(b0, shapes, micro_batch, seq_len, act, hidden, world, awq)
+    work = _device_work(b0, shapes, micro_batch, seq_len, act, hidden, world, awq, accurate=True,
+                        reduce_copies=3 if legacy_reserve else 2)
+    if legacy_reserve:
+        from lowbit.model._ptq_staged import _working_reserve
+
+        base = _working_reserve(b0, micro_batch, seq_len, act)
+    else:
+        base = int(reserve_work * (1 + DEVICE_WORK_MARGIN))
+    reserve = base + (2 * block + block // 3 if prefetch else block)
     cap = budget if budget is not None else device_free
     demand_inputs = tokens * act * hidden
     # inputs, outputs and the replay records that stay: about four more hidden-wide values per token (the 8B
