@@ -25,6 +25,7 @@ ROOT = os.path.dirname(HERE)
 SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
           "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+          "smoke": dict(hidden_size=1024, intermediate_size=4608, num_attention_heads=8, num_key_value_heads=2),
           "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)}
 
 
@@ -35,9 +36,14 @@ def build(shape: str, layers: int, vocab: int = 128256):
 
     cfg = transformers.LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=2048,
                                    rope_theta=500000.0, tie_word_embeddings=True, **SHAPES[shape])
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # allocated in bf16 at once (run 8 on: no fp32 copy of the model)
+    try:
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model = model.to_empty(device="cpu")
     # random weights drawn on the GPU when there is one (seconds instead of a minute of CPU randn for the
     # 8B/70B shapes); the same seed and device type give the same weights in every process
     gdev = "cuda" if torch.cuda.is_available() and os.environ.get("SCALE_DEVICE", "cuda") == "cuda" else "cpu"
@@ -88,15 +94,26 @@ def worker(spec: dict) -> None:
     t_build = time.perf_counter() - t_build
     ids = torch.randint(0, cfg.vocab_size, (spec.get("n_samples", 128), spec.get("seq_len", 2048 if cuda else 64)),
                         generator=torch.Generator().manual_seed(1))
-    pred = plan(model, spec["method"], bits=4, group_size=128, n_samples=ids.shape[0], seq_len=ids.shape[1],
-                device="cuda" if cuda else "cpu", **({"max_memory": spec["kwargs"]["max_memory"]} if "max_memory" in spec.get("kwargs", {})
+    smoke = spec["shape"] == "smoke"
+    pred = {} if smoke else plan(model, spec["method"], bits=4, group_size=128, n_samples=ids.shape[0], seq_len=ids.shape[1],
+                device="cuda" if cuda else "cpu", n_gpus=world, **({"max_memory": spec["kwargs"]["max_memory"]} if "max_memory" in spec.get("kwargs", {})
                                   and "max_memory" in plan.__code__.co_varnames else {}))
     from lowbit.model import plan_gpu
 
     t_rates = time.perf_counter()
-    rates = plan_gpu.measure_rates(dev) if cuda else None
+    rates = plan_gpu.measure_rates(dev) if cuda and not smoke else None
     t_rates = time.perf_counter() - t_rates
     pred_gpu = plan_gpu.gpu_seconds(model, spec["method"], ids.shape[0], ids.shape[1], world=world, rates=rates)
+    from lowbit.model.plan import staged_device_bytes
+    from lowbit.model.offload import parse_bytes
+
+    try:
+        pred_mem = staged_device_bytes(model, ids.shape[0], ids.shape[1], spec.get("kwargs", {}).get("micro_batch", 8),
+                                       parse_bytes(spec.get("kwargs", {}).get("max_memory")), world=world,
+                                       method=spec["method"])
+    except TypeError:
+        pred_mem = None
+    blocks_log = _install_block_log(timers)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -110,10 +127,13 @@ def worker(spec: dict) -> None:
             d[k] = 0.0
     D.barrier()
     t0 = time.perf_counter()
+    blocks_log["t0"] = t0
     quantize_model_ptq(model, method=spec["method"], bits=4, group_size=128, sym=False, calib_dataset=ids,
                        device=dev, progress=False, **spec.get("kwargs", {}))
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    blocks_log["marks"].append(("end", wall, torch.cuda.max_memory_allocated(dev), torch.cuda.memory_allocated(dev)))
+    peak_all = max([m[2] for m in blocks_log["marks"]] + [torch.cuda.max_memory_allocated(dev)])
     digests = []
     for i, blk in enumerate(model.model.layers):
         h = hashlib.sha256()
@@ -125,8 +145,11 @@ def worker(spec: dict) -> None:
         digests.append(h.hexdigest()[:16])
     res = {"rank": rank, "world": world, "wall_s": wall, "build_s": t_build, "timers": dict(timers),
            "timers_nested": dict(nested), "block_prefetch": model.ptq_summary.get("block_prefetch"),
-           "env": {k: os.environ.get(k) for k in ("LOWBIT_GPTQ_FACTOR", "LOWBIT_DP_BATCH", "LOWBIT_PREFETCH")},
-           "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2 ** 20,
+           "env": {k: os.environ.get(k) for k in ("LOWBIT_GPTQ_FACTOR", "LOWBIT_DP_BATCH", "LOWBIT_PREFETCH",
+                                                  "LOWBIT_OUTSIDE_HOME", "LOWBIT_HOME_ASYNC", "LOWBIT_DP_FACTOR")},
+           "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
+           "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
+           "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES"),
            "peak_rss_mb": vm_hwm() / 2 ** 20, "comm_s": dict(D.COMM_SECONDS), "digests": digests,
            "summary": {k: v for k, v in model.ptq_summary.items() if isinstance(v, (int, float, str, dict))},
            "plan": {k: v for k, v in pred.items() if isinstance(v, (int, float, str))},
@@ -135,6 +158,56 @@ def worker(spec: dict) -> None:
            "hessian_gemm": os.environ.get("LOWBIT_HESSIAN_GEMM", "auto")}
     with open(os.path.join(spec["tmp"], f"{spec['name']}_r{rank}.json"), "w") as f:
         json.dump(res, f, default=str)
+
+
+def _install_block_log(timers: dict) -> dict:
+    """Per-block marks ``(label, seconds since the start, peak GPU bytes since the previous mark, GPU bytes in use)``
+    (the peak counter is reset at each mark, so the run's peak is the largest of them) and a timeline of the
+    outside-the-runner calls ``(name, start, end)``, seconds since the start (run 8 on)."""
+    import torch
+
+    from lowbit.model import _ptq_staged
+
+    _LOG.clear()
+    _LOG.update({"t0": None, "marks": [], "events": []})
+    log = _LOG
+    cuda = torch.cuda.is_available()
+
+    def mark(label):
+        if log["t0"] is None:
+            return
+        if cuda:
+            torch.cuda.synchronize()
+            log["marks"].append((label, time.perf_counter() - log["t0"], torch.cuda.max_memory_allocated(),
+                                 torch.cuda.memory_allocated()))
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            log["marks"].append((label, time.perf_counter() - log["t0"], 0, 0))
+
+    orig_stages = _ptq_staged._block_stages
+
+    def block_stages(block, sel, prefix):  # called once per block, after the block is on the device
+        mark("block " + prefix)
+        return orig_stages(block, sel, prefix)
+
+    _ptq_staged._block_stages = block_stages
+    orig_capture = _ptq_staged._capture_block0
+    first = [True]
+
+    def capture(*a, **k):
+        if first[0]:
+            first[0] = False
+            mark("capture")
+        return orig_capture(*a, **k)
+
+    _ptq_staged._capture_block0 = capture
+    return _LOG
+
+
+_LOG: dict = {}
+EVENT_KEYS = {"activation_store", "block_to", "capture_block0", "install_stages", "non_block_moves", "make_store",
+              "states_follow", "drop_replaced", "fingerprint", "calibration_tokens", "replace_first", "store_close",
+              "in_worker", "prefetch_wait", "block_runner", "run_calibrated"}
 
 
 def _install_timers() -> dict:
@@ -164,7 +237,12 @@ def _install_timers() -> dict:
             out = fn(*a, **k)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            into[key] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            into[key] += t1 - t0
+            log = _LOG
+            if log and log["t0"] is not None and key in EVENT_KEYS and len(log["events"]) < 20000:
+                log["events"].append((key if key != "activation_store" else
+                                      f"store_{threading.current_thread().name[:12]}", t0 - log["t0"], t1 - log["t0"]))
             return out
 
         setattr(owner, attr, wrapped)
@@ -199,6 +277,15 @@ def _install_timers() -> dict:
     wrap(_ptq_staged, "_to_device_except", "non_block_moves", nested)
     if hasattr(_ptq_staged, "_restore_kept"):
         wrap(_ptq_staged, "_restore_kept", "non_block_moves", nested)
+    # run 8: the rest of the outside-the-runner calls, one by one (and in the timeline)
+    for name in ("_make_store", "_states_follow", "_drop_replaced", "_fingerprint", "_calibration_tokens"):
+        for mod in (_ptq_staged, seq_mod):
+            if hasattr(mod, name):
+                wrap(mod, name, name.strip("_"), nested)
+    wrap(offload.ActivationStore, "replace_first", "replace_first", nested)
+    wrap(offload.ActivationStore, "close", "store_close", nested)
+    if hasattr(_ptq_staged, "_Prefetch"):
+        wrap(_ptq_staged, "_in_worker", "in_worker", nested)
     _orig_to = torch.nn.Module.to
     depth = [0]
 
@@ -255,7 +342,7 @@ def launch(spec: dict, timeout: float) -> dict:
     env.update(spec.get("env", {}))
     if nproc == 1:
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-        env["CUDA_VISIBLE_DEVICES"] = "0"
+        env["CUDA_VISIBLE_DEVICES"] = str(spec.get("gpu", 0))
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                "29533", __file__, "--worker", json.dumps(spec)]
@@ -275,6 +362,150 @@ def launch(spec: dict, timeout: float) -> dict:
             "ranks": ranks, "error": err}
 
 
+def xfer_check(out_path: str) -> None:
+    """Host <-> GPU copies on this machine (run 8): what the pipeline's moves outside the block runner cost.
+    Pageable and pinned, first-time pinned allocations (fresh host memory) and cached ones."""
+    import torch
+
+    res = {}
+    dev = torch.device("cuda", 0)
+    GB = 2 ** 30
+
+    def t(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    res["pageable_alloc_fill_1GB_s"], host = t(lambda: torch.empty(GB // 2, dtype=torch.bfloat16).fill_(1.0))
+    res["pageable_h2d_1GB_s"], d = t(lambda: host.to(dev))
+    res["pageable_h2d_1GB_again_s"], d = t(lambda: host.to(dev))
+    res["pageable_d2h_1GB_fresh_s"], back = t(lambda: d.to("cpu"))
+    res["pageable_d2h_1GB_into_s"], _ = t(lambda: back.copy_(d))
+    res["pinned_alloc_1GB_first_s"], pin = t(lambda: torch.empty(GB // 2, dtype=torch.bfloat16, pin_memory=True))
+    res["pinned_d2h_1GB_s"], _ = t(lambda: pin.copy_(d))
+    res["pinned_h2d_1GB_s"], _ = t(lambda: pin.to(dev))
+    del pin
+    res["pinned_alloc_1GB_cached_s"], pin = t(lambda: torch.empty(GB // 2, dtype=torch.bfloat16, pin_memory=True))
+    del pin
+    res["pinned_alloc_8x128MB_first_s"], pins = t(lambda: [torch.empty(64 * 2 ** 20, dtype=torch.bfloat16,
+                                                                        pin_memory=True) for _ in range(8)])
+    res["pinned_d2h_8x128MB_s"], _ = t(lambda: [p.copy_(d[: p.numel()]) for p in pins])
+    del pins, d, host, back
+    res["device"] = torch.cuda.get_device_name(0)
+    print("xfer", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}), flush=True)
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+#: run 8's plan (bench/gpu_call_dp3.sh): steps one after the other; a step's chains run at the same time (one GPU
+#: each for single-GPU runs), a chain's runs one after the other. (name, shape, layers, method, nproc, kwargs, gpu,
+#: seconds it needs at least)
+def run8_steps(L8: int, L70_1: int, L70_2: int, Lawq: int):
+    return [
+        [[("gptq_8b_1gpu", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 40)],
+         [("gptq_70b_1gpu", "70b", L70_1, "gptq", 1, {"max_memory": "40GB"}, 1, 40),
+          ("awq_8b_1gpu", "8b", Lawq, "awq", 1, {"max_memory": "14GB"}, 1, 25)]],
+        [[("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 40)]],
+        [[("gptq_70b_2gpu", "70b", L70_2, "gptq", 2, {"max_memory": "40GB"}, None, 60)]],
+        [[("awq_8b_2gpu", "8b", Lawq, "awq", 2, {"max_memory": "14GB"}, None, 25)]],
+    ]
+
+
+def run9_steps(L8: int, L70_1: int, Lawq: int):
+    """Run 9 (second call): the GPU reserve from the modelled working set and the in-place rank-ordered sums."""
+    return [
+        [[("gptq_8b_1gpu", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 40)],
+         [("gptq_70b_1gpu", "70b", L70_1, "gptq", 1, {"max_memory": "40GB"}, 1, 40),
+          ("awq_8b_1gpu", "8b", Lawq, "awq", 1, {"max_memory": "14GB"}, 1, 25)]],
+        [[("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 35)]],
+        [[("awq_8b_2gpu", "8b", Lawq, "awq", 2, {"max_memory": "14GB"}, None, 25)]],
+    ]
+
+
+def main_steps(args, steps) -> None:
+    import threading
+
+    os.makedirs(args.out, exist_ok=True)
+    tmp = "/tmp/scale_gpu_parts"
+    os.makedirs(tmp, exist_ok=True)
+    t_start = time.perf_counter()
+    results = {"gpu": {}, "device": None, "plan": "run8 steps"}
+    try:
+        import torch
+
+        results["device"] = torch.cuda.get_device_name(0) + f" x{torch.cuda.device_count()}"
+        results["torch"] = torch.__version__
+    except Exception as e:  # pragma: no cover
+        results["device"] = repr(e)
+    only = set(args.runs.split(",")) if args.runs else None
+    lock = threading.Lock()
+
+    def save():
+        with lock:
+            with open(os.path.join(args.out, "gpu.json"), "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+    def chain(specs):
+        for name, shape, layers, method, nproc, kw, gpu, need in specs:
+            if only is not None and name not in only:
+                continue
+            left = args.budget - (time.perf_counter() - t_start)
+            if left < need:
+                with lock:
+                    results["gpu"][name] = {"skipped": f"{left:.0f} s left of the budget"}
+                save()
+                continue
+            spec = {"name": name, "shape": shape, "layers": layers, "method": method, "nproc": nproc, "kwargs": kw,
+                    "tmp": tmp, "env": {}, "gpu": gpu}
+            r = launch(spec, left)
+            r["started_s"] = time.perf_counter() - t_start - r["process_s"]
+            with lock:
+                results["gpu"][name] = r
+            print(json.dumps({"name": name, "process_s": round(r["process_s"], 1), "error": (r["error"] or "")[-600:],
+                              "ranks": [{k: (round(x[k], 2) if isinstance(x[k], float) else x[k])
+                                         for k in ("wall_s", "peak_gpu_mb", "peak_rss_mb", "digests")}
+                                        for x in r["ranks"]]}), flush=True)
+            save()
+
+    if os.environ.get("SCALE_DEVICE") == "cpu":  # local smoke test: the tiny shape, 2 layers
+        steps = [[[(n + "_smoke", "tiny", 2, m, p, kw, g, 0) for n, _, _, m, p, kw, g, _ in c] for c in st]
+                 for st in steps]
+    fallback = {"LOWBIT_OUTSIDE_HOME": "0", "LOWBIT_HOME_ASYNC": "0", "LOWBIT_DP_FACTOR": "every"}
+    if os.environ.get("SCALE_SMOKE", "1") == "force" or (os.environ.get("SCALE_SMOKE", "1") == "1"
+                                                         and os.environ.get("SCALE_DEVICE") != "cpu"):
+        smoke = {}
+        for tag, env, nproc in (("new", {}, 1), ("new", {}, 2)):
+            if True:
+                spec = {"name": f"smoke_{tag}_{nproc}", "shape": "smoke", "layers": 3, "method": "gptq", "nproc": nproc,
+                        "kwargs": {"max_memory": "2GB"}, "tmp": tmp, "env": dict(env), "gpu": 0,
+                        "n_samples": 16, "seq_len": 256}
+                r = launch(spec, 90)
+                smoke[spec["name"]] = {"error": (r["error"] or "")[-1500:], "process_s": r["process_s"],
+                                       "digests": [x["digests"] for x in r["ranks"]],
+                                       "peak_gpu_mb": [x["peak_gpu_mb"] for x in r["ranks"]],
+                                       "wall_s": [x["wall_s"] for x in r["ranks"]]}
+        ok = all(not v["error"] and v["digests"] for v in smoke.values()) and len(
+            {json.dumps(d) for v in smoke.values() for d in v["digests"]}) == 1
+        results["smoke"] = dict(smoke, ok=ok)
+        print("smoke", json.dumps({k: (v if k == "ok" else {"error": v["error"][-300:], "d": v["digests"][:1],
+                                                            "wall": v["wall_s"]}) for k, v in results["smoke"].items()}),
+              flush=True)
+        if not ok:  # run 8's new paths broke something on the GPU: measure without them
+            os.environ.update(fallback)
+            results["fallback_env"] = fallback
+        save()
+    for step in steps:
+        threads = [threading.Thread(target=chain, args=(c,)) for c in step]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    results["total_s"] = time.perf_counter() - t_start
+    save()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", default=None)
@@ -287,7 +518,22 @@ def main():
     ap.add_argument("--rowsplit-check", default="", help="only run the row-split identity check; JSON to this path")
     ap.add_argument("--rowsplit-json", default="", help="a --rowsplit-check result: multi-GPU runs fall back to "
                     "LOWBIT_DP_SPLIT=units if the row pieces did not give identical codes")
+    ap.add_argument("--xfer", default="", help="only the host <-> GPU copy check; JSON to this path")
+    ap.add_argument("--steps", default="", help="'run8': the run-8 plan (concurrent single-GPU runs, see run8_steps)")
     args = ap.parse_args()
+    if args.xfer:
+        xfer_check(args.xfer)
+        return
+    if args.steps == "run8":
+        e = os.environ.get
+        main_steps(args, run8_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_70B_1", 4)),
+                                    int(e("SCALE_LAYERS_70B", 8)), int(e("SCALE_LAYERS_AWQ", 2))))
+        return
+    if args.steps == "run9":
+        e = os.environ.get
+        main_steps(args, run9_steps(int(e("SCALE_LAYERS", 16)), int(e("SCALE_LAYERS_70B_1", 4)),
+                                    int(e("SCALE_LAYERS_AWQ", 2))))
+        return
     if args.worker:
         worker(json.loads(args.worker))
         return

@@ -20,6 +20,15 @@ WORKER = textwrap.dedent('''
     from lowbit.model.sequential import quantize_model_ptq
     import lowbit.algorithms.gptq as G
     G.ROW_CHUNK = int(os.environ.get("TEST_ROW_CHUNK", G.ROW_CHUNK))
+    G.FACTOR_CHUNK = int(os.environ.get("TEST_FACTOR_CHUNK", G.FACTOR_CHUNK))
+    if os.environ.get("TEST_COUNT_CHUNKS"):  # which triangular-inverse chunks this process computed itself
+        import lowbit.model.distributed as D
+        _chunk = G.triangular_inverse_chunk
+        COUNT = [0]
+        def counted(L, a, b):
+            COUNT[0] += 1
+            return _chunk(L, a, b)
+        G.triangular_inverse_chunk = counted
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     lines = []
@@ -36,6 +45,8 @@ WORKER = textwrap.dedent('''
             if p.is_floating_point():
                 h.update(p.contiguous().numpy().tobytes())
         lines.append("%s %s %s" % (method, m.ptq_summary["world_size"], h.hexdigest()))
+    if os.environ.get("TEST_COUNT_CHUNKS"):
+        lines.append("chunks %d" % COUNT[0])
     with open(os.path.join(sys.argv[1], "digest_%d_%s.txt" % (rank, os.environ.get("WORLD_SIZE", "1"))), "w") as f:
         f.write(" ; ".join(lines))
 ''')
@@ -85,3 +96,22 @@ def test_gloo_batched_pieces_and_flip_factor_bit_identical(tmp_path):
     assert len(multi) == 2 and [r.split()[0] for r in ref] == ["gptq"]
     for lines in multi.values():
         assert [r.split()[2] for r in lines] == [r.split()[2] for r in ref]
+
+
+def test_gloo_shared_factor_chunks_bit_identical(tmp_path):
+    """The flip factorisation's triangular solves in chunks of 16 columns (the tiny model's k = 64 and 128: 4 and 8
+    chunks per stage) shared out over 2 gloo ranks (each computes every other chunk and broadcasts it): the
+    single-process GPTQ codes, and each rank computed only its share of the chunks."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    env = dict(TEST_FACTOR_CHUNK="16", TEST_METHODS="gptq", LOWBIT_GPTQ_FACTOR="flip", TEST_COUNT_CHUNKS="1")
+    single = _run(script, tmp_path, 1, **env)
+    multi = _run(script, tmp_path, 2, **env)
+    ref = single["digest_0_1.txt"]
+    n_single = int(ref[-1].split()[1])
+    assert n_single > 8
+    counts = []
+    for lines in multi.values():
+        assert lines[0].split()[2] == ref[0].split()[2]
+        counts.append(int(lines[-1].split()[1]))
+    assert sum(counts) == n_single and max(counts) - min(counts) <= n_single // 4

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -115,30 +115,55 @@ def _factor_method(device: torch.device) -> str:
     return mode
 
 
-def lower_triangular_inverse(L: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+def triangular_inverse_chunk(L: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Columns ``[a, b)`` of ``L^{-1}`` from row ``a`` on (``[K - a, b - a]``): ``L[a:, a:] X = I[a:, a:b]``."""
+    K = L.shape[0]
+    rhs = torch.zeros(K - a, b - a, dtype=L.dtype, device=L.device)
+    rhs.diagonal().fill_(1.0)
+    return torch.linalg.solve_triangular(L[a:, a:], rhs, upper=False)
+
+
+def lower_triangular_inverse(L: torch.Tensor, chunk: Optional[int] = None,
+                             share: Optional[Callable[..., None]] = None) -> torch.Tensor:
     """``L^{-1}`` of a lower triangular ``L`` in column chunks of ``chunk`` (:data:`FACTOR_CHUNK`): the
     columns ``[a, b)`` of the inverse are zero above row ``a`` and solve ``L[a:, a:] X = I[a:, a:b]`` (the
     trailing block of a triangular inverse is the inverse of the trailing block), so the chunks together cost a
-    third of one solve against the whole identity."""
+    third of one solve against the whole identity.
+
+    ``share(L, out, spans)``: computes the chunks ``spans`` (``[(a, b)]``) into ``out[a:, a:b]`` another way
+    (a data-parallel run spreads them over its ranks, :func:`lowbit.model.distributed.shared_chunks`); each
+    chunk must be :func:`triangular_inverse_chunk`'s result, so the bits do not depend on who computed it."""
     chunk = chunk or FACTOR_CHUNK
     K = L.shape[0]
     out = torch.zeros_like(L)
-    for a in range(0, K, chunk):
-        b = min(a + chunk, K)
-        rhs = torch.zeros(K - a, b - a, dtype=L.dtype, device=L.device)
-        rhs.diagonal().fill_(1.0)
-        out[a:, a:b] = torch.linalg.solve_triangular(L[a:, a:], rhs, upper=False)
+    spans = [(a, min(a + chunk, K)) for a in range(0, K, chunk)]
+    if share is not None and len(spans) > 1:
+        share(L, out, spans)
+        return out
+    for a, b in spans:
+        out[a:, a:b] = triangular_inverse_chunk(L, a, b)
     return out
 
 
+def _damped(H: torch.Tensor, damp: float, inplace: bool = False) -> torch.Tensor:
+    """``H + damp * I`` without the identity matrix (two fewer ``K x K`` temporaries on the GPU), bit for bit:
+    ``h + damp * 0`` is ``h + 0.0`` off the diagonal (which also turns ``-0.0`` into ``+0.0``, as the sum with
+    the identity did) and ``h + damp * 1`` on it. ``inplace``: ``H`` itself is changed and returned."""
+    A = H if inplace else H.clone()
+    A.add_(0.0)
+    A.diagonal().add_(damp)
+    return A
+
+
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6,
-                            method: Optional[str] = None):
+                            method: Optional[str] = None, share: Optional[Callable[..., None]] = None):
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^{-1}`` (``H^{-1} = U^T U``) and ``lambda``.
 
     The dampening starts at ``percdamp * mean(diag(H))`` and grows x10 (with a warning) until the
     factorisation succeeds. ``method`` (default :data:`FACTORS`' ``"auto"``): ``"inverse"`` factors the
     explicit inverse; ``"flip"`` uses ``J A J = L L^T`` (``J`` the reversal), whence ``A^{-1} = (J L^{-1} J)^T
-    (J L^{-1} J)`` with ``J L^{-1} J`` upper triangular: one Cholesky and one triangular inverse.
+    (J L^{-1} J)`` with ``J L^{-1} J`` upper triangular: one Cholesky and one triangular inverse (its chunks
+    spread by ``share``, see :func:`lower_triangular_inverse`).
     """
     if percdamp < 0:
         raise ValueError(f"percdamp={percdamp!r}: must be >= 0")
@@ -147,16 +172,22 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
         raise ValueError(f"method={method!r}: expected one of {FACTORS[1:]}")
     mean_diag = torch.diag(H).mean().item()
     damp = percdamp * mean_diag
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries):
         if method == "flip":
-            L, info = torch.linalg.cholesky_ex((H + damp * eye).flip((0, 1)))
+            A = _damped(H.flip((0, 1)), damp)  # the reversal keeps the diagonal on the diagonal
+            L, info = torch.linalg.cholesky_ex(A)
+            del A
             if int(info) == 0:
-                U = lower_triangular_inverse(L).flip((0, 1))
+                Linv = lower_triangular_inverse(L, share=share)
+                del L
+                U = Linv.flip((0, 1))
+                del Linv
                 if bool(torch.isfinite(U).all()):
                     return U, damp
         else:
-            L, info = torch.linalg.cholesky_ex(H + damp * eye)
+            A = _damped(H, damp)
+            L, info = torch.linalg.cholesky_ex(A)
+            del A
             if int(info) == 0:
                 Hinv = torch.cholesky_inverse(L)
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
@@ -176,11 +207,16 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
 ROW_CHUNK = 1024
 
 
-def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True) -> tuple:
+def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
+                share: Optional[Callable[..., None]] = None, inplace: bool = False) -> tuple:
     """What :func:`gptq_quantize` derives from ``H`` alone: ``(H with dead inputs fixed, dead mask,
     column order, upper Cholesky factor of the damped inverse, dampening)``. Pass it as ``factor=``
-    to quantize several weights that share ``H`` (q/k/v) without repeating the factorisation."""
-    H = H.detach().float().clone()
+    to quantize several weights that share ``H`` (q/k/v) without repeating the factorisation.
+    ``share``: see :func:`damped_inverse_cholesky` (the ``"flip"`` factorisation's chunks spread over ranks).
+    ``inplace``: ``H`` (float32) is used and changed (dead inputs) instead of copied: one ``K x K`` matrix less
+    on the device, for callers that hand it over."""
+    H = H.detach()
+    H = H if inplace and H.dtype == torch.float32 else H.float().clone()
     K = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -188,8 +224,11 @@ def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(K, device=H.device)
-    Hp = H[perm][:, perm]
-    U, damp = damped_inverse_cholesky(Hp, percdamp)
+    Hp = torch.empty_like(H)  # H[perm][:, perm], gathered in row slices (no second K x K temporary)
+    step = max(1, (64 * 2 ** 20) // max(K * H.element_size(), 1))
+    for r in range(0, K, step):
+        Hp[r:r + step] = H[perm[r:r + step]][:, perm]
+    U, damp = damped_inverse_cholesky(Hp, percdamp, share=share)
     return H, dead, perm, U, damp
 
 
@@ -380,10 +419,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     if contiguous and g < K:
         blocksize = max(g, (blocksize // g) * g)  # blocks made of whole groups
 
-    if static_groups:
-        Hd = H + damp * torch.eye(K, dtype=H.dtype, device=dev)
+    if static_groups:  # each group's block of H + damp I (the same values as slices of the whole sum)
         for gi, (a, b) in enumerate(bounds):
-            S = None if objective == "mse" else Hd[a:b, a:b]
+            S = None if objective == "mse" else _damped(H[a:b, a:b], damp)
             scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], S)
             fitted[gi] = True
 

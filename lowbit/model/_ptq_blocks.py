@@ -197,10 +197,10 @@ def _rtn_fallback(weight: torch.Tensor, qcfg: WeightOnlyConfig):
 
 
 def _to_device_except(model: nn.Module, blocks: nn.ModuleList, device: torch.device,
-                      keep: Optional[list] = None) -> None:
+                      keep: Optional[list] = None, skip: Optional[set] = None) -> None:
     """Move every parameter and buffer outside ``blocks`` to ``device``. ``keep`` (a list): the tensors left
-    behind are appended to it, for :func:`_restore_kept`."""
-    inside = set()
+    behind are appended to it, for :func:`_restore_kept`. ``skip``: ids of tensors left where they are."""
+    inside = set(skip or ())
     for b in blocks:
         inside.update(id(t) for t in b.parameters())
         inside.update(id(t) for t in b.buffers())

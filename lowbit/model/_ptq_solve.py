@@ -93,9 +93,14 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
     """GPTQ each linear of the stage on the stage's shared Hessian. In a data-parallel run the
     stage's rows are spread over the ranks (:func:`_row_pieces`; ``LOWBIT_DP_SPLIT=units``: whole
     linears, round robin), every rank solves all its pieces first, then the pieces are broadcast."""
-    H = stage.stats.hessian().float().to(modules[stage.names[0]].weight.device)
-    factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True))
-    from lowbit.model.distributed import broadcast_tensors, is_active, rank_world
+    H = stage.stats.hessian_as(torch.float32).to(modules[stage.names[0]].weight.device)
+    stage.stats = None  # the float64 sums are not needed any more (the pipelines hold no other reference)
+    from lowbit.model.distributed import broadcast_tensors, is_active, rank_world, shared_chunks
+
+    # a data-parallel run shares out the factorisation's triangular solves (LOWBIT_DP_FACTOR=every: each rank all)
+    share = shared_chunks if is_active() and os.environ.get("LOWBIT_DP_FACTOR", "shared") != "every" else None
+    factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True), share=share, inplace=True)
+    H = factor[0]  # the same matrix (dead inputs set), handed to gptq_quantize for its shape checks
 
     if is_active() and opts.get("gguf_type") is None:  # plain tensors: broadcast them directly
         rank, world = rank_world()
@@ -158,8 +163,9 @@ def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, s
         opts["gguf_type"] = types
     if not opts.pop("gqa_tie", False) and stage.tie is not None:  # o_proj under GQA: clip search only
         stage.fold, stage.tie = None, None
-    H = stage.stats.hessian().float()
+    H = stage.stats.hessian_as(torch.float32)  # the values of hessian().float(), without the float64 quotient
     mean = stage.stats.act_absmean().float()
+    stage.stats = None  # the float64 sums are not needed any more
     ws = [modules[n].weight.detach() for n in stage.names]
 
     def search():

@@ -68,6 +68,62 @@ def _working_reserve(block: nn.Module, micro: int, seq: int, act_bytes: int) -> 
     return int(acts + stats + w)
 
 
+def _device_work(block: nn.Module, stage_shapes: List[Tuple[int, int]], micro: int, seq: int, act_bytes: int,
+                 hidden: int, world: int = 1, awq: bool = False, accurate: bool = False,
+                 reduce_copies: int = 2) -> int:
+    """Peak bytes of one rank's work on a GPU while ``block`` calibrates (run 8 on; the blocks and the activation
+    store not included): the largest over its stages ``(k = input features, rows = output rows of the stage)`` of
+
+    * the accumulation: the float64 sums, one per-sample fp32 product, the micro-batch's input (and its fp32 copy)
+      and its activations through the block;
+    * GPTQ's factorisation (five fp32 ``k x k`` matrices: the Hessian, its permuted copy, the Cholesky factor, its
+      inverse, a trailing block of the factor) and solve (the Hessian, its factor, five fp32 ``rows / world x k``
+      matrices), or AWQ's Hessian (the float64 sums and the fp32 matrix) and search (six ``rows x k``);
+    * the rank-ordered sum of the float64 sums (two copies) in a data-parallel run.
+
+    The pipeline reserves by this estimate as run 9 measured it, whose accumulation term counts the whole micro-batch
+    in fp32 and its activations at the widest linear (conservative: 4.3 GiB for the 8B shape, where the measured
+    work was 3.8); ``accurate=True`` (:func:`lowbit.model.plan.staged_device_bytes`' peak) counts what
+    ``InputStats.add_samples`` holds (the samples of one product in fp32) and the residual stream beside the input.
+    ``reduce_copies``: float64 copies of the sums during the rank-ordered sum (3 before run 9's in-place sum)."""
+    lins = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    if not lins:
+        return 0
+    widest = max(m.out_features for m in lins)
+    work = 0
+    for k, rows_all in stage_shapes:
+        rows = -(-rows_all // world)
+        per = min(max(1, (64 * 2 ** 20) // (k * k * 4)), micro)  # samples per product (InputStats.add_samples)
+        if accurate:
+            acc = 8 * k * k + 4 * k * k * per + micro * seq * k * act_bytes + per * seq * k * 4 + \
+                micro * seq * act_bytes * 2 * hidden
+        else:
+            acc = 8 * k * k + 4 * k * k * per + micro * seq * k * (act_bytes + 4) + \
+                micro * seq * act_bytes * (2 * hidden + widest)
+        if awq:
+            fac, sol = 12 * k * k, 4 * k * k + 24 * rows_all * k
+        else:
+            fac, sol = 20 * k * k, 8 * k * k + 20 * rows * k
+        red = 8 * reduce_copies * k * k if world > 1 else 0
+        work = max(work, acc, fac, sol, red)
+    return int(work)
+
+
+def _stage_shapes(block: nn.Module, sel: Dict[str, nn.Linear], prefix: str) -> List[Tuple[int, int]]:
+    """``[(input features, output rows)]`` of the block's stages (its selected linears grouped as calibrated)."""
+    from lowbit.model import _ptq_blocks
+
+    out = []
+    for st in _ptq_blocks._block_stages(block, sel, prefix):
+        mods = [sel[n] for n in st.names]
+        out.append((mods[0].in_features, sum(m.out_features for m in mods)))
+    return out
+
+
+#: headroom over :func:`_device_work` in the GPU reserve (the allocator's rounding, short-lived copies)
+DEVICE_WORK_MARGIN = 0.15
+
+
 class _BlockRunner:
     """Calibrates one block (or the whole model) pass by pass over micro-batches (see module doc).
 
@@ -269,9 +325,9 @@ class _BlockRunner:
                     ref = self.modules[stage.names[0]]
                     st = InputStats(ref.in_features, hessian=self.need_h, absmean=self.need_abs,
                                     device=ref.weight.device, dtype=torch.float64)
-                st = _reduce_stats(st, sum_in_rank_order)
+                stage.stats = _reduce_stats(st, lambda t: sum_in_rank_order(t, inplace=True))  # st's sums given up
                 self.acc = {}
-                stage.stats = st
+                del st  # the stage holds the only reference: a method may let go of it once read (GPTQ does)
                 self.quantize_stage(stage)
                 stage.stats = None
                 stage.done = True
@@ -411,6 +467,43 @@ def _states_follow(states: Dict[str, Any], names, model, home: torch.device) -> 
         states[n] = own if own is not None and own.device == home else st.to(home)
 
 
+def _head_only(model: nn.Module) -> set:
+    """Ids of the output embedding's tensors when it is not tied to the input embedding (the block-0 capture
+    stops before it: it need not go to the device when nothing outside the blocks is quantized)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    inp = get_in() if callable(get_in) else None
+    if out is None or not isinstance(out, nn.Module):
+        return set()
+    in_ids = {id(t) for t in inp.parameters()} if isinstance(inp, nn.Module) else set()
+    own = [t for t in list(out.parameters()) + list(out.buffers())]
+    if not own or any(id(t) in in_ids for t in own):
+        return set()
+    return {id(t) for t in own}
+
+
+def _device_bytes(kept: list, model: nn.Module, blocks, device: torch.device) -> int:
+    """Bytes of the device copies of the tensors :func:`_to_device_except` moved (``kept``)."""
+    n = 0
+    for p, mod, key, _ in kept:
+        t = p if p is not None else mod._buffers.get(key)
+        if t is not None and t.device.type == device.type:
+            n += t.numel() * t.element_size()
+    return n
+
+
+def _drop_replaced(selected: Dict[str, nn.Linear], sel, model: nn.Module) -> None:
+    """Forget the ``nn.Linear`` objects of ``sel`` that the block's quantized modules replaced: the pipeline's
+    references were the last to their float weights, which stayed on the device with every finished block
+    (the quantized module took over the weight's Parameter and dropped it; 8B: 0.44 GB per block, the 70B
+    shape 1.6 GB: the GPU peak grew with the layers)."""
+    for n in list(sel):
+        lin = selected.get(n)
+        if lin is not None and model.get_submodule(n) is not lin:
+            del selected[n]
+
+
 def _prefetching(device: torch.device, homes, cfg: _RunConfig) -> bool:
     """Whether the next block's weights are copied to the GPU while the current block calibrates: CUDA, blocks
     kept off the device, not streamed from files. ``LOWBIT_PREFETCH=0`` turns it off."""
@@ -423,18 +516,29 @@ def _prefetching(device: torch.device, homes, cfg: _RunConfig) -> bool:
 class _Prefetch:
     """``block.to(device)`` in a background thread on a side CUDA stream (the copies overlap the current
     block's kernels on the main stream); :meth:`wait` joins it (the copy is complete on the device then: a
-    blocking copy synchronises its stream) and re-raises its error. Same values as the plain move."""
+    blocking copy synchronises its stream) and re-raises its error. Same values as the plain move.
 
-    def __init__(self, block: nn.Module, device: torch.device, stream: "torch.cuda.Stream") -> None:
+    Also the way home (``device`` the block's home, ``wait_main``: the side stream first waits for the work
+    queued on the GPU's default stream, which computed the block's quantized states); ``after()`` runs in the
+    thread once the block is there."""
+
+    def __init__(self, block: nn.Module, device: torch.device, stream: "torch.cuda.Stream",
+                 after: Optional[Callable[[], None]] = None, wait_main: bool = False) -> None:
         self.err: Optional[BaseException] = None
-        dev = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        gpu = stream.device
+        dev = device if device.type != "cuda" else \
+            torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
         def work() -> None:
             try:
-                torch.cuda.set_device(dev)
+                torch.cuda.set_device(gpu)
                 with torch.cuda.stream(stream):
+                    if wait_main:
+                        stream.wait_stream(torch.cuda.default_stream(gpu))
                     block.to(dev)
-                    torch.cuda.current_stream(dev).synchronize()
+                    stream.synchronize()
+                if after is not None:
+                    after()
             except BaseException as e:  # re-raised by wait()
                 self.err = e
 
@@ -477,16 +581,40 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
         return
 
     kept: list = []  # the non-block tensors left at home: put back at the end if the run changed none
-    _to_device_except(model, blocks, device, keep=kept)
+    prefixes = tuple(f"{blocks_name}.{i}." if blocks_name else f"{i}." for i in range(len(blocks)))
+    outside_sel = [n for n in selected if not n.startswith(prefixes)]
+    # nothing to quantize outside the blocks: the non-block tensors are needed on the device only for the
+    # block-0 capture, and go home (the originals put back, no copies) right after it; an output embedding not
+    # tied to the input one is not needed there at all (the capture stops at block 0)
+    import os
+
+    early_home = not outside_sel and os.environ.get("LOWBIT_OUTSIDE_HOME", "1") != "0"
+    skip = _head_only(model) if early_home else set()
+    _to_device_except(model, blocks, device, keep=kept, skip=skip)
     dtype_bytes = next(model.parameters()).element_size()
     block_bytes = sum(p.numel() * p.element_size() for p in blocks[0].parameters())
     homes = [next(b.parameters()).device for b in blocks]
     prefetch = _prefetching(device, homes, cfg)
-    reserve = max(_working_reserve(b, cfg.micro_batch, seq, dtype_bytes) for b in blocks[:1]) + \
-        (block_bytes * (2 if prefetch else 1) if device != home else 0)
+    homeward_async = prefetch and cfg.checkpoint_dir is None and os.environ.get("LOWBIT_HOME_ASYNC", "1") != "0"
+    if device.type == "cuda" and os.environ.get("LOWBIT_GPU_RESERVE", "work") == "work":
+        # on a GPU the reserve is the modelled working set of the widest stage (run 8: the CPU-era formula below
+        # reserved 15 GB for the 8B shape's 4 GB, so the activations went through pinned host memory)
+        from lowbit.model.distributed import rank_world
+
+        sel0 = {n: m for n, m in selected.items() if n.startswith(prefixes[0])}
+        hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+        work = _device_work(blocks[0], _stage_shapes(blocks[0], sel0, prefixes[0]), cfg.micro_batch, seq,
+                            dtype_bytes, hidden, rank_world()[1], need_abs)
+        base = int(work * (1 + DEVICE_WORK_MARGIN))
+    else:
+        base = max(_working_reserve(b, cfg.micro_batch, seq, dtype_bytes) for b in blocks[:1])
+    reserve = base + \
+        (block_bytes * (2 if prefetch else 1) + (block_bytes // 3 if homeward_async else 0) if device != home else 0)
     store = _make_store(device, cfg, reserve)
+    extra["device_reserve_bytes"] = int(reserve)
     ahead: Optional[_Prefetch] = None
-    side = None
+    behind: Optional[_Prefetch] = None  # the previous block on its way home
+    side = side_home = None
     checkpoints = ckpt.BlockCheckpoints(cfg.checkpoint_dir, cfg.fingerprint) if cfg.checkpoint_dir else None
     start_block = 0
     try:
@@ -501,6 +629,11 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
             items = []
             for a, b in mbs:
                 items.append(store.put(_capture_block0(model, blocks[0], ids[a:b], b - a, device)[0]))
+        if early_home and kept:  # the non-block tensors' device copies are not needed any more
+            freed = _device_bytes(kept, model, blocks, device)
+            _restore_kept(kept)
+            store.budget += freed  # room for activations (the budget was set with them on the device)
+        extra["store_device_budget_bytes"] = store.budget if store.budget != float("inf") else None
         inside = set(n for n in selected if any(n.startswith(f"{blocks_name}.{i}.") for i in range(start_block)))
         bar = _progress(total=len(blocks), desc=f"{method} blocks", enabled=progress)
         bar.update(start_block)
@@ -541,8 +674,21 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
                     new_items.append(store.put(((out,) + tuple(args[1:]), kwargs)))
                     del args, kwargs, out
             items = new_items
-            block.to(block_home)
-            _states_follow(states, sel, model, block_home)
+            _drop_replaced(selected, sel, model)  # the replaced linears' float weights (on the device) freed
+            sel = dict.fromkeys(sel)  # the names only: no reference to the replaced modules is left
+            if behind is not None:
+                behind.wait()
+                behind = None
+            if homeward_async and block_home != device:
+                # the quantized block goes home in the background while the next one calibrates
+                if side_home is None:
+                    side_home = torch.cuda.Stream(device if device.index is not None else None)
+                behind = _Prefetch(block, block_home, side_home,
+                                   after=lambda names=list(sel), h=block_home: _states_follow(states, names, model, h),
+                                   wait_main=True)
+            else:
+                block.to(block_home)
+                _states_follow(states, sel, model, block_home)
             for k, v in store.peak.items():
                 extra["offload_peak_bytes"][k] = max(extra["offload_peak_bytes"][k], v)
             if checkpoints is not None:
@@ -556,8 +702,9 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
         for k in items:
             store.drop(k)
     finally:
-        if ahead is not None:
-            ahead.wait()
+        for job in (ahead, behind):
+            if job is not None:
+                job.wait()
         store.close()
     rest = {n: m for n, m in selected.items() if n not in inside}
     if rest:  # selected linears outside the blocks (e.g. lm_head when included): whole-model pass

@@ -82,8 +82,10 @@ def shard(n: int, rank: int, world: int) -> Tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def sum_in_rank_order(t: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks of ``t``, added in rank order (the same bits on every rank)."""
+def sum_in_rank_order(t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """The sum over ranks of ``t``, added in rank order (the same bits on every rank). ``inplace``: ``t`` (which
+    the caller gives up) may hold the result, so a rank holds two copies of the sums at most instead of three
+    (the 70B class's MLP input: 6.6 GB each in float64)."""
     if not is_active():
         return t
     import torch.distributed as dist
@@ -91,13 +93,19 @@ def sum_in_rank_order(t: torch.Tensor) -> torch.Tensor:
     _sync()
     t0 = time.perf_counter()
     out = None
+    rank = dist.get_rank()
+    own = t.contiguous() if inplace else None
     for r in range(dist.get_world_size()):  # one rank's tensor at a time: memory of two copies, not N
-        buf = t.contiguous().clone() if r == dist.get_rank() else torch.empty_like(t)
-        dist.broadcast(buf, src=r)
-        if out is None:
-            out = buf
+        if r == rank and own is not None:
+            dist.broadcast(own, src=r)  # the sender's tensor is not changed by the broadcast
+            buf = own
         else:
-            out += buf
+            buf = t.contiguous().clone() if r == rank else torch.empty_like(t)
+            dist.broadcast(buf, src=r)
+        if out is None:
+            out = buf if buf is not own else own
+        else:
+            out += buf  # out is own only when rank 0 is this rank, after which own is not read again
         del buf
     _sync()
     COMM_SECONDS["reduce"] += time.perf_counter() - t0
@@ -143,6 +151,37 @@ def broadcast_tensors(tensors: List[torch.Tensor], src: int) -> None:
     COMM_SECONDS["broadcast"] += time.perf_counter() - t0
 
 
+def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int]]) -> None:
+    """The ``share`` of :func:`lowbit.algorithms.gptq.lower_triangular_inverse` in a data-parallel run: chunk
+    ``i`` of the triangular inverse is computed by rank ``i % world`` (the same function as in one process, so
+    the same bits) and broadcast from there. Every rank factors every stage's Hessian otherwise; this shares out
+    the triangular solves, about half of the ``"flip"`` factorisation's work."""
+    from lowbit.algorithms.gptq import triangular_inverse_chunk
+
+    if not is_active():
+        for a, b in spans:
+            out[a:, a:b] = triangular_inverse_chunk(L, a, b)
+        return
+    import torch.distributed as dist
+
+    rank, world = rank_world()
+    for i, (a, b) in enumerate(spans):  # every rank solves its chunks first: the ranks work at the same time
+        if i % world == rank:
+            out[a:, a:b] = triangular_inverse_chunk(L, a, b)
+    _sync()
+    t0 = time.perf_counter()
+    for i, (a, b) in enumerate(spans):
+        owner = i % world
+        buf = out[a:, a:b].contiguous() if owner == rank else torch.empty(L.shape[0] - a, b - a, dtype=L.dtype,
+                                                                           device=L.device)
+        dist.broadcast(buf, src=owner)
+        if owner != rank:
+            out[a:, a:b] = buf
+        del buf
+    _sync()
+    COMM_SECONDS["broadcast"] += time.perf_counter() - t0
+
+
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.cpu()
@@ -164,4 +203,4 @@ def barrier() -> None:
 
 
 __all__ = ["is_active", "rank_world", "init_from_env", "local_device", "shard", "sum_in_rank_order",
-           "min_over_ranks", "broadcast_object", "barrier", "SAFE_ENV"]
+           "min_over_ranks", "broadcast_object", "barrier", "shared_chunks", "SAFE_ENV"]

@@ -294,52 +294,116 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
         pipeline = "staged" if (max_memory is not None or micro_batch is not None) else "threads"
     p = _predict(_shape_counts(model), hidden, n_blocks, method, bits, group_size, n_samples, seq_len, None,
                  pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
+    host_fraction = 0.0
     if cuda and pipeline == "staged" and method_cost(method.lower()).calibrated:
-        p["accelerator_mb"] = staged_device_bytes(model, n_samples, seq_len, micro_batch or 8,
-                                                  parse_bytes(max_memory))["total"] / 2 ** 20
+        dev = staged_device_bytes(model, n_samples, seq_len, micro_batch or 8, parse_bytes(max_memory), world=n_gpus,
+                                  bits=bits, group_size=group_size, method=method)
+        p["accelerator_mb"] = dev["total"] / 2 ** 20
+        host_fraction = 1.0 - dev["store"] / max(dev["store_demand"], 1)
     elif cuda:
         p["accelerator_mb"] = p["float_mb"] / max(n_blocks, 1) * 2 + 2 * n_samples * seq_len * hidden * 4 / 2 ** 20
-        if method.lower() in ("gptq", "awq"):
-            from lowbit.model import plan_gpu
+    if cuda and method.lower() in ("gptq", "awq"):
+        from lowbit.model import plan_gpu
 
-            rates = plan_gpu.measure_rates(device) if torch.cuda.is_available() else None
-            p["gpu_time"] = plan_gpu.gpu_seconds(model, method, n_samples, seq_len, world=n_gpus, rates=rates)
-            p["gpu_seconds"] = p["gpu_time"]["seconds"]
+        rates = plan_gpu.measure_rates(device) if torch.cuda.is_available() else None
+        p["gpu_time"] = plan_gpu.gpu_seconds(model, method, n_samples, seq_len, world=n_gpus, rates=rates,
+                                             host_fraction=host_fraction)
+        p["gpu_seconds"] = p["gpu_time"]["seconds"]
     return p
 
 
 def staged_device_bytes(model: nn.Module, n_samples: int, seq_len: int, micro_batch: int = 8,
-                        budget: Optional[int] = None, device_free: Optional[int] = None) -> Dict[str, float]:
-    """Peak GPU bytes of the staged pipeline (``device="cuda"``): the tensors outside the blocks (moved to the
-    device), one block and an fp32 copy of its largest weight (the solve), the statistics of the widest linear
-    (float64 sums and the solver's fp32 work matrices, on the device), one micro-batch's working tensors, and the
-    activation store (block inputs/outputs, replay records) up to ``budget`` (default: everything, or
-    ``device_free``). Activations in the model's dtype. Checked against bench/results/scale_gpu_run4.json
-    (bench/scale.md, "scale2": 8B at 16GB, 70B at 40GB)."""
-    from lowbit.model.sequential import find_blocks
+                        budget: Optional[int] = None, device_free: Optional[int] = None, world: int = 1,
+                        bits: int = 4, group_size: int = 128, outside_selected: bool = False,
+                        prefetch: bool = True, method: str = "gptq", legacy_reserve: bool = False) -> Dict[str, float]:
+    """Peak GPU bytes of one rank of the staged pipeline (``device="cuda"``, model at home on the CPU), as the
+    pipeline places things (``lowbit.model._ptq_staged._run_calibrated``, run 8 on):
 
-    _, blocks = find_blocks(model)
+    * **capture**: the tensors outside the blocks on the device (an untied output head stays home) and the block-0
+      inputs the activation store keeps there;
+    * **blocks**: the block being calibrated and the next one (prefetched), both in the model's dtype, plus the
+      finished block's quantized states (on their way home); the non-block tensors are home again unless a linear
+      outside the blocks is quantized (``outside_selected``);
+    * **activation store**: this rank's block inputs and outputs and the replay records (``tokens / world x
+      6 hidden`` values, measured), on the device up to the budget the pipeline gives it:
+      ``max_memory`` (``budget``; default ``device_free``, or everything) minus its own reserve (the work below
+      and 15%, plus two blocks and a third of one);
+    * **work** of the widest stage, the largest of: the float64 Hessian sums with one per-sample fp32 product and
+      the micro-batch's input (accumulation), the factorisation (the fp32 Hessian, its permuted copy, the
+      Cholesky factor, its inverse and a copy of a trailing block: five ``k x k`` fp32 matrices), and the solve
+      (the Hessian, its factor and about five fp32 ``rows x k`` matrices of this rank's rows); plus one
+      micro-batch's activations through the block during the accumulation. ``method="awq"``: the search's
+      working set instead of the factorisation and solve (the Hessian and about six fp32 ``rows x k`` matrices).
+
+    ``prefetch=False`` (a streamed model): one block on the device at a time, moved home before the next.
+    ``legacy_reserve``: the pipeline of run 8 (``LOWBIT_GPU_RESERVE=cpu``: the CPU-era working reserve; the
+    rank-ordered sum with three copies).
+
+    Returns the parts and ``total`` (bytes). Checked against bench/results/scale_gpu_run8.json
+    (bench/results/multi_gpu.md)."""
+    from lowbit.model._ptq_blocks import _block_stages, _select_linears, find_blocks
+    from lowbit.model._ptq_staged import _head_only
+
+    name, blocks = find_blocks(model)
     if blocks is None:
         raise ValueError("the staged pipeline's device estimate needs a list of decoder blocks")
+    if world < 1:
+        raise ValueError(f"world={world!r}: at least one rank")
     inside = {id(p) for p in blocks.parameters()}
-    outside = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    skip = set() if outside_selected else _head_only(model)
+    seen = set()
+    outside = 0
+    for p in model.parameters():
+        if id(p) not in inside and id(p) not in skip and id(p) not in seen:
+            seen.add(id(p))
+            outside += p.numel() * p.element_size()
+    b0 = blocks[0]
     block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
-    lins = [m for m in blocks[0].modules() if isinstance(m, nn.Linear)]
-    k_max = max(m.in_features for m in lins)
-    w_max = max(m.weight.numel() for m in lins) * 4
+    lins = [m for m in b0.modules() if isinstance(m, nn.Linear)]
     act = next(model.parameters()).element_size()
+    lin_params = sum(m.weight.numel() for m in lins)
+    quantized = lin_params * (bits / 8 + 8 / group_size) + (block - lin_params * act)
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or lins[0].in_features
     widths = sum(m.out_features for m in lins)
-    tokens = n_samples * seq_len
-    stats = k_max * k_max * (8 + 4 * 4)
-    work = micro_batch * seq_len * act * (widths + 4 * k_max)
-    rest = outside + block + w_max + stats + work
-    store = tokens * act * (2 * hidden + widths)
+    samples = -(-n_samples // world)
+    tokens = samples * seq_len
+    micro = min(micro_batch, samples)
+    # the pipeline's own reserve and the store's device budget (as _run_calibrated on CUDA)
+    from lowbit.model._ptq_staged import DEVICE_WORK_MARGIN, _device_work, _stage_shapes
+
+    prefix = f"{name}.0." if name else "0."
+    sel = {n: m for n, m in _select_linears(model, None, ["lm_head"]).items() if n.startswith(prefix)}
+    shapes = _stage_shapes(b0, sel, prefix)
+    awq = method.lower() == "awq"
+    reserve_work = _device_work(b0, shapes, micro_batch, seq_len, act, hidden, world, awq)
+    work = _device_work(b0, shapes, micro_batch, seq_len, act, hidden, world, awq, accurate=True,
+                        reduce_copies=3 if legacy_reserve else 2)
+    if legacy_reserve:
+        from lowbit.model._ptq_staged import _working_reserve
+
+        base = _working_reserve(b0, micro_batch, seq_len, act)
+    else:
+        base = int(reserve_work * (1 + DEVICE_WORK_MARGIN))
+    reserve = base + (2 * block + block // 3 if prefetch else block)
     cap = budget if budget is not None else device_free
-    if cap is not None:
-        store = min(store, max(cap - rest, 0))
-    return {"total": rest + store, "outside": outside, "block": block, "statistics": stats, "work": work,
-            "store": store}
+    demand_inputs = tokens * act * hidden
+    # inputs, outputs and the replay records that stay: about four more hidden-wide values per token (the 8B
+    # shape's 2-GPU store peaked at 24,352 values per token, scale_gpu_run9.json; the widths of every linear,
+    # the bound used before, were 51,200)
+    demand = tokens * act * 6 * hidden
+    if cap is None:
+        store_capture, store, store_budget = demand_inputs, demand, None
+    else:
+        store_capture = min(demand_inputs, max(cap - outside - reserve, 0))
+        # the budget is set with the non-block tensors on the device; they go home after the capture
+        store_budget = max(cap - outside - reserve, 0) + (0 if outside_selected else outside)
+        store = min(demand, store_budget)
+    blocks_b = (2 * block if prefetch else block) + quantized + (outside if outside_selected else 0)
+    capture = outside + store_capture + micro * seq_len * act * hidden * 2
+    run = blocks_b + store + work
+    return {"total": max(capture, run), "capture": capture, "outside": outside, "block": block,
+            "blocks": blocks_b, "statistics": work, "work": work, "store": store, "reserve": reserve,
+            "store_budget": store_budget, "store_demand": demand}
 
 
 def _load_config(spec: str, transformers):
@@ -409,7 +473,7 @@ def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, 
         # the statistics, the micro-batch's work and the activations within max_memory live on the GPU
         # (staged_device_bytes); the host holds the tensors outside the blocks while they are read, the block being
         # read and the quantized one being written, and the activations the GPU budget leaves over (pinned)
-        dev = staged_device_bytes(model, n_samples, seq_len, micro_batch, budget)
+        dev = staged_device_bytes(model, n_samples, seq_len, micro_batch, budget, prefetch=False)
         host_store = max(tokens * (next(model.parameters()).element_size()) * 2 * hidden - dev["store"], 0)
         total = PROCESS_BASELINE_MB * mb + outside + block + quantized + host_store
         return {"peak_ram_mb": total / mb, "outside_mb": outside / mb, "block_mb": block / mb,

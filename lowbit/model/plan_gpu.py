@@ -45,8 +45,23 @@ H200: Dict[str, Any] = {
     "bandwidth": 3.0e12,          # bytes/s of the float64 += fp32 sums (HBM3e, ~70% of 4.8 TB/s)
     "sweep_block_s": 4.0e-4,      # per block of 128 columns: the fused sweep's launch, group fit, bookkeeping
     "sweep_row_s": 2.0e-8,        # per block and row
+    # the forward passes with the activations offloaded to pinned host memory (runs 3-8: the reserve of the CPU
+    # era left the store little device memory)
     "forward_serial_s_per_flop": 4.0e-15,    # fitted, scale_gpu_run4.json (see the module doc)
     "forward_parallel_s_per_flop": 1.58e-14,  # fitted, scale_gpu_run4.json
+    # run 8 on (the pipeline of this model): the forward passes, the activation store and the rank agreement per
+    # block, from the timers. Activations on the device (run 9: the GPU reserve from the modelled working set): a
+    # constant per block (launches, installs) plus a part that shares out, fitted on scale_gpu_run9.json's 8B
+    # runs (0.567 s per block on 1 GPU, 0.383 on 2); in pinned host memory (run 8, the CPU-era reserve): fitted
+    # on scale_gpu_run8.json's 8B runs (1.165 / 0.737 s per block once the device share is taken out). The
+    # 70B-class runs are out of sample (multi_gpu.md)
+    "forward_block_s": 0.199,
+    "forward_device_s_per_flop": 3.22e-15,
+    "forward_host_serial_s_per_flop": 2.71e-15,
+    "forward_host_parallel_s_per_flop": 7.48e-15,
+    # share of the flip factorisation that is the chunked triangular inverse (shared out over the ranks, run 8
+    # on): 8B 0.100 s per block on 1 GPU, 0.084 on 2 (scale_gpu_run9.json)
+    "flip_inverse_share": 0.4,
     "awq_forward_s_per_flop": 2.58e-14,      # fitted, scale_gpu_run3.json (AWQ 8B 1 GPU: 2.95 s per block)
     # per stage, factor "inverse" (runs 1-6): fitted, run 4 (8B 0.30 s, 70B 1.73 s per block)
     "factor_a_s": 0.024,
@@ -168,13 +183,18 @@ def _batched(rows: List[int], align: int = 1024) -> List[int]:
 
 def gpu_seconds(model: nn.Module, method: str, n_samples: int = 128, seq_len: int = 2048, world: int = 1,
                 rates: Optional[Dict[str, Any]] = None, n_blocks: Optional[int] = None, factor: str = "flip",
-                batch_pieces: bool = True) -> Dict[str, Any]:
+                batch_pieces: bool = True, host_fraction: float = 0.0,
+                shared_factor: bool = True, legacy_forward: bool = False) -> Dict[str, Any]:
     """Predicted seconds of ``quantize_model_ptq`` (GPTQ or AWQ, ``device="cuda"``) on ``world`` GPUs,
     per block and for ``n_blocks`` blocks (default: the model's), with the parts of a block.
 
     ``factor``: the factorisation (:data:`lowbit.algorithms.gptq.FACTORS`; ``"flip"``, the CUDA default since
     run 7, or ``"inverse"``, runs 1-6); ``batch_pieces``: a rank's row pieces solved in one call each where
-    aligned (run 7 on; ``False``: one call per piece, runs 1-6)."""
+    aligned (run 7 on; ``False``: one call per piece, runs 1-6). ``host_fraction``: the share of the activations
+    the store keeps in pinned host memory (0: all on the device, as run 9 on for the 8B shape at 16 GB and the 70B
+    class at 40 GB; 1: runs 3-8, whose forward constants are kept); ``shared_factor``: the flip factorisation's
+    triangular inverse shared out over the ranks (run 8 on); ``legacy_forward``: the forward constants of runs 3-7
+    (fitted on run 4, whose pipeline also spent about 2.5 s outside the blocks), for those runs' checks."""
     if factor not in ("flip", "inverse"):
         raise ValueError(f"factor={factor!r}: expected 'flip' or 'inverse'")
     factor_method = factor
@@ -188,11 +208,19 @@ def gpu_seconds(model: nn.Module, method: str, n_samples: int = 128, seq_len: in
     n_blocks = blocks if n_blocks is None else n_blocks
     tokens = n_samples * seq_len
     fwd_flops = 2.0 * params * tokens
-    if method == "gptq":
-        forward = fwd_flops * (r["forward_serial_s_per_flop"] + r["forward_parallel_s_per_flop"] / world)
+    if not 0.0 <= host_fraction <= 1.0:
+        raise ValueError(f"host_fraction={host_fraction!r}: expected a share between 0 and 1")
+    def c(key):
+        return r.get(key, H200[key])
+
+    if legacy_forward:
+        host = fwd_flops * (r["forward_serial_s_per_flop"] + r["forward_parallel_s_per_flop"] / world)
     else:
-        scale = r["awq_forward_s_per_flop"] / (r["forward_serial_s_per_flop"] + r["forward_parallel_s_per_flop"])
-        forward = fwd_flops * scale * (r["forward_serial_s_per_flop"] + r["forward_parallel_s_per_flop"] / world)
+        host = fwd_flops * (c("forward_host_serial_s_per_flop") + c("forward_host_parallel_s_per_flop") / world)
+    dev = c("forward_block_s") + fwd_flops * c("forward_device_s_per_flop") / world
+    forward = host * host_fraction + dev * (1.0 - host_fraction)
+    if method == "awq":  # AWQ's passes (the absolute means too): the ratio fitted on run 3 (host store)
+        forward *= r["awq_forward_s_per_flop"] / (r["forward_serial_s_per_flop"] + r["forward_parallel_s_per_flop"])
     ks = [st[0][0] for st in stages]
     hessian = sum(2.0 * tokens / world * k * k / r["hess_gemm_flops"]
                   + n_samples / world * 20.0 * k * k / r["bandwidth"] for k in ks)
@@ -204,7 +232,9 @@ def gpu_seconds(model: nn.Module, method: str, n_samples: int = 128, seq_len: in
             fb = r.get("flip_factor_b_s_per_k3", H200["flip_factor_b_s_per_k3"])
         else:
             fa, fb = r["factor_a_s"], r["factor_b_s_per_k3"]
-        factor = sum(fa + fb * k ** 3 for k in ks)
+        share = r.get("flip_inverse_share", H200["flip_inverse_share"]) if factor_method == "flip" and \
+            shared_factor and world > 1 else 0.0
+        factor = sum(fa + fb * k ** 3 * (1.0 - share + share / world) for k in ks)
         for st in stages:
             K = st[0][0]
             nblk = -(-K // 128)
