@@ -160,3 +160,55 @@ def test_api_quantize_falls_back_on_cpu():
     assert torch.equal(a.data, b.data) and torch.equal(a.nested.data, b.nested.data)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         kernels.quantize(x, "nf4", 64, backend="triton")
+
+
+def test_state_offset_held_as_a_tensor_saves_the_same_bytes():
+    # kernels.quantize on CUDA keeps the double-quant offset as a device tensor (no host sync); the state reads
+    # it as the same float on first use, so its state_dict (and every file) is byte-identical
+    import copy
+
+    from lowbit.tensor.state import QuantState, _offset_key
+
+    a = lowbit.quantize(torch.randn(1000, generator=torch.Generator().manual_seed(3)), "nf4", 64, double_quant=True)
+    b = copy.copy(a)
+    b.__dict__ = dict(a.__dict__)
+    b.offset = torch.tensor([a.offset], dtype=torch.float32)
+    assert b.__dict__["_offset"] is None and isinstance(b.offset_tensor(), torch.Tensor)
+    key = _offset_key(b)
+    assert key[0] == "t" and key != _offset_key(a)
+    b.validate()  # an unread tensor offset validates without being read
+    assert b.__dict__["_offset"] is None
+    c = b.to("cpu")  # moves unread
+    assert c.__dict__["_offset"] is None and c.offset == a.offset
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert isinstance(b.offset, float) and b.offset == a.offset and b == a and repr(b) == repr(a)
+    assert torch.equal(lowbit.dequantize(c), lowbit.dequantize(a))
+    assert torch.equal(a.offset_tensor(), torch.tensor([a.offset], dtype=torch.float32))
+    assert QuantState.from_state_dict(sb).offset == a.offset
+    # a cached derived layout follows a new offset
+    st = kernels.quantize(torch.randn(64, 128), "nf4", 64, double_quant=True)
+    p1 = kernels.prepare_4bit(st)
+    st.offset = torch.tensor(st.offset + 1.0)
+    p2 = kernels.prepare_4bit(st)
+    assert p2 is not p1 and torch.allclose(p2.scales, p1.scales + 1.0)
+    with pytest.raises(ValueError, match="one float value"):
+        st.offset = torch.zeros(2)
+    st.offset = None
+    assert st.offset is None and st.offset_tensor() is None
+
+
+def test_strict_mode_switch_and_cpu_messages_unchanged(monkeypatch):
+    from lowbit.kernels.api import strict_mode
+
+    monkeypatch.delenv("LOWBIT_STRICT", raising=False)
+    assert strict_mode() is False and strict_mode(True) is True
+    for v, want in (("1", True), ("true", True), ("0", False), ("", False)):
+        monkeypatch.setenv("LOWBIT_STRICT", v)
+        assert strict_mode() is want and strict_mode(False) is False
+    x = torch.randn(1000)
+    x[3] = float("nan")
+    x[5] = float("inf")
+    for strict in (None, True, False):  # the CPU path always checks synchronously, with its own message
+        with pytest.raises(ValueError, match=r"non-finite values \(1 NaN, 1 Inf\)"):
+            kernels.quantize(x, "nf4", 64, strict=strict)

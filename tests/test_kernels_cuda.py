@@ -64,11 +64,104 @@ def test_double_quant_matches_cpu(scheme, n):
     assert torch.equal(d.cpu(), reference.dequantize(ref, torch.float16))
 
 
-def test_quantize_rejects_non_finite():
+def test_quantize_rejects_non_finite(monkeypatch):
+    # strict mode (keyword or LOWBIT_STRICT=1) keeps the synchronous check and its message
     x = torch.randn(1000, device="cuda")
     x[17] = float("nan")
+    x[400] = float("inf")
+    for scheme in ("nf4", "int4", "int8_asym"):
+        with pytest.raises(ValueError, match=r"non-finite values \(2 NaN/Inf\)"):
+            kernels.quantize(x, scheme, 64, backend="triton", strict=True)
+    monkeypatch.setenv("LOWBIT_STRICT", "1")
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.quantize(x, "nf4", 64, backend="triton")
+        kernels.quantize(x, "nf4", 64, double_quant=True, backend="triton")
+
+
+_ASSERT_SCRIPT = """
+import sys, torch
+from lowbit import kernels
+x = torch.randn(4096, device="cuda")
+x[int(sys.argv[2])] = float(sys.argv[3])
+try:
+    st = kernels.quantize(x, sys.argv[1], 64, double_quant=sys.argv[4] == "1", backend="triton")
+    torch.cuda.synchronize()
+except RuntimeError as e:
+    print("RAISED", str(e).splitlines()[0])
+    sys.exit(3)
+print("NO ERROR")
+"""
+
+
+@pytest.mark.parametrize("scheme,value,dq", [("nf4", "nan", "0"), ("int4_asym", "inf", "0"), ("fp4", "-inf", "1"),
+                                             ("int8", "nan", "1")])
+def test_quantize_non_finite_fails_a_device_assertion(scheme, value, dq):
+    # the default CUDA path does not synchronise: a non-finite input fails a device-side assertion, raised at
+    # the next synchronisation (it poisons the CUDA context, hence a subprocess)
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LOWBIT_STRICT="0")
+    r = subprocess.run([sys.executable, "-c", _ASSERT_SCRIPT, scheme, "1000", value, dq], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 3, (r.stdout, r.stderr[-2000:])
+    assert "RAISED" in r.stdout and "assert" in r.stdout.lower(), r.stdout
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_and_dequantize_do_not_synchronise(scheme, dq, dtype, monkeypatch):
+    monkeypatch.delenv("LOWBIT_STRICT", raising=False)
+    if dq and scheme not in ("nf4", "fp4"):
+        pytest.skip("double quantization of the Triton path: codebook schemes")
+    x = _x((256, 1100), dtype, seed=5).cuda()
+    ref = kernels.quantize(x, scheme, 64, double_quant=dq, backend="triton", strict=True)  # warm-up (compiles)
+    kernels.dequantize(ref, dtype, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        st = kernels.quantize(x, scheme, 64, double_quant=dq, backend="triton")
+        d = kernels.dequantize(st, dtype, backend="triton")
+        d2 = kernels.dequantize(st, torch.float32, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if dq:
+        assert st.__dict__.get("_offset") is None  # the offset stayed on the device
+        assert st.offset == ref.offset and isinstance(st.offset, float)
+        assert torch.equal(st.nested.data, ref.nested.data) and torch.equal(st.nested.scales, ref.nested.scales)
+    else:
+        assert torch.equal(st.scales, ref.scales)
+    assert torch.equal(st.data, ref.data)
+    assert torch.equal(d, kernels.dequantize(ref, dtype, backend="triton"))
+    assert torch.equal(d2.cpu(), reference.dequantize(ref.cpu(), torch.float32))
+
+
+@pytest.mark.parametrize("scheme,dq", [("nf4", True), ("fp4", False), ("int4_asym", False), ("int8", False)])
+def test_quantize_captures_in_a_cuda_graph(scheme, dq, monkeypatch):
+    # no host synchronisation: quantize (and dequantize of its state) capture into one CUDA graph
+    monkeypatch.delenv("LOWBIT_STRICT", raising=False)
+    x = _x((512, 1024), torch.bfloat16, seed=9).cuda()
+    ref = kernels.quantize(x, scheme, 64, double_quant=dq, backend="triton")
+    want = kernels.dequantize(ref, torch.bfloat16, backend="triton")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            kernels.dequantize(kernels.quantize(x, scheme, 64, double_quant=dq, backend="triton"), torch.bfloat16,
+                               backend="triton")
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        st = kernels.quantize(x, scheme, 64, double_quant=dq, backend="triton")
+        out = kernels.dequantize(st, torch.bfloat16, backend="triton")
+    x.copy_(x * 0.5)
+    g.replay()
+    torch.cuda.synchronize()
+    ref2 = lowbit.quantize(x.cpu(), scheme, 64, double_quant=dq)
+    assert torch.equal(st.data.cpu(), ref2.data)
+    assert torch.equal(out.cpu(), reference.dequantize(st.cpu(), torch.bfloat16))
+    assert not torch.equal(out, want)
 
 
 FORMATS = [("nf4", dict(block_size=64)), ("fp4", dict(block_size=64, double_quant=True)),

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import reference, select
-from lowbit.tensor.state import QuantState
+from lowbit.tensor.state import QuantState, _offset_key
 
 _FLOAT_OUT = (torch.float16, torch.bfloat16, torch.float32)
 _CODEBOOK4 = ("nf4", "fp4")
@@ -59,7 +59,7 @@ def _decoded_scales(state: QuantState) -> torch.Tensor:
         from lowbit.formats import codebook
 
         n = state.nested
-        return codebook.double_dequantize(n.data, n.scales, torch.tensor(state.offset, dtype=torch.float32),
+        return codebook.double_dequantize(n.data, n.scales, state.offset_tensor(n.data.device).reshape(()),
                                           blocksize=n.block_size).reshape(-1)
     return state.scales.reshape(-1).float()
 
@@ -91,7 +91,7 @@ def _versions(state: QuantState) -> tuple:
     v = (state.data._version, -1 if s is None else s._version, -1 if z is None else z._version)
     n = state.nested
     if n is not None:
-        v = v + (n.data._version, -1 if n.scales is None else n.scales._version, state.offset)
+        v = v + (n.data._version, -1 if n.scales is None else n.scales._version, _offset_key(state))
     return v
 
 
@@ -118,6 +118,27 @@ def _dynamic_tables(device: str) -> Tuple[torch.Tensor, torch.Tensor]:
 
     code = codebook.dynamic_map()
     return code.to(device), codebook.lut_table(code).to(device)
+
+
+@lru_cache(maxsize=None)
+def _code_table(name: str, device: str) -> torch.Tensor:
+    """The codebook of ``name`` on ``device`` (a cached master copy: states get a device-side clone)."""
+    from lowbit.formats import codebook
+
+    return codebook.get_code(name).to(device)
+
+
+def strict_mode(strict: Optional[bool] = None) -> bool:
+    """Whether quantize checks its input synchronously: ``strict`` when given, else ``LOWBIT_STRICT=1``."""
+    if strict is not None:
+        return bool(strict)
+    import os
+
+    return os.environ.get("LOWBIT_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+NON_FINITE_DEVICE_MSG = ("lowbit.kernels.quantize: the input holds non-finite values (NaN/Inf), so a block scale "
+                         "is not finite; rerun with LOWBIT_STRICT=1 (or strict=True) for a ValueError with the counts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +194,7 @@ def dequantize(state: QuantState, out_dtype: Optional[torch.dtype] = None, backe
         if nested is None:
             dyn, _ = _dynamic_tables(dev)
             nb = state.nested
-            off_t = torch.tensor([state.offset], dtype=torch.float32).to(state.device)
+            off_t = state.offset_tensor(state.device)  # kernels.quantize's device offset: no copy, no sync
             nested = _store(state, "nested", (nb.data, nb.scales.float(), dyn, off_t, nb.block_size))
     else:
         scales = state.scales.reshape(-1).float()
@@ -195,12 +216,19 @@ def _triton_quant_ok(x: torch.Tensor, scheme: str, block_size, double_quant: boo
 
 
 def quantize(x: torch.Tensor, scheme: str = "nf4", block_size: int = 64, *, double_quant: bool = False,
-             backend: Optional[str] = None) -> QuantState:
+             backend: Optional[str] = None, strict: Optional[bool] = None) -> QuantState:
     """Blockwise quantization (bitsandbytes flat blocks), identical codes to ``lowbit.quantize``.
 
     Triton covers ``nf4``, ``fp4``, ``int4``, ``int4_asym``, ``int8``, ``int8_asym`` with power-of-two
     blocks of 16..4096 and double quantization (8-bit dynamic map, blocks of 256, mean offset).
     The double-quantization offset is the float64 mean of the absmax rounded to float32.
+
+    On CUDA the call does not synchronise with the host: a non-finite input (its block scale is then not
+    finite) fails a device-side assertion (``torch._assert_async``, raised at the next synchronisation;
+    it poisons the CUDA context, as every device assertion does), and the double-quantization offset
+    stays a device tensor on the state until ``state.offset`` is first read. ``strict=True`` (default:
+    the ``LOWBIT_STRICT=1`` environment variable) checks synchronously instead and raises ValueError
+    with the count of non-finite values. The CPU path always checks synchronously.
 
     Example::
 
@@ -217,6 +245,7 @@ def quantize(x: torch.Tensor, scheme: str = "nf4", block_size: int = 64, *, doub
     from lowbit.kernels.triton import blockwise as bw
 
     dev = str(x.device)
+    strict = strict_mode(strict)
     xc = x.contiguous()
     if name in _AFFINE:
         bits, sym = _AFFINE[name]
@@ -229,20 +258,25 @@ def quantize(x: torch.Tensor, scheme: str = "nf4", block_size: int = 64, *, doub
         q, s, z = bw.quantize(xc, block_size, 4, bw.CODEBOOK, mids=mids, order=order, permute=permute, pad=pad)
         from lowbit.formats import codebook
 
-        bits, code = 4, codebook.get_code(name).to(x.device)
-    if not bool(torch.isfinite(s).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"cannot quantize a tensor with non-finite values ({bad} NaN/Inf)")
+        bits, code = 4, _code_table(name, dev).clone()
+    if strict:
+        if not bool(torch.isfinite(s).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"cannot quantize a tensor with non-finite values ({bad} NaN/Inf)")
+    elif not double_quant:  # with double quantization the mean of the scales below is checked instead
+        torch._assert_async(torch.isfinite(s).all(), NON_FINITE_DEVICE_MSG)
     state = QuantState(scheme=name, bits=bits, shape=tuple(x.shape), dtype=x.dtype, layout="block",
                        block_size=block_size, data=q, scales=s, zeros=z, code=code)
     if double_quant:
         dyn, lut = _dynamic_tables(dev)
         off_t = s.mean(dtype=torch.float64).to(torch.float32).reshape(1)
+        if not strict:  # scales are >= 0 or NaN/Inf: their float64 mean is finite exactly when all of them are
+            torch._assert_async(torch.isfinite(off_t).reshape(()), NON_FINITE_DEVICE_MSG)
         qa, a2 = bw.quantize_lut(s, off_t, lut, 256)
         state.nested = QuantState(scheme="dynamic8", bits=8, shape=tuple(s.shape), dtype=torch.float32,
                                   layout="block", block_size=256, data=qa, scales=a2, code=dyn.clone())
         state.scales = None
-        state.offset = float(off_t.item())
+        state.offset = off_t  # a device tensor; read as a float (one sync) only when state.offset is read
     return state
 
 

@@ -94,6 +94,9 @@ class QuantState:
         """Move every tensor to ``device`` (dtypes are kept: a state's storage types are part of it)."""
         moved = {f: (getattr(self, f).to(device) if getattr(self, f) is not None else None) for f in _TENSOR_FIELDS}
         nested = self.nested.to(device) if self.nested is not None else None
+        t = self.__dict__.get("_offset_t")
+        if t is not None and self.__dict__.get("_offset") is None:  # a device offset moves unread
+            moved["offset"] = t.to(device)
         return replace(self, nested=nested, **moved)
 
     def cpu(self) -> "QuantState":
@@ -208,7 +211,9 @@ class QuantState:
             if self.nested is not None:
                 if not isinstance(self.nested, QuantState):
                     raise bad(f"nested must be a QuantState, got {type(self.nested).__name__}")
-                if not isinstance(self.offset, (int, float)) or not math.isfinite(self.offset):
+                if self.__dict__.get("_offset_t") is not None and self.__dict__.get("_offset") is None:
+                    pass  # a device offset not yet read (its finiteness is asserted on the device)
+                elif not isinstance(self.offset, (int, float)) or not math.isfinite(self.offset):
                     raise bad(f"offset={self.offset!r}: a double-quantized state needs a finite float offset")
                 self.nested.validate()
             if sch.kind == "affine" and not sch.symmetric and self.zeros is None:
@@ -237,6 +242,23 @@ class QuantState:
                 f"QuantState({self.scheme}, shape={self.shape}): zeros have {self.zeros.numel()} elements, expected {want}"
             )
 
+    # -- the double-quantization offset: a Python float, or a device tensor until first read --------------
+    def offset_tensor(self, device=None) -> Optional[torch.Tensor]:
+        """The offset as a float32 tensor of shape ``[1]`` on ``device`` (default: the data's device), or None.
+
+        A state made by :func:`lowbit.kernels.quantize` on CUDA holds the offset as a device tensor (reading it
+        as a float would synchronise with the host); this returns that tensor without a copy when it is on
+        ``device``. Otherwise the tensor is made from the float (a host-to-device copy).
+        """
+        device = torch.device(device) if device is not None else self.device
+        t = self.__dict__.get("_offset_t")
+        if t is not None and t.device == device:
+            return t
+        v = self.offset
+        if v is None:
+            return None
+        return torch.tensor([v], dtype=torch.float32).to(device)
+
     def __repr__(self) -> str:
         gran = {
             "block": f"block_size={self.block_size}",
@@ -250,3 +272,38 @@ class QuantState:
             f"QuantState(scheme={self.scheme!r}, shape={tuple(self.shape)}, dtype={_dtype_name(self.dtype)}, "
             f"{gran}{dq}, {self.bits_per_element:.3f} bits/elem, {self.nbytes} bytes, device={self.device})"
         )
+
+
+def _get_offset(self) -> Optional[float]:
+    # a device offset (kernels.quantize on CUDA) is read once, on first use (a host synchronisation), as the
+    # float that a synchronous quantize would have stored: saved files are the same bytes
+    v = self.__dict__.get("_offset")
+    if v is None:
+        t = self.__dict__.get("_offset_t")
+        if t is not None:
+            v = float(t.reshape(-1)[0].item())
+            self.__dict__["_offset"] = v
+    return v
+
+
+def _set_offset(self, value) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"offset tensor must hold one float value, got {value.dtype} {tuple(value.shape)}")
+        self.__dict__["_offset_t"] = value.detach().reshape(1).to(torch.float32)
+        self.__dict__["_offset"] = None
+    else:
+        self.__dict__["_offset"] = value
+        self.__dict__["_offset_t"] = None
+
+
+def _offset_key(state: "QuantState"):
+    """What identifies the offset's value without reading a device offset (for caches of derived layouts)."""
+    t = state.__dict__.get("_offset_t")
+    if t is not None:
+        return ("t", id(t), t._version)
+    return state.__dict__.get("_offset")
+
+
+# ``offset`` stays a dataclass field (constructor, replace, fields) backed by the two attributes above
+QuantState.offset = property(_get_offset, _set_offset, doc="The double-quantization offset (float or None).")
