@@ -37,13 +37,18 @@ def _rint(x):
 @triton.jit
 def _dequant_kernel(
     q_ptr, s_ptr, z_ptr, code_ptr, qa_ptr, a2_ptr, dyn_ptr, off_ptr, out_ptr,
-    n, nblocks,
+    n, nblocks, pid0,
     G: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr,
-    NESTED: tl.constexpr, NB2: tl.constexpr,
+    NESTED: tl.constexpr, NB2: tl.constexpr, EVEN: tl.constexpr = False,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    # EVEN: every program of this launch is full (no masks: loads and stores vectorise); the remainder (at
+    # most one program, from ``pid0``) is a second launch with EVEN=False. Offsets inside a program are int32.
+    pid = tl.program_id(0).to(tl.int64) + pid0
+    base = pid * (ROWS * G)
+    rl = tl.arange(0, ROWS)
+    rows = pid * ROWS + rl
     rmask = rows < nblocks
+    rem = tl.minimum(n - base, ROWS * G).to(tl.int32)
     if NESTED:
         # scale = dynamic_map[qabsmax] * absmax2[block // 256] + offset, two float32 roundings
         qa = tl.load(qa_ptr + rows, mask=rmask, other=0).to(tl.int32)
@@ -57,8 +62,11 @@ def _dequant_kernel(
         zf = tl.full([ROWS], ZERO, tl.float32)
     if BITS == 4:
         j = tl.arange(0, G // 2)
-        e0 = rows[:, None] * G + 2 * j[None, :]
-        b = tl.load(q_ptr + e0 // 2, mask=e0 < n, other=0).to(tl.int32)
+        lb = rl[:, None] * (G // 2) + j[None, :]
+        if EVEN:
+            b = tl.load(q_ptr + base // 2 + lb).to(tl.int32)
+        else:
+            b = tl.load(q_ptr + base // 2 + lb, mask=2 * lb < rem, other=0).to(tl.int32)
         hi = b >> 4
         lo = b & 15
         if KIND == _CODEBOOK:
@@ -71,21 +79,35 @@ def _dequant_kernel(
         vl = vl * s[:, None]
         v = tl.reshape(tl.join(vh, vl), (ROWS, G))
     else:
-        e = rows[:, None] * G + tl.arange(0, G)[None, :]
-        c = tl.load(q_ptr + e, mask=e < n, other=0).to(tl.int32)
+        le = rl[:, None] * G + tl.arange(0, G)[None, :]
+        if EVEN:
+            c = tl.load(q_ptr + base + le).to(tl.int32)
+        else:
+            c = tl.load(q_ptr + base + le, mask=le < rem, other=0).to(tl.int32)
         if KIND == _CODEBOOK:
             v = tl.load(code_ptr + c)
         else:
             v = c.to(tl.float32) - zf[:, None]
         v = v * s[:, None]
-    e = rows[:, None] * G + tl.arange(0, G)[None, :]
-    tl.store(out_ptr + e, v.to(out_ptr.dtype.element_ty), mask=e < n)
+    le = rl[:, None] * G + tl.arange(0, G)[None, :]
+    if EVEN:
+        tl.store(out_ptr + base + le, v.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + base + le, v.to(out_ptr.dtype.element_ty), mask=le < rem)
 
 
 @triton.jit
-def _codebook_index(scaled, mids_ptr, order, NCODE: tl.constexpr, PERMUTE: tl.constexpr):
+def _codebook_index(scaled, mids_ptr, order, NCODE: tl.constexpr, PERMUTE: tl.constexpr, GATHER: tl.constexpr = False):
     # bucketize(right=False) against the sorted midpoints = number of midpoints strictly below
-    if NCODE == 16:
+    if NCODE == 16 and GATHER:
+        # the binary search below with the midpoint of each step read from the 60-byte table (one cache
+        # line: a broadcast-like L1 gather) instead of selected in registers
+        b8 = scaled > tl.load(mids_ptr + 7)
+        idx = tl.where(b8, 8, 0)
+        idx += tl.where(scaled > tl.load(mids_ptr + idx + 3), 4, 0)
+        idx += tl.where(scaled > tl.load(mids_ptr + idx + 1), 2, 0)
+        idx += tl.where(scaled > tl.load(mids_ptr + idx), 1, 0)
+    elif NCODE == 16:
         # the same count by a 4-step binary search (``scaled > mid`` holds on a prefix of the sorted
         # midpoints, so the prefix length is found exactly): 4 compares and 11 selects per element
         # instead of 15 compares and adds
@@ -193,6 +215,77 @@ def _quant_kernel(
 
 
 @triton.jit
+def _quant_kernel_c(
+    x_ptr, q_ptr, s_ptr, z_ptr, mids_ptr,
+    n, nblocks, order, pid0,
+    G: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
+    NCODE: tl.constexpr, PERMUTE: tl.constexpr, PAD: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr, LEVELS: tl.constexpr,
+    EVEN: tl.constexpr, GATHER: tl.constexpr = False,
+):
+    # the same codes as _quant_kernel from a contiguous (vectorised) read of [ROWS, G]: each thread holds a run
+    # of consecutive elements of a block, so the block reductions are mostly in-thread and the per-block
+    # division runs on fewer lanes; the two nibbles of a byte are split out of the run in registers.
+    # EVEN: every program of this launch is full (no masks, so loads and stores vectorise); the remainder
+    # (at most one program, from ``pid0``) is a second launch with EVEN=False.
+    pid = tl.program_id(0).to(tl.int64) + pid0
+    base = pid * (ROWS * G)
+    rl = tl.arange(0, ROWS)
+    rows = pid * ROWS + rl
+    loc = rl[:, None] * G + tl.arange(0, G)[None, :]
+    rem = tl.minimum(n - base, ROWS * G).to(tl.int32)
+    m = loc < rem
+    rmask = rows < nblocks
+    if EVEN:
+        x = tl.load(x_ptr + base + loc).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + base + loc, mask=m, other=0.0).to(tl.float32)
+    nan = tl.max((x != x).to(tl.int32), axis=1) > 0
+    if KIND == _CODEBOOK:
+        absmax = tl.max(tl.abs(x), axis=1)
+        am = tl.maximum(absmax, tl.full([ROWS], 1e-38, tl.float32))
+        tail = (rows == nblocks - 1) & (n - rows * G < G)
+        inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), am)
+        if EVEN:
+            sx = x * inv[:, None]
+        elif n % G != 0:
+            sx = tl.where(tail[:, None], tl.math.div_rn(x, am[:, None]), x * inv[:, None])
+        else:
+            sx = x * inv[:, None]
+        sx = tl.minimum(tl.maximum(tl.where((absmax > 0)[:, None], sx, 0.0), -1.0), 1.0)
+        q = _codebook_index(sx, mids_ptr, order, NCODE, PERMUTE, GATHER)
+        sc = tl.where(tail, am, absmax)
+        tl.store(s_ptr + rows, tl.where(nan, float("nan"), sc), mask=rmask)
+    elif KIND == _SYM:
+        absmax = tl.max(tl.abs(x), axis=1)
+        scale = tl.math.div_rn(absmax, tl.full([ROWS], QMAX, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        q = _affine_codes(x, scale, ZERO, LEVELS)
+        tl.store(s_ptr + rows, tl.where(nan, float("nan"), scale), mask=rmask)
+    else:
+        lo = tl.minimum(tl.min(x, axis=1), 0.0)
+        hi = tl.maximum(tl.max(x, axis=1), 0.0)
+        scale = tl.math.div_rn(hi - lo, tl.full([ROWS], LEVELS, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        zero = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-lo, scale)), 0.0), LEVELS)
+        q = _affine_codes(x, scale, zero[:, None], LEVELS)
+        tl.store(s_ptr + rows, tl.where(nan, float("nan"), scale), mask=rmask)
+        tl.store(z_ptr + rows, zero.to(tl.uint8), mask=rmask)
+    if not EVEN:
+        q = tl.where(m, q, PAD)  # the padding nibble of an odd count (bitsandbytes: the code of 0.0)
+    if BITS == 4:
+        hi4, lo4 = tl.split(tl.reshape(q, (ROWS, G // 2, 2)))
+        locq = rl[:, None] * (G // 2) + tl.arange(0, G // 2)[None, :]
+        if EVEN:
+            tl.store(q_ptr + base // 2 + locq, ((hi4 << 4) | lo4).to(tl.uint8))
+        else:
+            tl.store(q_ptr + base // 2 + locq, ((hi4 << 4) | lo4).to(tl.uint8), mask=locq < (rem + 1) // 2)
+    elif EVEN:
+        tl.store(q_ptr + base + loc, q.to(tl.uint8))
+    else:
+        tl.store(q_ptr + base + loc, q.to(tl.uint8), mask=m)
+
+
+@triton.jit
 def _quant_lut_kernel(
     x_ptr, off_ptr, lut_ptr, q_ptr, s_ptr, n, nblocks, G: tl.constexpr, ROWS: tl.constexpr,
 ):
@@ -223,8 +316,10 @@ def _quant_lut_kernel(
 import torch  # noqa: E402
 
 # elements handled by one program and warps per program; bench/gpu.py sweeps these on the H100
-DEQUANT_CONFIG = {"elems": 2048, "num_warps": 4}
-QUANT_CONFIG = {"elems": 2048, "num_warps": 4}
+DEQUANT_CONFIG = {"elems": 2048, "num_warps": 4, "even": True}  # even: full programs launched without masks
+# read: "contiguous" (vectorised loads, full programs unmasked) | "strided" (even/odd loads); search (NF4/FP4 code
+# index, contiguous read only): "select" (midpoints chosen in registers) | "gather" (read from the table)
+QUANT_CONFIG = {"elems": 2048, "num_warps": 4, "read": "contiguous", "search": "select"}
 
 
 def _rows(G: int, elems: int) -> int:
@@ -243,12 +338,18 @@ def dequantize(data, scales, zeros, code, n, G, bits, kind, zero, out_dtype, nes
     else:
         qa = a2 = dyn = off_t = dummy
         nb2 = 1
-    _dequant_kernel[(triton.cdiv(nblocks, rows),)](
-        data, scales if scales is not None else dummy, zeros if zeros is not None else dummy,
-        code if code is not None else dummy, qa, a2, dyn, off_t, out, n, nblocks,
-        G=G, BITS=bits, ROWS=rows, KIND=kind, ZERO=zero, NESTED=nested is not None, NB2=nb2,
-        num_warps=cfg["num_warps"], enable_fp_fusion=False,
-    )
+    args = (data, scales if scales is not None else dummy, zeros if zeros is not None else dummy,
+            code if code is not None else dummy, qa, a2, dyn, off_t, out, n, nblocks)
+    kw = dict(G=G, BITS=bits, ROWS=rows, KIND=kind, ZERO=zero, NESTED=nested is not None, NB2=nb2,
+              num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    if not cfg.get("even", True):  # the one masked launch of before
+        _dequant_kernel[(triton.cdiv(nblocks, rows),)](*args, 0, **kw)
+        return out
+    full = n // (rows * G)  # programs whose ROWS blocks are all full: no masks
+    if full:
+        _dequant_kernel[(full,)](*args, 0, EVEN=True, **kw)
+    if full * rows * G < n:
+        _dequant_kernel[(1,)](*args, full, EVEN=False, **kw)
     return out
 
 
@@ -262,12 +363,19 @@ def quantize(x, G, bits, kind, mids=None, order=0, permute=False, pad=0, qmax=0,
     s = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     z = torch.empty(nblocks, dtype=torch.uint8, device=x.device) if kind == ASYM else None
     rows = _rows(G, cfg["elems"])
-    _quant_kernel[(triton.cdiv(nblocks, rows),)](
-        flat, q, s, z if z is not None else s, mids if mids is not None else s, n, nblocks, order,
-        G=G, BITS=bits, ROWS=rows, KIND=kind, NCODE=0 if mids is None else mids.numel() + 1,
-        PERMUTE=permute, PAD=pad, QMAX=float(qmax), ZERO=float(zero), LEVELS=float(levels),
-        num_warps=cfg["num_warps"], enable_fp_fusion=False,
-    )
+    args = (flat, q, s, z if z is not None else s, mids if mids is not None else s, n, nblocks, order)
+    kw = dict(G=G, BITS=bits, ROWS=rows, KIND=kind, NCODE=0 if mids is None else mids.numel() + 1,
+              PERMUTE=permute, PAD=pad, QMAX=float(qmax), ZERO=float(zero), LEVELS=float(levels),
+              num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    if cfg.get("read", "contiguous") == "strided":
+        _quant_kernel[(triton.cdiv(nblocks, rows),)](*args, **kw)
+        return q, s, z
+    kw["GATHER"] = cfg.get("search", "select") == "gather"
+    full = n // (rows * G)  # programs whose ROWS blocks are all full: no masks
+    if full:
+        _quant_kernel_c[(full,)](*args, 0, EVEN=True, **kw)
+    if full * rows * G < n:
+        _quant_kernel_c[(1,)](*args, full, EVEN=False, **kw)
     return q, s, z
 
 
