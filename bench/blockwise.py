@@ -32,7 +32,7 @@ SHAPE = (4096, 11008)
 VARIANTS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int4", False), ("int8", False),
             ("int4_asym", False), ("int8_asym", False)]
 R: dict = {"rows": [], "sweep": [], "notes": []}
-CMD = "python bench/blockwise.py --out bench/results --sweep"
+CMD = "python bench/blockwise.py --out bench/results"
 
 
 def note(m):
@@ -40,8 +40,11 @@ def note(m):
     print("NOTE:", m, flush=True)
 
 
+JSON_NAME = "blockwise_h200.json"
+
+
 def save(out):
-    with open(os.path.join(out, "blockwise_h200.json"), "w") as f:
+    with open(os.path.join(out, JSON_NAME), "w") as f:
         json.dump(R, f, indent=1)
 
 
@@ -141,41 +144,62 @@ def copy_floor(out):
     save(out)
 
 
+QUANT_SWEEP = [dict(elems=2048, num_warps=4, read="contiguous", search="gather"),
+               dict(elems=2048, num_warps=4, read="contiguous", search="select"),
+               dict(elems=2048, num_warps=4, read="strided"),
+               dict(elems=1024, num_warps=4, read="contiguous", search="select"),
+               dict(elems=4096, num_warps=4, read="contiguous", search="select"),
+               dict(elems=4096, num_warps=8, read="contiguous", search="select"),
+               dict(elems=2048, num_warps=8, read="contiguous", search="select"),
+               dict(elems=1024, num_warps=4, read="contiguous", search="gather"),
+               dict(elems=4096, num_warps=8, read="contiguous", search="gather")]
+DEQUANT_SWEEP = [dict(elems=2048, num_warps=4, even=True), dict(elems=2048, num_warps=4, even=False),
+                 dict(elems=4096, num_warps=4, even=True), dict(elems=8192, num_warps=4, even=True),
+                 dict(elems=4096, num_warps=8, even=True), dict(elems=8192, num_warps=8, even=True),
+                 dict(elems=1024, num_warps=4, even=True)]
+
+
 def sweep(out):
     from gpu import time_calls
     from lowbit.kernels.triton import blockwise as bw
 
     w = torch.randn(SHAPE, device="cuda", dtype=torch.float16)
     d0, q0 = dict(bw.DEQUANT_CONFIG), dict(bw.QUANT_CONFIG)
+    R["default_config"] = {"quant": q0, "dequant": d0}
     base = kernels.quantize(w, "nf4", 64)
     base_d = kernels.dequantize(base, torch.float16)
-    wr = w[:, :11007]  # a ragged tail block too
+    wr = w.reshape(-1)[:w.numel() - 5]  # a ragged tail block, an odd count, a masked remainder program
     base_r = kernels.quantize(wr, "nf4", 64)
+    base_rd = kernels.dequantize(base_r, torch.float16)
+    k0 = (wr.numel() - 200000) // 64 * 64  # the tail, against the CPU path
+    R["sweep_ragged_tail_equal_cpu"] = bool(torch.equal(
+        kernels.quantize(wr[k0:], "nf4", 64).data.cpu(), lowbit.quantize(wr[k0:].cpu(), "nf4", 64).data))
     try:
-        for elems in (1024, 2048, 4096, 8192):
-            for warps in (2, 4, 8):
-                cfg = {"elems": elems, "num_warps": warps}
-                bw.QUANT_CONFIG.clear()
-                bw.QUANT_CONFIG.update(cfg)
-                bw.DEQUANT_CONFIG.clear()
-                bw.DEQUANT_CONFIG.update(cfg)
-                st = kernels.quantize(w, "nf4", 64)
-                ok = torch.equal(st.data, base.data) and torch.equal(st.scales, base.scales)
-                ok = ok and torch.equal(kernels.quantize(wr, "nf4", 64).data, base_r.data)
-                ok = ok and torch.equal(kernels.dequantize(st, torch.float16), base_d)
-                tq = time_calls([lambda: kernels.quantize(w, "nf4", 64)], graph=True, reps=10)
-                td = time_calls([lambda: kernels.dequantize(st, torch.float16)], graph=True, reps=30)
-                row = {"elems": elems, "num_warps": warps, "quant_graph_us": tq * 1e6,
-                       "dequant_graph_us": td * 1e6, "same_bytes": bool(ok)}
+        for which, table, cfgs in (("quant", bw.QUANT_CONFIG, QUANT_SWEEP), ("dequant", bw.DEQUANT_CONFIG, DEQUANT_SWEEP)):
+            for cfg in cfgs:
+                table.clear()
+                table.update(cfg)
+                if which == "quant":
+                    st = kernels.quantize(w, "nf4", 64)
+                    ok = torch.equal(st.data, base.data) and torch.equal(st.scales, base.scales)
+                    sr = kernels.quantize(wr, "nf4", 64)
+                    ok = ok and torch.equal(sr.data, base_r.data) and torch.equal(sr.scales, base_r.scales)
+                    t = time_calls([lambda: kernels.quantize(w, "nf4", 64)], graph=True, reps=10)
+                else:
+                    ok = torch.equal(kernels.dequantize(base, torch.float16), base_d)
+                    ok = ok and torch.equal(kernels.dequantize(base_r, torch.float16), base_rd)
+                    t = time_calls([lambda: kernels.dequantize(base, torch.float16)], graph=True, reps=30)
+                row = {"op": which, **cfg, "graph_us": t * 1e6, "same_bytes": bool(ok)}
                 R["sweep"].append(row)
                 print(row, flush=True)
                 save(out)
+                table.clear()
+                table.update(q0 if which == "quant" else d0)
     finally:
         bw.QUANT_CONFIG.clear()
         bw.QUANT_CONFIG.update(q0)
         bw.DEQUANT_CONFIG.clear()
         bw.DEQUANT_CONFIG.update(d0)
-    R["default_config"] = {"quant": q0, "dequant": d0}
 
 
 def f1(v):
@@ -184,7 +208,9 @@ def f1(v):
 
 def report(out):
     L = ["# Blockwise quantize / dequantize, 4096 × 11008, block 64 (issue 15)", "",
-         f"Command: `{R.get('command', CMD)}`", "",
+         f"Commands: `{CMD}` and `{CMD} --sweep-only` (both from "
+         "`OUT=bench/results bash bench/quantk_call.sh` on nvidia-h200-x2: these on GPU 0, the CUDA tests on GPU 1 "
+         "at the same time).", "",
          f"Device: {R.get('device', '?')}; torch {R.get('torch', '?')}, triton {R.get('triton', '?')}. "
          "Medians of 7 rounds (CUDA events around R back-to-back calls / R) after a warm-up; graph = the R calls "
          "captured in one CUDA graph and replayed, eager = plain calls. Dequantize rotates over 3 states. "
@@ -201,11 +227,14 @@ def report(out):
                  f"| {r['quant_GBps']:.0f} | {f1(r['dequant_graph_us'])} | {f1(r['dequant_eager_us'])} "
                  f"| {r['dequant_GBps']:.0f} | {r.get('codes_equal_cpu', '—')} |")
     if R["sweep"]:
-        L += ["", f"Kernel configurations, nf4 fp16, graph µs (default {R.get('default_config')}):", "",
-              "| elems/program | warps | quantize µs | dequantize µs | same bytes as default |", "|---|---|---|---|---|"]
+        L += ["", f"Kernel configurations, nf4 fp16 input / output, graph µs (default {R.get('default_config')}; "
+              "same bytes = codes and scales, or the dequantized tensor, equal to the default's on the full tensor "
+              "and on a ragged one (n - 5 elements); the ragged tail's codes equal the CPU path's: "
+              f"{R.get('sweep_ragged_tail_equal_cpu')}):", "",
+              "| op | config | graph µs | same bytes as default |", "|---|---|---|---|"]
         for r in R["sweep"]:
-            L.append(f"| {r['elems']} | {r['num_warps']} | {r['quant_graph_us']:.1f} | {r['dequant_graph_us']:.1f} "
-                     f"| {r['same_bytes']} |")
+            cfg = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("op", "graph_us", "same_bytes"))
+            L.append(f"| {r['op']} | {cfg} | {r['graph_us']:.1f} | {r['same_bytes']} |")
     tg = []
     for r in R["rows"]:
         if r["impl"] == "lowbit" and r["scheme"] == "nf4":
@@ -226,30 +255,45 @@ def report(out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--report-only", default=None, metavar="JSON")
+    ap.add_argument("--sweep", action="store_true", help="also the configuration sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="only the sweep (writes blockwise_h200_sweep.json)")
+    ap.add_argument("--report-only", nargs="+", default=None, metavar="JSON",
+                    help="rewrite blockwise_h200.md from the JSON of a run (and of a --sweep-only run)")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if args.report_only:
-        with open(args.report_only) as f:
-            R.update(json.load(f))
+        for path in args.report_only:
+            with open(path) as f:
+                d = json.load(f)
+            R["rows"] += d.get("rows", [])
+            R["sweep"] += d.get("sweep", [])
+            R["notes"] += d.get("notes", [])
+            for k, v in d.items():
+                if k not in ("rows", "sweep", "notes") and (k not in R or k != "command"):
+                    R.setdefault(k, v)
         report(args.out)
         return
     import triton
 
     os.makedirs(args.out, exist_ok=True)
     R.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-             command=CMD if args.sweep else CMD.replace(" --sweep", ""))
+             command=CMD + (" --sweep" if args.sweep else ""))
+    global JSON_NAME
+    if args.sweep_only:
+        JSON_NAME = "blockwise_h200_sweep.json"
+        R["command"] = CMD + " --sweep-only"
     try:
-        copy_floor(args.out)
-        for dtype in (torch.bfloat16, torch.float16):
-            lowbit_rows(args.out, dtype)
-            bnb_rows(args.out, dtype)
-        if args.sweep:
+        if not args.sweep_only:
+            copy_floor(args.out)
+            for dtype in (torch.bfloat16, torch.float16):
+                lowbit_rows(args.out, dtype)
+                bnb_rows(args.out, dtype)
+        if args.sweep or args.sweep_only:
             sweep(args.out)
     finally:
         save(args.out)
-        report(args.out)
+        if not args.sweep_only:
+            report(args.out)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,7 @@ print("NO ERROR")
 """
 
 
-@pytest.mark.parametrize("scheme,value,dq", [("nf4", "nan", "0"), ("int4_asym", "inf", "0"), ("fp4", "-inf", "1"),
-                                             ("int8", "nan", "1")])
+@pytest.mark.parametrize("scheme,value,dq", [("nf4", "nan", "0"), ("fp4", "-inf", "1")])
 def test_quantize_non_finite_fails_a_device_assertion(scheme, value, dq):
     # the default CUDA path does not synchronise: a non-finite input fails a device-side assertion, raised at
     # the next synchronisation (it poisons the CUDA context, hence a subprocess)

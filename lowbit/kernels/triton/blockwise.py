@@ -319,7 +319,7 @@ import torch  # noqa: E402
 DEQUANT_CONFIG = {"elems": 2048, "num_warps": 4, "even": True}  # even: full programs launched without masks
 # read: "contiguous" (vectorised loads, full programs unmasked) | "strided" (even/odd loads); search (NF4/FP4 code
 # index, contiguous read only): "select" (midpoints chosen in registers) | "gather" (read from the table)
-QUANT_CONFIG = {"elems": 2048, "num_warps": 4, "read": "contiguous", "search": "select"}
+QUANT_CONFIG = {"elems": 2048, "num_warps": 4, "read": "contiguous", "search": "gather"}
 
 
 def _rows(G: int, elems: int) -> int:
