@@ -202,6 +202,43 @@ def sweep(out):
         bw.DEQUANT_CONFIG.update(d0)
 
 
+ANALYSIS = """## Reading the numbers (quantk, 2026-11-30; the figures are in the tables above)
+
+- **No host synchronisation.** `kernels.quantize` / `kernels.dequantize` on CUDA run under
+  `torch.cuda.set_sync_debug_mode("error")` and capture into one CUDA graph (tests/test_kernels_cuda.py:
+  `test_quantize_and_dequantize_do_not_synchronise`, `test_quantize_captures_in_a_cuda_graph`), which is why
+  this table has graph columns for lowbit's quantize; bitsandbytes' quantize cannot be captured (a host copy per
+  call). The finite check is a device-side assertion (`torch._assert_async`) on the block scales (on the
+  double-quant offset, their float64 mean, with double quantization); `strict=True` / `LOWBIT_STRICT=1` keeps the
+  synchronous ValueError with the count.
+- **Dequantize meets ≤ 32 µs** (NF4, graph): it moves 115.6 MB (22.5 MB codes, 2.8 MB scales, 90.2 MB out), i.e.
+  3.7 TB/s, about 90% of the device-to-device copy rate measured in the same run. Full programs are launched
+  without masks (vectorised byte loads; 11.5 SASS instructions per element on sm_90 instead of 19); the sweep
+  shows 30.5 µs unmasked against 32.7 µs with every program masked (`even=False`).
+- **Quantize misses ≤ 60 µs** (108 µs fp16, 109 µs bf16, graph; 2.4× faster than the sweep's `read=strided` row,
+  258 µs, the previous even/odd-read kernel already carrying the new code search; 4.6-5.6× faster than
+  bitsandbytes, eager against eager. The kernel before this change was not re-timed on the H200; its last
+  figure is the H100's 294.6 µs, eager with two host synchronisations). It is instruction-bound, not
+  memory-bound: the 115.6 MB it moves take 28 µs at the copy rate. Counted in the SASS of the kernel compiled
+  offline for sm_90 (Triton 3.9; the device has 3.6): 48.5 instructions per element (`search=gather`), 60
+  (`search=select`), 126 before this change (strided even/odd reads, a 15-compare code search, an IEEE division
+  per element). 45.1 M elements × 48.5 / 32 lanes = 68 M warp instructions; at 4 per SM and cycle, 132 SMs and
+  1.98 GHz that is 65 µs even at perfect issue, so 60 µs cannot be reached with this instruction count (the run
+  shows about 60% issue efficiency). Where they go: the code index (a 4-step binary search, 3 midpoint reads with
+  64-bit addresses) about 20 per element; the fp16/bf16 conversion, block absmax and NaN reductions, scale multiply
+  and clamp about 15; packing and addressing about 10. Not done, the next step: a bucket table on the float's bits
+  (sign, exponent clamped to [-6, 0], 3 mantissa bits: 112 entries, each bucket holding at most one NF4/FP4
+  midpoint) plus one refining compare (about 8 instructions for the index instead of 20), and dropping the
+  clamp and the zero-block select (they cannot move a value across a midpoint): about 30 instructions per
+  element, about 45 µs at perfect issue and 65-75 µs at the issue efficiency seen here.
+- Double quantization adds 12-14 µs to quantize (the float64 mean of 704,512 scales, the 8-bit pass, the
+  assertion) and nothing measurable to dequantize (the offset now stays a device tensor: no host-to-device copy).
+- Eager columns include the Python path and the Triton launch (tens of µs per call) and were measured while the
+  CUDA tests ran on the other GPU of the same host (shared host CPU): they are noisy (NF4 dequantize eager 93 µs
+  with bf16 against 49 µs with fp16 in the same run). The graph columns are the GPU's time.
+"""
+
+
 def f1(v):
     return "—" if v is None else f"{v:.1f}"
 
@@ -247,7 +284,10 @@ def report(out):
     if tg:
         L += ["", "## Targets (issue 15)", "", "| target | bound | this run | |", "|---|---|---|---|"] + tg
     if R["notes"]:
-        L += ["", "Notes: " + "; ".join(R["notes"])]
+        notes = list(dict.fromkeys(R["notes"]))  # each distinct note once
+        L += ["", "Notes: " + "; ".join(notes) + " (the failed captures are bitsandbytes' quantize: it copies from "
+              "the host on each call)"]
+    L += ["", ANALYSIS]
     with open(os.path.join(out, "blockwise_h200.md"), "w") as f:
         f.write("\n".join(L) + "\n")
 
