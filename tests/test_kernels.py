@@ -212,3 +212,18 @@ def test_strict_mode_switch_and_cpu_messages_unchanged(monkeypatch):
     for strict in (None, True, False):  # the CPU path always checks synchronously, with its own message
         with pytest.raises(ValueError, match=r"non-finite values \(1 NaN, 1 Inf\)"):
             kernels.quantize(x, "nf4", 64, strict=strict)
+
+
+def test_state_pickled_before_the_device_offset_still_reads_its_offset():
+    # a QuantState pickled by an earlier lowbit kept ``offset`` as a plain instance attribute
+    import pickle
+
+    a = lowbit.quantize(torch.randn(500), "nf4", 64, double_quant=True)
+    b = pickle.loads(pickle.dumps(a))
+    assert b.offset == a.offset and b.__dict__.get("_offset_t") is None
+    legacy = object.__new__(type(a))
+    legacy.__dict__.update({k: v for k, v in a.__dict__.items() if not k.startswith("_offset")}, offset=a.offset)
+    c = pickle.loads(pickle.dumps(legacy))
+    assert c.offset == a.offset
+    c.validate()
+    assert torch.equal(lowbit.dequantize(c), lowbit.dequantize(a))

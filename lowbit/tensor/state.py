@@ -277,9 +277,12 @@ class QuantState:
 def _get_offset(self) -> Optional[float]:
     # a device offset (kernels.quantize on CUDA) is read once, on first use (a host synchronisation), as the
     # float that a synchronous quantize would have stored: saved files are the same bytes
-    v = self.__dict__.get("_offset")
+    d = self.__dict__
+    if "_offset" not in d and "offset" in d:  # unpickled from a lowbit before the device offset (a plain attribute)
+        return d["offset"]
+    v = d.get("_offset")
     if v is None:
-        t = self.__dict__.get("_offset_t")
+        t = d.get("_offset_t")
         if t is not None:
             v = float(t.reshape(-1)[0].item())
             self.__dict__["_offset"] = v
@@ -302,7 +305,7 @@ def _offset_key(state: "QuantState"):
     t = state.__dict__.get("_offset_t")
     if t is not None:
         return ("t", id(t), t._version)
-    return state.__dict__.get("_offset")
+    return state.offset  # a host float (or None): reading it does not synchronise
 
 
 # ``offset`` stays a dataclass field (constructor, replace, fields) backed by the two attributes above
