@@ -178,16 +178,12 @@ class _CpuInt8Group:
     GEMM and the others return their slice. Members are weak references (a re-derived layout is a new
     object, so a changed weight never matches)."""
 
-    __slots__ = ("members", "packed", "bounds")
+    __slots__ = ("members", "packed", "sizes")
 
     def __init__(self, members):
         self.members = [weakref.ref(m) for m in members]
         self.packed = _prepack_int8(torch.cat([m.w for m in members]), torch.cat([m.sw for m in members]))
-        b, bounds = 0, []
-        for m in members:
-            bounds.append((b, b + m.n))
-            b += m.n
-        self.bounds = bounds
+        self.sizes = [m.n for m in members]
 
 
 def _prepare_cpu_int8(state: QuantState):
@@ -309,10 +305,8 @@ def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]
         ahead = c[4]
         if ahead:
             out = ahead.pop(p, None)
-            if out is not None:
-                if bias is not None:
-                    out = out.add_(bias)
-                return out.view(*x.shape[:-1], p.n)
+            if out is not None:  # computed by the head's GEMM, already in x's shape
+                return out.add_(bias) if bias is not None else out
         vs, sc, v, s = c[2]
     else:
         if c is not None and (len(c[3]) > 1 or c[4]):
@@ -323,14 +317,9 @@ def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]
         if g is not None and vs is not None and ver is not None:
             members = [m() for m in g.members]
             if None not in members:
-                out_all = op(vs, sc, 128, g.packed)
-                _LAST_INPUT[0] = (weakref.ref(x), ver, q, [p],
-                                  {m: out_all[..., a:b] for m, (a, b) in zip(members[1:], g.bounds[1:])})
-                a, b = g.bounds[0]
-                out = out_all[..., a:b]
-                if bias is not None:
-                    out = out.add_(bias)
-                return out
+                outs = op(vs, sc, 128, g.packed).split(g.sizes, -1)
+                _LAST_INPUT[0] = (weakref.ref(x), ver, q, [p], dict(zip(members[1:], outs[1:])))
+                return outs[0].add_(bias) if bias is not None else outs[0]
             p.group = None
         if ver is not None and x.numel() <= _REUSE_MAX_NUMEL:
             _LAST_INPUT[0] = (weakref.ref(x), ver, q, [p], None)
