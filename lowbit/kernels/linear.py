@@ -250,16 +250,14 @@ _GROUP_MAX_MISSES = 3
 
 
 def _quantize_input(x: torch.Tensor):
-    """``(vs, sc, v, s)`` of ``x``: one row with a normal scale gives ``vs = round(x / sc) * sc`` and the Python
-    float ``sc`` (FBGEMM's own quantization with scale ``sc`` then recovers the codes exactly: ``vs / sc`` is
-    within a few ulp of an integer); otherwise ``v`` the codes per row (float up to
+    """``(c1, s1, v, s)`` of ``x``: one row with a normal scale gives the codes ``c1 = round(x / s1)`` (float, in
+    ``x``'s shape) and the 0-d float32 scale ``s1``; otherwise ``v`` the codes per row (float up to
     ``CPU_INT8_FBGEMM_MAX_M`` rows, int8 above) and ``s`` the float32 scales ``[M, 1]``."""
     K = x.shape[-1]
     if x.numel() == K:
-        s = torch.div(x.abs().max(), _C127)  # the float32 scale as a 0-d tensor (no scalar conversions)
-        sc = s.item()
-        if _F32_TINY <= sc < _INF:  # else (all zero, subnormal, inf / nan) the general path below
-            return torch.div(x, s).round_().mul_(s), sc, None, None
+        s = torch.div(x.abs().max(), _C127)  # the reference's float32 scale, a 0-d tensor (no scalar conversions)
+        if _F32_TINY <= s.item() < _INF:  # else (all zero, subnormal, inf / nan) the general path below
+            return torch.div(x, s).round_(), s, None, None
     x2 = x.reshape(-1, K)
     v, s = _int8_rows(x2)
     v = v.round_()  # |v| <= 127 by construction
@@ -289,11 +287,11 @@ def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]
     ``* sw * s + bias`` in float32: equal to the reference up to float rounding of the rescale.
 
     Up to ``CPU_INT8_FBGEMM_MAX_M`` rows FBGEMM's prepacked GEMM (given codes, so its own quantization is
-    exact); above, ``torch._int_mm``. One row (decode): the scale is read once as a Python float
-    (``absmax / 127`` in double rounds to the float32 the reference divides by) and handed to FBGEMM with
-    ``codes * s``, which rounds back to the codes and rescales by ``s * sw`` in the GEMM's epilogue. The codes
-    of the last input are reused when the next linear takes the same tensor (k / v after q), and at one row
-    a learned group (:class:`_CpuInt8Group`) computes those linears' outputs in the first one's GEMM."""
+    exact, ``* sw`` in its epilogue); above, ``torch._int_mm``. One row (decode): the scale stays a 0-d tensor
+    and the input keeps its shape (six small ops in all). The codes of the last input are reused when the next
+    linear takes the same tensor (k / v after q), and at one row a learned group (:class:`_CpuInt8Group`)
+    computes those linears' outputs in the first one's GEMM. Every output is ``(acc * sw) * s (+ bias)`` in
+    float32, grouped or not."""
     c = _LAST_INPUT[0]
     try:
         ver = x._version
@@ -317,14 +315,14 @@ def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]
         if g is not None and vs is not None and ver is not None:
             members = [m() for m in g.members]
             if None not in members:
-                outs = op(vs, sc, 128, g.packed).split(g.sizes, -1)
+                outs = op(vs, 1.0, 128, g.packed).mul_(sc).split(g.sizes, -1)
                 _LAST_INPUT[0] = (weakref.ref(x), ver, q, [p], dict(zip(members[1:], outs[1:])))
                 return outs[0].add_(bias) if bias is not None else outs[0]
             p.group = None
         if ver is not None and x.numel() <= _REUSE_MAX_NUMEL:
             _LAST_INPUT[0] = (weakref.ref(x), ver, q, [p], None)
     if vs is not None:
-        out = op(vs, sc, 128, p.packed)
+        out = op(vs, 1.0, 128, p.packed).mul_(sc)
         if bias is not None:
             out = out.add_(bias)
         return out
