@@ -300,10 +300,15 @@ def test_int8_dynamic_cpu_shared_input_groups(bias):
         for step in range(4):
             x = torch.randn(1, 1, 64) * (step + 1)
             outs = [m(x) for m in mods]
+            s = x.abs().max() / 127.0
+            codes = torch.round(x / s).reshape(1, 64)
             for m, a, y in zip(mods, alone, outs):
                 assert y.shape == (1, 1, m.out_features)
                 torch.testing.assert_close(y.double(), _int8_exact(m, x), rtol=2e-6, atol=1e-6)
                 assert torch.equal(y, a(x.clone()))
+                # bit for bit (acc * sw) * s (+ bias): the rescale order of the ungrouped path
+                want = L._fbgemm(codes, L._cached(m.qstate, "cpu_int8")) * s
+                assert torch.equal(y.reshape(want.shape), want + m.bias if bias else want)
         head = L._cached(mods[0].qstate, "cpu_int8")
         assert head.group is not None and len(head.group.members) == 3
         # an in-place edit of a member's weight: its layout is derived again and the grouped output not used

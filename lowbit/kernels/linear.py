@@ -20,8 +20,11 @@ CPU
       products): the codes ``round(x / s)`` of the reference, then FBGEMM's prepacked int8 GEMM (the op
       ``quantize_dynamic`` runs; it streams weights from memory fastest, decode) up to 32 rows and
       ``torch._int_mm`` above (faster once the weight is reused across rows, prefill); ``* sw * s + bias``
-      in float32. At one row the scale is read as a Python float: seven small ops in all. Equal to the
-      reference up to float32 rounding of the rescale (``bench/results/cpu_ops.md`` has the timings).
+      in float32. The codes of an input are computed once for the linears that take the same tensor (q / k /
+      v, gate / up), and at one row (decode) such linears, learned on the first step, run as one FBGEMM GEMM
+      on their stacked weights (:class:`_CpuInt8Group`; an extra packed int8 copy of those weights). Equal to
+      the reference up to float32 rounding of the rescale, grouped or not (``bench/results/cpu_ops.md`` and
+      ``cpu_infer.md`` have the timings).
     * every other weight: the **dequantize-once cache**: the dequantized weight in the input's dtype is kept
       beside the packed state (not saved, dropped when the module moves) while the process-wide total of
       cached bytes stays within :func:`cache_budget` (``LOWBIT_DEQUANT_CACHE_MB``, default a quarter of
@@ -214,7 +217,7 @@ def _int8_rows(xf: torch.Tensor):
     return xf / s, s
 
 
-# the smallest normal float32: a one-row scale at or above it is the float32 the reference computes
+# the smallest normal float32: a one-row scale below it (zero, subnormal) or not finite takes the general path
 _F32_TINY = 1.1754943508222875e-38
 _INF = float("inf")
 
