@@ -237,7 +237,8 @@ def write(rows, agree, names, args, load0, loads) -> None:
         "Written by `bench/cpu_infer.py` (numbers from the run, never edited).",
         "",
         f"Command: `python bench/cpu_infer.py --threads {args.threads} --rounds {args.rounds} --new {args.new}"
-        f"{' --partial' if args.partial else ''}`"
+        f"{' --partial' if args.partial else ''}"
+        f"{'' if Path(args.out) == RESULTS / 'cpu_infer.md' else ' --out ' + os.path.relpath(args.out, ROOT)}`"
         + (f" (stopped after {done} completed rounds; the table is from those)" if done < args.rounds else ""),
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
