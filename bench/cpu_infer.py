@@ -273,8 +273,8 @@ def write(rows, agree, names, args, load0, loads) -> None:
         "",
         "Paths taken (see `lowbit/kernels/linear.py`): lowbit int8-dynamic quantizes activations per token "
         "(codes `round(x / s)` as the reference), multiplies exactly by FBGEMM's prepacked int8 GEMM up to 32 rows "
-        "(decode) and `torch._int_mm` above (prefill), and rescales in float32 (at one row inside FBGEMM's "
-        "epilogue); the codes of an input are computed once for the linears that share it (q/k/v, gate/up), and "
+        "(decode) and `torch._int_mm` above (prefill), and rescales in float32 (`* sw` in FBGEMM's epilogue, then `* s`); "
+        "the codes of an input are computed once for the linears that share it (q/k/v, gate/up), and "
         "at one row those linears, learned on the first decode step, run as one FBGEMM GEMM on their stacked "
         "weights (an extra packed int8 copy of q/k/v and gate/up). quantize_dynamic quantizes "
         "activations per tensor and runs FBGEMM in one call per linear. nf4 / int4 / "
