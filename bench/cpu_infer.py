@@ -184,6 +184,20 @@ def main(argv=None) -> int:
                 for _ in range(2):
                     prefill_s(m, ids)
                     decode_rate(m, prompt, 2)
+        # consistency first (a run stopped early keeps it): greedy tokens vs fp32's (first 16 new)
+        agree = {}
+        with torch.no_grad():
+            ref = models["fp32"].generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:]
+            for n, m in models.items():
+                if isinstance(m, LlamaCpp):
+                    out = torch.tensor(m.ask(op="decode", ids=prompt[0].tolist(), new=16)["tokens"])
+                else:
+                    out = m.generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:]
+                agree[n] = int((out == ref).sum())
+                if n == LLAMA and "GGUF Q4_0 (load_gguf_model)" in models:
+                    same = models["GGUF Q4_0 (load_gguf_model)"].generate(prompt, max_new_tokens=16,
+                                                                          do_sample=False)[0, 32:]
+                    agree["llama.cpp vs lowbit GGUF"] = int((out == same).sum())
         keys = ("prefill", "decode", "prefill_cpu", "decode_cpu")
         rows = {n: {k: [] for k in keys} for n in names}
         loads = []
@@ -199,21 +213,7 @@ def main(argv=None) -> int:
                       f"({cpu_ms:.0f} CPU ms/token)", flush=True)
             loads.append(os.getloadavg()[0])
             if args.partial:  # the table so far (a run stopped early keeps its completed rounds)
-                write(rows, {}, names, args, load0, loads)
-        # consistency: greedy tokens of each variant vs fp32 (first 16 new tokens)
-        agree = {}
-        with torch.no_grad():
-            ref = models["fp32"].generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:]
-            for n, m in models.items():
-                if isinstance(m, LlamaCpp):
-                    out = torch.tensor(m.ask(op="decode", ids=prompt[0].tolist(), new=16)["tokens"])
-                else:
-                    out = m.generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:]
-                agree[n] = int((out == ref).sum())
-                if n == LLAMA and "GGUF Q4_0 (load_gguf_model)" in models:
-                    same = models["GGUF Q4_0 (load_gguf_model)"].generate(prompt, max_new_tokens=16,
-                                                                          do_sample=False)[0, 32:]
-                    agree["llama.cpp vs lowbit GGUF"] = int((out == same).sum())
+                write(rows, agree, names, args, load0, loads)
     finally:
         for m in models.values():
             if isinstance(m, LlamaCpp):
@@ -237,7 +237,8 @@ def write(rows, agree, names, args, load0, loads) -> None:
         "Written by `bench/cpu_infer.py` (numbers from the run, never edited).",
         "",
         f"Command: `python bench/cpu_infer.py --threads {args.threads} --rounds {args.rounds} --new {args.new}"
-        f"{' --partial' if args.partial else ''}`"
+        f"{' --partial' if args.partial else ''}"
+        f"{'' if Path(args.out) == RESULTS / 'cpu_infer.md' else ' --out ' + os.path.relpath(args.out, ROOT)}`"
         + (f" (stopped after {done} completed rounds; the table is from those)" if done < args.rounds else ""),
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -272,8 +273,11 @@ def write(rows, agree, names, args, load0, loads) -> None:
         "",
         "Paths taken (see `lowbit/kernels/linear.py`): lowbit int8-dynamic quantizes activations per token "
         "(codes `round(x / s)` as the reference), multiplies exactly by FBGEMM's prepacked int8 GEMM up to 32 rows "
-        "(decode) and `torch._int_mm` above (prefill), and rescales in float32; quantize_dynamic quantizes "
-        "activations per tensor and runs FBGEMM in one call. nf4 / int4 / "
+        "(decode) and `torch._int_mm` above (prefill), and rescales in float32 (`* sw` in FBGEMM's epilogue, then `* s`); "
+        "the codes of an input are computed once for the linears that share it (q/k/v, gate/up), and "
+        "at one row those linears, learned on the first decode step, run as one FBGEMM GEMM on their stacked "
+        "weights (an extra packed int8 copy of q/k/v and gate/up). quantize_dynamic quantizes "
+        "activations per tensor and runs FBGEMM in one call per linear. nf4 / int4 / "
         "GPTQ / GGUF weights use the dequantize-once cache (the fp32 weight kept beside the packed state within "
         "`LOWBIT_DEQUANT_CACHE_MB`, default a quarter of RAM), i.e. the fp32 matmul: their memory at run time is "
         "the packed state plus the fp32 weight. PyTorch's 4-bit / int8 weight-only CPU matmuls "

@@ -277,3 +277,84 @@ def test_int8_dynamic_cpu_codes_exact_at_rounding_ties(M):
     s = x.abs().amax(-1, keepdim=True) / 127.0
     codes = torch.round(x / s)
     torch.testing.assert_close(got, codes * s, rtol=1e-6, atol=0)
+
+
+def _int8_dyn(n, k, seed, bias=False):
+    q = QLinear.from_module(_lin(n, k, seed) if bias else nn.Linear(k, n, bias=False), weights="qint8",
+                            activations="qint8", act_dynamic=True)
+    q.freeze()
+    return q
+
+
+@needs_vnni
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_dynamic_cpu_shared_input_groups(bias):
+    # q / k / v on one input (decode): after the first step the three GEMMs run as one; every output stays the
+    # exact integer product of its own weight, and equal to the same module on a copy of the input
+    import copy
+
+    torch.manual_seed(1)
+    mods = [_int8_dyn(48, 64, 1, bias), _int8_dyn(16, 64, 2, bias), _int8_dyn(16, 64, 3, bias)]
+    alone = copy.deepcopy(mods)  # the same weights, each called on its own copy of the input: never grouped
+    with torch.no_grad():
+        for step in range(4):
+            x = torch.randn(1, 1, 64) * (step + 1)
+            outs = [m(x) for m in mods]
+            s = x.abs().max() / 127.0
+            codes = torch.round(x / s).reshape(1, 64)
+            for m, a, y in zip(mods, alone, outs):
+                assert y.shape == (1, 1, m.out_features)
+                torch.testing.assert_close(y.double(), _int8_exact(m, x), rtol=2e-6, atol=1e-6)
+                assert torch.equal(y, a(x.clone()))
+                # bit for bit (acc * sw) * s (+ bias): the rescale order of the ungrouped path
+                want = L._fbgemm(codes, L._cached(m.qstate, "cpu_int8")) * s
+                assert torch.equal(y.reshape(want.shape), want + m.bias if bias else want)
+        head = L._cached(mods[0].qstate, "cpu_int8")
+        assert head.group is not None and len(head.group.members) == 3
+        # an in-place edit of a member's weight: its layout is derived again and the grouped output not used
+        mods[1].qstate.scales.mul_(2)
+        x = torch.randn(1, 1, 64)
+        outs = [m(x) for m in mods]
+        for m, y in zip(mods, outs):
+            torch.testing.assert_close(y.double(), _int8_exact(m, x), rtol=2e-6, atol=1e-6)
+        # the input edited in place between two linears: its codes are computed again
+        x = torch.randn(1, 1, 64)
+        y0 = mods[0](x)
+        x.mul_(-3)
+        torch.testing.assert_close(mods[1](x).double(), _int8_exact(mods[1], x), rtol=2e-6, atol=1e-6)
+        assert y0.shape == (1, 1, 48)
+
+
+@needs_vnni
+def test_int8_dynamic_cpu_group_dropped_when_sequence_changes():
+    mods = [_int8_dyn(32, 64, 4), _int8_dyn(32, 64, 5)]
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(1, 64)
+            [m(x) for m in mods]
+        x = torch.randn(1, 64)
+        mods[0](x)  # computes mods[1]'s output ahead; it is never asked for
+        head = L._cached(mods[0].qstate, "cpu_int8")
+        for _ in range(3):  # the head alone on new inputs: the group is dropped, not learned again
+            x = torch.randn(1, 64)
+            y = mods[0](x)
+            torch.testing.assert_close(y.double(), _int8_exact(mods[0], x), rtol=2e-6, atol=1e-6)
+        assert head.group is None and head.misses >= 1
+        for m in mods:  # results never depend on the grouping
+            x = torch.randn(1, 64)
+            torch.testing.assert_close(m(x).double(), _int8_exact(m, x), rtol=2e-6, atol=1e-6)
+
+
+@needs_vnni
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_int8_dynamic_cpu_inference_mode(M):
+    # inference tensors have no version counter: their codes are never reused, results unchanged
+    mods = [_int8_dyn(24, 64, 6), _int8_dyn(24, 64, 7)]
+    with torch.inference_mode():
+        for _ in range(3):
+            x = torch.randn(M, 64)
+            ys = [m(x) for m in mods]
+            x.mul_(2)  # in place between the calls: no version counter would see it
+            ys.append(mods[1](x))
+            for m, y, xx in zip(mods + mods[1:], ys, (x / 2, x / 2, x)):
+                torch.testing.assert_close(y.double(), _int8_exact(m, xx), rtol=2e-6, atol=1e-6)

@@ -22,8 +22,11 @@ CPU
       products): the codes ``round(x / s)`` of the reference, then FBGEMM's prepacked int8 GEMM (the op
       ``quantize_dynamic`` runs; it streams weights from memory fastest, decode) up to 32 rows and
       ``torch._int_mm`` above (faster once the weight is reused across rows, prefill); ``* sw * s + bias``
-      in float32. At one row the scale is read as a Python float: seven small ops in all. Equal to the
-      reference up to float32 rounding of the rescale (``bench/results/cpu_ops.md`` has the timings).
+      in float32. The codes of an input are computed once for the linears that take the same tensor (q / k /
+      v, gate / up), and at one row (decode) such linears, learned on the first step, run as one FBGEMM GEMM
+      on their stacked weights (:class:`_CpuInt8Group`; an extra packed int8 copy of those weights). Equal to
+      the reference up to float32 rounding of the rescale, grouped or not (``bench/results/cpu_ops.md`` and
+      ``cpu_infer.md`` have the timings).
     * every other weight: the **dequantize-once cache**: the dequantized weight in the input's dtype is kept
       beside the packed state (not saved, dropped when the module moves) while the process-wide total of
       cached bytes stays within :func:`cache_budget` (``LOWBIT_DEQUANT_CACHE_MB``, default a quarter of
@@ -151,21 +154,41 @@ def cpu_has_vnni() -> bool:
     return False
 
 
+def _prepack_int8(w: torch.Tensor, sw: torch.Tensor):
+    """FBGEMM's packed form of int8 ``w`` [N, K] with per-channel scales ``sw`` (float32 [N])."""
+    import warnings
+
+    with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; absent ops fall back
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
 class _CpuInt8:
-    __slots__ = ("w", "wt", "sw", "packed", "n")
+    __slots__ = ("w", "wt", "sw", "packed", "n", "group", "misses", "__weakref__")
 
     def __init__(self, w: torch.Tensor, sw: torch.Tensor):
         self.w = w  # int8 [N, K] (derived once from the canonical uint8 codes, never saved)
         self.wt = w.t()  # the [K, N] view torch._int_mm takes
         self.sw = sw  # float32 [N]
         self.n = w.shape[0]
-        import warnings
+        self.packed = _prepack_int8(w, sw)
+        self.group = None  # the _CpuInt8Group this layout heads (learned at decode), or None
+        self.misses = 0  # groups of this head dropped because a member was not called
 
-        with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; absent ops fall back
-            warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long),
-                                                          0)
-            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+
+class _CpuInt8Group:
+    """Layouts called one after another on the same one-row input (q / k / v projections, gate / up): their
+    weights packed as one ``[sum N, K]`` FBGEMM matrix, so the first call computes every member's output in one
+    GEMM and the others return their slice. Members are weak references (a re-derived layout is a new
+    object, so a changed weight never matches)."""
+
+    __slots__ = ("members", "packed", "sizes")
+
+    def __init__(self, members):
+        self.members = [weakref.ref(m) for m in members]
+        self.packed = _prepack_int8(torch.cat([m.w for m in members]), torch.cat([m.sw for m in members]))
+        self.sizes = [m.n for m in members]
 
 
 def _prepare_cpu_int8(state: QuantState):
@@ -196,7 +219,7 @@ def _int8_rows(xf: torch.Tensor):
     return xf / s, s
 
 
-# the smallest normal float32: a one-row scale at or above it is the float32 the reference computes
+# the smallest normal float32: a one-row scale below it (zero, subnormal) or not finite takes the general path
 _F32_TINY = 1.1754943508222875e-38
 _INF = float("inf")
 
@@ -211,28 +234,107 @@ def _fbgemm(v: torch.Tensor, p: _CpuInt8) -> torch.Tensor:
     return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v, 1.0, 128, p.packed)
 
 
+_FBGEMM_OP = None
+
+
+def _fbgemm_op():
+    global _FBGEMM_OP
+    _FBGEMM_OP = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    return _FBGEMM_OP
+
+
+# The last input quantized: q_proj / k_proj / v_proj (and gate_proj / up_proj) take the same tensor, so k / v /
+# up reuse q's codes (and, once the sequence is learned, q's call computes their one-row outputs in the same
+# GEMM). Keyed on the tensor object (a weak reference: nothing is kept alive) and its in-place version;
+# inference tensors (no version counter) are never reused. One entry per process: [wref, version, codes,
+# layouts called on it, {layout: output computed ahead}].
+_LAST_INPUT = [None]
+_C127 = torch.tensor(127.0)
+_REUSE_MAX_NUMEL = 1 << 22
+_GROUP_MAX_MISSES = 3
+
+
+def _quantize_input(x: torch.Tensor):
+    """``(c1, s1, v, s)`` of ``x``: one row with a normal scale gives the codes ``c1 = round(x / s1)`` (float, in
+    ``x``'s shape) and the 0-d float32 scale ``s1``; otherwise ``v`` the codes per row (float up to
+    ``CPU_INT8_FBGEMM_MAX_M`` rows, int8 above) and ``s`` the float32 scales ``[M, 1]``."""
+    K = x.shape[-1]
+    if x.numel() == K:
+        s = torch.div(x.abs().max(), _C127)  # the reference's float32 scale, a 0-d tensor (no scalar conversions)
+        if _F32_TINY <= s.item() < _INF:  # else (all zero, subnormal, inf / nan) the general path below
+            return torch.div(x, s).round_(), s, None, None
+    x2 = x.reshape(-1, K)
+    v, s = _int8_rows(x2)
+    v = v.round_()  # |v| <= 127 by construction
+    if x2.shape[0] > CPU_INT8_FBGEMM_MAX_M:
+        v = v.to(torch.int8)
+    return None, None, v, s
+
+
+def _learn_group(entry) -> None:
+    """After the last call on an input: the layouts called on one row in a row become a group of their head
+    (a group whose outputs went unused is dropped; after a few, the head stops grouping)."""
+    calls, ahead = entry[3], entry[4]
+    head = calls[0]
+    if ahead:  # outputs computed for members that were not called: the sequence changed
+        head.group = None
+        head.misses += 1
+    if (head.group is None and len(calls) > 1 and head.misses < _GROUP_MAX_MISSES and entry[2][0] is not None
+            and len(set(map(id, calls))) == len(calls)):
+        try:
+            head.group = _CpuInt8Group(calls)
+        except (RuntimeError, AttributeError):
+            head.misses = _GROUP_MAX_MISSES
+
+
 def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x`` quantized per token (codes ``round(x / s)``, the reference's), exact integer products, then
     ``* sw * s + bias`` in float32: equal to the reference up to float rounding of the rescale.
 
-    Up to ``CPU_INT8_FBGEMM_MAX_M`` rows FBGEMM's prepacked GEMM (the codes given as floats, already
-    rounded, so its own quantization is exact); above, ``torch._int_mm``. One row (decode): the scale is
-    read once as a Python float (``absmax / 127`` in double rounds to the float32 the reference divides by),
-    seven small ops in all."""
-    x2 = x.reshape(-1, x.shape[-1])
-    M = x2.shape[0]
-    if M == 1:
-        sc = x2.abs().max().item() / 127.0
-        if _F32_TINY <= sc < _INF:  # else (all zero, subnormal, inf / nan) the general path below
-            out = _fbgemm(torch.div(x2, sc).round_(), p)
-            out = torch.add(bias, out, alpha=sc) if bias is not None else out.mul_(sc)
-            return out.view(*x.shape[:-1], p.n)
-    v, s = _int8_rows(x2)
-    v = v.round_()  # |v| <= 127 by construction
-    if M <= CPU_INT8_FBGEMM_MAX_M:
-        out = _fbgemm(v, p)
+    Up to ``CPU_INT8_FBGEMM_MAX_M`` rows FBGEMM's prepacked GEMM (given codes, so its own quantization is
+    exact, ``* sw`` in its epilogue); above, ``torch._int_mm``. One row (decode): the scale stays a 0-d tensor
+    and the input keeps its shape (six small ops in all). The codes of the last input are reused when the next
+    linear takes the same tensor (k / v after q), and at one row a learned group (:class:`_CpuInt8Group`)
+    computes those linears' outputs in the first one's GEMM. Every output is ``(acc * sw) * s (+ bias)`` in
+    float32, grouped or not."""
+    c = _LAST_INPUT[0]
+    try:
+        ver = x._version
+    except RuntimeError:  # an inference tensor: no version counter, never reused
+        ver = None
+    op = _FBGEMM_OP or _fbgemm_op()
+    if c is not None and ver is not None and c[1] == ver and c[0]() is x:
+        c[3].append(p)
+        ahead = c[4]
+        if ahead:
+            out = ahead.pop(p, None)
+            if out is not None:  # computed by the head's GEMM, already in x's shape
+                return out.add_(bias) if bias is not None else out
+        vs, sc, v, s = c[2]
     else:
-        out = torch._int_mm(v.to(torch.int8), p.wt).float().mul_(p.sw)  # in place: one output allocation
+        if c is not None and (len(c[3]) > 1 or c[4]):
+            _learn_group(c)
+        q = _quantize_input(x)
+        vs, sc, v, s = q
+        g = p.group
+        if g is not None and vs is not None and ver is not None:
+            members = [m() for m in g.members]
+            if None not in members:
+                outs = op(vs, 1.0, 128, g.packed).mul_(sc).split(g.sizes, -1)
+                _LAST_INPUT[0] = (weakref.ref(x), ver, q, [p], dict(zip(members[1:], outs[1:])))
+                return outs[0].add_(bias) if bias is not None else outs[0]
+            p.group = None
+        if ver is not None and x.numel() <= _REUSE_MAX_NUMEL:
+            _LAST_INPUT[0] = (weakref.ref(x), ver, q, [p], None)
+    if vs is not None:
+        out = op(vs, 1.0, 128, p.packed).mul_(sc)
+        if bias is not None:
+            out = out.add_(bias)
+        return out
+    if v.dtype == torch.int8:
+        out = torch._int_mm(v, p.wt).float().mul_(p.sw)  # in place: one output allocation
+    else:
+        out = op(v, 1.0, 128, p.packed)
     out = out.mul_(s)
     if bias is not None:
         out = out.add_(bias)
