@@ -257,7 +257,7 @@ def _float_zero_state(w, s, z, maxq, bits, g, R, K, dtype):
 def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 64, sym: bool = False, *,
                  lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.0, iters: int = 20,
                  optimize_scale: bool = False, init: str = "minmax", early_stop: Union[bool, float] = True,
-                 zero_rounding: str = "round"):
+                 zero_rounding: str = "float"):
     """HQQ quantization of ``weight [out, in]`` -> group-layout ``QuantState`` (no data needed).
 
     ``init``: ``"minmax"`` (as HQQ) or ``"mse"`` (start from the shrink-factor search).

@@ -290,8 +290,8 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
     from lowbit.model.offload import parse_bytes
 
     cuda = str(device).startswith("cuda")
-    if pipeline == "auto":  # as quantize_model_ptq decides (without torchrun)
-        pipeline = "staged" if (max_memory is not None or micro_batch is not None) else "threads"
+    if pipeline == "auto":  # as quantize_model_ptq decides
+        pipeline = "staged"
     p = _predict(_shape_counts(model), hidden, n_blocks, method, bits, group_size, n_samples, seq_len, None,
                  pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
     if cuda and pipeline == "staged" and method_cost(method.lower()).calibrated:
@@ -299,12 +299,12 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
                                                   parse_bytes(max_memory))["total"] / 2 ** 20
     elif cuda:
         p["accelerator_mb"] = p["float_mb"] / max(n_blocks, 1) * 2 + 2 * n_samples * seq_len * hidden * 4 / 2 ** 20
-        if method.lower() in ("gptq", "awq"):
-            from lowbit.model import plan_gpu
+    if cuda and method.lower() in ("gptq", "awq"):  # the GPU time model (either pipeline)
+        from lowbit.model import plan_gpu
 
-            rates = plan_gpu.measure_rates(device) if torch.cuda.is_available() else None
-            p["gpu_time"] = plan_gpu.gpu_seconds(model, method, n_samples, seq_len, world=n_gpus, rates=rates)
-            p["gpu_seconds"] = p["gpu_time"]["seconds"]
+        rates = plan_gpu.measure_rates(device) if torch.cuda.is_available() else None
+        p["gpu_time"] = plan_gpu.gpu_seconds(model, method, n_samples, seq_len, world=n_gpus, rates=rates)
+        p["gpu_seconds"] = p["gpu_time"]["seconds"]
     return p
 
 

@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -211,14 +210,12 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
     pipeline, micro_batch = cfg.pipeline, cfg.micro_batch
     calibrated = entry.stage is not None
     if pipeline == "auto":
-        # the micro-batched pipeline bounds memory; on the CPU it now takes about the previous pipeline's time
-        # (1.03-1.05x its CPU seconds, bench/scale.md "scale2") but is not faster, and its codes differ from the
-        # previous pipeline's in the last bits (float64 per-sample Hessian sums), so switching the default would
-        # change every GPTQ/AWQ file (tests/test_byte_identity.py): it runs when asked for (a budget, a micro-batch,
-        # checkpoints, torchrun)
-        launched = "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized())
-        wanted = micro_batch is not None or cfg.max_memory is not None or cfg.checkpoint_dir is not None or cfg.resume
-        pipeline = "staged" if wanted or launched else "threads"
+        # the micro-batched pipeline (bounded memory, micro-batch-invariant codes) on every device; the previous
+        # all-samples-at-once pipeline runs only when asked for (pipeline="threads"): on the CPU the staged one takes
+        # about its CPU time (bench/scale.md, "scale3") at a fraction of its memory. Its codes differ from the
+        # previous pipeline's in the last bits (float64 per-sample Hessian sums): the switch re-recorded the GPTQ/AWQ
+        # digests of tests/test_byte_identity.py (CHANGELOG.md)
+        pipeline = "staged"
     opts = cfg.options()
     t0 = time.perf_counter()
     param = next(model.parameters())
