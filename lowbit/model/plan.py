@@ -170,10 +170,19 @@ def calibration_ram_bytes(counts: Dict[str, Any], hidden: int, n_blocks: int, to
     if pipeline == "threads":
         return tokens * 4 * (2 * hidden + THREADS_TOKEN_WIDTHS * widths)
     work = micro_batch * seq_len * 4 * (widths + 4 * k_max)
-    store = tokens * 4 * (2 * hidden + widths)
+    store = staged_store_bytes(tokens, hidden, k_max)
     if budget is not None:
         store = min(store, max(budget - rest_bytes - work, 0))
     return store + work
+
+
+def staged_store_bytes(tokens: int, hidden: int, k_max: int, act_bytes: int = 4) -> int:
+    """Peak of the staged pipeline's activation store on the CPU: with tail replay it holds, at the pass that stops
+    at a block's last linear, the block inputs, the record of the attention's output and that last linear's saved
+    inputs (the MLP's ``k_max``-wide activations); SmolLM2 128 x 512: 700 MiB measured (``offload_peak_bytes``,
+    bench/results/scale_rss.jsonl), 672 MiB by this formula. The outputs replace the inputs micro-batch by
+    micro-batch in the last pass."""
+    return tokens * act_bytes * (2 * hidden + k_max)
 
 
 def statistics_ram_bytes(counts: Dict[str, Any], pipeline: str, n_chunks: int, hessian: bool) -> float:
@@ -398,8 +407,8 @@ def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, 
     tokens = n_samples * seq_len
     calibrated = method_cost(method.lower()).calibrated
     act = 4
-    widths = sum(m.out_features for m in lins)  # replay records: the outputs of the block's linears at most
-    calib = tokens * act * (2 * hidden + widths) if calibrated else 0
+    widths = sum(m.out_features for m in lins)
+    calib = staged_store_bytes(tokens, hidden, k_max, act) if calibrated else 0
     work = micro_batch * seq_len * act * (widths + 4 * k_max) if calibrated else 0
     stats = k_max * k_max * (8 + 4 * 4) if calibrated else 0
     quantized = block // 4 + w_max

@@ -15,6 +15,13 @@ Calibrated methods (GPTQ, AWQ) run the decoder one block at a time, as in GPTQ's
 3. only the block being worked on (and the calibration activations) needs to sit on ``device``;
    the other blocks stay where they are (e.g. on the CPU).
 
+That is the previous pipeline (``pipeline="threads"``, :mod:`lowbit.model._ptq_threads`). The default
+(``pipeline="auto"``, since issue 18) is the staged one (:mod:`lowbit.model._ptq_staged`): the same
+true-sequential order, but the samples go through the block in micro-batches, pass by pass (each pass stops at
+the next stage to quantize), the statistics are float64 sums in a fixed order (codes independent of the
+micro-batch size, the number of processes and ``max_memory``), and the activations kept between passes live in
+an :class:`lowbit.model.offload.ActivationStore` within ``max_memory``.
+
 Models without a list of decoder blocks are handled the same way with the whole model as one
 block (whole-model statistics). Data-free methods (RTN, HQQ) quantize layer by layer directly.
 
