@@ -247,15 +247,22 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
     states: Dict[str, Any] = {}
     extra: Dict[str, Any] = {}
 
+    # data-free methods run in a worker thread, as the calibration does (_in_worker's doc: torch's OpenMP pool
+    # spin-waits between the many small parallel ops HQQ's iterations issue from the main thread; whole SmolLM2
+    # HQQ g64 on the 2-core CPU: 6.6-16.6 s wall in a worker against 39-70 s from the main thread, bench/scale.md
+    # "scale3")
     if not calibrated and stream is not None:
-        _data_free_streamed(model, entry, cfg, selected, device, stream, states, progress)
+        _in_worker(_data_free_streamed, model, entry, cfg, selected, device, stream, states, progress, device=device)
     elif not calibrated:
-        for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
-            lin = selected[name]
-            w = lin.weight.detach().to(device)
-            st = entry.layer(w, cfg.for_layer(name))
-            states[name] = st.to(lin.weight.device)
-            _install(model, name, lin, states[name])
+        def data_free() -> None:
+            for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
+                lin = selected[name]
+                w = lin.weight.detach().to(device)
+                st = entry.layer(w, cfg.for_layer(name))
+                states[name] = st.to(lin.weight.device)
+                _install(model, name, lin, states[name])
+
+        _in_worker(data_free, device=device)
     else:
         ids = _calibration_tokens(model, cfg.calib_dataset, cfg.tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed)
         extra["calib_tokens"] = int(ids.numel())
