@@ -254,6 +254,8 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
     if not calibrated and stream is not None:
         _in_worker(_data_free_streamed, model, entry, cfg, selected, device, stream, states, progress, device=device)
     elif not calibrated:
+        from lowbit.model.offload import release_free_memory
+
         def data_free() -> None:
             for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
                 lin = selected[name]
@@ -261,6 +263,8 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
                 st = entry.layer(w, cfg.for_layer(name))
                 states[name] = st.to(lin.weight.device)
                 _install(model, name, lin, states[name])
+                if device.type == "cpu":  # the layer's freed temporaries back to the system: the C heap kept
+                    release_free_memory()  # them (whole SmolLM2 HQQ peaked at 1.7 GB RSS, 0.87 GB after a trim)
 
         _in_worker(data_free, device=device)
     else:
