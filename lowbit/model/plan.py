@@ -145,10 +145,10 @@ def method_cost(method: str) -> Cost:
 # runs"): CPU seconds = work / (this machine's GFLOP per CPU second) x the method's factor; memory in bytes.
 LOAD_FACTOR = {"gguf": 2.0, "safetensors": 1.0, None: 1.0}  # loader peak: float model copies while loading
 # RTN / HQQ re-fitted in scale3 (bench/results/scale_plan_scale3.jsonl): the data-free layer loop runs in a worker
-# thread since then (no OpenMP spin-waiting from the main thread), 1.4 CPU s for RTN and 9.2 for HQQ g64 on SmolLM2
-RTN_FLOP_PER_WEIGHT = 540.0        # RTN's scale search per weight, in matmul-flop equivalents
+# thread since then (no OpenMP spin-waiting from the main thread), 0.8 CPU s for RTN and 5.7 for HQQ g64 on SmolLM2
+RTN_FLOP_PER_WEIGHT = 310.0        # RTN's scale search per weight, in matmul-flop equivalents
 NF4_FLOP_PER_WEIGHT = 7500.0       # bitsandbytes' blockwise nf4 quantization per weight
-HQQ_FLOP_PER_WEIGHT_ITER = 175.0   # one HQQ iteration per weight
+HQQ_FLOP_PER_WEIGHT_ITER = 110.0   # one HQQ iteration per weight
 # calibration forward + Hessian flops -> CPU time (staged = threads since its triangular per-sample Hessians and
 # tail replay: 1.006x the previous pipeline's CPU seconds, bench/scale.md "scale2")
 FORWARD_EFFICIENCY = {"threads": 0.58, "staged": 0.58}

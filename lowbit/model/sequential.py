@@ -254,22 +254,13 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
     if not calibrated and stream is not None:
         _in_worker(_data_free_streamed, model, entry, cfg, selected, device, stream, states, progress, device=device)
     elif not calibrated:
-        from lowbit.model.offload import current_rss, release_free_memory
-
         def data_free() -> None:
-            last = current_rss()
             for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
                 lin = selected[name]
                 w = lin.weight.detach().to(device)
                 st = entry.layer(w, cfg.for_layer(name))
                 states[name] = st.to(lin.weight.device)
                 _install(model, name, lin, states[name])
-                # the layers' freed temporaries back to the system once the resident set grew by 64 MiB: the C heap
-                # kept them (whole SmolLM2 HQQ peaked at 1.7 GB RSS, 0.87 GB after a trim); a trim per layer cost
-                # seconds (it walks the whole heap)
-                if device.type == "cpu" and current_rss() > last + 64 * 2 ** 20:
-                    release_free_memory()
-                    last = current_rss()
 
         _in_worker(data_free, device=device)
     else:
