@@ -4,7 +4,10 @@ seconds (all threads), wall time, the load average, and a digest of the codes.
 
 Run: PYTHONPATH=$PWD python bench/scale_cpu_ratio.py --blocks 4 --samples 128 --rounds 2 \
         | tee bench/results/scale_cpu_ratio_after.jsonl
-(the calibration tokens: /tmp/lowbit-scale-calib.pt, written by bench/scale.py)"""
+(the calibration tokens: /tmp/lowbit-scale-calib.pt, written by bench/scale.py)
+Since scale3 ``pipeline="auto"`` (the default, variant ``auto``) is the staged pipeline:
+PYTHONPATH=$PWD python bench/scale_cpu_ratio.py --blocks 4 --samples 128 --rounds 2 --variants previous,auto,new-1.5GB \
+        | tee bench/results/scale_cpu_ratio_scale3.jsonl"""
 import argparse, copy, hashlib, json, os, resource, sys, time
 
 import torch
@@ -24,7 +27,7 @@ torch.set_num_threads(2)
 model, tok = load_model("cpu")
 model.model.layers = model.model.layers[:a.blocks]
 ids = torch.load("/tmp/lowbit-scale-calib.pt")[:a.samples]
-KW = {"previous": dict(pipeline="threads"), "new-default": dict(pipeline="staged"),
+KW = {"previous": dict(pipeline="threads"), "new-default": dict(pipeline="staged"), "auto": dict(),
       "new-1.5GB": dict(pipeline="staged", max_memory="1.5GB")}
 
 

@@ -7,6 +7,9 @@ CPU seconds, and the load average (the box is shared: compare CPU seconds / core
 
 Run: PYTHONPATH=$PWD python bench/scale_plan.py --blocks 4 | tee -a bench/results/scale_plan.jsonl
 (rtn and bnb-nf4 run on all 30 blocks; gptq, awq and hqq on the first 4, their time scaled by 30/4 in the report)
+Since scale3 hqq runs on all 30 blocks (its whole run takes seconds) and ``gptq``/``awq`` are ``pipeline="auto"``,
+the staged pipeline; the whole-model (30-block) gptq/awq runs are bench/scale_rss.py's ``whole-auto``/``whole-awq``:
+PYTHONPATH=$PWD python bench/scale_plan.py --runs rtn,hqq,bnb-nf4 | tee -a bench/results/scale_plan_scale3.jsonl
 """
 import argparse, json, os, resource, subprocess, sys, time
 from pathlib import Path
@@ -36,7 +39,7 @@ def child(a):
     n_all = len(model.model.layers)
     # the prediction for the whole model, as a user gets it before quantizing
     pred = plan(model, method, bits=4, group_size=gs, n_samples=a.samples, seq_len=ids.shape[1], **spec)
-    blocks = a.blocks if method in ("gptq", "awq", "hqq") else n_all
+    blocks = a.blocks if method in ("gptq", "awq") else n_all
     model.model.layers = model.model.layers[:blocks]
     model.config.num_hidden_layers = blocks
     reset_peak_rss()

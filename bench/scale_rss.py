@@ -22,6 +22,8 @@ RUNS = {
     "stream-1.5GB": dict(kind="stream", max_memory="1.5GB"),
     "stream-rtn": dict(kind="stream", method="rtn"),
     "whole-rtn": dict(kind="whole", method="rtn"),
+    "whole-awq": dict(kind="whole", method="awq"),     # pipeline="auto" (staged since scale3)
+    "whole-hqq": dict(kind="whole", method="hqq", group_size=64),
 }
 
 
@@ -51,7 +53,8 @@ def child(a):
     kind = spec.pop("kind")
     method = spec.pop("method", "gptq")
     ids = torch.load("/tmp/lowbit-scale-calib.pt")[:a.samples]
-    calib = dict(calib_dataset=ids) if method == "gptq" else {}
+    calib = dict(calib_dataset=ids) if method in ("gptq", "awq") else {}
+    gs = spec.pop("group_size", 128)
     out = {"run": a.run, "samples": a.samples, "seq": int(ids.shape[1]), "method": method}
     l0 = os.getloadavg()[0]
     t = time.perf_counter()
@@ -63,8 +66,8 @@ def child(a):
         from lowbit.model.sequential import quantize_model_ptq
         model, _ = load_model("default")
         out["load_peak_mb"] = round(hwm() / 2 ** 20)
-        quantize_model_ptq(model, method=method, bits=4, group_size=128, sym=False, progress=False, **calib, **spec)
-        out["codes"] = digest_model(model) if method == "gptq" else None
+        quantize_model_ptq(model, method=method, bits=4, group_size=gs, sym=False, progress=False, **calib, **spec)
+        out["codes"] = digest_model(model) if method in ("gptq", "awq") else None
         out["pipeline_summary"] = {k: model.ptq_summary.get(k) for k in ("micro_batch", "tail_replays",
                                                                          "offload_peak_bytes")}
     else:

@@ -77,7 +77,7 @@ def _ppl(model, tok, args) -> float:
 FLAGS = {"bits": "--bits", "group_size": "--group-size", "sym": "--asym", "double_quant": "--double-quant",
          "calib_dataset": "--calib-dataset", "n_samples": "--n-samples", "seq_len": "--calib-seq-len",
          "seed": "--seed", "max_memory": "--max-memory", "micro_batch": "--micro-batch", "checkpoint": "--checkpoint",
-         "resume": "--resume", "no_checkpoint": "--no-checkpoint"}
+         "resume": "--resume", "no_checkpoint": "--no-checkpoint", "zero_rounding": "--zero-rounding"}
 
 
 def _given_options(args) -> Dict[str, Any]:
@@ -85,7 +85,8 @@ def _given_options(args) -> Dict[str, Any]:
     opts: Dict[str, Any] = {}
     for key, attr in (("bits", "bits"), ("group_size", "group_size"), ("calib_dataset", "calib_dataset"),
                       ("n_samples", "n_samples"), ("seq_len", "calib_seq_len"), ("seed", "seed"),
-                      ("max_memory", "max_memory"), ("micro_batch", "micro_batch")):
+                      ("max_memory", "max_memory"), ("micro_batch", "micro_batch"),
+                      ("zero_rounding", "zero_rounding")):
         v = getattr(args, attr, None)
         if v is not None:
             opts[key] = v
@@ -473,6 +474,9 @@ def _quant_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-samples", type=int, default=None, help="calibrated methods: windows (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=None, help="calibrated methods: tokens per window (default 512)")
     p.add_argument("--seed", type=int, default=None, help="calibrated methods: window sampling seed (default 0)")
+    p.add_argument("--zero-rounding", default=None, choices=["float", "round", "cover", "refit", "best"],
+                   help="hqq --asym: 'float' keeps the solver's fractional zero points (the default, the hqq "
+                        "package's quality; no GPTQ/AWQ/compressed-tensors export), 'round' stores integer ones")
 
 
 def _cmd_budget(args, formats: List[str]) -> int:

@@ -190,8 +190,11 @@ class AWQConfig(WeightOnlyConfig):
 class HQQConfig(WeightOnlyConfig):
     """``hqq`` (no data): half-quadratic solver with ``lp_norm``, ``beta``, ``kappa``, ``iters``,
     ``optimize_scale``, ``init`` (``"minmax"`` or ``"mse"``), ``early_stop`` (True: the hqq package's rule;
-    a relative-improvement threshold; False/0: always ``iters``), ``zero_rounding`` (how the solver's float
-    zero becomes the stored integer zero: ``"round"``, ``"cover"``, ``"refit"``, ``"best"``)."""
+    a relative-improvement threshold; False/0: always ``iters``), ``zero_rounding`` (asymmetric grids: what is
+    stored of the solver's float zero: ``"float"``, the default since issue 18 (scale3), keeps it as the hqq
+    package does, as float32 zero points, the hqq package's quality; ``"round"``, ``"cover"``, ``"refit"``, ``"best"``
+    store an integer zero, the form GPTQ / AWQ / compressed-tensors exports and the fused integer kernels need;
+    see :func:`lowbit.algorithms.hqq.hqq_quantize`)."""
 
     method: ClassVar[str] = "hqq"
     lp_norm: float = 0.7
@@ -201,7 +204,7 @@ class HQQConfig(WeightOnlyConfig):
     optimize_scale: bool = False
     init: str = "minmax"
     early_stop: Union[bool, float] = True
-    zero_rounding: str = "round"
+    zero_rounding: str = "float"
 
     def __post_init__(self) -> None:
         super().__post_init__()

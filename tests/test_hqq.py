@@ -138,10 +138,10 @@ def test_hqq_state_beats_rtn_on_heavy_tails(sym):
     assert e_hqq < e_rtn
 
 
-def test_default_state_is_hqqs_solution_with_the_zero_rounded():
+def test_round_state_is_hqqs_solution_with_the_zero_rounded():
     w = _weight(24, 200, std=0.02, seed=7)  # ragged: 200 = 3 x 64 + 8
     q_ref, s_ref, z_ref, _ = _reference(w, 4, 64)
-    st = hqq_quantize(w, 4, 64, False)
+    st = hqq_quantize(w, 4, 64, False, zero_rounding="round")
     zi = z_ref.round().clamp(0, 15)
     assert torch.equal(st.zeros.reshape(24, -1).double(), zi)
     torch.testing.assert_close(st.scales.reshape(24, -1).double(), 1.0 / s_ref, rtol=1e-6, atol=0)
@@ -149,6 +149,10 @@ def test_default_state_is_hqqs_solution_with_the_zero_rounded():
                         - zi[:, j:j + 1]) / s_ref[:, j:j + 1] for j, a in enumerate(range(0, 200, 64))], 1)
     mism = ((lowbit.dequantize(st).double() - w_ref).abs() > 1e-6).float().mean().item()
     assert mism <= 1e-3
+    # the default (since issue 18, scale3) keeps the solver's zero fractional, as the hqq package does
+    d = hqq_quantize(w, 4, 64, False)
+    f = hqq_quantize(w, 4, 64, False, zero_rounding="float")
+    assert d.zeros.dtype == torch.float32 and torch.equal(d.zeros, f.zeros) and torch.equal(d.data, f.data)
 
 
 def test_zero_rounding_refit_lowers_the_squared_error_of_plain_rounding():

@@ -70,6 +70,21 @@ def test_gptq_matches_the_previous_pipeline_closely():
     assert diff <= 0.001 * total
 
 
+def test_auto_pipeline_is_the_staged_one():
+    """``pipeline="auto"`` (the default) runs the staged pipeline (since issue 18, scale3): its exact codes."""
+    ids = _ids(6, 16)
+    m = quantize_model_ptq(_tiny_llama(), method="gptq", bits=4, group_size=32, sym=False, calib_dataset=ids,
+                           progress=False)
+    a = _snapshot(m)
+    c = _snapshot(quantize_model_ptq(_tiny_llama(), method="gptq", bits=4, group_size=32, sym=False, calib_dataset=ids,
+                                     progress=False, pipeline="staged"))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert m.ptq_summary["micro_batch"] == 8 and "offload_peak_bytes" in m.ptq_summary
+    from lowbit.model.plan import plan
+
+    assert plan(_tiny_llama(), "gptq", n_samples=6, seq_len=16)["pipeline"] == "staged"
+
+
 def test_activation_store_tiers_round_trip(tmp_path):
     x = torch.randn(3, 5)
     y = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)

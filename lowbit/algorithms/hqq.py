@@ -24,7 +24,8 @@ codes, steps and zeros here are bit-identical to that solver's on CPU (tests/tes
 lowbit stores integer zero points (``uint8``), where HQQ keeps float ones, and the float zero is
 what HQQ's gain rests on: on SmolLM2 int4 g64, rounding it (or re-fitting the step for the rounded
 zero) measured no better than round-to-nearest (bench/results/hqq_compare.md). The integer zero is
-chosen per group (``zero_rounding``): ``"round"`` (default) rounds the zero and keeps the step;
+chosen per group (``zero_rounding``; the default since issue 18's scale3 work is ``"float"``, HQQ's own
+storage: the float zero kept, float32 zero points, no integer form): ``"round"`` rounds the zero and keeps the step;
 ``"cover"`` takes the integer zero (floor or ceiling) and smallest step whose grid covers the float
 grid's range; ``"refit"`` rounds it and re-fits the step by least squares; ``"best"`` keeps, of
 lowbit's min/max grid and those three, the one of lowest ``l_p`` error. Perplexity on SmolLM2 (8
@@ -257,7 +258,7 @@ def _float_zero_state(w, s, z, maxq, bits, g, R, K, dtype):
 def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 64, sym: bool = False, *,
                  lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.0, iters: int = 20,
                  optimize_scale: bool = False, init: str = "minmax", early_stop: Union[bool, float] = True,
-                 zero_rounding: str = "round"):
+                 zero_rounding: str = "float"):
     """HQQ quantization of ``weight [out, in]`` -> group-layout ``QuantState`` (no data needed).
 
     ``init``: ``"minmax"`` (as HQQ) or ``"mse"`` (start from the shrink-factor search).

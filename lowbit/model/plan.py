@@ -144,9 +144,11 @@ def method_cost(method: str) -> Cost:
 # Costs fitted on the 2-core AVX-512 CPU (bench/results/scale_plan.jsonl, bench/scale.md "plan against measured
 # runs"): CPU seconds = work / (this machine's GFLOP per CPU second) x the method's factor; memory in bytes.
 LOAD_FACTOR = {"gguf": 2.0, "safetensors": 1.0, None: 1.0}  # loader peak: float model copies while loading
-RTN_FLOP_PER_WEIGHT = 4300.0       # RTN's scale search per weight, in matmul-flop equivalents
+# RTN / HQQ re-fitted in scale3 (bench/results/scale_plan_scale3.jsonl): the data-free layer loop runs in a worker
+# thread since then (no OpenMP spin-waiting from the main thread), 0.8 CPU s for RTN and 5.7 for HQQ g64 on SmolLM2
+RTN_FLOP_PER_WEIGHT = 310.0        # RTN's scale search per weight, in matmul-flop equivalents
 NF4_FLOP_PER_WEIGHT = 7500.0       # bitsandbytes' blockwise nf4 quantization per weight
-HQQ_FLOP_PER_WEIGHT_ITER = 1080.0  # one HQQ iteration per weight (re-fitted on the vectorised solver, scale_plan.jsonl)
+HQQ_FLOP_PER_WEIGHT_ITER = 110.0   # one HQQ iteration per weight
 # calibration forward + Hessian flops -> CPU time (staged = threads since its triangular per-sample Hessians and
 # tail replay: 1.006x the previous pipeline's CPU seconds, bench/scale.md "scale2")
 FORWARD_EFFICIENCY = {"threads": 0.58, "staged": 0.58}
@@ -170,10 +172,19 @@ def calibration_ram_bytes(counts: Dict[str, Any], hidden: int, n_blocks: int, to
     if pipeline == "threads":
         return tokens * 4 * (2 * hidden + THREADS_TOKEN_WIDTHS * widths)
     work = micro_batch * seq_len * 4 * (widths + 4 * k_max)
-    store = tokens * 4 * (2 * hidden + widths)
+    store = staged_store_bytes(tokens, hidden, k_max)
     if budget is not None:
         store = min(store, max(budget - rest_bytes - work, 0))
     return store + work
+
+
+def staged_store_bytes(tokens: int, hidden: int, k_max: int, act_bytes: int = 4) -> int:
+    """Peak of the staged pipeline's activation store on the CPU: with tail replay it holds, at the pass that stops
+    at a block's last linear, the block inputs, the record of the attention's output and that last linear's saved
+    inputs (the MLP's ``k_max``-wide activations); SmolLM2 128 x 512: 700 MiB measured (``offload_peak_bytes``,
+    bench/results/scale_rss.jsonl), 672 MiB by this formula. The outputs replace the inputs micro-batch by
+    micro-batch in the last pass."""
+    return tokens * act_bytes * (2 * hidden + k_max)
 
 
 def statistics_ram_bytes(counts: Dict[str, Any], pipeline: str, n_chunks: int, hessian: bool) -> float:
@@ -290,8 +301,8 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
     from lowbit.model.offload import parse_bytes
 
     cuda = str(device).startswith("cuda")
-    if pipeline == "auto":  # as quantize_model_ptq decides (without torchrun)
-        pipeline = "staged" if (max_memory is not None or micro_batch is not None) else "threads"
+    if pipeline == "auto":  # as quantize_model_ptq decides
+        pipeline = "staged"
     p = _predict(_shape_counts(model), hidden, n_blocks, method, bits, group_size, n_samples, seq_len, None,
                  pipeline=pipeline, micro_batch=micro_batch or 8, budget=parse_bytes(max_memory), source=source)
     host_fraction = 0.0
@@ -302,7 +313,7 @@ def plan(model: nn.Module, method: str, bits: int = 4, group_size: int = 128, n_
         host_fraction = 1.0 - dev["store"] / max(dev["store_demand"], 1)
     elif cuda:
         p["accelerator_mb"] = p["float_mb"] / max(n_blocks, 1) * 2 + 2 * n_samples * seq_len * hidden * 4 / 2 ** 20
-    if cuda and method.lower() in ("gptq", "awq"):
+    if cuda and method.lower() in ("gptq", "awq"):  # the GPU time model (either pipeline)
         from lowbit.model import plan_gpu
 
         rates = plan_gpu.measure_rates(device) if torch.cuda.is_available() else None
@@ -462,8 +473,8 @@ def predict_streaming_peak(model: nn.Module, method: str, n_samples: int = 128, 
     tokens = n_samples * seq_len
     calibrated = method_cost(method.lower()).calibrated
     act = 4
-    widths = sum(m.out_features for m in lins)  # replay records: the outputs of the block's linears at most
-    calib = tokens * act * (2 * hidden + widths) if calibrated else 0
+    widths = sum(m.out_features for m in lins)
+    calib = staged_store_bytes(tokens, hidden, k_max, act) if calibrated else 0
     work = micro_batch * seq_len * act * (widths + 4 * k_max) if calibrated else 0
     stats = k_max * k_max * (8 + 4 * 4) if calibrated else 0
     quantized = block // 4 + w_max

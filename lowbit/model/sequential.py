@@ -15,6 +15,13 @@ Calibrated methods (GPTQ, AWQ) run the decoder one block at a time, as in GPTQ's
 3. only the block being worked on (and the calibration activations) needs to sit on ``device``;
    the other blocks stay where they are (e.g. on the CPU).
 
+That is the previous pipeline (``pipeline="threads"``, :mod:`lowbit.model._ptq_threads`). The default
+(``pipeline="auto"``, since issue 18) is the staged one (:mod:`lowbit.model._ptq_staged`): the same
+true-sequential order, but the samples go through the block in micro-batches, pass by pass (each pass stops at
+the next stage to quantize), the statistics are float64 sums in a fixed order (codes independent of the
+micro-batch size, the number of processes and ``max_memory``), and the activations kept between passes live in
+an :class:`lowbit.model.offload.ActivationStore` within ``max_memory``.
+
 Models without a list of decoder blocks are handled the same way with the whole model as one
 block (whole-model statistics). Data-free methods (RTN, HQQ) quantize layer by layer directly.
 
@@ -32,7 +39,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -211,14 +217,12 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
     pipeline, micro_batch = cfg.pipeline, cfg.micro_batch
     calibrated = entry.stage is not None
     if pipeline == "auto":
-        # the micro-batched pipeline bounds memory; on the CPU it now takes about the previous pipeline's time
-        # (1.03-1.05x its CPU seconds, bench/scale.md "scale2") but is not faster, and its codes differ from the
-        # previous pipeline's in the last bits (float64 per-sample Hessian sums), so switching the default would
-        # change every GPTQ/AWQ file (tests/test_byte_identity.py): it runs when asked for (a budget, a micro-batch,
-        # checkpoints, torchrun)
-        launched = "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized())
-        wanted = micro_batch is not None or cfg.max_memory is not None or cfg.checkpoint_dir is not None or cfg.resume
-        pipeline = "staged" if wanted or launched else "threads"
+        # the micro-batched pipeline (bounded memory, micro-batch-invariant codes) on every device; the previous
+        # all-samples-at-once pipeline runs only when asked for (pipeline="threads"): on the CPU the staged one takes
+        # about its CPU time (bench/scale.md, "scale3") at a fraction of its memory. Its codes differ from the
+        # previous pipeline's in the last bits (float64 per-sample Hessian sums): the switch re-recorded the GPTQ/AWQ
+        # digests of tests/test_byte_identity.py (CHANGELOG.md)
+        pipeline = "staged"
     opts = cfg.options()
     t0 = time.perf_counter()
     param = next(model.parameters())
@@ -243,15 +247,22 @@ def _quantize_ptq(model: nn.Module, entry, cfg: WeightOnlyConfig, budget: Option
     states: Dict[str, Any] = {}
     extra: Dict[str, Any] = {}
 
+    # data-free methods run in a worker thread, as the calibration does (_in_worker's doc: torch's OpenMP pool
+    # spin-waits between the many small parallel ops HQQ's iterations issue from the main thread; whole SmolLM2
+    # HQQ g64 on the 2-core CPU: 6.6-16.6 s wall in a worker against 39-70 s from the main thread, bench/scale.md
+    # "scale3")
     if not calibrated and stream is not None:
-        _data_free_streamed(model, entry, cfg, selected, device, stream, states, progress)
+        _in_worker(_data_free_streamed, model, entry, cfg, selected, device, stream, states, progress, device=device)
     elif not calibrated:
-        for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
-            lin = selected[name]
-            w = lin.weight.detach().to(device)
-            st = entry.layer(w, cfg.for_layer(name))
-            states[name] = st.to(lin.weight.device)
-            _install(model, name, lin, states[name])
+        def data_free() -> None:
+            for name in _progress(list(selected), desc=f"{method} layers", enabled=progress):
+                lin = selected[name]
+                w = lin.weight.detach().to(device)
+                st = entry.layer(w, cfg.for_layer(name))
+                states[name] = st.to(lin.weight.device)
+                _install(model, name, lin, states[name])
+
+        _in_worker(data_free, device=device)
     else:
         ids = _calibration_tokens(model, cfg.calib_dataset, cfg.tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed)
         extra["calib_tokens"] = int(ids.numel())

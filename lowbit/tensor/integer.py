@@ -183,8 +183,10 @@ class AffineWeight:
         zeros = state.zeros
         if zeros is not None and zeros.is_floating_point():
             if not bool((zeros == zeros.round()).all()) or bool(((zeros < 0) | (zeros > 255)).any()):
-                raise UnsupportedWeight("fractional (float) zero points, as HQQ's zero_rounding='float' stores "
-                                        "them, have no integer zero-point layout")
+                raise UnsupportedWeight("fractional (float) zero points, as HQQ's zero_rounding='float' (the "
+                                        "default of method='hqq' with an asymmetric grid) stores them, have no "
+                                        "integer zero-point layout; quantize with zero_rounding='round' (CLI: "
+                                        "--zero-rounding round) for one")
         if state.layout == "group":
             g = state.block_size
             codes = state_codes(state)
