@@ -167,6 +167,17 @@ FORMATS = [("nf4", dict(block_size=64)), ("fp4", dict(block_size=64, double_quan
            ("int4", dict(group_size=128)), ("int4_asym", dict(group_size=128))]
 
 
+def _graph_replay(fn):
+    """``fn()`` captured in a CUDA graph, its output zeroed and the graph replayed once: the replayed output."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -403,12 +414,7 @@ def test_shuffle_codebook_gemv_matches_table_gemv(qt, dq, monkeypatch):
             monkeypatch.setitem(TC.TUNED_MM, (4, "codebook"), [(4, 1 << 30, 1 << 30, cfg)])
             p.plans.clear()
             L.prepared_linear(x, p, b)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                yg = L.prepared_linear(x, p, b)
-            yg.zero_()
-            g.replay()
-            torch.cuda.synchronize()
+            yg = _graph_replay(lambda: L.prepared_linear(x, p, b))
             assert torch.equal(yg, ys[cfg]), f"graph {cfg} M={M} {dt}"
 
 
@@ -539,10 +545,5 @@ def test_shuffle_table_gemv_integer_codes(scheme, kw, monkeypatch):
             for _ in range(3):
                 y = L.prepared_linear(x, p, b)
                 assert ((y.double() - r).norm() / r.norm()).item() < tol, f"{cfg} M={M} {dt}"
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                yg = L.prepared_linear(x, p, b)
-            yg.zero_()
-            g.replay()
-            torch.cuda.synchronize()
+            yg = _graph_replay(lambda: L.prepared_linear(x, p, b))
             assert torch.equal(yg, y), f"graph {cfg} M={M} {dt}"
