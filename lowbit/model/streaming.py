@@ -148,10 +148,11 @@ def _empty_model(directory: Path, dtype: Optional[torch.dtype], cfg=None) -> nn.
 
     tf = require("transformers", "streaming quantization")
     acc = require("accelerate", "building an empty model")
+    from lowbit.model.loading import _dtype_kwargs
     if cfg is None:
         cfg = tf.AutoConfig.from_pretrained(str(directory))
     with acc.init_empty_weights():
-        model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype) if dtype is not None else \
+        model = tf.AutoModelForCausalLM.from_config(cfg, **_dtype_kwargs(dtype)) if dtype is not None else \
             tf.AutoModelForCausalLM.from_config(cfg)
     return model.eval()
 
