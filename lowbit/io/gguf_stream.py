@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from lowbit._deps import require
 from lowbit.io.gguf_names import hf_name, unpermute_qk_rows
 from lowbit.model.file_checks import open_gguf
+from lowbit.model.streaming import TensorReader, quantize_streaming
 
 
 #: rows of a 2-D tensor dequantized at a time (gguf-py's dequantizers make several temporaries of their input's size)
 ROWS_PER_CHUNK = 1024
 
 
-class GGUFReader:
+class GGUFReader(TensorReader):
     """Tensors of a Llama-family GGUF file under their Hugging Face names, each dequantized to float32 on request
     (the interface of :class:`lowbit.model.streaming.ShardReader`: ``in``, ``names``, ``nbytes``, ``get``,
     ``bytes_read``), and the file's transformers ``config``."""
@@ -63,12 +64,6 @@ class GGUFReader:
                 heads = int(n_kv)
             self.entries[name] = (t, heads)
         self.bytes_read = 0
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def names(self) -> List[str]:
-        return list(self.entries)
 
     def nbytes(self, name: str) -> int:
         """The bytes of the tensor in float32 (what :meth:`get` returns)."""
@@ -114,17 +109,6 @@ class GGUFReader:
 
 def _gguf_config(path: Path):
     """The transformers configuration of a GGUF file (from its metadata; no tensor is read)."""
-    from lowbit._deps import require
-
-    tf = require("transformers", "streaming a GGUF file")
-    cfg = tf.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    return cfg
-
-
-def _gguf_config(path: Path):
-    """The transformers configuration of a GGUF file (from its metadata; no tensor is read)."""
     tf = require("transformers", "streaming a GGUF file")
     cfg = tf.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if hasattr(cfg, "quantization_config"):
@@ -134,8 +118,6 @@ def _gguf_config(path: Path):
 
 def quantize_gguf_streaming(path: Union[str, os.PathLike], sink, **kw: Any) -> Dict[str, Any]:
     """:func:`lowbit.model.streaming.quantize_streaming` of the GGUF file ``path`` (same arguments and summary)."""
-    from lowbit.model.streaming import quantize_streaming
-
     return quantize_streaming(GGUFReader(str(path)), sink, **kw)
 
 

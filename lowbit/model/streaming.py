@@ -41,7 +41,21 @@ _ST_DTYPES = {
 }
 
 
-class ShardReader:
+class TensorReader:
+    """What the streaming loop reads tensors through: ``entries`` by name (each reader's own record),
+    ``in``, ``names``, ``nbytes`` / ``get`` (per reader) and the running ``bytes_read``."""
+
+    entries: Dict[str, Any]
+    bytes_read: int = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> List[str]:
+        return list(self.entries)
+
+
+class ShardReader(TensorReader):
     """Tensors of a Hugging Face safetensors directory (``model.safetensors.index.json`` + shards, or one
     ``model.safetensors``), read one at a time by name with ``seek`` + ``readinto``."""
 
@@ -70,12 +84,6 @@ class ShardReader:
             if missing:
                 raise ValueError(f"{index}: tensor {missing[0]!r} is not in its shard {wm[missing[0]]!r}")
         self.bytes_read = 0
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def names(self) -> List[str]:
-        return list(self.entries)
 
     def nbytes(self, name: str) -> int:
         _, _, _, a, b = self.entries[name]
