@@ -68,15 +68,21 @@ _lock = threading.Lock()
 _cached_bytes = [0]
 
 
+def _env_mib(name: str) -> Optional[int]:
+    """Bytes from the environment variable ``name`` given in MiB (negative -> 0), or None when unset or empty."""
+    env = os.environ.get(name)
+    if env is None or env.strip() == "":
+        return None
+    try:
+        return max(0, int(float(env) * (1 << 20)))
+    except ValueError:
+        raise ValueError(f"{name}={env!r}: expected a number of MiB") from None
+
+
 def cache_budget() -> int:
     """Bytes the dequantize-once cache may hold in this process (``LOWBIT_DEQUANT_CACHE_MB``)."""
-    env = os.environ.get("LOWBIT_DEQUANT_CACHE_MB")
-    if env is not None and env.strip() != "":
-        try:
-            return max(0, int(float(env) * (1 << 20)))
-        except ValueError:
-            raise ValueError(f"LOWBIT_DEQUANT_CACHE_MB={env!r}: expected a number of MiB") from None
-    return _ram_bytes() // 4
+    got = _env_mib("LOWBIT_DEQUANT_CACHE_MB")
+    return _ram_bytes() // 4 if got is None else got
 
 
 @lru_cache(maxsize=None)
@@ -422,7 +428,6 @@ class PreparedLinear:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight from this layout (plain torch), equal to ``lowbit.dequantize`` up to float rounding."""
         N, K, b = self.n, self.k, self.bits
-        per = 32 // b
         if b == 8:  # bytes in element order: no shifts
             q = self.words.view(torch.uint8).view(N, K // self.group, self.group)
         else:
@@ -592,13 +597,8 @@ def dense_chunk_bytes() -> int:
     """Largest dequantized weight (bytes) made at once by the dequantize + cuBLAS path (``LOWBIT_DENSE_CHUNK_MB``,
     default 32; 0 = whole weights): larger weights are dequantized and multiplied in row blocks, so that the
     transient float copy stays small (peak memory during prefill)."""
-    env = os.environ.get("LOWBIT_DENSE_CHUNK_MB")
-    if env is not None and env.strip() != "":
-        try:
-            return max(0, int(float(env) * (1 << 20)))
-        except ValueError:
-            raise ValueError(f"LOWBIT_DENSE_CHUNK_MB={env!r}: expected a number of MiB") from None
-    return 32 << 20
+    got = _env_mib("LOWBIT_DENSE_CHUNK_MB")
+    return 32 << 20 if got is None else got
 
 
 def dense_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
