@@ -583,6 +583,13 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
             plan = _V1 if M <= 4 or (p.p4 is not None and p.kind != 3) else _DENSE  # v1 above M = 4: its 4-bit GEMM
         elif cfg[0] == "v1gemm":
             plan = _V1Gemm(("gemm",) + tuple(cfg[1:])) if p.p4 is not None and p.kind != 3 else _DENSE
+        elif cfg[0] == "tc":
+            from lowbit.kernels.triton import lowbit_mm as lm
+
+            if (p.k * p.bits // 32) % 16 or p.group % (32 // p.bits):
+                plan = _DENSE  # the tensor-core GEMM steps over at least 16 words per row
+            else:
+                plan = lm.make_tc_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, bias is not None, cfg, p.table)
         else:
             from lowbit.kernels.triton import lowbit_mm as lm
 
@@ -636,6 +643,11 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     run = plan.run  # the v1 plans (GEMV at M <= 4, tensor-core GEMM above); None on lm.Plan
     if run is not None:
         return run(x2, p, bias).view(*x.shape[:-1], p.n)
+    if plan.tc:
+        from lowbit.kernels.triton.lowbit_mm import run_tc
+
+        y = run_tc(plan, x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+        return y.view(*x.shape[:-1], p.n)
     from lowbit.kernels.triton.lowbit_mm import run_plan
 
     if plan.tr:
