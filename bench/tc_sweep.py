@@ -71,8 +71,8 @@ def _warm(job):
     return out
 
 
-def warm_all(ms, jobs):
-    work = [(fmt, M, c) for fmt in FORMATS for M in ms for c in cands(M)]
+def warm_all(ms, jobs, formats):
+    work = [(fmt, M, c) for fmt in formats for M in ms for c in cands(M)]
     # FIX (split > 1) compiles a second variant: keep one split-1 and one split-2 config per tile
     seen, todo = set(), []
     for fmt, M, c in work:
@@ -105,7 +105,7 @@ def main(argv=None):
 
     res = {"cmd": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "check": [], "rows": [], "errors": []}
-    n, errs = warm_all(ms, a.jobs)
+    n, errs = warm_all(ms, a.jobs, a.formats.split(","))
     res["warm"] = {"kernels": n, "seconds": time.perf_counter() - t0}
     res["errors"] += errs
     print(f"warm: {n} kernels in {time.perf_counter() - t0:.0f} s, {len(errs)} errors", flush=True)
@@ -232,3 +232,22 @@ def report(path):
 
 if __name__ == "__main__":
     main()
+
+
+def tuned_rows(path, ms=(16, 64)):
+    """TUNED_MM rows from a run: per class and M bucket, per shape (increasing N * K) the faster of the best tc
+    config and dequantize + cuBLAS ("dense"), then a catch-all row repeating the largest shape's choice."""
+    res = json.loads(Path(path).read_text())
+    out = {}
+    for fmt, key in (("nf4", (4, "codebook")), ("int4", (4, "int")), ("int8", (8, "int"))):
+        rows = []
+        for M in ms:
+            rm = sorted((r for r in res["rows"] if r["fmt"] == fmt and r["M"] == M),
+                        key=lambda r: (r["N"] * r["K"], r["N"]))
+            for r in rm:
+                cfg = tuple(r["best_cfg"]) if r.get("best") and r["best"] < r["dense"] else ("dense",)
+                rows.append((M, r["N"], r["K"], cfg))
+            if rm:
+                rows.append((M, 1 << 30, 1 << 30, rows[-1][3]))
+        out[key] = rows
+    return out

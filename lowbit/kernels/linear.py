@@ -9,10 +9,11 @@ CUDA (fp16 / bf16 input)
       ``q4_0`` / ``q4_1``) and int8 per-channel / GGUF ``q8_0`` weights: :func:`prepared_linear` on a layout
       derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, the state's own float32 scales
       and uint8 zero points, 16-entry tables): at M <= 4 the fused GEMV of
-      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), above that the v1
-      4-bit GEMM or the weight dequantized by one Triton pass + cuBLAS (:func:`dense_linear`, in row blocks of
-      at most ``LOWBIT_DENSE_CHUNK_MB``), per ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs` (a launch
-      plan per M is cached on the layout).
+      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), at 4 < M <= 64 its
+      tensor-core GEMM ("tc": the packed weight dequantized in registers as the MMA's A operand) where it
+      measured faster, else the weight dequantized by one Triton pass + cuBLAS (:func:`dense_linear`, in row
+      blocks of at most ``LOWBIT_DENSE_CHUNK_MB``), per ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs`
+      (a launch plan per M is cached on the layout).
     * int8 / fp8 weights with dynamic per-token int8 / fp8 activations:
       :func:`lowbit.kernels.int8_linear_dynamic` / :func:`lowbit.kernels.fp8_linear_dynamic`.
     * anything else: :func:`lowbit.kernels.dequantize` (Triton where it applies) + ``F.linear``.
@@ -646,7 +647,17 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     if plan.tc:
         from lowbit.kernels.triton.lowbit_mm import run_tc
 
-        y = run_tc(plan, x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+        if plan.compiled is None:  # first launch compiles: a config this GPU cannot hold -> dequantize + cuBLAS
+            try:
+                y = run_tc(plan, x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.k // p.group,
+                           32 // p.bits)
+            except Exception as e:  # noqa: BLE001 - only Triton's resource errors are absorbed
+                if type(e).__name__ != "OutOfResources":
+                    raise
+                p.plans[key] = _DENSE
+                return dense_linear(x, p, bias)
+        else:
+            y = run_tc(plan, x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
         return y.view(*x.shape[:-1], p.n)
     from lowbit.kernels.triton.lowbit_mm import run_plan
 

@@ -922,7 +922,7 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None) -> 
     if KW % 16 or G % per:
         raise ValueError(f"tc GEMM needs K * bits / 32 divisible by 16 and whole words per group; got K={K}, "
                          f"bits={bits}, group={G}")
-    BKW = max(16, min(BKW, KW))
+    BKW = max(16, 1 << (min(BKW, KW).bit_length() - 1))  # a power of two (tl.arange) dividing K's words
     while KW % BKW:
         BKW //= 2
     split, kw_split = split_words(KW, BKW, split_k)
