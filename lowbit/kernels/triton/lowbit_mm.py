@@ -776,7 +776,7 @@ def _tc_kernel(
     M, N, KW, NG, sxm, kw_split, n_iter,
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SHFL: tl.constexpr, FIX: tl.constexpr,
-    TASM: tl.constexpr = "",
+    TASM: tl.constexpr = "", ASM: tl.constexpr = False,
 ):
     # Computes the transposed output tile acc[n, m] = sum_k W[n, k] x[m, k] (the weight is the MMA's A operand,
     # held in registers: wgmma takes A from registers, B = the activation tile from shared memory; a weight tile
@@ -824,18 +824,22 @@ def _tc_kernel(
             else:
                 z = s
         SC: tl.constexpr = 1 << BITS
-        # values as 1 + q / 2**BITS (one shift and one and-or per weight): (f - (1 + z / SC)) * (SC s) is exactly
-        # (q - z) s rounded once, the reference's float32 value (kind 3: q s + m as q s rounded, plus m)
+        # integer codes as f = 1 + q / 2**BITS (a shift and one and-or per weight: with ASM a unary inline-PTX lop3,
+        # so that ptxas keeps the two constants in registers and Triton still hoists the layout conversion above
+        # it; plain Triton ops elsewhere, e.g. in the interpreter), then one FMA per weight:
+        # f (SC s) - (1 + z / SC) (SC s) = (q - z) s up to float32 rounding of the per-row bias (kind 3: + m)
         if KIND == 0:
             s16 = s
         else:
             s16 = s * SC
         if KIND == 1:
-            c1 = 1.0 + ZERO / SC
+            bb = -(1.0 + ZERO / SC) * s16
         elif KIND == 2:
-            c1 = 1.0 + z * (1.0 / SC)
+            bb = -(1.0 + z * (1.0 / SC)) * s16
+        elif KIND == 3:
+            bb = z - s16
         else:
-            c1 = 1.0
+            bb = s16
         kx = kwb * PER + kw  # x is plane-major per step (run_tc): plane e of this step at kx + e * BKW
         for e in tl.static_range(PER):
             POS = 8 * (e // 2) + 4 * (1 - e % 2) if BITS == 4 else 8 * e
@@ -846,10 +850,26 @@ def _tc_kernel(
             elif KIND == 0:
                 v = tl.load(t_ptr + ((words >> POS) & 15))
                 w = (v * s16).to(ty)
-            elif KIND == 3:
-                w = ((_trick(words, POS, BITS) - c1) * s16 + z).to(ty)
             else:
-                w = ((_trick(words, POS, BITS) - c1) * s16).to(ty)
+                TB = 23 - BITS
+                if POS <= TB:
+                    t = words << (TB - POS)
+                else:
+                    t = words >> (POS - TB)
+                if ASM:
+                    if BITS == 4:
+                        f = tl.inline_asm_elementwise(
+                            "{ .reg .b32 m, o; mov.b32 m, 0x00780000; mov.b32 o, 0x3F800000; "
+                            "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1)
+                    else:
+                        f = tl.inline_asm_elementwise(
+                            "{ .reg .b32 m, o; mov.b32 m, 0x007F8000; mov.b32 o, 0x3F800000; "
+                            "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1)
+                    f = f.to(tl.float32, bitcast=True)
+                else:
+                    MASK: tl.constexpr = ((1 << BITS) - 1) << TB
+                    f = ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+                w = (f * s16 + bb).to(ty)
             xe = tl.load(xcol + (kx + e * BKW)[:, None])
             acc = tl.dot(w, xe, acc)
     if HAS_BIAS:
@@ -928,7 +948,7 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None) -> 
     split, kw_split = split_words(KW, BKW, split_k)
     shfl = bits == 4 and kind == 0 and table is not None and shuffle_supported()
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, BM=BM, BN=BN, BKW=BKW,
-                  SHFL=shfl, FIX=split > 1, TASM=table_asm(table) if shfl else "")
+                  SHFL=shfl, FIX=split > 1, TASM=table_asm(table) if shfl else "", ASM=shuffle_supported())
     grid = (-(-N // BN), -(-M // BM), split)
     return TcPlan(grid, split, kw_split, kw_split // BKW, consts, warps, stages)
 
