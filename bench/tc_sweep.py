@@ -96,9 +96,10 @@ def main(argv=None):
     ap.add_argument("--formats", default="nf4,int4,int8")
     ap.add_argument("--shapes", default="")
     ap.add_argument("--report", default="")
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes section (with --report)")
     a = ap.parse_args(argv)
     if a.report:
-        return report(a.report)
+        return report(a.report, a.note)
     t0 = time.perf_counter()
     ms = [int(m) for m in a.ms.split(",")]
     import torch
@@ -208,8 +209,9 @@ def main(argv=None):
         print("  ", e, flush=True)
 
 
-def report(path):
+def report(path, notes=()):
     res = json.loads(Path(path).read_text())
+    n_oor = sum(1 for e in res["errors"] if e.startswith("check") and "OutOfResources" in e)
     lines = ["# Tensor-core low-bit GEMM \"tc\" (lowbit/kernels/triton/lowbit_mm.py) vs F.linear and dequantize + cuBLAS",
              "", "Written by `python bench/tc_sweep.py --report " + path + "` from the raw file of the run (numbers "
              "from the run, never edited). CUDA-graph medians in µs over weight copies larger than L2, bf16 "
@@ -217,7 +219,9 @@ def report(path):
              "codes + float32 scales (+ uint8 zeros) over the tc time.", "",
              f"Run: `{res['cmd']}` on {res['gpu']}, torch {res['torch']}.", "",
              f"Correctness (through `prepared_linear` with a tc row, bias, bf16 and fp16, M = 5 / 16 / 64 / 200, "
-             f"vs float32 reference): {sum(c['ok'] for c in res['check'])}/{len(res['check'])} within tolerance.", "",
+             f"vs float32 reference): {sum(c['ok'] for c in res['check'])}/{len(res['check'])} within tolerance"
+             + (f"; the other {n_oor}: Triton OutOfResources (shared memory) of the config tried, no numeric failure"
+                if n_oor and n_oor == len(res['check']) - sum(c['ok'] for c in res['check']) else "") + ".", "",
              "| format | N x K | M | F.linear | dense | tc best | × F.linear | × dense | GB/s | config |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -225,8 +229,10 @@ def report(path):
         lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {r['flinear']:.1f} | {r['dense']:.1f} | "
                      + (f"{b:.1f} | {r['flinear'] / b:.2f}x | {r['dense'] / b:.2f}x | {r['bytes'] / b / 1e3:.0f} | "
                         f"{tuple(r['best_cfg'])} |" if b else "— | — | — | — | — |"))
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     if res["errors"]:
-        lines += ["", "Errors / skips of the run:", ""] + [f"- {e}" for e in res["errors"][:30]]
+        lines += ["", "Errors / skips of the run:", ""] + [f"- {e[:200]}" for e in res["errors"][:30]]
     Path(ROOT / "bench/results/tc_sweep.md").write_text("\n".join(lines) + "\n")
 
 
