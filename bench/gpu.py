@@ -279,7 +279,10 @@ def section_gemm(peers, quick, Ms, shapes):
                 for W in Ws:
                     lin = torch.nn.Linear(K, N, bias=False, device=DEV, dtype=torch.bfloat16)
                     lin.weight.data.copy_(W)
-                    quantize_(lin, Int4WeightOnlyConfig(group_size=128))
+                    try:  # the packing bench/user_decode.py uses (the default one needs the mslk package)
+                        quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+                    except Exception:  # noqa: BLE001 - older torchao: its default packing
+                        quantize_(lin, Int4WeightOnlyConfig(group_size=128))
                     mods.append(lin)
                 impls["torchao int4 g128"] = lambda x, i, mods=mods: mods[i](x)
                 note(f"torchao int4 weight type: {type(mods[0].weight).__name__}")

@@ -225,6 +225,33 @@ def measure(model, prompt, prefill_ids, reps: int, new: int, static: bool = Fals
 
 
 @torch.no_grad()
+def prefill_chunks(model, prefill_ids, reps: int, values=("32", "0")):
+    """The 1 x 512 prefill under each ``LOWBIT_DENSE_CHUNK_MB`` value (read per call by lowbit's dequantize +
+    cuBLAS path): median ms, peak GB and the transient over the resident memory during the forward."""
+    import os
+
+    out = {}
+    old = os.environ.get("LOWBIT_DENSE_CHUNK_MB")
+    try:
+        for mb in values:
+            os.environ["LOWBIT_DENSE_CHUNK_MB"] = mb
+            model(prefill_ids, use_cache=False)
+            torch.cuda.synchronize()
+            gc.collect()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            ts = [_sync_time(lambda: model(prefill_ids, use_cache=False)) * 1e3 for _ in range(reps)]
+            peak = torch.cuda.max_memory_allocated()
+            out[mb] = {"ms": statistics.median(ts), "peak_gb": peak / 1e9, "transient_gb": (peak - base) / 1e9}
+    finally:
+        if old is None:
+            os.environ.pop("LOWBIT_DENSE_CHUNK_MB", None)
+        else:
+            os.environ["LOWBIT_DENSE_CHUNK_MB"] = old
+    return out
+
+
+@torch.no_grad()
 def measure_graph(model, prompt, reps: int, new: int):
     """Greedy decode with a ``StaticCache`` and ONE decode step captured in a CUDA graph, replayed ``new`` times.
 
@@ -375,6 +402,8 @@ def main(argv=None) -> int:
                     "mm_tuned.json) loaded before the first lowbit 4-bit variant is built")
     ap.add_argument("--mm-wait", type=float, default=0.0, help="seconds to wait for --mm-configs to appear (a sweep "
                     "running beside this on another GPU)")
+    ap.add_argument("--prefill-chunks", default="", help="comma-separated LOWBIT_DENSE_CHUNK_MB values (e.g. 32,0) "
+                    "under which the lowbit variants' 1 x 512 prefill is also timed, side by side")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
@@ -452,6 +481,14 @@ def main(argv=None) -> int:
                            resident_gb=torch.cuda.memory_allocated() / 1e9 if DEV == "cuda" else 0.0)
                 print(f"{name}: decode {dec:.1f} tok/s, prefill {pre:.1f} ms, weights {row['weight_gb']:.2f} GB, "
                       f"peak {peak:.2f} GB", flush=True)
+                if args.prefill_chunks and name.startswith("lowbit") and DEV == "cuda":
+                    try:
+                        row["prefill_chunks"] = prefill_chunks(model, prefill_ids, args.reps,
+                                                               tuple(args.prefill_chunks.split(",")))
+                        print(f"{name} prefill by LOWBIT_DENSE_CHUNK_MB: {row['prefill_chunks']}", flush=True)
+                    except Exception as e:  # noqa: BLE001 - recorded in the table
+                        row["prefill_chunks_error"] = f"{type(e).__name__}: {e}"[:200]
+                        traceback.print_exc()
                 if name in graph and time.perf_counter() - t_start <= args.time_budget:
                     try:
                         gdec, gpeak, gtoks = measure_graph(model, prompt, args.reps, args.new)
@@ -560,6 +597,23 @@ def write(rows, info, out: Path) -> None:
                      f"{agree} | {c} | {ratio(r, 'decode_compiled')} | {pre} | {ratio(r, 'prefill_ms')} | "
                      f"{r['weight_gb']:.2f} | {_gb(r.get('tensor_gb'))} | {_gb(r.get('resident_gb'))} | "
                      f"{r['peak_gb']:.2f} | {pg} | {note} |")
+    ch = [r for r in rows if r.get("prefill_chunks")]
+    if ch:
+        vals = list(ch[0]["prefill_chunks"])
+        bpre = base.get("prefill_ms") if base else None
+        lines += ["", "## Prefill 1 x 512 by `LOWBIT_DENSE_CHUNK_MB` (dequantize + cuBLAS in row blocks of at most "
+                  "that many MiB of bf16 weight; 0 = whole weights), same process, medians", "",
+                  "Transient = peak during the forward minus the memory allocated before it.", "",
+                  "| variant | " + " | ".join(f"ms ({v}) | × bf16 ({v}) | peak GB ({v}) | transient GB ({v})"
+                                              for v in vals) + " |",
+                  "|---|" + "---|---|---|---|" * len(vals)]
+        for r in ch:
+            cells = []
+            for v in vals:
+                d = r["prefill_chunks"].get(v, {})
+                cells.append(f"{d.get('ms', 0):.1f} | {(d.get('ms', 0) / bpre) if bpre else 0:.2f} | "
+                             f"{d.get('peak_gb', 0):.2f} | {d.get('transient_gb', 0):.3f}")
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     parts = [r for r in rows if r.get("prefill_parts")]
     if parts:
         lines += ["", "## Prefill 512: where the linear time goes (decoder layer 0, one call per projection, "

@@ -232,3 +232,61 @@ def test_dense_linear_row_blocks_equal_whole(scheme, kw, monkeypatch):
     monkeypatch.setenv("LOWBIT_DENSE_CHUNK_MB", "x")
     with pytest.raises(ValueError, match="LOWBIT_DENSE_CHUNK_MB"):
         L.dense_chunk_bytes()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")
+@pytest.mark.parametrize("scheme,kw", FORMATS, ids=[f"{s}-{k}" for s, k in FORMATS])
+def test_tc_gemm_in_triton_interpreter(scheme, kw, monkeypatch):
+    """The tensor-core GEMM "tc" through prepared_linear (plan, plane-major activations, split-K summed in the
+    kernel by the last program of a tile, clamped M / N edges, bias) against the float32 reference: every format,
+    BM smaller and larger than M, 1 and 3 splits (fp16: the interpreter mis-computes bf16 dots)."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    torch.manual_seed(3)
+    N, K = 80, 512
+    st = quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw)
+    p = L._prepare_cuda(st)
+    ref = L.dequantize_state(st).float()
+    key = (p.bits, "codebook" if p.kind == 0 else "int")
+    for M, cfg in ((5, ("tc", 16, 32, 16, 1, 4, 1)), (20, ("tc", 16, 64, 32, 3, 4, 1)),
+                   (33, ("tc", 32, 32, 16, 2, 4, 1))):
+        p.plans.clear()
+        monkeypatch.setitem(TC.TUNED_MM, key, [(64, 1 << 30, 1 << 30, cfg)])
+        x = torch.randn(M, K).half()
+        b = torch.randn(N).half() if M != 20 else None
+        r = x.float() @ ref.half().float().T + (b.float() if b is not None else 0)
+        y = L.prepared_linear(x.view(1, M, K), p, b)
+        assert y.shape == (1, M, N) and y.dtype == torch.float16
+        assert ((y.view(M, N).float() - r).norm() / r.norm()).item() < 2e-3, cfg
+        plan = next(iter(p.plans.values()))
+        assert isinstance(plan, lm.TcPlan) and plan.grid[2] == plan.split and plan.consts["FIX"] == (plan.split > 1)
+        assert not plan.consts["SHFL"]  # no inline PTX in the interpreter: the table is read from memory
+
+
+def test_tc_plan_shapes_and_table_asm(monkeypatch):
+    """tc plans: BKW at least 16 words (the MMA's K per plane) and dividing K's words; shapes the kernel cannot step
+    over go to dequantize + cuBLAS; the shuffle-lookup PTX carries the table's exact float32 bits."""
+    pytest.importorskip("triton")
+    from lowbit.formats import codebook
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    plan = lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tc", 16, 128, 64, 4, 4, 3))
+    assert plan.consts["BKW"] == 64 and plan.split == 4 and plan.grid == (32, 1, 4) and plan.n_iter * 64 * 4 == 512
+    plan = lm.make_tc_plan(64, 256, 384, 4, 32, 1, 8.0, True, ("tc", 64, 64, 64, 8, 4, 3))  # 48 words: BKW 16
+    assert plan.consts["BKW"] == 16 and plan.split == 3
+    with pytest.raises(ValueError, match="divisible by 16"):
+        lm.make_tc_plan(16, 256, 96, 4, 32, 1, 8.0, False, ("tc", 16, 64, 16, 1, 4, 3))
+    p = L._prepare_cuda(quantize_tensor(torch.randn(64, 96), "int4", group_size=32))  # 12 words per row
+    monkeypatch.setitem(TC.TUNED_MM, (4, "int"), [(64, 1 << 30, 1 << 30, ("tc", 16, 64, 16, 1, 4, 3))])
+    assert L._plan(p, 16, torch.randn(16, 96), None) is L._DENSE
+    code = codebook.get_code("nf4").float()
+    asm = lm.table_asm(code)
+    imms = [int(t, 16) for t in asm.replace(";", " ").replace(",", " ").split() if t.startswith("0x")]
+    assert imms[:16] == [b & 0xFFFFFFFF for b in code.view(torch.int32).tolist()] and imms[16:] == [0xFFFFFFFF]
+    assert asm.count("selp.b32") == 15 and "shfl.sync.idx.b32 $0, t, $1" in asm
+    with pytest.raises(ValueError, match="16-entry"):
+        lm.table_asm(torch.zeros(8))
+    # the shipped rows: tc at M = 5..64 on the Llama-3 shapes where it measured faster, dequantize + cuBLAS above
+    assert TC.config_mm(4, 2, 16, 8192, 8192, 128)[0] == "tc" and TC.config_mm(8, 1, 64, 14336, 4096)[0] == "tc"
+    assert TC.config_mm(4, 0, 128, 8192, 8192, 64) == ("dense",)

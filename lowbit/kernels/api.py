@@ -362,8 +362,9 @@ def linear_4bit(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor]
                 backend: Optional[str] = None) -> torch.Tensor:
     """``x @ dequantize(state).T + bias`` with a fused 4-bit kernel where it applies.
 
-    ``x [..., K]`` fp16/bf16 on CUDA runs the Triton GEMV (M <= 4), the fused dequant-GEMM (M <= 128)
-    or dequantize + ``F.linear`` (larger M, or as tuned); otherwise the reference.
+    ``x [..., K]`` fp16/bf16 on CUDA runs what the quantized modules run (:func:`lowbit.kernels.linear.
+    prepared_linear`: the Triton GEMV at M <= 4, the tensor-core GEMM or dequantize + ``F.linear`` above, as
+    tuned); otherwise the reference.
 
     Example::
 
@@ -385,12 +386,12 @@ def linear_4bit(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor]
     if p is None or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) \
             or select.resolve("gemm_4bit", x.device, backend) != "triton":
         return reference.linear_4bit(x, state, bias)
-    if x.numel() <= 4 * p.k:  # M <= 4: the fused GEMV on the canonical codes (lowbit.kernels.linear)
-        from lowbit.kernels.linear import prepare_linear, prepared_linear
+    # the modules' path (lowbit.kernels.linear): GEMV at M <= 4, tensor-core GEMM or dequantize + cuBLAS above
+    from lowbit.kernels.linear import prepare_linear, prepared_linear
 
-        pl = prepare_linear(state)
-        if pl is not None:
-            return prepared_linear(x, pl, bias)
+    pl = prepare_linear(state)
+    if pl is not None:
+        return prepared_linear(x, pl, bias)
     return _gemm_4bit_triton(x, p, bias)
 
 

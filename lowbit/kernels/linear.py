@@ -9,10 +9,11 @@ CUDA (fp16 / bf16 input)
       ``q4_0`` / ``q4_1``) and int8 per-channel / GGUF ``q8_0`` weights: :func:`prepared_linear` on a layout
       derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, the state's own float32 scales
       and uint8 zero points, 16-entry tables): at M <= 4 the fused GEMV of
-      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), above that the v1
-      4-bit GEMM or the weight dequantized by one Triton pass + cuBLAS (:func:`dense_linear`, in row blocks of
-      at most ``LOWBIT_DENSE_CHUNK_MB``), per ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs` (a launch
-      plan per M is cached on the layout).
+      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), at 4 < M <= 64 its
+      tensor-core GEMM ("tc": the packed weight dequantized in registers as the MMA's A operand) where it
+      measured faster, else the weight dequantized by one Triton pass + cuBLAS (:func:`dense_linear`, in row
+      blocks of at most ``LOWBIT_DENSE_CHUNK_MB``), per ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs`
+      (a launch plan per M is cached on the layout).
     * int8 / fp8 weights with dynamic per-token int8 / fp8 activations:
       :func:`lowbit.kernels.int8_linear_dynamic` / :func:`lowbit.kernels.fp8_linear_dynamic`.
     * anything else: :func:`lowbit.kernels.dequantize` (Triton where it applies) + ``F.linear``.
@@ -583,6 +584,13 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
             plan = _V1 if M <= 4 or (p.p4 is not None and p.kind != 3) else _DENSE  # v1 above M = 4: its 4-bit GEMM
         elif cfg[0] == "v1gemm":
             plan = _V1Gemm(("gemm",) + tuple(cfg[1:])) if p.p4 is not None and p.kind != 3 else _DENSE
+        elif cfg[0] == "tc":
+            from lowbit.kernels.triton import lowbit_mm as lm
+
+            if (p.k * p.bits // 32) % 16 or p.group % (32 // p.bits):
+                plan = _DENSE  # the tensor-core GEMM steps over at least 16 words per row
+            else:
+                plan = lm.make_tc_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, bias is not None, cfg, p.table)
         else:
             from lowbit.kernels.triton import lowbit_mm as lm
 
@@ -595,10 +603,13 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
 
 def dense_chunk_bytes() -> int:
     """Largest dequantized weight (bytes) made at once by the dequantize + cuBLAS path (``LOWBIT_DENSE_CHUNK_MB``,
-    default 32; 0 = whole weights): larger weights are dequantized and multiplied in row blocks, so that the
-    transient float copy stays small (peak memory during prefill)."""
+    default 128; 0 = whole weights): larger weights are dequantized and multiplied in row blocks, so that the
+    transient float copy stays bounded (peak memory during prefill). 128 MiB keeps every linear of a Llama-3-8B
+    whole (the largest, 14336 x 4096, is 112 MiB in bf16): on the H200 the 1 x 512 prefill of 8 such layers took
+    11.0-13.1 ms whole against 17.0-18.7 ms in 32 MiB blocks (nf4, GPTQ int4, GGUF Q4_0, int8), for +28 MB of
+    peak memory (bench/results/user_decode.md); a 70B-class 28672 x 8192 weight (448 MiB) still goes in 4 blocks."""
     got = _env_mib("LOWBIT_DENSE_CHUNK_MB")
-    return 32 << 20 if got is None else got
+    return 128 << 20 if got is None else got
 
 
 def dense_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -636,6 +647,21 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     run = plan.run  # the v1 plans (GEMV at M <= 4, tensor-core GEMM above); None on lm.Plan
     if run is not None:
         return run(x2, p, bias).view(*x.shape[:-1], p.n)
+    if plan.tc:
+        from lowbit.kernels.triton.lowbit_mm import run_tc
+
+        if plan.compiled is None:  # first launch compiles: a config this GPU cannot hold -> dequantize + cuBLAS
+            try:
+                y = run_tc(plan, x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.k // p.group,
+                           32 // p.bits)
+            except Exception as e:  # noqa: BLE001 - only Triton's resource errors are absorbed
+                if type(e).__name__ != "OutOfResources":
+                    raise
+                p.plans[key] = _DENSE
+                return dense_linear(x, p, bias)
+        else:
+            y = run_tc(plan, x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+        return y.view(*x.shape[:-1], p.n)
     from lowbit.kernels.triton.lowbit_mm import run_plan
 
     if plan.tr:

@@ -172,14 +172,17 @@ def config_gemv(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) ->
 # with M <= m_max, N <= n_max and K <= k_max applies. ``bench/gemv_sweep.py`` writes such rows; a JSON file of
 # them named by LOWBIT_MM_CONFIGS (keys "bits,class") overrides the table (used while tuning).
 SM_COUNT = 132  # H100 / H200 SXM; the split heuristic only needs the order of magnitude
-# M = 4 rows from bench/gemv_sweep.py --gemvg on the H200 (bench/results/raw/mm_sweep_run2.json); int4 M = 16 rows from
-# --run3 (bench/results/raw/mm_sweep_run3.json: the v1 tensor-core GEMM "v1gemm" / "v1"); M = 1 rows of every
-# format and the codebook M = 16 / 64 rows from --run5 (bench/results/raw/mm_sweep_run5.json, helper kern3): NF4 / FP4
-# at M = 1 through the group-step GEMV with the codebook in registers read by warp shuffles ("gemvgs*", 1.12-1.82x
-# F.linear where the v1 GEMV gave 0.70-0.89x), int4 through the bit-trick GEMV ("gemvgf") or the shuffle table
-# ("gemvgsf"); the shipped rows read the state's own scale / zero tensors (no "t": a transposed copy per weight
-# measured 0-3% faster for int4 and 3-13% for NF4 on 3 of 6 shapes at M = 1, not worth a second copy of the scales);
-# everything else above M = 4 dequantize + cuBLAS (row blocks of <= 32 MiB, lowbit.kernels.linear.dense_linear).
+# M = 4 rows from bench/gemv_sweep.py --gemvg on the H200 (bench/results/raw/mm_sweep_run2.json); M = 1 rows of
+# every format from --run5 (bench/results/raw/mm_sweep_run5.json, helper kern3): NF4 / FP4 at M = 1 through the
+# group-step GEMV with the codebook in registers read by warp shuffles ("gemvgs*", 1.12-1.82x F.linear where the v1
+# GEMV gave 0.70-0.89x), int4 through the bit-trick GEMV ("gemvgf") or the shuffle table ("gemvgsf"); the shipped
+# rows read the state's own scale / zero tensors (no "t": a transposed copy per weight measured 0-3% faster for int4
+# and 3-13% for NF4 on 3 of 6 shapes at M = 1, not worth a second copy of the scales). M = 5..16 and 17..64 rows:
+# bench/tc_sweep.py run 2 on the H200 (bench/results/raw/tc_sweep_run2.json, helper kern4; tc_sweep.tuned_rows):
+# per shape the faster of the tensor-core GEMM "tc" ("tc", BM, BN, BKW, split_k, warps, stages) and dequantize +
+# cuBLAS ("dense"; int4 asym g128 measured for the integer class, nf4 b64 for codebooks, int8 per channel for 8
+# bits). Above M = 64 (and where no row applies) dequantize + cuBLAS (row blocks of <= LOWBIT_DENSE_CHUNK_MB,
+# lowbit.kernels.linear.dense_linear): "tc" measured 0.4-0.97x of it at M = 256 and 512.
 # The last row per M repeats the largest shape's winner for any larger shape.
 TUNED_MM: Dict[tuple, list] = {
     (4, 'codebook'): [
@@ -196,20 +199,20 @@ TUNED_MM: Dict[tuple, list] = {
         (4, 8192, 8192, ('gemvg', 64, 4, 8, 4, 2)),
         (4, 28672, 8192, ('gemvg', 64, 4, 8, 4, 2)),
         (4, 1073741824, 1073741824, ('gemvg', 64, 4, 8, 4, 2)),
-        (16, 1024, 4096, ('v1',)),
-        (16, 4096, 4096, ('v1',)),
-        (16, 14336, 4096, ('dense',)),
-        (16, 4096, 14336, ('v1',)),
-        (16, 8192, 8192, ('dense',)),
-        (16, 28672, 8192, ('v1',)),
-        (16, 1073741824, 1073741824, ('v1',)),
-        (64, 1024, 4096, ('v1',)),
-        (64, 4096, 4096, ('v1',)),
+        (16, 1024, 4096, ('dense',)),
+        (16, 4096, 4096, ('dense',)),
+        (16, 4096, 14336, ('tc', 16, 128, 32, 8, 4, 3)),
+        (16, 14336, 4096, ('tc', 16, 64, 16, 4, 4, 3)),
+        (16, 8192, 8192, ('tc', 16, 128, 32, 4, 4, 3)),
+        (16, 28672, 8192, ('tc', 16, 128, 16, 4, 4, 3)),
+        (16, 1073741824, 1073741824, ('tc', 16, 128, 16, 4, 4, 3)),
+        (64, 1024, 4096, ('dense',)),
+        (64, 4096, 4096, ('dense',)),
+        (64, 4096, 14336, ('tc', 64, 128, 32, 4, 8, 3)),
         (64, 14336, 4096, ('dense',)),
-        (64, 4096, 14336, ('dense',)),
-        (64, 8192, 8192, ('dense',)),
-        (64, 28672, 8192, ('v1',)),
-        (64, 1073741824, 1073741824, ('v1',)),
+        (64, 8192, 8192, ('tc', 64, 128, 32, 2, 8, 3)),
+        (64, 28672, 8192, ('dense',)),
+        (64, 1073741824, 1073741824, ('dense',)),
     ],
     (4, 'int'): [
         (1, 1024, 4096, ('gemvgf', 128, 16, 16, 4, 3)),
@@ -225,12 +228,20 @@ TUNED_MM: Dict[tuple, list] = {
         (4, 8192, 8192, ('gemvg', 128, 16, 4, 4, 2)),
         (4, 28672, 8192, ('gemvg', 128, 16, 8, 4, 2)),
         (4, 1073741824, 1073741824, ('gemvg', 128, 16, 8, 4, 2)),
-        (16, 4096, 4096, ('v1gemm', 128, 128, 8, 4, 3)),
-        (16, 14336, 4096, ('v1gemm', 128, 128, 2, 4, 3)),
-        (16, 4096, 14336, ('v1gemm', 128, 128, 8, 4, 3)),
-        (16, 8192, 8192, ('v1',)),
-        (16, 28672, 8192, ('v1gemm', 128, 128, 8, 4, 3)),
-        (16, 1073741824, 1073741824, ('v1gemm', 128, 128, 8, 4, 3)),
+        (16, 1024, 4096, ('dense',)),
+        (16, 4096, 4096, ('tc', 16, 128, 16, 8, 4, 3)),
+        (16, 4096, 14336, ('tc', 16, 128, 16, 8, 4, 3)),
+        (16, 14336, 4096, ('tc', 16, 128, 16, 2, 4, 3)),
+        (16, 8192, 8192, ('tc', 16, 128, 16, 8, 4, 3)),
+        (16, 28672, 8192, ('tc', 16, 128, 16, 4, 4, 3)),
+        (16, 1073741824, 1073741824, ('tc', 16, 128, 16, 4, 4, 3)),
+        (64, 1024, 4096, ('dense',)),
+        (64, 4096, 4096, ('dense',)),
+        (64, 4096, 14336, ('tc', 64, 128, 16, 4, 4, 3)),
+        (64, 14336, 4096, ('tc', 64, 128, 16, 2, 4, 3)),
+        (64, 8192, 8192, ('tc', 64, 128, 16, 4, 4, 3)),
+        (64, 28672, 8192, ('tc', 64, 128, 16, 4, 4, 3)),
+        (64, 1073741824, 1073741824, ('tc', 64, 128, 16, 4, 4, 3)),
     ],
     (8, 'int'): [
         (1, 1024, 4096, ('gemvg', 128, 8, 66, 4, 2)),
@@ -240,6 +251,20 @@ TUNED_MM: Dict[tuple, list] = {
         (1, 8192, 8192, ('gemvg', 128, 16, 8, 4, 2)),
         (1, 28672, 8192, ('gemvg', 128, 16, 8, 4, 2)),
         (1, 1073741824, 1073741824, ('gemvg', 128, 16, 8, 4, 2)),
+        (16, 1024, 4096, ('tc', 16, 64, 32, 8, 4, 4)),
+        (16, 4096, 4096, ('tc', 16, 64, 32, 4, 4, 4)),
+        (16, 4096, 14336, ('tc', 16, 128, 32, 8, 4, 3)),
+        (16, 14336, 4096, ('tc', 16, 128, 32, 2, 4, 3)),
+        (16, 8192, 8192, ('tc', 16, 128, 32, 4, 4, 3)),
+        (16, 28672, 8192, ('tc', 16, 128, 32, 4, 4, 3)),
+        (16, 1073741824, 1073741824, ('tc', 16, 128, 32, 4, 4, 3)),
+        (64, 1024, 4096, ('dense',)),
+        (64, 4096, 4096, ('tc', 64, 128, 32, 4, 8, 3)),
+        (64, 4096, 14336, ('tc', 64, 128, 32, 4, 8, 3)),
+        (64, 14336, 4096, ('tc', 64, 128, 32, 2, 8, 3)),
+        (64, 8192, 8192, ('tc', 64, 128, 32, 4, 8, 3)),
+        (64, 28672, 8192, ('tc', 64, 128, 32, 4, 8, 3)),
+        (64, 1073741824, 1073741824, ('tc', 64, 128, 32, 4, 8, 3)),
     ],
 }
 _loaded_mm = [False]

@@ -105,6 +105,16 @@ def _shfl_lookup(tv, idx):
 
 
 @triton.jit
+def _shfl_lookup_pure(tv, idx):
+    # _shfl_lookup marked pure, so that layout conversions are hoisted above it onto the packed words (the tc GEMM:
+    # the lookup then runs in the MMA operand layout; tv is rematerialised there from the lane id, so every lane
+    # still holds table[laneid % 16]). No control flow separates the lanes of a warp in the kernels using it.
+    v = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, 0xffffffff;", "=r,r,r", [tv, idx],
+                                  dtype=tl.int32, is_pure=True, pack=1)
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _xpair(xi_ptr, offs, X_BF16: tl.constexpr):
     # two consecutive activations (elements 2i, 2i+1) from one 32-bit load
     xb = tl.load(xi_ptr + offs)
@@ -508,6 +518,7 @@ class Plan:
     __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
                  "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair", "fix", "tsc")
     run = None  # the v1 plans of lowbit.kernels.linear carry a run method; this one goes through run_plan
+    tc = False  # (TcPlan: True)
 
     def __init__(self, fn, grid, split, kw_split, n_iter, consts, warps, stages, gemm):
         self.fn, self.grid, self.split, self.kw_split, self.n_iter = fn, grid, split, kw_split, n_iter
@@ -589,7 +600,7 @@ def _launch(fn, compiled, grid, args, consts, cvals, warps, stages, stream):
     enter = _knobs.runtime.launch_enter_hook
     full = args + cvals
     meta = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
-    compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
+    compiled.run(grid[0], grid[1], grid[2] if len(grid) > 2 else 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
                  _knobs.runtime.launch_exit_hook, *full)
     return compiled
 
@@ -752,4 +763,226 @@ def dequantize_rows(wbytes, scales, zeros, table, N, K, NG, bits, G, kind, zero,
                   tuple(consts.values()), 4, 1, stream)
     if ck is None and cache is not None and _knobs is not None and got is not None:
         cache[dtype] = got
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# "tc": tensor-core GEMM for 4 < M <= a few hundred rows (issue 15, helper kern4)
+
+
+@triton.jit(do_not_specialize=["M", "kw_split", "n_iter"])
+def _tc_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr, o_ptr, c_ptr,
+    M, N, KW, NG, sxm, kw_split, n_iter,
+    BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SHFL: tl.constexpr, FIX: tl.constexpr,
+    TASM: tl.constexpr = "", ASM: tl.constexpr = False,
+):
+    # Computes the transposed output tile acc[n, m] = sum_k W[n, k] x[m, k] (the weight is the MMA's A operand,
+    # held in registers: wgmma takes A from registers, B = the activation tile from shared memory; a weight tile
+    # of BN >= 64 rows fills the instruction's M even when the activations have 16 rows). K walked in planes as
+    # the GEMV: plane e of a [BN, BKW] word tile is K index PER * kw + e, dequantised in place (the reference's
+    # value, rounded once to the activation dtype) and multiplied with the matching strided x plane [BKW, BM].
+    # Every dequantisation op is elementwise on the word tile (NF4 / FP4: a unary inline-asm warp shuffle, TASM),
+    # so Triton converts the packed words (not the bf16 weights) to the MMA operand layout once per step.
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = G % (BKW * PER) == 0  # one scale group per row and step: one scale per row
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_nc = tl.where(nmask, offs_n, 0)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mmask = offs_m < M
+    offs_mc = tl.where(mmask, offs_m, 0)  # clamped rows: loads need no mask (their outputs are not stored)
+    kw = tl.arange(0, BKW)
+    wrow = w_ptr + offs_nc[:, None].to(tl.int64) * KW + kw[None, :]
+    xcol = x_ptr + offs_mc[None, :].to(tl.int64) * sxm
+    srow = offs_nc.to(tl.int64) * NG
+    ty: tl.constexpr = x_ptr.dtype.element_ty
+    acc = tl.zeros((BN, BM), tl.float32)
+    kw_lo = tl.multiple_of(pid_k * kw_split, BKW)
+    if ONE and KIND >= 2:  # zero points (uint8: too narrow for the async copies) prefetched a step ahead
+        z_n = tl.load(z_ptr + srow + (kw_lo * PER) // G)
+    for it in range(0, n_iter):
+        kwb = tl.multiple_of(kw_lo + it * BKW, BKW)  # split boundaries are whole steps: aligned vector loads
+        words = tl.load(wrow + kwb)
+        if ONE:
+            g = (kwb * PER) // G
+            s = tl.load(s_ptr + srow + g)[:, None]
+            if KIND >= 2:
+                z = z_n.to(tl.float32)[:, None]
+                z_n = tl.load(z_ptr + srow + ((kw_lo + tl.minimum(it + 1, n_iter - 1) * BKW) * PER) // G)
+            else:
+                z = s
+        else:
+            gi = srow[:, None] + ((kwb + kw) // (G // PER))[None, :]
+            s = tl.load(s_ptr + gi)
+            if KIND >= 2:
+                z = tl.load(z_ptr + gi).to(tl.float32)
+            else:
+                z = s
+        SC: tl.constexpr = 1 << BITS
+        # integer codes as f = 1 + q / 2**BITS (a shift and one and-or per weight: with ASM a unary inline-PTX lop3,
+        # so that ptxas keeps the two constants in registers and Triton still hoists the layout conversion above
+        # it; plain Triton ops elsewhere, e.g. in the interpreter), then one FMA per weight:
+        # f (SC s) - (1 + z / SC) (SC s) = (q - z) s up to float32 rounding of the per-row bias (kind 3: + m)
+        if KIND == 0:
+            s16 = s
+        else:
+            s16 = s * SC
+        if KIND == 1:
+            bb = -(1.0 + ZERO / SC) * s16
+        elif KIND == 2:
+            bb = -(1.0 + z * (1.0 / SC)) * s16
+        elif KIND == 3:
+            bb = z - s16
+        else:
+            bb = s16
+        kx = kwb * PER + kw  # x is plane-major per step (run_tc): plane e of this step at kx + e * BKW
+        for e in tl.static_range(PER):
+            POS = 8 * (e // 2) + 4 * (1 - e % 2) if BITS == 4 else 8 * e
+            if SHFL:
+                v = tl.inline_asm_elementwise(TASM, "=r,r", [words >> POS], dtype=tl.int32, is_pure=True,
+                                              pack=1).to(tl.float32, bitcast=True)
+                w = (v * s16).to(ty)
+            elif KIND == 0:
+                v = tl.load(t_ptr + ((words >> POS) & 15))
+                w = (v * s16).to(ty)
+            else:
+                TB = 23 - BITS
+                if POS <= TB:
+                    t = words << (TB - POS)
+                else:
+                    t = words >> (POS - TB)
+                if ASM:
+                    if BITS == 4:
+                        f = tl.inline_asm_elementwise(
+                            "{ .reg .b32 m, o; mov.b32 m, 0x00780000; mov.b32 o, 0x3F800000; "
+                            "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1)
+                    else:
+                        f = tl.inline_asm_elementwise(
+                            "{ .reg .b32 m, o; mov.b32 m, 0x007F8000; mov.b32 o, 0x3F800000; "
+                            "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1)
+                    f = f.to(tl.float32, bitcast=True)
+                else:
+                    MASK: tl.constexpr = ((1 << BITS) - 1) << TB
+                    f = ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+                w = (f * s16 + bb).to(ty)
+            xe = tl.load(xcol + (kx + e * BKW)[:, None])
+            acc = tl.dot(w, xe, acc)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_nc, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
+        acc += bias[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    orow = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+    if FIX:
+        # split-K in one launch (as _gemvg_kernel): float32 partials, the last program to arrive at this tile's
+        # counter sums them in split order, writes the output and re-arms the counter
+        yp = y_ptr + pid_k.to(tl.int64) * M * N + orow
+        tl.store(yp, acc, mask=omask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        cnt = tl.atomic_add(c_ptr + tile, 1, sem="acq_rel")
+        nsplit = tl.num_programs(2)
+        if cnt == nsplit - 1:
+            tot = tl.zeros((BN, BM), tl.float32)
+            for i in range(0, nsplit):
+                tot += tl.load(y_ptr + i * M * N + orow, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(o_ptr + orow, tot.to(o_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(c_ptr + tile, 0)
+    else:
+        tl.store(o_ptr + orow, acc.to(o_ptr.dtype.element_ty), mask=omask)
+
+
+class TcPlan:
+    """Launch of :func:`_tc_kernel` for one weight shape, M, dtype and bias (computed once, then direct launches)."""
+
+    __slots__ = ("grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled", "ws",
+                 "shfl")
+    run = None
+    tr = False
+    tc = True
+
+    def __init__(self, grid, split, kw_split, n_iter, consts, warps, stages):
+        self.grid, self.split, self.kw_split, self.n_iter = grid, split, kw_split, n_iter
+        self.consts, self.warps, self.stages = consts, warps, stages
+        self.cvals = tuple(consts.values())
+        self.compiled = None
+        self.ws = {}
+        self.shfl = bool(consts["SHFL"])
+
+
+def table_asm(table) -> str:
+    """PTX of a unary 16-entry lookup by warp shuffle with the table's float32 values as immediates: each lane
+    selects ``table[laneid % 16]`` (loop-invariant: computed once per kernel after ptxas' common-subexpression
+    elimination), then ``shfl.idx`` by the code (low 5 bits read; lanes 16-31 hold the same table). Unary, so
+    Triton hoists layout conversions above it (binary inline asm is not)."""
+    bits = torch.as_tensor(table, dtype=torch.float32).reshape(-1).cpu().view(torch.int32).tolist()
+    if len(bits) != 16:
+        raise ValueError(f"table_asm needs a 16-entry table, got {len(bits)}")
+    imm = [f"0x{b & 0xFFFFFFFF:08X}" for b in bits]
+    lines = ["{", ".reg .u32 l;", ".reg .b32 t;", ".reg .pred p;", "mov.u32 l, %laneid;", "and.b32 l, l, 15;",
+             f"mov.b32 t, {imm[0]};"]
+    for i in range(1, 16):
+        lines += [f"setp.eq.u32 p, l, {i};", f"selp.b32 t, {imm[i]}, t, p;"]
+    lines += ["shfl.sync.idx.b32 $0, t, $1, 31, 0xffffffff;", "}"]
+    return " ".join(lines)
+
+
+def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None) -> TcPlan:
+    """``config`` = ``("tc", BM, BN, BKW, split_k, warps, stages)``: a ``[BN, BM]`` output tile per program
+    (BN weight rows x BM activation rows), ``BKW`` 32-bit words per row and step (at least 16: the MMA's K per
+    plane; halved while it does not divide ``K * bits / 32``), split-K summed in the kernel. NF4 / FP4 read their
+    codebook through warp shuffles where supported (the 16-entry table from memory elsewhere)."""
+    _, BM, BN, BKW, split_k, warps, stages = config
+    per = 32 // bits
+    KW = K // per
+    if KW % 16 or G % per:
+        raise ValueError(f"tc GEMM needs K * bits / 32 divisible by 16 and whole words per group; got K={K}, "
+                         f"bits={bits}, group={G}")
+    BKW = max(16, 1 << (min(BKW, KW).bit_length() - 1))  # a power of two (tl.arange) dividing K's words
+    while KW % BKW:
+        BKW //= 2
+    split, kw_split = split_words(KW, BKW, split_k)
+    shfl = bits == 4 and kind == 0 and table is not None and shuffle_supported()
+    consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, BM=BM, BN=BN, BKW=BKW,
+                  SHFL=shfl, FIX=split > 1, TASM=table_asm(table) if shfl else "", ASM=shuffle_supported())
+    grid = (-(-N // BN), -(-M // BM), split)
+    return TcPlan(grid, split, kw_split, kw_split // BKW, consts, warps, stages)
+
+
+def run_tc(plan: TcPlan, x2, words, scales, zeros, table, bias, N, K, NG, per):
+    """Launch ``plan`` on ``x2 [M, K]`` (unit stride along K) -> ``[M, N]`` in x's dtype. ``table``: the float32
+    16-entry codebook (kind 0) or None."""
+    M = x2.shape[0]
+    dev = x2.device
+    stream = _stream(dev) if plan.compiled is not None else 0
+    out = torch.empty((M, N), dtype=x2.dtype, device=dev)
+    if plan.split == 1:
+        y, cnt = out, scales
+    else:
+        got = plan.ws.get(stream)
+        if got is None or plan.compiled is None:
+            y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
+            cnt = torch.zeros(plan.grid[0] * plan.grid[1], dtype=torch.int32, device=dev)
+            if plan.compiled is not None:
+                plan.ws[stream] = (y, cnt)
+        else:
+            y, cnt = got
+    z = zeros if zeros is not None else scales
+    t = table if table is not None else scales
+    b = bias if bias is not None else scales
+    # the activations plane-major per step of BKW words: column j * BKW * per + e * BKW + kw holds x[:, (j * BKW +
+    # kw) * per + e], so that plane e of a step is a contiguous [BKW, BM] tile (one small copy per call)
+    bk = plan.consts["BKW"]
+    xp = x2.reshape(M, K // (bk * per), bk, per).transpose(2, 3).contiguous()
+    args = (xp, words, scales, z, t, b, y, out, cnt, M, N, K // per, NG, K, plan.kw_split, plan.n_iter)
+    if plan.compiled is None:
+        ck = _tc_kernel[plan.grid](*args, **plan.consts, num_warps=plan.warps, num_stages=plan.stages)
+        if _knobs is not None and hasattr(ck, "run") and hasattr(ck, "packed_metadata"):
+            plan.compiled = ck
+        return out
+    _launch(_tc_kernel, plan.compiled, plan.grid, args, plan.consts, plan.cvals, plan.warps, plan.stages, stream)
     return out

@@ -1,0 +1,259 @@
+"""The tensor-core low-bit GEMM "tc" (lowbit/kernels/triton/lowbit_mm.py ``_tc_kernel``) on the GPU: correctness,
+a config sweep per (format, N x K, M) beside ``F.linear`` and dequantize + cuBLAS, winners as ``TUNED_MM`` rows.
+
+    python bench/tc_sweep.py --out OUT_DIR [--budget 200] [--jobs 12]
+    python bench/tc_sweep.py --report bench/results/raw/tc_sweep_run1.json   # -> bench/results/tc_sweep.md
+
+One run: (1) compiles every candidate in ``--jobs`` worker processes first (Triton's on-disk cache; the kernel's
+constexprs do not depend on N / K, so one compile serves every shape); (2) checks every weight format through
+``lowbit.kernels.linear.prepared_linear`` with a "tc" row at several M, bf16 / fp16, with bias, against
+``x @ dequantize(state).T`` in float32; (3) times the candidates (CUDA-graph medians over weight copies larger
+than L2, each checked against the reference first) with ``F.linear`` bf16 and the dense path in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = [(8192, 8192), (28672, 8192), (4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
+FORMATS = {"nf4": ("nf4", dict(block_size=64)), "int4": ("int4_asym", dict(group_size=128)), "q4_0": ("q4_0", {}),
+           "int8": ("int8", dict(axis=0))}
+CHECK = [("nf4", dict(block_size=64)), ("fp4", dict(block_size=64)), ("int4", dict(group_size=32)),
+         ("int4", dict(group_size=64)), ("int4", dict(group_size=128)), ("int4_asym", dict(group_size=32)),
+         ("int4_asym", dict(group_size=64)), ("int4_asym", dict(group_size=128)), ("q4_0", {}), ("q4_1", {}),
+         ("q8_0", {}), ("int8", dict(axis=0))]
+# (BM, BN, BKW, warps, stages) per M; splits tried per M
+TILES = {
+    16: [(16, 64, 16, 4, 3), (16, 128, 16, 4, 3), (16, 128, 32, 4, 3), (16, 256, 16, 8, 3), (16, 128, 16, 4, 4),
+         (16, 64, 32, 4, 4), (16, 128, 16, 8, 3)],
+    64: [(64, 64, 16, 4, 3), (64, 128, 16, 4, 3), (64, 128, 32, 8, 3), (64, 256, 16, 8, 3), (64, 128, 16, 8, 4),
+         (32, 128, 16, 4, 3)],
+    256: [(128, 128, 16, 8, 3), (128, 128, 32, 8, 3), (128, 256, 16, 8, 3), (64, 128, 16, 4, 3),
+          (64, 256, 16, 8, 3), (256, 128, 16, 8, 3)],
+    512: [(128, 128, 16, 8, 3), (128, 256, 16, 8, 3), (256, 128, 16, 8, 3), (128, 128, 32, 8, 3)],
+}
+SPLITS = {16: (1, 2, 4, 8), 64: (1, 2, 4), 256: (1, 2), 512: (1,)}
+
+
+def cands(M):
+    return [("tc", bm, bn, bkw, sk, w, st) for (bm, bn, bkw, w, st) in TILES[M] for sk in SPLITS[M]]
+
+
+def _warm(job):
+    """Compile (one launch on a small weight) the given (format, M, config) list in this worker process."""
+    import torch
+    from lowbit.kernels import linear as L
+    from lowbit.kernels.triton import lowbit_mm as lm
+    from lowbit.tensor.functional import quantize_tensor
+
+    out = []
+    for fmt, M, cfg in job:
+        scheme, kw = FORMATS[fmt]
+        st = quantize_tensor(torch.randn(256, 4096, device="cuda") * 0.02, scheme, **kw)
+        p = L.prepare_linear(st)
+        x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+        try:
+            plan = lm.make_tc_plan(M, 256, 4096, p.bits, p.group, p.kind, p.zero, False, cfg, p.table)
+            # split=1 and split>1 differ in FIX: compile the split the sweep will use on the large shapes too
+            lm.run_tc(plan, x, p.words, p.scales, p.zeros, p.table, None, 256, 4096, 4096 // p.group, 32 // p.bits)
+            torch.cuda.synchronize()
+            out.append(None)
+        except Exception as ex:  # noqa: BLE001
+            out.append(f"{fmt} M={M} {cfg}: {type(ex).__name__}: {str(ex)[:300]}")
+    return out
+
+
+def warm_all(ms, jobs, formats):
+    work = [(fmt, M, c) for fmt in formats for M in ms for c in cands(M)]
+    # FIX (split > 1) compiles a second variant: keep one split-1 and one split-2 config per tile
+    seen, todo = set(), []
+    for fmt, M, c in work:
+        key = (fmt, c[1:4] + c[5:], c[4] > 1)
+        if key not in seen:
+            seen.add(key)
+            todo.append((fmt, M, c[:4] + ((2 if c[4] > 1 else 1),) + c[5:]))
+    chunks = [todo[i::jobs] for i in range(jobs)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(jobs) as pool:
+        errs = [e for r in pool.map(_warm, chunks) for e in r if e]
+    return len(todo), errs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--budget", type=float, default=200.0)
+    ap.add_argument("--jobs", type=int, default=12)
+    ap.add_argument("--ms", default="16,64,256,512")
+    ap.add_argument("--formats", default="nf4,int4,int8")
+    ap.add_argument("--shapes", default="")
+    ap.add_argument("--report", default="")
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes section (with --report)")
+    a = ap.parse_args(argv)
+    if a.report:
+        return report(a.report, a.note)
+    t0 = time.perf_counter()
+    ms = [int(m) for m in a.ms.split(",")]
+    import torch
+
+    res = {"cmd": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "check": [], "rows": [], "errors": []}
+    n, errs = warm_all(ms, a.jobs, a.formats.split(","))
+    res["warm"] = {"kernels": n, "seconds": time.perf_counter() - t0}
+    res["errors"] += errs
+    print(f"warm: {n} kernels in {time.perf_counter() - t0:.0f} s, {len(errs)} errors", flush=True)
+    for e in errs[:10]:
+        print("  ", e, flush=True)
+    import torch.nn.functional as F
+
+    from bench.gemv_sweep import rel, time_graph
+    from lowbit.kernels import linear as L
+    from lowbit.kernels import triton_configs as TC
+    from lowbit.kernels.triton import lowbit_mm as lm
+    from lowbit.tensor.functional import quantize_tensor
+
+    # correctness through the dispatch
+    torch.manual_seed(0)
+    N, K = 384, 1024
+    for scheme, kw in CHECK:
+        st = quantize_tensor(torch.randn(N, K, device="cuda") * 0.02, scheme, **kw)
+        p = L.prepare_linear(st)
+        wref = L.dequantize_state(st).float()
+        key = (p.bits, "codebook" if p.kind == 0 else "int")
+        saved = TC.TUNED_MM.get(key)
+        ok = 0
+        for M, cfg in ((5, ("tc", 16, 64, 16, 1, 4, 3)), (16, ("tc", 16, 128, 16, 4, 4, 3)),
+                       (64, ("tc", 64, 128, 16, 2, 4, 3)), (200, ("tc", 128, 128, 32, 1, 8, 3))):
+            for dt in (torch.bfloat16, torch.float16):
+                TC.TUNED_MM[key] = [(256, 1 << 30, 1 << 30, cfg)]
+                p.plans.clear()
+                x = torch.randn(M, K, device="cuda").to(dt)
+                b = (torch.randn(N, device="cuda") * 0.1).to(dt)
+                ref = x.float() @ wref.T + b.float()
+                try:
+                    y = L.prepared_linear(x, p, b)
+                    assert any(getattr(v, "tc", False) for v in p.plans.values())
+                    e = rel(y, ref)
+                except Exception as ex:  # noqa: BLE001
+                    e = float("inf")
+                    res["errors"].append(f"check {scheme} {kw} M={M} {dt}: {type(ex).__name__}: {str(ex)[:200]}")
+                good = e < (1e-2 if dt == torch.bfloat16 else 2e-3)
+                ok += good
+                res["check"].append({"fmt": f"{scheme} {kw}", "M": M, "dtype": str(dt), "err": e, "ok": good})
+        if saved is None:
+            TC.TUNED_MM.pop(key, None)
+        else:
+            TC.TUNED_MM[key] = saved
+        p.plans.clear()
+        print(f"check {scheme} {kw}: {ok}/8 ok", flush=True)
+
+    shapes = SHAPES if not a.shapes else [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    for (N, K) in shapes:
+        for fmt in a.formats.split(","):
+            scheme, kw = FORMATS[fmt]
+            W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+            ncopy = max(2, min(8, int(3 * 60e6 // (N * K // 2)) + 1))
+            sts = [quantize_tensor(W.roll(i, 0), scheme, **kw) for i in range(ncopy)]
+            ps = [L.prepare_linear(s) for s in sts]
+            p = ps[0]
+            wref = L.dequantize_state(sts[0]).float()
+            Wb = [W.roll(i, 0).contiguous() for i in range(max(2, min(8, int(3 * 60e6 // (N * K * 2)) + 1)))]
+            nbytes = N * K * p.bits // 8 + p.scales.numel() * 4 + (p.zeros.numel() if p.zeros is not None else 0)
+            for M in ms:
+                if time.perf_counter() - t0 > a.budget:
+                    res["errors"].append(f"budget before {fmt} {N}x{K} M={M}")
+                    break
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ wref.T
+                row = {"fmt": fmt, "N": N, "K": K, "M": M, "bytes": nbytes}
+                row["flinear"] = time_graph([lambda w=w: F.linear(x, w) for w in Wb])
+                row["dense"] = time_graph([lambda q=q: F.linear(x, q.dense(x.dtype)) for q in ps])
+                tried = []
+                for cfg in cands(M):
+                    try:
+                        plan = lm.make_tc_plan(M, N, K, p.bits, p.group, p.kind, p.zero, False, cfg, p.table)
+
+                        def call(q, plan=plan):
+                            return lm.run_tc(plan, x, q.words, q.scales, q.zeros, q.table, None, N, K,
+                                             K // q.group, 32 // q.bits)
+                        e = rel(call(p), ref)
+                        if not e < 1e-2:
+                            res["errors"].append(f"{fmt} {N}x{K} M={M} {cfg}: rel err {e}")
+                            continue
+                        tried.append((cfg, time_graph([lambda q=q: call(q) for q in ps])))
+                    except Exception as ex:  # noqa: BLE001
+                        res["errors"].append(f"{fmt} {N}x{K} M={M} {cfg}: {type(ex).__name__}: {str(ex)[:160]}")
+                row["tried"] = tried
+                if tried:
+                    row["best_cfg"], row["best"] = min(tried, key=lambda r: r[1])
+                res["rows"].append(row)
+                bt = row.get("best", float("nan"))
+                print(f"{fmt:4s} {N:5d}x{K:5d} M={M:3d} F.linear {row['flinear']:7.1f} dense {row['dense']:7.1f} "
+                      f"tc {bt:7.1f} us  {row['flinear'] / bt:.2f}x F.linear, {row['dense'] / bt:.2f}x dense, "
+                      f"{nbytes / (bt * 1e-6) / 1e9:.0f} GB/s  {row.get('best_cfg')}", flush=True)
+            del ps, sts, Wb, W
+            torch.cuda.empty_cache()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tc_sweep.json").write_text(json.dumps(res, indent=1))
+    print(f"done in {time.perf_counter() - t0:.0f} s; {len(res['errors'])} errors", flush=True)
+    for e in res["errors"][:20]:
+        print("  ", e, flush=True)
+
+
+def report(path, notes=()):
+    res = json.loads(Path(path).read_text())
+    n_oor = sum(1 for e in res["errors"] if e.startswith("check") and "OutOfResources" in e)
+    lines = ["# Tensor-core low-bit GEMM \"tc\" (lowbit/kernels/triton/lowbit_mm.py) vs F.linear and dequantize + cuBLAS",
+             "", "Written by `python bench/tc_sweep.py --report " + path + "` from the raw file of the run (numbers "
+             "from the run, never edited). CUDA-graph medians in µs over weight copies larger than L2, bf16 "
+             "activations; 'dense' = the weight dequantized by one Triton pass + cuBLAS (whole weight); GB/s = "
+             "codes + float32 scales (+ uint8 zeros) over the tc time.", "",
+             f"Run: `{res['cmd']}` on {res['gpu']}, torch {res['torch']}.", "",
+             f"Correctness (through `prepared_linear` with a tc row, bias, bf16 and fp16, M = 5 / 16 / 64 / 200, "
+             f"vs float32 reference): {sum(c['ok'] for c in res['check'])}/{len(res['check'])} within tolerance"
+             + (f"; the other {n_oor}: Triton OutOfResources (shared memory) of the config tried, no numeric failure"
+                if n_oor and n_oor == len(res['check']) - sum(c['ok'] for c in res['check']) else "") + ".", "",
+             "| format | N x K | M | F.linear | dense | tc best | × F.linear | × dense | GB/s | config |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        b = r.get("best")
+        lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {r['flinear']:.1f} | {r['dense']:.1f} | "
+                     + (f"{b:.1f} | {r['flinear'] / b:.2f}x | {r['dense'] / b:.2f}x | {r['bytes'] / b / 1e3:.0f} | "
+                        f"{tuple(r['best_cfg'])} |" if b else "— | — | — | — | — |"))
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if res["errors"]:
+        lines += ["", "Errors / skips of the run:", ""] + [f"- {e[:200]}" for e in res["errors"][:30]]
+    Path(ROOT / "bench/results/tc_sweep.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
+
+
+def tuned_rows(path, ms=(16, 64)):
+    """TUNED_MM rows from a run: per class and M bucket, per shape (increasing N * K) the faster of the best tc
+    config and dequantize + cuBLAS ("dense"), then a catch-all row repeating the largest shape's choice."""
+    res = json.loads(Path(path).read_text())
+    out = {}
+    for fmt, key in (("nf4", (4, "codebook")), ("int4", (4, "int")), ("int8", (8, "int"))):
+        rows = []
+        for M in ms:
+            rm = sorted((r for r in res["rows"] if r["fmt"] == fmt and r["M"] == M),
+                        key=lambda r: (r["N"] * r["K"], r["N"]))
+            for r in rm:
+                cfg = tuple(r["best_cfg"]) if r.get("best") and r["best"] < r["dense"] else ("dense",)
+                rows.append((M, r["N"], r["K"], cfg))
+            if rm:
+                rows.append((M, 1 << 30, 1 << 30, rows[-1][3]))
+        out[key] = rows
+    return out
