@@ -262,6 +262,19 @@ def _block_sweep(dev: torch.device, grid) -> tuple:
     return sweep_block, MAX_COLUMNS
 
 
+def _sweep_in_place(sweep):
+    """:func:`lowbit.kernels.triton.gptq_sweep.sweep_into` where ``sweep`` is the Triton block sweep (the same
+    codes and errors without the block's copies and gathers; ``LOWBIT_GPTQ_SWEEP_INTO=0``: the copying call)."""
+    import os
+
+    if sweep is None or getattr(sweep, "__name__", "") != "sweep_block" or \
+            os.environ.get("LOWBIT_GPTQ_SWEEP_INTO", "1") == "0":
+        return None
+    from lowbit.kernels.triton.gptq_sweep import sweep_into
+
+    return sweep_into
+
+
 def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``a * b + c`` rounded once to float32 (the exact product and sum in float64, then one rounding;
     differs from a true fma only by a double rounding in rare ties)."""
@@ -347,6 +360,53 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     return torch.where(better.unsqueeze(-1), new, scales)
 
 
+#: bytes of the largest temporary (``[candidates, rows, groups, g]`` fp32) of one batch of static group fits
+FIT_BATCH_BYTES = 256 * 2 ** 20
+
+#: how the static groups are fitted: ``"batched"`` (:meth:`lowbit.algorithms.grid.AffineGrid.fit_groups`, several
+#: groups per call, the same bits) or ``"group"`` (one :meth:`~lowbit.algorithms.grid.AffineGrid.fit` per group).
+#: Set by the environment variable ``LOWBIT_GPTQ_FITS``.
+FITS = ("batched", "group")
+
+
+def _fit_static_groups(grid, W_orig: torch.Tensor, H: torch.Tensor, damp: float, bounds: list, objective: str,
+                       scales: torch.Tensor, zeros: torch.Tensor) -> None:
+    """Every group's ``(scale, zero)`` from the original weights into ``scales``/``zeros`` ``[R, G]``: the groups'
+    objectives are their blocks of ``H + damp I`` (``objective="mse"``: none). Runs of equal-width groups go through
+    :meth:`~lowbit.algorithms.grid.AffineGrid.fit_groups` in batches of at most :data:`FIT_BATCH_BYTES` of
+    temporaries (the same bits as one fit per group)."""
+    import os
+
+    mode = os.environ.get("LOWBIT_GPTQ_FITS", "batched")
+    if mode not in FITS:
+        raise ValueError(f"LOWBIT_GPTQ_FITS={mode!r}: expected one of {FITS}")
+    R = W_orig.shape[0]
+
+    def objective_of(a, b):
+        return None if objective == "mse" else _damped(H[a:b, a:b], damp)
+
+    if mode == "group" or type(grid) is not AffineGrid or not hasattr(grid, "fit_groups"):
+        for gi, (a, b) in enumerate(bounds):
+            scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], objective_of(a, b))
+        return
+    n_cand = len(grid.shrink_factors())
+    gi = 0
+    while gi < len(bounds):
+        a, b = bounds[gi]
+        g = b - a
+        per = max(1, FIT_BATCH_BYTES // max(n_cand * R * g * 4, 1))
+        gj = gi
+        while gj < len(bounds) and gj - gi < per and bounds[gj][1] - bounds[gj][0] == g:
+            gj += 1
+        if gj - gi == 1:
+            scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], objective_of(a, b))
+        else:
+            end = bounds[gj - 1][1]
+            w = W_orig[:, a:end].reshape(R, gj - gi, g)
+            scales[:, gi:gj], zeros[:, gi:gj] = grid.fit_groups(w, [objective_of(*bounds[k]) for k in range(gi, gj)])
+        gi = gj
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, *,
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
@@ -420,18 +480,30 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         blocksize = max(g, (blocksize // g) * g)  # blocks made of whole groups
 
     if static_groups:  # each group's block of H + damp I (the same values as slices of the whole sum)
-        for gi, (a, b) in enumerate(bounds):
-            S = None if objective == "mse" else _damped(H[a:b, a:b], damp)
-            scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], S)
-            fitted[gi] = True
+        _fit_static_groups(grid, W_orig, H, damp, bounds, objective, scales, zeros)
+        fitted = [True] * G
 
     Q = torch.zeros(R, K, dtype=torch.float32, device=dev)  # codes, sweep order
     sweep, sweep_cols = _block_sweep(dev, grid)
     total_loss = torch.zeros((), dtype=torch.float64, device=dev)
 
+    into = _sweep_in_place(sweep)
+    Ebuf = None  # the in-place sweep's errors, one buffer for every block
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         count = i2 - i1
+        if into is not None and count <= sweep_cols and all(fitted[gi] for gi in gidx[i1:i2]):
+            # the fused sweep without the copies: reads W's block, the scales through the group index, writes Q
+            bc = max(16, 1 << (count - 1).bit_length())
+            if Ebuf is None or Ebuf.shape[1] != bc:
+                Ebuf = torch.empty(R, bc, dtype=torch.float32, device=dev)
+            E = into(W, i1, count, scales, zeros, gidx_dev[i1:i2], U[i1:i2, i1:i2], grid.maxq, Q, Ebuf)
+            Err1 = E if bc == count else E[:, :count].contiguous()
+            total_loss += Err1.double().square().sum()
+            if i2 < K:
+                for r1 in range(0, R, ROW_CHUNK):
+                    W[r1:r1 + ROW_CHUNK, i2:] -= Err1[r1:r1 + ROW_CHUNK] @ U[i1:i2, i2:]
+            continue
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
