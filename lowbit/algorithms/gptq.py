@@ -262,6 +262,21 @@ def _block_sweep(dev: torch.device, grid) -> tuple:
     return sweep_block, MAX_COLUMNS
 
 
+def _lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i2: int) -> None:
+    """``W[:, i2:] -= Err1 @ U[i1:i2, i2:]``, the block's error carried to the columns after it, in fixed chunks of
+    :data:`ROW_CHUNK` rows: a row's result does not depend on how many rows are solved together (data-parallel runs
+    solve a linear in row pieces). In place on views (``sub_``: the same kernel as ``-=`` without its
+    ``__setitem__``), the slices taken once."""
+    R = W.shape[0]
+    Ub = U[i1:i2, i2:]
+    if R <= ROW_CHUNK:
+        W[:, i2:].sub_(Err1 @ Ub)
+        return
+    rest = W[:, i2:]
+    for r1 in range(0, R, ROW_CHUNK):
+        rest[r1:r1 + ROW_CHUNK].sub_(Err1[r1:r1 + ROW_CHUNK] @ Ub)
+
+
 def _sweep_in_place(sweep):
     """:func:`lowbit.kernels.triton.gptq_sweep.sweep_into` where ``sweep`` is the Triton block sweep (the same
     codes and errors without the block's copies and gathers; ``LOWBIT_GPTQ_SWEEP_INTO=0``: the copying call)."""
@@ -501,8 +516,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
             Err1 = E if bc == count else E[:, :count].contiguous()
             total_loss += Err1.double().square().sum()
             if i2 < K:
-                for r1 in range(0, R, ROW_CHUNK):
-                    W[r1:r1 + ROW_CHUNK, i2:] -= Err1[r1:r1 + ROW_CHUNK] @ U[i1:i2, i2:]
+                _lazy_update(W, Err1, U, i1, i2)
             continue
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
@@ -547,9 +561,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                 W1[:, i + 1:].addr_(err, Ut[i + 1:, i], alpha=-1.0)
             Err1[:, i] = err
         total_loss += Err1.double().square().sum()
-        if i2 < K:  # in fixed chunks of rows: a row's result does not depend on how many rows are solved
-            for r1 in range(0, R, ROW_CHUNK):  # together (data-parallel runs solve a linear in row pieces)
-                W[r1:r1 + ROW_CHUNK, i2:] -= Err1[r1:r1 + ROW_CHUNK] @ U[i1:i2, i2:]
+        if i2 < K:
+            _lazy_update(W, Err1, U, i1, i2)
 
     codes = Q[:, invperm]
     if refit:
