@@ -207,9 +207,9 @@ def multi_gpu(runs, call_runs, path):
           "as much as these stores take).", ""]
     by_src = {title.split("`")[1]: call for title, call in call_runs}
     order = [("scale_gpu_run7.json", ("gptq_8b_1gpu", "gptq_8b_2gpu")),
-             ("scale_gpu_run10.json", ("gptq_8b_1gpu", "gptq_8b_2gpu")),
              ("scale_gpu_run8.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu", "gptq_70b_2gpu")),
-             ("scale_gpu_run9.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu"))]
+             ("scale_gpu_run9.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu")),
+             ("scale_gpu_run10.json", ("gptq_8b_1gpu", "gptq_8b_2gpu"))]
     sel = [by_src[src][n] for src, names in order if src in by_src for n in names if n in by_src[src]]
     L += breakdown(sel, None)
     L += per_block_table([r for r in sel if r["source"] in ("scale_gpu_run8.json", "scale_gpu_run9.json",

@@ -157,3 +157,20 @@ def test_exchange_pieces_packs_and_unpacks_every_piece(monkeypatch):
             for j, (c, s, z) in got.items():
                 assert c.dtype == torch.uint8 and torch.equal(c, solved[j].codes)
                 assert torch.equal(s, solved[j].scales) and torch.equal(z, solved[j].zeros)
+
+
+def test_all_gather_bytes_alone_and_bad_payload(monkeypatch):
+    """Without a process group the payload comes back as the only one; under one, a payload that is not this rank's
+    declared uint8 bytes is refused with the rank and the sizes."""
+    import pytest
+
+    from lowbit.model import distributed
+
+    p = torch.arange(5, dtype=torch.uint8)
+    assert distributed.all_gather_bytes(p, [5])[0] is p
+    monkeypatch.setattr(distributed, "is_active", lambda: True)
+    monkeypatch.setattr(distributed, "rank_world", lambda: (1, 2))
+    with pytest.raises(ValueError, match="rank 1 payload"):
+        distributed.all_gather_bytes(p, [3, 4])
+    with pytest.raises(ValueError, match="rank 1 payload"):
+        distributed.all_gather_bytes(p.float(), [3, 5])

@@ -305,3 +305,19 @@ def test_batched_group_fits_equal_one_fit_per_group(monkeypatch):
     monkeypatch.setenv("LOWBIT_GPTQ_FITS", "fast")
     with pytest.raises(ValueError, match="LOWBIT_GPTQ_FITS"):
         G.gptq_quantize(Wt, H, 4, 96, False)
+
+
+def test_sweep_config_from_the_environment(monkeypatch):
+    """LOWBIT_GPTQ_SWEEP_CFG picks the in-place sweep's launch settings ('rows,warps,preload'); bad values name the
+    variable."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import gptq_sweep
+
+    monkeypatch.delenv("LOWBIT_GPTQ_SWEEP_CFG", raising=False)
+    assert gptq_sweep.sweep_config() == gptq_sweep.DEFAULT_CONFIG
+    monkeypatch.setenv("LOWBIT_GPTQ_SWEEP_CFG", "32,8,1")
+    assert gptq_sweep.sweep_config() == (32, 8, 1)
+    for bad in ("12,4,0", "16,3,0", "16,4,2", "16,4"):
+        monkeypatch.setenv("LOWBIT_GPTQ_SWEEP_CFG", bad)
+        with pytest.raises(ValueError, match="LOWBIT_GPTQ_SWEEP_CFG"):
+            gptq_sweep.sweep_config()
