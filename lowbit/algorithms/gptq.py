@@ -378,10 +378,12 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
 #: bytes of the largest temporary (``[candidates, rows, groups, g]`` fp32) of one batch of static group fits
 FIT_BATCH_BYTES = 256 * 2 ** 20
 
-#: how the static groups are fitted: ``"batched"`` (:meth:`lowbit.algorithms.grid.AffineGrid.fit_groups`, several
-#: groups per call, the same bits) or ``"group"`` (one :meth:`~lowbit.algorithms.grid.AffineGrid.fit` per group).
-#: Set by the environment variable ``LOWBIT_GPTQ_FITS``.
-FITS = ("batched", "group")
+#: how the static groups are fitted: ``"auto"`` (``"batched"`` on CUDA, ``"group"`` elsewhere), ``"batched"``
+#: (:meth:`lowbit.algorithms.grid.AffineGrid.fit_groups`, several groups per call, the same bits) or ``"group"`` (one
+#: :meth:`~lowbit.algorithms.grid.AffineGrid.fit` per group). On a GPU the per-group fits were launch-bound (run 10:
+#: a down_proj solve 194 -> 104 ms batched); on the CPU the batches' larger temporaries leave the caches and the
+#: solve took 2-2.5x as long (one thread, SmolLM2 shapes). Set by the environment variable ``LOWBIT_GPTQ_FITS``.
+FITS = ("auto", "batched", "group")
 
 
 def _fit_static_groups(grid, W_orig: torch.Tensor, H: torch.Tensor, damp: float, bounds: list, objective: str,
@@ -392,9 +394,11 @@ def _fit_static_groups(grid, W_orig: torch.Tensor, H: torch.Tensor, damp: float,
     temporaries (the same bits as one fit per group)."""
     import os
 
-    mode = os.environ.get("LOWBIT_GPTQ_FITS", "batched")
+    mode = os.environ.get("LOWBIT_GPTQ_FITS", "auto")
     if mode not in FITS:
         raise ValueError(f"LOWBIT_GPTQ_FITS={mode!r}: expected one of {FITS}")
+    if mode == "auto":
+        mode = "batched" if W_orig.is_cuda else "group"
     R = W_orig.shape[0]
 
     def objective_of(a, b):
