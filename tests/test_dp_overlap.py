@@ -97,10 +97,19 @@ def test_prefetched_weights_not_reused_while_the_gpu_lags(monkeypatch):
 
     from lowbit.model.sequential import quantize_model_ptq
 
+    import transformers
+
+    def five_blocks():  # the race needs a prefetched block's dropped weights and a later prefetch: >= 4 blocks
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=True)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
     out = {}
     for pre in ("0", "1"):
         monkeypatch.setenv("LOWBIT_PREFETCH", pre)
-        m = _tiny()
+        m = five_blocks()
         cls = type(m.model.layers[0])
         orig = cls.forward
 
