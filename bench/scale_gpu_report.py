@@ -328,7 +328,7 @@ def multi_gpu(runs, call_runs, path):
 
 NOTES = [
     "## Notes", "",
-    "- Run 10 (`bench/gpu_call_dp4.sh`, `bench/results/run10_logs/`: `gpu.json`, `scale.log`, `pytest.log`; the "
+    "- Run 10 (`bench/gpu_call_dp4.sh`, `bench/results/run10_logs/`: `scale.log`, `pytest.log` (the call's `gpu.json` is `scale_gpu_run10.json`); the "
     "profile call before it, `bench/dp_profile.py`: `profile_solve.json`, `profile_comm.json`, `topo.txt`): one run "
     "at a time (runs 8-9 ran the 1-GPU runs beside other runs on GPU 1). 8B GPTQ 32 layers with the per-call timers: "
     "1 GPU 47.3 s, 2 GPUs 28.7 s, 1.65x (run 9's conditions, 16 layers: 1.46x; per block 1.58 / 1.07 -> 1.47 / "
