@@ -88,7 +88,10 @@ def worker(spec: dict) -> None:
         torch.cuda.synchronize = lambda d=None: None
         torch.cuda.max_memory_allocated = lambda d=None: 0
     torch.cuda.set_device(dev if dev.index is not None or not cuda else torch.device("cuda", 0))
-    timers = _install_timers()
+    # run 10: "<name>_untimed" runs have no per-call timers (each of which synchronised the whole device twice,
+    # the background block copies on their side stream included): the wall time as a user gets it
+    untimed = "_untimed" in spec["name"]
+    timers = {"_nested": {}} if untimed else _install_timers()
     t_build = time.perf_counter()
     model, cfg = build(spec["shape"], spec["layers"])
     t_build = time.perf_counter() - t_build
@@ -113,7 +116,7 @@ def worker(spec: dict) -> None:
                                        method=spec["method"])
     except TypeError:
         pred_mem = None
-    blocks_log = _install_block_log(timers)
+    blocks_log = _install_block_log(timers, stream_sync=untimed)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -146,7 +149,9 @@ def worker(spec: dict) -> None:
     res = {"rank": rank, "world": world, "wall_s": wall, "build_s": t_build, "timers": dict(timers),
            "timers_nested": dict(nested), "block_prefetch": model.ptq_summary.get("block_prefetch"),
            "env": {k: os.environ.get(k) for k in ("LOWBIT_GPTQ_FACTOR", "LOWBIT_DP_BATCH", "LOWBIT_PREFETCH",
-                                                  "LOWBIT_OUTSIDE_HOME", "LOWBIT_HOME_ASYNC", "LOWBIT_DP_FACTOR")},
+                                                  "LOWBIT_OUTSIDE_HOME", "LOWBIT_HOME_ASYNC", "LOWBIT_DP_FACTOR",
+                                                  "LOWBIT_GPTQ_FITS", "LOWBIT_GPTQ_SWEEP_INTO", "LOWBIT_GPTQ_SWEEP_CFG",
+                                                  "LOWBIT_DP_EXCHANGE", "LOWBIT_PREFETCH_RECORD", "SCALE_SYNC")},
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
            "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
            "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -160,7 +165,7 @@ def worker(spec: dict) -> None:
         json.dump(res, f, default=str)
 
 
-def _install_block_log(timers: dict) -> dict:
+def _install_block_log(timers: dict, stream_sync: bool = False) -> dict:
     """Per-block marks ``(label, seconds since the start, peak GPU bytes since the previous mark, GPU bytes in use)``
     (the peak counter is reset at each mark, so the run's peak is the largest of them) and a timeline of the
     outside-the-runner calls ``(name, start, end)``, seconds since the start (run 8 on)."""
@@ -177,7 +182,10 @@ def _install_block_log(timers: dict) -> dict:
         if log["t0"] is None:
             return
         if cuda:
-            torch.cuda.synchronize()
+            if stream_sync:  # this thread's stream only (the background block copies go on)
+                torch.cuda.current_stream().synchronize()
+            else:
+                torch.cuda.synchronize()
             log["marks"].append((label, time.perf_counter() - log["t0"], torch.cuda.max_memory_allocated(),
                                  torch.cuda.memory_allocated()))
             torch.cuda.reset_peak_memory_stats()
@@ -219,6 +227,15 @@ def _install_timers() -> dict:
     from lowbit.model import _ptq_solve as sequential  # where _gptq_stage / _awq_stage look these names up
 
     timers = {"gptq_factor": 0.0, "gptq_solve": 0.0, "awq_search": 0.0, "stats_add": 0.0}
+    # SCALE_SYNC=stream (after run 10): the timers wait for the calling thread's stream only; the default (runs 5-10)
+    # synchronises the whole device, which also waits for the background block copies (run 10: one 73-94 ms wait
+    # per block, counted in the activation store's first call of the block)
+    if os.environ.get("SCALE_SYNC", "device") == "stream":
+        def sync():
+            torch.cuda.current_stream().synchronize()
+    else:
+        def sync():
+            torch.cuda.synchronize()
 
     import threading
 
@@ -232,11 +249,11 @@ def _install_timers() -> dict:
             if threading.current_thread().name == "lowbit-prefetch":  # the background block copies: not timed
                 return fn(*a, **k)
             if torch.cuda.is_available():
-                torch.cuda.synchronize()
+                sync()
             t0 = time.perf_counter()
             out = fn(*a, **k)
             if torch.cuda.is_available():
-                torch.cuda.synchronize()
+                sync()
             t1 = time.perf_counter()
             into[key] += t1 - t0
             log = _LOG
@@ -424,6 +441,19 @@ def run9_steps(L8: int, L70_1: int, Lawq: int):
     ]
 
 
+def run10_steps(L8: int, Lawq: int):
+    """Run 10: one run at a time (no single-GPU runs side by side): the 8B GPTQ pair with the per-call timers (as
+    runs 8-9), the same pair without them (``_untimed``: the wall time as a user gets it), then AWQ 1 and 2 GPUs."""
+    return [
+        [[("gptq_8b_1gpu", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 60)]],
+        [[("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 45)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 60)]],
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 45)]],
+        [[("awq_8b_1gpu", "8b", Lawq, "awq", 1, {"max_memory": "14GB"}, 0, 25)]],
+        [[("awq_8b_2gpu", "8b", Lawq, "awq", 2, {"max_memory": "14GB"}, None, 25)]],
+    ]
+
+
 def main_steps(args, steps) -> None:
     import threading
 
@@ -533,6 +563,10 @@ def main():
         e = os.environ.get
         main_steps(args, run9_steps(int(e("SCALE_LAYERS", 16)), int(e("SCALE_LAYERS_70B_1", 4)),
                                     int(e("SCALE_LAYERS_AWQ", 2))))
+        return
+    if args.steps == "run10":
+        e = os.environ.get
+        main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
     if args.worker:
         worker(json.loads(args.worker))

@@ -182,10 +182,11 @@ def multi_gpu(runs, call_runs, path):
          "on `nvidia-h200-x2`: 2 H200 of one host, NCCL, `NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 "
          "NVSHMEM_DISABLE_NVLS=1`). Reproduce: `PYTHONPATH=$PWD bash bench/gpu_call_dp3.sh` (run 8; run 9: "
          "`SCALE_STEPS=run9 SCALE_XFER=0 SCALE_SMOKE=0 SCALE_LAYERS=16 bash bench/gpu_call_dp3.sh`; "
-         "`bench/gpu_call_dp2.sh` for run 7, `bench/gpu_call_dp.sh` for runs 5-6) on the 2-GPU machine, copy "
+         "`bench/gpu_call_dp2.sh` for run 7, `bench/gpu_call_dp.sh` for runs 5-6; run 10: `PYTHONPATH=$PWD "
+         "SCALE_BUDGET=310 SCALE_TIMEOUT=330 SCALE_TEST_TIMEOUT=30 bash bench/gpu_call_dp4.sh`) on the 2-GPU machine, copy "
          "`$OUT/gpu.json` to `bench/results/scale_gpu_runN.json`, then `python bench/scale_gpu_report.py`. "
          "Runs 8-9: single-GPU runs of one step ran at the same time on GPU 0 and GPU 1 (8B on GPU 0 beside the "
-         "70B-class slice and AWQ on GPU 1), the 2-GPU runs alone.", "",
+         "70B-class slice and AWQ on GPU 1), the 2-GPU runs alone. Run 10: one run at a time.", "",
          "Llama-3-8B-shaped decoder (hidden 4096, MLP 14336, 32/8 heads) and a 70B-class slice (hidden 8192, "
          "MLP 28672, 64/8 heads), random bf16 weights (drawn on the GPU, seed 0, the same in every process), "
          "model on the CPU, `device=\"cuda\"`, GPTQ int4 g128 asym, 128 x 2048 random calibration tokens "
@@ -207,20 +208,25 @@ def multi_gpu(runs, call_runs, path):
     by_src = {title.split("`")[1]: call for title, call in call_runs}
     order = [("scale_gpu_run7.json", ("gptq_8b_1gpu", "gptq_8b_2gpu")),
              ("scale_gpu_run8.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu", "gptq_70b_2gpu")),
-             ("scale_gpu_run9.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu"))]
+             ("scale_gpu_run9.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu")),
+             ("scale_gpu_run10.json", ("gptq_8b_1gpu", "gptq_8b_2gpu"))]
     sel = [by_src[src][n] for src, names in order if src in by_src for n in names if n in by_src[src]]
     L += breakdown(sel, None)
-    L += per_block_table([r for r in sel if r["source"] in ("scale_gpu_run8.json", "scale_gpu_run9.json")]
-                         + [by_src[s_][n] for s_ in ("scale_gpu_run8.json", "scale_gpu_run9.json") if s_ in by_src
-                            for n in ("awq_8b_1gpu", "awq_8b_2gpu") if n in by_src[s_]])
+    L += per_block_table([r for r in sel if r["source"] in ("scale_gpu_run8.json", "scale_gpu_run9.json",
+                                                            "scale_gpu_run10.json")]
+                         + [by_src[s_][n] for s_ in ("scale_gpu_run10.json",) if s_ in by_src
+                            for n in ("gptq_8b_1gpu_untimed", "gptq_8b_2gpu_untimed") if n in by_src[s_]]
+                         + [by_src[s_][n] for s_ in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run10.json")
+                            if s_ in by_src for n in ("awq_8b_1gpu", "awq_8b_2gpu") if n in by_src[s_]])
     L += ["## `plan`'s GPU time model against the runs", "",
           "`lowbit.model.plan_gpu.gpu_seconds` as it is now, with the GEMM, bandwidth and sweep rates each run "
           "measured in its own process (`measure_rates`, about 2 s, in the run JSON), the slower rank's prediction "
           "(run 5's 70B row: the prediction its worker made).", ""]
     L += plan_table([r for r in [runs.get("gptq_70b_2gpu") if runs.get("gptq_70b_2gpu", {}).get("source") ==
                                  "scale_gpu_run5.json" else None]
-                     + [by_src[s_][n] for s_ in ("scale_gpu_run7.json", "scale_gpu_run8.json", "scale_gpu_run9.json")
-                        if s_ in by_src for n in by_src[s_]] if r], None)
+                     + [by_src[s_][n] for s_ in ("scale_gpu_run7.json", "scale_gpu_run8.json", "scale_gpu_run9.json",
+                                                 "scale_gpu_run10.json")
+                        if s_ in by_src for n in by_src[s_] if "untimed" not in n] if r], None)
     L += ["The model now (`lowbit.model.plan_gpu`, run 8 on): the forward passes, the activation store and the rank "
           "agreement as one term per block, `forward_block_s + forward flops x forward_device_s_per_flop / world` "
           "with the activations on the device (fitted on run 9's two 8B rows) and `forward flops x (serial + "
@@ -247,7 +253,7 @@ def multi_gpu(runs, call_runs, path):
           "(+3%), 2 GPUs 15,702 (+44%), 70B 1 GPU 38,523 (-3%), AWQ 13,654 (+10%, +32%). The terms changed after "
           "the runs are in sample.", ""]
     t = []
-    for src in ("scale_gpu_run8.json", "scale_gpu_run9.json"):
+    for src in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run10.json"):
         c = by_src.get(src, {})
         g1, g2 = c.get("gptq_8b_1gpu"), c.get("gptq_8b_2gpu")
         if g1 and g2:
@@ -261,6 +267,17 @@ def multi_gpu(runs, call_runs, path):
             same = all(d[:n] == d1[:n] for d in d2)
             t.append((f"codes bit-identical 1 vs 2 GPUs ({src})", f"layers 0-{n - 1}: "
                       f"{'identical' if same else 'DIFFERENT'} digests on every rank", "met" if same else "missed"))
+        u1, u2 = c.get("gptq_8b_1gpu_untimed"), c.get("gptq_8b_2gpu_untimed")
+        if u1 and g1:
+            n_same = sum(a == b for a, b in zip(u1["ranks"][0]["digests"], g1["ranks"][0]["digests"]))
+            n_all = len(g1["ranks"][0]["digests"])
+            t.append((f"(8B GPTQ without the per-call timers, 1 GPU, {src})",
+                      f"{_wall(u1):.1f} s (timed {_wall(g1):.1f} s); codes equal the timed run's on {n_same} of "
+                      f"{n_all} layers: a race of the block prefetch, fixed after the call (notes)",
+                      "codes WRONG (race), fixed after" if n_same < n_all else ""))
+        if u1 and u2:
+            t.append((f"(8B GPTQ without the per-call timers, 2 GPUs vs 1, {src})",
+                      f"{_wall(u1) / _wall(u2):.2f}x", ""))
         a1, a2 = c.get("awq_8b_1gpu"), c.get("awq_8b_2gpu")
         if a1 and a2:
             sp = _wall(a1) / _wall(a2)
@@ -311,6 +328,67 @@ def multi_gpu(runs, call_runs, path):
 
 NOTES = [
     "## Notes", "",
+    "- Run 10 (`bench/gpu_call_dp4.sh`, `bench/results/run10_logs/`: `scale.log`, `pytest.log` (the call's `gpu.json` is `scale_gpu_run10.json`); the "
+    "profile call before it, `bench/dp_profile.py`: `profile_solve.json`, `profile_comm.json`, `topo.txt`): one run "
+    "at a time (runs 8-9 ran the 1-GPU runs beside other runs on GPU 1). 8B GPTQ 32 layers with the per-call timers: "
+    "1 GPU 47.3 s, 2 GPUs 28.7 s, 1.65x (run 9's conditions, 16 layers: 1.46x; per block 1.58 / 1.07 -> 1.47 / "
+    "0.89 s). Every digest of both runs equals run 8's on all 32 layers: the changes are bit-identical. What "
+    "changed: (1) the GPTQ solve was launch-bound, not row-bound: about 60 tensor operations per static group fit "
+    "and 45-70 per 128-column block (counted on the CPU with a dispatch counter), about 12 us each, so a call cost "
+    "per group and block whatever its rows. The static groups are fitted in batches (`AffineGrid.fit_groups`: the "
+    "candidates and the fake quantization elementwise over `[C, R, G', g]`, each group's loss the same "
+    "`quadratic_loss` call on the same contiguous `[C, R, g]` tensor as one fit, `min(0)` the first minimum either "
+    "way; at most 256 MiB of temporaries a batch; the default on CUDA only: on the CPU the batches' temporaries "
+    "leave the caches and the solve took 2-2.5x as long, one thread, SmolLM2 shapes; `LOWBIT_GPTQ_FITS=group` / "
+    "`batched` force either), the fused sweep "
+    "reads its block in place (`sweep_into`: W's columns by stride, each column's scale and zero gathered through "
+    "the group index, the codes written into the code matrix: no clone, zeros, gathers or copies per block; "
+    "`LOWBIT_GPTQ_SWEEP_INTO=0`), and the block update is `sub_` on views (no `__setitem__` per row chunk). "
+    "Profile on one H200 (`profile_solve.json`, one call, synchronised, before -> after, codes / scales / zeros "
+    "identical on every shape): q 4096 x 4096 43 -> 23 ms, k or v 1024 x 4096 50 -> 16 ms, gate or up 14336 x "
+    "4096 71 -> 66 ms (GPU-bound: its fits move `[21 x 14336 x 128]` fp32 temporaries, 43 ms), down 4096 x 14336 "
+    "194 -> 104 ms; a rank's pieces 3072 x 4096 54 -> 23, 2048 x 4096 53 -> 21, 2048 x 14336 179 -> 65 ms. In the "
+    "pipeline: solve 1 GPU 15.3 (run 8) -> 10.3 s, 2 GPUs 9.4 / 9.6 -> 5.3 / 5.3 s per rank: the solve now "
+    "halves (1.95x; run 9 1.37x). The sweep kernel: 111-120 us per 128-column block up to 4096 rows, 236 us at "
+    "14336 rows (128 dependent column steps: latency, about 13 ms per 8B layer); 8 rows / 4 warps per program "
+    "100 / 209 us, now the default (bit-identical: every row is swept on its own; the scales read as tiles are no "
+    "faster). (2) The solved pieces are exchanged in one `all_gather` per stage (a byte payload per rank: scales, "
+    "zeros, two 4-bit codes a byte; `LOWBIT_DP_EXCHANGE=broadcast`: three broadcasts per piece as before): solve "
+    "exchanges incl. waiting 1.5 (run 8) -> 0.4 / 0.7 s. NVLink (NV18): all_gather 200 GB/s per rank at 256 MB, "
+    "broadcast 350 GB/s (`profile_comm.json`): bandwidth is not what costs. (3) The collectives wait for the "
+    "current stream only (`distributed._sync`; `torch.cuda.synchronize()` also waited for the background block "
+    "copies).",
+    "- Why 1.65x and not 1.8x (run 10, 'Where the time goes', seconds over 32 layers, 1 GPU -> slower rank of 2): "
+    "what halves: Hessians 15.3 -> 7.6 (2.02x), solve 10.3 -> 5.3 (1.95x), forward passes 14.0 -> 8.2 (1.71x). "
+    "What does not: the factorisation 3.2 -> 2.7 s (every rank runs the whole Cholesky; k = 14336 81 ms alone, 66 "
+    "ms with the triangular inverse shared, `profile_comm.json`), the activation store 3.5 -> 3.3 s (one wait of "
+    "33-114 ms per block, mean 72 ms on 1 GPU and 86 ms on 2 in the events the JSON keeps, about 2.3 / 2.8 s over "
+    "32 blocks: the first timed store call of a block synchronises the whole device and so waits for the next "
+    "block's prefetch from pageable host memory: a harness effect, runs 8-9 had it too), the rank agreement "
+    "0.5 s and the exchanges and weight updates 0.75 s (waiting for the slower rank; `min_over_ranks` itself costs "
+    "85 us), the rest outside the runner 0.5 s. Amdahl with these measured parts: the 1-GPU run's 7.8 s that do not "
+    "depend on the samples or rows plus half of its 39.5 s that do gives 27.6 s, 1.72x, even if the forward "
+    "passes halved exactly; 1.8x needs the 2-GPU run at 26.3 s, i.e. the fixed 7.8 s down to 6.5 s with the 1-GPU "
+    "run unchanged. Without the timers' device-wide synchronisations the store's wait goes (1 GPU untimed 44.4 s "
+    "against 47.3 s timed): the same bound then gives about 1.73x (an estimate: the "
+    "untimed runs have no parts, and the untimed 2-GPU run was not measured). Left: one Cholesky per stage on one rank while "
+    "the other fits its groups (the fits need no factor), a forward pass without the per-micro-batch host work "
+    "that does not halve, a pinned copy of the blocks for the prefetch; not done.",
+    "- Run 10 found a race (the run without the per-call timers, `gptq_8b_1gpu_untimed`): its codes equal the timed "
+    "run's on layers 0-1 only. The prefetched block's tensors are allocated on the side stream's memory pool and used "
+    "on the default stream; a replaced linear's float weight dropped at the end of a block went back to the side "
+    "stream's pool at once, and the next prefetch's copy could overwrite it while the default stream still had the "
+    "block's last forward pass queued (the host runs ahead of the GPU once nothing synchronises the whole device; "
+    "every earlier run had the timers' synchronisations, which hid it; layer 2 is the first whose inputs came from a "
+    "prefetched block, block 0 being moved by the main thread). Fixed after the call: the prefetched tensors "
+    "`record_stream` the default stream, so their memory is reused only after the work queued when they were freed "
+    "(`LOWBIT_PREFETCH_RECORD=0`: off; `tests/test_dp_overlap.py::test_prefetched_weights_not_reused_while_the_gpu_"
+    "lags` queues a GPU sleep before every block to provoke it). Checked in a third short call (`run10_logs/"
+    "verify_fix_gpu.json`, `SCALE_LAYERS=4 python bench/scale_gpu.py --steps run10 --runs gptq_8b_1gpu_untimed`): "
+    "with the fix the untimed 1-GPU run gives run 8's digests on layers 0-3 (layer 2 was the first wrong one "
+    "before; 6.9 s for 4 layers). Not checked on the GPU: the untimed 2-GPU run (killed by the call's time limit, "
+    "device budget), the unfixed run at 4 layers as a control, and the new CUDA test (it runs with the lead's GPU "
+    "tests).",
     "- Run 8 (`bench/gpu_call_dp3.sh`, `bench/results/run8_logs/`: `xfer.json` host <-> GPU copies, the smoke "
     "check of the new paths on the GPU: 1 and 2 processes, identical digests): the whole 8B shape, 32 layers: 1 GPU "
     "66.8 s, 2 GPUs 40.3 s, 1.66x; codes identical on every layer, and layers 0-3 have run 7's digests (the "
@@ -519,11 +597,17 @@ CALLS = {
                            "(`bench/gpu_call_dp3.sh`; AWQ 2-GPU skipped: budget)",
     "scale_gpu_run9.json": "second call: the GPU reserve from the modelled working set (the activations stay on the "
                            "device within `max_memory`), the rank-ordered sums in place; 16 8B layers (budget)",
+    "scale_gpu_run10.json": "the GPTQ solve's launches cut (static groups fitted in batches, the fused sweep in "
+                            "place, the lazy update on views), the solved pieces exchanged in one all_gather per "
+                            "stage, collectives waiting for the current stream only; one run at a time, the 32-layer "
+                            "8B pair with the per-call timers, then without them (`bench/gpu_call_dp4.sh`; the "
+                            "untimed 2-GPU run and AWQ 2-GPU skipped: budget)",
 }
 
 
 def main():
-    paths = sorted(glob.glob(os.path.join(RESULTS, "scale_gpu_run*.json")))
+    paths = sorted(glob.glob(os.path.join(RESULTS, "scale_gpu_run*.json")),
+                   key=lambda p: int(os.path.basename(p).split("run")[1].split(".")[0]))
     runs = load_runs(paths)
     per_call = [(f"`{os.path.basename(p)}`: {CALLS.get(os.path.basename(p), '')}", load_runs([p])) for p in paths]
     multi_gpu(runs, per_call, os.path.join(RESULTS, "multi_gpu.md"))

@@ -84,3 +84,42 @@ def test_prefetch_and_put_back_give_the_same_model_on_cuda(monkeypatch):
         out[pre] = {k: v.cpu() for k, v in m.state_dict().items() if torch.is_tensor(v)}
     assert out["1"].keys() == out["0"].keys()
     assert all(torch.equal(out["1"][k], out["0"][k]) for k in out["1"])
+
+
+@pytest.mark.cuda
+def test_prefetched_weights_not_reused_while_the_gpu_lags(monkeypatch):
+    """The prefetched blocks' tensors live in the side stream's memory pool but are used on the default stream: with
+    the GPU far behind the host (a sleep queued before every block forward) a replaced linear's float weight is
+    dropped while its block's last pass is still queued, and the next prefetch must not get that memory before the
+    pass ran (run 10 found the codes changed from layer 2 on without ``record_stream``). The codes equal those of the
+    run without prefetch."""
+    from tests.test_sequential import _ids
+
+    from lowbit.model.sequential import quantize_model_ptq
+
+    import transformers
+
+    def five_blocks():  # the race needs a prefetched block's dropped weights and a later prefetch: >= 4 blocks
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=True)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    out = {}
+    for pre in ("0", "1"):
+        monkeypatch.setenv("LOWBIT_PREFETCH", pre)
+        m = five_blocks()
+        cls = type(m.model.layers[0])
+        orig = cls.forward
+
+        def slow(self, *a, _orig=orig, **k):
+            torch.cuda._sleep(20_000_000)  # about 10 ms of GPU time queued ahead of the block's kernels
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(cls, "forward", slow)
+        quantize_model_ptq(m, method="gptq", bits=4, group_size=32, sym=False, calib_dataset=_ids(6, 32),
+                           micro_batch=2, device="cuda", progress=False)
+        monkeypatch.setattr(cls, "forward", orig)
+        out[pre] = {k: v.cpu() for k, v in m.state_dict().items() if torch.is_tensor(v)}
+    assert all(torch.equal(out["1"][k], out["0"][k]) for k in out["0"])

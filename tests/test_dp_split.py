@@ -127,3 +127,50 @@ def test_store_replace_first_moves_nothing():
         with pytest.raises(ValueError, match="replace_first"):
             st.replace_first(k3, k2)
         st.close()
+
+
+def test_exchange_pieces_packs_and_unpacks_every_piece(monkeypatch):
+    """The solved pieces travel in one byte payload per rank (scales and zeros, then the codes, two 4-bit codes a
+    byte where bits <= 4 and K is even): what a rank unpacks is bit for bit what the owner solved (4-bit packed,
+    8-bit and odd K unpacked; a rank without pieces sends nothing)."""
+    from lowbit.algorithms.gptq import GPTQResult
+    from lowbit.model import _ptq_solve, distributed
+
+    g = torch.Generator().manual_seed(0)
+    for bits, K in ((4, 96), (8, 96), (4, 95)):
+        mods = {"q": nn.Linear(K, 40, bias=False), "k": nn.Linear(K, 24, bias=False),
+                "v": nn.Linear(K, 24, bias=False)}
+        pieces = _row_pieces(_Stage(["q", "k", "v"]), mods, 3, align=8)
+        G = -(-K // 32)
+        solved = {j: GPTQResult(codes=torch.randint(0, 2 ** bits, (hi - lo, K), generator=g).to(torch.uint8),
+                                scales=torch.rand(hi - lo, G, generator=g), zeros=torch.rand(hi - lo, G, generator=g),
+                                loss=0.0, damp=0.0, bits=bits, group_size=32, sym=False)
+                  for j, (n, lo, hi, r) in enumerate(pieces)}
+        shapes, sizes = _ptq_solve._piece_layout(pieces, mods, 32, bits)
+        payloads = [_ptq_solve._pack_pieces(pieces, solved, shapes, r, "cpu") for r in range(3)]
+        assert [p.numel() for p in payloads] == [sizes.get(r, 0) for r in range(3)]
+        for rank in range(3):
+            monkeypatch.setattr(distributed, "all_gather_bytes", lambda payload, sz: list(payloads))
+            mine = {j: solved[j] for j, p in enumerate(pieces) if p[3] == rank}
+            got = _ptq_solve._exchange_pieces(pieces, mine, mods, 32, bits, rank, 3)
+            assert sorted(got) == list(range(len(pieces)))
+            for j, (c, s, z) in got.items():
+                assert c.dtype == torch.uint8 and torch.equal(c, solved[j].codes)
+                assert torch.equal(s, solved[j].scales) and torch.equal(z, solved[j].zeros)
+
+
+def test_all_gather_bytes_alone_and_bad_payload(monkeypatch):
+    """Without a process group the payload comes back as the only one; under one, a payload that is not this rank's
+    declared uint8 bytes is refused with the rank and the sizes."""
+    import pytest
+
+    from lowbit.model import distributed
+
+    p = torch.arange(5, dtype=torch.uint8)
+    assert distributed.all_gather_bytes(p, [5])[0] is p
+    monkeypatch.setattr(distributed, "is_active", lambda: True)
+    monkeypatch.setattr(distributed, "rank_world", lambda: (1, 2))
+    with pytest.raises(ValueError, match="rank 1 payload"):
+        distributed.all_gather_bytes(p, [3, 4])
+    with pytest.raises(ValueError, match="rank 1 payload"):
+        distributed.all_gather_bytes(p.float(), [3, 5])

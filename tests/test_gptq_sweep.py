@@ -208,3 +208,116 @@ def test_triton_kernel_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-2000:]
+
+
+_INTO_CODE = (
+    "import os, torch\n"
+    "from lowbit.kernels.triton.gptq_sweep import sweep_block, sweep_into\n"
+    "import lowbit.algorithms.gptq as G\n"
+    "from lowbit.kernels.triton import gptq_sweep\n"
+    "dev = os.environ.get('TEST_DEVICE', 'cpu')\n"
+    "g = torch.Generator(device=dev).manual_seed(0)\n"
+    "for R, n, K, i1 in ((40, 128, 300, 128), (17, 100, 100, 0), (5, 7, 20, 9)):\n"
+    "    A = torch.randn(n, n, generator=g, dtype=torch.float64, device=dev)\n"
+    "    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A @ A.T + n * torch.eye(n, "
+    "dtype=torch.float64, device=dev))), upper=True).float()\n"
+    "    Ubig = torch.zeros(K, K, device=dev); Ubig[i1:i1 + n, i1:i1 + n] = U\n"
+    "    W = torch.randn(R, K, generator=g, device=dev)\n"
+    "    sc = torch.rand(R, 6, generator=g, device=dev) * .3 + .05\n"
+    "    zr = torch.randint(0, 16, (R, 6), generator=g, device=dev).float()\n"
+    "    gidx = torch.randint(0, 6, (n,), generator=g, device=dev)\n"
+    "    q1, e1 = sweep_block(W[:, i1:i1 + n].clone(), sc[:, gidx], zr[:, gidx], U, 15)\n"
+    "    for cfg in ((16, 4, 0), (8, 1, 1), (32, 2, 1)):\n"
+    "        Q = torch.full((R, K), -1.0, device=dev)\n"
+    "        E = torch.empty(R, max(16, 1 << (n - 1).bit_length()), device=dev)\n"
+    "        sweep_into(W, i1, n, sc, zr, gidx, Ubig[i1:i1 + n, i1:i1 + n], 15, Q, E, config=cfg)\n"
+    "        assert torch.equal(Q[:, i1:i1 + n], q1) and torch.equal(E[:, :n], e1), (R, n, cfg)\n"
+    "        Q[:, i1:i1 + n] = -1.0\n"
+    "        assert bool((Q == -1.0).all()), 'columns outside the block written'\n"
+    "G._block_sweep = lambda d, grid: (gptq_sweep.sweep_block, gptq_sweep.MAX_COLUMNS)\n"
+    "K, R = 256, 24\n"
+    "X = torch.randn(2 * K, K, generator=g, device=dev); X[:, :80] *= 3; H = X.T @ X / X.shape[0]\n"
+    "Wt = torch.randn(R, K, generator=g, device=dev) * .02\n"
+    "for kw in (dict(bits=4, group_size=128, sym=False), dict(bits=4, group_size=96, sym=True),\n"
+    "           dict(bits=3, group_size=64, sym=False, act_order=False, blocksize=100)):\n"
+    "    f = G.gptq_factor(H, 0.01, kw.get('act_order', True))\n"
+    "    os.environ['LOWBIT_GPTQ_SWEEP_INTO'] = '0'; a = G.gptq_quantize(Wt, H, factor=f, **kw)\n"
+    "    os.environ['LOWBIT_GPTQ_SWEEP_INTO'] = '1'; b = G.gptq_quantize(Wt, H, factor=f, **kw)\n"
+    "    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ('codes', 'scales', 'zeros')), kw\n"
+    "    assert a.loss == b.loss, kw\n"
+    "print('ok')\n")
+
+
+def _run_into_check(**env):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), **env)
+    out = subprocess.run([sys.executable, "-c", _INTO_CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-2000:]
+
+
+def test_sweep_in_place_in_the_interpreter():
+    """The in-place sweep (reads W's block, gathers the scales through the group index, writes the codes into Q)
+    gives sweep_block's codes and errors bit for bit under every launch setting, touches no other column, and a
+    GPTQ solve with it equals the copying one (codes, scales, zeros, loss) (Triton's CPU interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed")
+    _run_into_check(TRITON_INTERPRET="1")
+
+
+@pytest.mark.cuda
+def test_sweep_in_place_on_the_gpu():
+    pytest.importorskip("triton")
+    _run_into_check(TEST_DEVICE="cuda")
+
+
+def test_batched_group_fits_equal_one_fit_per_group(monkeypatch):
+    """AffineGrid.fit_groups (several static groups per call, as GPTQ fits them) gives one fit per group's scales
+    and zeros bit for bit: asymmetric/symmetric, Hessian blocks / plain MSE / per-column weights, and GPTQ's
+    results are the same with LOWBIT_GPTQ_FITS=batched (small batches forced) and =group, ragged last group too."""
+    from lowbit.algorithms import gptq as G
+    from lowbit.algorithms.grid import AffineGrid
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(37, 5, 64, generator=g) * 0.02
+    A = torch.randn(5, 64, 64, generator=g)
+    Ss = [a @ a.T / 64 + 0.1 * torch.eye(64) for a in A]
+    for grid in (AffineGrid(bits=4, sym=False, search="mse", refine=0), AffineGrid(bits=3, sym=True, refine=0),
+                 AffineGrid(bits=4, sym=False, refine=1)):
+        for objs in (Ss, [None] * 5, [torch.rand(64, generator=g) for _ in range(5)]):
+            s, z = grid.fit_groups(W, objs)
+            for j in range(5):
+                sj, zj = grid.fit(W[:, j], objs[j])
+                assert torch.equal(s[:, j], sj) and torch.equal(z[:, j], zj)
+    monkeypatch.setattr(G, "FIT_BATCH_BYTES", 2 ** 16)
+    Wt, H = _problem(30, 352, seed=8)  # groups of 96: three full ones and a ragged 64
+    for kw in (dict(bits=4, group_size=96, sym=False), dict(bits=4, group_size=64, sym=True, group_objective="mse")):
+        res = {}
+        for mode in ("group", "batched"):
+            monkeypatch.setenv("LOWBIT_GPTQ_FITS", mode)
+            res[mode] = G.gptq_quantize(Wt, H, **kw)
+        assert all(torch.equal(getattr(res["group"], k), getattr(res["batched"], k)) for k in ("codes", "scales", "zeros"))
+    monkeypatch.setenv("LOWBIT_GPTQ_FITS", "fast")
+    with pytest.raises(ValueError, match="LOWBIT_GPTQ_FITS"):
+        G.gptq_quantize(Wt, H, 4, 96, False)
+
+
+def test_sweep_config_from_the_environment(monkeypatch):
+    """LOWBIT_GPTQ_SWEEP_CFG picks the in-place sweep's launch settings ('rows,warps,preload'); bad values name the
+    variable."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import gptq_sweep
+
+    monkeypatch.delenv("LOWBIT_GPTQ_SWEEP_CFG", raising=False)
+    assert gptq_sweep.sweep_config() == gptq_sweep.DEFAULT_CONFIG
+    monkeypatch.setenv("LOWBIT_GPTQ_SWEEP_CFG", "32,8,1")
+    assert gptq_sweep.sweep_config() == (32, 8, 1)
+    for bad in ("12,4,0", "16,3,0", "16,4,2", "16,4"):
+        monkeypatch.setenv("LOWBIT_GPTQ_SWEEP_CFG", bad)
+        with pytest.raises(ValueError, match="LOWBIT_GPTQ_SWEEP_CFG"):
+            gptq_sweep.sweep_config()

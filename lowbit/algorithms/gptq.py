@@ -262,6 +262,34 @@ def _block_sweep(dev: torch.device, grid) -> tuple:
     return sweep_block, MAX_COLUMNS
 
 
+def _lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i2: int) -> None:
+    """``W[:, i2:] -= Err1 @ U[i1:i2, i2:]``, the block's error carried to the columns after it, in fixed chunks of
+    :data:`ROW_CHUNK` rows: a row's result does not depend on how many rows are solved together (data-parallel runs
+    solve a linear in row pieces). In place on views (``sub_``: the same kernel as ``-=`` without its
+    ``__setitem__``), the slices taken once."""
+    R = W.shape[0]
+    Ub = U[i1:i2, i2:]
+    if R <= ROW_CHUNK:
+        W[:, i2:].sub_(Err1 @ Ub)
+        return
+    rest = W[:, i2:]
+    for r1 in range(0, R, ROW_CHUNK):
+        rest[r1:r1 + ROW_CHUNK].sub_(Err1[r1:r1 + ROW_CHUNK] @ Ub)
+
+
+def _sweep_in_place(sweep):
+    """:func:`lowbit.kernels.triton.gptq_sweep.sweep_into` where ``sweep`` is the Triton block sweep (the same
+    codes and errors without the block's copies and gathers; ``LOWBIT_GPTQ_SWEEP_INTO=0``: the copying call)."""
+    import os
+
+    if sweep is None or getattr(sweep, "__name__", "") != "sweep_block" or \
+            os.environ.get("LOWBIT_GPTQ_SWEEP_INTO", "1") == "0":
+        return None
+    from lowbit.kernels.triton.gptq_sweep import sweep_into
+
+    return sweep_into
+
+
 def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``a * b + c`` rounded once to float32 (the exact product and sum in float64, then one rounding;
     differs from a true fma only by a double rounding in rare ties)."""
@@ -347,6 +375,57 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     return torch.where(better.unsqueeze(-1), new, scales)
 
 
+#: bytes of the largest temporary (``[candidates, rows, groups, g]`` fp32) of one batch of static group fits
+FIT_BATCH_BYTES = 256 * 2 ** 20
+
+#: how the static groups are fitted: ``"auto"`` (``"batched"`` on CUDA, ``"group"`` elsewhere), ``"batched"``
+#: (:meth:`lowbit.algorithms.grid.AffineGrid.fit_groups`, several groups per call, the same bits) or ``"group"`` (one
+#: :meth:`~lowbit.algorithms.grid.AffineGrid.fit` per group). On a GPU the per-group fits were launch-bound (run 10:
+#: a down_proj solve 194 -> 104 ms batched); on the CPU the batches' larger temporaries leave the caches and the
+#: solve took 2-2.5x as long (one thread, SmolLM2 shapes). Set by the environment variable ``LOWBIT_GPTQ_FITS``.
+FITS = ("auto", "batched", "group")
+
+
+def _fit_static_groups(grid, W_orig: torch.Tensor, H: torch.Tensor, damp: float, bounds: list, objective: str,
+                       scales: torch.Tensor, zeros: torch.Tensor) -> None:
+    """Every group's ``(scale, zero)`` from the original weights into ``scales``/``zeros`` ``[R, G]``: the groups'
+    objectives are their blocks of ``H + damp I`` (``objective="mse"``: none). Runs of equal-width groups go through
+    :meth:`~lowbit.algorithms.grid.AffineGrid.fit_groups` in batches of at most :data:`FIT_BATCH_BYTES` of
+    temporaries (the same bits as one fit per group)."""
+    import os
+
+    mode = os.environ.get("LOWBIT_GPTQ_FITS", "auto")
+    if mode not in FITS:
+        raise ValueError(f"LOWBIT_GPTQ_FITS={mode!r}: expected one of {FITS}")
+    if mode == "auto":
+        mode = "batched" if W_orig.is_cuda else "group"
+    R = W_orig.shape[0]
+
+    def objective_of(a, b):
+        return None if objective == "mse" else _damped(H[a:b, a:b], damp)
+
+    if mode == "group" or type(grid) is not AffineGrid or not hasattr(grid, "fit_groups"):
+        for gi, (a, b) in enumerate(bounds):
+            scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], objective_of(a, b))
+        return
+    n_cand = len(grid.shrink_factors())
+    gi = 0
+    while gi < len(bounds):
+        a, b = bounds[gi]
+        g = b - a
+        per = max(1, FIT_BATCH_BYTES // max(n_cand * R * g * 4, 1))
+        gj = gi
+        while gj < len(bounds) and gj - gi < per and bounds[gj][1] - bounds[gj][0] == g:
+            gj += 1
+        if gj - gi == 1:
+            scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], objective_of(a, b))
+        else:
+            end = bounds[gj - 1][1]
+            w = W_orig[:, a:end].reshape(R, gj - gi, g)
+            scales[:, gi:gj], zeros[:, gi:gj] = grid.fit_groups(w, [objective_of(*bounds[k]) for k in range(gi, gj)])
+        gi = gj
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, *,
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
@@ -420,18 +499,29 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         blocksize = max(g, (blocksize // g) * g)  # blocks made of whole groups
 
     if static_groups:  # each group's block of H + damp I (the same values as slices of the whole sum)
-        for gi, (a, b) in enumerate(bounds):
-            S = None if objective == "mse" else _damped(H[a:b, a:b], damp)
-            scales[:, gi], zeros[:, gi] = grid.fit(W_orig[:, a:b], S)
-            fitted[gi] = True
+        _fit_static_groups(grid, W_orig, H, damp, bounds, objective, scales, zeros)
+        fitted = [True] * G
 
     Q = torch.zeros(R, K, dtype=torch.float32, device=dev)  # codes, sweep order
     sweep, sweep_cols = _block_sweep(dev, grid)
     total_loss = torch.zeros((), dtype=torch.float64, device=dev)
 
+    into = _sweep_in_place(sweep)
+    Ebuf = None  # the in-place sweep's errors, one buffer for every block
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         count = i2 - i1
+        if into is not None and count <= sweep_cols and all(fitted[gi] for gi in gidx[i1:i2]):
+            # the fused sweep without the copies: reads W's block, the scales through the group index, writes Q
+            bc = max(16, 1 << (count - 1).bit_length())
+            if Ebuf is None or Ebuf.shape[1] != bc:
+                Ebuf = torch.empty(R, bc, dtype=torch.float32, device=dev)
+            E = into(W, i1, count, scales, zeros, gidx_dev[i1:i2], U[i1:i2, i1:i2], grid.maxq, Q, Ebuf)
+            Err1 = E if bc == count else E[:, :count].contiguous()
+            total_loss += Err1.double().square().sum()
+            if i2 < K:
+                _lazy_update(W, Err1, U, i1, i2)
+            continue
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
@@ -475,9 +565,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                 W1[:, i + 1:].addr_(err, Ut[i + 1:, i], alpha=-1.0)
             Err1[:, i] = err
         total_loss += Err1.double().square().sum()
-        if i2 < K:  # in fixed chunks of rows: a row's result does not depend on how many rows are solved
-            for r1 in range(0, R, ROW_CHUNK):  # together (data-parallel runs solve a linear in row pieces)
-                W[r1:r1 + ROW_CHUNK, i2:] -= Err1[r1:r1 + ROW_CHUNK] @ U[i1:i2, i2:]
+        if i2 < K:
+            _lazy_update(W, Err1, U, i1, i2)
 
     codes = Q[:, invperm]
     if refit:

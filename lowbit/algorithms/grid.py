@@ -193,6 +193,27 @@ class AffineGrid:
             scale, zero, best = self._refine_scale(w, scale, zero, best, S, mask)
         return scale, zero
 
+    def fit_groups(self, w: torch.Tensor, Ss: list) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`fit` of ``G`` groups at once: ``w [R, G, g]`` (group ``j`` is ``w[:, j]``), ``Ss`` the groups'
+        objectives (``None``, ``[g]`` or ``[g, g]`` each); per-row ``(scale, zero)`` ``[R, G]``, bit for bit what
+        ``G`` calls of :meth:`fit` give (without ``refine``/``two_sided``, which fall back to them). The candidates
+        and the fake quantization are elementwise (the same values batched or not); each group's loss is the same
+        call on the same contiguous ``[C, R, g]`` tensor as in :meth:`fit`; ``min(0)`` returns the first minimum
+        either way. About 10 tensor operations per group instead of about 60: GPTQ's per-group fits were most of
+        its solve's kernel launches on a GPU (``bench/results/multi_gpu.md``, run 10)."""
+        if self.refine or (self.two_sided and not self.sym):
+            outs = [self.fit(w[:, j], Ss[j]) for j in range(w.shape[1])]
+            return torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
+        w = w.float()
+        cs, cz = self.candidates(w)  # [C, R, G]
+        if cs.shape[0] == 1:
+            return cs[0], cz[0]
+        err = w - self.fake_quant(w, cs, cz)  # [C, R, G, g]
+        losses = torch.stack([quadratic_loss(err[:, :, j].contiguous(), Ss[j]) for j in range(w.shape[1])], -1)
+        del err
+        idx = losses.min(0)[1].unsqueeze(0)
+        return cs.gather(0, idx)[0], cz.gather(0, idx)[0]
+
     def _losses(self, w, cs, cz, S, mask) -> torch.Tensor:
         err = w - self.fake_quant(w, cs, cz)
         return quadratic_loss(err if mask is None else err * mask, S)  # [C, R...]

@@ -78,6 +78,74 @@ def _solve_batches(mine):
     return runs
 
 
+def _piece_layout(pieces, modules: Dict[str, nn.Linear], group_size, bits: int):
+    """Per piece ``(rows, K, G, packed)`` and per rank its payload's byte size for :func:`_exchange_pieces`: the
+    owner's pieces' scales and zeros (fp32) first, then their codes, two 4-bit codes a byte where ``bits <= 4``
+    and ``K`` is even."""
+    shapes, sizes = [], {}
+    for n, lo, hi, owner in pieces:
+        K = modules[n].weight.shape[1]
+        G = -(-K // columns(K, group_size).group)
+        packed = bits <= 4 and K % 2 == 0
+        rows = hi - lo
+        shapes.append((rows, K, G, packed))
+        sizes[owner] = sizes.get(owner, 0) + rows * G * 8 + rows * (K // 2 if packed else K)
+    return shapes, sizes
+
+
+def _pack_pieces(pieces, mine: Dict[int, GPTQResult], shapes, rank: int, device) -> torch.Tensor:
+    """This rank's payload for :func:`_exchange_pieces` (the layout of :func:`_piece_layout`)."""
+    own = [j for j, p in enumerate(pieces) if p[3] == rank]
+    fl, cb = [], []
+    for j in own:
+        res = mine[j]
+        fl += [res.scales.float().contiguous().reshape(-1), res.zeros.float().contiguous().reshape(-1)]
+        c = res.codes.contiguous()
+        if shapes[j][3]:
+            c = c[:, 0::2] | (c[:, 1::2] << 4)
+        cb.append(c.reshape(-1))
+    if not own:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    return torch.cat([t.view(torch.uint8) for t in fl] + cb)
+
+
+def _exchange_pieces(pieces, mine: Dict[int, GPTQResult], modules: Dict[str, nn.Linear], group_size, bits: int,
+                     rank: int, world: int) -> Dict[int, list]:
+    """Every piece's ``[codes uint8, scales, zeros]`` on every rank in one :func:`all_gather_bytes` (instead of three
+    broadcasts per piece, each between two device synchronisations): each rank packs its solved pieces (``mine``)
+    into one byte payload, the payloads are gathered and cut back into tensors. Pure data movement: the bits are
+    the owner's."""
+    from lowbit.model.distributed import all_gather_bytes
+
+    shapes, sizes = _piece_layout(pieces, modules, group_size, bits)
+    payload = _pack_pieces(pieces, mine, shapes, rank, modules[pieces[0][0]].weight.device)
+    bufs = all_gather_bytes(payload, [sizes.get(r, 0) for r in range(world)])
+    out: Dict[int, list] = {}
+    for r in range(world):
+        js = [j for j, p in enumerate(pieces) if p[3] == r]
+        if r == rank:
+            for j in js:
+                res = mine.pop(j)
+                out[j] = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
+            continue
+        buf, off = bufs[r], 0
+        sz = {}
+        for j in js:
+            rows, K, G, _ = shapes[j]
+            n = rows * G * 4
+            sz[j] = (buf[off:off + n].view(torch.float32).view(rows, G), buf[off + n:off + 2 * n].view(
+                torch.float32).view(rows, G))
+            off += 2 * n
+        for j in js:
+            rows, K, G, packed = shapes[j]
+            n = rows * (K // 2 if packed else K)
+            c = buf[off:off + n].view(rows, K // 2 if packed else K)
+            off += n
+            c = torch.stack([c & 15, c >> 4], -1).reshape(rows, K) if packed else c.clone()
+            out[j] = [c, sz[j][0].clone(), sz[j][1].clone()]
+    return out
+
+
 def _layer_opts(opts: Dict[str, Any], name: str) -> Dict[str, Any]:
     """``opts`` for one linear: a per-linear ``gguf_type`` mapping (``{linear name: GGUF type}``, e.g. a
     llama.cpp recipe or a budget plan resolved per weight) replaced by that linear's type."""
@@ -122,18 +190,23 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
                                      group_size=res.group_size, sym=res.sym, dtype=res.dtype)
                 off += r
         parts: Dict[str, list] = {n: [] for n in stage.names}
-        for j, (n, lo, hi, owner) in enumerate(pieces):
-            w = modules[n].weight.detach()
-            if owner == rank:
-                res = mine.pop(j)
-                tensors = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
-            else:
-                g = columns(w.shape[1], group_size).group
-                G = -(-w.shape[1] // g)
-                tensors = [torch.empty((hi - lo, w.shape[1]), dtype=torch.uint8, device=w.device),
-                           torch.empty(hi - lo, G, device=w.device), torch.empty(hi - lo, G, device=w.device)]
-            broadcast_tensors(tensors, owner)
-            parts[n].append(tensors)
+        if os.environ.get("LOWBIT_DP_EXCHANGE", "gather") == "gather":
+            got = _exchange_pieces(pieces, mine, modules, group_size, bits, rank, world)
+            for j, (n, _, _, _) in enumerate(pieces):
+                parts[n].append(got[j])
+        else:  # one broadcast per piece and tensor (before run 10)
+            for j, (n, lo, hi, owner) in enumerate(pieces):
+                w = modules[n].weight.detach()
+                if owner == rank:
+                    res = mine.pop(j)
+                    tensors = [res.codes.contiguous(), res.scales.contiguous(), res.zeros.contiguous()]
+                else:
+                    g = columns(w.shape[1], group_size).group
+                    G = -(-w.shape[1] // g)
+                    tensors = [torch.empty((hi - lo, w.shape[1]), dtype=torch.uint8, device=w.device),
+                               torch.empty(hi - lo, G, device=w.device), torch.empty(hi - lo, G, device=w.device)]
+                broadcast_tensors(tensors, owner)
+                parts[n].append(tensors)
         for n in stage.names:
             w = modules[n].weight.detach()
             ps = parts[n]

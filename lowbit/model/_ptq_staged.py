@@ -525,9 +525,20 @@ class _Prefetch:
     def __init__(self, block: nn.Module, device: torch.device, stream: "torch.cuda.Stream",
                  after: Optional[Callable[[], None]] = None, wait_main: bool = False) -> None:
         self.err: Optional[BaseException] = None
+        import itertools
+        import os
+
         gpu = stream.device
         dev = device if device.type != "cuda" else \
             torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        # the block's device tensors are allocated on the side stream, but the calibration reads and writes them on
+        # the GPU's default stream; the caching allocator hands a freed block back to its own stream's next
+        # allocation at once, so without this a replaced linear's float weight dropped while the default stream
+        # still had that block's last forward pass queued was overwritten by the next prefetch's copy (run 10: the
+        # codes changed from layer 2 on once nothing synchronised the whole device). ``record_stream``: the memory
+        # is reused only after the default stream's work queued when it was freed. LOWBIT_PREFETCH_RECORD=0: off.
+        consumer = torch.cuda.default_stream(gpu) if dev.type == "cuda" and \
+            os.environ.get("LOWBIT_PREFETCH_RECORD", "1") != "0" else None
 
         def work() -> None:
             try:
@@ -537,6 +548,10 @@ class _Prefetch:
                         stream.wait_stream(torch.cuda.default_stream(gpu))
                     block.to(dev)
                     stream.synchronize()
+                if consumer is not None:
+                    for t in itertools.chain(block.parameters(), block.buffers()):
+                        if t.is_cuda:
+                            t.record_stream(consumer)
                 if after is not None:
                     after()
             except BaseException as e:  # re-raised by wait()

@@ -31,8 +31,12 @@ COMM_SECONDS = {"reduce": 0.0, "broadcast": 0.0}
 
 
 def _sync() -> None:
+    """Wait for the work queued on this thread's current CUDA stream (around the collectives, which it orders, and
+    for their timing in :data:`COMM_SECONDS`). Not ``torch.cuda.synchronize()``: that also waits for the pipeline's
+    background block copies on their side stream (the next block to the device, the last one home: about 0.1 s per
+    8B block from pageable memory), which then no longer overlap the calibration (run 10)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 def is_active() -> bool:
@@ -151,6 +155,31 @@ def broadcast_tensors(tensors: List[torch.Tensor], src: int) -> None:
     COMM_SECONDS["broadcast"] += time.perf_counter() - t0
 
 
+def all_gather_bytes(payload: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]:
+    """Every rank's byte payload on every rank, in one collective: ``payload`` is this rank's (uint8, 1-D,
+    ``sizes[rank]`` bytes), ``sizes`` every rank's (known to all); returns the ``world`` payloads (this rank's
+    own is ``payload`` itself). The payloads are padded to the largest for ``all_gather``; both directions of
+    a link carry data at once, where one broadcast per owner sent one rank's pieces after the other's."""
+    if not is_active():
+        return [payload]
+    import torch.distributed as dist
+
+    rank, world = rank_world()
+    if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != sizes[rank]:
+        raise ValueError(f"all_gather_bytes: rank {rank} payload {tuple(payload.shape)} {payload.dtype}, "
+                         f"expected uint8 [{sizes[rank]}]")
+    n = max(sizes)
+    mine = payload if payload.numel() == n else torch.cat([payload, payload.new_zeros(n - payload.numel())])
+    outs = [torch.empty(n, dtype=torch.uint8, device=payload.device) for _ in range(world)]
+    _sync()
+    t0 = time.perf_counter()
+    dist.all_gather(outs, mine)
+    _sync()
+    COMM_SECONDS["broadcast"] += time.perf_counter() - t0
+    outs[rank] = payload
+    return [o[:sizes[r]] for r, o in enumerate(outs)]
+
+
 def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int]]) -> None:
     """The ``share`` of :func:`lowbit.algorithms.gptq.lower_triangular_inverse` in a data-parallel run: chunk
     ``i`` of the triangular inverse is computed by rank ``i % world`` (the same function as in one process, so
@@ -203,4 +232,4 @@ def barrier() -> None:
 
 
 __all__ = ["is_active", "rank_world", "init_from_env", "local_device", "shard", "sum_in_rank_order",
-           "min_over_ranks", "broadcast_object", "barrier", "shared_chunks", "SAFE_ENV"]
+           "min_over_ranks", "broadcast_object", "barrier", "shared_chunks", "all_gather_bytes", "SAFE_ENV"]
