@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run every `cuda`-marked test on a lent multi-GPU machine, test files spread over the GPUs
-# (one pytest process per GPU), logs to $OUT (`-v`: one line per test as it ends, so a run cut by its
-# time limit still shows every result it reached). Usage: bash bench/cuda_tests.sh [timeout_s]
+# Run every `cuda`-marked test on a lent multi-GPU machine, one pytest process per GPU, logs to $OUT (`-v`: one
+# line per test as it ends, so a run cut by its time limit still shows every result it reached).
+# Usage: bash bench/cuda_tests.sh [timeout_s]
+# SPLIT=files (default): test files dealt round robin over the GPUs, largest first.
+# SPLIT=ids: the collected node ids dealt round robin (big files such as tests/test_kernels_cuda.py are shared
+#   out too, so the processes end together).
 # WHL_DIR=<dir of wheels>: installed with --no-deps into a private site dir first (the device image lacks
 # gguf / compressed-tensors and has an older transformers than the one the project pins).
 set -u
@@ -17,13 +20,28 @@ if [ -n "${WHL_DIR:-}" ]; then
 fi
 NG=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
 mapfile -t FILES < <(grep -l "cuda" tests/test_*.py | sort)
-# largest files first, dealt round robin so the processes end together
-mapfile -t FILES < <(for f in "${FILES[@]}"; do echo "$(wc -c < "$f") $f"; done | sort -rn | cut -d' ' -f2)
+if [ "${SPLIT:-files}" = ids ]; then
+  python3 -m pytest --collect-only -q -m cuda -p no:cacheprovider "${FILES[@]}" 2> "$OUT/collect.err" \
+    | grep "::" > "$OUT/ids.txt"
+  echo "collected $(wc -l < "$OUT/ids.txt") cuda tests"
+  for ((g = 0; g < NG; g++)); do awk -v g="$g" -v n="$NG" '(NR - 1) % n == g' "$OUT/ids.txt" > "$OUT/part$g.txt"; done
+else
+  # largest files first, dealt round robin so the processes end together
+  mapfile -t FILES < <(for f in "${FILES[@]}"; do echo "$(wc -c < "$f") $f"; done | sort -rn | cut -d' ' -f2)
+  for ((g = 0; g < NG; g++)); do
+    for ((i = g; i < ${#FILES[@]}; i += NG)); do echo "${FILES[$i]}"; done > "$OUT/part$g.txt"
+  done
+fi
 for ((g = 0; g < NG; g++)); do
-  part=()
-  for ((i = g; i < ${#FILES[@]}; i += NG)); do part+=("${FILES[$i]}"); done
-  CUDA_VISIBLE_DEVICES=$g timeout "$T" python3 -m pytest -v -m cuda -rfEs -p no:cacheprovider \
-    "${part[@]}" > "$OUT/cuda_tests_gpu$g.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$g timeout "$T" python3 -c 'import sys, pytest
+args = [l for l in open(sys.argv[1]).read().splitlines() if l]
+sys.exit(pytest.main(["-v", "-m", "cuda", "-rfEs", "-p", "no:cacheprovider"] + args))' "$OUT/part$g.txt" \
+    > "$OUT/cuda_tests_gpu$g.log" 2>&1 &
 done
 wait
-for ((g = 0; g < NG; g++)); do echo "== GPU $g"; grep -cE " PASSED| FAILED| SKIPPED| ERROR" "$OUT/cuda_tests_gpu$g.log"; grep -E " FAILED| ERROR" "$OUT/cuda_tests_gpu$g.log" | head; tail -n 3 "$OUT/cuda_tests_gpu$g.log"; done
+for ((g = 0; g < NG; g++)); do
+  echo "== GPU $g: $(wc -l < "$OUT/part$g.txt") entries"
+  grep -cE " PASSED| FAILED| SKIPPED| ERROR" "$OUT/cuda_tests_gpu$g.log"
+  grep -E " FAILED| ERROR" "$OUT/cuda_tests_gpu$g.log" | head -20
+  tail -n 3 "$OUT/cuda_tests_gpu$g.log"
+done
