@@ -611,6 +611,21 @@ except ImportError:  # older Triton: no direct launches (every call through the 
     _knobs = None
 
 
+def _split_workspace(plan, stream, M: int, N: int, dev, counters: int):
+    """``(partial sums float32 [split, M, N], arrival counters int32 [counters] or None)`` of a split-K launch: the
+    in-kernel fixup's per-tile counters start at zero and the kernel re-arms them, so a compiled plan keeps one
+    pair per stream (reused by every call, CUDA-graph replays included); the first call (which compiles) gets a
+    fresh pair."""
+    got = plan.ws.get(stream)
+    if got is not None and plan.compiled is not None:
+        return got
+    y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
+    cnt = torch.zeros(counters, dtype=torch.int32, device=dev) if counters else None
+    if plan.compiled is not None:
+        plan.ws[stream] = (y, cnt)
+    return y, cnt
+
+
 def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     """Launch ``plan`` on ``x2 [M, K]`` (unit stride along K, even row stride) -> ``[M, N]`` in x's dtype.
     ``scales`` / ``zeros``: ``[N, NG]``, or ``[NG, N]`` where ``plan.tsc``."""
@@ -618,19 +633,8 @@ def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     dev = x2.device
     stream = _stream(dev) if plan.compiled is not None else 0
     out = torch.empty((M, N), dtype=x2.dtype, device=dev)
-    cnt = None
-    if plan.split == 1:
-        y = out
-    else:
-        got = plan.ws.get(stream)
-        if got is None or plan.compiled is None:
-            y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
-            # per-N-tile arrival counters of the in-kernel split-K fixup (zero; the kernel re-arms them)
-            cnt = torch.zeros(plan.grid[0], dtype=torch.int32, device=dev) if plan.fix else None
-            if plan.compiled is not None:
-                plan.ws[stream] = (y, cnt)
-        else:
-            y, cnt = got
+    y, cnt = (out, None) if plan.split == 1 else _split_workspace(plan, stream, M, N, dev,
+                                                                     plan.grid[0] if plan.fix else 0)
     z = zeros if zeros is not None else scales
     t = table if table is not None else scales
     b = bias if bias is not None else scales
@@ -960,17 +964,8 @@ def run_tc(plan: TcPlan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     dev = x2.device
     stream = _stream(dev) if plan.compiled is not None else 0
     out = torch.empty((M, N), dtype=x2.dtype, device=dev)
-    if plan.split == 1:
-        y, cnt = out, scales
-    else:
-        got = plan.ws.get(stream)
-        if got is None or plan.compiled is None:
-            y = torch.empty((plan.split, M, N), dtype=torch.float32, device=dev)
-            cnt = torch.zeros(plan.grid[0] * plan.grid[1], dtype=torch.int32, device=dev)
-            if plan.compiled is not None:
-                plan.ws[stream] = (y, cnt)
-        else:
-            y, cnt = got
+    y, cnt = (out, scales) if plan.split == 1 else _split_workspace(plan, stream, M, N, dev,
+                                                                       plan.grid[0] * plan.grid[1])
     z = zeros if zeros is not None else scales
     t = table if table is not None else scales
     b = bias if bias is not None else scales
