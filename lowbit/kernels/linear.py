@@ -218,15 +218,14 @@ def _prepare_cpu_int8(state: QuantState):
 
 def _int8_rows(xf: torch.Tensor):
     """Per-token symmetric int8 exactly as :func:`lowbit.nn.functional.fake_quantize_activation`:
-    ``s = absmax / 127`` (1 for an all-zero row), ``v = x / s``; returns ``(v, s)`` (v unrounded)."""
-    amax = xf.abs().amax(dim=-1, keepdim=True)
+    ``s = absmax / 127`` (1 for an all-zero row), ``v = x / s``; returns ``(v, s)`` (v unrounded). The absmax
+    is the infinity norm of the row (one pass, no ``|x|`` temporary; the same value, NaN included)."""
+    amax = torch.linalg.vector_norm(xf, _INF, dim=-1, keepdim=True)
     s = amax / 127.0
     s = torch.where(s > 0, s, 1.0)
     return xf / s, s
 
 
-# the smallest normal float32: a one-row scale below it (zero, subnormal) or not finite takes the general path
-_F32_TINY = 1.1754943508222875e-38
 _INF = float("inf")
 
 
@@ -237,15 +236,18 @@ CPU_INT8_FBGEMM_MAX_M = 32
 def _fbgemm(v: torch.Tensor, p: _CpuInt8) -> torch.Tensor:
     """``(v @ w.T) * sw`` for integer-valued float ``v`` in [-127, 127]: FBGEMM adds the zero point 128 (exact
     for integers) and multiplies u8 x s8 exactly (VNNI), the per-channel scale fused into its output."""
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v, 1.0, 128, p.packed)
+    return (_FBGEMM_OP or _fbgemm_op())(v, 1.0, 128, p.packed)
 
 
 _FBGEMM_OP = None
 
 
 def _fbgemm_op():
+    """The op's C++ entry itself: ``torch.ops.quantized.<op>(...)`` first scans the arguments in Python for fake
+    script objects (a torchbind op, for export), 2-3 us per call that eager inference never needs."""
     global _FBGEMM_OP
-    _FBGEMM_OP = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    packet = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    _FBGEMM_OP = getattr(packet, "_op", packet)
     return _FBGEMM_OP
 
 
@@ -256,6 +258,9 @@ def _fbgemm_op():
 # layouts called on it, {layout: output computed ahead}].
 _LAST_INPUT = [None]
 _C127 = torch.tensor(127.0)
+_CM127 = torch.tensor(-127.0)
+# a one-row absmax from which s = absmax / 127 is surely a normal float32 (smaller ones take the general path)
+_AMAX_LO = 2.0 ** -119
 _REUSE_MAX_NUMEL = 1 << 22
 _GROUP_MAX_MISSES = 3
 
@@ -266,8 +271,16 @@ def _quantize_input(x: torch.Tensor):
     ``CPU_INT8_FBGEMM_MAX_M`` rows, int8 above) and ``s`` the float32 scales ``[M, 1]``."""
     K = x.shape[-1]
     if x.numel() == K:
-        s = torch.div(x.abs().max(), _C127)  # the reference's float32 scale, a 0-d tensor (no scalar conversions)
-        if _F32_TINY <= s.item() < _INF:  # else (all zero, subnormal, inf / nan) the general path below
+        # absmax = max(max, -min) from one aminmax (NaN in both); s = absmax / 127 as a 0-d float32 tensor, the
+        # reference's value (-min / 127 == min / -127 exactly), without scalar-to-tensor conversions
+        mn, mx = torch.aminmax(x)
+        a, b = mx.item(), -mn.item()
+        if a >= b:
+            if _AMAX_LO <= a < _INF:  # else (all zero, tiny, inf) the general path below
+                s = torch.div(mx, _C127)
+                return torch.div(x, s).round_(), s, None, None
+        elif _AMAX_LO <= b < _INF:  # (NaN fails both tests)
+            s = torch.div(mn, _CM127)
             return torch.div(x, s).round_(), s, None, None
     x2 = x.reshape(-1, K)
     v, s = _int8_rows(x2)
@@ -326,7 +339,7 @@ def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]
         if g is not None and vs is not None and ver is not None:
             members = [m() for m in g.members]
             if None not in members:
-                outs = op(vs, 1.0, 128, g.packed).mul_(sc).split(g.sizes, -1)
+                outs = op(vs, 1.0, 128, g.packed).mul_(sc).split_with_sizes(g.sizes, -1)
                 _LAST_INPUT[0] = (weakref.ref(x), ver, q, [p], dict(zip(members[1:], outs[1:])))
                 return outs[0].add_(bias) if bias is not None else outs[0]
             p.group = None
@@ -338,7 +351,8 @@ def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]
             out = out.add_(bias)
         return out
     if v.dtype == torch.int8:
-        out = torch._int_mm(v, p.wt).float().mul_(p.sw)  # in place: one output allocation
+        # int32 -> float32 (round to nearest) times sw in one pass: the values of .float().mul_(sw)
+        out = torch.mul(torch._int_mm(v, p.wt), p.sw)
     else:
         out = op(v, 1.0, 128, p.packed)
     out = out.mul_(s)
