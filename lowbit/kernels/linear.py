@@ -171,13 +171,13 @@ def _prepack_int8(w: torch.Tensor, sw: torch.Tensor):
 
 
 class _CpuInt8:
-    __slots__ = ("w", "wt", "sw", "packed", "n", "group", "misses", "__weakref__")
+    __slots__ = ("w", "wt", "sw", "packed", "n", "k", "group", "misses", "__weakref__")
 
     def __init__(self, w: torch.Tensor, sw: torch.Tensor):
         self.w = w  # int8 [N, K] (derived once from the canonical uint8 codes, never saved)
         self.wt = w.t()  # the [K, N] view torch._int_mm takes
         self.sw = sw  # float32 [N]
-        self.n = w.shape[0]
+        self.n, self.k = w.shape
         self.packed = _prepack_int8(w, sw)
         self.group = None  # the _CpuInt8Group this layout heads (learned at decode), or None
         self.misses = 0  # groups of this head dropped because a member was not called
@@ -340,8 +340,24 @@ def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]
         # head has no group yet (a learned, used group costs nothing here)
         if c is not None and (c[4] or (len(c[3]) > 1 and c[3][0].group is None)):
             _learn_group(c)
-        q = _quantize_input(x)
-        vs, sc, v, s = q
+        # one row (decode), inline: _quantize_input's first case without its call and tuples
+        vs = None
+        if x.numel() == p.k:
+            mn, mx = torch.aminmax(x)
+            a, b = mx.item(), -mn.item()
+            if a >= b:
+                if _AMAX_LO <= a < _INF:
+                    sc = torch.div(mx, _C127)
+                    vs = torch.div(x, sc).round_()
+            elif _AMAX_LO <= b < _INF:
+                sc = torch.div(mn, _CM127)
+                vs = torch.div(x, sc).round_()
+        if vs is not None:
+            q = (vs, sc, None, None)
+            v = s = None
+        else:
+            q = _quantize_input(x)
+            vs, sc, v, s = q
         g = p.group
         if g is not None and vs is not None and ver is not None:
             members = [m() for m in g.members]
@@ -771,13 +787,16 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
                 if bias is not None and bias.dtype != x.dtype:
                     bias = bias.to(x.dtype)
                 return prepared_linear(x, p, bias)
-    elif x.is_cpu and act in _CPU_ACTS and not torch.compiler.is_compiling():
-        # hot path (CPU decode): the dense weight / int8 layout derived for this state, one dict lookup
+    elif x.is_cpu and act in _CPU_ACTS and not _is_compiling():
+        # hot path (CPU decode): the dense weight / int8 layout derived for this state, one dict lookup; the
+        # default selection (nothing chosen, LOWBIT_KERNELS unset) read inline (every call and frame here counts;
+        # an int8 layout exists only where cpu_has_vnni(), fixed per process)
         entry = state.__dict__.get(_CACHE_ATTR)
         entry = entry.get(_CPU_KEYS.get((act, x.dtype))) if entry else None
         if (entry is not None and entry[0] == state.data.data_ptr() and entry[2] is not _NOT_APPLICABLE
                 and entry[1] == _versions(state) and x.shape[-1] == state.shape[1] and x.numel()
-                and (_cpu_selection_default() or _cpu_backend_ok(act))):
+                and ((not select._preference and select._ENV_DATA is not None
+                      and select._ENV_KEY not in select._ENV_DATA) or _cpu_backend_ok(act))):
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
             if act is None:
@@ -807,15 +826,11 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
 
 
 _CPU_ACTS = (None, "int8")
+# torch.compiler.is_compiling itself (dynamo folds it while tracing), without two attribute lookups per call
+_is_compiling = torch.compiler.is_compiling
 # cache keys of the CPU hot path by (act, input dtype): the int8 layout needs float32 input
 _CPU_KEYS = {(None, dt): ("dense", dt) for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 _CPU_KEYS[("int8", torch.float32)] = "cpu_int8"
-
-
-def _cpu_selection_default() -> bool:
-    """No backend chosen (no ``select.use`` / ``set_backend``, ``LOWBIT_KERNELS`` unset): the CPU kernels run (an
-    int8 layout exists only where :func:`cpu_has_vnni`, fixed per process). Two lookups, for the hot path."""
-    return not select._preference and select._ENV_DATA is not None and select._ENV_KEY not in select._ENV_DATA
 
 
 def _cpu_backend_ok(act: Optional[str]) -> bool:
