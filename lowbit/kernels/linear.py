@@ -271,22 +271,10 @@ _GROUP_MAX_MISSES = 3
 
 
 def _quantize_input(x: torch.Tensor):
-    """``(c1, s1, v, s)`` of ``x``: one row with a normal scale gives the codes ``c1 = round(x / s1)`` (float, in
-    ``x``'s shape) and the 0-d float32 scale ``s1``; otherwise ``v`` the codes per row (float up to
-    ``CPU_INT8_FBGEMM_MAX_M`` rows, int8 above) and ``s`` the float32 scales ``[M, 1]``."""
+    """``(None, None, v, s)`` of ``x`` (the general path; one row with a normal scale is quantized inline by
+    :func:`_cpu_int8_dynamic`): ``v`` the codes per row (float up to ``CPU_INT8_FBGEMM_MAX_M`` rows, int8 above)
+    and ``s`` the float32 scales ``[M, 1]``."""
     K = x.shape[-1]
-    if x.numel() == K:
-        # absmax = max(max, -min) from one aminmax (NaN in both); s = absmax / 127 as a 0-d float32 tensor, the
-        # reference's value (-min / 127 == min / -127 exactly), without scalar-to-tensor conversions
-        mn, mx = torch.aminmax(x)
-        a, b = mx.item(), -mn.item()
-        if a >= b:
-            if _AMAX_LO <= a < _INF:  # else (all zero, tiny, inf) the general path below
-                s = torch.div(mx, _C127)
-                return torch.div(x, s).round_(), s, None, None
-        elif _AMAX_LO <= b < _INF:  # (NaN fails both tests)
-            s = torch.div(mn, _CM127)
-            return torch.div(x, s).round_(), s, None, None
     x2 = x.reshape(-1, K)
     v, s = _int8_rows(x2)
     v = v.round_()  # |v| <= 127 by construction
@@ -340,7 +328,10 @@ def _cpu_int8_dynamic(x: torch.Tensor, p: _CpuInt8, bias: Optional[torch.Tensor]
         # head has no group yet (a learned, used group costs nothing here)
         if c is not None and (c[4] or (len(c[3]) > 1 and c[3][0].group is None)):
             _learn_group(c)
-        # one row (decode), inline: _quantize_input's first case without its call and tuples
+        # one row (decode), inline (every call and tuple on this path counts): absmax = max(max, -min) from one
+        # aminmax (NaN in both); s = absmax / 127 as a 0-d float32 tensor, the reference's value (-min / 127 ==
+        # min / -127 exactly), no scalar-to-tensor conversions; all-zero, tiny, inf and NaN rows (NaN fails both
+        # range tests) take the general path
         vs = None
         if x.numel() == p.k:
             mn, mx = torch.aminmax(x)
