@@ -223,6 +223,47 @@ def main(argv=None) -> int:
     return 0
 
 
+PAIRS = [("lowbit int8-dynamic", "torch quantize_dynamic int8"), ("torch quantize_dynamic int8", "fp32"),
+         ("lowbit int8-dynamic", "fp32"), ("lowbit nf4", "fp32"), ("lowbit int4 g128 (rtn)", "fp32"),
+         ("GPTQ-format int4 g64 (load_gptq)", "fp32"), ("GGUF Q4_0 (load_gguf_model)", "fp32"), (LLAMA, "fp32")]
+
+
+def paired_lines(rows, names, done) -> list:
+    """Per-round paired speed ratios (each round runs every variant back to back, so a pair shares the round's
+    load phase: steadier than ratios of medians on a shared box) and the issue's CPU targets from them."""
+    def ratios(a, b, key, faster_is_lower):
+        xs, ys = rows[a][key][:done], rows[b][key][:done]
+        return [(y / x if faster_is_lower else x / y) for x, y in zip(xs, ys) if x > 0 and y > 0]
+
+    def fmt(v):
+        return f"{statistics.median(v):.3f} [{min(v):.2f}, {max(v):.2f}]" if v else "—"
+
+    out = ["", f"Per-round paired ratios over {done} rounds (speed, > 1 = first faster), median [min, max]; "
+           "CPU columns: ratio of CPU time per round (median):", "",
+           "| pair | prefill speed | decode speed | prefill CPU | decode CPU |", "|---|---|---|---|---|"]
+    got = {}
+    for a, b in PAIRS:
+        if a not in names or b not in names:
+            continue
+        p, d = ratios(a, b, "prefill", True), ratios(a, b, "decode", False)
+        pc, dc = ratios(a, b, "prefill_cpu", True), ratios(a, b, "decode_cpu", True)
+        got[(a, b)] = (p, d)
+        out.append(f"| {a} vs {b} | {fmt(p)} | {fmt(d)} | {fmt(pc).split(' ')[0]} | {fmt(dc).split(' ')[0]} |")
+    pair = ("lowbit int8-dynamic", "torch quantize_dynamic int8")
+    if pair in got and got[pair][0] and got[pair][1]:
+        p, d = (statistics.median(v) for v in got[pair])
+        out += ["", "Target (issue 15, CPU): int8-dynamic decode and prefill at least quantize_dynamic's, by the "
+                f"paired medians: decode {d:.3f}x ({'met' if d >= 1.0 else 'missed'}), prefill {p:.3f}x "
+                f"({'met' if p >= 1.0 else 'missed'})."]
+    four = [n for n in ("lowbit nf4", "lowbit int4 g128 (rtn)", "GPTQ-format int4 g64 (load_gptq)",
+                        "GGUF Q4_0 (load_gguf_model)") if (n, "fp32") in got and got[(n, "fp32")][1]]
+    if four:
+        parts = [f"{n} {statistics.median(got[(n, 'fp32')][1]):.3f}x" for n in four]
+        out.append("Target: 4-bit weight-only decode no slower than fp32 (paired decode medians): " + ", ".join(parts)
+                   + ".")
+    return out
+
+
 def write(rows, agree, names, args, load0, loads) -> None:
     import platform
 
@@ -266,14 +307,17 @@ def write(rows, agree, names, args, load0, loads) -> None:
             f"{m['decode'] / fp['decode']:.2f} | {dq} | {m['prefill_cpu']:.2f} | {m['decode_cpu']:.0f} | "
             f"{fp['prefill_cpu'] / m['prefill_cpu']:.2f} / {fp['decode_cpu'] / max(m['decode_cpu'], 1e-9):.2f} | "
             f"{agree.get(n, '—')}/16 |")
+    lines += paired_lines(rows, names, done)
     if "llama.cpp vs lowbit GGUF" in agree:
         lines += ["", f"llama.cpp's greedy tokens equal to lowbit's `load_gguf_model` on the same file: "
                       f"{agree['llama.cpp vs lowbit GGUF']}/16."]
     lines += [
         "",
         "Paths taken (see `lowbit/kernels/linear.py`): lowbit int8-dynamic quantizes activations per token "
-        "(codes `round(x / s)` as the reference), multiplies exactly by FBGEMM's prepacked int8 GEMM up to 32 rows "
-        "(decode) and `torch._int_mm` above (prefill), and rescales in float32 (`* sw` in FBGEMM's epilogue, then `* s`); "
+        "(codes `round(x / s)` as the reference; one row: the scale from one `aminmax`, codes by `div` + `round_`; "
+        "rows: absmax = max(row max, -row min)), multiplies exactly by FBGEMM's prepacked int8 GEMM up to 32 rows "
+        "(decode; the op called through its C++ entry) and `torch._int_mm` above (prefill), and rescales in float32 "
+        "(`* sw` in FBGEMM's epilogue, then `* s`); "
         "the codes of an input are computed once for the linears that share it (q/k/v, gate/up), and "
         "at one row those linears, learned on the first decode step, run as one FBGEMM GEMM on their stacked "
         "weights (an extra packed int8 copy of q/k/v and gate/up). quantize_dynamic quantizes "

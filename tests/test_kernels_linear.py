@@ -253,11 +253,10 @@ def test_module_hot_path_bit_identical_to_reference(cls):
 
 
 @needs_vnni
-@pytest.mark.parametrize("M", [1, 3, 40])
-def test_int8_dynamic_cpu_codes_exact_at_rounding_ties(M):
+@pytest.mark.parametrize("M,K", [(1, 128), (3, 128), (40, 128), (1, 576), (1, 1536), (40, 1536)])
+def test_int8_dynamic_cpu_codes_exact_at_rounding_ties(M, K):
     # activations a hair (1-2 ulp) off k + 0.5 code steps: the kernel's codes must be round(x / s) exactly,
     # as the reference's (FBGEMM's own quantization adds the zero point before rounding and flips ~1/4 of them)
-    K = 128
     lin = nn.Linear(K, K, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.eye(K))  # per-channel scale 1/127, code 127: output = code(x) * s
@@ -358,3 +357,99 @@ def test_int8_dynamic_cpu_inference_mode(M):
             ys.append(mods[1](x))
             for m, y, xx in zip(mods + mods[1:], ys, (x / 2, x / 2, x)):
                 torch.testing.assert_close(y.double(), _int8_exact(m, xx), rtol=2e-6, atol=1e-6)
+
+
+def _one_row_formula(q, x):
+    """The one-row path's float32 computation spelled out: codes round(x / s) with the reference's 0-d scale
+    s = max|x| / 127, FBGEMM's exact products times sw, then * s (+ bias)."""
+    s = torch.div(x.abs().max(), torch.tensor(127.0))
+    codes = torch.round(x / s).reshape(1, -1)
+    out = L._fbgemm(codes, L._cached(q.qstate, "cpu_int8")) * s
+    return (out + q.bias if q.bias is not None else out).reshape(*x.shape[:-1], -1)
+
+
+@needs_vnni
+@pytest.mark.parametrize("K", [256, 576, 1536])
+def test_int8_dynamic_cpu_one_row_scale_from_either_sign(K):
+    # one row: the scale comes from max or from -min (one aminmax); rows whose absmax is the minimum, equal
+    # magnitudes of both signs, and scales around the general-path threshold give the codes and scale of the
+    # reference, bit for bit the formula of the one-row path
+    q = QLinear.from_module(_lin(64, K, seed=K), weights="qint8", activations="qint8", act_dynamic=True)
+    g = torch.Generator().manual_seed(K)
+    base = torch.randn(1, 1, K, generator=g)
+    rows = {"max": base.abs() + 0.1, "min": -(base.abs() + 0.1), "mixed": base}
+    tie = base.clone()
+    tie[..., 0], tie[..., 1] = 3.0, -3.0  # |min| == max
+    rows["tie"] = tie
+    neg = base.clone()
+    neg[..., 2] = -50.0
+    rows["negative absmax"] = neg
+    for scale in (2.0 ** -119, 2.0 ** -118, 2.0 ** -120, 1e-36, 3e38 / 8):  # around L._AMAX_LO; large finite
+        r = base / base.abs().max() * scale
+        rows[f"absmax {scale:g}"] = r
+        rows[f"absmax -{scale:g}"] = -r
+    refs = {k: q(x) for k, x in rows.items()}  # unfrozen: fake quantization + F.linear
+    q.freeze()
+    with torch.no_grad():
+        for k, x in rows.items():
+            got = q(x)
+            assert torch.equal(got, _one_row_formula(q, x)), k
+            torch.testing.assert_close(got.double(), _int8_exact(q, x), rtol=2e-6, atol=1e-30, msg=k)
+            if x.abs().max() < 1e30:
+                torch.testing.assert_close(got, refs[k], rtol=1e-5, atol=1e-4 * float(x.abs().max()), msg=k)
+
+
+@needs_vnni
+@pytest.mark.parametrize("M", [1, 40])
+def test_int8_dynamic_cpu_nonfinite_rows_as_reference(M):
+    # NaN / inf in a row: the one-row shortcut is not taken; the output's NaN pattern is the reference's
+    q = QLinear.from_module(_lin(32, 576, seed=3), weights="qint8", activations="qint8", act_dynamic=True)
+    rows = []
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(M, 576)
+        x[0, 5] = bad
+        rows.append(x)
+    refs = [q(x) for x in rows]
+    q.freeze()
+    with torch.no_grad():
+        for x, ref in zip(rows, refs):
+            got = q(x)
+            assert torch.equal(torch.isnan(got), torch.isnan(ref))
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4, equal_nan=True)
+
+
+@needs_vnni
+@pytest.mark.parametrize("K", [576, 1536])
+def test_int8_dynamic_cpu_rows_negative_absmax(K):
+    # many rows (torch._int_mm path): per-row absmax = max(row max, -row min) equals max|x| (rows dominated by
+    # their minimum, by their maximum, all zero, ties); products exact, rescale (acc * sw) * s
+    q = QLinear.from_module(_lin(48, K, seed=K), weights="qint8", activations="qint8", act_dynamic=True)
+    g = torch.Generator().manual_seed(K + 1)
+    x = torch.randn(40, K, generator=g) * torch.logspace(-3, 3, 40).unsqueeze(1)
+    x[::3] = -x[::3].abs()
+    x[1::3] = x[1::3].abs()
+    x[5] = 0
+    x[7, 0], x[7, 1] = 9.0, -9.0
+    ref = q(x)
+    q.freeze()
+    with torch.no_grad():
+        got = q(x)
+    p = L._cached(q.qstate, "cpu_int8")
+    s = x.abs().amax(-1, keepdim=True) / 127.0
+    s = torch.where(s > 0, s, 1.0)
+    codes = torch.round(x / s).to(torch.int8)
+    want = (torch._int_mm(codes, p.w.t()).float() * p.sw) * s + q.bias
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got.double(), _int8_exact(q, x), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+
+
+@needs_vnni
+def test_int8_dynamic_cpu_fbgemm_entry_is_the_op():
+    # the FBGEMM op is called through its C++ entry (no Python argument scan): same results as torch.ops
+    q = _int8_dyn(40, 576, 8)
+    p = L._prepare_cpu_int8(q.qstate)
+    v = torch.randint(-127, 128, (3, 576)).float()
+    want = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v, 1.0, 128, p.packed)
+    assert torch.equal(L._fbgemm(v, p), want)
+    assert L._fbgemm_op() is not torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
