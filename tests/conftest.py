@@ -3,6 +3,17 @@ import os
 import pytest
 import torch
 
+# torch.compile's on-disk cache (TorchInductor) does not key its C++ kernels by ATEN_CPU_CAPABILITY: a run forced to
+# avx2 on an AVX-512 machine leaves kernels generated for 8-float vectors that a later default run (16-float vectors)
+# reuses, and their stores overrun their buffers (heap corruption, "double free or corruption" in the compile tests).
+# A forced capability therefore gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 # xdist runs one worker per core: one intra-op thread each avoids oversubscribing the CPU
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
