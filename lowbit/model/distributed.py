@@ -3,8 +3,10 @@
 Launched with ``torchrun --nproc-per-node N`` (or ``lowbit quantize --nproc N``), every rank runs
 its contiguous share of the calibration samples through each block; the statistics (float64 sums
 over samples, :class:`lowbit.algorithms.stats.InputStats`) are gathered and added in rank order,
-so every rank holds the same Hessian; each stage's solve units (one per linear) are spread over
-the ranks and their results broadcast from the rank that computed them; rank 0 writes the files.
+so every rank holds the same Hessian; each stage's output rows are shared out over the ranks (GPTQ
+solves every row on its own), the solved pieces exchanged in one all-gather of packed bytes
+(``LOWBIT_DP_SPLIT`` / ``LOWBIT_DP_EXCHANGE`` for the earlier whole-linear units and broadcasts);
+rank 0 writes the files.
 
 The codes equal the single-process run's: every sample's statistics are computed alone, the sums
 are float64 (the fp32 Hessian handed to the solver is their rounding) and added in sample order
