@@ -282,12 +282,11 @@ def _sweep_in_place(sweep):
     codes and errors without the block's copies and gathers; ``LOWBIT_GPTQ_SWEEP_INTO=0``: the copying call)."""
     import os
 
-    if sweep is None or getattr(sweep, "__name__", "") != "sweep_block" or \
-            os.environ.get("LOWBIT_GPTQ_SWEEP_INTO", "1") == "0":
+    if sweep is None or sweep is sweep_block_emulated or os.environ.get("LOWBIT_GPTQ_SWEEP_INTO", "1") == "0":
         return None
-    from lowbit.kernels.triton.gptq_sweep import sweep_into
+    from lowbit.kernels.triton.gptq_sweep import sweep_block, sweep_into  # imported already: sweep is one of them
 
-    return sweep_into
+    return sweep_into if sweep is sweep_block else None
 
 
 def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

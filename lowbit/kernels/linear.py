@@ -615,8 +615,8 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
         elif cfg[0] == "tc":
             from lowbit.kernels.triton import lowbit_mm as lm
 
-            if (p.k * p.bits // 32) % 16 or p.group % (32 // p.bits):
-                plan = _DENSE  # the tensor-core GEMM steps over at least 16 words per row
+            if not lm.tc_fits(p.k, p.bits, p.group):
+                plan = _DENSE
             else:
                 plan = lm.make_tc_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, bias is not None, cfg, p.table)
         else:
@@ -678,17 +678,13 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     if plan.tc:
         from lowbit.kernels.triton.lowbit_mm import run_tc
 
-        if plan.compiled is None:  # first launch compiles: a config this GPU cannot hold -> dequantize + cuBLAS
-            try:
-                y = run_tc(plan, x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.k // p.group,
-                           32 // p.bits)
-            except Exception as e:  # noqa: BLE001 - only Triton's resource errors are absorbed
-                if type(e).__name__ != "OutOfResources":
-                    raise
-                p.plans[key] = _DENSE
-                return dense_linear(x, p, bias)
-        else:
+        try:
             y = run_tc(plan, x2, p.words, p.scales, p.zeros, p.table, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
+        except Exception as e:  # noqa: BLE001 - only the first launch's (compile) resource errors are absorbed
+            if plan.compiled is not None or type(e).__name__ != "OutOfResources":
+                raise
+            p.plans[key] = _DENSE  # a config this GPU cannot hold: dequantize + cuBLAS from now on
+            return dense_linear(x, p, bias)
         return y.view(*x.shape[:-1], p.n)
     from lowbit.kernels.triton.lowbit_mm import run_plan
 

@@ -105,16 +105,6 @@ def _shfl_lookup(tv, idx):
 
 
 @triton.jit
-def _shfl_lookup_pure(tv, idx):
-    # _shfl_lookup marked pure, so that layout conversions are hoisted above it onto the packed words (the tc GEMM:
-    # the lookup then runs in the MMA operand layout; tv is rematerialised there from the lane id, so every lane
-    # still holds table[laneid % 16]). No control flow separates the lanes of a warp in the kernels using it.
-    v = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, 0xffffffff;", "=r,r,r", [tv, idx],
-                                  dtype=tl.int32, is_pure=True, pack=1)
-    return v.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _xpair(xi_ptr, offs, X_BF16: tl.constexpr):
     # two consecutive activations (elements 2i, 2i+1) from one 32-bit load
     xb = tl.load(xi_ptr + offs)
@@ -935,6 +925,13 @@ def table_asm(table) -> str:
     return " ".join(lines)
 
 
+def tc_fits(K: int, bits: int, G: int) -> bool:
+    """Whether the tensor-core GEMM takes this weight: it steps over at least 16 packed 32-bit words per row
+    (``K * bits / 32`` divisible by 16) and every scale group is whole words."""
+    per = 32 // bits
+    return (K // per) % 16 == 0 and G % per == 0
+
+
 def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None) -> TcPlan:
     """``config`` = ``("tc", BM, BN, BKW, split_k, warps, stages)``: a ``[BN, BM]`` output tile per program
     (BN weight rows x BM activation rows), ``BKW`` 32-bit words per row and step (at least 16: the MMA's K per
@@ -943,7 +940,7 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None) -> 
     _, BM, BN, BKW, split_k, warps, stages = config
     per = 32 // bits
     KW = K // per
-    if KW % 16 or G % per:
+    if not tc_fits(K, bits, G):
         raise ValueError(f"tc GEMM needs K * bits / 32 divisible by 16 and whole words per group; got K={K}, "
                          f"bits={bits}, group={G}")
     BKW = max(16, 1 << (min(BKW, KW).bit_length() - 1))  # a power of two (tl.arange) dividing K's words
