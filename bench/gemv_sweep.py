@@ -111,6 +111,22 @@ def time_eager(calls, rounds=5, reps=3):
     return statistics.median(ts)
 
 
+def rotated_weights(N, K, scheme, kw):
+    """A random bf16 ``[N, K]`` weight for timing: ``(prepared layouts of quantized row-rotated copies, the first
+    copy's dequantized float32 weight, bf16 rotated copies, bytes one quantized copy reads)``; enough copies of
+    each (2-8) that successive calls do not find the weight in the 50 MB L2."""
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    ncopy = max(2, min(8, int(3 * 60e6 // (N * K // 2)) + 1))
+    sts = [quantize_tensor(W.roll(i, 0), scheme, **kw) for i in range(ncopy)]
+    ps = [L.prepare_linear(s) for s in sts]
+    p = ps[0]
+    wref = L.dequantize_state(sts[0]).float()
+    Wb = [W.roll(i, 0).contiguous() for i in range(max(2, min(8, int(3 * 60e6 // (N * K * 2)) + 1)))]
+    nbytes = N * K * p.bits // 8 + p.scales.numel() * p.scales.element_size() + (
+        p.zeros.numel() * p.zeros.element_size() if p.zeros is not None else 0)
+    return ps, wref, Wb, nbytes
+
+
 def rel(y, ref):
     y = y.float()
     if not torch.isfinite(y).all():
@@ -163,15 +179,8 @@ def sweep(res, t0, budget):
             if time.perf_counter() - t0 > budget:
                 res["errors"].append(f"sweep: budget before {fmt} {N}x{K}")
                 return
-            W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-            ncopy = max(2, min(8, int(3 * 60e6 // (N * K // 2)) + 1))
-            sts = [quantize_tensor(W.roll(i, 0), scheme, **kw) for i in range(ncopy)]
-            ps = [L.prepare_linear(s) for s in sts]
+            ps, wref, Wb, nbytes = rotated_weights(N, K, scheme, kw)
             p = ps[0]
-            wref = L.dequantize_state(sts[0]).float()
-            Wb = [W.roll(i, 0).contiguous() for i in range(max(2, min(8, int(3 * 60e6 // (N * K * 2)) + 1)))]
-            nbytes = N * K * p.bits // 8 + p.scales.numel() * p.scales.element_size() + (
-                p.zeros.numel() * p.zeros.element_size() if p.zeros is not None else 0)
             for M in MS:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 ref = x.float() @ wref.T
@@ -303,7 +312,7 @@ def sweep(res, t0, budget):
                       f"v2 {bg if bg else float('nan'):7.1f} us ({fl / bg if bg else 0:.2f}x, "
                       f"{nbytes / (bg * 1e-6) / 1e9 if bg else 0:.0f} GB/s) eager v2 {row.get('v2_eager', 0):.1f} "
                       f"vs F.linear {row['flinear_eager']:.1f}  {row.get('best_cfg')}", flush=True)
-            del ps, sts, Wb, W
+            del ps, Wb
             torch.cuda.empty_cache()
 
 

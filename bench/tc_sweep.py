@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from pathlib import Path
@@ -114,7 +113,7 @@ def main(argv=None):
         print("  ", e, flush=True)
     import torch.nn.functional as F
 
-    from bench.gemv_sweep import rel, time_graph
+    from bench.gemv_sweep import rel, rotated_weights, time_graph
     from lowbit.kernels import linear as L
     from lowbit.kernels import triton_configs as TC
     from lowbit.kernels.triton import lowbit_mm as lm
@@ -159,14 +158,8 @@ def main(argv=None):
     for (N, K) in shapes:
         for fmt in a.formats.split(","):
             scheme, kw = FORMATS[fmt]
-            W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-            ncopy = max(2, min(8, int(3 * 60e6 // (N * K // 2)) + 1))
-            sts = [quantize_tensor(W.roll(i, 0), scheme, **kw) for i in range(ncopy)]
-            ps = [L.prepare_linear(s) for s in sts]
+            ps, wref, Wb, nbytes = rotated_weights(N, K, scheme, kw)
             p = ps[0]
-            wref = L.dequantize_state(sts[0]).float()
-            Wb = [W.roll(i, 0).contiguous() for i in range(max(2, min(8, int(3 * 60e6 // (N * K * 2)) + 1)))]
-            nbytes = N * K * p.bits // 8 + p.scales.numel() * 4 + (p.zeros.numel() if p.zeros is not None else 0)
             for M in ms:
                 if time.perf_counter() - t0 > a.budget:
                     res["errors"].append(f"budget before {fmt} {N}x{K} M={M}")
@@ -199,7 +192,7 @@ def main(argv=None):
                 print(f"{fmt:4s} {N:5d}x{K:5d} M={M:3d} F.linear {row['flinear']:7.1f} dense {row['dense']:7.1f} "
                       f"tc {bt:7.1f} us  {row['flinear'] / bt:.2f}x F.linear, {row['dense'] / bt:.2f}x dense, "
                       f"{nbytes / (bt * 1e-6) / 1e9:.0f} GB/s  {row.get('best_cfg')}", flush=True)
-            del ps, sts, Wb, W
+            del ps, Wb
             torch.cuda.empty_cache()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
