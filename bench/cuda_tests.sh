@@ -5,6 +5,8 @@
 # SPLIT=files (default): test files dealt round robin over the GPUs, largest first.
 # SPLIT=ids: the collected node ids dealt round robin (big files such as tests/test_kernels_cuda.py are shared
 #   out too, so the processes end together).
+# PER_GPU=k: k pytest processes per GPU (Triton compilation is CPU-bound and the test kernels are small: on a
+#   16-core single-GPU machine several processes can share the GPU: the run should end sooner).
 # WHL_DIR=<dir of wheels>: installed with --no-deps into a private site dir first (the device image lacks
 # gguf / compressed-tensors and has an older transformers than the one the project pins).
 set -u
@@ -18,7 +20,8 @@ if [ -n "${WHL_DIR:-}" ]; then
   export PYTHONPATH="/tmp/lowbit-site${PYTHONPATH:+:$PYTHONPATH}"
   python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
 fi
-NG=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+NGPU=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+NG=$((NGPU * ${PER_GPU:-1}))
 mapfile -t FILES < <(grep -l "cuda" tests/test_*.py | sort)
 if [ "${SPLIT:-files}" = ids ]; then
   python3 -m pytest --collect-only -q -m cuda -p no:cacheprovider "${FILES[@]}" 2> "$OUT/collect.err" \
@@ -33,14 +36,14 @@ else
   done
 fi
 for ((g = 0; g < NG; g++)); do
-  CUDA_VISIBLE_DEVICES=$g timeout "$T" python3 -c 'import sys, pytest
+  CUDA_VISIBLE_DEVICES=$((g % NGPU)) timeout "$T" python3 -c 'import sys, pytest
 args = [l for l in open(sys.argv[1]).read().splitlines() if l]
 sys.exit(pytest.main(["-v", "-m", "cuda", "-rfEs", "-p", "no:cacheprovider"] + args))' "$OUT/part$g.txt" \
     > "$OUT/cuda_tests_gpu$g.log" 2>&1 &
 done
 wait
 for ((g = 0; g < NG; g++)); do
-  echo "== GPU $g: $(wc -l < "$OUT/part$g.txt") entries"
+  echo "== process $g (GPU $((g % NGPU))): $(wc -l < "$OUT/part$g.txt") entries"
   grep -cE " PASSED| FAILED| SKIPPED| ERROR" "$OUT/cuda_tests_gpu$g.log"
   grep -E " FAILED| ERROR" "$OUT/cuda_tests_gpu$g.log" | head -20
   tail -n 3 "$OUT/cuda_tests_gpu$g.log"
