@@ -25,3 +25,6 @@ else
 fi
 find "$OUT/g0" "$OUT/g1" -type f ! -name "*.json" -delete
 grep -E "NOTE|took|Error" "$OUT/g0.log" "$OUT/g1.log" | cut -c1-220 | tail -20
+# at most 8 files come back from $OUT: the logs and lists in one archive, the two gpu.json beside it
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude='g0' --exclude='g1' . && find . -maxdepth 1 -type f ! -name logs.tgz -delete)
+ls -R "$OUT" | head -20
