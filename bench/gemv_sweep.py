@@ -325,8 +325,11 @@ def sweep(res, t0, budget):
                         TC.TUNED_MM[(p.bits, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
                     for q in ps:
                         q.plans.clear()
-                    row["v2_eager"] = time_eager([lambda q=q: L.prepared_linear(x, q) for q in ps])
-                    row["v2_graph"] = time_graph([lambda q=q: L.prepared_linear(x, q) for q in ps])
+                    try:
+                        row["v2_eager"] = time_eager([lambda q=q: L.prepared_linear(x, q) for q in ps])
+                        row["v2_graph"] = time_graph([lambda q=q: L.prepared_linear(x, q) for q in ps])
+                    except Exception as ex:  # noqa: BLE001
+                        res["errors"].append(f"dispatch {fmt} {key} {best[0]}: {type(ex).__name__}: {str(ex)[:160]}")
                     if not COMMITTED:
                         TC.TUNED_MM.clear()
                         if RUN6:
