@@ -60,6 +60,7 @@ GEMVG_MODE = False
 # through the v1 tensor-core GEMM with explicit configs ("v1gemm", BN, kstep, split, warps, stages), beside the
 # v1 dispatch and dequantize + cuBLAS
 RUN3 = False
+RUN7 = False  # --run6 --round 2: run 7's candidates (run7_candidates)
 RUN6 = False  # --run6: M = 1 multi-group GEMVs ("gemvq*") vs the committed config and torchao int4 (helper gemv5)
 RUN5 = False  # --run5: M = 1 NF4 through the shuffle-codebook GEMV ("gemvgs*"), scale layouts, M = 16 / 64 re-timed
 COMMITTED = False  # --committed: only the shipped TUNED_MM choice per (format, shape, M), re-timed beside F.linear / v1
@@ -181,6 +182,8 @@ def sweep(res, t0, budget):
             if time.perf_counter() - t0 > budget:
                 res["errors"].append(f"sweep: budget before {fmt} {N}x{K}")
                 return
+            if RUN7 and fmt not in ("nf4", "int4", "int8") and (N, K) not in SHAPES[:2]:
+                continue  # int4 sym / Q4_0: the issue's shapes only
             ps, wref, Wb, nbytes = rotated_weights(N, K, scheme, kw)
             p = ps[0]
             for M in MS:
@@ -202,7 +205,7 @@ def sweep(res, t0, budget):
                 cands = []
                 if RUN6:
                     committed = TC.config_mm(p.bits, p.kind, M, N, K, p.group)
-                    cands = run6_candidates(fmt, M, committed)
+                    cands = (run7_candidates if RUN7 else run6_candidates)(fmt, M, committed)
                     cands = list(dict.fromkeys(tuple(c) for c in cands))
                     if fmt == "int4" and M == 1 and "torchao" not in row:  # the peer, same x, same weight copies
                         mods, why = torchao_int4(N, K, Wb)
@@ -347,6 +350,32 @@ def sweep(res, t0, budget):
             torch.cuda.empty_cache()
 
 
+def run7_candidates(fmt, M, committed):
+    """Run 7 (helper gemv5's second call): run 6's winning families beside register prefetch two steps deep ("ff")
+    and TMA with 16-bit activation loads ("mx", no shared-memory staging of the activations), 8-warp tiles; int4
+    sym g128 ("int4s") and GGUF Q4_0 ("q4_0") through the integer class's candidates."""
+    if fmt == "int8":
+        fams = [("gemvqm", 128, 32, 4, 3), ("gemvqmx", 128, 32, 4, 3), ("gemvqm", 128, 64, 4, 3),
+                ("gemvqm", 256, 32, 8, 3), ("gemvqm", 128, 32, 4, 4), ("gemvqmx", 256, 32, 8, 3)]
+        splits = (4, 8, 16)
+    elif fmt == "nf4":
+        fams = [("gemvqs", 64, 32, 4, 1), ("gemvqsff", 128, 8, 4, 1), ("gemvqsff", 256, 8, 8, 1),
+                ("gemvqsf", 128, 16, 4, 1), ("gemvqsmx", 128, 16, 4, 3), ("gemvqsmx", 64, 32, 4, 3),
+                ("gemvqsmx", 128, 8, 4, 4), ("gemvqs", 128, 32, 4, 1), ("gemvqs", 64, 32, 2, 1)]
+        splits = (4, 8, 16)
+    elif fmt in ("int4s", "q4_0"):
+        fams = [("gemvqf", 128, 16, 4, 1), ("gemvqm", 128, 16, 4, 3), ("gemvqff", 128, 16, 4, 1),
+                ("gemvqmx", 128, 16, 4, 3)]
+        splits = (4, 8)
+    else:
+        fams = [("gemvqf", 128, 16, 4, 1), ("gemvqm", 128, 16, 4, 3), ("gemvq", 64, 64, 4, 1),
+                ("gemvqf", 256, 16, 8, 1), ("gemvqff", 128, 16, 4, 1), ("gemvqff", 256, 16, 8, 1),
+                ("gemvqmx", 128, 16, 4, 3), ("gemvqmx", 128, 16, 4, 4), ("gemvqmx", 128, 32, 4, 3),
+                ("gemvqmx", 256, 16, 8, 3), ("gemvqm", 256, 16, 8, 3), ("gemvqmx", 64, 64, 4, 3)]
+        splits = (2, 4, 8, 16)
+    return [committed] + [(nm, bn, bkw, sk, wp, st) for sk in splits for nm, bn, bkw, wp, st in fams]
+
+
 def run6_candidates(fmt, M, committed):
     """Run 6 (helper gemv5): the multi-group GEMV ("gemvq": 1, 2 or 4 scale groups per step, exact integer decode
     with about one integer op per weight; suffix s = codebook by warp shuffles, f = register prefetch, m = words by
@@ -376,8 +405,8 @@ def prewarm_jobs():
     out, seen = [], set()
     for fmt in SWEEP_FORMATS:
         bits, kind = (8, 1) if fmt == "int8" else (4, 0 if fmt == "nf4" else 2)
-        for (N, K) in SHAPES:
-            for c in run6_candidates(fmt, 1, TC.config_mm(bits, kind, 1, N, K, K if bits == 8 else 128)):
+        for (N, K) in (SHAPES if fmt in ("nf4", "int4", "int8") else SHAPES[:2]):
+            for c in (run7_candidates if RUN7 else run6_candidates)(fmt, 1, TC.config_mm(bits, kind, 1, N, K, 128)):
                 k = (fmt, c[:3] + c[4:], c[3] > 1)  # one compile per config up to the split count
                 if k not in seen:
                     seen.add(k)
@@ -415,12 +444,11 @@ def prewarm_worker(i, n):
     print(f"prewarm worker {i}/{n}: {done}/{len(jobs)} compiled", flush=True)
 
 
-def prewarm(n):
+def prewarm(n, extra):
     import subprocess
 
     t = time.perf_counter()
     argv = [sys.executable, __file__, "--run6", "--prewarm-worker"]
-    extra = [a for a in sys.argv[1:] if a.startswith("--formats") or a.startswith("--shapes")]
     procs = [subprocess.Popen(argv + [f"{i}/{n}"] + extra) for i in range(n)]
     for pr in procs:
         pr.wait()
@@ -685,14 +713,16 @@ def main(argv=None):
                     "layouts (state's own vs transposed), M = 16 / 64 committed vs dense / v1")
     ap.add_argument("--run6", action="store_true", help="run 6: M = 1 multi-group GEMVs (gemvq*) vs the committed "
                     "config and torchao int4 g128 (nf4 b64, int4 asym g128, int8 per channel)")
+    ap.add_argument("--round", type=int, default=1, help="run 6 candidates (1) or run 7's (2)")
     ap.add_argument("--prewarm", type=int, default=0, help="run 6: compile every candidate first in N processes")
     ap.add_argument("--prewarm-worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--prewarm-only", action="store_true", help="compile the candidates (--prewarm N), then stop")
     ap.add_argument("--formats", default="", help="subset of nf4,int4,int8 (default: all of the mode)")
     ap.add_argument("--committed", action="store_true", help="re-time the committed TUNED_MM choice only (M 1, 4, 16; "
                     "nf4, int4, int8) beside F.linear and v1")
     ap.add_argument("--shapes", default="", help="N x K list, e.g. 8192x8192,28672x8192 (default: all)")
     args = ap.parse_args(argv)
-    global GEMVG_MODE, MS, RUN3, SHAPES, COMMITTED, RUN5, RUN6
+    global GEMVG_MODE, MS, RUN3, SHAPES, COMMITTED, RUN5, RUN6, RUN7
     if args.gemvg:
         GEMVG_MODE, MS = True, (1, 4)
     if args.run3:  # the Llama-3-8B decode shapes first (the generate table uses them), then the issue's
@@ -707,6 +737,10 @@ def main(argv=None):
         RUN6, MS = True, (1,)
         SHAPES = [(8192, 8192), (28672, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]
         SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
+        if args.round == 2:
+            RUN7 = True
+            SWEEP_FORMATS["int4s"] = ("int4", dict(group_size=128))
+            SWEEP_FORMATS["q4_0"] = ("q4_0", {})
     if args.committed:
         COMMITTED, MS = True, (1, 4, 16)
         SHAPES = [(8192, 8192), (28672, 8192), (4096, 4096), (14336, 4096), (4096, 14336)]
@@ -725,12 +759,16 @@ def main(argv=None):
         return
     t0 = time.perf_counter()
     if args.prewarm:
-        prewarm(args.prewarm)
+        prewarm(args.prewarm, ["--round", str(args.round)] + (["--formats", args.formats] if args.formats else [])
+                + (["--shapes", args.shapes] if args.shapes else []))
+        if args.prewarm_only:
+            return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
 
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "run6": RUN6,
+           "round": args.round,
            "command": "python bench/gemv_sweep.py " + " ".join(argv), "rows": [], "check": [], "errors": []}
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)

@@ -574,7 +574,9 @@ def test_multi_group_gemv(scheme, kw, monkeypatch):
     s = "s" if p.kind == 0 else ""
     for M, cfg, dt in ((1, (f"gemvq{s}m", 128, 32, 4, 4, 3), torch.bfloat16),
                        (3, (f"gemvq{s}f", 64, 32, 2, 4, 1), torch.bfloat16),
-                       (4, (f"gemvq{s}", 64, 64, 1, 4, 3), torch.float16)):
+                       (4, (f"gemvq{s}", 64, 64, 1, 4, 3), torch.float16),
+                       (1, (f"gemvq{s}ff", 128, 16, 8, 4, 1), torch.bfloat16),
+                       (2, (f"gemvq{s}mx", 128, 32, 2, 8, 3), torch.float16)):
         monkeypatch.setitem(TC.TUNED_MM, key, [(4, 1 << 30, 1 << 30, cfg)])
         p.plans.clear()
         x = torch.randn(M, K, device="cuda").to(dt)

@@ -301,6 +301,10 @@ def test_gemvq_plan_names_tiles_and_errors():
 
     assert lm.is_gemvq("gemvq") and lm.is_gemvq("gemvqsf") and lm.is_gemvq("gemvqsm")
     assert not lm.is_gemvq("gemvqfm") and not lm.is_gemvq("gemvqt") and not lm.is_gemvg("gemvq")
+    assert lm.is_gemvq("gemvqff") and lm.is_gemvq("gemvqmx") and not lm.is_gemvq("gemvqfff")
+    plan = lm.make_plan(1, 4096, 8192, 4, 128, 2, 8.0, torch.bfloat16, False, ("gemvqff", 128, 64, 4, 4, 1))
+    assert plan.consts["PF"] == 2 and plan.consts["BKW"] == plan.consts["WPG"] == 16  # one sub-tile per step
+    assert lm.make_plan(1, 4096, 8192, 4, 128, 2, 8.0, torch.bfloat16, False, ("gemvqmx", 128, 16, 4, 4, 3)).consts["X16"]
     assert lm.gemvq_tiles(1024, 128, 8, 64) == (64, 16)  # int4 g128: 4 groups of 16 words per step
     assert lm.gemvq_tiles(1024, 128, 8, 8) == (8, 8)  # half a group per step
     assert lm.gemvq_tiles(1024, 64, 8, 128) == (32, 8)  # at most 4 sub-tiles
@@ -342,7 +346,9 @@ def test_gemvq_in_triton_interpreter(scheme, kw, monkeypatch):
     s = "s" if p.kind == 0 else ""
     cases = [(1, (f"gemvq{s}", 32, 32, 2, 4, 1), torch.float16), (2, (f"gemvq{s}f", 32, 16, 3, 4, 1), torch.float16),
              (3, (f"gemvq{s}m", 32, 32, 2, 4, 3), torch.float16), (4, (f"gemvq{s}", 16, 64, 1, 4, 3), torch.float16),
-             (1, (f"gemvq{s}m", 64, 16, 1, 4, 2), torch.bfloat16), (3, (f"gemvq{s}f", 32, 8, 2, 4, 1), torch.bfloat16)]
+             (1, (f"gemvq{s}m", 64, 16, 1, 4, 2), torch.bfloat16), (3, (f"gemvq{s}f", 32, 8, 2, 4, 1), torch.bfloat16),
+             (2, (f"gemvq{s}ff", 32, 16, 3, 4, 1), torch.float16), (1, (f"gemvq{s}mx", 32, 16, 2, 4, 3), torch.bfloat16),
+             (4, (f"gemvq{s}x", 32, 32, 1, 4, 1), torch.float16)]
     for M, cfg, dt in cases:
         p.plans.clear()
         monkeypatch.setitem(TC.TUNED_MM, key, [(4, 1 << 30, 1 << 30, cfg)])

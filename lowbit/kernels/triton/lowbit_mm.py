@@ -405,25 +405,46 @@ def _qval(src, P: tl.constexpr, BITS: tl.constexpr, ZB: tl.constexpr, one):
 
 
 @triton.jit
-def _qpair(p0, p1, p2, p3, X0, X1, X2, X3, va, vb, xi_ptr, off, sx2, BM: tl.constexpr, X_BF16: tl.constexpr):
+def _xpair2(xi_ptr, offs, X_BF16: tl.constexpr, X16: tl.constexpr):
+    # activations (2i, 2i + 1) as float32: one 32-bit load (_xpair), or (X16) two 16-bit loads, which the loop
+    # pipeliner leaves in registers (cp.async moves 4 bytes or more): the TMA configs keep their activation reads
+    # as plain L1 loads instead of staging them through shared memory behind a barrier
+    if X16:
+        xh = xi_ptr.to(tl.pointer_type(tl.int16), bitcast=True) + 2 * offs
+        x0 = tl.load(xh).to(tl.int32)
+        x1 = tl.load(xh + 1).to(tl.int32)
+        if X_BF16:
+            x0 = (x0 << 16).to(tl.float32, bitcast=True)
+            x1 = (x1 << 16).to(tl.float32, bitcast=True)
+        else:
+            x0 = x0.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x1 = x1.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        x0, x1 = _xpair(xi_ptr, offs, X_BF16)
+    return x0, x1
+
+
+@triton.jit
+def _qpair(p0, p1, p2, p3, X0, X1, X2, X3, va, vb, xi_ptr, off, sx2, BM: tl.constexpr, X_BF16: tl.constexpr,
+           X16: tl.constexpr):
     # two elements of every word (code values va, vb) times activations (2i, 2i + 1) of each of the BM rows
     # (``off`` in int32 units): one FFMA per weight, accumulated right away (few values live at a time)
-    xa, xb = _xpair(xi_ptr, off, X_BF16)
+    xa, xb = _xpair2(xi_ptr, off, X_BF16, X16)
     p0 = p0 + va * xa[None, :]
     p0 = p0 + vb * xb[None, :]
     X0 = X0 + (xa + xb)
     if BM > 1:
-        xa, xb = _xpair(xi_ptr, sx2 + off, X_BF16)
+        xa, xb = _xpair2(xi_ptr, sx2 + off, X_BF16, X16)
         p1 = p1 + va * xa[None, :]
         p1 = p1 + vb * xb[None, :]
         X1 = X1 + (xa + xb)
     if BM > 2:
-        xa, xb = _xpair(xi_ptr, 2 * sx2 + off, X_BF16)
+        xa, xb = _xpair2(xi_ptr, 2 * sx2 + off, X_BF16, X16)
         p2 = p2 + va * xa[None, :]
         p2 = p2 + vb * xb[None, :]
         X2 = X2 + (xa + xb)
     if BM > 3:
-        xa, xb = _xpair(xi_ptr, 3 * sx2 + off, X_BF16)
+        xa, xb = _xpair2(xi_ptr, 3 * sx2 + off, X_BF16, X16)
         p3 = p3 + va * xa[None, :]
         p3 = p3 + vb * xb[None, :]
         X3 = X3 + (xa + xb)
@@ -465,7 +486,7 @@ def _qcode(words, u, E: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, ZE
 @triton.jit
 def _qtile(acc0, acc1, acc2, acc3, words, s, z, xi_ptr, xo, sx2, tv, t_ptr, one,
            BITS: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, BM: tl.constexpr, X_BF16: tl.constexpr,
-           SHFL: tl.constexpr):
+           SHFL: tl.constexpr, X16: tl.constexpr):
     # one [BN, WPG] word tile of one scale group, every activation row: p = sum_e v_e x_e per word, X = sum_e x_e
     # per word column, then acc += s p (kinds 0 / 1), s (p - z X) (kind 2), s p + z X (kind 3)
     PER: tl.constexpr = 32 // BITS
@@ -485,7 +506,7 @@ def _qtile(acc0, acc1, acc2, acc3, words, s, z, xi_ptr, xo, sx2, tv, t_ptr, one,
         va = _qcode(words, u, 2 * b, BITS, KIND, ZERO, SHFL, tv, t_ptr, one)
         vb = _qcode(words, u, 2 * b + 1, BITS, KIND, ZERO, SHFL, tv, t_ptr, one)
         p0, p1, p2, p3, X0, X1, X2, X3 = _qpair(p0, p1, p2, p3, X0, X1, X2, X3, va, vb, xi_ptr, xo + b, sx2, BM,
-                                                X_BF16)
+                                                X_BF16, X16)
     acc0 = _word_update(acc0, p0, X0, s, z, KIND, BITS, ZERO, True)
     if BM > 1:
         acc1 = _word_update(acc1, p1, X1, s, z, KIND, BITS, ZERO, True)
@@ -520,13 +541,15 @@ def _gemvq_kernel(
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, WPG: tl.constexpr,
     PF: tl.constexpr, FIX: tl.constexpr, SHFL: tl.constexpr, TMA: tl.constexpr, LS: tl.constexpr,
+    X16: tl.constexpr = False,
 ):
     # GEMV (M <= 4) stepping BKW words per row: GPS = BKW / WPG sub-tiles of WPG words, each inside one scale group
     # (several groups per step: more bytes in flight per program and longer runs per row). Integer codes decoded
     # exactly by _qval (about 1 integer op per weight instead of 3: no shift for five of eight nibbles, the AND-OR
     # one LOP3 with 1.0's bits in a register, ``one`` = 0x3F800000 passed at launch so it is not folded to an
     # immediate); codebooks by warp shuffles (SHFL) or the 16-entry table; one FFMA per weight. PF: register
-    # prefetch of the next step's sub-tiles. TMA: ``w_ptr`` is a tensor descriptor of the words ([N, KW], block
+    # prefetch of the next step's sub-tiles (PF = 2: of the next two steps, one sub-tile per step). X16: activations
+    # read 16 bits at a time (kept out of the loop pipeliner's shared-memory staging). TMA: ``w_ptr`` is a tensor descriptor of the words ([N, KW], block
     # [BN, WPG]): the loop's loads go through the bulk copy engine into shared memory, ``num_stages`` deep (rows past
     # N read as zeros). Split-K partials summed in the kernel (FIX) as in _gemvg_kernel.
     PER: tl.constexpr = 32 // BITS
@@ -562,9 +585,17 @@ def _gemvq_kernel(
         if GPS > 2:
             wc_n, sc_n, zc_n = _qload(w_ptr, wrow, n0, kw_lo + 2 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
             wd_n, sd_n, zd_n = _qload(w_ptr, wrow, n0, kw_lo + 3 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+        if PF == 2:  # (one sub-tile per step) the step after next in the b slot
+            wb_n, sb_n, zb_n = _qload(w_ptr, wrow, n0, kw_lo + tl.minimum(n_iter - 1, 1) * BKW, s_ptr, z_ptr, srow,
+                                      ssg, PER, G, KIND, TMA)
     for it in tl.range(0, n_iter, num_stages=LS):
         kwb = kw_lo + it * BKW
-        if PF:
+        if PF == 2:  # two steps ahead: a <- next, next <- b, b <- load(it + 2) (clamped to the last step)
+            wa, sa, za = wa_n, sa_n, za_n
+            wa_n, sa_n, za_n = wb_n, sb_n, zb_n
+            kwn = kw_lo + tl.minimum(it + 2, n_iter - 1) * BKW
+            wb_n, sb_n, zb_n = _qload(w_ptr, wrow, n0, kwn, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+        elif PF:
             wa, sa, za = wa_n, sa_n, za_n
             kwn = kw_lo + tl.minimum(it + 1, n_iter - 1) * BKW  # the last step re-loads its own tiles
             wa_n, sa_n, za_n = _qload(w_ptr, wrow, n0, kwn, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
@@ -585,15 +616,15 @@ def _gemvq_kernel(
                 wd, sd, zd = _qload(w_ptr, wrow, n0, kwb + 3 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
         xo = (kwb + kw) * HALF
         acc0, acc1, acc2, acc3 = _qtile(acc0, acc1, acc2, acc3, wa, sa, za, xi_ptr, xo, sx2, tv, t_ptr, one,
-                                        BITS, KIND, ZERO, BM, X_BF16, SHFL)
+                                        BITS, KIND, ZERO, BM, X_BF16, SHFL, X16)
         if GPS > 1:
             acc0, acc1, acc2, acc3 = _qtile(acc0, acc1, acc2, acc3, wb, sb, zb, xi_ptr, xo + WPG * HALF, sx2, tv,
-                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL)
+                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL, X16)
         if GPS > 2:
             acc0, acc1, acc2, acc3 = _qtile(acc0, acc1, acc2, acc3, wc, sc, zc, xi_ptr, xo + 2 * WPG * HALF, sx2, tv,
-                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL)
+                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL, X16)
             acc0, acc1, acc2, acc3 = _qtile(acc0, acc1, acc2, acc3, wd, sd, zd, xi_ptr, xo + 3 * WPG * HALF, sx2, tv,
-                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL)
+                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL, X16)
     r0 = tl.sum(acc0, axis=1)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
@@ -783,10 +814,13 @@ def is_gemvg(name: str) -> bool:
 
 def is_gemvq(name: str) -> bool:
     """Whether ``name`` is a multi-group GEMV config name: "gemvq" + any of the suffix letters s (codebook held in
-    registers, read by warp shuffles), f (register prefetch), m (tensor-descriptor (TMA) loads of the words; not
-    with f). A gemvq config's ``stages`` is the software-pipelining depth of its loop (``tl.range(num_stages=)``):
+    registers, read by warp shuffles), f (register prefetch of the next step; ff: of the next two steps, one scale
+    group sub-tile per step), m (tensor-descriptor (TMA) loads of the words; not with f), x (activations read 16 bits
+    at a time, kept out of the pipeliner's shared-memory staging). A gemvq config's ``stages`` is the software-pipelining depth of its loop (``tl.range(num_stages=)``):
     1 = none; above 1 the loads run stages - 1 steps ahead through shared memory (TMA for "m", cp.async else)."""
-    return name.startswith("gemvq") and set(name[5:]) <= set("sfm") and not ("f" in name[5:] and "m" in name[5:])
+    sfx = name[5:]
+    return (name.startswith("gemvq") and set(sfx) <= set("sfmx") and not ("f" in sfx and "m" in sfx)
+            and sfx.count("f") <= 2 and all(sfx.count(c) <= 1 for c in "smx"))
 
 
 def gemvq_tiles(KW: int, G: int, per: int, BKW: int):
@@ -804,7 +838,7 @@ def gemvq_tiles(KW: int, G: int, per: int, BKW: int):
 
 def _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     suffix = config[0][len("gemvq"):]
-    shfl, pf, tma = "s" in suffix, "f" in suffix, "m" in suffix
+    shfl, pf, tma, x16 = "s" in suffix, suffix.count("f"), "m" in suffix, "x" in suffix
     if kind == 0 and bits != 4:
         raise ValueError(f"{config[0]}: codebooks are 4-bit; got bits={bits}")
     if shfl and kind != 0:
@@ -815,11 +849,14 @@ def _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan
     per = 32 // bits
     KW = K // per
     BKW, WPG = gemvq_tiles(KW, G, per, BKW)
+    if pf == 2:  # two steps ahead: one sub-tile per step
+        BKW = WPG
     if tma and (KW % 4 or WPG < 4 or BN > 256):  # TMA: 16-byte row stride and box rows
         tma = False
     split, kw_split = split_words(KW, BKW, split_k)
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, X_BF16=x_dtype == torch.bfloat16,
-                  BM=M, BN=BN, BKW=BKW, WPG=WPG, PF=pf, FIX=split > 1, SHFL=shfl, TMA=tma, LS=max(1, stages))
+                  BM=M, BN=BN, BKW=BKW, WPG=WPG, PF=pf, FIX=split > 1, SHFL=shfl, TMA=tma, LS=max(1, stages),
+                  X16=x16)
     plan = Plan(_gemvq_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages, False)
     if tma:
         plan.alt = _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias,
