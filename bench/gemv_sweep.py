@@ -371,7 +371,8 @@ def run7_candidates(fmt, M, committed):
         fams = [("gemvqf", 128, 16, 4, 1), ("gemvqm", 128, 16, 4, 3), ("gemvq", 64, 64, 4, 1),
                 ("gemvqf", 256, 16, 8, 1), ("gemvqff", 128, 16, 4, 1), ("gemvqff", 256, 16, 8, 1),
                 ("gemvqmx", 128, 16, 4, 3), ("gemvqmx", 128, 16, 4, 4), ("gemvqmx", 128, 32, 4, 3),
-                ("gemvqmx", 256, 16, 8, 3), ("gemvqm", 256, 16, 8, 3), ("gemvqmx", 64, 64, 4, 3)]
+                ("gemvqmx", 256, 16, 8, 3), ("gemvqm", 256, 16, 8, 3), ("gemvqmx", 64, 64, 4, 3),
+                ("gemvqf", 64, 16, 2, 1), ("gemvqff", 64, 16, 2, 1)]
         splits = (2, 4, 8, 16)
     return [committed] + [(nm, bn, bkw, sk, wp, st) for sk in splits for nm, bn, bkw, wp, st in fams]
 
