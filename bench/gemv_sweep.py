@@ -456,6 +456,66 @@ def prewarm(n, extra):
     print(f"prewarm: {len(prewarm_jobs())} configs in {n} processes, {time.perf_counter() - t:.0f} s", flush=True)
 
 
+CHECK_M1_SHAPES = [(384, 1024), (8192, 8192), (9000, 8192)]  # the shipped rows (4096, 4096), (8192, 8192), the last
+
+
+def check_m1_worker(i):
+    """The shipped M = 1 rows through prepared_linear for CHECK_FORMATS[i] on CHECK_M1_SHAPES (the rows of 4096^2,
+    8192^2 and above 8192 rows: ragged N = 9000, TMA where the row has it): bf16 without bias and fp16 with bias
+    against x @ dequantize(state).T in float32, then a CUDA-graph replay equal to the eager call. One JSON line."""
+    scheme, kw = CHECK_FORMATS[i]
+    out = []
+    for N, K in CHECK_M1_SHAPES:
+        torch.manual_seed(N)
+        st = quantize_tensor(torch.randn(N, K, device="cuda") * 0.02, scheme, **kw)
+        p = L.prepare_linear(st)
+        if p is None:
+            out.append({"fmt": f"{scheme} {kw}", "N": N, "K": K, "error": "no prepared layout"})
+            continue
+        wref = L.dequantize_state(st).float()
+        for dt, bias in ((torch.bfloat16, False), (torch.float16, True)):
+            x = torch.randn(1, K, device="cuda").to(dt)
+            b = (torch.randn(N, device="cuda") * 0.1).to(dt) if bias else None
+            ref = x.float() @ wref.T + (b.float() if b is not None else 0)
+            r = {"fmt": f"{scheme} {kw}", "N": N, "K": K, "dtype": str(dt), "bias": bias,
+                 "cfg": list(TC.config_mm(p.bits, p.kind, 1, N, K, p.group))}
+            try:
+                y = L.prepared_linear(x, p, b)
+                y = L.prepared_linear(x, p, b)  # the direct launch
+                r["err"] = rel(y, ref)
+                r["ok"] = r["err"] < (1e-2 if dt == torch.bfloat16 else 2e-3)
+                plan = next(v for k, v in p.plans.items() if k[0] == 1 and k[1] == dt)
+                r["plan"] = getattr(plan, "consts", None) and {k: plan.consts[k] for k in ("BKW", "WPG", "PF", "TMA", "LS")
+                                                                if k in plan.consts}
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    yg = L.prepared_linear(x, p, b)
+                yg.zero_()
+                g.replay()
+                torch.cuda.synchronize()
+                r["graph_equal"] = bool(torch.equal(yg, y))
+            except Exception as ex:  # noqa: BLE001
+                r["ok"], r["error"] = False, f"{type(ex).__name__}: {str(ex)[:200]}"
+            out.append(r)
+    print("CHECKM1 " + json.dumps(out, default=str), flush=True)
+
+
+def check_m1(res):
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, __file__, "--check-m1-worker", str(i)], stdout=subprocess.PIPE, text=True)
+             for i in range(len(CHECK_FORMATS))]
+    for pr in procs:
+        got, _ = pr.communicate()
+        for line in got.splitlines():
+            if line.startswith("CHECKM1 "):
+                res["check_m1"] += json.loads(line[len("CHECKM1 "):])
+    bad = [r for r in res["check_m1"] if not r.get("ok") or not r.get("graph_equal", False)]
+    print(f"check M = 1 (shipped rows): {len(res['check_m1']) - len(bad)}/{len(res['check_m1'])} ok", flush=True)
+    for r in bad:
+        print("NOT OK", r, flush=True)
+
+
 def torchao_int4(N, K, Wb):
     """torchao int4 g128 (``Int4WeightOnlyConfig``, tile_packed_to_4d: tinygemm) modules of the bf16 copies, or
     (None, reason)."""
@@ -717,6 +777,9 @@ def main(argv=None):
     ap.add_argument("--round", type=int, default=1, help="run 6 candidates (1) or run 7's (2)")
     ap.add_argument("--prewarm", type=int, default=0, help="run 6: compile every candidate first in N processes")
     ap.add_argument("--prewarm-worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--check-m1", action="store_true", help="only: the shipped M = 1 rows, every format, through "
+                    "prepared_linear (one process per format), eager + CUDA graph, vs the float32 reference")
+    ap.add_argument("--check-m1-worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--prewarm-only", action="store_true", help="compile the candidates (--prewarm N), then stop")
     ap.add_argument("--formats", default="", help="subset of nf4,int4,int8 (default: all of the mode)")
     ap.add_argument("--committed", action="store_true", help="re-time the committed TUNED_MM choice only (M 1, 4, 16; "
@@ -757,6 +820,18 @@ def main(argv=None):
     if args.prewarm_worker:
         i, n = (int(v) for v in args.prewarm_worker.split("/"))
         prewarm_worker(i, n)
+        return
+    if args.check_m1_worker:
+        check_m1_worker(int(args.check_m1_worker))
+        return
+    if args.check_m1:
+        res = {"gpu": torch.cuda.get_device_name(), "command": "python bench/gemv_sweep.py " + " ".join(argv),
+               "check_m1": []}
+        try:
+            check_m1(res)
+        finally:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "check_m1.json").write_text(json.dumps(res, default=str))
         return
     t0 = time.perf_counter()
     if args.prewarm:

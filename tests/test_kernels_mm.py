@@ -39,11 +39,12 @@ def test_byte_pair_table_exact(name):
 
 
 def test_config_mm_buckets_and_tuned_rows(monkeypatch):
-    assert TC.config_mm(4, 0, 1, 4096, 4096)[0] in ("gemv", "gemvg", "gemvgsf", "v1")
+    assert TC.config_mm(4, 0, 1, 4096, 4096)[0] == "gemvqs"  # the shipped M = 1 rows: the multi-group GEMV
     assert TC.config_mm(4, 1, 4, 4096, 4096)[0] in ("gemv", "gemvg", "v1")
     assert TC.config_mm(4, 0, 512, 4096, 4096) == ("dense",)
     cfg = TC.config_mm(4, 1, 1, 4096, 4096)
-    assert cfg[0].startswith("gemvg") and cfg[3] >= 1  # the committed table; split resolved
+    assert cfg[0].startswith("gemvq") and cfg[3] >= 1  # the committed table; split resolved
+    assert TC.config_mm(4, 2, 1, 28672, 8192, 128)[0] == "gemvqm" and TC.config_mm(8, 1, 1, 8192, 8192)[0] == "gemvqm"
     monkeypatch.setattr(TC, "TUNED_MM", {})
     assert TC.default_mm(4, 1, 16, 4096, 4096) == ("dense",)
     assert TC.config_mm(4, 0, 4, 8192, 8192) == TC.default_mm(4, 0, 4, 8192, 8192)  # no rows: the default
@@ -317,9 +318,13 @@ def test_gemvq_plan_names_tiles_and_errors():
     assert plan.q and plan.tr and (c["BKW"], c["WPG"], c["LS"], c["FIX"]) == (32, 16, 3, True)
     assert plan.tma == c["TMA"] is True and plan.alt is not None and not plan.alt.tma
     assert plan.alt.consts["BKW"] == 32 and plan.split == 4 and plan.grid == (32, 4)
+    assert plan.alt.consts["PF"] == 1 and plan.alt.consts["LS"] == 1  # the twin: register prefetch, no pipelining
     plan = lm.make_plan(2, 256, 48, 4, 16, 1, 8.0, torch.float16, True, ("gemvqm", 64, 16, 1, 4, 3))  # 6 words a row
     assert not plan.tma and plan.alt is None and plan.consts["WPG"] == 2 and plan.consts["BM"] == 2
-    assert lm.make_plan(1, 256, 96, 4, 32, 1, 8.0, torch.float16, False, ("gemvqm", 64, 16, 1, 4, 3)).tma  # 48 B rows
+    for G, tma in ((32, False), (64, False), (128, True)):  # TMA from 16-word sub-tiles (64-byte box rows) up
+        plan = lm.make_plan(1, 256, 1024, 4, G, 1, 8.0, torch.float16, False, ("gemvqm", 64, 64, 1, 4, 3))
+        assert plan.tma == tma and plan.consts["PF"] == (0 if tma else 1) and plan.consts["LS"] == (3 if tma else 1)
+    assert lm.make_plan(1, 256, 2048, 8, 2048, 1, 128.0, torch.float16, False, ("gemvqmx", 64, 32, 1, 4, 3)).tma
     plan = lm.make_plan(1, 256, 1024, 4, 64, 0, 0.0, torch.bfloat16, False, ("gemvqsf", 64, 16, 2, 4, 1))
     assert plan.consts["SHFL"] == lm.shuffle_supported() and plan.consts["PF"] and plan.consts["LS"] == 1
     with pytest.raises(ValueError, match="codebooks only"):

@@ -849,19 +849,31 @@ def _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan
     per = 32 // bits
     KW = K // per
     BKW, WPG = gemvq_tiles(KW, G, per, BKW)
+    if tma and (KW % 4 or WPG < TMA_MIN_WORDS or BN > 256):
+        # TMA needs 16-byte rows; below 16-word (64-byte) boxes it measured slower than register prefetch on the
+        # H200 (GGUF Q4_0, 4 words: 120.6 vs 97.0 us; NF4 b64, 8 words: 83.7 vs 78.3 us at 28672 x 8192, run 7 of
+        # bench/results/gemv_sweep.md): such weights take the config's plain-load twin (register prefetch, no
+        # pipelining), so that one table row serves every group size of its class
+        return _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, _plain_twin(config))
     if pf == 2:  # two steps ahead: one sub-tile per step
         BKW = WPG
-    if tma and (KW % 4 or WPG < 4 or BN > 256):  # TMA: 16-byte row stride and box rows
-        tma = False
     split, kw_split = split_words(KW, BKW, split_k)
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, X_BF16=x_dtype == torch.bfloat16,
                   BM=M, BN=BN, BKW=BKW, WPG=WPG, PF=pf, FIX=split > 1, SHFL=shfl, TMA=tma, LS=max(1, stages),
                   X16=x16)
     plan = Plan(_gemvq_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages, False)
-    if tma:
-        plan.alt = _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias,
-                               ("gemvq" + suffix.replace("m", ""),) + tuple(config[1:]))
+    if tma:  # for words that are not 16-byte aligned
+        plan.alt = _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, _plain_twin(config))
     return plan
+
+
+TMA_MIN_WORDS = 16  # smallest sub-tile row (32-bit words) that a "gemvq...m" config reads through TMA
+
+
+def _plain_twin(config):
+    """The TMA config ``config`` ("gemvq...m") as register prefetch through plain loads ("f", no pipelining)."""
+    sfx = config[0][len("gemvq"):].replace("m", "")
+    return ("gemvq" + sfx + ("" if "f" in sfx else "f"),) + tuple(config[1:5]) + (1,)
 
 
 def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
