@@ -44,7 +44,8 @@ def test_config_mm_buckets_and_tuned_rows(monkeypatch):
     assert TC.config_mm(4, 0, 512, 4096, 4096) == ("dense",)
     cfg = TC.config_mm(4, 1, 1, 4096, 4096)
     assert cfg[0].startswith("gemvq") and cfg[3] >= 1  # the committed table; split resolved
-    assert TC.config_mm(4, 2, 1, 28672, 8192, 128)[0] == "gemvqm" and TC.config_mm(8, 1, 1, 8192, 8192)[0] == "gemvqm"
+    assert TC.config_mm(4, 2, 1, 28672, 8192, 128)[0] == "gemvqm" and TC.config_mm(8, 1, 1, 28672, 8192)[0] == "gemvqm"
+    assert TC.config_mm(8, 1, 1, 8192, 8192)[0] == "gemvq"  # no TMA where its launch cost showed in eager calls
     monkeypatch.setattr(TC, "TUNED_MM", {})
     assert TC.default_mm(4, 1, 16, 4096, 4096) == ("dense",)
     assert TC.config_mm(4, 0, 4, 8192, 8192) == TC.default_mm(4, 0, 4, 8192, 8192)  # no rows: the default
