@@ -14,7 +14,13 @@ One GPU run (``--out DIR``) does, inside ``--budget`` seconds:
 
 ``--report JSON`` renders ``bench/results/gemv_sweep.md`` and ``gemv_sweep.png`` from such a file.
 
+Runs 6 / 7 (``--run6 [--round 2]``, helper gemv5): the multi-group GEMV ("gemvq*") at M = 1 beside the committed
+config, F.linear and torchao int4 g128; ``--prewarm N`` compiles every candidate first in N processes (Triton's
+on-disk cache; ``--prewarm-only`` stops there), ``--check-m1`` checks the shipped M = 1 rows for every format (one
+process per format) and writes ``check_m1.json``. The device calls: ``bench/gemv5_call.sh``, ``bench/gemv5_check.sh``.
+
     python bench/gemv_sweep.py --out OUT_DIR [--budget 240]
+    python bench/gemv_sweep.py --run6 --round 2 --prewarm 10 --skip-check --out OUT_DIR --budget 75
     python bench/gemv_sweep.py --report bench/results/raw/mm_sweep.json
 """
 from __future__ import annotations
@@ -699,7 +705,7 @@ def _table6(res):
         lines.append(
             f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {_fmt(fl)} | {_fmt(r.get('committed_graph'))} | "
             f"{_fmt(g)} | {(fl / g) if g else 0:.2f}x | {(r['bytes'] / (g * 1e-6) / 1e9) if g else 0:.0f} | "
-            f"{_fmt(tg)} | {(fl / tg) if tg else 0:.2f}x | {_fmt(fe)} | {_fmt(e)} | {(fe / e) if e else 0:.2f}x | "
+            f"{_fmt(tg)} | {f'{fl / tg:.2f}x' if tg else '—'} | {_fmt(fe)} | {_fmt(e)} | {(fe / e) if e else 0:.2f}x | "
             f"{_fmt(te)} | {tuple(r.get('best_cfg', ()))} | {tuple(r.get('committed_cfg', ()))} |")
     tried = [(r, c, t) for r in res["rows"] for c, t in r.get("tried", [])]
     if tried:

@@ -36,6 +36,15 @@ once (config suffix "t": coalesced along N, 0-13% faster at M = 1 on the H200, s
 ``bench/results/gemv_sweep.md``); 4-16 words per row and step so that a warp spans 8-32 rows and every
 activation load serves all of them; split-K partials summed in the kernel by the last program to arrive.
 
+``gemvq`` (M <= 4, the shipped M = 1 GEMV): 1, 2 or 4 scale groups per step (sub-tiles of one group each, a
+scale / zero per row and sub-tile); integer codes decoded exactly with about one integer op per weight (``_qval``:
+five of the eight nibbles of a word masked in place into the mantissa of 1.0, whose bits sit in a register, three
+from ``w >> 12``; then one exact FFMA to ``q - zero``) and one FFMA per weight into the word's dot; codebooks by
+warp shuffles; options: register prefetch one or two steps ahead ("f" / "ff"), the words through TMA tensor
+descriptors with the loop pipelined ``stages`` deep ("m", for sub-tiles of 16 words or more), 16-bit activation
+loads ("x"). 4.1 SASS instructions per weight for int4 g128 asym against 5.7 for ``gemvg`` (see
+``bench/results/gemv_sweep.md`` runs 6-7).
+
 ``gemv`` (M <= 4, run 1's layout): CUDA-core FMAs into float32 accumulators shaped like the word tile, reduced once after the
 loop; grid ``(N / BN, SPLIT_K)`` so that small N x K still fills all multiprocessors; split partials (float32
 ``[SPLIT_K, M, N]``) summed by a second tiny kernel.
