@@ -1000,7 +1000,7 @@ def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
         w = words
         if plan.tma:
             w = _descriptor(plan, words, N, K // per)
-            if w is None:  # not 16-byte aligned: the same config through plain loads
+            if w is None:  # not 16-byte aligned: the config's plain-load twin (register prefetch)
                 return run_plan(plan.alt, x2, words, scales, zeros, table, bias, N, K, NG, per)
         args = (x2, w, scales, z, t, b, y, out, cnt if cnt is not None else scales, M, N, K // per, NG,
                 x2.stride(0), plan.kw_split, plan.n_iter, ssn, ssg)
