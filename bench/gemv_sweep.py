@@ -14,7 +14,13 @@ One GPU run (``--out DIR``) does, inside ``--budget`` seconds:
 
 ``--report JSON`` renders ``bench/results/gemv_sweep.md`` and ``gemv_sweep.png`` from such a file.
 
+Runs 6 / 7 (``--run6 [--round 2]``, helper gemv5): the multi-group GEMV ("gemvq*") at M = 1 beside the committed
+config, F.linear and torchao int4 g128; ``--prewarm N`` compiles every candidate first in N processes (Triton's
+on-disk cache; ``--prewarm-only`` stops there), ``--check-m1`` checks the shipped M = 1 rows for every format (one
+process per format) and writes ``check_m1.json``. The device calls: ``bench/gemv5_call.sh``, ``bench/gemv5_check.sh``.
+
     python bench/gemv_sweep.py --out OUT_DIR [--budget 240]
+    python bench/gemv_sweep.py --run6 --round 2 --prewarm 10 --skip-check --out OUT_DIR --budget 75
     python bench/gemv_sweep.py --report bench/results/raw/mm_sweep.json
 """
 from __future__ import annotations
@@ -60,6 +66,8 @@ GEMVG_MODE = False
 # through the v1 tensor-core GEMM with explicit configs ("v1gemm", BN, kstep, split, warps, stages), beside the
 # v1 dispatch and dequantize + cuBLAS
 RUN3 = False
+RUN7 = False  # --run6 --round 2: run 7's candidates (run7_candidates)
+RUN6 = False  # --run6: M = 1 multi-group GEMVs ("gemvq*") vs the committed config and torchao int4 (helper gemv5)
 RUN5 = False  # --run5: M = 1 NF4 through the shuffle-codebook GEMV ("gemvgs*"), scale layouts, M = 16 / 64 re-timed
 COMMITTED = False  # --committed: only the shipped TUNED_MM choice per (format, shape, M), re-timed beside F.linear / v1
 GEMVGP = [("gemvgp", 128, 8, 4, 2), ("gemvgp", 64, 8, 4, 2), ("gemvgp", 128, 16, 4, 2), ("gemvgp", 64, 4, 4, 2),
@@ -174,11 +182,14 @@ def check(res, t0, budget):
 def sweep(res, t0, budget):
     from lowbit.kernels.triton import lowbit_mm as lm
 
+    saved = {k: list(v) for k, v in TC.TUNED_MM.items()}  # the committed table (run 6 restores it after each row)
     for (N, K) in SHAPES:
         for fmt, (scheme, kw) in SWEEP_FORMATS.items():
             if time.perf_counter() - t0 > budget:
                 res["errors"].append(f"sweep: budget before {fmt} {N}x{K}")
                 return
+            if RUN7 and fmt not in ("nf4", "int4", "int8") and (N, K) not in SHAPES[:2]:
+                continue  # int4 sym / Q4_0: the issue's shapes only
             ps, wref, Wb, nbytes = rotated_weights(N, K, scheme, kw)
             p = ps[0]
             for M in MS:
@@ -189,12 +200,34 @@ def sweep(res, t0, budget):
                 row["flinear_graph"] = time_graph([lambda w=w: F.linear(x, w) for w in Wb])
                 row["flinear_eager"] = time_eager([lambda w=w: F.linear(x, w) for w in Wb])
                 try:
+                    if RUN6:  # v1 measured in earlier runs; run 6 times the committed config instead
+                        raise StopIteration
                     row["v1_graph"] = time_graph([lambda q=q: L.prepared_linear_v1(x, q) for q in ps])
                     row["v1_eager"] = time_eager([lambda q=q: L.prepared_linear_v1(x, q) for q in ps])
+                except StopIteration:
+                    pass
                 except Exception as ex:  # noqa: BLE001
                     res["errors"].append(f"v1 {fmt} {key}: {type(ex).__name__}: {str(ex)[:160]}")
                 cands = []
-                if COMMITTED:
+                if RUN6:
+                    committed = TC.config_mm(p.bits, p.kind, M, N, K, p.group)
+                    cands = (run7_candidates if RUN7 else run6_candidates)(fmt, M, committed)
+                    cands = list(dict.fromkeys(tuple(c) for c in cands))
+                    if fmt == "int4" and M == 1 and "torchao" not in row:  # the peer, same x, same weight copies
+                        mods, why = torchao_int4(N, K, Wb)
+                        if mods is None:
+                            res["errors"].append(why)
+                        else:
+                            try:
+                                yt = mods[0](x)
+                                row["torchao_err"] = rel(yt, x.float() @ Wb[0].float().T)
+                                row["torchao_graph"] = time_graph([lambda m=m: m(x) for m in mods])
+                                row["torchao_eager"] = time_eager([lambda m=m: m(x) for m in mods])
+                                row["torchao"] = True
+                            except Exception as ex:  # noqa: BLE001
+                                res["errors"].append(f"torchao {key}: {type(ex).__name__}: {str(ex)[:160]}")
+                        del mods
+                elif COMMITTED:
                     cands = [TC.config_mm(p.bits, p.kind, M, N, K, p.group)]
                 elif RUN5:
                     committed = TC.config_mm(p.bits, p.kind, M, N, K, p.group)
@@ -290,6 +323,8 @@ def sweep(res, t0, budget):
                         res["errors"].append(f"{fmt} {key} {cfg}: {type(ex).__name__}: {str(ex)[:160]}")
                         continue
                     tried.append((cfg, t))
+                    if RUN6 and cfg == cands[0]:
+                        row["committed_cfg"], row["committed_graph"] = cfg, t
                     if best is None or t < best[1]:
                         best = (cfg, t)
                 row["tried"] = tried
@@ -299,10 +334,15 @@ def sweep(res, t0, budget):
                         TC.TUNED_MM[(p.bits, "codebook" if p.kind == 0 else "int")] = [(M, N, K, best[0])]
                     for q in ps:
                         q.plans.clear()
-                    row["v2_eager"] = time_eager([lambda q=q: L.prepared_linear(x, q) for q in ps])
-                    row["v2_graph"] = time_graph([lambda q=q: L.prepared_linear(x, q) for q in ps])
+                    try:
+                        row["v2_eager"] = time_eager([lambda q=q: L.prepared_linear(x, q) for q in ps])
+                        row["v2_graph"] = time_graph([lambda q=q: L.prepared_linear(x, q) for q in ps])
+                    except Exception as ex:  # noqa: BLE001
+                        res["errors"].append(f"dispatch {fmt} {key} {best[0]}: {type(ex).__name__}: {str(ex)[:160]}")
                     if not COMMITTED:
                         TC.TUNED_MM.clear()
+                        if RUN6:
+                            TC.TUNED_MM.update({k: list(v) for k, v in saved.items()})
                     for q in ps:
                         q.plans.clear()
                 res["rows"].append(row)
@@ -314,6 +354,194 @@ def sweep(res, t0, budget):
                       f"vs F.linear {row['flinear_eager']:.1f}  {row.get('best_cfg')}", flush=True)
             del ps, Wb
             torch.cuda.empty_cache()
+
+
+def run7_candidates(fmt, M, committed):
+    """Run 7 (helper gemv5's second call): run 6's winning families beside register prefetch two steps deep ("ff")
+    and TMA with 16-bit activation loads ("mx", no shared-memory staging of the activations), 8-warp tiles; int4
+    sym g128 ("int4s") and GGUF Q4_0 ("q4_0") through the integer class's candidates."""
+    if fmt == "int8":
+        fams = [("gemvqm", 128, 32, 4, 3), ("gemvqmx", 128, 32, 4, 3), ("gemvqm", 128, 64, 4, 3),
+                ("gemvqm", 256, 32, 8, 3), ("gemvqm", 128, 32, 4, 4), ("gemvqmx", 256, 32, 8, 3)]
+        splits = (4, 8, 16)
+    elif fmt == "nf4":
+        fams = [("gemvqs", 64, 32, 4, 1), ("gemvqsff", 128, 8, 4, 1), ("gemvqsff", 256, 8, 8, 1),
+                ("gemvqsf", 128, 16, 4, 1), ("gemvqsmx", 128, 16, 4, 3), ("gemvqsmx", 64, 32, 4, 3),
+                ("gemvqsmx", 128, 8, 4, 4), ("gemvqs", 128, 32, 4, 1), ("gemvqs", 64, 32, 2, 1)]
+        splits = (4, 8, 16)
+    elif fmt in ("int4s", "q4_0"):
+        fams = [("gemvqf", 128, 16, 4, 1), ("gemvqm", 128, 16, 4, 3), ("gemvqff", 128, 16, 4, 1),
+                ("gemvqmx", 128, 16, 4, 3)]
+        splits = (4, 8)
+    else:
+        fams = [("gemvqf", 128, 16, 4, 1), ("gemvqm", 128, 16, 4, 3), ("gemvq", 64, 64, 4, 1),
+                ("gemvqf", 256, 16, 8, 1), ("gemvqff", 128, 16, 4, 1), ("gemvqff", 256, 16, 8, 1),
+                ("gemvqmx", 128, 16, 4, 3), ("gemvqmx", 128, 16, 4, 4), ("gemvqmx", 128, 32, 4, 3),
+                ("gemvqmx", 256, 16, 8, 3), ("gemvqm", 256, 16, 8, 3), ("gemvqmx", 64, 64, 4, 3),
+                ("gemvqf", 64, 16, 2, 1), ("gemvqff", 64, 16, 2, 1)]
+        splits = (2, 4, 8, 16)
+    return [committed] + [(nm, bn, bkw, sk, wp, st) for sk in splits for nm, bn, bkw, wp, st in fams]
+
+
+def run6_candidates(fmt, M, committed):
+    """Run 6 (helper gemv5): the multi-group GEMV ("gemvq": 1, 2 or 4 scale groups per step, exact integer decode
+    with about one integer op per weight; suffix s = codebook by warp shuffles, f = register prefetch, m = words by
+    tensor-descriptor (TMA) loads; last field = the loop's pipelining depth: 1 none, 3-4 loads that many steps - 1
+    ahead through shared memory, TMA or cp.async) beside the committed config."""
+    s = "s" if fmt == "nf4" else ""
+    if fmt == "int8":
+        return [committed] + ([("gemvq", 128, 16, 8, 4, 1), ("gemvq", 128, 32, 8, 4, 1), ("gemvqf", 128, 16, 8, 4, 1),
+                               ("gemvq", 128, 32, 8, 4, 3), ("gemvqm", 128, 32, 8, 4, 3), ("gemvqm", 64, 64, 8, 4, 4)]
+                              if M == 1 else [])
+    if M > 1:
+        return [committed, (f"gemvq{s}", 128, 16, 8, 4, 1), (f"gemvq{s}", 64, 32, 8, 4, 3),
+                (f"gemvq{s}m", 128, 16, 4, 4, 3)]
+    w = 16 if fmt == "int4" else 8  # words of one scale group (g128 int4 / b64 nf4)
+    shapes = [(f"gemvq{s}", 128, w, 4, 1), (f"gemvq{s}", 128, 2 * w, 4, 1), (f"gemvq{s}", 64, 4 * w, 4, 1),
+              (f"gemvq{s}", 256, w, 8, 1),
+              (f"gemvq{s}f", 128, w, 4, 1), (f"gemvq{s}f", 128, 2 * w, 4, 1), (f"gemvq{s}f", 256, w, 8, 1),
+              (f"gemvq{s}", 128, w, 4, 3), (f"gemvq{s}", 128, w, 4, 4), (f"gemvq{s}", 128, 2 * w, 4, 3),
+              (f"gemvq{s}", 64, 4 * w, 4, 3),
+              (f"gemvq{s}m", 128, w, 4, 3), (f"gemvq{s}m", 128, w, 4, 4), (f"gemvq{s}m", 128, 2 * w, 4, 3),
+              (f"gemvq{s}m", 64, 4 * w, 4, 3), (f"gemvq{s}m", 64, 4 * w, 4, 4), (f"gemvq{s}m", 256, w, 8, 4)]
+    return [committed] + [(nm, bn, bkw, sk, wp, st) for sk in (8, 4, 16) for nm, bn, bkw, wp, st in shapes]
+
+
+def prewarm_jobs():
+    """(format, config) of every run-6 candidate at M = 1 (the committed ones included)."""
+    out, seen = [], set()
+    for fmt in SWEEP_FORMATS:
+        bits, kind = (8, 1) if fmt == "int8" else (4, 0 if fmt == "nf4" else 2)
+        for (N, K) in (SHAPES if fmt in ("nf4", "int4", "int8") else SHAPES[:2]):
+            for c in (run7_candidates if RUN7 else run6_candidates)(fmt, 1, TC.config_mm(bits, kind, 1, N, K, 128)):
+                k = (fmt, c[:3] + c[4:], c[3] > 1)  # one compile per config up to the split count
+                if k not in seen:
+                    seen.add(k)
+                    out.append((fmt, tuple(c)))
+    return out
+
+
+def prewarm_worker(i, n):
+    """Compile (into Triton's on-disk cache) job i, i + n, ... of prewarm_jobs() by one launch each on a small weight
+    with the same specialization as the timed shapes (256 x 8192: every size a multiple of 16)."""
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    jobs = prewarm_jobs()[i::n]
+    done = 0
+    for fmt in SWEEP_FORMATS:
+        mine = [c for f, c in jobs if f == fmt]
+        if not mine:
+            continue
+        scheme, kw = SWEEP_FORMATS[fmt]
+        N, K = 256, 8192
+        q = L.prepare_linear(quantize_tensor(torch.randn(N, K, device="cuda") * 0.02, scheme, **kw))
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        for c in mine:
+            try:
+                plan = lm.make_plan(1, N, K, q.bits, q.group, q.kind, q.zero, x.dtype, False, c)
+                if plan.tsc:
+                    q.transposed()
+                s_, z_ = (q.sT, q.zT) if plan.tsc else (q.scales, q.zeros)
+                t_ = q.table2 if plan.pair else (q.table if q.table is not None else q.itable)
+                lm.run_plan(plan, x, q.words, s_, z_, t_, None, N, K, K // q.group, 32 // q.bits)
+                done += 1
+            except Exception as ex:  # noqa: BLE001 - the sweep reports it
+                print(f"prewarm {fmt} {c}: {type(ex).__name__}: {str(ex)[:120]}", flush=True)
+    torch.cuda.synchronize()
+    print(f"prewarm worker {i}/{n}: {done}/{len(jobs)} compiled", flush=True)
+
+
+def prewarm(n, extra):
+    import subprocess
+
+    t = time.perf_counter()
+    argv = [sys.executable, __file__, "--run6", "--prewarm-worker"]
+    procs = [subprocess.Popen(argv + [f"{i}/{n}"] + extra) for i in range(n)]
+    for pr in procs:
+        pr.wait()
+    print(f"prewarm: {len(prewarm_jobs())} configs in {n} processes, {time.perf_counter() - t:.0f} s", flush=True)
+
+
+CHECK_M1_SHAPES = [(384, 1024), (8192, 8192), (9000, 8192)]  # the shipped rows (4096, 4096), (8192, 8192), the last
+
+
+def check_m1_worker(i):
+    """The shipped M = 1 rows through prepared_linear for CHECK_FORMATS[i] on CHECK_M1_SHAPES (the rows of 4096^2,
+    8192^2 and above 8192 rows: ragged N = 9000, TMA where the row has it): bf16 without bias and fp16 with bias
+    against x @ dequantize(state).T in float32, then a CUDA-graph replay equal to the eager call. One JSON line."""
+    scheme, kw = CHECK_FORMATS[i]
+    out = []
+    for N, K in CHECK_M1_SHAPES:
+        torch.manual_seed(N)
+        st = quantize_tensor(torch.randn(N, K, device="cuda") * 0.02, scheme, **kw)
+        p = L.prepare_linear(st)
+        if p is None:
+            out.append({"fmt": f"{scheme} {kw}", "N": N, "K": K, "error": "no prepared layout"})
+            continue
+        wref = L.dequantize_state(st).float()
+        for dt, bias in ((torch.bfloat16, False), (torch.float16, True)):
+            x = torch.randn(1, K, device="cuda").to(dt)
+            b = (torch.randn(N, device="cuda") * 0.1).to(dt) if bias else None
+            ref = x.float() @ wref.T + (b.float() if b is not None else 0)
+            r = {"fmt": f"{scheme} {kw}", "N": N, "K": K, "dtype": str(dt), "bias": bias,
+                 "cfg": list(TC.config_mm(p.bits, p.kind, 1, N, K, p.group))}
+            try:
+                y = L.prepared_linear(x, p, b)
+                y = L.prepared_linear(x, p, b)  # the direct launch
+                r["err"] = rel(y, ref)
+                r["ok"] = r["err"] < (1e-2 if dt == torch.bfloat16 else 2e-3)
+                plan = next(v for k, v in p.plans.items() if k[0] == 1 and k[1] == dt)
+                r["plan"] = getattr(plan, "consts", None) and {k: plan.consts[k] for k in ("BKW", "WPG", "PF", "TMA", "LS")
+                                                                if k in plan.consts}
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    yg = L.prepared_linear(x, p, b)
+                yg.zero_()
+                g.replay()
+                torch.cuda.synchronize()
+                r["graph_equal"] = bool(torch.equal(yg, y))
+            except Exception as ex:  # noqa: BLE001
+                r["ok"], r["error"] = False, f"{type(ex).__name__}: {str(ex)[:200]}"
+            out.append(r)
+    print("CHECKM1 " + json.dumps(out, default=str), flush=True)
+
+
+def check_m1(res):
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, __file__, "--check-m1-worker", str(i)], stdout=subprocess.PIPE, text=True)
+             for i in range(len(CHECK_FORMATS))]
+    for pr in procs:
+        got, _ = pr.communicate()
+        for line in got.splitlines():
+            if line.startswith("CHECKM1 "):
+                res["check_m1"] += json.loads(line[len("CHECKM1 "):])
+    bad = [r for r in res["check_m1"] if not r.get("ok") or not r.get("graph_equal", False)]
+    print(f"check M = 1 (shipped rows): {len(res['check_m1']) - len(bad)}/{len(res['check_m1'])} ok", flush=True)
+    for r in bad:
+        print("NOT OK", r, flush=True)
+
+
+def torchao_int4(N, K, Wb):
+    """torchao int4 g128 (``Int4WeightOnlyConfig``, tile_packed_to_4d: tinygemm) modules of the bf16 copies, or
+    (None, reason)."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except Exception as e:  # noqa: BLE001
+        return None, f"torchao: {e!r}"[:200]
+    mods = []
+    try:
+        for W in Wb:
+            lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+            lin.weight.data.copy_(W)
+            try:
+                quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+            except Exception:  # noqa: BLE001 - older torchao: its default packing
+                quantize_(lin, Int4WeightOnlyConfig(group_size=128))
+            mods.append(lin)
+    except Exception as e:  # noqa: BLE001
+        return None, f"torchao int4 setup: {e!r}"[:200]
+    return mods, None
 
 
 def tuned_rows(res):
@@ -350,6 +578,24 @@ def merged_rows(res, base):
         tail = [r for r in got if r[0] == 1 and r[1] >= big] or [r for r in old if r[0] == 1 and r[1] >= big]
         rows1 = sorted(m1.values(), key=lambda r: r[1] * r[2]) + tail
         out[key] = rows1 + [r for r in old if r[0] == 4] + [r for r in got if r[0] > 4]
+    return out
+
+
+def merged_rows6(res, base):
+    """Run 6's M = 1 winners merged into the committed table ``base``: per shape the run's winner replaces the
+    committed M = 1 row (shapes the run did not reach keep theirs; the catch-all M = 1 row takes the largest shape's
+    winner), every row above M = 1 stays as committed."""
+    new = tuned_rows(res)
+    out = {}
+    big = 1 << 30
+    for key in ("4,codebook", "4,int", "8,int"):
+        b, cls = key.split(",")
+        old = [list(r[:3]) + [list(r[3])] for r in base.get((int(b), cls), [])]
+        got = [r for r in new.get(key, []) if r[0] == 1]
+        m1 = {(r[1], r[2]): r for r in old if r[0] == 1 and r[1] < big}
+        m1.update({(r[1], r[2]): r for r in got if r[1] < big})
+        tail = [r for r in got if r[1] >= big] or [r for r in old if r[0] == 1 and r[1] >= big]
+        out[key] = sorted(m1.values(), key=lambda r: r[1] * r[2]) + tail + [r for r in old if r[0] > 1]
     return out
 
 
@@ -422,6 +668,8 @@ def _section(res, path: Path):
                   f"`lowbit.dequantize`: {sum(r['exact'] for r in ex)}/{len(ex)}.", ""]
         for r in [r for r in ok if not r["ok"]] + [r for r in ex if not r["exact"]]:
             lines.append(f"- NOT OK: {r}")
+    if res.get("run6"):
+        return lines + _table6(res) + [""]
     lines += ["| format | N x K | M | F.linear graph | v1 graph | best graph | × F.linear (graph) | GB/s | "
               "F.linear eager | v1 eager | dispatch eager | × F.linear (eager) | best config |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -440,6 +688,36 @@ def _section(res, path: Path):
         lines += ["", f"Errors / skipped candidates ({len(res['errors'])}; first 10):", ""]
         lines += [f"- {e}" for e in res["errors"][:10]]
     return lines + [""]
+
+
+def _table6(res):
+    """Run 6's table: the committed config and the run's best beside F.linear and torchao int4 g128 (same x, same
+    bf16 weight copies), graph and eager."""
+    lines = ["| format | N x K | M | F.linear graph | committed graph | best graph | × F.linear (graph) | GB/s | "
+             "torchao int4 graph | × F.linear (torchao) | F.linear eager | dispatch eager | × F.linear (eager) | "
+             "torchao eager | best config | committed config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        g = r.get("best_graph")
+        fl, fe = r["flinear_graph"], r["flinear_eager"]
+        tg, te = r.get("torchao_graph"), r.get("torchao_eager")
+        e = r.get("v2_eager")
+        lines.append(
+            f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {_fmt(fl)} | {_fmt(r.get('committed_graph'))} | "
+            f"{_fmt(g)} | {(fl / g) if g else 0:.2f}x | {(r['bytes'] / (g * 1e-6) / 1e9) if g else 0:.0f} | "
+            f"{_fmt(tg)} | {f'{fl / tg:.2f}x' if tg else '—'} | {_fmt(fe)} | {_fmt(e)} | {(fe / e) if e else 0:.2f}x | "
+            f"{_fmt(te)} | {tuple(r.get('best_cfg', ()))} | {tuple(r.get('committed_cfg', ()))} |")
+    tried = [(r, c, t) for r in res["rows"] for c, t in r.get("tried", [])]
+    if tried:
+        lines += ["", "Every candidate of the run (CUDA graph µs; each checked against the float32 reference first):", ""]
+        for r in res["rows"]:
+            ts = sorted(r.get("tried", []), key=lambda ct: ct[1])
+            lines.append(f"- {r['fmt']} {r['N']} x {r['K']} M = {r['M']}: " +
+                         ", ".join(f"{tuple(c)} {t:.1f}" for c, t in ts))
+    if res.get("errors"):
+        lines += ["", f"Errors / skipped candidates ({len(res['errors'])}; first 10):", ""]
+        lines += [f"- {e}" for e in res["errors"][:10]]
+    return lines
 
 
 def report(paths, notes=()) -> None:
@@ -500,11 +778,21 @@ def main(argv=None):
     ap.add_argument("--ms", default="", help="M values (run 3 default: 1,16)")
     ap.add_argument("--run5", action="store_true", help="run 5: M = 1 NF4 shuffle-codebook GEMVs, int4 scale "
                     "layouts (state's own vs transposed), M = 16 / 64 committed vs dense / v1")
+    ap.add_argument("--run6", action="store_true", help="run 6: M = 1 multi-group GEMVs (gemvq*) vs the committed "
+                    "config and torchao int4 g128 (nf4 b64, int4 asym g128, int8 per channel)")
+    ap.add_argument("--round", type=int, default=1, help="run 6 candidates (1) or run 7's (2)")
+    ap.add_argument("--prewarm", type=int, default=0, help="run 6: compile every candidate first in N processes")
+    ap.add_argument("--prewarm-worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--check-m1", action="store_true", help="only: the shipped M = 1 rows, every format, through "
+                    "prepared_linear (one process per format), eager + CUDA graph, vs the float32 reference")
+    ap.add_argument("--check-m1-worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--prewarm-only", action="store_true", help="compile the candidates (--prewarm N), then stop")
+    ap.add_argument("--formats", default="", help="subset of nf4,int4,int8 (default: all of the mode)")
     ap.add_argument("--committed", action="store_true", help="re-time the committed TUNED_MM choice only (M 1, 4, 16; "
                     "nf4, int4, int8) beside F.linear and v1")
     ap.add_argument("--shapes", default="", help="N x K list, e.g. 8192x8192,28672x8192 (default: all)")
     args = ap.parse_args(argv)
-    global GEMVG_MODE, MS, RUN3, SHAPES, COMMITTED, RUN5
+    global GEMVG_MODE, MS, RUN3, SHAPES, COMMITTED, RUN5, RUN6, RUN7
     if args.gemvg:
         GEMVG_MODE, MS = True, (1, 4)
     if args.run3:  # the Llama-3-8B decode shapes first (the generate table uses them), then the issue's
@@ -515,20 +803,54 @@ def main(argv=None):
         RUN5, MS = True, (1, 16, 64)
         SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (8192, 8192), (28672, 8192)]
         SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
+    if args.run6:  # the issue's shapes first, then the Llama-3-8B decode shapes
+        RUN6, MS = True, (1,)
+        SHAPES = [(8192, 8192), (28672, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]
+        SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
+        if args.round == 2:
+            RUN7 = True
+            SWEEP_FORMATS["int4s"] = ("int4", dict(group_size=128))
+            SWEEP_FORMATS["q4_0"] = ("q4_0", {})
     if args.committed:
         COMMITTED, MS = True, (1, 4, 16)
         SHAPES = [(8192, 8192), (28672, 8192), (4096, 4096), (14336, 4096), (4096, 14336)]
         SWEEP_FORMATS["int8"] = ("int8", dict(axis=0))
     if args.ms:
         MS = tuple(int(v) for v in args.ms.split(","))
+    if args.formats:
+        for f in list(SWEEP_FORMATS):
+            if f not in args.formats.split(","):
+                del SWEEP_FORMATS[f]
     if args.shapes:
         SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+    if args.prewarm_worker:
+        i, n = (int(v) for v in args.prewarm_worker.split("/"))
+        prewarm_worker(i, n)
+        return
+    if args.check_m1_worker:
+        check_m1_worker(int(args.check_m1_worker))
+        return
+    if args.check_m1:
+        res = {"gpu": torch.cuda.get_device_name(), "command": "python bench/gemv_sweep.py " + " ".join(argv),
+               "check_m1": []}
+        try:
+            check_m1(res)
+        finally:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "check_m1.json").write_text(json.dumps(res, default=str))
+        return
     t0 = time.perf_counter()
+    if args.prewarm:
+        prewarm(args.prewarm, ["--round", str(args.round)] + (["--formats", args.formats] if args.formats else [])
+                + (["--shapes", args.shapes] if args.shapes else []))
+        if args.prewarm_only:
+            return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
 
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "run6": RUN6,
+           "round": args.round,
            "command": "python bench/gemv_sweep.py " + " ".join(argv), "rows": [], "check": [], "errors": []}
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -554,7 +876,8 @@ def main(argv=None):
     finally:
         (out / "mm_sweep.json").write_text(json.dumps(res, default=str))
         if not COMMITTED:
-            rows = merged_rows(res, base) if (RUN3 or RUN5) else tuned_rows(res)
+            rows = (merged_rows6(res, base) if RUN6 else merged_rows(res, base) if (RUN3 or RUN5)
+                    else tuned_rows(res))
             (out / "mm_tuned.json").write_text(json.dumps(rows, default=str, indent=1))
     nok = sum(1 for r in res["check"] if r.get("ok") is False or r.get("exact") is False)
     print(f"check failures: {nok}; errors: {len(res['errors'])}; first: {res['errors'][:6]}")

@@ -39,11 +39,13 @@ def test_byte_pair_table_exact(name):
 
 
 def test_config_mm_buckets_and_tuned_rows(monkeypatch):
-    assert TC.config_mm(4, 0, 1, 4096, 4096)[0] in ("gemv", "gemvg", "gemvgsf", "v1")
+    assert TC.config_mm(4, 0, 1, 4096, 4096)[0] == "gemvqs"  # the shipped M = 1 rows: the multi-group GEMV
     assert TC.config_mm(4, 1, 4, 4096, 4096)[0] in ("gemv", "gemvg", "v1")
     assert TC.config_mm(4, 0, 512, 4096, 4096) == ("dense",)
     cfg = TC.config_mm(4, 1, 1, 4096, 4096)
-    assert cfg[0].startswith("gemvg") and cfg[3] >= 1  # the committed table; split resolved
+    assert cfg[0].startswith("gemvq") and cfg[3] >= 1  # the committed table; split resolved
+    assert TC.config_mm(4, 2, 1, 28672, 8192, 128)[0] == "gemvqm" and TC.config_mm(8, 1, 1, 28672, 8192)[0] == "gemvqm"
+    assert TC.config_mm(8, 1, 1, 8192, 8192)[0] == "gemvq"  # no TMA where its launch cost showed in eager calls
     monkeypatch.setattr(TC, "TUNED_MM", {})
     assert TC.default_mm(4, 1, 16, 4096, 4096) == ("dense",)
     assert TC.config_mm(4, 0, 4, 8192, 8192) == TC.default_mm(4, 0, 4, 8192, 8192)  # no rows: the default
@@ -290,3 +292,85 @@ def test_tc_plan_shapes_and_table_asm(monkeypatch):
     # the shipped rows: tc at M = 5..64 on the Llama-3 shapes where it measured faster, dequantize + cuBLAS above
     assert TC.config_mm(4, 2, 16, 8192, 8192, 128)[0] == "tc" and TC.config_mm(8, 1, 64, 14336, 4096)[0] == "tc"
     assert TC.config_mm(4, 0, 128, 8192, 8192, 64) == ("dense",)
+
+
+def test_gemvq_plan_names_tiles_and_errors():
+    """The multi-group GEMV ("gemvq"): names, sub-tiles (WPG words inside one scale group, 1 / 2 / 4 per step,
+    dividing the row), the loop's pipelining depth, TMA only where the words allow it (16-byte rows and boxes, with
+    a plain-load twin for unaligned words), and clear errors for configs the weight cannot take."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    assert lm.is_gemvq("gemvq") and lm.is_gemvq("gemvqsf") and lm.is_gemvq("gemvqsm")
+    assert not lm.is_gemvq("gemvqfm") and not lm.is_gemvq("gemvqt") and not lm.is_gemvg("gemvq")
+    assert lm.is_gemvq("gemvqff") and lm.is_gemvq("gemvqmx") and not lm.is_gemvq("gemvqfff")
+    plan = lm.make_plan(1, 4096, 8192, 4, 128, 2, 8.0, torch.bfloat16, False, ("gemvqff", 128, 64, 4, 4, 1))
+    assert plan.consts["PF"] == 2 and plan.consts["BKW"] == plan.consts["WPG"] == 16  # one sub-tile per step
+    assert lm.make_plan(1, 4096, 8192, 4, 128, 2, 8.0, torch.bfloat16, False, ("gemvqmx", 128, 16, 4, 4, 3)).consts["X16"]
+    assert lm.gemvq_tiles(1024, 128, 8, 64) == (64, 16)  # int4 g128: 4 groups of 16 words per step
+    assert lm.gemvq_tiles(1024, 128, 8, 8) == (8, 8)  # half a group per step
+    assert lm.gemvq_tiles(1024, 64, 8, 128) == (32, 8)  # at most 4 sub-tiles
+    assert lm.gemvq_tiles(1024, 32, 8, 32) == (16, 4)
+    assert lm.gemvq_tiles(48, 128, 8, 64) == (16, 16)  # 3 groups per row: one per step
+    assert lm.gemvq_tiles(96, 96, 8, 32) == (16, 4)  # 12-word groups: 4-word sub-tiles
+    assert lm.gemvq_tiles(2048, 8192, 4, 64) == (64, 64)  # int8 per channel (one group per row)
+    plan = lm.make_plan(1, 4096, 8192, 4, 128, 2, 8.0, torch.bfloat16, False, ("gemvqm", 128, 32, 4, 4, 3))
+    c = plan.consts
+    assert plan.q and plan.tr and (c["BKW"], c["WPG"], c["LS"], c["FIX"]) == (32, 16, 3, True)
+    assert plan.tma == c["TMA"] is True and plan.alt is not None and not plan.alt.tma
+    assert plan.alt.consts["BKW"] == 32 and plan.split == 4 and plan.grid == (32, 4)
+    assert plan.alt.consts["PF"] == 1 and plan.alt.consts["LS"] == 1  # the twin: register prefetch, no pipelining
+    plan = lm.make_plan(2, 256, 48, 4, 16, 1, 8.0, torch.float16, True, ("gemvqm", 64, 16, 1, 4, 3))  # 6 words a row
+    assert not plan.tma and plan.alt is None and plan.consts["WPG"] == 2 and plan.consts["BM"] == 2
+    for G, tma in ((32, False), (64, False), (128, True)):  # TMA from 16-word sub-tiles (64-byte box rows) up
+        plan = lm.make_plan(1, 256, 1024, 4, G, 1, 8.0, torch.float16, False, ("gemvqm", 64, 64, 1, 4, 3))
+        assert plan.tma == tma and plan.consts["PF"] == (0 if tma else 1) and plan.consts["LS"] == (3 if tma else 1)
+    assert lm.make_plan(1, 256, 2048, 8, 2048, 1, 128.0, torch.float16, False, ("gemvqmx", 64, 32, 1, 4, 3)).tma
+    plan = lm.make_plan(1, 256, 1024, 4, 64, 0, 0.0, torch.bfloat16, False, ("gemvqsf", 64, 16, 2, 4, 1))
+    assert plan.consts["SHFL"] == lm.shuffle_supported() and plan.consts["PF"] and plan.consts["LS"] == 1
+    with pytest.raises(ValueError, match="codebooks only"):
+        lm.make_plan(1, 256, 1024, 4, 128, 1, 8.0, torch.bfloat16, False, ("gemvqs", 64, 8, 2, 4, 1))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")
+@pytest.mark.parametrize("scheme,kw", FORMATS + [("int4_asym", dict(group_size=128))],
+                         ids=[f"{s}-{k}" for s, k in FORMATS + [("int4_asym", dict(group_size=128))]])
+def test_gemvq_in_triton_interpreter(scheme, kw, monkeypatch):
+    """The multi-group GEMV through prepared_linear, every format: several scale groups per step, register
+    prefetch, cp.async / TMA pipelining (tensor-descriptor loads; ragged N read as zeros), split-K summed in the
+    kernel (1-3 splits), M = 1..4, bias, fp16 and bf16 activations, against the float32 reference; words that are
+    not 16-byte aligned take the plain-load twin of a TMA plan."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    torch.manual_seed(4)
+    N, K = 40, 512
+    st = quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw)
+    p = L._prepare_cuda(st)
+    ref = L.dequantize_state(st).float()
+    key = (p.bits, "codebook" if p.kind == 0 else "int")
+    s = "s" if p.kind == 0 else ""
+    cases = [(1, (f"gemvq{s}", 32, 32, 2, 4, 1), torch.float16), (2, (f"gemvq{s}f", 32, 16, 3, 4, 1), torch.float16),
+             (3, (f"gemvq{s}m", 32, 32, 2, 4, 3), torch.float16), (4, (f"gemvq{s}", 16, 64, 1, 4, 3), torch.float16),
+             (1, (f"gemvq{s}m", 64, 16, 1, 4, 2), torch.bfloat16), (3, (f"gemvq{s}f", 32, 8, 2, 4, 1), torch.bfloat16),
+             (2, (f"gemvq{s}ff", 32, 16, 3, 4, 1), torch.float16), (1, (f"gemvq{s}mx", 32, 16, 2, 4, 3), torch.bfloat16),
+             (4, (f"gemvq{s}x", 32, 32, 1, 4, 1), torch.float16)]
+    for M, cfg, dt in cases:
+        p.plans.clear()
+        monkeypatch.setitem(TC.TUNED_MM, key, [(4, 1 << 30, 1 << 30, cfg)])
+        x = torch.randn(M, K).to(dt)
+        b = torch.randn(N).to(dt) if M == 3 else None
+        r = x.float() @ ref.T + (b.float() if b is not None else 0)
+        y = L.prepared_linear(x, p, b)
+        assert y.dtype == dt and y.shape == (M, N)
+        tol = 2e-3 if dt == torch.float16 else 1e-2  # (bf16: the interpreter rounds the output cast toward zero)
+        assert ((y.float() - r).norm() / r.norm()).item() < tol, (cfg, M, dt)
+        plan = next(iter(p.plans.values()))
+        assert plan.q and plan.grid[1] == plan.split and plan.consts["FIX"] == (plan.split > 1)
+        if cfg[0].endswith("m") and plan.tma:
+            assert plan.descs  # the descriptor of p.words, built once
+            w2 = torch.empty(p.words.numel() + 1, dtype=torch.int32)[1:].view_as(p.words)  # 4 bytes off 16
+            w2.copy_(p.words)
+            y2 = lm.run_plan(plan, x, w2, p.scales, p.zeros, p.table if p.table is not None else p.itable, b,
+                             N, K, K // p.group, 32 // p.bits)
+            assert ((y2.float() - r).norm() / r.norm()).item() < tol and len(plan.descs) == 1

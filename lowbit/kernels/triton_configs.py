@@ -172,6 +172,17 @@ def config_gemv(bits: int, kind: int, M: int, N: int, K: int, group: int = 0) ->
 # with M <= m_max, N <= n_max and K <= k_max applies. ``bench/gemv_sweep.py`` writes such rows; a JSON file of
 # them named by LOWBIT_MM_CONFIGS (keys "bits,class") overrides the table (used while tuning).
 SM_COUNT = 132  # H100 / H200 SXM; the split heuristic only needs the order of magnitude
+# M = 1 rows (all but the 1024 x 4096 one): bench/gemv_sweep.py --run6 --round 2 on the H200 (run 7,
+# bench/results/raw/mm_sweep_run7.json, helper gemv5; run 6 the same families first): the multi-group GEMV "gemvq*"
+# (lowbit_mm._gemvq_kernel: exact integer decode at about one integer op per weight, 1-4 scale groups per step),
+# int4 g128 asym 19.5 / 60.5 us at 8192^2 / 28672 x 8192 against 23.7 / 70.0 for run 5's rows and torchao int4
+# 22.7 / 64.1 in the same run; NF4 b64 through "gemvqs" 1-5% faster than run 5's "gemvgsf"; int8 per channel through
+# TMA ("gemvqm": 21.0 / 65.4 us against 29.7 / 100.7). A TMA launch costs ~15 us more host time (the tensor map is
+# encoded per launch): where run 7's TMA winner dispatched eagerly slower than eager F.linear (int8 at 4096^2, 8192^2,
+# 4096 x 14336: 36.3 / 44.5 / 36.8 us against 17.6 / 36.8 / 34.5) the row takes the fastest plain-load candidate of
+# run 6 instead ("gemvq" 128 x 32: 10.5 / 29.7 / 25.1 us graph against the old rows' 12.2 / 31.6 / 32.3). The
+# integer class's rows serve every group size: a "gemvqm" row reads groups under 16 words (int4 g32 / g64,
+# Q4_0 / Q4_1, Q8_0) by register prefetch instead (see lowbit_mm.TMA_MIN_WORDS). Earlier M = 1 rows: runs 3-5.
 # M = 4 rows from bench/gemv_sweep.py --gemvg on the H200 (bench/results/raw/mm_sweep_run2.json); M = 1 rows of
 # every format from --run5 (bench/results/raw/mm_sweep_run5.json, helper kern3): NF4 / FP4 at M = 1 through the
 # group-step GEMV with the codebook in registers read by warp shuffles ("gemvgs*", 1.12-1.82x F.linear where the v1
@@ -187,12 +198,12 @@ SM_COUNT = 132  # H100 / H200 SXM; the split heuristic only needs the order of m
 TUNED_MM: Dict[tuple, list] = {
     (4, 'codebook'): [
         (1, 1024, 4096, ('gemvgs', 128, 8, 16, 4, 2)),
-        (1, 4096, 4096, ('gemvgsf', 64, 8, 16, 4, 2)),
-        (1, 4096, 14336, ('gemvgsf', 64, 8, 16, 4, 2)),
-        (1, 14336, 4096, ('gemvgsf', 64, 8, 4, 4, 2)),
-        (1, 8192, 8192, ('gemvgsf', 64, 8, 8, 4, 2)),
-        (1, 28672, 8192, ('gemvgsf', 64, 8, 8, 4, 2)),
-        (1, 1073741824, 1073741824, ('gemvgsf', 64, 8, 8, 4, 2)),
+        (1, 4096, 4096, ('gemvqs', 128, 32, 8, 4, 1)),
+        (1, 4096, 14336, ('gemvqs', 64, 32, 16, 4, 1)),
+        (1, 14336, 4096, ('gemvqs', 64, 32, 4, 4, 1)),
+        (1, 8192, 8192, ('gemvqs', 64, 32, 8, 4, 1)),
+        (1, 28672, 8192, ('gemvqs', 64, 32, 8, 4, 1)),
+        (1, 1073741824, 1073741824, ('gemvqs', 64, 32, 8, 4, 1)),
         (4, 4096, 4096, ('gemv', 16, 32, 2, 4, 2)),
         (4, 4096, 14336, ('gemvg', 64, 4, 0, 4, 2)),
         (4, 14336, 4096, ('gemvg', 64, 4, 8, 4, 2)),
@@ -216,12 +227,12 @@ TUNED_MM: Dict[tuple, list] = {
     ],
     (4, 'int'): [
         (1, 1024, 4096, ('gemvgf', 128, 16, 16, 4, 3)),
-        (1, 4096, 4096, ('gemvgf', 128, 16, 8, 4, 2)),
-        (1, 4096, 14336, ('gemvgsf', 128, 16, 16, 4, 2)),
-        (1, 14336, 4096, ('gemvgf', 128, 16, 8, 4, 2)),
-        (1, 8192, 8192, ('gemvgf', 128, 16, 8, 4, 2)),
-        (1, 28672, 8192, ('gemvgf', 128, 16, 4, 4, 2)),
-        (1, 1073741824, 1073741824, ('gemvgf', 128, 16, 4, 4, 2)),
+        (1, 4096, 4096, ('gemvq', 64, 64, 8, 4, 1)),
+        (1, 4096, 14336, ('gemvqf', 128, 16, 16, 4, 1)),
+        (1, 14336, 4096, ('gemvqf', 128, 16, 4, 4, 1)),
+        (1, 8192, 8192, ('gemvqf', 128, 16, 8, 4, 1)),
+        (1, 28672, 8192, ('gemvqm', 128, 16, 4, 4, 3)),
+        (1, 1073741824, 1073741824, ('gemvqm', 128, 16, 4, 4, 3)),
         (4, 4096, 4096, ('gemvg', 128, 16, 8, 4, 2)),
         (4, 4096, 14336, ('gemvg', 128, 16, 8, 4, 2)),
         (4, 14336, 4096, ('gemvg', 128, 16, 2, 4, 2)),
@@ -245,12 +256,12 @@ TUNED_MM: Dict[tuple, list] = {
     ],
     (8, 'int'): [
         (1, 1024, 4096, ('gemvg', 128, 8, 66, 4, 2)),
-        (1, 4096, 4096, ('gemvg', 128, 8, 17, 4, 2)),
-        (1, 14336, 4096, ('gemvgf', 128, 8, 8, 4, 2)),
-        (1, 4096, 14336, ('gemvg', 128, 8, 17, 4, 2)),
-        (1, 8192, 8192, ('gemvg', 128, 16, 8, 4, 2)),
-        (1, 28672, 8192, ('gemvg', 128, 16, 8, 4, 2)),
-        (1, 1073741824, 1073741824, ('gemvg', 128, 16, 8, 4, 2)),
+        (1, 4096, 4096, ('gemvq', 128, 32, 8, 4, 1)),
+        (1, 14336, 4096, ('gemvqm', 128, 32, 4, 4, 3)),
+        (1, 4096, 14336, ('gemvq', 128, 32, 8, 4, 1)),
+        (1, 8192, 8192, ('gemvq', 128, 32, 8, 4, 1)),
+        (1, 28672, 8192, ('gemvqm', 128, 32, 8, 4, 4)),
+        (1, 1073741824, 1073741824, ('gemvqm', 128, 32, 8, 4, 4)),
         (16, 1024, 4096, ('tc', 16, 64, 32, 8, 4, 4)),
         (16, 4096, 4096, ('tc', 16, 64, 32, 4, 4, 4)),
         (16, 4096, 14336, ('tc', 16, 128, 32, 8, 4, 3)),

@@ -36,6 +36,15 @@ once (config suffix "t": coalesced along N, 0-13% faster at M = 1 on the H200, s
 ``bench/results/gemv_sweep.md``); 4-16 words per row and step so that a warp spans 8-32 rows and every
 activation load serves all of them; split-K partials summed in the kernel by the last program to arrive.
 
+``gemvq`` (M <= 4, the shipped M = 1 GEMV): 1, 2 or 4 scale groups per step (sub-tiles of one group each, a
+scale / zero per row and sub-tile); integer codes decoded exactly with about one integer op per weight (``_qval``:
+five of the eight nibbles of a word masked in place into the mantissa of 1.0, whose bits sit in a register, three
+from ``w >> 12``; then one exact FFMA to ``q - zero``) and one FFMA per weight into the word's dot; codebooks by
+warp shuffles; options: register prefetch one or two steps ahead ("f" / "ff"), the words through TMA tensor
+descriptors with the loop pipelined ``stages`` deep ("m", for sub-tiles of 16 words or more), 16-bit activation
+loads ("x"). 4.1 SASS instructions per weight for int4 g128 asym against 5.7 for ``gemvg`` (see
+``bench/results/gemv_sweep.md`` runs 6-7).
+
 ``gemv`` (M <= 4, run 1's layout): CUDA-core FMAs into float32 accumulators shaped like the word tile, reduced once after the
 loop; grid ``(N / BN, SPLIT_K)`` so that small N x K still fills all multiprocessors; split partials (float32
 ``[SPLIT_K, M, N]``) summed by a second tiny kernel.
@@ -393,6 +402,276 @@ def _gemvg_kernel(
 
 
 @triton.jit
+def _qval(src, P: tl.constexpr, BITS: tl.constexpr, ZB: tl.constexpr, one):
+    # (q - ZB) as an exact float32, q = the BITS-bit field of ``src`` at bit P (P + BITS <= 23), without a shift:
+    # f = bitcast((src & (mask << P)) | one) = 1 + q 2**(P - 23) (one AND-OR: a single LOP3 when ``one``, the bits
+    # of 1.0, sits in a register), then f 2**(23 - P) - (2**(23 - P) + ZB) = q - ZB exactly (one FFMA)
+    MASK: tl.constexpr = ((1 << BITS) - 1) << P
+    SC: tl.constexpr = (1 << (23 - P)) * 1.0
+    OFF: tl.constexpr = SC + ZB
+    f = ((src & MASK) | one).to(tl.float32, bitcast=True)
+    return f * SC - OFF
+
+
+@triton.jit
+def _xpair2(xi_ptr, offs, X_BF16: tl.constexpr, X16: tl.constexpr):
+    # activations (2i, 2i + 1) as float32: one 32-bit load (_xpair), or (X16) two 16-bit loads, which the loop
+    # pipeliner leaves in registers (cp.async moves 4 bytes or more): the TMA configs keep their activation reads
+    # as plain L1 loads instead of staging them through shared memory behind a barrier
+    if X16:
+        xh = xi_ptr.to(tl.pointer_type(tl.int16), bitcast=True) + 2 * offs
+        x0 = tl.load(xh).to(tl.int32)
+        x1 = tl.load(xh + 1).to(tl.int32)
+        if X_BF16:
+            x0 = (x0 << 16).to(tl.float32, bitcast=True)
+            x1 = (x1 << 16).to(tl.float32, bitcast=True)
+        else:
+            x0 = x0.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x1 = x1.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        x0, x1 = _xpair(xi_ptr, offs, X_BF16)
+    return x0, x1
+
+
+@triton.jit
+def _qpair(p0, p1, p2, p3, X0, X1, X2, X3, va, vb, xi_ptr, off, sx2, BM: tl.constexpr, X_BF16: tl.constexpr,
+           X16: tl.constexpr):
+    # two elements of every word (code values va, vb) times activations (2i, 2i + 1) of each of the BM rows
+    # (``off`` in int32 units): one FFMA per weight, accumulated right away (few values live at a time)
+    xa, xb = _xpair2(xi_ptr, off, X_BF16, X16)
+    p0 = p0 + va * xa[None, :]
+    p0 = p0 + vb * xb[None, :]
+    X0 = X0 + (xa + xb)
+    if BM > 1:
+        xa, xb = _xpair2(xi_ptr, sx2 + off, X_BF16, X16)
+        p1 = p1 + va * xa[None, :]
+        p1 = p1 + vb * xb[None, :]
+        X1 = X1 + (xa + xb)
+    if BM > 2:
+        xa, xb = _xpair2(xi_ptr, 2 * sx2 + off, X_BF16, X16)
+        p2 = p2 + va * xa[None, :]
+        p2 = p2 + vb * xb[None, :]
+        X2 = X2 + (xa + xb)
+    if BM > 3:
+        xa, xb = _xpair2(xi_ptr, 3 * sx2 + off, X_BF16, X16)
+        p3 = p3 + va * xa[None, :]
+        p3 = p3 + vb * xb[None, :]
+        X3 = X3 + (xa + xb)
+    return p0, p1, p2, p3, X0, X1, X2, X3
+
+
+@triton.jit
+def _qcode(words, u, E: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, SHFL: tl.constexpr,
+           tv, t_ptr, one):
+    # value of element E of every word: codebooks (kind 0, 4-bit: element 2b at bit 8b + 4, 2b + 1 at 8b) by warp
+    # shuffle or the 16-entry table; integer codes exactly by _qval (kind 1: q - ZERO; kinds 2 / 3: q), 4-bit
+    # elements 0-3 and 5 read in place from ``words``, 4, 6, 7 from u = words >> 12; 8-bit elements 0, 1 in place,
+    # 2, 3 from u = words >> 16
+    if KIND == 0:
+        SH: tl.constexpr = 8 * (E // 2) + 4 * (1 - E % 2)
+        if SHFL:
+            if SH == 0:
+                v = _shfl_lookup(tv, words)
+            else:
+                v = _shfl_lookup(tv, words >> SH)
+        else:
+            v = tl.load(t_ptr + ((words >> SH) & 15))
+    else:
+        ZB: tl.constexpr = ZERO if KIND == 1 else 0.0
+        if BITS == 4:
+            POS: tl.constexpr = 8 * (E // 2) + 4 * (1 - E % 2)
+            if POS <= 16:
+                v = _qval(words, POS, 4, ZB, one)
+            else:
+                v = _qval(u, POS - 12, 4, ZB, one)
+        else:
+            if E < 2:
+                v = _qval(words, 8 * E, 8, ZB, one)
+            else:
+                v = _qval(u, 8 * E - 16, 8, ZB, one)
+    return v
+
+
+@triton.jit
+def _qtile(acc0, acc1, acc2, acc3, words, s, z, xi_ptr, xo, sx2, tv, t_ptr, one,
+           BITS: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, BM: tl.constexpr, X_BF16: tl.constexpr,
+           SHFL: tl.constexpr, X16: tl.constexpr):
+    # one [BN, WPG] word tile of one scale group, every activation row: p = sum_e v_e x_e per word, X = sum_e x_e
+    # per word column, then acc += s p (kinds 0 / 1), s (p - z X) (kind 2), s p + z X (kind 3)
+    PER: tl.constexpr = 32 // BITS
+    if BITS == 4:
+        u = words >> 12
+    else:
+        u = words >> 16
+    p0 = tl.zeros(words.shape, tl.float32)
+    p1 = p0
+    p2 = p0
+    p3 = p0
+    X0 = tl.zeros(xo.shape, tl.float32)
+    X1 = X0
+    X2 = X0
+    X3 = X0
+    for b in tl.static_range(PER // 2):
+        va = _qcode(words, u, 2 * b, BITS, KIND, ZERO, SHFL, tv, t_ptr, one)
+        vb = _qcode(words, u, 2 * b + 1, BITS, KIND, ZERO, SHFL, tv, t_ptr, one)
+        p0, p1, p2, p3, X0, X1, X2, X3 = _qpair(p0, p1, p2, p3, X0, X1, X2, X3, va, vb, xi_ptr, xo + b, sx2, BM,
+                                                X_BF16, X16)
+    acc0 = _word_update(acc0, p0, X0, s, z, KIND, BITS, ZERO, True)
+    if BM > 1:
+        acc1 = _word_update(acc1, p1, X1, s, z, KIND, BITS, ZERO, True)
+    if BM > 2:
+        acc2 = _word_update(acc2, p2, X2, s, z, KIND, BITS, ZERO, True)
+    if BM > 3:
+        acc3 = _word_update(acc3, p3, X3, s, z, KIND, BITS, ZERO, True)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _qload(w_ptr, wrow, n0, kwb, s_ptr, z_ptr, srow, ssg, PER: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr,
+           TMA: tl.constexpr):
+    # one sub-tile's words [BN, WPG] (a tensor-descriptor load where TMA) and its scales / zeros [BN, 1]
+    if TMA:
+        words = w_ptr.load([n0, kwb])
+    else:
+        words = tl.load(wrow + kwb)
+    g = ((kwb * PER) // G).to(tl.int64) * ssg
+    s = tl.load(s_ptr + g + srow)[:, None]
+    if KIND >= 2:
+        z = tl.load(z_ptr + g + srow).to(tl.float32)[:, None]
+    else:
+        z = s
+    return words, s, z
+
+
+@triton.jit(do_not_specialize=["M", "kw_split", "n_iter", "one"])
+def _gemvq_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr, o_ptr, c_ptr,
+    M, N, KW, NG, sxm, kw_split, n_iter, ssn, ssg, one,
+    BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, WPG: tl.constexpr,
+    PF: tl.constexpr, FIX: tl.constexpr, SHFL: tl.constexpr, TMA: tl.constexpr, LS: tl.constexpr,
+    X16: tl.constexpr = False,
+):
+    # GEMV (M <= 4) stepping BKW words per row: GPS = BKW / WPG sub-tiles of WPG words, each inside one scale group
+    # (several groups per step: more bytes in flight per program and longer runs per row). Integer codes decoded
+    # exactly by _qval (about 1 integer op per weight instead of 3: no shift for five of eight nibbles, the AND-OR
+    # one LOP3 with 1.0's bits in a register, ``one`` = 0x3F800000 passed at launch so it is not folded to an
+    # immediate); codebooks by warp shuffles (SHFL) or the 16-entry table; one FFMA per weight. PF: register
+    # prefetch of the next step's sub-tiles (PF = 2: of the next two steps, one sub-tile per step). X16: activations
+    # read 16 bits at a time (kept out of the loop pipeliner's shared-memory staging). TMA: ``w_ptr`` is a tensor descriptor of the words ([N, KW], block
+    # [BN, WPG]): the loop's loads go through the bulk copy engine into shared memory, ``num_stages`` deep (rows past
+    # N read as zeros). Split-K partials summed in the kernel (FIX) as in _gemvg_kernel.
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2
+    GPS: tl.constexpr = BKW // WPG
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_n = tl.where(nmask, offs_n, 0)
+    kw = tl.arange(0, WPG)
+    if TMA:
+        wrow = w_ptr
+    else:
+        wrow = w_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :]
+    srow = offs_n.to(tl.int64) * ssn
+    xi_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    sx2 = sxm // 2
+    kw_lo = pid_k * kw_split
+    acc0 = tl.zeros((BN, WPG), tl.float32)
+    acc1 = tl.zeros((BN, WPG), tl.float32)
+    acc2 = tl.zeros((BN, WPG), tl.float32)
+    acc3 = tl.zeros((BN, WPG), tl.float32)
+    if SHFL:
+        tv = _lane_values(t_ptr, BN, WPG)
+    else:
+        tv = acc0
+    if PF:
+        wa_n, sa_n, za_n = _qload(w_ptr, wrow, n0, kw_lo, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+        if GPS > 1:
+            wb_n, sb_n, zb_n = _qload(w_ptr, wrow, n0, kw_lo + WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+        if GPS > 2:
+            wc_n, sc_n, zc_n = _qload(w_ptr, wrow, n0, kw_lo + 2 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+            wd_n, sd_n, zd_n = _qload(w_ptr, wrow, n0, kw_lo + 3 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+        if PF == 2:  # (one sub-tile per step) the step after next in the b slot
+            wb_n, sb_n, zb_n = _qload(w_ptr, wrow, n0, kw_lo + tl.minimum(n_iter - 1, 1) * BKW, s_ptr, z_ptr, srow,
+                                      ssg, PER, G, KIND, TMA)
+    for it in tl.range(0, n_iter, num_stages=LS):
+        kwb = kw_lo + it * BKW
+        if PF == 2:  # two steps ahead: a <- next, next <- b, b <- load(it + 2) (clamped to the last step)
+            wa, sa, za = wa_n, sa_n, za_n
+            wa_n, sa_n, za_n = wb_n, sb_n, zb_n
+            kwn = kw_lo + tl.minimum(it + 2, n_iter - 1) * BKW
+            wb_n, sb_n, zb_n = _qload(w_ptr, wrow, n0, kwn, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+        elif PF:
+            wa, sa, za = wa_n, sa_n, za_n
+            kwn = kw_lo + tl.minimum(it + 1, n_iter - 1) * BKW  # the last step re-loads its own tiles
+            wa_n, sa_n, za_n = _qload(w_ptr, wrow, n0, kwn, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+            if GPS > 1:
+                wb, sb, zb = wb_n, sb_n, zb_n
+                wb_n, sb_n, zb_n = _qload(w_ptr, wrow, n0, kwn + WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+            if GPS > 2:
+                wc, sc, zc = wc_n, sc_n, zc_n
+                wd, sd, zd = wd_n, sd_n, zd_n
+                wc_n, sc_n, zc_n = _qload(w_ptr, wrow, n0, kwn + 2 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+                wd_n, sd_n, zd_n = _qload(w_ptr, wrow, n0, kwn + 3 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+        else:
+            wa, sa, za = _qload(w_ptr, wrow, n0, kwb, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+            if GPS > 1:
+                wb, sb, zb = _qload(w_ptr, wrow, n0, kwb + WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+            if GPS > 2:
+                wc, sc, zc = _qload(w_ptr, wrow, n0, kwb + 2 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+                wd, sd, zd = _qload(w_ptr, wrow, n0, kwb + 3 * WPG, s_ptr, z_ptr, srow, ssg, PER, G, KIND, TMA)
+        xo = (kwb + kw) * HALF
+        acc0, acc1, acc2, acc3 = _qtile(acc0, acc1, acc2, acc3, wa, sa, za, xi_ptr, xo, sx2, tv, t_ptr, one,
+                                        BITS, KIND, ZERO, BM, X_BF16, SHFL, X16)
+        if GPS > 1:
+            acc0, acc1, acc2, acc3 = _qtile(acc0, acc1, acc2, acc3, wb, sb, zb, xi_ptr, xo + WPG * HALF, sx2, tv,
+                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL, X16)
+        if GPS > 2:
+            acc0, acc1, acc2, acc3 = _qtile(acc0, acc1, acc2, acc3, wc, sc, zc, xi_ptr, xo + 2 * WPG * HALF, sx2, tv,
+                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL, X16)
+            acc0, acc1, acc2, acc3 = _qtile(acc0, acc1, acc2, acc3, wd, sd, zd, xi_ptr, xo + 3 * WPG * HALF, sx2, tv,
+                                            t_ptr, one, BITS, KIND, ZERO, BM, X_BF16, SHFL, X16)
+    r0 = tl.sum(acc0, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=nmask & (pid_k == 0), other=0.0).to(tl.float32)
+        r0 += bias
+    yp = y_ptr + pid_k.to(tl.int64) * M * N + offs_n
+    ty = y_ptr.dtype.element_ty
+    tl.store(yp, r0.to(ty), mask=nmask)
+    if BM > 1:
+        r1 = tl.sum(acc1, axis=1)
+        if HAS_BIAS:
+            r1 += bias
+        tl.store(yp + N, r1.to(ty), mask=nmask)
+    if BM > 2:
+        r2 = tl.sum(acc2, axis=1)
+        if HAS_BIAS:
+            r2 += bias
+        tl.store(yp + 2 * N, r2.to(ty), mask=nmask)
+    if BM > 3:
+        r3 = tl.sum(acc3, axis=1)
+        if HAS_BIAS:
+            r3 += bias
+        tl.store(yp + 3 * N, r3.to(ty), mask=nmask)
+    if FIX:  # as _gemvg_kernel: the last program to arrive at this N tile sums the split partials
+        tl.debug_barrier()
+        cnt = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+        nsplit = tl.num_programs(1)
+        if cnt == nsplit - 1:
+            to = o_ptr.dtype.element_ty
+            for mi in tl.static_range(BM):
+                tot = tl.zeros((BN,), tl.float32)
+                for i in range(0, nsplit):
+                    tot += tl.load(y_ptr + (i * M + mi) * N + offs_n, mask=nmask, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(o_ptr + mi * N + offs_n, tot.to(to), mask=nmask)
+            tl.atomic_xchg(c_ptr + pid_n, 0)
+
+
+@triton.jit
 def _plane_weight(v, s, z, KIND: tl.constexpr, ZERO: tl.constexpr, ty: tl.constexpr):
     # the reference's element value, rounded once to the activation dtype
     if KIND == 0:
@@ -506,7 +785,7 @@ class Plan:
     float32 split-K workspace per stream (reused: the kernel overwrites all of it before the reduction)."""
 
     __slots__ = ("fn", "grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled",
-                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair", "fix", "tsc")
+                 "reduce", "gemm", "ws", "rgrid", "rconsts", "tr", "pair", "fix", "tsc", "q", "tma", "descs", "alt")
     run = None  # the v1 plans of lowbit.kernels.linear carry a run method; this one goes through run_plan
     tc = False  # (TcPlan: True)
 
@@ -519,7 +798,11 @@ class Plan:
         self.ws = {}
         self.rgrid = None
         self.rconsts = None
-        self.tr = fn is _gemvg_kernel  # the group-step GEMV (scale strides, output + counters, 16-entry table)
+        self.q = fn is _gemvq_kernel  # the multi-group GEMV (the arguments of _gemvg_kernel + ``one``)
+        self.tr = fn is _gemvg_kernel or self.q  # group-step GEMVs (scale strides, output + counters, 16-entry table)
+        self.tma = bool(consts.get("TMA", False))  # words through a tensor descriptor (built per words tensor)
+        self.descs = {}
+        self.alt = None  # (TMA) the same config through plain loads, for words not 16-byte aligned
         self.pair = bool(consts.get("PAIRT", False))  # ... or the byte-pair table (``table2``)
         self.fix = bool(consts.get("FIX", False))  # split-K partials summed in-kernel (no reduction launch)
         self.tsc = False  # scales / zeros read from a transposed [K / G, N] copy (else the state's [N, K / G])
@@ -538,11 +821,77 @@ def is_gemvg(name: str) -> bool:
     return name.startswith("gemvg") and set(name[5:]) <= set("psft") and not ("p" in name[5:] and "s" in name[5:])
 
 
+def is_gemvq(name: str) -> bool:
+    """Whether ``name`` is a multi-group GEMV config name: "gemvq" + any of the suffix letters s (codebook held in
+    registers, read by warp shuffles), f (register prefetch of the next step; ff: of the next two steps, one scale
+    group sub-tile per step), m (tensor-descriptor (TMA) loads of the words; not with f), x (activations read 16 bits
+    at a time, kept out of the pipeliner's shared-memory staging). A gemvq config's ``stages`` is the software-pipelining depth of its loop (``tl.range(num_stages=)``):
+    1 = none; above 1 the loads run stages - 1 steps ahead through shared memory (TMA for "m", cp.async else)."""
+    sfx = name[5:]
+    return (name.startswith("gemvq") and set(sfx) <= set("sfmx") and not ("f" in sfx and "m" in sfx)
+            and sfx.count("f") <= 2 and all(sfx.count(c) <= 1 for c in "smx"))
+
+
+def gemvq_tiles(KW: int, G: int, per: int, BKW: int):
+    """``(BKW, WPG)`` of a multi-group GEMV step: WPG words per sub-tile (a power of two dividing the words of a
+    scale group, at most BKW), 1, 2 or 4 sub-tiles per step, and the step dividing the row's KW words."""
+    wg = G // per
+    wpg = 1
+    while wpg * 2 <= min(BKW, wg) and wg % (wpg * 2) == 0 and KW % (wpg * 2) == 0:
+        wpg *= 2
+    gps = 4 if BKW >= 4 * wpg else (2 if BKW >= 2 * wpg else 1)
+    while gps > 1 and KW % (gps * wpg):
+        gps //= 2
+    return gps * wpg, wpg
+
+
+def _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
+    suffix = config[0][len("gemvq"):]
+    shfl, pf, tma, x16 = "s" in suffix, suffix.count("f"), "m" in suffix, "x" in suffix
+    if kind == 0 and bits != 4:
+        raise ValueError(f"{config[0]}: codebooks are 4-bit; got bits={bits}")
+    if shfl and kind != 0:
+        raise ValueError(f"{config[0]}: suffix s (shuffle codebook) is for codebooks only (kind 0); got kind={kind}")
+    if shfl and not shuffle_supported():  # the 16-entry table read from memory instead (same results)
+        shfl = False
+    _, BN, BKW, split_k, warps, stages = config
+    per = 32 // bits
+    KW = K // per
+    BKW, WPG = gemvq_tiles(KW, G, per, BKW)
+    if tma and (KW % 4 or WPG < TMA_MIN_WORDS or BN > 256):
+        # TMA needs 16-byte rows; below 16-word (64-byte) boxes it measured slower than register prefetch on the
+        # H200 (GGUF Q4_0, 4 words: 120.6 vs 97.0 us; NF4 b64, 8 words: 83.7 vs 78.3 us at 28672 x 8192, run 7 of
+        # bench/results/gemv_sweep.md): such weights take the config's plain-load twin (register prefetch, no
+        # pipelining), so that one table row serves every group size of its class
+        return _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, _plain_twin(config))
+    if pf == 2:  # two steps ahead: one sub-tile per step
+        BKW = WPG
+    split, kw_split = split_words(KW, BKW, split_k)
+    consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, X_BF16=x_dtype == torch.bfloat16,
+                  BM=M, BN=BN, BKW=BKW, WPG=WPG, PF=pf, FIX=split > 1, SHFL=shfl, TMA=tma, LS=max(1, stages),
+                  X16=x16)
+    plan = Plan(_gemvq_kernel, (-(-N // BN), split), split, kw_split, kw_split // BKW, consts, warps, stages, False)
+    if tma:  # for words that are not 16-byte aligned
+        plan.alt = _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, _plain_twin(config))
+    return plan
+
+
+TMA_MIN_WORDS = 16  # smallest sub-tile row (32-bit words) that a "gemvq...m" config reads through TMA
+
+
+def _plain_twin(config):
+    """The TMA config ``config`` ("gemvq...m") as register prefetch through plain loads ("f", no pipelining)."""
+    sfx = config[0][len("gemvq"):].replace("m", "")
+    return ("gemvq" + sfx + ("" if "f" in sfx else "f"),) + tuple(config[1:5]) + (1,)
+
+
 def make_plan(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config) -> Plan:
     """``config``: GEMV ``("gemv" | "gemvg<suffix>", BN, BKW, split_k, warps, stages)`` (M <= 4; "gemvg" = the
     group-step GEMV; suffix letters: "p" a codebook read through the byte-pair table, "s" a codebook held in
     registers and read by warp shuffles, "f" register prefetch of the next step's words and scales, "t" scales /
     zeros read from a transposed copy; e.g. "gemvgsf") or GEMM ``("gemm", BM, BN, BKW, split_k, warps, stages)``."""
+    if is_gemvq(config[0]):
+        return _make_gemvq(M, N, K, bits, G, kind, zero, x_dtype, has_bias, config)
     per = 32 // bits
     KW = K // per
     pair = pf = shfl = tsc = False
@@ -616,6 +965,24 @@ def _split_workspace(plan, stream, M: int, N: int, dev, counters: int):
     return y, cnt
 
 
+def _descriptor(plan: Plan, words, N: int, KW: int):
+    """The host tensor descriptor of ``words`` ([N, KW] int32, block [BN, WPG]) for a TMA plan, cached per words
+    tensor; None where the words are not 16-byte aligned (TMA's requirement)."""
+    ptr = words.data_ptr()
+    got = plan.descs.get(ptr)
+    if got is not None and got.base is words:
+        return got
+    if ptr % 16 or words.stride(0) != KW or words.stride(1) != 1:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    got = TensorDescriptor(words, [N, KW], [KW, 1], [plan.consts["BN"], plan.consts["WPG"]])
+    if len(plan.descs) > 16:
+        plan.descs.clear()
+    plan.descs[ptr] = got
+    return got
+
+
 def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     """Launch ``plan`` on ``x2 [M, K]`` (unit stride along K, even row stride) -> ``[M, N]`` in x's dtype.
     ``scales`` / ``zeros``: ``[N, NG]``, or ``[NG, N]`` where ``plan.tsc``."""
@@ -630,8 +997,15 @@ def run_plan(plan: Plan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     b = bias if bias is not None else scales
     if plan.tr:  # the group-step GEMV also takes the output and the counters (fixup; unused without a split)
         ssn, ssg = (1, N) if plan.tsc else (NG, 1)
-        args = (x2, words, scales, z, t, b, y, out, cnt if cnt is not None else scales, M, N, K // per, NG,
+        w = words
+        if plan.tma:
+            w = _descriptor(plan, words, N, K // per)
+            if w is None:  # not 16-byte aligned: the config's plain-load twin (register prefetch)
+                return run_plan(plan.alt, x2, words, scales, zeros, table, bias, N, K, NG, per)
+        args = (x2, w, scales, z, t, b, y, out, cnt if cnt is not None else scales, M, N, K // per, NG,
                 x2.stride(0), plan.kw_split, plan.n_iter, ssn, ssg)
+        if plan.q:
+            args = args + (0x3F800000,)  # the bits of 1.0 (a runtime value, kept in a register)
     else:
         args = (x2, words, scales, z, t, b, y, M, N, K // per, NG, x2.stride(0), plan.kw_split, plan.n_iter)
     ck = _launch(plan.fn, plan.compiled, plan.grid, args, plan.consts, plan.cvals, plan.warps, plan.stages, stream)
