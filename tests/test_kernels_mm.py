@@ -290,3 +290,131 @@ def test_tc_plan_shapes_and_table_asm(monkeypatch):
     # the shipped rows: tc at M = 5..64 on the Llama-3 shapes where it measured faster, dequantize + cuBLAS above
     assert TC.config_mm(4, 2, 16, 8192, 8192, 128)[0] == "tc" and TC.config_mm(8, 1, 64, 14336, 4096)[0] == "tc"
     assert TC.config_mm(4, 0, 128, 8192, 8192, 64) == ("dense",)
+
+
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """A tiny interpreter of the PTX subset :func:`lowbit_mm.packed_asm` emits (prmt, shr, lop3, mov, fma.rn on
+    bf16x2 / f16x2 pairs), over 32-bit registers held as Python ints."""
+    import numpy as np
+
+    r = dict(regs)
+
+    def val(t):
+        t = t.strip()
+        return int(t, 16) if t.startswith("0x") else r[t]
+
+    def pair(v, ty):
+        lo, hi = v & 0xFFFF, v >> 16
+        if ty == "bf16x2":
+            return [float(np.array([x << 16], dtype=np.uint32).view(np.float32)[0]) for x in (lo, hi)]
+        return [float(np.array([x], dtype=np.uint16).view(np.float16)[0]) for x in (lo, hi)]
+
+    def unpair(vals, ty):
+        out = 0
+        for i, x in enumerate(vals):
+            t = torch.tensor([x], dtype=torch.float64)
+            if ty == "bf16x2":
+                bits = t.to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
+            else:
+                bits = t.to(torch.float16).view(torch.int16).item() & 0xFFFF
+            out |= bits << (16 * i)
+        return out
+
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg") or ins == "}":
+            continue
+        op, args = ins.split(None, 1)
+        a = [t.strip() for t in args.split(",")]
+        if op == "prmt.b32":
+            x, y, sel = val(a[1]), val(a[2]), val(a[3])
+            bts = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+            d = 0
+            for i in range(4):
+                s = (sel >> (4 * i)) & 0xF
+                b = bts[s & 7]
+                d |= ((0xFF if b & 0x80 else 0) if s & 8 else b) << (8 * i)
+            r[a[0]] = d
+        elif op == "shr.u32":
+            r[a[0]] = val(a[1]) >> int(a[2])
+        elif op == "mov.b32":
+            r[a[0]] = val(a[1])
+        elif op == "lop3.b32":
+            x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 16)
+            d = 0
+            for bit in range(32):
+                idx = (((x >> bit) & 1) << 2) | (((y >> bit) & 1) << 1) | ((z >> bit) & 1)
+                d |= ((lut >> idx) & 1) << bit
+            r[a[0]] = d
+        elif op.startswith("fma.rn."):
+            ty = op.split(".")[-1]
+            x, y, z = (pair(val(t), ty) for t in a[1:4])
+            r[a[0]] = unpair([x[i] * y[i] + z[i] for i in range(2)], ty)  # exact in float64, rounded once
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+    return r
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tcb_packed_asm_dequantizes_word_pairs(kind, dtype):
+    """The "tcb" packed-pair PTX, run by a small PTX interpreter on random word pairs: output plane e holds element e
+    of word kw (low half) and of word kw + 1 (high half), each ((q - zero) * s) (kind 3: q * s + m) computed from
+    the scale / zero / minimum rounded to the activation dtype with one final rounding; within a unit in the last
+    place of the float32 reference."""
+    pytest.importorskip("triton")
+    import numpy as np
+
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    asm = lm.packed_asm(kind, dtype == torch.bfloat16)
+    with pytest.raises(ValueError, match="integer kinds"):
+        lm.packed_asm(0, True)
+    g = torch.Generator().manual_seed(kind)
+    mag = 128.0 if dtype == torch.bfloat16 else 1024.0
+    for _ in range(24):
+        A, B = (int(v) for v in torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64))
+        s = float(torch.rand(1, generator=g) * 0.05 + 1e-3)
+        z = float(torch.randint(0, 16, (1,), generator=g)) if kind == 2 else (8.0 if kind == 1 else -0.37 * s * 8)
+        sq = torch.tensor([s]).to(dtype)
+        cq = torch.tensor([-(mag + z) if kind != 3 else z]).to(dtype)
+        sb = sq.view(torch.int16).item() & 0xFFFF
+        cb = cq.view(torch.int16).item() & 0xFFFF
+        out = _run_ptx(asm, {"$8": A, "$9": B, "$10": sb | (sb << 16), "$11": cb | (cb << 16)})
+        for e in range(8):
+            pos = 8 * (e // 2) + 4 * (1 - e % 2)
+            for half, word in ((0, A), (1, B)):
+                q = (word >> pos) & 15
+                bits = (out[f"${e}"] >> (16 * half)) & 0xFFFF
+                got = torch.from_numpy(np.array([bits], dtype=np.uint16).view(np.int16)).view(dtype).double().item()
+                if kind == 3:
+                    want = q * sq.double().item() + cq.double().item()
+                    exact = q * s + z
+                else:
+                    want = (q - z) * sq.double().item()
+                    exact = (q - z) * s
+                assert got == torch.tensor([want]).to(dtype).double().item(), (kind, e, half, q)
+                scale = max(abs(exact), s) if kind != 3 else abs(q * s) + abs(z)  # kind 3: m rounded too
+                assert abs(got - exact) <= 2 ** -7 * scale + 1e-12, (kind, e, half, q, got, exact)
+
+
+def test_tcb_plan(monkeypatch):
+    """"tcb" plans: the packed-pair PTX only for 4-bit integer kinds where inline PTX runs (else the tc path), built
+    for one activation dtype (its magic number) and refused for the other; unknown kernel names rejected."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    cfg = ("tcb", 16, 128, 16, 4, 4, 3)
+    monkeypatch.setattr(lm, "shuffle_supported", lambda: False)
+    assert lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, cfg).consts["PASM"] == ""
+    monkeypatch.setattr(lm, "shuffle_supported", lambda: True)
+    plan = lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, cfg, None, torch.float16)
+    assert plan.consts["PASM"] == lm.packed_asm(2, False) and plan.consts["MAG"] == 1024.0
+    assert plan.pdt == torch.float16
+    with pytest.raises(ValueError, match="made for torch.float16"):
+        lm.run_tc(plan, torch.zeros(16, 4096, dtype=torch.bfloat16), None, None, None, None, None, 4096, 4096, 32, 8)
+    nf4 = lm.make_tc_plan(16, 4096, 4096, 4, 64, 0, 0.0, False, cfg, torch.linspace(-1, 1, 16))
+    assert nf4.consts["PASM"] == "" and nf4.pdt is None and nf4.consts["SHFL"]
+    assert lm.make_tc_plan(16, 4096, 4096, 8, 4096, 1, 128.0, False, cfg).consts["PASM"] == ""
+    with pytest.raises(ValueError, match="'tc' or 'tcb'"):
+        lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tcx",) + cfg[1:])

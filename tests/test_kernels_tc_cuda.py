@@ -135,3 +135,44 @@ def test_tc_config_too_large_falls_back_to_dense(monkeypatch):
     y = L.prepared_linear(x, p)
     assert p.plans[(64, torch.bfloat16, False, True)] is L._DENSE
     assert ((y.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+TCB_MODULES = [m for m in MODULES if m[0] in ("Linear4bit-int4", "QLinear-qint4", "from_quant_state-int4-128",
+                                              "from_quant_state-int4_asym-128", "from_quant_state-int4_asym-32",
+                                              "from_quant_state-q4_0-32", "from_quant_state-q4_1-32",
+                                              "Linear4bit-nf4")]
+TCB_CFGS = [("tcb", 16, 128, 16, 4, 4, 3), ("tcb", 64, 128, 16, 1, 4, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,mod", TCB_MODULES, ids=[m[0] for m in TCB_MODULES])
+def test_module_tcb_packed_pairs_match_cpu_reference(name, mod, dtype, monkeypatch):
+    """The packed-pair configs ("tcb": 4-bit integer codes dequantized two weights per PTX op in the activation
+    dtype) behind the modules, M = 5 / 16 / 33 / 64 with bias, against the float64 CPU reference; integer kinds
+    assert that the packed PTX ran (NF4: the same config is the tc shuffle path)."""
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    with torch.no_grad():
+        wd = mod.weight.detach().double()
+    gpu = copy.deepcopy(mod).cuda()
+    gpu.bias.data = gpu.bias.data.to(dtype)
+    for cfg in TCB_CFGS:
+        _force(monkeypatch, cfg)
+        for p in [L.prepare_linear(s) for s in _states(gpu)]:
+            if p is not None:
+                p.plans.clear()
+        for M in (5, 16, 33, 64):
+            if M > 16 and cfg[1] == 16 and cfg[4] == 1:
+                continue
+            torch.manual_seed(M)
+            x = torch.randn(M, mod.in_features).to(dtype)
+            ref = F.linear(x.double(), wd, mod.bias.detach().double())
+            with torch.no_grad():
+                y = gpu(x.cuda())
+            err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
+            assert err < TOL[dtype], f"{name} {cfg} M={M} {dtype}: rel err {err:.3g}"
+        plans = [v for p in [L.prepare_linear(s) for s in _states(gpu)] if p is not None for v in p.plans.values()]
+        tcs = [v for v in plans if isinstance(v, lm.TcPlan)]
+        assert tcs, f"{name}: the tc GEMM did not run ({plans})"
+        if "nf4" not in name:
+            assert all(v.consts["PASM"] and v.pdt == dtype for v in tcs), f"{name}: packed PTX not used"
