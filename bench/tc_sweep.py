@@ -100,6 +100,8 @@ def main(argv=None):
     ap.add_argument("--note", action="append", default=[], help="a line for the notes section (with --report)")
     ap.add_argument("--tc5", action="store_true", help="the packed-pair 'tcb' candidates vs the shipped selection")
     ap.add_argument("--report-tc5", default="")
+    ap.add_argument("--wait-file", default="", help="(--tc5) before timing, wait up to 90 s for this file to exist "
+                    "(a test run sharing the GPU during the compile phase)")
     a = ap.parse_args(argv)
     if a.report:
         return report(a.report, a.note)
@@ -263,10 +265,10 @@ def tuned_rows(path, ms=(16, 64)):
 
 TC5_SHAPES = [(8192, 8192), (28672, 8192), (4096, 14336), (14336, 4096)]
 TC5_TILES = {
-    16: [((16, 128, 16, 4, 3), (2, 4, 8)), ((16, 64, 16, 4, 3), (4, 8)), ((16, 128, 16, 4, 4), (4, 8)),
-         ((16, 256, 16, 8, 3), (4,))],
-    64: [((64, 128, 16, 4, 3), (1, 2, 4)), ((64, 64, 16, 4, 3), (2, 4)), ((64, 128, 16, 8, 3), (2, 4)),
-         ((32, 128, 16, 4, 3), (2, 4))],
+    16: [((16, 128, 16, 4, 3), (2, 4, 8)), ((16, 128, 16, 4, 4), (2, 4, 8)), ((16, 128, 16, 4, 5), (4, 8)),
+         ((16, 64, 16, 4, 3), (4, 8)), ((16, 64, 16, 4, 4), (8,)), ((16, 256, 16, 8, 3), (4,))],
+    64: [((64, 128, 16, 4, 3), (1, 2, 4)), ((64, 128, 16, 4, 4), (2, 4)), ((64, 64, 16, 4, 3), (2, 4)),
+         ((64, 128, 16, 8, 3), (2, 4)), ((32, 128, 16, 4, 3), (2, 4))],
     256: [((128, 128, 16, 8, 3), (1, 2)), ((128, 256, 16, 8, 3), (1,)), ((64, 128, 16, 4, 3), (1, 2)),
           ((256, 128, 16, 8, 3), (1,))],
     512: [((128, 128, 16, 8, 3), (1,)), ((128, 256, 16, 8, 3), (1,)), ((256, 128, 16, 8, 3), (1,))],
@@ -392,6 +394,12 @@ def sweep_tc5(a):
         if not c["ok"]:
             print("  CHECK FAIL", c, flush=True)
     bad = {(c["fmt"].split()[0], c["dtype"]) for c in res["check"] if not c["ok"]}
+    if a.wait_file:
+        tw = time.perf_counter()
+        while not Path(a.wait_file).exists() and time.perf_counter() - tw < 90:
+            time.sleep(0.5)
+        res["waited"] = time.perf_counter() - tw
+        print(f"waited {res['waited']:.0f} s for {a.wait_file}", flush=True)
     import torch.nn.functional as F
 
     from bench.gemv_sweep import rel, rotated_weights, time_graph
@@ -449,13 +457,36 @@ def sweep_tc5(a):
                 new = [(c, t) for c, t in tried if c[0] == "tcb"]
                 if new:
                     row["best_cfg"], row["best"] = min(new, key=lambda r: r[1])
+                if new and M <= 64 and fmt == "int4" and (N, K) in ((8192, 8192), (28672, 8192)):
+                    # what limits the best config: (a) the same launch with the dequantisation replaced by moves of
+                    # the raw words (loads + MMAs + epilogue only; wrong results, not checked); (b) the weight read
+                    # from L2 (one copy, 8192^2: 36 MB < 50 MB L2) instead of DRAM
+                    cfg = tuple(row["best_cfg"])
+                    try:
+                        plan = lm.make_tc_plan(M, N, K, p.bits, p.group, p.kind, p.zero, False, cfg, p.table,
+                                               x.dtype)
+                        plan.consts["PASM"] = "{ " + " ".join(f"mov.b32 ${e}, ${8 + e % 2};" for e in range(8)) + " }"
+                        plan.cvals = tuple(plan.consts.values())
+
+                        def call0(q, plan=plan):
+                            return lm.run_tc(plan, x, q.words, q.scales, q.zeros, q.table, None, N, K,
+                                             K // q.group, 32 // q.bits)
+                        row["abl_nodeq"] = time_graph([lambda q=q: call0(q) for q in ps])
+                        if N * K == 8192 * 8192:
+                            plan = lm.make_tc_plan(M, N, K, p.bits, p.group, p.kind, p.zero, False, cfg, p.table,
+                                                   x.dtype)
+                            row["abl_l2"] = time_graph([lambda: lm.run_tc(plan, x, p.words, p.scales, p.zeros,
+                                                                          p.table, None, N, K, K // p.group, 8)])
+                    except Exception as ex:  # noqa: BLE001
+                        res["errors"].append(f"ablation {fmt} {N}x{K} M={M}: {type(ex).__name__}: {str(ex)[:160]}")
                 res["rows"].append(row)
                 bt = row.get("best", float("nan"))
                 sh = row["shipped"] or float("nan")
                 ch = " ".join(f"dense{mb} {row[f'dense{mb}']:.1f}" for mb in TC5_CHUNKS if f"dense{mb}" in row)
+                ab = " ".join(f"{k} {row[k]:.1f}" for k in ("abl_nodeq", "abl_l2") if k in row)
                 print(f"{fmt:4s} {N:5d}x{K:5d} M={M:3d} F.linear {row['flinear']:7.1f} dense {row['dense']:7.1f} {ch} "
                       f"shipped {sh:7.1f} {cur} tcb {bt:7.1f} ({row['flinear'] / bt:.2f}x F.linear) "
-                      f"{row.get('best_cfg')}", flush=True)
+                      f"{row.get('best_cfg')} {ab}", flush=True)
             del ps, Wb
             torch.cuda.empty_cache()
     out = Path(a.out)
@@ -476,14 +507,16 @@ def report_tc5(path, notes=()):
              "CUDA-graph medians in µs over weight copies larger than L2, bf16 activations. 'shipped' = what "
              "`TUNED_MM` selected before this run (a tc config, or dequantize + cuBLAS); 'dense' = dequantize + "
              "cuBLAS of the whole weight, 'dense16' / 'dense32' in row blocks of 16 / 32 MiB of bf16; 'tcb best' = "
-             "the fastest packed-pair config; GB/s = codes + scales (+ zeros) over the best fused time.", "",
+             "the fastest packed-pair config; GB/s = codes + scales (+ zeros) over the best fused time; 'no dequant' = "
+             "the best tcb launch with its dequantisation replaced by register moves of the raw words (loads, MMAs "
+             "and epilogue only), 'from L2' = the best tcb config on one weight copy (36 MB: L2-resident).", "",
              f"Correctness of \"tcb\" through `prepared_linear` (bias, bf16 and fp16, M = 5 / 16 / 64 / 200, vs "
              f"float32 reference): {ok}/{len(res['check'])} within tolerance (bf16 1e-2, fp16 2e-3 relative)"
              + ("" if ok == len(res["check"]) else ": " + "; ".join(
                  f"{c['fmt']} M={c['M']} {c['dtype']} err {c['err']:.3g} {c['msg']}" for c in res["check"]
                  if not c["ok"])[:600]) + ".", "",
              "| format | N x K | M | F.linear | dense | dense16 | dense32 | shipped | tcb best | × F.linear (best) | "
-             "GB/s | tcb config |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GB/s | tcb config | no dequant | from L2 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return f"{v:.1f}" if isinstance(v, (int, float)) else "—"
@@ -496,7 +529,8 @@ def report_tc5(path, notes=()):
         lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {f(r['flinear'])} | {f(r['dense'])} | "
                      f"{f(r.get('dense16'))} | {f(r.get('dense32'))} | {f(sh)} {tuple(r.get('shipped_cfg') or ())} | "
                      f"{f(r.get('best'))} | {r['flinear'] / best:.2f}x | {r['bytes'] / fused / 1e3:.0f} | "
-                     f"{tuple(r['best_cfg']) if r.get('best_cfg') else '—'} |")
+                     f"{tuple(r['best_cfg']) if r.get('best_cfg') else '—'} | {f(r.get('abl_nodeq'))} | "
+                     f"{f(r.get('abl_l2'))} |")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     if res["errors"]:

@@ -137,9 +137,8 @@ def test_tc_config_too_large_falls_back_to_dense(monkeypatch):
     assert ((y.float() - want).norm() / want.norm()).item() < 1e-2
 
 
-TCB_MODULES = [m for m in MODULES if m[0] in ("Linear4bit-int4", "QLinear-qint4", "from_quant_state-int4-128",
-                                              "from_quant_state-int4_asym-128", "from_quant_state-int4_asym-32",
-                                              "from_quant_state-q4_0-32", "from_quant_state-q4_1-32",
+TCB_MODULES = [m for m in MODULES if m[0] in ("Linear4bit-int4", "from_quant_state-int4-128",
+                                              "from_quant_state-int4_asym-32", "from_quant_state-q4_1-32",
                                               "Linear4bit-nf4")]
 TCB_CFGS = [("tcb", 16, 128, 16, 4, 4, 3), ("tcb", 64, 128, 16, 1, 4, 3)]
 
