@@ -273,7 +273,7 @@ TC5_TILES = {
           ((256, 128, 16, 8, 3), (1,))],
     512: [((128, 128, 16, 8, 3), (1,)), ((128, 256, 16, 8, 3), (1,)), ((256, 128, 16, 8, 3), (1,))],
 }
-# correctness of "tcb" through prepared_linear (4-bit integer kinds 1-3, and NF4 where tcb is the tc path)
+# correctness of "tcb" through prepared_linear (4-bit integer kinds 1-3 and NF4)
 TC5_CHECK = [("int4", dict(group_size=128)), ("int4", dict(group_size=32)), ("int4_asym", dict(group_size=128)),
              ("int4_asym", dict(group_size=32)), ("q4_0", {}), ("q4_1", {}), ("nf4", dict(block_size=64))]
 TC5_CHECK_CFGS = ((5, ("tcb", 16, 64, 16, 1, 4, 3)), (16, ("tcb", 16, 128, 16, 4, 4, 3)),
@@ -371,8 +371,7 @@ def sweep_tc5(a):
                 cur = TC.config_mm(p_bits, kind, M, N, K)
                 if cur[0] in ("tc", "tcb"):
                     work.append((fmt, M, cur))
-            if fmt != "nf4":  # "tcb" is the plain tc path for codebooks: nothing new to time
-                work += [(fmt, M, c) for c in tc5_cands(M)]
+            work += [(fmt, M, c) for c in tc5_cands(M)]
     todo = []
     for fmt, M, c in work:
         key = (fmt, c[0], c[1:4] + c[5:], c[4] > 1)
@@ -431,7 +430,7 @@ def sweep_tc5(a):
                 cur = TC.config_mm(p.bits, p.kind, M, N, K, p.group)
                 row["shipped_cfg"] = cur
                 cands = [cur] if cur[0] in ("tc", "tcb") else []
-                if fmt != "nf4" and (scheme, "torch.bfloat16") not in bad:
+                if (scheme, "torch.bfloat16") not in bad:
                     cands += tc5_cands(M)
                 tried = []
                 for cfg in cands:
@@ -457,7 +456,7 @@ def sweep_tc5(a):
                 new = [(c, t) for c, t in tried if c[0] == "tcb"]
                 if new:
                     row["best_cfg"], row["best"] = min(new, key=lambda r: r[1])
-                if new and M <= 64 and fmt == "int4" and (N, K) in ((8192, 8192), (28672, 8192)):
+                if new and M <= 64 and (N, K) in ((8192, 8192), (28672, 8192)):
                     # what limits the best config: (a) the same launch with the dequantisation replaced by moves of
                     # the raw words (loads + MMAs + epilogue only; wrong results, not checked); (b) the weight read
                     # from L2 (one copy, 8192^2: 36 MB < 50 MB L2) instead of DRAM

@@ -292,16 +292,18 @@ def test_tc_plan_shapes_and_table_asm(monkeypatch):
     assert TC.config_mm(4, 0, 128, 8192, 8192, 64) == ("dense",)
 
 
-def _run_ptx(asm: str, regs: dict) -> dict:
-    """A tiny interpreter of the PTX subset :func:`lowbit_mm.packed_asm` emits (prmt, shr, lop3, mov, fma.rn on
-    bf16x2 / f16x2 pairs), over 32-bit registers held as Python ints."""
+def _run_ptx(asm: str, regs: dict, lanes: int = 1) -> list:
+    """A tiny interpreter of the PTX subset :func:`lowbit_mm.packed_asm` / :func:`lowbit_mm.packed_table_asm` emit
+    (prmt, shr, lop3, mov, and, setp.eq / selp, shfl.sync.idx, cvt.rn and fma.rn on bf16x2 / f16x2 pairs), run in
+    lock step on ``lanes`` lanes of 32-bit registers held as Python ints (``regs``: the inputs, the same on every
+    lane); returns each lane's registers."""
     import numpy as np
 
-    r = dict(regs)
+    rs = [dict(regs, **{"%laneid": i}) for i in range(lanes)]
 
-    def val(t):
-        t = t.strip()
-        return int(t, 16) if t.startswith("0x") else r[t]
+    def half_bits(x, ty):
+        t = torch.tensor([x], dtype=torch.float64)
+        return t.to(torch.bfloat16 if ty == "bf16x2" else torch.float16).view(torch.int16).item() & 0xFFFF
 
     def pair(v, ty):
         lo, hi = v & 0xFFFF, v >> 16
@@ -309,50 +311,56 @@ def _run_ptx(asm: str, regs: dict) -> dict:
             return [float(np.array([x << 16], dtype=np.uint32).view(np.float32)[0]) for x in (lo, hi)]
         return [float(np.array([x], dtype=np.uint16).view(np.float16)[0]) for x in (lo, hi)]
 
-    def unpair(vals, ty):
-        out = 0
-        for i, x in enumerate(vals):
-            t = torch.tensor([x], dtype=torch.float64)
-            if ty == "bf16x2":
-                bits = t.to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
-            else:
-                bits = t.to(torch.float16).view(torch.int16).item() & 0xFFFF
-            out |= bits << (16 * i)
-        return out
-
     for ins in asm.strip("{} ").split(";"):
         ins = ins.strip()
         if not ins or ins.startswith(".reg") or ins == "}":
             continue
         op, args = ins.split(None, 1)
         a = [t.strip() for t in args.split(",")]
-        if op == "prmt.b32":
-            x, y, sel = val(a[1]), val(a[2]), val(a[3])
-            bts = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
-            d = 0
-            for i in range(4):
-                s = (sel >> (4 * i)) & 0xF
-                b = bts[s & 7]
-                d |= ((0xFF if b & 0x80 else 0) if s & 8 else b) << (8 * i)
-            r[a[0]] = d
-        elif op == "shr.u32":
-            r[a[0]] = val(a[1]) >> int(a[2])
-        elif op == "mov.b32":
-            r[a[0]] = val(a[1])
-        elif op == "lop3.b32":
-            x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 16)
-            d = 0
-            for bit in range(32):
-                idx = (((x >> bit) & 1) << 2) | (((y >> bit) & 1) << 1) | ((z >> bit) & 1)
-                d |= ((lut >> idx) & 1) << bit
-            r[a[0]] = d
-        elif op.startswith("fma.rn."):
-            ty = op.split(".")[-1]
-            x, y, z = (pair(val(t), ty) for t in a[1:4])
-            r[a[0]] = unpair([x[i] * y[i] + z[i] for i in range(2)], ty)  # exact in float64, rounded once
-        else:
-            raise AssertionError(f"unexpected PTX op {op}")
-    return r
+        olds = [dict(r) for r in rs]
+        for ln, r in enumerate(rs):
+            def val(t):
+                t = t.strip()
+                return int(t, 16) if t.startswith("0x") else (int(t) if t.isdigit() else r[t])
+            if op == "prmt.b32":
+                x, y, sel = val(a[1]), val(a[2]), val(a[3])
+                bts = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+                d = 0
+                for i in range(4):
+                    sn = (sel >> (4 * i)) & 0xF
+                    b = bts[sn & 7]
+                    d |= ((0xFF if b & 0x80 else 0) if sn & 8 else b) << (8 * i)
+                r[a[0]] = d
+            elif op == "shr.u32":
+                r[a[0]] = val(a[1]) >> int(a[2])
+            elif op in ("mov.b32", "mov.u32"):
+                r[a[0]] = val(a[1])
+            elif op == "and.b32":
+                r[a[0]] = val(a[1]) & val(a[2])
+            elif op == "setp.eq.u32":
+                r[a[0]] = val(a[1]) == val(a[2])
+            elif op == "selp.b32":
+                r[a[0]] = val(a[1]) if r[a[3]] else val(a[2])
+            elif op == "shfl.sync.idx.b32":
+                r[a[0]] = olds[val(a[2]) & 31][a[1]]
+            elif op == "lop3.b32":
+                x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 16)
+                d = 0
+                for bit in range(32):
+                    idx = (((x >> bit) & 1) << 2) | (((y >> bit) & 1) << 1) | ((z >> bit) & 1)
+                    d |= ((lut >> idx) & 1) << bit
+                r[a[0]] = d
+            elif op.startswith("cvt.rn.") and op.endswith(".f32"):  # d = {hi: a, lo: b}
+                ty = op.split(".")[2]
+                f = [float(np.array([val(t)], dtype=np.uint32).view(np.float32)[0]) for t in a[1:3]]
+                r[a[0]] = (half_bits(f[0], ty) << 16) | half_bits(f[1], ty)
+            elif op.startswith("fma.rn."):
+                ty = op.split(".")[-1]
+                x, y, z = (pair(val(t), ty) for t in a[1:4])
+                r[a[0]] = half_bits(x[0] * y[0] + z[0], ty) | (half_bits(x[1] * y[1] + z[1], ty) << 16)
+            else:
+                raise AssertionError(f"unexpected PTX op {op}")
+    return rs
 
 
 @pytest.mark.parametrize("kind", [1, 2, 3])
@@ -380,7 +388,7 @@ def test_tcb_packed_asm_dequantizes_word_pairs(kind, dtype):
         cq = torch.tensor([-(mag + z) if kind != 3 else z]).to(dtype)
         sb = sq.view(torch.int16).item() & 0xFFFF
         cb = cq.view(torch.int16).item() & 0xFFFF
-        out = _run_ptx(asm, {"$8": A, "$9": B, "$10": sb | (sb << 16), "$11": cb | (cb << 16)})
+        out = _run_ptx(asm, {"$8": A, "$9": B, "$10": sb | (sb << 16), "$11": cb | (cb << 16)})[0]
         for e in range(8):
             pos = 8 * (e // 2) + 4 * (1 - e % 2)
             for half, word in ((0, A), (1, B)):
@@ -399,7 +407,7 @@ def test_tcb_packed_asm_dequantizes_word_pairs(kind, dtype):
 
 
 def test_tcb_plan(monkeypatch):
-    """"tcb" plans: the packed-pair PTX only for 4-bit integer kinds where inline PTX runs (else the tc path), built
+    """"tcb" plans: the packed-pair PTX only for 4-bit codes where inline PTX runs (else the tc path), built
     for one activation dtype (its magic number) and refused for the other; unknown kernel names rejected."""
     pytest.importorskip("triton")
     from lowbit.kernels.triton import lowbit_mm as lm
@@ -414,7 +422,45 @@ def test_tcb_plan(monkeypatch):
     with pytest.raises(ValueError, match="made for torch.float16"):
         lm.run_tc(plan, torch.zeros(16, 4096, dtype=torch.bfloat16), None, None, None, None, None, 4096, 4096, 32, 8)
     nf4 = lm.make_tc_plan(16, 4096, 4096, 4, 64, 0, 0.0, False, cfg, torch.linspace(-1, 1, 16))
-    assert nf4.consts["PASM"] == "" and nf4.pdt is None and nf4.consts["SHFL"]
+    assert nf4.consts["PASM"] == lm.packed_table_asm(torch.linspace(-1, 1, 16), True) and not nf4.consts["SHFL"]
+    assert nf4.pdt == torch.bfloat16
+    assert lm.make_tc_plan(16, 4096, 4096, 4, 64, 0, 0.0, False, ("tc",) + cfg[1:], torch.linspace(-1, 1, 16)
+                           ).consts["PASM"] == ""
     assert lm.make_tc_plan(16, 4096, 4096, 8, 4096, 1, 128.0, False, cfg).consts["PASM"] == ""
     with pytest.raises(ValueError, match="'tc' or 'tcb'"):
         lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tcx",) + cfg[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tcb_packed_table_asm_looks_up_codebooks(dtype):
+    """The "tcb" codebook PTX (NF4) run on a 32-lane PTX interpreter: every lane builds table[lane % 16] from the
+    immediates, plane e of each output pair is table[code] * s of element e of word kw (low half) / kw + 1 (high
+    half), each value and the scale rounded to the activation dtype, the product rounded once."""
+    pytest.importorskip("triton")
+    import numpy as np
+
+    from lowbit.formats import codebook
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    code = codebook.get_code("nf4").float()
+    asm = lm.packed_table_asm(code, dtype == torch.bfloat16)
+    with pytest.raises(ValueError, match="16-entry"):
+        lm.packed_table_asm(torch.zeros(8), True)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        A, B = (int(v) for v in torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64))
+        s = float(torch.rand(1, generator=g) * 0.05 + 1e-3)
+        sq = torch.tensor([s]).to(dtype)
+        sb = sq.view(torch.int16).item() & 0xFFFF
+        outs = _run_ptx(asm, {"$8": A, "$9": B, "$10": sb | (sb << 16), "$11": 0}, lanes=32)
+        for lane in (0, 7, 31):
+            out = outs[lane]
+            for e in range(8):
+                pos = 8 * (e // 2) + 4 * (1 - e % 2)
+                for half, word in ((0, A), (1, B)):
+                    q = (word >> pos) & 15
+                    bits = (out[f"${e}"] >> (16 * half)) & 0xFFFF
+                    got = torch.from_numpy(np.array([bits], dtype=np.uint16).view(np.int16)).view(dtype).double()
+                    want = torch.tensor([code[q].item()]).to(dtype).double() * sq.double()
+                    assert got.item() == want.to(dtype).double().item(), (e, half, q)
+                    assert abs(got.item() - code[q].item() * s) <= 2 ** -7 * abs(code[q].item() * s) + 1e-12

@@ -780,7 +780,7 @@ def _tc_kernel(
     # value, rounded once to the activation dtype) and multiplied with the matching strided x plane [BKW, BM].
     # Every dequantisation op is elementwise on the word tile (NF4 / FP4: a unary inline-asm warp shuffle, TASM),
     # so Triton converts the packed words (not the bf16 weights) to the MMA operand layout once per step.
-    # Config "tcb" (issue 15, helper tc5): PASM (4-bit integer kinds) = the 8 planes of two neighbouring words dequantized by one inline-PTX op on
+    # Config "tcb" (issue 15, helper tc5): PASM (4-bit kinds; codebooks: packed_table_asm) = the 8 planes of two neighbouring words dequantized by one inline-PTX op on
     # packed pairs (pack=2: the MMA operand holds K-neighbours kw, kw + 1 in one 32-bit register): per plane one
     # lop3 puts both nibbles under the activation dtype's magic exponent (bf16 128 + q / fp16 1024 + q, exact),
     # one packed FMA subtracts the (128 | 1024) + zero, one multiplies by the scale in the activation dtype (kind 3:
@@ -816,6 +816,19 @@ def _tc_kernel(
                 z_n = tl.load(z_ptr + srow + ((kw_lo + tl.minimum(it + 1, n_iter - 1) * BKW) * PER) // G)
             else:
                 z = s
+        elif PASM != "" and (BKW * PER) % G == 0:
+            # "tcb", several whole groups per step: a [BN, groups] tile of scales (zeros) widened to the word tile by
+            # broadcast + reshape (Triton keeps it in the MMA operand layout; the per-word gather below costs a
+            # 4-byte async copy per word and twice the shared memory)
+            NGS: tl.constexpr = (BKW * PER) // G
+            g0 = (kwb * PER) // G
+            gt = srow[:, None] + g0 + tl.arange(0, NGS)[None, :]
+            s = tl.reshape(tl.broadcast_to(tl.load(s_ptr + gt)[:, :, None], (BN, NGS, BKW // NGS)), (BN, BKW))
+            if KIND >= 2:
+                z = tl.reshape(tl.broadcast_to(tl.load(z_ptr + gt).to(tl.float32)[:, :, None], (BN, NGS, BKW // NGS)),
+                               (BN, BKW))
+            else:
+                z = s
         else:
             gi = srow[:, None] + ((kwb + kw) // (G // PER))[None, :]
             s = tl.load(s_ptr + gi)
@@ -841,11 +854,13 @@ def _tc_kernel(
         else:
             bb = s16
         kx = kwb * PER + kw  # x is plane-major per step (run_tc): plane e of this step at kx + e * BKW
-        if PASM != "":  # packed pairs (4-bit integer kinds): the 8 planes from one inline-PTX op per word pair
+        if PASM != "":  # packed pairs (4-bit kinds): the 8 planes from one inline-PTX op per word pair
             # MAG: the magic number of the activation dtype (make_tc_plan); cp: -(MAG + zero) (kinds 1, 2) or the
-            # minimum (kind 3), both rounded to the activation dtype (exact for integer zeros)
+            # minimum (kind 3), both rounded to the activation dtype (exact for integer zeros); kind 0: unused
             sp = tl.broadcast_to(s.to(ty), (BN, BKW))
-            if KIND == 1:
+            if KIND == 0:
+                cp = sp
+            elif KIND == 1:
                 cp = tl.full((BN, BKW), -(MAG + ZERO), tl.float32).to(ty)
             elif KIND == 2:
                 cp = tl.broadcast_to((-(z + MAG)).to(ty), (BN, BKW))
@@ -955,6 +970,33 @@ def table_asm(table) -> str:
     return " ".join(lines)
 
 
+def packed_table_asm(table, bf16: bool) -> str:
+    """PTX of the "tcb" codebook lookup (NF4 / FP4) on two neighbouring words ``$8`` (K index kw), ``$9`` (kw + 1):
+    per plane one warp shuffle per weight from the 16-entry table held in registers (as :func:`table_asm`), the two
+    float32 values packed into one pair of the activation dtype by one ``cvt.rn`` and multiplied by the scale pair
+    ``$10`` (rounded to the activation dtype) by one packed ``fma.rn``: 6 instructions per 2 weights where the
+    float32 path spends 7 (a weight can differ from the reference's by about one unit of its last place)."""
+    bits = torch.as_tensor(table, dtype=torch.float32).reshape(-1).cpu().view(torch.int32).tolist()
+    if len(bits) != 16:
+        raise ValueError(f"packed_table_asm needs a 16-entry table, got {len(bits)}")
+    imm = [f"0x{b & 0xFFFFFFFF:08X}" for b in bits]
+    t = "bf16x2" if bf16 else "f16x2"
+    lines = ["{", ".reg .u32 l;", ".reg .b32 t, ia, ib, va, vb, p, nz;", ".reg .pred q;", "mov.u32 l, %laneid;",
+             "and.b32 l, l, 15;", f"mov.b32 t, {imm[0]};"]
+    for i in range(1, 16):
+        lines += [f"setp.eq.u32 q, l, {i};", f"selp.b32 t, {imm[i]}, t, q;"]
+    lines.append("mov.b32 nz, 0x80008000;")
+    for e in range(8):
+        pos = 8 * (e // 2) + 4 * (1 - e % 2)
+        ia, ib = ("$8", "$9") if pos == 0 else ("ia", "ib")
+        if pos:
+            lines += [f"shr.u32 ia, $8, {pos};", f"shr.u32 ib, $9, {pos};"]
+        lines += [f"shfl.sync.idx.b32 va, t, {ia}, 31, 0xffffffff;", f"shfl.sync.idx.b32 vb, t, {ib}, 31, 0xffffffff;",
+                  f"cvt.rn.{t}.f32 p, vb, va;", f"fma.rn.{t} ${e}, p, $10, nz;"]
+    lines.append("}")
+    return " ".join(lines)
+
+
 def packed_asm(kind: int, bf16: bool) -> str:
     """PTX of the "tcb" dequantisation of two neighbouring words ``$8`` (K index kw) and ``$9`` (kw + 1) of 4-bit
     integer codes into the 8 planes ``$0..$7`` as packed pairs of the activation dtype (low half: word kw): the low /
@@ -999,8 +1041,9 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None, dty
     (BN weight rows x BM activation rows), ``BKW`` 32-bit words per row and step (at least 16: the MMA's K per
     plane; halved while it does not divide ``K * bits / 32``), split-K summed in the kernel. NF4 / FP4 read their
     codebook through warp shuffles where supported (the 16-entry table from memory elsewhere). "tcb": 4-bit
-    integer codes dequantized in packed pairs of the activation ``dtype`` (bf16 / fp16, default bf16) by inline PTX
-    where supported (:func:`packed_asm`); elsewhere (codebooks, 8 bits, the interpreter) the same as "tc"."""
+    codes dequantized in packed pairs of the activation ``dtype`` (bf16 / fp16, default bf16) by inline PTX where
+    supported (:func:`packed_asm`, codebooks :func:`packed_table_asm`); elsewhere (8 bits, the interpreter) the
+    same as "tc"."""
     name, BM, BN, BKW, split_k, warps, stages = config
     if name not in ("tc", "tcb"):
         raise ValueError(f"make_tc_plan: config kernel must be 'tc' or 'tcb', got {name!r}")
@@ -1015,7 +1058,13 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None, dty
     split, kw_split = split_words(KW, BKW, split_k)
     shfl = bits == 4 and kind == 0 and table is not None and shuffle_supported()
     bf16 = dtype is None or dtype == torch.bfloat16
-    pasm = packed_asm(kind, bf16) if name == "tcb" and bits == 4 and kind in (1, 2, 3) and shuffle_supported() else ""
+    pasm = ""
+    if name == "tcb" and bits == 4 and shuffle_supported():
+        if kind in (1, 2, 3):
+            pasm = packed_asm(kind, bf16)
+        elif kind == 0 and table is not None:
+            pasm = packed_table_asm(table, bf16)
+            shfl = False
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, BM=BM, BN=BN, BKW=BKW,
                   SHFL=shfl, FIX=split > 1, TASM=table_asm(table) if shfl else "", ASM=shuffle_supported(),
                   PASM=pasm, MAG=128.0 if bf16 else 1024.0)
