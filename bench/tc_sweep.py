@@ -545,23 +545,27 @@ def report_tc5(path, notes=()):
 
 
 def tuned_rows_tc5(path, ms=(16, 64)):
-    """TUNED_MM rows for the integer 4-bit class from the tc5 run: per M bucket and shape the fastest of the shipped
-    selection, the best "tcb" config and dequantize + cuBLAS."""
+    """TUNED_MM rows from the tc5 run, ``{(4, "int"): rows, (4, "codebook"): rows}`` (int4 asym g128 measured for
+    the integer class, NF4 b64 for codebooks): per M bucket and shape (increasing N * K) the fastest of the shipped
+    selection, the best "tcb" config and dequantize + cuBLAS, then a catch-all row repeating the largest shape's."""
     res = json.loads(Path(path).read_text())
-    rows = []
-    for M in ms:
-        rm = sorted((r for r in res["rows"] if r["fmt"] == "int4" and r["M"] == M),
-                    key=lambda r: (r["N"] * r["K"], r["N"]))
-        for r in rm:
-            opts = [(r["dense"], ("dense",))]
-            if r.get("shipped") and (r.get("shipped_cfg") or ("dense",))[0] != "dense":
-                opts.append((r["shipped"], tuple(r["shipped_cfg"])))
-            if r.get("best"):
-                opts.append((r["best"], tuple(r["best_cfg"])))
-            rows.append((M, r["N"], r["K"], min(opts)[1]))
-        if rm:
-            rows.append((M, 1 << 30, 1 << 30, rows[-1][3]))
-    return rows
+    out = {}
+    for fmt, key in (("int4", (4, "int")), ("nf4", (4, "codebook"))):
+        rows = []
+        for M in ms:
+            rm = sorted((r for r in res["rows"] if r["fmt"] == fmt and r["M"] == M),
+                        key=lambda r: (r["N"] * r["K"], r["N"]))
+            for r in rm:
+                opts = [(r["dense"], ("dense",))]
+                if r.get("shipped") and (r.get("shipped_cfg") or ("dense",))[0] != "dense":
+                    opts.append((r["shipped"], tuple(r["shipped_cfg"])))
+                if r.get("best"):
+                    opts.append((r["best"], tuple(r["best_cfg"])))
+                rows.append((M, r["N"], r["K"], min(opts)[1]))
+            if rm:
+                rows.append((M, 1 << 30, 1 << 30, rows[-1][3]))
+        out[key] = rows
+    return out
 
 
 if __name__ == "__main__":
