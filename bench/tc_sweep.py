@@ -277,12 +277,15 @@ TC5_TILES = {
 TC5_CHECK = [("int4", dict(group_size=128)), ("int4", dict(group_size=32)), ("int4_asym", dict(group_size=128)),
              ("int4_asym", dict(group_size=32)), ("q4_0", {}), ("q4_1", {}), ("nf4", dict(block_size=64))]
 TC5_CHECK_CFGS = ((5, ("tcb", 16, 64, 16, 1, 4, 3)), (16, ("tcb", 16, 128, 16, 4, 4, 3)),
-                  (64, ("tcb", 64, 128, 16, 2, 4, 3)), (200, ("tcb", 64, 128, 16, 1, 4, 3)))
+                  (64, ("tcb", 64, 128, 16, 2, 4, 3)), (200, ("tcb", 64, 128, 16, 1, 4, 3)),
+                  (5, ("tcbd", 16, 128, 16, 1, 4, 3)), (16, ("tcbd", 16, 128, 16, 4, 4, 3)),
+                  (64, ("tcbd", 64, 128, 16, 2, 4, 3)), (200, ("tcbd", 64, 128, 16, 1, 4, 3)))
 TC5_CHUNKS = (16, 32)  # MiB of dequantized weight per block, dequantize + cuBLAS at M >= 256
 
 
 def tc5_cands(M):
-    return [("tcb", bm, bn, bkw, sk, w, st) for (bm, bn, bkw, w, st), sks in TC5_TILES[M] for sk in sks]
+    return [(name, bm, bn, bkw, sk, w, st) for name in ("tcb", "tcbd") for (bm, bn, bkw, w, st), sks in TC5_TILES[M]
+            for sk in sks]
 
 
 def _tc5_check(job):
@@ -369,7 +372,7 @@ def sweep_tc5(a):
                 p_bits = 8 if fmt == "int8" else 4
                 kind = 0 if fmt == "nf4" else 2
                 cur = TC.config_mm(p_bits, kind, M, N, K)
-                if cur[0] in ("tc", "tcb"):
+                if cur[0] in ("tc", "tcb", "tcbd"):
                     work.append((fmt, M, cur))
             work += [(fmt, M, c) for c in tc5_cands(M)]
     todo = []
@@ -432,7 +435,7 @@ def sweep_tc5(a):
                 os.environ.pop("LOWBIT_DENSE_CHUNK_MB", None)
                 cur = TC.config_mm(p.bits, p.kind, M, N, K, p.group)
                 row["shipped_cfg"] = cur
-                cands = [cur] if cur[0] in ("tc", "tcb") else []
+                cands = [cur] if cur[0] in ("tc", "tcb", "tcbd") else []
                 if (scheme, "torch.bfloat16") not in bad:
                     cands += tc5_cands(M)
                 tried = []
@@ -452,13 +455,17 @@ def sweep_tc5(a):
                     except Exception as ex:  # noqa: BLE001
                         res["errors"].append(f"{fmt} {N}x{K} M={M} {cfg}: {type(ex).__name__}: {str(ex)[:160]}")
                 row["tried"] = tried
-                if cur[0] in ("tc", "tcb"):
+                if cur[0] in ("tc", "tcb", "tcbd"):
                     row["shipped"] = next((t for c, t in tried if tuple(c) == tuple(cur)), None)
                 else:
                     row["shipped"] = row["dense"]
-                new = [(c, t) for c, t in tried if c[0] == "tcb"]
+                new = [(c, t) for c, t in tried if c[0] in ("tcb", "tcbd")]
                 if new:
                     row["best_cfg"], row["best"] = min(new, key=lambda r: r[1])
+                for nm in ("tcb", "tcbd"):
+                    got = [(c, t) for c, t in tried if c[0] == nm]
+                    if got:
+                        row[f"best_{nm}"] = min(got, key=lambda r: r[1])
                 if new and M <= 64 and (N, K) == (8192, 8192):
                     # what limits the best config: (a) the same launch with the dequantisation replaced by moves of
                     # the raw words (loads + MMAs + epilogue only; wrong results, not checked); (b) the weight read

@@ -427,8 +427,14 @@ def test_tcb_plan(monkeypatch):
     assert lm.make_tc_plan(16, 4096, 4096, 4, 64, 0, 0.0, False, ("tc",) + cfg[1:], torch.linspace(-1, 1, 16)
                            ).consts["PASM"] == ""
     assert lm.make_tc_plan(16, 4096, 4096, 8, 4096, 1, 128.0, False, cfg).consts["PASM"] == ""
-    with pytest.raises(ValueError, match="'tc' or 'tcb'"):
+    with pytest.raises(ValueError, match="'tc', 'tcb' or 'tcbd'"):
         lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tcx",) + cfg[1:])
+    # "tcbd": one dot per step (packed PTX only)
+    d = lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tcbd",) + cfg[1:])
+    assert d.consts["ONEDOT"] and not plan.consts["ONEDOT"] and d.consts["PASM"] == lm.packed_asm(2, True)
+    monkeypatch.setattr(lm, "shuffle_supported", lambda: False)
+    d = lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tcbd",) + cfg[1:])
+    assert not d.consts["ONEDOT"] and d.consts["PASM"] == ""
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

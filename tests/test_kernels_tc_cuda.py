@@ -140,7 +140,8 @@ def test_tc_config_too_large_falls_back_to_dense(monkeypatch):
 TCB_MODULES = [m for m in MODULES if m[0] in ("Linear4bit-int4", "from_quant_state-int4-128",
                                               "from_quant_state-int4_asym-32", "from_quant_state-q4_1-32",
                                               "Linear4bit-nf4")]
-TCB_CFGS = [("tcb", 16, 128, 16, 4, 4, 3), ("tcb", 64, 128, 16, 1, 4, 3)]
+TCB_CFGS = [("tcb", 16, 128, 16, 4, 4, 3), ("tcb", 64, 128, 16, 1, 4, 3), ("tcbd", 16, 128, 16, 4, 4, 3),
+            ("tcbd", 64, 128, 16, 2, 4, 3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

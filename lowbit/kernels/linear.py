@@ -612,7 +612,7 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
             plan = _V1 if M <= 4 or (p.p4 is not None and p.kind != 3) else _DENSE  # v1 above M = 4: its 4-bit GEMM
         elif cfg[0] == "v1gemm":
             plan = _V1Gemm(("gemm",) + tuple(cfg[1:])) if p.p4 is not None and p.kind != 3 else _DENSE
-        elif cfg[0] in ("tc", "tcb"):
+        elif cfg[0] in ("tc", "tcb", "tcbd"):
             from lowbit.kernels.triton import lowbit_mm as lm
 
             if not lm.tc_fits(p.k, p.bits, p.group):

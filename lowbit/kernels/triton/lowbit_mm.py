@@ -771,7 +771,7 @@ def _tc_kernel(
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SHFL: tl.constexpr, FIX: tl.constexpr,
     TASM: tl.constexpr = "", ASM: tl.constexpr = False, PASM: tl.constexpr = "",
-    MAG: tl.constexpr = 128.0,
+    MAG: tl.constexpr = 128.0, ONEDOT: tl.constexpr = False,
 ):
     # Computes the transposed output tile acc[n, m] = sum_k W[n, k] x[m, k] (the weight is the MMA's A operand,
     # held in registers: wgmma takes A from registers, B = the activation tile from shared memory; a weight tile
@@ -780,7 +780,10 @@ def _tc_kernel(
     # value, rounded once to the activation dtype) and multiplied with the matching strided x plane [BKW, BM].
     # Every dequantisation op is elementwise on the word tile (NF4 / FP4: a unary inline-asm warp shuffle, TASM),
     # so Triton converts the packed words (not the bf16 weights) to the MMA operand layout once per step.
-    # Config "tcb" (issue 15, helper tc5): PASM (4-bit kinds; codebooks: packed_table_asm) = the 8 planes of two neighbouring words dequantized by one inline-PTX op on
+    # Configs "tcb" / "tcbd" (issue 15, helper tc5; "tcbd" adds ONEDOT): ONEDOT = the 8 dequantized planes joined (register renaming: plane e of a
+    # step is the e-th K16 chunk of one [BN, 8 BKW] MMA operand, matching x's plane-major order) into ONE tl.dot per
+    # step, so that Triton keeps up to 7 wgmma groups in flight (warp_group_dot_wait pendings = 7) instead of
+    # waiting for each plane's; PASM (4-bit kinds; codebooks: packed_table_asm) = the 8 planes of two neighbouring words dequantized by one inline-PTX op on
     # packed pairs (pack=2: the MMA operand holds K-neighbours kw, kw + 1 in one 32-bit register): per plane one
     # lop3 puts both nibbles under the activation dtype's magic exponent (bf16 128 + q / fp16 1024 + q, exact),
     # one packed FMA subtracts the (128 | 1024) + zero, one multiplies by the scale in the activation dtype (kind 3:
@@ -870,14 +873,19 @@ def _tc_kernel(
             w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
                 PASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, sp, cp],
                 dtype=(tyd, tyd, tyd, tyd, tyd, tyd, tyd, tyd), is_pure=True, pack=2)
-            acc = tl.dot(w0, tl.load(xcol + (kx + 0 * BKW)[:, None]), acc)
-            acc = tl.dot(w1, tl.load(xcol + (kx + 1 * BKW)[:, None]), acc)
-            acc = tl.dot(w2, tl.load(xcol + (kx + 2 * BKW)[:, None]), acc)
-            acc = tl.dot(w3, tl.load(xcol + (kx + 3 * BKW)[:, None]), acc)
-            acc = tl.dot(w4, tl.load(xcol + (kx + 4 * BKW)[:, None]), acc)
-            acc = tl.dot(w5, tl.load(xcol + (kx + 5 * BKW)[:, None]), acc)
-            acc = tl.dot(w6, tl.load(xcol + (kx + 6 * BKW)[:, None]), acc)
-            acc = tl.dot(w7, tl.load(xcol + (kx + 7 * BKW)[:, None]), acc)
+            if ONEDOT:  # the 8 planes as one [BN, 8 BKW] operand (K index e * BKW + kw: x's plane-major order)
+                j3 = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+                wall = tl.reshape(tl.permute(j3, (0, 2, 3, 4, 1)), (BN, 8 * BKW))
+                acc = tl.dot(wall, tl.load(xcol + (kwb * PER + tl.arange(0, 8 * BKW))[:, None]), acc)
+            else:
+                acc = tl.dot(w0, tl.load(xcol + (kx + 0 * BKW)[:, None]), acc)
+                acc = tl.dot(w1, tl.load(xcol + (kx + 1 * BKW)[:, None]), acc)
+                acc = tl.dot(w2, tl.load(xcol + (kx + 2 * BKW)[:, None]), acc)
+                acc = tl.dot(w3, tl.load(xcol + (kx + 3 * BKW)[:, None]), acc)
+                acc = tl.dot(w4, tl.load(xcol + (kx + 4 * BKW)[:, None]), acc)
+                acc = tl.dot(w5, tl.load(xcol + (kx + 5 * BKW)[:, None]), acc)
+                acc = tl.dot(w6, tl.load(xcol + (kx + 6 * BKW)[:, None]), acc)
+                acc = tl.dot(w7, tl.load(xcol + (kx + 7 * BKW)[:, None]), acc)
         for e in tl.static_range(PER if PASM == "" else 0):
             POS = 8 * (e // 2) + 4 * (1 - e % 2) if BITS == 4 else 8 * e
             if SHFL:
@@ -1043,10 +1051,10 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None, dty
     codebook through warp shuffles where supported (the 16-entry table from memory elsewhere). "tcb": 4-bit
     codes dequantized in packed pairs of the activation ``dtype`` (bf16 / fp16, default bf16) by inline PTX where
     supported (:func:`packed_asm`, codebooks :func:`packed_table_asm`); elsewhere (8 bits, the interpreter) the
-    same as "tc"."""
+    same as "tc". "tcbd": "tcb" with the step's 8 planes as one MMA operand (one dot per step: no wait per plane)."""
     name, BM, BN, BKW, split_k, warps, stages = config
-    if name not in ("tc", "tcb"):
-        raise ValueError(f"make_tc_plan: config kernel must be 'tc' or 'tcb', got {name!r}")
+    if name not in ("tc", "tcb", "tcbd"):
+        raise ValueError(f"make_tc_plan: config kernel must be 'tc', 'tcb' or 'tcbd', got {name!r}")
     per = 32 // bits
     KW = K // per
     if not tc_fits(K, bits, G):
@@ -1059,7 +1067,7 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None, dty
     shfl = bits == 4 and kind == 0 and table is not None and shuffle_supported()
     bf16 = dtype is None or dtype == torch.bfloat16
     pasm = ""
-    if name == "tcb" and bits == 4 and shuffle_supported():
+    if name in ("tcb", "tcbd") and bits == 4 and shuffle_supported():
         if kind in (1, 2, 3):
             pasm = packed_asm(kind, bf16)
         elif kind == 0 and table is not None:
@@ -1067,7 +1075,7 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None, dty
             shfl = False
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, BM=BM, BN=BN, BKW=BKW,
                   SHFL=shfl, FIX=split > 1, TASM=table_asm(table) if shfl else "", ASM=shuffle_supported(),
-                  PASM=pasm, MAG=128.0 if bf16 else 1024.0)
+                  PASM=pasm, MAG=128.0 if bf16 else 1024.0, ONEDOT=name == "tcbd" and pasm != "")
     grid = (-(-N // BN), -(-M // BM), split)
     return TcPlan(grid, split, kw_split, kw_split // BKW, consts, warps, stages)
 
