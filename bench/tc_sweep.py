@@ -100,6 +100,8 @@ def main(argv=None):
     ap.add_argument("--note", action="append", default=[], help="a line for the notes section (with --report)")
     ap.add_argument("--tc5", action="store_true", help="the packed-pair 'tcb' candidates vs the shipped selection")
     ap.add_argument("--report-tc5", default="")
+    ap.add_argument("--tiles", default="", help="(--tc5) a Python literal replacing TC5_TILES")
+    ap.add_argument("--names", default="", help="(--tc5) comma-separated kernel names of the candidates")
     ap.add_argument("--wait-file", default="", help="(--tc5) before timing, wait up to 90 s for this file to exist "
                     "(a test run sharing the GPU during the compile phase)")
     a = ap.parse_args(argv)
@@ -108,6 +110,13 @@ def main(argv=None):
     if a.report_tc5:
         return report_tc5(a.report_tc5, a.note)
     if a.tc5:
+        global TC5_TILES, TC5_NAMES
+        if a.tiles:
+            import ast
+
+            TC5_TILES = ast.literal_eval(a.tiles)
+        if a.names:
+            TC5_NAMES = tuple(a.names.split(","))
         return sweep_tc5(a)
     t0 = time.perf_counter()
     ms = [int(m) for m in a.ms.split(",")]
@@ -283,8 +292,11 @@ TC5_CHECK_CFGS = ((5, ("tcb", 16, 64, 16, 1, 4, 3)), (16, ("tcb", 16, 128, 16, 4
 TC5_CHUNKS = (16, 32)  # MiB of dequantized weight per block, dequantize + cuBLAS at M >= 256
 
 
+TC5_NAMES = ("tcb", "tcbd")
+
+
 def tc5_cands(M):
-    return [(name, bm, bn, bkw, sk, w, st) for name in ("tcb", "tcbd") for (bm, bn, bkw, w, st), sks in TC5_TILES[M]
+    return [(name, bm, bn, bkw, sk, w, st) for name in TC5_NAMES for (bm, bn, bkw, w, st), sks in TC5_TILES[M]
             for sk in sks]
 
 
