@@ -4,7 +4,7 @@ a config sweep per (format, N x K, M) beside ``F.linear`` and dequantize + cuBLA
     python bench/tc_sweep.py --out OUT_DIR [--budget 200] [--jobs 12]
     python bench/tc_sweep.py --report bench/results/raw/tc_sweep_run1.json   # -> bench/results/tc_sweep.md
     python bench/tc_sweep.py --tc5 --out OUT_DIR [--budget 120] [--jobs 15]   # packed-pair "tcb" vs shipped
-    python bench/tc_sweep.py --report-tc5 bench/results/raw/tc_sweep_tc5.json  # -> a section of tc_sweep.md
+    python bench/tc_sweep.py --report-tc5 RAW1.json,RAW2.json   # -> the "Run tc5" section of tc_sweep.md
 
 One run: (1) compiles every candidate in ``--jobs`` worker processes first (Triton's on-disk cache; the kernel's
 constexprs do not depend on N / K, so one compile serves every shape); (2) checks every weight format through
@@ -518,44 +518,50 @@ def sweep_tc5(a):
         print("  ", e, flush=True)
 
 
-def report_tc5(path, notes=()):
-    """Append (or replace) the "run tc5" section of bench/results/tc_sweep.md from the raw file of the run."""
-    res = json.loads(Path(path).read_text())
-    head = "## Run tc5: packed-pair dequantisation (\"tcb\") against the shipped selection"
-    ok = sum(c["ok"] for c in res["check"])
-    lines = [head, "", f"Written by `python bench/tc_sweep.py --report-tc5 {path}` from the raw file of the run "
-             "(numbers from the run, never edited). Run: `" + res["cmd"] + f"` on {res['gpu']}, torch {res['torch']}. "
-             "CUDA-graph medians in µs over weight copies larger than L2, bf16 activations. 'shipped' = what "
-             "`TUNED_MM` selected before this run (a tc config, or dequantize + cuBLAS); 'dense' = dequantize + "
-             "cuBLAS of the whole weight, 'dense16' / 'dense32' in row blocks of 16 / 32 MiB of bf16; 'tcb best' = "
-             "the fastest packed-pair config; GB/s = codes + scales (+ zeros) over the best fused time; 'no dequant' = "
-             "the best tcb launch with its dequantisation replaced by register moves of the raw words (loads, MMAs "
-             "and epilogue only), 'from L2' = the best tcb config on one weight copy (36 MB: L2-resident).", "",
-             f"Correctness of \"tcb\" through `prepared_linear` (bias, bf16 and fp16, M = 5 / 16 / 64 / 200, vs "
-             f"float32 reference): {ok}/{len(res['check'])} within tolerance (bf16 1e-2, fp16 2e-3 relative)"
-             + ("" if ok == len(res["check"]) else ": " + "; ".join(
-                 f"{c['fmt']} M={c['M']} {c['dtype']} err {c['err']:.3g} {c['msg']}" for c in res["check"]
-                 if not c["ok"])[:600]) + ".", "",
-             "| format | N x K | M | F.linear | dense | dense16 | dense32 | shipped | tcb best | × F.linear (best) | "
-             "GB/s | tcb config | no dequant | from L2 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def report_tc5(paths, notes=()):
+    """Append (or replace) the "run tc5" section of bench/results/tc_sweep.md from the raw files of the runs
+    (``paths``: comma-separated), one table per run."""
+    head = "## Run tc5: packed-pair dequantisation (\"tcb\") and one MMA per step (\"tcbd\") against the shipped selection"
+    lines = [head, "", f"Written by `python bench/tc_sweep.py --report-tc5 {paths}` from the raw files of the runs "
+             "(numbers from the runs, never edited). CUDA-graph medians in µs over weight copies larger than L2, bf16 "
+             "activations. 'shipped' = what `TUNED_MM` selected before these runs (a tc config, or dequantize + "
+             "cuBLAS); 'dense' = dequantize + cuBLAS of the whole weight, 'dense16' / 'dense32' in row blocks of 16 / "
+             "32 MiB of bf16; 'new best' = the fastest tcb / tcbd config of the run; × F.linear = F.linear over the "
+             "fastest of shipped, new and dense; GB/s = codes + scales (+ zeros) over the fastest fused time; "
+             "'no dequant' = the best new launch with its dequantisation replaced by register moves of the raw words "
+             "(loads, MMAs and epilogue only), 'from L2' = the best new config on one weight copy (36 MB: "
+             "L2-resident)."]
 
     def f(v):
         return f"{v:.1f}" if isinstance(v, (int, float)) else "—"
-    for r in res["rows"]:
-        sh = r.get("shipped")
-        best = min([v for v in (sh, r.get("best"), r.get("dense"), r.get("dense16"), r.get("dense32"))
-                    if isinstance(v, (int, float))])
-        fused = min([v for v in (sh if (r.get("shipped_cfg") or ("dense",))[0] != "dense" else None, r.get("best"))
-                     if isinstance(v, (int, float))] or [float("nan")])
-        lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {f(r['flinear'])} | {f(r['dense'])} | "
-                     f"{f(r.get('dense16'))} | {f(r.get('dense32'))} | {f(sh)} {tuple(r.get('shipped_cfg') or ())} | "
-                     f"{f(r.get('best'))} | {r['flinear'] / best:.2f}x | {r['bytes'] / fused / 1e3:.0f} | "
-                     f"{tuple(r['best_cfg']) if r.get('best_cfg') else '—'} | {f(r.get('abl_nodeq'))} | "
-                     f"{f(r.get('abl_l2'))} |")
+    for i, path in enumerate(paths.split(",")):
+        res = json.loads(Path(path).read_text())
+        ok = sum(c["ok"] for c in res["check"])
+        cfgs = sorted({c["fmt"] for c in res["check"]})
+        lines += ["", f"### Run {i + 1} (`{Path(path).name}`)", "", "Run: `" + res["cmd"] + f"` on {res['gpu']}, "
+                  f"torch {res['torch']}.", "",
+                  f"Correctness of the new configs through `prepared_linear` ({', '.join(cfgs)}; bias, bf16 and fp16, "
+                  f"M = 5 / 16 / 64 / 200, vs float32 reference): {ok}/{len(res['check'])} within tolerance (bf16 "
+                  "1e-2, fp16 2e-3 relative)" + ("" if ok == len(res["check"]) else ": " + "; ".join(
+                      f"{c['fmt']} M={c['M']} {c['dtype']} err {c['err']:.3g} {c['msg']}" for c in res["check"]
+                      if not c["ok"])[:600]) + ".", "",
+                  "| format | N x K | M | F.linear | dense | dense16 | dense32 | shipped | new best | × F.linear | "
+                  "GB/s | new config | no dequant | from L2 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            sh = r.get("shipped")
+            best = min([v for v in (sh, r.get("best"), r.get("dense"), r.get("dense16"), r.get("dense32"))
+                        if isinstance(v, (int, float))])
+            fused = min([v for v in (sh if (r.get("shipped_cfg") or ("dense",))[0] != "dense" else None,
+                                     r.get("best")) if isinstance(v, (int, float))] or [float("nan")])
+            lines.append(f"| {r['fmt']} | {r['N']} x {r['K']} | {r['M']} | {f(r['flinear'])} | {f(r['dense'])} | "
+                         f"{f(r.get('dense16'))} | {f(r.get('dense32'))} | {f(sh)} "
+                         f"{tuple(r.get('shipped_cfg') or ())} | {f(r.get('best'))} | {r['flinear'] / best:.2f}x | "
+                         f"{r['bytes'] / fused / 1e3:.0f} | {tuple(r['best_cfg']) if r.get('best_cfg') else '—'} | "
+                         f"{f(r.get('abl_nodeq'))} | {f(r.get('abl_l2'))} |")
+        if res["errors"]:
+            lines += ["", "Errors / skips of the run:", ""] + [f"- {e[:200]}" for e in res["errors"][:12]]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    if res["errors"]:
-        lines += ["", "Errors / skips of the run:", ""] + [f"- {e[:200]}" for e in res["errors"][:30]]
     md = ROOT / "bench/results/tc_sweep.md"
     text = md.read_text() if md.exists() else ""
     if head in text:
@@ -563,26 +569,41 @@ def report_tc5(path, notes=()):
     md.write_text(text + "\n" + "\n".join(lines) + "\n")
 
 
-def tuned_rows_tc5(path, ms=(16, 64)):
-    """TUNED_MM rows from the tc5 run, ``{(4, "int"): rows, (4, "codebook"): rows}`` (int4 asym g128 measured for
-    the integer class, NF4 b64 for codebooks): per M bucket and shape (increasing N * K) the fastest of the shipped
-    selection, the best "tcb" config and dequantize + cuBLAS, then a catch-all row repeating the largest shape's."""
-    res = json.loads(Path(path).read_text())
+def tuned_rows_tc5(paths, keep=((1024, 4096), (4096, 4096))):
+    """TUNED_MM rows from the tc5 runs (``paths``: raw files, the last one the final run), ``{(4, "int"): rows,
+    (4, "codebook"): rows}`` (int4 asym g128 measured for the integer class, NF4 b64 for codebooks): at M = 16 and
+    64 per shape (increasing N * K) the fastest of the final run's shipped and dense times and the best new config
+    of any run; at M = 256 the final run's best new config where it beat dense by 5% or more, else dense; a
+    catch-all row per bucket (M <= 64: the largest shape's choice; M = 256: dense). Rows of the shapes in ``keep``
+    (not measured here) are taken from the current table as they are; the M <= 4 rows too."""
+    from lowbit.kernels import triton_configs as TC
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    maps = [{(r["fmt"], r["N"], r["K"], r["M"]): r for r in res["rows"]} for res in runs]
     out = {}
     for fmt, key in (("int4", (4, "int")), ("nf4", (4, "codebook"))):
-        rows = []
-        for M in ms:
-            rm = sorted((r for r in res["rows"] if r["fmt"] == fmt and r["M"] == M),
+        old = TC.TUNED_MM[key]
+        rows = [r for r in old if r[0] <= 4]
+        for M in (16, 64, 256):
+            rm = sorted((r for k, r in maps[-1].items() if k[0] == fmt and k[3] == M),
                         key=lambda r: (r["N"] * r["K"], r["N"]))
+            rows += [r for r in old if r[0] == M and (r[1], r[2]) in keep]
+            if M == 256:
+                rows.append((256, 4096, 4096, ("dense",)))
             for r in rm:
-                opts = [(r["dense"], ("dense",))]
-                if r.get("shipped") and (r.get("shipped_cfg") or ("dense",))[0] != "dense":
-                    opts.append((r["shipped"], tuple(r["shipped_cfg"])))
-                if r.get("best"):
-                    opts.append((r["best"], tuple(r["best_cfg"])))
-                rows.append((M, r["N"], r["K"], min(opts)[1]))
+                k = (fmt, r["N"], r["K"], M)
+                fused = [(m[k]["best"], tuple(m[k]["best_cfg"])) for m in maps if k in m and m[k].get("best")]
+                if M <= 64:
+                    opts = [(r["dense"], ("dense",))] + fused
+                    if r.get("shipped") and (r.get("shipped_cfg") or ("dense",))[0] != "dense":
+                        opts.append((r["shipped"], tuple(r["shipped_cfg"])))
+                    cfg = min(opts)[1]
+                else:
+                    bf = (r["best"], tuple(r["best_cfg"])) if r.get("best") else None
+                    cfg = bf[1] if bf and bf[0] <= 0.95 * r["dense"] else ("dense",)
+                rows.append((M, r["N"], r["K"], cfg))
             if rm:
-                rows.append((M, 1 << 30, 1 << 30, rows[-1][3]))
+                rows.append((M, 1 << 30, 1 << 30, rows[-1][3] if M <= 64 else ("dense",)))
         out[key] = rows
     return out
 

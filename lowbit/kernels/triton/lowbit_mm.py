@@ -43,6 +43,10 @@ loop; grid ``(N / BN, SPLIT_K)`` so that small N x K still fills all multiproces
 ``gemm`` (M > 4; measured slower than dequantize + cuBLAS at every M on the H200, so no default uses it): per plane the dequantised weight ``((v - z) s)`` rounded once to the activation dtype (the
 reference's rounding) feeds ``tl.dot`` (tensor cores) with the matching strided x plane; optional split-K.
 
+``tc`` (4 < M <= 256, :func:`_tc_kernel`): the tensor-core GEMM with the packed weight dequantized in registers as the
+MMA's A operand (configs "tc"; "tcb": two weights per inline-PTX op in the activation dtype, :func:`packed_asm` /
+:func:`packed_table_asm`; "tcbd": "tcb" with one MMA per 128-K step), split-K summed in the kernel.
+
 Configurations per (bits, kind class, M bucket, N x K) live in :mod:`lowbit.kernels.triton_configs`.
 """
 from __future__ import annotations
