@@ -175,3 +175,35 @@ def test_module_tcb_packed_pairs_match_cpu_reference(name, mod, dtype, monkeypat
         tcs = [v for v in plans if isinstance(v, lm.TcPlan)]
         assert tcs, f"{name}: the tc GEMM did not run ({plans})"
         assert all(v.consts["PASM"] and v.pdt == dtype for v in tcs), f"{name}: packed PTX not used"
+
+
+@pytest.mark.parametrize("scheme,kw", [("int4_asym", dict(group_size=128)), ("nf4", dict(block_size=64)),
+                                       ("int4", dict(group_size=32))], ids=["int4_asym-128", "nf4-64", "int4-32"])
+@pytest.mark.parametrize("N,K", [(8192, 8192), (28672, 8192), (14336, 4096)], ids=["8192x8192", "28672x8192",
+                                                                                       "14336x4096"])
+def test_shipped_rows_on_llama_shapes(scheme, kw, N, K):
+    """The shipped TUNED_MM rows (no forcing) on the measured Llama shapes at M = 16 / 64 / 200 (bf16, and fp16 with
+    bias at M = 200: the 256-row tiles sit near the shared-memory limit, where a config the GPU cannot hold falls
+    back to dequantize + cuBLAS) against the float32 product with the dequantized weight."""
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    torch.manual_seed(N + K)
+    st = quantize_tensor(torch.randn(N, K, device="cuda") * 0.02, scheme, **kw)
+    p = L.prepare_linear(st)
+    wref = L.dequantize_state(st).float()
+    for M, dt, bias in ((16, torch.bfloat16, False), (64, torch.bfloat16, False), (200, torch.bfloat16, False),
+                        (200, torch.float16, True)):
+        x = torch.randn(M, K, device="cuda").to(dt)
+        b = (torch.randn(N, device="cuda") * 0.1).to(dt) if bias else None
+        ref = x.float() @ wref.T + (b.float() if bias else 0)
+        y = L.prepared_linear(x, p, b)
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        assert err < TOL[dt], f"{scheme} {N}x{K} M={M} {dt}: rel err {err:.3g}"
+        cfg = TC.config_mm(p.bits, p.kind, M, N, K, p.group)
+        plan = p.plans[(M, dt, bias, True)]
+        if cfg[0].startswith("tc"):
+            assert isinstance(plan, lm.TcPlan) or plan is L._DENSE, plan  # dense: the resource fallback
+            if isinstance(plan, lm.TcPlan):
+                assert bool(plan.consts["PASM"]) == (cfg[0] != "tc")
+        else:
+            assert plan is L._DENSE

@@ -784,14 +784,15 @@ def _tc_kernel(
     # value, rounded once to the activation dtype) and multiplied with the matching strided x plane [BKW, BM].
     # Every dequantisation op is elementwise on the word tile (NF4 / FP4: a unary inline-asm warp shuffle, TASM),
     # so Triton converts the packed words (not the bf16 weights) to the MMA operand layout once per step.
-    # Configs "tcb" / "tcbd" (issue 15, helper tc5; "tcbd" adds ONEDOT): ONEDOT = the 8 dequantized planes joined (register renaming: plane e of a
-    # step is the e-th K16 chunk of one [BN, 8 BKW] MMA operand, matching x's plane-major order) into ONE tl.dot per
-    # step, so that Triton keeps up to 7 wgmma groups in flight (warp_group_dot_wait pendings = 7) instead of
-    # waiting for each plane's; PASM (4-bit kinds; codebooks: packed_table_asm) = the 8 planes of two neighbouring words dequantized by one inline-PTX op on
-    # packed pairs (pack=2: the MMA operand holds K-neighbours kw, kw + 1 in one 32-bit register): per plane one
-    # lop3 puts both nibbles under the activation dtype's magic exponent (bf16 128 + q / fp16 1024 + q, exact),
-    # one packed FMA subtracts the (128 | 1024) + zero, one multiplies by the scale in the activation dtype (kind 3:
-    # one FMA adds the minimum): 2 weights per 3 instructions where the float32 path spends about 9.
+    # Configs "tcb" / "tcbd" (issue 15, helper tc5). PASM (4-bit kinds; codebooks: packed_table_asm): the 8 planes
+    # of two neighbouring words dequantized by one inline-PTX op on packed pairs (pack=2: the MMA operand holds the
+    # K-neighbours kw, kw + 1 in one 32-bit register); integer codes: per plane one lop3 puts both nibbles under
+    # the activation dtype's magic exponent (bf16 128 + q / fp16 1024 + q, exact), one packed FMA subtracts
+    # magic + zero, one multiplies by the scale in the activation dtype (kind 3: one FMA adds the minimum), about
+    # 2 SASS instructions per weight where the float32 path spends 4.5. ONEDOT ("tcbd"): the 8 planes joined into
+    # one [BN, 8 BKW] operand (a register renaming: plane e is the e-th K16 chunk, matching x's plane-major order)
+    # and ONE tl.dot per step, so that Triton keeps up to 7 wgmma groups in flight (warp_group_dot_wait
+    # pendings = 7) instead of waiting for each plane's.
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = G % (BKW * PER) == 0  # one scale group per row and step: one scale per row
     pid_n = tl.program_id(0)
