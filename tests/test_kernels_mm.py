@@ -474,3 +474,34 @@ def test_tcb_packed_table_asm_looks_up_codebooks(dtype):
                     want = torch.tensor([code[q].item()]).to(dtype).double() * sq.double()
                     assert got.item() == want.to(dtype).double().item(), (e, half, q)
                     assert abs(got.item() - code[q].item() * s) <= 2 ** -7 * abs(code[q].item() * s) + 1e-12
+
+
+def test_tcb_packed_only_for_one_or_two_groups_per_step(monkeypatch):
+    """The packed-pair path is used where a 128-element step holds one scale group per row or exactly two (NF4 b64,
+    int4 g64); steps over 4+ groups (int4 g32, GGUF Q4_0 / Q4_1: wrong results seen on the H200 on large weights)
+    run the plain tc path even under a "tcb" / "tcbd" row (in the earlier shipped tile shape; dense above 64 rows).
+    """
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    monkeypatch.setattr(lm, "shuffle_supported", lambda: True)
+    assert lm.packed_ok(128, 16, 4) and lm.packed_ok(64, 16, 4) and lm.packed_ok(256, 16, 4)
+    assert not lm.packed_ok(32, 16, 4) and not lm.packed_ok(96, 16, 4) and lm.packed_ok(32, 8, 4)
+    x = torch.randn(64, 1024, dtype=torch.bfloat16)
+    for scheme, kw, packed in (("int4", dict(group_size=32), False), ("int4", dict(group_size=64), True),
+                               ("int4_asym", dict(group_size=128), True), ("q4_0", {}, False),
+                               ("nf4", dict(block_size=64), True)):
+        p = L._prepare_cuda(quantize_tensor(torch.randn(256, 1024), scheme, **kw))
+        key = (4, "codebook" if p.kind == 0 else "int")
+        monkeypatch.setitem(TC.TUNED_MM, key, [(256, 1 << 30, 1 << 30, ("tcbd", 64, 128, 16, 1, 4, 3))])
+        plan = L._plan(p, 64, x, None)
+        assert isinstance(plan, lm.TcPlan) and bool(plan.consts["PASM"]) == packed, scheme
+        assert plan.consts["ONEDOT"] == packed and plan.consts["SHFL"] == (p.kind == 0 and not packed)
+        if not packed:  # the tc kernel in the earlier rows' shape (4 warps, BN 128), dense above 64 rows
+            p.plans.clear()
+            monkeypatch.setitem(TC.TUNED_MM, key, [(256, 1 << 30, 1 << 30, ("tcbd", 16, 256, 16, 2, 8, 3))])
+            plan = L._plan(p, 16, x[:16], None)
+            assert plan.warps == 4 and plan.consts["BN"] == 128 and plan.split == 2 and not plan.consts["PASM"]
+            p.plans.clear()
+            monkeypatch.setitem(TC.TUNED_MM, key, [(256, 1 << 30, 1 << 30, ("tcbd", 128, 256, 16, 1, 8, 3))])
+            assert L._plan(p, 200, torch.randn(200, 1024, dtype=torch.bfloat16), None) is L._DENSE

@@ -174,7 +174,9 @@ def test_module_tcb_packed_pairs_match_cpu_reference(name, mod, dtype, monkeypat
         plans = [v for p in [L.prepare_linear(s) for s in _states(gpu)] if p is not None for v in p.plans.values()]
         tcs = [v for v in plans if isinstance(v, lm.TcPlan)]
         assert tcs, f"{name}: the tc GEMM did not run ({plans})"
-        assert all(v.consts["PASM"] and v.pdt == dtype for v in tcs), f"{name}: packed PTX not used"
+        packed = [lm.packed_ok(p.group, v.consts["BKW"], p.bits) for p in [L.prepare_linear(s) for s in _states(gpu)]
+                  if p is not None for v in p.plans.values() if isinstance(v, lm.TcPlan)]
+        assert all((bool(v.consts["PASM"]) and v.pdt == dtype) == ok for v, ok in zip(tcs, packed)), name
 
 
 @pytest.mark.parametrize("scheme,kw", [("int4_asym", dict(group_size=128)), ("nf4", dict(block_size=64)),
@@ -204,6 +206,6 @@ def test_shipped_rows_on_llama_shapes(scheme, kw, N, K):
         if cfg[0].startswith("tc"):
             assert isinstance(plan, lm.TcPlan) or plan is L._DENSE, plan  # dense: the resource fallback
             if isinstance(plan, lm.TcPlan):
-                assert bool(plan.consts["PASM"]) == (cfg[0] != "tc")
+                assert bool(plan.consts["PASM"]) == (cfg[0] != "tc" and lm.packed_ok(p.group, plan.consts["BKW"], 4))
         else:
             assert plan is L._DENSE

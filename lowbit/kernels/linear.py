@@ -616,7 +616,11 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
         elif cfg[0] in ("tc", "tcb", "tcbd"):
             from lowbit.kernels.triton import lowbit_mm as lm
 
-            if not lm.tc_fits(p.k, p.bits, p.group):
+            if cfg[0] != "tc" and p.bits == 4 and not lm.packed_ok(p.group, cfg[3], p.bits):
+                # a packed-pair row for scale groups it does not take (lowbit_mm.packed_ok): the tc kernel in the
+                # tile shape of the earlier shipped rows (4 warps, BN 128) up to 64 rows, dequantize + cuBLAS above
+                cfg = ("tc", cfg[1], 128, cfg[3], cfg[4], 4, 3) if cfg[1] <= 64 else _DENSE
+            if cfg is _DENSE or not lm.tc_fits(p.k, p.bits, p.group):
                 plan = _DENSE
             else:
                 plan = lm.make_tc_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, bias is not None, cfg, p.table,

@@ -1042,6 +1042,17 @@ def packed_asm(kind: int, bf16: bool) -> str:
     return " ".join(lines)
 
 
+def packed_ok(G: int, BKW: int, bits: int) -> bool:
+    """Whether the packed-pair ("tcb" / "tcbd") path is used for scale groups of ``G`` elements and steps of ``BKW``
+    words: one group per row and step (``G`` a multiple of the step), or exactly two whole groups per step (NF4 / FP4
+    b64, int4 g64 at 128-element steps). Steps spanning more groups (int4 g32, GGUF Q4_0 / Q4_1) keep the "tc" path:
+    with 4 groups per step the packed path gave wrong results on the H200 on 28672 x 8192 (M = 64) and 14336 x 4096
+    (M = 200) while passing on small weights (bench/results/tc_sweep.md, raw/cuda_tests_tc5_final.log); the cause
+    was not found, so it is not used."""
+    step = BKW * (32 // bits)
+    return G % step == 0 or (step % G == 0 and step // G == 2)
+
+
 def tc_fits(K: int, bits: int, G: int) -> bool:
     """Whether the tensor-core GEMM takes this weight: it steps over at least 16 packed 32-bit words per row
     (``K * bits / 32`` divisible by 16) and every scale group is whole words."""
@@ -1056,7 +1067,8 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None, dty
     codebook through warp shuffles where supported (the 16-entry table from memory elsewhere). "tcb": 4-bit
     codes dequantized in packed pairs of the activation ``dtype`` (bf16 / fp16, default bf16) by inline PTX where
     supported (:func:`packed_asm`, codebooks :func:`packed_table_asm`); elsewhere (8 bits, the interpreter) the
-    same as "tc". "tcbd": "tcb" with the step's 8 planes as one MMA operand (one dot per step: no wait per plane)."""
+    same as "tc", and where :func:`packed_ok` refuses the scale groups. "tcbd": "tcb" with the step's 8 planes as one
+    MMA operand (one dot per step: no wait per plane)."""
     name, BM, BN, BKW, split_k, warps, stages = config
     if name not in ("tc", "tcb", "tcbd"):
         raise ValueError(f"make_tc_plan: config kernel must be 'tc', 'tcb' or 'tcbd', got {name!r}")
@@ -1072,7 +1084,7 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None, dty
     shfl = bits == 4 and kind == 0 and table is not None and shuffle_supported()
     bf16 = dtype is None or dtype == torch.bfloat16
     pasm = ""
-    if name in ("tcb", "tcbd") and bits == 4 and shuffle_supported():
+    if name in ("tcb", "tcbd") and bits == 4 and shuffle_supported() and packed_ok(G, BKW, bits):
         if kind in (1, 2, 3):
             pasm = packed_asm(kind, bf16)
         elif kind == 0 and table is not None:
