@@ -569,13 +569,13 @@ def report_tc5(paths, notes=()):
     md.write_text(text + "\n" + "\n".join(lines) + "\n")
 
 
-def tuned_rows_tc5(paths, keep=((1024, 4096), (4096, 4096))):
+def tuned_rows_tc5(paths, names=("tcb",), keep=((1024, 4096), (4096, 4096))):
     """TUNED_MM rows from the tc5 runs (``paths``: raw files, the last one the final run), ``{(4, "int"): rows,
     (4, "codebook"): rows}`` (int4 asym g128 measured for the integer class, NF4 b64 for codebooks): at M = 16 and
-    64 per shape (increasing N * K) the fastest of the final run's shipped and dense times and the best new config
-    of any run; at M = 256 the final run's best new config where it beat dense by 5% or more, else dense; a
-    catch-all row per bucket (M <= 64: the largest shape's choice; M = 256: dense). Rows of the shapes in ``keep``
-    (not measured here) are taken from the current table as they are; the M <= 4 rows too."""
+    64 per shape (increasing N * K) the fastest of the final run's shipped and dense times and the fastest tried
+    config named in ``names`` in any run; at M = 256 such a config only where it beat the final run's dense time by
+    5% or more (none did for "tcb": no rows then); a catch-all row per bucket repeating the largest shape's choice
+    (M = 256: dense). Rows of the shapes in ``keep`` (not measured here) and the M <= 4 rows are kept as they are."""
     from lowbit.kernels import triton_configs as TC
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
@@ -587,23 +587,27 @@ def tuned_rows_tc5(paths, keep=((1024, 4096), (4096, 4096))):
         for M in (16, 64, 256):
             rm = sorted((r for k, r in maps[-1].items() if k[0] == fmt and k[3] == M),
                         key=lambda r: (r["N"] * r["K"], r["N"]))
-            rows += [r for r in old if r[0] == M and (r[1], r[2]) in keep]
-            if M == 256:
-                rows.append((256, 4096, 4096, ("dense",)))
+            new_rows = []
             for r in rm:
                 k = (fmt, r["N"], r["K"], M)
-                fused = [(m[k]["best"], tuple(m[k]["best_cfg"])) for m in maps if k in m and m[k].get("best")]
+                fused = [(t, tuple(c)) for m in maps if k in m for c, t in m[k]["tried"] if c[0] in names]
                 if M <= 64:
                     opts = [(r["dense"], ("dense",))] + fused
                     if r.get("shipped") and (r.get("shipped_cfg") or ("dense",))[0] != "dense":
                         opts.append((r["shipped"], tuple(r["shipped_cfg"])))
                     cfg = min(opts)[1]
                 else:
-                    bf = (r["best"], tuple(r["best_cfg"])) if r.get("best") else None
+                    bf = min(fused) if fused else None
                     cfg = bf[1] if bf and bf[0] <= 0.95 * r["dense"] else ("dense",)
-                rows.append((M, r["N"], r["K"], cfg))
-            if rm:
-                rows.append((M, 1 << 30, 1 << 30, rows[-1][3] if M <= 64 else ("dense",)))
+                new_rows.append((M, r["N"], r["K"], cfg))
+            if M == 256 and all(r[3] == ("dense",) for r in new_rows):
+                continue  # M > 64 without rows: dequantize + cuBLAS (the default)
+            rows += [r for r in old if r[0] == M and (r[1], r[2]) in keep]
+            if M == 256:
+                rows.append((256, 4096, 4096, ("dense",)))
+            rows += new_rows
+            if new_rows:
+                rows.append((M, 1 << 30, 1 << 30, new_rows[-1][3] if M <= 64 else ("dense",)))
         out[key] = rows
     return out
 

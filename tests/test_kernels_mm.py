@@ -287,13 +287,12 @@ def test_tc_plan_shapes_and_table_asm(monkeypatch):
     assert asm.count("selp.b32") == 15 and "shfl.sync.idx.b32 $0, t, $1" in asm
     with pytest.raises(ValueError, match="16-entry"):
         lm.table_asm(torch.zeros(8))
-    # the shipped rows (the patched table restored first): tcbd / tc at M = 5..64 on the Llama-3 shapes where it
-    # measured faster, at 64 < M <= 256 where it beat dequantize + cuBLAS by 5% or more, dequantize + cuBLAS above
+    # the shipped rows (the patched table restored first): tcb / tc at M = 5..64 on the Llama-3 shapes where it
+    # measured faster, dequantize + cuBLAS above; tcbd is never selected by default (see triton_configs)
     monkeypatch.undo()
-    assert TC.config_mm(4, 2, 16, 8192, 8192, 128)[0] == "tcbd" and TC.config_mm(8, 1, 64, 14336, 4096)[0] == "tc"
-    assert TC.config_mm(4, 0, 128, 8192, 8192, 64) == ("dense",)
-    assert TC.config_mm(4, 0, 128, 28672, 8192, 64)[0] == "tcbd" and TC.config_mm(4, 0, 300, 28672, 8192) == (
-        "dense",)
+    assert TC.config_mm(4, 2, 16, 8192, 8192, 128)[0] == "tcb" and TC.config_mm(8, 1, 64, 14336, 4096)[0] == "tc"
+    assert TC.config_mm(4, 0, 16, 28672, 8192, 64)[0] == "tcb" and TC.config_mm(4, 0, 128, 28672, 8192) == ("dense",)
+    assert not any(r[3][0] == "tcbd" for rows in TC.TUNED_MM.values() for r in rows)
 
 
 def _run_ptx(asm: str, regs: dict, lanes: int = 1) -> list:

@@ -4,7 +4,7 @@ module on CUDA, against the CPU reference (skipped without CUDA).
 Each module is built and frozen on the CPU; its float64 oracle is ``F.linear`` on the CPU-dequantized weight. On
 CUDA, ``TUNED_MM`` is pointed at "tc" configs (one split-K-free, one with split-K summed in the kernel, BM 16 and
 64) so that M in 5..64 runs the tensor-core GEMM, asserted through the cached plan; results in bf16 / fp16 within
-the rounding of the inputs and output. Also: the shipped table routes the Llama-shape M = 16 call to "tcbd", a CUDA
+the rounding of the inputs and output. Also: the shipped table routes the Llama-shape M = 16 call to "tcb", a CUDA
 graph replay equals the eager call, and a config the GPU cannot hold (shared memory) falls back to dequantize +
 cuBLAS with the same result.
 """
@@ -100,7 +100,7 @@ def _states(mod):
 
 
 def test_tc_under_cuda_graph_and_shipped_rows(monkeypatch):
-    assert TC.config_mm(4, 1, 16, 8192, 8192, 128)[0] == "tcbd"  # the shipped table: tcbd at M = 16 on 8192^2
+    assert TC.config_mm(4, 1, 16, 8192, 8192, 128)[0] == "tcb"  # the shipped table: tcb at M = 16 on 8192^2
     assert TC.config_mm(4, 1, 300, 8192, 8192, 128) == ("dense",)
     mod = QLinear.from_quant_state(_lin(1024, 2048), quantize_tensor(_lin(1024, 2048).weight.detach(), "int4_asym",
                                                                         group_size=128))

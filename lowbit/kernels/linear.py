@@ -9,10 +9,11 @@ CUDA (fp16 / bf16 input)
       ``q4_0`` / ``q4_1``) and int8 per-channel / GGUF ``q8_0`` weights: :func:`prepared_linear` on a layout
       derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, the state's own float32 scales
       and uint8 zero points, 16-entry tables): at M <= 4 the fused GEMV of
-      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), at 4 < M <= 256 its
-      tensor-core GEMM ("tc" / "tcb" / "tcbd": the packed weight dequantized in registers as the MMA's A operand,
-      "tcb"/"tcbd" two weights per inline-PTX op, "tcbd" one MMA per step) where it measured faster, else the
-      weight dequantized by one Triton pass + cuBLAS (:func:`dense_linear`, in row
+      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), at 4 < M <= 64 (rows may
+      reach 256) its tensor-core GEMM ("tc" / "tcb" / "tcbd": the packed weight dequantized in registers as the
+      MMA's A operand, "tcb"/"tcbd" two weights per inline-PTX op, "tcbd" one MMA per step, not selected by
+      default) where it measured faster, else the weight dequantized by one Triton pass + cuBLAS
+      (:func:`dense_linear`, in row
       blocks of at most ``LOWBIT_DENSE_CHUNK_MB``), per ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs`
       (a launch plan per M is cached on the layout).
     * int8 / fp8 weights with dynamic per-token int8 / fp8 activations:

@@ -792,7 +792,8 @@ def _tc_kernel(
     # 2 SASS instructions per weight where the float32 path spends 4.5. ONEDOT ("tcbd"): the 8 planes joined into
     # one [BN, 8 BKW] operand (a register renaming: plane e is the e-th K16 chunk, matching x's plane-major order)
     # and ONE tl.dot per step, so that Triton keeps up to 7 wgmma groups in flight (warp_group_dot_wait
-    # pendings = 7) instead of waiting for each plane's.
+    # pendings = 7) instead of waiting for each plane's. tcbd is not selected by default: one variant gave wrong
+    # results under load on the H200 (int4 g32 sym on 28672 x 8192; see packed_ok), cause not found.
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = G % (BKW * PER) == 0  # one scale group per row and step: one scale per row
     pid_n = tl.program_id(0)
@@ -1046,9 +1047,10 @@ def packed_ok(G: int, BKW: int, bits: int) -> bool:
     """Whether the packed-pair ("tcb" / "tcbd") path is used for scale groups of ``G`` elements and steps of ``BKW``
     words: one group per row and step (``G`` a multiple of the step), or exactly two whole groups per step (NF4 / FP4
     b64, int4 g64 at 128-element steps). Steps spanning more groups (int4 g32, GGUF Q4_0 / Q4_1) keep the "tc" path:
-    with 4 groups per step the packed path gave wrong results on the H200 on 28672 x 8192 (M = 64) and 14336 x 4096
-    (M = 200) while passing on small weights (bench/results/tc_sweep.md, raw/cuda_tests_tc5_final.log); the cause
-    was not found, so it is not used."""
+    with 4 groups per step "tcbd" gave wrong results on the H200 on 28672 x 8192 (int4 g32 sym, M = 64; and
+    14336 x 4096, M = 200) while passing on small weights, and "tcb" passed there (bench/results/tc_sweep.md,
+    raw/cuda_tests_tc5_final.log, raw/diag_tc5_tcbd_g32.log); the cause was not found, so neither is used for them.
+    """
     step = BKW * (32 // bits)
     return G % step == 0 or (step % G == 0 and step // G == 2)
 
