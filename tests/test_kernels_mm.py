@@ -374,3 +374,222 @@ def test_gemvq_in_triton_interpreter(scheme, kw, monkeypatch):
             y2 = lm.run_plan(plan, x, w2, p.scales, p.zeros, p.table if p.table is not None else p.itable, b,
                              N, K, K // p.group, 32 // p.bits)
             assert ((y2.float() - r).norm() / r.norm()).item() < tol and len(plan.descs) == 1
+
+
+    # the shipped rows (the patched table restored first): tcb / tc at M = 5..64 on the Llama-3 shapes where it
+    # measured faster, dequantize + cuBLAS above; tcbd is never selected by default (see triton_configs)
+    monkeypatch.undo()
+    assert TC.config_mm(4, 2, 16, 8192, 8192, 128)[0] == "tcb" and TC.config_mm(8, 1, 64, 14336, 4096)[0] == "tc"
+    assert TC.config_mm(4, 0, 16, 28672, 8192, 64)[0] == "tcb" and TC.config_mm(4, 0, 128, 28672, 8192) == ("dense",)
+    assert not any(r[3][0] == "tcbd" for rows in TC.TUNED_MM.values() for r in rows)
+
+
+def _run_ptx(asm: str, regs: dict, lanes: int = 1) -> list:
+    """A tiny interpreter of the PTX subset :func:`lowbit_mm.packed_asm` / :func:`lowbit_mm.packed_table_asm` emit
+    (prmt, shr, lop3, mov, and, setp.eq / selp, shfl.sync.idx, cvt.rn and fma.rn on bf16x2 / f16x2 pairs), run in
+    lock step on ``lanes`` lanes of 32-bit registers held as Python ints (``regs``: the inputs, the same on every
+    lane); returns each lane's registers."""
+    import numpy as np
+
+    rs = [dict(regs, **{"%laneid": i}) for i in range(lanes)]
+
+    def half_bits(x, ty):
+        t = torch.tensor([x], dtype=torch.float64)
+        return t.to(torch.bfloat16 if ty == "bf16x2" else torch.float16).view(torch.int16).item() & 0xFFFF
+
+    def pair(v, ty):
+        lo, hi = v & 0xFFFF, v >> 16
+        if ty == "bf16x2":
+            return [float(np.array([x << 16], dtype=np.uint32).view(np.float32)[0]) for x in (lo, hi)]
+        return [float(np.array([x], dtype=np.uint16).view(np.float16)[0]) for x in (lo, hi)]
+
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg") or ins == "}":
+            continue
+        op, args = ins.split(None, 1)
+        a = [t.strip() for t in args.split(",")]
+        olds = [dict(r) for r in rs]
+        for ln, r in enumerate(rs):
+            def val(t):
+                t = t.strip()
+                return int(t, 16) if t.startswith("0x") else (int(t) if t.isdigit() else r[t])
+            if op == "prmt.b32":
+                x, y, sel = val(a[1]), val(a[2]), val(a[3])
+                bts = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+                d = 0
+                for i in range(4):
+                    sn = (sel >> (4 * i)) & 0xF
+                    b = bts[sn & 7]
+                    d |= ((0xFF if b & 0x80 else 0) if sn & 8 else b) << (8 * i)
+                r[a[0]] = d
+            elif op == "shr.u32":
+                r[a[0]] = val(a[1]) >> int(a[2])
+            elif op in ("mov.b32", "mov.u32"):
+                r[a[0]] = val(a[1])
+            elif op == "and.b32":
+                r[a[0]] = val(a[1]) & val(a[2])
+            elif op == "setp.eq.u32":
+                r[a[0]] = val(a[1]) == val(a[2])
+            elif op == "selp.b32":
+                r[a[0]] = val(a[1]) if r[a[3]] else val(a[2])
+            elif op == "shfl.sync.idx.b32":
+                r[a[0]] = olds[val(a[2]) & 31][a[1]]
+            elif op == "lop3.b32":
+                x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 16)
+                d = 0
+                for bit in range(32):
+                    idx = (((x >> bit) & 1) << 2) | (((y >> bit) & 1) << 1) | ((z >> bit) & 1)
+                    d |= ((lut >> idx) & 1) << bit
+                r[a[0]] = d
+            elif op.startswith("cvt.rn.") and op.endswith(".f32"):  # d = {hi: a, lo: b}
+                ty = op.split(".")[2]
+                f = [float(np.array([val(t)], dtype=np.uint32).view(np.float32)[0]) for t in a[1:3]]
+                r[a[0]] = (half_bits(f[0], ty) << 16) | half_bits(f[1], ty)
+            elif op.startswith("fma.rn."):
+                ty = op.split(".")[-1]
+                x, y, z = (pair(val(t), ty) for t in a[1:4])
+                r[a[0]] = half_bits(x[0] * y[0] + z[0], ty) | (half_bits(x[1] * y[1] + z[1], ty) << 16)
+            else:
+                raise AssertionError(f"unexpected PTX op {op}")
+    return rs
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tcb_packed_asm_dequantizes_word_pairs(kind, dtype):
+    """The "tcb" packed-pair PTX, run by a small PTX interpreter on random word pairs: output plane e holds element e
+    of word kw (low half) and of word kw + 1 (high half), each ((q - zero) * s) (kind 3: q * s + m) computed from
+    the scale / zero / minimum rounded to the activation dtype with one final rounding; within a unit in the last
+    place of the float32 reference."""
+    pytest.importorskip("triton")
+    import numpy as np
+
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    asm = lm.packed_asm(kind, dtype == torch.bfloat16)
+    with pytest.raises(ValueError, match="integer kinds"):
+        lm.packed_asm(0, True)
+    g = torch.Generator().manual_seed(kind)
+    mag = 128.0 if dtype == torch.bfloat16 else 1024.0
+    for _ in range(24):
+        A, B = (int(v) for v in torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64))
+        s = float(torch.rand(1, generator=g) * 0.05 + 1e-3)
+        z = float(torch.randint(0, 16, (1,), generator=g)) if kind == 2 else (8.0 if kind == 1 else -0.37 * s * 8)
+        sq = torch.tensor([s]).to(dtype)
+        cq = torch.tensor([-(mag + z) if kind != 3 else z]).to(dtype)
+        sb = sq.view(torch.int16).item() & 0xFFFF
+        cb = cq.view(torch.int16).item() & 0xFFFF
+        out = _run_ptx(asm, {"$8": A, "$9": B, "$10": sb | (sb << 16), "$11": cb | (cb << 16)})[0]
+        for e in range(8):
+            pos = 8 * (e // 2) + 4 * (1 - e % 2)
+            for half, word in ((0, A), (1, B)):
+                q = (word >> pos) & 15
+                bits = (out[f"${e}"] >> (16 * half)) & 0xFFFF
+                got = torch.from_numpy(np.array([bits], dtype=np.uint16).view(np.int16)).view(dtype).double().item()
+                if kind == 3:
+                    want = q * sq.double().item() + cq.double().item()
+                    exact = q * s + z
+                else:
+                    want = (q - z) * sq.double().item()
+                    exact = (q - z) * s
+                assert got == torch.tensor([want]).to(dtype).double().item(), (kind, e, half, q)
+                scale = max(abs(exact), s) if kind != 3 else abs(q * s) + abs(z)  # kind 3: m rounded too
+                assert abs(got - exact) <= 2 ** -7 * scale + 1e-12, (kind, e, half, q, got, exact)
+
+
+def test_tcb_plan(monkeypatch):
+    """"tcb" plans: the packed-pair PTX only for 4-bit codes where inline PTX runs (else the tc path), built
+    for one activation dtype (its magic number) and refused for the other; unknown kernel names rejected."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    cfg = ("tcb", 16, 128, 16, 4, 4, 3)
+    monkeypatch.setattr(lm, "shuffle_supported", lambda: False)
+    assert lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, cfg).consts["PASM"] == ""
+    monkeypatch.setattr(lm, "shuffle_supported", lambda: True)
+    plan = lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, cfg, None, torch.float16)
+    assert plan.consts["PASM"] == lm.packed_asm(2, False) and plan.consts["MAG"] == 1024.0
+    assert plan.pdt == torch.float16
+    with pytest.raises(ValueError, match="made for torch.float16"):
+        lm.run_tc(plan, torch.zeros(16, 4096, dtype=torch.bfloat16), None, None, None, None, None, 4096, 4096, 32, 8)
+    nf4 = lm.make_tc_plan(16, 4096, 4096, 4, 64, 0, 0.0, False, cfg, torch.linspace(-1, 1, 16))
+    assert nf4.consts["PASM"] == lm.packed_table_asm(torch.linspace(-1, 1, 16), True) and not nf4.consts["SHFL"]
+    assert nf4.pdt == torch.bfloat16
+    assert lm.make_tc_plan(16, 4096, 4096, 4, 64, 0, 0.0, False, ("tc",) + cfg[1:], torch.linspace(-1, 1, 16)
+                           ).consts["PASM"] == ""
+    assert lm.make_tc_plan(16, 4096, 4096, 8, 4096, 1, 128.0, False, cfg).consts["PASM"] == ""
+    with pytest.raises(ValueError, match="'tc', 'tcb' or 'tcbd'"):
+        lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tcx",) + cfg[1:])
+    # "tcbd": one dot per step (packed PTX only)
+    d = lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tcbd",) + cfg[1:])
+    assert d.consts["ONEDOT"] and not plan.consts["ONEDOT"] and d.consts["PASM"] == lm.packed_asm(2, True)
+    monkeypatch.setattr(lm, "shuffle_supported", lambda: False)
+    d = lm.make_tc_plan(16, 4096, 4096, 4, 128, 2, 8.0, False, ("tcbd",) + cfg[1:])
+    assert not d.consts["ONEDOT"] and d.consts["PASM"] == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tcb_packed_table_asm_looks_up_codebooks(dtype):
+    """The "tcb" codebook PTX (NF4) run on a 32-lane PTX interpreter: every lane builds table[lane % 16] from the
+    immediates, plane e of each output pair is table[code] * s of element e of word kw (low half) / kw + 1 (high
+    half), each value and the scale rounded to the activation dtype, the product rounded once."""
+    pytest.importorskip("triton")
+    import numpy as np
+
+    from lowbit.formats import codebook
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    code = codebook.get_code("nf4").float()
+    asm = lm.packed_table_asm(code, dtype == torch.bfloat16)
+    with pytest.raises(ValueError, match="16-entry"):
+        lm.packed_table_asm(torch.zeros(8), True)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        A, B = (int(v) for v in torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64))
+        s = float(torch.rand(1, generator=g) * 0.05 + 1e-3)
+        sq = torch.tensor([s]).to(dtype)
+        sb = sq.view(torch.int16).item() & 0xFFFF
+        outs = _run_ptx(asm, {"$8": A, "$9": B, "$10": sb | (sb << 16), "$11": 0}, lanes=32)
+        for lane in (0, 7, 31):
+            out = outs[lane]
+            for e in range(8):
+                pos = 8 * (e // 2) + 4 * (1 - e % 2)
+                for half, word in ((0, A), (1, B)):
+                    q = (word >> pos) & 15
+                    bits = (out[f"${e}"] >> (16 * half)) & 0xFFFF
+                    got = torch.from_numpy(np.array([bits], dtype=np.uint16).view(np.int16)).view(dtype).double()
+                    want = torch.tensor([code[q].item()]).to(dtype).double() * sq.double()
+                    assert got.item() == want.to(dtype).double().item(), (e, half, q)
+                    assert abs(got.item() - code[q].item() * s) <= 2 ** -7 * abs(code[q].item() * s) + 1e-12
+
+
+def test_tcb_packed_only_for_one_or_two_groups_per_step(monkeypatch):
+    """The packed-pair path is used where a 128-element step holds one scale group per row or exactly two (NF4 b64,
+    int4 g64); steps over 4+ groups (int4 g32, GGUF Q4_0 / Q4_1: wrong results seen on the H200 on large weights)
+    run the plain tc path even under a "tcb" / "tcbd" row (in the earlier shipped tile shape; dense above 64 rows).
+    """
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton import lowbit_mm as lm
+
+    monkeypatch.setattr(lm, "shuffle_supported", lambda: True)
+    assert lm.packed_ok(128, 16, 4) and lm.packed_ok(64, 16, 4) and lm.packed_ok(256, 16, 4)
+    assert not lm.packed_ok(32, 16, 4) and not lm.packed_ok(96, 16, 4) and lm.packed_ok(32, 8, 4)
+    x = torch.randn(64, 1024, dtype=torch.bfloat16)
+    for scheme, kw, packed in (("int4", dict(group_size=32), False), ("int4", dict(group_size=64), True),
+                               ("int4_asym", dict(group_size=128), True), ("q4_0", {}, False),
+                               ("nf4", dict(block_size=64), True)):
+        p = L._prepare_cuda(quantize_tensor(torch.randn(256, 1024), scheme, **kw))
+        key = (4, "codebook" if p.kind == 0 else "int")
+        monkeypatch.setitem(TC.TUNED_MM, key, [(256, 1 << 30, 1 << 30, ("tcbd", 64, 128, 16, 1, 4, 3))])
+        plan = L._plan(p, 64, x, None)
+        assert isinstance(plan, lm.TcPlan) and bool(plan.consts["PASM"]) == packed, scheme
+        assert plan.consts["ONEDOT"] == packed and plan.consts["SHFL"] == (p.kind == 0 and not packed)
+        if not packed:  # the tc kernel in the earlier rows' shape (4 warps, BN 128), dense above 64 rows
+            p.plans.clear()
+            monkeypatch.setitem(TC.TUNED_MM, key, [(256, 1 << 30, 1 << 30, ("tcbd", 16, 256, 16, 2, 8, 3))])
+            plan = L._plan(p, 16, x[:16], None)
+            assert plan.warps == 4 and plan.consts["BN"] == 128 and plan.split == 2 and not plan.consts["PASM"]
+            p.plans.clear()
+            monkeypatch.setitem(TC.TUNED_MM, key, [(256, 1 << 30, 1 << 30, ("tcbd", 128, 256, 16, 1, 8, 3))])
+            assert L._plan(p, 200, torch.randn(200, 1024, dtype=torch.bfloat16), None) is L._DENSE

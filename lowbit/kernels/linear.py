@@ -9,9 +9,11 @@ CUDA (fp16 / bf16 input)
       ``q4_0`` / ``q4_1``) and int8 per-channel / GGUF ``q8_0`` weights: :func:`prepared_linear` on a layout
       derived once (:class:`PreparedLinear`: the codes viewed as 32-bit words, the state's own float32 scales
       and uint8 zero points, 16-entry tables): at M <= 4 the fused GEMV of
-      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), at 4 < M <= 64 its
-      tensor-core GEMM ("tc": the packed weight dequantized in registers as the MMA's A operand) where it
-      measured faster, else the weight dequantized by one Triton pass + cuBLAS (:func:`dense_linear`, in row
+      :mod:`lowbit.kernels.triton.lowbit_mm` (NF4/FP4 with the codebook in registers), at 4 < M <= 64 (rows may
+      reach 256) its tensor-core GEMM ("tc" / "tcb" / "tcbd": the packed weight dequantized in registers as the
+      MMA's A operand, "tcb"/"tcbd" two weights per inline-PTX op, "tcbd" one MMA per step, not selected by
+      default) where it measured faster, else the weight dequantized by one Triton pass + cuBLAS
+      (:func:`dense_linear`, in row
       blocks of at most ``LOWBIT_DENSE_CHUNK_MB``), per ``TUNED_MM`` in :mod:`lowbit.kernels.triton_configs`
       (a launch plan per M is cached on the layout).
     * int8 / fp8 weights with dynamic per-token int8 / fp8 activations:
@@ -612,13 +614,18 @@ def _plan(p: PreparedLinear, M: int, x2: torch.Tensor, bias, key=None):
             plan = _V1 if M <= 4 or (p.p4 is not None and p.kind != 3) else _DENSE  # v1 above M = 4: its 4-bit GEMM
         elif cfg[0] == "v1gemm":
             plan = _V1Gemm(("gemm",) + tuple(cfg[1:])) if p.p4 is not None and p.kind != 3 else _DENSE
-        elif cfg[0] == "tc":
+        elif cfg[0] in ("tc", "tcb", "tcbd"):
             from lowbit.kernels.triton import lowbit_mm as lm
 
-            if not lm.tc_fits(p.k, p.bits, p.group):
+            if cfg[0] != "tc" and p.bits == 4 and not lm.packed_ok(p.group, cfg[3], p.bits):
+                # a packed-pair row for scale groups it does not take (lowbit_mm.packed_ok): the tc kernel in the
+                # tile shape of the earlier shipped rows (4 warps, BN 128) up to 64 rows, dequantize + cuBLAS above
+                cfg = ("tc", cfg[1], 128, cfg[3], cfg[4], 4, 3) if cfg[1] <= 64 else _DENSE
+            if cfg is _DENSE or not lm.tc_fits(p.k, p.bits, p.group):
                 plan = _DENSE
             else:
-                plan = lm.make_tc_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, bias is not None, cfg, p.table)
+                plan = lm.make_tc_plan(M, p.n, p.k, p.bits, p.group, p.kind, p.zero, bias is not None, cfg, p.table,
+                                       x2.dtype)
         else:
             from lowbit.kernels.triton import lowbit_mm as lm
 

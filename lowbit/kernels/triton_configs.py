@@ -192,9 +192,18 @@ SM_COUNT = 132  # H100 / H200 SXM; the split heuristic only needs the order of m
 # bench/tc_sweep.py run 2 on the H200 (bench/results/raw/tc_sweep_run2.json, helper kern4; tc_sweep.tuned_rows):
 # per shape the faster of the tensor-core GEMM "tc" ("tc", BM, BN, BKW, split_k, warps, stages) and dequantize +
 # cuBLAS ("dense"; int4 asym g128 measured for the integer class, nf4 b64 for codebooks, int8 per channel for 8
-# bits). Above M = 64 (and where no row applies) dequantize + cuBLAS (row blocks of <= LOWBIT_DENSE_CHUNK_MB,
-# lowbit.kernels.linear.dense_linear): "tc" measured 0.4-0.97x of it at M = 256 and 512.
-# The last row per M repeats the largest shape's winner for any larger shape.
+# bits). 4-bit rows at M = 5..16 and 17..64 on the four Llama shapes (4096 x 14336, 14336 x 4096, 8192^2,
+# 28672 x 8192): bench/tc_sweep.py --tc5 runs 1-2 on the H200 (bench/results/raw/tc_sweep_tc5_run*.json, helper tc5;
+# tc_sweep.tuned_rows_tc5): "tcb" = the codes dequantized two weights per inline-PTX op in the activation dtype
+# (runs 1-2, M = 16: int4 1.27-1.79x F.linear where tc gave 1.10-1.54x, NF4 1.06-1.43x where tc gave 0.47-0.56x;
+# M = 64: int4 0.69-0.79x, about tc's, NF4 0.72-0.82x where tc / dense gave 0.44-0.50x). "tcbd" (one MMA per step)
+# measured faster still (M = 16 int4 1.37-1.85x, NF4 1.22-1.62x, M = 64 0.85-1.05x, faster than dense at M = 256 on
+# 2 shapes) but is NOT selected:
+# one tcbd variant (int4 g32 sym, 28672 x 8192, M = 64) gave wrong results on the H200 under load for a cause not
+# found (bench/results/tc_sweep.md); rows may name it explicitly. The 1024 x 4096 / 4096 x 4096 rows and the 8-bit
+# rows are run 2's of kern4. Above M = 64 (and where no row applies) dequantize + cuBLAS (row blocks of <=
+# LOWBIT_DENSE_CHUNK_MB, lowbit.kernels.linear.dense_linear; 16 / 32 MiB blocks measured 1.4-1.9x slower than whole
+# weights at M = 256 / 512). The last row per M repeats the largest shape's winner for any larger shape.
 TUNED_MM: Dict[tuple, list] = {
     (4, 'codebook'): [
         (1, 1024, 4096, ('gemvgs', 128, 8, 16, 4, 2)),
@@ -212,18 +221,18 @@ TUNED_MM: Dict[tuple, list] = {
         (4, 1073741824, 1073741824, ('gemvg', 64, 4, 8, 4, 2)),
         (16, 1024, 4096, ('dense',)),
         (16, 4096, 4096, ('dense',)),
-        (16, 4096, 14336, ('tc', 16, 128, 32, 8, 4, 3)),
-        (16, 14336, 4096, ('tc', 16, 64, 16, 4, 4, 3)),
-        (16, 8192, 8192, ('tc', 16, 128, 32, 4, 4, 3)),
-        (16, 28672, 8192, ('tc', 16, 128, 16, 4, 4, 3)),
-        (16, 1073741824, 1073741824, ('tc', 16, 128, 16, 4, 4, 3)),
+        (16, 4096, 14336, ('tcb', 16, 128, 16, 8, 4, 3)),
+        (16, 14336, 4096, ('tcb', 16, 128, 16, 2, 4, 3)),
+        (16, 8192, 8192, ('tcb', 16, 128, 16, 4, 4, 3)),
+        (16, 28672, 8192, ('tcb', 16, 128, 16, 4, 4, 3)),
+        (16, 1073741824, 1073741824, ('tcb', 16, 128, 16, 4, 4, 3)),
         (64, 1024, 4096, ('dense',)),
         (64, 4096, 4096, ('dense',)),
-        (64, 4096, 14336, ('tc', 64, 128, 32, 4, 8, 3)),
-        (64, 14336, 4096, ('dense',)),
-        (64, 8192, 8192, ('tc', 64, 128, 32, 2, 8, 3)),
-        (64, 28672, 8192, ('dense',)),
-        (64, 1073741824, 1073741824, ('dense',)),
+        (64, 4096, 14336, ('tcb', 64, 128, 16, 4, 4, 3)),
+        (64, 14336, 4096, ('tcb', 64, 128, 16, 2, 4, 3)),
+        (64, 8192, 8192, ('tcb', 64, 128, 16, 2, 4, 4)),
+        (64, 28672, 8192, ('tcb', 64, 128, 16, 2, 4, 3)),
+        (64, 1073741824, 1073741824, ('tcb', 64, 128, 16, 2, 4, 3)),
     ],
     (4, 'int'): [
         (1, 1024, 4096, ('gemvgf', 128, 16, 16, 4, 3)),
@@ -241,18 +250,18 @@ TUNED_MM: Dict[tuple, list] = {
         (4, 1073741824, 1073741824, ('gemvg', 128, 16, 8, 4, 2)),
         (16, 1024, 4096, ('dense',)),
         (16, 4096, 4096, ('tc', 16, 128, 16, 8, 4, 3)),
-        (16, 4096, 14336, ('tc', 16, 128, 16, 8, 4, 3)),
-        (16, 14336, 4096, ('tc', 16, 128, 16, 2, 4, 3)),
-        (16, 8192, 8192, ('tc', 16, 128, 16, 8, 4, 3)),
-        (16, 28672, 8192, ('tc', 16, 128, 16, 4, 4, 3)),
-        (16, 1073741824, 1073741824, ('tc', 16, 128, 16, 4, 4, 3)),
+        (16, 4096, 14336, ('tcb', 16, 128, 16, 8, 4, 3)),
+        (16, 14336, 4096, ('tcb', 16, 128, 16, 2, 4, 3)),
+        (16, 8192, 8192, ('tcb', 16, 128, 16, 8, 4, 3)),
+        (16, 28672, 8192, ('tcb', 16, 128, 16, 2, 4, 3)),
+        (16, 1073741824, 1073741824, ('tcb', 16, 128, 16, 2, 4, 3)),
         (64, 1024, 4096, ('dense',)),
         (64, 4096, 4096, ('dense',)),
         (64, 4096, 14336, ('tc', 64, 128, 16, 4, 4, 3)),
-        (64, 14336, 4096, ('tc', 64, 128, 16, 2, 4, 3)),
-        (64, 8192, 8192, ('tc', 64, 128, 16, 4, 4, 3)),
-        (64, 28672, 8192, ('tc', 64, 128, 16, 4, 4, 3)),
-        (64, 1073741824, 1073741824, ('tc', 64, 128, 16, 4, 4, 3)),
+        (64, 14336, 4096, ('tcb', 64, 128, 16, 2, 4, 3)),
+        (64, 8192, 8192, ('tcb', 64, 128, 16, 4, 4, 3)),
+        (64, 28672, 8192, ('tcb', 64, 128, 16, 2, 4, 3)),
+        (64, 1073741824, 1073741824, ('tcb', 64, 128, 16, 2, 4, 3)),
     ],
     (8, 'int'): [
         (1, 1024, 4096, ('gemvg', 128, 8, 66, 4, 2)),

@@ -52,6 +52,10 @@ loop; grid ``(N / BN, SPLIT_K)`` so that small N x K still fills all multiproces
 ``gemm`` (M > 4; measured slower than dequantize + cuBLAS at every M on the H200, so no default uses it): per plane the dequantised weight ``((v - z) s)`` rounded once to the activation dtype (the
 reference's rounding) feeds ``tl.dot`` (tensor cores) with the matching strided x plane; optional split-K.
 
+``tc`` (4 < M <= 256, :func:`_tc_kernel`): the tensor-core GEMM with the packed weight dequantized in registers as the
+MMA's A operand (configs "tc"; "tcb": two weights per inline-PTX op in the activation dtype, :func:`packed_asm` /
+:func:`packed_table_asm`; "tcbd": "tcb" with one MMA per 128-K step), split-K summed in the kernel.
+
 Configurations per (bits, kind class, M bucket, N x K) live in :mod:`lowbit.kernels.triton_configs`.
 """
 from __future__ import annotations
@@ -1144,7 +1148,8 @@ def _tc_kernel(
     M, N, KW, NG, sxm, kw_split, n_iter,
     BITS: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SHFL: tl.constexpr, FIX: tl.constexpr,
-    TASM: tl.constexpr = "", ASM: tl.constexpr = False,
+    TASM: tl.constexpr = "", ASM: tl.constexpr = False, PASM: tl.constexpr = "",
+    MAG: tl.constexpr = 128.0, ONEDOT: tl.constexpr = False,
 ):
     # Computes the transposed output tile acc[n, m] = sum_k W[n, k] x[m, k] (the weight is the MMA's A operand,
     # held in registers: wgmma takes A from registers, B = the activation tile from shared memory; a weight tile
@@ -1153,6 +1158,16 @@ def _tc_kernel(
     # value, rounded once to the activation dtype) and multiplied with the matching strided x plane [BKW, BM].
     # Every dequantisation op is elementwise on the word tile (NF4 / FP4: a unary inline-asm warp shuffle, TASM),
     # so Triton converts the packed words (not the bf16 weights) to the MMA operand layout once per step.
+    # Configs "tcb" / "tcbd" (issue 15, helper tc5). PASM (4-bit kinds; codebooks: packed_table_asm): the 8 planes
+    # of two neighbouring words dequantized by one inline-PTX op on packed pairs (pack=2: the MMA operand holds the
+    # K-neighbours kw, kw + 1 in one 32-bit register); integer codes: per plane one lop3 puts both nibbles under
+    # the activation dtype's magic exponent (bf16 128 + q / fp16 1024 + q, exact), one packed FMA subtracts
+    # magic + zero, one multiplies by the scale in the activation dtype (kind 3: one FMA adds the minimum), about
+    # 2 SASS instructions per weight where the float32 path spends 4.5. ONEDOT ("tcbd"): the 8 planes joined into
+    # one [BN, 8 BKW] operand (a register renaming: plane e is the e-th K16 chunk, matching x's plane-major order)
+    # and ONE tl.dot per step, so that Triton keeps up to 7 wgmma groups in flight (warp_group_dot_wait
+    # pendings = 7) instead of waiting for each plane's. tcbd is not selected by default: one variant gave wrong
+    # results under load on the H200 (int4 g32 sym on 28672 x 8192; see packed_ok), cause not found.
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = G % (BKW * PER) == 0  # one scale group per row and step: one scale per row
     pid_n = tl.program_id(0)
@@ -1184,6 +1199,19 @@ def _tc_kernel(
                 z_n = tl.load(z_ptr + srow + ((kw_lo + tl.minimum(it + 1, n_iter - 1) * BKW) * PER) // G)
             else:
                 z = s
+        elif PASM != "" and (BKW * PER) % G == 0:
+            # "tcb", several whole groups per step: a [BN, groups] tile of scales (zeros) widened to the word tile by
+            # broadcast + reshape (Triton keeps it in the MMA operand layout; the per-word gather below costs a
+            # 4-byte async copy per word and twice the shared memory)
+            NGS: tl.constexpr = (BKW * PER) // G
+            g0 = (kwb * PER) // G
+            gt = srow[:, None] + g0 + tl.arange(0, NGS)[None, :]
+            s = tl.reshape(tl.broadcast_to(tl.load(s_ptr + gt)[:, :, None], (BN, NGS, BKW // NGS)), (BN, BKW))
+            if KIND >= 2:
+                z = tl.reshape(tl.broadcast_to(tl.load(z_ptr + gt).to(tl.float32)[:, :, None], (BN, NGS, BKW // NGS)),
+                               (BN, BKW))
+            else:
+                z = s
         else:
             gi = srow[:, None] + ((kwb + kw) // (G // PER))[None, :]
             s = tl.load(s_ptr + gi)
@@ -1209,7 +1237,36 @@ def _tc_kernel(
         else:
             bb = s16
         kx = kwb * PER + kw  # x is plane-major per step (run_tc): plane e of this step at kx + e * BKW
-        for e in tl.static_range(PER):
+        if PASM != "":  # packed pairs (4-bit kinds): the 8 planes from one inline-PTX op per word pair
+            # MAG: the magic number of the activation dtype (make_tc_plan); cp: -(MAG + zero) (kinds 1, 2) or the
+            # minimum (kind 3), both rounded to the activation dtype (exact for integer zeros); kind 0: unused
+            sp = tl.broadcast_to(s.to(ty), (BN, BKW))
+            if KIND == 0:
+                cp = sp
+            elif KIND == 1:
+                cp = tl.full((BN, BKW), -(MAG + ZERO), tl.float32).to(ty)
+            elif KIND == 2:
+                cp = tl.broadcast_to((-(z + MAG)).to(ty), (BN, BKW))
+            else:
+                cp = tl.broadcast_to(z.to(ty), (BN, BKW))
+            tyd = x_ptr.dtype.element_ty
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                PASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, sp, cp],
+                dtype=(tyd, tyd, tyd, tyd, tyd, tyd, tyd, tyd), is_pure=True, pack=2)
+            if ONEDOT:  # the 8 planes as one [BN, 8 BKW] operand (K index e * BKW + kw: x's plane-major order)
+                j3 = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+                wall = tl.reshape(tl.permute(j3, (0, 2, 3, 4, 1)), (BN, 8 * BKW))
+                acc = tl.dot(wall, tl.load(xcol + (kwb * PER + tl.arange(0, 8 * BKW))[:, None]), acc)
+            else:
+                acc = tl.dot(w0, tl.load(xcol + (kx + 0 * BKW)[:, None]), acc)
+                acc = tl.dot(w1, tl.load(xcol + (kx + 1 * BKW)[:, None]), acc)
+                acc = tl.dot(w2, tl.load(xcol + (kx + 2 * BKW)[:, None]), acc)
+                acc = tl.dot(w3, tl.load(xcol + (kx + 3 * BKW)[:, None]), acc)
+                acc = tl.dot(w4, tl.load(xcol + (kx + 4 * BKW)[:, None]), acc)
+                acc = tl.dot(w5, tl.load(xcol + (kx + 5 * BKW)[:, None]), acc)
+                acc = tl.dot(w6, tl.load(xcol + (kx + 6 * BKW)[:, None]), acc)
+                acc = tl.dot(w7, tl.load(xcol + (kx + 7 * BKW)[:, None]), acc)
+        for e in tl.static_range(PER if PASM == "" else 0):
             POS = 8 * (e // 2) + 4 * (1 - e % 2) if BITS == 4 else 8 * e
             if SHFL:
                 v = tl.inline_asm_elementwise(TASM, "=r,r", [words >> POS], dtype=tl.int32, is_pure=True,
@@ -1268,7 +1325,7 @@ class TcPlan:
     """Launch of :func:`_tc_kernel` for one weight shape, M, dtype and bias (computed once, then direct launches)."""
 
     __slots__ = ("grid", "split", "kw_split", "n_iter", "consts", "cvals", "warps", "stages", "compiled", "ws",
-                 "shfl")
+                 "shfl", "pdt")
     run = None
     tr = False
     tc = True
@@ -1280,6 +1337,8 @@ class TcPlan:
         self.compiled = None
         self.ws = {}
         self.shfl = bool(consts["SHFL"])
+        # the activation dtype a packed-pair ("tcb") plan was built for (its magic number and PTX), else None
+        self.pdt = (torch.bfloat16 if consts["MAG"] == 128.0 else torch.float16) if consts.get("PASM") else None
 
 
 def table_asm(table) -> str:
@@ -1299,6 +1358,77 @@ def table_asm(table) -> str:
     return " ".join(lines)
 
 
+def packed_table_asm(table, bf16: bool) -> str:
+    """PTX of the "tcb" codebook lookup (NF4 / FP4) on two neighbouring words ``$8`` (K index kw), ``$9`` (kw + 1):
+    per plane one warp shuffle per weight from the 16-entry table held in registers (as :func:`table_asm`), the two
+    float32 values packed into one pair of the activation dtype by one ``cvt.rn`` and multiplied by the scale pair
+    ``$10`` (rounded to the activation dtype) by one packed ``fma.rn``: 6 instructions per 2 weights where the
+    float32 path spends 7 (a weight can differ from the reference's by about one unit of its last place)."""
+    bits = torch.as_tensor(table, dtype=torch.float32).reshape(-1).cpu().view(torch.int32).tolist()
+    if len(bits) != 16:
+        raise ValueError(f"packed_table_asm needs a 16-entry table, got {len(bits)}")
+    imm = [f"0x{b & 0xFFFFFFFF:08X}" for b in bits]
+    t = "bf16x2" if bf16 else "f16x2"
+    lines = ["{", ".reg .u32 l;", ".reg .b32 t, ia, ib, va, vb, p, nz;", ".reg .pred q;", "mov.u32 l, %laneid;",
+             "and.b32 l, l, 15;", f"mov.b32 t, {imm[0]};"]
+    for i in range(1, 16):
+        lines += [f"setp.eq.u32 q, l, {i};", f"selp.b32 t, {imm[i]}, t, q;"]
+    lines.append("mov.b32 nz, 0x80008000;")
+    for e in range(8):
+        pos = 8 * (e // 2) + 4 * (1 - e % 2)
+        ia, ib = ("$8", "$9") if pos == 0 else ("ia", "ib")
+        if pos:
+            lines += [f"shr.u32 ia, $8, {pos};", f"shr.u32 ib, $9, {pos};"]
+        lines += [f"shfl.sync.idx.b32 va, t, {ia}, 31, 0xffffffff;", f"shfl.sync.idx.b32 vb, t, {ib}, 31, 0xffffffff;",
+                  f"cvt.rn.{t}.f32 p, vb, va;", f"fma.rn.{t} ${e}, p, $10, nz;"]
+    lines.append("}")
+    return " ".join(lines)
+
+
+def packed_asm(kind: int, bf16: bool) -> str:
+    """PTX of the "tcb" dequantisation of two neighbouring words ``$8`` (K index kw) and ``$9`` (kw + 1) of 4-bit
+    integer codes into the 8 planes ``$0..$7`` as packed pairs of the activation dtype (low half: word kw): the low /
+    high 16 bits of both words gathered by ``prmt``, each nibble pair put under the magic exponent by one ``lop3``
+    (bf16 ``128 + q``, fp16 ``1024 + q``: exact), then ``fma.rn`` on pairs: kinds 1 / 2 ``(v + $11) * $10`` with
+    ``$11 = -(magic + zero)`` (exact: integer), kind 3 ``(v - magic) * $10 + $11`` (``$11`` the minimum). The scale
+    ``$10`` and the minimum are rounded to the activation dtype first, so a weight can differ from the reference's
+    (rounded once from float32) by about one unit of its last place."""
+    if kind not in (1, 2, 3):
+        raise ValueError(f"packed_asm: integer kinds 1-3 only, got {kind}")
+    t = "bf16x2" if bf16 else "f16x2"
+    one, negmag, nzero = ("0x3F803F80", "0xC300C300", "0x80008000") if bf16 else ("0x3C003C00", "0xE400E400",
+                                                                                   "0x80008000")
+    magic = "0x43004300" if bf16 else "0x64006400"
+    lines = ["{", ".reg .b32 lo, hi, t, q, v, one, c0, c1;", "prmt.b32 lo, $8, $9, 0x5410;",
+             "prmt.b32 hi, $8, $9, 0x7632;", f"mov.b32 one, {one};"]
+    if kind == 3:
+        lines += [f"mov.b32 c0, {negmag};", "mov.b32 c1, $11;"]
+    else:
+        lines += ["mov.b32 c0, $11;", f"mov.b32 c1, {nzero};"]
+    for e in range(8):
+        pos = 8 * (e // 2) + 4 * (1 - e % 2)
+        src, sh = ("lo", pos) if pos < 16 else ("hi", pos - 16)
+        if sh:
+            lines.append(f"shr.u32 t, {src}, {sh};")
+            src = "t"
+        lines += [f"lop3.b32 q, {src}, 0x000F000F, {magic}, 0xEA;", f"fma.rn.{t} v, q, one, c0;",
+                  f"fma.rn.{t} ${e}, v, $10, c1;"]
+    lines.append("}")
+    return " ".join(lines)
+
+
+def packed_ok(G: int, BKW: int, bits: int) -> bool:
+    """Whether the packed-pair ("tcb" / "tcbd") path is used for scale groups of ``G`` elements and steps of ``BKW``
+    words: one group per row and step (``G`` a multiple of the step), or exactly two whole groups per step (NF4 / FP4
+    b64, int4 g64 at 128-element steps). Steps spanning more groups (int4 g32, GGUF Q4_0 / Q4_1) keep the "tc" path:
+    with 4 groups per step "tcbd" gave wrong results on the H200 on 28672 x 8192 (int4 g32 sym, M = 64; and
+    14336 x 4096, M = 200) while passing on small weights, and "tcb" passed there (bench/results/tc_sweep.md,
+    raw/cuda_tests_tc5_final.log, raw/diag_tc5_tcbd_g32.log); the cause was not found, so neither is used for them.
+    """
+    step = BKW * (32 // bits)
+    return G % step == 0 or (step % G == 0 and step // G == 2)
+
+
 def tc_fits(K: int, bits: int, G: int) -> bool:
     """Whether the tensor-core GEMM takes this weight: it steps over at least 16 packed 32-bit words per row
     (``K * bits / 32`` divisible by 16) and every scale group is whole words."""
@@ -1306,12 +1436,18 @@ def tc_fits(K: int, bits: int, G: int) -> bool:
     return (K // per) % 16 == 0 and G % per == 0
 
 
-def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None) -> TcPlan:
-    """``config`` = ``("tc", BM, BN, BKW, split_k, warps, stages)``: a ``[BN, BM]`` output tile per program
+def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None, dtype=None) -> TcPlan:
+    """``config`` = ``("tc" | "tcb", BM, BN, BKW, split_k, warps, stages)``: a ``[BN, BM]`` output tile per program
     (BN weight rows x BM activation rows), ``BKW`` 32-bit words per row and step (at least 16: the MMA's K per
     plane; halved while it does not divide ``K * bits / 32``), split-K summed in the kernel. NF4 / FP4 read their
-    codebook through warp shuffles where supported (the 16-entry table from memory elsewhere)."""
-    _, BM, BN, BKW, split_k, warps, stages = config
+    codebook through warp shuffles where supported (the 16-entry table from memory elsewhere). "tcb": 4-bit
+    codes dequantized in packed pairs of the activation ``dtype`` (bf16 / fp16, default bf16) by inline PTX where
+    supported (:func:`packed_asm`, codebooks :func:`packed_table_asm`); elsewhere (8 bits, the interpreter) the
+    same as "tc", and where :func:`packed_ok` refuses the scale groups. "tcbd": "tcb" with the step's 8 planes as one
+    MMA operand (one dot per step: no wait per plane)."""
+    name, BM, BN, BKW, split_k, warps, stages = config
+    if name not in ("tc", "tcb", "tcbd"):
+        raise ValueError(f"make_tc_plan: config kernel must be 'tc', 'tcb' or 'tcbd', got {name!r}")
     per = 32 // bits
     KW = K // per
     if not tc_fits(K, bits, G):
@@ -1322,8 +1458,17 @@ def make_tc_plan(M, N, K, bits, G, kind, zero, has_bias, config, table=None) -> 
         BKW //= 2
     split, kw_split = split_words(KW, BKW, split_k)
     shfl = bits == 4 and kind == 0 and table is not None and shuffle_supported()
+    bf16 = dtype is None or dtype == torch.bfloat16
+    pasm = ""
+    if name in ("tcb", "tcbd") and bits == 4 and shuffle_supported() and packed_ok(G, BKW, bits):
+        if kind in (1, 2, 3):
+            pasm = packed_asm(kind, bf16)
+        elif kind == 0 and table is not None:
+            pasm = packed_table_asm(table, bf16)
+            shfl = False
     consts = dict(BITS=bits, G=G, KIND=kind, ZERO=float(zero), HAS_BIAS=has_bias, BM=BM, BN=BN, BKW=BKW,
-                  SHFL=shfl, FIX=split > 1, TASM=table_asm(table) if shfl else "", ASM=shuffle_supported())
+                  SHFL=shfl, FIX=split > 1, TASM=table_asm(table) if shfl else "", ASM=shuffle_supported(),
+                  PASM=pasm, MAG=128.0 if bf16 else 1024.0, ONEDOT=name == "tcbd" and pasm != "")
     grid = (-(-N // BN), -(-M // BM), split)
     return TcPlan(grid, split, kw_split, kw_split // BKW, consts, warps, stages)
 
@@ -1333,6 +1478,8 @@ def run_tc(plan: TcPlan, x2, words, scales, zeros, table, bias, N, K, NG, per):
     16-entry codebook (kind 0) or None."""
     M = x2.shape[0]
     dev = x2.device
+    if plan.pdt is not None and x2.dtype != plan.pdt:
+        raise ValueError(f"run_tc: this 'tcb' plan was made for {plan.pdt} activations, got {x2.dtype}")
     stream = _stream(dev) if plan.compiled is not None else 0
     out = torch.empty((M, N), dtype=x2.dtype, device=dev)
     y, cnt = (out, scales) if plan.split == 1 else _split_workspace(plan, stream, M, N, dev,
