@@ -98,6 +98,11 @@ def sum_in_rank_order(t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
     _sync()
     t0 = time.perf_counter()
+    if dist.get_world_size() == 2 and os.environ.get("LOWBIT_DP_REDUCE", "pair") == "pair":
+        out = _pair_sum(t, inplace)
+        _sync()
+        COMM_SECONDS["reduce"] += time.perf_counter() - t0
+        return out
     out = None
     rank = dist.get_rank()
     own = t.contiguous() if inplace else None
@@ -116,6 +121,28 @@ def sum_in_rank_order(t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     _sync()
     COMM_SECONDS["reduce"] += time.perf_counter() - t0
     return out
+
+
+def _pair_sum(t: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """:func:`sum_in_rank_order` of two ranks in one exchange: each rank sends its tensor to the other and receives
+    the other's at the same time (both directions of the link at once, where two broadcasts sent one after the
+    other), then both compute ``t_0 + t_1`` with rank 0's tensor as the left operand: the same operation on the same
+    operands, so the same bits on both ranks and as the broadcast loop. Two copies per rank at most, as there."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    own = t.contiguous()
+    if not inplace and own.data_ptr() == t.data_ptr():
+        own = own.clone()  # the caller keeps t: the sum goes elsewhere
+    other = torch.empty_like(own)
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, own, 1 - rank), dist.P2POp(dist.irecv, other, 1 - rank)])
+    for r in reqs:
+        r.wait()
+    if rank == 0:
+        own += other  # t_0 + t_1
+        return own
+    other += own  # t_0 + t_1 (rank 0's tensor on the left, as on rank 0)
+    return other
 
 
 def min_over_ranks(x: int) -> int:
