@@ -29,6 +29,17 @@ WORKER = textwrap.dedent('''
             COUNT[0] += 1
             return _chunk(L, a, b)
         G.triangular_inverse_chunk = counted
+    if os.environ.get("TEST_COUNT_FITS"):
+        import lowbit.model._ptq_solve as S
+        FITS = [0, 0]
+        _sg, _fit = S.gptq_static_groups, G._fit_static_groups
+        def sg(*a, **k):
+            FITS[0] += 1
+            return _sg(*a, **k)
+        def fit(*a, **k):
+            FITS[1] += 1
+            return _fit(*a, **k)
+        S.gptq_static_groups, G._fit_static_groups = sg, fit
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     lines = []
@@ -47,6 +58,20 @@ WORKER = textwrap.dedent('''
         lines.append("%s %s %s" % (method, m.ptq_summary["world_size"], h.hexdigest()))
     if os.environ.get("TEST_COUNT_CHUNKS"):
         lines.append("chunks %d" % COUNT[0])
+    if os.environ.get("TEST_FACTOR_DIGEST"):  # the factor of one Hessian, its triangular inverse shared out
+        import lowbit.model.distributed as D
+        g = torch.Generator().manual_seed(7)
+        X = torch.randn(300, 90, generator=g)
+        X[:, :20] *= 5
+        seen = []
+        f = G.gptq_factor(X.T @ X / 300, 0.01, True, share=D.shared_chunks if D.is_active() else None,
+                          during=lambda H, dead, d: seen.append(d))
+        h = hashlib.sha256()
+        for t in f[:4]:
+            h.update(t.contiguous().numpy().tobytes())
+        lines.append("factor %s %r %r" % (h.hexdigest(), f[4], seen))
+    if os.environ.get("TEST_COUNT_FITS"):  # static-group fits outside the solves (the overlap) and inside
+        lines.append("fits %d %d" % (FITS[0], FITS[1]))
     with open(os.path.join(sys.argv[1], "digest_%d_%s.txt" % (rank, os.environ.get("WORLD_SIZE", "1"))), "w") as f:
         f.write(" ; ".join(lines))
 ''')
@@ -59,6 +84,7 @@ def _free_port():
 
 
 def _run(script, out, nproc, **extra):
+    Path(out).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
     if nproc == 1:
         cmd = [sys.executable, str(script), str(out)]
@@ -115,3 +141,30 @@ def test_gloo_shared_factor_chunks_bit_identical(tmp_path):
         assert lines[0].split()[2] == ref[0].split()[2]
         counts.append(int(lines[-1].split()[1]))
     assert sum(counts) == n_single and max(counts) - min(counts) <= n_single // 4
+
+
+def test_gloo_fits_beside_the_factor_pair_sum_and_shared_factor_1_2_3_ranks(tmp_path):
+    """Issue 20: the static groups fitted while the Hessian is factored (``LOWBIT_GPTQ_OVERLAP=1``: on the CPU one
+    after the other, the plumbing of the GPU's side stream), the 2-rank sums in one send/recv exchange, the flip
+    factorisation's chunks shared out: 1, 2 and 3 gloo ranks give the codes of one process without the overlap; the
+    factor of one Hessian is the same with its triangular inverse shared over 2 or 3 ranks as computed alone, and
+    the 2-rank sums by exchange (3 ranks: the broadcast loop) give the one-process codes."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    env = dict(TEST_ROW_CHUNK="16", TEST_FACTOR_CHUNK="16", TEST_METHODS="gptq", LOWBIT_GPTQ_FACTOR="flip",
+               TEST_FACTOR_DIGEST="1", TEST_COUNT_FITS="1")
+    ref = _run(script, tmp_path / "off", 1, LOWBIT_GPTQ_OVERLAP="0", **env)["digest_0_1.txt"]
+    assert ref[0].startswith("gptq 1 ") and ref[2].startswith("fits 0 ")
+    n_fit = int(ref[2].split()[2])
+    assert n_fit > 0
+    for nproc, extra in ((1, {}), (2, {}), (3, {})):
+        out = tmp_path / f"on{nproc}{len(extra)}"
+        got = _run(script, out, nproc, LOWBIT_GPTQ_OVERLAP="1", **env, **extra)
+        assert len(got) == nproc
+        for lines in got.values():
+            assert lines[0].split()[1:] == [str(nproc), ref[0].split()[2]]  # the same codes
+            assert lines[1] == ref[1]  # the same factor, damp and first dampening
+            n_sg, n_in = map(int, lines[2].split()[1:])
+            assert n_sg == n_in and n_sg > 0  # every fit made beside the factor, none inside a solve
+            if nproc == 1:
+                assert n_sg == n_fit
