@@ -88,9 +88,10 @@ def table(runs, names):
 def breakdown(runs, names):
     """Where each rank's wall time went (runs with the nested timers of run 7 on), seconds over all layers.
     ``runs``: {name: run}, or a list of runs (``names`` then ignored)."""
-    out = ["| run | rank | wall | block runner | GPTQ stage: factor / solve / other | Hessians | activation store | "
-           "rank agreement | forward passes (rest of the runner) | block moves | outside the runner |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| run | rank | wall | block runner | GPTQ stage: factor / solve / other | Hessians | statistics sums "
+           "(all-reduce) | activation store | rank agreement | forward passes (rest of the runner) | block moves | "
+           "outside the runner |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     seq = runs if isinstance(runs, list) else [runs.get(n) for n in names]
     for r in seq:
         if not r or "timers_nested" not in r["ranks"][0]:
@@ -99,12 +100,14 @@ def breakdown(runs, names):
         for x in r["ranks"]:
             t, n = x["timers"], x["timers_nested"]
             run_s, stage = n["block_runner"], n["gptq_stage"]
-            fwd = run_s - stage - t["stats_add"] - t["activation_store"] - n["min_over_ranks"]
+            red = x.get("comm_s", {}).get("reduce", 0.0)  # in the runner, outside the GPTQ stage
+            fwd = run_s - stage - t["stats_add"] - t["activation_store"] - n["min_over_ranks"] - red
             outside = (x["wall_s"] - run_s - t["block_to"] - t["capture_block0"] - t["install_stages"]
                        - t.get("prefetch_wait", 0.0))
             out.append(f"| {name} ({r['source']}) | {x['rank']} | {x['wall_s']:.2f} | {run_s:.2f} | "
                        f"{t['gptq_factor']:.2f} / {t['gptq_solve']:.2f} / {stage - t['gptq_factor'] - t['gptq_solve']:.2f} | "
-                       f"{t['stats_add']:.2f} | {t['activation_store']:.2f} | {n['min_over_ranks']:.2f} | {fwd:.2f} | "
+                       f"{t['stats_add']:.2f} | {red:.2f} | {t['activation_store']:.2f} | {n['min_over_ranks']:.2f} | "
+                       f"{fwd:.2f} | "
                        f"{t['block_to']:.2f} (prefetch wait {t.get('prefetch_wait', 0.0):.2f}) | {outside:.2f} |")
     return out + [""]
 
@@ -183,10 +186,13 @@ def multi_gpu(runs, call_runs, path):
          "NVSHMEM_DISABLE_NVLS=1`). Reproduce: `PYTHONPATH=$PWD bash bench/gpu_call_dp3.sh` (run 8; run 9: "
          "`SCALE_STEPS=run9 SCALE_XFER=0 SCALE_SMOKE=0 SCALE_LAYERS=16 bash bench/gpu_call_dp3.sh`; "
          "`bench/gpu_call_dp2.sh` for run 7, `bench/gpu_call_dp.sh` for runs 5-6; run 10: `PYTHONPATH=$PWD "
-         "SCALE_BUDGET=310 SCALE_TIMEOUT=330 SCALE_TEST_TIMEOUT=30 bash bench/gpu_call_dp4.sh`) on the 2-GPU machine, copy "
+         "SCALE_BUDGET=310 SCALE_TIMEOUT=330 SCALE_TEST_TIMEOUT=30 bash bench/gpu_call_dp4.sh`; run 11: `PYTHONPATH=$PWD "
+         "SCALE_BUDGET=300 SCALE_TIMEOUT=310 bash bench/gpu_call_dp5.sh`) on the 2-GPU machine, copy "
          "`$OUT/gpu.json` to `bench/results/scale_gpu_runN.json`, then `python bench/scale_gpu_report.py`. "
          "Runs 8-9: single-GPU runs of one step ran at the same time on GPU 0 and GPU 1 (8B on GPU 0 beside the "
-         "70B-class slice and AWQ on GPU 1), the 2-GPU runs alone. Run 10: one run at a time.", "",
+         "70B-class slice and AWQ on GPU 1), the 2-GPU runs alone. Run 10: one run at a time. Run 11 on: the wall "
+         "time and the speed-up target from the runs without the per-call timers (`_untimed`), the timers in "
+         "separate runs.", "",
          "Llama-3-8B-shaped decoder (hidden 4096, MLP 14336, 32/8 heads) and a 70B-class slice (hidden 8192, "
          "MLP 28672, 64/8 heads), random bf16 weights (drawn on the GPU, seed 0, the same in every process), "
          "model on the CPU, `device=\"cuda\"`, GPTQ int4 g128 asym, 128 x 2048 random calibration tokens "
@@ -200,7 +206,9 @@ def multi_gpu(runs, call_runs, path):
           "over the micro-batches and every stage's solve); inside it the GPTQ stage (`_gptq_stage`: factorisation, "
           "solve, broadcasts and weight updates), the Hessian accumulation, the activation store (`get`/`put`; it "
           "also holds the captured block-0 inputs, outside the runner) and the per-pass rank agreement "
-          "(`min_over_ranks`, waiting for the slower rank); 'forward passes' is the runner's rest. 'block moves' is "
+          "(`min_over_ranks`, waiting for the slower rank), the statistics sums over the ranks (`sum_in_rank_order`: "
+          "in the runner, not in the GPTQ stage; before run 11 this table counted them in the forward passes); "
+          "'forward passes' is the runner's rest. 'block moves' is "
           "the main thread's `block.to` (with the prefetch: block 0 and the moves home); 'outside the runner' is the "
           "wall time no timer covers (the non-block weights to the device and back, the pipeline's bookkeeping; and "
           "the stores of the block-0 inputs: the forward column subtracts the whole store time, so it is short by "
@@ -209,13 +217,15 @@ def multi_gpu(runs, call_runs, path):
     order = [("scale_gpu_run7.json", ("gptq_8b_1gpu", "gptq_8b_2gpu")),
              ("scale_gpu_run8.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu", "gptq_70b_2gpu")),
              ("scale_gpu_run9.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu")),
-             ("scale_gpu_run10.json", ("gptq_8b_1gpu", "gptq_8b_2gpu"))]
+             ("scale_gpu_run10.json", ("gptq_8b_1gpu", "gptq_8b_2gpu")),
+             ("scale_gpu_run11.json", ("gptq_8b_2gpu",))]
     sel = [by_src[src][n] for src, names in order if src in by_src for n in names if n in by_src[src]]
     L += breakdown(sel, None)
     L += per_block_table([r for r in sel if r["source"] in ("scale_gpu_run8.json", "scale_gpu_run9.json",
-                                                            "scale_gpu_run10.json")]
-                         + [by_src[s_][n] for s_ in ("scale_gpu_run10.json",) if s_ in by_src
-                            for n in ("gptq_8b_1gpu_untimed", "gptq_8b_2gpu_untimed") if n in by_src[s_]]
+                                                            "scale_gpu_run10.json", "scale_gpu_run11.json")]
+                         + [by_src[s_][n] for s_ in ("scale_gpu_run10.json", "scale_gpu_run11.json") if s_ in by_src
+                            for n in ("gptq_8b_1gpu_untimed", "gptq_8b_2gpu_untimed", "gptq_8b_1gpu_untimed_nooverlap")
+                            if n in by_src[s_]]
                          + [by_src[s_][n] for s_ in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run10.json")
                             if s_ in by_src for n in ("awq_8b_1gpu", "awq_8b_2gpu") if n in by_src[s_]])
     L += ["## `plan`'s GPU time model against the runs", "",
@@ -225,7 +235,7 @@ def multi_gpu(runs, call_runs, path):
     L += plan_table([r for r in [runs.get("gptq_70b_2gpu") if runs.get("gptq_70b_2gpu", {}).get("source") ==
                                  "scale_gpu_run5.json" else None]
                      + [by_src[s_][n] for s_ in ("scale_gpu_run7.json", "scale_gpu_run8.json", "scale_gpu_run9.json",
-                                                 "scale_gpu_run10.json")
+                                                 "scale_gpu_run10.json", "scale_gpu_run11.json")
                         if s_ in by_src for n in by_src[s_] if "untimed" not in n] if r], None)
     L += ["The model now (`lowbit.model.plan_gpu`, run 8 on): the forward passes, the activation store and the rank "
           "agreement as one term per block, `forward_block_s + forward flops x forward_device_s_per_flop / world` "
@@ -253,7 +263,11 @@ def multi_gpu(runs, call_runs, path):
           "(+3%), 2 GPUs 15,702 (+44%), 70B 1 GPU 38,523 (-3%), AWQ 13,654 (+10%, +32%). The terms changed after "
           "the runs are in sample.", ""]
     t = []
-    for src in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run10.json"):
+    ref_digests = None  # run 8's 32 digests (runs 8 and 10 gave them on 1 and 2 GPUs): the code is bit-identical
+    r8 = by_src.get("scale_gpu_run8.json", {}).get("gptq_8b_1gpu")
+    if r8:
+        ref_digests = r8["ranks"][0]["digests"]
+    for src in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run10.json", "scale_gpu_run11.json"):
         c = by_src.get(src, {})
         g1, g2 = c.get("gptq_8b_1gpu"), c.get("gptq_8b_2gpu")
         if g1 and g2:
@@ -275,9 +289,32 @@ def multi_gpu(runs, call_runs, path):
                       f"{_wall(u1):.1f} s (timed {_wall(g1):.1f} s); codes equal the timed run's on {n_same} of "
                       f"{n_all} layers: a race of the block prefetch, fixed after the call (notes)",
                       "codes WRONG (race), fixed after" if n_same < n_all else ""))
-        if u1 and u2:
+        if u1 and u2 and src == "scale_gpu_run10.json":
             t.append((f"(8B GPTQ without the per-call timers, 2 GPUs vs 1, {src})",
                       f"{_wall(u1) / _wall(u2):.2f}x", ""))
+        elif u1 and u2:  # run 11 on: the wall time is the untimed runs'; the timed runs only give the parts
+            sp = _wall(u1) / _wall(u2) * u2["spec"]["layers"] / u1["spec"]["layers"]
+            same_len = u1["spec"]["layers"] == u2["spec"]["layers"]
+            t.append((f"2 GPUs >= 1.8x the 1-GPU speed, 8B GPTQ, wall time without the per-call timers ({src})",
+                      f"{sp:.2f}x: {_wall(u1):.1f} s vs {_wall(u2):.1f} s ({u1['spec']['layers']} vs "
+                      f"{u2['spec']['layers']} layers)", "met" if sp >= 1.8 and same_len else "missed"))
+            d1, d2 = u1["ranks"][0]["digests"], [x["digests"] for x in u2["ranks"]]
+            n = min(len(d1), len(d2[0]))
+            same = all(d[:n] == d1[:n] for d in d2)
+            vs8 = ""
+            if ref_digests:
+                m = min(n, len(ref_digests))
+                vs8 = (f"; equal to run 8's on layers 0-{m - 1}" if d1[:m] == ref_digests[:m]
+                       else f"; DIFFERENT from run 8's on {sum(a != b for a, b in zip(d1, ref_digests))} of {m} layers")
+            t.append((f"codes bit-identical 1 vs 2 GPUs, untimed runs ({src})", f"layers 0-{n - 1}: "
+                      f"{'identical' if same else 'DIFFERENT'} digests on every rank{vs8}",
+                      "met" if same else "missed"))
+            for other in ("gptq_8b_2gpu", "gptq_8b_1gpu_untimed_nooverlap"):
+                o = c.get(other)
+                if o:
+                    ok = all(x["digests"] == d1 for x in o["ranks"])
+                    t.append((f"({other}, {src})", f"{_wall(o):.1f} s; digests {'equal' if ok else 'DIFFERENT from'} "
+                              f"the untimed 1-GPU run's", "" if ok else "codes DIFFER"))
         a1, a2 = c.get("awq_8b_1gpu"), c.get("awq_8b_2gpu")
         if a1 and a2:
             sp = _wall(a1) / _wall(a2)
@@ -602,6 +639,10 @@ CALLS = {
                             "stage, collectives waiting for the current stream only; one run at a time, the 32-layer "
                             "8B pair with the per-call timers, then without them (`bench/gpu_call_dp4.sh`; the "
                             "untimed 2-GPU run and AWQ 2-GPU skipped: budget)",
+    "scale_gpu_run11.json": "the static groups fitted on a side stream while the Hessian is factored, the 2-rank "
+                            "statistics sums in one send/recv exchange; the wall time from the runs without the "
+                            "per-call timers (`_untimed`), the timed 2-GPU run for the parts (its timers waiting for "
+                            "the calling thread's stream only) (`bench/gpu_call_dp5.sh`)",
 }
 
 

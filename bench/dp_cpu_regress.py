@@ -1,0 +1,89 @@
+"""One-process (1 rank) CPU wall time of GPTQ calibration before and after issue 20's run-11 change (the static groups
+fitted beside the factorisation, the 2-rank exchange sum): the change must not slow the single process down. The
+baseline is the code of another checkout (``--baseline``: a copy of the ``lowbit`` package of the commit before, e.g.
+``git archive 072739f lowbit | tar -x -C /tmp/base``); the variants run in turn, one subprocess each, interleaved
+(the box is shared: only the ratios within one run mean anything). Writes ``bench/results/dp_cpu_regress.md``.
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/dp_cpu_regress.py --baseline /tmp/base --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+WORKER = r'''
+import hashlib, json, sys, time, torch, transformers
+torch.set_num_threads(1)
+torch.manual_seed(0)
+cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=640, num_hidden_layers=3,
+                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                               tie_word_embeddings=True)
+model = transformers.LlamaForCausalLM(cfg).eval()
+ids = torch.randint(0, 256, (24, 128), generator=torch.Generator().manual_seed(1))
+from lowbit.model.sequential import quantize_model_ptq
+import lowbit
+t0 = time.perf_counter()
+quantize_model_ptq(model, method="gptq", bits=4, group_size=64, sym=False, calib_dataset=ids, micro_batch=4,
+                   progress=False)
+wall = time.perf_counter() - t0
+h = hashlib.sha256()
+for n, m in sorted(model.named_modules(), key=lambda x: x[0]):
+    st = getattr(m, "qstate", None)
+    if st is not None:
+        for t in (st.data, st.scales, st.zeros):
+            h.update(t.contiguous().numpy().tobytes())
+print(json.dumps({"wall_s": wall, "digest": h.hexdigest()[:16], "lowbit": lowbit.__file__}))
+'''
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", required=True, help="a directory holding the baseline's lowbit package")
+    ap.add_argument("--baseline-commit", default="072739f")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "dp_cpu_regress.md"))
+    args = ap.parse_args()
+    variants = [("before (baseline)", args.baseline, {}), ("after (default: no overlap on the CPU)", ROOT, {}),
+                ("after, LOWBIT_GPTQ_OVERLAP=1 (fits before the Cholesky's result is read)", ROOT,
+                 {"LOWBIT_GPTQ_OVERLAP": "1"})]
+    res = {v[0]: [] for v in variants}
+    digests = {}
+    for _ in range(args.rounds):
+        for name, path, env in variants:
+            e = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **env)
+            p = subprocess.run([sys.executable, "-c", WORKER], env=e, capture_output=True, text=True, timeout=600)
+            if p.returncode:
+                raise SystemExit(p.stderr[-2000:])
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            res[name].append(r["wall_s"])
+            digests.setdefault(name, set()).add(r["digest"])
+            print(name, r, flush=True)
+    base = statistics.median(res[variants[0][0]])
+    lines = ["# One-process CPU wall time before / after the run-11 change (issue 20)", "",
+             f"Written by `bench/dp_cpu_regress.py` (`PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/dp_cpu_regress.py "
+             f"--baseline <lowbit of {args.baseline_commit}> --rounds {args.rounds}`), {time.strftime('%Y-%m-%d')}. "
+             "GPTQ int4 g64 asym of a random 3-layer Llama (hidden 256, MLP 640, 8/2 heads), 24 x 128 tokens, "
+             "micro-batch 4, one thread, one process; each variant a fresh subprocess, the variants interleaved "
+             f"round by round. The box was shared with other jobs (2 cores): only the ratios mean anything.", "",
+             "| variant | wall per round | median | vs before | codes digest |", "|---|---|---|---|---|"]
+    for name, _, _ in variants:
+        m = statistics.median(res[name])
+        lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in res[name])} s | {m:.2f} s | {m / base:.3f} | "
+                     f"`{' '.join(sorted(digests[name]))}` |")
+    same = len({d for v in digests.values() for d in v}) == 1
+    lines += ["", f"Codes: {'identical in every variant and round' if same else 'DIFFERENT between variants'}.", ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
