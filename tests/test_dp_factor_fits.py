@@ -123,3 +123,16 @@ def test_fits_on_the_side_stream_give_the_solve_bits_on_the_gpu():
     got = {i: gptq.gptq_quantize(w, f[0], 4, 128, False, factor=f, groups=fits.pop(i)) for i, w in ws.items()}
     torch.cuda.synchronize()
     assert all(_same(got[i], refs[i]) for i in ws)
+
+
+@pytest.mark.parametrize("method", ["inverse", "flip"])
+def test_during_before_the_cholesky_and_its_callable_right_after(monkeypatch, method):
+    """The order the GPU overlap relies on: ``during`` before the first Cholesky is queued (the side stream waits for
+    the work queued so far, not the factorisation), what it returns right after (the fits queued beside it)."""
+    order = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: order.append("cholesky") or real(*a, **k))
+    _, H = _problem(3, K=64, R=8, dead=())
+    gptq.damped_inverse_cholesky(H, 0.01, method=method,
+                                 during=lambda d: order.append("during") or (lambda: order.append("then")))
+    assert order[:3] == ["during", "cholesky", "then"] and order.count("then") == 1

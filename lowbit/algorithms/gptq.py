@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -157,7 +157,7 @@ def _damped(H: torch.Tensor, damp: float, inplace: bool = False) -> torch.Tensor
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6,
                             method: Optional[str] = None, share: Optional[Callable[..., None]] = None,
-                            during: Optional[Callable[[float], None]] = None):
+                            during: Optional[Callable[[float], Optional[Callable[[], None]]]] = None):
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^{-1}`` (``H^{-1} = U^T U``) and ``lambda``.
 
     The dampening starts at ``percdamp * mean(diag(H))`` and grows x10 (with a warning) until the
@@ -166,9 +166,11 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     (J L^{-1} J)`` with ``J L^{-1} J`` upper triangular: one Cholesky and one triangular inverse (its chunks
     spread by ``share``, see :func:`lower_triangular_inverse`).
 
-    ``during(damp)``: called once, with the first dampening, after the first Cholesky factorisation is queued and
-    before its outcome is read (a host synchronisation): on a GPU the caller queues work that needs no factor (on
-    another stream) while the factorisation runs.
+    ``during(damp)``: called once, with the first dampening, before the first Cholesky factorisation is queued
+    (the matrix and whatever the caller queued before are the work queued so far); if it returns a callable, that
+    is called right after the factorisation is queued and before its outcome is read (a host synchronisation): on
+    a GPU the caller queues work that needs no factor on another stream, made to wait for the work queued before
+    the factorisation only, and the two run at the same time.
     """
     if percdamp < 0:
         raise ValueError(f"percdamp={percdamp!r}: must be >= 0")
@@ -177,13 +179,15 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
         raise ValueError(f"method={method!r}: expected one of {FACTORS[1:]}")
     mean_diag = torch.diag(H).mean().item()
     damp = percdamp * mean_diag
+    then = during(damp) if during is not None else None
     for attempt in range(max_tries):
         if method == "flip":
             A = _damped(H.flip((0, 1)), damp)  # the reversal keeps the diagonal on the diagonal
             L, info = torch.linalg.cholesky_ex(A)
             del A
-            if during is not None and attempt == 0:
-                during(damp)
+            if callable(then):
+                then()
+            then = None
             if int(info) == 0:
                 Linv = lower_triangular_inverse(L, share=share)
                 del L
@@ -195,8 +199,9 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
             A = _damped(H, damp)
             L, info = torch.linalg.cholesky_ex(A)
             del A
-            if during is not None and attempt == 0:
-                during(damp)
+            if callable(then):
+                then()
+            then = None
             if int(info) == 0:
                 Hinv = torch.cholesky_inverse(L)
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
@@ -218,14 +223,15 @@ ROW_CHUNK = 1024
 
 def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
                 share: Optional[Callable[..., None]] = None, inplace: bool = False,
-                during: Optional[Callable[[torch.Tensor, torch.Tensor, float], None]] = None) -> tuple:
+                during: Optional[Callable[[torch.Tensor, torch.Tensor, float], Any]] = None) -> tuple:
     """What :func:`gptq_quantize` derives from ``H`` alone: ``(H with dead inputs fixed, dead mask,
     column order, upper Cholesky factor of the damped inverse, dampening)``. Pass it as ``factor=``
     to quantize several weights that share ``H`` (q/k/v) without repeating the factorisation.
     ``share``: see :func:`damped_inverse_cholesky` (the ``"flip"`` factorisation's chunks spread over ranks).
     ``inplace``: ``H`` (float32) is used and changed (dead inputs) instead of copied: one ``K x K`` matrix less
     on the device, for callers that hand it over. ``during(H, dead, damp)``: see :func:`damped_inverse_cholesky`
-    (``H`` with its dead inputs fixed, as returned; e.g. :func:`gptq_static_groups` while the Cholesky runs)."""
+    (``H`` with its dead inputs fixed, as returned; e.g. :func:`gptq_static_groups` while the Cholesky runs; what it
+    returns is called once the Cholesky is queued)."""
     H = H.detach()
     H = H if inplace and H.dtype == torch.float32 else H.float().clone()
     K = H.shape[0]

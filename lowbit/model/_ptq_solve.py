@@ -190,22 +190,28 @@ def _factor_and_fit(H: torch.Tensor, opts: Dict[str, Any], share, jobs, bits, gr
     fit_opts = {k: opts[k] for k in _FIT_KEYS if k in opts}
     state: Dict[str, Any] = {}
 
-    def during(Hf, dead, damp):
+    def fit_all(Hf, dead, damp):
+        for key, w in jobs.items():
+            fits[key] = gptq_static_groups(w, Hf, dead, damp, bits, group_size, sym, **fit_opts)
+
+    def during(Hf, dead, damp):  # called before the Cholesky is queued
         if not jobs:
-            return
-        if Hf.is_cuda:
-            main = torch.cuda.current_stream(Hf.device)
-            side = _FIT_STREAMS.get(Hf.device)
-            if side is None:
-                side = _FIT_STREAMS[Hf.device] = torch.cuda.Stream(Hf.device)
-            side.wait_stream(main)  # H, dead and the weights are ready
-            state["side"], state["main"] = side, main
+            return None
+        if not Hf.is_cuda:
+            fit_all(Hf, dead, damp)
+            return None
+        main = torch.cuda.current_stream(Hf.device)
+        side = _FIT_STREAMS.get(Hf.device)
+        if side is None:
+            side = _FIT_STREAMS[Hf.device] = torch.cuda.Stream(Hf.device)
+        side.wait_stream(main)  # H, dead and the weights: queued before the Cholesky, which the side does not wait for
+        state["side"], state["main"] = side, main
+
+        def then():  # the Cholesky is queued on the caller's stream: the fits beside it
             with torch.cuda.stream(side):
-                for key, w in jobs.items():
-                    fits[key] = gptq_static_groups(w, Hf, dead, damp, bits, group_size, sym, **fit_opts)
-        else:
-            for key, w in jobs.items():
-                fits[key] = gptq_static_groups(w, Hf, dead, damp, bits, group_size, sym, **fit_opts)
+                fit_all(Hf, dead, damp)
+
+        return then
 
     factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True), share=share, inplace=True,
                          during=during)
