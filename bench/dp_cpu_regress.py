@@ -14,6 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,10 +60,14 @@ def main():
     for _ in range(args.rounds):
         for name, path, env in variants:
             e = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **env)
-            p = subprocess.run([sys.executable, "-c", WORKER], env=e, capture_output=True, text=True, timeout=600)
+            # cwd outside both checkouts: `python -c` puts the working directory first on sys.path
+            p = subprocess.run([sys.executable, "-c", WORKER], env=e, capture_output=True, text=True, timeout=600,
+                               cwd=tempfile.gettempdir())
             if p.returncode:
                 raise SystemExit(p.stderr[-2000:])
             r = json.loads(p.stdout.strip().splitlines()[-1])
+            if not r["lowbit"].startswith(os.path.abspath(path)):
+                raise SystemExit(f"{name}: imported {r['lowbit']}, not the checkout {path}")
             res[name].append(r["wall_s"])
             digests.setdefault(name, set()).add(r["digest"])
             print(name, r, flush=True)
