@@ -463,7 +463,7 @@ def run11_steps(L8: int):
     return [
         [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 60)]],
         [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 45)]],
-        [[("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 50, {"SCALE_SYNC": "stream"})]],
+        [[("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 70, {"SCALE_SYNC": "stream"})]],
         [[("gptq_8b_1gpu_untimed_nooverlap", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 60,
            {"LOWBIT_GPTQ_OVERLAP": "0"})]],
     ]

@@ -358,9 +358,77 @@ def multi_gpu(runs, call_runs, path):
     if t:
         L += ["## Targets", "", "| target | measured | status |", "|---|---|---|"]
         L += [f"| {a} | {b} | {c} |" for a, b, c in t] + [""]
-    L += NOTES
+    L += NOTES[:2] + run11_notes(by_src) + NOTES[2:]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+def _per_block(r):
+    x = max(r["ranks"], key=lambda q: q["wall_s"])
+    marks = x.get("block_marks") or []
+    ts = [m[1] for m in marks if m[0].startswith("block")] + [marks[-1][1]]
+    return (ts[-1] - ts[0]) / (len(ts) - 1)
+
+
+def run11_notes(by_src):
+    """The run-11 note, its figures read from the run JSONs (run 10 and run 11)."""
+    c11, c10 = by_src.get("scale_gpu_run11.json", {}), by_src.get("scale_gpu_run10.json", {})
+    u1, u2 = c11.get("gptq_8b_1gpu_untimed"), c11.get("gptq_8b_2gpu_untimed")
+    g1, g2, v1 = c10.get("gptq_8b_1gpu"), c10.get("gptq_8b_2gpu"), c10.get("gptq_8b_1gpu_untimed")
+    if not (u1 and u2 and g1 and g2 and v1):
+        return []
+    w = {k: _wall(r) for k, r in (("u1", u1), ("u2", u2), ("g1", g1), ("g2", g2), ("v1", v1))}
+    red = [x["comm_s"]["reduce"] for x in u2["ranks"]]
+    red10 = [x["comm_s"]["reduce"] for x in g2["ranks"]]
+    bc = [x["comm_s"]["broadcast"] for x in u2["ranks"]]
+    fac1 = g1["ranks"][0]["timers"]["gptq_factor"]
+    fac2 = max(x["timers"]["gptq_factor"] for x in g2["ranks"])
+    agr = max(x["timers_nested"]["min_over_ranks"] for x in g2["ranks"])
+    extra = _per_block(u2) - _per_block(u1) / 2
+    rest = extra - (max(red) + max(bc) + fac2 - fac1 / 2 + agr) / 32
+    return [
+        f"- Run 11 (`bench/gpu_call_dp5.sh`, `bench/results/run11_logs/`: `scale.log`, `pytest.log`; one call, one run "
+        f"at a time): the 8B GPTQ, 32 layers, without the per-call timers, the wall time as a user gets it: 1 GPU "
+        f"{w['u1']:.2f} s, 2 GPUs {w['u2']:.2f} s, {w['u1'] / w['u2']:.2f}x (per block {_per_block(u1):.3f} / "
+        f"{_per_block(u2):.3f} s); every digest of both runs (both ranks) equals run 8's on all 32 layers. The smoke "
+        "check gave run 10's smoke digests (1 and 2 processes), so no fallback. The timed 2-GPU run (the parts) was "
+        "killed by the call's budget (it started with 51 s left and needs about 65 s) and the 1-GPU run without the "
+        "overlap was skipped: run 11 has no 'where the time goes' rows and no A/B of the overlap. The CUDA tests of "
+        "the call (`pytest.log`: the fits on the side stream against the fits inside the solve at K = 4096, the "
+        "prefetch race test, the sweep tests) passed. What changed since run 10: (1) GPTQ's static groups (they need "
+        "no factor) are fitted on a side stream while the stage's Hessian is factored (`_ptq_solve._factor_and_fit`, "
+        "`gptq_static_groups`; `gptq_factor(during=...)` is called before the first Cholesky is queued, so the side "
+        "stream waits for the work before it and not for the factorisation, and queues the fits right after it; "
+        "`LOWBIT_GPTQ_OVERLAP=0` turns it off); the same function on the same inputs, so the same bits (gloo 1/2/3 "
+        "ranks and the CUDA test). 1 GPU untimed: run 10 "
+        f"{w['v1']:.2f} s (codes wrong from layer 2: the prefetch race, fixed after run 10) -> {w['u1']:.2f} s; not a "
+        "clean A/B (the race fix came in between and the A/B run was skipped). (2) The 2-rank statistics sums as one "
+        f"send/recv exchange: {red[0]:.2f} / {red[1]:.2f} s over 32 layers (the first exchange's NCCL set-up "
+        f"included) against {red10[0]:.2f} / {red10[1]:.2f} s for the broadcasts in run 10: no gain measured, so the "
+        "broadcasts are the default again (`LOWBIT_DP_REDUCE=pair` keeps the exchange). Solve exchanges incl. "
+        f"waiting {bc[0]:.2f} / {bc[1]:.2f} s.",
+        f"- Why {w['u1'] / w['u2']:.2f}x and not 1.8x (run 11): without the per-call timers the 1-GPU run is "
+        f"{(1 - w['u1'] / w['g1']) * 100:.0f}% faster than run 10's timed one ({w['g1']:.1f} -> {w['u1']:.1f} s) but "
+        f"the 2-GPU run only {(1 - w['u2'] / w['g2']) * 100:.0f}% ({w['g2']:.1f} -> {w['u2']:.1f} s), so the untimed "
+        f"ratio is below the timed {w['g1'] / w['g2']:.2f}x: the timers' device-wide synchronisations cost the "
+        "1-process run more. Half the 1-GPU block is "
+        f"{_per_block(u1) / 2:.3f} s; the 2-GPU block takes {_per_block(u2) - _per_block(u1) / 2:.3f} s more. Of that, "
+        f"measured or bounded: the statistics sums {max(red) / 32 * 1000:.0f} ms per block, the exchanges incl. "
+        f"waiting {max(bc) / 32 * 1000:.0f} ms (slower rank), the factorisation whose Cholesky every rank runs "
+        f"(run 10, timed: {fac1:.2f} s on 1 GPU, {fac2:.2f} s per rank on 2: {(fac2 - fac1 / 2) / 32 * 1000:.0f} ms "
+        f"per block more than half), the rank agreement ({agr / 32 * 1000:.0f} ms per block in run 10); about "
+        f"{rest * 1000:.0f} ms per block is not attributed by a measurement. A hypothesis, not checked: "
+        "the 1-process run has few host synchronisations, so without the timers its host queues launches ahead of "
+        "the GPU, while the 2-process run blocks the host once per pass (`min_over_ranks`' `.item()`) and around "
+        "every collective (`distributed._sync`, about 6 per stage: the sums, the shared factor chunks, the "
+        "exchange), and its per-call launch costs (the solve sweeps `K / 128` column blocks per call whatever the "
+        "rows, about 12 us a launch) are less hidden behind GPU work with half the rows. Next steps (not done): a "
+        "profile (nsys or torch.profiler) of the untimed 2-GPU run; collectives without the host-side `_sync` "
+        "(NCCL orders them on the streams; the syncs serve `COMM_SECONDS`' timing and could be limited to timed "
+        "runs); a CUDA graph of a stage's sweep; the Cholesky itself cannot be split between the ranks without a "
+        "distributed blocked factorisation (the stages are sequential: a stage's Hessian exists only after the "
+        "previous stage is quantized, so no two factorisations are ever pending at once to be shared out).",
+    ]
 
 
 NOTES = [
@@ -642,7 +710,7 @@ CALLS = {
     "scale_gpu_run11.json": "the static groups fitted on a side stream while the Hessian is factored, the 2-rank "
                             "statistics sums in one send/recv exchange; the wall time from the runs without the "
                             "per-call timers (`_untimed`), the timed 2-GPU run for the parts (its timers waiting for "
-                            "the calling thread's stream only) (`bench/gpu_call_dp5.sh`)",
+                            "the calling thread's stream only; killed by the call's budget) (`bench/gpu_call_dp5.sh`)",
 }
 
 

@@ -157,7 +157,7 @@ def test_gloo_fits_beside_the_factor_pair_sum_and_shared_factor_1_2_3_ranks(tmp_
     assert ref[0].startswith("gptq 1 ") and ref[2].startswith("fits 0 ")
     n_fit = int(ref[2].split()[2])
     assert n_fit > 0
-    for nproc, extra in ((1, {}), (2, {}), (3, {})):
+    for nproc, extra in ((1, {}), (2, {"LOWBIT_DP_REDUCE": "pair"}), (3, {})):
         out = tmp_path / f"on{nproc}{len(extra)}"
         got = _run(script, out, nproc, LOWBIT_GPTQ_OVERLAP="1", **env, **extra)
         assert len(got) == nproc
