@@ -428,6 +428,11 @@ def run11_notes(by_src):
         "runs); a CUDA graph of a stage's sweep; the Cholesky itself cannot be split between the ranks without a "
         "distributed blocked factorisation (the stages are sequential: a stage's Hessian exists only after the "
         "previous stage is quantized, so no two factorisations are ever pending at once to be shared out).",
+        "- After run 11 (not measured on a GPU): the statistics sums back to the broadcasts by default (above); the "
+        "triangular-inverse chunks shared out by cost (`distributed.chunk_owners`: largest first to the least-loaded "
+        "rank) instead of round robin, which gave rank 0 60% of the k = 14336 triangular solves (now 50%; k = 4096 "
+        "has two chunks, 80/20 either way): rank 1's longer solve exchanges incl. waiting in run 11 (above) are "
+        "partly this wait. Bits unchanged (who computes a chunk does not change it; gloo-tested).",
     ]
 
 
