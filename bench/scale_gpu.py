@@ -152,7 +152,7 @@ def worker(spec: dict) -> None:
                                                   "LOWBIT_OUTSIDE_HOME", "LOWBIT_HOME_ASYNC", "LOWBIT_DP_FACTOR",
                                                   "LOWBIT_GPTQ_FITS", "LOWBIT_GPTQ_SWEEP_INTO", "LOWBIT_GPTQ_SWEEP_CFG",
                                                   "LOWBIT_DP_EXCHANGE", "LOWBIT_PREFETCH_RECORD", "SCALE_SYNC",
-                                                  "LOWBIT_GPTQ_OVERLAP", "LOWBIT_DP_REDUCE")},
+                                                  "LOWBIT_GPTQ_OVERLAP", "LOWBIT_DP_REDUCE", "LOWBIT_DP_SYNC")},
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
            "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
            "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -469,6 +469,18 @@ def run11_steps(L8: int):
     ]
 
 
+def run12_steps(L8: int):
+    """A next call (not run yet): the untimed 2-GPU run with ``LOWBIT_DP_SYNC=0`` (no host waits around the
+    collectives) against the default, and the untimed 1-GPU run; then the timed 2-GPU run for the parts."""
+    return [
+        [[("gptq_8b_2gpu_untimed_nosync", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60,
+           {"LOWBIT_DP_SYNC": "0"})]],
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+        [[("gptq_8b_2gpu", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 70, {"SCALE_SYNC": "stream"})]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -590,8 +602,8 @@ def main():
         e = os.environ.get
         main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
-    if args.steps == "run11":
-        main_steps(args, run11_steps(int(os.environ.get("SCALE_LAYERS", 32))))
+    if args.steps in ("run11", "run12"):
+        main_steps(args, (run11_steps if args.steps == "run11" else run12_steps)(int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:
         worker(json.loads(args.worker))

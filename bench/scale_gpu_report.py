@@ -218,13 +218,16 @@ def multi_gpu(runs, call_runs, path):
              ("scale_gpu_run8.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu", "gptq_70b_2gpu")),
              ("scale_gpu_run9.json", ("gptq_8b_1gpu", "gptq_8b_2gpu", "gptq_70b_1gpu")),
              ("scale_gpu_run10.json", ("gptq_8b_1gpu", "gptq_8b_2gpu")),
-             ("scale_gpu_run11.json", ("gptq_8b_2gpu",))]
+             ("scale_gpu_run11.json", ("gptq_8b_2gpu",)), ("scale_gpu_run12.json", ("gptq_8b_2gpu",))]
     sel = [by_src[src][n] for src, names in order if src in by_src for n in names if n in by_src[src]]
     L += breakdown(sel, None)
     L += per_block_table([r for r in sel if r["source"] in ("scale_gpu_run8.json", "scale_gpu_run9.json",
-                                                            "scale_gpu_run10.json", "scale_gpu_run11.json")]
-                         + [by_src[s_][n] for s_ in ("scale_gpu_run10.json", "scale_gpu_run11.json") if s_ in by_src
-                            for n in ("gptq_8b_1gpu_untimed", "gptq_8b_2gpu_untimed", "gptq_8b_1gpu_untimed_nooverlap")
+                                                            "scale_gpu_run10.json", "scale_gpu_run11.json",
+                                                            "scale_gpu_run12.json")]
+                         + [by_src[s_][n] for s_ in ("scale_gpu_run10.json", "scale_gpu_run11.json",
+                                                     "scale_gpu_run12.json") if s_ in by_src
+                            for n in ("gptq_8b_1gpu_untimed", "gptq_8b_2gpu_untimed", "gptq_8b_1gpu_untimed_nooverlap",
+                                      "gptq_8b_2gpu_untimed_nosync")
                             if n in by_src[s_]]
                          + [by_src[s_][n] for s_ in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run10.json")
                             if s_ in by_src for n in ("awq_8b_1gpu", "awq_8b_2gpu") if n in by_src[s_]])
@@ -235,7 +238,7 @@ def multi_gpu(runs, call_runs, path):
     L += plan_table([r for r in [runs.get("gptq_70b_2gpu") if runs.get("gptq_70b_2gpu", {}).get("source") ==
                                  "scale_gpu_run5.json" else None]
                      + [by_src[s_][n] for s_ in ("scale_gpu_run7.json", "scale_gpu_run8.json", "scale_gpu_run9.json",
-                                                 "scale_gpu_run10.json", "scale_gpu_run11.json")
+                                                 "scale_gpu_run10.json", "scale_gpu_run11.json", "scale_gpu_run12.json")
                         if s_ in by_src for n in by_src[s_] if "untimed" not in n] if r], None)
     L += ["The model now (`lowbit.model.plan_gpu`, run 8 on): the forward passes, the activation store and the rank "
           "agreement as one term per block, `forward_block_s + forward flops x forward_device_s_per_flop / world` "
@@ -267,7 +270,8 @@ def multi_gpu(runs, call_runs, path):
     r8 = by_src.get("scale_gpu_run8.json", {}).get("gptq_8b_1gpu")
     if r8:
         ref_digests = r8["ranks"][0]["digests"]
-    for src in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run10.json", "scale_gpu_run11.json"):
+    for src in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run10.json", "scale_gpu_run11.json",
+                "scale_gpu_run12.json"):
         c = by_src.get(src, {})
         g1, g2 = c.get("gptq_8b_1gpu"), c.get("gptq_8b_2gpu")
         if g1 and g2:
@@ -309,7 +313,7 @@ def multi_gpu(runs, call_runs, path):
             t.append((f"codes bit-identical 1 vs 2 GPUs, untimed runs ({src})", f"layers 0-{n - 1}: "
                       f"{'identical' if same else 'DIFFERENT'} digests on every rank{vs8}",
                       "met" if same else "missed"))
-            for other in ("gptq_8b_2gpu", "gptq_8b_1gpu_untimed_nooverlap"):
+            for other in ("gptq_8b_2gpu", "gptq_8b_1gpu_untimed_nooverlap", "gptq_8b_2gpu_untimed_nosync"):
                 o = c.get(other)
                 if o:
                     ok = all(x["digests"] == d1 for x in o["ranks"])

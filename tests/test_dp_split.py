@@ -197,3 +197,24 @@ def test_chunk_owners_balance_the_triangular_solves_by_cost():
         s, biggest = shares(K, world, 2048 if K > 1000 else 16)
         assert max(s) <= max(1.0 / world + biggest, biggest) and abs(sum(s) - 1) < 1e-12
     assert chunk_owners(spans(4096), 4096, 1) == [0, 0]
+
+
+def test_dp_sync_switch(monkeypatch):
+    """``LOWBIT_DP_SYNC=0``: the collectives' host waits on the current CUDA stream are skipped (NCCL orders them on
+    the streams); the default waits."""
+    from lowbit.model import distributed as D
+
+    calls = []
+
+    class _Stream:
+        def synchronize(self):
+            calls.append(1)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    D._sync()
+    assert calls == [1]
+    monkeypatch.setenv("LOWBIT_DP_SYNC", "0")
+    D._sync()
+    assert calls == [1]
