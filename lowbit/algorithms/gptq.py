@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -156,7 +156,8 @@ def _damped(H: torch.Tensor, damp: float, inplace: bool = False) -> torch.Tensor
 
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6,
-                            method: Optional[str] = None, share: Optional[Callable[..., None]] = None):
+                            method: Optional[str] = None, share: Optional[Callable[..., None]] = None,
+                            during: Optional[Callable[[float], Optional[Callable[[], None]]]] = None):
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^{-1}`` (``H^{-1} = U^T U``) and ``lambda``.
 
     The dampening starts at ``percdamp * mean(diag(H))`` and grows x10 (with a warning) until the
@@ -164,6 +165,12 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     explicit inverse; ``"flip"`` uses ``J A J = L L^T`` (``J`` the reversal), whence ``A^{-1} = (J L^{-1} J)^T
     (J L^{-1} J)`` with ``J L^{-1} J`` upper triangular: one Cholesky and one triangular inverse (its chunks
     spread by ``share``, see :func:`lower_triangular_inverse`).
+
+    ``during(damp)``: called once, with the first dampening, before the first Cholesky factorisation is queued
+    (the matrix and whatever the caller queued before are the work queued so far); if it returns a callable, that
+    is called right after the factorisation is queued and before its outcome is read (a host synchronisation): on
+    a GPU the caller queues work that needs no factor on another stream, made to wait for the work queued before
+    the factorisation only, and the two run at the same time.
     """
     if percdamp < 0:
         raise ValueError(f"percdamp={percdamp!r}: must be >= 0")
@@ -172,11 +179,15 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
         raise ValueError(f"method={method!r}: expected one of {FACTORS[1:]}")
     mean_diag = torch.diag(H).mean().item()
     damp = percdamp * mean_diag
+    then = during(damp) if during is not None else None
     for attempt in range(max_tries):
         if method == "flip":
             A = _damped(H.flip((0, 1)), damp)  # the reversal keeps the diagonal on the diagonal
             L, info = torch.linalg.cholesky_ex(A)
             del A
+            if callable(then):
+                then()
+            then = None
             if int(info) == 0:
                 Linv = lower_triangular_inverse(L, share=share)
                 del L
@@ -188,6 +199,9 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
             A = _damped(H, damp)
             L, info = torch.linalg.cholesky_ex(A)
             del A
+            if callable(then):
+                then()
+            then = None
             if int(info) == 0:
                 Hinv = torch.cholesky_inverse(L)
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
@@ -208,13 +222,16 @@ ROW_CHUNK = 1024
 
 
 def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
-                share: Optional[Callable[..., None]] = None, inplace: bool = False) -> tuple:
+                share: Optional[Callable[..., None]] = None, inplace: bool = False,
+                during: Optional[Callable[[torch.Tensor, torch.Tensor, float], Any]] = None) -> tuple:
     """What :func:`gptq_quantize` derives from ``H`` alone: ``(H with dead inputs fixed, dead mask,
     column order, upper Cholesky factor of the damped inverse, dampening)``. Pass it as ``factor=``
     to quantize several weights that share ``H`` (q/k/v) without repeating the factorisation.
     ``share``: see :func:`damped_inverse_cholesky` (the ``"flip"`` factorisation's chunks spread over ranks).
     ``inplace``: ``H`` (float32) is used and changed (dead inputs) instead of copied: one ``K x K`` matrix less
-    on the device, for callers that hand it over."""
+    on the device, for callers that hand it over. ``during(H, dead, damp)``: see :func:`damped_inverse_cholesky`
+    (``H`` with its dead inputs fixed, as returned; e.g. :func:`gptq_static_groups` while the Cholesky runs; what it
+    returns is called once the Cholesky is queued)."""
     H = H.detach()
     H = H if inplace and H.dtype == torch.float32 else H.float().clone()
     K = H.shape[0]
@@ -228,7 +245,8 @@ def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
     step = max(1, (64 * 2 ** 20) // max(K * H.element_size(), 1))
     for r in range(0, K, step):
         Hp[r:r + step] = H[perm[r:r + step]][:, perm]
-    U, damp = damped_inverse_cholesky(Hp, percdamp, share=share)
+    U, damp = damped_inverse_cholesky(Hp, percdamp, share=share,
+                                      during=None if during is None else (lambda d: during(H, dead, d)))
     return H, dead, perm, U, damp
 
 
@@ -425,16 +443,74 @@ def _fit_static_groups(grid, W_orig: torch.Tensor, H: torch.Tensor, damp: float,
         gi = gj
 
 
+def _grid_and_columns(R: int, K: int, bits: int, group_size, sym: bool, group_objective: str, grid, n_grid,
+                      max_shrink, two_sided: int):
+    """The affine grid (unless given) and the column groups :func:`gptq_quantize` uses."""
+    cols = columns(K, group_size, R)  # validated once; -1: one group per row
+    # grid search range: at 3 bits and below a wider, finer range measured better on SmolLM2
+    # (int3 g128 asym ppl 36.2 -> 35.0); at 4 bits 20 steps down to 0.5 x the range
+    if n_grid is None:
+        n_grid = 40 if bits <= 3 else 20
+    if max_shrink is None:
+        max_shrink = 0.7 if bits <= 3 else 0.5
+    if grid is None:
+        grid = AffineGrid(bits=bits, sym=sym, search="minmax" if group_objective == "minmax" else "mse",
+                          n_grid=n_grid, max_shrink=max_shrink, refine=0, two_sided=two_sided)
+    return grid, cols
+
+
+def _group_objective(group_objective: str, act_order: bool, g: int, K: int, blocksize: int) -> str:
+    """What a group's fit minimises in :func:`gptq_quantize` (``"sweep"`` falls back to ``"hessian"`` where the
+    groups are not whole blocks of the sweep)."""
+    objective = group_objective
+    if objective == "sweep" and (act_order or g > blocksize and g != K):
+        objective = "hessian"
+    if objective == "sweep" and g == K:
+        objective = "hessian"
+    return objective
+
+
+def gptq_static_groups(weight: torch.Tensor, H: torch.Tensor, dead: torch.Tensor, damp: float, bits: int = 4,
+                       group_size: int = 128, sym: bool = True, *, blocksize: int = 128, act_order: bool = True,
+                       group_objective: str = "hessian", grid: Optional[AffineGrid] = None,
+                       n_grid: Optional[int] = None, max_shrink: Optional[float] = None,
+                       two_sided: int = 0) -> tuple:
+    """The static groups' ``(scales, zeros, damp)`` ``[R, G]`` that :func:`gptq_quantize` fits from the original
+    weights (``static_groups=True``, affine grids), given ``H`` with its dead inputs fixed and ``dead`` (the first
+    two entries of :func:`gptq_factor`'s result) and the dampening. They need no Cholesky factor, so a caller can
+    fit them while the factorisation runs (``damp`` is then the first dampening tried,
+    ``percdamp * mean(diag(H))``) and hand them to :func:`gptq_quantize` as ``groups=``: the same function on the
+    same inputs, the same bits."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    R, K = weight.shape
+    if tuple(H.shape) != (K, K):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(K, K)} for a weight with {K} input columns")
+    if group_objective not in GROUP_OBJECTIVES:
+        raise ValueError(f"group_objective={group_objective!r}: expected one of {GROUP_OBJECTIVES}")
+    grid, cols = _grid_and_columns(R, K, bits, group_size, sym, group_objective, grid, n_grid, max_shrink, two_sided)
+    bounds = cols.bounds()
+    W_orig = weight.detach().float().clone()
+    W_orig[:, dead] = 0.0
+    scales = torch.zeros(R, len(bounds), dtype=torch.float32, device=weight.device)
+    zeros = torch.zeros(R, len(bounds), dtype=torch.float32, device=weight.device)
+    _fit_static_groups(grid, W_orig, H, damp, bounds, _group_objective(group_objective, act_order, cols.group, K,
+                                                                       blocksize), scales, zeros)
+    return scales, zeros, damp
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, *,
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
                   n_grid: Optional[int] = None, max_shrink: Optional[float] = None,
                   gguf_type: Optional[str] = None, two_sided: int = 0,
-                  factor: Optional[tuple] = None) -> GPTQResult:
+                  factor: Optional[tuple] = None, groups: Optional[tuple] = None) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.
 
     See the module docstring for the options. Returns a :class:`GPTQResult` (``.state`` is the
-    group-layout QuantState, ``.dequantize()`` the float weight).
+    group-layout QuantState, ``.dequantize()`` the float weight). ``groups``: the static groups'
+    ``(scales, zeros, damp)`` from :func:`gptq_static_groups` with the same weight, options and ``factor``'s
+    ``H`` (a caller fits them while the factorisation runs); used when ``damp`` is the factor's, else refitted.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -457,18 +533,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         grid = GGUFGrid(qtype=gguf_type, search="minmax" if group_objective == "minmax" else "mse", refine=0,
                         n_grid=n_grid or 20, max_shrink=0.5 if max_shrink is None else max_shrink)
         group_size, bits, sym = 32, grid.bits, grid.sym
-    cols = columns(K, group_size, R)  # validated once; -1: one group per row
+    grid, cols = _grid_and_columns(R, K, bits, group_size, sym, group_objective, grid, n_grid, max_shrink, two_sided)
     g = cols.group
     bounds = cols.bounds()
-    # grid search range: at 3 bits and below a wider, finer range measured better on SmolLM2
-    # (int3 g128 asym ppl 36.2 -> 35.0); at 4 bits 20 steps down to 0.5 x the range
-    if n_grid is None:
-        n_grid = 40 if bits <= 3 else 20
-    if max_shrink is None:
-        max_shrink = 0.7 if bits <= 3 else 0.5
-    if grid is None:
-        grid = AffineGrid(bits=bits, sym=sym, search="minmax" if group_objective == "minmax" else "mse",
-                          n_grid=n_grid, max_shrink=max_shrink, refine=0, two_sided=two_sided)
     dev = weight.device
     W = weight.detach().float().clone()
     if factor is None:
@@ -489,15 +556,19 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     gidx = gidx_dev.tolist()  # group of each sweep position (on the device too: no host copy per block)
     group_pos = [invperm[a:b] for a, b in bounds]  # sweep positions of each group
     contiguous = not act_order
-    objective = group_objective
-    if objective == "sweep" and (not contiguous or g > blocksize and g != K):
-        objective = "hessian"
-    if objective == "sweep" and g == K:
-        objective = "hessian"
+    objective = _group_objective(group_objective, act_order, g, K, blocksize)
     if contiguous and g < K:
         blocksize = max(g, (blocksize // g) * g)  # blocks made of whole groups
 
-    if static_groups:  # each group's block of H + damp I (the same values as slices of the whole sum)
+    if static_groups and groups is not None and gguf_type is None and groups[2] == damp:
+        # fitted by gptq_static_groups while the factorisation ran (the same function on the same inputs); a
+        # dampening raised by a failed Cholesky since then makes them stale: fitted again below
+        if tuple(groups[0].shape) != (R, G) or tuple(groups[1].shape) != (R, G):
+            raise ValueError(f"groups: scales {tuple(groups[0].shape)} / zeros {tuple(groups[1].shape)}, expected "
+                             f"{(R, G)} for a weight of shape {(R, K)}")
+        scales, zeros = groups[0], groups[1]
+        fitted = [True] * G
+    elif static_groups:  # each group's block of H + damp I (the same values as slices of the whole sum)
         _fit_static_groups(grid, W_orig, H, damp, bounds, objective, scales, zeros)
         fitted = [True] * G
 
@@ -611,5 +682,5 @@ def layer_output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tenso
     return float(((E @ H.float()) * E).sum())
 
 
-__all__ = ["gptq_quantize", "gptq_factor", "GPTQResult", "refit_scales", "damped_inverse_cholesky", "layer_output_error",
+__all__ = ["gptq_quantize", "gptq_factor", "gptq_static_groups", "GPTQResult", "refit_scales", "damped_inverse_cholesky", "layer_output_error",
            "GROUP_OBJECTIVES"]

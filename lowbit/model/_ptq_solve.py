@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.awq import awq_search
-from lowbit.algorithms.gptq import GPTQResult, gptq_factor, gptq_quantize
+from lowbit.algorithms.gptq import GPTQResult, gptq_factor, gptq_quantize, gptq_static_groups
 from lowbit.algorithms.grid import columns
 
 from lowbit.model._ptq_blocks import _Stage, _install
@@ -157,31 +157,110 @@ def _layer_opts(opts: Dict[str, Any], name: str) -> Dict[str, Any]:
     return {**opts, "gguf_type": t[name]}
 
 
+#: the options of :func:`gptq_static_groups` (a subset of :func:`gptq_quantize`'s)
+_FIT_KEYS = ("blocksize", "act_order", "group_objective", "n_grid", "max_shrink", "two_sided")
+
+
+def _fits_while_factoring(opts: Dict[str, Any], device: torch.device) -> bool:
+    """Whether the static groups are fitted while the Hessian is factored (:func:`_factor_and_fit`): affine grids
+    with static groups (the default), on a GPU (on the CPU nothing runs beside the factorisation, and the fits
+    would only move). ``LOWBIT_GPTQ_OVERLAP``: ``auto`` (default), ``1`` (also on the CPU, one after the other:
+    tests), ``0`` (off: the fits inside each solve, as before)."""
+    mode = os.environ.get("LOWBIT_GPTQ_OVERLAP", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"LOWBIT_GPTQ_OVERLAP={mode!r}: expected auto, 0 or 1")
+    if mode == "0" or not opts.get("static_groups", True) or opts.get("gguf_type") is not None \
+            or opts.get("grid") is not None:
+        return False
+    return mode == "1" or torch.device(device).type == "cuda"
+
+
+_FIT_STREAMS: Dict[Any, Any] = {}
+
+
+def _factor_and_fit(H: torch.Tensor, opts: Dict[str, Any], share, jobs, bits, group_size, sym):
+    """:func:`gptq_factor` of ``H``, and the static groups of the weights ``jobs`` (``{key: weight}``) as
+    :func:`gptq_static_groups` fits them, the fits queued while the Cholesky factorisation runs: on a GPU on a
+    side stream (the factorisation is one latency-bound cuSOLVER call, the fits elementwise work that needs no
+    factor: the two overlap), the caller's stream waiting for them afterwards. Returns ``(factor, {key: groups})``
+    for :func:`gptq_quantize`'s ``factor=`` and ``groups=``; the same functions on the same inputs as without
+    the overlap, so the same bits. A dampening raised by a failed Cholesky makes the fits stale:
+    :func:`gptq_quantize` then fits again."""
+    fits: Dict[Any, tuple] = {}
+    fit_opts = {k: opts[k] for k in _FIT_KEYS if k in opts}
+    state: Dict[str, Any] = {}
+
+    def fit_all(Hf, dead, damp):
+        for key, w in jobs.items():
+            fits[key] = gptq_static_groups(w, Hf, dead, damp, bits, group_size, sym, **fit_opts)
+
+    def during(Hf, dead, damp):  # called before the Cholesky is queued
+        if not jobs:
+            return None
+        if not Hf.is_cuda:
+            fit_all(Hf, dead, damp)
+            return None
+        main = torch.cuda.current_stream(Hf.device)
+        side = _FIT_STREAMS.get(Hf.device)
+        if side is None:
+            side = _FIT_STREAMS[Hf.device] = torch.cuda.Stream(Hf.device)
+        side.wait_stream(main)  # H, dead and the weights: queued before the Cholesky, which the side does not wait for
+        state["side"], state["main"] = side, main
+
+        def then():  # the Cholesky is queued on the caller's stream: the fits beside it
+            with torch.cuda.stream(side):
+                fit_all(Hf, dead, damp)
+
+        return then
+
+    factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True), share=share, inplace=True,
+                         during=during)
+    if "side" in state:
+        state["main"].wait_stream(state["side"])
+        for sc, z, _ in fits.values():  # made on the side stream, read (and freed) on the caller's
+            sc.record_stream(state["main"])
+            z.record_stream(state["main"])
+    return factor, fits
+
+
 def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, sym, opts) -> None:
     """GPTQ each linear of the stage on the stage's shared Hessian. In a data-parallel run the
     stage's rows are spread over the ranks (:func:`_row_pieces`; ``LOWBIT_DP_SPLIT=units``: whole
-    linears, round robin), every rank solves all its pieces first, then the pieces are broadcast."""
-    H = stage.stats.hessian_as(torch.float32).to(modules[stage.names[0]].weight.device)
+    linears, round robin), every rank solves all its pieces first, then the pieces are broadcast.
+    On a GPU the static groups of this rank's weights are fitted while the Hessian is factored
+    (:func:`_factor_and_fit`)."""
+    dev = modules[stage.names[0]].weight.device
+    H = stage.stats.hessian_as(torch.float32).to(dev)
     stage.stats = None  # the float64 sums are not needed any more (the pipelines hold no other reference)
     from lowbit.model.distributed import broadcast_tensors, is_active, rank_world, shared_chunks
 
     # a data-parallel run shares out the factorisation's triangular solves (LOWBIT_DP_FACTOR=every: each rank all)
     share = shared_chunks if is_active() and os.environ.get("LOWBIT_DP_FACTOR", "shared") != "every" else None
-    factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True), share=share, inplace=True)
-    H = factor[0]  # the same matrix (dead inputs set), handed to gptq_quantize for its shape checks
-
-    if is_active() and opts.get("gguf_type") is None:  # plain tensors: broadcast them directly
+    overlap = _fits_while_factoring(opts, dev)
+    rows_split = is_active() and opts.get("gguf_type") is None
+    batches, jobs = [], {}
+    if rows_split:
         rank, world = rank_world()
         if os.environ.get("LOWBIT_DP_SPLIT", "rows") == "units":
             pieces = [(n, 0, modules[n].weight.shape[0], _solve_owner(i)) for i, n in enumerate(stage.names)]
         else:
             pieces = _row_pieces(stage, modules, world)
-        mine = {}
         for batch in _solve_batches([(j, p) for j, p in enumerate(pieces) if p[3] == rank]):
-            # solve first: the ranks work at the same time; a rank's pieces in one call where the rows allow
+            # a rank's pieces in one call where the rows allow
             ws = [modules[n].weight.detach()[lo:hi] for _, (n, lo, hi, _) in batch]
-            stacked = ws[0] if len(ws) == 1 else torch.cat(ws)
-            res = gptq_quantize(stacked, H, bits, group_size, sym, factor=factor, **opts)
+            batches.append((batch, ws, ws[0] if len(ws) == 1 else torch.cat(ws)))
+        if overlap:
+            jobs = {bi: b[2] for bi, b in enumerate(batches)}
+    elif overlap:  # one process (a data-parallel run without the row split has a gguf_type: no overlap)
+        jobs = {n: modules[n].weight.detach() for n in stage.names}
+    factor, fits = _factor_and_fit(H, opts, share, jobs, bits, group_size, sym)
+    H = factor[0]  # the same matrix (dead inputs set), handed to gptq_quantize for its shape checks
+
+    if rows_split:  # plain tensors: broadcast them directly
+        mine = {}
+        for bi, (batch, ws, stacked) in enumerate(batches):
+            # solve first: the ranks work at the same time, then exchange
+            res = gptq_quantize(stacked, H, bits, group_size, sym, factor=factor, groups=fits.pop(bi, None), **opts)
             off = 0
             for (j, _), w in zip(batch, ws):
                 r = w.shape[0]
@@ -221,6 +300,7 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
     for i, n in enumerate(stage.names):
         w = modules[n].weight.detach()
         res = _on_owner(_solve_owner(i), lambda w=w, n=n: gptq_quantize(w, H, bits, group_size, sym, factor=factor,
+                                                                        groups=fits.pop(n, None),
                                                                         **_layer_opts(opts, n)))
         dev = w.device
         res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)

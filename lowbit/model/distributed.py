@@ -36,7 +36,14 @@ def _sync() -> None:
     """Wait for the work queued on this thread's current CUDA stream (around the collectives, which it orders, and
     for their timing in :data:`COMM_SECONDS`). Not ``torch.cuda.synchronize()``: that also waits for the pipeline's
     background block copies on their side stream (the next block to the device, the last one home: about 0.1 s per
-    8B block from pageable memory), which then no longer overlap the calibration (run 10)."""
+    8B block from pageable memory), which then no longer overlap the calibration (run 10).
+
+    ``LOWBIT_DP_SYNC=0`` (an experiment after run 11, not measured): no host wait at all; NCCL's collectives are
+    ordered on the streams by torch (the current stream waits for them without blocking the host, the tensors are
+    kept until they finish), so the host can queue work ahead of the GPU as in one process; :data:`COMM_SECONDS`
+    then counts the host's time in the calls only."""
+    if os.environ.get("LOWBIT_DP_SYNC", "1") == "0":
+        return
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.current_stream().synchronize()
 
@@ -98,6 +105,14 @@ def sum_in_rank_order(t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
     _sync()
     t0 = time.perf_counter()
+    # LOWBIT_DP_REDUCE=pair: two ranks exchange their sums in one send/recv (run 11: 0.51 s over the 8B shape's 32
+    # layers, the first exchange's communicator set-up included, against the broadcasts' 0.47 s in run 10: no gain
+    # measured, so the broadcasts stay the default)
+    if dist.get_world_size() == 2 and os.environ.get("LOWBIT_DP_REDUCE", "loop") == "pair":
+        out = _pair_sum(t, inplace)
+        _sync()
+        COMM_SECONDS["reduce"] += time.perf_counter() - t0
+        return out
     out = None
     rank = dist.get_rank()
     own = t.contiguous() if inplace else None
@@ -116,6 +131,28 @@ def sum_in_rank_order(t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     _sync()
     COMM_SECONDS["reduce"] += time.perf_counter() - t0
     return out
+
+
+def _pair_sum(t: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """:func:`sum_in_rank_order` of two ranks in one exchange: each rank sends its tensor to the other and receives
+    the other's at the same time (both directions of the link at once, where two broadcasts sent one after the
+    other), then both compute ``t_0 + t_1`` with rank 0's tensor as the left operand: the same operation on the same
+    operands, so the same bits on both ranks and as the broadcast loop. Two copies per rank at most, as there."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    own = t.contiguous()
+    if not inplace and own.data_ptr() == t.data_ptr():
+        own = own.clone()  # the caller keeps t: the sum goes elsewhere
+    other = torch.empty_like(own)
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, own, 1 - rank), dist.P2POp(dist.irecv, other, 1 - rank)])
+    for r in reqs:
+        r.wait()
+    if rank == 0:
+        own += other  # t_0 + t_1
+        return own
+    other += own  # t_0 + t_1 (rank 0's tensor on the left, as on rank 0)
+    return other
 
 
 def min_over_ranks(x: int) -> int:
@@ -182,10 +219,26 @@ def all_gather_bytes(payload: torch.Tensor, sizes: List[int]) -> List[torch.Tens
     return [o[:sizes[r]] for r, o in enumerate(outs)]
 
 
+def chunk_owners(spans: List[Tuple[int, int]], K: int, world: int) -> List[int]:
+    """The rank that computes each triangular-inverse chunk ``(a, b)`` of a ``K x K`` factor: the chunks by cost
+    (a triangular solve of ``K - a`` rows for ``b - a`` columns: ``(K - a)^2 (b - a)``), the largest first, each to
+    the rank with the least work so far (ties: the lower chunk, the lower rank). Round robin gave rank 0 the first
+    chunk of every pair, the widest: 60% of the work at K = 14336 in 2048-column chunks (this: 50%). The same list
+    on every rank; who computes a chunk does not change its bits."""
+    load = [0] * world
+    owners = [0] * len(spans)
+    for i in sorted(range(len(spans)), key=lambda j: (-(K - spans[j][0]) ** 2 * (spans[j][1] - spans[j][0]), j)):
+        a, b = spans[i]
+        r = min(range(world), key=lambda q: (load[q], q))
+        owners[i] = r
+        load[r] += (K - a) ** 2 * (b - a)
+    return owners
+
+
 def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int]]) -> None:
-    """The ``share`` of :func:`lowbit.algorithms.gptq.lower_triangular_inverse` in a data-parallel run: chunk
-    ``i`` of the triangular inverse is computed by rank ``i % world`` (the same function as in one process, so
-    the same bits) and broadcast from there. Every rank factors every stage's Hessian otherwise; this shares out
+    """The ``share`` of :func:`lowbit.algorithms.gptq.lower_triangular_inverse` in a data-parallel run: each chunk
+    of the triangular inverse is computed by one rank (:func:`chunk_owners`, balanced by cost; the same function as
+    in one process, so the same bits) and broadcast from there. Every rank factors every stage's Hessian otherwise; this shares out
     the triangular solves, about half of the ``"flip"`` factorisation's work."""
     from lowbit.algorithms.gptq import triangular_inverse_chunk
 
@@ -196,13 +249,14 @@ def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int
     import torch.distributed as dist
 
     rank, world = rank_world()
+    owners = chunk_owners(spans, L.shape[0], world)
     for i, (a, b) in enumerate(spans):  # every rank solves its chunks first: the ranks work at the same time
-        if i % world == rank:
+        if owners[i] == rank:
             out[a:, a:b] = triangular_inverse_chunk(L, a, b)
     _sync()
     t0 = time.perf_counter()
     for i, (a, b) in enumerate(spans):
-        owner = i % world
+        owner = owners[i]
         buf = out[a:, a:b].contiguous() if owner == rank else torch.empty(L.shape[0] - a, b - a, dtype=L.dtype,
                                                                            device=L.device)
         dist.broadcast(buf, src=owner)
@@ -234,4 +288,4 @@ def barrier() -> None:
 
 
 __all__ = ["is_active", "rank_world", "init_from_env", "local_device", "shard", "sum_in_rank_order",
-           "min_over_ranks", "broadcast_object", "barrier", "shared_chunks", "all_gather_bytes", "SAFE_ENV"]
+           "min_over_ranks", "broadcast_object", "barrier", "shared_chunks", "chunk_owners", "all_gather_bytes", "SAFE_ENV"]
