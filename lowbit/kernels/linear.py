@@ -766,7 +766,7 @@ def _cuda_int8_weights(state: QuantState):
     from lowbit.kernels import api
 
     if state.scheme == "int8" and state.layout == "channel" and state.axis == 0 and len(state.shape) == 2:
-        return api.prepare_int8(state)
+        return api.int8_codes(state)  # the stored codes (no signed copy on the device)
     return None
 
 

@@ -1,0 +1,170 @@
+"""Derived kernel layouts: what the GPU keeps beside the saved state, and that saving never sees them.
+
+* int8 weights with dynamic int8 activations read the stored uint8 codes (``code - 128`` = bit 7 flipped in the
+  GEMM's registers): no signed int8 copy of the weight is derived (``lowbit.kernels.api.int8_codes`` is a view);
+  the results equal those of the signed copy (``prepare_int8``), bit for bit.
+* saved bytes (``state_dict``) are identical before and after the kernels prepared their layouts, on the CPU and
+  on CUDA (CUDA-marked tests), and after moving back to the CPU.
+* with ``TRITON_INTERPRET=1`` and Triton installed, the scaled GEMM itself (plain and TMA variants) on uint8 codes
+  against the int8 copy.
+"""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.kernels import api, reference
+from lowbit.nn import Linear4bit, QLinear
+from lowbit.tensor.functional import quantize_tensor
+
+
+def _int8_state(n=48, k=96, seed=0):
+    torch.manual_seed(seed)
+    return lowbit.quantize(torch.randn(n, k), "int8", axis=0)
+
+
+def test_int8_codes_is_a_view_of_the_stored_codes():
+    st = _int8_state()
+    codes, s = api.int8_codes(st)
+    assert codes.dtype == torch.uint8 and codes.shape == st.shape
+    assert codes.untyped_storage().data_ptr() == st.data.untyped_storage().data_ptr()  # no copy
+    assert api.int8_codes(st)[0] is codes  # cached on the state
+    w8, s8 = api.prepare_int8(st)
+    assert torch.equal(api.signed_int8(codes), w8) and torch.equal(s, s8)
+    assert api.signed_int8(w8) is w8
+    with pytest.raises(ValueError, match="symmetric int8 per-channel"):
+        api.int8_codes(lowbit.quantize(torch.randn(8, 64), "int8", 64))
+
+
+def test_int8_linear_dynamic_codes_equal_signed_copy_cpu():
+    st = _int8_state(40, 64, 1)
+    x = torch.randn(3, 5, 64)
+    b = torch.randn(40)
+    got = api.int8_linear_dynamic(x, st, b)
+    want = reference.int8_linear_dynamic(x, *api.prepare_int8(st), b)
+    assert torch.equal(got, want)
+    assert torch.equal(api.int8_linear_dynamic(x, api.int8_codes(st), b), want)
+    # the op under torch.compile takes the codes too (its reference branch converts them)
+    from lowbit.kernels import ops  # noqa: F401
+
+    assert torch.equal(torch.ops.lowbit.int8_linear_dynamic(x, *api.int8_codes(st), b), want)
+
+
+def _sd_bytes(module):
+    return {k: (v.dtype, tuple(v.shape), v.detach().cpu().contiguous().view(torch.uint8).clone())
+            for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][0] == b[k][0] and a[k][1] == b[k][1] and torch.equal(a[k][2], b[k][2]), k
+
+
+def _lin(n=64, k=128, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n)
+
+
+def _module_zoo():
+    out = []
+    for qt in ("nf4", "int4"):
+        m = Linear4bit.from_module(_lin(), quant_type=qt)
+        m.freeze()
+        out.append(m)
+    for w, act in (("qint4", None), ("qint8", None), ("qint8", "qint8"), ("qfloat8", "qfloat8")):
+        m = QLinear.from_module(_lin(), weights=w, activations=act, act_dynamic=act is not None)
+        m.freeze()
+        out.append(m)
+    for scheme, kw in (("q4_0", {}), ("q8_0", {}), ("int4_asym", dict(group_size=32, scale_dtype=torch.float16))):
+        lin = _lin()
+        out.append(QLinear.from_quant_state(lin, quantize_tensor(lin.weight.detach(), scheme, **kw)))
+    return out
+
+
+def test_saved_bytes_unchanged_by_kernel_preparation_cpu():
+    for m in _module_zoo():
+        before = _sd_bytes(m)
+        with torch.no_grad():
+            for M in (1, 40):
+                m(torch.randn(M, 128))
+        _same(before, _sd_bytes(m))
+
+
+@pytest.mark.cuda
+def test_saved_bytes_unchanged_by_kernel_preparation_cuda():
+    for m in _module_zoo():
+        before = _sd_bytes(m)
+        g = copy.deepcopy(m).cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            for M in (1, 3, 40, 300):
+                g(torch.randn(M, 128, device="cuda", dtype=torch.bfloat16))
+        after = _sd_bytes(g)
+        for k in list(before):  # the float bias follows .to(bfloat16); the packed state does not
+            if k.endswith("bias"):
+                before.pop(k), after.pop(k)
+        _same(before, after)
+        _same(before, {k: v for k, v in _sd_bytes(g.cpu()).items() if not k.endswith("bias")})
+
+
+@pytest.mark.cuda
+def test_int8_dynamic_module_keeps_no_signed_copy_cuda():
+    pytest.importorskip("triton")
+    from lowbit.kernels.api import _CACHE_ATTR
+
+    m = QLinear.from_module(_lin(384, 512), weights="qint8", activations="qint8", act_dynamic=True)
+    m.freeze()
+    m = m.cuda().to(torch.bfloat16)
+    st = m.qstate
+    for M in (1, 4, 17, 300):
+        x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = m(x)
+        want = api.int8_linear_dynamic(x, api.prepare_int8(st), m.bias)  # the signed copy, made for comparison
+        assert torch.equal(y, want), f"M={M}"
+    own = {t.untyped_storage().data_ptr() for t in (st.data, st.scales) if t is not None}
+    cache = st.__dict__[_CACHE_ATTR]
+    for key, entry in cache.items():
+        if key == "int8":
+            continue  # prepare_int8 called by this test itself
+        for t in (entry[2] if isinstance(entry[2], tuple) else ()):
+            if isinstance(t, torch.Tensor) and t.numel() >= st.numel:
+                assert t.untyped_storage().data_ptr() in own, f"{key}: a derived copy of the weight"
+
+
+def _interp_index_fix(monkeypatch):
+    """numpy >= 2.4 refuses int() of a one-element 1-d array, which the Triton interpreter's tensor.__index__ does
+    (``range(0, tl.cdiv(K, BK))`` in a kernel): take the element."""
+    import triton.runtime.interpreter as interp
+
+    orig = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")
+@pytest.mark.parametrize("M,N,K,cfg", [(1, 64, 128, (16, 64, 64, 8, 4, 2)), (5, 96, 200, (16, 32, 64, 8, 4, 2)),
+                                       (40, 64, 256, (32, 64, 64, 8, 4, 2, "tma"))])
+def test_scaled_gemm_reads_uint8_codes_interpreter(monkeypatch, M, N, K, cfg):
+    pytest.importorskip("triton")
+    _interp_index_fix(monkeypatch)
+    from lowbit.kernels.triton import scaled_gemm as sg
+
+    torch.manual_seed(M)
+    q, sx = sg.quantize_rows(torch.randn(M, K), False)
+    codes = torch.randint(0, 256, (N, K), dtype=torch.uint8)
+    sw, bias = torch.rand(N) + 0.1, torch.randn(N)
+    a = sg.scaled_gemm(q, api.signed_int8(codes), sx, sw, bias, torch.float32, cfg)
+    b = sg.scaled_gemm(q, codes, sx, sw, bias, torch.float32, cfg)
+    assert torch.equal(a, b)
+    ref = reference._rescale((q.double() @ api.signed_int8(codes).double().T).float(), sx, sw, bias, torch.float32)
+    torch.testing.assert_close(b, ref, rtol=1e-6, atol=1e-5)
+    with pytest.raises(TypeError, match="int8 activations"):
+        sg.scaled_gemm(q.float().to(torch.float8_e4m3fn), codes, sx, sw, bias, torch.float32, cfg)
