@@ -168,3 +168,125 @@ def test_scaled_gemm_reads_uint8_codes_interpreter(monkeypatch, M, N, K, cfg):
     torch.testing.assert_close(b, ref, rtol=1e-6, atol=1e-5)
     with pytest.raises(TypeError, match="int8 activations"):
         sg.scaled_gemm(q.float().to(torch.float8_e4m3fn), codes, sx, sw, bias, torch.float32, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF blocks held only in the kernel layout (lowbit.kernels.linear.ResidentState)
+
+
+def _gguf_state(scheme, n=64, k=128, seed=0):
+    torch.manual_seed(seed)
+    return quantize_tensor(torch.randn(n, k) * 0.05, scheme)
+
+
+def _make_resident_cpu(st):
+    """What prepare_linear does on CUDA, done on the CPU (the same functions)."""
+    from lowbit.kernels import linear as L
+
+    p = L._prepare_gguf(st)
+    L._store(st, "linear", p)
+    L._make_resident(st, p)
+    return p
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_1", "q8_0"])
+def test_gguf_resident_layout_replaces_the_blocks_and_gives_them_back(scheme):
+    from lowbit.kernels import linear as L
+
+    st = _gguf_state(scheme)
+    orig = st.data.clone()
+    nbytes = st.nbytes
+    p = _make_resident_cpu(st)
+    assert type(st) is L.ResidentState
+    assert st.__dict__["data"] is p.words  # the blocks are no longer held: the layout is the storage
+    assert st.nbytes == nbytes and st.device == orig.device and st.shape == (64, 128)
+    assert L._cached(st, "linear") is p
+    sd = st.state_dict("w.")  # reading data gives the blocks back, bit for bit, and the state is plain again
+    assert type(st) is lowbit.QuantState and L._cached(st, "linear") is None
+    assert torch.equal(sd["w.data"], orig) and sd["w.data"].dtype == torch.uint8
+    # every way out sees the original blocks
+    for get in (lambda s: s.to("cpu").data, lambda s: copy.deepcopy(s).data, lambda s: s.cpu().data,
+                lambda s: __import__("pickle").loads(__import__("pickle").dumps(s)).data,
+                lambda s: lowbit.dequantize(s)):
+        _make_resident_cpu(st)
+        got = get(st)
+        want = orig if got.dtype == torch.uint8 else lowbit.dequantize(_gguf_state(scheme))
+        assert torch.equal(got, want)
+    # an in-place edit through .data reaches the stored blocks (the calibration's scale_rows does this)
+    _make_resident_cpu(st)
+    st.data.copy_(torch.zeros_like(orig))
+    assert type(st) is lowbit.QuantState and int(st.data.sum()) == 0
+
+
+def test_gguf_resident_module_saves_identical_files(tmp_path):
+    from lowbit.io import native
+    from lowbit.kernels import linear as L
+
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    lowbit.quantize(model, weights="q4_0")
+    lowbit.freeze(model)
+    native.save(model, tmp_path / "a")
+    states = [m.qstate for m in model.modules() if getattr(m, "qstate", None) is not None]
+    assert states
+    for st in states:
+        _make_resident_cpu(st)
+        assert type(st) is L.ResidentState
+    native.save(model, tmp_path / "b")
+    files = sorted(f.name for f in (tmp_path / "a").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "b").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_gguf_resident_keeps_the_blocks_when_not_invertible():
+    from lowbit.kernels import linear as L
+
+    st = _gguf_state("q4_0")
+    raw = st.data.clone()
+    raw[0, 0:2] = torch.tensor([0x01, 0x7D], dtype=torch.uint8)  # a signalling-NaN fp16 scale (payload 0x101)
+    st.data = raw
+    p = L._prepare_gguf(st)
+    L._store(st, "linear", p)
+    L._make_resident(st, p)
+    # either the payload survived float32 and back (then the state is resident and gives it back) or it stayed
+    assert torch.equal(st.data, raw)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_1", "q8_0"])
+def test_gguf_resident_on_cuda(scheme, monkeypatch):
+    pytest.importorskip("triton")
+    from lowbit.kernels import linear as L
+
+    lin = _lin(384, 512)
+    cpu = QLinear.from_quant_state(lin, quantize_tensor(lin.weight.detach(), scheme))
+    orig = _sd_bytes(cpu)
+    outs = {}
+    for resident in ("0", "1"):
+        monkeypatch.setenv("LOWBIT_GGUF_RESIDENT", resident)
+        g = copy.deepcopy(cpu).cuda().to(torch.bfloat16)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        res = []
+        for M in (1, 3, 16, 64, 300):
+            torch.manual_seed(M)
+            x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                res.append(g(x))
+        torch.cuda.synchronize()
+        grew = torch.cuda.memory_allocated() - before - sum(r.numel() * r.element_size() for r in res)
+        outs[resident] = (res, grew, g)
+        assert (type(g.qstate) is L.ResidentState) == (resident == "1")
+    for a, b in zip(outs["0"][0], outs["1"][0]):
+        assert torch.equal(a, b)  # the same kernels on the same layout
+    blocks = cpu.qstate.data.numel()
+    assert outs["0"][1] >= blocks // 2  # the layout beside the blocks
+    assert outs["0"][1] - outs["1"][1] >= 0.9 * blocks  # resident: the blocks were freed
+    g = outs["1"][2]
+    after = {k: v for k, v in _sd_bytes(g).items() if not k.endswith("bias")}
+    _same({k: v for k, v in orig.items() if not k.endswith("bias")}, after)
+    assert type(g.qstate) is lowbit.QuantState  # state_dict gave the blocks back
+    with torch.no_grad():  # and the next call derives the layout again
+        x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(g(x), outs["0"][2](x))
+    assert type(g.qstate) is L.ResidentState

@@ -74,21 +74,24 @@ def _cached(state: QuantState, key: str):
     ptr, version, value = entry
     if torch.compiler.is_compiling():  # traced: layouts are prepared eagerly first (no pointer checks in graphs)
         return value
-    if ptr != state.data.data_ptr() or version != _versions(state):
+    if ptr != state.__dict__["data"].data_ptr() or version != _versions(state):
         return None
     return value
 
 
 def _store(state: QuantState, key: str, value):
     cache = state.__dict__.setdefault(_CACHE_ATTR, {})
-    cache[key] = (state.data.data_ptr(), _versions(state), value)
+    cache[key] = (state.__dict__["data"].data_ptr(), _versions(state), value)
     return value
 
 
 def _versions(state: QuantState) -> tuple:
-    """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts)."""
+    """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts).
+    The stored ``data`` tensor is read from the instance dict: on a state whose blocks live in a kernel layout
+    (:class:`lowbit.kernels.linear.ResidentState`) it is that layout's tensor (reading ``state.data`` would give
+    the blocks back)."""
     s, z = state.scales, state.zeros
-    v = (state.data._version, -1 if s is None else s._version, -1 if z is None else z._version)
+    v = (state.__dict__["data"]._version, -1 if s is None else s._version, -1 if z is None else z._version)
     n = state.nested
     if n is not None:
         v = v + (n.data._version, -1 if n.scales is None else n.scales._version, _offset_key(state))
