@@ -3,7 +3,7 @@
 For each variant of ``bench/user_decode.py`` (the same ``build``), a Llama with the Llama-3-8B *proportions* scaled
 down (hidden 1024, intermediate 3584, GQA 8/2, 2 layers) is quantized on the CPU; then, per quantized linear, the
 layout the CUDA path derives on first use is built on the CPU from the same state (``_prepare_cuda`` /
-``prepare_int8_codes``, exactly the functions the CUDA path calls: what they allocate there they allocate here) and
+``int8_codes``, exactly the functions the CUDA path calls: what they allocate there they allocate here) and
 its tensors are split into storages shared with the state (views: no bytes) and new storages (a derived copy on
 the GPU). Bytes per weight are then projected to the 8 layers of the Llama-3-8B shape of ``user_decode.md``
 (1,744,830,464 linear weights).
@@ -51,37 +51,46 @@ def _storages(ts):
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts if t is not None}
 
 
-def account(model):
+def _state_tensors(st):
+    ts = [st.__dict__["data"], st.scales, st.zeros]
+    if st.nested is not None:
+        ts += [st.nested.data, st.nested.scales]
+    return ts
+
+
+def account(model, resident: bool):
+    """(weights, bytes of the states as saved, bytes held on the GPU once prepared, {new tensor kind: bytes})."""
+    from lowbit.kernels import api
     from lowbit.kernels import linear as L
     from lowbit.nn.base import quantized_modules
 
-    saved = derived = weights = 0
+    saved = held = weights = 0
     parts = {}
     for _, m in quantized_modules(model):
         st = m.qstate
         if st is None:
             continue
         weights += st.numel
-        own = _storages([st.data, st.scales, st.zeros] + ([st.nested.data, st.nested.scales] if st.nested else []))
+        own = _storages(_state_tensors(st))
         saved += sum(own.values())
         act = m._kernel_act() if hasattr(m, "_kernel_act") else None
         if act == "int8":
             prep = L._cuda_int8_weights(st)
         elif act == "fp8":
-            from lowbit.kernels import api
-
             prep = api.prepare_fp8(st)
         else:
             prep = L._prepare_cuda(st)
-        new = {k: v for k, v in _storages(_tensors(prep)).items() if k not in own}
+            if st.layout == "gguf" and prep is not None and resident:  # what prepare_linear does on CUDA
+                L._store(st, "linear", prep)
+                L._make_resident(st, prep)
+        now = _storages(_state_tensors(st) + _tensors(prep))
+        held += sum(now.values())
         for t in _tensors(prep):
             k = t.untyped_storage().data_ptr()
-            if k in new:
-                name = f"{t.dtype} {'x'.join(map(str, t.shape[1:])) or 'vec'}"
-                parts[name] = parts.get(name, 0) + t.untyped_storage().nbytes()
-                new.pop(k)
-                derived += t.untyped_storage().nbytes()
-    return weights, saved, derived, parts
+            if k not in own and k in now:
+                name = f"{t.dtype} {'x'.join(map(str, t.shape[1:])) or 'vec'}".replace("torch.", "")
+                parts[name] = parts.get(name, 0) + now.pop(k)
+    return weights, saved, held, parts
 
 
 def main(argv=None):
@@ -100,23 +109,29 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for short in args.only.split(","):
             name = ud.SHORT[short]
-            model = ud.build(name, master, Path(tmp) / short)
-            w, s, d, parts = account(model)
-            rows.append((name, w, s, d, parts))
-            print(name, w, s, d, parts, flush=True)
+            for resident in ((False, True) if short == "gguf" else (True,)):
+                model = ud.build(name, master, Path(tmp) / short)
+                w, s, h, parts = account(model, resident)
+                label = name + ("" if short != "gguf" else " (layout replaces the blocks)" if resident
+                                else " (LOWBIT_GGUF_RESIDENT=0: blocks + layout, as before)")
+                rows.append((label, w, s, h, parts))
+                print(label, w, s, h, parts, flush=True)
     lines = ["# Derived CUDA layouts beside the saved state, per variant (CPU accounting)", "",
              "Written by `python bench/derived_memory.py` (numbers from the run, never edited). Each variant of "
              "`bench/user_decode.py` built on the CPU at the Llama-3-8B proportions scaled down (hidden 1024, "
              "intermediate 3584, GQA 8/2, 2 layers); per quantized linear, the layout the CUDA path derives on first "
-             "use is built from the same state by the same functions, and its storages not shared with the state "
-             "are counted (what the GPU holds beside the state). GB = bytes per weight x the 1,744,830,464 linear "
-             "weights of the 8-layer Llama-3-8B model of `user_decode.md`.", "",
-             "| variant | state B/weight | derived B/weight | state GB (8 layers) | derived GB (8 layers) | derived "
-             "tensors (dtype, trailing shape: bytes over this model) |", "|---|---|---|---|---|---|"]
-    for name, w, s, d, parts in rows:
+             "use is built from the same state by the same functions (GGUF: and made to replace the blocks, as "
+             "`prepare_linear` does on CUDA), and the distinct storages the GPU then holds are counted: the state's "
+             "own tensors plus the layout's new ones. GB = bytes per weight x the 1,744,830,464 linear weights of "
+             "the 8-layer Llama-3-8B model of `user_decode.md`.", "",
+             "| variant | saved state B/weight | held on the GPU B/weight | extra B/weight | saved GB (8 layers) | "
+             "held GB (8 layers) | extra GB (8 layers) | new tensors of the layout (dtype, trailing shape: bytes "
+             "over this model) |", "|---|---|---|---|---|---|---|---|"]
+    for name, w, s, h, parts in rows:
         desc = "; ".join(f"{k}: {v}" for k, v in parts.items()) or "none (views of the state)"
-        lines.append(f"| {name} | {s / w:.4f} | {d / w:.4f} | {s / w * WEIGHTS_8L / 1e9:.3f} | "
-                     f"{d / w * WEIGHTS_8L / 1e9:.3f} | {desc} |")
+        g = WEIGHTS_8L / w / 1e9
+        lines.append(f"| {name} | {s / w:.4f} | {h / w:.4f} | {(h - s) / w:+.4f} | {s * g:.3f} | {h * g:.3f} | "
+                     f"{(h - s) * g:+.3f} | {desc} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -290,3 +290,29 @@ def test_gguf_resident_on_cuda(scheme, monkeypatch):
         x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(g(x), outs["0"][2](x))
     assert type(g.qstate) is L.ResidentState
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")
+@pytest.mark.parametrize("act", ["int8"])
+def test_dynamic_hot_path_equals_the_api_interpreter(monkeypatch, act):
+    """The eager hot path of dynamic-activation modules (``_dyn_linear`` on the ``_DynLinear`` views) launches what
+    ``int8_linear_dynamic`` launches: equal outputs (Triton interpreter; fp8 kernels do not run in the interpreter,
+    the fp8 hot path is checked on CUDA by tests/test_kernels_modules_cuda.py)."""
+    pytest.importorskip("triton")
+    _interp_index_fix(monkeypatch)
+    from lowbit.kernels import linear as L
+
+    torch.manual_seed(0)
+    scheme = "int8" if act == "int8" else "fp8_e4m3"
+    st = lowbit.quantize(torch.randn(48, 128) * 0.1, scheme, axis=0)
+    pair = api.int8_codes(st) if act == "int8" else api.prepare_fp8(st)
+    d = L._DynLinear(act, *pair)
+    assert d.w.untyped_storage().data_ptr() == st.data.untyped_storage().data_ptr()
+    x = torch.randn(2, 3, 128).to(torch.float16)
+    bias = torch.randn(48).to(torch.float16)
+    got = L._dyn_linear(x, d, bias)
+    want = api._scaled_linear_triton(x, *pair, bias, fp8=act == "fp8")
+    assert got.shape == (2, 3, 48) and torch.equal(got, want)
+    ref = (reference.int8_linear_dynamic(x.float(), api.signed_int8(pair[0]), pair[1], bias.float()) if act == "int8"
+           else reference.fp8_linear_dynamic(x.float(), *pair, bias.float()))
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
