@@ -35,9 +35,14 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; variants after it are skipped")
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json", default=None)
     ap.add_argument("--label", default="")
+    ap.add_argument("--report", nargs="+", default=None, metavar="JSON", help="render these runs' JSON to --out")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "derived_memory_gpu.md"))
+    ap.add_argument("--note", action="append", default=[])
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report, Path(args.out), args.note)
     import lowbit
     from bench import user_decode as ud
 
@@ -83,6 +88,43 @@ def main(argv=None):
             rows.append(row)
             Path(args.json).write_text(json.dumps({"label": args.label, "layers": args.layers, "rows": rows},
                                                   indent=1))
+    return 0
+
+
+NAMES = {"bf16": "bf16", "bnb": "bitsandbytes nf4 (Params4bit default: absmax double-quantized)",
+         "nf4": "lowbit nf4 (method bnb-nf4: float32 absmax)", "gguf0": "lowbit GGUF Q4_0, blocks + kernel layout "
+         "(LOWBIT_GGUF_RESIDENT=0: as before)", "gguf1": "lowbit GGUF Q4_0, kernel layout replaces the blocks (now)",
+         "gguf": "lowbit GGUF Q4_0", "int8dyn": "lowbit int8-dynamic", "fp8": "lowbit fp8 dynamic"}
+
+
+def report(paths, out: Path, notes) -> int:
+    lines = ["# GPU memory of lowbit variants with and without derived layouts beside the state", "",
+             "Written by `python bench/derived_memory_gpu.py --report <run JSONs>` from runs of `bench/derived_memory_gpu.py` "
+             "(numbers from the runs, never edited). Eager `generate` (dynamic cache), batch 1, Llama-3-8B-shaped "
+             "layers with random bf16 weights, `lm_head` bf16. weight GB = `torch.cuda.memory_allocated()` once built; "
+             "requested GB = the allocator's `requested_bytes` (tensor sizes before rounding); tensor GB = distinct "
+             "live CUDA storages; peak GB = `max_memory_allocated` during the timed generates; resident GB = allocated "
+             "after them (derived layouts included: they are made at the first call).", ""]
+    for pth in paths:
+        d = json.loads(Path(pth).read_text())
+        lines += [f"## run `{d.get('label') or Path(pth).stem}` ({d['layers']} layers; lowbit from "
+                  f"`{next((r.get('lowbit') for r in d['rows'] if r.get('lowbit')), '?')}`)", "",
+                  "| variant | weight GB | requested GB | tensor GB | peak GB (generate) | resident GB after | "
+                  "resident − weight GB | decode tok/s (eager) | prefill 512 ms | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            if "weight_gb" not in r or "resident_gb" not in r:
+                lines.append(f"| {NAMES.get(r['variant'], r['variant'])} | | | | | | | | | "
+                             f"{r.get('error', 'not reached')} |")
+                continue
+            lines.append(f"| {NAMES.get(r['variant'], r['variant'])} | {r['weight_gb']:.3f} | {r['requested_gb']:.3f} | "
+                         f"{r['tensor_gb']:.3f} | {r['peak_gb']:.3f} | {r['resident_gb']:.3f} | "
+                         f"{r['resident_gb'] - r['weight_gb']:+.3f} | {r['decode']:.1f} | {r['prefill_ms']:.1f} | |")
+        lines.append("")
+    if notes:
+        lines += ["Notes (added when rendering, `--note`):", ""] + [f"- {n}" for n in notes]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 

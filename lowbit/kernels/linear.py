@@ -777,8 +777,11 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
             p.plans[key] = _DENSE  # a config this GPU cannot hold: dequantize + cuBLAS from now on
             return dense_linear(x, p, bias)
         return y.view(*x.shape[:-1], p.n)
-    from lowbit.kernels.triton.lowbit_mm import run_plan
+    run_plan = _RUN_PLAN[0]
+    if run_plan is None:  # imported once (an import statement per call costs ~0.5 us)
+        from lowbit.kernels.triton.lowbit_mm import run_plan
 
+        _RUN_PLAN[0] = run_plan
     if plan.tr:
         t = p.table2 if plan.pair else (p.table if p.table is not None else p.itable)
         if plan.tsc:
@@ -788,6 +791,9 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     else:
         y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     return y.view(*x.shape[:-1], p.n)
+
+
+_RUN_PLAN = [None]
 
 
 def prepared_linear_v1(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
