@@ -10,7 +10,8 @@ lowbit's direct launches (``lowbit_mm._launch``, ``gemv._launch``) and, for the 
 Triton launcher itself (``kernel[grid](...)`` of the activation quantization and the scaled GEMM; the launcher's
 own Python cost is then not in the figures) and ``torch._scaled_mm`` (fp8, backend native); the backend selection
 is asked for a CUDA device. The floor: an ``nn.Module`` call that only allocates the output (what any module
-costs before its kernel; ``F.linear`` on CUDA adds its own ATen / cuBLAS dispatch, not measurable here). Medians of rounds, rows interleaved; the box may be shared, so read the ratios.
+costs before its kernel) and ``nn.Linear(16, 16)`` in bf16 on the CPU (module call + ``F.linear`` dispatch with
+negligible math: ``F.linear``'s host cost; on CUDA its cuBLAS launch adds to it). Medians of rounds, rows interleaved; the box may be shared, so read the ratios.
 
     python bench/module_overhead.py [--out bench/results/module_overhead.md] [--compare REF]
 
@@ -160,15 +161,19 @@ def child(tree: str, rounds: int) -> dict:
     floor = _Floor()
     xm = torch.randn(1, 1, 4096, dtype=torch.bfloat16)
     res = {}
+    lin16 = nn.Linear(16, 16, bias=False, dtype=torch.bfloat16)
+    x16 = torch.randn(1, 1, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         for _ in range(rounds):
             res.setdefault(FLOOR, []).append(bench(lambda: floor(xm)))
+            res.setdefault(FLOOR2, []).append(bench(lambda: lin16(x16)))
             for name, m in rows.items():
                 res.setdefault(name, []).append(bench(lambda: m(x)))
     return res
 
 
 FLOOR = "floor: an nn.Module call that allocates the [1, 1, 4096] output (torch.empty)"
+FLOOR2 = "nn.Linear(16, 16) bf16 on the CPU (module call + F.linear dispatch; a 16 x 16 weight, negligible math)"
 
 
 class _Floor(nn.Module):
@@ -198,7 +203,7 @@ def main(argv=None):
                 raise RuntimeError(f"{label} child failed:\n{out.stderr[-3000:]}")
             for k, v in json.loads(line[0][7:]).items():
                 res.setdefault((label, k), []).extend(v)
-    names = [k for (lab, k) in res if lab == "now" and k != FLOOR]
+    names = [k for (lab, k) in res if lab == "now" and k not in (FLOOR, FLOOR2)]
     med = {k: statistics.median(v) for k, v in res.items()}
     fl = med[("now", FLOOR)]
     lines = ["# Host cost of one quantized linear module call on the CUDA path (CPU, launches stubbed)", "",
@@ -215,11 +220,14 @@ def main(argv=None):
             b, a = med[("before", n)], med[("now", n)]
             lines.append(f"| {n} | {b:.1f} | {a:.1f} | {a / b:.2f} | {a - fl:.1f} |")
         lines.append(f"| {FLOOR} | {med[('before', FLOOR)]:.1f} | {fl:.1f} | | |")
+        lines.append(f"| {FLOOR2} | {med[('before', FLOOR2)]:.1f} | {med[('now', FLOOR2)]:.1f} | | "
+                     f"{med[('now', FLOOR2)] - fl:.1f} |")
     else:
         lines += ["| module | µs per call | − floor (µs) |", "|---|---|---|"]
         for n in names:
             lines.append(f"| {n} | {med[('now', n)]:.1f} | {med[('now', n)] - fl:.1f} |")
         lines.append(f"| {FLOOR} | {fl:.1f} | |")
+        lines.append(f"| {FLOOR2} | {med[('now', FLOOR2)]:.1f} | {med[('now', FLOOR2)] - fl:.1f} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -36,7 +36,10 @@ CPU
 
 Derived layouts are prepared once per state (first call, or :func:`prepare` ahead of a CUDA graph or
 ``torch.compile``), cached on the state object and invalidated when its data is replaced; nothing derived
-is ever written to a file.
+is ever written to a file. On the GPU none of them copies the weight's codes, except GGUF blocks (18-, 20- and
+34-byte blocks are not word aligned): there the repacked layout *replaces* the blocks (:class:`ResidentState`,
+exact and checked invertible when made), and reading ``state.data`` gives the blocks back bit for bit.
+Dynamic int8 activations read the stored uint8 codes directly (the weight is ``code - 128``).
 """
 from __future__ import annotations
 
