@@ -202,8 +202,12 @@ def test_gguf_resident_layout_replaces_the_blocks_and_gives_them_back(scheme):
     assert st.nbytes == nbytes and st.device == orig.device and st.shape == (64, 128)
     assert L._cached(st, "linear") is p
     sd = st.state_dict("w.")  # reading data gives the blocks back, bit for bit, and the state is plain again
-    assert type(st) is lowbit.QuantState and L._cached(st, "linear") is None
+    assert type(st) is lowbit.QuantState and st.__dict__["data"] is sd["w.data"]
     assert torch.equal(sd["w.data"], orig) and sd["w.data"].dtype == torch.uint8
+    assert L._cached(st, "linear") is p  # the layout stays valid (a CUDA graph may hold its pointers)
+    assert L.prepare_linear(st) is p and type(st) is L.ResidentState  # the next preparation: one copy again
+    assert st.__dict__["data"] is p.words
+    st.state_dict()
     # every way out sees the original blocks
     for get in (lambda s: s.to("cpu").data, lambda s: copy.deepcopy(s).data, lambda s: s.cpu().data,
                 lambda s: __import__("pickle").loads(__import__("pickle").dumps(s)).data,
@@ -216,6 +220,7 @@ def test_gguf_resident_layout_replaces_the_blocks_and_gives_them_back(scheme):
     _make_resident_cpu(st)
     st.data.copy_(torch.zeros_like(orig))
     assert type(st) is lowbit.QuantState and int(st.data.sum()) == 0
+    assert L._cached(st, "linear") is None  # the edit invalidated the layout
 
 
 def test_gguf_resident_module_saves_identical_files(tmp_path):
@@ -250,6 +255,15 @@ def test_gguf_resident_keeps_the_blocks_when_not_invertible():
     L._make_resident(st, p)
     # either the payload survived float32 and back (then the state is resident and gives it back) or it stayed
     assert torch.equal(st.data, raw)
+    if type(st) is lowbit.QuantState and L._cached(st, "linear") is p:  # not invertible: not tried on every call
+        calls = []
+        orig = L._gguf_blocks
+        try:
+            L._gguf_blocks = lambda *a: calls.append(1) or orig(*a)
+            L.prepare_linear(st)
+        finally:
+            L._gguf_blocks = orig
+        assert not calls
 
 
 @pytest.mark.cuda
@@ -283,13 +297,18 @@ def test_gguf_resident_on_cuda(scheme, monkeypatch):
     assert outs["0"][1] >= blocks // 2  # the layout beside the blocks
     assert outs["0"][1] - outs["1"][1] >= 0.9 * blocks  # resident: the blocks were freed
     g = outs["1"][2]
+    p = L._cached(g.qstate, "linear")
     after = {k: v for k, v in _sd_bytes(g).items() if not k.endswith("bias")}
     _same({k: v for k, v in orig.items() if not k.endswith("bias")}, after)
     assert type(g.qstate) is lowbit.QuantState  # state_dict gave the blocks back
-    with torch.no_grad():  # and the next call derives the layout again
-        x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    assert L._cached(g.qstate, "linear") is p  # the layout kept (same pointers: CUDA-graph safe)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
         assert torch.equal(g(x), outs["0"][2](x))
-    assert type(g.qstate) is L.ResidentState
+    L.prepare(g.qstate)  # one copy again
+    assert type(g.qstate) is L.ResidentState and L._cached(g.qstate, "linear") is p
+    with torch.no_grad():
+        assert torch.equal(g(x), outs["0"][2](x))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton interpreter)")

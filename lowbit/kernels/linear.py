@@ -561,10 +561,15 @@ def prepare_linear(state: QuantState) -> Optional[PreparedLinear]:
     GGUF blocks (Q4_0 / Q4_1 / Q8_0) are repacked for the kernels (18-, 20- and 34-byte blocks are not word
     aligned); the repacked layout then *replaces* the blocks on the device (:class:`ResidentState`): the GPU holds
     one copy of the weight, not two. Reading ``state.data`` (``state_dict``, saving, ``.to()``, dequantize) gives
-    the blocks back, bit for bit."""
+    the blocks back, bit for bit, and keeps them beside the layout until the next call of this function (or
+    :func:`prepare`) makes the layout the only copy again."""
     got = _cached(state, "linear")
     if got is not None:
-        return None if got is _NOT_APPLICABLE else got
+        if got is _NOT_APPLICABLE:
+            return None
+        if state.layout == "gguf" and type(state) is QuantState and resident_enabled():
+            _make_resident(state, got)  # the blocks were read back (e.g. saved) since: one copy again
+        return got
     p = _prepare_cuda(state) if state.device.type == "cuda" else None
     _store(state, "linear", _NOT_APPLICABLE if p is None else p)
     if p is not None and state.layout == "gguf" and resident_enabled():
@@ -599,10 +604,12 @@ def _gguf_blocks(scheme: str, p: PreparedLinear) -> torch.Tensor:
 class ResidentState(QuantState):
     """A CUDA GGUF state whose blocks live only in their kernel layout (:class:`PreparedLinear`: canonical nibbles /
     bytes as 32-bit words and float32 scales, made by :func:`prepare_linear`). The kernels read the layout; reading
-    ``data`` rebuilds the blocks (bit for bit: checked when the layout replaced them), turns the state back into a
-    plain :class:`~lowbit.tensor.state.QuantState` holding them and drops the layout (derived again by the next
-    kernel call), so ``state_dict``, saving, pickling, ``.to()`` and in-place edits of ``data`` see exactly the
-    state that was loaded. ``device`` and ``nbytes`` are answered without rebuilding."""
+    ``data`` rebuilds the blocks (bit for bit: checked when the layout replaced them) and turns the state back into
+    a plain :class:`~lowbit.tensor.state.QuantState` holding them, so ``state_dict``, saving, pickling, ``.to()``
+    and in-place edits of ``data`` see exactly the state that was loaded. The layout itself stays cached and valid
+    (a captured CUDA graph may hold its pointers: it is never freed under a live state): the blocks and the layout
+    are then both held, as without this class, until :func:`prepare_linear` / :func:`prepare` drops the blocks
+    again. ``device`` and ``nbytes`` are answered without rebuilding."""
 
     @property
     def data(self):
@@ -625,14 +632,15 @@ class ResidentState(QuantState):
 
 
 def _make_resident(state: QuantState, p: PreparedLinear) -> None:
-    if type(state) is not QuantState:
+    d = state.__dict__
+    if type(state) is not QuantState or d.get("_lowbit_not_invertible") is d["data"]:
         return
-    blocks = state.__dict__["data"]
+    blocks = d["data"]
     rebuilt = _gguf_blocks(state.scheme, p)
     if rebuilt.shape != blocks.shape or not torch.equal(rebuilt, blocks):  # e.g. a NaN scale's payload: keep both
+        d["_lowbit_not_invertible"] = blocks  # (not tried again for these blocks)
         return
     del rebuilt
-    d = state.__dict__
     d["_lowbit_blocks_nbytes"] = state.nbytes
     d["_lowbit_blocks_shape"] = tuple(blocks.shape)
     d["_lowbit_device"] = blocks.device
@@ -651,8 +659,8 @@ def _restore(state: QuantState) -> QuantState:
         d["data"] = blocks
         for k in ("_lowbit_blocks_nbytes", "_lowbit_blocks_shape", "_lowbit_device"):
             d.pop(k, None)
-        d[_CACHE_ATTR].pop("linear", None)
         state.__class__ = QuantState
+        _store(state, "linear", p)  # still the layout of these blocks (and possibly captured in a CUDA graph)
     return state
 
 
