@@ -157,7 +157,7 @@ def scaled_gemm(a, b, sa, sb, bias, out_dtype, config=None):
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     bias_arg = bias if bias is not None else sa
-    if len(config) > 6 and config[6] == "tma" and K % 16 == 0:
+    if len(config) > 6 and config[6] == "tma" and K % 16 == 0 and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
