@@ -99,7 +99,8 @@ NAMES = {"bf16": "bf16", "bnb": "bitsandbytes nf4 (Params4bit default: absmax do
 
 def report(paths, out: Path, notes) -> int:
     lines = ["# GPU memory of lowbit variants with and without derived layouts beside the state", "",
-             "Written by `python bench/derived_memory_gpu.py --report <run JSONs>` from runs of `bench/derived_memory_gpu.py` "
+             "Written by `python bench/derived_memory_gpu.py --report <run JSONs>` from runs of "
+             "`bench/derived_memory_gpu.py` "
              "(numbers from the runs, never edited). Eager `generate` (dynamic cache), batch 1, Llama-3-8B-shaped "
              "layers with random bf16 weights, `lm_head` bf16. weight GB = `torch.cuda.memory_allocated()` once built; "
              "requested GB = the allocator's `requested_bytes` (tensor sizes before rounding); tensor GB = distinct "
@@ -117,7 +118,8 @@ def report(paths, out: Path, notes) -> int:
                 lines.append(f"| {NAMES.get(r['variant'], r['variant'])} | | | | | | | | | "
                              f"{r.get('error', 'not reached')} |")
                 continue
-            lines.append(f"| {NAMES.get(r['variant'], r['variant'])} | {r['weight_gb']:.3f} | {r['requested_gb']:.3f} | "
+            lines.append(f"| {NAMES.get(r['variant'], r['variant'])} | {r['weight_gb']:.3f} | "
+                         f"{r['requested_gb']:.3f} | "
                          f"{r['tensor_gb']:.3f} | {r['peak_gb']:.3f} | {r['resident_gb']:.3f} | "
                          f"{r['resident_gb'] - r['weight_gb']:+.3f} | {r['decode']:.1f} | {r['prefill_ms']:.1f} | |")
         lines.append("")

@@ -11,7 +11,8 @@ Triton launcher itself (``kernel[grid](...)`` of the activation quantization and
 own Python cost is then not in the figures) and ``torch._scaled_mm`` (fp8, backend native); the backend selection
 is asked for a CUDA device. The floor: an ``nn.Module`` call that only allocates the output (what any module
 costs before its kernel) and ``nn.Linear(16, 16)`` in bf16 on the CPU (module call + ``F.linear`` dispatch with
-negligible math: ``F.linear``'s host cost; on CUDA its cuBLAS launch adds to it). Medians of rounds, rows interleaved; the box may be shared, so read the ratios.
+negligible math: ``F.linear``'s host cost; on CUDA its cuBLAS launch adds to it). Rows interleaved; the box
+may be shared, so read the ratios.
 
     python bench/module_overhead.py [--out bench/results/module_overhead.md] [--compare REF]
 
@@ -220,12 +221,14 @@ def main(argv=None):
              "`module(x)` at M = 1, bf16, 4096 x 4096, from `forward` down to the (stubbed) kernel launch; see the "
              "script's docstring for what is stubbed (for int8-/fp8-dynamic the Triton launcher itself is stubbed, "
              "so its own per-launch cost is not in the figures). Shared 2-core box: compare rows within the run; "
-             f"15 rounds x 400 calls per row (rows interleaved round by round) in each of {args.passes} child processes "
+             f"15 rounds x 400 calls per row (rows interleaved round by round) in each of {args.passes} child "
+             f"processes "
              f"per tree, processes alternating between the trees; the figures are the fastest round (the uncontended "
              f"cost: on this shared box a round that competes for its core reads about twice as long), medians "
              f"beside them. torch {torch.__version__}.", ""]
     if args.compare:
-        lines += ["| module | µs per call, before | µs per call, now | now / before | now − floor (µs) | medians: before "
+        lines += ["| module | µs per call, before | µs per call, now | now / before | now − floor (µs) | "
+                  "medians: before "
                   "/ now (µs) |", "|---|---|---|---|---|---|"]
         for n in names:
             b, a = med[("before", n)], med[("now", n)]

@@ -966,6 +966,21 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
                 if bias is not None and bias.dtype != x.dtype:
                     bias = bias.to(x.dtype)
                 return prepared_linear(x, p, bias)
+    elif x.is_cpu and act in _CPU_ACTS and not _is_compiling():
+        # hot path (CPU decode): the dense weight / int8 layout derived for this state, one dict lookup; the
+        # default selection (nothing chosen, LOWBIT_KERNELS unset) read inline (every call and frame here counts;
+        # an int8 layout exists only where cpu_has_vnni(), fixed per process)
+        entry = state.__dict__.get(_CACHE_ATTR)
+        entry = entry.get(_CPU_KEYS.get((act, x.dtype))) if entry else None
+        if (entry is not None and entry[0] == state.__dict__["data"].data_ptr() and entry[2] is not _NOT_APPLICABLE
+                and entry[1] == _versions(state) and x.shape[-1] == state.shape[1] and x.numel()
+                and ((not select._preference and select._ENV_DATA is not None
+                      and select._ENV_KEY not in select._ENV_DATA) or _cpu_backend_ok(act))):
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            if act is None:
+                return F.linear(x, entry[2], bias)
+            return _cpu_int8_dynamic(x, entry[2], bias)
     elif act is not None and x.is_cuda and not _is_compiling():
         # hot path (eager decode, dynamic int8 / fp8 activations): the views derived for this state, under the
         # default selection only (nothing chosen, LOWBIT_KERNELS unset; anything else takes the general path)
@@ -978,21 +993,6 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
             return _dyn_linear(x, entry[2], bias)
-    elif x.is_cpu and act in _CPU_ACTS and not _is_compiling():
-        # hot path (CPU decode): the dense weight / int8 layout derived for this state, one dict lookup; the
-        # default selection (nothing chosen, LOWBIT_KERNELS unset) read inline (every call and frame here counts;
-        # an int8 layout exists only where cpu_has_vnni(), fixed per process)
-        entry = state.__dict__.get(_CACHE_ATTR)
-        entry = entry.get(_CPU_KEYS.get((act, x.dtype))) if entry else None
-        if (entry is not None and entry[0] == state.data.data_ptr() and entry[2] is not _NOT_APPLICABLE
-                and entry[1] == _versions(state) and x.shape[-1] == state.shape[1] and x.numel()
-                and ((not select._preference and select._ENV_DATA is not None
-                      and select._ENV_KEY not in select._ENV_DATA) or _cpu_backend_ok(act))):
-            if bias is not None and bias.dtype != x.dtype:
-                bias = bias.to(x.dtype)
-            if act is None:
-                return F.linear(x, entry[2], bias)
-            return _cpu_int8_dynamic(x, entry[2], bias)
     if x.device != state.device or x.numel() == 0 or len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
         return None
     if bias is not None and bias.dtype != x.dtype:
