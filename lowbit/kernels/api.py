@@ -74,21 +74,24 @@ def _cached(state: QuantState, key: str):
     ptr, version, value = entry
     if torch.compiler.is_compiling():  # traced: layouts are prepared eagerly first (no pointer checks in graphs)
         return value
-    if ptr != state.data.data_ptr() or version != _versions(state):
+    if ptr != state.__dict__["data"].data_ptr() or version != _versions(state):
         return None
     return value
 
 
 def _store(state: QuantState, key: str, value):
     cache = state.__dict__.setdefault(_CACHE_ATTR, {})
-    cache[key] = (state.data.data_ptr(), _versions(state), value)
+    cache[key] = (state.__dict__["data"].data_ptr(), _versions(state), value)
     return value
 
 
 def _versions(state: QuantState) -> tuple:
-    """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts)."""
+    """In-place versions of every tensor of a state (an in-place edit of scales invalidates derived layouts).
+    The stored ``data`` tensor is read from the instance dict: on a state whose blocks live in a kernel layout
+    (:class:`lowbit.kernels.linear.ResidentState`) it is that layout's tensor (reading ``state.data`` would give
+    the blocks back)."""
     s, z = state.scales, state.zeros
-    v = (state.data._version, -1 if s is None else s._version, -1 if z is None else z._version)
+    v = (state.__dict__["data"]._version, -1 if s is None else s._version, -1 if z is None else z._version)
     n = state.nested
     if n is not None:
         v = v + (n.data._version, -1 if n.scales is None else n.scales._version, _offset_key(state))
@@ -444,6 +447,30 @@ def prepare_int8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     return _store(state, "int8", (w, _decoded_scales(state).to(state.device).contiguous()))
 
 
+def int8_codes(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(codes uint8 [N, K], scale float32 [N])`` of a symmetric int8 per-output-channel state: the stored codes
+    themselves (a view, no copy: the int8 weight is ``code - 128``, i.e. the code with bit 7 flipped, which the
+    Triton GEMM does in registers) and the scales. What the quantized modules use; :func:`prepare_int8` makes the
+    signed copy for callers that want one (``torch._int_mm``)."""
+    got = _cached(state, "int8u")
+    if got is not None:
+        return got
+    if state.scheme != "int8" or state.layout != "channel" or state.axis != 0 or len(state.shape) != 2:
+        raise ValueError(
+            f"int8 linear needs a symmetric int8 per-channel (axis=0) 2-D state, got scheme={state.scheme!r} "
+            f"layout={state.layout!r} axis={state.axis} shape={state.shape}"
+        )
+    N, K = state.shape
+    return _store(state, "int8u", (state.data.view(N, K), _decoded_scales(state).to(state.device).contiguous()))
+
+
+def signed_int8(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as int8: int8 as it is; lowbit's uint8 codes (implicit zero 128) as ``code - 128`` (a new tensor)."""
+    if w.dtype == torch.uint8:
+        return torch.bitwise_xor(w, 128).view(torch.int8)
+    return w
+
+
 def prepare_fp8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(w float8_e4m3fn [N, K], scale float32 [N])`` from an fp8_e4m3 per-output-channel state."""
     got = _cached(state, "fp8")
@@ -469,7 +496,10 @@ def int8_linear_dynamic(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = 
                         backend: Optional[str] = None) -> torch.Tensor:
     """W8A8: per-token dynamic int8 activations x int8 per-channel weights, rescale fused.
 
-    ``weight`` is an int8 per-channel QuantState or a prepared ``(w int8 [N, K], scale [N])`` pair.
+    ``weight`` is an int8 per-channel QuantState (its stored codes are read as they are: no int8 copy is kept),
+    a prepared ``(w int8 [N, K], scale [N])`` pair, or ``(codes uint8 [N, K], scale [N])`` as
+    :func:`int8_codes` gives (weight ``code - 128``). ``torch._int_mm`` (backend ``native``) takes int8 only:
+    there uint8 codes are converted per call (a transient copy of the weight).
     Numerics: :func:`lowbit.kernels.reference.int8_linear_dynamic`.
 
     Example::
@@ -478,19 +508,19 @@ def int8_linear_dynamic(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = 
         >>> int8_linear_dynamic(torch.randn(4, 128), st).shape
         torch.Size([4, 64])
     """
-    w, s = _weights(weight, prepare_int8)
+    w, s = _weights(weight, int8_codes)
     which = select.resolve("int8_linear", x.device, backend)
     M = x.numel() // x.shape[-1]
     if which == "native" and M <= 16:
         which = "triton" if select.available("triton", x.device) else "reference"  # _int_mm needs M > 16
     if which == "reference" or not x.is_cuda:
-        return reference.int8_linear_dynamic(x, w, s, bias)
+        return reference.int8_linear_dynamic(x, signed_int8(w), s, bias)
     if torch.compiler.is_compiling():
         return torch.ops.lowbit.int8_linear_dynamic(x, w, s, bias)
     if which == "native":
         from lowbit.kernels import native
 
-        return native.int8_linear_dynamic(x, w, s, bias)
+        return native.int8_linear_dynamic(x, signed_int8(w), s, bias)
     return _scaled_linear_triton(x, w, s, bias, fp8=False)
 
 

@@ -38,7 +38,10 @@ CPU
 
 Derived layouts are prepared once per state (first call, or :func:`prepare` ahead of a CUDA graph or
 ``torch.compile``), cached on the state object and invalidated when its data is replaced; nothing derived
-is ever written to a file.
+is ever written to a file. On the GPU none of them copies the weight's codes, except GGUF blocks (18-, 20- and
+34-byte blocks are not word aligned): there the repacked layout *replaces* the blocks (:class:`ResidentState`,
+exact and checked invertible when made), and reading ``state.data`` gives the blocks back bit for bit.
+Dynamic int8 activations read the stored uint8 codes directly (the weight is ``code - 128``).
 """
 from __future__ import annotations
 
@@ -555,13 +558,112 @@ def _prepare_cuda(state: QuantState) -> Optional[PreparedLinear]:
 
 
 def prepare_linear(state: QuantState) -> Optional[PreparedLinear]:
-    """The :class:`PreparedLinear` of a CUDA state (cached on it), or None where no fused kernel applies."""
+    """The :class:`PreparedLinear` of a CUDA state (cached on it), or None where no fused kernel applies.
+
+    GGUF blocks (Q4_0 / Q4_1 / Q8_0) are repacked for the kernels (18-, 20- and 34-byte blocks are not word
+    aligned); the repacked layout then *replaces* the blocks on the device (:class:`ResidentState`): the GPU holds
+    one copy of the weight, not two. Reading ``state.data`` (``state_dict``, saving, ``.to()``, dequantize) gives
+    the blocks back, bit for bit, and keeps them beside the layout until the next call of this function (or
+    :func:`prepare`) makes the layout the only copy again."""
     got = _cached(state, "linear")
     if got is not None:
-        return None if got is _NOT_APPLICABLE else got
+        if got is _NOT_APPLICABLE:
+            return None
+        if state.layout == "gguf" and type(state) is QuantState and resident_enabled():
+            _make_resident(state, got)  # the blocks were read back (e.g. saved) since: one copy again
+        return got
     p = _prepare_cuda(state) if state.device.type == "cuda" else None
     _store(state, "linear", _NOT_APPLICABLE if p is None else p)
+    if p is not None and state.layout == "gguf" and resident_enabled():
+        _make_resident(state, p)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF blocks held only in the kernel layout on the device
+
+
+def resident_enabled() -> bool:
+    """Whether prepared GGUF layouts replace the blocks on the device (``LOWBIT_GGUF_RESIDENT``, default on;
+    ``0`` keeps both: the blocks and the kernel layout)."""
+    return os.environ.get("LOWBIT_GGUF_RESIDENT", "1").strip() != "0"
+
+
+def _gguf_blocks(scheme: str, p: PreparedLinear) -> torch.Tensor:
+    """The GGUF block bytes ``[N, K / 32 * type_size]`` the layout ``p`` was derived from (exact inverse of
+    :func:`_prepare_gguf` for blocks whose fp16 scales survive float32 and back, i.e. every non-NaN scale)."""
+    from lowbit.formats import gguf
+
+    b = p.words.view(torch.uint8)
+    if p.bits == 4:  # canonical bytes (even element in the high nibble) -> codes
+        codes = torch.stack((b >> 4, b & 15), dim=-1).reshape(p.n, p.k)
+    else:
+        codes = b.reshape(p.n, p.k)
+    m = p.zeros.to(torch.float16) if p.kind == 3 else None
+    return gguf.pack_blocks(codes, p.scales.to(torch.float16), m, scheme)
+
+
+class ResidentState(QuantState):
+    """A CUDA GGUF state whose blocks live only in their kernel layout (:class:`PreparedLinear`: canonical nibbles /
+    bytes as 32-bit words and float32 scales, made by :func:`prepare_linear`). The kernels read the layout; reading
+    ``data`` rebuilds the blocks (bit for bit: checked when the layout replaced them) and turns the state back into
+    a plain :class:`~lowbit.tensor.state.QuantState` holding them, so ``state_dict``, saving, pickling, ``.to()``
+    and in-place edits of ``data`` see exactly the state that was loaded. The layout itself stays cached and valid
+    (a captured CUDA graph may hold its pointers: it is never freed under a live state): the blocks and the layout
+    are then both held, as without this class, until :func:`prepare_linear` / :func:`prepare` drops the blocks
+    again. ``device`` and ``nbytes`` are answered without rebuilding."""
+
+    @property
+    def data(self):
+        return _restore(self).__dict__["data"]
+
+    @data.setter
+    def data(self, value):
+        _restore(self).__dict__["data"] = value
+
+    @property
+    def device(self) -> torch.device:
+        return self._lowbit_device
+
+    @property
+    def nbytes(self) -> int:
+        return self.__dict__["_lowbit_blocks_nbytes"]
+
+    def __reduce_ex__(self, protocol):
+        return _restore(self).__reduce_ex__(protocol)
+
+
+def _make_resident(state: QuantState, p: PreparedLinear) -> None:
+    d = state.__dict__
+    if type(state) is not QuantState or d.get("_lowbit_not_invertible") is d["data"]:
+        return
+    blocks = d["data"]
+    rebuilt = _gguf_blocks(state.scheme, p)
+    if rebuilt.shape != blocks.shape or not torch.equal(rebuilt, blocks):  # e.g. a NaN scale's payload: keep both
+        d["_lowbit_not_invertible"] = blocks  # (not tried again for these blocks)
+        return
+    del rebuilt
+    d["_lowbit_blocks_nbytes"] = state.nbytes
+    d["_lowbit_blocks_shape"] = tuple(blocks.shape)
+    d["_lowbit_device"] = blocks.device
+    d["data"] = p.words  # what the kernel caches key on (pointer, in-place version) from now on
+    _store(state, "linear", p)
+    state.__class__ = ResidentState
+
+
+def _restore(state: QuantState) -> QuantState:
+    """A :class:`ResidentState` back to a plain state holding its GGUF blocks (rebuilt from the layout)."""
+    d = state.__dict__
+    if type(state) is ResidentState and "_lowbit_blocks_shape" in d:
+        entry = d[_CACHE_ATTR]["linear"]
+        p = entry[2]
+        blocks = _gguf_blocks(state.scheme, p).reshape(d["_lowbit_blocks_shape"])
+        d["data"] = blocks
+        for k in ("_lowbit_blocks_nbytes", "_lowbit_blocks_shape", "_lowbit_device"):
+            d.pop(k, None)
+        state.__class__ = QuantState
+        _store(state, "linear", p)  # still the layout of these blocks (and possibly captured in a CUDA graph)
+    return state
 
 
 def _pow2_divisor(g: int) -> int:
@@ -693,8 +795,11 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
             p.plans[key] = _DENSE  # a config this GPU cannot hold: dequantize + cuBLAS from now on
             return dense_linear(x, p, bias)
         return y.view(*x.shape[:-1], p.n)
-    from lowbit.kernels.triton.lowbit_mm import run_plan
+    run_plan = _RUN_PLAN[0]
+    if run_plan is None:  # imported once (an import statement per call costs ~0.5 us)
+        from lowbit.kernels.triton.lowbit_mm import run_plan
 
+        _RUN_PLAN[0] = run_plan
     if plan.tr:
         t = p.table2 if plan.pair else (p.table if p.table is not None else p.itable)
         if plan.tsc:
@@ -704,6 +809,9 @@ def prepared_linear(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Ten
     else:
         y = run_plan(plan, x2, p.words, p.scales, p.zeros, p.table2, bias, p.n, p.k, p.k // p.group, 32 // p.bits)
     return y.view(*x.shape[:-1], p.n)
+
+
+_RUN_PLAN = [None]
 
 
 def prepared_linear_v1(x: torch.Tensor, p: PreparedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -739,10 +847,12 @@ def _cuda_linear(x: torch.Tensor, state: QuantState, bias, act: Optional[str]) -
     if act == "int8":
         w = _cuda_int8_weights(state)
         if w is not None:
+            _prepare_dyn(state, act, w)
             return api.int8_linear_dynamic(x, w, bias)
         return None
     if act == "fp8":
         if state.scheme == "fp8_e4m3" and state.layout == "channel" and state.axis == 0 and len(state.shape) == 2:
+            _prepare_dyn(state, act, api.prepare_fp8(state))
             return api.fp8_linear_dynamic(x, state, bias)
         return None
     p = prepare_linear(state)
@@ -753,6 +863,60 @@ def _cuda_linear(x: torch.Tensor, state: QuantState, bias, act: Optional[str]) -
     else:
         w = api.dequantize(state, x.dtype)
     return F.linear(x, w, bias)
+
+
+class _DynLinear:
+    """What the eager hot path of a dynamic-activation linear (int8 / fp8 per-token activations) needs, derived once
+    per state (views of the state's tensors: no copy): the weight as stored (int8: the uint8 codes; fp8: the e4m3
+    bytes), its ``[K, N]`` view and ``[1, N]`` scales for ``torch._scaled_mm``, and the GEMM config per M."""
+
+    __slots__ = ("act", "fp8", "w", "wt", "sw", "swrow", "n", "k", "cfgs")
+
+    def __init__(self, act, w, sw):
+        self.act, self.fp8 = act, act == "fp8"
+        self.w, self.sw = w, sw
+        self.wt = w.t()
+        self.swrow = sw.float().view(1, -1)
+        self.n, self.k = w.shape
+        self.cfgs = {}
+
+
+_SCALED_MM = getattr(torch, "_scaled_mm", None)
+
+
+def _prepare_dyn(state: QuantState, act: str, pair) -> None:
+    from lowbit import _deps
+
+    if not _deps.available("triton"):  # the activation quantization of the hot path is a Triton kernel
+        return
+    got = _cached(state, "dyn")
+    if got is None or got is _NOT_APPLICABLE or got.act != act:
+        _store(state, "dyn", _DynLinear(act, *pair))
+
+
+def _dyn_linear(x: torch.Tensor, d: _DynLinear, bias) -> torch.Tensor:
+    """:func:`lowbit.kernels.int8_linear_dynamic` / :func:`~lowbit.kernels.fp8_linear_dynamic` under the default
+    selection (int8: the Triton scaled GEMM at every M; fp8: ``torch._scaled_mm`` for bf16, the Triton GEMM for
+    fp16), the same launches with the per-call Python trimmed (no selection, preparation or config lookups, no view
+    or dtype conversions of the weight or its scales)."""
+    from lowbit.kernels.triton import scaled_gemm as sg
+
+    x2 = x.reshape(-1, d.k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    q, sx = sg.quantize_rows(x2, d.fp8)
+    if d.fp8 and x.dtype == torch.bfloat16:
+        y = _SCALED_MM(q, d.wt, scale_a=sx.view(M, 1), scale_b=d.swrow, bias=bias, out_dtype=x.dtype,
+                       use_fast_accum=True)
+    else:
+        cfg = d.cfgs.get(M)
+        if cfg is None:
+            from lowbit.kernels.triton_configs import config_scaled
+
+            cfg = d.cfgs[M] = config_scaled(d.act, M)
+        y = sg.scaled_gemm(q, d.w, sx, d.sw, bias, x.dtype, cfg)
+    return y.view(*x.shape[:-1], d.n)
 
 
 def _cuda_linear_traced(x: torch.Tensor, state: QuantState, bias, act: Optional[str]):
@@ -773,7 +937,7 @@ def _cuda_int8_weights(state: QuantState):
     from lowbit.kernels import api
 
     if state.scheme == "int8" and state.layout == "channel" and state.axis == 0 and len(state.shape) == 2:
-        return api.prepare_int8(state)
+        return api.int8_codes(state)  # the stored codes (no signed copy on the device)
     return None
 
 
@@ -799,11 +963,13 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
         # hot path (eager decode): a prepared weight-only layout of this state, found with one dict lookup
         entry = state.__dict__.get(_CACHE_ATTR)
         entry = entry.get("linear") if entry else None
-        if entry is not None and entry[0] == state.data.data_ptr():
+        if entry is not None and entry[0] == state.__dict__["data"].data_ptr():
             p = entry[2]
             if (p is not _NOT_APPLICABLE and entry[1] == _versions(state) and x.dtype in _HALF
                     and x.device == state.device and x.shape[-1] == p.k and x.numel()
-                    and select.get_backend("gemm_4bit") != "reference"):
+                    and ((not select._preference and select._ENV_DATA is not None
+                          and select._ENV_KEY not in select._ENV_DATA)
+                         or select.get_backend("gemm_4bit") != "reference")):
                 if bias is not None and bias.dtype != x.dtype:
                     bias = bias.to(x.dtype)
                 return prepared_linear(x, p, bias)
@@ -813,7 +979,7 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
         # an int8 layout exists only where cpu_has_vnni(), fixed per process)
         entry = state.__dict__.get(_CACHE_ATTR)
         entry = entry.get(_CPU_KEYS.get((act, x.dtype))) if entry else None
-        if (entry is not None and entry[0] == state.data.data_ptr() and entry[2] is not _NOT_APPLICABLE
+        if (entry is not None and entry[0] == state.__dict__["data"].data_ptr() and entry[2] is not _NOT_APPLICABLE
                 and entry[1] == _versions(state) and x.shape[-1] == state.shape[1] and x.numel()
                 and ((not select._preference and select._ENV_DATA is not None
                       and select._ENV_KEY not in select._ENV_DATA) or _cpu_backend_ok(act))):
@@ -822,6 +988,18 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
             if act is None:
                 return F.linear(x, entry[2], bias)
             return _cpu_int8_dynamic(x, entry[2], bias)
+    elif act is not None and x.is_cuda and not _is_compiling():
+        # hot path (eager decode, dynamic int8 / fp8 activations): the views derived for this state, under the
+        # default selection only (nothing chosen, LOWBIT_KERNELS unset; anything else takes the general path)
+        entry = state.__dict__.get(_CACHE_ATTR)
+        entry = entry.get("dyn") if entry else None
+        if (entry is not None and entry[0] == state.__dict__["data"].data_ptr() and entry[2].act == act
+                and entry[1] == _versions(state) and x.dtype in _HALF and x.device == state.device
+                and x.shape[-1] == entry[2].k and x.numel() and not select._preference
+                and select._ENV_DATA is not None and select._ENV_KEY not in select._ENV_DATA):
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            return _dyn_linear(x, entry[2], bias)
     if x.device != state.device or x.numel() == 0 or len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
         return None
     if bias is not None and bias.dtype != x.dtype:

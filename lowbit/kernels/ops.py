@@ -114,7 +114,7 @@ def int8_linear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Te
 
     which = select.resolve("int8_linear", x.device)
     if which == "reference" or not x.is_cuda:
-        return reference.int8_linear_dynamic(x, w, w_scale, bias)
+        return reference.int8_linear_dynamic(x, api.signed_int8(w), w_scale, bias)
     return api._scaled_linear_triton(x, w, w_scale, bias, fp8=False)
 
 

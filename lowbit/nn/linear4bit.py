@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.config import parse_dtype
 from lowbit.nn.base import QModuleMixin
-from lowbit.nn.functional import fast_dequantize, frozen_linear, kernel_linear, needs_grad
+from lowbit.nn.functional import _kernel_entry, fast_dequantize, frozen_linear, kernel_linear, needs_grad
 from lowbit.tensor.functional import quantize_tensor
 from lowbit.tensor.state import QuantState
 
@@ -82,11 +82,16 @@ class Linear4bit(QModuleMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         cd = self.compute_dtype or inp_dtype
-        state = self._frozen_weight()
+        states = self.__dict__.get("_lowbit_qstates")
+        state = states.get("weight") if states else None  # _frozen_weight() inline (one quantized parameter)
         if state is not None and cd == inp_dtype:  # hot path: inference in the input's dtype
-            b = self._bias()
-            if (b is None or b.dtype == cd) and not needs_grad(x, b):
-                out = kernel_linear(x, state, b)
+            # _bias(), needs_grad and kernel_linear inline: the per-token path of eager decode (every call counts)
+            params = self._parameters
+            b = params["bias"] if "bias" in params else getattr(self, "bias", None)
+            if (b is None or b.dtype == cd) and not (torch.is_grad_enabled() and (
+                    x.requires_grad or (b is not None and b.requires_grad))):
+                f = _kernel_entry[0]
+                out = f(x, state, b, None) if f is not None else kernel_linear(x, state, b)
                 if out is not None:
                     return out
         state = self._qstates.get("weight")

@@ -149,17 +149,23 @@ class QLinear(QModuleMixin, _ActivationQuantMixin, nn.Linear):
         return "fp8" if qt.fp8_dtype is not None else "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = self._frozen_weight() if self.weights else None
+        # _frozen_weight() inline (QLinear quantizes "weight" alone, when it has weights)
+        states = self.__dict__.get("_lowbit_qstates")
+        state = states.get("weight") if states and self.weights else None
         if state is not None and self._observer is None:
-            # _bias(), needs_grad(x, b), _kernel_act() and kernel_linear inline: this is the per-token hot path of
-            # CPU decode, where every Python call counts (measured on SmolLM2's 210 linears per token)
+            # _bias(), needs_grad(x, b), _kernel_act(), quantize_input and kernel_linear inline: this is the per-token
+            # hot path of decode, where every Python call counts (measured on SmolLM2's 210 linears per token)
             params = self._parameters
             b = params["bias"] if "bias" in params else getattr(self, "bias", None)
             if not (torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad))):
                 # inference on a packed weight: the kernels of lowbit.kernels.linear (layout prepared once)
                 qt = self.activation_qtype
-                act = None if qt is None or not self.act_dynamic else ("fp8" if qt.fp8_dtype is not None else "int8")
-                xin = x if act is not None else self.quantize_input(x)
+                if qt is None:  # weight-only: the input as given
+                    act, xin = None, x
+                elif self.act_dynamic:  # dynamic activations: quantized inside the kernel path
+                    act, xin = ("fp8" if qt.fp8_dtype is not None else "int8"), x
+                else:  # static calibrated scale
+                    act, xin = None, self.quantize_input(x)
                 f = _kernel_entry[0]
                 y = f(xin, state, b, act) if f is not None else kernel_linear(xin, state, b, act)
                 if y is not None:

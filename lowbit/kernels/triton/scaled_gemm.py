@@ -61,7 +61,7 @@ def quantize_rows(x2: torch.Tensor, fp8: bool) -> tuple:
 def _scaled_gemm_kernel(
     a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, EVEN_K: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, B_U8: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -88,6 +88,8 @@ def _scaled_gemm_kernel(
             kmask = rk[None, :] < K - k * BK
             a = tl.load(a_ptrs, mask=kmask, other=0)
             b = tl.load(b_ptrs, mask=kmask, other=0)
+        if B_U8:  # lowbit's stored codes (uint8, implicit zero 128): the int8 weight is the code with bit 7 flipped
+            b = (b ^ 0x80).to(tl.int8, bitcast=True)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc.dtype)
         a_ptrs += BK
         b_ptrs += BK
@@ -104,7 +106,7 @@ def _scaled_gemm_kernel(
 def _scaled_gemm_tma_kernel(
     a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, B_U8: tl.constexpr = False,
 ):
     # the same GEMM with tiles fetched by the Hopper bulk tensor copy engine (host-built descriptors)
     pid = tl.program_id(0)
@@ -122,6 +124,8 @@ def _scaled_gemm_tma_kernel(
     for k in range(0, tl.cdiv(K, BK)):
         a = a_desc.load([off_m, k * BK])
         b = b_desc.load([off_n, k * BK])
+        if B_U8:
+            b = (b ^ 0x80).to(tl.int8, bitcast=True)
         acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
@@ -139,25 +143,30 @@ DEFAULT_CONFIG = {"int8": (128, 256, 128, 8, 8, 3), "fp8": (128, 256, 128, 8, 8,
 
 
 def scaled_gemm(a, b, sa, sb, bias, out_dtype, config=None):
-    """``(a @ b.T) * sa[:, None] * sb[None, :] + bias`` with a/b int8 or float8_e4m3fn, row-major."""
+    """``(a @ b.T) * sa[:, None] * sb[None, :] + bias`` with a/b int8 or float8_e4m3fn, row-major. With an int8
+    ``a``, ``b`` may also be lowbit's stored uint8 codes (symmetric int8, implicit zero 128: the weight is
+    ``code - 128``), read as they are (bit 7 flipped in registers; no signed copy of the weight)."""
     M, K = a.shape
     N = b.shape[0]
     is_int = a.dtype == torch.int8
+    b_u8 = b.dtype == torch.uint8
+    if b_u8 and not is_int:
+        raise TypeError("scaled_gemm: uint8 weight codes need int8 activations")
     config = config or DEFAULT_CONFIG["int8" if is_int else "fp8"]
     BM, BN, BK, GM, warps, stages = config[:6]
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     bias_arg = bias if bias is not None else sa
-    if len(config) > 6 and config[6] == "tma" and K % 16 == 0:
+    if len(config) > 6 and config[6] == "tma" and K % 16 == 0 and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
         b_desc = TensorDescriptor.from_tensor(b, [BN, BK])
         _scaled_gemm_tma_kernel[grid](a_desc, b_desc, sa, sb, bias_arg, c, M, N, K, HAS_BIAS=bias is not None,
-                                      IS_INT=is_int, BM=BM, BN=BN, BK=BK, GROUP_M=GM, num_warps=warps,
-                                      num_stages=stages)
+                                      IS_INT=is_int, BM=BM, BN=BN, BK=BK, GROUP_M=GM, B_U8=b_u8,
+                                      num_warps=warps, num_stages=stages)
         return c
     _scaled_gemm_kernel[grid](a, b, sa, sb, bias_arg, c, M, N, K,
                               HAS_BIAS=bias is not None, IS_INT=is_int, EVEN_K=K % BK == 0, BM=BM, BN=BN, BK=BK,
-                              GROUP_M=GM, num_warps=warps, num_stages=stages)
+                              GROUP_M=GM, B_U8=b_u8, num_warps=warps, num_stages=stages)
     return c
