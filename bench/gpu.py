@@ -641,14 +641,17 @@ ANALYSIS = [
     "the quantize column times eager back-to-back calls, which include the host's launch and allocation work; "
     "the kernel alone, graph-timed, is in `bench/results/blockwise_h200.md` (instruction-bound: about 48 "
     "instructions per element for the absmax, the codebook search and the packing).",
-    "- 4-bit weights at M = 1: the group-step GEMV (`lowbit_mm` 'gemvg*' configs: 32-bit words, split-K summed in "
-    "the kernel, NF4/FP4 codebook in registers read by warp shuffles) reads the weight at roughly a third to a "
-    "half of the copy bandwidth; the 'eager' column adds the host path of `kernels.linear_4bit` per call "
-    "(selection, shape checks, the launch), which the quantized modules' hot path (`state_linear`) mostly skips.",
-    "- 4 < M <= 64: the tensor-core GEMM 'tc' (the packed weight dequantized in registers as the MMA's A "
-    "operand) where `TUNED_MM` measured it faster than dequantize + cuBLAS; integer codes dequantize by bit "
-    "tricks, NF4 / FP4 by a shuffle lookup per weight, which keeps NF4 below F.linear there. M = 256: "
-    "dequantize + cuBLAS (a write and a read of the bf16 weight on top of the GEMM).",
+    "- 4-bit weights at M = 1: the multi-group GEMV (`lowbit_mm` 'gemvq*' configs: 32-bit words, one LOP3 + one "
+    "FFMA per weight for integer codes, NF4/FP4 codebook in registers read by warp shuffles, split-K summed in the "
+    "kernel; `bench/results/gemv_sweep.md` runs 6-7) reads int4 weights at about 1.8-2.0 TB/s: issue and memory time "
+    "add up rather than overlap (gemv_sweep.md's analysis); NF4 is bound by its shuffle per weight. The 'eager' "
+    "column adds the host path of `kernels.linear_4bit` per call; where the kernel is shorter than that host path "
+    "(8192 x 8192) every implementation but F.linear reads host-bound (torchao too), at 28672 x 8192 the GPU hides it.",
+    "- 4 < M <= 64: the tensor-core GEMM with packed-pair dequantisation 'tcb' (inline PTX on word pairs: two "
+    "weights per prmt/lop3/packed-FMA sequence, NF4/FP4 through the shuffle table; `bench/results/tc_sweep.md` run "
+    "tc5) where `TUNED_MM` measured it faster, the earlier 'tc' kernel for groups it does not take (g32, GGUF "
+    "Q4_0/Q4_1), dequantize + cuBLAS otherwise. M = 256: dequantize + cuBLAS (a write and a read of the bf16 "
+    "weight on top of the GEMM).",
     "- int8: the Triton GEMM with TMA tiles and the scales in the epilogue; the per-token activation "
     "quantization adds one read of x and one int8 write. fp8: cuBLAS row-wise through torch._scaled_mm; "
     "lowbit's Triton fp8 GEMM is within a few per cent of it.",
