@@ -470,6 +470,18 @@ def _group_objective(group_objective: str, act_order: bool, g: int, K: int, bloc
     return objective
 
 
+def _check_inputs(weight: torch.Tensor, H: torch.Tensor, group_objective: str):
+    """``(out, in)`` of a 2-D ``weight`` whose Hessian ``H`` is ``[in, in]``; ValueError naming what is off."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    R, K = weight.shape
+    if tuple(H.shape) != (K, K):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(K, K)} for a weight with {K} input columns")
+    if group_objective not in GROUP_OBJECTIVES:
+        raise ValueError(f"group_objective={group_objective!r}: expected one of {GROUP_OBJECTIVES}")
+    return R, K
+
+
 def gptq_static_groups(weight: torch.Tensor, H: torch.Tensor, dead: torch.Tensor, damp: float, bits: int = 4,
                        group_size: int = 128, sym: bool = True, *, blocksize: int = 128, act_order: bool = True,
                        group_objective: str = "hessian", grid: Optional[AffineGrid] = None,
@@ -481,13 +493,7 @@ def gptq_static_groups(weight: torch.Tensor, H: torch.Tensor, dead: torch.Tensor
     fit them while the factorisation runs (``damp`` is then the first dampening tried,
     ``percdamp * mean(diag(H))``) and hand them to :func:`gptq_quantize` as ``groups=``: the same function on the
     same inputs, the same bits."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    R, K = weight.shape
-    if tuple(H.shape) != (K, K):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(K, K)} for a weight with {K} input columns")
-    if group_objective not in GROUP_OBJECTIVES:
-        raise ValueError(f"group_objective={group_objective!r}: expected one of {GROUP_OBJECTIVES}")
+    R, K = _check_inputs(weight, H, group_objective)
     grid, cols = _grid_and_columns(R, K, bits, group_size, sym, group_objective, grid, n_grid, max_shrink, two_sided)
     bounds = cols.bounds()
     W_orig = weight.detach().float().clone()
@@ -512,13 +518,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     ``(scales, zeros, damp)`` from :func:`gptq_static_groups` with the same weight, options and ``factor``'s
     ``H`` (a caller fits them while the factorisation runs); used when ``damp`` is the factor's, else refitted.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    R, K = weight.shape
-    if tuple(H.shape) != (K, K):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(K, K)} for a weight with {K} input columns")
-    if group_objective not in GROUP_OBJECTIVES:
-        raise ValueError(f"group_objective={group_objective!r}: expected one of {GROUP_OBJECTIVES}")
+    R, K = _check_inputs(weight, H, group_objective)
     if not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize={blocksize!r}: must be a positive integer")
     if gguf_type is not None:  # K-quants (super-blocks of 256; llama.cpp's fallback type on other rows)

@@ -259,8 +259,6 @@ def quantize(x: torch.Tensor, scheme: str = "nf4", block_size: int = 64, *, doub
     else:
         mids, order, permute, pad = _sorted_mids(name, dev)
         q, s, z = bw.quantize(xc, block_size, 4, bw.CODEBOOK, mids=mids, order=order, permute=permute, pad=pad)
-        from lowbit.formats import codebook
-
         bits, code = 4, _code_table(name, dev).clone()
     if strict:
         if not bool(torch.isfinite(s).all()):
@@ -429,6 +427,15 @@ def _dequant_prepared(p: Prepared4bit, dtype: torch.dtype) -> torch.Tensor:
 # int8 / fp8 linear with dynamic per-token activations
 
 
+def _check_channel_state(state: QuantState, scheme: str, what: str) -> None:
+    """ValueError unless ``state`` is a 2-D ``scheme`` state with per-output-channel (axis 0) scales."""
+    if state.scheme != scheme or state.layout != "channel" or state.axis != 0 or len(state.shape) != 2:
+        raise ValueError(
+            f"{what} per-channel (axis=0) 2-D state, got scheme={state.scheme!r} "
+            f"layout={state.layout!r} axis={state.axis} shape={state.shape}"
+        )
+
+
 def prepare_int8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(w int8 [N, K], scale float32 [N])`` from a symmetric int8 per-output-channel state.
 
@@ -437,11 +444,7 @@ def prepare_int8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     got = _cached(state, "int8")
     if got is not None:
         return got
-    if state.scheme != "int8" or state.layout != "channel" or state.axis != 0 or len(state.shape) != 2:
-        raise ValueError(
-            f"int8 linear needs a symmetric int8 per-channel (axis=0) 2-D state, got scheme={state.scheme!r} "
-            f"layout={state.layout!r} axis={state.axis} shape={state.shape}"
-        )
+    _check_channel_state(state, "int8", "int8 linear needs a symmetric int8")
     N, K = state.shape
     w = (state.data.view(N, K).to(torch.int16) - 128).to(torch.int8)
     return _store(state, "int8", (w, _decoded_scales(state).to(state.device).contiguous()))
@@ -455,11 +458,7 @@ def int8_codes(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     got = _cached(state, "int8u")
     if got is not None:
         return got
-    if state.scheme != "int8" or state.layout != "channel" or state.axis != 0 or len(state.shape) != 2:
-        raise ValueError(
-            f"int8 linear needs a symmetric int8 per-channel (axis=0) 2-D state, got scheme={state.scheme!r} "
-            f"layout={state.layout!r} axis={state.axis} shape={state.shape}"
-        )
+    _check_channel_state(state, "int8", "int8 linear needs a symmetric int8")
     N, K = state.shape
     return _store(state, "int8u", (state.data.view(N, K), _decoded_scales(state).to(state.device).contiguous()))
 
@@ -476,11 +475,7 @@ def prepare_fp8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     got = _cached(state, "fp8")
     if got is not None:
         return got
-    if state.scheme != "fp8_e4m3" or state.layout != "channel" or state.axis != 0 or len(state.shape) != 2:
-        raise ValueError(
-            f"fp8 linear needs an fp8_e4m3 per-channel (axis=0) 2-D state, got scheme={state.scheme!r} "
-            f"layout={state.layout!r} axis={state.axis} shape={state.shape}"
-        )
+    _check_channel_state(state, "fp8_e4m3", "fp8 linear needs an fp8_e4m3")
     N, K = state.shape
     return _store(state, "fp8", (state.data.view(N, K), _decoded_scales(state).to(state.device).contiguous()))
 
