@@ -77,7 +77,24 @@ def init_from_env(device: Optional[torch.device] = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
+    import atexit
+
+    atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    """At the exit of a process whose group :func:`init_from_env` created: wait for every rank, then destroy the
+    group. Without it a rank that exits first closes its gloo connections while another still tears down, which
+    aborted that one ("terminate called without an active exception", SIGABRT) after its work was done."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:
