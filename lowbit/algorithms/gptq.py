@@ -181,28 +181,22 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     damp = percdamp * mean_diag
     then = during(damp) if during is not None else None
     for attempt in range(max_tries):
-        if method == "flip":
-            A = _damped(H.flip((0, 1)), damp)  # the reversal keeps the diagonal on the diagonal
-            L, info = torch.linalg.cholesky_ex(A)
-            del A
-            if callable(then):
-                then()
-            then = None
-            if int(info) == 0:
+        # "flip": the reversal keeps the diagonal on the diagonal
+        A = _damped(H.flip((0, 1)) if method == "flip" else H, damp)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
+        if callable(then):
+            then()
+        then = None
+        if int(info) == 0:
+            if method == "flip":
                 Linv = lower_triangular_inverse(L, share=share)
                 del L
                 U = Linv.flip((0, 1))
                 del Linv
                 if bool(torch.isfinite(U).all()):
                     return U, damp
-        else:
-            A = _damped(H, damp)
-            L, info = torch.linalg.cholesky_ex(A)
-            del A
-            if callable(then):
-                then()
-            then = None
-            if int(info) == 0:
+            else:
                 Hinv = torch.cholesky_inverse(L)
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
                 if int(info) == 0 and bool(torch.isfinite(U).all()):

@@ -959,6 +959,9 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
         >>> state_linear(torch.randn(2, 128), st).shape
         torch.Size([2, 64])
     """
+    # the default selection (nothing chosen, LOWBIT_KERNELS unset), read inline for the hot paths below (every call
+    # and frame on them counts)
+    default = not select._preference and select._ENV_DATA is not None and select._ENV_KEY not in select._ENV_DATA
     if act is None and x.is_cuda and not torch.compiler.is_compiling():
         # hot path (eager decode): a prepared weight-only layout of this state, found with one dict lookup
         entry = state.__dict__.get(_CACHE_ATTR)
@@ -967,22 +970,18 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
             p = entry[2]
             if (p is not _NOT_APPLICABLE and entry[1] == _versions(state) and x.dtype in _HALF
                     and x.device == state.device and x.shape[-1] == p.k and x.numel()
-                    and ((not select._preference and select._ENV_DATA is not None
-                          and select._ENV_KEY not in select._ENV_DATA)
-                         or select.get_backend("gemm_4bit") != "reference")):
+                    and (default or select.get_backend("gemm_4bit") != "reference")):
                 if bias is not None and bias.dtype != x.dtype:
                     bias = bias.to(x.dtype)
                 return prepared_linear(x, p, bias)
     elif x.is_cpu and act in _CPU_ACTS and not _is_compiling():
-        # hot path (CPU decode): the dense weight / int8 layout derived for this state, one dict lookup; the
-        # default selection (nothing chosen, LOWBIT_KERNELS unset) read inline (every call and frame here counts;
-        # an int8 layout exists only where cpu_has_vnni(), fixed per process)
+        # hot path (CPU decode): the dense weight / int8 layout derived for this state, one dict lookup (an int8
+        # layout exists only where cpu_has_vnni(), fixed per process)
         entry = state.__dict__.get(_CACHE_ATTR)
         entry = entry.get(_CPU_KEYS.get((act, x.dtype))) if entry else None
         if (entry is not None and entry[0] == state.__dict__["data"].data_ptr() and entry[2] is not _NOT_APPLICABLE
                 and entry[1] == _versions(state) and x.shape[-1] == state.shape[1] and x.numel()
-                and ((not select._preference and select._ENV_DATA is not None
-                      and select._ENV_KEY not in select._ENV_DATA) or _cpu_backend_ok(act))):
+                and (default or _cpu_backend_ok(act))):
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
             if act is None:
@@ -995,8 +994,7 @@ def state_linear(x: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor
         entry = entry.get("dyn") if entry else None
         if (entry is not None and entry[0] == state.__dict__["data"].data_ptr() and entry[2].act == act
                 and entry[1] == _versions(state) and x.dtype in _HALF and x.device == state.device
-                and x.shape[-1] == entry[2].k and x.numel() and not select._preference
-                and select._ENV_DATA is not None and select._ENV_KEY not in select._ENV_DATA):
+                and x.shape[-1] == entry[2].k and x.numel() and default):
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
             return _dyn_linear(x, entry[2], bias)

@@ -92,7 +92,7 @@ def _leave() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
-        dist.barrier()
+        barrier()
     finally:
         dist.destroy_process_group()
 
