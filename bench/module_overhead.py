@@ -54,18 +54,6 @@ def _noop(*a, **k):
     return None
 
 
-def bench(f, n=2000, rounds=7):
-    for _ in range(200):
-        f()
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        ts.append((time.perf_counter() - t) / n * 1e6)
-    return statistics.median(ts)
-
-
 def setup():
     """Stubs and the modules of the imported lowbit tree: {row name: module}, input."""
     from lowbit import nn as lnn

@@ -15,6 +15,7 @@ than L2, each checked against the reference first) with ``F.linear`` bf16 and th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import sys
@@ -48,8 +49,9 @@ def cands(M):
     return [("tc", bm, bn, bkw, sk, w, st) for (bm, bn, bkw, w, st) in TILES[M] for sk in SPLITS[M]]
 
 
-def _warm(job):
-    """Compile (one launch on a small weight) the given (format, M, config) list in this worker process."""
+def _warm(job, prefix=""):
+    """Compile (one launch on a small weight, bf16) the given (format, M, config) list in this worker process; the
+    errors as strings (``prefix`` first)."""
     import torch
     from lowbit.kernels import linear as L
     from lowbit.kernels.triton import lowbit_mm as lm
@@ -62,13 +64,13 @@ def _warm(job):
         p = L.prepare_linear(st)
         x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
         try:
-            plan = lm.make_tc_plan(M, 256, 4096, p.bits, p.group, p.kind, p.zero, False, cfg, p.table)
+            plan = lm.make_tc_plan(M, 256, 4096, p.bits, p.group, p.kind, p.zero, False, cfg, p.table, x.dtype)
             # split=1 and split>1 differ in FIX: compile the split the sweep will use on the large shapes too
             lm.run_tc(plan, x, p.words, p.scales, p.zeros, p.table, None, 256, 4096, 4096 // p.group, 32 // p.bits)
             torch.cuda.synchronize()
             out.append(None)
         except Exception as ex:  # noqa: BLE001
-            out.append(f"{fmt} M={M} {cfg}: {type(ex).__name__}: {str(ex)[:300]}")
+            out.append(f"{prefix}{fmt} M={M} {cfg}: {type(ex).__name__}: {str(ex)[:300]}")
     return out
 
 
@@ -341,30 +343,6 @@ def _tc5_check(job):
     return out
 
 
-def _tc5_warm(job):
-    """In a worker: compile the (format, M, config) list (one launch on a small weight, bf16)."""
-    import torch
-
-    from lowbit.kernels import linear as L
-    from lowbit.kernels.triton import lowbit_mm as lm
-    from lowbit.tensor.functional import quantize_tensor
-
-    out = []
-    for fmt, M, cfg in job:
-        scheme, kw = FORMATS[fmt]
-        st = quantize_tensor(torch.randn(256, 4096, device="cuda") * 0.02, scheme, **kw)
-        p = L.prepare_linear(st)
-        x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
-        try:
-            plan = lm.make_tc_plan(M, 256, 4096, p.bits, p.group, p.kind, p.zero, False, cfg, p.table, x.dtype)
-            lm.run_tc(plan, x, p.words, p.scales, p.zeros, p.table, None, 256, 4096, 4096 // p.group, 32 // p.bits)
-            torch.cuda.synchronize()
-            out.append(None)
-        except Exception as ex:  # noqa: BLE001
-            out.append(f"warm {fmt} M={M} {cfg}: {type(ex).__name__}: {str(ex)[:300]}")
-    return out
-
-
 def sweep_tc5(a):
     import os
 
@@ -398,7 +376,8 @@ def sweep_tc5(a):
     checks = [[c] for c in TC5_CHECK]
     with ctx.Pool(jobs) as pool:
         chk = pool.map_async(_tc5_check, checks)
-        warm = pool.map_async(_tc5_warm, [todo[i::jobs - len(checks)] for i in range(jobs - len(checks))])
+        warm = pool.map_async(functools.partial(_warm, prefix="warm "),
+                              [todo[i::jobs - len(checks)] for i in range(jobs - len(checks))])
         res["check"] = [r for part in chk.get() for r in part]
         res["errors"] += [e for part in warm.get() for e in part if e]
     res["warm"] = {"kernels": len(todo), "seconds": time.perf_counter() - t0}
