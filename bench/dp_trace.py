@@ -2,7 +2,7 @@
 
 The 8B-shaped GPTQ run of ``bench/scale_gpu.py`` (random bf16 weights, int4 g128 asym, 128 x 2048 tokens,
 ``max_memory=16GB``) on ``--layers`` layers; ``torch.profiler`` (CPU ops + CUDA kernels) records blocks
-``--start`` .. ``--start + --n - 1`` (after the first blocks have warmed up). Each pipeline part is marked with a
+``--blk0`` .. ``--blk0 + --nblk - 1`` (after the first blocks have warmed up). Each pipeline part is marked with a
 ``record_function`` label (nothing synchronises: the run is the one a user gets, plus the profiler's own cost), and
 the trace is summarised in the process, per rank:
 
@@ -42,7 +42,11 @@ def _targets():
             (distributed, "sum_in_rank_order", "sums"), (distributed, "shared_chunks", "chunks"),
             (distributed, "all_gather_bytes", "gather"), (stats.InputStats, "add_samples", "hessian"),
             (offload.ActivationStore, "get", "store_get"), (offload.ActivationStore, "put", "store_put"),
-            (_ptq_staged._BlockRunner, "run", "runner"), (_ptq_staged, "_reduce_stats", "reduce_stats")]
+            (_ptq_staged._BlockRunner, "run", "runner"), (_ptq_staged, "_reduce_stats", "reduce_stats"),
+            # between the blocks (the main thread, and the background trips home)
+            (_ptq_staged, "_install_stages", "install"), (_ptq_staged, "_drop_replaced", "drop_replaced"),
+            (_ptq_staged._Prefetch, "wait", "prefetch_wait"), (offload.ActivationStore, "replace_first", "replace_first"),
+            (_ptq_staged, "_states_follow", "states_follow"), (_ptq_staged, "_in_worker", "in_worker")]
 
 
 def _annotate():
@@ -137,6 +141,10 @@ def analyse(trace_path: str) -> dict:
         if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("L:"):
             anns[e["tid"]].append((e["ts"], e["dur"], e["name"][2:]))
     segs = _segments(anns)
+    # every thread's labels on one timeline (the blocks' calibration threads follow one another; each block runs in
+    # a new worker thread): the host's label at a time whatever thread it is in
+    allann = {"all": [x for v in anns.values() for x in v if x[2] != "in_worker"]}
+    segs_all = _segments(allann)
     # the calibration thread: the one that launched most kernels
     launches = defaultdict(int)
     kinfo = []
@@ -144,22 +152,22 @@ def analyse(trace_path: str) -> dict:
         r = rt.get(k.get("args", {}).get("correlation"))
         tid = r["tid"] if r else None
         launches[tid] += 1
-        path = _path_at(segs, tid, r["ts"]) if r else "?"
+        path = (_path_at(segs, tid, r["ts"]) or _path_at(segs_all, "all", r["ts"])) if r else "?"
         lag = k["ts"] - (r["ts"] + r["dur"]) if r else None
         nccl = "nccl" in k.get("name", "").lower()
-        kinfo.append((k["ts"], k["ts"] + k["dur"], path or "(unlabelled)", nccl, lag, k.get("args", {}).get("stream")))
-    main_tid = max((t for t in launches if t is not None), key=lambda t: launches[t], default=None)
+        kinfo.append((k["ts"], k["ts"] + k["dur"], path or "(unlabelled)", nccl, lag, k.get("args", {}).get("stream"),
+                      k.get("name", "")[:60]))
     if not kinfo:
         return {"error": "no kernels"}
     t0 = min(k[0] for k in kinfo)
     t1 = max(k[1] for k in kinfo)
-    comp = _union([(s, e) for s, e, _, n, _, _ in kinfo if not n])
-    allk = _union([(s, e) for s, e, _, _, _, _ in kinfo])
+    comp = _union([(s, e) for s, e, _, n, _, _, _ in kinfo if not n])
+    allk = _union([(s, e) for s, e, _, _, _, _, _ in kinfo])
     busy = sum(e - s for s, e in comp)
     busy_all = sum(e - s for s, e in allk)
     ktime = defaultdict(float)
     lag = defaultdict(list)
-    for s, e, p, n, lg, _ in kinfo:
+    for s, e, p, n, lg, _, _ in kinfo:
         key = p + (" [nccl]" if n else "")
         ktime[key] += e - s
         if lg is not None and not n:
@@ -168,24 +176,27 @@ def analyse(trace_path: str) -> dict:
     gaps = defaultdict(float)
     gap_next = defaultdict(float)
     gap_n = defaultdict(int)
-    nccl_iv = _union([(s, e) for s, e, _, n, _, _ in kinfo if n])
+    nccl_iv = _union([(s, e) for s, e, _, n, _, _, _ in kinfo if n])
     nccl_starts = [s for s, _ in nccl_iv]
     gap_under_nccl = 0.0
     starts = [s for s, _ in comp]
     comp_first_kernel = {}
-    kin_sorted = sorted((s, p) for s, e, p, n, _, _ in kinfo if not n)
+    kin_sorted = sorted((s, p, nm) for s, e, p, n, _, _, nm in kinfo if not n)
+    long_gaps = []
     ks = [x[0] for x in kin_sorted]
     for (s0, e0), (s1, e1) in zip(comp, comp[1:]):
         g = s1 - e0
         if g <= 0:
             continue
         mid = (e0 + s1) / 2
-        p = _path_at(segs, main_tid, mid) or "(host: unlabelled)"
+        p = _path_at(segs_all, "all", mid) or "(host: unlabelled)"
         gaps[p] += g
         gap_n[p] += 1
         i = bisect.bisect_left(ks, s1)
         nxt = kin_sorted[i][1] if i < len(kin_sorted) else "?"
         gap_next[nxt] += g
+        if g > 300:
+            long_gaps.append((round((e0 - t0) / 1e3, 2), round(g / 1e3, 2), p, nxt, kin_sorted[i][2] if i < len(kin_sorted) else ""))
         # overlap with NCCL kernels
         j = bisect.bisect_right(nccl_starts, s1) - 1
         while j >= 0 and nccl_iv[j][1] > e0:
@@ -195,16 +206,19 @@ def analyse(trace_path: str) -> dict:
     # host: blocking waits on the calibration thread, by label
     waits = defaultdict(float)
     host_label = defaultdict(float)
+    stream_busy = defaultdict(float)
+    for s_, e_, _, n, _, st, _ in kinfo:
+        stream_busy[str(st) + (" nccl" if n else "")] += e_ - s_
     for e in X:
-        if e.get("tid") != main_tid:
+        if e.get("cat") not in ("cuda_runtime", "cuda_driver"):
             continue
         name = str(e.get("name", ""))
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(
                 w in name for w in ("Synchronize", "cudaMemcpy", "cuMemcpy")) and "Async" not in name:
-            waits[(_path_at(segs, main_tid, e["ts"]) or "(unlabelled)") + " " + name] += e["dur"]
+            waits[(_path_at(segs_all, "all", e["ts"]) or "(unlabelled)") + " " + name] += e["dur"]
         elif e.get("cat") in ("cuda_runtime",) and name == "cudaMemcpyAsync" and e["dur"] > 50:
-            waits[(_path_at(segs, main_tid, e["ts"]) or "(unlabelled)") + " cudaMemcpyAsync(>50us)"] += e["dur"]
-    for s, e_, p in segs.get(main_tid, ([], []))[0]:
+            waits[(_path_at(segs_all, "all", e["ts"]) or "(unlabelled)") + " cudaMemcpyAsync(>50us)"] += e["dur"]
+    for s, e_, p in segs_all.get("all", ([], []))[0]:
         host_label[p or "(unlabelled)"] += e_ - s
 
     def top(d, n=25):
@@ -219,15 +233,17 @@ def analyse(trace_path: str) -> dict:
             "host_ms_by_label": top(host_label, 40),
             "launch_lag_us_median_by_label": sorted(
                 ((k, round(sorted(v)[len(v) // 2], 1), len(v)) for k, v in lag.items()), key=lambda x: -x[2])[:30],
-            "threads_launching": {str(k): v for k, v in launches.items()}}
+            "threads_launching": {str(k): v for k, v in launches.items()},
+            "stream_busy_ms": top(stream_busy, 10), "long_gaps": sorted(long_gaps, key=lambda x: -x[1])[:60],
+            "host_waits_note": "blocking runtime calls on any thread, by the host label at their start"}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--start", type=int, default=3)
-    ap.add_argument("--n", type=int, default=2)
+    ap.add_argument("--blk0", type=int, default=3)
+    ap.add_argument("--nblk", type=int, default=2)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
@@ -241,7 +257,7 @@ def main():
     D.init_from_env(torch.device("cuda"))
     rank, world = D.rank_world()
     dev = D.local_device(torch.device("cuda"))
-    torch.cuda.set_device(dev)
+    torch.cuda.set_device(dev if dev.index is not None else torch.device("cuda", 0))
     _annotate()
     model, cfg = build("8b", args.layers)
     ids = torch.randint(0, cfg.vocab_size, (128, 2048), generator=torch.Generator().manual_seed(1))
@@ -254,7 +270,7 @@ def main():
         b = state["block"]
         torch.cuda.current_stream().synchronize()  # once per block: the per-block wall below
         state["marks"].append((prefix, time.perf_counter() - t_start[0]))
-        if b == args.start:
+        if b == args.blk0:
             kw = {}
             try:  # every thread's ops (the prefetch thread's copies too), where this torch has it
                 kw["experimental_config"] = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
@@ -264,7 +280,7 @@ def main():
                                                       torch.profiler.ProfilerActivity.CUDA], **kw)
             prof.start()
             state["prof"] = prof
-        elif b == args.start + args.n and state["prof"] is not None:
+        elif b == args.blk0 + args.nblk and state["prof"] is not None:
             torch.cuda.current_stream().synchronize()
             state["prof"].stop()
         return orig(block, sel, prefix)
@@ -278,7 +294,7 @@ def main():
     wall = time.perf_counter() - t_start[0]
     prof = state["prof"]
     res = {"rank": rank, "world": world, "layers": args.layers, "wall_s": wall, "marks": state["marks"],
-           "window_blocks": [args.start, args.start + args.n - 1],
+           "window_blocks": [args.blk0, args.blk0 + args.nblk - 1],
            "env": {k: v for k, v in os.environ.items() if k.startswith("LOWBIT_")}}
     if prof is not None:
         tp = f"/tmp/dp_trace_{args.tag}_r{rank}.json"
@@ -288,6 +304,12 @@ def main():
         t = time.perf_counter()
         res["analysis"] = analyse(tp)
         res["analyse_s"] = time.perf_counter() - t
+        if os.environ.get("TRACE_KEEP", "") in ("all", str(rank)):
+            import gzip
+            import shutil
+
+            with open(tp, "rb") as fi, gzip.open(os.path.join(args.out, f"raw_{args.tag}_r{rank}.json.gz"), "wb", 6) as fo:
+                shutil.copyfileobj(fi, fo)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"trace_{args.tag or world}_r{rank}.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)

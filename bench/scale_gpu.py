@@ -481,6 +481,18 @@ def run12_steps(L8: int):
     ]
 
 
+def run13_steps(L8: int):
+    """Session 9 (one long-lived calibration thread, the Hessian sums added in one kernel per sample on CUDA, fewer
+    host waits in the factorisation and the solve): the untimed 2-GPU run, the untimed 1-GPU run, then the untimed
+    2-GPU run with ``LOWBIT_DP_SYNC=0``."""
+    return [
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+        [[("gptq_8b_2gpu_untimed_nosync", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60,
+           {"LOWBIT_DP_SYNC": "0"})]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -602,8 +614,9 @@ def main():
         e = os.environ.get
         main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
-    if args.steps in ("run11", "run12"):
-        main_steps(args, (run11_steps if args.steps == "run11" else run12_steps)(int(os.environ.get("SCALE_LAYERS", 32))))
+    if args.steps in ("run11", "run12", "run13"):
+        main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps}[args.steps](
+            int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:
         worker(json.loads(args.worker))

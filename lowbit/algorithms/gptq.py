@@ -188,19 +188,20 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
         if callable(then):
             then()
         then = None
-        if int(info) == 0:
-            if method == "flip":
-                Linv = lower_triangular_inverse(L, share=share)
-                del L
-                U = Linv.flip((0, 1))
-                del Linv
-                if bool(torch.isfinite(U).all()):
-                    return U, damp
-            else:
-                Hinv = torch.cholesky_inverse(L)
-                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-                if int(info) == 0 and bool(torch.isfinite(U).all()):
-                    return U, damp
+        if method == "flip":
+            # the triangular inverse is queued before the factorisation's outcome is read: one host wait for both
+            # (a failed factorisation leaves garbage in L, and so a non-finite or discarded U)
+            Linv = lower_triangular_inverse(L, share=share)
+            del L
+            U = Linv.flip((0, 1))
+            del Linv
+            if bool(((info == 0) & torch.isfinite(U).all()).item()):
+                return U, damp
+        elif int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
         new = max(damp * 10.0, 1e-6 * max(mean_diag, 1e-12), 1e-8)
         warnings.warn(f"GPTQ: Cholesky of the damped Hessian failed with dampening {damp:.3g}; "
                       f"retrying with {new:.3g}", RuntimeWarning, stacklevel=3)
@@ -546,9 +547,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     zeros = torch.zeros(R, G, dtype=torch.float32, device=dev)
     fitted = [False] * G
     gidx_orig = cols.group_index()
-    gidx_dev = gidx_orig.to(dev)[perm]
-    gidx = gidx_dev.tolist()  # group of each sweep position (on the device too: no host copy per block)
-    group_pos = [invperm[a:b] for a, b in bounds]  # sweep positions of each group
+    gidx_dev = gidx_orig.to(dev)[perm]  # group of each sweep position, on the device (no host copy per block)
     contiguous = not act_order
     objective = _group_objective(group_objective, act_order, g, K, blocksize)
     if contiguous and g < K:
@@ -572,10 +571,16 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
 
     into = _sweep_in_place(sweep)
     Ebuf = None  # the in-place sweep's errors, one buffer for every block
+    all_fitted = all(fitted)
+    if all_fitted:  # static groups: the host needs no group index (its copy would wait for the queued work)
+        gidx = group_pos = None
+    else:
+        gidx = gidx_dev.tolist()  # group of each sweep position, on the host
+        group_pos = [invperm[a:b] for a, b in bounds]  # sweep positions of each group
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         count = i2 - i1
-        if into is not None and count <= sweep_cols and all(fitted[gi] for gi in gidx[i1:i2]):
+        if into is not None and count <= sweep_cols and (all_fitted or all(fitted[gi] for gi in gidx[i1:i2])):
             # the fused sweep without the copies: reads W's block, the scales through the group index, writes Q
             bc = max(16, 1 << (count - 1).bit_length())
             if Ebuf is None or Ebuf.shape[1] != bc:
@@ -593,11 +598,13 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         cols = gidx_dev[i1:i2]
         S1, Z1 = scales[:, cols], zeros[:, cols]
         # the whole block in one fused sweep when every group it touches is already fitted (static groups)
-        fused = sweep is not None and count <= sweep_cols and all(fitted[gi] for gi in gidx[i1:i2])
+        fused = sweep is not None and count <= sweep_cols and (all_fitted or all(fitted[gi] for gi in gidx[i1:i2]))
         if fused:
             Qb, Err1 = sweep(W1, S1, Z1, U1, grid.maxq)
             Q[:, i1:i2] = Qb
         Ut = None if fused else U1.t().contiguous()  # Ut[:, i] = U1[i, :] as a contiguous column
+        if not fused and gidx is None:  # a block the fused sweep does not take (wider than it, or no Triton)
+            gidx = gidx_dev.tolist()
         for i in range(0 if fused else count):
             gi = gidx[i1 + i]
             if not fitted[gi]:

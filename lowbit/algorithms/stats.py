@@ -113,19 +113,27 @@ class InputStats:
         # CPU the upper block triangle (half the flops)
         tri = not samples.is_cuda
         blk = _TRI if k > _TRI else k
+        # the fp32 product added to the float64 sums: on CUDA in one add (the elementwise kernel converts each
+        # element as it reads it; session 9: the row slices below cost 100 launches per sample at k = 14336 and
+        # made the accumulation wait for the host), elsewhere in row slices (the CPU converts a whole operand
+        # first: no k x k float64 temporary). The same element-wise sums either way.
+        rows = k if samples.is_cuda else max(1, (16 * 2 ** 20) // (k * 8))
+        need_fp32 = not half or tri or self.abs_sum is not None
         for a in range(0, samples.shape[0], per):
             xh = samples[a:a + per]
-            xs = xh.float()
+            xs = xh.float() if need_fp32 else None
             if self.xtx is not None:
                 if not tri:
                     if half:  # bf16/fp16 inputs: tensor-core products, fp32 accumulation and output
                         g = torch.bmm(xh.transpose(1, 2), xh, out_dtype=torch.float32)
                     else:
                         g = torch.bmm(xs.transpose(1, 2), xs)
-                    rows = max(1, (16 * 2 ** 20) // (k * 8))  # the fp32 -> float64 cast in row slices: no k x k temporary
                     for i in range(g.shape[0]):
-                        for r in range(0, k, rows):
-                            self.xtx[r:r + rows] += g[i, r:r + rows]
+                        if rows >= k:
+                            self.xtx += g[i]
+                        else:
+                            for r in range(0, k, rows):
+                                self.xtx[r:r + rows] += g[i, r:r + rows]
                     del g
                 else:
                     for c in range(0, k, blk):
@@ -139,7 +147,7 @@ class InputStats:
                 sa = xs.abs().sum(1)
                 for i in range(sa.shape[0]):
                     self.abs_sum += sa[i]
-            self.count += xs.shape[0] * xs.shape[1]
+            self.count += xh.shape[0] * xh.shape[1]
         if self.xtx is not None and tri:  # the lower triangle: a copy of the upper one (exactly symmetric)
             for c in range(0, k, blk):
                 d = min(c + blk, k)

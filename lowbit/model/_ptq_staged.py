@@ -354,18 +354,51 @@ class _BlockRunner:
         stage.done = True
 
 
+class _Worker:
+    """One long-lived worker thread that runs the jobs :func:`_in_worker` hands it, one at a time."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.jobs: "queue.Queue[Callable[[], None]]" = queue.Queue()
+        self.busy = False
+        self.thread = threading.Thread(target=self._loop, name="lowbit-calibration", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            self.busy = True
+            try:
+                job()
+            finally:
+                del job  # the job's closure holds the caller's objects (a block's replaced linears): not kept
+                self.busy = False
+
+
+_WORKER: Optional[_Worker] = None
+_WORKER_LOCK = threading.Lock()
+
+
 def _in_worker(fn: Callable[..., Any], *args: Any, device: Optional[torch.device] = None) -> Any:
-    """``fn(*args)`` run in one worker thread, the caller waiting; its result returned, its error re-raised.
+    """``fn(*args)`` run in the worker thread, the caller waiting; its result returned, its error re-raised.
 
     Why: torch's OpenMP pool spin-waits between parallel regions when they are issued from the main thread
     (libgomp's default wait policy). GPTQ's column loop issues thousands of small parallel ops, and on the
     2-core CPU the spinning cost 3-10x the CPU seconds of the same solve issued from another thread (and far
     more wall time on a loaded machine; ``OMP_WAIT_POLICY=PASSIVE`` removes the difference but must be set
     before torch loads). The previous pipeline ran everything in worker threads, which is why it was faster
-    (bench/scale.md, "Where the time went")."""
+    (bench/scale.md, "Where the time went").
+
+    The same thread serves every call (session 9): cuDNN's handles and its attention graphs are cached per thread,
+    and a new thread per block rebuilt them at the block's first attention call, 45-70 ms of an idle GPU per 8B
+    block (``bench/dp_trace.py``'s trace on the H200). A call from the worker itself runs in place; a worker still
+    busy with an abandoned call (its caller interrupted) is replaced by a new one."""
+    global _WORKER
     box: Dict[str, Any] = {}
     if device is not None and device.type == "cuda":  # "cuda" without an index: the caller's current device
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    done = threading.Event()
 
     def work() -> None:
         try:
@@ -374,11 +407,21 @@ def _in_worker(fn: Callable[..., Any], *args: Any, device: Optional[torch.device
             box["out"] = fn(*args)
         except BaseException as e:  # re-raised in the caller
             box["err"] = e
+        finally:
+            done.set()
 
-    t = threading.Thread(target=work, name="lowbit-calibration", daemon=True)
-    t.start()
-    while t.is_alive():
-        t.join(0.5)  # a short wait, so that Ctrl-C reaches the caller (the daemon thread dies with the process)
+    inline = False
+    with _WORKER_LOCK:
+        if _WORKER is not None and threading.current_thread() is _WORKER.thread:
+            inline = True
+        else:
+            if _WORKER is None or _WORKER.busy or not _WORKER.jobs.empty():
+                _WORKER = _Worker()
+            _WORKER.jobs.put(work)
+    if inline:
+        work()
+    while not done.wait(0.5):  # a short wait, so that Ctrl-C reaches the caller (the daemon thread dies with the process)
+        pass
     if "err" in box:
         raise box["err"]
     return box.get("out")
