@@ -111,12 +111,8 @@ def _fingerprint() -> str:
         pass
     vendor = info.get("vendor_id") or platform.processor() or "?"
     model = info.get("model name") or platform.machine() or "?"
-    # the family and model numbers too (session 9): "AMD EPYC" names several generations, and an EPYC of family 25
-    # model 17 gave other gptq / sparse-2:4 bytes than the one the first digests were recorded on (MKL's kernels
-    # follow the processor); digests recorded under the name alone are kept in the JSON but match no CPU now
-    gen = f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
     cap = torch.backends.cpu.get_cpu_capability()
-    return f"{cap} | {vendor} | {model} | {gen} | torch {torch.__version__.split('+')[0]}"
+    return f"{cap} | {vendor} | {model} | torch {torch.__version__.split('+')[0]}"
 
 
 def _digests(root: Path) -> dict:
