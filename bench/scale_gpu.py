@@ -152,7 +152,8 @@ def worker(spec: dict) -> None:
                                                   "LOWBIT_OUTSIDE_HOME", "LOWBIT_HOME_ASYNC", "LOWBIT_DP_FACTOR",
                                                   "LOWBIT_GPTQ_FITS", "LOWBIT_GPTQ_SWEEP_INTO", "LOWBIT_GPTQ_SWEEP_CFG",
                                                   "LOWBIT_DP_EXCHANGE", "LOWBIT_PREFETCH_RECORD", "SCALE_SYNC",
-                                                  "LOWBIT_GPTQ_OVERLAP", "LOWBIT_DP_REDUCE", "LOWBIT_DP_SYNC")},
+                                                  "LOWBIT_GPTQ_OVERLAP", "LOWBIT_DP_REDUCE", "LOWBIT_DP_SYNC",
+                                                  "LOWBIT_DP_AGREE", "LOWBIT_DP_CHUNKS")},
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
            "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
            "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -493,6 +494,19 @@ def run13_steps(L8: int):
     ]
 
 
+def run14_steps(L8: int):
+    """Session 9, second call: the data-parallel defaults changed after run 13 (the pass agreement on the host over
+    gloo, no host waits around the collectives, the 2-rank statistics sums as one exchange, the triangular-inverse
+    chunks broadcast while the next is solved): the untimed 2-GPU run, the untimed 1-GPU run, then the untimed
+    2-GPU run with run 13's settings (``_run13env``) as the A/B."""
+    old = {"LOWBIT_DP_SYNC": "1", "LOWBIT_DP_AGREE": "device", "LOWBIT_DP_REDUCE": "loop", "LOWBIT_DP_CHUNKS": "after"}
+    return [
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+        [[("gptq_8b_2gpu_untimed_run13env", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60, old)]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -614,8 +628,8 @@ def main():
         e = os.environ.get
         main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
-    if args.steps in ("run11", "run12", "run13"):
-        main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps}[args.steps](
+    if args.steps in ("run11", "run12", "run13", "run14"):
+        main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps, "run14": run14_steps}[args.steps](
             int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:

@@ -200,8 +200,8 @@ def test_chunk_owners_balance_the_triangular_solves_by_cost():
 
 
 def test_dp_sync_switch(monkeypatch):
-    """``LOWBIT_DP_SYNC=0``: the collectives' host waits on the current CUDA stream are skipped (NCCL orders them on
-    the streams); the default waits."""
+    """The collectives' host waits on the current CUDA stream are skipped by default (session 9: NCCL orders them on
+    the streams); ``LOWBIT_DP_SYNC=1`` waits (runs 10-12)."""
     from lowbit.model import distributed as D
 
     calls = []
@@ -213,6 +213,10 @@ def test_dp_sync_switch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    monkeypatch.delenv("LOWBIT_DP_SYNC", raising=False)
+    D._sync()
+    assert calls == []
+    monkeypatch.setenv("LOWBIT_DP_SYNC", "1")
     D._sync()
     assert calls == [1]
     monkeypatch.setenv("LOWBIT_DP_SYNC", "0")

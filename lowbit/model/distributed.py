@@ -38,11 +38,12 @@ def _sync() -> None:
     background block copies on their side stream (the next block to the device, the last one home: about 0.1 s per
     8B block from pageable memory), which then no longer overlap the calibration (run 10).
 
-    ``LOWBIT_DP_SYNC=0`` (an experiment after run 11, not measured): no host wait at all; NCCL's collectives are
+    Off by default since session 9 (``LOWBIT_DP_SYNC=1`` turns it on: run 12 and before): NCCL's collectives are
     ordered on the streams by torch (the current stream waits for them without blocking the host, the tensors are
-    kept until they finish), so the host can queue work ahead of the GPU as in one process; :data:`COMM_SECONDS`
-    then counts the host's time in the calls only."""
-    if os.environ.get("LOWBIT_DP_SYNC", "1") == "0":
+    kept until they finish), so the host queues work ahead of the GPU as in one process, and the host-only work
+    between the collectives (a block's installs, a stage's set-up) runs while the GPU still computes;
+    :data:`COMM_SECONDS` then counts the host's time in the calls only."""
+    if os.environ.get("LOWBIT_DP_SYNC", "0") != "1":
         return
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.current_stream().synchronize()
@@ -122,10 +123,10 @@ def sum_in_rank_order(t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
     _sync()
     t0 = time.perf_counter()
-    # LOWBIT_DP_REDUCE=pair: two ranks exchange their sums in one send/recv (run 11: 0.51 s over the 8B shape's 32
-    # layers, the first exchange's communicator set-up included, against the broadcasts' 0.47 s in run 10: no gain
-    # measured, so the broadcasts stay the default)
-    if dist.get_world_size() == 2 and os.environ.get("LOWBIT_DP_REDUCE", "loop") == "pair":
+    # two ranks exchange their sums in one send/recv, both directions of the link at once (session 9's trace: the two
+    # broadcasts of the 8B MLP input's 1.64 GB sums took 4.5 ms each, one after the other, the GPU idle meanwhile;
+    # run 11 measured no gain with the host waits around every collective). LOWBIT_DP_REDUCE=loop: the broadcasts.
+    if dist.get_world_size() == 2 and os.environ.get("LOWBIT_DP_REDUCE", "pair") == "pair":
         out = _pair_sum(t, inplace)
         _sync()
         COMM_SECONDS["reduce"] += time.perf_counter() - t0
@@ -172,14 +173,39 @@ def _pair_sum(t: torch.Tensor, inplace: bool) -> torch.Tensor:
     return other
 
 
+_HOST_GROUP: Any = None
+
+
+def _host_group():
+    """A gloo group over the same ranks for small host values (made on first use: every rank reaches it at the same
+    call), or ``None`` for the default group when that is gloo already. ``LOWBIT_DP_AGREE=device``: none (the
+    default group's NCCL, as before session 9)."""
+    global _HOST_GROUP
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo" or os.environ.get("LOWBIT_DP_AGREE", "host") == "device":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
 def min_over_ranks(x: int) -> int:
+    """The smallest of the ranks' ``x`` (host integers). Through a gloo group on the host (session 9): over NCCL the
+    value went through the GPU, and reading it back waited for all the work queued on the rank's GPU (the pass's
+    forwards and sums) before the host could queue the next, so the host-only work after it (a stage's set-up, a
+    block's installs) ran on an idle GPU; now only the hosts wait for each other."""
     if not is_active():
         return x
     import torch.distributed as dist
 
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([x], dtype=torch.int64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    group = _host_group()
+    if group is None and dist.get_backend() == "nccl":
+        t = torch.tensor([x], dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+    t = torch.tensor([x], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return int(t.item())
 
 
@@ -267,19 +293,51 @@ def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int
 
     rank, world = rank_world()
     owners = chunk_owners(spans, L.shape[0], world)
-    for i, (a, b) in enumerate(spans):  # every rank solves its chunks first: the ranks work at the same time
-        if owners[i] == rank:
-            out[a:, a:b] = triangular_inverse_chunk(L, a, b)
-    _sync()
+    if os.environ.get("LOWBIT_DP_CHUNKS", "overlap") == "after":  # before session 9: solve all, then broadcast all
+        for i, (a, b) in enumerate(spans):  # every rank solves its chunks first: the ranks work at the same time
+            if owners[i] == rank:
+                out[a:, a:b] = triangular_inverse_chunk(L, a, b)
+        _sync()
+        t0 = time.perf_counter()
+        for i, (a, b) in enumerate(spans):
+            owner = owners[i]
+            buf = out[a:, a:b].contiguous() if owner == rank else torch.empty(L.shape[0] - a, b - a, dtype=L.dtype,
+                                                                               device=L.device)
+            dist.broadcast(buf, src=owner)
+            if owner != rank:
+                out[a:, a:b] = buf
+            del buf
+        _sync()
+        COMM_SECONDS["broadcast"] += time.perf_counter() - t0
+        return
+    # session 9: in chunk order, each chunk broadcast (asynchronously, on NCCL's stream) as soon as its owner queued
+    # its solve, so a chunk travels while the ranks solve the next one; a received chunk is copied in once the next
+    # broadcast is queued (two chunks in flight at most: the memory of the loop above). The owner broadcasts its
+    # solve's output made contiguous instead of a contiguous copy of out's slice.
     t0 = time.perf_counter()
+
+    def finish(job) -> None:
+        work, x, a, b, received = job
+        work.wait()  # the current stream waits for the broadcast (the host does not)
+        if received:
+            out[a:, a:b] = x
+
+    prev = None
     for i, (a, b) in enumerate(spans):
-        owner = owners[i]
-        buf = out[a:, a:b].contiguous() if owner == rank else torch.empty(L.shape[0] - a, b - a, dtype=L.dtype,
-                                                                           device=L.device)
-        dist.broadcast(buf, src=owner)
-        if owner != rank:
-            out[a:, a:b] = buf
-        del buf
+        if owners[i] == rank:
+            # a triangular solve's output may be column-major: the row-major bytes the receivers expect go out
+            x = triangular_inverse_chunk(L, a, b).contiguous()
+            out[a:, a:b] = x
+        else:
+            x = torch.empty(L.shape[0] - a, b - a, dtype=L.dtype, device=L.device)
+        job = (dist.broadcast(x, src=owners[i], async_op=True), x, a, b, owners[i] != rank)
+        del x
+        if prev is not None:
+            finish(prev)
+        prev = job
+    if prev is not None:
+        finish(prev)
+    del prev, job
     _sync()
     COMM_SECONDS["broadcast"] += time.perf_counter() - t0
 
