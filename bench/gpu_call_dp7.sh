@@ -24,8 +24,8 @@ if [ "${SKIP_TRACE:-0}" != 1 ]; then
 timeout 120 torchrun --nproc-per-node 2 bench/dp_trace.py --out $OUT --layers 5 --blk0 2 --nblk 2 --tag 2gpu \
   > $OUT/t2.log 2>&1; grep '"rank"' $OUT/t2.log | cut -c1-400
 fi
-SCALE_SMOKE_EXPECT=run10 timeout ${SCALE_TIMEOUT:-330} python3 bench/scale_gpu.py --steps ${SCALE_STEPS:-run13} --out $OUT \
+SCALE_SMOKE_EXPECT=${SCALE_SMOKE_EXPECT-run10} timeout ${SCALE_TIMEOUT:-330} python3 bench/scale_gpu.py --steps ${SCALE_STEPS:-run13} --out $OUT \
   --budget ${SCALE_BUDGET:-320} 2>&1 | tee $OUT/scale.log | cut -c1-500
 timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_dp_factor_fits.py tests/test_dp_overlap.py \
-  tests/test_gptq_sweep.py -k "gpu or cuda or lags or in_place_on_the_gpu or row_pieces_equal" > $OUT/pytest.log 2>&1
+  tests/test_gptq_sweep.py -k "gpu or cuda or lags or in_place_on_the_gpu or row_pieces_equal or lazy" > $OUT/pytest.log 2>&1
 tail -3 $OUT/pytest.log

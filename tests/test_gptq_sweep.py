@@ -321,3 +321,45 @@ def test_sweep_config_from_the_environment(monkeypatch):
         monkeypatch.setenv("LOWBIT_GPTQ_SWEEP_CFG", bad)
         with pytest.raises(ValueError, match="LOWBIT_GPTQ_SWEEP_CFG"):
             gptq_sweep.sweep_config()
+
+
+def test_compute_loss_off_same_codes_and_lazy_mode_errors(monkeypatch):
+    """``compute_loss=False`` (the pipelines): the same codes, scales and zeros, the loss reported as nan;
+    ``LOWBIT_GPTQ_LAZY`` other than addmm/sub is an error; the CPU keeps the product-then-subtract update."""
+    from lowbit.algorithms import gptq as G
+
+    W, H = _problem(96, 256)
+    a = gptq_quantize(W, H, bits=4, group_size=64, sym=False)
+    b = gptq_quantize(W, H, bits=4, group_size=64, sym=False, compute_loss=False)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+    assert a.loss > 0 and b.loss != b.loss
+    assert not G._lazy_mode(torch.device("cpu"))
+    monkeypatch.setenv("LOWBIT_GPTQ_LAZY", "fused")
+    with pytest.raises(ValueError, match="LOWBIT_GPTQ_LAZY"):
+        G._lazy_mode(torch.device("cuda"))
+    monkeypatch.setenv("LOWBIT_GPTQ_LAZY", "sub")
+    assert not G._lazy_mode(torch.device("cuda"))
+    monkeypatch.delenv("LOWBIT_GPTQ_LAZY")
+    assert G._lazy_mode(torch.device("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(2048, 4096), (3072, 4096), (1024, 14336)], ids=["o", "qkv", "down"])
+def test_lazy_update_in_the_gemm_equals_product_then_subtract_on_the_gpu(monkeypatch, shape):
+    """The block update subtracted in the GEMM (``addmm_``, the CUDA default since session 9) gives the codes of the
+    product followed by ``sub_`` (runs 5-12) bit for bit, and a linear solved in two row pieces still gives the
+    whole's codes."""
+    R, K = shape
+    W, H = _problem(R, K, device="cuda")
+    f = gptq_factor(H, 0.01, True)
+    out = {}
+    for mode in ("sub", "addmm"):
+        monkeypatch.setenv("LOWBIT_GPTQ_LAZY", mode)
+        out[mode] = gptq_quantize(W, H, bits=4, group_size=128, sym=False, factor=f, compute_loss=False)
+    assert torch.equal(out["sub"].codes, out["addmm"].codes)
+    assert torch.equal(out["sub"].scales, out["addmm"].scales) and torch.equal(out["sub"].zeros, out["addmm"].zeros)
+    cut = R // 2 // 1024 * 1024 or 1024
+    if cut < R:
+        parts = [gptq_quantize(W[a:b], H, bits=4, group_size=128, sym=False, factor=f, compute_loss=False).codes
+                 for a, b in ((0, cut), (cut, R))]
+        assert torch.equal(torch.cat(parts), out["addmm"].codes)

@@ -275,13 +275,32 @@ def _block_sweep(dev: torch.device, grid) -> tuple:
     return sweep_block, MAX_COLUMNS
 
 
-def _lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i2: int) -> None:
+def _lazy_mode(dev: torch.device) -> bool:
+    """Whether :func:`_lazy_update` subtracts in the GEMM (``addmm_``): on CUDA unless ``LOWBIT_GPTQ_LAZY=sub``; the
+    CPU keeps the product then ``sub_`` (its recorded outputs are unchanged)."""
+    import os
+
+    mode = os.environ.get("LOWBIT_GPTQ_LAZY", "addmm")
+    if mode not in ("addmm", "sub"):
+        raise ValueError(f"LOWBIT_GPTQ_LAZY={mode!r}: expected addmm or sub")
+    return mode == "addmm" and torch.device(dev).type == "cuda"
+
+
+def _lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i2: int, addmm: bool = False) -> None:
     """``W[:, i2:] -= Err1 @ U[i1:i2, i2:]``, the block's error carried to the columns after it, in fixed chunks of
     :data:`ROW_CHUNK` rows: a row's result does not depend on how many rows are solved together (data-parallel runs
     solve a linear in row pieces). In place on views (``sub_``: the same kernel as ``-=`` without its
     ``__setitem__``), the slices taken once."""
     R = W.shape[0]
     Ub = U[i1:i2, i2:]
+    if addmm:
+        # session 9: the product subtracted in the GEMM's epilogue (``W - acc`` rounded once, as ``sub_`` of the
+        # fp32 product rounds it), one launch per chunk instead of two and no product temporary: the solve's
+        # block loop was bound by the host's launches. LOWBIT_GPTQ_LAZY=sub: the product, then sub_.
+        rest = W[:, i2:]
+        for r1 in range(0, R, ROW_CHUNK):
+            rest[r1:r1 + ROW_CHUNK].addmm_(Err1[r1:r1 + ROW_CHUNK], Ub, alpha=-1.0)
+        return
     if R <= ROW_CHUNK:
         W[:, i2:].sub_(Err1 @ Ub)
         return
@@ -505,13 +524,16 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
                   n_grid: Optional[int] = None, max_shrink: Optional[float] = None,
                   gguf_type: Optional[str] = None, two_sided: int = 0,
-                  factor: Optional[tuple] = None, groups: Optional[tuple] = None) -> GPTQResult:
+                  factor: Optional[tuple] = None, groups: Optional[tuple] = None,
+                  compute_loss: bool = True) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.
 
     See the module docstring for the options. Returns a :class:`GPTQResult` (``.state`` is the
     group-layout QuantState, ``.dequantize()`` the float weight). ``groups``: the static groups'
     ``(scales, zeros, damp)`` from :func:`gptq_static_groups` with the same weight, options and ``factor``'s
     ``H`` (a caller fits them while the factorisation runs); used when ``damp`` is the factor's, else refitted.
+    ``compute_loss=False``: the result's ``loss`` is ``nan`` (the pipelines do not read it; summing it cost four
+    kernel launches per block of columns and a host wait at the end).
     """
     R, K = _check_inputs(weight, H, group_objective)
     if not isinstance(blocksize, int) or blocksize <= 0:
@@ -567,10 +589,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
 
     Q = torch.zeros(R, K, dtype=torch.float32, device=dev)  # codes, sweep order
     sweep, sweep_cols = _block_sweep(dev, grid)
-    total_loss = torch.zeros((), dtype=torch.float64, device=dev)
+    total_loss = torch.zeros((), dtype=torch.float64, device=dev) if compute_loss else None
 
     into = _sweep_in_place(sweep)
+    addmm = _lazy_mode(dev)
     Ebuf = None  # the in-place sweep's errors, one buffer for every block
+    sweep_cfg = None  # the in-place sweep's launch settings, read once
     all_fitted = all(fitted)
     if all_fitted:  # static groups: the host needs no group index (its copy would wait for the queued work)
         gidx = group_pos = None
@@ -583,13 +607,20 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         if into is not None and count <= sweep_cols and (all_fitted or all(fitted[gi] for gi in gidx[i1:i2])):
             # the fused sweep without the copies: reads W's block, the scales through the group index, writes Q
             bc = max(16, 1 << (count - 1).bit_length())
-            if Ebuf is None or Ebuf.shape[1] != bc:
+            fresh = Ebuf is None or Ebuf.shape[1] != bc
+            if fresh:
                 Ebuf = torch.empty(R, bc, dtype=torch.float32, device=dev)
-            E = into(W, i1, count, scales, zeros, gidx_dev[i1:i2], U[i1:i2, i1:i2], grid.maxq, Q, Ebuf)
+                if sweep_cfg is None:
+                    from lowbit.kernels.triton.gptq_sweep import sweep_config
+
+                    sweep_cfg = sweep_config()
+            E = into(W, i1, count, scales, zeros, gidx_dev[i1:i2], U[i1:i2, i1:i2], grid.maxq, Q, Ebuf,
+                     config=sweep_cfg, checked=not fresh)
             Err1 = E if bc == count else E[:, :count].contiguous()
-            total_loss += Err1.double().square().sum()
+            if total_loss is not None:
+                total_loss += Err1.double().square().sum()
             if i2 < K:
-                _lazy_update(W, Err1, U, i1, i2)
+                _lazy_update(W, Err1, U, i1, i2, addmm)
             continue
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
@@ -635,15 +666,17 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
             if i + 1 < count:  # rank-1 update of the rest of the block
                 W1[:, i + 1:].addr_(err, Ut[i + 1:, i], alpha=-1.0)
             Err1[:, i] = err
-        total_loss += Err1.double().square().sum()
+        if total_loss is not None:
+            total_loss += Err1.double().square().sum()
         if i2 < K:
-            _lazy_update(W, Err1, U, i1, i2)
+            _lazy_update(W, Err1, U, i1, i2, addmm)
 
     codes = Q[:, invperm]
     if refit:
         Hd = H + damp * torch.eye(K, dtype=H.dtype, device=dev)
         scales = refit_scales(W_orig, Hd, codes, scales, zeros, g)
-    return GPTQResult(codes=codes.to(torch.uint8), scales=scales, zeros=zeros, loss=float(total_loss) / 2,
+    return GPTQResult(codes=codes.to(torch.uint8), scales=scales, zeros=zeros,
+                      loss=float(total_loss) / 2 if total_loss is not None else float("nan"),
                       damp=damp, bits=grid.bits, group_size=g, sym=grid.sym, dtype=weight.dtype,
                       grid=grid if gguf_type is not None else None)
 

@@ -260,7 +260,8 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
         mine = {}
         for bi, (batch, ws, stacked) in enumerate(batches):
             # solve first: the ranks work at the same time, then exchange
-            res = gptq_quantize(stacked, H, bits, group_size, sym, factor=factor, groups=fits.pop(bi, None), **opts)
+            res = gptq_quantize(stacked, H, bits, group_size, sym, factor=factor, groups=fits.pop(bi, None),
+                                compute_loss=False, **opts)
             off = 0
             for (j, _), w in zip(batch, ws):
                 r = w.shape[0]
@@ -300,7 +301,7 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
     for i, n in enumerate(stage.names):
         w = modules[n].weight.detach()
         res = _on_owner(_solve_owner(i), lambda w=w, n=n: gptq_quantize(w, H, bits, group_size, sym, factor=factor,
-                                                                        groups=fits.pop(n, None),
+                                                                        groups=fits.pop(n, None), compute_loss=False,
                                                                         **_layer_opts(opts, n)))
         dev = w.device
         res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)

@@ -136,23 +136,28 @@ DEFAULT_CONFIG = (8, 4, 0)
 
 def sweep_into(W: torch.Tensor, i1: int, count: int, scales: torch.Tensor, zeros: torch.Tensor,
                gidx: torch.Tensor, U1: torch.Tensor, maxq: int, Q: torch.Tensor, E: torch.Tensor,
-               config: tuple = None) -> torch.Tensor:
+               config: tuple = None, checked: bool = False) -> torch.Tensor:
     """One GPTQ block swept in place: columns ``[i1, i1 + count)`` of ``W`` (fp32 ``[R, K]``, unit column
     stride) with the per-group ``scales``/``zeros`` (fp32 ``[R, G]``) of the columns' groups ``gidx``
     (int64 ``[count]``); the codes go into ``Q[:, i1:i1 + count]`` (fp32 ``[R, K]``), the errors into
     ``E[:, :count]`` (fp32 ``[R, BC]``, BC the next power of two >= count, at least 16), which is returned.
-    The same codes and errors as :func:`sweep_block` of the gathered block, with none of its copies."""
+    The same codes and errors as :func:`sweep_block` of the gathered block, with none of its copies.
+    ``checked``: the caller already passed these ``W``, ``Q``, ``scales``, ``zeros`` and ``E`` through a checked call
+    (a solve's later blocks: the checks were a good part of the host's time per block)."""
     R = W.shape[0]
     if count > MAX_COLUMNS:
         raise ValueError(f"sweep_into: {count} columns, at most {MAX_COLUMNS}")
     bc = max(16, triton.next_power_of_2(count))
     if U1.stride(-1) != 1:
         U1 = U1.contiguous()
-    for name, t in (("W", W), ("Q", Q), ("scales", scales), ("zeros", zeros), ("U1", U1), ("E", E)):
-        if t.dtype != torch.float32 or t.stride(-1) != 1:
-            raise ValueError(f"sweep_into: {name} must be float32 with unit column stride")
-    if scales.stride() != zeros.stride() or tuple(E.shape) != (R, bc) or not E.is_contiguous():
-        raise ValueError("sweep_into: scales/zeros of equal strides and E [R, BC] contiguous expected")
+    if not checked:
+        for name, t in (("W", W), ("Q", Q), ("scales", scales), ("zeros", zeros), ("U1", U1), ("E", E)):
+            if t.dtype != torch.float32 or t.stride(-1) != 1:
+                raise ValueError(f"sweep_into: {name} must be float32 with unit column stride")
+        if scales.stride() != zeros.stride() or tuple(E.shape) != (R, bc) or not E.is_contiguous():
+            raise ValueError("sweep_into: scales/zeros of equal strides and E [R, BC] contiguous expected")
+    elif U1.dtype != torch.float32:
+        raise ValueError("sweep_into: U1 must be float32")
     rows, warps, preload = config or sweep_config()
     grid = (triton.cdiv(R, rows),)
     _sweep_into_kernel[grid](W[:, i1:], scales, zeros, gidx, U1, Q[:, i1:], E, R, W.stride(0), scales.stride(0),
