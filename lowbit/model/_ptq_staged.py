@@ -457,7 +457,7 @@ def _data_free_streamed(model, entry, cfg, selected, device, stream, states, pro
 
 
 def _reduce_stats(st: InputStats, reduce) -> InputStats:
-    from lowbit.model.distributed import is_active
+    from lowbit.model.distributed import is_active, sum_over_ranks
 
     if not is_active():
         return st
@@ -465,9 +465,8 @@ def _reduce_stats(st: InputStats, reduce) -> InputStats:
         st.xtx = reduce(st.xtx)
     if st.abs_sum is not None:
         st.abs_sum = reduce(st.abs_sum)
-    n = reduce(torch.tensor([float(st.count)], dtype=torch.float64,
-                            device=(st.xtx if st.xtx is not None else st.abs_sum).device))
-    st.count = int(n.item())
+    # the count on the host (session 9; through the GPU its read-back waited for the pass's queued work)
+    st.count = sum_over_ranks(st.count)
     return st
 
 

@@ -209,6 +209,22 @@ def min_over_ranks(x: int) -> int:
     return int(t.item())
 
 
+def sum_over_ranks(x: int) -> int:
+    """The sum of the ranks' host integers ``x`` (e.g. sample counts), on the host like :func:`min_over_ranks`."""
+    if not is_active():
+        return x
+    import torch.distributed as dist
+
+    group = _host_group()
+    if group is None and dist.get_backend() == "nccl":
+        t = torch.tensor([x], dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t)
+        return int(t.item())
+    t = torch.tensor([x], dtype=torch.int64)
+    dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
 def broadcast_object(obj: Any, src: int) -> Any:
     """``obj`` from rank ``src`` on every rank (tensors travel through the CPU)."""
     if not is_active():
@@ -363,4 +379,5 @@ def barrier() -> None:
 
 
 __all__ = ["is_active", "rank_world", "init_from_env", "local_device", "shard", "sum_in_rank_order",
-           "min_over_ranks", "broadcast_object", "barrier", "shared_chunks", "chunk_owners", "all_gather_bytes", "SAFE_ENV"]
+           "min_over_ranks", "sum_over_ranks", "broadcast_object", "barrier", "shared_chunks", "chunk_owners",
+           "all_gather_bytes", "SAFE_ENV"]
