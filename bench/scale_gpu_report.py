@@ -468,7 +468,11 @@ def session9_notes(by_src):
         "within the run-to-run spread. The trace shows why: the host then waits at the next synchronisation (the "
         "factorisation's dampening reads the Hessian's mean diagonal on the host), and rank 0's host ran the same "
         "Python 15-25% slower than rank 1's (solve 295 vs 239 ms, fits 251 vs 210 ms over the two traced blocks), "
-        "so rank 1's GPU waited in the collectives.",
+        "so rank 1's GPU waited in the collectives. With the host waits off (run 14 on) the run tables' "
+        "communication columns count the host's time in the calls only; the all-reduce share is in the trace "
+        "table: NCCL kernels 38-60 ms of a 710 ms 2-GPU block in set 3 (5-8%, transfers plus waits for the other "
+        "rank; of it the triangular-inverse chunks 27-33 ms, which run beside the ranks' own chunk solves, the "
+        "statistics sums 9-14 ms, the solved pieces' exchange 2-12 ms).",
         "- Set 3 (runs 15-16): the solve's host work per block of 128 columns cut from about 13 launches to 6 (the "
         "block update subtracted in the GEMM's epilogue, `addmm_`, bit-identical to the product then `sub_` "
         "(tested on the H200 at three shapes, row pieces included); the loss sum dropped in the pipelines' solves, "
