@@ -222,3 +222,42 @@ def test_dp_sync_switch(monkeypatch):
     monkeypatch.setenv("LOWBIT_DP_SYNC", "0")
     D._sync()
     assert calls == [1]
+
+
+def test_host_group_made_once_per_default_group(monkeypatch):
+    """Under NCCL the small host values (the pass agreement, the sample count) go over a gloo group made on first use
+    and made again for a new default group; ``LOWBIT_DP_AGREE=device`` keeps the default group (a single-process
+    gloo group stands in for NCCL here: ``get_backend`` reports nccl)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from lowbit.model import distributed as D
+
+    def port():
+        with socket.socket() as s_:
+            s_.bind(("127.0.0.1", 0))
+            return s_.getsockname()[1]
+
+    real = dist.get_backend
+    fake = {"on": False}
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl" if fake["on"] else real(*a))
+    monkeypatch.setattr(D, "_HOST_GROUP", None)
+    groups = []
+    for _ in range(2):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port()}", rank=0, world_size=1)
+        try:
+            fake["on"] = False
+            assert D._host_group() is None  # a gloo default group serves itself
+            fake["on"] = True
+            g = D._host_group()
+            assert g is not None and D._host_group() is g  # made once
+            assert D._reduce_host_int(7, dist.ReduceOp.MIN) == 7 and D._reduce_host_int(3, dist.ReduceOp.SUM) == 3
+            monkeypatch.setenv("LOWBIT_DP_AGREE", "device")
+            assert D._host_group() is None
+            monkeypatch.delenv("LOWBIT_DP_AGREE")
+            groups.append(g)
+        finally:
+            fake["on"] = False
+            dist.destroy_process_group()
+    assert groups[0] is not groups[1]  # the second default group got its own

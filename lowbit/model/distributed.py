@@ -173,21 +173,37 @@ def _pair_sum(t: torch.Tensor, inplace: bool) -> torch.Tensor:
     return other
 
 
-_HOST_GROUP: Any = None
+_HOST_GROUP: Any = None  # (the default group it was made for, the gloo group)
 
 
 def _host_group():
     """A gloo group over the same ranks for small host values (made on first use: every rank reaches it at the same
-    call), or ``None`` for the default group when that is gloo already. ``LOWBIT_DP_AGREE=device``: none (the
-    default group's NCCL, as before session 9)."""
+    call; made again for a new default group), or ``None`` for the default group when that is gloo already.
+    ``LOWBIT_DP_AGREE=device``: none (the default group's NCCL, as before session 9)."""
     global _HOST_GROUP
     import torch.distributed as dist
 
     if dist.get_backend() == "gloo" or os.environ.get("LOWBIT_DP_AGREE", "host") == "device":
         return None
-    if _HOST_GROUP is None:
-        _HOST_GROUP = dist.new_group(backend="gloo")
-    return _HOST_GROUP
+    world = dist.group.WORLD
+    if _HOST_GROUP is None or _HOST_GROUP[0] is not world:
+        _HOST_GROUP = (world, dist.new_group(backend="gloo"))
+    return _HOST_GROUP[1]
+
+
+def _reduce_host_int(x: int, op) -> int:
+    """``op`` (a ``ReduceOp``) of the ranks' host integers ``x``: over the host group (:func:`_host_group`), or
+    through the GPU when that is off under NCCL."""
+    import torch.distributed as dist
+
+    group = _host_group()
+    if group is None and dist.get_backend() == "nccl":
+        t = torch.tensor([x], dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t, op=op)
+        return int(t.item())
+    t = torch.tensor([x], dtype=torch.int64)
+    dist.all_reduce(t, op=op, group=group)
+    return int(t.item())
 
 
 def min_over_ranks(x: int) -> int:
@@ -199,14 +215,7 @@ def min_over_ranks(x: int) -> int:
         return x
     import torch.distributed as dist
 
-    group = _host_group()
-    if group is None and dist.get_backend() == "nccl":
-        t = torch.tensor([x], dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item())
-    t = torch.tensor([x], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return int(t.item())
+    return _reduce_host_int(x, dist.ReduceOp.MIN)
 
 
 def sum_over_ranks(x: int) -> int:
@@ -215,14 +224,7 @@ def sum_over_ranks(x: int) -> int:
         return x
     import torch.distributed as dist
 
-    group = _host_group()
-    if group is None and dist.get_backend() == "nccl":
-        t = torch.tensor([x], dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(t)
-        return int(t.item())
-    t = torch.tensor([x], dtype=torch.int64)
-    dist.all_reduce(t, group=group)
-    return int(t.item())
+    return _reduce_host_int(x, dist.ReduceOp.SUM)
 
 
 def broadcast_object(obj: Any, src: int) -> Any:
