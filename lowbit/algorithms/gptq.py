@@ -604,7 +604,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         count = i2 - i1
-        if into is not None and count <= sweep_cols and (all_fitted or all(fitted[gi] for gi in gidx[i1:i2])):
+        ready = all_fitted or all(fitted[gi] for gi in gidx[i1:i2])  # every group the block touches is fitted
+        if into is not None and count <= sweep_cols and ready:
             # the fused sweep without the copies: reads W's block, the scales through the group index, writes Q
             bc = max(16, 1 << (count - 1).bit_length())
             fresh = Ebuf is None or Ebuf.shape[1] != bc
@@ -629,16 +630,14 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         cols = gidx_dev[i1:i2]
         S1, Z1 = scales[:, cols], zeros[:, cols]
         # the whole block in one fused sweep when every group it touches is already fitted (static groups)
-        fused = sweep is not None and count <= sweep_cols and (all_fitted or all(fitted[gi] for gi in gidx[i1:i2]))
+        fused = sweep is not None and count <= sweep_cols and ready
         if fused:
             Qb, Err1 = sweep(W1, S1, Z1, U1, grid.maxq)
             Q[:, i1:i2] = Qb
         Ut = None if fused else U1.t().contiguous()  # Ut[:, i] = U1[i, :] as a contiguous column
-        if not fused and gidx is None:  # a block the fused sweep does not take (wider than it, or no Triton)
-            gidx = gidx_dev.tolist()
         for i in range(0 if fused else count):
-            gi = gidx[i1 + i]
-            if not fitted[gi]:
+            gi = None if all_fitted else gidx[i1 + i]
+            if gi is not None and not fitted[gi]:
                 pos = group_pos[gi]
                 # current values of the group's columns (lazy updates of later blocks applied here)
                 cur = torch.empty(R, pos.numel(), dtype=W.dtype, device=dev)

@@ -129,11 +129,8 @@ class InputStats:
                     else:
                         g = torch.bmm(xs.transpose(1, 2), xs)
                     for i in range(g.shape[0]):
-                        if rows >= k:
-                            self.xtx += g[i]
-                        else:
-                            for r in range(0, k, rows):
-                                self.xtx[r:r + rows] += g[i, r:r + rows]
+                        for r in range(0, k, rows):
+                            self.xtx[r:r + rows] += g[i, r:r + rows]
                     del g
                 else:
                     for c in range(0, k, blk):
