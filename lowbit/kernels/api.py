@@ -436,18 +436,26 @@ def _check_channel_state(state: QuantState, scheme: str, what: str) -> None:
         )
 
 
+def _channel_weights(state: QuantState, key: str, scheme: str, what: str, weight=None):
+    """``(weight(codes [N, K]), scale float32 [N])`` of a per-output-channel ``scheme`` state, cached under ``key``
+    (:func:`_cached`); ``weight`` None: the stored codes themselves (a view)."""
+    got = _cached(state, key)
+    if got is not None:
+        return got
+    _check_channel_state(state, scheme, what)
+    N, K = state.shape
+    codes = state.data.view(N, K)
+    return _store(state, key, (codes if weight is None else weight(codes),
+                               _decoded_scales(state).to(state.device).contiguous()))
+
+
 def prepare_int8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(w int8 [N, K], scale float32 [N])`` from a symmetric int8 per-output-channel state.
 
     lowbit's symmetric codes are ``q + 128`` (implicit zero 128), so the int8 weight is ``code - 128``.
     """
-    got = _cached(state, "int8")
-    if got is not None:
-        return got
-    _check_channel_state(state, "int8", "int8 linear needs a symmetric int8")
-    N, K = state.shape
-    w = (state.data.view(N, K).to(torch.int16) - 128).to(torch.int8)
-    return _store(state, "int8", (w, _decoded_scales(state).to(state.device).contiguous()))
+    return _channel_weights(state, "int8", "int8", "int8 linear needs a symmetric int8",
+                            lambda codes: (codes.to(torch.int16) - 128).to(torch.int8))
 
 
 def int8_codes(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -455,12 +463,7 @@ def int8_codes(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     themselves (a view, no copy: the int8 weight is ``code - 128``, i.e. the code with bit 7 flipped, which the
     Triton GEMM does in registers) and the scales. What the quantized modules use; :func:`prepare_int8` makes the
     signed copy for callers that want one (``torch._int_mm``)."""
-    got = _cached(state, "int8u")
-    if got is not None:
-        return got
-    _check_channel_state(state, "int8", "int8 linear needs a symmetric int8")
-    N, K = state.shape
-    return _store(state, "int8u", (state.data.view(N, K), _decoded_scales(state).to(state.device).contiguous()))
+    return _channel_weights(state, "int8u", "int8", "int8 linear needs a symmetric int8")
 
 
 def signed_int8(w: torch.Tensor) -> torch.Tensor:
@@ -472,12 +475,7 @@ def signed_int8(w: torch.Tensor) -> torch.Tensor:
 
 def prepare_fp8(state: QuantState) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(w float8_e4m3fn [N, K], scale float32 [N])`` from an fp8_e4m3 per-output-channel state."""
-    got = _cached(state, "fp8")
-    if got is not None:
-        return got
-    _check_channel_state(state, "fp8_e4m3", "fp8 linear needs an fp8_e4m3")
-    N, K = state.shape
-    return _store(state, "fp8", (state.data.view(N, K), _decoded_scales(state).to(state.device).contiguous()))
+    return _channel_weights(state, "fp8", "fp8_e4m3", "fp8 linear needs an fp8_e4m3")
 
 
 def _weights(state_or_pair, prepare):
