@@ -56,6 +56,15 @@ def test_config_mm_buckets_and_tuned_rows(monkeypatch):
     assert TC.config_mm(4, 0, 1, 8192, 8192) == TC.default_mm(4, 0, 1, 8192, 8192)  # row does not match
 
 
+def _interp_case(scheme, kw, N, K, seed):
+    """A random ``[N, K]`` weight (seed ``seed``) quantized as ``scheme``, its CUDA layout built on the CPU, the
+    float32 reference and the format's ``TUNED_MM`` key: the set-up of the Triton-interpreter tests."""
+    torch.manual_seed(seed)
+    st = quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw)
+    p = L._prepare_cuda(st)
+    return st, p, L.dequantize_state(st).float(), (p.bits, "codebook" if p.kind == 0 else "int")
+
+
 @pytest.mark.parametrize("scheme,kw", FORMATS, ids=[f"{s}-{k}" for s, k in FORMATS])
 def test_mm_op_cpu_equals_reference(scheme, kw):
     import lowbit.kernels.ops  # noqa: F401
@@ -88,11 +97,8 @@ def test_mm_op_opcheck():
 @pytest.mark.parametrize("scheme,kw", FORMATS, ids=[f"{s}-{k}" for s, k in FORMATS])
 def test_v2_kernels_in_triton_interpreter(scheme, kw, monkeypatch):
     pytest.importorskip("triton")
-    torch.manual_seed(1)
     N, K = 48, 256
-    st = quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw)
-    p = L._prepare_cuda(st)
-    ref = L.dequantize_state(st).float()
+    st, p, ref, _ = _interp_case(scheme, kw, N, K, 1)
     assert torch.equal(p.dense(torch.float16), ref.to(torch.float16))  # row-contiguous dequantize, every format
     assert torch.equal(p.dense(torch.float32), ref)
     from lowbit.kernels.triton import lowbit_mm as lm
@@ -245,12 +251,8 @@ def test_tc_gemm_in_triton_interpreter(scheme, kw, monkeypatch):
     pytest.importorskip("triton")
     from lowbit.kernels.triton import lowbit_mm as lm
 
-    torch.manual_seed(3)
     N, K = 80, 512
-    st = quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw)
-    p = L._prepare_cuda(st)
-    ref = L.dequantize_state(st).float()
-    key = (p.bits, "codebook" if p.kind == 0 else "int")
+    st, p, ref, key = _interp_case(scheme, kw, N, K, 3)
     for M, cfg in ((5, ("tc", 16, 32, 16, 1, 4, 1)), (20, ("tc", 16, 64, 32, 3, 4, 1)),
                    (33, ("tc", 32, 32, 16, 2, 4, 1))):
         p.plans.clear()
@@ -343,12 +345,8 @@ def test_gemvq_in_triton_interpreter(scheme, kw, monkeypatch):
     pytest.importorskip("triton")
     from lowbit.kernels.triton import lowbit_mm as lm
 
-    torch.manual_seed(4)
     N, K = 40, 512
-    st = quantize_tensor(torch.randn(N, K) * 0.02, scheme, **kw)
-    p = L._prepare_cuda(st)
-    ref = L.dequantize_state(st).float()
-    key = (p.bits, "codebook" if p.kind == 0 else "int")
+    st, p, ref, key = _interp_case(scheme, kw, N, K, 4)
     s = "s" if p.kind == 0 else ""
     cases = [(1, (f"gemvq{s}", 32, 32, 2, 4, 1), torch.float16), (2, (f"gemvq{s}f", 32, 16, 3, 4, 1), torch.float16),
              (3, (f"gemvq{s}m", 32, 32, 2, 4, 3), torch.float16), (4, (f"gemvq{s}", 16, 64, 1, 4, 3), torch.float16),
