@@ -74,7 +74,6 @@ def _segments(anns):
     out = {}
     for tid, evs in anns.items():
         evs.sort(key=lambda e: (e[0], -e[1]))
-        points = []
         stack = []  # (end, label)
         segs = []
         cur = None
@@ -98,7 +97,6 @@ def _segments(anns):
             stack.pop()
             emit(t_end)
         out[tid] = (segs, [x[0] for x in segs])
-        del points
     return out
 
 
@@ -179,8 +177,6 @@ def analyse(trace_path: str) -> dict:
     nccl_iv = _union([(s, e) for s, e, _, n, _, _, _ in kinfo if n])
     nccl_starts = [s for s, _ in nccl_iv]
     gap_under_nccl = 0.0
-    starts = [s for s, _ in comp]
-    comp_first_kernel = {}
     kin_sorted = sorted((s, p, nm) for s, e, p, n, _, _, nm in kinfo if not n)
     long_gaps = []
     ks = [x[0] for x in kin_sorted]
@@ -202,7 +198,6 @@ def analyse(trace_path: str) -> dict:
         while j >= 0 and nccl_iv[j][1] > e0:
             gap_under_nccl += min(s1, nccl_iv[j][1]) - max(e0, nccl_iv[j][0])
             j -= 1
-    del starts, comp_first_kernel
     # host: blocking waits on the calibration thread, by label
     waits = defaultdict(float)
     host_label = defaultdict(float)
