@@ -1,6 +1,7 @@
 """GPTQ's static groups fitted while the Hessian is factored (issue 20): the fits need no factor, so on a GPU they
 run on a side stream beside the Cholesky factorisation. These CPU tests check the plumbing gives the bits of the
 fits inside the solve: the same function on the same inputs (``gptq_static_groups``), stale fits refitted."""
+import os
 import warnings
 
 import pytest
@@ -136,3 +137,83 @@ def test_during_before_the_cholesky_and_its_callable_right_after(monkeypatch, me
     gptq.damped_inverse_cholesky(H, 0.01, method=method,
                                  during=lambda d: order.append("during") or (lambda: order.append("then")))
     assert order[:3] == ["during", "cholesky", "then"] and order.count("then") == 1
+
+
+def _device_damp_everywhere(monkeypatch):
+    """The device-kept dampening of the ``"flip"`` factorisation (CUDA's default) forced on the CPU: the code path
+    runs here too, a scalar tensor in place of the float."""
+    real = gptq._damp_on_device
+    monkeypatch.setattr(gptq, "_damp_on_device", lambda dev: os.environ.get("LOWBIT_GPTQ_DAMP", "device") == "device"
+                        or real(dev))
+
+
+def test_dampening_kept_on_the_device_gives_the_host_bits(monkeypatch):
+    """Session 10: the first dampening is not read before the factorisation (a host wait) but kept as a float64 scalar
+    tensor and read with the outcome: the same factor, dampening and codes as the float, a retry too; the fits of the
+    overlap get the tensor and hand the solve its value."""
+    from lowbit.model import _ptq_solve as S
+
+    _device_damp_everywhere(monkeypatch)
+    w, H = _problem(4)
+    monkeypatch.setenv("LOWBIT_GPTQ_DAMP", "host")
+    ref = gptq.damped_inverse_cholesky(H, 0.01, method="flip")
+    ref_f = gptq.gptq_factor(H.clone(), 0.01)
+    ref_q = gptq.gptq_quantize(w, H, 4, 32, False, factor=ref_f)
+    monkeypatch.setenv("LOWBIT_GPTQ_DAMP", "device")
+    seen = []
+    U, d = gptq.damped_inverse_cholesky(H, 0.01, method="flip", during=lambda x: seen.append(x))
+    assert isinstance(seen[0], torch.Tensor) and seen[0].dtype == torch.float64 and float(seen[0]) == ref[1]
+    assert type(d) is float and d == ref[1] and torch.equal(U, ref[0])
+    monkeypatch.setenv("LOWBIT_GPTQ_FACTOR", "flip")
+    f, fits = S._factor_and_fit(H.clone(), {"percdamp": 0.01}, None, {"a": w}, 4, 32, False)
+    assert type(fits["a"][2]) is float and fits["a"][2] == f[4] == ref_f[4]
+    assert _same(gptq.gptq_quantize(w, f[0], 4, 32, False, factor=f, groups=fits["a"]), ref_q)
+    bad = torch.diag(torch.linspace(-1.0, 1.0, 64))  # indefinite: retries, the dampening read for them
+    for mode in ("host", "device"):
+        monkeypatch.setenv("LOWBIT_GPTQ_DAMP", mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = gptq.damped_inverse_cholesky(bad, 0.01, method="flip", max_tries=12)
+        if mode == "host":
+            first = got
+        else:
+            assert type(got[1]) is float and got[1] == first[1] and torch.equal(got[0], first[0])
+    monkeypatch.setenv("LOWBIT_GPTQ_DAMP", "later")
+    with pytest.raises(ValueError, match="LOWBIT_GPTQ_DAMP='later'"):
+        gptq._damp_on_device(torch.device("cuda"))
+
+
+def test_group_objectives_are_the_damped_slices():
+    """The groups' objectives made run by run from strided views of ``H``: each equals ``_damped`` of its slice bit for
+    bit (signed zeros included), a ragged last group and a non-contiguous ``H`` too."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 200, generator=g)
+    H = X.T @ X / 400
+    H[H.abs() < 0.02] = -0.0
+    for bounds, Hx in (([(0, 64), (64, 128), (128, 192), (192, 200)], H), ([(0, 100), (100, 200)], H),
+                       ([(0, 50), (50, 100)], H[::2, ::2]), ([(0, 200)], H)):
+        for damp in (0.0, 0.25, torch.tensor(0.25, dtype=torch.float64)):
+            before = Hx.clone()
+            got = gptq._group_objectives(Hx, damp, bounds)
+            assert torch.equal(Hx, before) and sorted(got) == [a for a, _ in bounds]  # H itself never changed
+            for a, b in bounds:
+                ref = gptq._damped(Hx[a:b, a:b], damp)
+                assert got[a].shape == (b - a, b - a) and got[a].is_contiguous()
+                assert torch.equal(got[a].view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.cuda
+def test_dampening_on_the_device_gives_the_host_bits_on_the_gpu(monkeypatch):
+    """On the GPU (where the device-kept dampening is the default): the factor and dampening of the host path, bit
+    for bit, at the 8B shapes' widths."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(1)
+    for K in (4096, 14336):
+        X = torch.randn(K + 512, K, device=dev, generator=g)
+        H = X.T @ X / X.shape[0]
+        out = {}
+        for mode in ("host", "device"):
+            monkeypatch.setenv("LOWBIT_GPTQ_DAMP", mode)
+            out[mode] = gptq.damped_inverse_cholesky(H, 0.01, method="flip")
+        assert out["device"][1] == out["host"][1] and torch.equal(out["device"][0], out["host"][0])
+        del X, H, out

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -155,6 +155,17 @@ def _damped(H: torch.Tensor, damp: float, inplace: bool = False) -> torch.Tensor
     return A
 
 
+def _damp_on_device(device: torch.device) -> bool:
+    """Whether the ``"flip"`` factorisation keeps its first dampening on the device: on CUDA (where reading it is a
+    host wait) unless ``LOWBIT_GPTQ_DAMP=host`` (read before the factorisation, as before session 10)."""
+    import os
+
+    mode = os.environ.get("LOWBIT_GPTQ_DAMP", "device")
+    if mode not in ("device", "host"):
+        raise ValueError(f"LOWBIT_GPTQ_DAMP={mode!r}: expected device or host")
+    return mode == "device" and torch.device(device).type == "cuda"
+
+
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6,
                             method: Optional[str] = None, share: Optional[Callable[..., None]] = None,
                             during: Optional[Callable[[float], Optional[Callable[[], None]]]] = None):
@@ -166,7 +177,8 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     (J L^{-1} J)`` with ``J L^{-1} J`` upper triangular: one Cholesky and one triangular inverse (its chunks
     spread by ``share``, see :func:`lower_triangular_inverse`).
 
-    ``during(damp)``: called once, with the first dampening, before the first Cholesky factorisation is queued
+    ``during(damp)``: called once, with the first dampening (a float64 scalar tensor on the device where
+    :func:`_damp_on_device`, else a float), before the first Cholesky factorisation is queued
     (the matrix and whatever the caller queued before are the work queued so far); if it returns a callable, that
     is called right after the factorisation is queued and before its outcome is read (a host synchronisation): on
     a GPU the caller queues work that needs no factor on another stream, made to wait for the work queued before
@@ -177,8 +189,17 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     method = _factor_method(H.device) if method is None else method
     if method not in FACTORS[1:]:
         raise ValueError(f"method={method!r}: expected one of {FACTORS[1:]}")
-    mean_diag = torch.diag(H).mean().item()
-    damp = percdamp * mean_diag
+    mean_t = torch.diag(H).mean()
+    if method == "flip" and _damp_on_device(H.device):
+        # session 10: the first dampening stays on the device (read with the factorisation's outcome): reading the mean
+        # diagonal here made the host wait for everything queued before it (a data-parallel run's statistics exchange
+        # included) before it could queue the factorisation and the fits. The same double product, rounded to float32
+        # where it is added, as the host value: the same bits.
+        mean_diag = None
+        damp = mean_t.double() * percdamp
+    else:
+        mean_diag = mean_t.item()
+        damp = percdamp * mean_diag
     then = during(damp) if during is not None else None
     for attempt in range(max_tries):
         # "flip": the reversal keeps the diagonal on the diagonal
@@ -195,13 +216,18 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
             del L
             U = Linv.flip((0, 1))
             del Linv
-            if bool(((info == 0) & torch.isfinite(U).all()).item()):
+            ok = (info == 0) & torch.isfinite(U).all()
+            if isinstance(damp, torch.Tensor):  # one read for the outcome and the dampening
+                ok, damp = torch.stack([ok.double(), damp]).tolist()
+            if bool(ok):
                 return U, damp
         elif int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, damp
+        if mean_diag is None:
+            mean_diag = float(mean_t)
         new = max(damp * 10.0, 1e-6 * max(mean_diag, 1e-12), 1e-8)
         warnings.warn(f"GPTQ: Cholesky of the damped Hessian failed with dampening {damp:.3g}; "
                       f"retrying with {new:.3g}", RuntimeWarning, stacklevel=3)
@@ -417,6 +443,35 @@ FIT_BATCH_BYTES = 256 * 2 ** 20
 FITS = ("auto", "batched", "group")
 
 
+def _group_objectives(H: torch.Tensor, damp, bounds: list) -> Dict[int, torch.Tensor]:
+    """Each group's objective ``H[a:b, a:b] + damp I`` (:func:`_damped` of the slice), keyed by its first column
+    ``a``: each run of consecutive equal-width groups as one strided view of ``H``'s diagonal blocks, copied and
+    damped in three launches (session 10; three per group before, a quarter of the fits' launches on a GPU). The
+    same elementwise operations on the same values: the same bits."""
+    out: Dict[int, torch.Tensor] = {}
+    K = H.shape[-1]
+    i = 0
+    while i < len(bounds):
+        a, b = bounds[i]
+        g = b - a
+        j = i
+        while j < len(bounds) and bounds[j][1] - bounds[j][0] == g and bounds[j][0] == a + (j - i) * g:
+            j += 1
+        if H.dim() != 2 or H.stride() != (K, 1):
+            for k in range(i, j):
+                out[bounds[k][0]] = _damped(H[bounds[k][0]:bounds[k][1], bounds[k][0]:bounds[k][1]], damp)
+        else:
+            # a copy always (one whole-width group's view is contiguous already: .contiguous() would return H itself)
+            S = H.as_strided((j - i, g, g), (g * K + g, K, 1), H.storage_offset() + a * K + a).clone(
+                memory_format=torch.contiguous_format)
+            S.add_(0.0)
+            S.diagonal(dim1=1, dim2=2).add_(damp)
+            for k, blk in enumerate(S.unbind(0)):
+                out[a + k * g] = blk
+        i = j
+    return out
+
+
 def _fit_static_groups(grid, W_orig: torch.Tensor, H: torch.Tensor, damp: float, bounds: list, objective: str,
                        scales: torch.Tensor, zeros: torch.Tensor) -> None:
     """Every group's ``(scale, zero)`` from the original weights into ``scales``/``zeros`` ``[R, G]``: the groups'
@@ -431,9 +486,10 @@ def _fit_static_groups(grid, W_orig: torch.Tensor, H: torch.Tensor, damp: float,
     if mode == "auto":
         mode = "batched" if W_orig.is_cuda else "group"
     R = W_orig.shape[0]
+    blocks = None if objective == "mse" else _group_objectives(H, damp, bounds)
 
     def objective_of(a, b):
-        return None if objective == "mse" else _damped(H[a:b, a:b], damp)
+        return None if blocks is None else blocks[a]
 
     if mode == "group" or type(grid) is not AffineGrid or not hasattr(grid, "fit_groups"):
         for gi, (a, b) in enumerate(bounds):

@@ -28,7 +28,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -208,8 +207,13 @@ class AffineGrid:
         cs, cz = self.candidates(w)  # [C, R, G]
         if cs.shape[0] == 1:
             return cs[0], cz[0]
-        err = w - self.fake_quant(w, cs, cz)  # [C, R, G, g]
-        losses = torch.stack([quadratic_loss(err[:, :, j].contiguous(), Ss[j]) for j in range(w.shape[1])], -1)
+        # the errors laid out [G, C, R, g] (session 10; [C, R, G, g] before): each group's [C, R, g] block is
+        # contiguous already instead of copied out, one launch fewer per group. Elementwise operations on the same
+        # values: the same errors, and the same loss call on each group's block.
+        wt = w.transpose(0, 1).contiguous().unsqueeze(1)  # [G, 1, R, g]
+        err = wt - self.fake_quant(wt, cs.permute(2, 0, 1).contiguous(), cz.permute(2, 0, 1).contiguous())
+        del wt
+        losses = torch.stack([quadratic_loss(err[j].contiguous(), Ss[j]) for j in range(w.shape[1])], -1)
         del err
         idx = losses.min(0)[1].unsqueeze(0)
         return cs.gather(0, idx)[0], cz.gather(0, idx)[0]

@@ -76,12 +76,122 @@ def init_from_env(device: Optional[torch.device] = None) -> bool:
         os.environ.setdefault(k, v)
     backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        pin_cpus(local, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
     dist.init_process_group(backend=backend)
     import atexit
 
     atexit.register(_leave)
+    if backend == "nccl":
+        _connect()
     return True
+
+
+def _connect() -> None:
+    """Make the connections the calibration uses before it starts (session 10): the gloo group for host values and,
+    with two ranks, the send/recv pair of :func:`_pair_sum` (NCCL builds a communicator for a pair at its first
+    point-to-point call), each with one tiny exchange. Made lazily they were set up inside the first block: its part
+    of the 2-GPU run's first block that took 0.5 s more than a later block (0.3 s on 1 GPU, run 16).
+    ``LOWBIT_DP_CONNECT=lazy``: at first use, as before."""
+    if os.environ.get("LOWBIT_DP_CONNECT", "eager") == "lazy" or not is_active():
+        return
+    import torch.distributed as dist
+
+    min_over_ranks(0)
+    if dist.get_world_size() == 2 and os.environ.get("LOWBIT_DP_REDUCE", "pair") == "pair":
+        dev = torch.device("cuda", torch.cuda.current_device())
+        _pair_sum(torch.zeros(1, dtype=torch.float64, device=dev), inplace=True)
+    all_gather_bytes(torch.zeros(1, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device())),
+                     [1] * dist.get_world_size())
+    torch.cuda.current_stream().synchronize()
+
+
+def _gpu_numa_node(index: int) -> Optional[int]:
+    """The NUMA node of CUDA device ``index`` from its PCI address (sysfs), or None where unknown."""
+    try:
+        p = torch.cuda.get_device_properties(index)
+        addr = f"{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
+        with open(f"/sys/bus/pci/devices/{addr}/numa_node") as f:
+            node = int(f.read().strip())
+    except Exception:  # no CUDA build, no such property in this torch, no sysfs entry: unknown
+        return None
+    return node if node >= 0 else None
+
+
+def _node_cpus(node: Optional[int]) -> Optional[set]:
+    if node is None:
+        return None
+    try:
+        with open(f"/sys/devices/system/node/node{node}/cpulist") as f:
+            return set(_parse_cpulist(f.read()))
+    except (OSError, ValueError):
+        return None
+
+
+def _parse_cpulist(text: str) -> List[int]:
+    """``"0-3,8,10-11"`` -> ``[0, 1, 2, 3, 8, 10, 11]`` (the sysfs list format)."""
+    out: List[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _core_of(cpu: int) -> Tuple[int, ...]:
+    """A key shared by the hardware threads of one physical core (its sibling list; the cpu alone where unknown)."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+            return tuple(_parse_cpulist(f.read()))
+    except (OSError, ValueError):
+        return (cpu,)
+
+
+def cpu_shares(allowed: List[int], nodes: List[Optional[set]], local_world: int, core_of=_core_of) -> List[List[int]]:
+    """Each local rank's CPUs: the ranks whose GPUs sit on one NUMA node (``nodes[r]``: its CPUs, None where unknown:
+    all ``allowed``) share that node's allowed CPUs in contiguous runs of whole physical cores (hardware threads of a
+    core stay together), the first ranks getting the extra core. A rank whose node has no allowed CPU, or fewer
+    cores than its ranks, gets every allowed CPU (no pinning)."""
+    shares: List[List[int]] = []
+    for r in range(local_world):
+        pool = sorted(set(allowed) & nodes[r]) if nodes[r] is not None else sorted(allowed)
+        peers = [q for q in range(local_world) if (nodes[q] is None) == (nodes[r] is None)
+                 and (nodes[q] is None or nodes[q] == nodes[r])]
+        cores: dict = {}
+        for c in pool:
+            cores.setdefault(core_of(c), []).append(c)
+        keys = sorted(cores, key=lambda k: min(cores[k]))
+        if len(keys) < len(peers) or not pool:
+            shares.append(sorted(allowed))
+            continue
+        i, n = peers.index(r), len(peers)
+        base, extra = divmod(len(keys), n)
+        lo = i * base + min(i, extra)
+        hi = lo + base + (1 if i < extra else 0)
+        shares.append(sorted(c for k in keys[lo:hi] for c in cores[k]))
+    return shares
+
+
+def pin_cpus(local_rank: int, local_world: int) -> Optional[List[int]]:
+    """Pin this process (every thread it starts after this) to its share of the host's CPUs (:func:`cpu_shares`): the
+    cores of its GPU's NUMA node, split between the local ranks on that node. A data-parallel GPU run is bound by the
+    host's kernel launches in stretches (the fits, the solve), and the rank whose host ran slower made the others wait
+    at every collective (session 9's traces: rank 0's host ran the same Python 20% slower than rank 1's). Returns the
+    CPUs set, or None where nothing was pinned. ``LOWBIT_DP_AFFINITY=0``: no pinning."""
+    mode = os.environ.get("LOWBIT_DP_AFFINITY", "1")
+    if mode not in ("0", "1"):
+        raise ValueError(f"LOWBIT_DP_AFFINITY={mode!r}: expected 0 or 1")
+    if mode == "0" or local_world <= 1 or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    nodes = [_node_cpus(_gpu_numa_node(r)) for r in range(local_world)]
+    cpus = cpu_shares(allowed, nodes, local_world)[local_rank]
+    if cpus == allowed:
+        return None
+    os.sched_setaffinity(0, cpus)
+    return cpus
 
 
 def _leave() -> None:
@@ -382,4 +492,4 @@ def barrier() -> None:
 
 __all__ = ["is_active", "rank_world", "init_from_env", "local_device", "shard", "sum_in_rank_order",
            "min_over_ranks", "sum_over_ranks", "broadcast_object", "barrier", "shared_chunks", "chunk_owners",
-           "all_gather_bytes", "SAFE_ENV"]
+           "all_gather_bytes", "SAFE_ENV", "pin_cpus", "cpu_shares"]
