@@ -154,7 +154,8 @@ def worker(spec: dict) -> None:
                                                   "LOWBIT_DP_EXCHANGE", "LOWBIT_PREFETCH_RECORD", "SCALE_SYNC",
                                                   "LOWBIT_GPTQ_OVERLAP", "LOWBIT_DP_REDUCE", "LOWBIT_DP_SYNC",
                                                   "LOWBIT_DP_AGREE", "LOWBIT_DP_CHUNKS",
-                                                  "LOWBIT_DP_AFFINITY", "LOWBIT_GPTQ_DAMP", "LOWBIT_DP_CONNECT")},
+                                                  "LOWBIT_DP_AFFINITY", "LOWBIT_GPTQ_DAMP", "LOWBIT_DP_CONNECT",
+                                                  "LOWBIT_GPTQ_LAZY", "LOWBIT_GPTQ_FIT_LOSS")},
            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
            "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
@@ -541,6 +542,18 @@ def run17_steps(L8: int):
     ]
 
 
+def run18_steps(L8: int):
+    """Session 10, second call (the triangular-inverse chunks solved back to back while NCCL carries them, the block
+    update of the solve as one batched GEMM, the fits' losses as one batched GEMM, no pinning by default): the untimed
+    2-GPU run, the untimed 1-GPU run, then the untimed 2-GPU run with session 9's chunk broadcasts (the A/B)."""
+    return [
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+        [[("gptq_8b_2gpu_untimed_overlapchunks", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60,
+           {"LOWBIT_DP_CHUNKS": "overlap"})]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -662,9 +675,10 @@ def main():
         e = os.environ.get
         main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
-    if args.steps in ("run11", "run12", "run13", "run14", "run15", "run16", "run17"):
+    if args.steps in ("run11", "run12", "run13", "run14", "run15", "run16", "run17", "run18"):
         main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps, "run14": run14_steps,
-                         "run15": run15_steps, "run16": run16_steps, "run17": run17_steps}[args.steps](
+                         "run15": run15_steps, "run16": run16_steps, "run17": run17_steps,
+                         "run18": run18_steps}[args.steps](
             int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:

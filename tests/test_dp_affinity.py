@@ -35,6 +35,9 @@ def test_pin_cpus_switch_and_single_process(monkeypatch):
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no sched_setaffinity on this platform")
     before = os.sched_getaffinity(0)
+    monkeypatch.delenv("LOWBIT_DP_AFFINITY", raising=False)
+    assert D.pin_cpus(0, 2) is None and os.sched_getaffinity(0) == before  # off by default (run 17)
+    monkeypatch.setenv("LOWBIT_DP_AFFINITY", "1")
     assert D.pin_cpus(0, 1) is None and os.sched_getaffinity(0) == before  # one rank: nothing to share
     monkeypatch.setenv("LOWBIT_DP_AFFINITY", "0")
     assert D.pin_cpus(0, 2) is None and os.sched_getaffinity(0) == before
@@ -51,7 +54,8 @@ def test_pin_cpus_sets_the_share_in_a_child(tmp_path):
 
     import json
 
-    code = ("import json, os; from lowbit.model import distributed as D; a = sorted(os.sched_getaffinity(0)); "
+    code = ("import json, os; os.environ['LOWBIT_DP_AFFINITY'] = '1'; from lowbit.model import distributed as D; "
+            "a = sorted(os.sched_getaffinity(0)); "
             "r = D.pin_cpus(1, 2); print(json.dumps([a, r, sorted(os.sched_getaffinity(0))]))")
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no sched_setaffinity on this platform")

@@ -307,6 +307,40 @@ def test_batched_group_fits_equal_one_fit_per_group(monkeypatch):
         G.gptq_quantize(Wt, H, 4, 96, False)
 
 
+def test_group_losses_one_batched_product_per_call(monkeypatch):
+    """The fits' losses as one batched product (the CUDA default) equal one product per group on exact integer data
+    (every order of the sums gives the same values), in the [C, R, G] layout; the switch and its error."""
+    from lowbit.algorithms import grid as GR
+
+    g = torch.Generator().manual_seed(9)
+    err = torch.randint(-20, 20, (5, 3, 7, 16), generator=g).float()
+    Ss = [torch.randint(-4, 5, (16, 16), generator=g).float() for _ in range(5)]
+    a, b = GR.group_losses(err, Ss, bmm=False), GR.group_losses(err, Ss, bmm=True)
+    assert a.shape == (3, 7, 5) and a.is_contiguous() and b.is_contiguous() and torch.equal(a, b)
+    assert not GR._bmm_losses(err, Ss)  # the CPU: one product per group
+    monkeypatch.setenv("LOWBIT_GPTQ_FIT_LOSS", "fast")
+    with pytest.raises(ValueError, match="LOWBIT_GPTQ_FIT_LOSS"):
+        GR._bmm_losses(err, Ss)
+
+
+@pytest.mark.cuda
+def test_batched_fit_losses_equal_one_product_per_group_on_the_gpu(monkeypatch):
+    """On the GPU: static-group fits with the batched losses give the scales and zeros of one product per group bit
+    for bit (an 8B-like batch: 3072 rows, 7 groups of 128, 21 candidates)."""
+    from lowbit.algorithms.grid import AffineGrid
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    W = torch.randn(3072, 7, 128, device="cuda", generator=g) * 0.02
+    A = torch.randn(7, 256, 128, device="cuda", generator=g)
+    Ss = [a.T @ a / 256 + 0.01 * torch.eye(128, device="cuda") for a in A]
+    grid = AffineGrid(bits=4, sym=False, search="mse", refine=0)
+    out = {}
+    for mode in ("loop", "bmm"):
+        monkeypatch.setenv("LOWBIT_GPTQ_FIT_LOSS", mode)
+        out[mode] = grid.fit_groups(W, Ss)
+    assert torch.equal(out["loop"][0], out["bmm"][0]) and torch.equal(out["loop"][1], out["bmm"][1])
+
+
 def test_sweep_config_from_the_environment(monkeypatch):
     """LOWBIT_GPTQ_SWEEP_CFG picks the in-place sweep's launch settings ('rows,warps,preload'); bad values name the
     variable."""
@@ -325,7 +359,7 @@ def test_sweep_config_from_the_environment(monkeypatch):
 
 def test_compute_loss_off_same_codes_and_lazy_mode_errors(monkeypatch):
     """``compute_loss=False`` (the pipelines): the same codes, scales and zeros, the loss reported as nan;
-    ``LOWBIT_GPTQ_LAZY`` other than addmm/sub is an error; the CPU keeps the product-then-subtract update."""
+    ``LOWBIT_GPTQ_LAZY`` other than batched/addmm/sub is an error; the CPU keeps the product-then-subtract update."""
     from lowbit.algorithms import gptq as G
 
     W, H = _problem(96, 256)
@@ -333,14 +367,36 @@ def test_compute_loss_off_same_codes_and_lazy_mode_errors(monkeypatch):
     b = gptq_quantize(W, H, bits=4, group_size=64, sym=False, compute_loss=False)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
     assert a.loss > 0 and b.loss != b.loss
-    assert not G._lazy_mode(torch.device("cpu"))
+    assert G._lazy_mode(torch.device("cpu")) == "sub"
     monkeypatch.setenv("LOWBIT_GPTQ_LAZY", "fused")
     with pytest.raises(ValueError, match="LOWBIT_GPTQ_LAZY"):
         G._lazy_mode(torch.device("cuda"))
-    monkeypatch.setenv("LOWBIT_GPTQ_LAZY", "sub")
-    assert not G._lazy_mode(torch.device("cuda"))
+    for mode in ("sub", "addmm", "batched"):
+        monkeypatch.setenv("LOWBIT_GPTQ_LAZY", mode)
+        assert G._lazy_mode(torch.device("cuda")) == mode and G._lazy_mode(torch.device("cpu")) == "sub"
     monkeypatch.delenv("LOWBIT_GPTQ_LAZY")
-    assert G._lazy_mode(torch.device("cuda"))
+    assert G._lazy_mode(torch.device("cuda")) == "batched"
+
+
+def test_lazy_update_modes_touch_the_same_entries(monkeypatch):
+    """The three block-update forms (one batched GEMM over the whole row chunks plus the ragged tail, one addmm_ per
+    chunk, product then sub_) on exact integer data (every order of the sums gives the same values): the same result,
+    only the columns after the block changed, for 1, 3 and 3.6 chunks' rows."""
+    from lowbit.algorithms import gptq as G
+
+    monkeypatch.setattr(G, "ROW_CHUNK", 16)
+    g = torch.Generator().manual_seed(5)
+    K = 96
+    U = torch.randint(-3, 4, (K, K), generator=g).double()
+    for R in (16, 48, 58):
+        W0 = torch.randint(-50, 50, (R, K), generator=g).double()
+        E = torch.randint(-3, 4, (R, 32), generator=g).double()
+        ref = W0.clone()
+        ref[:, 64:] -= E @ U[32:64, 64:]
+        for mode in G.LAZY_MODES:
+            W = W0.clone()
+            G._lazy_update(W, E, U, 32, 64, mode)
+            assert torch.equal(W, ref), (R, mode)
 
 
 @pytest.mark.cuda
@@ -353,13 +409,14 @@ def test_lazy_update_in_the_gemm_equals_product_then_subtract_on_the_gpu(monkeyp
     W, H = _problem(R, K, device="cuda")
     f = gptq_factor(H, 0.01, True)
     out = {}
-    for mode in ("sub", "addmm"):
+    for mode in ("sub", "addmm", "batched"):
         monkeypatch.setenv("LOWBIT_GPTQ_LAZY", mode)
         out[mode] = gptq_quantize(W, H, bits=4, group_size=128, sym=False, factor=f, compute_loss=False)
-    assert torch.equal(out["sub"].codes, out["addmm"].codes)
-    assert torch.equal(out["sub"].scales, out["addmm"].scales) and torch.equal(out["sub"].zeros, out["addmm"].zeros)
+    for mode in ("addmm", "batched"):
+        assert torch.equal(out["sub"].codes, out[mode].codes)
+        assert torch.equal(out["sub"].scales, out[mode].scales) and torch.equal(out["sub"].zeros, out[mode].zeros)
     cut = R // 2 // 1024 * 1024 or 1024
-    if cut < R:
+    if cut < R:  # row pieces (the data-parallel split) under the batched default
         parts = [gptq_quantize(W[a:b], H, bits=4, group_size=128, sym=False, factor=f, compute_loss=False).codes
                  for a, b in ((0, cut), (cut, R))]
-        assert torch.equal(torch.cat(parts), out["addmm"].codes)
+        assert torch.equal(torch.cat(parts), out["batched"].codes)

@@ -301,30 +301,47 @@ def _block_sweep(dev: torch.device, grid) -> tuple:
     return sweep_block, MAX_COLUMNS
 
 
-def _lazy_mode(dev: torch.device) -> bool:
-    """Whether :func:`_lazy_update` subtracts in the GEMM (``addmm_``): on CUDA unless ``LOWBIT_GPTQ_LAZY=sub``; the
-    CPU keeps the product then ``sub_`` (its recorded outputs are unchanged)."""
+#: how :func:`_lazy_update` updates on CUDA (``LOWBIT_GPTQ_LAZY``): ``"batched"`` (the default since session 10: the
+#: ROW_CHUNK-row chunks as one batched GEMM), ``"addmm"`` (one ``addmm_`` per chunk, session 9) or ``"sub"`` (the
+#: product, then ``sub_``: runs 5-12 and the CPU)
+LAZY_MODES = ("batched", "addmm", "sub")
+
+
+def _lazy_mode(dev: torch.device) -> str:
+    """:func:`_lazy_update`'s mode (:data:`LAZY_MODES`) on ``dev``: ``LOWBIT_GPTQ_LAZY`` on CUDA (default
+    ``"batched"``); the CPU keeps ``"sub"`` (its recorded outputs are unchanged)."""
     import os
 
-    mode = os.environ.get("LOWBIT_GPTQ_LAZY", "addmm")
-    if mode not in ("addmm", "sub"):
-        raise ValueError(f"LOWBIT_GPTQ_LAZY={mode!r}: expected addmm or sub")
-    return mode == "addmm" and torch.device(dev).type == "cuda"
+    mode = os.environ.get("LOWBIT_GPTQ_LAZY", "batched")
+    if mode not in LAZY_MODES:
+        raise ValueError(f"LOWBIT_GPTQ_LAZY={mode!r}: expected one of {LAZY_MODES}")
+    return mode if torch.device(dev).type == "cuda" else "sub"
 
 
-def _lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i2: int, addmm: bool = False) -> None:
+def _lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i2: int, mode: str = "sub") -> None:
     """``W[:, i2:] -= Err1 @ U[i1:i2, i2:]``, the block's error carried to the columns after it, in fixed chunks of
     :data:`ROW_CHUNK` rows: a row's result does not depend on how many rows are solved together (data-parallel runs
     solve a linear in row pieces). In place on views (``sub_``: the same kernel as ``-=`` without its
-    ``__setitem__``), the slices taken once."""
+    ``__setitem__``), the slices taken once. ``mode``: see :data:`LAZY_MODES` (``W`` and ``Err1`` row-major)."""
     R = W.shape[0]
     Ub = U[i1:i2, i2:]
-    if addmm:
+    if mode in ("addmm", "batched"):
         # session 9: the product subtracted in the GEMM's epilogue (``W - acc`` rounded once, as ``sub_`` of the
         # fp32 product rounds it), one launch per chunk instead of two and no product temporary: the solve's
         # block loop was bound by the host's launches. LOWBIT_GPTQ_LAZY=sub: the product, then sub_.
         rest = W[:, i2:]
-        for r1 in range(0, R, ROW_CHUNK):
+        r0 = 0
+        nc = R // ROW_CHUNK
+        if mode == "batched" and nc > 1 and W.stride() == (W.shape[1], 1) and Err1.is_contiguous():
+            # session 10: the whole chunks as one batched GEMM (each batch entry the chunk's own product; checked bit
+            # for bit against one addmm_ per chunk on the H200 for 1-14 chunks, bench/dp_bits_probe.py): one launch
+            # per block of columns instead of R / ROW_CHUNK
+            n = W.shape[1] - i2
+            view = rest.as_strided((nc, ROW_CHUNK, n), (ROW_CHUNK * W.shape[1], W.shape[1], 1), rest.storage_offset())
+            view.baddbmm_(Err1[:nc * ROW_CHUNK].view(nc, ROW_CHUNK, -1), Ub.unsqueeze(0).expand(nc, -1, -1),
+                          alpha=-1.0)
+            r0 = nc * ROW_CHUNK
+        for r1 in range(r0, R, ROW_CHUNK):
             rest[r1:r1 + ROW_CHUNK].addmm_(Err1[r1:r1 + ROW_CHUNK], Ub, alpha=-1.0)
         return
     if R <= ROW_CHUNK:
@@ -648,7 +665,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     total_loss = torch.zeros((), dtype=torch.float64, device=dev) if compute_loss else None
 
     into = _sweep_in_place(sweep)
-    addmm = _lazy_mode(dev)
+    lazy = _lazy_mode(dev)
     Ebuf = None  # the in-place sweep's errors, one buffer for every block
     sweep_cfg = None  # the in-place sweep's launch settings, read once
     all_fitted = all(fitted)
@@ -677,7 +694,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
             if total_loss is not None:
                 total_loss += Err1.double().square().sum()
             if i2 < K:
-                _lazy_update(W, Err1, U, i1, i2, addmm)
+                _lazy_update(W, Err1, U, i1, i2, lazy)
             continue
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
@@ -724,7 +741,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         if total_loss is not None:
             total_loss += Err1.double().square().sum()
         if i2 < K:
-            _lazy_update(W, Err1, U, i1, i2, addmm)
+            _lazy_update(W, Err1, U, i1, i2, lazy)
 
     codes = Q[:, invperm]
     if refit:

@@ -179,8 +179,9 @@ def pin_cpus(local_rank: int, local_world: int) -> Optional[List[int]]:
     cores of its GPU's NUMA node, split between the local ranks on that node. A data-parallel GPU run is bound by the
     host's kernel launches in stretches (the fits, the solve), and the rank whose host ran slower made the others wait
     at every collective (session 9's traces: rank 0's host ran the same Python 20% slower than rank 1's). Returns the
-    CPUs set, or None where nothing was pinned. ``LOWBIT_DP_AFFINITY=0``: no pinning."""
-    mode = os.environ.get("LOWBIT_DP_AFFINITY", "1")
+    CPUs set, or None where nothing was pinned. Opt-in, ``LOWBIT_DP_AFFINITY=1``: on the 2-GPU H200 host (one NUMA
+    node, 32 CPUs) the 8B GPTQ run took 23.05 s pinned and 22.77 s not (run 17), so the default (``0``) pins nothing."""
+    mode = os.environ.get("LOWBIT_DP_AFFINITY", "0")
     if mode not in ("0", "1"):
         raise ValueError(f"LOWBIT_DP_AFFINITY={mode!r}: expected 0 or 1")
     if mode == "0" or local_world <= 1 or not hasattr(os, "sched_setaffinity"):
@@ -406,6 +407,11 @@ def chunk_owners(spans: List[Tuple[int, int]], K: int, world: int) -> List[int]:
     return owners
 
 
+#: the chunk buffers :func:`shared_chunks` keeps in flight at most (sent and received, ``LOWBIT_DP_CHUNKS=free``): the
+#: whole triangular inverse's chunks at K = 14336 (470 MB), a third of them at the 70B class's K = 28672
+CHUNKS_IN_FLIGHT_BYTES = 512 * 2 ** 20
+
+
 def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int]]) -> None:
     """The ``share`` of :func:`lowbit.algorithms.gptq.lower_triangular_inverse` in a data-parallel run: each chunk
     of the triangular inverse is computed by one rank (:func:`chunk_owners`, balanced by cost; the same function as
@@ -421,7 +427,10 @@ def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int
 
     rank, world = rank_world()
     owners = chunk_owners(spans, L.shape[0], world)
-    if os.environ.get("LOWBIT_DP_CHUNKS", "overlap") == "after":  # before session 9: solve all, then broadcast all
+    mode = os.environ.get("LOWBIT_DP_CHUNKS", "free")
+    if mode not in ("free", "overlap", "after"):
+        raise ValueError(f"LOWBIT_DP_CHUNKS={mode!r}: expected free, overlap or after")
+    if mode == "after":  # before session 9: solve all, then broadcast all
         for i, (a, b) in enumerate(spans):  # every rank solves its chunks first: the ranks work at the same time
             if owners[i] == rank:
                 out[a:, a:b] = triangular_inverse_chunk(L, a, b)
@@ -442,6 +451,11 @@ def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int
     # its solve, so a chunk travels while the ranks solve the next one; a received chunk is copied in once the next
     # broadcast is queued (two chunks in flight at most: the memory of the loop above). The owner broadcasts its
     # solve's output made contiguous instead of a contiguous copy of out's slice.
+    # Session 10 (LOWBIT_DP_CHUNKS=free, the default): the caller's stream waits for a broadcast only when the chunks
+    # in flight pass CHUNKS_IN_FLIGHT_BYTES (or at the end), not one chunk later: with that wait each rank's next solve
+    # waited for the other rank's previous chunk, so the ranks took turns (K = 14336: 352 cost units where each
+    # rank's share is 294); now each rank solves its chunks back to back while NCCL's stream carries them.
+    free = mode == "free"
     t0 = time.perf_counter()
 
     def finish(job) -> None:
@@ -451,6 +465,7 @@ def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int
             out[a:, a:b] = x
 
     prev = None
+    pending: List[Any] = []
     for i, (a, b) in enumerate(spans):
         if owners[i] == rank:
             # a triangular solve's output may be column-major: the row-major bytes the receivers expect go out
@@ -460,12 +475,18 @@ def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int
             x = torch.empty(L.shape[0] - a, b - a, dtype=L.dtype, device=L.device)
         job = (dist.broadcast(x, src=owners[i], async_op=True), x, a, b, owners[i] != rank)
         del x
+        if free:
+            pending.append(job)
+            while len(pending) > 1 and sum(j[1].numel() * j[1].element_size() for j in pending) > \
+                    CHUNKS_IN_FLIGHT_BYTES:
+                finish(pending.pop(0))
+            continue
         if prev is not None:
             finish(prev)
         prev = job
-    if prev is not None:
-        finish(prev)
-    del prev, job
+    for job in pending + ([prev] if prev is not None else []):
+        finish(job)
+    del prev, job, pending
     _sync()
     COMM_SECONDS["broadcast"] += time.perf_counter() - t0
 
