@@ -219,10 +219,20 @@ def analyse(trace_path: str) -> dict:
     def top(d, n=25):
         return sorted(((k, round(v / 1e3, 2)) for k, v in d.items()), key=lambda x: -x[1])[:n]
 
+    # session 10: the kernels behind each label (name, count, ms): what a label's time is made of
+    by_name = defaultdict(float)
+    n_name = defaultdict(int)
+    for s_, e_, p_, n_, _, _, nm in kinfo:
+        by_name[(p_ + (" [nccl]" if n_ else ""), nm)] += e_ - s_
+        n_name[(p_ + (" [nccl]" if n_ else ""), nm)] += 1
+    kernels_by_label_name = [(k[0], k[1], n_name[k], round(v / 1e3, 2))
+                             for k, v in sorted(by_name.items(), key=lambda x: -x[1])[:60]]
+
     return {"window_ms": round((t1 - t0) / 1e3, 2), "gpu_busy_compute_ms": round(busy / 1e3, 2),
             "gpu_busy_all_ms": round(busy_all / 1e3, 2), "gpu_idle_compute_ms": round((t1 - t0 - busy) / 1e3, 2),
             "idle_under_nccl_ms": round(gap_under_nccl / 1e3, 2), "kernels": len(kinfo),
-            "kernel_ms_by_label": top(ktime, 40), "idle_ms_by_host_label": top(gaps, 30),
+            "kernel_ms_by_label": top(ktime, 40), "kernels_by_label_name": kernels_by_label_name,
+            "idle_ms_by_host_label": top(gaps, 30),
             "idle_gaps_by_host_label": sorted(gap_n.items(), key=lambda x: -gaps[x[0]])[:30],
             "idle_ms_by_next_kernel_label": top(gap_next, 30), "host_blocking_ms": top(waits, 30),
             "host_ms_by_label": top(host_label, 40),
