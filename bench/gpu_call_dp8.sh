@@ -17,9 +17,9 @@ timeout 120 torchrun --nproc-per-node 2 bench/dp_trace.py --out $OUT --layers 5 
   > $OUT/t2.log 2>&1; grep '"rank"' $OUT/t2.log | cut -c1-300
 fi
 [ "${SKIP_PROBE:-0}" = 1 ] || CUDA_VISIBLE_DEVICES=0 timeout 90 python3 bench/dp_bits_probe.py --out $OUT 2>&1 | tail -3
-SCALE_SMOKE_EXPECT=${SCALE_SMOKE_EXPECT-run10} timeout ${SCALE_TIMEOUT:-330} python3 bench/scale_gpu.py --steps ${SCALE_STEPS:-run17} --out $OUT \
+[ "${SKIP_SCALE:-0}" = 1 ] || SCALE_SMOKE_EXPECT=${SCALE_SMOKE_EXPECT-run10} timeout ${SCALE_TIMEOUT:-330} python3 bench/scale_gpu.py --steps ${SCALE_STEPS:-run17} --out $OUT \
   --budget ${SCALE_BUDGET:-320} 2>&1 | tee $OUT/scale.log | cut -c1-500
-timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_dp_factor_fits.py tests/test_dp_overlap.py \
+[ "${SKIP_TESTS:-0}" = 1 ] || timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_dp_factor_fits.py tests/test_dp_overlap.py \
   tests/test_gptq_sweep.py -k "gpu or cuda or lags or in_place_on_the_gpu or row_pieces_equal or lazy" > $OUT/pytest.log 2>&1
 tail -3 $OUT/pytest.log
 # at most 8 files come back: the small logs in one

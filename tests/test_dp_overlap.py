@@ -123,3 +123,48 @@ def test_prefetched_weights_not_reused_while_the_gpu_lags(monkeypatch):
         monkeypatch.setattr(cls, "forward", orig)
         out[pre] = {k: v.cpu() for k, v in m.state_dict().items() if torch.is_tensor(v)}
     assert all(torch.equal(out["1"][k], out["0"][k]) for k in out["0"])
+
+
+def test_move_block_falls_back_to_to(monkeypatch):
+    """Without a GPU on either side (or ``LOWBIT_PREFETCH_STAGED=0``) the staged move is ``block.to``: the same
+    parameter objects, the same values."""
+    lin = nn.Linear(8, 4)
+    w = lin.weight
+    ref = lin.weight.detach().clone()
+    _ptq_staged._move_block(lin, torch.device("cpu"), stream=None)
+    assert lin.weight is w and torch.equal(lin.weight, ref)
+    monkeypatch.setenv("LOWBIT_PREFETCH_STAGED", "0")
+    _ptq_staged._move_block(lin, torch.device("cpu"), stream=None)
+    assert torch.equal(lin.weight, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stage_bytes", [4096, 1000, 2 ** 25])
+def test_staged_copies_move_the_same_bytes_on_cuda(monkeypatch, stage_bytes):
+    """Session 10: the block copies host <-> GPU through two pinned buffers (no pageable cudaMemcpy holding the
+    driver): every parameter and buffer arrives with the bytes of ``.to``, both ways, with chunks that do not divide
+    the tensors (odd sizes, bf16/fp32, a buffer), on the given side stream; the parameter objects are kept."""
+    monkeypatch.setattr(_ptq_staged, "STAGE_BYTES", stage_bytes)
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(333, 517), nn.Linear(517, 7)).to(torch.bfloat16)
+    m[1].float()
+    m.register_buffer("extra", torch.randn(1001, generator=g))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    ref = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    params = [p for p in m.parameters()]
+    side = torch.cuda.Stream()
+    _ptq_staged._move_block(m, torch.device("cuda", torch.cuda.current_device()), side)
+    side.synchronize()
+    assert all(p is q for p, q in zip(params, m.parameters()))
+    for k, v in m.state_dict().items():
+        assert v.is_cuda and v.dtype == ref[k].dtype and torch.equal(v.cpu(), ref[k]), k
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(2)  # changed on the GPU: the way home must carry the new bytes
+    want = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+    side.wait_stream(torch.cuda.current_stream())  # as the pipeline's way home does (wait_main)
+    _ptq_staged._move_block(m, torch.device("cpu"), side)
+    for k, v in m.state_dict().items():
+        assert not v.is_cuda and torch.equal(v, want[k]), k

@@ -555,6 +555,68 @@ def _prefetching(device: torch.device, homes, cfg: _RunConfig) -> bool:
             and all(h != device for h in homes) and os.environ.get("LOWBIT_PREFETCH", "1") != "0")
 
 
+#: bytes per pinned staging buffer of :func:`_staged_copy` (two per copy, used in turn)
+STAGE_BYTES = 32 * 2 ** 20
+
+
+def _staged_copy(t: torch.Tensor, dev: torch.device, stream: "torch.cuda.Stream") -> torch.Tensor:
+    """``t.to(dev)`` between pageable host memory and a GPU through two pinned buffers of :data:`STAGE_BYTES` (the
+    host side copied by the CPU, the device side queued asynchronously on ``stream``, one buffer filling while the
+    other travels); the same bytes. A pageable ``cudaMemcpyAsync`` holds the CUDA driver for the whole copy: every
+    other thread's CUDA call waited behind it (session 10's trace: the calibration thread blocked 61 ms per 8B block
+    in one call while the next block came in and the last went home, the GPU idle meanwhile). Other tensors (pinned,
+    non-contiguous, device to device, complex views): ``t.to(dev)``."""
+    src_cuda, dst_cuda = t.is_cuda, dev.type == "cuda"
+    if src_cuda == dst_cuda or not t.is_contiguous() or t.numel() == 0 or (not src_cuda and t.is_pinned()):
+        return t.to(dev)
+    out = torch.empty(t.shape, dtype=t.dtype, device=dev)
+    src = t.reshape(-1).view(torch.uint8)
+    dst = out.reshape(-1).view(torch.uint8)
+    n = src.numel()
+    size = min(STAGE_BYTES, n)
+    bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2 if n > size else 1)]
+    events: List[Optional[torch.cuda.Event]] = [None] * len(bufs)
+    pending: List[Optional[Tuple[int, int]]] = [None] * len(bufs)  # device -> host: the span each buffer holds
+    with torch.cuda.stream(stream):
+        for i, a in enumerate(range(0, n, size)):
+            b = min(a + size, n)
+            j = i % len(bufs)
+            if events[j] is not None:
+                events[j].synchronize()  # the buffer's previous trip is over (waits this thread only)
+                if pending[j] is not None:
+                    pa, pb = pending[j]
+                    dst[pa:pb].copy_(bufs[j][:pb - pa])
+            buf = bufs[j][:b - a]
+            if dst_cuda:
+                buf.copy_(src[a:b])
+                dst[a:b].copy_(buf, non_blocking=True)
+                pending[j] = None
+            else:
+                buf.copy_(src[a:b], non_blocking=True)
+                pending[j] = (a, b)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            events[j] = ev
+        for j in range(len(bufs)):  # the last trips
+            if events[j] is not None:
+                events[j].synchronize()
+                if pending[j] is not None:
+                    pa, pb = pending[j]
+                    dst[pa:pb].copy_(bufs[j][:pb - pa])
+    return out
+
+
+def _move_block(block: nn.Module, dev: torch.device, stream: "torch.cuda.Stream") -> None:
+    """``block.to(dev)`` with host <-> GPU copies staged through pinned buffers (:func:`_staged_copy`): the module's
+    own parameter and buffer objects get the moved data, as ``.to`` does. ``LOWBIT_PREFETCH_STAGED=0``: ``.to``."""
+    import os
+
+    if os.environ.get("LOWBIT_PREFETCH_STAGED", "1") == "0":
+        block.to(dev)
+        return
+    block._apply(lambda t: _staged_copy(t, dev, stream))
+
+
 class _Prefetch:
     """``block.to(device)`` in a background thread on a side CUDA stream (the copies overlap the current
     block's kernels on the main stream); :meth:`wait` joins it (the copy is complete on the device then: a
@@ -588,7 +650,7 @@ class _Prefetch:
                 with torch.cuda.stream(stream):
                     if wait_main:
                         stream.wait_stream(torch.cuda.default_stream(gpu))
-                    block.to(dev)
+                    _move_block(block, dev, stream)
                     stream.synchronize()
                 if consumer is not None:
                     for t in itertools.chain(block.parameters(), block.buffers()):
