@@ -125,6 +125,18 @@ def test_prefetched_weights_not_reused_while_the_gpu_lags(monkeypatch):
     assert all(torch.equal(out["1"][k], out["0"][k]) for k in out["0"])
 
 
+def test_quant_state_to_with_a_copy_function():
+    """``QuantState.to(device, copy=fn)`` moves every tensor (the nested scales' state too) through ``fn``."""
+    from lowbit import quantize
+
+    st = quantize(torch.randn(64, 512), scheme="nf4", block_size=64, double_quant=True, double_quant_block_size=256)
+    seen = []
+    moved = st.to("cpu", copy=lambda t: seen.append(t.shape) or t.clone())
+    assert len(seen) >= 3 and moved.nested is not None
+    assert all(torch.equal(a, b) for a, b in zip(moved.state_dict("x.").values(), st.state_dict("x.").values())
+               if isinstance(a, torch.Tensor))
+
+
 def test_move_block_falls_back_to_to(monkeypatch):
     """Without a GPU on either side (or ``LOWBIT_PREFETCH_STAGED=0``) the staged move is ``block.to``: the same
     parameter objects, the same values."""
@@ -152,19 +164,32 @@ def test_staged_copies_move_the_same_bytes_on_cuda(monkeypatch, stage_bytes):
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
+    from lowbit.algorithms.gptq import gptq_quantize
+    from lowbit.nn import QLinear
+
+    lin = nn.Linear(256, 96, bias=False)
+    X = torch.randn(512, 256, generator=g)
+    q = QLinear.from_quant_state(lin, gptq_quantize(lin.weight.detach(), X.T @ X / 512, 4, 128, False).state)
+    m.append(q)  # a quantized linear: its state moves outside the parameters (QuantState.to)
     ref = {k: v.detach().clone() for k, v in m.state_dict().items()}
     params = [p for p in m.parameters()]
     side = torch.cuda.Stream()
     _ptq_staged._move_block(m, torch.device("cuda", torch.cuda.current_device()), side)
     side.synchronize()
     assert all(p is q for p, q in zip(params, m.parameters()))
+    assert m[2].quant_states()["weight"].device.type == "cuda"
     for k, v in m.state_dict().items():
-        assert v.is_cuda and v.dtype == ref[k].dtype and torch.equal(v.cpu(), ref[k]), k
+        if isinstance(v, torch.Tensor):
+            assert v.is_cuda and v.dtype == ref[k].dtype and torch.equal(v.cpu(), ref[k]), k
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(2)  # changed on the GPU: the way home must carry the new bytes
     want = {k: v.detach().cpu() for k, v in m.state_dict().items()}
     side.wait_stream(torch.cuda.current_stream())  # as the pipeline's way home does (wait_main)
     _ptq_staged._move_block(m, torch.device("cpu"), side)
+    assert m[2].quant_states()["weight"].device.type == "cpu"
     for k, v in m.state_dict().items():
-        assert not v.is_cuda and torch.equal(v, want[k]), k
+        if isinstance(v, torch.Tensor):
+            assert not v.is_cuda and torch.equal(v, want[k]), k
+    assert all(not t.is_cuda for t in m[2].quant_states()["weight"].state_dict("w.").values()
+               if isinstance(t, torch.Tensor))

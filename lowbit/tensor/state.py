@@ -90,13 +90,15 @@ class QuantState:
         return 8.0 * self.nbytes / self.numel if self.numel else 0.0
 
     # -- movement ----------------------------------------------------------------------------
-    def to(self, device=None, **kwargs) -> "QuantState":
-        """Move every tensor to ``device`` (dtypes are kept: a state's storage types are part of it)."""
-        moved = {f: (getattr(self, f).to(device) if getattr(self, f) is not None else None) for f in _TENSOR_FIELDS}
-        nested = self.nested.to(device) if self.nested is not None else None
+    def to(self, device=None, copy=None, **kwargs) -> "QuantState":
+        """Move every tensor to ``device`` (dtypes are kept: a state's storage types are part of it). ``copy``: a
+        function ``tensor -> tensor on device`` used instead of ``tensor.to(device)`` (e.g. staged host copies)."""
+        mv = copy if copy is not None else (lambda x: x.to(device))
+        moved = {f: (mv(getattr(self, f)) if getattr(self, f) is not None else None) for f in _TENSOR_FIELDS}
+        nested = self.nested.to(device, copy=copy) if self.nested is not None else None
         t = self.__dict__.get("_offset_t")
         if t is not None and self.__dict__.get("_offset") is None:  # a device offset moves unread
-            moved["offset"] = t.to(device)
+            moved["offset"] = mv(t)
         return replace(self, nested=nested, **moved)
 
     def cpu(self) -> "QuantState":
