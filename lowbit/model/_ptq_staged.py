@@ -557,6 +557,19 @@ def _prefetching(device: torch.device, homes, cfg: _RunConfig) -> bool:
 
 #: bytes per pinned staging buffer of :func:`_staged_copy` (two per copy, used in turn)
 STAGE_BYTES = 32 * 2 ** 20
+#: tensors smaller than this go by plain ``.to`` (a short pageable copy; no pinned buffers for norms and biases)
+STAGE_MIN_BYTES = 2 ** 20
+_STAGE_POOL: Dict[Tuple[int, int], List[torch.Tensor]] = {}  # (stream, size) -> the two pinned buffers, reused
+
+
+def _stage_buffers(stream: "torch.cuda.Stream", size: int) -> List[torch.Tensor]:
+    """The two pinned staging buffers of ``stream`` (one copying thread per stream), made once per process: the
+    prefetch and the way home each hold 2 x :data:`STAGE_BYTES` of page-locked host memory from then on."""
+    key = (id(stream), size)
+    bufs = _STAGE_POOL.get(key)
+    if bufs is None:
+        bufs = _STAGE_POOL[key] = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    return bufs
 
 
 def _staged_copy(t: torch.Tensor, dev: torch.device, stream: "torch.cuda.Stream") -> torch.Tensor:
@@ -567,14 +580,16 @@ def _staged_copy(t: torch.Tensor, dev: torch.device, stream: "torch.cuda.Stream"
     in one call while the next block came in and the last went home, the GPU idle meanwhile). Other tensors (pinned,
     non-contiguous, device to device, complex views): ``t.to(dev)``."""
     src_cuda, dst_cuda = t.is_cuda, dev.type == "cuda"
-    if src_cuda == dst_cuda or not t.is_contiguous() or t.numel() == 0 or (not src_cuda and t.is_pinned()):
+    if src_cuda == dst_cuda or not t.is_contiguous() or t.numel() * t.element_size() < STAGE_MIN_BYTES or \
+            (not src_cuda and t.is_pinned()):
         return t.to(dev)
     out = torch.empty(t.shape, dtype=t.dtype, device=dev)
     src = t.reshape(-1).view(torch.uint8)
     dst = out.reshape(-1).view(torch.uint8)
     n = src.numel()
     size = min(STAGE_BYTES, n)
-    bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2 if n > size else 1)]
+    bufs = _stage_buffers(stream, STAGE_BYTES) if n > size else [torch.empty(size, dtype=torch.uint8,
+                                                                             pin_memory=True)]
     events: List[Optional[torch.cuda.Event]] = [None] * len(bufs)
     pending: List[Optional[Tuple[int, int]]] = [None] * len(bufs)  # device -> host: the span each buffer holds
     with torch.cuda.stream(stream):

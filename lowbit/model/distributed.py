@@ -100,10 +100,11 @@ def _connect() -> None:
 
     min_over_ranks(0)
     if dist.get_world_size() == 2 and os.environ.get("LOWBIT_DP_REDUCE", "pair") == "pair":
-        dev = torch.device("cuda", torch.cuda.current_device())
-        _pair_sum(torch.zeros(1, dtype=torch.float64, device=dev), inplace=True)
-    all_gather_bytes(torch.zeros(1, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device())),
-                     [1] * dist.get_world_size())
+        _pair_sum(torch.zeros(1, dtype=torch.float64, device=torch.device("cuda", torch.cuda.current_device())),
+                  inplace=True)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    all_gather_bytes(torch.zeros(1, dtype=torch.uint8, device=dev), [1] * dist.get_world_size())
+    dist.broadcast(torch.zeros(1, dtype=torch.float32, device=dev), src=0)  # shared_chunks' collective
     torch.cuda.current_stream().synchronize()
 
 
