@@ -429,11 +429,12 @@ def _steady(r):
     return dur[0], later[len(later) // 2]
 
 
-def session10_notes(by_src):
-    """Session 10's note, the figures read from the run JSONs (runs 17-21)."""
-    got = {s_: by_src.get(s_, {}) for s_ in SESSION10}
+def _session(by_src, sources):
+    """``(runs by source, wall(source, name), every digest equals run 8's)`` of a session's run JSONs, or None where
+    one is missing."""
+    got = {s_: by_src.get(s_, {}) for s_ in sources}
     if not all(got.values()):
-        return []
+        return None
 
     def w(src, name):
         r = got[src].get(name)
@@ -444,6 +445,15 @@ def session10_notes(by_src):
     same8 = ref is not None and all(x["digests"] == ref for c in got.values() for r in c.values()
                                     if isinstance(r, dict) and r.get("ranks") for x in r["ranks"]
                                     if len(x.get("digests", [])) == len(ref))
+    return got, w, same8
+
+
+def session10_notes(by_src):
+    """Session 10's note, the figures read from the run JSONs (runs 17-21)."""
+    sess = _session(by_src, SESSION10)
+    if sess is None:
+        return []
+    got, w, same8 = sess
     smoke = []
     for src in SESSION10[:4]:  # runs 17-20 ran the smoke model first (1 and 2 processes) against run 10's digests
         with open(os.path.join(RESULTS, src)) as f:
@@ -511,19 +521,10 @@ def session10_notes(by_src):
 
 def session9_notes(by_src):
     """Session 9's note, the figures read from the run JSONs (runs 13-16)."""
-    got = {s_: by_src.get(s_, {}) for s_ in SESSION9}
-    if not all(got.values()):
+    sess = _session(by_src, SESSION9)
+    if sess is None:
         return []
-
-    def w(src, name):
-        r = got[src].get(name)
-        return _wall(r) if r else float("nan")
-
-    r8 = by_src.get("scale_gpu_run8.json", {}).get("gptq_8b_1gpu")
-    ref = r8["ranks"][0]["digests"] if r8 else None
-    same8 = ref is not None and all(x["digests"] == ref for c in got.values() for r in c.values()
-                                    if isinstance(r, dict) and r.get("ranks") for x in r["ranks"]
-                                    if len(x.get("digests", [])) == len(ref))
+    got, w, same8 = sess
     r12 = by_src.get("scale_gpu_run12.json", {})
     a1, a2 = _wall(r12["gptq_8b_1gpu_untimed"]), _wall(r12["gptq_8b_2gpu_untimed"])
     u1, u2 = w("scale_gpu_run16.json", "gptq_8b_1gpu_untimed"), w("scale_gpu_run16.json", "gptq_8b_2gpu_untimed")
