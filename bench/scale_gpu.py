@@ -587,6 +587,18 @@ def run21_steps(L8: int):
     ]
 
 
+def run22_steps(L8: int):
+    """Planned for the next session's call (not run yet): after the smoke runs (which compile the Triton kernels), the
+    untimed 2-GPU and 1-GPU GPTQ runs, then AWQ on the whole 8B shape (32 layers; runs 8-10 had 2 layers) on 1 and 2
+    GPUs: ``SKIP_PROBE=1 SCALE_STEPS=run22 SCALE_BUDGET=470 SCALE_TIMEOUT=480 bash bench/gpu_call_dp8.sh``."""
+    return [
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+        [[("awq_8b_1gpu_untimed", "8b", L8, "awq", 1, {"max_memory": "14GB"}, 0, 150)]],
+        [[("awq_8b_2gpu_untimed", "8b", L8, "awq", 2, {"max_memory": "14GB"}, None, 130)]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -708,11 +720,12 @@ def main():
         e = os.environ.get
         main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
-    if args.steps in ("run11", "run12", "run13", "run14", "run15", "run16", "run17", "run18", "run19", "run20", "run21"):
+    if args.steps in ("run11", "run12", "run13", "run14", "run15", "run16", "run17", "run18", "run19", "run20", "run21",
+                      "run22"):
         main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps, "run14": run14_steps,
                          "run15": run15_steps, "run16": run16_steps, "run17": run17_steps,
                          "run18": run18_steps, "run19": run19_steps, "run20": run20_steps,
-                         "run21": run21_steps}[args.steps](
+                         "run21": run21_steps, "run22": run22_steps}[args.steps](
             int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:
