@@ -163,6 +163,39 @@ def test_awq_never_worse_than_alpha_zero(sym):
     torch.testing.assert_close(lowbit.dequantize(clipped.states[0]) / s, clipped.effective_weights[0])
 
 
+def test_awq_grid_shared_out_gives_the_same_search(monkeypatch):
+    """``awq_search(share=...)`` (a data-parallel run's grid of exponents spread over its ranks): handed the points
+    ``1 .. n_grid - 1`` and the loss function, whatever order it computes them in, the same exponent, losses, scales
+    and states as the search alone; ``distributed.shared_values`` in one process is the plain loop."""
+    from lowbit.model import distributed as D
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 256, generator=g) * (torch.rand(256, generator=g) ** 3 * 10 + 0.1)
+    H = X.T @ X / X.shape[0]
+    ws = [_weight(64, 256, 2), _weight(32, 256, 3)]
+    ref = awq_search(ws, H, X.abs().mean(0), 4, 128, False, n_grid=10)
+    asked = []
+
+    def backwards(n, loss):
+        asked.append(n)
+        return [loss(i) for i in range(n, 0, -1)][::-1]
+
+    got = awq_search(ws, H, X.abs().mean(0), 4, 128, False, n_grid=10, share=backwards)
+    assert asked == [9] and ref.alpha > 0 and got.alpha == ref.alpha and got.losses == ref.losses
+    assert torch.equal(got.input_scales, ref.input_scales) and got.loss == ref.loss
+    assert all(torch.equal(a.data, b.data) and torch.equal(a.scales, b.scales) for a, b in zip(got.states, ref.states))
+    assert D.shared_values(4, lambda i: i * 0.5) == [0.5, 1.0, 1.5, 2.0]
+    monkeypatch.setenv("LOWBIT_DP_AWQ", "some")
+    from lowbit.model._ptq_blocks import _Stage
+    from lowbit.model._ptq_solve import _awq_stage
+
+    st = _Stage(["a"])
+    st.stats = InputStats(256, hessian=True, absmean=True, dtype=torch.float64)
+    st.stats.add(X[:64])
+    with pytest.raises(ValueError, match="LOWBIT_DP_AWQ='some'"):
+        _awq_stage(st, {"a": torch.nn.Linear(256, 64)}, 4, 128, False, {})
+
+
 def test_awq_ragged_and_per_channel():
     X = torch.randn(1024, 576) * (torch.rand(576) + 0.1)
     H = X.T @ X / X.shape[0]

@@ -1,6 +1,5 @@
 """Data-parallel calibration over torch.distributed (gloo, 2 CPU processes): the codes are bit-identical
 to the single-process run on the same samples."""
-import hashlib
 import os
 import socket
 import subprocess
@@ -33,6 +32,17 @@ WORKER = textwrap.dedent('''
             COUNT[1] += (L.shape[0] - a) ** 2 * (b - a)  # the chunk's cost (rows squared x columns)
             return _chunk(L, a, b)
         G.triangular_inverse_chunk = counted
+    if os.environ.get("TEST_COUNT_AWQ"):  # AWQ grid points this rank scored itself, of how many shared
+        import lowbit.model.distributed as D
+        AWQ = [0, 0]
+        _sv = D.shared_values
+        def sv(n, fn):
+            AWQ[1] += n
+            def counted(i):
+                AWQ[0] += 1
+                return fn(i)
+            return _sv(n, counted)
+        D.shared_values = sv
     if os.environ.get("TEST_COUNT_FITS"):
         import lowbit.model._ptq_solve as S
         FITS = [0, 0]
@@ -74,6 +84,8 @@ WORKER = textwrap.dedent('''
         for t in f[:4]:
             h.update(t.contiguous().numpy().tobytes())
         lines.append("factor %s %r %r" % (h.hexdigest(), f[4], seen))
+    if os.environ.get("TEST_COUNT_AWQ"):
+        lines.append("awqpoints %d %d" % (AWQ[0], AWQ[1]))
     if os.environ.get("TEST_COUNT_FITS"):  # static-group fits outside the solves (the overlap) and inside
         lines.append("fits %d %d" % (FITS[0], FITS[1]))
     with open(os.path.join(sys.argv[1], "digest_%d_%s.txt" % (rank, os.environ.get("WORLD_SIZE", "1"))), "w") as f:
@@ -184,3 +196,26 @@ def test_gloo_fits_beside_the_factor_pair_sum_and_shared_factor_1_2_3_ranks(tmp_
             assert n_sg == n_in and n_sg > 0  # every fit made beside the factor, none inside a solve
             if nproc == 1:
                 assert n_sg == n_fit
+
+
+def test_gloo_awq_grid_shared_over_3_ranks_and_every_rank_searching(tmp_path):
+    """AWQ's grid of scale exponents shared out over the ranks (session 10's default, ``LOWBIT_DP_AWQ=shared``) over
+    3 gloo ranks, and every rank searching the whole grid (``every``) over 2: the single-process model exactly."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    ref = _run(script, tmp_path / "one", 1, TEST_METHODS="awq")["digest_0_1.txt"]
+    assert ref[0].startswith("awq 1 ")
+    for nproc, mode in ((3, "shared"), (2, "every")):
+        got = _run(script, tmp_path / f"{mode}{nproc}", nproc, TEST_METHODS="awq", LOWBIT_DP_AWQ=mode,
+                   TEST_COUNT_AWQ="1")
+        assert len(got) == nproc
+        points = []
+        for lines in got.values():
+            assert lines[0].split()[1:] == [str(nproc), ref[0].split()[2]], mode
+            points.append([int(x) for x in lines[-1].split()[1:]])
+        if mode == "shared":  # each rank scored its third of the points (19 per searched stage, round robin)
+            total = points[0][1]
+            assert total > 0 and all(p[1] == total for p in points) and sum(p[0] for p in points) == total
+            assert max(p[0] for p in points) - min(p[0] for p in points) <= total // 19
+        else:
+            assert all(p == [0, 0] for p in points)

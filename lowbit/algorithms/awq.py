@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -61,7 +61,8 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
                clip: bool = True, max_shrink: float = 0.5, clip_grid: int = 20,
                scale_search: bool = True, tie: Optional[torch.Tensor] = None, two_sided: int = 1,
                joint: bool = False, refine: int = 0,
-               gguf_type: Optional[Union[str, Sequence[str]]] = None) -> AWQResult:
+               gguf_type: Optional[Union[str, Sequence[str]]] = None,
+               share: Optional[Callable[[int, Callable[[int], float]], List[float]]] = None) -> AWQResult:
     """Search the per-input-channel scale shared by ``weights`` (``[out_i, in]`` each, one input).
 
     ``H = X^T X / n`` and ``act_absmean = mean |x|`` are statistics of the shared input.
@@ -84,6 +85,9 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
     but written with different types, e.g. llama.cpp's recipes giving ``v_proj`` a higher type).
     ``joint``: score every ``alpha`` with the clip search applied (slower, the exact joint optimum
     over the grid) instead of with plain min/max rounding.
+    ``share(n, loss)``: returns ``[loss(1), ..., loss(n)]`` computed another way (a data-parallel run
+    spreads the grid points over its ranks, :func:`lowbit.model.distributed.shared_values`); each value
+    must be ``loss(i)`` itself, so the choice does not depend on who computed it.
     """
     if not weights:
         raise ValueError("awq_search needs at least one weight")
@@ -170,14 +174,20 @@ def awq_search(weights: Sequence[torch.Tensor], H: torch.Tensor, act_absmean: to
     losses = [fitted(ones, search_clipped)[0]]
     best_alpha, best_s, best_loss = 0.0, ones, losses[0]
     if scale_search:
-        for i in range(1, n_grid):
+        def scales_at(i: int) -> torch.Tensor:
             alpha = i / n_grid
             s = x_mean.pow(alpha) / w_mean.pow(1 - alpha) if duo_scaling else x_mean.pow(alpha)
-            s = (s / (s.max() * s.min()).sqrt()).clamp_min(1e-4)
-            loss = fitted(s, search_clipped)[0]
+            return (s / (s.max() * s.min()).sqrt()).clamp_min(1e-4)
+
+        grid_losses = share(n_grid - 1, lambda i: fitted(scales_at(i), search_clipped)[0]) if share is not None \
+            else [fitted(scales_at(i), search_clipped)[0] for i in range(1, n_grid)]
+        best_i = 0
+        for i, loss in enumerate(grid_losses, start=1):
             losses.append(loss)
             if loss < best_loss:
-                best_alpha, best_s, best_loss = alpha, s, loss
+                best_i, best_loss = i, loss
+        if best_i:
+            best_alpha, best_s = best_i / n_grid, scales_at(best_i)
     s = best_s
 
     # clip search on W diag(s) with the chosen scales

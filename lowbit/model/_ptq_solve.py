@@ -328,17 +328,22 @@ def _awq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, s
     stage.stats = None  # the float64 sums are not needed any more
     ws = [modules[n].weight.detach() for n in stage.names]
 
-    def search():
+    def search(share=None):
         return awq_search(ws, H, mean, bits, group_size, sym, scale_search=stage.fold is not None, tie=stage.tie,
-                          **opts)
+                          share=share, **opts)
 
-    from lowbit.model.distributed import is_active
+    from lowbit.model.distributed import is_active, shared_values
 
-    if is_active() and os.environ.get("LOWBIT_DP_AWQ", "every") == "every":
-        # every rank searches (the same inputs give the same result): a stage's search cannot be shared out,
-        # and broadcasting its result (pickled states and effective weights) cost more than the search
-        # (bench/results/multi_gpu.md: 12-13 s of broadcasts for 2 8B layers)
-        res = search()
+    mode = os.environ.get("LOWBIT_DP_AWQ", "shared")
+    if mode not in ("shared", "every", "owner"):
+        raise ValueError(f"LOWBIT_DP_AWQ={mode!r}: expected shared, every or owner")
+    if is_active() and mode in ("shared", "every"):
+        # every rank searches (the same inputs give the same result): broadcasting a search's result (pickled states
+        # and effective weights) cost more than the search (bench/results/multi_gpu.md: 12-13 s of broadcasts for 2
+        # 8B layers). "shared" (session 10): the grid of scale exponents is shared out over the ranks, each point's
+        # output error computed by one rank and summed exactly on the host (distributed.shared_values); the clip
+        # search on the chosen scales still runs on every rank.
+        res = search(shared_values if mode == "shared" else None)
     else:
         res = _on_owner(_solve_owner(len(stage.names) - 1), search)
     dev = ws[0].device

@@ -339,6 +339,29 @@ def sum_over_ranks(x: int) -> int:
     return _reduce_host_int(x, dist.ReduceOp.SUM)
 
 
+def shared_values(n: int, fn) -> List[float]:
+    """``[fn(1), ..., fn(n)]`` (host floats) with the points shared out over the ranks: rank ``r`` computes the
+    points ``i`` with ``(i - 1) % world == r``, and the ranks' vectors (each point filled by its one rank, zeros
+    elsewhere) are summed on the host group, which adds only zeros to each value: every rank gets each ``fn(i)``
+    exactly as its rank computed it. AWQ's scale search shares its grid of exponents this way (session 10)."""
+    if not is_active():
+        return [fn(i) for i in range(1, n + 1)]
+    import torch.distributed as dist
+
+    rank, world = rank_world()
+    vals = torch.zeros(n, dtype=torch.float64)
+    for i in range(1, n + 1):
+        if (i - 1) % world == rank:
+            vals[i - 1] = fn(i)
+    group = _host_group()
+    if group is None and dist.get_backend() == "nccl":  # LOWBIT_DP_AGREE=device: through the GPU
+        t = vals.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t)
+        return t.cpu().tolist()
+    dist.all_reduce(vals, group=group)
+    return vals.tolist()
+
+
 def broadcast_object(obj: Any, src: int) -> Any:
     """``obj`` from rank ``src`` on every rank (tensors travel through the CPU)."""
     if not is_active():
@@ -514,4 +537,4 @@ def barrier() -> None:
 
 __all__ = ["is_active", "rank_world", "init_from_env", "local_device", "shard", "sum_in_rank_order",
            "min_over_ranks", "sum_over_ranks", "broadcast_object", "barrier", "shared_chunks", "chunk_owners",
-           "all_gather_bytes", "SAFE_ENV", "pin_cpus", "cpu_shares"]
+           "all_gather_bytes", "SAFE_ENV", "pin_cpus", "cpu_shares", "shared_values"]
