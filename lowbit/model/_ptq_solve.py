@@ -195,6 +195,7 @@ def _factor_and_fit(H: torch.Tensor, opts: Dict[str, Any], share, jobs, bits, gr
             fits[key] = gptq_static_groups(w, Hf, dead, damp, bits, group_size, sym, **fit_opts)
 
     def during(Hf, dead, damp):  # called before the Cholesky is queued
+        state["damp"] = damp
         if not jobs:
             return None
         if not Hf.is_cuda:
@@ -215,12 +216,9 @@ def _factor_and_fit(H: torch.Tensor, opts: Dict[str, Any], share, jobs, bits, gr
 
     factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True), share=share, inplace=True,
                          during=during)
-    read: Dict[int, float] = {}
-    for key, (sc, z, d) in list(fits.items()):  # a dampening kept on the device: its value, read after the factor
-        if isinstance(d, torch.Tensor):
-            if id(d) not in read:
-                read[id(d)] = float(d)
-            fits[key] = (sc, z, read[id(d)])
+    if fits and isinstance(state.get("damp"), torch.Tensor):  # the first dampening kept on the device, read now
+        first = float(state["damp"])
+        fits = {key: (sc, z, first) for key, (sc, z, _) in fits.items()}
     if "side" in state:
         state["main"].wait_stream(state["side"])
         for sc, z, _ in fits.values():  # made on the side stream, read (and freed) on the caller's

@@ -592,15 +592,20 @@ def _staged_copy(t: torch.Tensor, dev: torch.device, stream: "torch.cuda.Stream"
                                                                              pin_memory=True)]
     events: List[Optional[torch.cuda.Event]] = [None] * len(bufs)
     pending: List[Optional[Tuple[int, int]]] = [None] * len(bufs)  # device -> host: the span each buffer holds
+
+    def drain(j: int) -> None:
+        """Buffer ``j``'s previous trip over (waits this thread only), its device -> host span copied out."""
+        if events[j] is not None:
+            events[j].synchronize()
+            if pending[j] is not None:
+                pa, pb = pending[j]
+                dst[pa:pb].copy_(bufs[j][:pb - pa])
+
     with torch.cuda.stream(stream):
         for i, a in enumerate(range(0, n, size)):
             b = min(a + size, n)
             j = i % len(bufs)
-            if events[j] is not None:
-                events[j].synchronize()  # the buffer's previous trip is over (waits this thread only)
-                if pending[j] is not None:
-                    pa, pb = pending[j]
-                    dst[pa:pb].copy_(bufs[j][:pb - pa])
+            drain(j)
             buf = bufs[j][:b - a]
             if dst_cuda:
                 buf.copy_(src[a:b])
@@ -613,11 +618,7 @@ def _staged_copy(t: torch.Tensor, dev: torch.device, stream: "torch.cuda.Stream"
             ev.record(stream)
             events[j] = ev
         for j in range(len(bufs)):  # the last trips
-            if events[j] is not None:
-                events[j].synchronize()
-                if pending[j] is not None:
-                    pa, pb = pending[j]
-                    dst[pa:pb].copy_(bufs[j][:pb - pa])
+            drain(j)
     return out
 
 

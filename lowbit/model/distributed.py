@@ -99,10 +99,9 @@ def _connect() -> None:
     import torch.distributed as dist
 
     min_over_ranks(0)
-    if dist.get_world_size() == 2 and os.environ.get("LOWBIT_DP_REDUCE", "pair") == "pair":
-        _pair_sum(torch.zeros(1, dtype=torch.float64, device=torch.device("cuda", torch.cuda.current_device())),
-                  inplace=True)
     dev = torch.device("cuda", torch.cuda.current_device())
+    if dist.get_world_size() == 2 and os.environ.get("LOWBIT_DP_REDUCE", "pair") == "pair":
+        _pair_sum(torch.zeros(1, dtype=torch.float64, device=dev), inplace=True)
     all_gather_bytes(torch.zeros(1, dtype=torch.uint8, device=dev), [1] * dist.get_world_size())
     dist.broadcast(torch.zeros(1, dtype=torch.float32, device=dev), src=0)  # shared_chunks' collective
     torch.cuda.current_stream().synchronize()
@@ -303,19 +302,23 @@ def _host_group():
     return _HOST_GROUP[1]
 
 
-def _reduce_host_int(x: int, op) -> int:
-    """``op`` (a ``ReduceOp``) of the ranks' host integers ``x``: over the host group (:func:`_host_group`), or
-    through the GPU when that is off under NCCL."""
+def _reduce_host(t: torch.Tensor, op) -> torch.Tensor:
+    """``op`` (a ``ReduceOp``) over the ranks of the host tensor ``t``, in place, returned: over the host group
+    (:func:`_host_group`), or through the GPU when that is off under NCCL."""
     import torch.distributed as dist
 
     group = _host_group()
     if group is None and dist.get_backend() == "nccl":
-        t = torch.tensor([x], dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(t, op=op)
-        return int(t.item())
-    t = torch.tensor([x], dtype=torch.int64)
+        d = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(d, op=op)
+        return t.copy_(d)
     dist.all_reduce(t, op=op, group=group)
-    return int(t.item())
+    return t
+
+
+def _reduce_host_int(x: int, op) -> int:
+    """``op`` (a ``ReduceOp``) of the ranks' host integers ``x`` (:func:`_reduce_host`)."""
+    return int(_reduce_host(torch.tensor([x], dtype=torch.int64), op).item())
 
 
 def min_over_ranks(x: int) -> int:
@@ -353,13 +356,7 @@ def shared_values(n: int, fn) -> List[float]:
     for i in range(1, n + 1):
         if (i - 1) % world == rank:
             vals[i - 1] = fn(i)
-    group = _host_group()
-    if group is None and dist.get_backend() == "nccl":  # LOWBIT_DP_AGREE=device: through the GPU
-        t = vals.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(t)
-        return t.cpu().tolist()
-    dist.all_reduce(vals, group=group)
-    return vals.tolist()
+    return _reduce_host(vals, dist.ReduceOp.SUM).tolist()
 
 
 def broadcast_object(obj: Any, src: int) -> Any:
