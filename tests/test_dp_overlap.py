@@ -193,3 +193,37 @@ def test_staged_copies_move_the_same_bytes_on_cuda(monkeypatch, stage_bytes):
         assert not v.is_cuda and torch.equal(v, want[k]), k
     assert all(not t.is_cuda for t in m[2].quant_states()["weight"].state_dict("w.").values()
                if isinstance(t, torch.Tensor))
+
+
+def test_stage_pool_ahead_switch(monkeypatch):
+    """``LOWBIT_STAGE_AHEAD=0`` (or pageable copies) makes no background pool."""
+    monkeypatch.setenv("LOWBIT_STAGE_AHEAD", "0")
+    assert _ptq_staged._stage_pool_ahead([object()]) is None
+    monkeypatch.setenv("LOWBIT_STAGE_AHEAD", "1")
+    monkeypatch.setenv("LOWBIT_PREFETCH_STAGED", "0")
+    assert _ptq_staged._stage_pool_ahead([object()]) is None
+
+
+@pytest.mark.cuda
+def test_stage_pool_made_ahead_serves_every_size_on_cuda(monkeypatch):
+    """Session 11: the pinned staging buffers are made in the background before block 0, and a tensor of one chunk
+    is copied through them (no page-locking allocation of its own): the same bytes, no new pool entry."""
+    monkeypatch.setattr(_ptq_staged, "STAGE_BYTES", 2 ** 16)
+    monkeypatch.setattr(_ptq_staged, "STAGE_MIN_BYTES", 1)
+    side = torch.cuda.Stream()
+    th = _ptq_staged._stage_pool_ahead([side])
+    th.join()
+    key = (id(side), 2 ** 16)
+    bufs = _ptq_staged._STAGE_POOL[key]
+    assert len(bufs) == 2 and all(b.is_pinned() and b.numel() == 2 ** 16 for b in bufs)
+    n_pool = len(_ptq_staged._STAGE_POOL)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for numel in (1000, 2 ** 15, 2 ** 16 // 2 + 3, 3 * 2 ** 15 + 7):  # one chunk (bf16 / fp32), and several
+        t = torch.randn(numel).to(torch.bfloat16 if numel % 2 else torch.float32)
+        got = _ptq_staged._staged_copy(t, dev, side)
+        side.synchronize()
+        assert got.is_cuda and torch.equal(got.cpu(), t)
+        back = _ptq_staged._staged_copy(got, torch.device("cpu"), side)
+        assert not back.is_cuda and torch.equal(back, t)
+    assert len(_ptq_staged._STAGE_POOL) == n_pool and _ptq_staged._STAGE_POOL[key] is bufs
+    _ptq_staged._STAGE_POOL.pop(key, None)
