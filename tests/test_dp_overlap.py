@@ -195,26 +195,15 @@ def test_staged_copies_move_the_same_bytes_on_cuda(monkeypatch, stage_bytes):
                if isinstance(t, torch.Tensor))
 
 
-def test_stage_pool_ahead_switch(monkeypatch):
-    """``LOWBIT_STAGE_AHEAD=0`` (or pageable copies) makes no background pool."""
-    monkeypatch.setenv("LOWBIT_STAGE_AHEAD", "0")
-    assert _ptq_staged._stage_pool_ahead([object()]) is None
-    monkeypatch.setenv("LOWBIT_STAGE_AHEAD", "1")
-    monkeypatch.setenv("LOWBIT_PREFETCH_STAGED", "0")
-    assert _ptq_staged._stage_pool_ahead([object()]) is None
-
-
 @pytest.mark.cuda
-def test_stage_pool_made_ahead_serves_every_size_on_cuda(monkeypatch):
-    """Session 11: the pinned staging buffers are made in the background before block 0, and a tensor of one chunk
-    is copied through them (no page-locking allocation of its own): the same bytes, no new pool entry."""
+def test_stage_pool_serves_every_size_on_cuda(monkeypatch):
+    """Session 11: a tensor of one chunk is copied through the stream's pinned staging buffers too (no page-locking
+    allocation of its own): the same bytes both ways, and no new pool entry after the first copy."""
     monkeypatch.setattr(_ptq_staged, "STAGE_BYTES", 2 ** 16)
     monkeypatch.setattr(_ptq_staged, "STAGE_MIN_BYTES", 1)
     side = torch.cuda.Stream()
-    th = _ptq_staged._stage_pool_ahead([side])
-    th.join()
     key = (id(side), 2 ** 16)
-    bufs = _ptq_staged._STAGE_POOL[key]
+    bufs = _ptq_staged._stage_buffers(side, 2 ** 16)
     assert len(bufs) == 2 and all(b.is_pinned() and b.numel() == 2 ** 16 for b in bufs)
     n_pool = len(_ptq_staged._STAGE_POOL)
     dev = torch.device("cuda", torch.cuda.current_device())

@@ -576,27 +576,6 @@ def _stage_buffers(stream: "torch.cuda.Stream", size: int) -> List[torch.Tensor]
     return bufs
 
 
-def _stage_pool_ahead(streams: List["torch.cuda.Stream"]) -> Optional[threading.Thread]:
-    """Makes the staging buffers of ``streams`` in a background thread, started before the block-0 capture: page-locking
-    128 MB took its time inside block 0 otherwise (session 10, run 20: block 0 on 2 GPUs 0.13 s longer staged than
-    pageable, later blocks 0.06 s shorter). ``LOWBIT_STAGE_AHEAD=0``: made on first use."""
-    import os
-
-    if os.environ.get("LOWBIT_STAGE_AHEAD", "1") == "0" or os.environ.get("LOWBIT_PREFETCH_STAGED", "1") == "0":
-        return None
-
-    def work() -> None:
-        try:
-            for st in streams:
-                _stage_buffers(st, STAGE_BYTES)
-        except Exception:  # pragma: no cover - made on first use then (the error shows there)
-            pass
-
-    th = threading.Thread(target=work, name="lowbit-stage-pool", daemon=True)
-    th.start()
-    return th
-
-
 def _staged_copy(t: torch.Tensor, dev: torch.device, stream: "torch.cuda.Stream") -> torch.Tensor:
     """``t.to(dev)`` between pageable host memory and a GPU through two pinned buffers of :data:`STAGE_BYTES` (the
     host side copied by the CPU, the device side queued asynchronously on ``stream``, one buffer filling while the
@@ -613,8 +592,9 @@ def _staged_copy(t: torch.Tensor, dev: torch.device, stream: "torch.cuda.Stream"
     dst = out.reshape(-1).view(torch.uint8)
     n = src.numel()
     size = min(STAGE_BYTES, n)
-    # the stream's pool for every size (a tensor of one chunk used its own pinned buffer: a page-locking allocation
-    # per size on first use, in block 0)
+    # the stream's pool for every size (a tensor of one chunk had its own pinned buffer: one page-locking allocation per
+    # size on first use, in block 0). Session 11 also tried making the pool and copying block 0 in the background during
+    # the capture: 0.13 s slower to block 1 on 2 GPUs (run 23: single-threaded staging, 436 MB, beat by the plain copy)
     bufs = _stage_buffers(stream, STAGE_BYTES)
     if n <= size:
         bufs = bufs[:1]
@@ -791,13 +771,6 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
     ahead: Optional[_Prefetch] = None
     behind: Optional[_Prefetch] = None  # the previous block on its way home
     side = side_home = None
-    pool_job = None
-    if prefetch and device.type == "cuda":
-        # the copy streams made up front, their pinned staging buffers made while block 0 is captured
-        side = torch.cuda.Stream(device if device.index is not None else None)
-        if homeward_async:
-            side_home = torch.cuda.Stream(device if device.index is not None else None)
-        pool_job = _stage_pool_ahead([s for s in (side, side_home) if s is not None])
     checkpoints = ckpt.BlockCheckpoints(cfg.checkpoint_dir, cfg.fingerprint) if cfg.checkpoint_dir else None
     start_block = 0
     try:
@@ -809,10 +782,6 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
                 items = [store.put(a) for a in acts]
                 logger.info("resuming after block %d from %s", start_block - 1, cfg.checkpoint_dir)
         if items is None:
-            if side is not None and os.environ.get("LOWBIT_PREFETCH_FIRST", "1") != "0":
-                # block 0 copied in the background while its inputs are captured (it was the one block moved by a
-                # plain pageable .to on the calibration thread, inside block 0's time)
-                ahead = _Prefetch(blocks[0], device, side)
             items = []
             for a, b in mbs:
                 items.append(store.put(_capture_block0(model, blocks[0], ids[a:b], b - a, device)[0]))
@@ -892,8 +861,6 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
         for job in (ahead, behind):
             if job is not None:
                 job.wait()
-        if pool_job is not None:
-            pool_job.join()
         store.close()
     rest = {n: m for n, m in selected.items() if n not in inside}
     if rest:  # selected linears outside the blocks (e.g. lm_head when included): whole-model pass
