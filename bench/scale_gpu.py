@@ -157,7 +157,7 @@ def worker(spec: dict) -> None:
                                                   "LOWBIT_DP_AFFINITY", "LOWBIT_GPTQ_DAMP", "LOWBIT_DP_CONNECT",
                                                   "LOWBIT_GPTQ_LAZY", "LOWBIT_GPTQ_FIT_LOSS",
                                                   "LOWBIT_PREFETCH_STAGED", "LOWBIT_STAGE_AHEAD",
-                                                  "LOWBIT_PREFETCH_FIRST", "LOWBIT_DP_AWQ")},
+                                                  "LOWBIT_PREFETCH_FIRST", "LOWBIT_DP_AWQ", "LOWBIT_GPTQ_GRAPH")},
            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
            "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
@@ -612,6 +612,18 @@ def run23_steps(L8: int):
     ]
 
 
+def run24_steps(L8: int):
+    """Session 11, second call (each rank's solve replayed from CUDA graphs, ``LOWBIT_GPTQ_GRAPH=auto``; staging pool
+    for every size): the untimed 2-GPU run, the untimed 1-GPU run (no graphs: one process), then the 2-GPU run
+    without graphs (``LOWBIT_GPTQ_GRAPH=0``, the A/B)."""
+    return [
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+        [[("gptq_8b_2gpu_untimed_nograph", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60,
+           {"LOWBIT_GPTQ_GRAPH": "0"})]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -734,12 +746,12 @@ def main():
         main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
     if args.steps in ("run11", "run12", "run13", "run14", "run15", "run16", "run17", "run18", "run19", "run20", "run21",
-                      "run22", "run23"):
+                      "run22", "run23", "run24"):
         main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps, "run14": run14_steps,
                          "run15": run15_steps, "run16": run16_steps, "run17": run17_steps,
                          "run18": run18_steps, "run19": run19_steps, "run20": run20_steps,
                          "run21": run21_steps, "run22": run22_steps,
-                         "run23": run23_steps}[args.steps](
+                         "run23": run23_steps, "run24": run24_steps}[args.steps](
             int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:

@@ -420,3 +420,84 @@ def test_lazy_update_in_the_gemm_equals_product_then_subtract_on_the_gpu(monkeyp
         parts = [gptq_quantize(W[a:b], H, bits=4, group_size=128, sym=False, factor=f, compute_loss=False).codes
                  for a, b in ((0, cut), (cut, R))]
         assert torch.equal(torch.cat(parts), out["batched"].codes)
+
+
+def test_cuda_graph_is_ignored_off_cuda():
+    """``cuda_graph=True`` on the CPU: the plain loop, the same result, no graph kept."""
+    from lowbit.algorithms import gptq as G
+
+    W, H = _problem(24, 256, seed=11)
+    f = gptq_factor(H, 0.01, True)
+    a = gptq_quantize(W, H, 4, 128, False, factor=f, compute_loss=False)
+    b = gptq_quantize(W, H, 4, 128, False, factor=f, compute_loss=False, cuda_graph=True)
+    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("codes", "scales", "zeros"))
+    assert not G._SOLVE_GRAPHS and not G._SOLVE_SEEN
+
+
+def test_solve_graphs_switch(monkeypatch):
+    """``LOWBIT_GPTQ_GRAPH``: auto (data-parallel row split on CUDA), 1 (CUDA), 0; an unknown value is an error."""
+    from lowbit.model._ptq_solve import _solve_graphs
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert _solve_graphs(True, cuda) and not _solve_graphs(False, cuda) and not _solve_graphs(True, cpu)
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH", "1")
+    assert _solve_graphs(False, cuda) and not _solve_graphs(True, cpu)
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH", "0")
+    assert not _solve_graphs(True, cuda)
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH", "yes")
+    with pytest.raises(ValueError, match="LOWBIT_GPTQ_GRAPH"):
+        _solve_graphs(True, cuda)
+
+
+@pytest.mark.cuda
+def test_solve_graph_gives_the_eager_codes_on_cuda(monkeypatch):
+    """Session 11: the column loop replayed from a CUDA graph (first solve of a shape plain, the second captured, the
+    third replayed) gives the plain loop's codes, scales and zeros bit for bit, on the 8B stages' shapes for one rank of
+    two (q/k/v 3072 x 4096, down_proj 2048 x 14336) and a ragged one (576 columns: a last block of 64), with a
+    prefetch-like copy running on another thread during the capture; one graph per shape, freed by
+    clear_solve_graphs."""
+    import threading
+
+    pytest.importorskip("triton")
+    from lowbit.algorithms import gptq as G
+
+    G.clear_solve_graphs()
+    dev = torch.device("cuda")
+    stop = threading.Event()
+
+    def copier():  # another thread's CUDA work on its own stream while graphs are captured (thread-local capture)
+        torch.cuda.set_device(dev)
+        s = torch.cuda.Stream()
+        x = torch.randn(2 ** 22, pin_memory=True)
+        with torch.cuda.stream(s):
+            while not stop.is_set():
+                y = x.to(dev, non_blocking=True)
+                s.synchronize()
+                del y
+
+    th = threading.Thread(target=copier, daemon=True)
+    th.start()
+    try:
+        for R, K in ((3072, 4096), (2048, 14336), (600, 576)):
+            W0, H = _problem(R, K, seed=K, device="cuda") if K < 8192 else _big_problem(R, K)
+            f = gptq_factor(H, 0.01, True)
+            for trial in range(3):
+                W = W0 * (1.0 + 0.5 * trial)
+                a = gptq_quantize(W, H, 4, 128, False, factor=f, compute_loss=False)
+                b = gptq_quantize(W, H, 4, 128, False, factor=f, compute_loss=False, cuda_graph=True)
+                for k in ("codes", "scales", "zeros"):
+                    assert torch.equal(getattr(a, k), getattr(b, k)), (R, K, trial, k)
+            del f, H
+        assert len(G._SOLVE_GRAPHS) == 3
+    finally:
+        stop.set()
+        th.join()
+        G.clear_solve_graphs()
+    assert not G._SOLVE_GRAPHS
+
+
+def _big_problem(R, K):
+    g = torch.Generator(device="cuda").manual_seed(K)
+    X = torch.randn(4096, K, generator=g, device="cuda")
+    X[:, : K // 2] *= 3.0
+    return torch.randn(R, K, generator=g, device="cuda") * 0.02, X.T @ X / X.shape[0]

@@ -592,13 +592,119 @@ def gptq_static_groups(weight: torch.Tensor, H: torch.Tensor, dead: torch.Tensor
     return scales, zeros, damp
 
 
+def _sweep_step(into, W, i1: int, i2: int, scales, zeros, gidx_dev, U, maxq, Q, Ebuf, sweep_cfg, lazy: str,
+                total_loss: Optional[torch.Tensor] = None):
+    """One block of columns ``[i1, i2)`` through the in-place fused sweep (reads W's block, the scales through the
+    group index, writes ``Q``), then its error carried to the columns after it (:func:`_lazy_update`); its squared
+    errors added to ``total_loss`` (in place) when given. ``Ebuf``: the errors' buffer of the previous block (``None``
+    at first); returns the buffer used (a new one when the block's padded width changed)."""
+    R, K = W.shape
+    count = i2 - i1
+    bc = max(16, 1 << (count - 1).bit_length())
+    fresh = Ebuf is None or Ebuf.shape[1] != bc
+    if fresh:
+        Ebuf = torch.empty(R, bc, dtype=torch.float32, device=W.device)
+    E = into(W, i1, count, scales, zeros, gidx_dev[i1:i2], U[i1:i2, i1:i2], maxq, Q, Ebuf, config=sweep_cfg,
+             checked=not fresh)
+    Err1 = E if bc == count else E[:, :count].contiguous()
+    if total_loss is not None:
+        total_loss += Err1.double().square().sum()
+    if i2 < K:
+        _lazy_update(W, Err1, U, i1, i2, lazy)
+    return Ebuf
+
+
+def _column_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize: int, sweep_cfg, lazy: str) -> None:
+    """The whole column loop of :func:`gptq_quantize` when every block goes through the in-place fused sweep (static
+    groups fitted, no loss summed): a fixed sequence of kernels for a given shape (what :class:`_SolveGraph`
+    captures)."""
+    K = W.shape[1]
+    Ebuf = None
+    for i1 in range(0, K, blocksize):
+        Ebuf = _sweep_step(into, W, i1, min(i1 + blocksize, K), scales, zeros, gidx_dev, U, maxq, Q, Ebuf, sweep_cfg,
+                           lazy)
+
+
+#: the most bytes of input/output copies the solve's CUDA graphs keep per process (``cuda_graph=True`` of
+#: :func:`gptq_quantize`; ``LOWBIT_GPTQ_GRAPH_BYTES``): a shape past it is solved without a graph
+GRAPH_BYTES = 3 * 2 ** 30
+_SOLVE_GRAPHS: Dict[tuple, "_SolveGraph"] = {}
+_SOLVE_SEEN: set = set()
+_GRAPH_STREAMS: Dict[Any, Any] = {}
+
+
+class _SolveGraph:
+    """:func:`_column_loop` of one shape captured as a CUDA graph over fixed copies of its inputs (``W`` permuted,
+    ``U``, the scales and zeros, the group index) and its codes ``Q``: a call copies the inputs in and replays the
+    graph, one launch instead of about three per block of 128 columns (session 11: with a data-parallel run's rows
+    split, a rank's solve was bound by the host's launches, the GPU idle between them). The captured kernels are
+    the loop's own, on the same shapes and values: the same bits (checked on the H200)."""
+
+    def __init__(self, into, W, U, scales, zeros, gidx_dev, maxq, blocksize: int, sweep_cfg, lazy: str) -> None:
+        dev = W.device
+        self.W, self.U = torch.empty_like(W), torch.empty_like(U)
+        self.S, self.Z = scales.contiguous().clone(), zeros.contiguous().clone()
+        self.gidx = gidx_dev.clone()
+        self.Q = torch.zeros_like(W)
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.W, self.U, self.S, self.Z, self.gidx, self.Q))
+        side = _GRAPH_STREAMS.get(dev)
+        if side is None:
+            side = _GRAPH_STREAMS[dev] = torch.cuda.Stream(dev)
+        main = torch.cuda.current_stream(dev)
+        side.wait_stream(main)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            # thread-local: the block prefetch's copies on other threads go on meanwhile
+            self.graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                _column_loop(into, self.W, self.U, self.S, self.Z, self.gidx, self.Q, maxq, blocksize, sweep_cfg, lazy)
+            finally:
+                self.graph.capture_end()
+        main.wait_stream(side)
+
+    def __call__(self, W, U, scales, zeros, gidx_dev) -> torch.Tensor:
+        """The codes (sweep order) of the loop on these inputs (``W`` is not changed); valid until the next call."""
+        for dst, src in ((self.W, W), (self.U, U), (self.S, scales), (self.Z, zeros), (self.gidx, gidx_dev)):
+            dst.copy_(src)
+        self.graph.replay()
+        return self.Q
+
+
+def clear_solve_graphs() -> None:
+    """Drop the solve's CUDA graphs and their buffers (the pipelines call it when a run ends)."""
+    _SOLVE_GRAPHS.clear()
+    _SOLVE_SEEN.clear()
+
+
+def _graphed_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize: int, sweep_cfg, lazy: str) -> torch.Tensor:
+    """:func:`_column_loop`, replayed from a CUDA graph where one of this shape was made: the first solve of a shape runs
+    the loop itself (its kernels compiled and warmed), the second captures it, later ones replay it. Returns the codes
+    (``Q`` itself, or the graph's copy)."""
+    import os
+
+    key = (W.device, tuple(W.shape), tuple(U.shape), tuple(scales.shape), maxq, blocksize, sweep_cfg, lazy, into)
+    g = _SOLVE_GRAPHS.get(key)
+    if g is None:
+        if key not in _SOLVE_SEEN:
+            _SOLVE_SEEN.add(key)
+            _column_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize, sweep_cfg, lazy)
+            return Q
+        need = 2 * W.numel() * 4 + U.numel() * 4 + 2 * scales.numel() * 4 + gidx_dev.numel() * 8
+        cap = int(os.environ.get("LOWBIT_GPTQ_GRAPH_BYTES", GRAPH_BYTES))
+        if sum(x.nbytes for x in _SOLVE_GRAPHS.values()) + need > cap:
+            _column_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize, sweep_cfg, lazy)
+            return Q
+        g = _SOLVE_GRAPHS[key] = _SolveGraph(into, W, U, scales, zeros, gidx_dev, maxq, blocksize, sweep_cfg, lazy)
+    return g(W, U, scales, zeros, gidx_dev)
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, *,
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True, static_groups: bool = True,
                   group_objective: str = "hessian", refit: bool = False, grid: Optional[AffineGrid] = None,
                   n_grid: Optional[int] = None, max_shrink: Optional[float] = None,
                   gguf_type: Optional[str] = None, two_sided: int = 0,
                   factor: Optional[tuple] = None, groups: Optional[tuple] = None,
-                  compute_loss: bool = True) -> GPTQResult:
+                  compute_loss: bool = True, cuda_graph: bool = False) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ given ``H = X^T X / n`` ``[in, in]``.
 
     See the module docstring for the options. Returns a :class:`GPTQResult` (``.state`` is the
@@ -607,6 +713,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     ``H`` (a caller fits them while the factorisation runs); used when ``damp`` is the factor's, else refitted.
     ``compute_loss=False``: the result's ``loss`` is ``nan`` (the pipelines do not read it; summing it cost four
     kernel launches per block of columns and a host wait at the end).
+    ``cuda_graph``: on CUDA, with static groups given or fitted and no loss summed, the column loop is replayed from a
+    CUDA graph kept per shape (:class:`_SolveGraph`: the same kernels, the same bits; for many solves of a few shapes,
+    as a data-parallel run's blocks are; the graphs keep copies of their inputs until :func:`clear_solve_graphs`, at
+    most :data:`GRAPH_BYTES`). Ignored elsewhere.
     """
     R, K = _check_inputs(weight, H, group_objective)
     if not isinstance(blocksize, int) or blocksize <= 0:
@@ -674,27 +784,24 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     else:
         gidx = gidx_dev.tolist()  # group of each sweep position, on the host
         group_pos = [invperm[a:b] for a, b in bounds]  # sweep positions of each group
-    for i1 in range(0, K, blocksize):
+    if into is not None:
+        from lowbit.kernels.triton.gptq_sweep import sweep_config
+
+        sweep_cfg = sweep_config()
+    if cuda_graph and dev.type == "cuda" and into is not None and all_fitted and total_loss is None and \
+            blocksize <= sweep_cols:
+        # every block through the in-place sweep: the loop is a fixed sequence of kernels, replayed from a graph
+        Q = _graphed_loop(into, W, U, scales, zeros, gidx_dev, Q, grid.maxq, blocksize, sweep_cfg, lazy)
+        K_done = K
+    else:
+        K_done = 0
+    for i1 in range(K_done, K, blocksize):
         i2 = min(i1 + blocksize, K)
         count = i2 - i1
         ready = all_fitted or all(fitted[gi] for gi in gidx[i1:i2])  # every group the block touches is fitted
-        if into is not None and count <= sweep_cols and ready:
-            # the fused sweep without the copies: reads W's block, the scales through the group index, writes Q
-            bc = max(16, 1 << (count - 1).bit_length())
-            fresh = Ebuf is None or Ebuf.shape[1] != bc
-            if fresh:
-                Ebuf = torch.empty(R, bc, dtype=torch.float32, device=dev)
-                if sweep_cfg is None:
-                    from lowbit.kernels.triton.gptq_sweep import sweep_config
-
-                    sweep_cfg = sweep_config()
-            E = into(W, i1, count, scales, zeros, gidx_dev[i1:i2], U[i1:i2, i1:i2], grid.maxq, Q, Ebuf,
-                     config=sweep_cfg, checked=not fresh)
-            Err1 = E if bc == count else E[:, :count].contiguous()
-            if total_loss is not None:
-                total_loss += Err1.double().square().sum()
-            if i2 < K:
-                _lazy_update(W, Err1, U, i1, i2, lazy)
+        if into is not None and count <= sweep_cols and ready:  # the fused sweep without the copies
+            Ebuf = _sweep_step(into, W, i1, i2, scales, zeros, gidx_dev, U, grid.maxq, Q, Ebuf, sweep_cfg, lazy,
+                               total_loss)
             continue
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
@@ -789,4 +896,4 @@ def layer_output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tenso
 
 
 __all__ = ["gptq_quantize", "gptq_factor", "gptq_static_groups", "GPTQResult", "refit_scales", "damped_inverse_cholesky", "layer_output_error",
-           "GROUP_OBJECTIVES"]
+           "GROUP_OBJECTIVES", "clear_solve_graphs"]

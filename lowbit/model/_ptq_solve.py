@@ -178,6 +178,16 @@ def _fits_while_factoring(opts: Dict[str, Any], device: torch.device) -> bool:
 _FIT_STREAMS: Dict[Any, Any] = {}
 
 
+def _solve_graphs(rows_split: bool, device: torch.device) -> bool:
+    """Whether the solves replay their column loop from CUDA graphs (``gptq_quantize(cuda_graph=True)``, the same
+    bits): ``LOWBIT_GPTQ_GRAPH`` ``auto`` (default: on CUDA when a data-parallel run splits the rows, where a rank's
+    solve was bound by the host's kernel launches), ``1`` (on CUDA always), ``0`` (never)."""
+    mode = os.environ.get("LOWBIT_GPTQ_GRAPH", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"LOWBIT_GPTQ_GRAPH={mode!r}: expected auto, 0 or 1")
+    return torch.device(device).type == "cuda" and (mode == "1" or (mode == "auto" and rows_split))
+
+
 def _factor_and_fit(H: torch.Tensor, opts: Dict[str, Any], share, jobs, bits, group_size, sym):
     """:func:`gptq_factor` of ``H``, and the static groups of the weights ``jobs`` (``{key: weight}``) as
     :func:`gptq_static_groups` fits them, the fits queued while the Cholesky factorisation runs: on a GPU on a
@@ -260,12 +270,13 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
     factor, fits = _factor_and_fit(H, opts, share, jobs, bits, group_size, sym)
     H = factor[0]  # the same matrix (dead inputs set), handed to gptq_quantize for its shape checks
 
+    graphs = _solve_graphs(rows_split, dev)
     if rows_split:  # plain tensors: broadcast them directly
         mine = {}
         for bi, (batch, ws, stacked) in enumerate(batches):
             # solve first: the ranks work at the same time, then exchange
             res = gptq_quantize(stacked, H, bits, group_size, sym, factor=factor, groups=fits.pop(bi, None),
-                                compute_loss=False, **opts)
+                                compute_loss=False, cuda_graph=graphs, **opts)
             off = 0
             for (j, _), w in zip(batch, ws):
                 r = w.shape[0]
@@ -306,7 +317,7 @@ def _gptq_stage(stage: _Stage, modules: Dict[str, nn.Linear], bits, group_size, 
         w = modules[n].weight.detach()
         res = _on_owner(_solve_owner(i), lambda w=w, n=n: gptq_quantize(w, H, bits, group_size, sym, factor=factor,
                                                                         groups=fits.pop(n, None), compute_loss=False,
-                                                                        **_layer_opts(opts, n)))
+                                                                        cuda_graph=graphs, **_layer_opts(opts, n)))
         dev = w.device
         res.codes, res.scales, res.zeros = res.codes.to(dev), res.scales.to(dev), res.zeros.to(dev)
         stage.states[n] = res.state

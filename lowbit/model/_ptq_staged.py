@@ -862,6 +862,9 @@ def _run_calibrated(model, entry, qcfg: WeightOnlyConfig, selected, ids, device,
             if job is not None:
                 job.wait()
         store.close()
+        from lowbit.algorithms.gptq import clear_solve_graphs
+
+        clear_solve_graphs()  # the solve graphs' copies of their inputs (GPTQ on CUDA) freed with the run
     rest = {n: m for n, m in selected.items() if n not in inside}
     if rest:  # selected linears outside the blocks (e.g. lm_head when included): whole-model pass
         stages = [_Stage([n]) for n in rest]
