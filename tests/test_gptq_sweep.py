@@ -462,18 +462,23 @@ def test_solve_graph_gives_the_eager_codes_on_cuda(monkeypatch):
     from lowbit.algorithms import gptq as G
 
     G.clear_solve_graphs()
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     stop = threading.Event()
+    copies, errors = [0], []
 
     def copier():  # another thread's CUDA work on its own stream while graphs are captured (thread-local capture)
-        torch.cuda.set_device(dev)
-        s = torch.cuda.Stream()
-        x = torch.randn(2 ** 22, pin_memory=True)
-        with torch.cuda.stream(s):
-            while not stop.is_set():
-                y = x.to(dev, non_blocking=True)
-                s.synchronize()
-                del y
+        try:
+            torch.cuda.set_device(dev)
+            s = torch.cuda.Stream()
+            x = torch.randn(2 ** 22, pin_memory=True)
+            with torch.cuda.stream(s):
+                while not stop.is_set():
+                    y = x.to(dev, non_blocking=True)
+                    s.synchronize()
+                    del y
+                    copies[0] += 1
+        except BaseException as e:  # reported by the test
+            errors.append(e)
 
     th = threading.Thread(target=copier, daemon=True)
     th.start()
@@ -494,6 +499,7 @@ def test_solve_graph_gives_the_eager_codes_on_cuda(monkeypatch):
         th.join()
         G.clear_solve_graphs()
     assert not G._SOLVE_GRAPHS
+    assert not errors and copies[0] > 0, (errors, copies)
 
 
 def _big_problem(R, K):
