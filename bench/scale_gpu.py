@@ -624,6 +624,28 @@ def run24_steps(L8: int):
     ]
 
 
+def run25_steps(L8: int):
+    """Session 11, third call: the smoke runs compile the kernels for the smoke shapes only, so the first 8B run of a
+    call also compiled the 8B shapes' Triton variants inside its block 0 (runs 20, 23, 24: the first 2-GPU run's block
+    0 0.13-0.28 s longer than the third's). A 2-layer 8B warm-up on 2 GPUs (not reported) first, then the untimed
+    2-GPU run and the untimed 1-GPU run."""
+    return [
+        [[("gptq_8b_2gpu_warmup", "8b", 2, "gptq", 2, {"max_memory": "16GB"}, None, 40)]],
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+    ]
+
+
+def run26_steps(L8: int):
+    """Session 11, fourth call: AWQ on the whole 8B shape (32 layers; runs 8-10 had 2) on 1 and 2 GPUs (the grid of
+    scale exponents shared out over the ranks, ``LOWBIT_DP_AWQ=shared``), after a 2-layer 2-GPU warm-up."""
+    return [
+        [[("awq_8b_2gpu_warmup", "8b", 2, "awq", 2, {"max_memory": "14GB"}, None, 40)]],
+        [[("awq_8b_2gpu_untimed", "8b", L8, "awq", 2, {"max_memory": "14GB"}, None, 130)]],
+        [[("awq_8b_1gpu_untimed", "8b", L8, "awq", 1, {"max_memory": "14GB"}, 0, 150)]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -746,12 +768,13 @@ def main():
         main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
     if args.steps in ("run11", "run12", "run13", "run14", "run15", "run16", "run17", "run18", "run19", "run20", "run21",
-                      "run22", "run23", "run24"):
+                      "run22", "run23", "run24", "run25", "run26"):
         main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps, "run14": run14_steps,
                          "run15": run15_steps, "run16": run16_steps, "run17": run17_steps,
                          "run18": run18_steps, "run19": run19_steps, "run20": run20_steps,
                          "run21": run21_steps, "run22": run22_steps,
-                         "run23": run23_steps, "run24": run24_steps}[args.steps](
+                         "run23": run23_steps, "run24": run24_steps, "run25": run25_steps,
+                         "run26": run26_steps}[args.steps](
             int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:
