@@ -157,7 +157,8 @@ def worker(spec: dict) -> None:
                                                   "LOWBIT_DP_AFFINITY", "LOWBIT_GPTQ_DAMP", "LOWBIT_DP_CONNECT",
                                                   "LOWBIT_GPTQ_LAZY", "LOWBIT_GPTQ_FIT_LOSS",
                                                   "LOWBIT_PREFETCH_STAGED", "LOWBIT_STAGE_AHEAD",
-                                                  "LOWBIT_PREFETCH_FIRST", "LOWBIT_DP_AWQ", "LOWBIT_GPTQ_GRAPH")},
+                                                  "LOWBIT_PREFETCH_FIRST", "LOWBIT_DP_AWQ", "LOWBIT_GPTQ_GRAPH",
+                                                  "LOWBIT_GPTQ_ORDER")},
            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
            "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
@@ -628,11 +629,15 @@ def run25_steps(L8: int):
     """Session 11, third call: the smoke runs compile the kernels for the smoke shapes only, so the first 8B run of a
     call also compiled the 8B shapes' Triton variants inside its block 0 (runs 20, 23, 24: the first 2-GPU run's block
     0 0.13-0.28 s longer than the third's). A 2-layer 8B warm-up on 2 GPUs (not reported) first, then the untimed
-    2-GPU run and the untimed 1-GPU run."""
+    2-GPU run and the untimed 1-GPU run; then the 2-GPU run with the fits queued before the triangular inverse
+    (``LOWBIT_GPTQ_ORDER=fits-first``, the A/B of this call's other change; the host waits of boolean indexing are gone
+    in both)."""
     return [
         [[("gptq_8b_2gpu_warmup", "8b", 2, "gptq", 2, {"max_memory": "16GB"}, None, 40)]],
         [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
         [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+        [[("gptq_8b_2gpu_untimed_fitsfirst", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60,
+           {"LOWBIT_GPTQ_ORDER": "fits-first"})]],
     ]
 
 

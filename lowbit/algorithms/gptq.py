@@ -180,9 +180,9 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     ``during(damp)``: called once, with the first dampening (a float64 scalar tensor on the device where
     :func:`_damp_on_device`, else a float), before the first Cholesky factorisation is queued
     (the matrix and whatever the caller queued before are the work queued so far); if it returns a callable, that
-    is called right after the factorisation is queued and before its outcome is read (a host synchronisation): on
-    a GPU the caller queues work that needs no factor on another stream, made to wait for the work queued before
-    the factorisation only, and the two run at the same time.
+    is called once the factorisation (``"flip"``: and its triangular inverse) is queued and before its outcome is read
+    (a host synchronisation): on a GPU the caller queues work that needs no factor on another stream, made to wait
+    for the work queued before the factorisation only, and the two run at the same time.
     """
     if percdamp < 0:
         raise ValueError(f"percdamp={percdamp!r}: must be >= 0")
@@ -201,19 +201,29 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
         mean_diag = mean_t.item()
         damp = percdamp * mean_diag
     then = during(damp) if during is not None else None
+    import os
+
+    chunks_first = method == "flip" and os.environ.get("LOWBIT_GPTQ_ORDER", "chunks-first") != "fits-first"
     for attempt in range(max_tries):
         # "flip": the reversal keeps the diagonal on the diagonal
         A = _damped(H.flip((0, 1)) if method == "flip" else H, damp)
         L, info = torch.linalg.cholesky_ex(A)
         del A
-        if callable(then):
+        if callable(then) and not chunks_first:
             then()
-        then = None
+            then = None
         if method == "flip":
             # the triangular inverse is queued before the factorisation's outcome is read: one host wait for both
             # (a failed factorisation leaves garbage in L, and so a non-finite or discarded U)
             Linv = lower_triangular_inverse(L, share=share)
             del L
+            if callable(then):
+                # session 11: ``during``'s work (the static group fits, thousands of launches) queued after the
+                # triangular inverse, not between it and the Cholesky: the host took longer to queue the fits than
+                # the GPU took for the Cholesky, and the inverse waited (8B down_proj, 2 GPUs: the main stream idle
+                # 7 ms per stage). LOWBIT_GPTQ_ORDER=fits-first: the order before.
+                then()
+            then = None
             U = Linv.flip((0, 1))
             del Linv
             ok = (info == 0) & torch.isfinite(U).all()
@@ -257,7 +267,7 @@ def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
     H = H if inplace and H.dtype == torch.float32 else H.float().clone()
     K = H.shape[0]
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    H.diagonal().masked_fill_(dead, 1.0)  # H[dead, dead] = 1.0 without its host wait (a boolean index's nonzero)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
@@ -584,7 +594,7 @@ def gptq_static_groups(weight: torch.Tensor, H: torch.Tensor, dead: torch.Tensor
     grid, cols = _grid_and_columns(R, K, bits, group_size, sym, group_objective, grid, n_grid, max_shrink, two_sided)
     bounds = cols.bounds()
     W_orig = weight.detach().float().clone()
-    W_orig[:, dead] = 0.0
+    W_orig.masked_fill_(dead, 0.0)  # W_orig[:, dead] = 0.0 without a host wait
     scales = torch.zeros(R, len(bounds), dtype=torch.float32, device=weight.device)
     zeros = torch.zeros(R, len(bounds), dtype=torch.float32, device=weight.device)
     _fit_static_groups(grid, W_orig, H, damp, bounds, _group_objective(group_objective, act_order, cols.group, K,
@@ -742,7 +752,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         factor = gptq_factor(H.detach().float().to(dev), percdamp, act_order)
 
     H, dead, perm, U, damp = factor
-    W[:, dead] = 0.0
+    W.masked_fill_(dead, 0.0)  # W[:, dead] = 0.0 without a host wait
     W_orig = W.clone()
     invperm = torch.argsort(perm)
     W = W[:, perm]
