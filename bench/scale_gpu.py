@@ -651,6 +651,19 @@ def run26_steps(L8: int):
     ]
 
 
+def run27_steps(L8: int):
+    """Session 11, last call (the solve graphs; the fits back before the triangular inverse): the untimed 2-GPU run,
+    the untimed 1-GPU run, the 2-GPU run again (the 2-GPU run first in a call had the longer block 0 in runs 20, 23,
+    24 and 25: both positions reported), then AWQ on the whole 8B shape on 2 and 1 GPUs."""
+    return [
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 75)]],
+        [[("gptq_8b_2gpu_untimed_rep", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 60)]],
+        [[("awq_8b_2gpu_untimed", "8b", L8, "awq", 2, {"max_memory": "14GB"}, None, 130)]],
+        [[("awq_8b_1gpu_untimed", "8b", L8, "awq", 1, {"max_memory": "14GB"}, 0, 150)]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -773,13 +786,14 @@ def main():
         main_steps(args, run10_steps(int(e("SCALE_LAYERS", 32)), int(e("SCALE_LAYERS_AWQ", 2))))
         return
     if args.steps in ("run11", "run12", "run13", "run14", "run15", "run16", "run17", "run18", "run19", "run20", "run21",
-                      "run22", "run23", "run24", "run25", "run26"):
+                      "run22", "run23", "run24", "run25", "run26",
+                      "run27"):
         main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps, "run14": run14_steps,
                          "run15": run15_steps, "run16": run16_steps, "run17": run17_steps,
                          "run18": run18_steps, "run19": run19_steps, "run20": run20_steps,
                          "run21": run21_steps, "run22": run22_steps,
                          "run23": run23_steps, "run24": run24_steps, "run25": run25_steps,
-                         "run26": run26_steps}[args.steps](
+                         "run26": run26_steps, "run27": run27_steps}[args.steps](
             int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:

@@ -180,9 +180,9 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     ``during(damp)``: called once, with the first dampening (a float64 scalar tensor on the device where
     :func:`_damp_on_device`, else a float), before the first Cholesky factorisation is queued
     (the matrix and whatever the caller queued before are the work queued so far); if it returns a callable, that
-    is called once the factorisation (``"flip"``: and its triangular inverse) is queued and before its outcome is read
-    (a host synchronisation): on a GPU the caller queues work that needs no factor on another stream, made to wait
-    for the work queued before the factorisation only, and the two run at the same time.
+    is called right after the factorisation is queued and before its outcome is read (a host synchronisation): on
+    a GPU the caller queues work that needs no factor on another stream, made to wait for the work queued before
+    the factorisation only, and the two run at the same time.
     """
     if percdamp < 0:
         raise ValueError(f"percdamp={percdamp!r}: must be >= 0")
@@ -201,29 +201,21 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
         mean_diag = mean_t.item()
         damp = percdamp * mean_diag
     then = during(damp) if during is not None else None
-    import os
-
-    chunks_first = method == "flip" and os.environ.get("LOWBIT_GPTQ_ORDER", "chunks-first") != "fits-first"
     for attempt in range(max_tries):
         # "flip": the reversal keeps the diagonal on the diagonal
         A = _damped(H.flip((0, 1)) if method == "flip" else H, damp)
         L, info = torch.linalg.cholesky_ex(A)
         del A
-        if callable(then) and not chunks_first:
+        if callable(then):
+            # (session 11 tried queuing these after the triangular inverse instead, where the main stream had waited
+            # 7 ms per 8B down_proj stage for the host's fit launches: run 25, 0.601 against 0.597 s per 2-GPU block)
             then()
-            then = None
+        then = None
         if method == "flip":
             # the triangular inverse is queued before the factorisation's outcome is read: one host wait for both
             # (a failed factorisation leaves garbage in L, and so a non-finite or discarded U)
             Linv = lower_triangular_inverse(L, share=share)
             del L
-            if callable(then):
-                # session 11: ``during``'s work (the static group fits, thousands of launches) queued after the
-                # triangular inverse, not between it and the Cholesky: the host took longer to queue the fits than
-                # the GPU took for the Cholesky, and the inverse waited (8B down_proj, 2 GPUs: the main stream idle
-                # 7 ms per stage). LOWBIT_GPTQ_ORDER=fits-first: the order before.
-                then()
-            then = None
             U = Linv.flip((0, 1))
             del Linv
             ok = (info == 0) & torch.isfinite(U).all()
