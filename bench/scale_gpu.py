@@ -158,7 +158,7 @@ def worker(spec: dict) -> None:
                                                   "LOWBIT_GPTQ_LAZY", "LOWBIT_GPTQ_FIT_LOSS",
                                                   "LOWBIT_PREFETCH_STAGED", "LOWBIT_STAGE_AHEAD",
                                                   "LOWBIT_PREFETCH_FIRST", "LOWBIT_DP_AWQ", "LOWBIT_GPTQ_GRAPH",
-                                                  "LOWBIT_GPTQ_ORDER")},
+                                                  "LOWBIT_GPTQ_ORDER", "LOWBIT_GPTQ_CHOL")},
            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
            "dp_split": os.environ.get("LOWBIT_DP_SPLIT", "rows"), "peak_gpu_mb": peak_all / 2 ** 20,
            "block_marks": blocks_log["marks"], "events": blocks_log["events"][:4000], "plan_mem": pred_mem,
@@ -664,6 +664,16 @@ def run27_steps(L8: int):
     ]
 
 
+def run28_steps(L8: int):
+    """Session 11, last device time (269 s): the down_proj Cholesky split in two levels (its off-diagonal solve and
+    Schur complement in two row pieces, one per rank; other bits than cuSOLVER's whole factor, so the 8B digests
+    change from run 8's, the 1- and 2-GPU ones must agree): the untimed 2-GPU run, then the untimed 1-GPU run."""
+    return [
+        [[("gptq_8b_2gpu_untimed", "8b", L8, "gptq", 2, {"max_memory": "16GB"}, None, 55)]],
+        [[("gptq_8b_1gpu_untimed", "8b", L8, "gptq", 1, {"max_memory": "16GB"}, 0, 62)]],
+    ]
+
+
 #: the smoke model's per-layer digests (3 layers, 16 x 256 tokens) of run 10's code, 1 and 2 processes
 SMOKE_DIGESTS_RUN10 = ["6405faf24046a258", "c4e1ad6ac1506813", "ea703bf2fa637bfc"]
 
@@ -787,13 +797,13 @@ def main():
         return
     if args.steps in ("run11", "run12", "run13", "run14", "run15", "run16", "run17", "run18", "run19", "run20", "run21",
                       "run22", "run23", "run24", "run25", "run26",
-                      "run27"):
+                      "run27", "run28"):
         main_steps(args, {"run11": run11_steps, "run12": run12_steps, "run13": run13_steps, "run14": run14_steps,
                          "run15": run15_steps, "run16": run16_steps, "run17": run17_steps,
                          "run18": run18_steps, "run19": run19_steps, "run20": run20_steps,
                          "run21": run21_steps, "run22": run22_steps,
                          "run23": run23_steps, "run24": run24_steps, "run25": run25_steps,
-                         "run26": run26_steps, "run27": run27_steps}[args.steps](
+                         "run26": run26_steps, "run27": run27_steps, "run28": run28_steps}[args.steps](
             int(os.environ.get("SCALE_LAYERS", 32))))
         return
     if args.worker:

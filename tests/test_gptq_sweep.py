@@ -507,3 +507,51 @@ def _big_problem(R, K):
     X = torch.randn(4096, K, generator=g, device="cuda")
     X[:, : K // 2] *= 3.0
     return torch.randn(R, K, generator=g, device="cuda") * 0.02, X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("K", [5, 90, 300, 1000])
+def test_split_cholesky_is_the_cholesky_factor(K):
+    """Session 11: :func:`split_cholesky` (one level of blocking, the off-diagonal solve and the Schur complement in
+    two row pieces) gives the lower Cholesky factor (float64 reference), zeros above the diagonal, ``info`` 0; on a
+    matrix whose leading minor of order ``r`` is the first not positive definite, ``info`` is ``r`` (as cholesky_ex),
+    in the first half and in the second."""
+    from lowbit.algorithms.gptq import split_cholesky
+
+    g = torch.Generator().manual_seed(K)
+    X = torch.randn(2 * K, K, generator=g, dtype=torch.float64)
+    A = X.T @ X / K + 0.1 * torch.eye(K, dtype=torch.float64)
+    L, info = split_cholesky(A.float().clone())
+    ref = torch.linalg.cholesky(A)
+    assert int(info) == 0 and torch.equal(L.triu(1), torch.zeros_like(L))
+    assert torch.allclose(L.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    for r in sorted({2, K // 2 + 1, K - 1}):
+        if r < 1 or r > K:
+            continue
+        B = A.clone()
+        B[r - 1, r - 1] = -1.0  # the leading minor of order r is the first not positive definite
+        _, want = torch.linalg.cholesky_ex(B.float())
+        _, got = split_cholesky(B.float().clone())
+        assert int(got) == int(want) == r, (K, r, int(got), int(want))
+
+
+def test_split_cholesky_switch_and_size(monkeypatch):
+    """The flip factorisation splits its Cholesky from CHOL_SPLIT_MIN columns on (``LOWBIT_GPTQ_CHOL=whole``: never):
+    below the size the factor is bit for bit the plain one; above it the split one, equal up to rounding."""
+    from lowbit.algorithms import gptq as G
+
+    W, H = _problem(16, 300, seed=3)
+    monkeypatch.setenv("LOWBIT_GPTQ_FACTOR", "flip")
+    monkeypatch.setenv("LOWBIT_GPTQ_CHOL", "whole")
+    whole = G.gptq_factor(H, 0.01, True)[3]
+    monkeypatch.setenv("LOWBIT_GPTQ_CHOL", "split")
+    assert torch.equal(G.gptq_factor(H, 0.01, True)[3], whole)  # 300 < CHOL_SPLIT_MIN: the plain Cholesky
+    calls = []
+    orig = G.split_cholesky
+    monkeypatch.setattr(G, "split_cholesky", lambda A, share=None: calls.append(A.shape[0]) or orig(A, share))
+    monkeypatch.setattr(G, "CHOL_SPLIT_MIN", 256)
+    split = G.gptq_factor(H, 0.01, True)[3]
+    assert calls == [300]
+    assert torch.allclose(split.double(), whole.double(), rtol=1e-3, atol=1e-3 * float(whole.abs().max()))
+    monkeypatch.setenv("LOWBIT_GPTQ_CHOL", "halves")
+    with pytest.raises(ValueError, match="LOWBIT_GPTQ_CHOL"):
+        G.gptq_factor(H, 0.01, True)
