@@ -16,7 +16,6 @@ CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/dp_trace.py --out $OUT --layers
 timeout 120 torchrun --nproc-per-node 2 bench/dp_trace.py --out $OUT --layers 5 --blk0 2 --nblk 2 --tag 2gpu \
   > $OUT/t2.log 2>&1; grep '"rank"' $OUT/t2.log | cut -c1-300
 fi
-[ "${CHOL_PROBE:-0}" = 1 ] && CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/chol_split_probe.py --out $OUT 2>&1 | tail -2
 [ "${SKIP_PROBE:-0}" = 1 ] || CUDA_VISIBLE_DEVICES=0 timeout 90 python3 bench/dp_bits_probe.py --out $OUT 2>&1 | tail -3
 [ "${SKIP_SCALE:-0}" = 1 ] || SCALE_SMOKE_EXPECT=${SCALE_SMOKE_EXPECT-run10} timeout ${SCALE_TIMEOUT:-330} python3 bench/scale_gpu.py --steps ${SCALE_STEPS:-run17} --out $OUT \
   --budget ${SCALE_BUDGET:-320} 2>&1 | tee $OUT/scale.log | cut -c1-500

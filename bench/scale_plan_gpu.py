@@ -1,6 +1,6 @@
 """``plan``'s GPU memory model for the staged pipeline (``lowbit.model.plan.staged_device_bytes``) against the peak
-GPU memory measured on the H200 (bench/results/scale_gpu_run8.json and run9.json: every rank's
-``max_memory_allocated``, the largest), and its prediction for the 70B class at 128 x 2048 (issue 18). Run 8 had the
+GPU memory measured on the H200 (bench/results/scale_gpu_run8.json, run9.json and run27.json, the last with the
+GPTQ solve graphs: every rank's ``max_memory_allocated``, the largest), and its prediction for the 70B class at 128 x 2048 (issue 18). Run 8 had the
 CPU-era device reserve (``legacy_reserve=True``: the activations mostly in pinned host memory), run 9 the reserve
 from the modelled working set (the pipeline now). CPU only: the models are built on the meta device from the
 shapes of bench/scale_gpu.py (bf16, vocab 128256, tied head as the runs; the 70B-class prediction untied).
@@ -34,12 +34,14 @@ def main():
     print("| run | GPUs | layers | max_memory | measured peak GPU (largest rank) | predicted | error | parts (GiB): "
           "blocks, work of the widest stage, activation store on the device (of its demand), capture phase |")
     print("|---|---|---|---|---|---|---|---|")
-    for run in ("scale_gpu_run8.json", "scale_gpu_run9.json"):
+    for run in ("scale_gpu_run8.json", "scale_gpu_run9.json", "scale_gpu_run27.json"):
         path = os.path.join(HERE, "results", run)
         if not os.path.exists(path):
             continue
+        # runs 8 and 9 predate the GPTQ solve graphs (session 11, run 24 on): their persistent copies not counted
+        os.environ["LOWBIT_GPTQ_GRAPH"] = "auto" if run.endswith("run27.json") else "0"
         for name, r in json.load(open(path))["gpu"].items():
-            if not r.get("ranks"):
+            if not r.get("ranks") or name.endswith("_rep"):
                 continue
             spec = r["spec"]
             m = meta_model(spec["shape"], spec["layers"])
@@ -52,6 +54,7 @@ def main():
             print(f"| {name} ({run}) | {spec['nproc']} | {spec['layers']} | {mm} | {meas:,.0f} MiB | {pred:,.0f} MiB | "
                   f"{(pred - meas) / meas * 100:+.0f}% | {p['blocks'] / g:.1f}, {p['work'] / g:.1f}, "
                   f"{p['store'] / g:.1f} ({p['store_demand'] / g:.1f}), {p['capture'] / g:.1f} |")
+    os.environ.pop("LOWBIT_GPTQ_GRAPH", None)
     print()
     print("70B class (hidden 8192, MLP 28,672, 80 layers, bf16, untied head), GPTQ, 128 x 2048, streaming, one GPU "
           "(`plan(..., device='cuda', max_memory=...)` and `predict_streaming_peak(..., device='cuda')`):")

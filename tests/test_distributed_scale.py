@@ -20,16 +20,6 @@ WORKER = textwrap.dedent('''
     import lowbit.algorithms.gptq as G
     G.ROW_CHUNK = int(os.environ.get("TEST_ROW_CHUNK", G.ROW_CHUNK))
     G.FACTOR_CHUNK = int(os.environ.get("TEST_FACTOR_CHUNK", G.FACTOR_CHUNK))
-    G.CHOL_SPLIT_MIN = int(os.environ.get("TEST_CHOL_SPLIT_MIN", G.CHOL_SPLIT_MIN))
-    if os.environ.get("TEST_COUNT_PIECES"):  # split-Cholesky pieces this process computed itself
-        PIECES = [0]
-        _pc = G._pieces
-        def pieces(share, spans, fn, dst):
-            def counted(a, b):
-                PIECES[0] += 1
-                return fn(a, b)
-            return _pc(share, spans, counted, dst)
-        G._pieces = pieces
     if os.environ.get("TEST_CHUNK_BYTES"):  # the chunks shared_chunks keeps in flight (LOWBIT_DP_CHUNKS=free)
         import lowbit.model.distributed as D
         D.CHUNKS_IN_FLIGHT_BYTES = int(os.environ["TEST_CHUNK_BYTES"])
@@ -89,16 +79,13 @@ WORKER = textwrap.dedent('''
         X[:, :20] *= 5
         seen = []
         f = G.gptq_factor(X.T @ X / 300, 0.01, True, share=D.shared_chunks if D.is_active() else None,
-                          during=lambda H, dead, d: seen.append(d),
-                          share_pieces=D.shared_pieces if D.is_active() else None)
+                          during=lambda H, dead, d: seen.append(d))
         h = hashlib.sha256()
         for t in f[:4]:
             h.update(t.contiguous().numpy().tobytes())
         lines.append("factor %s %r %r" % (h.hexdigest(), f[4], seen))
     if os.environ.get("TEST_COUNT_AWQ"):
         lines.append("awqpoints %d %d" % (AWQ[0], AWQ[1]))
-    if os.environ.get("TEST_COUNT_PIECES"):
-        lines.append("pieces %d" % PIECES[0])
     if os.environ.get("TEST_COUNT_FITS"):  # static-group fits outside the solves (the overlap) and inside
         lines.append("fits %d %d" % (FITS[0], FITS[1]))
     with open(os.path.join(sys.argv[1], "digest_%d_%s.txt" % (rank, os.environ.get("WORLD_SIZE", "1"))), "w") as f:
@@ -232,30 +219,3 @@ def test_gloo_awq_grid_shared_over_3_ranks_and_every_rank_searching(tmp_path):
             assert max(p[0] for p in points) - min(p[0] for p in points) <= total // 19
         else:
             assert all(p == [0, 0] for p in points)
-
-
-def test_gloo_split_cholesky_pieces_shared_1_2_3_ranks(tmp_path):
-    """Session 11: the flip factorisation's split Cholesky (forced from 32 columns: the tiny model's k = 64 and 128,
-    and the 90-column factor digest) with its two row pieces computed by ranks 0 and 1 and broadcast: 1, 2 and 3 gloo
-    ranks give the same GPTQ codes and the same factor; with 2 ranks each computed only its own pieces (half of
-    them), with 3 the third rank none."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT)))
-    env = dict(TEST_ROW_CHUNK="16", TEST_FACTOR_CHUNK="16", TEST_METHODS="gptq", LOWBIT_GPTQ_FACTOR="flip",
-               TEST_FACTOR_DIGEST="1", TEST_CHOL_SPLIT_MIN="32", TEST_COUNT_PIECES="1")
-    ref = _run(script, tmp_path / "one", 1, **env)["digest_0_1.txt"]
-    assert ref[0].startswith("gptq 1 ") and ref[-1].startswith("pieces ")
-    n_ref = int(ref[-1].split()[1])
-    assert n_ref > 0 and n_ref % 4 == 0  # two pieces per solve and Schur step, every split factorisation
-    whole = _run(script, tmp_path / "whole", 1, **dict(env, TEST_CHOL_SPLIT_MIN="100000"))["digest_0_1.txt"]
-    assert whole[1] != ref[1]  # the split is in use: another factor than the plain Cholesky's (rounding)
-    for nproc in (2, 3):
-        got = _run(script, tmp_path / f"n{nproc}", nproc, **env)
-        assert len(got) == nproc
-        counts = []
-        for name, lines in sorted(got.items()):
-            assert lines[0].split()[1:] == [str(nproc), ref[0].split()[2]]  # the same codes
-            assert lines[1] == ref[1]  # the same factor
-            counts.append(int(lines[-1].split()[1]))
-        # the factor digest runs in every process; the pipeline's factorisations too: pieces counted per owner
-        assert sum(counts) == n_ref and counts[0] == counts[1] and (nproc == 2 or counts[2] == 0), counts

@@ -3,6 +3,7 @@ layers): the replaced ``nn.Linear`` objects (whose float weights stayed on the d
 the blocks once block 0's inputs are captured. CPU checks of the references; the device bytes are measured in
 bench/results/multi_gpu.md."""
 import gc
+import math
 import weakref
 
 import pytest
@@ -110,7 +111,7 @@ def _meta_llama(layers=2, hidden=256, inter=512, vocab=1000, tie=True):
 
 
 def test_staged_device_bytes_follows_the_pipeline():
-    from lowbit.model._ptq_staged import DEVICE_WORK_MARGIN, _device_work, _stage_shapes
+    from lowbit.model._ptq_staged import DEVICE_WORK_MARGIN, _device_work, _graph_statics, _stage_shapes
     from lowbit.model.plan import staged_device_bytes
 
     m = _meta_llama()
@@ -118,7 +119,12 @@ def test_staged_device_bytes_follows_the_pipeline():
     assert free["store"] == free["store_demand"] == 64 * 128 * 2 * 6 * 256
     assert free["total"] == max(free["capture"], free["blocks"] + free["store"] + free["work"])
     two = staged_device_bytes(m, 64, 128, 8, world=2)
-    assert two["store"] == free["store"] / 2 and two["work"] <= free["work"]
+    # two ranks: half the store each, no more work than one apart from what the solve's CUDA graphs keep
+    statics = _graph_statics(_stage_shapes(m.model.layers[0], {n: x for n, x in m.named_modules()
+                                                               if type(x) is nn.Linear and
+                                                               n.startswith("model.layers.0.")}, "model.layers.0."), 2)
+    assert statics > 0
+    assert two["store"] == free["store"] / 2 and two["work"] - statics <= free["work"]
     # a budget: the store gets what the pipeline's reserve leaves
     block = free["block"]
     b0 = m.model.layers[0]
@@ -141,6 +147,65 @@ def test_staged_device_bytes_follows_the_pipeline():
     untied = _meta_llama(tie=False)
     assert staged_device_bytes(untied, 64, 128, 8)["outside"] == free["outside"]
     assert staged_device_bytes(untied, 64, 128, 8, outside_selected=True)["outside"] == 2 * free["outside"] - 256 * 2
+
+
+def test_graph_statics_counts_the_solve_graphs_copies(monkeypatch):
+    """Session 11: a data-parallel GPTQ run on CUDA keeps, per distinct stage shape of a rank, fp32 copies of the
+    weight piece, the codes, ``U``, the scales and zeros and the group index in its solve graphs (up to GRAPH_BYTES);
+    the reserve counts them. None with one process, for AWQ, or with LOWBIT_GPTQ_GRAPH=0."""
+    from lowbit.algorithms.gptq import GRAPH_BYTES
+    from lowbit.model._ptq_staged import _device_work, _graph_statics
+
+    monkeypatch.delenv("LOWBIT_GPTQ_GRAPH", raising=False)
+    monkeypatch.delenv("LOWBIT_GPTQ_GRAPH_BYTES", raising=False)
+    # the 8B shape: q/k/v, o, gate/up, down
+    shapes = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+
+    def need(rows, k):  # the bytes of one graph's copies, counted by hand: W and the codes, U, scales and zeros, gidx
+        return 2 * rows * k * 4 + k * k * 4 + 2 * rows * math.ceil(k / 128) * 4 + 8 * k
+
+    assert _graph_statics(shapes, 1) == 0
+    two = [need(3072, 4096), need(2048, 4096), need(14336, 4096), need(2048, 14336)]
+    want = 0
+    for n in two:  # admitted in stage order while the total fits
+        if want + n <= GRAPH_BYTES:
+            want += n
+    assert _graph_statics(shapes, 2) == want
+    assert 1.8e9 < want < 2.0e9  # the ~1.9 GB measured (peak 12.7 GB on 2 GPUs against 10.9 without graphs)
+    assert want == sum(two)  # all four fit under the 3 GB cap
+    # the same shape twice (two stages of one rank) is one graph
+    assert _graph_statics(shapes + [(4096, 4096)], 2) == want
+    # a cap that the gate/up graph would pass: it and the (larger) down_proj one are solved without graphs
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH_BYTES", str(sum(two[:2]) + two[2] - 1))
+    assert _graph_statics(shapes, 2) == sum(two[:2])
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH_BYTES", str(need(3072, 4096)))
+    assert _graph_statics(shapes, 2) == need(3072, 4096)
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH_BYTES", str(GRAPH_BYTES))
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH", "0")
+    assert _graph_statics(shapes, 2) == 0
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH", "1")
+    assert _graph_statics(shapes, 1) > 0  # forced on: one process keeps graphs too
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH", "yes")
+    with pytest.raises(ValueError, match="LOWBIT_GPTQ_GRAPH"):
+        _graph_statics(shapes, 2)
+    monkeypatch.delenv("LOWBIT_GPTQ_GRAPH")
+    monkeypatch.setenv("LOWBIT_DP_SPLIT", "units")  # whole linears per rank: no graphs by default
+    assert _graph_statics(shapes, 2) == 0
+    monkeypatch.delenv("LOWBIT_DP_SPLIT")
+    # AWQ solves no graphs: its work does not count them
+    m = _meta_llama()
+    b0 = m.model.layers[0]
+    from lowbit.model._ptq_staged import _stage_shapes
+    sel = {n: x for n, x in m.named_modules() if type(x) is nn.Linear and n.startswith("model.layers.0.")}
+    small = _stage_shapes(b0, sel, "model.layers.0.")
+    g = _device_work(b0, small, 8, 128, 2, 256, world=2)
+    statics = _graph_statics(small, 2)
+    assert statics > 0
+    monkeypatch.setenv("LOWBIT_GPTQ_GRAPH", "0")
+    assert _device_work(b0, small, 8, 128, 2, 256, world=2) == g - statics
+    a_off = _device_work(b0, small, 8, 128, 2, 256, world=2, awq=True)
+    monkeypatch.delenv("LOWBIT_GPTQ_GRAPH")
+    assert _device_work(b0, small, 8, 128, 2, 256, world=2, awq=True) == a_off
 
 
 def test_plan_70b_class_fits_40gb():

@@ -145,63 +145,6 @@ def lower_triangular_inverse(L: torch.Tensor, chunk: Optional[int] = None,
     return out
 
 
-#: the ``"flip"`` factorisation's Cholesky from this size on is :func:`split_cholesky` (``LOWBIT_GPTQ_CHOL=whole``: one
-#: ``cholesky_ex`` always). Below it (every SmolLM2 and 8B attention stage) one call is already short
-CHOL_SPLIT_MIN = 8192
-
-
-def _pieces(share: Optional[Callable[..., None]], spans, fn, dst) -> None:
-    """``dst(a, b).copy_(fn(a, b))`` for every span, or ``share(spans, fn, dst)`` (each piece computed once, by one
-    rank, and sent to the others: :func:`lowbit.model.distributed.shared_pieces`)."""
-    if share is None:
-        for a, b in spans:
-            dst(a, b).copy_(fn(a, b))
-    else:
-        share(spans, fn, dst)
-
-
-def split_cholesky(A: torch.Tensor, share: Optional[Callable[..., None]] = None):
-    """``torch.linalg.cholesky_ex(A)`` (lower factor and ``info``) with one level of blocking: ``A11`` the leading half
-    (a multiple of 128 columns), ``L11 = chol(A11)``, ``L21 = A21 L11^-T``, ``L22 = chol(A22 - L21 L21^T)``. The
-    off-diagonal solve and the Schur complement, three quarters of the work, go in two row pieces with fixed cuts, so
-    their bits do not depend on who computes them: ``share`` (see :func:`_pieces`) spreads them over two ranks of a
-    data-parallel run (session 11: every rank ran the 8B down_proj's 14336-column Cholesky, 40 ms a block, on the
-    critical path of its stage). ``A`` is used as scratch (its lower right block becomes the Schur complement);
-    ``info``: the order of the first leading minor found not positive definite, 0 if none (as ``cholesky_ex``)."""
-    K = A.shape[0]
-    m = (K // 2) // 128 * 128 or K // 2
-    half = (K - m) // 2
-    spans = [(m, m + half), (m + half, K)]
-    L = torch.zeros_like(A)
-    L11, info1 = torch.linalg.cholesky_ex(A[:m, :m])
-    L[:m, :m] = L11
-    del L11  # read from L (one m x m matrix less on the device)
-    L11t = L[:m, :m].transpose(0, 1)
-    _pieces(share, spans, lambda a, b: torch.linalg.solve_triangular(L11t, A[a:b, :m], upper=True, left=False),
-            lambda a, b: L[a:b, :m])
-    L21 = L[m:, :m]
-    _pieces(share, spans, lambda a, b: torch.addmm(A[a:b, m:], L[a:b, :m], L21.transpose(0, 1), alpha=-1.0),
-            lambda a, b: A[a:b, m:])
-    L22, info2 = torch.linalg.cholesky_ex(A[m:, m:])
-    L[m:, m:] = L22
-    del L22
-    info = torch.where(info1 != 0, info1, torch.where(info2 != 0, info2 + m, info2))
-    return L, info
-
-
-def _cholesky(A: torch.Tensor, share: Optional[Callable[..., None]] = None):
-    """The ``"flip"`` factorisation's Cholesky: :func:`split_cholesky` from :data:`CHOL_SPLIT_MIN` columns on (the same
-    choice in one process and in a data-parallel run, so the same bits), else ``cholesky_ex``."""
-    import os
-
-    mode = os.environ.get("LOWBIT_GPTQ_CHOL", "split")
-    if mode not in ("split", "whole"):
-        raise ValueError(f"LOWBIT_GPTQ_CHOL={mode!r}: expected split or whole")
-    if mode == "split" and A.shape[0] >= CHOL_SPLIT_MIN:
-        return split_cholesky(A, share)
-    return torch.linalg.cholesky_ex(A)
-
-
 def _damped(H: torch.Tensor, damp: float, inplace: bool = False) -> torch.Tensor:
     """``H + damp * I`` without the identity matrix (two fewer ``K x K`` temporaries on the GPU), bit for bit:
     ``h + damp * 0`` is ``h + 0.0`` off the diagonal (which also turns ``-0.0`` into ``+0.0``, as the sum with
@@ -225,16 +168,14 @@ def _damp_on_device(device: torch.device) -> bool:
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6,
                             method: Optional[str] = None, share: Optional[Callable[..., None]] = None,
-                            during: Optional[Callable[[float], Optional[Callable[[], None]]]] = None,
-                            share_pieces: Optional[Callable[..., None]] = None):
+                            during: Optional[Callable[[float], Optional[Callable[[], None]]]] = None):
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^{-1}`` (``H^{-1} = U^T U``) and ``lambda``.
 
     The dampening starts at ``percdamp * mean(diag(H))`` and grows x10 (with a warning) until the
     factorisation succeeds. ``method`` (default :data:`FACTORS`' ``"auto"``): ``"inverse"`` factors the
     explicit inverse; ``"flip"`` uses ``J A J = L L^T`` (``J`` the reversal), whence ``A^{-1} = (J L^{-1} J)^T
     (J L^{-1} J)`` with ``J L^{-1} J`` upper triangular: one Cholesky and one triangular inverse (its chunks
-    spread by ``share``, see :func:`lower_triangular_inverse`); its Cholesky from :data:`CHOL_SPLIT_MIN` columns on is
-    :func:`split_cholesky`, whose two row pieces ``share_pieces`` spreads.
+    spread by ``share``, see :func:`lower_triangular_inverse`).
 
     ``during(damp)``: called once, with the first dampening (a float64 scalar tensor on the device where
     :func:`_damp_on_device`, else a float), before the first Cholesky factorisation is queued
@@ -263,7 +204,10 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
     for attempt in range(max_tries):
         # "flip": the reversal keeps the diagonal on the diagonal
         A = _damped(H.flip((0, 1)) if method == "flip" else H, damp)
-        L, info = _cholesky(A, share_pieces) if method == "flip" else torch.linalg.cholesky_ex(A)
+        # one cuSOLVER call, replicated on every rank of a data-parallel run (session 11 tried a two-level split
+        # whose off-diagonal solve and Schur complement two ranks shared: 42.5 ms against 31.1 ms for the whole
+        # K = 14336 factor on one H200, and 0.605 against 0.595-0.599 s per 2-GPU 8B block, run 28; removed)
+        L, info = torch.linalg.cholesky_ex(A)
         del A
         if callable(then):
             # (session 11 tried queuing these after the triangular inverse instead, where the main stream had waited
@@ -305,13 +249,11 @@ ROW_CHUNK = 1024
 
 def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
                 share: Optional[Callable[..., None]] = None, inplace: bool = False,
-                during: Optional[Callable[[torch.Tensor, torch.Tensor, float], Any]] = None,
-                share_pieces: Optional[Callable[..., None]] = None) -> tuple:
+                during: Optional[Callable[[torch.Tensor, torch.Tensor, float], Any]] = None) -> tuple:
     """What :func:`gptq_quantize` derives from ``H`` alone: ``(H with dead inputs fixed, dead mask,
     column order, upper Cholesky factor of the damped inverse, dampening)``. Pass it as ``factor=``
     to quantize several weights that share ``H`` (q/k/v) without repeating the factorisation.
-    ``share``, ``share_pieces``: see :func:`damped_inverse_cholesky` (the ``"flip"`` factorisation's chunks and its split
-    Cholesky's pieces spread over ranks).
+    ``share``: see :func:`damped_inverse_cholesky` (the ``"flip"`` factorisation's chunks spread over ranks).
     ``inplace``: ``H`` (float32) is used and changed (dead inputs) instead of copied: one ``K x K`` matrix less
     on the device, for callers that hand it over. ``during(H, dead, damp)``: see :func:`damped_inverse_cholesky`
     (``H`` with its dead inputs fixed, as returned; e.g. :func:`gptq_static_groups` while the Cholesky runs; what it
@@ -330,8 +272,7 @@ def gptq_factor(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = True,
     for r in range(0, K, step):
         Hp[r:r + step] = H[perm[r:r + step]][:, perm]
     U, damp = damped_inverse_cholesky(Hp, percdamp, share=share,
-                                      during=None if during is None else (lambda d: during(H, dead, d)),
-                                      share_pieces=share_pieces)
+                                      during=None if during is None else (lambda d: during(H, dead, d)))
     return H, dead, perm, U, damp
 
 

@@ -224,10 +224,8 @@ def _factor_and_fit(H: torch.Tensor, opts: Dict[str, Any], share, jobs, bits, gr
 
         return then
 
-    from lowbit.model.distributed import shared_pieces
-
     factor = gptq_factor(H, opts.get("percdamp", 0.01), opts.get("act_order", True), share=share, inplace=True,
-                         during=during, share_pieces=shared_pieces if share is not None else None)
+                         during=during)
     if fits and isinstance(state.get("damp"), torch.Tensor):  # the first dampening kept on the device, read now
         first = float(state["damp"])
         fits = {key: (sc, z, first) for key, (sc, z, _) in fits.items()}

@@ -79,7 +79,9 @@ def _device_work(block: nn.Module, stage_shapes: List[Tuple[int, int]], micro: i
     * GPTQ's factorisation (five fp32 ``k x k`` matrices: the Hessian, its permuted copy, the Cholesky factor, its
       inverse, a trailing block of the factor) and solve (the Hessian, its factor, five fp32 ``rows / world x k``
       matrices), or AWQ's Hessian (the float64 sums and the fp32 matrix) and search (six ``rows x k``);
-    * the rank-ordered sum of the float64 sums (two copies) in a data-parallel run.
+    * the rank-ordered sum of the float64 sums (two copies) in a data-parallel run;
+
+    plus, for GPTQ, what the solve's CUDA graphs keep for the rest of the run (:func:`_graph_statics`).
 
     The pipeline reserves by this estimate as run 9 measured it, whose accumulation term counts the whole micro-batch
     in fp32 and its activations at the widest linear (conservative: 4.3 GiB for the 8B shape, where the measured
@@ -106,7 +108,36 @@ def _device_work(block: nn.Module, stage_shapes: List[Tuple[int, int]], micro: i
             fac, sol = 20 * k * k, 8 * k * k + 20 * rows * k
         red = 8 * reduce_copies * k * k if world > 1 else 0
         work = max(work, acc, fac, sol, red)
-    return int(work)
+    return int(work) + (0 if awq else _graph_statics(stage_shapes, world))
+
+
+def _graph_statics(stage_shapes: List[Tuple[int, int]], world: int) -> int:
+    """Bytes the GPTQ solve's CUDA graphs keep on a rank's GPU for the rest of a run (session 11; ``_solve_graphs``: a
+    data-parallel run on CUDA by default): per distinct stage shape (this rank's ``rows``, ``k``), fp32 copies of the
+    permuted weight and of the codes (``rows x k`` each) and of ``U`` (``k x k``), the scales, zeros and group index;
+    admitted in stage order while the total stays within ``GRAPH_BYTES``, as ``gptq._graphed_loop`` admits them (the
+    8B shape on 2 GPUs: 1.9 GB, measured 12.7 GB peak against 10.9 without)."""
+    import os
+
+    from lowbit.algorithms.gptq import GRAPH_BYTES
+
+    mode = os.environ.get("LOWBIT_GPTQ_GRAPH", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"LOWBIT_GPTQ_GRAPH={mode!r}: expected auto, 0 or 1")
+    rows_split = world > 1 and os.environ.get("LOWBIT_DP_SPLIT", "rows") != "units"
+    if mode == "0" or (mode == "auto" and not rows_split):
+        return 0
+    cap = int(os.environ.get("LOWBIT_GPTQ_GRAPH_BYTES", GRAPH_BYTES))
+    seen, total = set(), 0
+    for k, rows_all in stage_shapes:
+        rows = -(-rows_all // world)
+        if (rows, k) in seen:
+            continue
+        seen.add((rows, k))
+        need = 2 * rows * k * 4 + k * k * 4 + 2 * rows * (-(-k // 128)) * 4 + k * 8
+        if total + need <= cap:
+            total += need
+    return total
 
 
 def _stage_shapes(block: nn.Module, sel: Dict[str, nn.Linear], prefix: str) -> List[Tuple[int, int]]:

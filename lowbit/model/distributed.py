@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -509,39 +509,6 @@ def shared_chunks(L: torch.Tensor, out: torch.Tensor, spans: List[Tuple[int, int
         finish(job)
     del prev, job, pending
     _sync()
-    COMM_SECONDS["broadcast"] += time.perf_counter() - t0
-
-
-def shared_pieces(spans: List[Tuple[int, int]], fn: Callable[[int, int], torch.Tensor],
-                  dst: Callable[[int, int], torch.Tensor]) -> None:
-    """The ``share`` of :func:`lowbit.algorithms.gptq.split_cholesky` in a data-parallel run: piece ``i`` (``fn(a, b)``,
-    the same call as in one process, so the same bits) computed by rank ``i % world`` and broadcast from there, each
-    rank writing it into ``dst(a, b)``. The broadcasts are asynchronous (the current stream waits for them, the host
-    does not); every piece is in place when this returns, as far as the stream is concerned."""
-    if not is_active():
-        for a, b in spans:
-            dst(a, b).copy_(fn(a, b))
-        return
-    import torch.distributed as dist
-
-    rank, world = rank_world()
-    t0 = time.perf_counter()
-    jobs = []
-    for i, (a, b) in enumerate(spans):
-        owner = i % world
-        target = dst(a, b)
-        if owner == rank:
-            x = fn(a, b).contiguous()
-            target.copy_(x)
-        else:
-            x = torch.empty(target.shape, dtype=target.dtype, device=target.device)
-        jobs.append((dist.broadcast(x, src=owner, async_op=True), x, target, owner != rank))
-        del x
-    for work, x, target, received in jobs:
-        work.wait()
-        if received:
-            target.copy_(x)
-    del jobs
     COMM_SECONDS["broadcast"] += time.perf_counter() - t0
 
 
