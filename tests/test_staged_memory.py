@@ -161,7 +161,7 @@ def test_graph_statics_counts_the_solve_graphs_copies(monkeypatch):
     # the 8B shape: q/k/v, o, gate/up, down
     shapes = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 
-    def need(rows, k):  # the bytes of one graph's copies, counted by hand: W and the codes, U, scales and zeros, gidx
+    def need(rows, k):  # one graph's copies, counted by hand: W and the codes, U, scales and zeros, gidx
         return 2 * rows * k * 4 + k * k * 4 + 2 * rows * math.ceil(k / 128) * 4 + 8 * k
 
     assert _graph_statics(shapes, 1) == 0
