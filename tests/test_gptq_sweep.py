@@ -45,13 +45,17 @@ def test_emulated_sweep_matches_the_torch_loop(monkeypatch, kw):
     b = _solve(monkeypatch, "emulate", W, H, **kw)
     if kw.get("static_groups", True):  # fitted before the sweep: the same inputs
         assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
-    # the update is one fma in the emulation, torch's CPU addr_ may round twice: codes can differ at ties (none
-    # on the AVX-512 machine this was written on)
-    frac = (a.codes != b.codes).float().mean().item()
-    assert frac <= (5e-3 if kw["bits"] == 8 else 1e-3)
+    # the update is one fma in the emulation, torch's CPU addr_ may round twice: a code can differ at a tie, and
+    # GPTQ feeds that rounding into the rest of its row (rows are independent given H). Seen on one thread of an
+    # AVX-512 Intel Xeon: one row of 48, 18 codes, for the ragged g96 grid; none elsewhere.
+    rows = (a.codes != b.codes).any(dim=1)
+    assert int(rows.sum()) <= 2, f"{int(rows.sum())} of {W.shape[0]} rows differ"
+    same = ~rows
+    ea, eb = (layer_output_error(W[same], r.dequantize()[same], H) for r in (a, b))
+    assert abs(ea - eb) <= 1e-6 * ea  # the rows without a tie: the same codes, the same quality
     ea, eb = (layer_output_error(W, r.dequantize(), H) for r in (a, b))
-    assert abs(ea - eb) <= 1e-4 * ea
-    assert b.loss == pytest.approx(a.loss, rel=1e-4)
+    assert abs(ea - eb) <= (1e-6 if not rows.any() else 2e-3) * ea
+    assert b.loss == pytest.approx(a.loss, rel=1e-4 if not rows.any() else 2e-3)
 
 
 def test_emulated_sweep_row_pieces_equal_the_whole(monkeypatch):
