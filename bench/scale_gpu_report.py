@@ -482,8 +482,8 @@ def _steady(r):
 
 
 def _session(by_src, sources):
-    """``(runs by source, wall(source, name), every digest equals run 8's)`` of a session's run JSONs, or None where
-    one is missing."""
+    """``(runs by source, wall(source, name), every 8B GPTQ digest of the whole model equals run 8's)`` of a session's
+    run JSONs, or None where one is missing."""
     got = {s_: by_src.get(s_, {}) for s_ in sources}
     if not all(got.values()):
         return None
@@ -494,9 +494,9 @@ def _session(by_src, sources):
 
     r8 = by_src.get("scale_gpu_run8.json", {}).get("gptq_8b_1gpu")
     ref = r8["ranks"][0]["digests"] if r8 else None
-    same8 = ref is not None and all(x["digests"] == ref for c in got.values() for r in c.values()
-                                    if isinstance(r, dict) and r.get("ranks") for x in r["ranks"]
-                                    if len(x.get("digests", [])) == len(ref))
+    same8 = ref is not None and all(x["digests"] == ref for c in got.values() for n, r in c.items()
+                                    if n.startswith("gptq_8b") and isinstance(r, dict) and r.get("ranks")
+                                    for x in r["ranks"] if len(x.get("digests", [])) == len(ref))
     return got, w, same8
 
 
@@ -506,11 +506,7 @@ def session11_notes(by_src):
     sess = _session(by_src, SESSION11)
     if sess is None:
         return []
-    got, w, _ = sess
-    r8 = by_src.get("scale_gpu_run8.json", {}).get("gptq_8b_1gpu")
-    same8 = r8 is not None and all(x["digests"][:len(x["digests"])] == r8["ranks"][0]["digests"][:len(x["digests"])]
-                                   for c in got.values() for n, r in c.items() if n.startswith("gptq_8b")
-                                   for x in r["ranks"])
+    got, w, same8 = sess
 
     def ratio(src, two="gptq_8b_2gpu_untimed"):
         a, b = w(src, "gptq_8b_1gpu_untimed"), w(src, two)
@@ -529,7 +525,7 @@ def session11_notes(by_src):
                    for x in got[r27]["awq_8b_2gpu_untimed"]["ranks"])
     return [
         f"- Session 11 (runs 23-28, `bench/gpu_call_dp8.sh` with `SCALE_STEPS=run23` .. `run28`; logs in "
-        "`bench/results/run23_logs` .. `run27_logs`; every GPTQ digest of runs 23-27, every rank and the warm-up's, "
+        "`bench/results/run23_logs` .. `run27_logs`; every GPTQ digest of runs 23-27, every rank, "
         f"{'equals' if same8 else 'does NOT equal'} run 8's). 8B GPTQ, 32 layers, untimed, 1 GPU / 2 GPUs: run 23 "
         f"{ratio('scale_gpu_run23.json')}, run 24 {ratio('scale_gpu_run24.json')}, run 25 "
         f"{ratio('scale_gpu_run25.json')} (fits first: {ratio('scale_gpu_run25.json', 'gptq_8b_2gpu_untimed_fitsfirst')})"

@@ -633,6 +633,21 @@ def _column_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize: int, s
 #: the most bytes of input/output copies the solve's CUDA graphs keep per process (``cuda_graph=True`` of
 #: :func:`gptq_quantize`; ``LOWBIT_GPTQ_GRAPH_BYTES``): a shape past it is solved without a graph
 GRAPH_BYTES = 3 * 2 ** 30
+
+
+def graph_bytes(rows: int, k: int, groups: int) -> int:
+    """Bytes one solve graph keeps (:class:`_SolveGraph`) for a ``rows x k`` solve with ``groups`` groups per row: fp32
+    copies of the permuted weight and of the codes, ``U`` (``k x k``), the scales and zeros, the int64 group index."""
+    return 2 * rows * k * 4 + k * k * 4 + 2 * rows * groups * 4 + k * 8
+
+
+def graph_cap() -> int:
+    """The most bytes the solve graphs may keep per process: ``LOWBIT_GPTQ_GRAPH_BYTES``, default :data:`GRAPH_BYTES`."""
+    import os
+
+    return int(os.environ.get("LOWBIT_GPTQ_GRAPH_BYTES", GRAPH_BYTES))
+
+
 _SOLVE_GRAPHS: Dict[tuple, "_SolveGraph"] = {}
 _SOLVE_SEEN: set = set()
 _GRAPH_STREAMS: Dict[Any, Any] = {}
@@ -685,8 +700,6 @@ def _graphed_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize: int, 
     """:func:`_column_loop`, replayed from a CUDA graph where one of this shape was made: the first solve of a shape runs
     the loop itself (its kernels compiled and warmed), the second captures it, later ones replay it. Returns the codes
     (``Q`` itself, or the graph's copy)."""
-    import os
-
     key = (W.device, tuple(W.shape), tuple(U.shape), tuple(scales.shape), maxq, blocksize, sweep_cfg, lazy, into)
     g = _SOLVE_GRAPHS.get(key)
     if g is None:
@@ -694,9 +707,8 @@ def _graphed_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize: int, 
             _SOLVE_SEEN.add(key)
             _column_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize, sweep_cfg, lazy)
             return Q
-        need = 2 * W.numel() * 4 + U.numel() * 4 + 2 * scales.numel() * 4 + gidx_dev.numel() * 8
-        cap = int(os.environ.get("LOWBIT_GPTQ_GRAPH_BYTES", GRAPH_BYTES))
-        if sum(x.nbytes for x in _SOLVE_GRAPHS.values()) + need > cap:
+        need = graph_bytes(W.shape[0], W.shape[1], scales.shape[1])
+        if sum(x.nbytes for x in _SOLVE_GRAPHS.values()) + need > graph_cap():
             _column_loop(into, W, U, scales, zeros, gidx_dev, Q, maxq, blocksize, sweep_cfg, lazy)
             return Q
         g = _SOLVE_GRAPHS[key] = _SolveGraph(into, W, U, scales, zeros, gidx_dev, maxq, blocksize, sweep_cfg, lazy)

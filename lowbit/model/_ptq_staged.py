@@ -119,22 +119,20 @@ def _graph_statics(stage_shapes: List[Tuple[int, int]], world: int) -> int:
     8B shape on 2 GPUs: 1.9 GB, measured 12.7 GB peak against 10.9 without)."""
     import os
 
-    from lowbit.algorithms.gptq import GRAPH_BYTES
+    from lowbit.algorithms.gptq import graph_bytes, graph_cap
+    from lowbit.model._ptq_solve import _solve_graphs
 
-    mode = os.environ.get("LOWBIT_GPTQ_GRAPH", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"LOWBIT_GPTQ_GRAPH={mode!r}: expected auto, 0 or 1")
     rows_split = world > 1 and os.environ.get("LOWBIT_DP_SPLIT", "rows") != "units"
-    if mode == "0" or (mode == "auto" and not rows_split):
+    if not _solve_graphs(rows_split, torch.device("cuda")):
         return 0
-    cap = int(os.environ.get("LOWBIT_GPTQ_GRAPH_BYTES", GRAPH_BYTES))
+    cap = graph_cap()
     seen, total = set(), 0
     for k, rows_all in stage_shapes:
         rows = -(-rows_all // world)
         if (rows, k) in seen:
             continue
         seen.add((rows, k))
-        need = 2 * rows * k * 4 + k * k * 4 + 2 * rows * (-(-k // 128)) * 4 + k * 8
+        need = graph_bytes(rows, k, -(-k // 128))
         if total + need <= cap:
             total += need
     return total
